@@ -1,0 +1,28 @@
+# Two commands set everything up on a fresh machine:
+#   make demo   trains the default MLP top-k MoE on CPU for about a minute, with geometry logging (W&B offline)
+#   make test   runs the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+PIP := $(VENV)/bin/pip
+BIN := $(VENV)/bin
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e ".[dev,hf]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(BIN)/moe-lightning fit --config configs/mlp/topk.yaml --config configs/trainer/cpu.yaml
+
+test: $(VENV)/.installed
+	WANDB_MODE=offline $(BIN)/python -m pytest -q
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check moe_lightning tests scripts
+	$(BIN)/ruff format --check moe_lightning tests scripts
+
+.PHONY: install demo test lint

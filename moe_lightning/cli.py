@@ -1,0 +1,49 @@
+"""The ``moe-lightning`` command: ``fit | validate | test`` through LightningCLI, plus the project's own
+subcommands registered in ``EXTRA_COMMANDS``.
+
+Examples:
+    moe-lightning fit --config configs/mlp/topk.yaml --config configs/trainer/cpu.yaml
+    moe-lightning fit --config configs/mlp/soft.yaml --trainer.logger=CSVLogger --trainer.logger.save_dir=runs
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import lightning as L
+from lightning.pytorch.cli import LightningCLI
+
+DEFAULT_LOGGER = {"class_path": "moe_lightning.loggers.AutoWandbLogger", "init_args": {"save_dir": "runs"}}
+
+# name -> callable(argv) for subcommands outside LightningCLI (probe, report, sweep, ...).
+EXTRA_COMMANDS: dict[str, Callable[[list[str]], int | None]] = {}
+
+
+class MoELightningCLI(LightningCLI):
+    """LightningCLI with moe-lightning's defaults: any LightningModule / DataModule by ``class_path``, the W&B
+    logger (offline when needed) unless another is chosen, and the config saved next to the logs."""
+
+    def __init__(self, args: list[str] | None = None, **kwargs) -> None:
+        kwargs.setdefault("trainer_defaults", {"logger": DEFAULT_LOGGER})
+        super().__init__(
+            L.LightningModule,
+            L.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+            **kwargs,
+        )
+
+
+def main(argv: list[str] | None = None) -> int | None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in EXTRA_COMMANDS:
+        return EXTRA_COMMANDS[argv[0]](argv[1:])
+    MoELightningCLI(args=argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
