@@ -37,11 +37,24 @@ class MoELightningCLI(LightningCLI):
         )
 
 
+def _root_cause(error: BaseException) -> BaseException:
+    """The innermost exception of a chain: jsonargparse wraps a config's own ValueError in several layers."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return error
+
+
 def main(argv: list[str] | None = None) -> int | None:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in EXTRA_COMMANDS:
-        return EXTRA_COMMANDS[argv[0]](argv[1:])
-    MoELightningCLI(args=argv)
+    """Entry point of the ``moe-lightning`` console script. Returns the exit code."""
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] in EXTRA_COMMANDS:
+        return EXTRA_COMMANDS[args[0]](args[1:])
+    try:
+        MoELightningCLI(args=argv)
+    except ValueError as error:
+        # A bad config value: say what was wrong and what is allowed, without a stack trace.
+        print(f"moe-lightning: error: {_root_cause(error)}", file=sys.stderr)
+        raise SystemExit(2) from None
     return 0
 
 

@@ -36,9 +36,10 @@ class _MoEModule(L.LightningModule):
         if not 0.0 <= min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio!r}")
 
-    def _record_param_counts(self) -> None:
+    def on_fit_start(self) -> None:
         counts = param_counts(self.model)
-        self.hparams.update({"params_total": counts["total"], "params_active": counts["active"]})
+        for logger in self.loggers:
+            logger.log_metrics({"params/total": counts["total"], "params/active": counts["active"]}, step=0)
 
     def forward(self, x: Tensor) -> ModelOutput:
         return self.model(x)
@@ -112,7 +113,6 @@ class MLPMoEModule(_MoEModule):
         self.model = MLPMoE(config)
         if task == "classification":
             self.accuracy = MulticlassAccuracy(num_classes=config.output_dim, average="micro")
-        self._record_param_counts()
 
     def task_loss(self, prediction: Tensor, target: Tensor, stage: str) -> Tensor:
         if self.hparams.task == "regression":
@@ -146,7 +146,6 @@ class CausalLMModule(_MoEModule):
         self.save_hyperparameters()
         self.model = TransformerMoE(config)
         self.perplexity = Perplexity()
-        self._record_param_counts()
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None

@@ -181,8 +181,9 @@ class Router(nn.Module):
 def load_balance_loss(probs_NE: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
     """Switch Transformer load-balancing loss (Fedus et al. 2021, eq. 4-6): ``E * sum_i f_i * P_i``.
 
-    ``f_i`` is the fraction of routed assignments that go to expert i, ``P_i`` the mean router probability of
-    expert i. With perfect balance (``f_i = P_i = 1/E``) the loss is exactly 1.0.
+    ``f_i`` is the fraction of routed assignments that go to expert i (``tokens_per_expert_E`` may also hold
+    fractional loads, e.g. gate mass for soft routing), ``P_i`` the mean router probability of expert i. With
+    perfect balance (``f_i = P_i = 1/E``) the loss is exactly 1.0.
     """
     num_experts = probs_NE.shape[-1]
     fraction_E = tokens_per_expert_E.to(probs_NE.dtype) / tokens_per_expert_E.sum().clamp_min(1)
@@ -269,8 +270,12 @@ class MoELayer(nn.Module):
             dropped = torch.zeros((), dtype=torch.long, device=x.device)
         else:
             y_ND, tokens_E, dropped = self._forward_sparse(x_ND, route, dispatch)
-        # f_i counts the router's decisions, before any capacity dropping.
-        routed_E = torch.bincount(route.expert_index.reshape(-1), minlength=self.num_experts)
+        if self.config.routing == "soft":
+            # Every expert sees every token, so the load of expert i is its gate mass: f_i = sg(P_i), and the
+            # loss E * sum_i P_i^2 is 1 exactly when the mean gates are uniform.
+            routed_E = route.probs.detach().sum(dim=0)
+        else:  # f_i counts the router's decisions, before any capacity dropping
+            routed_E = torch.bincount(route.expert_index.reshape(-1), minlength=self.num_experts)
         aux = MoEAux(
             load_balance=load_balance_loss(route.probs, routed_E),
             z_loss=router_z_loss(route.logits),
