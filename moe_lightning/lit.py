@@ -44,12 +44,22 @@ class _MoEModule(L.LightningModule):
     def forward(self, x: Tensor) -> ModelOutput:
         return self.model(x)
 
-    def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+    def loss(self, batch: tuple[Tensor, Tensor], stage: str = "probe") -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """``(total loss, task loss, aux losses)`` of a batch; logs nothing unless ``stage`` is a real stage.
+
+        The total is ``task + load_balance_coef * load_balance + z_loss_coef * z_loss``. Callbacks (e.g.
+        ``CurvatureMonitor``) call it with the default ``stage="probe"``.
+        """
         x, y = batch
         out = self.model(x)
         task_loss = self.task_loss(out.output, y, stage)
         aux = out.aux_losses()
-        loss = task_loss + self.hparams.load_balance_coef * aux["load_balance"] + self.hparams.z_loss_coef * aux["z_loss"]
+        total = task_loss + self.hparams.load_balance_coef * aux["load_balance"] + self.hparams.z_loss_coef * aux["z_loss"]
+        return total, task_loss, aux
+
+    def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+        x, y = batch
+        loss, task_loss, aux = self.loss(batch, stage)
         batch_size = x.shape[0]
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=stage != "train")
         self.log(f"{stage}/task_loss", task_loss, batch_size=batch_size, sync_dist=stage != "train")
@@ -118,7 +128,7 @@ class MLPMoEModule(_MoEModule):
         if self.hparams.task == "regression":
             return F.mse_loss(prediction.float(), target.float())
         loss = F.cross_entropy(prediction.float(), target)
-        if stage != "train":
+        if stage in ("val", "test"):
             self.accuracy(prediction, target)
             self.log(f"{stage}/acc", self.accuracy, batch_size=target.shape[0])
         return loss
@@ -158,9 +168,9 @@ class CausalLMModule(_MoEModule):
 
     def task_loss(self, logits_BTV: Tensor, targets_BT: Tensor, stage: str) -> Tensor:
         loss = F.cross_entropy(logits_BTV.flatten(0, 1).float(), targets_BT.flatten())
-        if stage != "train":
+        if stage in ("val", "test"):
             self.perplexity(logits_BTV.float(), targets_BT)
             self.log(f"{stage}/ppl", self.perplexity, batch_size=targets_BT.shape[0])
-        else:
+        elif stage == "train":
             self.log("train/ppl", loss.detach().exp(), batch_size=targets_BT.shape[0])
         return loss

@@ -200,6 +200,10 @@ class TransformerMoE(nn.Module):
         return ModelOutput(self.head(self.norm(h)), aux)
 
 
+# Checkpoints store these configs in their hyper-parameters; allow them under torch.load(weights_only=True).
+torch.serialization.add_safe_globals([MoEConfig, MLPMoEConfig, TransformerMoEConfig])
+
+
 def param_counts(model: nn.Module) -> dict[str, int]:
     """Total parameters of ``model`` and parameters active per token (experts counted ``top_k`` times, or all
     for soft routing). Tied weights are counted once."""

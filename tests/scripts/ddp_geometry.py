@@ -1,0 +1,48 @@
+"""Run by tests/test_callbacks_geometry.py: GeometryMonitor under 2-process CPU DDP (gloo), then the same probe
+set probed in one process with the final weights. Writes both scalar dicts to the JSON path given."""
+
+import json
+import sys
+
+import lightning as L
+import torch
+
+from moe_lightning.adapters import find_moe_layers
+from moe_lightning.callbacks import GeometryMonitor
+from moe_lightning.callbacks._observe import capture_layer_inputs, observation
+from moe_lightning.data import SyntheticMoEDataModule
+from moe_lightning.geometry import probe
+from moe_lightning.lit import MLPMoEModule
+from moe_lightning.models import MLPMoEConfig
+
+
+def main(out_path: str) -> None:
+    L.seed_everything(0)
+    # input_dim = dim: a rank-deficient input would make the rank-8 PCA subspace ill-defined (tiny eigen-gap)
+    config = MLPMoEConfig(input_dim=16, output_dim=8, dim=16, expert_hidden=16, num_experts=4, num_blocks=2)
+    module = MLPMoEModule(config)
+    data = SyntheticMoEDataModule(input_dim=16, output_dim=8, num_train=256, num_val=128, batch_size=32)
+    monitor = GeometryMonitor(every_n_steps=2, max_tokens=70, at_fit_start=False)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=2, logger=False,
+                        callbacks=[monitor], enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(module, data)
+    if not trainer.is_global_zero:
+        return
+    ddp = {}
+    for name, report in monitor.last_reports.items():
+        ddp.update(report.scalars(f"geometry/{name}"))
+    single = {}
+    views = find_moe_layers(module.model)
+    with observation(module):
+        captured = capture_layer_inputs(module, views, monitor.probe_inputs)
+        for view in views:
+            single.update(probe(view, captured[view.name][:70], monitor.probe_config).scalars(f"geometry/{view.name}"))
+    with open(out_path, "w") as f:
+        json.dump({"ddp": ddp, "single": single, "world_size": trainer.world_size,
+                   "steps": monitor.probed_steps}, f)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main(sys.argv[1])

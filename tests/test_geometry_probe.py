@@ -1,0 +1,349 @@
+"""probe(view, x): values against hand computations, DDP-style additivity, edge cases, metric keys."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.functional import jacobian as autograd_jacobian
+
+from moe_lightning.geometry import (
+    ProbeConfig,
+    alignment_chance,
+    finalize,
+    mlp_expert_jacobian,
+    probe,
+    probe_statistics,
+    weighted_pca,
+)
+
+DT = torch.float64
+D, H = 6, 9
+
+
+def auto_jac(fn, x_ND):
+    return torch.stack([autograd_jacobian(lambda xi: fn(xi.unsqueeze(0)).squeeze(0), x) for x in x_ND])
+
+
+class ToyView:
+    """Top-2 GELU-MLP MoE. ``dead`` experts are never routed; ``zero`` experts compute 0."""
+
+    def __init__(self, num_experts=4, top_k=2, dead=(), zero=(), closed_form=True, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.name, self.module, self.num_experts, self.top_k = "blocks.0.ffn", None, num_experts, top_k
+        self.router = torch.randn(D, num_experts, generator=g, dtype=DT)
+        self.w = [
+            (torch.randn(D, H, generator=g, dtype=DT), torch.randn(H, generator=g, dtype=DT),
+             torch.randn(H, D, generator=g, dtype=DT) * (0.0 if e in zero else 1.0))
+            for e in range(num_experts)
+        ]  # fmt: skip
+        self.dead, self.closed_form = list(dead), closed_form
+
+    def gates(self, x):
+        logits = x @ self.router
+        if self.dead:
+            logits = logits.index_fill(-1, torch.tensor(self.dead), -1e9)
+        if self.num_experts == 1:
+            return torch.ones_like(logits)
+        vals, idx = logits.topk(self.top_k, dim=-1)
+        return torch.zeros_like(logits).scatter(-1, idx, vals.softmax(-1))
+
+    def expert(self, e):
+        w1, b1, w2 = self.w[e]
+        return lambda x: F.gelu(x @ w1 + b1) @ w2
+
+    def expert_hidden(self, e):
+        w1, b1, _ = self.w[e]
+        return lambda x: F.gelu(x @ w1 + b1)
+
+    def expert_jacobian(self, e, x):
+        if not self.closed_form:
+            return None
+        w1, b1, w2 = self.w[e]
+        return mlp_expert_jacobian(x, w1, b1, w2, "gelu")
+
+
+def inputs(n=40, seed=1):
+    return torch.randn(n, D, generator=torch.Generator().manual_seed(seed), dtype=DT)
+
+
+def test_probe_values_match_hand_computation():
+    view, x = ToyView(), inputs()
+    report = probe(view, x, ProbeConfig(subspace_rank=3))
+    g = view.gates(x)
+    Js = [auto_jac(view.expert(e), x) for e in range(4)]  # every expert at every token
+    Jbar = []
+    for e in range(4):
+        rows = g[:, e] > 0
+        w = g[rows, e]
+        s = torch.linalg.svdvals(Js[e][rows])
+        sigma_max = s[:, 0]
+        mean = (w * sigma_max).sum() / w.sum()
+        std = torch.sqrt((w * (sigma_max - mean) ** 2).sum() / w.sum())
+        assert report.tokens[e] == rows.sum()
+        assert report.n_eff[e].item() == pytest.approx((w.sum() ** 2 / (w**2).sum()).item(), rel=1e-12)
+        assert report.expert["jac_sigma_max"][e].item() == pytest.approx(mean.item(), rel=1e-10)
+        assert report.expert["jac_sigma_max_std"][e].item() == pytest.approx(std.item(), rel=1e-7, abs=1e-10)
+        fro = (w * torch.linalg.matrix_norm(Js[e][rows])).sum() / w.sum()
+        assert report.expert["jac_frobenius"][e].item() == pytest.approx(fro.item(), rel=1e-10)
+        spectrum = (w.unsqueeze(-1) * s).sum(0) / w.sum()
+        torch.testing.assert_close(report.spectra["jac_mean_spectrum"][e], spectrum, rtol=1e-10, atol=1e-12)
+        pca = weighted_pca(x[rows], w)
+        torch.testing.assert_close(report.pca["input"][e].eigenvalues, pca.eigenvalues, rtol=1e-9, atol=1e-12)
+        hidden = weighted_pca(view.expert_hidden(e)(x[rows]), w)
+        assert report.expert["pca_hidden_effective_rank"][e].item() == pytest.approx(hidden.effective_rank, rel=1e-9)
+        Jbar.append(torch.einsum("n,nij->ij", w, Js[e][rows]) / w.sum())
+    # Mean-Jacobian and pointwise alignment (GEOMETRY.md §4).
+    A = report.matrices["align_mean_jacobian"]
+    P = report.matrices["align_pointwise"]
+    for i in range(4):
+        for j in range(4):
+            ref = (Jbar[i] * Jbar[j]).sum().abs() / Jbar[i].norm() / Jbar[j].norm()
+            assert A[i, j].item() == pytest.approx(ref.item(), rel=1e-9)
+            cos = (Js[i] * Js[j]).sum((1, 2)).abs() / Js[i].norm(dim=(1, 2)) / Js[j].norm(dim=(1, 2))
+            assert P[i, j].item() == pytest.approx(cos.mean().item(), rel=1e-9)
+    off = ~torch.eye(4, dtype=torch.bool)
+    assert report.layer["align_mean_offdiag"] == pytest.approx(A[off].mean().item(), rel=1e-12)
+    assert report.layer["palign_max_offdiag"] == pytest.approx(P[off].max().item(), rel=1e-12)
+    assert report.layer["align_ratio"] == pytest.approx(A[off].mean().item() / alignment_chance(D), rel=1e-12)
+    # Functional subspaces: top-3 right singular vectors of J̄_e.
+    V0 = torch.linalg.svd(Jbar[0])[2][:3].T.numpy()
+    V1 = torch.linalg.svd(Jbar[1])[2][:3].T.numpy()
+    import scipy.linalg
+
+    theta = scipy.linalg.subspace_angles(V0, V1)
+    assert report.matrices["subspace_fun_overlap"][0, 1].item() == pytest.approx(np.mean(np.cos(theta) ** 2), abs=1e-9)
+    assert report.layer["subspace_overlap_chance"] == pytest.approx(3 / D)
+
+    # Layer Jacobian through the router, every token weighted 1.
+    def layer(x):
+        gg = view.gates(x)
+        return sum(gg[:, e : e + 1] * view.expert(e)(x) for e in range(4))
+
+    s_layer = torch.linalg.svdvals(auto_jac(layer, x))
+    assert report.layer["layer_jac_sigma_max"] == pytest.approx(s_layer[:, 0].mean().item(), rel=1e-10)
+    torch.testing.assert_close(report.spectra["layer_jac_mean_spectrum"], s_layer.mean(0), rtol=1e-10, atol=1e-12)
+    assert report.variants["jac_effective_rank"] == "roy_vetterli_2007"
+    assert report.variants["jac_source"] == "closed_form"
+
+
+def test_closed_form_and_func_paths_agree():
+    x = inputs()
+    a = probe(ToyView(closed_form=True), x).scalars("g")
+    cfg = ProbeConfig(jacobian_method="func", layer_jacobian_method="func")
+    b_report = probe(ToyView(closed_form=False), x, cfg)
+    assert b_report.variants["jac_source"] == "torch_func"
+    b = b_report.scalars("g")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k] == pytest.approx(b[k], rel=1e-9, abs=1e-12, nan_ok=True), k
+
+
+def _split_and_sum(view, x, split, cfg=None):
+    """Probe two disjoint shards with a fake all-reduce that adds the other shard's statistics."""
+    shards = [x[:split], x[split:]]
+    stats = [probe_statistics(view, s, cfg) for s in shards]
+    flats = [s.flatten() for s in stats]
+    calls = []
+
+    def fake_reduce(rank):
+        def reduce_fn(t):
+            calls.append((rank, tuple(t.shape), t.dtype))
+            return flats[0] + flats[1]
+
+        return reduce_fn
+
+    reports = [probe(view, s, cfg, reduce_fn=fake_reduce(rank)) for rank, s in enumerate(shards)]
+    return reports, calls, stats
+
+
+@pytest.mark.parametrize("dead", [(), (3,)])
+def test_sharded_probe_equals_full_probe(dead):
+    view, x = ToyView(dead=dead), inputs(60)
+    # Put every token that routes to expert 1 in the second shard, so expert 1 is empty on the first rank.
+    g = view.gates(x)
+    order = torch.argsort((g[:, 1] > 0).to(torch.int64), stable=True)
+    x = x[order]
+    split = int((g[:, 1] == 0).sum())
+    x[2, 0] = float("inf")  # a non-finite token on one rank
+    cfg = ProbeConfig(subspace_rank=2)
+    full = probe(view, x, cfg)
+    (r0, r1), calls, stats = _split_and_sum(view, x, split, cfg)
+    assert stats[0].tensors["count"][1] == 0 and stats[1].tensors["count"][1] > 0
+    # One reduce call per rank, same shape and dtype on both ranks: no DDP deadlock.
+    assert len(calls) == 2 and calls[0][1:] == calls[1][1:]
+    assert finalize(stats).tokens.tolist() == full.tokens.tolist()
+    ref = full.scalars("geometry/blocks.0.ffn")
+    for rep in (r0, r1):
+        got = rep.scalars("geometry/blocks.0.ffn")
+        assert got.keys() == ref.keys()
+        for k in ref:
+            assert got[k] == pytest.approx(ref[k], rel=1e-9, abs=1e-12, nan_ok=True), k
+        for k, M in full.matrices.items():
+            torch.testing.assert_close(rep.matrices[k], M, rtol=1e-9, atol=1e-12, equal_nan=True)
+    assert r0.nonfinite_tokens == 1
+
+
+def test_empty_expert_is_flagged_with_nan_values():
+    report = probe(ToyView(dead=(2,)), inputs())
+    assert report.empty.tolist() == [False, False, True, False]
+    assert report.tokens[2] == 0 and report.n_eff[2] == 0
+    assert math.isnan(report.expert["jac_sigma_max"][2].item())
+    assert math.isnan(report.expert["pca_input_effective_rank"][2].item())
+    assert torch.isnan(report.spectra["jac_mean_spectrum"][2]).all()
+    assert torch.isnan(report.matrices["align_mean_jacobian"][2]).all()
+    assert report.pca["input"][2].undersampled
+    keys = report.scalars("p")
+    assert math.isnan(keys["p/jac_sigma_max/e2"])
+    finite = [keys[f"p/jac_sigma_max/e{i}"] for i in (0, 1, 3)]
+    assert keys["p/jac_sigma_max/mean"] == pytest.approx(sum(finite) / 3)
+    assert keys["p/empty_experts"] == 1.0
+
+
+def test_one_token():
+    report = probe(ToyView(), inputs(1))
+    assert report.tokens.sum() == 2  # top-2
+    routed = report.tokens > 0
+    assert torch.all(report.n_eff[routed] == 1.0)
+    assert torch.all(report.expert["jac_sigma_max_std"][routed] == 0.0)
+    assert report.expert["pca_input_undersampled"][routed].eq(1.0).all()
+    assert report.expert["pca_input_effective_rank"][routed].eq(0.0).all()  # zero covariance
+
+
+def test_subspace_rank_above_dim_is_capped():
+    report = probe(ToyView(), inputs(), ProbeConfig(subspace_rank=50))
+    assert report.layer["subspace_rank"] == D
+    assert report.layer["subspace_overlap_chance"] == 1.0
+    assert report.layer["subspace_rep_overlap"] == pytest.approx(1.0)  # r = d: the whole space
+
+
+def test_nonfinite_inputs_are_dropped_and_counted():
+    x = inputs()
+    bad = x.clone()
+    bad[0, 0], bad[5, 3], bad[7, 1] = float("nan"), float("inf"), -float("inf")
+    keep = torch.ones(len(x), dtype=torch.bool)
+    keep[[0, 5, 7]] = False
+    report, clean = probe(ToyView(), bad), probe(ToyView(), x[keep])
+    assert report.nonfinite_tokens == 3 and report.total_tokens == len(x) - 3
+    a, b = report.scalars("g"), clean.scalars("g")
+    for k in b:
+        if k != "g/nonfinite_tokens":
+            assert a[k] == pytest.approx(b[k], rel=1e-12, nan_ok=True), k
+    assert a["g/nonfinite_tokens"] == 3.0
+
+
+def test_zero_jacobian_expert():
+    report = probe(ToyView(zero=(1,)), inputs())
+    assert report.expert["jac_effective_rank"][1].item() == 0.0
+    assert report.expert["jac_sigma_max"][1].item() == 0.0
+    assert torch.isnan(report.matrices["align_mean_jacobian"][1]).all()
+    assert torch.isnan(report.matrices["align_pointwise"][1]).all()
+    assert math.isfinite(report.layer["align_mean_offdiag"])  # the other pairs still count
+
+
+def test_dense_single_expert():
+    view = ToyView(num_experts=1, top_k=1)
+    report = probe(view, inputs())
+    assert report.tokens.tolist() == [40] and report.n_eff.item() == pytest.approx(40)
+    keys = report.scalars("geometry/dense")
+    assert not any("align" in k or "subspace" in k for k in keys)
+    assert report.variants["align"] == "skipped_single_expert"
+    J = auto_jac(view.expert(0), inputs())
+    s = torch.linalg.svdvals(J)
+    assert keys["geometry/dense/jac_sigma_max/e0"] == pytest.approx(s[:, 0].mean().item(), rel=1e-10)
+    # For E = 1 with gate 1 the layer Jacobian is the expert Jacobian.
+    assert keys["geometry/dense/layer_jac_sigma_max"] == pytest.approx(s[:, 0].mean().item(), rel=1e-10)
+
+
+def test_matrix_free_path_matches_exact_sigma_max():
+    view, x = ToyView(), inputs(12)
+    exact = probe(view, x)
+    cfg = ProbeConfig(matrix_free_threshold=4, matrix_free_rank=3, matrix_free_tol=1e-12, matrix_free_max_iter=200)
+    mf = probe(view, x, cfg)
+    torch.testing.assert_close(mf.expert["jac_sigma_max"], exact.expert["jac_sigma_max"], rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        mf.spectra["jac_mean_spectrum"], exact.spectra["jac_mean_spectrum"][:, :3], rtol=1e-6, atol=1e-12
+    )
+    assert mf.layer["layer_jac_sigma_max"] == pytest.approx(exact.layer["layer_jac_sigma_max"], rel=1e-6)
+    assert torch.isnan(mf.expert["jac_frobenius"]).all()
+    assert mf.variants["jac_frobenius"] == "unavailable_matrix_free"
+    assert "align_mean_offdiag" not in mf.layer and "subspace_rep_overlap" in mf.layer
+
+
+def test_scalars_keys_and_max_experts():
+    report = probe(ToyView(), inputs(), ProbeConfig(layer_jacobian=False, pca_sites=("input",)))
+    keys = report.scalars("geometry/blocks.0.ffn", max_experts=2)
+    assert "geometry/blocks.0.ffn/jac_sigma_max/e1" in keys
+    assert "geometry/blocks.0.ffn/jac_sigma_max/e2" not in keys
+    assert "geometry/blocks.0.ffn/jac_sigma_max/mean" in keys
+    assert "geometry/blocks.0.ffn/pca_input_n90/mean" in keys
+    assert not any("pca_hidden" in k or "layer_jac" in k for k in keys)
+    for k in ("align_mean_offdiag", "align_chance", "palign_ratio", "subspace_fun_overlap", "subspace_rep_geodesic"):
+        assert f"geometry/blocks.0.ffn/{k}" in keys
+    all_e = report.scalars("g")
+    assert all_e["g/jac_sigma_max/mean"] == pytest.approx(keys["geometry/blocks.0.ffn/jac_sigma_max/mean"])
+    assert len([k for k in all_e if k.startswith("g/jac_sigma_max/e")]) == 4
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("dtype", torch.float16),
+        ("subspace_rank", 0),
+        ("jacobian_method", "fast"),
+        ("pca_sites", ("inputs",)),
+        ("decay_fit_max", 1),
+        ("memory_budget_bytes", -5),
+        ("pca", "yes"),
+    ],
+)
+def test_config_validation_names_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        ProbeConfig(**{field: value})
+
+
+class _ModuleView:
+    """A view over a float32 nn.Module with dropout, to check that probing leaves it exactly as it was."""
+
+    def __init__(self):
+        torch.manual_seed(0)
+        self.module = nn.ModuleDict(
+            {"router": nn.Linear(D, 2), "e0": nn.Linear(D, D), "e1": nn.Linear(D, D), "drop": nn.Dropout(0.5)}
+        )
+        self.module.train()
+        self.name, self.num_experts = "m", 2
+
+    def gates(self, x):
+        return self.module["router"](x).softmax(-1)
+
+    def expert(self, e):
+        return lambda x: torch.tanh(self.module["drop"](self.module[f"e{e}"](x)))
+
+    def expert_hidden(self, e):
+        return None
+
+    def expert_jacobian(self, e, x):
+        return None
+
+
+def test_probe_restores_module_and_computes_in_float64():
+    view = _ModuleView()
+    before = {k: v.clone() for k, v in view.module.state_dict().items()}
+    x = torch.randn(10, D)
+    rng = torch.get_rng_state()
+    report = probe(view, x)
+    assert view.module.training and all(m.training for m in view.module.modules())
+    for k, v in view.module.state_dict().items():
+        assert v.dtype == torch.float32 and torch.equal(v, before[k])
+    assert all(p.grad is None for p in view.module.parameters())
+    assert torch.equal(rng, torch.get_rng_state())
+    # Reference in float64 with dropout off (the probe runs in eval mode): J_0 = diag(1 - tanh²(W x + b)) W.
+    xd = x.double()
+    w, b = view.module["e0"].weight.double(), view.module["e0"].bias.double()
+    g = (xd @ view.module["router"].weight.double().T + view.module["router"].bias.double()).softmax(-1)
+    J0 = (1 - torch.tanh(xd @ w.T + b) ** 2).unsqueeze(-1) * w
+    s = torch.linalg.svdvals(J0)[:, 0]
+    ref = (g[:, 0] * s).sum() / g[:, 0].sum()
+    assert report.expert["jac_sigma_max"][0].item() == pytest.approx(ref.item(), rel=1e-10)

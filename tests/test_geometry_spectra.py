@@ -1,0 +1,110 @@
+"""Spectral statistics (GEOMETRY.md §2) against numpy on known spectra."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from moe_lightning.geometry import (
+    decay_slope,
+    effective_rank,
+    n_components_for_variance,
+    participation_ratio,
+    spectral_stats,
+    stable_rank,
+)
+
+DT = torch.float64
+
+
+def np_effective_rank(s):
+    p = s / s.sum()
+    p = p[p > 0]
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def svdvals(A):
+    return torch.linalg.svdvals(torch.as_tensor(A, dtype=DT))
+
+
+def test_identity_has_effective_rank_d():
+    for d in (1, 5, 17):
+        s = svdvals(np.eye(d))
+        assert effective_rank(s).item() == pytest.approx(d, rel=1e-12)
+        assert stable_rank(s).item() == pytest.approx(d, rel=1e-12)
+
+
+def test_rank_one_matrix_has_effective_rank_one():
+    rng = np.random.default_rng(0)
+    A = np.outer(rng.standard_normal(9), rng.standard_normal(9))
+    s = svdvals(A)
+    stats = spectral_stats(s)
+    assert stats["effective_rank"].item() == pytest.approx(1.0, abs=1e-12)
+    assert stats["stable_rank"].item() == pytest.approx(1.0, abs=1e-12)
+    assert stats["sigma_max"].item() == pytest.approx(np.linalg.norm(A, 2), rel=1e-12)
+    # One positive singular value: the decay slope is undefined.
+    assert math.isnan(stats["decay_slope"].item())
+
+
+def test_random_matrix_stats_match_numpy():
+    rng = np.random.default_rng(1)
+    A = rng.standard_normal((12, 12))
+    s_np = np.linalg.svd(A, compute_uv=False)
+    stats = spectral_stats(svdvals(A))
+    assert stats["sigma_max"].item() == pytest.approx(s_np[0], rel=1e-12)
+    assert stats["frobenius"].item() == pytest.approx(np.linalg.norm(A, "fro"), rel=1e-12)
+    assert stats["stable_rank"].item() == pytest.approx((s_np**2).sum() / s_np[0] ** 2, rel=1e-12)
+    assert stats["effective_rank"].item() == pytest.approx(np_effective_rank(s_np), rel=1e-12)
+    slope = -np.polyfit(np.log(np.arange(1, 13)), np.log(s_np), 1)[0]
+    assert stats["decay_slope"].item() == pytest.approx(slope, rel=1e-10)
+
+
+def test_power_law_spectrum_gives_exact_decay_slope():
+    i = np.arange(1, 41)
+    for alpha in (0.5, 1.0, 2.3):
+        s = torch.tensor(3.0 * i**-alpha, dtype=DT)
+        assert decay_slope(s).item() == pytest.approx(alpha, rel=1e-12)
+        assert decay_slope(s, fit_max=10).item() == pytest.approx(alpha, rel=1e-12)
+
+
+def test_geometric_spectrum_decay_slope_matches_numpy_fit():
+    q, m, fit_max = 0.8, 30, 12
+    s = q ** np.arange(m)
+    A = np.diag(s)  # a matrix with this exact geometric spectrum
+    expected = -np.polyfit(np.log(np.arange(1, fit_max + 1)), np.log(s[:fit_max]), 1)[0]
+    assert decay_slope(svdvals(A), fit_max=fit_max).item() == pytest.approx(expected, rel=1e-10)
+
+
+def test_rank_deficient_spectrum_fits_positive_part_only():
+    s = torch.tensor([4.0, 2.0, 1.0, 0.0, 0.0], dtype=DT)
+    expected = -np.polyfit(np.log([1, 2, 3]), np.log([4.0, 2.0, 1.0]), 1)[0]
+    assert decay_slope(s).item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_zero_matrix_has_effective_rank_zero():
+    stats = spectral_stats(torch.zeros(6, dtype=DT))
+    assert stats["effective_rank"].item() == 0.0
+    assert stats["stable_rank"].item() == 0.0
+    assert stats["sigma_max"].item() == 0.0
+    assert math.isnan(stats["decay_slope"].item())
+
+
+def test_batched_stats_equal_per_matrix_stats():
+    rng = np.random.default_rng(2)
+    s = svdvals(rng.standard_normal((4, 5, 5)))
+    batched = spectral_stats(s)
+    for k in range(4):
+        single = spectral_stats(s[k])
+        for name, value in single.items():
+            assert batched[name][k].item() == pytest.approx(value.item(), rel=1e-13)
+
+
+def test_participation_ratio_and_n90_match_numpy():
+    lam = np.array([5.0, 3.0, 1.0, 0.5, 0.5])
+    assert participation_ratio(torch.tensor(lam)).item() == pytest.approx(lam.sum() ** 2 / (lam**2).sum(), rel=1e-14)
+    n90 = int(np.searchsorted(np.cumsum(lam) / lam.sum(), 0.9) + 1)
+    assert n_components_for_variance(torch.tensor(lam)).item() == n90 == 3
+    # Exactly on the boundary: 9 of 10 is 90%.
+    assert n_components_for_variance(torch.tensor([9.0, 1.0], dtype=DT)).item() == 1
+    assert participation_ratio(torch.ones(7, dtype=DT)).item() == pytest.approx(7.0)
