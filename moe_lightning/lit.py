@@ -23,12 +23,24 @@ TASKS = ("regression", "classification")
 class _MoEModule(L.LightningModule):
     """Shared loss and optimizer logic. Subclasses build ``self.model`` and define ``task_loss``."""
 
-    def __init__(self, load_balance_coef: float, z_loss_coef: float, lr: float, weight_decay: float,
-                 warmup_steps: int, lr_schedule: str, min_lr_ratio: float) -> None:
+    def __init__(
+        self,
+        load_balance_coef: float,
+        z_loss_coef: float,
+        lr: float,
+        weight_decay: float,
+        warmup_steps: int,
+        lr_schedule: str,
+        min_lr_ratio: float,
+    ) -> None:
         super().__init__()
         _check_choice("lr_schedule", lr_schedule, LR_SCHEDULES)
-        for name, value in (("load_balance_coef", load_balance_coef), ("z_loss_coef", z_loss_coef),
-                            ("weight_decay", weight_decay), ("warmup_steps", warmup_steps)):
+        for name, value in (
+            ("load_balance_coef", load_balance_coef),
+            ("z_loss_coef", z_loss_coef),
+            ("weight_decay", weight_decay),
+            ("warmup_steps", warmup_steps),
+        ):
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value!r}")
         if lr <= 0:
@@ -54,7 +66,9 @@ class _MoEModule(L.LightningModule):
         out = self.model(x)
         task_loss = self.task_loss(out.output, y, stage)
         aux = out.aux_losses()
-        total = task_loss + self.hparams.load_balance_coef * aux["load_balance"] + self.hparams.z_loss_coef * aux["z_loss"]
+        total = (
+            task_loss + self.hparams.load_balance_coef * aux["load_balance"] + self.hparams.z_loss_coef * aux["z_loss"]
+        )
         return total, task_loss, aux
 
     def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
@@ -113,9 +127,18 @@ class MLPMoEModule(_MoEModule):
         min_lr_ratio: final learning rate as a fraction of ``lr`` for the decaying schedules.
     """
 
-    def __init__(self, config: MLPMoEConfig | None = None, task: str = "regression", load_balance_coef: float = 0.01,
-                 z_loss_coef: float = 0.001, lr: float = 1e-3, weight_decay: float = 0.0, warmup_steps: int = 0,
-                 lr_schedule: str = "constant", min_lr_ratio: float = 0.1) -> None:
+    def __init__(
+        self,
+        config: MLPMoEConfig | None = None,
+        task: str = "regression",
+        load_balance_coef: float = 0.01,
+        z_loss_coef: float = 0.001,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        lr_schedule: str = "constant",
+        min_lr_ratio: float = 0.1,
+    ) -> None:
         super().__init__(load_balance_coef, z_loss_coef, lr, weight_decay, warmup_steps, lr_schedule, min_lr_ratio)
         _check_choice("task", task, TASKS)
         config = config if config is not None else MLPMoEConfig()
@@ -148,9 +171,17 @@ class CausalLMModule(_MoEModule):
         min_lr_ratio: final learning rate as a fraction of ``lr`` for the decaying schedules.
     """
 
-    def __init__(self, config: TransformerMoEConfig | None = None, load_balance_coef: float = 0.01,
-                 z_loss_coef: float = 0.001, lr: float = 3e-4, weight_decay: float = 0.1, warmup_steps: int = 100,
-                 lr_schedule: str = "cosine", min_lr_ratio: float = 0.1) -> None:
+    def __init__(
+        self,
+        config: TransformerMoEConfig | None = None,
+        load_balance_coef: float = 0.01,
+        z_loss_coef: float = 0.001,
+        lr: float = 3e-4,
+        weight_decay: float = 0.1,
+        warmup_steps: int = 100,
+        lr_schedule: str = "cosine",
+        min_lr_ratio: float = 0.1,
+    ) -> None:
         super().__init__(load_balance_coef, z_loss_coef, lr, weight_decay, warmup_steps, lr_schedule, min_lr_ratio)
         config = config if config is not None else TransformerMoEConfig()
         self.save_hyperparameters()

@@ -60,11 +60,13 @@ class AutoWandbLogger(WandbLogger):
         **kwargs: passed to ``WandbLogger`` (``project``, ``name``, ``save_dir``, ...).
     """
 
-    def __init__(self, offline: bool | None = None, project: str = "moe-lightning", save_dir: str = "runs",
-                 **kwargs) -> None:
+    def __init__(
+        self, offline: bool | None = None, project: str = "moe-lightning", save_dir: str = "runs", **kwargs
+    ) -> None:
         resolved, reason = resolve_wandb_offline(offline)
         if resolved and offline is None:
-            warnings.warn(f"W&B runs offline ({reason}); sync later with `wandb sync {save_dir}/wandb/offline-*`",
-                          stacklevel=2)
+            warnings.warn(
+                f"W&B runs offline ({reason}); sync later with `wandb sync {save_dir}/wandb/offline-*`", stacklevel=2
+            )
         os.makedirs(save_dir, exist_ok=True)
         super().__init__(offline=resolved, project=project, save_dir=save_dir, **kwargs)

@@ -149,8 +149,13 @@ class TransformerBlock(nn.Module):
             ffn_config = config
         else:  # dense FFN of equal active FLOPs in the non-MoE blocks
             ffn_config = MoEConfig(
-                dim=config.dim, expert_hidden=config.expert_hidden, num_experts=config.num_experts,
-                top_k=config.top_k, routing="dense", activation=config.activation, capacity_match="active",
+                dim=config.dim,
+                expert_hidden=config.expert_hidden,
+                num_experts=config.num_experts,
+                top_k=config.top_k,
+                routing="dense",
+                activation=config.activation,
+                capacity_match="active",
             )
         self.ffn = build_ffn(ffn_config)
         self.drop = nn.Dropout(config.dropout)

@@ -88,7 +88,9 @@ class MoEConfig:
     @property
     def dense_hidden(self) -> int:
         """Hidden width of the capacity-matched dense baseline."""
-        return self.num_experts * self.expert_hidden if self.capacity_match == "total" else self.top_k * self.expert_hidden
+        return (
+            self.num_experts * self.expert_hidden if self.capacity_match == "total" else self.top_k * self.expert_hidden
+        )
 
     def param_counts(self) -> dict[str, int]:
         """Total and active (per-token) parameters of one layer built from this config, router included."""
@@ -148,8 +150,15 @@ def topk_gates(probs_NE: Tensor, top_k: int, normalize: bool = True) -> tuple[Te
 class Router(nn.Module):
     """Linear router ``logits = x W_r`` with top-k or soft gating."""
 
-    def __init__(self, dim: int, num_experts: int, top_k: int, routing: str, normalize_topk: bool = True,
-                 jitter_noise: float = 0.0) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int,
+        top_k: int,
+        routing: str,
+        normalize_topk: bool = True,
+        jitter_noise: float = 0.0,
+    ) -> None:
         super().__init__()
         _check_choice("routing", routing, ("topk", "soft"))
         self.num_experts, self.top_k, self.routing = num_experts, top_k, routing
@@ -354,8 +363,7 @@ class MoELayer(nn.Module):
         splits = counts_E.tolist()
         w_in, w_out = self.w_in.to(x_AD.dtype).unbind(0), self.w_out.to(x_AD.dtype).unbind(0)
         outputs = [
-            _activate(chunk @ w_in[e], self.config.activation) @ w_out[e]
-            for e, chunk in enumerate(x_AD.split(splits))
+            _activate(chunk @ w_in[e], self.config.activation) @ w_out[e] for e, chunk in enumerate(x_AD.split(splits))
         ]
         return torch.cat(outputs)
 

@@ -27,13 +27,19 @@ TINY = {"input_dim": 8, "output_dim": 8, "dim": 16, "expert_hidden": 16, "num_ex
 
 
 def tiny_data(**kwargs):
-    return SyntheticMoEDataModule(**{"input_dim": 8, "output_dim": 8, "num_train": 256, "num_val": 96,
-                                     "batch_size": 32, **kwargs})
+    return SyntheticMoEDataModule(
+        **{"input_dim": 8, "output_dim": 8, "num_train": 256, "num_val": 96, "batch_size": 32, **kwargs}
+    )
 
 
 def trainer(tmp_path=None, **kwargs):
-    defaults = {"logger": CSVLogger(tmp_path) if tmp_path else False, "enable_checkpointing": False,
-                "enable_progress_bar": False, "enable_model_summary": False, "log_every_n_steps": 1}
+    defaults = {
+        "logger": CSVLogger(tmp_path) if tmp_path else False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "log_every_n_steps": 1,
+    }
     return L.Trainer(**{**defaults, **kwargs})
 
 
@@ -86,7 +92,9 @@ def test_logged_values_equal_a_direct_probe_of_independently_captured_inputs(rou
     if routing == "dense":
         assert "geometry/blocks.0.ffn/align_mean_offdiag" not in rows[0]
     else:
-        assert row_at(rows, 0, "geometry/blocks.0.ffn/align_chance") == pytest.approx(math.sqrt(2 / math.pi) / 16, rel=2e-3)  # GEOMETRY.md §4: ≈
+        assert row_at(rows, 0, "geometry/blocks.0.ffn/align_chance") == pytest.approx(
+            math.sqrt(2 / math.pi) / 16, rel=2e-3
+        )  # GEOMETRY.md §4: ≈
 
 
 def fit_weights(module, data, callbacks, max_steps=6):
@@ -100,9 +108,15 @@ def test_observation_never_changes_the_observed_mlp():
     for with_callbacks in (False, True):
         L.seed_everything(0)
         module = MLPMoEModule(MLPMoEConfig(jitter_noise=0.2, **TINY))
-        callbacks = ([GeometryMonitor(every_n_steps=2, max_tokens=32), RouterMonitor(log_every_n_steps=1),
-                      CurvatureMonitor(every_n_steps=3, eigen_max_iter=3, trace_max_samples=2)]
-                     if with_callbacks else [])
+        callbacks = (
+            [
+                GeometryMonitor(every_n_steps=2, max_tokens=32),
+                RouterMonitor(log_every_n_steps=1),
+                CurvatureMonitor(every_n_steps=3, eigen_max_iter=3, trace_max_samples=2),
+            ]
+            if with_callbacks
+            else []
+        )
         results.append(fit_weights(module, tiny_data(), callbacks))
     assert results[0].keys() == results[1].keys()
     for key in results[0]:
@@ -115,14 +129,27 @@ def test_observation_never_changes_the_observed_transformer():
     results = []
     for with_callbacks in (False, True):
         L.seed_everything(0)
-        config = TransformerMoEConfig(vocab_size=40, dim=16, num_heads=2, num_layers=2, expert_hidden=16,
-                                      num_experts=4, max_seq_len=8, dropout=0.1)
+        config = TransformerMoEConfig(
+            vocab_size=40,
+            dim=16,
+            num_heads=2,
+            num_layers=2,
+            expert_hidden=16,
+            num_experts=4,
+            max_seq_len=8,
+            dropout=0.1,
+        )
         module = CausalLMModule(config, warmup_steps=0)
         loader = torch.utils.data.DataLoader(dataset, batch_size=8, shuffle=True)
-        callbacks = ([GeometryMonitor(every_n_steps=2, max_tokens=32, source="train"),
-                      RouterMonitor(log_every_n_steps=1),
-                      CurvatureMonitor(every_n_steps=3, eigen_max_iter=2, trace_max_samples=2)]
-                     if with_callbacks else [])
+        callbacks = (
+            [
+                GeometryMonitor(every_n_steps=2, max_tokens=32, source="train"),
+                RouterMonitor(log_every_n_steps=1),
+                CurvatureMonitor(every_n_steps=3, eigen_max_iter=2, trace_max_samples=2),
+            ]
+            if with_callbacks
+            else []
+        )
         trainer(None, max_steps=5, callbacks=callbacks).fit(module, loader)
         results.append({k: v.detach().clone() for k, v in module.state_dict().items()})
         if with_callbacks:
@@ -163,8 +190,9 @@ def test_resume_continues_the_same_curve(tmp_path):
     assert monitor2.probed_steps == [0, 2, 4, 6]  # no duplicate step 0 or 2, none missing
     for a, b in zip(monitor.probe_inputs, monitor2.probe_inputs):
         assert torch.equal(a, b)
-    logged_steps = sorted({int(r["step"]) for r in read_rows(tmp_path / "b")
-                           if r.get("geometry/blocks.0.ffn/jac_sigma_max/mean")})
+    logged_steps = sorted(
+        {int(r["step"]) for r in read_rows(tmp_path / "b") if r.get("geometry/blocks.0.ffn/jac_sigma_max/mean")}
+    )
     assert logged_steps == [4, 6]
 
 
@@ -182,8 +210,14 @@ def test_bad_options_raise_clear_errors():
 def test_two_process_ddp_matches_one_process(tmp_path):
     out = tmp_path / "ddp.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
-    result = subprocess.run([sys.executable, str(ROOT / "tests" / "scripts" / "ddp_geometry.py"), str(out)],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "scripts" / "ddp_geometry.py"), str(out)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(out.read_text())
     assert data["world_size"] == 2 and data["steps"] == [2]

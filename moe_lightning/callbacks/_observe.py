@@ -150,7 +150,6 @@ def heatmap_figure(matrix: Tensor, title: str):
     return fig
 
 
-
 def observed_model(pl_module: LightningModule) -> nn.Module:
     """Where the callbacks look for MoE layers: the LightningModule's ``model`` attribute when it is an
     ``nn.Module`` (the litgpt convention our modules follow, giving names like ``blocks.0.ffn``), else the

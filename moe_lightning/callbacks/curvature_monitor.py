@@ -45,10 +45,19 @@ class CurvatureMonitor(Callback):
         trainer = Trainer(callbacks=[CurvatureMonitor(every_n_steps=500)])
     """
 
-    def __init__(self, every_n_steps: int = 500, at_fit_start: bool = True, eigenvalue: bool = True,
-                 trace: bool = True, eigen_max_iter: int = 20, eigen_tol: float = 1e-3, trace_max_samples: int = 20,
-                 trace_tol: float = 1e-2, loss_fn: Callable[[LightningModule, Any], Tensor] | None = None,
-                 seed: int = 0) -> None:
+    def __init__(
+        self,
+        every_n_steps: int = 500,
+        at_fit_start: bool = True,
+        eigenvalue: bool = True,
+        trace: bool = True,
+        eigen_max_iter: int = 20,
+        eigen_tol: float = 1e-3,
+        trace_max_samples: int = 20,
+        trace_tol: float = 1e-2,
+        loss_fn: Callable[[LightningModule, Any], Tensor] | None = None,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         if not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"CurvatureMonitor: every_n_steps must be a positive int, got {every_n_steps!r}")
@@ -65,8 +74,10 @@ class CurvatureMonitor(Callback):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.loss_fn is None and not callable(getattr(pl_module, "loss", None)):
-            raise ValueError(f"CurvatureMonitor: {type(pl_module).__name__} has no loss(batch) method; "
-                             "pass loss_fn=lambda module, batch: <scalar loss>")
+            raise ValueError(
+                f"CurvatureMonitor: {type(pl_module).__name__} has no loss(batch) method; "
+                "pass loss_fn=lambda module, batch: <scalar loss>"
+            )
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if self.batch is None:
@@ -74,8 +85,9 @@ class CurvatureMonitor(Callback):
             if self.at_fit_start and trainer.global_step not in self.computed_steps:
                 self.compute(trainer, pl_module)
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         step = trainer.global_step
         if step % self.every_n_steps == 0 and step not in self.computed_steps:
             self.compute(trainer, pl_module)
@@ -96,17 +108,25 @@ class CurvatureMonitor(Callback):
         # Double backward needs the math attention kernel: the fused CPU/CUDA kernels have no second derivative.
         with observation(pl_module, grad=True), sdpa_kernel([SDPBackend.MATH]):
             if self.eigenvalue:
-                eig = hessian_top_eigenvalue(loss, params, max_iter=self.eigen_max_iter, tol=self.eigen_tol,
-                                             seed=self.seed)
-                metrics.update({"curvature/hessian_top_eigenvalue": eig.eigenvalue,
-                                "curvature/hessian_top_iterations": eig.iterations,
-                                "curvature/hessian_top_converged": float(eig.converged)})
+                eig = hessian_top_eigenvalue(
+                    loss, params, max_iter=self.eigen_max_iter, tol=self.eigen_tol, seed=self.seed
+                )
+                metrics.update(
+                    {
+                        "curvature/hessian_top_eigenvalue": eig.eigenvalue,
+                        "curvature/hessian_top_iterations": eig.iterations,
+                        "curvature/hessian_top_converged": float(eig.converged),
+                    }
+                )
             if self.trace:
-                tr = hutchinson_trace(loss, params, max_iter=self.trace_max_samples, tol=self.trace_tol,
-                                      seed=self.seed)
-                metrics.update({"curvature/hessian_trace": tr.trace,
-                                "curvature/hessian_trace_std_error": tr.std_error,
-                                "curvature/hessian_trace_samples": tr.iterations})
+                tr = hutchinson_trace(loss, params, max_iter=self.trace_max_samples, tol=self.trace_tol, seed=self.seed)
+                metrics.update(
+                    {
+                        "curvature/hessian_trace": tr.trace,
+                        "curvature/hessian_trace_std_error": tr.std_error,
+                        "curvature/hessian_trace_samples": tr.iterations,
+                    }
+                )
         self.last = metrics
         log_scalars(trainer, metrics, trainer.global_step)
         return metrics

@@ -15,12 +15,12 @@ from torch import Tensor
 from moe_lightning.adapters import find_moe_layers
 from moe_lightning.adapters.base import MoEView
 from moe_lightning.callbacks._observe import (
-    observed_model,
     batch_inputs,
     capture_layer_inputs,
     heatmap_figure,
     log_scalars,
     observation,
+    observed_model,
     tensorboard_loggers,
     wandb_loggers,
 )
@@ -114,8 +114,14 @@ class GeometryMonitor(Callback):
         self.input_key, self.forward = input_key, forward
         # Validated now, so a wrong option fails before training starts.
         self.probe_config = ProbeConfig(
-            jacobian=jacobian, layer_jacobian=layer_jacobian, pca=pca, alignment=alignment, subspaces=subspaces,
-            dtype=_DTYPES[dtype], memory_budget_bytes=memory_budget_bytes, subspace_rank=subspace_rank,
+            jacobian=jacobian,
+            layer_jacobian=layer_jacobian,
+            pca=pca,
+            alignment=alignment,
+            subspaces=subspaces,
+            dtype=_DTYPES[dtype],
+            memory_budget_bytes=memory_budget_bytes,
+            subspace_rank=subspace_rank,
             **(probe_config or {}),
         )
         self.views: list[MoEView] = []
@@ -130,8 +136,11 @@ class GeometryMonitor(Callback):
         self.views = find_moe_layers(observed_model(pl_module), self.layers)
         if not self.views:
             patterns = "" if self.layers is None else f" matching {self.layers!r}"
-            warnings.warn(f"GeometryMonitor: no MoE layers{patterns} found in {type(pl_module).__name__}; "
-                          "nothing will be probed (see moe_lightning.adapters.register_adapter)", stacklevel=2)
+            warnings.warn(
+                f"GeometryMonitor: no MoE layers{patterns} found in {type(pl_module).__name__}; "
+                "nothing will be probed (see moe_lightning.adapters.register_adapter)",
+                stacklevel=2,
+            )
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.probe_inputs is None:
@@ -146,15 +155,20 @@ class GeometryMonitor(Callback):
             if self.at_fit_start and trainer.global_step not in self.probed_steps:
                 self.run_probe(trainer, pl_module)
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         step = trainer.global_step
         if self.every_n_steps and step % self.every_n_steps == 0 and step not in self.probed_steps:
             self.run_probe(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         epoch_done = trainer.current_epoch + 1
-        if self.every_n_epochs and epoch_done % self.every_n_epochs == 0 and trainer.global_step not in self.probed_steps:
+        if (
+            self.every_n_epochs
+            and epoch_done % self.every_n_epochs == 0
+            and trainer.global_step not in self.probed_steps
+        ):
             self.run_probe(trainer, pl_module)
 
     def state_dict(self) -> dict[str, Any]:
@@ -235,8 +249,9 @@ class GeometryMonitor(Callback):
                     stats = probe_statistics(view, shard, self.probe_config)
                 except Exception as error:  # a probe must never stop training; report it and go on
                     failed = True
-                    warnings.warn(f"GeometryMonitor: probe of {view.name!r} failed at step {step}: {error!r}",
-                                  stacklevel=2)
+                    warnings.warn(
+                        f"GeometryMonitor: probe of {view.name!r} failed at step {step}: {error!r}", stacklevel=2
+                    )
                 if self._any_rank(trainer, failed):
                     continue
                 reduce_fn = self._reduce_fn(trainer)
@@ -254,8 +269,10 @@ class GeometryMonitor(Callback):
         for name, report in reports.items():
             scalars.update(report.scalars(f"geometry/{name}", max_experts=self.max_expert_keys))
             if report.nonfinite_tokens:
-                self._warn(f"GeometryMonitor: {report.nonfinite_tokens} probe tokens of {name!r} hold NaN/Inf; "
-                           "they were left out and are counted in geometry/<layer>/nonfinite_tokens")
+                self._warn(
+                    f"GeometryMonitor: {report.nonfinite_tokens} probe tokens of {name!r} hold NaN/Inf; "
+                    "they were left out and are counted in geometry/<layer>/nonfinite_tokens"
+                )
         log_scalars(trainer, scalars, step)
         if self.log_media:
             try:
@@ -304,6 +321,6 @@ class GeometryMonitor(Callback):
                     plt.close(figure)
             if rows:
                 payload["geometry/spectra"] = wandb.Table(
-                    columns=["step", "layer", "expert", "index", "sigma"], data=rows)
+                    columns=["step", "layer", "expert", "index", "sigma"], data=rows
+                )
             run.log(payload)
-

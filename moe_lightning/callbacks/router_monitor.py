@@ -69,11 +69,17 @@ class RouterMonitor(Callback):
         trainer = Trainer(callbacks=[RouterMonitor()], log_every_n_steps=10)
     """
 
-    def __init__(self, log_every_n_steps: int | None = None, layers: str | list[str] | None = None,
-                 max_expert_keys: int | None = 16) -> None:
+    def __init__(
+        self,
+        log_every_n_steps: int | None = None,
+        layers: str | list[str] | None = None,
+        max_expert_keys: int | None = 16,
+    ) -> None:
         super().__init__()
         if log_every_n_steps is not None and (not isinstance(log_every_n_steps, int) or log_every_n_steps < 1):
-            raise ValueError(f"RouterMonitor: log_every_n_steps must be a positive int or None, got {log_every_n_steps!r}")
+            raise ValueError(
+                f"RouterMonitor: log_every_n_steps must be a positive int or None, got {log_every_n_steps!r}"
+            )
         if max_expert_keys is not None and max_expert_keys < 0:
             raise ValueError(f"RouterMonitor: max_expert_keys must be >= 0 or None, got {max_expert_keys!r}")
         self.log_every_n_steps, self.layers, self.max_expert_keys = log_every_n_steps, layers, max_expert_keys
@@ -127,8 +133,9 @@ class RouterMonitor(Callback):
         self._step = step
         self._captured = {}
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if not self._armed:
             return
         self._armed = False
@@ -164,8 +171,11 @@ class RouterMonitor(Callback):
         if view.num_experts == 1:
             return {}
         stats = router_statistics(gates, probs)
-        out = {f"load/e{i}": float(v) for i, v in enumerate(stats.pop("load").tolist())
-               if self.max_expert_keys is None or i < self.max_expert_keys}
+        out = {
+            f"load/e{i}": float(v)
+            for i, v in enumerate(stats.pop("load").tolist())
+            if self.max_expert_keys is None or i < self.max_expert_keys
+        }
         out.update(stats)
         out.update(extra)
         return out

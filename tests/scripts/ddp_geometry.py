@@ -23,9 +23,17 @@ def main(out_path: str) -> None:
     module = MLPMoEModule(config)
     data = SyntheticMoEDataModule(input_dim=16, output_dim=8, num_train=256, num_val=128, batch_size=32)
     monitor = GeometryMonitor(every_n_steps=2, max_tokens=70, at_fit_start=False)
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=2, logger=False,
-                        callbacks=[monitor], enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_steps=2,
+        logger=False,
+        callbacks=[monitor],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, data)
     if not trainer.is_global_zero:
         return
@@ -39,8 +47,7 @@ def main(out_path: str) -> None:
         for view in views:
             single.update(probe(view, captured[view.name][:70], monitor.probe_config).scalars(f"geometry/{view.name}"))
     with open(out_path, "w") as f:
-        json.dump({"ddp": ddp, "single": single, "world_size": trainer.world_size,
-                   "steps": monitor.probed_steps}, f)
+        json.dump({"ddp": ddp, "single": single, "world_size": trainer.world_size, "steps": monitor.probed_steps}, f)
 
 
 if __name__ == "__main__":
