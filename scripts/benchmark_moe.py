@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -248,10 +249,11 @@ def run_benchmark(
         "batched_mm_limit_gib": batched_mm_limit_gib,
     }
     began = time.perf_counter()
+    load_at_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     results: list[Measurement] = []
     ratios, notes = [], []
-    # Cheapest cells first, so that a time limit cuts the most expensive ones.
-    cells = sorted(((n, e, k) for n in tokens for e, k in shapes), key=lambda c: (c[0] * c[2], c[1]))
+    # Smallest N first, every shape at each N, so that a time limit cuts the largest N.
+    cells = sorted(((n, e, k) for n in tokens for e, k in shapes), key=lambda c: (c[0], c[1]))
     for n, e, k in cells:
         if max_assignments is not None and n * k > max_assignments:
             notes.append(f"skipped N={n}, E={e}, K={k}: N*K={n * k} > max_assignments={max_assignments}")
@@ -305,7 +307,7 @@ def run_benchmark(
         del impls
         ratios.append(_ratios([r for r in results if (r.tokens, r.num_experts, r.top_k) == (n, e, k)]))
     return {
-        "machine": _machine(torch_device),
+        "machine": {**_machine(torch_device), "load_average_at_start": load_at_start},
         "settings": settings,
         "results": [asdict(r) for r in results],
         "ratios": ratios,
@@ -343,6 +345,7 @@ def _machine(device: torch.device) -> dict:
         "transformers": getattr(transformers, "__version__", None),
         "threads": torch.get_num_threads(),
         "device": str(device),
+        "load_average_1_5_15_min": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -421,8 +424,10 @@ def main(argv: list[str] | None = None) -> dict:
         dtype=args.dtype or ("float32" if on_cpu else "bfloat16"),
         repeats=args.repeats or (2 if args.quick else 3 if on_cpu else 10),
         warmup=args.warmup or (1 if on_cpu else 3),
-        cell_budget_s=args.cell_budget or (4.0 if args.quick else 15.0 if on_cpu else 60.0),
-        time_limit_s=args.time_limit if args.time_limit is not None else (200.0 if on_cpu else 500.0),
+        cell_budget_s=args.cell_budget or (2.0 if args.quick else 15.0 if on_cpu else 60.0),
+        time_limit_s=args.time_limit
+        if args.time_limit is not None
+        else (40.0 if args.quick else 200.0 if on_cpu else 500.0),
         max_assignments=max_assignments or None,
     )
     table = format_table(report)
