@@ -55,7 +55,8 @@ def _swiglu_jacobian(x_ND: Tensor, w_gate_HD: Tensor, w_up_HD: Tensor, w_down_DH
     except ImportError:
         return None
     # The geometry helper takes right-multiplied weights: f(x) = (silu(x @ w_gate) * (x @ w_up)) @ w_down.
-    return swiglu_expert_jacobian(x_ND, w_gate_HD.T, w_up_HD.T, w_down_DH.T)
+    dtype = x_ND.dtype  # the probe may run in float64 on a float32 model
+    return swiglu_expert_jacobian(x_ND, w_gate_HD.T.to(dtype), w_up_HD.T.to(dtype), w_down_DH.T.to(dtype))
 
 
 def _check_expert_index(name: str, e: int, num_experts: int) -> None:

@@ -76,7 +76,7 @@ class GeometryMonitor(Callback):
 
     def __init__(
         self,
-        every_n_steps: int | None = 200,
+        every_n_steps: int | None = 600,
         every_n_epochs: int | None = None,
         at_fit_start: bool = True,
         max_tokens: int = 256,
@@ -145,7 +145,8 @@ class GeometryMonitor(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.probe_inputs is None:
             self.probe_inputs = self._draw_probe_set(trainer, pl_module)
-        if self.at_fit_start and trainer.global_step not in self.probed_steps:
+        # Without a datamodule the probe set (and the baseline) comes from the first training batch instead.
+        if self.probe_inputs is not None and self.at_fit_start and trainer.global_step not in self.probed_steps:
             self.run_probe(trainer, pl_module)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -195,7 +196,7 @@ class GeometryMonitor(Callback):
         for name in order:
             try:
                 loader = getattr(datamodule, name)()
-            except (NotImplementedError, AttributeError, TypeError):
+            except Exception:  # not implemented (Lightning raises MisconfigurationException): try the next one
                 continue
             if loader is not None and (not isinstance(loader, (list, tuple)) or len(loader) > 0):
                 return loader[0] if isinstance(loader, (list, tuple)) else loader

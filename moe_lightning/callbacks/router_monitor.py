@@ -51,6 +51,9 @@ class RouterMonitor(Callback):
     Forward hooks on the MoE blocks keep the router outputs of the logged steps only (moe-lightning layers hand
     them over; for other models the gates are recomputed from the captured layer input, one small matmul).
 
+    The statistics of a batch are logged at the step whose weights routed it (``trainer.global_step`` at batch
+    start), as Lightning labels a ``training_step``'s own values.
+
     Logged metrics (``<layer>`` is the module path; statistics of rank zero's batch):
         - ``router/<layer>/load/e<i>``: share of routed assignments per expert (per-expert keys capped by
           ``max_expert_keys``);

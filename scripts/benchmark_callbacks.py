@@ -1,0 +1,188 @@
+"""Training wall-time overhead of GeometryMonitor and RouterMonitor at their default schedule.
+
+Builds the model and the data of ``configs/transformer/wikitext_topk.yaml`` (3-layer WikiText transformer, top-2
+of 8 experts) and trains the same number of steps from the same seed, in one process, with no callback, with
+``RouterMonitor()`` and with ``GeometryMonitor()``. The variants run in alternating order (A B C, C B A, ...) so that
+slow drifts of a shared machine hit them alike; the median over repeats is reported.
+
+Two numbers per monitor:
+- ``measured``: (wall time with - without) / without over the run, which includes the fit-start probe;
+- ``steady state``: the per-call cost of the monitor, spread over its interval (GeometryMonitor probes every
+  ``every_n_steps=200`` steps, RouterMonitor logs every ``log_every_n_steps`` of the config), over the mean step
+  time. For runs much longer than one interval this is the overhead the user sees.
+
+Usage:
+    python scripts/benchmark_callbacks.py --steps 200 --repeats 2
+    python scripts/benchmark_callbacks.py --quick   # 40 steps, 1 repeat: a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import yaml
+from lightning.pytorch import Callback
+
+from moe_lightning.callbacks import GeometryMonitor, RouterMonitor
+from moe_lightning.data import WikiTextDataModule
+from moe_lightning.lit import CausalLMModule
+from moe_lightning.models import TransformerMoEConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "transformer" / "wikitext_topk.yaml"
+
+
+class StepTimer(Callback):
+    """Wall time of the whole fit loop (first batch start to last batch end) and of every training batch."""
+
+    def __init__(self) -> None:
+        self.batch_times: list[float] = []
+        self._batch_start = 0.0
+        self.fit_start = 0.0
+        self.fit_end = 0.0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.fit_start = time.perf_counter()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._batch_start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.batch_times.append(time.perf_counter() - self._batch_start)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.fit_end = time.perf_counter()
+
+
+def timed(monitor: Any, method: str, log: list[float], when: Callable[[], bool] = lambda: True) -> None:
+    """Wrap ``monitor.method`` so that the wall time of each call that does work (``when()`` true on entry) is
+    appended to ``log``."""
+    original = getattr(monitor, method)
+
+    def wrapper(*args, **kwargs):
+        if not when():
+            return original(*args, **kwargs)
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            log.append(time.perf_counter() - start)
+
+    setattr(monitor, method, wrapper)
+
+
+def load_config() -> dict[str, Any]:
+    with open(CONFIG) as f:
+        return yaml.safe_load(f)
+
+
+def build(config: dict[str, Any], seed: int) -> CausalLMModule:
+    L.seed_everything(seed, verbose=False)
+    init = dict(config["model"]["init_args"])
+    model_config = TransformerMoEConfig(**init.pop("config"))
+    return CausalLMModule(model_config, **init)
+
+
+def run_variant(name: str, config: dict[str, Any], data: WikiTextDataModule, steps: int, seed: int) -> dict[str, Any]:
+    """Train ``steps`` steps with the named monitor; return the fit wall time and the monitor's own call times."""
+    callbacks: list[Callback] = []
+    calls: list[float] = []
+    if name == "router":
+        monitor = RouterMonitor()
+        timed(monitor, "on_train_batch_end", calls, lambda: monitor._armed)  # statistics computed and logged here
+        callbacks.append(monitor)
+    elif name == "geometry":
+        monitor = GeometryMonitor()
+        timed(monitor, "run_probe", calls)
+        callbacks.append(monitor)
+    timer = StepTimer()
+    trainer_args = dict(config["trainer"])
+    trainer = L.Trainer(
+        max_steps=steps,
+        log_every_n_steps=trainer_args.get("log_every_n_steps", 50),
+        gradient_clip_val=trainer_args.get("gradient_clip_val"),
+        accelerator="cpu",
+        devices=1,
+        logger=L.pytorch.loggers.CSVLogger(os.environ.get("TMPDIR", "/tmp"), name="benchmark_callbacks"),
+        callbacks=[*callbacks, timer],
+        limit_val_batches=0,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    module = build(config, seed)
+    trainer.fit(module, data)
+    return {
+        "wall": timer.fit_end - timer.fit_start,
+        "step": statistics.median(timer.batch_times),
+        "calls": calls,
+        "interval": (monitor.every_n_steps if name == "geometry" else trainer.log_every_n_steps) if callbacks else 0,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=200, help="training steps per variant")
+    parser.add_argument("--repeats", type=int, default=2, help="rounds of all variants (alternating order)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--quick", action="store_true", help="40 steps, 1 repeat")
+    args = parser.parse_args()
+    if args.quick:
+        args.steps, args.repeats = 40, 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = load_config()
+    os.chdir(ROOT)  # the config's data paths are relative to the repository root
+    data_args = dict(config["data"]["init_args"])
+    data = WikiTextDataModule(**data_args)
+    data.prepare_data()
+    data.setup("fit")
+
+    load = os.getloadavg()
+    print(
+        f"config {CONFIG.relative_to(ROOT)}; {args.steps} steps x {args.repeats} repeats; torch threads "
+        f"{torch.get_num_threads()}; load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+    )
+    variants = ["none", "router", "geometry"]
+    results: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+    run_variant("none", config, data, min(args.steps, 10), args.seed)  # warm-up: allocator, kernels, data
+    for r in range(args.repeats):
+        for name in variants if r % 2 == 0 else variants[::-1]:
+            result = run_variant(name, config, data, args.steps, args.seed)
+            results[name].append(result)
+            print(
+                f"  round {r}: {name:9s} wall {result['wall']:7.2f}s  median step {result['step'] * 1e3:6.1f} ms  "
+                f"monitor calls {len(result['calls'])} ({sum(result['calls']):.2f}s)"
+            )
+
+    base_wall = statistics.median(x["wall"] for x in results["none"])
+    base_step = statistics.median(x["step"] for x in results["none"])
+    print(f"\nbaseline: {base_wall:.2f}s for {args.steps} steps, median step {base_step * 1e3:.1f} ms")
+    for name, target in (("router", 0.01), ("geometry", 0.05)):
+        wall = statistics.median(x["wall"] for x in results[name])
+        calls = [c for x in results[name] for c in x["calls"]]
+        interval = results[name][0]["interval"]
+        per_call = statistics.median(calls) if calls else 0.0
+        steady = per_call / (interval * base_step) if interval else float("nan")
+        measured = wall / base_wall - 1
+        verdict = "meets" if steady <= target else "MISSES"
+        print(
+            f"{name:9s}: measured {measured * 100:+6.2f}% over the run ({len(calls) // len(results[name])} calls); "
+            f"per call {per_call * 1e3:8.1f} ms every {interval} steps -> steady state {steady * 100:5.2f}% "
+            f"({verdict} the {target * 100:.0f}% target)"
+        )
+    load = os.getloadavg()
+    print(f"load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
