@@ -53,6 +53,17 @@ def batch_inputs(batch: Any, input_key: str | int = 0) -> Any:
     raise ValueError(f"cannot take model inputs from a batch of type {type(batch).__name__}; pass input_key")
 
 
+def cpu_copy(obj: Any) -> Any:
+    """A detached CPU copy of a batch (tensors, or dicts/lists/tuples of them), for callback state."""
+    if isinstance(obj, Tensor):
+        return obj.detach().cpu().clone()
+    if isinstance(obj, dict):
+        return {k: cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_copy(v) for v in obj)
+    return obj
+
+
 def to_device(obj: Any, device: torch.device) -> Any:
     if isinstance(obj, Tensor):
         return obj.to(device)
@@ -63,7 +74,7 @@ def to_device(obj: Any, device: torch.device) -> Any:
     return obj
 
 
-def _layer_input(args: tuple, kwargs: dict) -> Tensor | None:
+def layer_input(args: tuple, kwargs: dict) -> Tensor | None:
     if args and isinstance(args[0], Tensor):
         return args[0]
     return kwargs.get("hidden_states", kwargs.get("x"))
@@ -85,7 +96,7 @@ def capture_layer_inputs(
 
     def make_hook(names: list[str]):
         def hook(module, args, kwargs, output):
-            x = _layer_input(args, kwargs)
+            x = layer_input(args, kwargs)
             if x is not None:
                 for name in names:
                     captured[name].append(x.detach().reshape(-1, x.shape[-1]))

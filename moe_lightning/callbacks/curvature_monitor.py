@@ -5,12 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from moe_lightning.callbacks._observe import log_scalars, observation, to_device
+from moe_lightning.callbacks._observe import cpu_copy, log_scalars, observation, to_device
 from moe_lightning.geometry import hessian_top_eigenvalue, hutchinson_trace
 
 
@@ -81,7 +80,7 @@ class CurvatureMonitor(Callback):
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if self.batch is None:
-            self.batch = to_device(batch, torch.device("cpu"))
+            self.batch = cpu_copy(batch)
             if self.at_fit_start and trainer.global_step not in self.computed_steps:
                 self.compute(trainer, pl_module)
 

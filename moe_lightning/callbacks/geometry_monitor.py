@@ -17,12 +17,14 @@ from moe_lightning.adapters.base import MoEView
 from moe_lightning.callbacks._observe import (
     batch_inputs,
     capture_layer_inputs,
+    cpu_copy,
     heatmap_figure,
     log_scalars,
     observation,
     observed_model,
     tensorboard_loggers,
     wandb_loggers,
+    warn_once,
 )
 from moe_lightning.geometry import GeometryReport, ProbeConfig, finalize, probe_statistics
 
@@ -151,8 +153,7 @@ class GeometryMonitor(Callback):
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if self.probe_inputs is None:  # no datamodule to draw from: take the first training batch
-            with observation(pl_module):
-                self.probe_inputs = [self._detach_cpu(batch_inputs(batch, self.input_key))]
+            self.probe_inputs = [cpu_copy(batch_inputs(batch, self.input_key))]
             if self.at_fit_start and trainer.global_step not in self.probed_steps:
                 self.run_probe(trainer, pl_module)
 
@@ -180,14 +181,6 @@ class GeometryMonitor(Callback):
         self.probed_steps = list(state_dict.get("probed_steps", []))
 
     # ------------------------------------------------------------------ probe set
-    @staticmethod
-    def _detach_cpu(x: Any) -> Any:
-        if isinstance(x, Tensor):
-            return x.detach().cpu().clone()
-        if isinstance(x, dict):
-            return {k: GeometryMonitor._detach_cpu(v) for k, v in x.items()}
-        return x
-
     def _loader(self, trainer: Trainer) -> Any:
         datamodule = trainer.datamodule
         if datamodule is None:
@@ -212,7 +205,7 @@ class GeometryMonitor(Callback):
         tokens = 0
         with observation(pl_module):
             for batch in loader:
-                inputs.append(self._detach_cpu(batch_inputs(batch, self.input_key)))
+                inputs.append(cpu_copy(batch_inputs(batch, self.input_key)))
                 captured = capture_layer_inputs(pl_module, self.views, inputs[-1:], self.forward)
                 tokens += min(x.shape[0] for x in captured.values())
                 if tokens >= self.max_tokens:
@@ -270,21 +263,17 @@ class GeometryMonitor(Callback):
         for name, report in reports.items():
             scalars.update(report.scalars(f"geometry/{name}", max_experts=self.max_expert_keys))
             if report.nonfinite_tokens:
-                self._warn(
+                warn_once(
+                    self._warned,
                     f"GeometryMonitor: {report.nonfinite_tokens} probe tokens of {name!r} hold NaN/Inf; "
-                    "they were left out and are counted in geometry/<layer>/nonfinite_tokens"
+                    "they were left out and are counted in geometry/<layer>/nonfinite_tokens",
                 )
         log_scalars(trainer, scalars, step)
         if self.log_media:
             try:
                 self._log_media(trainer, reports, step)
             except Exception as error:  # media are a bonus; never let them stop training
-                self._warn(f"GeometryMonitor: could not log media: {error!r}")
-
-    def _warn(self, message: str) -> None:
-        if message not in self._warned:
-            self._warned.add(message)
-            warnings.warn(message, stacklevel=3)
+                warn_once(self._warned, f"GeometryMonitor: could not log media: {error!r}")
 
     def _log_media(self, trainer: Trainer, reports: dict[str, GeometryReport], step: int) -> None:
         for logger in tensorboard_loggers(trainer):

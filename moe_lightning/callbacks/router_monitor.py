@@ -10,7 +10,7 @@ from torch import Tensor
 
 from moe_lightning.adapters import find_moe_layers
 from moe_lightning.adapters.base import MoEView
-from moe_lightning.callbacks._observe import _layer_input, log_scalars, observed_model
+from moe_lightning.callbacks._observe import layer_input, log_scalars, observed_model
 from moe_lightning.moe import MoEAux
 
 
@@ -110,7 +110,7 @@ class RouterMonitor(Callback):
             if not self._armed or not module.training:
                 return
             aux = output[1] if isinstance(output, tuple) and len(output) > 1 and isinstance(output[1], MoEAux) else None
-            x = _layer_input(args, kwargs)
+            x = layer_input(args, kwargs)
             for view in views:
                 self._captured[view.name] = aux if aux is not None else x.detach().reshape(-1, x.shape[-1])
 
