@@ -16,8 +16,25 @@ from lightning.pytorch.cli import LightningCLI
 
 DEFAULT_LOGGER = {"class_path": "moe_lightning.loggers.AutoWandbLogger", "init_args": {"save_dir": "runs"}}
 
-# name -> callable(argv) for subcommands outside LightningCLI (probe, report, sweep, ...).
-EXTRA_COMMANDS: dict[str, Callable[[list[str]], int | None]] = {}
+
+
+def _lazy(module: str) -> Callable[[list[str]], int | None]:
+    """``module.main(argv)``, imported only when its subcommand runs (keeps ``fit`` start-up lean)."""
+
+    def run(argv: list[str]) -> int | None:
+        import importlib
+
+        return importlib.import_module(module).main(argv)
+
+    return run
+
+
+# name -> callable(argv) for subcommands outside LightningCLI.
+EXTRA_COMMANDS: dict[str, Callable[[list[str]], int | None]] = {
+    "sweep": _lazy("moe_lightning.sweep"),
+    "report": _lazy("moe_lightning.report"),
+    "probe": _lazy("moe_lightning.probe_cli"),
+}
 
 
 class MoELightningCLI(LightningCLI):

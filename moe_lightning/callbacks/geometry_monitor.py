@@ -3,6 +3,8 @@ probed on a fixed token set over the course of training (../shared/GEOMETRY.md Â
 
 from __future__ import annotations
 
+import json
+import os
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -10,6 +12,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch import Tensor
 
 from moe_lightning.adapters import find_moe_layers
@@ -69,6 +72,12 @@ class GeometryMonitor(Callback):
         forward: ``forward(pl_module, inputs)`` used to run the model on the probe set; default
             ``pl_module(inputs)``.
         probe_config: extra :class:`~moe_lightning.geometry.ProbeConfig` fields (e.g. ``matrix_free_threshold``).
+        save_reports: also write every probe's full reports (mean spectra, matrices, PCA eigenvalues) as
+            ``geometry/step_<step>.json`` (:meth:`GeometryReport.to_dict` per layer) into ``report_dir``; this is
+            what ``moe-lightning report`` plots from.
+        report_dir: where ``geometry/`` goes; None uses the first CSV or TensorBoard logger's ``log_dir``, else
+            the W&B run's files directory (so the reports travel with the W&B run); nothing is written when there
+            is neither.
 
     Example::
 
@@ -97,6 +106,8 @@ class GeometryMonitor(Callback):
         input_key: str | int = 0,
         forward: Callable[[LightningModule, Any], Any] | None = None,
         probe_config: dict[str, Any] | None = None,
+        save_reports: bool = True,
+        report_dir: str | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
@@ -114,6 +125,7 @@ class GeometryMonitor(Callback):
         self.max_tokens, self.source, self.layers = max_tokens, source, layers
         self.max_expert_keys, self.log_media = max_expert_keys, log_media
         self.input_key, self.forward = input_key, forward
+        self.save_reports, self.report_dir = save_reports, report_dir
         # Validated now, so a wrong option fails before training starts.
         self.probe_config = ProbeConfig(
             jacobian=jacobian,
@@ -269,11 +281,42 @@ class GeometryMonitor(Callback):
                     "they were left out and are counted in geometry/<layer>/nonfinite_tokens",
                 )
         log_scalars(trainer, scalars, step)
+        if self.save_reports and reports:
+            try:
+                self._save(trainer, reports, step)
+            except Exception as error:  # a full disk must not stop training either
+                warn_once(self._warned, f"GeometryMonitor: could not save reports: {error!r}")
         if self.log_media:
             try:
                 self._log_media(trainer, reports, step)
             except Exception as error:  # media are a bonus; never let them stop training
                 warn_once(self._warned, f"GeometryMonitor: could not log media: {error!r}")
+
+    def _resolve_report_dir(self, trainer: Trainer) -> str | None:
+        if self.report_dir is not None:
+            return self.report_dir
+        for logger in trainer.loggers:
+            if isinstance(logger, (CSVLogger, TensorBoardLogger)):
+                return logger.log_dir
+        for logger in wandb_loggers(trainer):
+            return logger.experiment.dir
+        return None
+
+    def _save(self, trainer: Trainer, reports: dict[str, GeometryReport], step: int) -> None:
+        root = self._resolve_report_dir(trainer)
+        if root is None:
+            return
+        folder = os.path.join(root, "geometry")
+        os.makedirs(folder, exist_ok=True)
+        payload = {
+            "step": step,
+            "epoch": trainer.current_epoch,
+            "layers": {name: report.to_dict() for name, report in reports.items()},
+        }
+        path = os.path.join(folder, f"step_{step:07d}.json")
+        with open(path + ".tmp", "w") as handle:
+            json.dump(payload, handle)
+        os.replace(path + ".tmp", path)  # readers never see a half-written file
 
     def _log_media(self, trainer: Trainer, reports: dict[str, GeometryReport], step: int) -> None:
         for logger in tensorboard_loggers(trainer):

@@ -271,6 +271,89 @@ class GeometryReport:
             out[f"{prefix}/{quantity}"] = float(value)
         return out
 
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of everything except the PCA eigenvectors (``D×D`` per expert and site); NaN stays
+        NaN (Python's ``json`` writes and reads it). Inverse: :meth:`from_dict`."""
+
+        def plain(t: Tensor) -> Any:
+            return t.detach().to(torch.float64).cpu().tolist() if t.is_floating_point() else t.cpu().tolist()
+
+        return {
+            "name": self.name,
+            "num_experts": self.num_experts,
+            "dim": self.dim,
+            "total_tokens": self.total_tokens,
+            "nonfinite_tokens": self.nonfinite_tokens,
+            "tokens": plain(self.tokens),
+            "weight_sum": plain(self.weight_sum),
+            "n_eff": plain(self.n_eff),
+            "empty": plain(self.empty),
+            "expert": {k: plain(v) for k, v in self.expert.items()},
+            "layer": {k: float(v) for k, v in self.layer.items()},
+            "matrices": {k: plain(v) for k, v in self.matrices.items()},
+            "spectra": {k: plain(v) for k, v in self.spectra.items()},
+            "pca": {
+                site: [
+                    {
+                        "eigenvalues": plain(r.eigenvalues),
+                        "total_weight": float(r.total_weight),
+                        "num_tokens": int(r.num_tokens),
+                        "n_eff": float(r.n_eff),
+                        "effective_rank": float(r.effective_rank),
+                        "participation_ratio": float(r.participation_ratio),
+                        "n90": float(r.n90),
+                        "undersampled": bool(r.undersampled),
+                    }
+                    for r in results
+                ]
+                for site, results in self.pca.items()
+            },
+            "variants": dict(self.variants),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GeometryReport:
+        """Rebuild a report written by :meth:`to_dict` (float64 tensors; PCA eigenvectors and means empty)."""
+
+        def tensor(values: Any, dtype: torch.dtype = torch.float64) -> Tensor:
+            return torch.tensor(values, dtype=dtype)
+
+        empty = torch.empty(0, dtype=torch.float64)
+        return cls(
+            name=data["name"],
+            num_experts=int(data["num_experts"]),
+            dim=int(data["dim"]),
+            total_tokens=int(data["total_tokens"]),
+            nonfinite_tokens=int(data["nonfinite_tokens"]),
+            tokens=tensor(data["tokens"], torch.long),
+            weight_sum=tensor(data["weight_sum"]),
+            n_eff=tensor(data["n_eff"]),
+            empty=tensor(data["empty"], torch.bool),
+            expert={k: tensor(v) for k, v in data.get("expert", {}).items()},
+            layer={k: float(v) for k, v in data.get("layer", {}).items()},
+            matrices={k: tensor(v) for k, v in data.get("matrices", {}).items()},
+            spectra={k: tensor(v) for k, v in data.get("spectra", {}).items()},
+            pca={
+                site: [
+                    PCAResult(
+                        eigenvalues=tensor(r["eigenvalues"]),
+                        eigenvectors=empty,
+                        mean=empty,
+                        total_weight=r["total_weight"],
+                        num_tokens=r["num_tokens"],
+                        n_eff=r["n_eff"],
+                        effective_rank=r["effective_rank"],
+                        participation_ratio=r["participation_ratio"],
+                        n90=r["n90"],
+                        undersampled=r["undersampled"],
+                    )
+                    for r in results
+                ]
+                for site, results in data.get("pca", {}).items()
+            },
+            variants=dict(data.get("variants", {})),
+        )
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Phase 1: statistics
