@@ -1,0 +1,170 @@
+"""The sweep runner: routing x seeds jobs, resume, failures that do not stop the others, shipped presets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from moe_lightning.cli import main as cli_main
+from moe_lightning.sweep import ROUTINGS, Job, available_presets, job_command, job_config, load_preset, main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_preset(tmp_path: Path, **extra) -> Path:
+    """The MLP config cut to a few steps: 3 routings x 2 seeds, probes at steps 0, 3 and 6."""
+    preset = {
+        "name": "tiny",
+        "family": "mlp",
+        "configs": ["configs/mlp/topk.yaml", "configs/trainer/cpu.yaml"],
+        "routings": list(ROUTINGS),
+        "seeds": [0, 1],
+        "overrides": {
+            "trainer": {
+                "max_steps": 6,
+                "limit_val_batches": 1,
+                "enable_checkpointing": False,
+                "callbacks": [
+                    {
+                        "class_path": "moe_lightning.callbacks.GeometryMonitor",
+                        "init_args": {"every_n_steps": 3, "max_tokens": 32, "log_media": False},
+                    },
+                    {"class_path": "moe_lightning.callbacks.RouterMonitor"},
+                ],
+            },
+            "data": {"init_args": {"num_train": 256, "num_val": 64, "batch_size": 32}},
+        },
+        **extra,
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(preset))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sweep")
+    preset = tiny_preset(tmp)
+    code = main([str(preset), "--out", str(tmp / "out"), "--loggers", "csv", "--no-report"])
+    return code, tmp / "out" / "tiny", preset
+
+
+def test_sweep_runs_every_routing_and_seed(tiny_sweep) -> None:
+    code, root, _ = tiny_sweep
+    assert code == 0
+    assert json.loads((root / "sweep.json").read_text())["routings"] == list(ROUTINGS)
+    finals = {}
+    for routing in ROUTINGS:
+        for seed in (0, 1):
+            job = root / f"{routing}-seed{seed}"
+            status = json.loads((job / "run.json").read_text())
+            assert (status["status"], status["returncode"], status["routing"], status["seed"]) == (
+                "done",
+                0,
+                routing,
+                seed,
+            )
+            config = yaml.safe_load((job / "config.yaml").read_text())
+            assert config["model"]["init_args"]["config"]["routing"] == routing
+            assert config["seed_everything"] == seed
+            metrics = pd.read_csv(job / "metrics.csv")
+            probed = metrics.dropna(subset=["geometry/blocks.0.ffn/jac_sigma_max/mean"])
+            assert sorted(probed["step"].astype(int)) == [0, 3, 6]
+            # The saved full reports hold the same numbers as the logged scalars.
+            report = json.loads((job / "geometry" / "step_0000006.json").read_text())["layers"]["blocks.0.ffn"]
+            sigma = torch.tensor(report["expert"]["jac_sigma_max"], dtype=torch.float64)
+            logged = probed.loc[probed["step"] == 6, "geometry/blocks.0.ffn/jac_sigma_max/mean"].item()
+            assert logged == pytest.approx(sigma[torch.isfinite(sigma)].mean().item(), rel=1e-12)
+            assert report["num_experts"] == (1 if routing == "dense" else 8)
+            finals[(routing, seed)] = logged
+    # Seeds change the initialisation, so the same routing gives different numbers per seed.
+    for routing in ROUTINGS:
+        assert finals[(routing, 0)] != finals[(routing, 1)]
+
+
+def test_sweep_resumes_and_reruns_only_unfinished_jobs(tiny_sweep, capsys) -> None:
+    code, root, preset = tiny_sweep
+    stamps = {p.parent.name: p.stat().st_mtime_ns for p in root.glob("*/metrics.csv")}
+    # Simulate an interruption in the middle of one job.
+    status_file = root / "soft-seed1" / "run.json"
+    status = json.loads(status_file.read_text())
+    status_file.write_text(json.dumps({**status, "status": "running"}))
+    capsys.readouterr()
+    assert main([str(preset), "--out", str(root.parent), "--loggers", "csv", "--no-report"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("done already, skipped") == 5
+    assert "soft-seed1: started" in out
+    after = {p.parent.name: p.stat().st_mtime_ns for p in root.glob("*/metrics.csv")}
+    changed = sorted(name for name in stamps if after[name] != stamps[name])
+    assert changed == ["soft-seed1"]
+    assert json.loads(status_file.read_text())["status"] == "done"
+
+
+def test_failed_job_is_reported_and_others_go_on(tmp_path, capsys) -> None:
+    # top_k=99 is invalid: the soft job fails at config validation, dense still trains.
+    preset = tiny_preset(
+        tmp_path,
+        routings=["dense", "soft"],
+        seeds=[0],
+        routing_overrides={"soft": {"model": {"init_args": {"config": {"top_k": 99}}}}},
+    )
+    code = main([str(preset), "--out", str(tmp_path / "out"), "--loggers", "csv", "--no-report"])
+    out = capsys.readouterr().out
+    assert code == 1
+    root = tmp_path / "out" / "tiny"
+    assert json.loads((root / "dense-seed0" / "run.json").read_text())["status"] == "done"
+    failed = json.loads((root / "soft-seed0" / "run.json").read_text())
+    assert failed["status"] == "failed" and failed["returncode"] != 0
+    assert "top_k must satisfy" in (root / "soft-seed0" / "fit.log").read_text()
+    assert "soft-seed0: failed" in out and "1/2 jobs done; failed: soft-seed0" in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["no_such_preset"], "shipped presets: mlp_paper, mlp_small"),
+        (["mlp_small", "--routings", "moe"], "routings ['moe'] not allowed; choose from ('dense', 'topk', 'soft')"),
+        (["mlp_small", "--seeds", "0", "--num-seeds", "2"], "give --seeds or --num-seeds, not both"),
+        (["mlp_small", "--loggers", "tensorboard"], "loggers ['tensorboard'] not allowed"),
+    ],
+)
+def test_bad_arguments_give_clear_errors(argv, message, tmp_path, capsys) -> None:
+    assert main([*argv, "--out", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_job_config_layers_routing_seed_and_loggers(tmp_path) -> None:
+    preset = load_preset(str(tiny_preset(tmp_path, routing_overrides={"soft": {"model": {"init_args": {"lr": 0.5}}}})))
+    config = job_config(preset, Job("soft", 7, tmp_path / "job"), ["csv", "wandb"], "proj")
+    assert config["seed_everything"] == 7
+    assert config["model"]["init_args"] == {"lr": 0.5, "config": {"routing": "soft"}}
+    assert config["trainer"]["max_steps"] == 6  # from the preset's overrides
+    assert [logger["class_path"].rsplit(".", 1)[1] for logger in config["trainer"]["logger"]] == [
+        "CSVLogger",
+        "AutoWandbLogger",
+    ]
+    assert config["trainer"]["logger"][1]["init_args"]["name"] == "tiny/soft-seed7"
+
+
+@pytest.mark.parametrize("name", available_presets())
+def test_shipped_presets_parse(name, tmp_path, capsys, monkeypatch) -> None:
+    """Every job of every shipped preset is a valid ``fit`` config (LightningCLI --print_config validates it)."""
+    preset = load_preset(name)
+    assert preset.routings == list(ROUTINGS) and len(preset.seeds) >= 3
+    job = Job("soft", preset.seeds[0], tmp_path / "job")
+    job.dir.mkdir()
+    (job.dir / "job.yaml").write_text(yaml.safe_dump(job_config(preset, job, ["csv"], "proj")))
+    monkeypatch.chdir(ROOT)  # the configs name data files relative to the project root
+    argv = job_command(preset, job)[job_command(preset, job).index("fit") :]
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main([*argv, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["init_args"]["config"]["routing"] == "soft"
+    assert printed["seed_everything"] == preset.seeds[0]
+    assert printed["trainer"]["logger"][0]["class_path"] == "lightning.pytorch.loggers.CSVLogger"
