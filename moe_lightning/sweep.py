@@ -24,7 +24,9 @@ when ``--loggers`` includes it). Layout::
     <out>/<name>/report/                          tables, claims, plots, index.html
 
 Jobs whose ``run.json`` says ``done`` are skipped, so re-running the same command resumes an interrupted sweep;
-failed and interrupted jobs start again from scratch. A failed job is reported and the others go on. On CPU jobs
+failed and interrupted jobs start again from scratch. A job that another sweep process on this host is running
+(its ``run.json`` names a live pid) is skipped too, so two sweep processes can share one sweep, e.g. one per CPU
+socket or one per ``--routings`` subset. A failed job is reported and the others go on. On CPU jobs
 run one after another; with ``--devices N`` (default: the number of visible GPUs) up to N run at once, each on
 its own GPU through ``CUDA_VISIBLE_DEVICES``.
 """
@@ -35,6 +37,7 @@ import argparse
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -225,6 +228,8 @@ def _start(preset: Preset, job: Job, loggers: list[str], wandb_project: str, gpu
     _write_json(job.dir / STATUS_FILE, status)
     log = open(job.dir / "fit.log", "w")  # noqa: SIM115 - closed in _finish
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    status.update(pid=process.pid, host=socket.gethostname())
+    _write_json(job.dir / STATUS_FILE, status)
     return process, log, status, time.perf_counter()
 
 
@@ -237,6 +242,17 @@ def _finish(job: Job, process, log, status: dict[str, Any], start: float) -> dic
     )
     _write_json(job.dir / STATUS_FILE, status)
     return status
+
+
+def _running_elsewhere(status: dict[str, Any]) -> bool:
+    """A job marked running whose process is alive on this host (another sweep process runs it)."""
+    if status.get("status") != "running" or status.get("host") != socket.gethostname() or not status.get("pid"):
+        return False
+    try:
+        os.kill(int(status["pid"]), 0)
+    except (ProcessLookupError, PermissionError, ValueError):
+        return False
+    return True
 
 
 def _tail(path: Path, lines: int = 8) -> str:
@@ -296,8 +312,14 @@ def run_sweep(
     running: dict[int, tuple] = {}  # slot -> (job, process, log, status, start)
     while pending or running:
         for slot in range(devices):
-            if slot not in running and pending:
+            while slot not in running and pending:
                 job = pending.pop(0)
+                status = job_status(job.dir)  # again: another sweep process may have taken the job meanwhile
+                if status is not None and (status.get("status") == "done" or _running_elsewhere(status)):
+                    results[job.name] = status
+                    if verbose:
+                        print(f"[sweep] {job.name}: {status['status']} in another sweep process, skipped", flush=True)
+                    continue
                 if verbose:
                     print(f"[sweep] {job.name}: started in {job.dir}", flush=True)
                 gpu = slot if use_gpus else None

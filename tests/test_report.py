@@ -1,0 +1,369 @@
+"""`moe-lightning report`: decision rule on hand-made values; results and claims of real tiny runs checked against
+numbers recomputed from each run's metrics.csv; figures and the HTML page; the W&B offline path; bad input."""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import shutil
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from moe_lightning import cli
+from moe_lightning.geometry import GeometryReport
+from moe_lightning.report import DECISION_RULE, build_report, decide, decide_threshold, render_probe
+from moe_lightning.report.runs import _seed_from_args, discover_runs
+from moe_lightning.report.tables import GEOMETRY_METRICS
+
+pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI.s args parameter is intended")
+
+ROOT = Path(__file__).resolve().parents[1]
+ROUTINGS = ("dense", "topk", "soft")
+SEEDS = (0, 1)
+FIGURES = ("spectra.png", "curves.png", "alignment.png", "pca_spectra.png", "router_load.png")
+# Two MoE blocks (so the layer mean is a real average), 4 experts, 20 steps, probes at steps 0, 10 and 20,
+# validation every epoch (8 steps) so that val/loss exists.
+TINY = """
+trainer:
+  max_steps: 20
+  log_every_n_steps: 5
+  enable_progress_bar: false
+  enable_checkpointing: false
+  enable_model_summary: false
+  callbacks:
+    - class_path: moe_lightning.callbacks.GeometryMonitor
+      init_args: {every_n_steps: 10, max_tokens: 64, log_media: false}
+    - class_path: moe_lightning.callbacks.RouterMonitor
+model:
+  init_args:
+    config: {input_dim: 8, output_dim: 8, dim: 16, expert_hidden: 8, num_experts: 4, num_blocks: 2}
+data:
+  init_args: {input_dim: 8, output_dim: 8, num_clusters: 4, num_train: 512, num_val: 128, num_test: 128, batch_size: 64}
+"""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Decision rule, hand-made values
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_decide_holds_and_does_not_hold():
+    a, b = {0: 1.0, 1: 1.2, 2: 0.8}, {0: 2.0, 1: 2.1, 2: 2.3}
+    d = decide(a, b, "<")
+    assert d.verdict == "holds"
+    assert d.seeds == (0, 1, 2)
+    assert d.mean_difference == pytest.approx(np.mean([-1.0, -0.9, -1.5]))
+    assert d.std_a == pytest.approx(np.std([1.0, 1.2, 0.8], ddof=1))
+    assert d.std_b == pytest.approx(np.std([2.0, 2.1, 2.3], ddof=1))
+    assert decide(a, b, ">").verdict == "does not hold"
+    assert decide(b, a, ">").verdict == "holds"
+
+
+def test_decide_inconclusive_cases():
+    # Mixed signs.
+    assert decide({0: 1.0, 1: 3.0}, {0: 2.0, 1: 2.0}, "<").verdict == "inconclusive"
+    # Every d_s negative but |mean d| = 0.45 <= std_A = sqrt(2): effect below the seed spread.
+    d = decide({0: 1.0, 1: 3.0}, {0: 1.5, 1: 3.4}, "<")
+    assert d.verdict == "inconclusive" and d.mean_difference == pytest.approx(-0.45)
+    # One seed, and one paired seed out of unpaired ones.
+    assert decide({0: 1.0}, {0: 5.0}, "<").verdict == "inconclusive"
+    assert decide({0: 1.0, 1: 1.1}, {1: 5.0, 2: 5.0}, "<").seeds == (1,)
+    # NaN.
+    assert decide({0: 1.0, 1: math.nan}, {0: 5.0, 1: 5.0}, "<").verdict == "inconclusive"
+    # A tie is no sign.
+    assert decide({0: 1.0, 1: 2.0, 2: 1.5}, {0: 1.0, 1: 9.0, 2: 9.0}, "<").verdict == "inconclusive"
+    with pytest.raises(ValueError, match="relation"):
+        decide({0: 1.0}, {0: 1.0}, "<=")
+
+
+def test_decide_only_paired_seeds_count():
+    # Seed 2 of A would flip the sign but has no partner in B.
+    d = decide({0: 1.0, 1: 1.1, 2: 9.0}, {0: 2.0, 1: 2.2, 3: 0.0}, "<")
+    assert d.seeds == (0, 1) and d.verdict == "holds"
+    assert d.mean_difference == pytest.approx(-1.05)
+
+
+def test_decide_threshold():
+    assert decide_threshold({0: 0.02, 1: 0.05}, 0.1).verdict == "holds"
+    assert decide_threshold({0: 0.2, 1: 0.15}, 0.1).verdict == "does not hold"
+    assert decide_threshold({0: 0.05, 1: 0.15}, 0.1).verdict == "inconclusive"
+    assert decide_threshold({0: 0.05, 1: math.nan}, 0.1).verdict == "inconclusive"
+    assert decide_threshold({0: 0.05}, 0.1).verdict == "inconclusive"
+    assert decide_threshold({0: 0.02, 1: 0.04}, 0.1).mean_difference == pytest.approx(-0.07)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Real tiny runs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def fit(tiny: Path, routing: str, seed: int, *logger_args: str) -> None:
+    cli.main(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs" / "mlp" / f"{routing}.yaml"),
+            "--config",
+            str(ROOT / "configs" / "trainer" / "cpu.yaml"),
+            "--config",
+            str(tiny),
+            f"--seed_everything={seed}",
+            *logger_args,
+        ]
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("config") / "tiny.yaml"
+    path.write_text(TINY)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, tiny_config) -> Path:
+    """A sweep directory laid out like moe_lightning.sweep's: <routing>-seed<k>/ with run.json and CSV logs, plus a
+    failed job (no metrics) and a job still running (a copy of real metrics that must not be counted)."""
+    root = tmp_path_factory.mktemp("sweep")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread avoids oversubscribing a shared CPU
+    try:
+        for routing in ROUTINGS:
+            for seed in SEEDS:
+                job = root / f"{routing}-seed{seed}"
+                csv = ["--trainer.logger=CSVLogger", f"--trainer.logger.save_dir={job}"]
+                fit(tiny_config, routing, seed, *csv, "--trainer.logger.name=", "--trainer.logger.version=")
+                meta = {"preset": "test", "family": "mlp", "routing": routing, "seed": seed, "status": "done"}
+                (job / "run.json").write_text(json.dumps({**meta, "returncode": 0, "wall_s": 1.0, "command": []}))
+    finally:
+        torch.set_num_threads(threads)
+    failed = root / "topk-seed2"
+    failed.mkdir()
+    (failed / "run.json").write_text(json.dumps({"routing": "topk", "seed": 2, "status": "failed", "returncode": 1}))
+    running = root / "soft-seed3"
+    shutil.copytree(root / "soft-seed0", running)
+    (running / "run.json").write_text(json.dumps({"routing": "soft", "seed": 3, "status": "running"}))
+    (root / "sweep.json").write_text(json.dumps({"preset": "test"}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def report(sweep) -> Path:
+    """The report written through the real `moe-lightning report` entry point."""
+    assert cli.main(["report", str(sweep)]) == 0
+    return sweep / "report"
+
+
+def direct_final(job: Path, key: str) -> float:
+    """Independent reference: the metric at each layer's last probe row of the raw metrics.csv, averaged over
+    layers (NaN when no layer has it)."""
+    raw = pd.read_csv(job / "metrics.csv")
+    layers = [c.split("/")[1] for c in raw.columns if c.startswith("geometry/") and c.endswith("/tokens_total")]
+    assert len(layers) == 2
+    values = []
+    for layer in layers:
+        last_probe = raw[raw[f"geometry/{layer}/tokens_total"].notna()].iloc[-1]
+        value = last_probe.get(f"geometry/{layer}/{key}", math.nan)
+        if np.isfinite(value):
+            values.append(value)
+    return float(np.mean(values)) if values else math.nan
+
+
+def test_results_match_metrics_csv(sweep, report):
+    results = pd.read_csv(report / "results.csv")
+    assert list(results["routing"]) == list(ROUTINGS)
+    assert (results["n_seeds"] == 2).all() and (results["layer"] == "mean").all()
+    for routing in ROUTINGS:
+        row = results[results["routing"] == routing].iloc[0]
+        for key, _ in GEOMETRY_METRICS:
+            per_seed = [direct_final(sweep / f"{routing}-seed{seed}", key) for seed in SEEDS]
+            if routing == "dense" and key.startswith(("align", "palign", "subspace")):
+                assert all(math.isnan(v) for v in per_seed) and math.isnan(row[f"{key}:mean"])
+                continue
+            np.testing.assert_allclose(row[f"{key}:mean"], np.mean(per_seed), rtol=1e-12, err_msg=f"{routing} {key}")
+            np.testing.assert_allclose(row[f"{key}:std"], np.std(per_seed, ddof=1), rtol=1e-9, err_msg=key)
+            assert row[f"{key}:n"] == 2
+        val = [pd.read_csv(sweep / f"{routing}-seed{s}" / "metrics.csv")["val/loss"].dropna().iloc[-1] for s in SEEDS]
+        np.testing.assert_allclose(row["val/loss:mean"], np.mean(val), rtol=1e-12)
+    text = (report / "results.md").read_text()
+    assert "averaged over the run's MoE layers" in text and "topk seed 2: failed" in text
+
+
+def test_claims_follow_the_rule_on_direct_numbers(sweep, report):
+    claims = pd.read_csv(report / "claims.csv")
+    assert len(claims) == 17
+    assert set(claims["claim"]) == {"C1a", "C1a (control)", "C1b", "C2", "C3", "C4"}
+    assert (claims["metric"] == "pca_hidden_effective_rank/mean").sum() == 3  # C2 topk, soft; C4
+    for row in claims.to_dict("records"):
+        comparison = row["comparison"].split()  # "topk < dense", or "topk align_mean_offdiag < 0.1" for C3
+        a = {s: direct_final(sweep / f"{comparison[0]}-seed{s}", row["metric"]) for s in SEEDS}
+        if row["claim"] == "C3":
+            expected = decide_threshold(a, 0.1)
+        else:
+            b = {s: direct_final(sweep / f"{comparison[2]}-seed{s}", row["metric"]) for s in SEEDS}
+            expected = decide(a, b, comparison[1])
+        assert row["verdict"] == expected.verdict, row
+        np.testing.assert_allclose(row["mean_difference"], expected.mean_difference, rtol=1e-9)
+        assert row["n seeds"] == 2
+    assert DECISION_RULE in (report / "claims.md").read_text()
+
+
+def test_figures_and_html(sweep, report):
+    for name in FIGURES:
+        path = report / name
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        height, width = matplotlib.image.imread(path).shape[:2]
+        assert height > 200 and width > 300, name
+    page = (report / "index.html").read_text()
+    assert page.count('src="data:image/png;base64,') == len(FIGURES)
+    assert page.count("<table") == 3  # results, claims, runs
+    assert html.escape(DECISION_RULE) in page
+    assert str(sweep / "topk-seed2") in page and ">failed<" in page and ">running<" in page
+
+
+def test_layer_mode_each(sweep, tmp_path):
+    written = build_report([str(sweep)], str(tmp_path), layer_mode="each", formats=("csv",))
+    assert sorted(Path(p).name for p in written) == ["claims.csv", "results.csv"]
+    results = pd.read_csv(tmp_path / "results.csv")
+    assert len(results) == 6 and set(results["layer"]) == {"blocks.0.ffn", "blocks.1.ffn"}
+    row = results[(results["routing"] == "topk") & (results["layer"] == "blocks.1.ffn")].iloc[0]
+    per_seed = []
+    for seed in SEEDS:
+        raw = pd.read_csv(sweep / f"topk-seed{seed}" / "metrics.csv")
+        per_seed.append(raw["geometry/blocks.1.ffn/jac_sigma_max/mean"].dropna().iloc[-1])
+    np.testing.assert_allclose(row["jac_sigma_max/mean:mean"], np.mean(per_seed), rtol=1e-12)
+    assert len(pd.read_csv(tmp_path / "claims.csv")) == 2 * 17  # the claims per layer
+
+
+def test_render_probe(sweep, tmp_path):
+    layers = {}
+    for routing in ("topk", "dense"):
+        payload = json.loads((sweep / f"{routing}-seed0" / "geometry" / "step_0000020.json").read_text())
+        layers[routing] = GeometryReport.from_dict(payload["layers"]["blocks.0.ffn"])
+    written = render_probe(layers, str(tmp_path / "probe"), "two layers")
+    names = [Path(p).name for p in written]
+    assert names == ["probe.md", "probe.csv", "spectra.png", "alignment.png", "pca_spectra.png", "index.html"]
+    table = pd.read_csv(tmp_path / "probe" / "probe.csv").set_index("layer")
+    for name, layer in layers.items():
+        scalars = layer.scalars(prefix="g")
+        for key in ("jac_sigma_max/mean", "pca_hidden_effective_rank/mean", "layer_jac_sigma_max"):
+            np.testing.assert_allclose(table.loc[name, key], scalars[f"g/{key}"], rtol=1e-12)
+    assert np.isnan(table.loc["dense", "align_mean_offdiag"])
+    assert table.loc["topk", "align_mean_offdiag"] == pytest.approx(layers["topk"].layer["align_mean_offdiag"])
+    assert (tmp_path / "probe" / "index.html").read_text().count("data:image/png;base64,") == 3
+    with pytest.raises(ValueError, match="layers is empty"):
+        render_probe({}, str(tmp_path), "none")
+
+
+def test_wandb_offline_run(tmp_path, monkeypatch, tiny_config):
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:  # the default logger: AutoWandbLogger
+        fit(
+            tiny_config,
+            "soft",
+            5,
+            "--data.init_args.seed=5",
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'wb'}",
+        )
+    finally:
+        torch.set_num_threads(threads)
+        wandb.finish()
+        wandb.teardown()  # finish() can return before the service has flushed the end of the .wandb file
+    runs = discover_runs([str(tmp_path / "wb")])
+    assert len(runs) == 1
+    run = runs[0]
+    assert (run.source, run.routing, run.seed, run.family, run.status) == ("wandb", "soft", 5, "mlp", "done")
+    assert "data module's `seed`" in run.note  # in-process fit: no --seed_everything on the recorded command line
+    reports = sorted((Path(run.path) / "files" / "geometry").glob("step_*.json"))
+    final = json.loads(reports[-1].read_text())
+    assert final["step"] == 20
+    for layer in ("blocks.0.ffn", "blocks.1.ffn"):  # independent source: the geometry JSON
+        scalars = GeometryReport.from_dict(final["layers"][layer]).scalars(prefix=f"geometry/{layer}")
+        for key in (f"geometry/{layer}/jac_sigma_max/mean", f"geometry/{layer}/align_mean_offdiag"):
+            assert run.history[key].dropna().index[-1] == 20
+            np.testing.assert_allclose(run.history[key].dropna().iloc[-1], scalars[key], rtol=1e-12)
+    written = build_report([str(tmp_path / "wb")], str(tmp_path / "out"), formats=("csv",))
+    results = pd.read_csv([p for p in written if p.endswith("results.csv")][0])
+    expected = np.mean(
+        [
+            GeometryReport.from_dict(final["layers"][la]).scalars(prefix="g")["g/jac_sigma_max/mean"]
+            for la in ("blocks.0.ffn", "blocks.1.ffn")
+        ]
+    )
+    np.testing.assert_allclose(results.loc[0, "jac_sigma_max/mean:mean"], expected, rtol=1e-12)
+    assert results.loc[0, "n_seeds"] == 1 and np.isnan(results.loc[0, "jac_sigma_max/mean:std"])
+
+
+def test_seed_from_recorded_command_line():
+    assert _seed_from_args(["fit", "--config", "a.yaml", "--seed_everything=3"]) == 3
+    assert _seed_from_args(["fit", "--seed_everything", "4", "--trainer.max_steps=2"]) == 4
+    assert _seed_from_args(["fit", "--seed_everything=true"]) is None and _seed_from_args([]) is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad and partial input
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_directory_without_runs_is_a_clean_error(tmp_path, capsys):
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    assert cli.main(["report", str(tmp_path / "empty")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("moe-lightning: error: no runs found in") and str(tmp_path / "empty") in error
+    assert "run.json" in error and "metrics.csv" in error and ".wandb" in error
+    assert cli.main(["report", str(tmp_path / "missing")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+
+
+def test_same_run_twice_is_an_error(sweep):
+    with pytest.raises(ValueError, match="two runs with routing='dense' and seed=0"):
+        discover_runs([str(sweep / "dense-seed0"), str(sweep)])
+
+
+def test_run_without_geometry_skips_figures(tmp_path):
+    """A CSV run without probes: routing and seed from hparams.yaml, losses tabulated, figures skipped with notes."""
+    run = tmp_path / "plain"
+    run.mkdir()
+    pd.DataFrame({"step": [4, 9, 9], "train/loss": [1.0, 0.5, None], "val/loss": [None, None, 0.7]}).to_csv(
+        run / "metrics.csv", index=False
+    )
+    (run / "hparams.yaml").write_text("config:\n  routing: topk\n  input_dim: 8\nseed: 3\n")
+    build_report([str(run)])
+    results = pd.read_csv(run / "report" / "results.csv")
+    assert (results.loc[0, "routing"], str(results.loc[0, "seeds"]), results.loc[0, "family"]) == ("topk", "3", "mlp")
+    assert results.loc[0, "val/loss:mean"] == 0.7 and results.loc[0, "train/loss:mean"] == 0.5
+    page = (run / "report" / "index.html").read_text()
+    assert "data:image/png" not in page and page.count("skipped:") == len(FIGURES)
+    claims = pd.read_csv(run / "report" / "claims.csv")
+    assert set(claims["verdict"]) == {"inconclusive"}
+
+
+@pytest.mark.slow
+def test_report_of_a_real_sweep(tmp_path, monkeypatch, tiny_config):
+    """End to end through `moe-lightning sweep` (subprocess jobs with CSV and W&B loggers), which calls the report."""
+    from moe_lightning import sweep
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    preset = tmp_path / "tiny.yaml"
+    configs = [str(ROOT / "configs/mlp/topk.yaml"), str(ROOT / "configs/trainer/cpu.yaml"), str(tiny_config)]
+    preset.write_text(json.dumps({"name": "tiny", "family": "mlp", "configs": configs, "seeds": list(SEEDS)}))
+    assert sweep.main([str(preset), "--out", str(tmp_path / "out")]) == 0
+    root = tmp_path / "out" / "tiny"
+    results = pd.read_csv(root / "report" / "results.csv")
+    assert list(results["routing"]) == list(ROUTINGS) and (results["n_seeds"] == 2).all()
+    for routing in ROUTINGS:
+        per_seed = [direct_final(root / f"{routing}-seed{s}", "jac_sigma_max/mean") for s in SEEDS]
+        row = results[results["routing"] == routing].iloc[0]
+        np.testing.assert_allclose(row["jac_sigma_max/mean:mean"], np.mean(per_seed), rtol=1e-12)
+    assert (root / "report" / "index.html").read_text().count("data:image/png;base64,") == len(FIGURES)
