@@ -17,7 +17,6 @@ from lightning.pytorch.cli import LightningCLI
 DEFAULT_LOGGER = {"class_path": "moe_lightning.loggers.AutoWandbLogger", "init_args": {"save_dir": "runs"}}
 
 
-
 def _lazy(module: str) -> Callable[[list[str]], int | None]:
     """``module.main(argv)``, imported only when its subcommand runs (keeps ``fit`` start-up lean)."""
 
@@ -52,6 +51,13 @@ class MoELightningCLI(LightningCLI):
             args=args,
             **kwargs,
         )
+
+    def before_fit(self) -> None:
+        """Record the run's seed with its hyperparameters, so every logger (W&B too) knows which seed it was."""
+        seed = self._get(self.config, "seed_everything")
+        if isinstance(seed, int) and not isinstance(seed, bool):
+            for logger in self.trainer.loggers:
+                logger.log_hyperparams({"seed_everything": seed})
 
 
 def _root_cause(error: BaseException) -> BaseException:

@@ -6,6 +6,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import yaml
 from lightning.pytorch.loggers import CSVLogger
 
 from moe_lightning.cli import main
@@ -159,6 +160,9 @@ def test_every_shipped_config_runs_through_the_cli(config, tmp_path, monkeypatch
     losses = column(rows, "train/loss")
     assert losses and all(torch.isfinite(torch.tensor(losses)))
     assert column(rows, "val/loss")
+    # The seed is recorded with the hyperparameters of every logger (the configs set seed_everything: 0).
+    (hparams,) = list(tmp_path.rglob("hparams.yaml"))
+    assert yaml.safe_load(hparams.read_text())["seed_everything"] == 0
 
 
 def test_cli_rejects_bad_routing_with_allowed_values(tmp_path, monkeypatch, capsys):

@@ -7,6 +7,7 @@ and returns its path. Gathering, and deciding that data are missing, happens in 
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Sequence
 
 import matplotlib
@@ -52,7 +53,9 @@ def _grid(count: int, max_columns: int = 3, width: float = 5.0, height: float = 
 
 
 def _save(figure, path: str, title: str) -> str:
-    figure.suptitle(title)
+    # Wrap the title to the figure's width (about 11 characters per inch at the default title size).
+    chars = max(30, int(figure.get_figwidth() * 11))
+    figure.suptitle("\n".join(textwrap.fill(line, chars) for line in title.split("\n")))
     figure.tight_layout()
     figure.savefig(path, dpi=_DPI)
     plt.close(figure)
