@@ -98,3 +98,17 @@ def test_grouped_falls_back_for_float64_with_one_warning(monkeypatch):
         y, _ = layer(x)
     layer.config.dispatch = "sorted"
     torch.testing.assert_close(y, layer(x)[0])
+
+
+def test_auto_dispatch_is_sorted_on_cpu_and_grouped_on_cuda():
+    from moe_lightning.moe import auto_sparse_dispatch
+
+    assert auto_sparse_dispatch(torch.device("cpu")) == "sorted"
+    assert auto_sparse_dispatch(torch.device("cuda", 0)) == "grouped"
+    torch.manual_seed(0)
+    auto = MoELayer(MoEConfig(dim=16, expert_hidden=8, num_experts=4, top_k=2, dispatch="auto"))
+    explicit = MoELayer(MoEConfig(dim=16, expert_hidden=8, num_experts=4, top_k=2, dispatch="sorted"))
+    explicit.load_state_dict(auto.state_dict())
+    x = torch.randn(2, 5, 16)
+    # Same path, so bitwise the same output.
+    assert torch.equal(auto(x)[0], explicit(x)[0])
