@@ -27,8 +27,9 @@ Jobs whose ``run.json`` says ``done`` are skipped, so re-running the same comman
 failed and interrupted jobs start again from scratch. A job that another sweep process on this host is running
 (its ``run.json`` names a live pid) is skipped too, so two sweep processes can share one sweep, e.g. one per CPU
 socket or one per ``--routings`` subset. A failed job is reported and the others go on. On CPU jobs
-run one after another; with ``--devices N`` (default: the number of visible GPUs) up to N run at once, each on
-its own GPU through ``CUDA_VISIBLE_DEVICES``.
+run one after another, or ``--devices N`` side by side with ``cores / N`` torch threads each (``OMP_NUM_THREADS``;
+oversubscribed threads slow small CPU jobs several-fold). With GPUs, ``--devices N`` (default: the number of
+visible GPUs) runs up to N at once, each on its own GPU through ``CUDA_VISIBLE_DEVICES``.
 """
 
 from __future__ import annotations
@@ -205,7 +206,9 @@ def job_command(preset: Preset, job: Job) -> list[str]:
     return command + ["--config", str(job.dir / "job.yaml")]
 
 
-def _start(preset: Preset, job: Job, loggers: list[str], wandb_project: str, gpu: int | None, extra: list[str]):
+def _start(
+    preset: Preset, job: Job, loggers: list[str], wandb_project: str, gpu: int | None, threads: int | None, extra
+):
     if job.dir.exists():  # failed or interrupted: start again from a clean directory
         shutil.rmtree(job.dir)
     job.dir.mkdir(parents=True)
@@ -214,6 +217,8 @@ def _start(preset: Preset, job: Job, loggers: list[str], wandb_project: str, gpu
     env = dict(os.environ)
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    if threads is not None and "OMP_NUM_THREADS" not in os.environ:
+        env["OMP_NUM_THREADS"] = str(threads)  # CPU jobs side by side share the cores instead of oversubscribing
     status = {
         "preset": preset.name,
         "family": preset.family,
@@ -223,6 +228,9 @@ def _start(preset: Preset, job: Job, loggers: list[str], wandb_project: str, gpu
         "returncode": None,
         "wall_s": None,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "started_unix": time.time(),
+        "omp_num_threads": env.get("OMP_NUM_THREADS"),
+        "cuda_visible_devices": env.get("CUDA_VISIBLE_DEVICES"),
         "command": command,
     }
     _write_json(job.dir / STATUS_FILE, status)
@@ -277,7 +285,8 @@ def run_sweep(
         preset: the sweep.
         out: parent directory; the sweep writes to ``out/<preset.name>/``.
         loggers: any of ``"csv"`` (always on) and ``"wandb"``.
-        devices: jobs at once (one per GPU); None = the number of visible CUDA devices, or 1 without CUDA.
+        devices: jobs at once: one per GPU with CUDA (None = every visible GPU); on CPU, ``devices`` jobs side by
+            side with ``cpu_count // devices`` torch threads each (``OMP_NUM_THREADS``; None = 1 job).
         wandb_project: W&B project of the jobs' runs.
         extra_args: more ``moe-lightning fit`` arguments for every job (e.g. ``--trainer.max_steps=10``).
         verbose: print one line per job.
@@ -292,7 +301,8 @@ def run_sweep(
         devices = max(1, torch.cuda.device_count())
     if not isinstance(devices, int) or devices < 1:
         raise ValueError(f"sweep: devices must be a positive int, got {devices!r}")
-    use_gpus = devices > 1 or _cuda_available()
+    use_gpus = _cuda_available()
+    threads = None if use_gpus or devices == 1 else max(1, (os.cpu_count() or 1) // devices)
     root = Path(out).resolve() / preset.name
     root.mkdir(parents=True, exist_ok=True)
     _write_json(root / "sweep.json", {**asdict(preset), "loggers": loggers, "extra_args": list(extra_args or [])})
@@ -323,7 +333,8 @@ def run_sweep(
                 if verbose:
                     print(f"[sweep] {job.name}: started in {job.dir}", flush=True)
                 gpu = slot if use_gpus else None
-                running[slot] = (job, *_start(preset, job, loggers, wandb_project, gpu, extra_args or []))
+                started = _start(preset, job, loggers, wandb_project, gpu, threads, extra_args or [])
+                running[slot] = (job, *started)
         for slot, (job, process, log, status, start) in list(running.items()):
             if process.poll() is None:
                 continue
@@ -367,7 +378,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--loggers", default="csv,wandb", help="csv and/or wandb (default: csv,wandb; csv is always on)"
     )
     parser.add_argument("--wandb-project", default="moe-lightning-sweep")
-    parser.add_argument("--devices", type=int, help="jobs at once, one per GPU (default: visible GPUs, or 1)")
+    parser.add_argument(
+        "--devices",
+        type=int,
+        help="jobs at once: one per GPU (default: all visible GPUs); on CPU, N jobs with cores/N threads each "
+        "(default 1)",
+    )
     parser.add_argument("--no-report", action="store_true", help="do not run `moe-lightning report` afterwards")
     parser.add_argument("--dry-run", action="store_true", help="print the jobs and their commands, run nothing")
     return parser

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -50,7 +51,12 @@ def tiny_preset(tmp_path: Path, **extra) -> Path:
 def tiny_sweep(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sweep")
     preset = tiny_preset(tmp)
-    code = main([str(preset), "--out", str(tmp / "out"), "--loggers", "csv", "--no-report"])
+    saved = os.environ.pop("OMP_NUM_THREADS", None)
+    try:  # two CPU jobs side by side, each with cpu_count // 2 threads
+        code = main([str(preset), "--out", str(tmp / "out"), "--loggers", "csv", "--no-report", "--devices", "2"])
+    finally:
+        if saved is not None:
+            os.environ["OMP_NUM_THREADS"] = saved
     return code, tmp / "out" / "tiny", preset
 
 
@@ -82,6 +88,11 @@ def test_sweep_runs_every_routing_and_seed(tiny_sweep) -> None:
             assert logged == pytest.approx(sigma[torch.isfinite(sigma)].mean().item(), rel=1e-12)
             assert report["num_experts"] == (1 if routing == "dense" else 8)
             finals[(routing, seed)] = logged
+    # --devices 2 on CPU: two jobs at a time, each told to use half the cores.
+    statuses = [json.loads(p.read_text()) for p in sorted(root.glob("*/run.json"))]
+    assert {s["omp_num_threads"] for s in statuses} == {str(max(1, (os.cpu_count() or 1) // 2))}
+    first, second = sorted(statuses, key=lambda s: s["started_unix"])[:2]
+    assert second["started_unix"] < first["started_unix"] + first["wall_s"]  # started before the first ended
     # Seeds change the initialisation, so the same routing gives different numbers per seed.
     for routing in ROUTINGS:
         assert finals[(routing, 0)] != finals[(routing, 1)]
