@@ -42,7 +42,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +149,20 @@ class Job:
         return f"{self.routing}-seed{self.seed}"
 
 
+def plan_jobs(preset: Preset, out: str | Path) -> list[Job]:
+    """Every job of ``preset`` under ``out/<preset.name>/``, routing-major."""
+    root = Path(out).resolve() / preset.name
+    return [Job(r, s, root / f"{r}-seed{s}") for r in preset.routings for s in preset.seeds]
+
+
+def check_loggers(loggers: list[str]) -> list[str]:
+    """Validated logger names in canonical order, with ``"csv"`` always included (``report`` reads it)."""
+    bad = [name for name in loggers if name not in LOGGERS]
+    if bad:
+        raise ValueError(f"sweep: loggers {bad} not allowed; choose from {LOGGERS}")
+    return sorted(set(loggers) | {"csv"}, key=LOGGERS.index)
+
+
 def job_status(job_dir: Path) -> dict[str, Any] | None:
     """The job's ``run.json``, or None if it never started (or the file is unreadable)."""
     try:
@@ -207,7 +221,13 @@ def job_command(preset: Preset, job: Job) -> list[str]:
 
 
 def _start(
-    preset: Preset, job: Job, loggers: list[str], wandb_project: str, gpu: int | None, threads: int | None, extra
+    preset: Preset,
+    job: Job,
+    loggers: list[str],
+    wandb_project: str,
+    gpu: int | None,
+    threads: int | None,
+    extra: list[str],
 ):
     if job.dir.exists():  # failed or interrupted: start again from a clean directory
         shutil.rmtree(job.dir)
@@ -291,23 +311,20 @@ def run_sweep(
         extra_args: more ``moe-lightning fit`` arguments for every job (e.g. ``--trainer.max_steps=10``).
         verbose: print one line per job.
     """
-    loggers = ["csv"] if loggers is None else list(loggers)
-    bad = [name for name in loggers if name not in LOGGERS]
-    if bad:
-        raise ValueError(f"sweep: loggers {bad} not allowed; choose from {LOGGERS}")
-    if devices is None:
-        import torch
+    import torch
 
-        devices = max(1, torch.cuda.device_count())
+    loggers = check_loggers(loggers or [])
+    gpus = torch.cuda.device_count()
+    if devices is None:
+        devices = max(1, gpus)
     if not isinstance(devices, int) or devices < 1:
         raise ValueError(f"sweep: devices must be a positive int, got {devices!r}")
-    use_gpus = _cuda_available()
-    threads = None if use_gpus or devices == 1 else max(1, (os.cpu_count() or 1) // devices)
-    root = Path(out).resolve() / preset.name
+    threads = None if gpus or devices == 1 else max(1, (os.cpu_count() or 1) // devices)
+    jobs = plan_jobs(preset, out)
+    root = jobs[0].dir.parent
     root.mkdir(parents=True, exist_ok=True)
     _write_json(root / "sweep.json", {**asdict(preset), "loggers": loggers, "extra_args": list(extra_args or [])})
 
-    jobs = [Job(r, s, root / f"{r}-seed{s}") for r in preset.routings for s in preset.seeds]
     results: dict[str, dict[str, Any]] = {}
     pending = []
     for job in jobs:
@@ -332,7 +349,7 @@ def run_sweep(
                     continue
                 if verbose:
                     print(f"[sweep] {job.name}: started in {job.dir}", flush=True)
-                gpu = slot if use_gpus else None
+                gpu = slot if gpus else None
                 started = _start(preset, job, loggers, wandb_project, gpu, threads, extra_args or [])
                 running[slot] = (job, *started)
         for slot, (job, process, log, status, start) in list(running.items()):
@@ -350,12 +367,6 @@ def run_sweep(
         if running:
             time.sleep(0.2)
     return {job.name: results[job.name] for job in jobs}
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _csv(text: str, cast=str) -> list:
@@ -400,28 +411,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         preset = load_preset(args.preset)
-        if args.routings:
-            preset.routings = _csv(args.routings)
         if args.seeds and args.num_seeds is not None:
             raise ValueError("sweep: give --seeds or --num-seeds, not both")
+        if args.num_seeds is not None and args.num_seeds < 1:
+            raise ValueError(f"sweep: --num-seeds must be >= 1, got {args.num_seeds}")
+        changes: dict[str, list] = {}
+        if args.routings:
+            changes["routings"] = _csv(args.routings)
         if args.seeds:
-            preset.seeds = _csv(args.seeds, int)
+            changes["seeds"] = _csv(args.seeds, int)
         if args.num_seeds is not None:
-            if args.num_seeds < 1:
-                raise ValueError(f"sweep: --num-seeds must be >= 1, got {args.num_seeds}")
-            preset.seeds = list(range(args.num_seeds))
-        preset.__post_init__()  # re-validate after the command-line changes
-        loggers = _csv(args.loggers)
-        bad = [name for name in loggers if name not in LOGGERS]
-        if bad:
-            raise ValueError(f"sweep: loggers {bad} not allowed; choose from {LOGGERS}")
-        loggers = sorted(set(loggers) | {"csv"}, key=LOGGERS.index)
+            changes["seeds"] = list(range(args.num_seeds))
+        preset = replace(preset, **changes)  # validated again by Preset.__post_init__
+        loggers = check_loggers(_csv(args.loggers))
         if args.dry_run:
-            root = Path(args.out).resolve() / preset.name
-            for routing in preset.routings:
-                for seed in preset.seeds:
-                    job = Job(routing, seed, root / f"{routing}-seed{seed}")
-                    print(f"{job.name}: {' '.join(job_command(preset, job) + extra)}")
+            for job in plan_jobs(preset, args.out):
+                print(f"{job.name}: {' '.join(job_command(preset, job) + extra)}")
             return 0
         results = run_sweep(preset, args.out, loggers, args.devices, args.wandb_project, extra)
     except ValueError as error:
