@@ -22,7 +22,13 @@ import pandas as pd
 
 from moe_lightning.report import html as page
 from moe_lightning.report import plots
-from moe_lightning.report.probe import PCA_SITES, alignment_title, expert_mean_pca, expert_mean_spectrum, render_probe
+from moe_lightning.report.probe import (
+    PLOTTED_PCA_SITES,
+    alignment_title,
+    expert_mean_pca,
+    expert_mean_spectrum,
+    render_probe,
+)
 from moe_lightning.report.runs import Run, discover_runs, final_geometry, layer_names
 from moe_lightning.report.tables import (
     DECISION_RULE,
@@ -180,7 +186,7 @@ def _figures(runs: list[Run], out_dir: str) -> tuple[dict[str, str | None], dict
 
     def pca() -> str | None:
         panels = []
-        for site in PCA_SITES:
+        for site in PLOTTED_PCA_SITES:
             for layer in layers[:MAX_PCA_LAYERS]:
                 series = {
                     label: [

@@ -13,7 +13,8 @@ from moe_lightning.report import html as page
 from moe_lightning.report import plots
 from moe_lightning.report.tables import GEOMETRY_METRICS, format_number, markdown_table
 
-PCA_SITES = ("hidden", "input")
+# The PCA sites the figures show (a subset of moe_lightning.geometry.probe.PCA_SITES).
+PLOTTED_PCA_SITES = ("hidden", "input")
 
 
 def layer_metrics(layers: dict[str, Any]) -> pd.DataFrame:
@@ -118,7 +119,7 @@ def render_probe(layers: dict[str, Any], out_dir: str, title: str) -> list[str]:
     else:
         images["alignment.png"], notes["alignment.png"] = None, "no layer with more than one expert and an alignment"
     pca_panels = []
-    for site in PCA_SITES:
+    for site in PLOTTED_PCA_SITES:
         series = {name: [v] for name, r in layers.items() if (v := expert_mean_pca(r, site)) is not None}
         if series:
             pca_panels.append((f"{site} site (expert mean, weighted by Σw)", series))

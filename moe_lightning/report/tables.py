@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from moe_lightning.geometry.probe import PCA_SITES
 from moe_lightning.report.runs import Run, final_value, last_probe_step, layer_names
 
 # (metric key below geometry/<layer>/, column title). "/mean" keys are means over the layer's experts.
@@ -308,7 +309,7 @@ def paper_claims() -> list[Claim]:
         )
     for moe in ("topk", "soft"):
         claims.append(Claim("C1b", "faster spectral decay than dense", "jac_decay_slope/mean", moe, ">", "dense"))
-    for site in ("input", "hidden", "output"):
+    for site in PCA_SITES:
         for moe in ("topk", "soft"):
             claims.append(
                 Claim(
