@@ -100,6 +100,59 @@ def test_chunked_closed_forms_equal_one_pass(weights):
     torch.testing.assert_close(tiny, full, rtol=0, atol=0)
 
 
+def test_closed_forms_with_a_partial_last_chunk(weights):
+    """Chunks of 3 tokens for N = 7 (3 + 3 + 1) reuse one scratch buffer; the result must equal one pass."""
+    w = weights
+    full = swiglu_expert_jacobian(w["x"], w["w_gate"], w["w_up"], w["w_down"])
+    per_token = 8 * H * D  # float64 scratch of M(x), (H, D_in)
+    chunked = swiglu_expert_jacobian(w["x"], w["w_gate"], w["w_up"], w["w_down"], memory_budget_bytes=3 * per_token)
+    torch.testing.assert_close(chunked, full, rtol=0, atol=1e-13)
+    full = mlp_expert_jacobian(w["x"], w["w_in"], w["b_in"], w["w_out"], "gelu")
+    per_token = 8 * (D + 1) * H  # float64 scratch of w_outᵀ diag(φ'), (D_out, H)
+    chunked = mlp_expert_jacobian(w["x"], w["w_in"], w["b_in"], w["w_out"], "gelu", memory_budget_bytes=3 * per_token)
+    torch.testing.assert_close(chunked, full, rtol=0, atol=1e-13)
+
+
+def test_closed_forms_are_differentiable_when_weights_require_grad(weights):
+    """With grad enabled the closed forms skip their out= buffers; d(Σ R ⊙ J)/dW must equal autograd's."""
+    w = {k: v.clone().requires_grad_(k != "x") for k, v in weights.items()}
+    R = torch.randn(N, D + 1, D, generator=torch.Generator().manual_seed(5), dtype=DT)
+
+    def mlp(x):
+        return F.gelu(x @ w["w_in"] + w["b_in"]) @ w["w_out"]
+
+    J = mlp_expert_jacobian(w["x"], w["w_in"], w["b_in"], w["w_out"], "gelu")
+    ref = torch.stack(
+        [autograd_jacobian(lambda xi: mlp(xi.unsqueeze(0)).squeeze(0), x, create_graph=True) for x in w["x"]]
+    )
+    params = [w["w_in"], w["b_in"], w["w_out"]]
+    got = torch.autograd.grad((R * J).sum(), params)
+    want = torch.autograd.grad((R * ref).sum(), params)
+    for g, r in zip(got, want, strict=True):
+        torch.testing.assert_close(g, r, rtol=0, atol=1e-10)
+
+    def swiglu(x):
+        return (F.silu(x @ w["w_gate"]) * (x @ w["w_up"])) @ w["w_down"]
+
+    R = R[:, :D]
+    J = swiglu_expert_jacobian(w["x"], w["w_gate"], w["w_up"], w["w_down"])
+    ref = torch.stack(
+        [autograd_jacobian(lambda xi: swiglu(xi.unsqueeze(0)).squeeze(0), x, create_graph=True) for x in w["x"]]
+    )
+    params = [w["w_gate"], w["w_up"], w["w_down"]]
+    got = torch.autograd.grad((R * J).sum(), params)
+    want = torch.autograd.grad((R * ref).sum(), params)
+    for g, r in zip(got, want, strict=True):
+        torch.testing.assert_close(g, r, rtol=0, atol=1e-10)
+
+
+def test_closed_forms_with_no_tokens(weights):
+    w = weights
+    x0 = w["x"][:0]
+    assert swiglu_expert_jacobian(x0, w["w_gate"], w["w_up"], w["w_down"]).shape == (0, D, D)
+    assert mlp_expert_jacobian(x0, w["w_in"], w["b_in"], w["w_out"], "gelu").shape == (0, D + 1, D)
+
+
 @pytest.mark.parametrize("mode", ["auto", "jacfwd", "jacrev"])
 @pytest.mark.parametrize("budget", [1, 2**30])
 def test_torch_func_jacobians_match_autograd(weights, mode, budget):
