@@ -227,11 +227,18 @@ def test_expert_hidden_and_jacobian(family: str) -> None:
             if not has_closed_form:
                 assert jac_NDD is None
                 continue
-            for n in range(3):
-                ref_DD = torch.autograd.functional.jacobian(
-                    lambda x: view.expert(e)(x[None])[0], x_ND[n], vectorize=True
-                )
-                torch.testing.assert_close(jac_NDD[n], ref_DD, rtol=1e-5, atol=1e-5)
+            ref_NDD = torch.stack(
+                [
+                    torch.autograd.functional.jacobian(lambda x: view.expert(e)(x[None])[0], x_ND[n], vectorize=True)
+                    for n in range(3)
+                ]
+            )
+            torch.testing.assert_close(jac_NDD, ref_NDD, rtol=1e-5, atol=1e-5)
+            # the matrix-free path's closed-form products: J V and Jᵀ U without forming J
+            op = view.expert_jacobian_operator(e, x_ND)
+            V_NDK = torch.randn(3, D, 2, generator=torch.Generator().manual_seed(e))
+            torch.testing.assert_close(op.apply(V_NDK), ref_NDD @ V_NDK, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(op.apply_transpose(V_NDK), ref_NDD.mT @ V_NDK, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -265,6 +272,7 @@ def test_non_silu_activation_has_no_closed_form_jacobian() -> None:
     view = views[0]
     x_ND = captured[id(view.module)]["x"]
     assert view.expert_jacobian(0, x_ND) is None
+    assert view.expert_jacobian_operator(0, x_ND) is None
     with torch.no_grad():  # the expert still follows the block's own activation
         recon_ND = sum(view.gates(x_ND)[:, e : e + 1] * view.expert(e)(x_ND) for e in range(4))
     torch.testing.assert_close(recon_ND, captured[id(view.module)]["y"], rtol=1e-5, atol=1e-5)

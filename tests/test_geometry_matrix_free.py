@@ -3,8 +3,14 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.autograd.functional import jacobian as autograd_jacobian
 
 from moe_lightning.geometry import swiglu_expert_jacobian, topr_singular_values
+from moe_lightning.geometry.matrix_free import (
+    func_jacobian_operator,
+    mlp_jacobian_operator,
+    swiglu_jacobian_operator,
+)
 
 DT = torch.float64
 
@@ -51,3 +57,81 @@ def test_topr_does_not_touch_global_rng():
     state = torch.get_rng_state()
     topr_singular_values(torch.tanh, x, 2)
     assert torch.equal(state, torch.get_rng_state())
+
+
+def _autograd_jacobians(fn, x_ND):
+    """Per-token torch.autograd.functional.jacobian: the independent reference."""
+    return torch.stack([autograd_jacobian(lambda xi: fn(xi.unsqueeze(0)).squeeze(0), x) for x in x_ND])
+
+
+def _expert_and_operator(kind):
+    gen = torch.Generator().manual_seed(3)
+    D, H, N = 9, 13, 4
+    x = torch.randn(N, D, generator=gen, dtype=DT)
+    if kind == "swiglu":
+        w_gate, w_up = torch.randn(D, H, generator=gen, dtype=DT), torch.randn(D, H, generator=gen, dtype=DT)
+        w_down = torch.randn(H, D + 2, generator=gen, dtype=DT)  # D_out != D_in checks the transposes
+
+        def fn(x):
+            return (F.silu(x @ w_gate) * (x @ w_up)) @ w_down
+
+        return fn, x, swiglu_jacobian_operator(x, w_gate, w_up, w_down)
+    w_in, b_in = torch.randn(D, H, generator=gen, dtype=DT), torch.randn(H, generator=gen, dtype=DT)
+    w_out = torch.randn(H, D + 2, generator=gen, dtype=DT)
+    act = {"gelu": F.gelu, "relu": F.relu, "tanh": torch.tanh}[kind]
+
+    def fn(x):
+        return act(x @ w_in + b_in) @ w_out
+
+    return fn, x, mlp_jacobian_operator(x, w_in, b_in, w_out, kind)
+
+
+@pytest.mark.parametrize("kind", ["gelu", "relu", "tanh", "swiglu", "func"])
+def test_operators_equal_products_with_the_autograd_jacobian(kind):
+    fn, x, op = _expert_and_operator("gelu" if kind == "func" else kind)
+    if kind == "func":
+        op = func_jacobian_operator(fn, x)
+    J = _autograd_jacobians(fn, x)  # (N, D_out, D_in)
+    N, d_out, d_in = J.shape
+    assert (op.num_tokens, op.d_in, op.d_out) == (N, d_in, d_out)
+    gen = torch.Generator().manual_seed(4)
+    V = torch.randn(N, d_in, 5, generator=gen, dtype=DT)
+    U = torch.randn(N, d_out, 5, generator=gen, dtype=DT)
+    torch.testing.assert_close(op.apply(V), J @ V, rtol=0, atol=1e-12)
+    torch.testing.assert_close(op.apply_transpose(U), J.transpose(1, 2) @ U, rtol=0, atol=1e-12)
+
+
+def test_func_operator_falls_back_to_jvp_when_linearize_cannot_trace():
+    """``float(...)`` reads a value out of the tensor, which make_fx tracing (linearize) refuses; jvp copes."""
+    x = torch.randn(3, 4, dtype=DT)
+    W = torch.randn(4, 4, dtype=DT)
+    scale = float(x.abs().max())
+
+    def fn(x):
+        return (x @ W) * float(x.detach().abs().max())  # the float is a constant to autodiff
+
+    op = func_jacobian_operator(fn, x)
+    V = torch.randn(3, 4, 2, dtype=DT)
+    torch.testing.assert_close(op.apply(V), scale * (W.T @ V), rtol=0, atol=1e-12)
+    torch.testing.assert_close(op.apply_transpose(V), scale * (W @ V), rtol=0, atol=1e-12)
+
+
+def test_topr_with_a_closed_form_operator_matches_exact():
+    gen = torch.Generator().manual_seed(0)
+    D, H, N, r = 160, 320, 3, 6
+    w_gate, w_up = (
+        torch.randn(D, H, generator=gen, dtype=DT) / D**0.5,
+        torch.randn(D, H, generator=gen, dtype=DT) / D**0.5,
+    )
+    w_down = torch.randn(H, D, generator=gen, dtype=DT) / H**0.5
+    x = torch.randn(N, D, generator=gen, dtype=DT)
+    exact = torch.linalg.svdvals(swiglu_expert_jacobian(x, w_gate, w_up, w_down))[:, :r]
+    op = swiglu_jacobian_operator(x, w_gate, w_up, w_down)
+    res = topr_singular_values(op, None, r, oversample=10, max_iter=300, tol=1e-12)
+    assert res.converged.all()
+    torch.testing.assert_close(res.values, exact, rtol=1e-6, atol=0)
+
+
+def test_topr_rejects_a_function_without_tokens():
+    with pytest.raises(ValueError, match="x_ND"):
+        topr_singular_values(torch.tanh, None, 2)

@@ -347,3 +347,36 @@ def test_probe_restores_module_and_computes_in_float64():
     s = torch.linalg.svdvals(J0)[:, 0]
     ref = (g[:, 0] * s).sum() / g[:, 0].sum()
     assert report.expert["jac_sigma_max"][0].item() == pytest.approx(ref.item(), rel=1e-10)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_matrix_free_path_uses_the_views_closed_form_operator(activation, monkeypatch):
+    """Our layers offer ``expert_jacobian_operator``; on the matrix-free path it must be used, and agree with
+    the torch.func products (``jacobian_method="func"``) and with the exact spectrum."""
+    from moe_lightning.adapters import find_moe_layers
+    from moe_lightning.adapters.ours import OurMoEView
+    from moe_lightning.moe import MoEConfig, MoELayer
+
+    torch.manual_seed(0)
+    layer = MoELayer(MoEConfig(dim=12, expert_hidden=16, num_experts=3, top_k=2, activation=activation)).double()
+    (view,) = find_moe_layers(layer)
+    x = torch.randn(20, 12, dtype=DT)
+    calls = []
+    original = OurMoEView.expert_jacobian_operator
+
+    def spy(self, e, x_ND):
+        calls.append(e)
+        return original(self, e, x_ND)
+
+    monkeypatch.setattr(OurMoEView, "expert_jacobian_operator", spy)
+    kw = dict(matrix_free_threshold=4, matrix_free_rank=3, matrix_free_tol=1e-13, matrix_free_max_iter=200)
+    with_op = probe(view, x, ProbeConfig(layer_jacobian=False, **kw))
+    assert sorted(set(calls)) == [0, 1, 2]
+    calls.clear()
+    func = probe(view, x, ProbeConfig(layer_jacobian=False, jacobian_method="func", **kw))
+    assert calls == []
+    exact = probe(view, x, ProbeConfig(layer_jacobian=False))
+    for report in (with_op, func):
+        torch.testing.assert_close(
+            report.spectra["jac_mean_spectrum"], exact.spectra["jac_mean_spectrum"][:, :3], rtol=1e-8, atol=1e-12
+        )

@@ -26,6 +26,12 @@ class MoEView(Protocol):
         name: module path in the model, e.g. ``"blocks.0.ffn"``.
         module: the MoE block itself; forward hooks on it capture its input.
         num_experts: number of experts ``E``; 1 for a dense FFN baseline.
+
+    Optional, outside the protocol (checked with ``hasattr``): ``expert_jacobian_operator(e, x) ->
+    JacobianOperator | None``, the closed-form products ``J V`` / ``Jᵀ U`` of expert ``e`` without forming ``J``
+    (``moe_lightning.geometry.swiglu_jacobian_operator``, ``mlp_jacobian_operator``). The probe's matrix-free
+    spectra (``D > ProbeConfig.matrix_free_threshold``) use it when offered, else ``torch.func``. Our layers and
+    the Hugging Face adapters offer it.
     """
 
     name: str

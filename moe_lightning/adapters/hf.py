@@ -48,15 +48,21 @@ def _swiglu_hidden(x_ND: Tensor, w_gate_HD: Tensor, w_up_HD: Tensor, act: TokenF
     return act(F.linear(x_ND, w_gate_HD)) * F.linear(x_ND, w_up_HD)
 
 
-def _swiglu_jacobian(x_ND: Tensor, w_gate_HD: Tensor, w_up_HD: Tensor, w_down_DH: Tensor) -> Tensor | None:
-    """Closed-form SwiGLU Jacobian (GEOMETRY.md §1), or None while ``moe_lightning.geometry`` lacks it."""
-    try:  # lazy: geometry is a sibling layer, and this keeps the adapter usable while it is being built
-        from moe_lightning.geometry.jacobians import swiglu_expert_jacobian
-    except ImportError:
-        return None
+def _swiglu_jacobian(x_ND: Tensor, w_gate_HD: Tensor, w_up_HD: Tensor, w_down_DH: Tensor) -> Tensor:
+    """Closed-form SwiGLU Jacobian (GEOMETRY.md §1), in the dtype of ``x_ND``."""
+    from moe_lightning.geometry.jacobians import swiglu_expert_jacobian  # lazy: adapters import before geometry
+
     # The geometry helper takes right-multiplied weights: f(x) = (silu(x @ w_gate) * (x @ w_up)) @ w_down.
     dtype = x_ND.dtype  # the probe may run in float64 on a float32 model
     return swiglu_expert_jacobian(x_ND, w_gate_HD.T.to(dtype), w_up_HD.T.to(dtype), w_down_DH.T.to(dtype))
+
+
+def _swiglu_operator(x_ND: Tensor, w_gate_HD: Tensor, w_up_HD: Tensor, w_down_DH: Tensor):
+    """Closed-form SwiGLU Jacobian products (a ``JacobianOperator``) for the matrix-free spectra."""
+    from moe_lightning.geometry.matrix_free import swiglu_jacobian_operator
+
+    dtype = x_ND.dtype
+    return swiglu_jacobian_operator(x_ND, w_gate_HD.T.to(dtype), w_up_HD.T.to(dtype), w_down_DH.T.to(dtype))
 
 
 def _check_expert_index(name: str, e: int, num_experts: int) -> None:
@@ -174,6 +180,13 @@ class HFSparseMoeView:
             return None
         return _swiglu_jacobian(x_ND, w_gate_HD, w_up_HD, w_down_DH)
 
+    def expert_jacobian_operator(self, e: int, x_ND: Tensor):
+        """Closed-form products ``J V`` / ``Jᵀ U`` at each token (matrix-free spectra); None unless the act is SiLU."""
+        w_gate_HD, w_up_HD, w_down_DH, act = self._expert_weights(e)
+        if not _is_silu(act):
+            return None
+        return _swiglu_operator(x_ND, w_gate_HD, w_up_HD, w_down_DH)
+
 
 class HFSharedExpertView:
     """:class:`MoEView` of Qwen2-MoE's always-on shared expert: one expert gated by ``sigmoid(w · x)``.
@@ -231,6 +244,13 @@ class HFSharedExpertView:
         if not _is_silu(act):
             return None
         return _swiglu_jacobian(x_ND, w_gate_HD, w_up_HD, w_down_DH)
+
+    def expert_jacobian_operator(self, e: int, x_ND: Tensor):
+        """Closed-form products ``J V`` / ``Jᵀ U`` at each token (matrix-free spectra); None unless the act is SiLU."""
+        w_gate_HD, w_up_HD, w_down_DH, act = self._expert_weights(e)
+        if not _is_silu(act):
+            return None
+        return _swiglu_operator(x_ND, w_gate_HD, w_up_HD, w_down_DH)
 
 
 def _matcher(class_name: str):

@@ -39,6 +39,17 @@ class OurMoEView:
             return swiglu_expert_jacobian(x, w_gate, w_up, w_out)
         return mlp_expert_jacobian(x, w_in, None, w_out, activation)
 
+    def expert_jacobian_operator(self, e: int, x: Tensor):
+        """Closed-form products ``J V`` / ``Jᵀ U`` of expert ``e`` at each token, for the matrix-free spectra."""
+        from moe_lightning.geometry.matrix_free import mlp_jacobian_operator, swiglu_jacobian_operator
+
+        module, activation = self.module, self.module.config.activation
+        w_in, w_out = module.w_in[e].to(x.dtype), module.w_out[e].to(x.dtype)
+        if activation == "swiglu":
+            w_gate, w_up = w_in.chunk(2, dim=-1)
+            return swiglu_jacobian_operator(x, w_gate, w_up, w_out)
+        return mlp_jacobian_operator(x, w_in, None, w_out, activation)
+
     def __repr__(self) -> str:
         return f"OurMoEView(name={self.name!r}, num_experts={self.num_experts})"
 

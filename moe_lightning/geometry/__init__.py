@@ -27,7 +27,14 @@ from moe_lightning.geometry.jacobians import (
     mlp_expert_jacobian,
     swiglu_expert_jacobian,
 )
-from moe_lightning.geometry.matrix_free import TopRResult, topr_singular_values
+from moe_lightning.geometry.matrix_free import (
+    JacobianOperator,
+    TopRResult,
+    func_jacobian_operator,
+    mlp_jacobian_operator,
+    swiglu_jacobian_operator,
+    topr_singular_values,
+)
 from moe_lightning.geometry.pca import PCAResult, WeightedCovariance, pca_from_moments, weighted_pca
 from moe_lightning.geometry.probe import (
     GeometryReport,
@@ -58,14 +65,15 @@ from moe_lightning.geometry.subspaces import (
 __all__ = [
     "ACTIVATIONS",
     "DEFAULT_MEMORY_BUDGET_BYTES",
-    "SPECTRAL_STAT_NAMES",
-    "SPECTRAL_VARIANTS",
     "EigenResult",
     "GeometryReport",
     "GrassmannDistance",
+    "JacobianOperator",
     "PCAResult",
     "ProbeConfig",
     "ProbeStatistics",
+    "SPECTRAL_STAT_NAMES",
+    "SPECTRAL_VARIANTS",
     "TopRResult",
     "TraceResult",
     "WeightedCovariance",
@@ -76,6 +84,7 @@ __all__ = [
     "effective_rank",
     "expert_jacobian",
     "finalize",
+    "func_jacobian_operator",
     "grassmann_distance",
     "hessian_top_eigenvalue",
     "hessian_vector_product",
@@ -84,6 +93,7 @@ __all__ = [
     "jacobians",
     "layer_jacobian",
     "mlp_expert_jacobian",
+    "mlp_jacobian_operator",
     "n_components_for_variance",
     "offdiag_summary",
     "orthonormal_basis",
@@ -97,6 +107,7 @@ __all__ = [
     "stable_rank",
     "subspace_overlap_chance",
     "swiglu_expert_jacobian",
+    "swiglu_jacobian_operator",
     "topr_singular_values",
     "weighted_pca",
 ]

@@ -8,6 +8,10 @@ Randomized block Krylov iteration (Musco & Musco 2015; or block subspace iterati
 products (``torch.func.jvp``, giving ``J V``) and vector-Jacobian products (``torch.func.vjp``, giving ``Jᵀ U``).
 All tokens run at once: for a row-wise function one batched JVP/VJP with a ``(N, D)`` tangent gives every token's
 own product, and ``vmap`` over the ``K`` block columns turns matrix-vector products into matrix-matrix products.
+The JVP is taken from ``torch.func.linearize`` (the primal is traced once, not recomputed per block). Where the
+expert's weights are known, :func:`mlp_jacobian_operator` and :func:`swiglu_jacobian_operator` apply ``J`` and
+``Jᵀ`` as plain GEMMs over all tokens and block columns at once (the factored closed forms of §1), which is the
+fastest way to multiply by ``J`` without forming it; any :class:`JacobianOperator` can be passed instead of ``fn``.
 The Ritz values of the Rayleigh–Ritz step are the estimates; the residual ``‖J v_i − σ_i u_i‖`` of each Ritz
 triplet bounds the distance to a true singular value (the Ritz pair is exact for ``Jᵀ``, and for the symmetric
 augmented matrix ``[[0, J], [Jᵀ, 0]]`` an eigenpair residual bounds the eigenvalue error; Parlett,
@@ -16,14 +20,166 @@ augmented matrix ``[[0, J], [Jᵀ, 0]]`` an eigenpair residual bounds the eigenv
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
-from torch.func import jvp, vjp, vmap
+from torch.func import jvp, linearize, vjp, vmap
 
-__all__ = ["TopRResult", "topr_singular_values"]
+from moe_lightning.geometry.jacobians import _silu_derivative, activation_derivative
+
+__all__ = [
+    "JacobianOperator",
+    "TopRResult",
+    "func_jacobian_operator",
+    "mlp_jacobian_operator",
+    "swiglu_jacobian_operator",
+    "topr_singular_values",
+]
+
+
+@dataclass(frozen=True)
+class JacobianOperator:
+    """Per-token Jacobians ``J_n`` (``D_out × D_in``) of ``N`` tokens, known only through block products.
+
+    Attributes:
+        apply: ``(N, D_in, K) -> (N, D_out, K)``, ``V_n ↦ J_n V_n`` for every token ``n``.
+        apply_transpose: ``(N, D_out, K) -> (N, D_in, K)``, ``U_n ↦ J_nᵀ U_n``.
+        num_tokens: ``N``.
+        d_in: ``D_in``.
+        d_out: ``D_out``.
+        dtype: dtype of the products (and of the random start block).
+        device: their device.
+    """
+
+    apply: Callable[[Tensor], Tensor]
+    apply_transpose: Callable[[Tensor], Tensor]
+    num_tokens: int
+    d_in: int
+    d_out: int
+    dtype: torch.dtype
+    device: torch.device
+
+
+def _linearized_jvp(fn: Callable[[Tensor], Tensor], x_ND: Tensor) -> Callable[[Tensor], Tensor]:
+    """``v ↦ J v`` for all tokens: ``torch.func.linearize`` when it can trace ``fn``, else ``jvp`` per call."""
+    try:
+        with warnings.catch_warnings():
+            # torch-internal noise of the tracer: const-folding warns about weights that are plain tensors, not
+            # module attributes, and make_fx touches the deprecated torch.jit.script
+            warnings.simplefilter("ignore")
+            _, jvp_fn = linearize(fn, x_ND)
+        return jvp_fn
+    except Exception:  # noqa: BLE001 - a function linearize cannot trace (data-dependent control flow, ...)
+        return lambda v: jvp(fn, (x_ND,), (v,))[1]
+
+
+def func_jacobian_operator(fn: Callable[[Tensor], Tensor], x_ND: Tensor) -> JacobianOperator:
+    """The Jacobians of a row-wise function at every token as a :class:`JacobianOperator`, by ``torch.func``.
+
+    ``J V`` is ``vmap`` over block columns of the linearised JVP, ``Jᵀ U`` of the VJP; both are batched over
+    tokens because ``fn`` is row-wise (output row ``n`` depends on input row ``n`` only).
+
+    Args:
+        fn: row-wise function ``(n, D_in) -> (n, D_out)``.
+        x_ND: ``(N, D_in)`` tokens.
+    """
+    n, d_in = x_ND.shape
+    y, vjp_fn = vjp(fn, x_ND)
+    jvp_fn = _linearized_jvp(fn, x_ND)
+
+    def apply(V_NIK: Tensor) -> Tensor:
+        return vmap(jvp_fn)(V_NIK.permute(2, 0, 1)).permute(1, 2, 0)
+
+    def apply_transpose(U_NOK: Tensor) -> Tensor:
+        return vmap(lambda u: vjp_fn(u)[0])(U_NOK.permute(2, 0, 1)).permute(1, 2, 0)
+
+    return JacobianOperator(apply, apply_transpose, n, d_in, y.shape[-1], x_ND.dtype, x_ND.device)
+
+
+def _rows(block_NDK: Tensor) -> Tensor:
+    """``(N, D, K) -> (N·K, D)``: every block column of every token as one row, for one GEMM against a weight."""
+    n, d, k = block_NDK.shape
+    return block_NDK.transpose(1, 2).reshape(n * k, d)
+
+
+def _block(rows_MD: Tensor, n: int) -> Tensor:
+    """Inverse of :func:`_rows`: ``(N·K, D) -> (N, D, K)``."""
+    return rows_MD.view(n, -1, rows_MD.shape[-1]).transpose(1, 2)
+
+
+def mlp_jacobian_operator(
+    x_ND: Tensor,
+    w_in_DH: Tensor,
+    b_in_H: Tensor | None,
+    w_out_HD: Tensor,
+    activation: str | Callable[[Tensor], Tensor] = "gelu",
+) -> JacobianOperator:
+    """Products with the MLP expert Jacobians ``J_n = w_outᵀ diag(φ'(z_n)) w_inᵀ`` (GEOMETRY.md §1), unformed.
+
+    ``J V`` is ``((Vᵀ w_in) ⊙ φ'(z)) w_out`` and ``Jᵀ U`` is ``((Uᵀ w_outᵀ) ⊙ φ'(z)) w_inᵀ``, each two GEMMs over all
+    ``N·K`` block columns at once (``4·D·H`` flops per column). Weight layout as
+    :func:`~moe_lightning.geometry.mlp_expert_jacobian`.
+    """
+    d_in, h = w_in_DH.shape
+    if w_out_HD.shape[0] != h or x_ND.shape[-1] != d_in:
+        raise ValueError(
+            f"mlp_jacobian_operator: shapes x {tuple(x_ND.shape)}, w_in {tuple(w_in_DH.shape)}, "
+            f"w_out {tuple(w_out_HD.shape)} do not chain as (N, D) @ (D, H) @ (H, D_out)"
+        )
+    n = x_ND.shape[0]
+    z_NH = x_ND @ w_in_DH
+    if b_in_H is not None:
+        z_NH = z_NH + b_in_H
+    dphi_N1H = activation_derivative(activation, z_NH).unsqueeze(1)
+
+    def apply(V_NIK: Tensor) -> Tensor:
+        t_NKH = (_rows(V_NIK) @ w_in_DH).view(n, -1, h) * dphi_N1H
+        return _block(t_NKH.view(-1, h) @ w_out_HD, n)
+
+    def apply_transpose(U_NOK: Tensor) -> Tensor:
+        t_NKH = (_rows(U_NOK) @ w_out_HD.t()).view(n, -1, h) * dphi_N1H
+        return _block(t_NKH.view(-1, h) @ w_in_DH.t(), n)
+
+    return JacobianOperator(apply, apply_transpose, n, d_in, w_out_HD.shape[1], x_ND.dtype, x_ND.device)
+
+
+def swiglu_jacobian_operator(x_ND: Tensor, w_gate_DH: Tensor, w_up_DH: Tensor, w_down_HD: Tensor) -> JacobianOperator:
+    """Products with the SwiGLU expert Jacobians ``J_n = w_downᵀ M(x_n)`` (GEOMETRY.md §1), unformed.
+
+    ``M(x) = diag(silu'(a) ⊙ b) w_gateᵀ + diag(silu(a)) w_upᵀ``: ``J V = (c_g ⊙ Vᵀw_gate + c_u ⊙ Vᵀw_up) w_down``
+    and ``Jᵀ U = (c_g ⊙ T) w_gateᵀ + (c_u ⊙ T) w_upᵀ`` with ``T = Uᵀ w_downᵀ``: three GEMMs over all ``N·K``
+    block columns at once (``6·D·H`` flops per column, what one JVP costs, at GEMM speed). Weight layout as
+    :func:`~moe_lightning.geometry.swiglu_expert_jacobian`.
+    """
+    d_in, h = w_gate_DH.shape
+    if w_up_DH.shape != (d_in, h) or w_down_HD.shape[0] != h or x_ND.shape[-1] != d_in:
+        raise ValueError(
+            f"swiglu_jacobian_operator: shapes x {tuple(x_ND.shape)}, w_gate {tuple(w_gate_DH.shape)}, "
+            f"w_up {tuple(w_up_DH.shape)}, w_down {tuple(w_down_HD.shape)} are inconsistent"
+        )
+    n = x_ND.shape[0]
+    a_NH = x_ND @ w_gate_DH
+    b_NH = x_ND @ w_up_DH
+    c_gate_N1H = (_silu_derivative(a_NH) * b_NH).unsqueeze(1)
+    c_up_N1H = F.silu(a_NH).unsqueeze(1)
+
+    def apply(V_NIK: Tensor) -> Tensor:
+        v = _rows(V_NIK)
+        t_NKH = (v @ w_gate_DH).view(n, -1, h) * c_gate_N1H
+        t_NKH.addcmul_((v @ w_up_DH).view(n, -1, h), c_up_N1H)
+        return _block(t_NKH.view(-1, h) @ w_down_HD, n)
+
+    def apply_transpose(U_NOK: Tensor) -> Tensor:
+        t_NKH = (_rows(U_NOK) @ w_down_HD.t()).view(n, -1, h)
+        out = (t_NKH * c_gate_N1H).view(-1, h) @ w_gate_DH.t()
+        out.addmm_((t_NKH * c_up_N1H).view(-1, h), w_up_DH.t())
+        return _block(out, n)
+
+    return JacobianOperator(apply, apply_transpose, n, d_in, w_down_HD.shape[1], x_ND.dtype, x_ND.device)
 
 
 @dataclass
@@ -47,8 +203,8 @@ class TopRResult:
 
 
 def topr_singular_values(
-    fn: Callable[[Tensor], Tensor],
-    x_ND: Tensor,
+    fn: Callable[[Tensor], Tensor] | JacobianOperator,
+    x_ND: Tensor | None,
     r: int,
     *,
     oversample: int = 8,
@@ -61,8 +217,9 @@ def topr_singular_values(
     """Top-``r`` singular values of ``J(x) = ∂fn/∂x`` at every token without forming ``J``.
 
     Args:
-        fn: row-wise function ``(n, D_in) -> (n, D_out)`` (each output row depends on its input row only).
-        x_ND: ``(N, D_in)`` tokens.
+        fn: row-wise function ``(n, D_in) -> (n, D_out)`` (each output row depends on its input row only), or a
+            :class:`JacobianOperator` (e.g. :func:`swiglu_jacobian_operator`), which already holds its tokens.
+        x_ND: ``(N, D_in)`` tokens; ignored (may be None) when ``fn`` is an operator.
         r: number of singular values; capped at ``min(D_in, D_out)``.
         oversample: extra block columns ``p`` (convergence rate ``(σ_{r+p+1}/σ_r)^2`` per iteration).
         max_iter: most subspace iterations (each one JVP block and one VJP block).
@@ -89,26 +246,25 @@ def topr_singular_values(
         )
     if method not in ("krylov", "subspace"):
         raise ValueError(f"topr_singular_values: method must be 'krylov' or 'subspace', got {method!r}")
-    n, d_in = x_ND.shape
-    with torch.no_grad():
-        y = fn(x_ND)
-    d_out = y.shape[-1]
+    if isinstance(fn, JacobianOperator):
+        op = fn
+    elif x_ND is None or x_ND.dim() != 2:
+        raise ValueError("topr_singular_values: x_ND must be an (N, D) tensor when fn is a function")
+    elif x_ND.shape[0] == 0:
+        with torch.no_grad():
+            d_out = fn(x_ND).shape[-1]
+        r = min(r, x_ND.shape[1], d_out)
+        empty = x_ND.new_zeros(0, r)
+        return TopRResult(empty, empty.clone(), 0, torch.zeros(0, dtype=torch.bool, device=x_ND.device))
+    else:
+        op = func_jacobian_operator(fn, x_ND)
+    n, d_in, d_out, dtype, device = op.num_tokens, op.d_in, op.d_out, op.dtype, op.device
     r = min(r, d_in, d_out)
     k = min(r + oversample, d_in, d_out)
-    dtype, device = x_ND.dtype, x_ND.device
     if n == 0:
-        empty = x_ND.new_zeros(0, r)
+        empty = torch.zeros(0, r, dtype=dtype, device=device)
         return TopRResult(empty, empty.clone(), 0, torch.zeros(0, dtype=torch.bool, device=device))
-
-    _, vjp_fn = vjp(fn, x_ND)
-
-    def J(V_NIK: Tensor) -> Tensor:  # (N, D_in, K) -> (N, D_out, K)
-        out = vmap(lambda v: jvp(fn, (x_ND,), (v,))[1])(V_NIK.permute(2, 0, 1))
-        return out.permute(1, 2, 0)
-
-    def Jt(U_NOK: Tensor) -> Tensor:  # (N, D_out, K) -> (N, D_in, K)
-        out = vmap(lambda u: vjp_fn(u)[0])(U_NOK.permute(2, 0, 1))
-        return out.permute(1, 2, 0)
+    J, Jt = op.apply, op.apply_transpose
 
     gen = torch.Generator(device=device).manual_seed(seed)
     omega = torch.randn(n, d_in, k, generator=gen, dtype=dtype, device=device)

@@ -43,7 +43,7 @@ from moe_lightning.geometry.jacobians import (
     jacobians,
     layer_jacobian,
 )
-from moe_lightning.geometry.matrix_free import topr_singular_values
+from moe_lightning.geometry.matrix_free import JacobianOperator, topr_singular_values
 from moe_lightning.geometry.pca import PCAResult, pca_from_moments
 from moe_lightning.geometry.spectra import SPECTRAL_STAT_NAMES, SPECTRAL_VARIANTS, spectral_stats
 from moe_lightning.geometry.subspaces import grassmann_distance, subspace_overlap_chance
@@ -518,7 +518,8 @@ def probe_statistics(view: Any, x: Tensor, config: ProbeConfig | None = None) ->
                     continue
                 if matrix_free:
                     if x_e.shape[0]:
-                        res = topr_singular_values(experts[e], x_e, m, seed=cfg.seed, **mf_kwargs)
+                        op = _expert_operator(view, e, x_e, cfg)
+                        res = topr_singular_values(op or experts[e], x_e, m, seed=cfg.seed, **mf_kwargs)
                         sv = res.values
                         jac_sources.add("matrix_free_topr")
                     else:
@@ -568,6 +569,13 @@ def _has_closed_form(view: Any, x_ND: Tensor) -> bool:
         return False
     probe_x = torch.zeros(1, x_ND.shape[1], dtype=x_ND.dtype, device=x_ND.device)
     return view.expert_jacobian(0, probe_x) is not None
+
+
+def _expert_operator(view: Any, e: int, x_ND: Tensor, cfg: ProbeConfig) -> JacobianOperator | None:
+    """The view's closed-form Jacobian products for the matrix-free path (``expert_jacobian_operator``), if any."""
+    if cfg.jacobian_method == "func" or not hasattr(view, "expert_jacobian_operator"):
+        return None
+    return view.expert_jacobian_operator(e, x_ND)
 
 
 def _expert_jacobian(view: Any, e: int, x_ND: Tensor, cfg: ProbeConfig, sources: set[str]) -> Tensor:
