@@ -6,7 +6,9 @@ Times, side by side in one run, on a GELU-MLP expert and a SwiGLU expert at D = 
   - a per-token loop of torch.autograd.functional.jacobian,
 and the achieved GFLOP/s of the closed form against a plain matmul of the same GEMM shape measured in the same run.
 Then, at D = 4096 (Mixtral-8x7B: H = 14336), the matrix-free top-16 singular values of one token's SwiGLU Jacobian
-against forming J and taking its full SVD.
+against forming J (closed form) and taking its full SVD, with the closed-form products
+(swiglu_jacobian_operator) and the torch.func ones (func_jacobian_operator), at two tolerances, for random weights
+(flat top spectrum) and for weights with power-law decaying scales.
 
 Usage:
     python scripts/benchmark_geometry.py            # full run (a few minutes on a 2-core CPU)
@@ -22,7 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.functional import jacobian as autograd_jacobian
 
-from moe_lightning.geometry import jacobians, mlp_expert_jacobian, swiglu_expert_jacobian, topr_singular_values
+from moe_lightning.geometry import (
+    func_jacobian_operator,
+    jacobians,
+    mlp_expert_jacobian,
+    swiglu_expert_jacobian,
+    swiglu_jacobian_operator,
+    topr_singular_values,
+)
 
 
 def best_time(fn, repeats: int) -> float:
@@ -47,7 +56,7 @@ def make_expert(kind: str, d: int, h: int, dtype: torch.dtype, gen: torch.Genera
         def closed(x):
             return mlp_expert_jacobian(x, w_in, b_in, w_out, "gelu", memory_budget_bytes=2**31)
 
-        return fn, closed, 2 * d * d * h  # the (N·D, H) @ (H, D) GEMM per token
+        return fn, closed, 2 * d * d * h  # the (D, H) @ (H, D) GEMM per token
     w_gate = torch.randn(d, h, generator=gen, dtype=dtype) / d**0.5
     w_up = torch.randn(d, h, generator=gen, dtype=dtype) / d**0.5
     w_down = torch.randn(h, d, generator=gen, dtype=dtype) / h**0.5
@@ -58,7 +67,7 @@ def make_expert(kind: str, d: int, h: int, dtype: torch.dtype, gen: torch.Genera
     def closed(x):
         return swiglu_expert_jacobian(x, w_gate, w_up, w_down, memory_budget_bytes=2**31)
 
-    return fn, closed, 4 * d * d * h  # the (N·D, 2H) @ (2H, D) GEMM per token
+    return fn, closed, 2 * d * d * h  # the (D, H) @ (H, D) GEMM w_downᵀ M(x) per token
 
 
 def exact_jacobian_table(sizes, n_tokens, n_loop, dtype, repeats):
@@ -84,9 +93,8 @@ def exact_jacobian_table(sizes, n_tokens, n_loop, dtype, repeats):
                 return [autograd_jacobian(lambda xi, fn=fn: fn(xi.unsqueeze(0)).squeeze(0), xi) for xi in xl]
 
             t_loop = best_time(loop, 1) / len(xl)
-            k = 2 if kind == "swiglu" else 1
-            a = torch.randn(n * d, k * h, generator=gen, dtype=dtype)
-            b = torch.randn(k * h, d, generator=gen, dtype=dtype)
+            a = torch.randn(n * d, h, generator=gen, dtype=dtype)  # the same GEMM for all n tokens at once
+            b = torch.randn(h, d, generator=gen, dtype=dtype)
             t_mm = best_time(lambda a=a, b=b: a @ b, repeats) / n
             gf_closed, gf_mm = flops / t_closed / 1e9, flops / t_mm / 1e9
             print(
@@ -96,31 +104,56 @@ def exact_jacobian_table(sizes, n_tokens, n_loop, dtype, repeats):
             )
 
 
-def matrix_free_table(d, h, r, dtype, oversample, max_iter, tol):
-    gen = torch.Generator().manual_seed(1)
-    fn, closed, _ = make_expert("swiglu", d, h, dtype, gen)
-    x = torch.randn(1, d, generator=gen, dtype=dtype)
-    print(f"\n== Top-{r} singular values of one SwiGLU Jacobian, D={d}, H={h} ({dtype}) ==")
-    t0 = time.perf_counter()
-    J = closed(x)
-    t_form = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    exact = torch.linalg.svdvals(J)[0, :r]
-    t_svd = time.perf_counter() - t0
-    del J
-    t0 = time.perf_counter()
-    res = topr_singular_values(fn, x, r, oversample=oversample, max_iter=max_iter, tol=tol)
-    t_mf = time.perf_counter() - t0
-    err = ((res.values[0] - exact).abs() / exact).max().item()
-    est = (res.error_estimate[0] / res.values[0]).max().item()
-    print(f"form J (closed form): {t_form:8.2f} s")
-    print(f"full SVD of J:        {t_svd:8.2f} s")
+def swiglu_weights(d: int, h: int, dtype: torch.dtype, gen: torch.Generator, decay: float):
+    """Random SwiGLU weights; ``decay > 0`` scales output row ``i`` of ``w_downᵀ`` by ``(i + 1)^-decay``.
+
+    Random init gives the flat top spectrum of a random matrix (σ_17/σ_16 ≈ 0.995 at D = 4096), the worst case for
+    any iterative method; a power-law scale gives the decaying spectrum trained weights tend to have.
+    """
+    w_gate = torch.randn(d, h, generator=gen, dtype=dtype) / d**0.5
+    w_up = torch.randn(d, h, generator=gen, dtype=dtype) / d**0.5
+    w_down = torch.randn(h, d, generator=gen, dtype=dtype) / h**0.5
+    if decay > 0:
+        w_down = w_down * torch.arange(1, d + 1, dtype=dtype).pow(-decay)
+    return w_gate, w_up, w_down
+
+
+def matrix_free_table(d, h, r, dtype, oversample, max_iter, tols, decays):
+    print(f"\n== Top-{r} singular values of one SwiGLU Jacobian, D={d}, H={h} ({dtype}), oversample {oversample} ==")
     print(
-        f"matrix-free top-{r}:   {t_mf:8.2f} s  ({res.iterations} iterations, oversample {oversample}, tol {tol:g}, "
-        f"converged={bool(res.converged.all())})"
+        f"{'w_down':16} {'form J s':>8} {'SVD s':>6} {'products':>9} {'tol':>6} {'top-r s':>8} {'iters':>5} "
+        f"{'max rel err':>11} {'vs form+SVD':>11}"
     )
-    print(f"max relative error vs exact: {err:.2e}   (residual estimate: {est:.2e})")
-    print(f"speed-up matrix-free vs form+SVD: {(t_form + t_svd) / t_mf:.1f}x   (vs SVD alone: {t_svd / t_mf:.1f}x)")
+    for decay in decays:
+        gen = torch.Generator().manual_seed(1)
+        w_gate, w_up, w_down = swiglu_weights(d, h, dtype, gen, decay)
+        x = torch.randn(1, d, generator=gen, dtype=dtype)
+        t0 = time.perf_counter()
+        J = swiglu_expert_jacobian(x, w_gate, w_up, w_down)
+        t_form = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        exact = torch.linalg.svdvals(J)[0, :r]
+        t_svd = time.perf_counter() - t0
+        del J
+
+        def expert(x, w_gate=w_gate, w_up=w_up, w_down=w_down):
+            return (F.silu(x @ w_gate) * (x @ w_up)) @ w_down
+
+        label = "random init" if decay == 0 else f"rows·(i+1)^-{decay:g}"
+        operators = {  # built inside the timed region: their set-up (activations, linearize's trace) counts
+            "closed": (swiglu_jacobian_operator, (x, w_gate, w_up, w_down)),
+            "func": (func_jacobian_operator, (expert, x)),
+        }
+        for name, (make, args) in operators.items():
+            for tol in tols:
+                t0 = time.perf_counter()
+                res = topr_singular_values(make(*args), None, r, oversample=oversample, max_iter=max_iter, tol=tol)
+                t_mf = time.perf_counter() - t0
+                err = ((res.values[0] - exact).abs() / exact).max().item()
+                print(
+                    f"{label:16} {t_form:8.2f} {t_svd:6.2f} {name:>9} {tol:6.0e} {t_mf:8.2f} {res.iterations:5d} "
+                    f"{err:11.1e} {(t_form + t_svd) / t_mf:10.1f}x"
+                )
 
 
 def main() -> None:
@@ -129,9 +162,12 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float64", "float32"], default="float64", help="exact-Jacobian dtype")
     parser.add_argument("--mf-dtype", choices=["float64", "float32"], default="float32", help="D=4096 dtype")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--mf-tol", type=float, default=1e-6)
+    parser.add_argument("--mf-tol", type=float, nargs="+", default=[1e-6, 1e-3], help="matrix-free tolerances")
     parser.add_argument("--mf-max-iter", type=int, default=30)
-    parser.add_argument("--mf-oversample", type=int, default=16)
+    parser.add_argument("--mf-oversample", type=int, default=8, help="as ProbeConfig.matrix_free_oversample")
+    parser.add_argument(
+        "--mf-decay", type=float, nargs="+", default=[0.0, 0.5, 1.0], help="power-law row scales of w_downᵀ"
+    )
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
@@ -146,7 +182,9 @@ def main() -> None:
         dtype=dtype,
         repeats=args.repeats,
     )
-    matrix_free_table(*mf, 16, getattr(torch, args.mf_dtype), args.mf_oversample, args.mf_max_iter, args.mf_tol)
+    matrix_free_table(
+        *mf, 16, getattr(torch, args.mf_dtype), args.mf_oversample, args.mf_max_iter, args.mf_tol, args.mf_decay
+    )
 
 
 if __name__ == "__main__":
