@@ -29,26 +29,26 @@ class OurMoEView:
     def expert_hidden(self, e: int) -> TokenFn | None:
         return partial(self.module.expert_hidden_fn, e)
 
+    def _closed_form(self, e: int, x: Tensor, swiglu_fn, mlp_fn):
+        """``swiglu_fn(x, w_gate, w_up, w_out)`` or ``mlp_fn(x, w_in, None, w_out, activation)`` on expert ``e``'s
+        weights cast to ``x``'s dtype (the probe may run in float64 on a float32 model)."""
+        module, activation = self.module, self.module.config.activation
+        w_in, w_out = module.w_in[e].to(x.dtype), module.w_out[e].to(x.dtype)
+        if activation == "swiglu":
+            w_gate, w_up = w_in.chunk(2, dim=-1)
+            return swiglu_fn(x, w_gate, w_up, w_out)
+        return mlp_fn(x, w_in, None, w_out, activation)
+
     def expert_jacobian(self, e: int, x: Tensor) -> Tensor | None:
         from moe_lightning.geometry import mlp_expert_jacobian, swiglu_expert_jacobian
 
-        module, activation = self.module, self.module.config.activation
-        w_in, w_out = module.w_in[e].to(x.dtype), module.w_out[e].to(x.dtype)
-        if activation == "swiglu":
-            w_gate, w_up = w_in.chunk(2, dim=-1)
-            return swiglu_expert_jacobian(x, w_gate, w_up, w_out)
-        return mlp_expert_jacobian(x, w_in, None, w_out, activation)
+        return self._closed_form(e, x, swiglu_expert_jacobian, mlp_expert_jacobian)
 
     def expert_jacobian_operator(self, e: int, x: Tensor):
         """Closed-form products ``J V`` / ``Jᵀ U`` of expert ``e`` at each token, for the matrix-free spectra."""
-        from moe_lightning.geometry.matrix_free import mlp_jacobian_operator, swiglu_jacobian_operator
+        from moe_lightning.geometry import mlp_jacobian_operator, swiglu_jacobian_operator
 
-        module, activation = self.module, self.module.config.activation
-        w_in, w_out = module.w_in[e].to(x.dtype), module.w_out[e].to(x.dtype)
-        if activation == "swiglu":
-            w_gate, w_up = w_in.chunk(2, dim=-1)
-            return swiglu_jacobian_operator(x, w_gate, w_up, w_out)
-        return mlp_jacobian_operator(x, w_in, None, w_out, activation)
+        return self._closed_form(e, x, swiglu_jacobian_operator, mlp_jacobian_operator)
 
     def __repr__(self) -> str:
         return f"OurMoEView(name={self.name!r}, num_experts={self.num_experts})"
