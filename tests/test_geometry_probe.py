@@ -116,6 +116,15 @@ def test_probe_values_match_hand_computation():
     theta = scipy.linalg.subspace_angles(V0, V1)
     assert report.matrices["subspace_fun_overlap"][0, 1].item() == pytest.approx(np.mean(np.cos(theta) ** 2), abs=1e-9)
     assert report.layer["subspace_overlap_chance"] == pytest.approx(3 / D)
+    # Rank-r gaps (v_3 - v_4) / v_3 of each subspace's spectrum, from numpy.
+    for e in range(4):
+        rows = (g[:, e] > 0).numpy()
+        sv = np.linalg.svd(Jbar[e].numpy(), compute_uv=False)
+        assert report.expert["subspace_fun_gap"][e].item() == pytest.approx((sv[2] - sv[3]) / sv[2], rel=1e-9)
+        cov = np.cov(x.numpy()[rows], rowvar=False, aweights=g[:, e].numpy()[rows], bias=True)
+        lam = np.linalg.eigvalsh(cov)[::-1]
+        assert report.expert["subspace_rep_gap"][e].item() == pytest.approx((lam[2] - lam[3]) / lam[2], rel=1e-8)
+    assert report.variants["subspace_gap"].startswith("relative_gap_at_rank_r")
 
     # Layer Jacobian through the router, every token weighted 1.
     def layer(x):
@@ -217,6 +226,20 @@ def test_subspace_rank_above_dim_is_capped():
     assert report.layer["subspace_rank"] == D
     assert report.layer["subspace_overlap_chance"] == 1.0
     assert report.layer["subspace_rep_overlap"] == pytest.approx(1.0)  # r = d: the whole space
+    routed = report.tokens > 0
+    assert report.expert["subspace_rep_gap"][routed].eq(1.0).all()  # the whole space is always determined
+    assert report.expert["subspace_fun_gap"][routed].eq(1.0).all()
+
+
+def test_subspace_gap_flags_rank_deficient_inputs_and_empty_experts():
+    """Inputs spanning 2 of D dims: a rank-3 representation subspace is undetermined (gap 0); dead expert: NaN."""
+    x = inputs()
+    x[:, 2:] = 0.0
+    report = probe(ToyView(dead=(3,)), x, ProbeConfig(subspace_rank=3, layer_jacobian=False))
+    assert report.expert["subspace_rep_gap"][:3].eq(0.0).all()
+    assert report.expert["subspace_rep_gap"][3].isnan() and report.expert["subspace_fun_gap"][3].isnan()
+    with_rank_2 = probe(ToyView(dead=(3,)), x, ProbeConfig(subspace_rank=2, layer_jacobian=False))
+    assert with_rank_2.expert["subspace_rep_gap"][:3].eq(1.0).all()  # v_3 = 0 < v_2
 
 
 def test_nonfinite_inputs_are_dropped_and_counted():

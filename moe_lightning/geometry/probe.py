@@ -751,20 +751,28 @@ def finalize(stats: ProbeStatistics | list[ProbeStatistics]) -> GeometryReport:
         r = lay["subspace_rank"]
         bases: dict[str, list[Tensor | None]] = {}
         if "jac_mean_w" in t:
-            fun = []
+            fun, fun_gap = [], []
             for e in range(num_experts):
                 Jbar = t["jac_mean_w"][e]
                 if bool(empty[e]) or not bool((Jbar != 0).any()):
                     fun.append(None)
+                    fun_gap.append(math.nan)
                 else:
-                    fun.append(torch.linalg.svd(Jbar / sum_w[e])[2][:r].T)  # top-r right singular vectors
+                    _, S, Vh = torch.linalg.svd(Jbar / sum_w[e])
+                    fun.append(Vh[:r].T)  # top-r right singular vectors
+                    fun_gap.append(rank_gap(S, r))
             bases["fun"] = fun
+            report.expert["subspace_fun_gap"] = torch.tensor(fun_gap, dtype=torch.float64)
             v["subspace_fun"] = f"top{r}_right_singular_vectors_of_mean_jacobian"
-        rep = []
+        rep, rep_gap = [], []
         for res in pca_results.get("input", [None] * num_experts):
-            rep.append(None if res is None or not res.total_weight > 0 else res.eigenvectors[:, :r])
+            ok = res is not None and res.total_weight > 0
+            rep.append(res.eigenvectors[:, :r] if ok else None)
+            rep_gap.append(rank_gap(res.eigenvalues, r) if ok else math.nan)
         bases["rep"] = rep
+        report.expert["subspace_rep_gap"] = torch.tensor(rep_gap, dtype=torch.float64)
         v["subspace_rep"] = f"top{r}_eigenvectors_of_input_covariance"
+        v["subspace_gap"] = "relative_gap_at_rank_r_(v_r-v_r+1)/v_r"
         for kind, basis in bases.items():
             mats = {q: torch.full((num_experts, num_experts), math.nan, dtype=torch.float64) for q in _GRASS}
             for i in range(num_experts):
@@ -794,6 +802,25 @@ def finalize(stats: ProbeStatistics | list[ProbeStatistics]) -> GeometryReport:
 
 
 _GRASS = ("overlap", "geodesic", "projection")
+
+
+def rank_gap(values: Tensor, r: int) -> float:
+    """Relative gap ``(v_r − v_{r+1}) / v_r`` at rank ``r`` of a descending spectrum: how well the top-``r``
+    subspace is determined (an extension of GEOMETRY.md §5, documented in the README).
+
+    By Davis–Kahan (eigenvectors of a covariance) and Wedin (singular vectors of a mean Jacobian), a perturbation
+    ``E`` of the matrix moves its top-``r`` subspace by at most about ``‖E‖ / (v_r − v_{r+1})``, so a gap near 0
+    means the subspace, and every overlap computed from it, can swing with sampling noise or round-off. 1 when
+    ``r`` is the whole space or ``v_{r+1} = 0 < v_r``; 0 when ``v_r = 0`` (fewer than ``r`` directions carry any
+    variance); NaN for a non-finite spectrum.
+    """
+    v = values.detach().to(torch.float64)
+    if v.numel() <= r:
+        return 1.0
+    vr, vnext = float(v[r - 1]), float(v[r])
+    if not (math.isfinite(vr) and math.isfinite(vnext)):
+        return math.nan
+    return (vr - vnext) / vr if vr > 0 else 0.0
 
 
 def probe(
