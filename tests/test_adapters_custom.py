@@ -57,6 +57,13 @@ def tanh_jacobian(m: TanhTop1MoE, e: int, x_ND: torch.Tensor) -> torch.Tensor:
     return torch.einsum("dh,nh,hk->ndk", m.w_out[e], slope_NH, m.w_in[e])
 
 
+def tanh_operator(m: TanhTop1MoE, e: int, x_ND: torch.Tensor):
+    from moe_lightning.geometry import mlp_jacobian_operator
+
+    # our (D, H) / (H, D) right-multiplied layout: f(x) = tanh(x @ w_in[e].T) @ w_out[e].T
+    return mlp_jacobian_operator(x_ND, m.w_in[e].T.to(x_ND.dtype), None, m.w_out[e].T.to(x_ND.dtype), "tanh")
+
+
 @pytest.fixture
 def registered() -> None:
     register_moe_class(
@@ -66,6 +73,7 @@ def registered() -> None:
         num_experts=lambda m: m.w_in.shape[0],
         expert_hidden=tanh_hidden,
         expert_jacobian=tanh_jacobian,
+        expert_jacobian_operator=tanh_operator,
     )
 
 
@@ -99,6 +107,11 @@ def test_views_reproduce_the_layer(registered) -> None:
                     lambda x: view.expert(e)(x[None])[0], x_ND[n], vectorize=True
                 )
                 torch.testing.assert_close(jac_NDD[n], ref_DD)
+            op = view.expert_jacobian_operator(e, x_ND)  # products J V / Jᵀ U without forming J
+            V_NDK = torch.randn(6, D, 2)
+            with torch.no_grad():
+                torch.testing.assert_close(op.apply(V_NDK), jac_NDD @ V_NDK)
+                torch.testing.assert_close(op.apply_transpose(V_NDK), jac_NDD.mT @ V_NDK)
 
 
 def test_registering_again_replaces_callables(registered) -> None:
@@ -107,6 +120,7 @@ def test_registering_again_replaces_callables(registered) -> None:
         view = find_moe_layers(make_model())[0]
         x_ND = torch.randn(4, D)
         assert view.expert_hidden(0) is None and view.expert_jacobian(0, x_ND) is None
+        assert view.expert_jacobian_operator(0, x_ND) is None
         torch.testing.assert_close(view.gates(x_ND), view.module.router(x_ND).softmax(-1))
         assert registered_adapters().count(ADAPTER_NAME) == 1
     finally:  # leave the class registered as the other tests expect
@@ -120,6 +134,7 @@ def test_registering_again_replaces_callables(registered) -> None:
         (dict(gates="router"), "gates='router'"),
         (dict(num_experts=0), "num_experts=0"),
         (dict(expert_jacobian=3), "expert_jacobian=3"),
+        (dict(expert_jacobian_operator="J"), "expert_jacobian_operator='J'"),
     ],
 )
 def test_bad_registration_raises(kwargs: dict, match: str) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
@@ -76,12 +76,17 @@ class CallableView:
     expert_fns: Sequence[TokenFn]
     hidden_fns: Sequence[TokenFn] | None = None
     jacobian_fns: Sequence[Callable[[Tensor], Tensor]] | None = None
+    operator_fns: Sequence[Callable[[Tensor], Any]] | None = None
     num_experts: int = field(init=False)
 
     def __post_init__(self) -> None:
         if len(self.expert_fns) < 1:
             raise ValueError(f"CallableView {self.name!r}: expert_fns must hold at least one expert, got none")
-        for label, fns in (("hidden_fns", self.hidden_fns), ("jacobian_fns", self.jacobian_fns)):
+        for label, fns in (
+            ("hidden_fns", self.hidden_fns),
+            ("jacobian_fns", self.jacobian_fns),
+            ("operator_fns", self.operator_fns),
+        ):
             if fns is not None and len(fns) != len(self.expert_fns):
                 raise ValueError(
                     f"CallableView {self.name!r}: {label} has {len(fns)} entries, expected one per expert "
@@ -100,3 +105,7 @@ class CallableView:
 
     def expert_jacobian(self, e: int, x: Tensor) -> Tensor | None:
         return None if self.jacobian_fns is None else self.jacobian_fns[e](x)
+
+    def expert_jacobian_operator(self, e: int, x: Tensor) -> Any:
+        """Expert ``e``'s ``JacobianOperator`` at the tokens ``x`` (matrix-free spectra), or None if not given."""
+        return None if self.operator_fns is None else self.operator_fns[e](x)

@@ -51,6 +51,7 @@ class _ClassSpec:
     num_experts: int | Callable[[nn.Module], int]
     expert_hidden: ExpertFn | None
     expert_jacobian: ExpertFn | None
+    expert_jacobian_operator: ExpertFn | None = None
 
 
 # Registered classes; one adapter ("custom") serves them all and reads this table at match time, so registering a
@@ -84,6 +85,7 @@ def _build_views(path: str, module: nn.Module) -> list[MoEView]:
             expert_fns=per_expert(spec.expert),
             hidden_fns=per_expert(spec.expert_hidden),
             jacobian_fns=per_expert(spec.expert_jacobian),
+            operator_fns=per_expert(spec.expert_jacobian_operator),
         )
     ]
 
@@ -96,6 +98,7 @@ def register_moe_class(
     num_experts: int | Callable[[nn.Module], int],
     expert_hidden: ExpertFn | None = None,
     expert_jacobian: ExpertFn | None = None,
+    expert_jacobian_operator: ExpertFn | None = None,
 ) -> None:
     """Make :func:`find_moe_layers` report every instance of ``cls`` (and of its subclasses) as an MoE layer.
 
@@ -112,6 +115,9 @@ def register_moe_class(
         expert_hidden: optional ``expert_hidden(module, e, x_ND) -> (N, H)``, the activation after the
             nonlinearity.
         expert_jacobian: optional ``expert_jacobian(module, e, x_ND) -> (N, D, D)``, a closed-form Jacobian.
+        expert_jacobian_operator: optional ``expert_jacobian_operator(module, e, x_ND) -> JacobianOperator``, the
+            closed-form products ``J V`` / ``Jᵀ U`` used by the matrix-free spectra of wide layers (e.g.
+            ``moe_lightning.geometry.swiglu_jacobian_operator`` on the expert's weights).
 
     Raises:
         ValueError: ``cls`` is not an ``nn.Module`` subclass, a callable is not callable, or ``num_experts`` is
@@ -124,6 +130,7 @@ def register_moe_class(
         ("expert", expert, False),
         ("expert_hidden", expert_hidden, True),
         ("expert_jacobian", expert_jacobian, True),
+        ("expert_jacobian_operator", expert_jacobian_operator, True),
     ):
         if not (callable(fn) or (optional and fn is None)):
             raise ValueError(
@@ -136,6 +143,6 @@ def register_moe_class(
         raise ValueError(
             f"register_moe_class: num_experts={num_experts!r} is not allowed; expected an int >= 1 or a callable"
         )
-    _SPECS[cls] = _ClassSpec(gates, expert, num_experts, expert_hidden, expert_jacobian)
+    _SPECS[cls] = _ClassSpec(gates, expert, num_experts, expert_hidden, expert_jacobian, expert_jacobian_operator)
     if ADAPTER_NAME not in registered_adapters():
         register_adapter(ADAPTER_NAME, lambda module: _spec_for(module) is not None, _build_views, first=True)
