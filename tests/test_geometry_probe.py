@@ -403,3 +403,13 @@ def test_matrix_free_path_uses_the_views_closed_form_operator(activation, monkey
         torch.testing.assert_close(
             report.spectra["jac_mean_spectrum"], exact.spectra["jac_mean_spectrum"][:, :3], rtol=1e-8, atol=1e-12
         )
+
+
+def test_closed_form_method_requires_an_operator_on_the_matrix_free_path():
+    """ToyView offers expert_jacobian but no expert_jacobian_operator: 'auto' falls back to torch.func, while
+    'closed_form' must say what is missing instead of silently using torch.func."""
+    kw = dict(matrix_free_threshold=4, matrix_free_rank=3, layer_jacobian=False)
+    auto = probe(ToyView(), inputs(), ProbeConfig(**kw))
+    assert torch.isfinite(auto.expert["jac_sigma_max"]).all()
+    with pytest.raises(ValueError, match="expert_jacobian_operator"):
+        probe(ToyView(), inputs(), ProbeConfig(jacobian_method="closed_form", **kw))

@@ -72,7 +72,7 @@ class ProbeConfig:
         subspace_rank: ``r`` of the subspaces (capped at D).
         decay_fit_max: largest index in the decay-slope fit; None uses every singular value.
         jacobian_method: ``"auto"`` (the view's closed form if offered, else torch.func), ``"closed_form"``
-            (require it) or ``"func"``.
+            (require it: ``expert_jacobian``, or ``expert_jacobian_operator`` on the matrix-free path) or ``"func"``.
         layer_jacobian_method: ``"auto"``/``"compose"`` (product rule, reusing expert Jacobians) or ``"func"``.
         matrix_free_threshold: above this D the spectra are the matrix-free top-``matrix_free_rank`` values
             and the quantities that need whole Jacobians (Frobenius norm, alignment, functional subspaces) are NaN.
@@ -572,10 +572,18 @@ def _has_closed_form(view: Any, x_ND: Tensor) -> bool:
 
 
 def _expert_operator(view: Any, e: int, x_ND: Tensor, cfg: ProbeConfig) -> JacobianOperator | None:
-    """The view's closed-form Jacobian products for the matrix-free path (``expert_jacobian_operator``), if any."""
-    if cfg.jacobian_method == "func" or not hasattr(view, "expert_jacobian_operator"):
+    """The view's closed-form Jacobian products for the matrix-free path (``expert_jacobian_operator``), if any;
+    with ``jacobian_method="closed_form"`` they are required, as the closed-form Jacobian is on the exact path."""
+    if cfg.jacobian_method == "func":
         return None
-    return view.expert_jacobian_operator(e, x_ND)
+    op = view.expert_jacobian_operator(e, x_ND) if hasattr(view, "expert_jacobian_operator") else None
+    if op is None and cfg.jacobian_method == "closed_form":
+        raise ValueError(
+            f"ProbeConfig.jacobian_method='closed_form' but view {getattr(view, 'name', '')!r} offers no "
+            f"expert_jacobian_operator for expert {e}, which the matrix-free path (D > matrix_free_threshold) "
+            f"needs; use 'auto' or 'func'"
+        )
+    return op
 
 
 def _expert_jacobian(view: Any, e: int, x_ND: Tensor, cfg: ProbeConfig, sources: set[str]) -> Tensor:
