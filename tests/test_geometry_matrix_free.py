@@ -121,3 +121,34 @@ def test_func_operator_falls_back_to_jvp_when_linearize_cannot_trace():
 def test_topr_rejects_a_function_without_tokens():
     with pytest.raises(ValueError, match="x_ND"):
         topr_singular_values(torch.tanh, None, 2)
+
+
+@pytest.mark.parametrize(("routing", "activation"), [("topk", "gelu"), ("topk", "swiglu"), ("soft", "gelu")])
+def test_composed_layer_operator_equals_products_with_the_autograd_layer_jacobian(routing, activation):
+    """J = Σ g_e J_e + Σ f_e ∇g_eᵀ through the router, products only, against autograd of the whole layer."""
+    from moe_lightning.adapters import find_moe_layers
+    from moe_lightning.geometry import compose_layer_operator, jacobians
+    from moe_lightning.moe import MoEConfig, MoELayer
+
+    torch.manual_seed(0)
+    cfg = MoEConfig(dim=10, expert_hidden=12, num_experts=4, top_k=2, routing=routing, activation=activation)
+    (view,) = find_moe_layers(MoELayer(cfg).double())
+    x = torch.randn(6, 10, dtype=DT)
+
+    def layer(x):
+        g = view.gates(x)
+        return sum(g[:, e : e + 1] * view.expert(e)(x) for e in range(4))
+
+    with torch.no_grad():
+        g = view.gates(x)
+        parts = []
+        for e in range(4):
+            rows = g[:, e] != 0
+            parts.append((rows, view.expert_jacobian_operator(e, x[rows]) if rows.any() else None))
+        op = compose_layer_operator(g, jacobians(view.gates, x), [view.expert(e)(x) for e in range(4)], parts)
+    J = _autograd_jacobians(layer, x)
+    if routing == "topk":
+        assert sum(int(rows.sum()) for rows, _ in parts) == 2 * 6  # each expert's products on its own tokens
+    V = torch.randn(6, 10, 3, dtype=DT)
+    torch.testing.assert_close(op.apply(V), J @ V, rtol=0, atol=1e-12)
+    torch.testing.assert_close(op.apply_transpose(V), J.mT @ V, rtol=0, atol=1e-12)

@@ -374,8 +374,9 @@ def test_probe_restores_module_and_computes_in_float64():
 
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 def test_matrix_free_path_uses_the_views_closed_form_operator(activation, monkeypatch):
-    """Our layers offer ``expert_jacobian_operator``; on the matrix-free path it must be used, and agree with
-    the torch.func products (``jacobian_method="func"``) and with the exact spectrum."""
+    """Our layers offer ``expert_jacobian_operator``; on the matrix-free path it must be used (for the experts'
+    spectra and, composed through the router, for the layer's), and agree with the torch.func products
+    (``jacobian_method="func"``) and with the exact spectra."""
     from moe_lightning.adapters import find_moe_layers
     from moe_lightning.adapters.ours import OurMoEView
     from moe_lightning.moe import MoEConfig, MoELayer
@@ -393,15 +394,21 @@ def test_matrix_free_path_uses_the_views_closed_form_operator(activation, monkey
 
     monkeypatch.setattr(OurMoEView, "expert_jacobian_operator", spy)
     kw = dict(matrix_free_threshold=4, matrix_free_rank=3, matrix_free_tol=1e-13, matrix_free_max_iter=200)
-    with_op = probe(view, x, ProbeConfig(layer_jacobian=False, **kw))
-    assert sorted(set(calls)) == [0, 1, 2]
+    with_op = probe(view, x, ProbeConfig(**kw))
+    assert len(calls) == 2 * 3 and sorted(set(calls)) == [0, 1, 2]  # per expert: its own spectra, the layer's
     calls.clear()
-    func = probe(view, x, ProbeConfig(layer_jacobian=False, jacobian_method="func", **kw))
+    func = probe(view, x, ProbeConfig(jacobian_method="func", **kw))
     assert calls == []
-    exact = probe(view, x, ProbeConfig(layer_jacobian=False))
+    exact = probe(view, x)
     for report in (with_op, func):
         torch.testing.assert_close(
             report.spectra["jac_mean_spectrum"], exact.spectra["jac_mean_spectrum"][:, :3], rtol=1e-8, atol=1e-12
+        )
+        torch.testing.assert_close(
+            report.spectra["layer_jac_mean_spectrum"],
+            exact.spectra["layer_jac_mean_spectrum"][:3],
+            rtol=1e-8,
+            atol=1e-12,
         )
 
 

@@ -30,6 +30,7 @@ from moe_lightning.geometry.jacobians import (
 from moe_lightning.geometry.matrix_free import (
     JacobianOperator,
     TopRResult,
+    compose_layer_operator,
     func_jacobian_operator,
     mlp_jacobian_operator,
     swiglu_jacobian_operator,
@@ -80,6 +81,7 @@ __all__ = [
     "activation_derivative",
     "alignment_chance",
     "compose_layer_jacobian",
+    "compose_layer_operator",
     "decay_slope",
     "effective_rank",
     "expert_jacobian",

@@ -34,6 +34,7 @@ from moe_lightning.geometry.jacobians import _silu_derivative, activation_deriva
 __all__ = [
     "JacobianOperator",
     "TopRResult",
+    "compose_layer_operator",
     "func_jacobian_operator",
     "mlp_jacobian_operator",
     "swiglu_jacobian_operator",
@@ -200,6 +201,54 @@ class TopRResult:
     iterations: int
     converged: Tensor
     right_vectors: Tensor | None = None
+
+
+def compose_layer_operator(
+    gates_NE: Tensor,
+    gate_jacobian_NED: Tensor,
+    expert_outputs: list[Tensor],
+    expert_operators: list[tuple[Tensor, JacobianOperator | None]],
+) -> JacobianOperator:
+    """The MoE layer's Jacobians ``J = Σ_e g_e J_e + Σ_e f_e ∇g_eᵀ`` (GEOMETRY.md §1) as products, unformed.
+
+    The matrix-free counterpart of :func:`~moe_lightning.geometry.compose_layer_jacobian`: expert ``e``'s products
+    run only on the tokens routed to it (``rows``), so a top-k layer costs k experts per token instead of the E
+    that ``torch.func`` through the whole layer function pays; the router term is a rank-E product per token.
+
+    Args:
+        gates_NE: ``(N, E)`` gate weights.
+        gate_jacobian_NED: ``(N, E, D_in)`` gate Jacobians ``∂g_e/∂x``.
+        expert_outputs: ``E`` tensors ``(N, D_out)``, ``f_e(x)``.
+        expert_operators: ``E`` pairs ``(rows, op)``: ``rows`` a ``(N,)`` bool mask of the tokens with
+            ``g_e ≠ 0`` and ``op`` expert ``e``'s :class:`JacobianOperator` on exactly those tokens (None when
+            there are none).
+    """
+    n, num_experts = gates_NE.shape
+    d_in = gate_jacobian_NED.shape[-1]
+    f_NEO = torch.stack(list(expert_outputs), dim=1)
+    parts = []
+    for e, (rows, op) in enumerate(expert_operators):
+        idx = rows.nonzero().squeeze(-1)
+        if idx.numel():
+            if op is None or op.num_tokens != idx.numel():
+                raise ValueError(f"compose_layer_operator: expert {e} has {idx.numel()} routed tokens but no operator")
+            parts.append((idx, gates_NE[idx, e].view(-1, 1, 1), op))
+
+    def apply(V_NIK: Tensor) -> Tensor:
+        out_NOK = f_NEO.transpose(1, 2) @ (gate_jacobian_NED @ V_NIK)  # Σ_e f_e (∇g_eᵀ V)
+        for idx, g, op in parts:
+            out_NOK = out_NOK.index_add(0, idx, g * op.apply(V_NIK[idx]))
+        return out_NOK
+
+    def apply_transpose(U_NOK: Tensor) -> Tensor:
+        out_NIK = gate_jacobian_NED.transpose(1, 2) @ (f_NEO @ U_NOK)  # Σ_e ∇g_e (f_eᵀ U)
+        for idx, g, op in parts:
+            out_NIK = out_NIK.index_add(0, idx, g * op.apply_transpose(U_NOK[idx]))
+        return out_NIK
+
+    return JacobianOperator(
+        apply, apply_transpose, n, d_in, f_NEO.shape[-1], gate_jacobian_NED.dtype, gate_jacobian_NED.device
+    )
 
 
 def topr_singular_values(

@@ -43,7 +43,7 @@ from moe_lightning.geometry.jacobians import (
     jacobians,
     layer_jacobian,
 )
-from moe_lightning.geometry.matrix_free import JacobianOperator, topr_singular_values
+from moe_lightning.geometry.matrix_free import JacobianOperator, compose_layer_operator, topr_singular_values
 from moe_lightning.geometry.pca import PCAResult, pca_from_moments
 from moe_lightning.geometry.spectra import SPECTRAL_STAT_NAMES, SPECTRAL_VARIANTS, spectral_stats
 from moe_lightning.geometry.subspaces import grassmann_distance, subspace_overlap_chance
@@ -600,6 +600,23 @@ def _expert_jacobian(view: Any, e: int, x_ND: Tensor, cfg: ProbeConfig, sources:
     )
 
 
+def _layer_operator(view: Any, experts: list, x_c: Tensor, g_cE: Tensor, cfg: ProbeConfig) -> JacobianOperator | None:
+    """The layer Jacobian as composed products (:func:`compose_layer_operator`) when every expert with routed
+    tokens offers ``expert_jacobian_operator``; None (torch.func through the layer function) otherwise."""
+    if cfg.jacobian_method == "func" or not hasattr(view, "expert_jacobian_operator"):
+        return None
+    parts = []
+    for e in range(len(experts)):
+        rows = g_cE[:, e] != 0
+        op = view.expert_jacobian_operator(e, x_c[rows]) if bool(rows.any()) else None
+        if op is None and bool(rows.any()):
+            return None
+        parts.append((rows, op))
+    dg = jacobians(view.gates, x_c, memory_budget_bytes=cfg.memory_budget_bytes, mode="jacrev").to(g_cE.dtype)
+    outputs = [experts[e](x_c).to(g_cE.dtype) for e in range(len(experts))]
+    return compose_layer_operator(g_cE, dg, outputs, parts)
+
+
 def _layer_singular_values(
     view: Any,
     experts: list,
@@ -616,8 +633,9 @@ def _layer_singular_values(
             g = view.gates(x)
             return sum(g[:, e : e + 1] * experts[e](x) for e in range(len(experts)))
 
+        op = None if cfg.layer_jacobian_method == "func" else _layer_operator(view, experts, x_c, g_cE, cfg)
         return topr_singular_values(
-            layer_fn,
+            op or layer_fn,
             x_c,
             m,
             oversample=cfg.matrix_free_oversample,
