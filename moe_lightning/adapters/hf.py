@@ -48,21 +48,37 @@ def _swiglu_hidden(x_ND: Tensor, w_gate_HD: Tensor, w_up_HD: Tensor, act: TokenF
     return act(F.linear(x_ND, w_gate_HD)) * F.linear(x_ND, w_up_HD)
 
 
-def _swiglu_jacobian(x_ND: Tensor, w_gate_HD: Tensor, w_up_HD: Tensor, w_down_DH: Tensor) -> Tensor:
-    """Closed-form SwiGLU Jacobian (GEOMETRY.md §1), in the dtype of ``x_ND``."""
-    from moe_lightning.geometry.jacobians import swiglu_expert_jacobian  # lazy: adapters import before geometry
+def _swiglu_closed_form(weights: tuple[Tensor, Tensor, Tensor, TokenFn], x_ND: Tensor, make):
+    """``make(x, w_gate, w_up, w_down)`` on an expert's ``nn.Linear``-layout weights, or None unless the act is SiLU.
 
-    # The geometry helper takes right-multiplied weights: f(x) = (silu(x @ w_gate) * (x @ w_up)) @ w_down.
-    dtype = x_ND.dtype  # the probe may run in float64 on a float32 model
-    return swiglu_expert_jacobian(x_ND, w_gate_HD.T.to(dtype), w_up_HD.T.to(dtype), w_down_DH.T.to(dtype))
-
-
-def _swiglu_operator(x_ND: Tensor, w_gate_HD: Tensor, w_up_HD: Tensor, w_down_DH: Tensor):
-    """Closed-form SwiGLU Jacobian products (a ``JacobianOperator``) for the matrix-free spectra."""
-    from moe_lightning.geometry.matrix_free import swiglu_jacobian_operator
-
+    ``make`` is a closed form of GEOMETRY.md §1 (``swiglu_expert_jacobian`` or ``swiglu_jacobian_operator``), which
+    take right-multiplied weights: ``f(x) = (silu(x @ w_gate) * (x @ w_up)) @ w_down``. Weights are cast to the
+    dtype of ``x_ND`` (the probe may run in float64 on a float32 model).
+    """
+    w_gate_HD, w_up_HD, w_down_DH, act = weights
+    if not _is_silu(act):
+        return None
     dtype = x_ND.dtype
-    return swiglu_jacobian_operator(x_ND, w_gate_HD.T.to(dtype), w_up_HD.T.to(dtype), w_down_DH.T.to(dtype))
+    return make(x_ND, w_gate_HD.T.to(dtype), w_up_HD.T.to(dtype), w_down_DH.T.to(dtype))
+
+
+class _SwigluClosedForms:
+    """The closed-form Jacobian and Jacobian products of a view whose ``_expert_weights(e)`` gives SwiGLU weights."""
+
+    def _expert_weights(self, e: int) -> tuple[Tensor, Tensor, Tensor, TokenFn]:
+        raise NotImplementedError
+
+    def expert_jacobian(self, e: int, x_ND: Tensor) -> Tensor | None:
+        """Closed-form Jacobian of expert ``e`` at each token, (N, D) -> (N, D, D); None unless the act is SiLU."""
+        from moe_lightning.geometry.jacobians import swiglu_expert_jacobian  # lazy: adapters import before geometry
+
+        return _swiglu_closed_form(self._expert_weights(e), x_ND, swiglu_expert_jacobian)
+
+    def expert_jacobian_operator(self, e: int, x_ND: Tensor):
+        """Closed-form products ``J V`` / ``Jᵀ U`` at each token (matrix-free spectra); None unless the act is SiLU."""
+        from moe_lightning.geometry.matrix_free import swiglu_jacobian_operator
+
+        return _swiglu_closed_form(self._expert_weights(e), x_ND, swiglu_jacobian_operator)
 
 
 def _check_expert_index(name: str, e: int, num_experts: int) -> None:
@@ -70,7 +86,7 @@ def _check_expert_index(name: str, e: int, num_experts: int) -> None:
         raise ValueError(f"{name}: expert index e={e} is out of range; allowed 0..{num_experts - 1}")
 
 
-class HFSparseMoeView:
+class HFSparseMoeView(_SwigluClosedForms):
     """:class:`MoEView` of the routed experts of one Hugging Face sparse MoE block.
 
     Weights are read from the block at every call, so the view follows training.
@@ -173,22 +189,8 @@ class HFSparseMoeView:
 
         return hidden_e
 
-    def expert_jacobian(self, e: int, x_ND: Tensor) -> Tensor | None:
-        """Closed-form Jacobian of expert ``e`` at each token, (N, D) -> (N, D, D); None unless the act is SiLU."""
-        w_gate_HD, w_up_HD, w_down_DH, act = self._expert_weights(e)
-        if not _is_silu(act):
-            return None
-        return _swiglu_jacobian(x_ND, w_gate_HD, w_up_HD, w_down_DH)
 
-    def expert_jacobian_operator(self, e: int, x_ND: Tensor):
-        """Closed-form products ``J V`` / ``Jᵀ U`` at each token (matrix-free spectra); None unless the act is SiLU."""
-        w_gate_HD, w_up_HD, w_down_DH, act = self._expert_weights(e)
-        if not _is_silu(act):
-            return None
-        return _swiglu_operator(x_ND, w_gate_HD, w_up_HD, w_down_DH)
-
-
-class HFSharedExpertView:
+class HFSharedExpertView(_SwigluClosedForms):
     """:class:`MoEView` of Qwen2-MoE's always-on shared expert: one expert gated by ``sigmoid(w · x)``.
 
     ``module`` is the whole sparse block (not the shared MLP), because the shared expert and its gate read the
@@ -237,20 +239,6 @@ class HFSharedExpertView:
             return _swiglu_hidden(x_ND, w_gate_HD, w_up_HD, act)
 
         return shared_hidden
-
-    def expert_jacobian(self, e: int, x_ND: Tensor) -> Tensor | None:
-        """Closed-form Jacobian of the shared MLP, (N, D) -> (N, D, D); None unless the act is SiLU."""
-        w_gate_HD, w_up_HD, w_down_DH, act = self._expert_weights(e)
-        if not _is_silu(act):
-            return None
-        return _swiglu_jacobian(x_ND, w_gate_HD, w_up_HD, w_down_DH)
-
-    def expert_jacobian_operator(self, e: int, x_ND: Tensor):
-        """Closed-form products ``J V`` / ``Jᵀ U`` at each token (matrix-free spectra); None unless the act is SiLU."""
-        w_gate_HD, w_up_HD, w_down_DH, act = self._expert_weights(e)
-        if not _is_silu(act):
-            return None
-        return _swiglu_operator(x_ND, w_gate_HD, w_up_HD, w_down_DH)
 
 
 def _matcher(class_name: str):
