@@ -10,6 +10,7 @@ Shape legend: ``N`` tokens, ``E`` experts, ``D`` model dim, ``r`` matrix-free ra
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import math
@@ -42,6 +43,8 @@ COMMON = dict(
 MAX_TOKENS, SEQ_LEN = 64, 24  # blocks of 24, 24 and 16 tokens: two batches, one short
 MIXTRAL_LAYERS = ["model.layers.0.mlp", "model.layers.1.mlp"]
 SUPPORTED = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+# the CLI's reports against a direct probe: the same float64 computation, NaN where an expert saw no tokens
+assert_same = functools.partial(torch.testing.assert_close, rtol=1e-10, atol=1e-10, equal_nan=True)
 
 
 def run_cli(argv: list[str]) -> tuple[int, str, str]:
@@ -155,21 +158,11 @@ def test_probe_json_matches_a_direct_probe(workspace, mixtral_run) -> None:
         assert got.total_tokens == MAX_TOKENS == ref.total_tokens
         assert torch.equal(got.tokens, ref.tokens)
         for key in ("jac_sigma_max", "jac_effective_rank", "jac_decay_slope", "pca_hidden_effective_rank"):
-            torch.testing.assert_close(
-                got.expert[key], ref.expert[key], rtol=1e-10, atol=1e-10, equal_nan=True, msg=key
-            )
+            assert_same(got.expert[key], ref.expert[key], msg=key)
         for key in ("align_mean_offdiag", "align_ratio", "palign_mean_offdiag", "layer_jac_sigma_max"):
             assert math.isclose(got.layer[key], ref.layer[key], rel_tol=1e-10), key
-        torch.testing.assert_close(
-            got.spectra["jac_mean_spectrum"], ref.spectra["jac_mean_spectrum"], rtol=1e-10, atol=1e-10, equal_nan=True
-        )
-        torch.testing.assert_close(
-            got.matrices["align_mean_jacobian"],
-            ref.matrices["align_mean_jacobian"],
-            rtol=1e-10,
-            atol=1e-10,
-            equal_nan=True,
-        )
+        assert_same(got.spectra["jac_mean_spectrum"], ref.spectra["jac_mean_spectrum"])
+        assert_same(got.matrices["align_mean_jacobian"], ref.matrices["align_mean_jacobian"])
         # The printed summary shows sigma_max averaged over the experts that saw tokens.
         assert f"{float(ref.expert['jac_sigma_max'].nanmean()):.4g}" in mixtral_run["stdout"]
     assert str(mixtral_run["out"] / "probe.json") in mixtral_run["stdout"]
@@ -237,16 +230,8 @@ def test_qwen2_moe_with_shared_expert_end_to_end(workspace) -> None:
         ref = expected[name]
         assert got.num_experts == num_experts and got.total_tokens == 32
         assert torch.equal(got.tokens, ref.tokens)
-        torch.testing.assert_close(
-            got.expert["jac_sigma_max"], ref.expert["jac_sigma_max"], rtol=1e-10, atol=1e-10, equal_nan=True
-        )
-        torch.testing.assert_close(
-            got.expert["pca_hidden_effective_rank"],
-            ref.expert["pca_hidden_effective_rank"],
-            rtol=1e-10,
-            atol=1e-10,
-            equal_nan=True,
-        )
+        assert_same(got.expert["jac_sigma_max"], ref.expert["jac_sigma_max"])
+        assert_same(got.expert["pca_hidden_effective_rank"], ref.expert["pca_hidden_effective_rank"])
     assert got.tokens.tolist() == [32]
 
 
