@@ -603,12 +603,10 @@ def _expert_jacobian(view: Any, e: int, x_ND: Tensor, cfg: ProbeConfig, sources:
 def _layer_operator(view: Any, experts: list, x_c: Tensor, g_cE: Tensor, cfg: ProbeConfig) -> JacobianOperator | None:
     """The layer Jacobian as composed products (:func:`compose_layer_operator`) when every expert with routed
     tokens offers ``expert_jacobian_operator``; None (torch.func through the layer function) otherwise."""
-    if cfg.jacobian_method == "func" or not hasattr(view, "expert_jacobian_operator"):
-        return None
     parts = []
     for e in range(len(experts)):
         rows = g_cE[:, e] != 0
-        op = view.expert_jacobian_operator(e, x_c[rows]) if bool(rows.any()) else None
+        op = _expert_operator(view, e, x_c[rows], cfg) if bool(rows.any()) else None
         if op is None and bool(rows.any()):
             return None
         parts.append((rows, op))
