@@ -5,10 +5,12 @@ Times, side by side in one run, on a GELU-MLP expert and a SwiGLU expert at D = 
   - vmap(jacrev) through moe_lightning.geometry.jacobians(mode="jacrev"),
   - a per-token loop of torch.autograd.functional.jacobian,
 and the achieved GFLOP/s of the closed form against a plain matmul of the same GEMM shape measured in the same run.
-Then, at D = 4096 (Mixtral-8x7B: H = 14336), the matrix-free top-16 singular values of one token's SwiGLU Jacobian
-against forming J (closed form) and taking its full SVD, with the closed-form products
+Then, at D = 4096 (Mixtral-8x7B: H = 14336), the matrix-free top-16 singular values of SwiGLU Jacobians against
+forming one token's J (closed form) and taking its full SVD, with the closed-form products
 (swiglu_jacobian_operator) and the torch.func ones (func_jacobian_operator), at two tolerances, for random weights
-(flat top spectrum) and for weights with power-law decaying scales.
+(flat top spectrum) and for weights with power-law decaying scales; for 1 token and for 8 tokens in one call (as
+the probe batches a chunk's tokens: they share every GEMM against the weights), timed per token. Errors of both
+methods are against the float64 SVD of the same J (token 0).
 
 Usage:
     python scripts/benchmark_geometry.py            # full run (a few minutes on a 2-core CPU)
@@ -118,42 +120,48 @@ def swiglu_weights(d: int, h: int, dtype: torch.dtype, gen: torch.Generator, dec
     return w_gate, w_up, w_down
 
 
-def matrix_free_table(d, h, r, dtype, oversample, max_iter, tols, decays):
-    print(f"\n== Top-{r} singular values of one SwiGLU Jacobian, D={d}, H={h} ({dtype}), oversample {oversample} ==")
+def matrix_free_table(d, h, r, dtype, oversample, max_iter, tols, decays, token_counts):
+    print(f"\n== Top-{r} singular values of SwiGLU Jacobians, D={d}, H={h} ({dtype}), oversample {oversample} ==")
     print(
-        f"{'w_down':16} {'form J s':>8} {'SVD s':>6} {'products':>9} {'tol':>6} {'top-r s':>8} {'iters':>5} "
-        f"{'max rel err':>11} {'vs form+SVD':>11}"
+        f"{'w_down':16} {'form J s':>8} {'SVD s':>6} {'SVD err':>8} {'products':>9} {'tokens':>6} {'tol':>6} "
+        f"{'s/token':>8} {'iters':>5} {'rel err':>8} {'vs form+SVD':>11}"
     )
     for decay in decays:
         gen = torch.Generator().manual_seed(1)
         w_gate, w_up, w_down = swiglu_weights(d, h, dtype, gen, decay)
-        x = torch.randn(1, d, generator=gen, dtype=dtype)
+        x = torch.randn(max(token_counts), d, generator=gen, dtype=dtype)
         t0 = time.perf_counter()
-        J = swiglu_expert_jacobian(x, w_gate, w_up, w_down)
+        J = swiglu_expert_jacobian(x[:1], w_gate, w_up, w_down)
         t_form = time.perf_counter() - t0
         t0 = time.perf_counter()
-        exact = torch.linalg.svdvals(J)[0, :r]
+        lapack = torch.linalg.svdvals(J)[0, :r]
         t_svd = time.perf_counter() - t0
+        truth = torch.linalg.svdvals(J.double())[0, :r]  # errors are measured against float64 (not timed)
         del J
+
+        def rel_err(values, truth=truth):
+            return ((values.double() - truth).abs() / truth).max().item()
 
         def expert(x, w_gate=w_gate, w_up=w_up, w_down=w_down):
             return (F.silu(x @ w_gate) * (x @ w_up)) @ w_down
 
         label = "random init" if decay == 0 else f"rows·(i+1)^-{decay:g}"
         operators = {  # built inside the timed region: their set-up (activations, linearize's trace) counts
-            "closed": (swiglu_jacobian_operator, (x, w_gate, w_up, w_down)),
-            "func": (func_jacobian_operator, (expert, x)),
+            "closed": swiglu_jacobian_operator,
+            "func": lambda x, *w: func_jacobian_operator(expert, x),
         }
-        for name, (make, args) in operators.items():
-            for tol in tols:
-                t0 = time.perf_counter()
-                res = topr_singular_values(make(*args), None, r, oversample=oversample, max_iter=max_iter, tol=tol)
-                t_mf = time.perf_counter() - t0
-                err = ((res.values[0] - exact).abs() / exact).max().item()
-                print(
-                    f"{label:16} {t_form:8.2f} {t_svd:6.2f} {name:>9} {tol:6.0e} {t_mf:8.2f} {res.iterations:5d} "
-                    f"{err:11.1e} {(t_form + t_svd) / t_mf:10.1f}x"
-                )
+        for name, make in operators.items():
+            for n in token_counts if name == "closed" else token_counts[:1]:
+                for tol in tols:
+                    t0 = time.perf_counter()
+                    op = make(x[:n], w_gate, w_up, w_down)
+                    res = topr_singular_values(op, None, r, oversample=oversample, max_iter=max_iter, tol=tol)
+                    t_mf = (time.perf_counter() - t0) / n
+                    print(
+                        f"{label:16} {t_form:8.2f} {t_svd:6.2f} {rel_err(lapack):8.1e} {name:>9} {n:6d} {tol:6.0e} "
+                        f"{t_mf:8.2f} {res.iterations:5d} {rel_err(res.values[0]):8.1e} "
+                        f"{(t_form + t_svd) / t_mf:10.1f}x"
+                    )
 
 
 def main() -> None:
@@ -167,6 +175,9 @@ def main() -> None:
     parser.add_argument("--mf-oversample", type=int, default=8, help="as ProbeConfig.matrix_free_oversample")
     parser.add_argument(
         "--mf-decay", type=float, nargs="+", default=[0.0, 0.5, 1.0], help="power-law row scales of w_downᵀ"
+    )
+    parser.add_argument(
+        "--mf-tokens", type=int, nargs="+", default=[1, 8], help="tokens per matrix-free call (they share GEMMs)"
     )
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
@@ -183,7 +194,14 @@ def main() -> None:
         repeats=args.repeats,
     )
     matrix_free_table(
-        *mf, 16, getattr(torch, args.mf_dtype), args.mf_oversample, args.mf_max_iter, args.mf_tol, args.mf_decay
+        *mf,
+        16,
+        getattr(torch, args.mf_dtype),
+        args.mf_oversample,
+        args.mf_max_iter,
+        args.mf_tol,
+        args.mf_decay,
+        args.mf_tokens,
     )
 
 

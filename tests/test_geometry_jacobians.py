@@ -104,11 +104,11 @@ def test_closed_forms_with_a_partial_last_chunk(weights):
     """Chunks of 3 tokens for N = 7 (3 + 3 + 1) reuse one scratch buffer; the result must equal one pass."""
     w = weights
     full = swiglu_expert_jacobian(w["x"], w["w_gate"], w["w_up"], w["w_down"])
-    per_token = 8 * H * D  # float64 scratch of M(x), (H, D_in)
+    per_token = 8 * D * (H + D)  # float64 scratch of M(x)ᵀ (D_in, H) and of Jᵀ (D_in, D_out)
     chunked = swiglu_expert_jacobian(w["x"], w["w_gate"], w["w_up"], w["w_down"], memory_budget_bytes=3 * per_token)
     torch.testing.assert_close(chunked, full, rtol=0, atol=1e-13)
     full = mlp_expert_jacobian(w["x"], w["w_in"], w["b_in"], w["w_out"], "gelu")
-    per_token = 8 * (D + 1) * H  # float64 scratch of w_outᵀ diag(φ'), (D_out, H)
+    per_token = 8 * D * (H + D)  # float64 scratch of w_in diag(φ') (D_in, H) and of Jᵀ (D_in, D_out)
     chunked = mlp_expert_jacobian(w["x"], w["w_in"], w["b_in"], w["w_out"], "gelu", memory_budget_bytes=3 * per_token)
     torch.testing.assert_close(chunked, full, rtol=0, atol=1e-13)
 

@@ -43,6 +43,23 @@ def test_topr_matches_exact_on_random_swiglu_expert(method, products):
     assert res.right_vectors.shape == (N, D, r)
 
 
+@pytest.mark.parametrize("method", ["krylov", "subspace"])
+def test_float32_batches_stop_at_the_rounding_floor(method):
+    """A tolerance below float32's resolution is floored (16·eps) and convergence is latched per token, so a batch
+    of tokens stops instead of chasing rounding noise to max_iter, and its values are as good as float32 allows."""
+    gen = torch.Generator().manual_seed(3)
+    D, H, N, r = 256, 512, 8, 4
+    w_gate, w_up = (torch.randn(D, H, generator=gen) / D**0.5 for _ in range(2))
+    w_down = torch.randn(H, D, generator=gen) / H**0.5
+    x = torch.randn(N, D, generator=gen)
+    op = swiglu_jacobian_operator(x, w_gate, w_up, w_down)
+    res = topr_singular_values(op, None, r, oversample=4, max_iter=200, tol=1e-12, method=method)
+    assert res.converged.all() and res.iterations < 200
+    J64 = swiglu_expert_jacobian(x.double(), w_gate.double(), w_up.double(), w_down.double())
+    exact = torch.linalg.svdvals(J64)[:, :r]
+    torch.testing.assert_close(res.values.double(), exact, rtol=2e-5, atol=0)
+
+
 def test_topr_caps_r_and_handles_zero_jacobian():
     x = torch.randn(3, 5, dtype=DT)
     res = topr_singular_values(lambda x: 0.0 * x, x, 10)

@@ -1,6 +1,7 @@
 """probe(view, x): values against hand computations, DDP-style additivity, edge cases, metric keys."""
 
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -293,6 +294,36 @@ def test_matrix_free_path_matches_exact_sigma_max():
     assert torch.isnan(mf.expert["jac_frobenius"]).all()
     assert mf.variants["jac_frobenius"] == "unavailable_matrix_free"
     assert "align_mean_offdiag" not in mf.layer and "subspace_rep_overlap" in mf.layer
+
+
+def test_matrix_free_chunks_batch_tokens_without_changing_values(monkeypatch):
+    """On the matrix-free path a chunk holds no D x D matrix, so the default budget batches all 12 tokens into one
+    topr call per routed expert and one for the layer (shared GEMMs); one token per chunk gives the same values."""
+    from moe_lightning.adapters import find_moe_layers
+    from moe_lightning.moe import MoEConfig, MoELayer
+
+    probe_module = sys.modules["moe_lightning.geometry.probe"]  # the package re-exports a function of that name
+    sizes = []
+    original = probe_module.topr_singular_values
+
+    def spy(fn, x, r, **kw):
+        sizes.append(fn.num_tokens)  # the views' closed-form operators hold their tokens
+        return original(fn, x, r, **kw)
+
+    monkeypatch.setattr(probe_module, "topr_singular_values", spy)
+    torch.manual_seed(0)
+    layer = MoELayer(MoEConfig(dim=12, expert_hidden=16, num_experts=3, top_k=2, activation="swiglu")).double()
+    (view,) = find_moe_layers(layer)
+    x = torch.randn(12, 12, dtype=DT)
+    counts = (view.gates(x) > 0).sum(0).tolist()
+    kw = dict(matrix_free_threshold=4, matrix_free_rank=3, matrix_free_tol=1e-13, matrix_free_max_iter=200, pca=False)
+    batched = probe(view, x, ProbeConfig(**kw))
+    assert sizes == [c for c in counts if c] + [12]
+    sizes.clear()
+    single = probe(view, x, ProbeConfig(memory_budget_bytes=1, **kw))
+    assert sizes == [1] * (2 * 12 + 12)  # top-2: two expert calls and one layer call per token
+    for key in ("jac_mean_spectrum", "layer_jac_mean_spectrum"):
+        torch.testing.assert_close(batched.spectra[key], single.spectra[key], rtol=1e-9, atol=1e-12)
 
 
 def test_scalars_keys_and_max_experts():

@@ -192,7 +192,7 @@ class TopRResult:
         error_estimate: ``(N, R)`` residual norms ``‖J v_i − σ_i u_i‖``: each bounds ``|σ_i − σ_true|`` for some
             true singular value.
         iterations: subspace iterations run (the largest over tokens).
-        converged: ``(N,)`` whether the relative change of every value fell below ``tol``.
+        converged: ``(N,)`` whether the relative change of every value fell to ``tol`` (at some iteration).
         right_vectors: ``(N, D_in, R)`` right singular vectors (only when requested).
     """
 
@@ -272,7 +272,10 @@ def topr_singular_values(
         r: number of singular values; capped at ``min(D_in, D_out)``.
         oversample: extra block columns ``p`` (convergence rate ``(σ_{r+p+1}/σ_r)^2`` per iteration).
         max_iter: most subspace iterations (each one JVP block and one VJP block).
-        tol: stop when the relative change of every top-``r`` value between iterations is below ``tol``.
+        tol: a token has converged once the relative change of each of its top-``r`` values between two
+            iterations is at most ``tol`` (latched: rounding noise later cannot undo it); the run stops when every
+            token has. Floored at ``16·eps`` of the dtype (float32: 1.9e-6), below which successive Ritz values
+            differ by rounding alone and a batch of tokens would run to ``max_iter``.
         seed: seed of the random start block (a local generator; global RNG state is untouched).
         return_vectors: also return the right singular vectors.
         method: ``"krylov"`` (randomized block Krylov, default) or ``"subspace"`` (subspace iteration).
@@ -310,6 +313,7 @@ def topr_singular_values(
     n, d_in, d_out, dtype, device = op.num_tokens, op.d_in, op.d_out, op.dtype, op.device
     r = min(r, d_in, d_out)
     k = min(r + oversample, d_in, d_out)
+    tol = max(tol, 16 * torch.finfo(dtype).eps)
     if n == 0:
         empty = torch.zeros(0, r, dtype=dtype, device=device)
         return TopRResult(empty, empty.clone(), 0, torch.zeros(0, dtype=torch.bool, device=device))
@@ -347,7 +351,7 @@ def _subspace_iteration(J, Jt, omega, r, max_iter, tol):
         Z = Jt(Q)  # (N, D_in, K) = (Qᵀ J)ᵀ
         sigma = torch.linalg.svdvals(Z)[:, :r]
         if prev is not None:
-            converged = (_relative_change(sigma, prev) <= tol).all(-1)
+            converged |= (_relative_change(sigma, prev) <= tol).all(-1)  # latched per token
         if bool(converged.all()) or it >= max_iter:
             return Q, Z, it, converged
         prev = sigma
@@ -373,7 +377,7 @@ def _block_krylov(J, Jt, omega, r, max_iter, tol, max_dim):
         Q, Z = torch.cat(Q_blocks, -1), torch.cat(Z_blocks, -1)
         sigma = torch.linalg.svdvals(Z)[:, :r]
         if prev is not None:
-            converged = (_relative_change(sigma, prev) <= tol).all(-1)
+            converged |= (_relative_change(sigma, prev) <= tol).all(-1)  # latched per token
         if Q.shape[-1] >= max_dim:  # the basis spans the whole space: the Ritz values are exact
             converged = torch.ones_like(converged)
         if bool(converged.all()) or it >= max_iter:

@@ -480,7 +480,15 @@ def probe_statistics(view: Any, x: Tensor, config: ProbeConfig | None = None) ->
         t["tokens_nonfinite"] += (~finite_N).sum()
         x_valid = x_ND[finite_N]
         itemsize = x_ND.element_size()
-        per_token = itemsize * (3 * (num_experts + 1) * d * d + 8 * d)
+        if matrix_free:
+            # No D x D matrix: the Krylov bases (Q and Jᵀ Q, their concatenations and the Ritz SVD's copy, at most
+            # min(D, K·(max_iter + 1)) columns each) and K block columns through ~4D-wide expert activations. Tokens
+            # of a chunk share every GEMM against the weights, which runs ~2x faster per token at 8 tokens than at 1
+            # (scripts/benchmark_geometry.py), so chunks are as large as the budget allows.
+            k = min(m + cfg.matrix_free_oversample, d)
+            per_token = itemsize * d * (4 * min(d, k * (cfg.matrix_free_max_iter + 1)) + 3 * num_experts + 8 * k)
+        else:
+            per_token = itemsize * (3 * (num_experts + 1) * d * d + 8 * d)
         chunk = max(1, cfg.memory_budget_bytes // per_token)
         mf_kwargs = dict(
             oversample=cfg.matrix_free_oversample, max_iter=cfg.matrix_free_max_iter, tol=cfg.matrix_free_tol
