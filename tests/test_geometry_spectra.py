@@ -1,12 +1,15 @@
 """Spectral statistics (GEOMETRY.md §2) against numpy on known spectra."""
 
+import contextlib
 import math
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 from moe_lightning.geometry import (
+    batched_svdvals,
     decay_slope,
     effective_rank,
     n_components_for_variance,
@@ -108,3 +111,24 @@ def test_participation_ratio_and_n90_match_numpy():
     # Exactly on the boundary: 9 of 10 is 90%.
     assert n_components_for_variance(torch.tensor([9.0, 1.0], dtype=DT)).item() == 1
     assert participation_ratio(torch.ones(7, dtype=DT)).item() == pytest.approx(7.0)
+
+
+@pytest.mark.parametrize("context", ["plain", "inference_mode"])
+def test_batched_svdvals_equals_numpy_when_split_across_threads(context):
+    """The CPU batch is split across worker threads (2 here); each slice must give numpy's singular values, in
+    order, also for tensors made under inference_mode (the worker threads are not in it)."""
+    spectra_module = sys.modules["moe_lightning.geometry.spectra"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        with torch.inference_mode() if context == "inference_mode" else contextlib.nullcontext():
+            A = torch.randn(21, 64, 50, generator=gen, dtype=torch.float64)  # 21 = 11 + 10: uneven halves
+            spectra_module._SVD_POOL = None
+            sv = batched_svdvals(A)
+        assert spectra_module._SVD_POOL is not None and spectra_module._SVD_POOL[1] == 2  # the split path ran
+    finally:
+        torch.set_num_threads(threads)
+    ref = np.linalg.svd(A.numpy(), compute_uv=False)
+    assert sv.shape == (21, 50)
+    np.testing.assert_allclose(sv.numpy(), ref, rtol=1e-12, atol=1e-12)

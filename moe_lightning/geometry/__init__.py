@@ -48,6 +48,7 @@ from moe_lightning.geometry.probe import (
 from moe_lightning.geometry.spectra import (
     SPECTRAL_STAT_NAMES,
     SPECTRAL_VARIANTS,
+    batched_svdvals,
     decay_slope,
     effective_rank,
     n_components_for_variance,
@@ -105,6 +106,7 @@ __all__ = [
     "principal_angles",
     "probe",
     "probe_statistics",
+    "batched_svdvals",
     "spectral_stats",
     "stable_rank",
     "subspace_overlap_chance",

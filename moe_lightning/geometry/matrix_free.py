@@ -30,6 +30,7 @@ from torch import Tensor
 from torch.func import jvp, linearize, vjp, vmap
 
 from moe_lightning.geometry.jacobians import _silu_derivative, activation_derivative
+from moe_lightning.geometry.spectra import batched_svdvals
 
 __all__ = [
     "JacobianOperator",
@@ -349,7 +350,7 @@ def _subspace_iteration(J, Jt, omega, r, max_iter, tol):
         it += 1
         Q, _ = torch.linalg.qr(Y)  # (N, D_out, K)
         Z = Jt(Q)  # (N, D_in, K) = (Qᵀ J)ᵀ
-        sigma = torch.linalg.svdvals(Z)[:, :r]
+        sigma = batched_svdvals(Z)[:, :r]
         if prev is not None:
             converged |= (_relative_change(sigma, prev) <= tol).all(-1)  # latched per token
         if bool(converged.all()) or it >= max_iter:
@@ -375,7 +376,7 @@ def _block_krylov(J, Jt, omega, r, max_iter, tol, max_dim):
         it += 1
         Z_blocks.append(Jt(Q_blocks[-1]))
         Q, Z = torch.cat(Q_blocks, -1), torch.cat(Z_blocks, -1)
-        sigma = torch.linalg.svdvals(Z)[:, :r]
+        sigma = batched_svdvals(Z)[:, :r]
         if prev is not None:
             converged |= (_relative_change(sigma, prev) <= tol).all(-1)  # latched per token
         if Q.shape[-1] >= max_dim:  # the basis spans the whole space: the Ritz values are exact

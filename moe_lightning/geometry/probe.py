@@ -45,7 +45,12 @@ from moe_lightning.geometry.jacobians import (
 )
 from moe_lightning.geometry.matrix_free import JacobianOperator, compose_layer_operator, topr_singular_values
 from moe_lightning.geometry.pca import PCAResult, pca_from_moments
-from moe_lightning.geometry.spectra import SPECTRAL_STAT_NAMES, SPECTRAL_VARIANTS, spectral_stats
+from moe_lightning.geometry.spectra import (
+    SPECTRAL_STAT_NAMES,
+    SPECTRAL_VARIANTS,
+    batched_svdvals,
+    spectral_stats,
+)
 from moe_lightning.geometry.subspaces import grassmann_distance, subspace_overlap_chance
 
 __all__ = ["GeometryReport", "ProbeConfig", "ProbeStatistics", "finalize", "probe", "probe_statistics"]
@@ -539,7 +544,7 @@ def probe_statistics(view: Any, x: Tensor, config: ProbeConfig | None = None) ->
                     if want_pointwise:
                         all_J.append(J)
                     per_expert_J.append((rows, J_e))
-                    sv = torch.linalg.svdvals(J_e) if J_e.shape[0] else zeros(0, m)
+                    sv = batched_svdvals(J_e) if J_e.shape[0] else zeros(0, m)
                     if want_mean_jac:
                         t["jac_mean_w"][e] += torch.einsum("n,nij->ij", w, J_e)
                 vals = _stats_matrix(sv, cfg.decay_fit_max, truncated=matrix_free)
@@ -657,7 +662,7 @@ def _layer_singular_values(
         J = compose_layer_jacobian(g_cE, dg.to(g_cE.dtype), outputs, per_expert_J)
     else:
         J = layer_jacobian(view, x_c, method="compose", memory_budget_bytes=cfg.memory_budget_bytes)
-    return torch.linalg.svdvals(J)
+    return batched_svdvals(J)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -10,12 +10,15 @@ All spectra are expected sorted in descending order (as ``torch.linalg.svdvals``
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor
 
 __all__ = [
     "SPECTRAL_STAT_NAMES",
+    "batched_svdvals",
     "SPECTRAL_VARIANTS",
     "decay_slope",
     "effective_rank",
@@ -24,6 +27,52 @@ __all__ = [
     "spectral_stats",
     "stable_rank",
 ]
+
+_SVD_POOL: tuple[ThreadPoolExecutor, int] | None = None  # (pool, its worker count)
+
+
+def _forget_pool_after_fork() -> None:  # a forked child has none of the parent's worker threads
+    global _SVD_POOL
+    _SVD_POOL = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_after_fork)
+
+#: Below this many elements a CPU batch is not split (thread hand-off would cost more than it saves).
+_SPLIT_MIN_ELEMENTS = 2**16
+
+
+def batched_svdvals(A: Tensor) -> Tensor:
+    """``torch.linalg.svdvals`` of a batch of matrices, the batch split across ``torch.get_num_threads()`` threads.
+
+    On CPU torch runs a batched SVD one matrix after another on one thread; LAPACK releases the GIL, so slices of
+    the batch in worker threads run side by side (1.6x for 512 float64 128 x 128 matrices on 2 cores). Each matrix
+    goes through the same LAPACK routine as in one call. CUDA tensors, tensors that require grad, one thread and
+    small batches take ``torch.linalg.svdvals`` directly.
+
+    Args:
+        A: ``(..., m, n)``.
+
+    Returns:
+        ``(..., min(m, n))`` singular values, descending.
+    """
+    global _SVD_POOL
+    workers = torch.get_num_threads()
+    if (
+        A.device.type != "cpu"
+        or workers < 2
+        or A.dim() != 3
+        or A.shape[0] < 2
+        or A.numel() < _SPLIT_MIN_ELEMENTS
+        or (A.requires_grad and torch.is_grad_enabled())
+    ):
+        return torch.linalg.svdvals(A)
+    if _SVD_POOL is None or _SVD_POOL[1] != workers:
+        _SVD_POOL = (ThreadPoolExecutor(max_workers=workers, thread_name_prefix="moe_lightning_svd"), workers)
+    futures = [_SVD_POOL[0].submit(torch.linalg.svdvals, part) for part in A.chunk(workers)]
+    return torch.cat([f.result() for f in futures])
+
 
 #: Names of the per-matrix statistics returned by :func:`spectral_stats`, in a fixed order.
 SPECTRAL_STAT_NAMES: tuple[str, ...] = ("sigma_max", "frobenius", "stable_rank", "effective_rank", "decay_slope")
