@@ -287,6 +287,10 @@ def _stacked_transpose_gemm(
     D = 256 and 1024, ``scripts/benchmark_geometry.py``).
     """
     n, (d_in, h), d_out = c_NH.shape[0], w_DH.shape, w_out_HO.shape[1]
+    # Row-major (D_in, H) for the elementwise pass: free for our layout, one copy for an ``nn.Linear`` weight's
+    # transposed view (Hugging Face experts), whose strided reads would cost 25-40% more over a chunk's tokens.
+    w_DH = w_DH.contiguous()
+    w2_DH = None if w2_DH is None else w2_DH.contiguous()
     out_NOI = w_DH.new_empty(n, d_out, d_in)
     if n == 0:
         return out_NOI
