@@ -1,0 +1,55 @@
+"""Smoke run of scripts/benchmark_geometry.py at tiny shapes: every row printed, and the accuracy it reports is
+checked against the float64 SVD the script measures against."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_geometry.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("benchmark_geometry", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _rows(text: str, header_start: str) -> list[list[str]]:
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    rows = []
+    for line in lines[start + 1 :]:
+        if not line.strip() or line.startswith("=="):
+            break
+        rows.append(line.split())
+    return rows
+
+
+def test_exact_jacobian_table(bench, capsys):
+    bench.exact_jacobian_table((16,), n_tokens=lambda d: 3, n_loop=lambda d: 1, dtype=torch.float64, repeats=1)
+    rows = _rows(capsys.readouterr().out, "expert")
+    assert [(r[0], r[1]) for r in rows] == [("gelu", "16"), ("swiglu", "16")]
+    assert [r[2] for r in rows] == ["64", "42"]  # H = 4·D for GELU, 8·D/3 for SwiGLU
+    for r in rows:  # ratios and rates are positive numbers
+        assert float(r[6].rstrip("x")) > 0 and float(r[7].rstrip("x")) > 0 and float(r[8]) > 0
+
+
+def test_matrix_free_table_reports_accurate_values(bench, capsys):
+    """D = 64 random and decaying SwiGLU weights, 1 and 2 tokens, closed-form and torch.func products."""
+    bench.matrix_free_table(64, 128, 4, torch.float32, 8, 60, [1e-5], [0.0, 1.0], [1, 2])
+    rows = _rows(capsys.readouterr().out, "w_down")
+    # per decay: closed x (1, 2 tokens) + func x 1 token, one tolerance
+    assert len(rows) == 2 * 3
+    labels = [" ".join(r[:-10]) for r in rows]
+    assert labels == ["random init"] * 3 + ["rows·(i+1)^-1"] * 3
+    for r in rows:
+        lapack_err, products, tokens, rel_err = float(r[-8]), r[-7], int(r[-6]), float(r[-2])
+        assert products in ("closed", "func") and tokens in (1, 2)
+        assert lapack_err < 1e-5  # float32 LAPACK vs float64 on the same J
+        assert rel_err < 1e-4  # the matrix-free values at tol 1e-5, against the float64 SVD
