@@ -18,8 +18,8 @@ from torch import Tensor
 
 __all__ = [
     "SPECTRAL_STAT_NAMES",
-    "batched_svdvals",
     "SPECTRAL_VARIANTS",
+    "batched_svdvals",
     "decay_slope",
     "effective_rank",
     "n_components_for_variance",
