@@ -169,3 +169,62 @@ def test_composed_layer_operator_equals_products_with_the_autograd_layer_jacobia
     V = torch.randn(6, 10, 3, dtype=DT)
     torch.testing.assert_close(op.apply(V), J @ V, rtol=0, atol=1e-12)
     torch.testing.assert_close(op.apply_transpose(V), J.mT @ V, rtol=0, atol=1e-12)
+
+
+def _counting(op):
+    """``op`` with every ``apply``'s column count recorded (block columns over all tokens)."""
+    from moe_lightning.geometry.matrix_free import JacobianOperator
+
+    widths = []
+
+    def apply(V):
+        widths.append(V.shape[-1])
+        return op.apply(V)
+
+    return JacobianOperator(apply, op.apply_transpose, op.num_tokens, op.d_in, op.d_out, op.dtype, op.device), widths
+
+
+@pytest.mark.parametrize("block_size", [None, 1, 2, 16])
+def test_krylov_block_sizes_match_exact_and_small_blocks_need_fewer_columns(block_size):
+    """Any block size gives the exact top-r values; a batch of 8 tokens defaults to blocks of 4 columns, and on this
+    flat random spectrum the smaller blocks converge with fewer product columns than blocks of K = r + p."""
+    gen = torch.Generator().manual_seed(5)
+    D, H, N, r = 200, 400, 8, 6
+    w_gate, w_up = (torch.randn(D, H, generator=gen, dtype=DT) / D**0.5 for _ in range(2))
+    w_down = torch.randn(H, D, generator=gen, dtype=DT) / H**0.5
+    x = torch.randn(N, D, generator=gen, dtype=DT)
+    exact = torch.linalg.svdvals(swiglu_expert_jacobian(x, w_gate, w_up, w_down))[:, :r]
+    columns = {}
+    for b in (block_size, 16):
+        op, widths = _counting(swiglu_jacobian_operator(x, w_gate, w_up, w_down))
+        res = topr_singular_values(op, None, r, oversample=10, max_iter=100, tol=1e-10, block_size=b)
+        assert res.converged.all()
+        torch.testing.assert_close(res.values, exact, rtol=1e-8, atol=0)
+        assert ((res.values - exact).abs() <= res.error_estimate + 1e-12).all()
+        assert widths[-1] == r  # the residual's products; every block before it is b columns wide
+        assert set(widths[:-2]) == {b or 4}
+        columns[b] = sum(widths[:-1])
+    assert columns[block_size] < D  # converged before the basis filled the space
+    if block_size != 16:
+        assert columns[block_size] < columns[16]
+
+
+@pytest.mark.parametrize("block_size", [None, 12])
+def test_krylov_finds_a_repeated_top_value(block_size):
+    """J = U diag(s) Vᵀ with a six-fold top singular value, r = 8: blocks of K = r + p = 12 >= 6 columns see every
+    copy at once; the default blocks of 4 (8 tokens) get the other copies from rounding, later."""
+    gen = torch.Generator().manual_seed(6)
+    D = 40
+    U = torch.linalg.qr(torch.randn(D, D, generator=gen, dtype=DT))[0]
+    V = torch.linalg.qr(torch.randn(D, D, generator=gen, dtype=DT))[0]
+    s = torch.cat([torch.full((6,), 5.0, dtype=DT), torch.linspace(3.0, 0.1, D - 6, dtype=DT)])
+    W = U @ torch.diag(s) @ V.T
+    x = torch.zeros(8, D, dtype=DT)
+    res = topr_singular_values(lambda x: x @ W.T, x, 8, oversample=4, block_size=block_size, tol=1e-12)
+    torch.testing.assert_close(res.values, s[:8].expand(8, 8), rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("block_size", [0, -1, 2.5])
+def test_topr_rejects_a_bad_block_size(block_size):
+    with pytest.raises(ValueError, match="block_size must be None or an int >= 1"):
+        topr_singular_values(torch.tanh, torch.zeros(2, 3), 2, block_size=block_size)

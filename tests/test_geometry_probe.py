@@ -426,7 +426,7 @@ def test_matrix_free_path_uses_the_views_closed_form_operator(activation, monkey
     monkeypatch.setattr(OurMoEView, "expert_jacobian_operator", spy)
     kw = dict(matrix_free_threshold=4, matrix_free_rank=3, matrix_free_tol=1e-13, matrix_free_max_iter=200)
     with_op = probe(view, x, ProbeConfig(**kw))
-    assert len(calls) == 2 * 3 and sorted(set(calls)) == [0, 1, 2]  # per expert: its own spectra, the layer's
+    assert sorted(calls) == [0, 1, 2]  # one build per expert: its own spectra, then reused for the layer's
     calls.clear()
     func = probe(view, x, ProbeConfig(jacobian_method="func", **kw))
     assert calls == []

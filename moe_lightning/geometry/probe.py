@@ -486,12 +486,19 @@ def probe_statistics(view: Any, x: Tensor, config: ProbeConfig | None = None) ->
         x_valid = x_ND[finite_N]
         itemsize = x_ND.element_size()
         if matrix_free:
-            # No D x D matrix: the Krylov bases (Q and Jᵀ Q, their concatenations and the Ritz SVD's copy, at most
-            # min(D, K·(max_iter + 1)) columns each) and K block columns through ~4D-wide expert activations. Tokens
-            # of a chunk share every GEMM against the weights, which runs ~2x faster per token at 8 tokens than at 1
-            # (scripts/benchmark_geometry.py), so chunks are as large as the budget allows.
+            # No D x D matrix: the Krylov bases Q and Jᵀ Q (at most min(D, K·max_iter) columns each), a float64
+            # copy of Jᵀ Q for the Gram matrix when the probe dtype is narrower, the Ritz SVD's output and
+            # workspace, the c x c Gram matrix, and K block columns through ~4D-wide expert activations. Tokens of a
+            # chunk share every GEMM against the weights (~2x faster per token at 8 tokens than at 1, and from 8
+            # tokens on the Krylov blocks shrink to 4 columns: scripts/benchmark_geometry.py), so chunks are as
+            # large as the budget allows.
             k = min(m + cfg.matrix_free_oversample, d)
-            per_token = itemsize * d * (4 * min(d, k * (cfg.matrix_free_max_iter + 1)) + 3 * num_experts + 8 * k)
+            cols = min(d, k * cfg.matrix_free_max_iter)
+            per_token = (
+                d * cols * (4 * itemsize + (8 if itemsize < 8 else 0))
+                + 16 * cols * cols
+                + itemsize * d * (3 * num_experts + 8 * k)
+            )
         else:
             per_token = itemsize * (3 * (num_experts + 1) * d * d + 8 * d)
         chunk = max(1, cfg.memory_budget_bytes // per_token)
@@ -511,6 +518,7 @@ def probe_statistics(view: Any, x: Tensor, config: ProbeConfig | None = None) ->
                 continue
             t["tokens_total"] += n_c
             per_expert_J: list[tuple[Tensor, Tensor]] = []
+            expert_ops: dict[int, tuple[Tensor, JacobianOperator | None]] = {}  # reused by the layer's operator
             all_J: list[Tensor] = []
             for e in range(num_experts):
                 rows = g_cE[:, e] > 0
@@ -532,6 +540,7 @@ def probe_statistics(view: Any, x: Tensor, config: ProbeConfig | None = None) ->
                 if matrix_free:
                     if x_e.shape[0]:
                         op = _expert_operator(view, e, x_e, cfg)
+                        expert_ops[e] = (rows, op)
                         res = topr_singular_values(op or experts[e], x_e, m, seed=cfg.seed, **mf_kwargs)
                         sv = res.values
                         jac_sources.add("matrix_free_topr")
@@ -558,7 +567,9 @@ def probe_statistics(view: Any, x: Tensor, config: ProbeConfig | None = None) ->
                 t["palign_sum"] += s
                 t["palign_count"] += c
             if cfg.layer_jacobian:
-                sv_layer = _layer_singular_values(view, experts, x_c, g_cE, per_expert_J, cfg, matrix_free, m)
+                sv_layer = _layer_singular_values(
+                    view, experts, x_c, g_cE, per_expert_J, expert_ops, cfg, matrix_free, m
+                )
                 vals = _stats_matrix(sv_layer, cfg.decay_fit_max, truncated=matrix_free)
                 sw, sws, sws2 = _weighted_stat_sums(vals, torch.ones(n_c, dtype=dtype, device=x_c.device))
                 t["layer_n"] += sw
@@ -613,13 +624,27 @@ def _expert_jacobian(view: Any, e: int, x_ND: Tensor, cfg: ProbeConfig, sources:
     )
 
 
-def _layer_operator(view: Any, experts: list, x_c: Tensor, g_cE: Tensor, cfg: ProbeConfig) -> JacobianOperator | None:
+def _layer_operator(
+    view: Any,
+    experts: list,
+    x_c: Tensor,
+    g_cE: Tensor,
+    expert_ops: dict[int, tuple[Tensor, JacobianOperator | None]],
+    cfg: ProbeConfig,
+) -> JacobianOperator | None:
     """The layer Jacobian as composed products (:func:`compose_layer_operator`) when every expert with routed
-    tokens offers ``expert_jacobian_operator``; None (torch.func through the layer function) otherwise."""
+    tokens offers ``expert_jacobian_operator``; None (torch.func through the layer function) otherwise. The
+    operators the experts' own spectra used (``expert_ops``: rows and operator per expert) are reused where they
+    hold the same tokens (a build computes the expert's activations and, for a probe dtype other than the
+    model's, casts its weights)."""
     parts = []
     for e in range(len(experts)):
         rows = g_cE[:, e] != 0
-        op = _expert_operator(view, e, x_c[rows], cfg) if bool(rows.any()) else None
+        cached = expert_ops.get(e)
+        if cached is not None and torch.equal(cached[0], rows):
+            op = cached[1]
+        else:
+            op = _expert_operator(view, e, x_c[rows], cfg) if bool(rows.any()) else None
         if op is None and bool(rows.any()):
             return None
         parts.append((rows, op))
@@ -634,6 +659,7 @@ def _layer_singular_values(
     x_c: Tensor,
     g_cE: Tensor,
     per_expert_J: list[tuple[Tensor, Tensor]],
+    expert_ops: dict[int, tuple[Tensor, JacobianOperator | None]],
     cfg: ProbeConfig,
     matrix_free: bool,
     m: int,
@@ -644,7 +670,7 @@ def _layer_singular_values(
             g = view.gates(x)
             return sum(g[:, e : e + 1] * experts[e](x) for e in range(len(experts)))
 
-        op = None if cfg.layer_jacobian_method == "func" else _layer_operator(view, experts, x_c, g_cE, cfg)
+        op = None if cfg.layer_jacobian_method == "func" else _layer_operator(view, experts, x_c, g_cE, expert_ops, cfg)
         return topr_singular_values(
             op or layer_fn,
             x_c,
