@@ -8,9 +8,10 @@ and the achieved GFLOP/s of the closed form against a plain matmul of the same G
 Then, at D = 4096 (Mixtral-8x7B: H = 14336), the matrix-free top-16 singular values of SwiGLU Jacobians against
 forming one token's J (closed form) and taking its full SVD, with the closed-form products
 (swiglu_jacobian_operator) and the torch.func ones (func_jacobian_operator), at two tolerances, for random weights
-(flat top spectrum) and for weights with power-law decaying scales; for 1 token and for 8 tokens in one call (as
-the probe batches a chunk's tokens: they share every GEMM against the weights), timed per token. Errors of both
-methods are against the float64 SVD of the same J (token 0).
+(flat top spectrum) and for weights with power-law decaying scales; for 1, 8 and 32 tokens in one call (as the
+probe batches a chunk's tokens: they share every GEMM against the weights; from 8 tokens on, the Krylov blocks are
+4 columns per token), timed per token, with the Krylov basis size (cols). Errors of both methods are against the
+float64 SVD of the same J (token 0).
 
 Usage:
     python scripts/benchmark_geometry.py            # full run (a few minutes on a 2-core CPU)
@@ -124,7 +125,7 @@ def matrix_free_table(d, h, r, dtype, oversample, max_iter, tols, decays, token_
     print(f"\n== Top-{r} singular values of SwiGLU Jacobians, D={d}, H={h} ({dtype}), oversample {oversample} ==")
     print(
         f"{'w_down':16} {'form J s':>8} {'SVD s':>6} {'SVD err':>8} {'products':>9} {'tokens':>6} {'tol':>6} "
-        f"{'s/token':>8} {'iters':>5} {'rel err':>8} {'vs form+SVD':>11}"
+        f"{'s/token':>8} {'iters':>5} {'cols':>4} {'rel err':>8} {'vs form+SVD':>11}"
     )
     for decay in decays:
         gen = torch.Generator().manual_seed(1)
@@ -159,7 +160,7 @@ def matrix_free_table(d, h, r, dtype, oversample, max_iter, tols, decays, token_
                     t_mf = (time.perf_counter() - t0) / n
                     print(
                         f"{label:16} {t_form:8.2f} {t_svd:6.2f} {rel_err(lapack):8.1e} {name:>9} {n:6d} {tol:6.0e} "
-                        f"{t_mf:8.2f} {res.iterations:5d} {rel_err(res.values[0]):8.1e} "
+                        f"{t_mf:8.2f} {res.iterations:5d} {res.basis_columns:4d} {rel_err(res.values[0]):8.1e} "
                         f"{(t_form + t_svd) / t_mf:10.1f}x"
                     )
 
@@ -177,7 +178,7 @@ def main() -> None:
         "--mf-decay", type=float, nargs="+", default=[0.0, 0.5, 1.0], help="power-law row scales of w_downᵀ"
     )
     parser.add_argument(
-        "--mf-tokens", type=int, nargs="+", default=[1, 8], help="tokens per matrix-free call (they share GEMMs)"
+        "--mf-tokens", type=int, nargs="+", default=[1, 8, 32], help="tokens per matrix-free call (they share GEMMs)"
     )
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)

@@ -46,10 +46,11 @@ def test_matrix_free_table_reports_accurate_values(bench, capsys):
     rows = _rows(capsys.readouterr().out, "w_down")
     # per decay: closed x (1, 2 tokens) + func x 1 token, one tolerance
     assert len(rows) == 2 * 3
-    labels = [" ".join(r[:-10]) for r in rows]
+    labels = [" ".join(r[:-11]) for r in rows]
     assert labels == ["random init"] * 3 + ["rows·(i+1)^-1"] * 3
     for r in rows:
-        lapack_err, products, tokens, rel_err = float(r[-8]), r[-7], int(r[-6]), float(r[-2])
+        lapack_err, products, tokens, cols, rel_err = float(r[-9]), r[-8], int(r[-7]), int(r[-3]), float(r[-2])
         assert products in ("closed", "func") and tokens in (1, 2)
+        assert 4 <= cols <= 64  # the Krylov basis: at least r columns, at most D
         assert lapack_err < 1e-5  # float32 LAPACK vs float64 on the same J
         assert rel_err < 1e-4  # the matrix-free values at tol 1e-5, against the float64 SVD

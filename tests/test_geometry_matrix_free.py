@@ -204,6 +204,7 @@ def test_krylov_block_sizes_match_exact_and_small_blocks_need_fewer_columns(bloc
         assert widths[-1] == r  # the residual's products; every block before it is b columns wide
         assert set(widths[:-2]) == {b or 4}
         columns[b] = sum(widths[:-1])
+        assert res.basis_columns == columns[b]
     assert columns[block_size] < D  # converged before the basis filled the space
     if block_size != 16:
         assert columns[block_size] < columns[16]

@@ -195,6 +195,8 @@ class TopRResult:
         iterations: subspace iterations run (the largest over tokens).
         converged: ``(N,)`` whether the relative change of every value fell to ``tol`` (at some iteration).
         right_vectors: ``(N, D_in, R)`` right singular vectors (only when requested).
+        basis_columns: columns of the final basis per token (each cost one product with ``J`` and one with
+            ``Jᵀ``).
     """
 
     values: Tensor
@@ -202,6 +204,7 @@ class TopRResult:
     iterations: int
     converged: Tensor
     right_vectors: Tensor | None = None
+    basis_columns: int = 0
 
 
 def compose_layer_operator(
@@ -347,7 +350,7 @@ def topr_singular_values(
     U_r = Q @ U_bT.transpose(-1, -2)[:, :, :r]
     S_r = S[:, :r]
     residual = torch.linalg.vector_norm(J(V_r) - U_r * S_r.unsqueeze(1), dim=1)
-    return TopRResult(S_r, residual, it, converged, V_r if return_vectors else None)
+    return TopRResult(S_r, residual, it, converged, V_r if return_vectors else None, Q.shape[-1])
 
 
 def _relative_change(sigma: Tensor, prev: Tensor) -> Tensor:
