@@ -352,6 +352,7 @@ def probe_pretrained(
     probe_dtype: str = "float64",
     matrix_free_threshold: int = 1024,
     matrix_free_rank: int = 16,
+    memory_budget_mib: int = 256,
     trust_remote_code: bool = False,
     out_dir: str | os.PathLike | None = None,
     title: str | None = None,
@@ -383,6 +384,9 @@ def probe_pretrained(
             block to it temporarily (``ProbeConfig.cast_module``).
         matrix_free_threshold: model dims above this use the matrix-free spectra.
         matrix_free_rank: singular values kept on the matrix-free path.
+        memory_budget_mib: peak memory of one token chunk of the probe (``ProbeConfig.memory_budget_bytes``, in
+            MiB). On the matrix-free path a chunk's tokens share every GEMM against the expert weights, so a larger
+            budget batches more of them (at d = 4096 in float32, ~80 MiB per token).
         trust_remote_code: passed to ``transformers`` when loading.
         out_dir: if given, write ``probe.json`` and the rendered report
             (:func:`moe_lightning.report.render_probe`) there.
@@ -408,6 +412,7 @@ def probe_pretrained(
         probe_dtype=probe_dtype,
         matrix_free_threshold=matrix_free_threshold,
         matrix_free_rank=matrix_free_rank,
+        memory_budget_mib=memory_budget_mib,
         trust_remote_code=trust_remote_code,
         out_dir=out_dir,
         title=title,
@@ -429,6 +434,7 @@ def _probe_and_write(
     probe_dtype: str,
     matrix_free_threshold: int,
     matrix_free_rank: int,
+    memory_budget_mib: int,
     trust_remote_code: bool,
     out_dir: str | os.PathLike | None,
     title: str | None,
@@ -440,6 +446,7 @@ def _probe_and_write(
         ("batch_size", batch_size),
         ("matrix_free_threshold", matrix_free_threshold),
         ("matrix_free_rank", matrix_free_rank),
+        ("memory_budget_mib", memory_budget_mib),
     ):
         _positive_int(name, value)
     compute_dtype = _choice("probe_dtype", probe_dtype, PROBE_DTYPES)
@@ -523,7 +530,10 @@ def _probe_and_write(
     batches = pack_blocks(stream, seq_len, batch_size)
     captured = capture_inputs(model, views, batches)
     probe_config = ProbeConfig(
-        dtype=compute_dtype, matrix_free_threshold=matrix_free_threshold, matrix_free_rank=matrix_free_rank
+        dtype=compute_dtype,
+        matrix_free_threshold=matrix_free_threshold,
+        matrix_free_rank=matrix_free_rank,
+        memory_budget_bytes=memory_budget_mib * 2**20,
     )
     reports: dict[str, GeometryReport] = {}
     for view in views:
@@ -544,6 +554,7 @@ def _probe_and_write(
             "probe_dtype": probe_dtype,
             "matrix_free_threshold": matrix_free_threshold,
             "matrix_free_rank": matrix_free_rank,
+            "memory_budget_mib": memory_budget_mib,
             "trust_remote_code": trust_remote_code,
         }
         paths = write_outputs(
@@ -644,6 +655,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=16,
         help="singular values r kept on the matrix-free path (default: %(default)s)",
     )
+    parser.add_argument(
+        "--memory-budget-mib",
+        type=int,
+        default=256,
+        help="peak memory of one token chunk of the probe; on the matrix-free path more tokens per chunk share "
+        "the GEMMs against the weights (default: %(default)s)",
+    )
     parser.add_argument("--trust-remote-code", action="store_true", help="passed to transformers")
     parser.add_argument("--out", default=None, help="output directory (default: probe-<model basename>)")
     return parser
@@ -677,6 +695,7 @@ def main(argv: list[str]) -> int:
             probe_dtype=args.probe_dtype,
             matrix_free_threshold=args.matrix_free_threshold,
             matrix_free_rank=args.matrix_free_rank,
+            memory_budget_mib=args.memory_budget_mib,
             trust_remote_code=args.trust_remote_code,
             out_dir=out_dir,
             title=None,

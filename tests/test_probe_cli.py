@@ -178,10 +178,12 @@ def test_matrix_free_path_matches_the_exact_top_values(workspace, mixtral_run) -
             *("--text", str(workspace["text"]), "--max-tokens", str(MAX_TOKENS), "--seq-len", str(SEQ_LEN)),
             *("--batch-size", "2", "--layers", layer, "--out", str(out)),
             *("--matrix-free-threshold", "16", "--matrix-free-rank", str(rank)),  # D = 32 > 16
+            *("--memory-budget-mib", "1"),  # chunks of ~15 of the 64 tokens instead of one: values must not move
         ]
     )
     assert code == 0, stderr
     data = json.loads((out / "probe.json").read_text())
+    assert data["config"]["memory_budget_mib"] == 1
     assert list(data["layers"]) == [layer]
     free = GeometryReport.from_dict(data["layers"][layer])
     exact = GeometryReport.from_dict(mixtral_run["data"]["layers"][layer])
@@ -286,6 +288,7 @@ def test_non_moe_model_lists_the_supported_types(workspace) -> None:
     ("extra", "message"),
     [
         (["--max-tokens", "0"], "max_tokens must be a positive int, got 0"),
+        (["--memory-budget-mib", "0"], "memory_budget_mib must be a positive int, got 0"),
         (["--layers", "model.layers.9.*"], "no MoE layer matches"),
         (["--seq-len", "4096"], "exceeds the model's max_position_embeddings=128"),
         (["--text", "/no/such/text.txt"], "text file '/no/such/text.txt' does not exist"),
