@@ -195,8 +195,8 @@ class TopRResult:
         iterations: subspace iterations run (the largest over tokens).
         converged: ``(N,)`` whether the relative change of every value fell to ``tol`` (at some iteration).
         right_vectors: ``(N, D_in, R)`` right singular vectors (only when requested).
-        basis_columns: columns of the final basis per token (each cost one product with ``J`` and one with
-            ``Jᵀ``).
+        basis_columns: columns of the final basis per token (Krylov: each cost one product with ``J`` and one
+            with ``Jᵀ``; subspace iteration: its block, ``K``).
     """
 
     values: Tensor
