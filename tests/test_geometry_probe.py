@@ -443,6 +443,42 @@ def test_matrix_free_path_uses_the_views_closed_form_operator(activation, monkey
         )
 
 
+def test_matrix_free_layer_operator_rebuilds_experts_whose_layer_rows_differ():
+    """The layer's composed operator reuses the experts' own operators (built on the tokens with g_e > 0); a view
+    whose expert-1 gates are negative on some tokens (outside the gate-weight contract, but a layer all the same) still
+    gets that expert's products on its g_e != 0 tokens: the layer spectra equal the autograd Jacobian's."""
+    from moe_lightning.adapters import find_moe_layers
+    from moe_lightning.moe import MoEConfig, MoELayer
+
+    torch.manual_seed(1)
+    layer = MoELayer(MoEConfig(dim=12, expert_hidden=16, num_experts=3, top_k=2, activation="swiglu")).double()
+    (view,) = find_moe_layers(layer)
+
+    def signed(x):  # expert 1's gate flips sign where x[:, 0] < 0
+        g = view.gates(x)
+        return torch.cat([g[:, :1], g[:, 1:2] * torch.sign(x[:, :1]), g[:, 2:]], 1)
+
+    class SignedView:
+        def __getattr__(self, name):
+            return getattr(view, name)
+
+        def gates(self, x):
+            return signed(x)
+
+    x = torch.randn(10, 12, dtype=DT)
+
+    def layer_fn(x):
+        g = signed(x)
+        return sum(g[:, e : e + 1] * view.expert(e)(x) for e in range(3))
+
+    kw = dict(matrix_free_threshold=4, matrix_free_rank=3, matrix_free_tol=1e-13, matrix_free_max_iter=200, pca=False)
+    report = probe(SignedView(), x, ProbeConfig(**kw))
+    exact = torch.linalg.svdvals(auto_jac(layer_fn, x))[:, :3].mean(0)
+    torch.testing.assert_close(report.spectra["layer_jac_mean_spectrum"], exact, rtol=1e-8, atol=1e-12)
+    g1 = signed(x)[:, 1]
+    assert bool((g1 < 0).any()) and int(report.expert["tokens"][1]) == int((g1 > 0).sum()) > 0  # own: g_e > 0
+
+
 def test_closed_form_method_requires_an_operator_on_the_matrix_free_path():
     """ToyView offers expert_jacobian but no expert_jacobian_operator: 'auto' falls back to torch.func, while
     'closed_form' must say what is missing instead of silently using torch.func."""
