@@ -229,3 +229,14 @@ def test_krylov_finds_a_repeated_top_value(block_size):
 def test_topr_rejects_a_bad_block_size(block_size):
     with pytest.raises(ValueError, match="block_size must be None or an int >= 1"):
         topr_singular_values(torch.tanh, torch.zeros(2, 3), 2, block_size=block_size)
+
+
+def test_krylov_basis_grows_past_its_first_allocation():
+    """r = 1, no oversampling: blocks of one column and a first allocation of 8 columns, which a random 60 x 60
+    matrix's top singular value outgrows (the basis storage doubles); the value is still exact."""
+    gen = torch.Generator().manual_seed(7)
+    W = torch.randn(60, 60, generator=gen, dtype=DT)
+    x = torch.zeros(2, 60, dtype=DT)
+    res = topr_singular_values(lambda x: x @ W.T, x, 1, oversample=0, max_iter=200, tol=1e-13)
+    assert res.converged.all() and 16 < res.basis_columns <= 60
+    torch.testing.assert_close(res.values, torch.linalg.svdvals(W)[:1].expand(2, 1), rtol=1e-12, atol=0)
