@@ -289,7 +289,7 @@ def topr_singular_values(
         method: ``"krylov"`` (randomized block Krylov, default) or ``"subspace"`` (subspace iteration).
         block_size: Krylov columns added per token and iteration. A Krylov basis grows one polynomial degree per
             block, so small blocks reach a given accuracy with fewer columns in all (a random ``D = 4096`` SwiGLU
-            Jacobian, top 16 at tol 1e-6: 156 columns at block 4, 336 at block 24), but a block of ``b`` columns
+            Jacobian, top 16 at tol 1e-6: ~180 columns at block 4, 310-360 at block 24), but a block of ``b`` columns
             per token makes GEMMs of ``N·b`` columns against the weights, which run several times slower per column
             below ~32. Default (None): ``min(K, 4)`` when ``N · 4 >= 32``, else ``K``. A block smaller than the
             multiplicity of a singular value finds only ``block_size`` copies of it until rounding supplies the
