@@ -337,12 +337,11 @@ def topr_singular_values(
     J, Jt = op.apply, op.apply_transpose
 
     gen = torch.Generator(device=device).manual_seed(seed)
+    b = k if method == "subspace" else _krylov_block(n, k, block_size)
+    omega = torch.randn(n, d_in, b, generator=gen, dtype=dtype, device=device)
     if method == "krylov":
-        b = min(block_size or (min(k, _SMALL_BLOCK) if n * _SMALL_BLOCK >= _WIDE_GEMM else k), k)
-        omega = torch.randn(n, d_in, b, generator=gen, dtype=dtype, device=device)
         Q, Z, it, converged = _block_krylov(J, Jt, omega, r, k, max_iter, tol, min(d_in, d_out))
     else:
-        omega = torch.randn(n, d_in, k, generator=gen, dtype=dtype, device=device)
         Q, Z, it, converged = _subspace_iteration(J, Jt, omega, r, max_iter, tol)
     # Rayleigh–Ritz: Qᵀ J = Zᵀ = U_b Σ V_bᵀ, so σ_i with v_i = V_b[:, i] and u_i = Q U_b[:, i].
     V_b, S, U_bT = torch.linalg.svd(Z, full_matrices=False)  # Z = V_b S U_bᵀ
@@ -380,6 +379,22 @@ def _subspace_iteration(J, Jt, omega, r, max_iter, tol):
 
 _SMALL_BLOCK = 4  # Krylov block per token once a batch's GEMMs are wide enough without a bigger one
 _WIDE_GEMM = 32  # columns from which a GEMM against a (D, H) weight runs near its full rate on CPU
+
+
+def _krylov_block(n: int, k: int, block_size: int | None) -> int:
+    """Columns per token and Krylov iteration: ``block_size`` (at most ``k``), or the default policy."""
+    if block_size is None:
+        block_size = _SMALL_BLOCK if n * _SMALL_BLOCK >= _WIDE_GEMM else k
+    return min(block_size, k)
+
+
+def _krylov_bytes_per_token(d: int, k: int, max_iter: int, itemsize: int) -> int:
+    """Peak bytes per token of :func:`_block_krylov` and the Rayleigh–Ritz step for ``d × d`` Jacobians: the
+    bases ``Q`` and ``Z = Jᵀ Q`` (at most ``min(d, k·max_iter)`` columns each), a float64 copy of ``Z`` when the
+    dtype is narrower, the Ritz SVD's output and workspace, and the ``c × c`` float64 Gram matrix (with the copy
+    that grows it)."""
+    cols = min(d, k * max_iter)
+    return d * cols * (4 * itemsize + (8 if itemsize < 8 else 0)) + 16 * cols * cols
 
 
 class _Basis:

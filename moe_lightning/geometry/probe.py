@@ -43,7 +43,12 @@ from moe_lightning.geometry.jacobians import (
     jacobians,
     layer_jacobian,
 )
-from moe_lightning.geometry.matrix_free import JacobianOperator, compose_layer_operator, topr_singular_values
+from moe_lightning.geometry.matrix_free import (
+    JacobianOperator,
+    _krylov_bytes_per_token,
+    compose_layer_operator,
+    topr_singular_values,
+)
 from moe_lightning.geometry.pca import PCAResult, pca_from_moments
 from moe_lightning.geometry.spectra import (
     SPECTRAL_STAT_NAMES,
@@ -486,25 +491,18 @@ def probe_statistics(view: Any, x: Tensor, config: ProbeConfig | None = None) ->
         x_valid = x_ND[finite_N]
         itemsize = x_ND.element_size()
         if matrix_free:
-            # No D x D matrix: the Krylov bases Q and Jᵀ Q (at most min(D, K·max_iter) columns each), a float64
-            # copy of Jᵀ Q for the Gram matrix when the probe dtype is narrower, the Ritz SVD's output and
-            # workspace, the c x c Gram matrix, and K block columns through ~4D-wide expert activations. Tokens of a
-            # chunk share every GEMM against the weights (~2x faster per token at 8 tokens than at 1, and from 8
-            # tokens on the Krylov blocks shrink to 4 columns: scripts/benchmark_geometry.py), so chunks are as
-            # large as the budget allows.
+            # No D x D matrix: the Krylov workspace, plus the experts' outputs and gate Jacobians for the layer
+            # operator and K block columns through ~4D-wide expert activations. Tokens of a chunk share every GEMM
+            # against the weights (~2x faster per token at 8 tokens than at 1, and from 8 tokens on the Krylov
+            # blocks shrink to 4 columns: scripts/benchmark_geometry.py), so chunks are as large as the budget
+            # allows.
             k = min(m + cfg.matrix_free_oversample, d)
-            cols = min(d, k * cfg.matrix_free_max_iter)
-            per_token = (
-                d * cols * (4 * itemsize + (8 if itemsize < 8 else 0))
-                + 16 * cols * cols
-                + itemsize * d * (3 * num_experts + 8 * k)
+            per_token = _krylov_bytes_per_token(d, k, cfg.matrix_free_max_iter, itemsize) + itemsize * d * (
+                3 * num_experts + 8 * k
             )
         else:
             per_token = itemsize * (3 * (num_experts + 1) * d * d + 8 * d)
         chunk = max(1, cfg.memory_budget_bytes // per_token)
-        mf_kwargs = dict(
-            oversample=cfg.matrix_free_oversample, max_iter=cfg.matrix_free_max_iter, tol=cfg.matrix_free_tol
-        )
 
         for start in range(0, x_valid.shape[0], chunk):
             x_c = x_valid[start : start + chunk]
@@ -541,7 +539,7 @@ def probe_statistics(view: Any, x: Tensor, config: ProbeConfig | None = None) ->
                     if x_e.shape[0]:
                         op = _expert_operator(view, e, x_e, cfg)
                         expert_ops[e] = (rows, op)
-                        res = topr_singular_values(op or experts[e], x_e, m, seed=cfg.seed, **mf_kwargs)
+                        res = topr_singular_values(op or experts[e], x_e, m, **_topr_kwargs(cfg))
                         sv = res.values
                         jac_sources.add("matrix_free_topr")
                     else:
@@ -624,6 +622,13 @@ def _expert_jacobian(view: Any, e: int, x_ND: Tensor, cfg: ProbeConfig, sources:
     )
 
 
+def _topr_kwargs(cfg: ProbeConfig) -> dict[str, Any]:
+    """The ``topr_singular_values`` settings of ``cfg``, the same for the experts' spectra and the layer's."""
+    return dict(
+        oversample=cfg.matrix_free_oversample, max_iter=cfg.matrix_free_max_iter, tol=cfg.matrix_free_tol, seed=cfg.seed
+    )
+
+
 def _layer_operator(
     view: Any,
     experts: list,
@@ -640,12 +645,16 @@ def _layer_operator(
     parts = []
     for e in range(len(experts)):
         rows = g_cE[:, e] != 0
+        if not bool(rows.any()):
+            parts.append((rows, None))
+            continue
         cached = expert_ops.get(e)
-        if cached is not None and torch.equal(cached[0], rows):
-            op = cached[1]
-        else:
-            op = _expert_operator(view, e, x_c[rows], cfg) if bool(rows.any()) else None
-        if op is None and bool(rows.any()):
+        op = (
+            cached[1]
+            if cached is not None and torch.equal(cached[0], rows)
+            else _expert_operator(view, e, x_c[rows], cfg)
+        )
+        if op is None:
             return None
         parts.append((rows, op))
     dg = jacobians(view.gates, x_c, memory_budget_bytes=cfg.memory_budget_bytes, mode="jacrev").to(g_cE.dtype)
@@ -671,15 +680,7 @@ def _layer_singular_values(
             return sum(g[:, e : e + 1] * experts[e](x) for e in range(len(experts)))
 
         op = None if cfg.layer_jacobian_method == "func" else _layer_operator(view, experts, x_c, g_cE, expert_ops, cfg)
-        return topr_singular_values(
-            op or layer_fn,
-            x_c,
-            m,
-            oversample=cfg.matrix_free_oversample,
-            max_iter=cfg.matrix_free_max_iter,
-            tol=cfg.matrix_free_tol,
-            seed=cfg.seed,
-        ).values
+        return topr_singular_values(op or layer_fn, x_c, m, **_topr_kwargs(cfg)).values
     if cfg.layer_jacobian_method == "func":
         J = layer_jacobian(view, x_c, method="func", memory_budget_bytes=cfg.memory_budget_bytes)
     elif per_expert_J:
