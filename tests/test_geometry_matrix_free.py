@@ -7,6 +7,8 @@ from torch.autograd.functional import jacobian as autograd_jacobian
 
 from moe_lightning.geometry import swiglu_expert_jacobian, topr_singular_values
 from moe_lightning.geometry.matrix_free import (
+    _COLUMN_LAYOUT_MIN,
+    _extrapolated_converged,
     func_jacobian_operator,
     mlp_jacobian_operator,
     swiglu_jacobian_operator,
@@ -58,6 +60,48 @@ def test_float32_batches_stop_at_the_rounding_floor(method):
     J64 = swiglu_expert_jacobian(x.double(), w_gate.double(), w_up.double(), w_down.double())
     exact = torch.linalg.svdvals(J64)[:, :r]
     torch.testing.assert_close(res.values.double(), exact, rtol=2e-5, atol=0)
+
+
+def test_extrapolated_stop_rule_on_hand_made_sequences():
+    """Aitken's geometric tail of the last three changes, by hand: values 1 - 2^-j have changes 2^-11, 2^-12, 2^-13
+    (ratio 1/2), so the change still to come is 2^-13 = 1.22e-4 of the last value 1 - 2^-13."""
+    last4 = [torch.full((1, 2), 1 - 2.0**-j, dtype=DT) for j in (10, 11, 12, 13)]
+    tail = 2.0**-13 / (1 - 2.0**-13)
+    assert _extrapolated_converged(last4, tail * 1.001, 1e-15).tolist() == [True]
+    assert _extrapolated_converged(last4, tail * 0.999, 1e-15).tolist() == [False]
+
+    def run(changes, tol=1e-3, noise=1e-15):
+        values = [torch.tensor([[1.0]], dtype=DT)]
+        for c in changes:
+            values.append(values[-1] + c)
+        return _extrapolated_converged(values, tol, noise).item()
+
+    assert not run([1e-9, 1e-9, 1e-9])  # a stall: ratio 1, no geometric tail to trust
+    assert not run([1e-9, 2e-9, 4e-9])  # growing changes
+    assert not run([0.0, 1e-9, 1e-10])  # a change after none: ratio inf
+    assert run([0.0, 0.0, 0.0])  # no change at all
+    assert run([1e-9, 2e-9, 1e-12], noise=1e-11)  # the last change is rounding noise
+    assert not run([1e-9, 2e-9, 1e-12], noise=1e-13)
+    # per token: the second token's first value stalls
+    a = torch.tensor([[1.0, 2.0], [1.0, 2.0]], dtype=DT)
+    steps = torch.tensor([[[1e-4, 1e-4], [1e-4, 1e-4]], [[1e-5, 1e-5], [1e-4, 1e-5]], [[1e-6, 1e-6], [1e-4, 1e-6]]])
+    last4 = [a, a + steps[0], a + steps[:2].sum(0), a + steps.sum(0)]
+    assert _extrapolated_converged(last4, 1e-6, 1e-15).tolist() == [True, False]
+
+
+@pytest.mark.parametrize("tol", [1e-4, 1e-8])
+def test_krylov_values_are_within_tol_when_it_stops(tol):
+    """The extrapolated stop ends a run early, never before the values are within ``tol`` of the exact ones
+    (16 tokens, blocks of 4: values compared every 4 columns; float64, so ``tol`` is not floored)."""
+    gen = torch.Generator().manual_seed(5)
+    D, H, N, r = 96, 256, 16, 8
+    w_gate, w_up = (torch.randn(D, H, generator=gen, dtype=DT) / D**0.5 for _ in range(2))
+    w_down = torch.randn(H, D, generator=gen, dtype=DT) / H**0.5
+    x = torch.randn(N, D, generator=gen, dtype=DT)
+    res = topr_singular_values(swiglu_jacobian_operator(x, w_gate, w_up, w_down), None, r, tol=tol)
+    exact = torch.linalg.svdvals(swiglu_expert_jacobian(x, w_gate, w_up, w_down))[:, :r]
+    assert res.converged.all() and res.basis_columns < D
+    assert ((res.values - exact).abs() / exact).max() <= tol
 
 
 def test_topr_caps_r_and_handles_zero_jacobian():
@@ -114,10 +158,14 @@ def test_operators_equal_products_with_the_autograd_jacobian(kind):
     N, d_out, d_in = J.shape
     assert (op.num_tokens, op.d_in, op.d_out) == (N, d_in, d_out)
     gen = torch.Generator().manual_seed(4)
-    V = torch.randn(N, d_in, 5, generator=gen, dtype=DT)
-    U = torch.randn(N, d_out, 5, generator=gen, dtype=DT)
-    torch.testing.assert_close(op.apply(V), J @ V, rtol=0, atol=1e-12)
-    torch.testing.assert_close(op.apply_transpose(U), J.transpose(1, 2) @ U, rtol=0, atol=1e-12)
+    # 4 tokens x 2 columns: the closed forms multiply (N·K, D) rows into the weights; x 5: weights into (D, N·K)
+    # columns (from _COLUMN_LAYOUT_MIN = 16 columns on)
+    assert N * 2 < _COLUMN_LAYOUT_MIN <= N * 5
+    for k in (2, 5):
+        V = torch.randn(N, d_in, k, generator=gen, dtype=DT)
+        U = torch.randn(N, d_out, k, generator=gen, dtype=DT)
+        torch.testing.assert_close(op.apply(V), J @ V, rtol=0, atol=1e-12)
+        torch.testing.assert_close(op.apply_transpose(U), J.transpose(1, 2) @ U, rtol=0, atol=1e-12)
 
 
 def test_func_operator_falls_back_to_jvp_when_linearize_cannot_trace():

@@ -113,6 +113,23 @@ def _block(rows_MD: Tensor, n: int) -> Tensor:
     return rows_MD.view(n, -1, rows_MD.shape[-1]).transpose(1, 2)
 
 
+def _cols(block_NDK: Tensor) -> Tensor:
+    """``(N, D, K) -> (D, N·K)``: every block column of every token as one column, for ``weight @ columns``."""
+    n, d, k = block_NDK.shape
+    return block_NDK.permute(1, 0, 2).reshape(d, n * k)
+
+
+def _uncols(cols_DM: Tensor, n: int) -> Tensor:
+    """Inverse of :func:`_cols`: ``(D, N·K) -> (N, D, K)``."""
+    return cols_DM.view(cols_DM.shape[0], n, -1).permute(1, 0, 2)
+
+
+# From this many block columns in all, the operators multiply ``weight @ (D, N·K) columns`` instead of
+# ``(N·K, D) rows @ weight``: MKL runs the former 1.2-1.5x faster at 16-128 columns against a (4096, 14336) float32
+# weight, and the latter several times faster below 16 (scripts/benchmark_geometry.py, matrix-free table).
+_COLUMN_LAYOUT_MIN = 16
+
+
 def mlp_jacobian_operator(
     x_ND: Tensor,
     w_in_DH: Tensor,
@@ -138,11 +155,19 @@ def mlp_jacobian_operator(
         z_NH = z_NH + b_in_H
     dphi_N1H = activation_derivative(activation, z_NH).unsqueeze(1)
 
+    dphi_HN1 = dphi_N1H.squeeze(1).t().unsqueeze(-1)
+
     def apply(V_NIK: Tensor) -> Tensor:
+        if n * V_NIK.shape[-1] >= _COLUMN_LAYOUT_MIN:
+            t_HNK = (w_in_DH.t() @ _cols(V_NIK)).view(h, n, -1) * dphi_HN1
+            return _uncols(w_out_HD.t() @ t_HNK.view(h, -1), n)
         t_NKH = (_rows(V_NIK) @ w_in_DH).view(n, -1, h) * dphi_N1H
         return _block(t_NKH.view(-1, h) @ w_out_HD, n)
 
     def apply_transpose(U_NOK: Tensor) -> Tensor:
+        if n * U_NOK.shape[-1] >= _COLUMN_LAYOUT_MIN:
+            t_HNK = (w_out_HD @ _cols(U_NOK)).view(h, n, -1) * dphi_HN1
+            return _uncols(w_in_DH @ t_HNK.view(h, -1), n)
         t_NKH = (_rows(U_NOK) @ w_out_HD.t()).view(n, -1, h) * dphi_N1H
         return _block(t_NKH.view(-1, h) @ w_in_DH.t(), n)
 
@@ -169,13 +194,25 @@ def swiglu_jacobian_operator(x_ND: Tensor, w_gate_DH: Tensor, w_up_DH: Tensor, w
     c_gate_N1H = (_silu_derivative(a_NH) * b_NH).unsqueeze(1)
     c_up_N1H = F.silu(a_NH).unsqueeze(1)
 
+    c_gate_HN1, c_up_HN1 = (c.squeeze(1).t().unsqueeze(-1) for c in (c_gate_N1H, c_up_N1H))
+
     def apply(V_NIK: Tensor) -> Tensor:
+        if n * V_NIK.shape[-1] >= _COLUMN_LAYOUT_MIN:
+            v = _cols(V_NIK)
+            t_HNK = (w_gate_DH.t() @ v).view(h, n, -1) * c_gate_HN1
+            t_HNK.addcmul_((w_up_DH.t() @ v).view(h, n, -1), c_up_HN1)
+            return _uncols(w_down_HD.t() @ t_HNK.view(h, -1), n)
         v = _rows(V_NIK)
         t_NKH = (v @ w_gate_DH).view(n, -1, h) * c_gate_N1H
         t_NKH.addcmul_((v @ w_up_DH).view(n, -1, h), c_up_N1H)
         return _block(t_NKH.view(-1, h) @ w_down_HD, n)
 
     def apply_transpose(U_NOK: Tensor) -> Tensor:
+        if n * U_NOK.shape[-1] >= _COLUMN_LAYOUT_MIN:
+            t_HNK = (w_down_HD @ _cols(U_NOK)).view(h, n, -1)
+            out = w_gate_DH @ (t_HNK * c_gate_HN1).view(h, -1)
+            out.addmm_(w_up_DH, (t_HNK * c_up_HN1).view(h, -1))
+            return _uncols(out, n)
         t_NKH = (_rows(U_NOK) @ w_down_HD.t()).view(n, -1, h)
         out = (t_NKH * c_gate_N1H).view(-1, h) @ w_gate_DH.t()
         out.addmm_((t_NKH * c_up_N1H).view(-1, h), w_up_DH.t())
@@ -280,10 +317,12 @@ def topr_singular_values(
         max_iter: most iterations of a ``K``-column block (each one JVP block and one VJP block); the Krylov basis
             holds at most ``K · max_iter`` columns per token whatever ``block_size`` is (a smaller block runs
             proportionally more, cheaper iterations).
-        tol: a token has converged once the relative change of each of its top-``r`` values over the last ``K``
-            basis columns (one iteration at ``block_size = K``) is at most ``tol`` (latched: rounding noise later
-            cannot undo it); the run stops when every token has. Floored at ``16·eps`` of the dtype (float32:
-            1.9e-6), below which successive Ritz values differ by rounding alone and a batch would run to the end.
+        tol: a token has converged once, for each of its top-``r`` values, either the relative change over the last
+            ``K`` basis columns (one iteration at ``block_size = K``) is at most ``tol``, or (Krylov) the change
+            still to come, extrapolated from its last three changes as a geometric tail, is (see
+            ``_extrapolated_converged``); latched: rounding noise later cannot undo it. The run stops when every
+            token has. Floored at ``16·eps`` of the dtype (float32: 1.9e-6), below which successive Ritz values
+            differ by rounding alone and a batch would run to the end.
         seed: seed of the random start block (a local generator; global RNG state is untouched).
         return_vectors: also return the right singular vectors.
         method: ``"krylov"`` (randomized block Krylov, default) or ``"subspace"`` (subspace iteration).
@@ -291,7 +330,8 @@ def topr_singular_values(
             block, so small blocks reach a given accuracy with fewer columns in all (a random ``D = 4096`` SwiGLU
             Jacobian, top 16 at tol 1e-6: ~180 columns at block 4, 310-360 at block 24), but a block of ``b`` columns
             per token makes GEMMs of ``N·b`` columns against the weights, which run several times slower per column
-            below ~32. Default (None): ``min(K, 4)`` when ``N · 4 >= 32``, else ``K``. A block smaller than the
+            below ~32. Default (None): the smallest block of at least 4 with ``N·b >= 32``, at most ``K`` (1 token:
+            ``K``; 2: 16; 4: 8; 8 or more: 4). A block smaller than the
             multiplicity of a singular value finds only ``block_size`` copies of it until rounding supplies the
             rest; pass ``block_size=K`` for matrices with exactly repeated top values. Ignored by ``"subspace"``.
 
@@ -357,6 +397,24 @@ def _relative_change(sigma: Tensor, prev: Tensor) -> Tensor:
     return torch.where(sigma > 0, change / torch.where(sigma > 0, sigma, torch.ones_like(sigma)), change)
 
 
+def _extrapolated_converged(last4: list[Tensor], tol: float, noise: float) -> Tensor:
+    """Per token: is every value's remaining change, extrapolated from its last three changes, at most ``tol``?
+
+    Krylov Ritz values rise monotonically to the true values, and once a value converges its successive changes
+    ``Δ`` shrink at least geometrically, so what is left to come is about ``Δ·ρ/(1 − ρ)`` with ``ρ`` the larger of
+    the last two ratios of changes (Aitken's estimate of a geometric tail). A stall (``ρ ≥ 1``) counts as not
+    converged; a last change below ``noise`` (relative: the rounding floor, where changes are noise and their
+    ratios mean nothing) as converged. This stops a run within a block or two of where the values reach ``tol``
+    instead of after another ``K`` columns without change.
+    """
+    s0, s1, s2, s3 = last4
+    floor = noise * s3
+    d1, d2, d3 = ((b - a).abs() for a, b in ((s0, s1), (s1, s2), (s2, s3)))
+    rho = torch.maximum(d2 / d1, d3 / d2).nan_to_num(nan=0.0)  # 0/0: no change at all
+    tail = torch.where(rho < 1, d3 * rho / (1 - rho), torch.full_like(d3, float("inf")))
+    return ((tail <= tol * s3) | (d3 <= floor)).all(-1)
+
+
 def _subspace_iteration(J, Jt, omega, r, max_iter, tol):
     """Halko et al. (2011) Alg. 4.4: Q ← orth(J orth(Jᵀ Q)); rate (σ_{k+1}/σ_i)² per iteration."""
     Y = J(omega)
@@ -377,14 +435,16 @@ def _subspace_iteration(J, Jt, omega, r, max_iter, tol):
         Y = J(P)
 
 
-_SMALL_BLOCK = 4  # Krylov block per token once a batch's GEMMs are wide enough without a bigger one
+_SMALL_BLOCK = 4  # smallest default Krylov block per token (fewest columns in all to reach a given accuracy)
 _WIDE_GEMM = 32  # columns from which a GEMM against a (D, H) weight runs near its full rate on CPU
 
 
 def _krylov_block(n: int, k: int, block_size: int | None) -> int:
-    """Columns per token and Krylov iteration: ``block_size`` (at most ``k``), or the default policy."""
+    """Columns per token and Krylov iteration: ``block_size`` (at most ``k``), or the default policy: the smallest
+    block of at least :data:`_SMALL_BLOCK` whose ``n · block`` columns fill a :data:`_WIDE_GEMM`-wide GEMM (1 token:
+    ``k``, 2 tokens: 16, 4 tokens: 8, 8 or more: 4)."""
     if block_size is None:
-        block_size = _SMALL_BLOCK if n * _SMALL_BLOCK >= _WIDE_GEMM else k
+        block_size = max(_SMALL_BLOCK, -(-_WIDE_GEMM // n))
     return min(block_size, k)
 
 
@@ -455,7 +515,9 @@ def _block_krylov(J, Jt, omega, r, k, max_iter, tol, max_dim):
             sigma = torch.linalg.eigvalsh(G)[:, -r:].flip(-1).clamp_min(0).sqrt()
             if len(history) >= lag:
                 converged |= (_relative_change(sigma, history[-lag]) <= tol).all(-1)  # latched per token
-            history = history[-lag:] + [sigma]
+            history = history[-max(lag, 3) :] + [sigma]
+            if len(history) >= 4:
+                converged |= _extrapolated_converged(history[-4:], tol, 16 * torch.finfo(Y.dtype).eps)
         if c >= max_dim:  # the basis spans the whole space: the Ritz values are exact
             converged = torch.ones_like(converged)
         if bool(converged.all()) or c >= max_cols:
