@@ -352,7 +352,7 @@ def probe_pretrained(
     probe_dtype: str = "float64",
     matrix_free_threshold: int = 1024,
     matrix_free_rank: int = 16,
-    memory_budget_mib: int = 256,
+    memory_budget_mib: int = 1024,
     trust_remote_code: bool = False,
     out_dir: str | os.PathLike | None = None,
     title: str | None = None,
@@ -658,7 +658,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--memory-budget-mib",
         type=int,
-        default=256,
+        default=1024,
         help="peak memory of one token chunk of the probe; on the matrix-free path more tokens per chunk share "
         "the GEMMs against the weights (default: %(default)s)",
     )

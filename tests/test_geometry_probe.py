@@ -318,12 +318,24 @@ def test_matrix_free_chunks_batch_tokens_without_changing_values(monkeypatch):
     counts = (view.gates(x) > 0).sum(0).tolist()
     kw = dict(matrix_free_threshold=4, matrix_free_rank=3, matrix_free_tol=1e-13, matrix_free_max_iter=200, pca=False)
     batched = probe(view, x, ProbeConfig(**kw))
-    assert sizes == [c for c in counts if c] + [12]
+    assert sizes == [12] + [c for c in counts if c]  # the layer's call, then each expert's queued tokens
     sizes.clear()
     single = probe(view, x, ProbeConfig(memory_budget_bytes=1, **kw))
     assert sizes == [1] * (2 * 12 + 12)  # top-2: two expert calls and one layer call per token
+    # Chunks of 4 tokens: an expert sees 2-3 of each chunk's tokens; its queue runs as soon as it holds 4, in
+    # calls of exactly 4, and the remainder after the last chunk.
+    sizes.clear()
+    per_token = probe_module._bytes_per_token(ProbeConfig(**kw), 12, 3, 3, 8, True)
+    four = probe(view, x, ProbeConfig(memory_budget_bytes=4 * per_token, **kw))
+    routed = [c for c in counts if c]
+    remainders = [c % 4 for c in routed if c % 4]
+    assert remainders  # (this routing leaves some)
+    # three layer calls of 4, every expert's full calls of 4, then the remainders, short, at the end
+    assert sorted(sizes[: len(sizes) - len(remainders)]) == [4] * (3 + sum(c // 4 for c in routed))
+    assert sorted(sizes[len(sizes) - len(remainders) :]) == sorted(remainders)
     for key in ("jac_mean_spectrum", "layer_jac_mean_spectrum"):
         torch.testing.assert_close(batched.spectra[key], single.spectra[key], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(four.spectra[key], single.spectra[key], rtol=1e-9, atol=1e-12)
 
 
 def test_scalars_keys_and_max_experts():

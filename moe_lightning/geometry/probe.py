@@ -490,19 +490,36 @@ def probe_statistics(view: Any, x: Tensor, config: ProbeConfig | None = None) ->
         t["tokens_nonfinite"] += (~finite_N).sum()
         x_valid = x_ND[finite_N]
         itemsize = x_ND.element_size()
-        if matrix_free:
-            # No D x D matrix: the Krylov workspace, plus the experts' outputs and gate Jacobians for the layer
-            # operator and K block columns through ~4D-wide expert activations. Tokens of a chunk share every GEMM
-            # against the weights (~2x faster per token at 8 tokens than at 1, and from 8 tokens on the Krylov
-            # blocks shrink to 4 columns: scripts/benchmark_geometry.py), so chunks are as large as the budget
-            # allows.
-            k = min(m + cfg.matrix_free_oversample, d)
-            per_token = _krylov_bytes_per_token(d, k, cfg.matrix_free_max_iter, itemsize) + itemsize * d * (
-                3 * num_experts + 8 * k
-            )
-        else:
-            per_token = itemsize * (3 * (num_experts + 1) * d * d + 8 * d)
-        chunk = max(1, cfg.memory_budget_bytes // per_token)
+        chunk = max(1, cfg.memory_budget_bytes // _bytes_per_token(cfg, d, m, num_experts, itemsize, matrix_free))
+
+        def add_expert_spectra(e: int, sv: Tensor, w: Tensor) -> None:
+            vals = _stats_matrix(sv, cfg.decay_fit_max, truncated=matrix_free)
+            sw, sws, sws2 = _weighted_stat_sums(vals, w)
+            t["jac_w"][e] += sw
+            t["jac_ws"][e] += sws
+            t["jac_ws2"][e] += sws2
+            t["jac_spectrum_w"][e] += (w.unsqueeze(-1) * sv).sum(0)
+
+        # Matrix-free expert spectra run on an expert's routed tokens gathered over chunks, ``chunk`` at a time:
+        # an expert sees only its share of a chunk (about top_k / E of it), and its tokens share every GEMM of the
+        # Krylov products, so full batches are what make them fast.
+        # Entries: tokens, gates and the operator built on those tokens for the layer's spectra (or None).
+        pending: dict[int, list[tuple[Tensor, Tensor, JacobianOperator | None]]] = {e: [] for e in range(num_experts)}
+
+        def flush(e: int) -> None:
+            queue = pending[e]
+            built = queue[0][2] if len(queue) == 1 and queue[0][0].shape[0] <= chunk else None
+            x_q, w_q = (torch.cat([q[i] for q in queue]) for i in (0, 1))
+            queue.clear()
+            for start in range(0, x_q.shape[0], chunk):
+                x_b, w_b = x_q[start : start + chunk], w_q[start : start + chunk]
+                if x_b.shape[0] < chunk and start > 0:
+                    queue.append((x_b, w_b, None))  # a remainder waits for the next chunk's tokens
+                    return
+                op = built if built is not None else _expert_operator(view, e, x_b, cfg)
+                res = topr_singular_values(op or experts[e], x_b, m, **_topr_kwargs(cfg))
+                jac_sources.add("matrix_free_topr")
+                add_expert_spectra(e, res.values, w_b)
 
         for start in range(0, x_valid.shape[0], chunk):
             x_c = x_valid[start : start + chunk]
@@ -537,29 +554,24 @@ def probe_statistics(view: Any, x: Tensor, config: ProbeConfig | None = None) ->
                     continue
                 if matrix_free:
                     if x_e.shape[0]:
-                        op = _expert_operator(view, e, x_e, cfg)
-                        expert_ops[e] = (rows, op)
-                        res = topr_singular_values(op or experts[e], x_e, m, **_topr_kwargs(cfg))
-                        sv = res.values
-                        jac_sources.add("matrix_free_topr")
-                    else:
-                        sv = zeros(0, m)
-                else:
-                    x_need = x_c if want_pointwise else x_e
-                    J = _expert_jacobian(view, e, x_need, cfg, jac_sources).to(dtype)
-                    J_e = J[rows] if want_pointwise else J
-                    if want_pointwise:
-                        all_J.append(J)
-                    per_expert_J.append((rows, J_e))
-                    sv = batched_svdvals(J_e) if J_e.shape[0] else zeros(0, m)
-                    if want_mean_jac:
-                        t["jac_mean_w"][e] += torch.einsum("n,nij->ij", w, J_e)
-                vals = _stats_matrix(sv, cfg.decay_fit_max, truncated=matrix_free)
-                sw, sws, sws2 = _weighted_stat_sums(vals, w)
-                t["jac_w"][e] += sw
-                t["jac_ws"][e] += sws
-                t["jac_ws2"][e] += sws2
-                t["jac_spectrum_w"][e] += (w.unsqueeze(-1) * sv).sum(0)
+                        op = None
+                        if cfg.layer_jacobian and cfg.layer_jacobian_method != "func":
+                            op = _expert_operator(view, e, x_e, cfg)
+                            expert_ops[e] = (rows, op)
+                        pending[e].append((x_e, w, op))
+                        if sum(p[0].shape[0] for p in pending[e]) >= chunk:
+                            flush(e)
+                    continue
+                x_need = x_c if want_pointwise else x_e
+                J = _expert_jacobian(view, e, x_need, cfg, jac_sources).to(dtype)
+                J_e = J[rows] if want_pointwise else J
+                if want_pointwise:
+                    all_J.append(J)
+                per_expert_J.append((rows, J_e))
+                sv = batched_svdvals(J_e) if J_e.shape[0] else zeros(0, m)
+                if want_mean_jac:
+                    t["jac_mean_w"][e] += torch.einsum("n,nij->ij", w, J_e)
+                add_expert_spectra(e, sv, w)
             if want_pointwise:
                 s, c = pointwise_cosine_sums(torch.stack(all_J, dim=1))
                 t["palign_sum"] += s
@@ -575,6 +587,10 @@ def probe_statistics(view: Any, x: Tensor, config: ProbeConfig | None = None) ->
                 t["layer_s2"] += sws2
                 t["layer_spectrum"] += sv_layer.sum(0)
 
+        for e in range(num_experts):
+            while pending[e]:  # what is left: fewer than ``chunk`` tokens an expert
+                flush(e)
+
     if matrix_free:
         source = f"matrix_free_topr(r={m})"
     elif cfg.jacobian_method == "func":
@@ -584,6 +600,20 @@ def probe_statistics(view: Any, x: Tensor, config: ProbeConfig | None = None) ->
         source = "closed_form" if _has_closed_form(view, x_ND) else "torch_func"
     layout = {"sites": sites, "matrix_free": matrix_free, "jacobian_source": source, "subspace_rank": r}
     return ProbeStatistics(str(getattr(view, "name", "")), num_experts, d, cfg, layout, t)
+
+
+def _bytes_per_token(cfg: ProbeConfig, d: int, m: int, num_experts: int, itemsize: int, matrix_free: bool) -> int:
+    """Peak bytes per token of one chunk of :func:`probe_statistics`; ``chunk = memory_budget_bytes // this``."""
+    if matrix_free:
+        # No D x D matrix: the Krylov workspace, plus the experts' outputs and gate Jacobians for the layer
+        # operator and K block columns through ~4D-wide expert activations. Tokens of a call share every GEMM
+        # against the weights (~2x faster per token at 8 tokens than at 1, and the Krylov blocks shrink to 4
+        # columns from 8 tokens on: scripts/benchmark_geometry.py), so chunks are as large as the budget allows.
+        k = min(m + cfg.matrix_free_oversample, d)
+        return _krylov_bytes_per_token(d, k, cfg.matrix_free_max_iter, itemsize) + itemsize * d * (
+            3 * num_experts + 8 * k
+        )
+    return itemsize * (3 * (num_experts + 1) * d * d + 8 * d)
 
 
 def _has_closed_form(view: Any, x_ND: Tensor) -> bool:
