@@ -1,4 +1,5 @@
-"""Every dispatch path gives the loop path's forward and backward (float32, 1e-6), for every routing."""
+"""Every dispatch path gives the loop path's forward and backward (float32, 1e-6 of each tensor's scale), for every
+routing."""
 
 import pytest
 import torch
@@ -47,7 +48,9 @@ def test_paths_match_loop(routing, capacity_factor, activation):
     for path in paths:
         got = run(layer, path, x, grad_out)
         for a, b in zip(got[:5], reference[:5]):
-            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+            # float32 sums in another order (bmm over all experts): ~1e-7 of the tensor's largest entry, which on
+            # some CPUs' kernels exceeded a fixed atol of 1e-6 for the router gradient (max |entry| ~8)
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * max(1.0, b.abs().max().item()))
         assert torch.equal(got[5].tokens_per_expert, reference[5].tokens_per_expert)
         assert got[5].dropped.item() == reference[5].dropped.item()
     if capacity_factor is not None and capacity_factor < 1:
