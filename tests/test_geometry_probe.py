@@ -294,6 +294,31 @@ def test_matrix_free_path_matches_exact_sigma_max():
     assert torch.isnan(mf.expert["jac_frobenius"]).all()
     assert mf.variants["jac_frobenius"] == "unavailable_matrix_free"
     assert "align_mean_offdiag" not in mf.layer and "subspace_rep_overlap" in mf.layer
+    assert mf.expert["jac_unconverged"].tolist() == [0.0] * 4 and mf.layer["layer_jac_unconverged"] == 0.0
+    assert "jac_unconverged" not in exact.expert and "layer_jac_unconverged" not in exact.layer
+
+
+def test_matrix_free_reports_tokens_whose_spectra_did_not_converge():
+    """A basis of one K-column block (11 of 32 dimensions) cannot meet tol 1e-12 (the convergence test needs values
+    from two), so every routed token of every expert, and every token of the layer, is counted; the values are
+    still reported."""
+    from moe_lightning.adapters import find_moe_layers
+    from moe_lightning.moe import MoEConfig, MoELayer
+
+    torch.manual_seed(0)
+    (view,) = find_moe_layers(MoELayer(MoEConfig(dim=32, expert_hidden=48, num_experts=4, top_k=2)).double())
+    x = torch.randn(12, 32, dtype=DT)
+    cfg = ProbeConfig(
+        matrix_free_threshold=4, matrix_free_rank=3, matrix_free_tol=1e-12, matrix_free_max_iter=1, pca=False
+    )
+    rep = probe(view, x, cfg)
+    assert (rep.tokens > 0).any()
+    torch.testing.assert_close(rep.expert["jac_unconverged"], rep.tokens.to(torch.float64))
+    assert rep.layer["layer_jac_unconverged"] == 12.0
+    assert torch.isfinite(rep.expert["jac_sigma_max"]).all()
+    scalars = rep.scalars("geometry/l")
+    assert scalars["geometry/l/jac_unconverged/e0"] == float(rep.tokens[0])
+    assert scalars["geometry/l/layer_jac_unconverged"] == 12.0
 
 
 def test_matrix_free_chunks_batch_tokens_without_changing_values(monkeypatch):

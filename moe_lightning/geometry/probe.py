@@ -472,6 +472,8 @@ def probe_statistics(view: Any, x: Tensor, config: ProbeConfig | None = None) ->
         if cfg.jacobian:
             t["jac_w"], t["jac_ws"], t["jac_ws2"] = zeros(num_experts, S), zeros(num_experts, S), zeros(num_experts, S)
             t["jac_spectrum_w"] = zeros(num_experts, m)
+            if matrix_free:
+                t["jac_unconverged"] = zeros(num_experts)
         if want_mean_jac:
             t["jac_mean_w"] = zeros(num_experts, d, d)
         if want_pointwise:
@@ -479,6 +481,8 @@ def probe_statistics(view: Any, x: Tensor, config: ProbeConfig | None = None) ->
         if cfg.layer_jacobian:
             t["layer_n"], t["layer_s"], t["layer_s2"] = zeros(S), zeros(S), zeros(S)
             t["layer_spectrum"] = zeros(m)
+            if matrix_free:
+                t["layer_jac_unconverged"] = zeros(1)
         for site, widths in sites.items():
             for e, width in enumerate(widths):
                 if width:
@@ -520,6 +524,7 @@ def probe_statistics(view: Any, x: Tensor, config: ProbeConfig | None = None) ->
                 res = topr_singular_values(op or experts[e], x_b, m, **_topr_kwargs(cfg))
                 jac_sources.add("matrix_free_topr")
                 add_expert_spectra(e, res.values, w_b)
+                t["jac_unconverged"][e] += (~res.converged).sum()
 
         for start in range(0, x_valid.shape[0], chunk):
             x_c = x_valid[start : start + chunk]
@@ -577,9 +582,11 @@ def probe_statistics(view: Any, x: Tensor, config: ProbeConfig | None = None) ->
                 t["palign_sum"] += s
                 t["palign_count"] += c
             if cfg.layer_jacobian:
-                sv_layer = _layer_singular_values(
+                sv_layer, converged = _layer_singular_values(
                     view, experts, x_c, g_cE, per_expert_J, expert_ops, cfg, matrix_free, m
                 )
+                if matrix_free:
+                    t["layer_jac_unconverged"] += (~converged).sum()
                 vals = _stats_matrix(sv_layer, cfg.decay_fit_max, truncated=matrix_free)
                 sw, sws, sws2 = _weighted_stat_sums(vals, torch.ones(n_c, dtype=dtype, device=x_c.device))
                 t["layer_n"] += sw
@@ -702,7 +709,8 @@ def _layer_singular_values(
     cfg: ProbeConfig,
     matrix_free: bool,
     m: int,
-) -> Tensor:
+) -> tuple[Tensor, Tensor | None]:
+    """The layer Jacobian's singular values on the chunk, and (matrix-free) which tokens' top-r converged."""
     if matrix_free:
 
         def layer_fn(x: Tensor) -> Tensor:
@@ -710,7 +718,8 @@ def _layer_singular_values(
             return sum(g[:, e : e + 1] * experts[e](x) for e in range(len(experts)))
 
         op = None if cfg.layer_jacobian_method == "func" else _layer_operator(view, experts, x_c, g_cE, expert_ops, cfg)
-        return topr_singular_values(op or layer_fn, x_c, m, **_topr_kwargs(cfg)).values
+        res = topr_singular_values(op or layer_fn, x_c, m, **_topr_kwargs(cfg))
+        return res.values, res.converged
     if cfg.layer_jacobian_method == "func":
         J = layer_jacobian(view, x_c, method="func", memory_budget_bytes=cfg.memory_budget_bytes)
     elif per_expert_J:
@@ -719,7 +728,7 @@ def _layer_singular_values(
         J = compose_layer_jacobian(g_cE, dg.to(g_cE.dtype), outputs, per_expert_J)
     else:
         J = layer_jacobian(view, x_c, method="compose", memory_budget_bytes=cfg.memory_budget_bytes)
-    return batched_svdvals(J)
+    return batched_svdvals(J), None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -788,6 +797,8 @@ def finalize(stats: ProbeStatistics | list[ProbeStatistics]) -> GeometryReport:
         add_spectral("jac", t["jac_w"], t["jac_ws"], t["jac_ws2"], report.expert)
         report.spectra["jac_mean_spectrum"] = _safe_div(t["jac_spectrum_w"], sum_w.unsqueeze(-1))
         v["jac_source"] = source
+        if truncated:
+            report.expert["jac_unconverged"] = t["jac_unconverged"].clone()
     if cfg.layer_jacobian:
         layer_vals: dict[str, Tensor] = {}
         add_spectral("layer_jac", t["layer_n"], t["layer_s"], t["layer_s2"], layer_vals)
@@ -795,6 +806,8 @@ def finalize(stats: ProbeStatistics | list[ProbeStatistics]) -> GeometryReport:
         n_tok = t["tokens_total"]
         report.spectra["layer_jac_mean_spectrum"] = _safe_div(t["layer_spectrum"], n_tok)
         v["layer_jac"] = "through_router_uniform_token_weights"
+        if truncated:
+            report.layer["layer_jac_unconverged"] = float(t["layer_jac_unconverged"])
 
     # PCA sites (GEOMETRY.md §3).
     pca_results: dict[str, list[PCAResult]] = {}
