@@ -229,7 +229,35 @@ def _counting(op):
         widths.append(V.shape[-1])
         return op.apply(V)
 
-    return JacobianOperator(apply, op.apply_transpose, op.num_tokens, op.d_in, op.d_out, op.dtype, op.device), widths
+    counted = JacobianOperator(
+        apply, op.apply_transpose, op.num_tokens, op.d_in, op.d_out, op.dtype, op.device, op.gemm_tokens
+    )
+    return counted, widths
+
+
+def test_composed_operator_blocks_fill_the_experts_gemms():
+    """A top-2-of-4 layer operator runs each expert on ~half the tokens, so the default Krylov block is chosen for
+    the experts' mean routed tokens (``gemm_tokens``), not for the layer's 6, and the values stay exact."""
+    from moe_lightning.adapters import find_moe_layers
+    from moe_lightning.geometry import compose_layer_operator, jacobians
+    from moe_lightning.moe import MoEConfig, MoELayer
+
+    torch.manual_seed(0)
+    (view,) = find_moe_layers(MoELayer(MoEConfig(dim=40, expert_hidden=24, num_experts=4, top_k=2)).double())
+    x = torch.randn(6, 40, dtype=DT)
+    with torch.no_grad():
+        g = view.gates(x)
+        parts = [(g[:, e] != 0, view.expert_jacobian_operator(e, x[g[:, e] != 0])) for e in range(4)]
+        op = compose_layer_operator(g, jacobians(view.gates, x), [view.expert(e)(x) for e in range(4)], parts)
+    active = [int(rows.sum()) for rows, _ in parts if rows.any()]
+    assert op.gemm_tokens == sum(active) // len(active) < 6
+    counted, widths = _counting(op)
+    res = topr_singular_values(counted, None, 2, oversample=8, tol=1e-12, max_iter=20)
+    assert widths[0] == min(10, -(-32 // op.gemm_tokens)) > -(-32 // 6)  # K = 10 caps it; 6 tokens would give 6
+    J = torch.stack(
+        [torch.autograd.functional.jacobian(lambda v: view.module(v.view(1, 1, -1))[0].view(-1), xi) for xi in x]
+    )
+    torch.testing.assert_close(res.values, torch.linalg.svdvals(J)[:, :2], rtol=1e-9, atol=0)
 
 
 @pytest.mark.parametrize("block_size", [None, 1, 2, 16])

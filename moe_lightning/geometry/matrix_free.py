@@ -55,6 +55,9 @@ class JacobianOperator:
         d_out: ``D_out``.
         dtype: dtype of the products (and of the random start block).
         device: their device.
+        gemm_tokens: how many tokens share one GEMM against a weight inside ``apply`` (None: ``num_tokens``); a
+            composed layer operator runs each expert on its routed tokens only, about ``top_k / E`` of them. The
+            default Krylov block is chosen so that this many tokens fill a wide GEMM.
     """
 
     apply: Callable[[Tensor], Tensor]
@@ -64,6 +67,7 @@ class JacobianOperator:
     d_out: int
     dtype: torch.dtype
     device: torch.device
+    gemm_tokens: int | None = None
 
 
 def _linearized_jvp(fn: Callable[[Tensor], Tensor], x_ND: Tensor) -> Callable[[Tensor], Tensor]:
@@ -287,8 +291,16 @@ def compose_layer_operator(
             out_NIK = out_NIK.index_add(0, idx, g * op.apply_transpose(U_NOK[idx]))
         return out_NIK
 
+    routed = [op.gemm_tokens or op.num_tokens for _, _, op in parts]
     return JacobianOperator(
-        apply, apply_transpose, n, d_in, f_NEO.shape[-1], gate_jacobian_NED.dtype, gate_jacobian_NED.device
+        apply,
+        apply_transpose,
+        n,
+        d_in,
+        f_NEO.shape[-1],
+        gate_jacobian_NED.dtype,
+        gate_jacobian_NED.device,
+        gemm_tokens=max(1, sum(routed) // len(routed)) if routed else None,
     )
 
 
@@ -331,7 +343,8 @@ def topr_singular_values(
             Jacobian, top 16 at tol 1e-6: ~180 columns at block 4, 310-360 at block 24), but a block of ``b`` columns
             per token makes GEMMs of ``N·b`` columns against the weights, which run several times slower per column
             below ~32. Default (None): the smallest block of at least 4 with ``N·b >= 32``, at most ``K`` (1 token:
-            ``K``; 2: 16; 4: 8; 8 or more: 4). A block smaller than the
+            ``K``; 2: 16; 4: 8; 8 or more: 4), where ``N`` is the operator's ``gemm_tokens`` when it has them (a
+            composed layer operator: the experts' mean routed tokens). A block smaller than the
             multiplicity of a singular value finds only ``block_size`` copies of it until rounding supplies the
             rest; pass ``block_size=K`` for matrices with exactly repeated top values. Ignored by ``"subspace"``.
 
@@ -377,7 +390,7 @@ def topr_singular_values(
     J, Jt = op.apply, op.apply_transpose
 
     gen = torch.Generator(device=device).manual_seed(seed)
-    b = k if method == "subspace" else _krylov_block(n, k, block_size)
+    b = k if method == "subspace" else _krylov_block(op.gemm_tokens or n, k, block_size)
     omega = torch.randn(n, d_in, b, generator=gen, dtype=dtype, device=device)
     if method == "krylov":
         Q, Z, it, converged = _block_krylov(J, Jt, omega, r, k, max_iter, tol, min(d_in, d_out))
