@@ -563,8 +563,11 @@ def probe_statistics(view: Any, x: Tensor, config: ProbeConfig | None = None) ->
                         if cfg.layer_jacobian and cfg.layer_jacobian_method != "func":
                             op = _expert_operator(view, e, x_e, cfg)
                             expert_ops[e] = (rows, op)
-                        pending[e].append((x_e, w, op))
-                        if sum(p[0].shape[0] for p in pending[e]) >= chunk:
+                        queue = pending[e]
+                        if queue:  # only a lone entry reuses its operator (flush): keep no two alive (memory)
+                            queue[:] = [(q[0], q[1], None) for q in queue]
+                        queue.append((x_e, w, None if queue else op))
+                        if sum(q[0].shape[0] for q in queue) >= chunk:
                             flush(e)
                     continue
                 x_need = x_c if want_pointwise else x_e
