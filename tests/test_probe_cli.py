@@ -207,6 +207,8 @@ def test_matrix_free_path_matches_the_exact_top_values(workspace, mixtral_run) -
         free.expert["jac_sigma_max"], exact.expert["jac_sigma_max"], rtol=1e-6, atol=0, equal_nan=True
     )
     assert "align_mean_offdiag" not in free.layer  # needs whole Jacobians
+    # every token's top values converged, and the counts survive probe.json
+    assert free.expert["jac_unconverged"].tolist() == [0.0] * 4 and free.layer["layer_jac_unconverged"] == 0.0
 
 
 def test_qwen2_moe_with_shared_expert_end_to_end(workspace) -> None:
