@@ -312,7 +312,8 @@ def _layer_summary(report: GeometryReport) -> dict[str, float]:
 
 def format_summary(reports: dict[str, GeometryReport]) -> str:
     """A plain-text table, one row per layer: σ_max (mean over experts), Jacobian effective rank, mean off-diagonal
-    mean-Jacobian alignment and its ratio to chance, PCA effective rank of the expert hidden activations."""
+    mean-Jacobian alignment and its ratio to chance, PCA effective rank of the expert hidden activations; then a
+    warning line for each layer whose matrix-free spectra did not all converge."""
     header = ("layer", "E", "tokens", "sigma_max", "jac_eff_rank", "align", "align/chance", "pca_hidden_eff_rank")
     rows = [header]
     for name, report in reports.items():
@@ -335,6 +336,14 @@ def format_summary(reports: dict[str, GeometryReport]) -> str:
         )
         for row in rows
     ]
+    for name, report in reports.items():
+        expert = int(report.expert["jac_unconverged"].sum()) if "jac_unconverged" in report.expert else 0
+        layer = int(report.layer.get("layer_jac_unconverged", 0))
+        if expert or layer:
+            lines.append(
+                f"warning: {name}: the matrix-free top values of {expert} expert token(s) and {layer} layer token(s) "
+                "did not converge (ProbeConfig.matrix_free_max_iter / matrix_free_tol); they are reported as they stand"
+            )
     return "\n".join(lines)
 
 

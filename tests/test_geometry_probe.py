@@ -1,5 +1,6 @@
 """probe(view, x): values against hand computations, DDP-style additivity, edge cases, metric keys."""
 
+import dataclasses
 import math
 import sys
 
@@ -319,6 +320,12 @@ def test_matrix_free_reports_tokens_whose_spectra_did_not_converge():
     scalars = rep.scalars("geometry/l")
     assert scalars["geometry/l/jac_unconverged/e0"] == float(rep.tokens[0])
     assert scalars["geometry/l/layer_jac_unconverged"] == 12.0
+    from moe_lightning.probe_cli import format_summary
+
+    warning = format_summary({"blocks.0.ffn": rep}).splitlines()[-1]
+    assert warning.startswith("warning: blocks.0.ffn: the matrix-free top values of 24 expert token(s) and 12 layer")
+    converged = probe(view, x, dataclasses.replace(cfg, matrix_free_max_iter=200))
+    assert "warning" not in format_summary({"blocks.0.ffn": converged})
 
 
 def test_matrix_free_chunks_batch_tokens_without_changing_values(monkeypatch):
