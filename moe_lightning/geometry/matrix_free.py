@@ -129,8 +129,10 @@ def _uncols(cols_DM: Tensor, n: int) -> Tensor:
 
 
 # From this many block columns in all, the operators multiply ``weight @ (D, N·K) columns`` instead of
-# ``(N·K, D) rows @ weight``: MKL runs the former 1.2-1.5x faster at 16-128 columns against a (4096, 14336) float32
-# weight, and the latter several times faster below 16 (scripts/benchmark_geometry.py, matrix-free table).
+# ``(N·K, D) rows @ weight``: timed with plain torch.mm on this project's 2-core CPU (MKL), the former runs 1.2-1.5x
+# faster at 16-128 columns against a (4096, 14336) float32 weight and the latter several times faster below 16
+# (a contiguous transposed weight copy, tried for the J side, made the Krylov run slower); the matrix-free table
+# of scripts/benchmark_geometry.py shows the end effect.
 _COLUMN_LAYOUT_MIN = 16
 
 
