@@ -8,6 +8,7 @@ from torch.autograd.functional import jacobian as autograd_jacobian
 from moe_lightning.geometry import swiglu_expert_jacobian, topr_singular_values
 from moe_lightning.geometry.matrix_free import (
     _COLUMN_LAYOUT_MIN,
+    _columns_layout,
     _extrapolated_converged,
     func_jacobian_operator,
     mlp_jacobian_operator,
@@ -127,20 +128,25 @@ def _autograd_jacobians(fn, x_ND):
     return torch.stack([autograd_jacobian(lambda xi: fn(xi.unsqueeze(0)).squeeze(0), x) for x in x_ND])
 
 
-def _expert_and_operator(kind):
+def _expert_and_operator(kind, dtype=DT):
+    """An expert (drawn in float64, then cast to ``dtype``), its tokens and its closed-form operator."""
     gen = torch.Generator().manual_seed(3)
     D, H, N = 9, 13, 4
-    x = torch.randn(N, D, generator=gen, dtype=DT)
+
+    def draw(*shape):
+        return torch.randn(*shape, generator=gen, dtype=DT).to(dtype)
+
+    x = draw(N, D)
     if kind == "swiglu":
-        w_gate, w_up = torch.randn(D, H, generator=gen, dtype=DT), torch.randn(D, H, generator=gen, dtype=DT)
-        w_down = torch.randn(H, D + 2, generator=gen, dtype=DT)  # D_out != D_in checks the transposes
+        w_gate, w_up = draw(D, H), draw(D, H)
+        w_down = draw(H, D + 2)  # D_out != D_in checks the transposes
 
         def fn(x):
             return (F.silu(x @ w_gate) * (x @ w_up)) @ w_down
 
         return fn, x, swiglu_jacobian_operator(x, w_gate, w_up, w_down)
-    w_in, b_in = torch.randn(D, H, generator=gen, dtype=DT), torch.randn(H, generator=gen, dtype=DT)
-    w_out = torch.randn(H, D + 2, generator=gen, dtype=DT)
+    w_in, b_in = draw(D, H), draw(H)
+    w_out = draw(H, D + 2)
     act = {"gelu": F.gelu, "relu": F.relu, "tanh": torch.tanh}[kind]
 
     def fn(x):
@@ -158,14 +164,24 @@ def test_operators_equal_products_with_the_autograd_jacobian(kind):
     N, d_out, d_in = J.shape
     assert (op.num_tokens, op.d_in, op.d_out) == (N, d_in, d_out)
     gen = torch.Generator().manual_seed(4)
-    # 4 tokens x 2 columns: the closed forms multiply (N·K, D) rows into the weights; x 5: weights into (D, N·K)
-    # columns (from _COLUMN_LAYOUT_MIN = 16 columns on)
-    assert N * 2 < _COLUMN_LAYOUT_MIN <= N * 5
     for k in (2, 5):
         V = torch.randn(N, d_in, k, generator=gen, dtype=DT)
         U = torch.randn(N, d_out, k, generator=gen, dtype=DT)
         torch.testing.assert_close(op.apply(V), J @ V, rtol=0, atol=1e-12)
         torch.testing.assert_close(op.apply_transpose(U), J.transpose(1, 2) @ U, rtol=0, atol=1e-12)
+    if kind == "func":
+        return
+    # float32 on CPU: 4 tokens x 2 columns multiply (N·K, D) rows into the weights, x 5 the weights into (D, N·K)
+    # columns (from _COLUMN_LAYOUT_MIN = 16 columns on; float64 always uses rows)
+    assert N * 2 < _COLUMN_LAYOUT_MIN <= N * 5
+    assert _columns_layout(N * 5, x.float()) and not _columns_layout(N * 5, x) and not _columns_layout(N * 2, x.float())
+    _, x32, op32 = _expert_and_operator(kind, torch.float32)
+    torch.testing.assert_close(x32, x.float())  # the same expert, in float32
+    for k in (2, 5):
+        V = torch.randn(N, d_in, k, generator=gen, dtype=DT)
+        U = torch.randn(N, d_out, k, generator=gen, dtype=DT)
+        for got, want in ((op32.apply(V.float()), J @ V), (op32.apply_transpose(U.float()), J.transpose(1, 2) @ U)):
+            torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-4 * float(want.abs().max()))
 
 
 def test_func_operator_falls_back_to_jvp_when_linearize_cannot_trace():

@@ -128,12 +128,18 @@ def _uncols(cols_DM: Tensor, n: int) -> Tensor:
     return cols_DM.view(cols_DM.shape[0], n, -1).permute(1, 0, 2)
 
 
-# From this many block columns in all, the operators multiply ``weight @ (D, N·K) columns`` instead of
-# ``(N·K, D) rows @ weight``: timed with plain torch.mm on this project's 2-core CPU (MKL), the former runs 1.2-1.5x
-# faster at 16-128 columns against a (4096, 14336) float32 weight and the latter several times faster below 16
-# (a contiguous transposed weight copy, tried for the J side, made the Krylov run slower); the matrix-free table
-# of scripts/benchmark_geometry.py shows the end effect.
+# From this many block columns in all, the float32 operators on CPU multiply ``weight @ (D, N·K) columns`` instead
+# of ``(N·K, D) rows @ weight``: timed with plain torch.mm on this project's 2-core CPU (MKL), the former runs
+# 1.2-1.5x faster at 16-128 columns against a (4096, 14336) float32 weight and the latter several times faster below
+# 16. In float64 it is the other way round (rows 49-90 GFLOP/s, columns 19-45 at 32-128 columns), so float64 keeps
+# the rows; so does CUDA, which was not measured. A contiguous transposed weight copy, tried for the J side, made
+# the Krylov run slower. The matrix-free table of scripts/benchmark_geometry.py shows the end effect.
 _COLUMN_LAYOUT_MIN = 16
+
+
+def _columns_layout(width: int, weight: Tensor) -> bool:
+    """Multiply ``weight @ columns`` (True) or ``rows @ weight`` (False) for ``width`` block columns in all."""
+    return width >= _COLUMN_LAYOUT_MIN and weight.dtype == torch.float32 and weight.device.type == "cpu"
 
 
 def mlp_jacobian_operator(
@@ -164,14 +170,14 @@ def mlp_jacobian_operator(
     dphi_HN1 = dphi_N1H.squeeze(1).t().unsqueeze(-1)
 
     def apply(V_NIK: Tensor) -> Tensor:
-        if n * V_NIK.shape[-1] >= _COLUMN_LAYOUT_MIN:
+        if _columns_layout(n * V_NIK.shape[-1], w_in_DH):
             t_HNK = (w_in_DH.t() @ _cols(V_NIK)).view(h, n, -1) * dphi_HN1
             return _uncols(w_out_HD.t() @ t_HNK.view(h, -1), n)
         t_NKH = (_rows(V_NIK) @ w_in_DH).view(n, -1, h) * dphi_N1H
         return _block(t_NKH.view(-1, h) @ w_out_HD, n)
 
     def apply_transpose(U_NOK: Tensor) -> Tensor:
-        if n * U_NOK.shape[-1] >= _COLUMN_LAYOUT_MIN:
+        if _columns_layout(n * U_NOK.shape[-1], w_out_HD):
             t_HNK = (w_out_HD @ _cols(U_NOK)).view(h, n, -1) * dphi_HN1
             return _uncols(w_in_DH @ t_HNK.view(h, -1), n)
         t_NKH = (_rows(U_NOK) @ w_out_HD.t()).view(n, -1, h) * dphi_N1H
@@ -203,7 +209,7 @@ def swiglu_jacobian_operator(x_ND: Tensor, w_gate_DH: Tensor, w_up_DH: Tensor, w
     c_gate_HN1, c_up_HN1 = (c.squeeze(1).t().unsqueeze(-1) for c in (c_gate_N1H, c_up_N1H))
 
     def apply(V_NIK: Tensor) -> Tensor:
-        if n * V_NIK.shape[-1] >= _COLUMN_LAYOUT_MIN:
+        if _columns_layout(n * V_NIK.shape[-1], w_gate_DH):
             v = _cols(V_NIK)
             t_HNK = (w_gate_DH.t() @ v).view(h, n, -1) * c_gate_HN1
             t_HNK.addcmul_((w_up_DH.t() @ v).view(h, n, -1), c_up_HN1)
@@ -214,7 +220,7 @@ def swiglu_jacobian_operator(x_ND: Tensor, w_gate_DH: Tensor, w_up_DH: Tensor, w
         return _block(t_NKH.view(-1, h) @ w_down_HD, n)
 
     def apply_transpose(U_NOK: Tensor) -> Tensor:
-        if n * U_NOK.shape[-1] >= _COLUMN_LAYOUT_MIN:
+        if _columns_layout(n * U_NOK.shape[-1], w_down_HD):
             t_HNK = (w_down_HD @ _cols(U_NOK)).view(h, n, -1)
             out = w_gate_DH @ (t_HNK * c_gate_HN1).view(h, -1)
             out.addmm_(w_up_DH, (t_HNK * c_up_HN1).view(h, -1))
