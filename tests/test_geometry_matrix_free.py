@@ -90,15 +90,20 @@ def test_extrapolated_stop_rule_on_hand_made_sequences():
     assert _extrapolated_converged(last4, 1e-6, 1e-15).tolist() == [True, False]
 
 
+def _random_swiglu(seed, D, H, N):
+    """Random float64 SwiGLU weights (variance-preserving scales) and N tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    w_gate, w_up = (torch.randn(D, H, generator=gen, dtype=DT) / D**0.5 for _ in range(2))
+    w_down = torch.randn(H, D, generator=gen, dtype=DT) / H**0.5
+    return w_gate, w_up, w_down, torch.randn(N, D, generator=gen, dtype=DT)
+
+
 @pytest.mark.parametrize("tol", [1e-4, 1e-8])
 def test_krylov_values_are_within_tol_when_it_stops(tol):
     """The extrapolated stop ends a run early, never before the values are within ``tol`` of the exact ones
     (16 tokens, blocks of 4: values compared every 4 columns; float64, so ``tol`` is not floored)."""
-    gen = torch.Generator().manual_seed(5)
     D, H, N, r = 96, 256, 16, 8
-    w_gate, w_up = (torch.randn(D, H, generator=gen, dtype=DT) / D**0.5 for _ in range(2))
-    w_down = torch.randn(H, D, generator=gen, dtype=DT) / H**0.5
-    x = torch.randn(N, D, generator=gen, dtype=DT)
+    w_gate, w_up, w_down, x = _random_swiglu(5, D, H, N)
     res = topr_singular_values(swiglu_jacobian_operator(x, w_gate, w_up, w_down), None, r, tol=tol)
     exact = torch.linalg.svdvals(swiglu_expert_jacobian(x, w_gate, w_up, w_down))[:, :r]
     assert res.converged.all() and res.basis_columns < D
@@ -280,11 +285,8 @@ def test_composed_operator_blocks_fill_the_experts_gemms():
 def test_krylov_block_sizes_match_exact_and_small_blocks_need_fewer_columns(block_size):
     """Any block size gives the exact top-r values; a batch of 8 tokens defaults to blocks of 4 columns, and on this
     flat random spectrum the smaller blocks converge with fewer product columns than blocks of K = r + p."""
-    gen = torch.Generator().manual_seed(5)
     D, H, N, r = 200, 400, 8, 6
-    w_gate, w_up = (torch.randn(D, H, generator=gen, dtype=DT) / D**0.5 for _ in range(2))
-    w_down = torch.randn(H, D, generator=gen, dtype=DT) / H**0.5
-    x = torch.randn(N, D, generator=gen, dtype=DT)
+    w_gate, w_up, w_down, x = _random_swiglu(5, D, H, N)
     exact = torch.linalg.svdvals(swiglu_expert_jacobian(x, w_gate, w_up, w_down))[:, :r]
     columns = {}
     for b in (block_size, 16):

@@ -504,22 +504,23 @@ def probe_statistics(view: Any, x: Tensor, config: ProbeConfig | None = None) ->
             t["jac_ws2"][e] += sws2
             t["jac_spectrum_w"][e] += (w.unsqueeze(-1) * sv).sum(0)
 
-        # Matrix-free expert spectra run on an expert's routed tokens gathered over chunks, ``chunk`` at a time:
-        # an expert sees only its share of a chunk (about top_k / E of it), and its tokens share every GEMM of the
-        # Krylov products, so full batches are what make them fast.
-        # Entries: tokens, gates and the operator built on those tokens for the layer's spectra (or None).
-        pending: dict[int, list[tuple[Tensor, Tensor, JacobianOperator | None]]] = {e: [] for e in range(num_experts)}
+        # Matrix-free expert spectra run on an expert's routed tokens gathered over chunks (tokens, gates), ``chunk``
+        # at a time: an expert sees only its share of a chunk (about top_k / E of it), and its tokens share every
+        # GEMM of the Krylov products, so full batches are what make them fast. ``lone_op[e]``: the operator the
+        # layer's spectra built on exactly the tokens queued for ``e`` (one entry), reused by its run.
+        pending: dict[int, list[tuple[Tensor, Tensor]]] = {e: [] for e in range(num_experts)}
+        lone_op: dict[int, JacobianOperator] = {}
 
-        def flush(e: int) -> None:
-            queue = pending[e]
-            built = queue[0][2] if len(queue) == 1 and queue[0][0].shape[0] <= chunk else None
-            x_q, w_q = (torch.cat([q[i] for q in queue]) for i in (0, 1))
-            queue.clear()
-            for start in range(0, x_q.shape[0], chunk):
+        def flush(e: int, final: bool) -> None:
+            """Run expert ``e``'s queued tokens in calls of ``chunk``; a shorter remainder waits unless ``final``."""
+            built = lone_op.pop(e, None)  # one entry of at most ``chunk`` tokens: it runs as one batch
+            x_q, w_q = (torch.cat(parts) for parts in zip(*pending[e], strict=True))
+            pending[e].clear()
+            n_run = x_q.shape[0] if final else x_q.shape[0] // chunk * chunk
+            if n_run < x_q.shape[0]:
+                pending[e].append((x_q[n_run:], w_q[n_run:]))
+            for start in range(0, n_run, chunk):
                 x_b, w_b = x_q[start : start + chunk], w_q[start : start + chunk]
-                if x_b.shape[0] < chunk and start > 0:
-                    queue.append((x_b, w_b, None))  # a remainder waits for the next chunk's tokens
-                    return
                 op = built if built is not None else _expert_operator(view, e, x_b, cfg)
                 res = topr_singular_values(op or experts[e], x_b, m, **_topr_kwargs(cfg))
                 jac_sources.add("matrix_free_topr")
@@ -563,12 +564,13 @@ def probe_statistics(view: Any, x: Tensor, config: ProbeConfig | None = None) ->
                         if cfg.layer_jacobian and cfg.layer_jacobian_method != "func":
                             op = _expert_operator(view, e, x_e, cfg)
                             expert_ops[e] = (rows, op)
-                        queue = pending[e]
-                        if queue:  # only a lone entry reuses its operator (flush): keep no two alive (memory)
-                            queue[:] = [(q[0], q[1], None) for q in queue]
-                        queue.append((x_e, w, None if queue else op))
-                        if sum(q[0].shape[0] for q in queue) >= chunk:
-                            flush(e)
+                        if pending[e] or op is None:
+                            lone_op.pop(e, None)  # several entries run as one batch: no operator to reuse
+                        else:
+                            lone_op[e] = op
+                        pending[e].append((x_e, w))
+                        if sum(q[0].shape[0] for q in pending[e]) >= chunk:
+                            flush(e, final=False)
                     continue
                 x_need = x_c if want_pointwise else x_e
                 J = _expert_jacobian(view, e, x_need, cfg, jac_sources).to(dtype)
@@ -598,8 +600,8 @@ def probe_statistics(view: Any, x: Tensor, config: ProbeConfig | None = None) ->
                 t["layer_spectrum"] += sv_layer.sum(0)
 
         for e in range(num_experts):
-            while pending[e]:  # what is left: fewer than ``chunk`` tokens an expert
-                flush(e)
+            if pending[e]:  # what is left: fewer than ``chunk`` tokens an expert
+                flush(e, final=True)
 
     if matrix_free:
         source = f"matrix_free_topr(r={m})"
@@ -617,7 +619,7 @@ def _bytes_per_token(cfg: ProbeConfig, d: int, m: int, num_experts: int, itemsiz
     if matrix_free:
         # No D x D matrix: the Krylov workspace, plus the experts' outputs and gate Jacobians for the layer
         # operator and K block columns through ~4D-wide expert activations. Tokens of a call share every GEMM
-        # against the weights (~2x faster per token at 8 tokens than at 1, and the Krylov blocks shrink to 4
+        # against the weights (2-3x faster per token at 8 tokens than at 1, and the Krylov blocks shrink to 4
         # columns from 8 tokens on: scripts/benchmark_geometry.py), so chunks are as large as the budget allows.
         k = min(m + cfg.matrix_free_oversample, d)
         return _krylov_bytes_per_token(d, k, cfg.matrix_free_max_iter, itemsize) + itemsize * d * (
