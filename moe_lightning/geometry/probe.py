@@ -87,9 +87,11 @@ class ProbeConfig:
         matrix_free_threshold: above this D the spectra are the matrix-free top-``matrix_free_rank`` values
             and the quantities that need whole Jacobians (Frobenius norm, alignment, functional subspaces) are NaN.
         matrix_free_rank: number of singular values on the matrix-free path.
-        matrix_free_oversample: extra block columns of the randomized subspace iteration.
-        matrix_free_max_iter: its most iterations.
-        matrix_free_tol: its relative tolerance on the values.
+        matrix_free_oversample: extra columns ``p`` of the randomized block Krylov method
+            (:func:`~moe_lightning.geometry.topr_singular_values`): ``K = r + p`` sets the convergence lag and the
+            unit of ``matrix_free_max_iter``.
+        matrix_free_max_iter: the basis holds at most ``K · matrix_free_max_iter`` columns per token.
+        matrix_free_tol: relative tolerance on the values (tokens that miss it are counted in ``jac_unconverged``).
         pca_max_dim: a PCA site wider than this is skipped (its ``Σw x xᵀ`` would be too large).
         seed: seed of the matrix-free start blocks (a local generator; the global RNG is untouched).
         cast_module: temporarily cast the view module's floating parameters and buffers to ``dtype`` (restored,
