@@ -125,8 +125,10 @@ def test_offline_run_directory_holds_geometry_keys_and_media(tmp_path, clean_wan
         tiny_fit([run_logger, CSVLogger(tmp_path / "csv")])
     finally:
         wandb.finish()
+        wandb.teardown()  # finish() can return before the service has flushed the end of the .wandb file
     (log_file,) = list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
     records = read_transaction_log(log_file)
+    assert records[-1].WhichOneof("record_type") == "exit", "the transaction log was read before W&B finished it"
     rows = history_rows(records)
 
     # every scalar key the CSV logger got also went to W&B, with the same value at the same step
