@@ -44,8 +44,7 @@ MODEL_TYPE_ADAPTERS: dict[str, str] = {
 MODEL_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 PROBE_DTYPES: dict[str, torch.dtype] = {"float64": torch.float64, "float32": torch.float32}
 DEVICES = ("auto", "cpu", "cuda")
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_TEXT_FILE = REPO_ROOT.parent / "shared" / "data" / "wikitext-2" / "test.txt"
+DEFAULT_TEXT_FILE = "bundled:wikitext-2/test.txt"
 # Lines tokenized per tokenizer call while filling the token budget (the text file may be much longer).
 _TOKENIZE_CHUNK_LINES = 64
 
@@ -380,7 +379,8 @@ def probe_pretrained(
             :func:`~moe_lightning.adapters.find_moe_layers` recognises (it stays on its device and dtype, and its
             train/eval mode is restored).
         texts_or_file: a text file (one document per line), a list of texts, or a tensor of token ids (flattened
-            into one stream); None uses ``../shared/data/wikitext-2/test.txt`` next to the repository.
+            into one stream); a ``bundled:<name>`` file ships with the package; None uses the bundled WikiText-2
+            test split (``bundled:wikitext-2/test.txt``).
         tokenizer: a tokenizer, or where to load one from; None uses the model's own (its directory / hub name).
         max_tokens: tokens probed per layer.
         seq_len: block length of the forward passes.
@@ -515,11 +515,13 @@ def _probe_and_write(
         stream = texts_or_file.detach().reshape(-1).to(torch.long).cpu()[:max_tokens]
     else:
         if texts_or_file is None:
-            if not DEFAULT_TEXT_FILE.is_file():
-                raise ValueError(f"no text given and the default {DEFAULT_TEXT_FILE} does not exist; pass --text FILE")
             texts_or_file = DEFAULT_TEXT_FILE
         if isinstance(texts_or_file, (str, os.PathLike)):
+            # moe_lightning.data pulls in Lightning and datasets, which a probe run otherwise never imports.
+            from moe_lightning.data.bundled import resolve_text_file
+
             text_source = os.fspath(texts_or_file)
+            texts_or_file = resolve_text_file(text_source)
             texts = read_text_file(texts_or_file)
         else:
             texts = list(texts_or_file)
@@ -622,7 +624,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--text",
         default=None,
-        help=f"UTF-8 text file, one document per line (default: {DEFAULT_TEXT_FILE} if it exists)",
+        help=f"UTF-8 text file, one document per line, or bundled:NAME for a file shipped with the package "
+        f"(default: {DEFAULT_TEXT_FILE}, the WikiText-2 test split)",
     )
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory or hub name (default: MODEL)")
     parser.add_argument(

@@ -13,7 +13,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from moe_lightning.data import SyntheticMoEDataModule, WikiTextDataModule
+from moe_lightning.data import SyntheticMoEDataModule, WikiTextDataModule, bundled_file, bundled_names
 from moe_lightning.data import wikitext as wikitext_module
 
 SMALL = dict(num_clusters=4, input_dim=8, output_dim=5, num_train=2048, num_val=128, num_test=64, batch_size=32)
@@ -337,8 +337,8 @@ def _assert_offline_message(message: str) -> None:
     for needle in (
         "train_file",
         "val_file",
-        "../shared/data/wikitext-2/valid.txt",
-        "../shared/data/wikitext-2/test.txt",
+        "bundled:wikitext-2/valid.txt",
+        "bundled:wikitext-2/test.txt",
     ):
         assert needle in message
 
@@ -386,3 +386,44 @@ def test_hub_probe_against_local_endpoints(monkeypatch):
         server.server_close()
     # The port is closed now: connection refused means unreachable.
     assert not wikitext_module.hub_reachable(f"http://127.0.0.1:{server.server_port}", timeout_s=2.0)
+
+
+# ----------------------------------------------------------------------------------------------------- bundled
+
+BUNDLED_README = Path(__file__).resolve().parents[1] / "moe_lightning" / "data" / "wikitext-2" / "README.md"
+
+
+@pytest.mark.parametrize("name", ["wikitext-2/valid.txt", "wikitext-2/test.txt"])
+def test_bundled_files_are_the_published_wikitext_splits(name):
+    import hashlib
+    import re
+
+    path = bundled_file(name)
+    assert path.is_file() and bundled_file("bundled:" + name) == path
+    # The checksums the data README records for the published files (independent of the loader).
+    recorded = dict(re.findall(r"`(\w+\.txt)` ([0-9a-f]{64})", BUNDLED_README.read_text()))
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == recorded[path.name]
+    assert bundled_names() == ["wikitext-2/test.txt", "wikitext-2/valid.txt"]
+
+
+def test_bundled_unknown_name_lists_the_files():
+    with pytest.raises(ValueError, match="wikitext-2/valid.txt"):
+        bundled_file("wikitext-103/train.txt")
+    with pytest.raises(ValueError, match="train_file='bundled:nope.txt'"):
+        WikiTextDataModule(train_file="bundled:nope.txt")
+
+
+def test_wikitext_bundled_split_trains_and_caches_outside_the_package(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    dm = WikiTextDataModule(
+        train_file="bundled:wikitext-2/valid.txt", vocab_size=300, block_size=16, max_train_tokens=2000
+    )
+    # Never a cache inside the installed package, even where its folder is writable.
+    assert dm.cache_root == tmp_path / "xdg" / "moe_lightning"
+    assert dm.hparams.train_file == "bundled:wikitext-2/valid.txt"  # the portable name, not this machine's path
+    dm.setup("fit")
+    assert dm.files["train"] == str(bundled_file("wikitext-2/valid.txt"))
+    # The stream starts with the first non-blank line of the file, encoded by the cached tokenizer.
+    first_line = next(line for line in bundled_file("wikitext-2/valid.txt").read_text().splitlines() if line.strip())
+    expected = dm.tokenizer.encode(first_line).ids
+    assert dm.streams["train"][: len(expected)].tolist() == expected

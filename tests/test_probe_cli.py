@@ -24,10 +24,11 @@ transformers = pytest.importorskip("transformers")
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 
 from moe_lightning.adapters import find_moe_layers  # noqa: E402
+from moe_lightning.data import bundled_file  # noqa: E402
 from moe_lightning.geometry import GeometryReport, ProbeConfig, probe  # noqa: E402
 from moe_lightning.probe_cli import default_out_dir, main, pack_blocks, probe_pretrained  # noqa: E402
 
-WIKITEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2"
+WIKITEXT = bundled_file("wikitext-2/valid.txt").parent
 D = 32
 COMMON = dict(
     vocab_size=300,
@@ -299,3 +300,21 @@ def test_non_moe_model_lists_the_supported_types(workspace) -> None:
 def test_bad_options_are_clean_errors(workspace, extra: list[str], message: str) -> None:
     code, _, stderr = run_cli([str(workspace["root"] / "mixtral"), "--text", str(workspace["text"]), *extra])
     assert code == 2 and message in stderr
+
+
+def test_default_text_is_the_bundled_wikitext_test_split(workspace, tmp_path, monkeypatch) -> None:
+    """No text given: the probe reads the WikiText-2 test split shipped with the package, from any folder."""
+    monkeypatch.chdir(tmp_path)
+    model_dir = workspace["root"] / "mixtral"
+    out = tmp_path / "out"
+    argv = [str(model_dir), "--max-tokens", str(MAX_TOKENS), "--seq-len", str(SEQ_LEN), "--out", str(out)]
+    code, _, stderr = run_cli(argv)
+    assert code == 0, stderr
+    data = json.loads((out / "probe.json").read_text())
+    assert data["config"]["text"] == "bundled:wikitext-2/test.txt"
+    stream = reference_stream(model_dir, bundled_file("wikitext-2/test.txt"), MAX_TOKENS)
+    expected = reference_reports(workspace["models"]["mixtral"], stream, SEQ_LEN)
+    for name in MIXTRAL_LAYERS:
+        got = GeometryReport.from_dict(data["layers"][name])
+        assert torch.equal(got.tokens, expected[name].tokens)
+        assert_same(got.expert["jac_sigma_max"], expected[name].expert["jac_sigma_max"])

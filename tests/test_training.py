@@ -15,7 +15,6 @@ from moe_lightning.lit import CausalLMModule, MLPMoEModule
 from moe_lightning.models import MLPMoEConfig, TransformerMoEConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2"
 
 
 def read_metrics(log_dir: Path) -> list[dict[str, str]]:
@@ -129,13 +128,14 @@ CONFIGS = sorted(
 
 @pytest.mark.parametrize("config", CONFIGS)
 def test_every_shipped_config_runs_through_the_cli(config, tmp_path, monkeypatch):
-    monkeypatch.chdir(ROOT)
+    # From a folder outside the repository: configs name no path relative to the checkout.
+    monkeypatch.chdir(tmp_path)
     args = [
         "fit",
         "--config",
-        config,
+        str(ROOT / config),
         "--config",
-        "configs/trainer/cpu.yaml",
+        str(ROOT / "configs/trainer/cpu.yaml"),
         "--trainer.max_steps=3",
         "--trainer.limit_train_batches=3",
         "--trainer.log_every_n_steps=1",
@@ -148,7 +148,7 @@ def test_every_shipped_config_runs_through_the_cli(config, tmp_path, monkeypatch
         f"--trainer.default_root_dir={tmp_path}",
     ]
     if "transformer" in config:
-        # keep the test fast: a slice of the local WikiText-2 copy, cached in tmp_path
+        # keep the test fast: a slice of the bundled WikiText-2 split, cached in tmp_path
         args += [
             "--data.init_args.max_train_tokens=20000",
             f"--data.init_args.cache_dir={tmp_path / 'cache'}",

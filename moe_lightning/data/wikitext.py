@@ -34,11 +34,13 @@ from lightning.pytorch import LightningDataModule
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.utils.data import DataLoader, Dataset
 
+from moe_lightning.data.bundled import BUNDLED_PREFIX, WIKITEXT2_TRAIN, WIKITEXT2_VAL, is_bundled, resolve_text_file
+
 END_OF_TEXT = "<|endoftext|>"
 # Byte-level BPE always keeps the 256 byte symbols, plus our end-of-text token.
 MIN_VOCAB_SIZE = 257
-EXAMPLE_TRAIN_FILE = "../shared/data/wikitext-2/valid.txt"
-EXAMPLE_VAL_FILE = "../shared/data/wikitext-2/test.txt"
+EXAMPLE_TRAIN_FILE = BUNDLED_PREFIX + WIKITEXT2_TRAIN
+EXAMPLE_VAL_FILE = BUNDLED_PREFIX + WIKITEXT2_VAL
 # Bump when the tokenizer recipe or the token-stream format changes, so that stale caches are not reused.
 CACHE_FORMAT = "v1"
 HUB_PROBE_TIMEOUT_S = 3.0
@@ -207,12 +209,13 @@ class WikiTextDataModule(LightningDataModule):
     Batches are ``(inputs, targets)`` tuples of long tensors, shape ``(batch_size, block_size)``, with ``targets``
     the inputs shifted by one token. All ids are below ``vocab_size``; link ``data.vocab_size`` into the model.
 
-    Without ``train_file`` the dataset is loaded from the Hugging Face Hub by name; offline, point ``train_file``
-    and ``val_file`` at local text files, e.g. ``../shared/data/wikitext-2/valid.txt`` (train) and
-    ``../shared/data/wikitext-2/test.txt`` (validation).
+    Without ``train_file`` the dataset is loaded from the Hugging Face Hub by name. Offline, point ``train_file``
+    and ``val_file`` at local text files, or at the WikiText-2 splits shipped with the package:
+    ``bundled:wikitext-2/valid.txt`` (train) and ``bundled:wikitext-2/test.txt`` (validation).
 
     Args:
-        train_file: Local training text file (one document per line). ``None`` loads ``dataset_name`` from the hub.
+        train_file: Local training text file (one document per line), or ``bundled:<name>`` for a file shipped with
+            the package. ``None`` loads ``dataset_name`` from the hub.
         val_file: Local validation text file; ``None`` with ``train_file`` set means no validation data.
         test_file: Local test text file; ``None`` with ``train_file`` set means no test data.
         dataset_name: Hub dataset name, used when ``train_file`` is ``None``.
@@ -222,7 +225,7 @@ class WikiTextDataModule(LightningDataModule):
         batch_size: Examples per batch (>= 1).
         num_workers: DataLoader worker processes (>= 0).
         cache_dir: Where the tokenizer and token streams are cached. Default: ``.moe_lightning_cache`` next to
-            ``train_file`` if that folder is writable, else ``$XDG_CACHE_HOME/moe_lightning`` (``~/.cache``).
+            a local ``train_file`` if that folder is writable, else ``$XDG_CACHE_HOME/moe_lightning`` (``~/.cache``).
         max_train_tokens: Keep only the first this many training tokens (short CPU runs); ``None`` keeps all.
         seed: Seeds the order of the training blocks.
     """
@@ -265,6 +268,10 @@ class WikiTextDataModule(LightningDataModule):
                 f"dataset_name={dataset_name!r} from the hub. " + _offline_hint()
             )
         for split, path in files.items():
+            try:
+                files[split] = path = resolve_text_file(path)
+            except ValueError as error:
+                raise ValueError(f"{options[split]}={path!r}: {error}") from None
             if path is not None and not Path(path).is_file():
                 raise ValueError(
                     f"{options[split]}={path!r} is not an existing file (resolved to {Path(path).resolve()}). "
@@ -281,7 +288,7 @@ class WikiTextDataModule(LightningDataModule):
         self.num_workers = num_workers
         self.max_train_tokens = max_train_tokens
         self.seed = seed
-        self.cache_root = Path(cache_dir) if cache_dir is not None else self._default_cache_root(train_file)
+        self.cache_root = Path(cache_dir) if cache_dir is not None else self._default_cache_root(files["train"])
         self.tokenizer: Tokenizer | None = None
         self.tokenizer_trained = False
         """Whether this process trained the tokenizer (``False`` when it was reused from the cache)."""
@@ -290,7 +297,8 @@ class WikiTextDataModule(LightningDataModule):
 
     @staticmethod
     def _default_cache_root(train_file: str | None) -> Path:
-        if train_file is not None:
+        # The package's own data folder is never a cache: an installed package may be shared or read-only.
+        if train_file is not None and not is_bundled(train_file):
             data_dir = Path(train_file).resolve().parent
             if os.access(data_dir, os.W_OK):
                 return data_dir / ".moe_lightning_cache"
