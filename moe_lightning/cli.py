@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_warn
 
 DEFAULT_LOGGER = {"class_path": "moe_lightning.loggers.AutoWandbLogger", "init_args": {"save_dir": "runs"}}
 
@@ -52,12 +53,43 @@ class MoELightningCLI(LightningCLI):
             **kwargs,
         )
 
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument(
+            "--summary",
+            type=bool,
+            default=True,
+            help="After fit, print each MoE layer's geometry at the first and the last probe and write the run's "
+            "local report (needs GeometryMonitor among the callbacks).",
+        )
+
     def before_fit(self) -> None:
         """Record the run's seed with its hyperparameters, so every logger (W&B too) knows which seed it was."""
         seed = self._get(self.config, "seed_everything")
         if isinstance(seed, int) and not isinstance(seed, bool):
             for logger in self.trainer.loggers:
                 logger.log_hyperparams({"seed_everything": seed})
+
+    def after_fit(self) -> None:
+        """Print the geometry summary and the report path (rank zero, when the run probed geometry)."""
+        if not self._get(self.config, "summary") or not self.trainer.is_global_zero or self.trainer.logger is None:
+            return
+        from moe_lightning.callbacks import GeometryMonitor
+
+        if not any(isinstance(callback, GeometryMonitor) for callback in self.trainer.callbacks):
+            return
+        # The report stack (pandas, matplotlib) loads only here, after training.
+        from moe_lightning.run_summary import run_directory, summarize_run
+
+        try:
+            directory = run_directory(self.trainer.logger)
+            if directory is None:
+                return
+            table, index = summarize_run(directory)
+        except Exception as error:  # noqa: BLE001 - the run is done and saved; a summary must not fail it
+            rank_zero_warn(f"no geometry summary for this run: {type(error).__name__}: {error}")
+            return
+        print(f"\nGeometry of each MoE layer at the first and the last probe ({directory}):\n{table}")
+        print(f"\nReport of the run: {index}")
 
 
 def _root_cause(error: BaseException) -> BaseException:

@@ -146,6 +146,7 @@ def test_every_shipped_config_runs_through_the_cli(config, tmp_path, monkeypatch
         f"--trainer.logger.save_dir={tmp_path}",
         "--trainer.enable_progress_bar=false",
         f"--trainer.default_root_dir={tmp_path}",
+        "--summary=false",  # tests/test_run_summary.py covers the end-of-fit summary
     ]
     if "transformer" in config:
         # keep the test fast: a slice of the bundled WikiText-2 split, cached in tmp_path

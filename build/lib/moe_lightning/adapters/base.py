@@ -1,0 +1,111 @@
+"""The ``MoEView`` contract: the seam between models and geometry (../shared/DESIGN.md).
+
+Shape legend: ``N`` tokens, ``E`` experts, ``D`` model dim, ``H`` expert hidden width.
+
+Geometry code and callbacks see an MoE layer only through this protocol. Adapters implement it for each model
+family (ours, Hugging Face Mixtral / Qwen-MoE / OLMoE); a user with an unusual layer either writes a small class
+with these members, or wraps plain callables in :class:`CallableView`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from torch import Tensor, nn
+
+TokenFn = Callable[[Tensor], Tensor]
+
+
+@runtime_checkable
+class MoEView(Protocol):
+    """What the geometry probes need to know about one MoE layer.
+
+    Attributes:
+        name: module path in the model, e.g. ``"blocks.0.ffn"``.
+        module: the MoE block itself; forward hooks on it capture its input.
+        num_experts: number of experts ``E``; 1 for a dense FFN baseline.
+
+    Optional, outside the protocol (checked with ``hasattr``): ``expert_jacobian_operator(e, x) ->
+    JacobianOperator | None``, the closed-form products ``J V`` / ``Jᵀ U`` of expert ``e`` without forming ``J``
+    (``moe_lightning.geometry.swiglu_jacobian_operator``, ``mlp_jacobian_operator``). The probe's matrix-free
+    spectra (``D > ProbeConfig.matrix_free_threshold``) use it when offered, else ``torch.func``. Our layers and
+    the Hugging Face adapters offer it.
+    """
+
+    name: str
+    module: nn.Module
+    num_experts: int
+
+    def gates(self, x: Tensor) -> Tensor:
+        """(N, D) -> (N, E) gate weights, 0 where a token is not routed to an expert."""
+        ...
+
+    def expert(self, e: int) -> TokenFn:
+        """Expert ``e`` as a function (N, D) -> (N, D)."""
+        ...
+
+    def expert_hidden(self, e: int) -> TokenFn | None:
+        """Expert ``e``'s inner activation (N, D) -> (N, H) after the nonlinearity, or None if unknown."""
+        ...
+
+    def expert_jacobian(self, e: int, x: Tensor) -> Tensor | None:
+        """Closed-form Jacobian of expert ``e`` at each token, (N, D) -> (N, D, D), or None if unknown."""
+        ...
+
+
+@dataclass
+class CallableView:
+    """An :class:`MoEView` built from plain callables, for a user's own MoE layer.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> experts = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
+        >>> router = nn.Linear(4, 2)
+        >>> view = CallableView(
+        ...     name="my_moe", module=router, gates_fn=lambda x: router(x).softmax(-1), expert_fns=list(experts))
+        >>> view.gates(torch.randn(3, 4)).shape
+        torch.Size([3, 2])
+    """
+
+    name: str
+    module: nn.Module
+    gates_fn: TokenFn
+    expert_fns: Sequence[TokenFn]
+    hidden_fns: Sequence[TokenFn] | None = None
+    jacobian_fns: Sequence[Callable[[Tensor], Tensor]] | None = None
+    operator_fns: Sequence[Callable[[Tensor], Any]] | None = None
+    num_experts: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        if len(self.expert_fns) < 1:
+            raise ValueError(f"CallableView {self.name!r}: expert_fns must hold at least one expert, got none")
+        for label, fns in (
+            ("hidden_fns", self.hidden_fns),
+            ("jacobian_fns", self.jacobian_fns),
+            ("operator_fns", self.operator_fns),
+        ):
+            if fns is not None and len(fns) != len(self.expert_fns):
+                raise ValueError(
+                    f"CallableView {self.name!r}: {label} has {len(fns)} entries, expected one per expert "
+                    f"({len(self.expert_fns)})"
+                )
+        self.num_experts = len(self.expert_fns)
+
+    def gates(self, x: Tensor) -> Tensor:
+        return self.gates_fn(x)
+
+    def expert(self, e: int) -> TokenFn:
+        return self.expert_fns[e]
+
+    def expert_hidden(self, e: int) -> TokenFn | None:
+        return None if self.hidden_fns is None else self.hidden_fns[e]
+
+    def expert_jacobian(self, e: int, x: Tensor) -> Tensor | None:
+        return None if self.jacobian_fns is None else self.jacobian_fns[e](x)
+
+    def expert_jacobian_operator(self, e: int, x: Tensor) -> Any:
+        """Expert ``e``'s ``JacobianOperator`` at the tokens ``x`` (matrix-free spectra), or None if not given."""
+        return None if self.operator_fns is None else self.operator_fns[e](x)

@@ -1,0 +1,62 @@
+"""MoEView adapters for moe-lightning's own layers (:class:`MoELayer` and the :class:`DenseFFN` baseline)."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import Tensor, nn
+
+from moe_lightning.adapters.base import TokenFn
+from moe_lightning.moe import DenseFFN, MoELayer
+
+
+class OurMoEView:
+    """View of a :class:`MoELayer` or a :class:`DenseFFN` (one expert, gate 1 for every token)."""
+
+    def __init__(self, name: str, module: MoELayer | DenseFFN) -> None:
+        self.name, self.module = name, module
+        self.num_experts = module.num_experts
+
+    def gates(self, x: Tensor) -> Tensor:
+        if isinstance(self.module, DenseFFN):
+            return torch.ones(*x.shape[:-1], 1, dtype=x.dtype, device=x.device)
+        return self.module.router.gates(x).to(x.dtype)
+
+    def expert(self, e: int) -> TokenFn:
+        return partial(self.module.expert_fn, e)
+
+    def expert_hidden(self, e: int) -> TokenFn | None:
+        return partial(self.module.expert_hidden_fn, e)
+
+    def _closed_form(self, e: int, x: Tensor, swiglu_fn, mlp_fn):
+        """``swiglu_fn(x, w_gate, w_up, w_out)`` or ``mlp_fn(x, w_in, None, w_out, activation)`` on expert ``e``'s
+        weights cast to ``x``'s dtype (the probe may run in float64 on a float32 model)."""
+        module, activation = self.module, self.module.config.activation
+        w_in, w_out = module.w_in[e].to(x.dtype), module.w_out[e].to(x.dtype)
+        if activation == "swiglu":
+            w_gate, w_up = w_in.chunk(2, dim=-1)
+            return swiglu_fn(x, w_gate, w_up, w_out)
+        return mlp_fn(x, w_in, None, w_out, activation)
+
+    def expert_jacobian(self, e: int, x: Tensor) -> Tensor | None:
+        from moe_lightning.geometry import mlp_expert_jacobian, swiglu_expert_jacobian
+
+        return self._closed_form(e, x, swiglu_expert_jacobian, mlp_expert_jacobian)
+
+    def expert_jacobian_operator(self, e: int, x: Tensor):
+        """Closed-form products ``J V`` / ``Jᵀ U`` of expert ``e`` at each token, for the matrix-free spectra."""
+        from moe_lightning.geometry import mlp_jacobian_operator, swiglu_jacobian_operator
+
+        return self._closed_form(e, x, swiglu_jacobian_operator, mlp_jacobian_operator)
+
+    def __repr__(self) -> str:
+        return f"OurMoEView(name={self.name!r}, num_experts={self.num_experts})"
+
+
+def _is_ours(module: nn.Module) -> bool:
+    return isinstance(module, (MoELayer, DenseFFN))
+
+
+def our_views(name: str, module: nn.Module) -> list[OurMoEView]:
+    return [OurMoEView(name, module)]

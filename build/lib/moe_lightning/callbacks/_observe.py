@@ -1,0 +1,169 @@
+"""Shared machinery of the callbacks: observing a model without changing it, capturing MoE layer inputs, and
+logging to every Lightning logger (STYLE.md §8).
+"""
+
+from __future__ import annotations
+
+import random
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from torch import Tensor, nn
+
+from moe_lightning.adapters.base import MoEView
+
+
+@contextmanager
+def observation(module: nn.Module, grad: bool = False) -> Iterator[None]:
+    """Run a probe without leaving a trace: eval mode, no grad (unless ``grad``), no autocast; restores every
+    submodule's train/eval mode and the CPU, CUDA, numpy and Python RNG states afterwards."""
+    modes = [(m, m.training) for m in module.modules()]
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    np_rng, py_rng = np.random.get_state(), random.getstate()
+    device_type = "cuda" if any(p.is_cuda for p in module.parameters()) else "cpu"
+    try:
+        module.eval()
+        with torch.set_grad_enabled(grad), torch.autocast(device_type=device_type, enabled=False):
+            yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+        np.random.set_state(np_rng)
+        random.setstate(py_rng)
+
+
+def batch_inputs(batch: Any, input_key: str | int = 0) -> Any:
+    """The model input of a batch: ``batch[input_key]`` of a tuple/list/dict, or the batch itself."""
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, dict):
+        return batch[input_key if isinstance(input_key, str) else "input_ids"]
+    if isinstance(batch, (list, tuple)):
+        return batch[input_key if isinstance(input_key, int) else 0]
+    raise ValueError(f"cannot take model inputs from a batch of type {type(batch).__name__}; pass input_key")
+
+
+def cpu_copy(obj: Any) -> Any:
+    """A detached CPU copy of a batch (tensors, or dicts/lists/tuples of them), for callback state."""
+    if isinstance(obj, Tensor):
+        return obj.detach().cpu().clone()
+    if isinstance(obj, dict):
+        return {k: cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_copy(v) for v in obj)
+    return obj
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
+
+
+def layer_input(args: tuple, kwargs: dict) -> Tensor | None:
+    if args and isinstance(args[0], Tensor):
+        return args[0]
+    return kwargs.get("hidden_states", kwargs.get("x"))
+
+
+def capture_layer_inputs(
+    pl_module: LightningModule,
+    views: Sequence[MoEView],
+    inputs: Sequence[Any],
+    forward: Callable[[LightningModule, Any], Any] | None = None,
+) -> dict[str, Tensor]:
+    """Run the model on ``inputs`` with temporary forward hooks on each view's module and return each view's
+    captured layer inputs as ``(N, D)``. Hooks are removed even if the forward fails."""
+    captured: dict[str, list[Tensor]] = {v.name: [] for v in views}
+    handles = []
+    modules: dict[int, list[str]] = {}
+    for view in views:
+        modules.setdefault(id(view.module), []).append(view.name)
+
+    def make_hook(names: list[str]):
+        def hook(module, args, kwargs, output):
+            x = layer_input(args, kwargs)
+            if x is not None:
+                for name in names:
+                    captured[name].append(x.detach().reshape(-1, x.shape[-1]))
+
+        return hook
+
+    seen = set()
+    try:
+        for view in views:
+            if id(view.module) in seen:
+                continue
+            seen.add(id(view.module))
+            handles.append(view.module.register_forward_hook(make_hook(modules[id(view.module)]), with_kwargs=True))
+        for x in inputs:
+            x = to_device(x, pl_module.device)
+            forward(pl_module, x) if forward is not None else pl_module(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: torch.cat(chunks) if chunks else torch.empty(0) for name, chunks in captured.items()}
+
+
+def log_scalars(trainer: Trainer, metrics: dict[str, float], step: int) -> None:
+    """The same scalar keys to every logger of the trainer, at the trainer's step (rank zero only)."""
+    if not trainer.is_global_zero or not metrics:
+        return
+    for logger in trainer.loggers:
+        logger.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+
+def wandb_loggers(trainer: Trainer) -> list[WandbLogger]:
+    return [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+
+
+def tensorboard_loggers(trainer: Trainer) -> list[TensorBoardLogger]:
+    return [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+
+
+def warn_once(store: set[str], message: str) -> None:
+    if message not in store:
+        store.add(message)
+        warnings.warn(message, stacklevel=2)
+
+
+def heatmap_figure(matrix: Tensor, title: str):
+    """A labelled matplotlib heatmap of an (E, E) matrix (Agg backend; no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    values = matrix.detach().double().cpu().numpy()
+    fig, ax = plt.subplots(figsize=(4, 3.4), dpi=100)
+    finite = values[np.isfinite(values)]
+    vmax = float(finite.max()) if finite.size else 1.0
+    image = ax.imshow(values, cmap="viridis", vmin=0.0, vmax=vmax if vmax > 0 else 1.0)
+    ax.set_xlabel("expert j")
+    ax.set_ylabel("expert i")
+    ax.set_title(title, fontsize=8)
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    return fig
+
+
+def observed_model(pl_module: LightningModule) -> nn.Module:
+    """Where the callbacks look for MoE layers: the LightningModule's ``model`` attribute when it is an
+    ``nn.Module`` (the litgpt convention our modules follow, giving names like ``blocks.0.ffn``), else the
+    LightningModule itself."""
+    model = getattr(pl_module, "model", None)
+    return model if isinstance(model, nn.Module) else pl_module

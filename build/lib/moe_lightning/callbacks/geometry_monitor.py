@@ -1,0 +1,359 @@
+"""GeometryMonitor: Jacobian spectra, weighted PCA, alignment and Grassmann distances of every MoE layer,
+probed on a fixed token set over the course of training (../shared/GEOMETRY.md §1-5)."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from torch import Tensor
+
+from moe_lightning.adapters import find_moe_layers
+from moe_lightning.adapters.base import MoEView
+from moe_lightning.callbacks._observe import (
+    batch_inputs,
+    capture_layer_inputs,
+    cpu_copy,
+    heatmap_figure,
+    log_scalars,
+    observation,
+    observed_model,
+    tensorboard_loggers,
+    wandb_loggers,
+    warn_once,
+)
+from moe_lightning.geometry import GeometryReport, ProbeConfig, finalize, probe_statistics
+
+_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+_SOURCES = ("val", "train")
+
+
+class GeometryMonitor(Callback):
+    r"""Probe the local function geometry and the representation geometry of every MoE layer during training.
+
+    A probe set is drawn once, deterministically, from the validation (or training) dataloader and kept in the
+    callback's state, so every point of a curve probes the same tokens. At each scheduled step the callback
+    captures each MoE layer's inputs on that set with temporary forward hooks, runs
+    :func:`moe_lightning.geometry.probe` on them, and logs the results. The model is only observed: modes, RNG
+    states, gradients and autocast are restored, so training ends in the same weights with or without it.
+
+    Logged metrics (DESIGN.md "Metric keys"; ``<layer>`` is the module path, ``e<i>`` an expert):
+        - ``geometry/<layer>/<quantity>/e<i>`` and ``.../mean`` for per-expert quantities: ``jac_sigma_max``,
+          ``jac_frobenius``, ``jac_stable_rank``, ``jac_effective_rank``, ``jac_decay_slope``, ``tokens``,
+          ``n_eff``, ``pca_<site>_{effective_rank,participation_ratio,n90,n_eff}`` for sites input/hidden/output;
+        - ``geometry/<layer>/<quantity>`` for layer-level ones: ``layer_jac_*``, ``align_*``, ``palign_*``,
+          ``subspace_*``, ``nonfinite_tokens``, ``empty_experts``;
+        - with W&B: spectra as ``wandb.Histogram`` and a ``geometry/spectra`` table (step, layer, expert, index,
+          sigma), alignment and overlap matrices as heatmap images; with TensorBoard: spectra histograms.
+
+    Args:
+        every_n_steps: probe when ``trainer.global_step`` is a multiple of this; None disables.
+        every_n_epochs: probe at the end of every n-th training epoch; None disables.
+        at_fit_start: probe once at fit start, the initialisation baseline.
+        max_tokens: tokens per layer in the probe set.
+        source: draw the probe set from ``"val"`` or ``"train"`` data (train is the fallback when there is no
+            validation data).
+        layers: layer names or glob patterns (``"blocks.*.ffn"``); None probes every MoE layer found.
+        jacobian, layer_jacobian, pca, alignment, subspaces: which parts of the probe to compute.
+        dtype: ``"float64"`` (default) or ``"float32"``.
+        memory_budget_bytes: peak memory of one Jacobian chunk.
+        subspace_rank: ``r`` of the Grassmann subspaces.
+        max_expert_keys: per-expert keys logged for at most this many experts per layer (aggregates always);
+            None logs all. Keeps W&B well under its metric limits for models with many experts.
+        log_media: also log histograms, tables and heatmaps where the logger supports them.
+        input_key: which element of a batch is the model input (index or dict key).
+        forward: ``forward(pl_module, inputs)`` used to run the model on the probe set; default
+            ``pl_module(inputs)``.
+        probe_config: extra :class:`~moe_lightning.geometry.ProbeConfig` fields (e.g. ``matrix_free_threshold``).
+        save_reports: also write every probe's full reports (mean spectra, matrices, PCA eigenvalues) as
+            ``geometry/step_<step>.json`` (:meth:`GeometryReport.to_dict` per layer) into ``report_dir``; this is
+            what ``moe-lightning report`` plots from.
+        report_dir: where ``geometry/`` goes; None uses the first CSV or TensorBoard logger's ``log_dir``, else
+            the W&B run's files directory (so the reports travel with the W&B run); nothing is written when there
+            is neither.
+
+    Example::
+
+        trainer = Trainer(callbacks=[GeometryMonitor(every_n_steps=100, max_tokens=256)])
+        trainer.fit(model, datamodule)
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int | None = 600,
+        every_n_epochs: int | None = None,
+        at_fit_start: bool = True,
+        max_tokens: int = 256,
+        source: str = "val",
+        layers: str | list[str] | None = None,
+        jacobian: bool = True,
+        layer_jacobian: bool = True,
+        pca: bool = True,
+        alignment: bool = True,
+        subspaces: bool = True,
+        dtype: str = "float64",
+        memory_budget_bytes: int = 256 * 2**20,
+        subspace_rank: int = 8,
+        max_expert_keys: int | None = 16,
+        log_media: bool = True,
+        input_key: str | int = 0,
+        forward: Callable[[LightningModule, Any], Any] | None = None,
+        probe_config: dict[str, Any] | None = None,
+        save_reports: bool = True,
+        report_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"GeometryMonitor: {name} must be a positive int or None, got {value!r}")
+        if not isinstance(max_tokens, int) or max_tokens < 1:
+            raise ValueError(f"GeometryMonitor: max_tokens must be a positive int, got {max_tokens!r}")
+        if source not in _SOURCES:
+            raise ValueError(f"GeometryMonitor: source={source!r} is not supported; allowed values: {_SOURCES}")
+        if dtype not in _DTYPES:
+            raise ValueError(f"GeometryMonitor: dtype={dtype!r} is not supported; allowed: {tuple(_DTYPES)}")
+        if max_expert_keys is not None and max_expert_keys < 0:
+            raise ValueError(f"GeometryMonitor: max_expert_keys must be >= 0 or None, got {max_expert_keys!r}")
+        self.every_n_steps, self.every_n_epochs, self.at_fit_start = every_n_steps, every_n_epochs, at_fit_start
+        self.max_tokens, self.source, self.layers = max_tokens, source, layers
+        self.max_expert_keys, self.log_media = max_expert_keys, log_media
+        self.input_key, self.forward = input_key, forward
+        self.save_reports, self.report_dir = save_reports, report_dir
+        # Validated now, so a wrong option fails before training starts.
+        self.probe_config = ProbeConfig(
+            jacobian=jacobian,
+            layer_jacobian=layer_jacobian,
+            pca=pca,
+            alignment=alignment,
+            subspaces=subspaces,
+            dtype=_DTYPES[dtype],
+            memory_budget_bytes=memory_budget_bytes,
+            subspace_rank=subspace_rank,
+            **(probe_config or {}),
+        )
+        self.views: list[MoEView] = []
+        # State kept across checkpoints: the probe set and the steps already probed.
+        self.probe_inputs: list[Any] | None = None
+        self.probed_steps: list[int] = []
+        self.last_reports: dict[str, GeometryReport] = {}
+        self._warned: set[str] = set()
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.views = find_moe_layers(observed_model(pl_module), self.layers)
+        if not self.views:
+            patterns = "" if self.layers is None else f" matching {self.layers!r}"
+            warnings.warn(
+                f"GeometryMonitor: no MoE layers{patterns} found in {type(pl_module).__name__}; "
+                "nothing will be probed (see moe_lightning.adapters.register_adapter)",
+                stacklevel=2,
+            )
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.probe_inputs is None:
+            self.probe_inputs = self._draw_probe_set(trainer, pl_module)
+        # Without a datamodule the probe set (and the baseline) comes from the first training batch instead.
+        if self.probe_inputs is not None and self.at_fit_start and trainer.global_step not in self.probed_steps:
+            self.run_probe(trainer, pl_module)
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.probe_inputs is None:  # no datamodule to draw from: take the first training batch
+            self.probe_inputs = [cpu_copy(batch_inputs(batch, self.input_key))]
+            if self.at_fit_start and trainer.global_step not in self.probed_steps:
+                self.run_probe(trainer, pl_module)
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step % self.every_n_steps == 0 and step not in self.probed_steps:
+            self.run_probe(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        epoch_done = trainer.current_epoch + 1
+        if (
+            self.every_n_epochs
+            and epoch_done % self.every_n_epochs == 0
+            and trainer.global_step not in self.probed_steps
+        ):
+            self.run_probe(trainer, pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"probe_inputs": self.probe_inputs, "probed_steps": list(self.probed_steps)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.probe_inputs = state_dict.get("probe_inputs")
+        self.probed_steps = list(state_dict.get("probed_steps", []))
+
+    # ------------------------------------------------------------------ probe set
+    def _loader(self, trainer: Trainer) -> Any:
+        datamodule = trainer.datamodule
+        if datamodule is None:
+            return None
+        order = ("val_dataloader", "train_dataloader") if self.source == "val" else ("train_dataloader",)
+        for name in order:
+            try:
+                loader = getattr(datamodule, name)()
+            except Exception:  # not implemented (Lightning raises MisconfigurationException): try the next one
+                continue
+            if loader is not None and (not isinstance(loader, (list, tuple)) or len(loader) > 0):
+                return loader[0] if isinstance(loader, (list, tuple)) else loader
+        return None
+
+    def _draw_probe_set(self, trainer: Trainer, pl_module: LightningModule) -> list[Any] | None:
+        """Batches in the loader's own order until every probed layer has ``max_tokens`` captured tokens.
+        Deterministic: the same data on every rank and every run; the global RNG is restored afterwards."""
+        loader = self._loader(trainer)
+        if loader is None or not self.views:
+            return None
+        inputs: list[Any] = []
+        tokens = 0
+        with observation(pl_module):
+            for batch in loader:
+                inputs.append(cpu_copy(batch_inputs(batch, self.input_key)))
+                captured = capture_layer_inputs(pl_module, self.views, inputs[-1:], self.forward)
+                tokens += min(x.shape[0] for x in captured.values())
+                if tokens >= self.max_tokens:
+                    break
+        return inputs
+
+    # ------------------------------------------------------------------ the probe
+    def _reduce_fn(self, trainer: Trainer) -> Callable[[Tensor], Tensor] | None:
+        if trainer.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+            return None
+        return lambda t: trainer.strategy.reduce(t, reduce_op="sum")
+
+    def _any_rank(self, trainer: Trainer, flag: bool) -> bool:
+        """True if ``flag`` is true on any rank; every rank takes part in the collective, or none does."""
+        if self._reduce_fn(trainer) is None:
+            return flag
+        value = torch.tensor(float(flag), device=trainer.strategy.root_device)
+        return bool(trainer.strategy.reduce(value, reduce_op="sum").item() > 0)
+
+    def run_probe(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, GeometryReport]:
+        """Probe every layer now and log the results at ``trainer.global_step``. Returns the reports."""
+        step = trainer.global_step
+        self.probed_steps.append(step)
+        if not self.probe_inputs or not self.views:
+            return {}
+        rank, world = trainer.global_rank, trainer.world_size
+        reports: dict[str, GeometryReport] = {}
+        with observation(pl_module):
+            captured = capture_layer_inputs(pl_module, self.views, self.probe_inputs, self.forward)
+            for view in self.views:
+                x = captured[view.name][: self.max_tokens]
+                shard = x.tensor_split(world)[rank] if world > 1 else x  # each rank probes its share of tokens
+                stats, failed = None, False
+                try:
+                    stats = probe_statistics(view, shard, self.probe_config)
+                except Exception as error:  # a probe must never stop training; report it and go on
+                    failed = True
+                    warnings.warn(
+                        f"GeometryMonitor: probe of {view.name!r} failed at step {step}: {error!r}", stacklevel=2
+                    )
+                if self._any_rank(trainer, failed):
+                    continue
+                reduce_fn = self._reduce_fn(trainer)
+                if reduce_fn is not None:
+                    stats = stats.reduce(reduce_fn)
+                reports[view.name] = finalize(stats)
+        self.last_reports = reports
+        if trainer.is_global_zero:
+            self._log(trainer, reports, step)
+        return reports
+
+    # ------------------------------------------------------------------ logging
+    def _log(self, trainer: Trainer, reports: dict[str, GeometryReport], step: int) -> None:
+        scalars: dict[str, float] = {}
+        for name, report in reports.items():
+            scalars.update(report.scalars(f"geometry/{name}", max_experts=self.max_expert_keys))
+            if report.nonfinite_tokens:
+                warn_once(
+                    self._warned,
+                    f"GeometryMonitor: {report.nonfinite_tokens} probe tokens of {name!r} hold NaN/Inf; "
+                    "they were left out and are counted in geometry/<layer>/nonfinite_tokens",
+                )
+        log_scalars(trainer, scalars, step)
+        if self.save_reports and reports:
+            try:
+                self._save(trainer, reports, step)
+            except Exception as error:  # a full disk must not stop training either
+                warn_once(self._warned, f"GeometryMonitor: could not save reports: {error!r}")
+        if self.log_media:
+            try:
+                self._log_media(trainer, reports, step)
+            except Exception as error:  # media are a bonus; never let them stop training
+                warn_once(self._warned, f"GeometryMonitor: could not log media: {error!r}")
+
+    def _resolve_report_dir(self, trainer: Trainer) -> str | None:
+        if self.report_dir is not None:
+            return self.report_dir
+        for logger in trainer.loggers:
+            if isinstance(logger, (CSVLogger, TensorBoardLogger)):
+                return logger.log_dir
+        for logger in wandb_loggers(trainer):
+            return logger.experiment.dir
+        return None
+
+    def _save(self, trainer: Trainer, reports: dict[str, GeometryReport], step: int) -> None:
+        root = self._resolve_report_dir(trainer)
+        if root is None:
+            return
+        folder = os.path.join(root, "geometry")
+        os.makedirs(folder, exist_ok=True)
+        payload = {
+            "step": step,
+            "epoch": trainer.current_epoch,
+            "layers": {name: report.to_dict() for name, report in reports.items()},
+        }
+        path = os.path.join(folder, f"step_{step:07d}.json")
+        with open(path + ".tmp", "w") as handle:
+            json.dump(payload, handle)
+        os.replace(path + ".tmp", path)  # readers never see a half-written file
+
+    def _log_media(self, trainer: Trainer, reports: dict[str, GeometryReport], step: int) -> None:
+        for logger in tensorboard_loggers(trainer):
+            for name, report in reports.items():
+                spectra = report.spectra.get("jac_mean_spectrum")
+                if spectra is not None and torch.isfinite(spectra).any():
+                    values = spectra[torch.isfinite(spectra)].float().cpu()
+                    logger.experiment.add_histogram(f"geometry/{name}/jac_spectrum", values, step)
+        wandbs = wandb_loggers(trainer)
+        if not wandbs:
+            return
+        import matplotlib.pyplot as plt
+        import wandb
+
+        for logger in wandbs:
+            run = logger.experiment
+            run.define_metric("trainer/global_step")
+            for prefix in ("geometry/*", "router/*", "curvature/*"):
+                run.define_metric(prefix, step_metric="trainer/global_step")
+            payload: dict[str, Any] = {"trainer/global_step": step}
+            rows = []
+            for name, report in reports.items():
+                spectra = report.spectra.get("jac_mean_spectrum")
+                if spectra is not None:
+                    finite = spectra[torch.isfinite(spectra)].double().cpu()
+                    if finite.numel():
+                        payload[f"geometry/{name}/jac_spectrum_hist"] = wandb.Histogram(finite.numpy())
+                    for e, row in enumerate(spectra.double().cpu().tolist()):
+                        rows.extend([step, name, e, i + 1, s] for i, s in enumerate(row))
+                for key, matrix in report.matrices.items():
+                    if key.endswith("projection") or key.endswith("geodesic"):
+                        continue
+                    figure = heatmap_figure(matrix, f"{name} {key} (step {step})")
+                    payload[f"geometry/{name}/{key}_heatmap"] = wandb.Image(figure)
+                    plt.close(figure)
+            if rows:
+                payload["geometry/spectra"] = wandb.Table(
+                    columns=["step", "layer", "expert", "index", "sigma"], data=rows
+                )
+            run.log(payload)

@@ -1,0 +1,85 @@
+"""The ``moe-lightning`` command: ``fit | validate | test`` through LightningCLI, plus the project's own
+subcommands registered in ``EXTRA_COMMANDS``.
+
+Examples:
+    moe-lightning fit --config configs/mlp/topk.yaml --config configs/trainer/cpu.yaml
+    moe-lightning fit --config configs/mlp/soft.yaml --trainer.logger=CSVLogger --trainer.logger.save_dir=runs
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import lightning as L
+from lightning.pytorch.cli import LightningCLI
+
+DEFAULT_LOGGER = {"class_path": "moe_lightning.loggers.AutoWandbLogger", "init_args": {"save_dir": "runs"}}
+
+
+def _lazy(module: str) -> Callable[[list[str]], int | None]:
+    """``module.main(argv)``, imported only when its subcommand runs (keeps ``fit`` start-up lean)."""
+
+    def run(argv: list[str]) -> int | None:
+        import importlib
+
+        return importlib.import_module(module).main(argv)
+
+    return run
+
+
+# name -> callable(argv) for subcommands outside LightningCLI.
+EXTRA_COMMANDS: dict[str, Callable[[list[str]], int | None]] = {
+    "sweep": _lazy("moe_lightning.sweep"),
+    "report": _lazy("moe_lightning.report"),
+    "probe": _lazy("moe_lightning.probe_cli"),
+}
+
+
+class MoELightningCLI(LightningCLI):
+    """LightningCLI with moe-lightning's defaults: any LightningModule / DataModule by ``class_path``, the W&B
+    logger (offline when needed) unless another is chosen, and the config saved next to the logs."""
+
+    def __init__(self, args: list[str] | None = None, **kwargs) -> None:
+        kwargs.setdefault("trainer_defaults", {"logger": DEFAULT_LOGGER})
+        super().__init__(
+            L.LightningModule,
+            L.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+            **kwargs,
+        )
+
+    def before_fit(self) -> None:
+        """Record the run's seed with its hyperparameters, so every logger (W&B too) knows which seed it was."""
+        seed = self._get(self.config, "seed_everything")
+        if isinstance(seed, int) and not isinstance(seed, bool):
+            for logger in self.trainer.loggers:
+                logger.log_hyperparams({"seed_everything": seed})
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The innermost exception of a chain: jsonargparse wraps a config's own ValueError in several layers."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return error
+
+
+def main(argv: list[str] | None = None) -> int | None:
+    """Entry point of the ``moe-lightning`` console script. Returns the exit code."""
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] in EXTRA_COMMANDS:
+        return EXTRA_COMMANDS[args[0]](args[1:])
+    try:
+        MoELightningCLI(args=argv)
+    except ValueError as error:
+        # A bad config value: say what was wrong and what is allowed, without a stack trace.
+        print(f"moe-lightning: error: {_root_cause(error)}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Geometry core: exact Jacobian spectra, weighted PCA, alignment, Grassmann distances, curvature.
+
+Pure PyTorch (no Lightning). Definitions: ../shared/GEOMETRY.md; usage: docs/sections/geometry.md.
+"""
+
+from moe_lightning.geometry.alignment import (
+    alignment_chance,
+    jacobian_alignment,
+    offdiag_summary,
+    pointwise_cosine_sums,
+)
+from moe_lightning.geometry.curvature import (
+    EigenResult,
+    TraceResult,
+    hessian_top_eigenvalue,
+    hessian_vector_product,
+    hutchinson_trace,
+)
+from moe_lightning.geometry.jacobians import (
+    ACTIVATIONS,
+    DEFAULT_MEMORY_BUDGET_BYTES,
+    activation_derivative,
+    compose_layer_jacobian,
+    expert_jacobian,
+    jacobians,
+    layer_jacobian,
+    mlp_expert_jacobian,
+    swiglu_expert_jacobian,
+)
+from moe_lightning.geometry.matrix_free import (
+    JacobianOperator,
+    TopRResult,
+    compose_layer_operator,
+    func_jacobian_operator,
+    mlp_jacobian_operator,
+    swiglu_jacobian_operator,
+    topr_singular_values,
+)
+from moe_lightning.geometry.pca import PCAResult, WeightedCovariance, pca_from_moments, weighted_pca
+from moe_lightning.geometry.probe import (
+    GeometryReport,
+    ProbeConfig,
+    ProbeStatistics,
+    finalize,
+    probe,
+    probe_statistics,
+)
+from moe_lightning.geometry.spectra import (
+    SPECTRAL_STAT_NAMES,
+    SPECTRAL_VARIANTS,
+    batched_svdvals,
+    decay_slope,
+    effective_rank,
+    n_components_for_variance,
+    participation_ratio,
+    spectral_stats,
+    stable_rank,
+)
+from moe_lightning.geometry.subspaces import (
+    GrassmannDistance,
+    grassmann_distance,
+    orthonormal_basis,
+    principal_angles,
+    subspace_overlap_chance,
+)
+
+__all__ = [
+    "ACTIVATIONS",
+    "DEFAULT_MEMORY_BUDGET_BYTES",
+    "EigenResult",
+    "GeometryReport",
+    "GrassmannDistance",
+    "JacobianOperator",
+    "PCAResult",
+    "ProbeConfig",
+    "ProbeStatistics",
+    "SPECTRAL_STAT_NAMES",
+    "SPECTRAL_VARIANTS",
+    "TopRResult",
+    "TraceResult",
+    "WeightedCovariance",
+    "activation_derivative",
+    "alignment_chance",
+    "batched_svdvals",
+    "compose_layer_jacobian",
+    "compose_layer_operator",
+    "decay_slope",
+    "effective_rank",
+    "expert_jacobian",
+    "finalize",
+    "func_jacobian_operator",
+    "grassmann_distance",
+    "hessian_top_eigenvalue",
+    "hessian_vector_product",
+    "hutchinson_trace",
+    "jacobian_alignment",
+    "jacobians",
+    "layer_jacobian",
+    "mlp_expert_jacobian",
+    "mlp_jacobian_operator",
+    "n_components_for_variance",
+    "offdiag_summary",
+    "orthonormal_basis",
+    "participation_ratio",
+    "pca_from_moments",
+    "pointwise_cosine_sums",
+    "principal_angles",
+    "probe",
+    "probe_statistics",
+    "spectral_stats",
+    "stable_rank",
+    "subspace_overlap_chance",
+    "swiglu_expert_jacobian",
+    "swiglu_jacobian_operator",
+    "topr_singular_values",
+    "weighted_pca",
+]

@@ -1,0 +1,184 @@
+"""Loss curvature: top Hessian eigenvalue and Hutchinson trace (../shared/GEOMETRY.md §7).
+
+Shape legend: ``P`` total number of parameters (the Hessian is ``P × P``; it is never formed).
+
+Both run on Hessian-vector products by double backward, ``H v = ∇(∇L · v)`` (Pearlmutter, 1994), as PyHessian
+(Yao et al., 2020) does. The gradient graph is built once and reused by every product. Neither touches ``.grad``
+buffers nor the global RNG (a local generator draws the random vectors).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["EigenResult", "TraceResult", "hessian_top_eigenvalue", "hessian_vector_product", "hutchinson_trace"]
+
+
+@dataclass
+class EigenResult:
+    """Result of :func:`hessian_top_eigenvalue`.
+
+    Attributes:
+        eigenvalue: the Hessian eigenvalue of largest magnitude.
+        eigenvector: its unit eigenvector, one tensor per parameter.
+        iterations: power iterations run.
+        converged: the relative change of the eigenvalue fell below ``tol``.
+        relative_change: the last relative change.
+    """
+
+    eigenvalue: float
+    eigenvector: list[Tensor]
+    iterations: int
+    converged: bool
+    relative_change: float
+
+
+@dataclass
+class TraceResult:
+    """Result of :func:`hutchinson_trace`.
+
+    Attributes:
+        trace: the mean of ``vᵀ H v`` over the Rademacher samples.
+        std_error: standard error of that mean (NaN after one sample).
+        iterations: samples drawn.
+        converged: ``std_error ≤ tol · |trace|`` was reached.
+    """
+
+    trace: float
+    std_error: float
+    iterations: int
+    converged: bool
+
+
+def _check(max_iter: int, tol: float, name: str) -> None:
+    if not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"{name}: max_iter must be an int >= 1, got {max_iter!r}")
+    if not tol >= 0:
+        raise ValueError(f"{name}: tol must be >= 0, got {tol!r}")
+
+
+def hessian_vector_product(
+    loss_fn: Callable[[], Tensor], params: Sequence[Tensor]
+) -> Callable[[list[Tensor]], list[Tensor]]:
+    """Build ``v ↦ H v`` for the Hessian of ``loss_fn()`` w.r.t. ``params`` (one gradient graph, reused).
+
+    Args:
+        loss_fn: closure returning the scalar loss on a fixed probe batch.
+        params: tensors with ``requires_grad=True``.
+    """
+    params = list(params)
+    if not params or not all(p.requires_grad for p in params):
+        raise ValueError("hessian_vector_product: params must be a non-empty sequence of tensors requiring grad")
+    with torch.enable_grad():
+        loss = loss_fn()
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+
+    def hvp(v: list[Tensor]) -> list[Tensor]:
+        with torch.enable_grad():
+            out = torch.autograd.grad(grads, params, grad_outputs=v, retain_graph=True, allow_unused=True)
+        return [torch.zeros_like(p) if o is None else o.detach() for o, p in zip(out, params, strict=True)]
+
+    return hvp
+
+
+def _dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
+    return sum((x * y).sum() for x, y in zip(a, b, strict=True))
+
+
+def hessian_top_eigenvalue(
+    loss_fn: Callable[[], Tensor],
+    params: Sequence[Tensor],
+    *,
+    max_iter: int = 100,
+    tol: float = 1e-6,
+    seed: int = 0,
+) -> EigenResult:
+    """Eigenvalue of largest magnitude of the loss Hessian by power iteration on HVPs (GEOMETRY.md §7).
+
+    Stops when ``|λ_k − λ_{k−1}| ≤ tol · |λ_k|`` or after ``max_iter`` products. Like PyHessian it returns the
+    dominant eigenvalue (largest ``|λ|``), which near a minimum is the top (sharpness) eigenvalue.
+
+    Args:
+        loss_fn: closure returning the scalar loss on a fixed probe batch.
+        params: parameters to differentiate (``requires_grad=True``).
+        max_iter: most power iterations.
+        tol: relative tolerance on the eigenvalue.
+        seed: seed of the random start vector (local generator).
+
+    Returns:
+        An :class:`EigenResult` with the iteration count and convergence flag.
+    """
+    _check(max_iter, tol, "hessian_top_eigenvalue")
+    params = list(params)
+    hvp = hessian_vector_product(loss_fn, params)
+    gen = torch.Generator(device=params[0].device).manual_seed(seed)
+    v = [torch.randn(p.shape, generator=gen, dtype=p.dtype, device=p.device) for p in params]
+    norm = torch.sqrt(_dot(v, v))
+    v = [x / norm for x in v]
+    eig, change, converged, it = math.nan, math.inf, False, 0
+    for it in range(1, max_iter + 1):
+        hv = hvp(v)
+        new = float(_dot(v, hv))  # Rayleigh quotient of the unit vector v
+        norm = float(torch.sqrt(_dot(hv, hv)))
+        if it > 1:
+            change = abs(new - eig) / max(abs(new), 1e-300)
+        eig = new
+        if norm == 0.0:  # H v = 0: v is an eigenvector of eigenvalue 0
+            converged, change = True, 0.0
+            break
+        v = [x / norm for x in hv]
+        if change <= tol:
+            converged = True
+            break
+    return EigenResult(eig, v, it, converged, change)
+
+
+def hutchinson_trace(
+    loss_fn: Callable[[], Tensor],
+    params: Sequence[Tensor],
+    *,
+    max_iter: int = 100,
+    tol: float = 1e-3,
+    min_iter: int = 2,
+    seed: int = 0,
+) -> TraceResult:
+    """Hutchinson estimate ``tr H ≈ mean_k v_kᵀ H v_k`` with Rademacher ``v_k`` (Hutchinson, 1989; GEOMETRY.md §7).
+
+    Stops once at least ``min_iter`` samples give a standard error ``≤ tol · |mean|``, or after ``max_iter``.
+
+    Args:
+        loss_fn: closure returning the scalar loss on a fixed probe batch.
+        params: parameters to differentiate.
+        max_iter: most samples.
+        tol: relative standard-error tolerance.
+        min_iter: fewest samples before the tolerance is checked (>= 2 for a standard error).
+        seed: seed of the Rademacher draws (local generator).
+
+    Returns:
+        A :class:`TraceResult`.
+    """
+    _check(max_iter, tol, "hutchinson_trace")
+    if not isinstance(min_iter, int) or not 1 <= min_iter <= max_iter:
+        raise ValueError(f"hutchinson_trace: min_iter must be an int in [1, max_iter], got {min_iter!r}")
+    params = list(params)
+    hvp = hessian_vector_product(loss_fn, params)
+    gen = torch.Generator(device=params[0].device).manual_seed(seed)
+    samples: list[float] = []
+    std_err, converged = math.nan, False
+    for _ in range(max_iter):
+        v = [torch.randint(0, 2, p.shape, generator=gen, device=p.device).to(p.dtype) * 2 - 1 for p in params]
+        samples.append(float(_dot(v, hvp(v))))
+        k = len(samples)
+        mean = sum(samples) / k
+        if k >= 2:
+            var = sum((s - mean) ** 2 for s in samples) / (k - 1)
+            std_err = math.sqrt(var / k)
+        if k >= min_iter and k >= 2 and std_err <= tol * abs(mean):
+            converged = True
+            break
+    return TraceResult(sum(samples) / len(samples), std_err, len(samples), converged)

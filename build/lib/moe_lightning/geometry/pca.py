@@ -1,0 +1,185 @@
+"""Weighted PCA of routed hidden states (../shared/GEOMETRY.md §3).
+
+Shape legend: ``N`` tokens, ``D`` feature dim of the site (model dim for input/output, ``H`` for the hidden site).
+
+Every estimate is built from the additive moments ``Σw``, ``Σw²``, ``Σw x`` and ``Σw x xᵀ`` (plus the token
+count), so batches and DDP ranks combine exactly by summation (:class:`WeightedCovariance` syncs them with
+``dist_reduce_fx="sum"``). The covariance divides by ``Σw`` (GEOMETRY.md §3), i.e. it is numpy's
+``np.cov(x.T, aweights=w, bias=True)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+from moe_lightning.geometry.spectra import effective_rank, n_components_for_variance, participation_ratio
+
+__all__ = ["PCAResult", "WeightedCovariance", "pca_from_moments", "weighted_pca"]
+
+
+@dataclass
+class PCAResult:
+    """Weighted PCA of one site (GEOMETRY.md §3).
+
+    Attributes:
+        eigenvalues: ``(D,)`` covariance eigenvalues, descending; values within round-off of the raw second
+            moments (``D · eps · max diag(Σw x xᵀ)/Σw``) are set to 0. NaN when there is no weight.
+        eigenvectors: ``(D, D)`` matching unit eigenvectors as columns.
+        mean: ``(D,)`` weighted mean ``μ = Σw x / Σw``.
+        total_weight: ``Σw``.
+        num_tokens: number of tokens with ``w > 0``.
+        n_eff: effective sample size ``(Σw)² / Σw²``.
+        effective_rank: ``exp(H(λ / Σλ))`` (Roy & Vetterli, 2007).
+        participation_ratio: ``(Σλ)² / Σλ²``.
+        n90: components needed for 90% of the variance.
+        undersampled: ``n_eff < D``: the estimate is reported but flagged (GEOMETRY.md §3).
+    """
+
+    eigenvalues: Tensor
+    eigenvectors: Tensor
+    mean: Tensor
+    total_weight: float
+    num_tokens: int
+    n_eff: float
+    effective_rank: float
+    participation_ratio: float
+    n90: float
+    undersampled: bool
+
+
+def pca_from_moments(sum_w: Tensor, sum_w2: Tensor, sum_wx: Tensor, sum_wxx: Tensor, count: Tensor) -> PCAResult:
+    """Weighted PCA from accumulated moments.
+
+    ``C = Σw x xᵀ / Σw − μ μᵀ`` equals ``Σ w (x − μ)(x − μ)ᵀ / Σw`` exactly in exact arithmetic; it is
+    symmetrised and diagonalised with ``eigh``. With ``Σw = 0`` every value is NaN (an empty expert).
+
+    Args:
+        sum_w: scalar ``Σw``.
+        sum_w2: scalar ``Σw²``.
+        sum_wx: ``(D,)`` ``Σ w x``.
+        sum_wxx: ``(D, D)`` ``Σ w x xᵀ``.
+        count: scalar number of tokens with ``w > 0``.
+    """
+    d = sum_wx.shape[-1]
+    total = float(sum_w)
+    n_tok = int(round(float(count)))
+    nan = float("nan")
+    if not total > 0:
+        nan_v = torch.full((d,), nan, dtype=sum_wx.dtype, device=sum_wx.device)
+        nan_m = torch.full((d, d), nan, dtype=sum_wx.dtype, device=sum_wx.device)
+        return PCAResult(nan_v, nan_m, nan_v.clone(), 0.0, n_tok, 0.0, nan, nan, nan, True)
+    mean = sum_wx / sum_w
+    cov = sum_wxx / sum_w - torch.outer(mean, mean)
+    cov = 0.5 * (cov + cov.T)
+    evals, evecs = torch.linalg.eigh(cov)
+    evals, evecs = evals.flip(-1), evecs.flip(-1)
+    # E[x xᵀ] − μμᵀ cancels: eigenvalues below the round-off level of the raw second moments are zero
+    # (e.g. one token, or a site confined to a subspace), not tiny variances that would inflate effective rank.
+    noise = d * torch.finfo(cov.dtype).eps * float(torch.diagonal(sum_wxx).abs().max()) / total
+    evals = torch.where(evals.abs() <= noise, torch.zeros_like(evals), evals)
+    lam = evals.clamp_min(0)
+    n_eff = total**2 / float(sum_w2)
+    return PCAResult(
+        eigenvalues=evals,
+        eigenvectors=evecs,
+        mean=mean,
+        total_weight=total,
+        num_tokens=n_tok,
+        n_eff=n_eff,
+        effective_rank=float(effective_rank(lam)),
+        participation_ratio=float(participation_ratio(lam)),
+        n90=float(n_components_for_variance(lam, 0.9)),
+        undersampled=n_eff < d,
+    )
+
+
+def _moments(x_ND: Tensor, w_N: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    xw_ND = x_ND * w_N.unsqueeze(-1)
+    return w_N.sum(), (w_N * w_N).sum(), xw_ND.sum(0), xw_ND.T @ x_ND, (w_N > 0).sum().to(x_ND.dtype)
+
+
+def weighted_pca(x_ND: Tensor, w_N: Tensor | None = None) -> PCAResult:
+    """Weighted PCA of ``x`` with token weights ``w`` (GEOMETRY.md §3; weights are gate values ``g_e(x)``).
+
+    Args:
+        x_ND: ``(N, D)`` states.
+        w_N: ``(N,)`` nonnegative weights; None means all ones.
+
+    Returns:
+        A :class:`PCAResult`.
+
+    Example:
+        >>> x = torch.randn(100, 3, dtype=torch.float64)
+        >>> res = weighted_pca(x)
+        >>> torch.allclose(res.eigenvalues.sum(), x.var(0, unbiased=False).sum())
+        True
+    """
+    if x_ND.dim() != 2:
+        raise ValueError(f"weighted_pca: x_ND must be 2-D (N, D), got shape {tuple(x_ND.shape)}")
+    if w_N is None:
+        w_N = torch.ones(x_ND.shape[0], dtype=x_ND.dtype, device=x_ND.device)
+    if w_N.shape != x_ND.shape[:1]:
+        raise ValueError(f"weighted_pca: w_N must have shape ({x_ND.shape[0]},), got {tuple(w_N.shape)}")
+    if bool((w_N < 0).any()):
+        raise ValueError("weighted_pca: weights w_N must be nonnegative")
+    return pca_from_moments(*_moments(x_ND, w_N.to(x_ND.dtype)))
+
+
+class WeightedCovariance(Metric):
+    """Accumulates ``Σw``, ``Σw²``, ``Σw x``, ``Σw x xᵀ`` and counts over batches and DDP ranks (GEOMETRY.md §3).
+
+    Rows with a non-finite value or weight are dropped and counted in ``nonfinite``.
+
+    Args:
+        dim: feature dimension ``D``.
+        dtype: accumulation dtype (float64 by default, as GEOMETRY.md §3 asks for ``eigh`` in float64).
+
+    Example:
+        >>> metric = WeightedCovariance(dim=3)
+        >>> x = torch.randn(10, 3, dtype=torch.float64)
+        >>> metric.update(x[:4]); metric.update(x[4:])
+        >>> torch.allclose(metric.compute().mean, x.mean(0))
+        True
+    """
+
+    full_state_update = False
+    higher_is_better = None
+    is_differentiable = False
+
+    def __init__(self, dim: int, dtype: torch.dtype = torch.float64, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"WeightedCovariance: dim must be a positive int, got {dim!r}")
+        self.dim = dim
+        self.accumulate_dtype = dtype
+        self.add_state("sum_w", default=torch.zeros((), dtype=dtype), dist_reduce_fx="sum")
+        self.add_state("sum_w2", default=torch.zeros((), dtype=dtype), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.zeros((), dtype=dtype), dist_reduce_fx="sum")
+        self.add_state("nonfinite", default=torch.zeros((), dtype=dtype), dist_reduce_fx="sum")
+        self.add_state("sum_wx", default=torch.zeros(dim, dtype=dtype), dist_reduce_fx="sum")
+        self.add_state("sum_wxx", default=torch.zeros(dim, dim, dtype=dtype), dist_reduce_fx="sum")
+
+    def update(self, x: Tensor, w: Tensor | None = None) -> None:
+        """Add a batch ``x`` ``(N, D)`` with weights ``w`` ``(N,)`` (ones when None)."""
+        x = x.to(self.accumulate_dtype)
+        if x.dim() != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"WeightedCovariance.update: x must be (N, {self.dim}), got {tuple(x.shape)}")
+        w = torch.ones(x.shape[0], dtype=x.dtype, device=x.device) if w is None else w.to(x.dtype)
+        ok = torch.isfinite(x).all(-1) & torch.isfinite(w)
+        if bool((w[ok] < 0).any()):
+            raise ValueError("WeightedCovariance.update: weights w must be nonnegative")
+        self.nonfinite += (~ok).sum().to(x.dtype)
+        sw, sw2, swx, swxx, cnt = _moments(x[ok], w[ok])
+        self.sum_w += sw
+        self.sum_w2 += sw2
+        self.sum_wx += swx
+        self.sum_wxx += swxx
+        self.count += cnt
+
+    def compute(self) -> PCAResult:
+        """The :class:`PCAResult` of everything accumulated (after the DDP sum)."""
+        return pca_from_moments(self.sum_w, self.sum_w2, self.sum_wx, self.sum_wxx, self.count)

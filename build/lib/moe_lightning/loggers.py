@@ -1,0 +1,72 @@
+"""A W&B logger that never needs the network: offline automatically without credentials or connectivity."""
+
+from __future__ import annotations
+
+import netrc
+import os
+import socket
+import warnings
+from urllib.parse import urlparse
+
+from lightning.pytorch.loggers import WandbLogger
+
+
+def _has_wandb_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def _reachable(url: str, timeout_s: float = 3.0) -> bool:
+    parsed = urlparse(url)
+    try:
+        with socket.create_connection((parsed.hostname, parsed.port or 443), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def resolve_wandb_offline(offline: bool | None = None) -> tuple[bool, str]:
+    """Decide W&B offline mode: an explicit choice wins, then ``WANDB_MODE``, then credentials and network.
+
+    Returns:
+        ``(offline, reason)``.
+    """
+    if offline is not None:
+        return offline, "set explicitly"
+    mode = os.environ.get("WANDB_MODE", "").lower()
+    if mode in ("offline", "dryrun", "disabled"):
+        return True, f"WANDB_MODE={mode}"
+    if mode == "online":
+        return False, "WANDB_MODE=online"
+    if not _has_wandb_credentials():
+        return True, "no W&B credentials (WANDB_API_KEY or ~/.netrc)"
+    base_url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+    if not _reachable(base_url):
+        return True, f"{base_url} is unreachable"
+    return False, "credentials found and server reachable"
+
+
+class AutoWandbLogger(WandbLogger):
+    """Lightning's :class:`~lightning.pytorch.loggers.WandbLogger`, offline automatically when there are no
+    credentials or no network, so a run never crashes for want of either. Sync later with ``wandb sync``.
+
+    Args:
+        offline: force offline (True) or online (False); None decides automatically.
+        **kwargs: passed to ``WandbLogger`` (``project``, ``name``, ``save_dir``, ...).
+    """
+
+    def __init__(
+        self, offline: bool | None = None, project: str = "moe-lightning", save_dir: str = "runs", **kwargs
+    ) -> None:
+        resolved, reason = resolve_wandb_offline(offline)
+        if resolved and offline is None:
+            warnings.warn(
+                f"W&B runs offline ({reason}); sync later with `wandb sync {save_dir}/wandb/offline-*`", stacklevel=2
+            )
+        os.makedirs(save_dir, exist_ok=True)
+        super().__init__(offline=resolved, project=project, save_dir=save_dir, **kwargs)

@@ -1,0 +1,419 @@
+"""Mixture-of-Experts layers in pure PyTorch: Router -> experts -> MoELayer, and the DenseFFN baseline.
+
+Shape legend: ``N`` tokens, ``E`` experts, ``K`` experts per token (top-k), ``D`` model dim, ``H`` expert hidden
+width, ``A = N * K`` token-expert assignments.
+
+Routing (../shared/GEOMETRY.md, Notation):
+- ``"topk"``: softmax over all E logits, keep the k largest, optionally renormalise them over those k (Mixtral);
+- ``"soft"``: every expert weighted by its softmax probability;
+- ``"dense"``: a single FFN with no router (:class:`DenseFFN`), treated as one expert with gate 1.
+
+Expert weights are stacked: ``w_in`` is ``(E, D, H)`` (``(E, D, 2H)`` for SwiGLU: gate then up projection) and
+``w_out`` is ``(E, H, D)``. That is the layout ``torch.nn.functional.grouped_mm`` takes as its second operand,
+so the grouped path needs no per-step transpose.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ROUTINGS = ("dense", "topk", "soft")
+ACTIVATIONS = ("gelu", "relu", "silu", "swiglu")
+CAPACITY_MATCHES = ("total", "active")
+DISPATCHES = ("auto", "loop", "sorted", "grouped", "bmm")
+
+
+def _check_choice(field: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{field}={value!r} is not supported; allowed values: {', '.join(map(repr, allowed))}")
+
+
+def _check_positive(field: str, value: float) -> None:
+    if value is None or value <= 0:
+        raise ValueError(f"{field} must be positive, got {value!r}")
+
+
+@dataclass
+class MoEConfig:
+    """One MoE feed-forward layer. Validated once, in ``__post_init__``."""
+
+    dim: int = 64
+    """Model (token) dimension D."""
+    expert_hidden: int = 128
+    """Hidden width H of each expert."""
+    num_experts: int = 8
+    """Number of experts E (ignored by ``routing="dense"`` except for capacity matching)."""
+    top_k: int = 2
+    """Experts per token for ``routing="topk"``; for the dense baseline it sets the ``"active"`` capacity match."""
+    routing: str = "topk"
+    """One of ``"dense"``, ``"topk"``, ``"soft"``."""
+    activation: str = "gelu"
+    """Expert nonlinearity: ``"gelu"``, ``"relu"``, ``"silu"`` or ``"swiglu"``."""
+    normalize_topk: bool = True
+    """Renormalise the kept top-k probabilities to sum to 1 (Mixtral). False keeps the raw softmax values."""
+    capacity_match: str = "total"
+    """Dense baseline width: ``"total"`` gives E*H (equal total parameters), ``"active"`` gives k*H (equal FLOPs)."""
+    capacity_factor: float | None = None
+    """Expert capacity ``ceil(capacity_factor * N * k / E)`` tokens; overflow is dropped. None is dropless."""
+    jitter_noise: float = 0.0
+    """Multiplicative router input jitter ``U(1 - eps, 1 + eps)`` during training (Switch Transformer)."""
+    dispatch: str = "auto"
+    """Expert dispatch: ``"loop"``, ``"sorted"``, ``"grouped"`` (grouped_mm), ``"bmm"`` (soft only), or
+    ``"auto"`` (``"bmm"`` for soft routing; otherwise ``"grouped"`` on CUDA and ``"sorted"`` on CPU, where
+    ``scripts/benchmark_moe.py`` measured it faster in every cell, e.g. 1.37x at E=64, k=8)."""
+
+    def __post_init__(self) -> None:
+        _check_choice("routing", self.routing, ROUTINGS)
+        _check_choice("activation", self.activation, ACTIVATIONS)
+        _check_choice("capacity_match", self.capacity_match, CAPACITY_MATCHES)
+        _check_choice("dispatch", self.dispatch, DISPATCHES)
+        for field in ("dim", "expert_hidden", "num_experts"):
+            _check_positive(field, getattr(self, field))
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"top_k must satisfy 1 <= top_k <= num_experts={self.num_experts}, got {self.top_k}")
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            raise ValueError(f"capacity_factor must be > 0 or None (dropless), got {self.capacity_factor!r}")
+        if self.capacity_factor is not None and self.routing != "topk":
+            raise ValueError(f"capacity_factor applies to routing='topk' only, got routing={self.routing!r}")
+        if not 0.0 <= self.jitter_noise < 1.0:
+            raise ValueError(f"jitter_noise must be in [0, 1), got {self.jitter_noise!r}")
+        if self.dispatch == "bmm" and self.routing != "soft":
+            raise ValueError(f"dispatch='bmm' applies to routing='soft' only, got routing={self.routing!r}")
+
+    @property
+    def dense_hidden(self) -> int:
+        """Hidden width of the capacity-matched dense baseline."""
+        return (
+            self.num_experts * self.expert_hidden if self.capacity_match == "total" else self.top_k * self.expert_hidden
+        )
+
+    def param_counts(self) -> dict[str, int]:
+        """Total and active (per-token) parameters of one layer built from this config, router included."""
+        per_hidden_unit = (3 if self.activation == "swiglu" else 2) * self.dim
+        if self.routing == "dense":
+            n = per_hidden_unit * self.dense_hidden
+            return {"total": n, "active": n}
+        router = self.dim * self.num_experts
+        active_experts = self.num_experts if self.routing == "soft" else self.top_k
+        return {
+            "total": router + self.num_experts * per_hidden_unit * self.expert_hidden,
+            "active": router + active_experts * per_hidden_unit * self.expert_hidden,
+        }
+
+
+@dataclass
+class RouterOutput:
+    """What the router decided for a batch of tokens."""
+
+    logits: Tensor  # (N, E) raw router logits
+    probs: Tensor  # (N, E) softmax over all experts
+    gates: Tensor  # (N, E) gate weights, 0 where a token is not routed
+    expert_index: Tensor  # (N, K) chosen experts (all E for soft routing)
+    expert_weight: Tensor  # (N, K) their gate weights
+
+
+@dataclass
+class MoEAux:
+    """Auxiliary losses and router statistics of one MoE layer's forward pass."""
+
+    load_balance: Tensor  # scalar, 1.0 at perfect balance (Switch Transformer eq. 4-6)
+    z_loss: Tensor  # scalar (ST-MoE eq. 5)
+    tokens_per_expert: Tensor  # (E,) routed assignments per expert, after capacity dropping, detached
+    dropped: Tensor  # scalar int, assignments dropped by the capacity limit
+    router: RouterOutput
+
+
+def _softmax(logits: Tensor) -> Tensor:
+    # Routing probabilities in at least float32, also under bf16 autocast (ST-MoE, "selective precision").
+    return torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+
+
+def topk_gates(probs_NE: Tensor, top_k: int, normalize: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-k gating: keep the k largest probabilities, optionally renormalised over those k.
+
+    Returns:
+        ``(gates_NE, index_NK, weight_NK)``; ``gates_NE`` is zero outside the chosen experts. Pure and
+        vmap-friendly, so geometry code can differentiate through it.
+    """
+    weight_NK, index_NK = probs_NE.topk(top_k, dim=-1)
+    if normalize:
+        weight_NK = weight_NK / weight_NK.sum(dim=-1, keepdim=True)
+    gates_NE = torch.zeros_like(probs_NE).scatter(-1, index_NK, weight_NK)
+    return gates_NE, index_NK, weight_NK
+
+
+class Router(nn.Module):
+    """Linear router ``logits = x W_r`` with top-k or soft gating."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int,
+        top_k: int,
+        routing: str,
+        normalize_topk: bool = True,
+        jitter_noise: float = 0.0,
+    ) -> None:
+        super().__init__()
+        _check_choice("routing", routing, ("topk", "soft"))
+        self.num_experts, self.top_k, self.routing = num_experts, top_k, routing
+        self.normalize_topk, self.jitter_noise = normalize_topk, jitter_noise
+        self.weight = nn.Parameter(torch.empty(num_experts, dim))  # (E, D)
+        nn.init.normal_(self.weight, std=dim**-0.5)
+
+    def forward(self, x_ND: Tensor) -> RouterOutput:
+        if self.training and self.jitter_noise > 0:
+            # Switch Transformer: multiplicative jitter on the router input only.
+            eps = self.jitter_noise
+            x_ND = x_ND * torch.empty_like(x_ND).uniform_(1.0 - eps, 1.0 + eps)
+        logits_NE = F.linear(x_ND, self.weight)
+        probs_NE = _softmax(logits_NE)
+        if self.routing == "soft":
+            index_NK = torch.arange(self.num_experts, device=x_ND.device).expand(x_ND.shape[0], -1)
+            return RouterOutput(logits_NE, probs_NE, probs_NE, index_NK, probs_NE)
+        gates_NE, index_NK, weight_NK = topk_gates(probs_NE, self.top_k, self.normalize_topk)
+        return RouterOutput(logits_NE, probs_NE, gates_NE, index_NK, weight_NK)
+
+    def gates(self, x_ND: Tensor) -> Tensor:
+        """Deterministic (no jitter) gate weights (N, E): a pure function of x, for the geometry probes."""
+        probs_NE = _softmax(F.linear(x_ND, self.weight.to(x_ND.dtype)))
+        if self.routing == "soft":
+            return probs_NE
+        return topk_gates(probs_NE, self.top_k, self.normalize_topk)[0]
+
+
+def load_balance_loss(probs_NE: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
+    """Switch Transformer load-balancing loss (Fedus et al. 2021, eq. 4-6): ``E * sum_i f_i * P_i``.
+
+    ``f_i`` is the fraction of routed assignments that go to expert i (``tokens_per_expert_E`` may also hold
+    fractional loads, e.g. gate mass for soft routing), ``P_i`` the mean router probability of expert i. With
+    perfect balance (``f_i = P_i = 1/E``) the loss is exactly 1.0.
+    """
+    num_experts = probs_NE.shape[-1]
+    fraction_E = tokens_per_expert_E.to(probs_NE.dtype) / tokens_per_expert_E.sum().clamp_min(1)
+    return num_experts * (fraction_E * probs_NE.mean(dim=0)).sum()
+
+
+def router_z_loss(logits_NE: Tensor) -> Tensor:
+    """ST-MoE router z-loss (Zoph et al. 2022, eq. 5): mean over tokens of ``logsumexp(logits)^2``."""
+    return torch.logsumexp(logits_NE.float(), dim=-1).square().mean()
+
+
+def _activate(h: Tensor, activation: str) -> Tensor:
+    if activation == "swiglu":
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}[activation](h)
+
+
+def _grouped_mm_available(x: Tensor, w: Tensor) -> bool:
+    # grouped_mm takes float32/bf16/fp16 on CPU and CUDA, with 16-byte aligned strides.
+    if not hasattr(F, "grouped_mm") or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    return all((s * x.element_size()) % 16 == 0 for s in (x.shape[-1], w.shape[-1]))
+
+
+_warned_fallback: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned_fallback:
+        _warned_fallback.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
+def auto_sparse_dispatch(device: torch.device) -> str:
+    """The sparse dispatch ``dispatch="auto"`` uses on ``device``: ``grouped_mm`` on CUDA, the sorted per-expert
+    matmuls on CPU (faster there in every cell of the README's idle-CPU benchmark)."""
+    return "grouped" if device.type == "cuda" else "sorted"
+
+
+class MoELayer(nn.Module):
+    """A bank of E expert MLPs behind a top-k or soft router.
+
+    ``forward`` takes ``(..., D)`` and returns ``(output (..., D), MoEAux)``.
+
+    Example:
+        >>> layer = MoELayer(MoEConfig(dim=16, expert_hidden=32, num_experts=4, top_k=2))
+        >>> y, aux = layer(torch.randn(2, 5, 16))
+        >>> y.shape, aux.tokens_per_expert.sum().item()
+        (torch.Size([2, 5, 16]), 20)
+    """
+
+    def __init__(self, config: MoEConfig) -> None:
+        super().__init__()
+        if config.routing == "dense":
+            raise ValueError("MoELayer needs routing='topk' or 'soft'; use DenseFFN (or build_ffn) for 'dense'")
+        self.config = config
+        E, D, H = config.num_experts, config.dim, config.expert_hidden
+        width_in = 2 * H if config.activation == "swiglu" else H
+        self.router = Router(D, E, config.top_k, config.routing, config.normalize_topk, config.jitter_noise)
+        self.w_in = nn.Parameter(torch.empty(E, D, width_in))  # (E, D, H) or (E, D, 2H) for SwiGLU
+        self.w_out = nn.Parameter(torch.empty(E, H, D))  # (E, H, D)
+        nn.init.normal_(self.w_in, std=D**-0.5)
+        nn.init.normal_(self.w_out, std=H**-0.5)
+
+    @property
+    def num_experts(self) -> int:
+        return self.config.num_experts
+
+    # Expert e as a pure function, used by the loop path and by the geometry views.
+    def expert_hidden_fn(self, e: int, x_ND: Tensor) -> Tensor:
+        """Expert e's inner activation (N, H), after the nonlinearity."""
+        return _activate(x_ND @ self.w_in[e].to(x_ND.dtype), self.config.activation)
+
+    def expert_fn(self, e: int, x_ND: Tensor) -> Tensor:
+        """Expert e's output (N, D)."""
+        return self.expert_hidden_fn(e, x_ND) @ self.w_out[e].to(x_ND.dtype)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, MoEAux]:
+        if x.shape[-1] != self.config.dim:
+            raise ValueError(f"MoELayer expects inputs with last dim {self.config.dim}, got shape {tuple(x.shape)}")
+        x_ND = x.reshape(-1, x.shape[-1])
+        route = self.router(x_ND)
+        dispatch = self.config.dispatch
+        if dispatch == "auto":
+            dispatch = "bmm" if self.config.routing == "soft" else auto_sparse_dispatch(x.device)
+        if dispatch == "bmm":
+            y_ND = self._forward_bmm(x_ND, route.gates)
+            tokens_E = torch.full((self.num_experts,), x_ND.shape[0], device=x.device)
+            dropped = torch.zeros((), dtype=torch.long, device=x.device)
+        else:
+            y_ND, tokens_E, dropped = self._forward_sparse(x_ND, route, dispatch)
+        if self.config.routing == "soft":
+            # Every expert sees every token, so the load of expert i is its gate mass: f_i = sg(P_i), and the
+            # loss E * sum_i P_i^2 is 1 exactly when the mean gates are uniform.
+            routed_E = route.probs.detach().sum(dim=0)
+        else:  # f_i counts the router's decisions, before any capacity dropping
+            routed_E = torch.bincount(route.expert_index.reshape(-1), minlength=self.num_experts)
+        aux = MoEAux(
+            load_balance=load_balance_loss(route.probs, routed_E),
+            z_loss=router_z_loss(route.logits),
+            tokens_per_expert=tokens_E.detach(),
+            dropped=dropped,
+            router=route,
+        )
+        return y_ND.reshape(x.shape), aux
+
+    def _forward_bmm(self, x_ND: Tensor, gates_NE: Tensor) -> Tensor:
+        """Soft routing: every expert on every token through one batched matmul per projection."""
+        x_END = x_ND.unsqueeze(0).expand(self.num_experts, -1, -1)
+        h_ENH = _activate(torch.bmm(x_END, self.w_in.to(x_ND.dtype)), self.config.activation)
+        y_END = torch.bmm(h_ENH, self.w_out.to(h_ENH.dtype))
+        return torch.einsum("end,ne->nd", y_END, gates_NE.to(y_END.dtype))
+
+    def _assignments(self, route: RouterOutput, num_tokens: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Flatten (token, expert) assignments and sort them by expert; apply the capacity limit.
+
+        Returns ``token_A, weight_A, counts_E, dropped`` with assignments grouped by expert, in token order
+        within each expert (a stable sort, so the result is deterministic).
+        """
+        E, K = self.num_experts, route.expert_index.shape[1]
+        expert_A = route.expert_index.reshape(-1)
+        order_A = torch.argsort(expert_A, stable=True)
+        expert_A = expert_A[order_A]
+        token_A = order_A.div(K, rounding_mode="floor")
+        weight_A = route.expert_weight.reshape(-1)[order_A]
+        counts_E = torch.bincount(expert_A, minlength=E)
+        dropped = torch.zeros((), dtype=torch.long, device=expert_A.device)
+        if self.config.capacity_factor is not None:
+            # GShard/Switch capacity: each expert takes at most C assignments, first come (in token order).
+            capacity = math.ceil(self.config.capacity_factor * num_tokens * K / E)
+            starts_E = torch.cumsum(counts_E, 0) - counts_E
+            rank_A = torch.arange(expert_A.numel(), device=expert_A.device) - starts_E[expert_A]
+            keep_A = rank_A < capacity
+            dropped = (~keep_A).sum()
+            token_A, weight_A, expert_A = token_A[keep_A], weight_A[keep_A], expert_A[keep_A]
+            counts_E = counts_E.clamp(max=capacity)
+        return token_A, weight_A, counts_E, dropped
+
+    def _forward_sparse(self, x_ND: Tensor, route: RouterOutput, dispatch: str) -> tuple[Tensor, Tensor, Tensor]:
+        token_A, weight_A, counts_E, dropped = self._assignments(route, x_ND.shape[0])
+        if dispatch == "grouped" and not _grouped_mm_available(x_ND, self.w_in):
+            _warn_once(
+                f"MoELayer: dispatch='grouped' is unavailable for dtype {x_ND.dtype} / dim {self.config.dim} "
+                "(torch.nn.functional.grouped_mm needs float32/bf16 and 16-byte aligned rows); using 'sorted'"
+            )
+            dispatch = "sorted"
+        x_AD = x_ND[token_A]
+        if dispatch == "loop":
+            y_AD = self._experts_loop(x_AD, counts_E)
+        elif dispatch == "sorted":
+            y_AD = self._experts_sorted(x_AD, counts_E)
+        else:
+            y_AD = self._experts_grouped(x_AD, counts_E)
+        y_AD = y_AD * weight_A.to(y_AD.dtype).unsqueeze(-1)
+        y_ND = torch.zeros(x_ND.shape[0], x_ND.shape[1], dtype=y_AD.dtype, device=x_ND.device)
+        y_ND = y_ND.index_add(0, token_A, y_AD)
+        return y_ND, counts_E, dropped
+
+    def _experts_loop(self, x_AD: Tensor, counts_E: Tensor) -> Tensor:
+        """Reference path: one expert at a time, slicing the stacked weights (``W[e]``)."""
+        outputs, start = [], 0
+        for e, count in enumerate(counts_E.tolist()):
+            outputs.append(self.expert_fn(e, x_AD[start : start + count]))
+            start += count
+        return torch.cat(outputs) if outputs else x_AD
+
+    def _experts_sorted(self, x_AD: Tensor, counts_E: Tensor) -> Tensor:
+        """One contiguous matmul per expert over its slice of the sorted assignments.
+
+        The weights are unbound once, so backward stacks E gradient slices into one buffer instead of
+        allocating a full-size ``(E, D, H)`` gradient per ``W[e]`` slice.
+        """
+        splits = counts_E.tolist()
+        w_in, w_out = self.w_in.to(x_AD.dtype).unbind(0), self.w_out.to(x_AD.dtype).unbind(0)
+        outputs = [
+            _activate(chunk @ w_in[e], self.config.activation) @ w_out[e] for e, chunk in enumerate(x_AD.split(splits))
+        ]
+        return torch.cat(outputs)
+
+    def _experts_grouped(self, x_AD: Tensor, counts_E: Tensor) -> Tensor:
+        """All experts in two ``grouped_mm`` calls over the sorted assignments, int32 offsets (torchtitan)."""
+        offsets_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
+        w_in, w_out = self.w_in.to(x_AD.dtype), self.w_out.to(x_AD.dtype)
+        h_AH = _activate(F.grouped_mm(x_AD, w_in, offs=offsets_E), self.config.activation)
+        return F.grouped_mm(h_AH.contiguous(), w_out, offs=offsets_E)
+
+
+class DenseFFN(nn.Module):
+    """The dense baseline: one FFN with hidden width ``config.dense_hidden`` and no router.
+
+    ``forward`` returns ``(output, None)`` so that it is interchangeable with :class:`MoELayer`.
+    """
+
+    def __init__(self, config: MoEConfig, hidden: int | None = None) -> None:
+        super().__init__()
+        self.config = config
+        D = config.dim
+        self.hidden = config.dense_hidden if hidden is None else hidden
+        _check_positive("hidden", self.hidden)
+        width_in = 2 * self.hidden if config.activation == "swiglu" else self.hidden
+        self.w_in = nn.Parameter(torch.empty(1, D, width_in))  # stored like one expert: (1, D, H)
+        self.w_out = nn.Parameter(torch.empty(1, self.hidden, D))  # (1, H, D)
+        nn.init.normal_(self.w_in, std=D**-0.5)
+        nn.init.normal_(self.w_out, std=self.hidden**-0.5)
+
+    num_experts = 1
+
+    def expert_hidden_fn(self, e: int, x_ND: Tensor) -> Tensor:
+        return _activate(x_ND @ self.w_in[0].to(x_ND.dtype), self.config.activation)
+
+    def expert_fn(self, e: int, x_ND: Tensor) -> Tensor:
+        return self.expert_hidden_fn(e, x_ND) @ self.w_out[0].to(x_ND.dtype)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, None]:
+        if x.shape[-1] != self.config.dim:
+            raise ValueError(f"DenseFFN expects inputs with last dim {self.config.dim}, got shape {tuple(x.shape)}")
+        return self.expert_fn(0, x), None
+
+
+def build_ffn(config: MoEConfig) -> MoELayer | DenseFFN:
+    """The feed-forward block for ``config.routing``: :class:`DenseFFN` for ``"dense"``, else :class:`MoELayer`."""
+    return DenseFFN(config) if config.routing == "dense" else MoELayer(config)

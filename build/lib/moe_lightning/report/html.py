@@ -1,0 +1,70 @@
+"""One self-contained HTML page: tables rendered by pandas, PNGs embedded as base64 data URIs."""
+
+from __future__ import annotations
+
+import base64
+import html
+import os
+
+import pandas as pd
+
+_STYLE = """
+body { font-family: -apple-system, Segoe UI, Helvetica, Arial, sans-serif; margin: 2em auto; max-width: 1400px;
+       padding: 0 1em; color: #222; }
+table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0 1.5em; }
+th, td { border: 1px solid #ccc; padding: 3px 7px; text-align: left; vertical-align: top; }
+th { background: #f3f3f3; }
+img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; }
+.note { color: #a33; }
+.caption { color: #555; font-size: 0.9em; }
+"""
+
+
+def image_html(path: str, alt: str) -> str:
+    """``<img>`` with the PNG at ``path`` embedded as a base64 data URI."""
+    with open(path, "rb") as handle:
+        data = base64.b64encode(handle.read()).decode("ascii")
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def table_html(frame: pd.DataFrame) -> str:
+    """A DataFrame as an HTML table (cells escaped, NaN as ``n/a``)."""
+    if frame.empty:
+        return '<p class="note">(empty)</p>'
+    return frame.to_html(index=False, escape=True, na_rep="n/a", border=0)
+
+
+def paragraph(text: str, css_class: str | None = None) -> str:
+    """Escaped text in a ``<p>``."""
+    attribute = f' class="{css_class}"' if css_class else ""
+    return f"<p{attribute}>{html.escape(text)}</p>"
+
+
+def figures_html(images: dict[str, str | None], notes: dict[str, str]) -> str:
+    """Each figure embedded, or the note saying why it was skipped.
+
+    Args:
+        images: figure name -> PNG path (None when skipped).
+        notes: figure name -> why it was skipped.
+    """
+    parts = []
+    for name, path in images.items():
+        parts.append(f"<h3>{html.escape(name)}</h3>")
+        if path is not None and os.path.isfile(path):
+            parts.append(image_html(path, name))
+        else:
+            parts.append(paragraph(f"skipped: {notes.get(name, 'no data')}", "note"))
+    return "\n".join(parts)
+
+
+def write_page(path: str, title: str, sections: list[tuple[str, str]]) -> str:
+    """Write the page: a title, then ``(heading, HTML body)`` sections. Returns ``path``."""
+    body = "\n".join(f"<h2>{html.escape(heading)}</h2>\n{content}" for heading, content in sections)
+    page = (
+        "<!DOCTYPE html>\n<html lang='en'>\n<head>\n<meta charset='utf-8'>\n"
+        f"<title>{html.escape(title)}</title>\n<style>{_STYLE}</style>\n</head>\n<body>\n"
+        f"<h1>{html.escape(title)}</h1>\n{body}\n</body>\n</html>\n"
+    )
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(page)
+    return path

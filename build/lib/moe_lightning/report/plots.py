@@ -1,0 +1,196 @@
+"""Matplotlib figures of the report (Agg backend, no display): spectra, curves, heatmaps, PCA spectra, router load.
+
+Every function takes plain numbers (numpy arrays, pandas series) already gathered by the caller, writes one PNG
+and returns its path. Gathering, and deciding that data are missing, happens in :mod:`moe_lightning.report`.
+"""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+ROUTING_COLORS = {"dense": "0.25", "topk": "tab:blue", "soft": "tab:orange"}
+_DPI = 110
+
+
+def color_for(label: str, index: int) -> str:
+    """A routing's fixed colour (dense grey, top-k blue, soft orange), else the matplotlib cycle."""
+    for routing, color in ROUTING_COLORS.items():
+        if label == routing or label.endswith(f":{routing}"):
+            return color
+    return f"C{(index + 2) % 10}"
+
+
+def weighted_expert_mean(values_EM: np.ndarray, weights_E: np.ndarray | None = None) -> np.ndarray:
+    """Average of per-expert vectors ``(E, M)`` over experts, weighted by ``weights_E`` (Σ gate weight).
+
+    Experts with a non-finite row (no routed tokens) or zero weight are left out; all-NaN when none is left.
+    """
+    values_EM = np.atleast_2d(np.asarray(values_EM, dtype=float))
+    weights = np.ones(values_EM.shape[0]) if weights_E is None else np.asarray(weights_E, dtype=float)
+    keep = np.isfinite(values_EM).all(axis=1) & np.isfinite(weights) & (weights > 0)
+    if not keep.any():
+        return np.full(values_EM.shape[1], math.nan)
+    return np.average(values_EM[keep], axis=0, weights=weights[keep])
+
+
+def _grid(count: int, max_columns: int = 3, width: float = 5.0, height: float = 3.8):
+    columns = min(count, max_columns)
+    rows = math.ceil(count / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(width * columns, height * rows), squeeze=False)
+    for ax in axes.flat[count:]:
+        ax.set_visible(False)
+    return figure, list(axes.flat[:count])
+
+
+def _save(figure, path: str, title: str) -> str:
+    # Wrap the title to the figure's width (about 11 characters per inch at the default title size).
+    chars = max(30, int(figure.get_figwidth() * 11))
+    figure.suptitle("\n".join(textwrap.fill(line, chars) for line in title.split("\n")))
+    figure.tight_layout()
+    figure.savefig(path, dpi=_DPI)
+    plt.close(figure)
+    return path
+
+
+def _positive(values: np.ndarray) -> np.ndarray:
+    """Non-positive entries to NaN, so that log axes skip them."""
+    values = np.asarray(values, dtype=float).copy()
+    values[~(values > 0)] = math.nan
+    return values
+
+
+def plot_spectrum_panels(
+    panels: Sequence[tuple[str, dict[str, list[np.ndarray]]]],
+    path: str,
+    title: str,
+    ylabel: str,
+    xlabel: str = "index i",
+    log_x: bool = True,
+) -> str:
+    """One panel per entry; in each, one curve per series: the mean over its seeds' vectors (shaded min–max).
+
+    Args:
+        panels: ``(panel title, {series label: [vector per seed]})``; vectors of one series are cut to the shortest.
+        path: the PNG to write.
+        title: figure title.
+        ylabel: y-axis label (log scale).
+        xlabel: x-axis label (indices start at 1).
+        log_x: log scale on x too.
+    """
+    figure, axes = _grid(len(panels))
+    for ax, (panel_title, series) in zip(axes, panels, strict=True):
+        for index, (label, vectors) in enumerate(series.items()):
+            vectors = [np.asarray(v, dtype=float) for v in vectors if np.asarray(v).size]
+            if not vectors:
+                continue
+            length = min(v.size for v in vectors)
+            stack = np.vstack([v[:length] for v in vectors])
+            x = np.arange(1, length + 1)
+            color = color_for(label, index)
+            mean = _positive(np.nanmean(stack, axis=0)) if np.isfinite(stack).any() else np.full(length, math.nan)
+            seeds = f" ({len(vectors)} seeds)" if len(vectors) > 1 else ""
+            ax.plot(x, mean, color=color, label=f"{label}{seeds}", linewidth=1.6)
+            if len(vectors) > 1:
+                low, high = _positive(np.nanmin(stack, axis=0)), _positive(np.nanmax(stack, axis=0))
+                ax.fill_between(x, low, high, color=color, alpha=0.2, linewidth=0)
+        ax.set_yscale("log")
+        if log_x:
+            ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(panel_title, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    return _save(figure, path, title)
+
+
+def plot_curve_panels(
+    panels: Sequence[tuple[str, str, dict[str, list[pd.Series]]]],
+    path: str,
+    title: str,
+) -> str:
+    """Metric vs training step: per series the mean over seeds (series aligned on step) with a min–max band.
+
+    Args:
+        panels: ``(panel title, y label, {series label: [step-indexed series per seed]})``.
+        path: the PNG to write.
+        title: figure title.
+    """
+    figure, axes = _grid(len(panels), max_columns=2, width=6.0)
+    for ax, (panel_title, ylabel, series) in zip(axes, panels, strict=True):
+        for index, (label, per_seed) in enumerate(series.items()):
+            per_seed = [s.dropna() for s in per_seed if len(s.dropna())]
+            if not per_seed:
+                continue
+            frame = pd.concat(per_seed, axis=1).sort_index()
+            color = color_for(label, index)
+            seeds = f" ({len(per_seed)} seeds)" if len(per_seed) > 1 else ""
+            ax.plot(frame.index, frame.mean(axis=1), marker="o", markersize=3, color=color, label=f"{label}{seeds}")
+            if len(per_seed) > 1:
+                ax.fill_between(frame.index, frame.min(axis=1), frame.max(axis=1), color=color, alpha=0.2, linewidth=0)
+        ax.set_xlabel("training step")
+        ax.set_ylabel(ylabel)
+        ax.set_title(panel_title, fontsize=10)
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    return _save(figure, path, title)
+
+
+def plot_heatmaps(items: Sequence[tuple[str, np.ndarray]], path: str, title: str, vmax: float = 1.0) -> str:
+    """E×E matrices side by side, each with a colour bar (values in [0, ``vmax``]).
+
+    Args:
+        items: ``(panel title, matrix)``.
+        path: the PNG to write.
+        title: figure title.
+        vmax: top of the colour scale (1 for |cos| alignments).
+    """
+    figure, axes = _grid(len(items), max_columns=3, width=4.6, height=4.2)
+    for ax, (panel_title, matrix) in zip(axes, items, strict=True):
+        matrix = np.asarray(matrix, dtype=float)
+        image = ax.imshow(matrix, cmap="viridis", vmin=0.0, vmax=vmax)
+        ax.set_xlabel("expert j")
+        ax.set_ylabel("expert i")
+        ticks = np.arange(matrix.shape[0])
+        if matrix.shape[0] <= 16:
+            ax.set_xticks(ticks)
+            ax.set_yticks(ticks)
+        ax.set_title(panel_title, fontsize=9)
+        figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    return _save(figure, path, title)
+
+
+def plot_router_load(panels: Sequence[tuple[str, pd.DataFrame]], path: str, title: str) -> str:
+    """Per-expert token fraction vs step, one panel per entry (columns of each frame are experts).
+
+    Args:
+        panels: ``(panel title, frame indexed by step with one column per expert)``.
+        path: the PNG to write.
+        title: figure title.
+    """
+    figure, axes = _grid(len(panels), max_columns=3, width=5.0)
+    for ax, (panel_title, frame) in zip(axes, panels, strict=True):
+        colors = plt.get_cmap("tab20" if frame.shape[1] > 10 else "tab10")
+        for index, column in enumerate(frame.columns):
+            series = frame[column].dropna()
+            ax.plot(series.index, series.values, color=colors(index % colors.N), linewidth=1.2, label=str(column))
+        if frame.shape[1]:
+            ax.axhline(1.0 / frame.shape[1], color="black", linestyle="--", linewidth=0.8, label="uniform 1/E")
+        ax.set_xlabel("training step")
+        ax.set_ylabel("load share (soft: gate mass share)")
+        ax.set_title(panel_title, fontsize=10)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+    return _save(figure, path, title)

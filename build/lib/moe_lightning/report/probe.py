@@ -1,0 +1,144 @@
+"""The single-model report: one pretrained checkpoint probed once, one row per MoE layer (no routings, no seeds)."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from moe_lightning.report import html as page
+from moe_lightning.report import plots
+from moe_lightning.report.tables import GEOMETRY_METRICS, format_number, markdown_table
+
+# The PCA sites the figures show (a subset of moe_lightning.geometry.probe.PCA_SITES).
+PLOTTED_PCA_SITES = ("hidden", "input")
+
+
+def layer_metrics(layers: dict[str, Any]) -> pd.DataFrame:
+    """One row per layer: ``layer``, ``num_experts``, ``tokens_total`` and every key of
+    :data:`~moe_lightning.report.tables.GEOMETRY_METRICS` (NaN where the report has no such value, e.g. alignment
+    of a dense layer)."""
+    rows = []
+    for name, report in layers.items():
+        scalars = report.scalars(prefix="")  # keys "/<quantity>[/mean]"
+        row: dict[str, Any] = {"layer": name, "num_experts": report.num_experts, "tokens_total": report.total_tokens}
+        for key, _ in GEOMETRY_METRICS:
+            row[key] = scalars.get(f"/{key}", math.nan)
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["layer", "num_experts", "tokens_total", *[k for k, _ in GEOMETRY_METRICS]])
+
+
+def expert_mean_spectrum(report: Any) -> np.ndarray | None:
+    """Mean expert-Jacobian spectrum of a layer, averaged over experts weighted by their gate mass Σw."""
+    spectrum = report.spectra.get("jac_mean_spectrum")
+    if spectrum is None or spectrum.numel() == 0:
+        return None
+    return plots.weighted_expert_mean(spectrum.double().numpy(), report.weight_sum.double().numpy())
+
+
+def expert_mean_pca(report: Any, site: str) -> np.ndarray | None:
+    """PCA eigenvalues of a site, averaged over experts weighted by Σw (experts with another length left out)."""
+    results = report.pca.get(site)
+    if not results:
+        return None
+    vectors = [r.eigenvalues.double().numpy() for r in results]
+    length = max(v.size for v in vectors)
+    if length == 0:
+        return None
+    stack = np.vstack([v if v.size == length else np.full(length, math.nan) for v in vectors])
+    return plots.weighted_expert_mean(stack, report.weight_sum.double().numpy())
+
+
+def alignment_title(label: str, report: Any) -> str:
+    """Heatmap title with the off-diagonal mean and the chance level."""
+    mean = report.layer.get("align_mean_offdiag", math.nan)
+    chance = report.layer.get("align_chance", math.nan)
+    return f"{label}\noff-diag mean {format_number(mean)}, chance {format_number(chance)}"
+
+
+def render_probe(layers: dict[str, Any], out_dir: str, title: str) -> list[str]:
+    """Write the report of one probed model: ``probe.md``, ``probe.csv``, ``spectra.png``, ``alignment.png``,
+    ``pca_spectra.png`` and a self-contained ``index.html``.
+
+    Args:
+        layers: layer name -> :class:`~moe_lightning.geometry.GeometryReport` (e.g. from ``probe()`` on every
+            view of ``find_moe_layers(model)``).
+        out_dir: output directory (created if needed).
+        title: page and table title (e.g. the checkpoint name).
+
+    Returns:
+        The paths written, in the order above (a figure without data is skipped, with a note in the HTML).
+
+    Raises:
+        ValueError: ``layers`` is empty.
+    """
+    if not layers:
+        raise ValueError("render_probe: layers is empty; expected {layer name: GeometryReport} with at least one layer")
+    os.makedirs(out_dir, exist_ok=True)
+    written: list[str] = []
+    table = layer_metrics(layers)
+    csv_path = os.path.join(out_dir, "probe.csv")
+    table.to_csv(csv_path, index=False)
+    display = table.copy()
+    for column in display.columns[3:]:
+        display[column] = [format_number(v) for v in display[column]]
+    display.columns = ["layer", "E", "tokens", *[f"{t} [{k}]" for k, t in GEOMETRY_METRICS]]
+    md_path = os.path.join(out_dir, "probe.md")
+    with open(md_path, "w") as handle:
+        handle.write(
+            f"# {title}\n\nGeometry of each MoE layer, probed once (GEOMETRY.md definitions; `/mean` = mean over "
+            "the layer's experts; n/a = not computed for this layer, e.g. alignment of a dense layer).\n\n"
+        )
+        handle.write(markdown_table(display) + "\n")
+    written += [md_path, csv_path]
+
+    images: dict[str, str | None] = {}
+    notes: dict[str, str] = {}
+    spectra = {name: s for name, r in layers.items() if (s := expert_mean_spectrum(r)) is not None}
+    if spectra:
+        images["spectra.png"] = plots.plot_spectrum_panels(
+            [("expert mean, weighted by gate mass Σw", {name: [s] for name, s in spectra.items()})],
+            os.path.join(out_dir, "spectra.png"),
+            f"{title}: mean expert-Jacobian singular values",
+            ylabel="singular value σ_i",
+        )
+    else:
+        images["spectra.png"], notes["spectra.png"] = None, "no Jacobian spectra in the reports"
+    heatmaps = [
+        (alignment_title(name, r), r.matrices["align_mean_jacobian"].double().numpy())
+        for name, r in layers.items()
+        if r.num_experts > 1 and "align_mean_jacobian" in r.matrices
+    ]
+    if heatmaps:
+        images["alignment.png"] = plots.plot_heatmaps(
+            heatmaps, os.path.join(out_dir, "alignment.png"), f"{title}: mean-Jacobian alignment |cos|"
+        )
+    else:
+        images["alignment.png"], notes["alignment.png"] = None, "no layer with more than one expert and an alignment"
+    pca_panels = []
+    for site in PLOTTED_PCA_SITES:
+        series = {name: [v] for name, r in layers.items() if (v := expert_mean_pca(r, site)) is not None}
+        if series:
+            pca_panels.append((f"{site} site (expert mean, weighted by Σw)", series))
+    if pca_panels:
+        images["pca_spectra.png"] = plots.plot_spectrum_panels(
+            pca_panels,
+            os.path.join(out_dir, "pca_spectra.png"),
+            f"{title}: weighted PCA eigenvalues",
+            ylabel="eigenvalue λ_k",
+            xlabel="component k",
+        )
+    else:
+        images["pca_spectra.png"], notes["pca_spectra.png"] = None, "no PCA eigenvalues in the reports"
+    written += [p for p in images.values() if p is not None]
+
+    html_table = display.copy()
+    sections = [
+        ("Layers", page.table_html(html_table)),
+        ("Figures", page.figures_html(images, notes)),
+    ]
+    written.append(page.write_page(os.path.join(out_dir, "index.html"), title, sections))
+    return written

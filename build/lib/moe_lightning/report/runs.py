@@ -1,0 +1,498 @@
+"""Find training runs under a directory and load their scalar history, routing, seed and geometry reports.
+
+Three layouts are understood (see ``docs/sections/report.md``):
+
+1. a sweep job directory ``<sweep>/<routing>-seed<k>/`` with ``run.json`` (written by ``moe-lightning sweep``),
+   plus ``metrics.csv`` or a ``wandb/`` run;
+2. a plain CSV run directory: any directory holding ``metrics.csv`` (Lightning's ``CSVLogger``); routing and seed
+   come from the LightningCLI ``config.yaml`` next to it, else from ``hparams.yaml``;
+3. a W&B run directory (``.../wandb/offline-run-<time>-<id>/`` with ``run-<id>.wandb``); the history and the
+   config are read from the ``.wandb`` transaction log with W&B's own protobuf schema.
+
+A directory that holds ``metrics.csv`` is read from the CSV only, never also from a W&B run below it.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+import yaml
+
+ROUTINGS = ("dense", "topk", "soft")
+_DATA_SEED_NOTE = "seed taken from the data module's `seed`"
+_FAMILIES = {"MLPMoEModule": "mlp", "CausalLMModule": "transformer"}
+
+
+@dataclass
+class Run:
+    """One training run found by :func:`discover_runs`.
+
+    Attributes:
+        path: the run directory (the sweep job directory, the CSV log directory or the W&B run directory).
+        source: ``"csv"`` or ``"wandb"``: where the scalar history was read from (``"none"`` when it could not be).
+        routing: ``"dense"``, ``"topk"``, ``"soft"`` or None when unknown.
+        seed: the run's seed, or None when unknown.
+        family: ``"mlp"``, ``"transformer"`` or None.
+        status: ``"done"``, or why the run is left out of the statistics (``"failed"``, ``"running"``, ...).
+        preset: the sweep preset, when the run belongs to a sweep.
+        history: scalar history, one row per trainer step (index ``step``), one column per metric key.
+        geometry_dir: the directory holding ``step_<7 digits>.json`` geometry reports, when there is one.
+        note: a short explanation shown in the report (e.g. the return code of a failed job).
+    """
+
+    path: str
+    source: str
+    routing: str | None = None
+    seed: int | None = None
+    family: str | None = None
+    status: str = "done"
+    preset: str | None = None
+    history: pd.DataFrame | None = None
+    geometry_dir: str | None = None
+    note: str = ""
+    config: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        """Whether the run enters the statistics: finished, with a known routing and a history."""
+        return self.status == "done" and self.routing is not None and self.history is not None
+
+    @property
+    def label(self) -> str:
+        """``"<routing> seed <k>"`` for messages."""
+        return f"{self.routing or '?'} seed {self.seed if self.seed is not None else '?'}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Discovery
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _wandb_file(directory: str) -> str | None:
+    files = sorted(glob.glob(os.path.join(directory, "run-*.wandb")))
+    return files[-1] if files else None
+
+
+def discover_runs(directories: list[str]) -> list[Run]:
+    """Find every run under the given directories (recursively) and load it.
+
+    Args:
+        directories: run directories or directories containing runs, at any depth.
+
+    Returns:
+        The runs, in path order; runs that could not be read have a ``status`` other than ``"done"``.
+
+    Raises:
+        ValueError: a directory does not exist or contains no run, or two finished runs share routing, family and
+            seed (they would be counted twice).
+    """
+    runs: list[Run] = []
+    for root in directories:
+        if not os.path.isdir(root):
+            raise ValueError(f"{root!r} is not a directory; expected a run directory or a directory containing runs")
+        found: list[Run] = []
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames.sort()
+            if "run.json" in filenames:
+                found.append(load_sweep_job(dirpath))
+            elif "metrics.csv" in filenames:
+                found.append(load_csv_run(dirpath))
+            elif _wandb_file(dirpath) is not None:
+                found.append(load_wandb_run(dirpath))
+            else:
+                continue
+            dirnames[:] = []  # a run's own subdirectories (geometry/, wandb/) hold no further runs
+        if not found:
+            raise ValueError(
+                f"no runs found in {root!r}: expected, at any depth, a sweep job directory with run.json, a "
+                "directory with metrics.csv (CSVLogger), or a W&B run directory with run-<id>.wandb"
+            )
+        runs.extend(found)
+    seen: dict[tuple[str | None, str | None, int], str] = {}
+    for run in runs:
+        if not run.ok or run.seed is None:
+            continue
+        key = (run.family, run.routing, run.seed)
+        if key in seen:
+            raise ValueError(
+                f"two runs with routing={run.routing!r} and seed={run.seed}: {seen[key]!r} and {run.path!r}; "
+                "pass directories that hold each (routing, seed) once"
+            )
+        seen[key] = run.path
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loaders
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def read_metrics_csv(path: str) -> pd.DataFrame:
+    """Lightning ``metrics.csv`` as one row per step (the last non-null value of each column at that step)."""
+    frame = pd.read_csv(path)
+    if "step" not in frame.columns:
+        raise ValueError(f"{path!r} has no 'step' column; expected a Lightning CSVLogger metrics.csv")
+    frame = frame.dropna(subset=["step"])
+    frame["step"] = frame["step"].astype(int)
+    return frame.groupby("step").last().sort_index()
+
+
+def _seed_value(value: Any) -> int | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _family_from_hparams(hparams: dict[str, Any]) -> str | None:
+    config = hparams.get("config")
+    if not isinstance(config, dict):
+        return None
+    if "vocab_size" in config:
+        return "transformer"
+    if "input_dim" in config:
+        return "mlp"
+    return None
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    try:
+        with open(path) as handle:
+            data = yaml.safe_load(handle)
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _describe_from_cli_config(config: dict[str, Any]) -> tuple[str | None, int | None, str | None]:
+    """Routing, seed and family from a LightningCLI ``config.yaml``."""
+    model = config.get("model") or {}
+    init_args = model.get("init_args") or {} if isinstance(model, dict) else {}
+    model_config = init_args.get("config") or {} if isinstance(init_args, dict) else {}
+    routing = model_config.get("routing") if isinstance(model_config, dict) else None
+    class_path = model.get("class_path", "") if isinstance(model, dict) else ""
+    family = _FAMILIES.get(str(class_path).rsplit(".", 1)[-1])
+    return routing, _seed_value(config.get("seed_everything")), family
+
+
+def _apply_description(run: Run, directory: str) -> None:
+    """Fill routing/seed/family from ``config.yaml`` (LightningCLI), falling back to ``hparams.yaml``."""
+    routing, seed, family = _describe_from_cli_config(_read_yaml(os.path.join(directory, "config.yaml")))
+    hparams = _read_yaml(os.path.join(directory, "hparams.yaml"))
+    if routing is None and isinstance(hparams.get("config"), dict):
+        routing = hparams["config"].get("routing")
+    if seed is None:
+        seed = _seed_value(hparams.get("seed_everything", hparams.get("seed")))
+    run.routing = run.routing or routing
+    run.seed = run.seed if run.seed is not None else seed
+    run.family = run.family or family or _family_from_hparams(hparams)
+
+
+def _check_routing(run: Run) -> None:
+    if run.routing is not None and run.routing not in ROUTINGS:
+        run.note = f"unknown routing {run.routing!r} (allowed: {', '.join(ROUTINGS)})"
+        run.status = "unknown routing"
+    elif run.routing is None and run.status == "done":
+        run.status = "unknown routing"
+        run.note = "no routing found in run.json, config.yaml, hparams.yaml or the W&B config"
+
+
+def load_csv_run(directory: str) -> Run:
+    """A directory with ``metrics.csv`` (and ``config.yaml``/``hparams.yaml``, ``geometry/``)."""
+    run = Run(path=directory, source="csv")
+    try:
+        run.history = read_metrics_csv(os.path.join(directory, "metrics.csv"))
+    except (ValueError, OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+        run.status, run.note, run.source = "unreadable", f"metrics.csv: {error}", "none"
+    _apply_description(run, directory)
+    geometry = os.path.join(directory, "geometry")
+    run.geometry_dir = geometry if os.path.isdir(geometry) else None
+    _check_routing(run)
+    return run
+
+
+def _seed_from_args(args: list[str]) -> int | None:
+    """``--seed_everything=N`` or ``--seed_everything N`` on the recorded command line."""
+    for index, arg in enumerate(args):
+        if arg.startswith("--seed_everything="):
+            return _seed_value(arg.split("=", 1)[1])
+        if arg == "--seed_everything" and index + 1 < len(args):
+            return _seed_value(args[index + 1])
+    return None
+
+
+def load_wandb_run(directory: str) -> Run:
+    """A W&B run directory (``run-<id>.wandb`` and ``files/``)."""
+    run = Run(path=directory, source="wandb")
+    path = _wandb_file(directory)
+    assert path is not None
+    try:
+        content = read_wandb_run(path)
+    except (ValueError, OSError) as error:
+        run.status, run.note, run.source = "unreadable", f"{os.path.basename(path)}: {error}", "none"
+        return run
+    run.history, run.config = content.history, content.config
+    if content.exit_code is None:
+        run.status, run.note = "incomplete", "the W&B log has no exit record (still running, or killed)"
+    elif content.exit_code != 0:
+        run.status, run.note = "failed", f"exit code {content.exit_code}"
+    config = content.config
+    files_config = _read_yaml(os.path.join(directory, "files", "config.yaml"))
+    for key, value in files_config.items():  # W&B's own files/config.yaml: {key: {"value": ...}}
+        if isinstance(value, dict) and "value" in value:
+            config.setdefault(key, value["value"])
+    if isinstance(config.get("config"), dict):
+        run.routing = config["config"].get("routing")
+    run.seed = _seed_value(config.get("seed_everything"))
+    if run.seed is None:
+        run.seed = _seed_from_args(content.args)
+    if run.seed is None and _seed_value(config.get("seed")) is not None:
+        # The W&B config holds the LightningModule's and DataModule's hyperparameters, not seed_everything.
+        run.seed = _seed_value(config.get("seed"))
+        run.note = "; ".join(
+            filter(None, [run.note, f"{_DATA_SEED_NOTE} (no seed_everything in the W&B config or command line)"])
+        )
+    run.family = _family_from_hparams(config)
+    geometry = os.path.join(directory, "files", "geometry")
+    run.geometry_dir = geometry if os.path.isdir(geometry) else None
+    _check_routing(run)
+    return run
+
+
+def load_sweep_job(directory: str) -> Run:
+    """A sweep job directory: ``run.json`` plus ``metrics.csv`` or a ``wandb/`` run below it."""
+    try:
+        with open(os.path.join(directory, "run.json")) as handle:
+            meta = json.load(handle)
+    except (OSError, json.JSONDecodeError) as error:
+        return Run(path=directory, source="none", status="unreadable", note=f"run.json: {error}")
+    if os.path.isfile(os.path.join(directory, "metrics.csv")):
+        run = load_csv_run(directory)
+    else:
+        wandb_dirs = sorted(os.path.dirname(p) for p in glob.glob(os.path.join(directory, "wandb", "*", "run-*.wandb")))
+        if wandb_dirs:
+            run = load_wandb_run(wandb_dirs[-1])
+            run.path = directory
+        else:
+            run = Run(path=directory, source="none", status="no metrics", note="no metrics.csv and no W&B run")
+    run.routing = meta.get("routing") or run.routing
+    seed = _seed_value(meta.get("seed"))
+    if seed is not None:
+        run.seed = seed
+        run.note = "; ".join(part for part in run.note.split("; ") if part and not part.startswith(_DATA_SEED_NOTE))
+    run.family = meta.get("family") or run.family
+    run.preset = meta.get("preset")
+    status = meta.get("status", "unknown")
+    if status != "done":
+        run.status = str(status)
+        returncode = meta.get("returncode")
+        run.note = f"sweep status {status!r}" + (f", return code {returncode}" if returncode is not None else "")
+    elif run.status == "unknown routing":
+        run.status, run.note = "done", ""
+    _check_routing(run)
+    return run
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# W&B transaction log (.wandb)
+# ---------------------------------------------------------------------------------------------------------------
+
+# The .wandb file is a LevelDB-style log: a 7-byte header (":W&B", magic 0xBEE1, version 0), then 32 KiB blocks of
+# records, each with a 7-byte header (masked CRC-32C, little-endian length, type: 1 full, 2 first, 3 middle,
+# 4 last); a block tail shorter than a header is zero padding. Each record payload is a serialized
+# wandb.proto.wandb_internal_pb2.Record (W&B's own schema, the one `wandb sync` reads).
+_WANDB_IDENT = b":W&B"
+_BLOCK_BYTES = 32768
+_RECORD_HEADER_BYTES = 7
+_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+
+
+def iter_wandb_records(path: str) -> Iterator[Any]:
+    """Yield every ``wandb_internal_pb2.Record`` of a ``.wandb`` file, in order.
+
+    A record cut short at the end (a run still being written) ends the iteration.
+
+    Args:
+        path: the ``run-<id>.wandb`` file.
+
+    Raises:
+        ValueError: the file is not a W&B transaction log.
+    """
+    from wandb.proto import wandb_internal_pb2
+
+    with open(path, "rb") as handle:
+        data = handle.read()
+    if not data.startswith(_WANDB_IDENT):
+        raise ValueError(f"{path!r} is not a W&B transaction log (no ':W&B' header)")
+    position = _RECORD_HEADER_BYTES  # the file header takes the first 7 bytes of block 0
+    pending: list[bytes] = []
+    while position + _RECORD_HEADER_BYTES <= len(data):
+        left_in_block = _BLOCK_BYTES - position % _BLOCK_BYTES
+        if left_in_block < _RECORD_HEADER_BYTES:
+            position += left_in_block
+            continue
+        _crc, length, kind = struct.unpack_from("<IHB", data, position)
+        start, end = position + _RECORD_HEADER_BYTES, position + _RECORD_HEADER_BYTES + length
+        if kind not in (_FULL, _FIRST, _MIDDLE, _LAST) or end > len(data):
+            return  # zero-filled tail or a partial write
+        position = end
+        chunk = data[start:end]
+        if kind == _FULL:
+            pending = [chunk]
+        elif kind == _FIRST:
+            pending = [chunk]
+            continue
+        elif kind == _MIDDLE:
+            pending.append(chunk)
+            continue
+        else:
+            pending.append(chunk)
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(b"".join(pending))
+        pending = []
+        yield record
+
+
+def _item_key(item: Any) -> str:
+    return item.key or "/".join(item.nested_key)
+
+
+def _history_value(item: Any) -> Any:
+    kind = item.WhichOneof("value")
+    if kind in ("number", "integer", "boolean", "text"):
+        return getattr(item, kind)
+    if kind == "none":
+        return None
+    text = item.json if kind == "json" else item.value_json
+    return json.loads(text) if text else None
+
+
+@dataclass
+class WandbRunContent:
+    """What :func:`read_wandb_run` found: scalar history per trainer step, the run config, the exit code."""
+
+    history: pd.DataFrame
+    config: dict[str, Any]
+    exit_code: int | None
+    args: list[str] = field(default_factory=list)
+
+
+def read_wandb_run(path: str) -> WandbRunContent:
+    """Read a ``.wandb`` transaction log: numeric history values, config updates, exit code.
+
+    History rows are keyed by ``trainer/global_step`` (Lightning's ``WandbLogger`` logs it with every row), else by
+    W&B's ``_step``; rows that share a step are merged. Non-numeric values (images, histograms, tables) are dropped.
+
+    Args:
+        path: the ``run-<id>.wandb`` file.
+    """
+    rows: list[dict[str, float]] = []
+    config: dict[str, Any] = {}
+    exit_code: int | None = None
+    args: list[str] = []
+    for record in iter_wandb_records(path):
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            row: dict[str, float] = {}
+            for item in record.history.item:
+                value = _history_value(item)
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    row[_item_key(item)] = float(value)
+                elif isinstance(value, str) and value in ("NaN", "Infinity", "-Infinity"):
+                    row[_item_key(item)] = float(value.replace("Infinity", "inf"))
+            rows.append(row)
+        elif kind in ("config", "run"):
+            updates = record.config.update if kind == "config" else record.run.config.update
+            for item in updates:
+                key = _item_key(item)
+                if not key.startswith("_"):
+                    config[key] = json.loads(item.value_json) if item.value_json else None
+        elif kind == "exit":
+            exit_code = int(record.exit.exit_code)
+        elif kind == "environment" and record.environment.args:
+            args = list(record.environment.args)
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return WandbRunContent(pd.DataFrame(index=pd.Index([], name="step", dtype=int)), config, exit_code, args)
+    step_key = "trainer/global_step" if "trainer/global_step" in frame.columns else "_step"
+    frame = frame.dropna(subset=[step_key])
+    frame["step"] = frame[step_key].astype(int)
+    frame = frame.drop(columns=[c for c in ("_step", "_runtime", "_timestamp", "trainer/global_step") if c in frame])
+    return WandbRunContent(frame.groupby("step").last().sort_index(), config, exit_code, args)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Values
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def layer_names(history: pd.DataFrame) -> list[str]:
+    """The probed layers of a run, in order of first appearance (from ``geometry/<layer>/tokens_total``)."""
+    names = []
+    for column in history.columns:
+        parts = str(column).split("/")
+        if len(parts) == 3 and parts[0] == "geometry" and parts[2] == "tokens_total":
+            names.append(parts[1])
+    return names
+
+
+def last_probe_step(history: pd.DataFrame, layer: str) -> int | None:
+    """The last step at which ``layer`` was probed (its ``tokens_total`` key is logged with every probe)."""
+    column = f"geometry/{layer}/tokens_total"
+    if column not in history.columns:
+        return None
+    logged = history[column].dropna()
+    return int(logged.index[-1]) if len(logged) else None
+
+
+def final_value(history: pd.DataFrame, key: str, step: int | None = None) -> float:
+    """``key`` at ``step`` (NaN when not logged there); with ``step=None`` its last logged value (NaN if never)."""
+    if key not in history.columns:
+        return math.nan
+    if step is not None:
+        return float(history.at[step, key]) if step in history.index else math.nan
+    logged = history[key].dropna()
+    return float(logged.iloc[-1]) if len(logged) else math.nan
+
+
+def geometry_steps(geometry_dir: str | None) -> list[tuple[int, str]]:
+    """``(step, path)`` of every ``step_<7 digits>.json`` in ``geometry_dir``, by step."""
+    if geometry_dir is None:
+        return []
+    found = []
+    for path in glob.glob(os.path.join(geometry_dir, "step_*.json")):
+        stem = os.path.basename(path)[len("step_") : -len(".json")]
+        if stem.isdigit():
+            found.append((int(stem), path))
+    return sorted(found)
+
+
+def load_geometry(path: str) -> tuple[int, dict[str, Any]]:
+    """One geometry JSON file as ``(step, {layer: GeometryReport})``."""
+    from moe_lightning.geometry import GeometryReport
+
+    with open(path) as handle:
+        payload = json.load(handle)
+    layers = {name: GeometryReport.from_dict(data) for name, data in payload.get("layers", {}).items()}
+    return int(payload.get("step", -1)), layers
+
+
+def final_geometry(run: Run) -> tuple[int, dict[str, Any]] | None:
+    """The run's last geometry report file, or None when it has none (or it cannot be read)."""
+    steps = geometry_steps(run.geometry_dir)
+    for _step, path in reversed(steps):
+        try:
+            return load_geometry(path)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a half-written or foreign file: fall back to the one before
+    return None
