@@ -3,7 +3,7 @@
 Shape legend: ``N`` tokens, ``E`` experts, ``K`` experts per token (top-k), ``D`` model dim, ``H`` expert hidden
 width, ``A = N * K`` token-expert assignments.
 
-Routing (../shared/GEOMETRY.md, Notation):
+Routing (docs/geometry.md, Notation):
 - ``"topk"``: softmax over all E logits, keep the k largest, optionally renormalise them over those k (Mixtral);
 - ``"soft"``: every expert weighted by its softmax probability;
 - ``"dense"``: a single FFN with no router (:class:`DenseFFN`), treated as one expert with gate 1.

@@ -1,4 +1,4 @@
-"""Matrix-free top-r singular values of per-token Jacobians (GEOMETRY.md §1, "When d is too large to form J").
+"""Matrix-free top-r singular values of per-token Jacobians (docs/geometry.md §1, "When d is too large to form J").
 
 Shape legend: ``N`` tokens, ``D`` model dim (``D_in``/``D_out``), ``R`` requested singular values, ``K = R + p``
 the block size with oversampling ``p``.
@@ -149,7 +149,7 @@ def mlp_jacobian_operator(
     w_out_HD: Tensor,
     activation: str | Callable[[Tensor], Tensor] = "gelu",
 ) -> JacobianOperator:
-    """Products with the MLP expert Jacobians ``J_n = w_outᵀ diag(φ'(z_n)) w_inᵀ`` (GEOMETRY.md §1), unformed.
+    """Products with the MLP expert Jacobians ``J_n = w_outᵀ diag(φ'(z_n)) w_inᵀ`` (docs/geometry.md §1), unformed.
 
     ``J V`` is ``((Vᵀ w_in) ⊙ φ'(z)) w_out`` and ``Jᵀ U`` is ``((Uᵀ w_outᵀ) ⊙ φ'(z)) w_inᵀ``, each two GEMMs over all
     ``N·K`` block columns at once (``4·D·H`` flops per column). Weight layout as
@@ -187,7 +187,7 @@ def mlp_jacobian_operator(
 
 
 def swiglu_jacobian_operator(x_ND: Tensor, w_gate_DH: Tensor, w_up_DH: Tensor, w_down_HD: Tensor) -> JacobianOperator:
-    """Products with the SwiGLU expert Jacobians ``J_n = w_downᵀ M(x_n)`` (GEOMETRY.md §1), unformed.
+    """Products with the SwiGLU expert Jacobians ``J_n = w_downᵀ M(x_n)`` (docs/geometry.md §1), unformed.
 
     ``M(x) = diag(silu'(a) ⊙ b) w_gateᵀ + diag(silu(a)) w_upᵀ``: ``J V = (c_g ⊙ Vᵀw_gate + c_u ⊙ Vᵀw_up) w_down``
     and ``Jᵀ U = (c_g ⊙ T) w_gateᵀ + (c_u ⊙ T) w_upᵀ`` with ``T = Uᵀ w_downᵀ``: three GEMMs over all ``N·K``
@@ -262,7 +262,7 @@ def compose_layer_operator(
     expert_outputs: list[Tensor],
     expert_operators: list[tuple[Tensor, JacobianOperator | None]],
 ) -> JacobianOperator:
-    """The MoE layer's Jacobians ``J = Σ_e g_e J_e + Σ_e f_e ∇g_eᵀ`` (GEOMETRY.md §1) as products, unformed.
+    """The MoE layer's Jacobians ``J = Σ_e g_e J_e + Σ_e f_e ∇g_eᵀ`` (docs/geometry.md §1) as products, unformed.
 
     The matrix-free counterpart of :func:`~moe_lightning.geometry.compose_layer_jacobian`: expert ``e``'s products
     run only on the tokens routed to it (``rows``), so a top-k layer costs k experts per token instead of the E
