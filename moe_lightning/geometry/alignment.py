@@ -3,7 +3,7 @@
 Shape legend: ``N`` tokens, ``E`` experts, ``O``/``I`` Jacobian output/input dims (both ``D`` for an expert).
 
 Cosines are Frobenius cosines ``|⟨A, B⟩_F| / (‖A‖_F ‖B‖_F)``; a zero matrix has no direction, so any cosine
-that involves one is NaN and left out of means (issue 4, "edge cases").
+that involves one is NaN and left out of means (docs/geometry.md §4).
 """
 
 from __future__ import annotations

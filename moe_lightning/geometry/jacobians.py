@@ -155,8 +155,8 @@ def activation_derivative(activation: str | Callable[[Tensor], Tensor], z: Tenso
 
 
 #: Target size of the per-chunk scratch of the closed forms on CPU: the scaled weight of a chunk is written and
-#: read back by the GEMM at once, so keeping it cache-sized (the 32 MiB L3 of a server CPU holds it with room to
-#: spare) instead of budget-sized doubles the throughput at D <= 512 (scripts/benchmark_geometry.py).
+#: read back by the GEMM at once, so a chunk whose scratch stays cache-sized (4 MiB fits a server CPU's last-level
+#: cache with room to spare) is read back from cache rather than memory. See docs/benchmarks/geometry.md.
 _CPU_SCRATCH_BYTES: int = 4 * 2**20
 
 
@@ -283,18 +283,18 @@ def _stacked_transpose_gemm(
     Per chunk of tokens the column-scaled ``(D_in, H)`` weights are written into one reused scratch buffer, one
     GEMM ``(n·D_in, H) @ (H, D_out)`` gives the stacked ``J_nᵀ``, and a transposing copy writes ``J_n``. Compared
     with forming ``J = w_outᵀ (c ⊙ wᵀ)`` directly: no transposed copy of a weight, contiguous reads in the
-    elementwise pass, and one tall GEMM per chunk instead of a batch of per-token ones (5-15% faster at
-    D = 256 and 1024, ``scripts/benchmark_geometry.py``).
+    elementwise pass, and one tall GEMM per chunk instead of a batch of per-token ones, which BLAS runs at a
+    higher rate (docs/benchmarks/geometry.md).
     """
     n, (d_in, h), d_out = c_NH.shape[0], w_DH.shape, w_out_HO.shape[1]
     # Row-major (D_in, H) for the elementwise pass: free for our layout, one copy for an ``nn.Linear`` weight's
-    # transposed view (Hugging Face experts), whose strided reads would cost 25-40% more over a chunk's tokens.
+    # transposed view (Hugging Face experts), whose strided reads would be repeated for every token of a chunk.
     w_DH = w_DH.contiguous()
     w2_DH = None if w2_DH is None else w2_DH.contiguous()
     if w_out_HO.dtype == torch.float64 and w_out_HO.device.type == "cpu":
-        # A column-major right operand: MKL's float64 GEMM ran 7-10% faster with it at D = 256 and 1024 on this
-        # project's CPU (in float32 it ran 6-20% slower, so float32 keeps its layout). A Hugging Face expert's
-        # transposed ``nn.Linear`` view already is column-major; our row-major ``(H, D_out)`` costs one copy a call.
+        # A column-major right operand: MKL's float64 GEMM runs faster with it, its float32 GEMM slower, so only
+        # float64 changes layout (docs/benchmarks/geometry.md). A Hugging Face expert's transposed ``nn.Linear``
+        # view already is column-major; our row-major ``(H, D_out)`` costs one copy a call.
         w_out_HO = w_out_HO.t().contiguous().t()
     out_NOI = w_DH.new_empty(n, d_out, d_in)
     if n == 0:

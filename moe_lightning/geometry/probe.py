@@ -621,8 +621,8 @@ def _bytes_per_token(cfg: ProbeConfig, d: int, m: int, num_experts: int, itemsiz
     if matrix_free:
         # No D x D matrix: the Krylov workspace, plus the experts' outputs and gate Jacobians for the layer
         # operator and K block columns through ~4D-wide expert activations. Tokens of a call share every GEMM
-        # against the weights (2-3x faster per token at 8 tokens than at 1, and the Krylov blocks shrink to 4
-        # columns from 8 tokens on: scripts/benchmark_geometry.py), so chunks are as large as the budget allows.
+        # against the weights, and from 8 tokens on the Krylov blocks shrink to 4 columns, so per token a larger
+        # call is cheaper (docs/benchmarks/geometry.md): chunks are as large as the budget allows.
         k = min(m + cfg.matrix_free_oversample, d)
         return _krylov_bytes_per_token(d, k, cfg.matrix_free_max_iter, itemsize) + itemsize * d * (
             3 * num_experts + 8 * k

@@ -47,7 +47,7 @@ def batched_svdvals(A: Tensor) -> Tensor:
     """``torch.linalg.svdvals`` of a batch of matrices, the batch split across ``torch.get_num_threads()`` threads.
 
     On CPU torch runs a batched SVD one matrix after another on one thread; LAPACK releases the GIL, so slices of
-    the batch in worker threads run side by side (1.6x for 512 float64 128 x 128 matrices on 2 cores). Each matrix
+    the batch in worker threads run side by side on the cores torch may use. Each matrix
     goes through the same LAPACK routine as in one call. CUDA tensors, tensors that require grad, one thread and
     small batches take ``torch.linalg.svdvals`` directly.
 
@@ -94,7 +94,7 @@ def _entropy_rank(p_unnorm: Tensor) -> Tensor:
     p = torch.where(total > 0, v / torch.where(total > 0, total, torch.ones_like(total)), torch.zeros_like(v))
     plogp = torch.where(p > 0, p * torch.log(torch.where(p > 0, p, torch.ones_like(p))), torch.zeros_like(p))
     rank = torch.exp(-plogp.sum(-1))
-    # A zero matrix has no spectrum: its effective rank is defined as 0 (issue 4, "edge cases").
+    # A zero matrix has no spectrum: its effective rank is defined as 0 rather than NaN, so means stay finite.
     return torch.where(total.squeeze(-1) > 0, rank, torch.zeros_like(rank))
 
 
