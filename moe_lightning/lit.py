@@ -1,5 +1,5 @@
 """Thin LightningModules: they wrap a raw ``nn.Module`` and add the task loss, the weighted auxiliary losses and
-the optimizer. Nothing else lives here (STYLE.md, litgpt), so tests and callbacks can use ``module.model``.
+the optimizer. Nothing else lives here (as in litgpt), so tests and callbacks can use ``module.model``.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Shape legend: ``N`` tokens, ``E`` experts, ``K`` experts per token (top-k), ``D`` model dim, ``H`` expert hidden
 width, ``A = N * K`` token-expert assignments.
 
-Routing (../shared/GEOMETRY.md, Notation):
+Routing (docs/geometry.md, Notation):
 - ``"topk"``: softmax over all E logits, keep the k largest, optionally renormalise them over those k (Mixtral);
 - ``"soft"``: every expert weighted by its softmax probability;
 - ``"dense"``: a single FFN with no router (:class:`DenseFFN`), treated as one expert with gate 1.
@@ -66,7 +66,7 @@ class MoEConfig:
     dispatch: str = "auto"
     """Expert dispatch: ``"loop"``, ``"sorted"``, ``"grouped"`` (grouped_mm), ``"bmm"`` (soft only), or
     ``"auto"`` (``"bmm"`` for soft routing; otherwise ``"grouped"`` on CUDA and ``"sorted"`` on CPU, where
-    ``scripts/benchmark_moe.py`` measured it faster in every cell, e.g. 1.37x at E=64, k=8)."""
+    plain per-expert matmuls beat ``grouped_mm``; see docs/benchmarks/dispatch.md)."""
 
     def __post_init__(self) -> None:
         _check_choice("routing", self.routing, ROUTINGS)
@@ -230,7 +230,7 @@ def _warn_once(message: str) -> None:
 
 def auto_sparse_dispatch(device: torch.device) -> str:
     """The sparse dispatch ``dispatch="auto"`` uses on ``device``: ``grouped_mm`` on CUDA, the sorted per-expert
-    matmuls on CPU (faster there in every cell of the README's idle-CPU benchmark)."""
+    matmuls on CPU, where they beat ``grouped_mm`` (docs/benchmarks/dispatch.md)."""
     return "grouped" if device.type == "cuda" else "sorted"
 
 

@@ -2,7 +2,7 @@
 
 The analysis of the second paper (arXiv 2605.16349) on pretrained models: run the model over a text set, capture
 the input of every MoE layer with forward hooks, and call :func:`moe_lightning.geometry.probe` on each layer
-(Jacobian spectra, weighted PCA, cross-expert alignment, Grassmann subspaces; ../shared/GEOMETRY.md).
+(Jacobian spectra, weighted PCA, cross-expert alignment, Grassmann subspaces; docs/geometry.md).
 
 Shape legend: ``B`` blocks per batch, ``T`` block length (``--seq-len``), ``N`` tokens, ``D`` model dim.
 
@@ -365,7 +365,7 @@ def probe_pretrained(
     out_dir: str | os.PathLike | None = None,
     title: str | None = None,
 ) -> dict[str, GeometryReport]:
-    """Probe every MoE layer of a pretrained causal LM on a text set (GEOMETRY.md §1–5).
+    """Probe every MoE layer of a pretrained causal LM on a text set (docs/geometry.md §1–5).
 
     The text is tokenized (empty lines dropped), concatenated, cut to ``max_tokens`` tokens and packed into
     blocks of ``seq_len`` tokens (the last block may be shorter); the model runs on them in eval mode under

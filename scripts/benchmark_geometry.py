@@ -1,4 +1,4 @@
-"""Benchmark of the geometry core's Jacobian paths (issue 4, "What must be shown: a benchmark").
+"""Benchmark of the geometry core's Jacobian paths (results: docs/benchmarks/geometry.md).
 
 Times, side by side in one run, on a GELU-MLP expert and a SwiGLU expert at D = 256 and D = 1024:
   - the closed-form Jacobian (moe_lightning.geometry.{mlp,swiglu}_expert_jacobian),

@@ -1,4 +1,4 @@
-"""Side-by-side forward+backward benchmark of MoE expert dispatch (issue 6).
+"""Side-by-side forward+backward benchmark of MoE expert dispatch (results: docs/benchmarks/dispatch.md).
 
 Shape legend: ``N`` tokens, ``E`` experts, ``K`` experts per token (top-k), ``D`` model dim, ``H`` expert hidden
 width.

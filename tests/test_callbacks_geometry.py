@@ -94,7 +94,7 @@ def test_logged_values_equal_a_direct_probe_of_independently_captured_inputs(rou
     else:
         assert row_at(rows, 0, "geometry/blocks.0.ffn/align_chance") == pytest.approx(
             math.sqrt(2 / math.pi) / 16, rel=2e-3
-        )  # GEOMETRY.md §4: ≈
+        )  # docs/geometry.md §4: ≈
 
 
 def fit_weights(module, data, callbacks, max_steps=6):

@@ -70,7 +70,7 @@ class Data(L.LightningDataModule):
 
 # ---------------------------------------------------------------------------------------------- router_statistics
 def numpy_router_statistics(gates_NE: np.ndarray, probs_NE: np.ndarray) -> dict[str, object]:
-    """GEOMETRY.md §6 by hand: loads from routed counts (or gate mass when every gate is positive)."""
+    """docs/geometry.md §6 by hand: loads from routed counts (or gate mass when every gate is positive)."""
     load = gates_NE.sum(0) if (gates_NE > 0).all() else (gates_NE > 0).sum(0).astype(float)
     share = load / load.sum()
     p = probs_NE / probs_NE.sum(-1, keepdims=True)

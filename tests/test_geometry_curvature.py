@@ -1,4 +1,4 @@
-"""Curvature (GEOMETRY.md §7): power iteration and Hutchinson against the full Hessian of a small model."""
+"""Curvature (docs/geometry.md §7): power iteration and Hutchinson against the full Hessian of a small model."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Exact Jacobians vs torch.autograd.functional.jacobian (GEOMETRY.md §1), float64 to 1e-10."""
+"""Exact Jacobians vs torch.autograd.functional.jacobian (docs/geometry.md §1), float64 to 1e-10."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Matrix-free top-r singular values (GEOMETRY.md §1) against the exact SVD."""
+"""Matrix-free top-r singular values (docs/geometry.md §1) against the exact SVD."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Weighted PCA (GEOMETRY.md §3) against numpy's weighted covariance."""
+"""Weighted PCA (docs/geometry.md §3) against numpy's weighted covariance."""
 
 import numpy as np
 import pytest
@@ -26,7 +26,7 @@ def data():
 def test_matches_numpy_weighted_covariance(data):
     x, w = data
     res = weighted_pca(torch.tensor(x), torch.tensor(w))
-    # GEOMETRY.md §3 divides by Σw: numpy's bias=True with aweights.
+    # docs/geometry.md §3 divides by Σw: numpy's bias=True with aweights.
     cov = np.cov(x.T, aweights=w, bias=True)
     lam = np.linalg.eigvalsh(cov)[::-1]
     np.testing.assert_allclose(res.eigenvalues.numpy(), lam, rtol=1e-10, atol=1e-12)

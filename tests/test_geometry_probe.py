@@ -97,7 +97,7 @@ def test_probe_values_match_hand_computation():
         hidden = weighted_pca(view.expert_hidden(e)(x[rows]), w)
         assert report.expert["pca_hidden_effective_rank"][e].item() == pytest.approx(hidden.effective_rank, rel=1e-9)
         Jbar.append(torch.einsum("n,nij->ij", w, Js[e][rows]) / w.sum())
-    # Mean-Jacobian and pointwise alignment (GEOMETRY.md §4).
+    # Mean-Jacobian and pointwise alignment (docs/geometry.md §4).
     A = report.matrices["align_mean_jacobian"]
     P = report.matrices["align_pointwise"]
     for i in range(4):

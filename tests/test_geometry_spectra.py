@@ -1,4 +1,4 @@
-"""Spectral statistics (GEOMETRY.md §2) against numpy on known spectra."""
+"""Spectral statistics (docs/geometry.md §2) against numpy on known spectra."""
 
 import contextlib
 import math

@@ -1,4 +1,4 @@
-"""Principal angles, Grassmann distances (GEOMETRY.md §5) and alignment (§4) against scipy / Monte-Carlo."""
+"""Principal angles, Grassmann distances (docs/geometry.md §5) and alignment (§4) against scipy / Monte-Carlo."""
 
 import math
 
@@ -95,7 +95,7 @@ def test_alignment_chance_matches_monte_carlo():
     assert torch.allclose(cos, per[:200])
     stderr = per.std().item() / math.sqrt(draws)
     assert abs(mean - alignment_chance(d)) < 4 * stderr
-    # GEOMETRY.md's asymptotic form sqrt(2/π)/d agrees to O(1/d²).
+    # The large-d form sqrt(2/π)/d (docs/geometry.md §4) agrees to O(1/d²).
     assert alignment_chance(64) == pytest.approx(math.sqrt(2 / math.pi) / 64, rel=1e-3)
 
 

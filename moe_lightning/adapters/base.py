@@ -1,4 +1,4 @@
-"""The ``MoEView`` contract: the seam between models and geometry (../shared/DESIGN.md).
+"""The ``MoEView`` contract: the seam between models and geometry (docs/design.md).
 
 Shape legend: ``N`` tokens, ``E`` experts, ``D`` model dim, ``H`` expert hidden width.
 

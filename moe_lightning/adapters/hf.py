@@ -51,7 +51,7 @@ def _swiglu_hidden(x_ND: Tensor, w_gate_HD: Tensor, w_up_HD: Tensor, act: TokenF
 def _swiglu_closed_form(weights: tuple[Tensor, Tensor, Tensor, TokenFn], x_ND: Tensor, make):
     """``make(x, w_gate, w_up, w_down)`` on an expert's ``nn.Linear``-layout weights, or None unless the act is SiLU.
 
-    ``make`` is a closed form of GEOMETRY.md §1 (``swiglu_expert_jacobian`` or ``swiglu_jacobian_operator``), which
+    ``make`` is a closed form of docs/geometry.md §1 (``swiglu_expert_jacobian`` or ``swiglu_jacobian_operator``), which
     take right-multiplied weights: ``f(x) = (silu(x @ w_gate) * (x @ w_up)) @ w_down``. Weights are cast to the
     dtype of ``x_ND`` (the probe may run in float64 on a float32 model).
     """

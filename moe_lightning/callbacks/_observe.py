@@ -1,5 +1,5 @@
 """Shared machinery of the callbacks: observing a model without changing it, capturing MoE layer inputs, and
-logging to every Lightning logger (STYLE.md §8).
+logging to every Lightning logger. Callbacks only observe: whatever they change they restore.
 """
 
 from __future__ import annotations

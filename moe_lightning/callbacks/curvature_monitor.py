@@ -1,4 +1,4 @@
-"""CurvatureMonitor: top Hessian eigenvalue and Hutchinson trace of the training loss (GEOMETRY.md §7)."""
+"""CurvatureMonitor: top Hessian eigenvalue and Hutchinson trace of the training loss (docs/geometry.md §7)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """GeometryMonitor: Jacobian spectra, weighted PCA, alignment and Grassmann distances of every MoE layer,
-probed on a fixed token set over the course of training (../shared/GEOMETRY.md §1-5)."""
+probed on a fixed token set over the course of training (docs/geometry.md §1-5)."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ class GeometryMonitor(Callback):
     :func:`moe_lightning.geometry.probe` on them, and logs the results. The model is only observed: modes, RNG
     states, gradients and autocast are restored, so training ends in the same weights with or without it.
 
-    Logged metrics (DESIGN.md "Metric keys"; ``<layer>`` is the module path, ``e<i>`` an expert):
+    Logged metrics (docs/design.md "Metric keys"; ``<layer>`` is the module path, ``e<i>`` an expert):
         - ``geometry/<layer>/<quantity>/e<i>`` and ``.../mean`` for per-expert quantities: ``jac_sigma_max``,
           ``jac_frobenius``, ``jac_stable_rank``, ``jac_effective_rank``, ``jac_decay_slope``, ``tokens``,
           ``n_eff``, ``pca_<site>_{effective_rank,participation_ratio,n90,n_eff}`` for sites input/hidden/output;

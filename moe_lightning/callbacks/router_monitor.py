@@ -1,4 +1,4 @@
-"""RouterMonitor: router statistics of every MoE layer from the live training batches (GEOMETRY.md §6)."""
+"""RouterMonitor: router statistics of every MoE layer from the live training batches (docs/geometry.md §6)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from moe_lightning.moe import MoEAux
 
 
 def router_statistics(gates_NE: Tensor, probs_NE: Tensor | None = None) -> dict[str, Any]:
-    """Router statistics of one batch (GEOMETRY.md §6), from gates (0 where not routed) and, if known, the full
+    """Router statistics of one batch (docs/geometry.md §6), from gates (0 where not routed) and, if known, the full
     softmax probabilities.
 
     - ``load``: per-expert share of the routed assignments (``g > 0``); for soft routing, where every gate is

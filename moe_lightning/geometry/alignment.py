@@ -1,9 +1,9 @@
-"""Cross-expert Jacobian alignment (../shared/GEOMETRY.md §4).
+"""Cross-expert Jacobian alignment (docs/geometry.md §4).
 
 Shape legend: ``N`` tokens, ``E`` experts, ``O``/``I`` Jacobian output/input dims (both ``D`` for an expert).
 
 Cosines are Frobenius cosines ``|⟨A, B⟩_F| / (‖A‖_F ‖B‖_F)``; a zero matrix has no direction, so any cosine
-that involves one is NaN and left out of means (issue 4, "edge cases").
+that involves one is NaN and left out of means (docs/geometry.md §4).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def _abs_cosines(flat_BEK: Tensor) -> Tensor:
 
 
 def jacobian_alignment(jacobians_EOI: Tensor) -> Tensor:
-    """Mean-Jacobian alignment matrix ``A_ij = |⟨J̄_i, J̄_j⟩_F| / (‖J̄_i‖_F ‖J̄_j‖_F)`` (GEOMETRY.md §4).
+    """Mean-Jacobian alignment matrix ``A_ij = |⟨J̄_i, J̄_j⟩_F| / (‖J̄_i‖_F ‖J̄_j‖_F)`` (docs/geometry.md §4).
 
     Args:
         jacobians_EOI: ``(E, O, I)`` one matrix per expert, typically the ``w_e``-weighted mean Jacobians
@@ -47,7 +47,7 @@ def jacobian_alignment(jacobians_EOI: Tensor) -> Tensor:
 
 
 def pointwise_cosine_sums(jacobians_NEOI: Tensor) -> tuple[Tensor, Tensor]:
-    """Additive statistics of pointwise alignment ``P_ij`` (GEOMETRY.md §4) on shared inputs.
+    """Additive statistics of pointwise alignment ``P_ij`` (docs/geometry.md §4) on shared inputs.
 
     Args:
         jacobians_NEOI: ``(N, E, O, I)`` every expert's Jacobian at every token.
@@ -63,10 +63,10 @@ def pointwise_cosine_sums(jacobians_NEOI: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def alignment_chance(d_out: int, d_in: int | None = None) -> float:
-    """Chance level ``E|cos|`` of two independent Gaussian ``d_out × d_in`` matrices (GEOMETRY.md §4).
+    """Chance level ``E|cos|`` of two independent Gaussian ``d_out × d_in`` matrices (docs/geometry.md §4).
 
     Exact value for ``n = d_out · d_in`` i.i.d. coordinates: ``Γ(n/2) / (√π Γ((n+1)/2))``, which is
-    ``sqrt(2/π)/d · (1 + O(1/d²))`` for square ``d × d`` (the GEOMETRY.md approximation).
+    ``sqrt(2/π)/d · (1 + O(1/d²))`` for square ``d × d`` (its large-``d`` form).
 
     Args:
         d_out: rows.

@@ -1,4 +1,4 @@
-"""Loss curvature: top Hessian eigenvalue and Hutchinson trace (../shared/GEOMETRY.md §7).
+"""Loss curvature: top Hessian eigenvalue and Hutchinson trace (docs/geometry.md §7).
 
 Shape legend: ``P`` total number of parameters (the Hessian is ``P × P``; it is never formed).
 
@@ -98,7 +98,7 @@ def hessian_top_eigenvalue(
     tol: float = 1e-6,
     seed: int = 0,
 ) -> EigenResult:
-    """Eigenvalue of largest magnitude of the loss Hessian by power iteration on HVPs (GEOMETRY.md §7).
+    """Eigenvalue of largest magnitude of the loss Hessian by power iteration on HVPs (docs/geometry.md §7).
 
     Stops when ``|λ_k − λ_{k−1}| ≤ tol · |λ_k|`` or after ``max_iter`` products. Like PyHessian it returns the
     dominant eigenvalue (largest ``|λ|``), which near a minimum is the top (sharpness) eigenvalue.
@@ -147,7 +147,7 @@ def hutchinson_trace(
     min_iter: int = 2,
     seed: int = 0,
 ) -> TraceResult:
-    """Hutchinson estimate ``tr H ≈ mean_k v_kᵀ H v_k`` with Rademacher ``v_k`` (Hutchinson, 1989; GEOMETRY.md §7).
+    """Hutchinson estimate ``tr H ≈ mean_k v_kᵀ H v_k`` with Rademacher ``v_k`` (Hutchinson, 1989; docs/geometry.md §7).
 
     Stops once at least ``min_iter`` samples give a standard error ``≤ tol · |mean|``, or after ``max_iter``.
 

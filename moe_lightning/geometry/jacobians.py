@@ -6,7 +6,7 @@ input row ``i`` only (every expert, gate function and MoE layer is one). Weight 
 expert layout sliced to one expert: ``w_in`` is ``(D, H)`` and ``w_out`` is ``(H, D)``, i.e. ``f(x) = φ(x @ w_in
 + b_in) @ w_out``.
 
-Definitions: ../shared/GEOMETRY.md §1.
+Definitions: docs/geometry.md §1.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def jacobians(
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
     mode: str = "auto",
 ) -> Tensor:
-    """Exact Jacobian of a row-wise function at every token, by ``torch.func`` (GEOMETRY.md §1).
+    """Exact Jacobian of a row-wise function at every token, by ``torch.func`` (docs/geometry.md §1).
 
     ``vmap`` over tokens of ``jacfwd`` or ``jacrev``. ``"auto"`` picks the cheaper one for the shape: forward mode
     costs one JVP per input dimension and reverse mode one VJP per output dimension, so it takes ``jacfwd`` when
@@ -103,7 +103,7 @@ def jacobians(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Closed forms (GEOMETRY.md §1)
+# Closed forms (docs/geometry.md §1)
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -155,8 +155,8 @@ def activation_derivative(activation: str | Callable[[Tensor], Tensor], z: Tenso
 
 
 #: Target size of the per-chunk scratch of the closed forms on CPU: the scaled weight of a chunk is written and
-#: read back by the GEMM at once, so keeping it cache-sized (the 32 MiB L3 of a server CPU holds it with room to
-#: spare) instead of budget-sized doubles the throughput at D <= 512 (scripts/benchmark_geometry.py).
+#: read back by the GEMM at once, so a chunk whose scratch stays cache-sized (4 MiB fits a server CPU's last-level
+#: cache with room to spare) is read back from cache rather than memory. See docs/benchmarks/geometry.md.
 _CPU_SCRATCH_BYTES: int = 4 * 2**20
 
 
@@ -184,7 +184,7 @@ def mlp_expert_jacobian(
     *,
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
 ) -> Tensor:
-    """Closed-form Jacobian of an MLP expert ``f(x) = φ(x @ w_in + b_in) @ w_out (+ b_out)`` (GEOMETRY.md §1).
+    """Closed-form Jacobian of an MLP expert ``f(x) = φ(x @ w_in + b_in) @ w_out (+ b_out)`` (docs/geometry.md §1).
 
     ``J(x) = w_outᵀ diag(φ'(z)) w_inᵀ`` with ``z = x @ w_in + b_in``: ``2·D_out·H·D_in`` flops per token, the
     least any method forming ``J`` can do (each of the ``D_out·D_in`` entries is a length-``H`` sum). Per chunk of
@@ -229,11 +229,11 @@ def swiglu_expert_jacobian(
     *,
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
 ) -> Tensor:
-    """Closed-form Jacobian of a SwiGLU expert ``f(x) = (silu(x @ w_gate) ⊙ (x @ w_up)) @ w_down`` (GEOMETRY.md §1).
+    """Closed-form Jacobian of a SwiGLU expert ``f(x) = (silu(x @ w_gate) ⊙ (x @ w_up)) @ w_down``.
 
-    ``J(x) = w_downᵀ M(x)`` with ``M(x) = diag(silu'(a) ⊙ b) w_gateᵀ + diag(silu(a)) w_upᵀ``, ``a = x @ w_gate``,
-    ``b = x @ w_up``. ``M`` is ``(H, D_in)`` and elementwise (``3·H·D_in`` flops), so the only GEMM is
-    ``w_downᵀ M``: ``2·D_out·H·D_in`` flops per token, a third of what ``vmap(jacrev)`` spends (one VJP per
+    ``J(x) = w_downᵀ M(x)`` (docs/geometry.md §1) with ``M(x) = diag(silu'(a) ⊙ b) w_gateᵀ + diag(silu(a)) w_upᵀ``,
+    ``a = x @ w_gate``, ``b = x @ w_up``. ``M`` is ``(H, D_in)`` and elementwise (``3·H·D_in`` flops), so the only
+    GEMM is ``w_downᵀ M``: ``2·D_out·H·D_in`` flops per token, a third of what ``vmap(jacrev)`` spends (one VJP per
     output row through all three weights). Chunks of tokens write ``Mᵀ = w_gate diag(silu'(a) ⊙ b) + w_up
     diag(silu(a))`` into a reused scratch buffer and one GEMM ``(n·D_in, H) @ (H, D_out)`` gives their stacked
     ``Jᵀ = Mᵀ w_down``, copied transposed into the output (:func:`_stacked_transpose_gemm`).
@@ -283,18 +283,18 @@ def _stacked_transpose_gemm(
     Per chunk of tokens the column-scaled ``(D_in, H)`` weights are written into one reused scratch buffer, one
     GEMM ``(n·D_in, H) @ (H, D_out)`` gives the stacked ``J_nᵀ``, and a transposing copy writes ``J_n``. Compared
     with forming ``J = w_outᵀ (c ⊙ wᵀ)`` directly: no transposed copy of a weight, contiguous reads in the
-    elementwise pass, and one tall GEMM per chunk instead of a batch of per-token ones (5-15% faster at
-    D = 256 and 1024, ``scripts/benchmark_geometry.py``).
+    elementwise pass, and one tall GEMM per chunk instead of a batch of per-token ones, which BLAS runs at a
+    higher rate (docs/benchmarks/geometry.md).
     """
     n, (d_in, h), d_out = c_NH.shape[0], w_DH.shape, w_out_HO.shape[1]
     # Row-major (D_in, H) for the elementwise pass: free for our layout, one copy for an ``nn.Linear`` weight's
-    # transposed view (Hugging Face experts), whose strided reads would cost 25-40% more over a chunk's tokens.
+    # transposed view (Hugging Face experts), whose strided reads would be repeated for every token of a chunk.
     w_DH = w_DH.contiguous()
     w2_DH = None if w2_DH is None else w2_DH.contiguous()
     if w_out_HO.dtype == torch.float64 and w_out_HO.device.type == "cpu":
-        # A column-major right operand: MKL's float64 GEMM ran 7-10% faster with it at D = 256 and 1024 on this
-        # project's CPU (in float32 it ran 6-20% slower, so float32 keeps its layout). A Hugging Face expert's
-        # transposed ``nn.Linear`` view already is column-major; our row-major ``(H, D_out)`` costs one copy a call.
+        # A column-major right operand: MKL's float64 GEMM runs faster with it, its float32 GEMM slower, so only
+        # float64 changes layout (docs/benchmarks/geometry.md). A Hugging Face expert's transposed ``nn.Linear``
+        # view already is column-major; our row-major ``(H, D_out)`` costs one copy a call.
         w_out_HO = w_out_HO.t().contiguous().t()
     out_NOI = w_DH.new_empty(n, d_out, d_in)
     if n == 0:
@@ -313,7 +313,7 @@ def _stacked_transpose_gemm(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Layer Jacobian through the router (GEOMETRY.md §1)
+# Layer Jacobian through the router (docs/geometry.md §1)
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -335,7 +335,7 @@ def compose_layer_jacobian(
 ) -> Tensor:
     """Assemble the layer Jacobian from its parts by the product rule.
 
-    ``J(x) = Σ_e g_e(x) J_e(x) + Σ_e f_e(x) ∇g_e(x)ᵀ`` (GEOMETRY.md §1). Expert Jacobians are only needed where
+    ``J(x) = Σ_e g_e(x) J_e(x) + Σ_e f_e(x) ∇g_e(x)ᵀ`` (docs/geometry.md §1). Expert Jacobians are only needed where
     ``g_e(x) ≠ 0``; they are passed per expert as ``(rows, J_rows)`` with ``rows`` a ``(N,)`` bool mask or index
     tensor and ``J_rows`` of shape ``(len(rows), D_out, D_in)``.
 
@@ -371,7 +371,7 @@ def layer_jacobian(
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
     mode: str = "auto",
 ) -> Tensor:
-    """Jacobian of the whole MoE layer ``y(x) = Σ_e g_e(x) f_e(x)`` including the router (GEOMETRY.md §1).
+    """Jacobian of the whole MoE layer ``y(x) = Σ_e g_e(x) f_e(x)`` including the router (docs/geometry.md §1).
 
     Gates are smooth for soft routing and piecewise smooth for top-k; at a point off the top-k switching set the
     derivative of the kept-and-renormalised gates is what autograd returns through ``topk``.

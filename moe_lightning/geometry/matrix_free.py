@@ -1,4 +1,4 @@
-"""Matrix-free top-r singular values of per-token Jacobians (GEOMETRY.md §1, "When d is too large to form J").
+"""Matrix-free top-r singular values of per-token Jacobians (docs/geometry.md §1, "When d is too large to form J").
 
 Shape legend: ``N`` tokens, ``D`` model dim (``D_in``/``D_out``), ``R`` requested singular values, ``K = R + p``
 the block size with oversampling ``p``.
@@ -128,12 +128,10 @@ def _uncols(cols_DM: Tensor, n: int) -> Tensor:
     return cols_DM.view(cols_DM.shape[0], n, -1).permute(1, 0, 2)
 
 
-# From this many block columns in all, the float32 operators on CPU multiply ``weight @ (D, N·K) columns`` instead
-# of ``(N·K, D) rows @ weight``: timed with plain torch.mm on this project's 2-core CPU (MKL), the former runs
-# 1.2-1.5x faster at 16-128 columns against a (4096, 14336) float32 weight and the latter several times faster below
-# 16. In float64 it is the other way round (rows 49-90 GFLOP/s, columns 19-45 at 32-128 columns), so float64 keeps
-# the rows; so does CUDA, which was not measured. A contiguous transposed weight copy, tried for the J side, made
-# the Krylov run slower. The matrix-free table of scripts/benchmark_geometry.py shows the end effect.
+# MKL runs float32 GEMMs against a large weight faster as ``weight @ (D, N·K) columns`` than as
+# ``(N·K, D) rows @ weight`` once there are 16 or more block columns, and slower below that. In float64 the rows
+# layout is the faster one, so float64 keeps it; CUDA keeps it too, as nothing shows the columns layout helps there.
+# A transposed copy of the weight would cost more than it saves. See docs/benchmarks/geometry.md.
 _COLUMN_LAYOUT_MIN = 16
 
 
@@ -149,7 +147,7 @@ def mlp_jacobian_operator(
     w_out_HD: Tensor,
     activation: str | Callable[[Tensor], Tensor] = "gelu",
 ) -> JacobianOperator:
-    """Products with the MLP expert Jacobians ``J_n = w_outᵀ diag(φ'(z_n)) w_inᵀ`` (GEOMETRY.md §1), unformed.
+    """Products with the MLP expert Jacobians ``J_n = w_outᵀ diag(φ'(z_n)) w_inᵀ`` (docs/geometry.md §1), unformed.
 
     ``J V`` is ``((Vᵀ w_in) ⊙ φ'(z)) w_out`` and ``Jᵀ U`` is ``((Uᵀ w_outᵀ) ⊙ φ'(z)) w_inᵀ``, each two GEMMs over all
     ``N·K`` block columns at once (``4·D·H`` flops per column). Weight layout as
@@ -187,7 +185,7 @@ def mlp_jacobian_operator(
 
 
 def swiglu_jacobian_operator(x_ND: Tensor, w_gate_DH: Tensor, w_up_DH: Tensor, w_down_HD: Tensor) -> JacobianOperator:
-    """Products with the SwiGLU expert Jacobians ``J_n = w_downᵀ M(x_n)`` (GEOMETRY.md §1), unformed.
+    """Products with the SwiGLU expert Jacobians ``J_n = w_downᵀ M(x_n)`` (docs/geometry.md §1), unformed.
 
     ``M(x) = diag(silu'(a) ⊙ b) w_gateᵀ + diag(silu(a)) w_upᵀ``: ``J V = (c_g ⊙ Vᵀw_gate + c_u ⊙ Vᵀw_up) w_down``
     and ``Jᵀ U = (c_g ⊙ T) w_gateᵀ + (c_u ⊙ T) w_upᵀ`` with ``T = Uᵀ w_downᵀ``: three GEMMs over all ``N·K``
@@ -262,7 +260,7 @@ def compose_layer_operator(
     expert_outputs: list[Tensor],
     expert_operators: list[tuple[Tensor, JacobianOperator | None]],
 ) -> JacobianOperator:
-    """The MoE layer's Jacobians ``J = Σ_e g_e J_e + Σ_e f_e ∇g_eᵀ`` (GEOMETRY.md §1) as products, unformed.
+    """The MoE layer's Jacobians ``J = Σ_e g_e J_e + Σ_e f_e ∇g_eᵀ`` (docs/geometry.md §1) as products, unformed.
 
     The matrix-free counterpart of :func:`~moe_lightning.geometry.compose_layer_jacobian`: expert ``e``'s products
     run only on the tokens routed to it (``rows``), so a top-k layer costs k experts per token instead of the E
@@ -347,14 +345,14 @@ def topr_singular_values(
         return_vectors: also return the right singular vectors.
         method: ``"krylov"`` (randomized block Krylov, default) or ``"subspace"`` (subspace iteration).
         block_size: Krylov columns added per token and iteration. A Krylov basis grows one polynomial degree per
-            block, so small blocks reach a given accuracy with fewer columns in all (a random ``D = 4096`` SwiGLU
-            Jacobian, top 16 at tol 1e-6: ~180 columns at block 4, 310-360 at block 24), but a block of ``b`` columns
-            per token makes GEMMs of ``N·b`` columns against the weights, which run several times slower per column
-            below ~32. Default (None): the smallest block of at least 4 with ``N·b >= 32``, at most ``K`` (1 token:
-            ``K``; 2: 16; 4: 8; 8 or more: 4), where ``N`` is the operator's ``gemm_tokens`` when it has them (a
-            composed layer operator: the experts' mean routed tokens). A block smaller than the
-            multiplicity of a singular value finds only ``block_size`` copies of it until rounding supplies the
-            rest; pass ``block_size=K`` for matrices with exactly repeated top values. Ignored by ``"subspace"``.
+            block, so small blocks reach a given accuracy with fewer columns in all, but a block of ``b`` columns
+            per token makes GEMMs of ``N·b`` columns against the weights, which run far below their full rate per
+            column under ~32 columns (docs/benchmarks/geometry.md). Default (None): the smallest block of at least 4
+            with ``N·b >= 32``, at most ``K`` (1 token: ``K``; 2: 16; 4: 8; 8 or more: 4), where ``N`` is the
+            operator's ``gemm_tokens`` when it has them (a composed layer operator: the experts' mean routed tokens).
+            A block smaller than the multiplicity of a singular value finds only ``block_size`` copies of it until
+            rounding supplies the rest; pass ``block_size=K`` for matrices with exactly repeated top values.
+            Ignored by ``"subspace"``.
 
     Returns:
         A :class:`TopRResult`.
@@ -506,8 +504,8 @@ def _block_krylov(J, Jt, omega, r, k, max_iter, tol, max_dim):
     ``Z = Jᵀ Q`` products are kept, so the Ritz values of the whole basis come at no extra product cost: each
     iteration adds the new columns' inner products to the Gram matrix ``ZᵀZ = Qᵀ J Jᵀ Q`` (in float64, from the
     products as computed) and takes the eigenvalues ``σ²`` of that ``c × c`` matrix for the convergence check,
-    instead of an SVD of the ``D × c`` basis (which cost more than the products at ``D = 4096``); the caller's
-    Rayleigh–Ritz SVD of ``Z`` gives the returned values. Blocks are re-orthogonalised twice against the basis
+    instead of an SVD of the ``D × c`` basis (which at large ``D`` costs more than the products themselves); the
+    caller's Rayleigh–Ritz SVD of ``Z`` gives the returned values. Blocks are re-orthogonalised twice against the basis
     ("twice is enough", Giraud et al. 2005).
     """
     n, d_in, b = omega.shape

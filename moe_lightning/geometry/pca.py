@@ -1,10 +1,10 @@
-"""Weighted PCA of routed hidden states (../shared/GEOMETRY.md §3).
+"""Weighted PCA of routed hidden states (docs/geometry.md §3).
 
 Shape legend: ``N`` tokens, ``D`` feature dim of the site (model dim for input/output, ``H`` for the hidden site).
 
 Every estimate is built from the additive moments ``Σw``, ``Σw²``, ``Σw x`` and ``Σw x xᵀ`` (plus the token
 count), so batches and DDP ranks combine exactly by summation (:class:`WeightedCovariance` syncs them with
-``dist_reduce_fx="sum"``). The covariance divides by ``Σw`` (GEOMETRY.md §3), i.e. it is numpy's
+``dist_reduce_fx="sum"``). The covariance divides by ``Σw`` (docs/geometry.md §3), i.e. it is numpy's
 ``np.cov(x.T, aweights=w, bias=True)``.
 """
 
@@ -23,7 +23,7 @@ __all__ = ["PCAResult", "WeightedCovariance", "pca_from_moments", "weighted_pca"
 
 @dataclass
 class PCAResult:
-    """Weighted PCA of one site (GEOMETRY.md §3).
+    """Weighted PCA of one site (docs/geometry.md §3).
 
     Attributes:
         eigenvalues: ``(D,)`` covariance eigenvalues, descending; values within round-off of the raw second
@@ -36,7 +36,7 @@ class PCAResult:
         effective_rank: ``exp(H(λ / Σλ))`` (Roy & Vetterli, 2007).
         participation_ratio: ``(Σλ)² / Σλ²``.
         n90: components needed for 90% of the variance.
-        undersampled: ``n_eff < D``: the estimate is reported but flagged (GEOMETRY.md §3).
+        undersampled: ``n_eff < D``: the estimate is reported but flagged (docs/geometry.md §3).
     """
 
     eigenvalues: Tensor
@@ -103,7 +103,7 @@ def _moments(x_ND: Tensor, w_N: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor,
 
 
 def weighted_pca(x_ND: Tensor, w_N: Tensor | None = None) -> PCAResult:
-    """Weighted PCA of ``x`` with token weights ``w`` (GEOMETRY.md §3; weights are gate values ``g_e(x)``).
+    """Weighted PCA of ``x`` with token weights ``w`` (docs/geometry.md §3; weights are gate values ``g_e(x)``).
 
     Args:
         x_ND: ``(N, D)`` states.
@@ -130,13 +130,13 @@ def weighted_pca(x_ND: Tensor, w_N: Tensor | None = None) -> PCAResult:
 
 
 class WeightedCovariance(Metric):
-    """Accumulates ``Σw``, ``Σw²``, ``Σw x``, ``Σw x xᵀ`` and counts over batches and DDP ranks (GEOMETRY.md §3).
+    """Accumulates ``Σw``, ``Σw²``, ``Σw x``, ``Σw x xᵀ`` and counts over batches and DDP ranks (docs/geometry.md §3).
 
     Rows with a non-finite value or weight are dropped and counted in ``nonfinite``.
 
     Args:
         dim: feature dimension ``D``.
-        dtype: accumulation dtype (float64 by default, as GEOMETRY.md §3 asks for ``eigh`` in float64).
+        dtype: accumulation dtype (float64 by default: ``C = Σw x xᵀ / Σw − μμᵀ`` cancels digits, docs/geometry.md §3).
 
     Example:
         >>> metric = WeightedCovariance(dim=3)

@@ -1,10 +1,10 @@
-"""``probe(view, x)``: every GEOMETRY.md quantity for one MoE layer on a set of captured layer inputs.
+"""``probe(view, x)``: the docs/geometry.md §1–5 quantities of one MoE layer on a set of captured layer inputs.
 
 Shape legend: ``N`` tokens, ``E`` experts, ``D`` model dim, ``H`` expert hidden width, ``S`` spectral statistics
 (:data:`~moe_lightning.geometry.spectra.SPECTRAL_STAT_NAMES`), ``M`` singular values kept per Jacobian
 (``D`` on the exact path, ``r`` on the matrix-free path), ``R`` subspace rank.
 
-The probe is two-phase so that DDP is exact (../shared/GEOMETRY.md §3 "Accumulating ... is exact"):
+The probe is two-phase so that DDP is exact (additive sums, as for the PCA moments of docs/geometry.md §3):
 
 1. :func:`probe_statistics` turns this rank's tokens into *additive* sufficient statistics: ``Σw``, ``Σw²``,
    token counts, ``Σw·stat``, ``Σw·stat²``, ``Σw·σ`` (mean spectrum), ``Σw·J`` (mean Jacobian ``J̄_e``),
@@ -71,7 +71,7 @@ class ProbeConfig:
     """Options of :func:`probe`; validated on construction.
 
     Attributes:
-        jacobian: per-expert Jacobian spectra (GEOMETRY.md §1–2).
+        jacobian: per-expert Jacobian spectra (docs/geometry.md §1–2).
         layer_jacobian: spectra of the layer Jacobian through the router (§1).
         pca: weighted PCA at the sites in ``pca_sites`` (§3).
         alignment: mean-Jacobian and pointwise alignment (§4); skipped when E = 1.
@@ -260,7 +260,7 @@ class GeometryReport:
         return {site: [res.eigenvalues for res in results] for site, results in self.pca.items()}
 
     def scalars(self, prefix: str = "geometry", max_experts: int | None = None) -> dict[str, float]:
-        """Flatten to metric keys (DESIGN.md "Metric keys").
+        """Flatten to metric keys (docs/design.md "Metric keys").
 
         Per-expert values become ``f"{prefix}/{quantity}/e{i}"`` and their mean over experts with a finite value
         ``f"{prefix}/{quantity}/mean"``; layer-level values become ``f"{prefix}/{quantity}"``.
@@ -374,7 +374,7 @@ class GeometryReport:
 
 @contextmanager
 def _observation(module: nn.Module | None, cfg: ProbeConfig) -> Iterator[None]:
-    """No grad, eval mode and dtype cast for the probe; restores modes and the original tensors (STYLE.md §8)."""
+    """No grad, eval mode and dtype cast for the probe; restores modes and the original tensors."""
     modes = [(m, m.training) for m in module.modules()] if isinstance(module, nn.Module) else []
     saved: list[tuple[Tensor, Tensor]] = []
     try:
@@ -621,8 +621,8 @@ def _bytes_per_token(cfg: ProbeConfig, d: int, m: int, num_experts: int, itemsiz
     if matrix_free:
         # No D x D matrix: the Krylov workspace, plus the experts' outputs and gate Jacobians for the layer
         # operator and K block columns through ~4D-wide expert activations. Tokens of a call share every GEMM
-        # against the weights (2-3x faster per token at 8 tokens than at 1, and the Krylov blocks shrink to 4
-        # columns from 8 tokens on: scripts/benchmark_geometry.py), so chunks are as large as the budget allows.
+        # against the weights, and from 8 tokens on the Krylov blocks shrink to 4 columns, so per token a larger
+        # call is cheaper (docs/benchmarks/geometry.md): chunks are as large as the budget allows.
         k = min(m + cfg.matrix_free_oversample, d)
         return _krylov_bytes_per_token(d, k, cfg.matrix_free_max_iter, itemsize) + itemsize * d * (
             3 * num_experts + 8 * k
@@ -816,7 +816,7 @@ def finalize(stats: ProbeStatistics | list[ProbeStatistics]) -> GeometryReport:
         if truncated:
             report.layer["layer_jac_unconverged"] = float(t["layer_jac_unconverged"])
 
-    # PCA sites (GEOMETRY.md §3).
+    # PCA sites (docs/geometry.md §3).
     pca_results: dict[str, list[PCAResult]] = {}
     for site, widths in lay["sites"].items():
         results = []
@@ -841,7 +841,7 @@ def finalize(stats: ProbeStatistics | list[ProbeStatistics]) -> GeometryReport:
             v[f"pca_{site}_n90"] = "components_for_90pct_variance"
             v[f"pca_{site}_covariance"] = "weighted_divide_by_sum_w"
 
-    # Alignment (GEOMETRY.md §4).
+    # Alignment (docs/geometry.md §4).
     if multi and cfg.alignment and "jac_mean_w" in t:
         chance = alignment_chance(d, d)
         A = jacobian_alignment(t["jac_mean_w"])
@@ -860,7 +860,7 @@ def finalize(stats: ProbeStatistics | list[ProbeStatistics]) -> GeometryReport:
     elif not multi:
         v["align"] = "skipped_single_expert"
 
-    # Subspaces (GEOMETRY.md §5).
+    # Subspaces (docs/geometry.md §5).
     if multi and cfg.subspaces:
         r = lay["subspace_rank"]
         bases: dict[str, list[Tensor | None]] = {}
@@ -920,7 +920,7 @@ _GRASS = ("overlap", "geodesic", "projection")
 
 def rank_gap(values: Tensor, r: int) -> float:
     """Relative gap ``(v_r − v_{r+1}) / v_r`` at rank ``r`` of a descending spectrum: how well the top-``r``
-    subspace is determined (an extension of GEOMETRY.md §5, documented in the README).
+    subspace is determined (a project addition to the papers' quantities, docs/geometry.md §5).
 
     By Davis–Kahan (eigenvectors of a covariance) and Wedin (singular vectors of a mean Jacobian), a perturbation
     ``E`` of the matrix moves its top-``r`` subspace by at most about ``‖E‖ / (v_r − v_{r+1})``, so a gap near 0
@@ -944,7 +944,7 @@ def probe(
     *,
     reduce_fn: Callable[[Tensor], Tensor] | None = None,
 ) -> GeometryReport:
-    """Probe one MoE layer: Jacobian spectra, PCA, alignment and subspaces on captured inputs (GEOMETRY.md §1–5).
+    """Probe one MoE layer: Jacobian spectra, PCA, alignment and subspaces on captured inputs (docs/geometry.md §1–5).
 
     ``probe = finalize(probe_statistics(view, x, config).reduce(reduce_fn))``.
 

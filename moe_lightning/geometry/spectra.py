@@ -1,4 +1,4 @@
-"""Spectral statistics of Jacobians and covariance spectra (../shared/GEOMETRY.md §2, §3).
+"""Spectral statistics of Jacobians and covariance spectra (docs/geometry.md §2, §3).
 
 Shape legend: ``N`` tokens, ``E`` experts, ``D`` model dim, ``H`` expert hidden width, ``M`` number of singular
 values or eigenvalues of one matrix (``min(d_out, d_in)`` for a Jacobian). Every function here accepts any number
@@ -47,7 +47,7 @@ def batched_svdvals(A: Tensor) -> Tensor:
     """``torch.linalg.svdvals`` of a batch of matrices, the batch split across ``torch.get_num_threads()`` threads.
 
     On CPU torch runs a batched SVD one matrix after another on one thread; LAPACK releases the GIL, so slices of
-    the batch in worker threads run side by side (1.6x for 512 float64 128 x 128 matrices on 2 cores). Each matrix
+    the batch in worker threads run side by side on the cores torch may use. Each matrix
     goes through the same LAPACK routine as in one call. CUDA tensors, tensors that require grad, one thread and
     small batches take ``torch.linalg.svdvals`` directly.
 
@@ -77,7 +77,7 @@ def batched_svdvals(A: Tensor) -> Tensor:
 #: Names of the per-matrix statistics returned by :func:`spectral_stats`, in a fixed order.
 SPECTRAL_STAT_NAMES: tuple[str, ...] = ("sigma_max", "frobenius", "stable_rank", "effective_rank", "decay_slope")
 
-#: The definition each statistic follows (GEOMETRY.md §2); the probe copies these into its report.
+#: The definition each statistic follows (docs/geometry.md §2); the probe copies these into its report.
 SPECTRAL_VARIANTS: dict[str, str] = {
     "sigma_max": "largest_singular_value",
     "frobenius": "sqrt_sum_sigma_sq",
@@ -94,14 +94,14 @@ def _entropy_rank(p_unnorm: Tensor) -> Tensor:
     p = torch.where(total > 0, v / torch.where(total > 0, total, torch.ones_like(total)), torch.zeros_like(v))
     plogp = torch.where(p > 0, p * torch.log(torch.where(p > 0, p, torch.ones_like(p))), torch.zeros_like(p))
     rank = torch.exp(-plogp.sum(-1))
-    # A zero matrix has no spectrum: its effective rank is defined as 0 (issue 4, "edge cases").
+    # A zero matrix has no spectrum: its effective rank is defined as 0 rather than NaN, so means stay finite.
     return torch.where(total.squeeze(-1) > 0, rank, torch.zeros_like(rank))
 
 
 def effective_rank(spectrum: Tensor) -> Tensor:
-    """Entropy effective rank ``exp(H(p))`` with ``p_i = s_i / Σ s`` (Roy & Vetterli, 2007; GEOMETRY.md §2, §3).
+    """Entropy effective rank ``exp(H(p))`` with ``p_i = s_i / Σ s`` (Roy & Vetterli, 2007; docs/geometry.md §2, §3).
 
-    For a Jacobian pass its singular values; for a covariance pass its eigenvalues (GEOMETRY.md §3 applies the
+    For a Jacobian pass its singular values; for a covariance pass its eigenvalues (docs/geometry.md §3 applies the
     same formula to ``λ``). Negative entries (round-off in eigenvalues) are clamped to 0.
 
     Args:
@@ -118,7 +118,7 @@ def effective_rank(spectrum: Tensor) -> Tensor:
 
 
 def participation_ratio(eigenvalues: Tensor) -> Tensor:
-    """Participation ratio ``(Σλ)² / Σλ²`` of a covariance spectrum (GEOMETRY.md §3).
+    """Participation ratio ``(Σλ)² / Σλ²`` of a covariance spectrum (docs/geometry.md §3).
 
     Args:
         eigenvalues: ``(..., M)`` covariance eigenvalues (negative round-off clamped to 0).
@@ -133,7 +133,7 @@ def participation_ratio(eigenvalues: Tensor) -> Tensor:
 
 
 def stable_rank(singular_values: Tensor) -> Tensor:
-    """Stable rank ``Σσ² / σ_1²`` (GEOMETRY.md §2); 0 for a zero matrix.
+    """Stable rank ``Σσ² / σ_1²`` (docs/geometry.md §2); 0 for a zero matrix.
 
     Args:
         singular_values: ``(..., M)`` singular values, descending.
@@ -144,7 +144,7 @@ def stable_rank(singular_values: Tensor) -> Tensor:
 
 
 def decay_slope(singular_values: Tensor, fit_max: int | None = None, rtol: float | None = None) -> Tensor:
-    """Spectral decay exponent ``α`` from the least-squares fit ``log σ_i ≈ c − α log i`` (GEOMETRY.md §2).
+    """Spectral decay exponent ``α`` from the least-squares fit ``log σ_i ≈ c − α log i`` (docs/geometry.md §2).
 
     The fit runs over ``i = 1..min(M, fit_max)``. Singular values that are numerically zero
     (``σ_i ≤ rtol · σ_1``, default ``rtol = M · eps``) have no logarithm and are left out of the fit, so a
@@ -185,7 +185,7 @@ def decay_slope(singular_values: Tensor, fit_max: int | None = None, rtol: float
 
 
 def n_components_for_variance(eigenvalues: Tensor, fraction: float = 0.9) -> Tensor:
-    """Number of leading components whose variance reaches ``fraction`` of the total (``n90``, GEOMETRY.md §3).
+    """Number of leading components whose variance reaches ``fraction`` of the total (``n90``, docs/geometry.md §3).
 
     A relative slack of ``1e-12`` absorbs round-off when the cumulative sum lands exactly on the fraction.
 
@@ -206,7 +206,7 @@ def n_components_for_variance(eigenvalues: Tensor, fraction: float = 0.9) -> Ten
 
 
 def spectral_stats(singular_values: Tensor, fit_max: int | None = None) -> dict[str, Tensor]:
-    """All GEOMETRY.md §2 statistics of one or many Jacobians from their singular values.
+    """All docs/geometry.md §2 statistics of one or many Jacobians from their singular values.
 
     Args:
         singular_values: ``(..., M)`` singular values, descending (e.g. ``torch.linalg.svdvals(J_NDD)``).

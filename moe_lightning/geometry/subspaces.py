@@ -1,6 +1,6 @@
-"""Subspace geometry on the Grassmannian (../shared/GEOMETRY.md §5).
+"""Subspace geometry on the Grassmannian (docs/geometry.md §5).
 
-Shape legend: ``D`` ambient dim, ``P``/``Q`` numbers of basis columns (subspace ranks, ``r`` in GEOMETRY.md).
+Shape legend: ``D`` ambient dim, ``P``/``Q`` numbers of basis columns (subspace ranks, ``r`` in docs/geometry.md).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def orthonormal_basis(A_DP: Tensor, rcond: float | None = None) -> Tensor:
 
 
 def principal_angles(A_DP: Tensor, B_DQ: Tensor, *, orthonormal: bool = False) -> Tensor:
-    """Principal angles between the column spaces of ``A`` and ``B``, ascending (GEOMETRY.md §5).
+    """Principal angles between the column spaces of ``A`` and ``B``, ascending (docs/geometry.md §5).
 
     ``θ_k = arccos s_k`` with ``s`` the singular values of ``U_Aᵀ U_B`` (Björck & Golub, 1973). ``arccos`` loses
     accuracy for small angles (``~1e-8`` rad at best in float64), so angles with ``cos² θ ≥ ½`` are taken from
@@ -71,7 +71,7 @@ def principal_angles(A_DP: Tensor, B_DQ: Tensor, *, orthonormal: bool = False) -
 
 @dataclass
 class GrassmannDistance:
-    """Distances between two subspaces of equal rank (GEOMETRY.md §5).
+    """Distances between two subspaces of equal rank (docs/geometry.md §5).
 
     Attributes:
         geodesic: ``‖θ‖_2`` (arc-length distance on the Grassmannian).
@@ -87,7 +87,7 @@ class GrassmannDistance:
 
 
 def grassmann_distance(A_DP: Tensor, B_DQ: Tensor, *, orthonormal: bool = False) -> GrassmannDistance:
-    """Geodesic, projection distance and overlap between ``span(A)`` and ``span(B)`` (GEOMETRY.md §5).
+    """Geodesic, projection distance and overlap between ``span(A)`` and ``span(B)`` (docs/geometry.md §5).
 
     Args:
         A_DP: ``(D, P)`` spanning columns.
@@ -114,7 +114,7 @@ def grassmann_distance(A_DP: Tensor, B_DQ: Tensor, *, orthonormal: bool = False)
 def subspace_overlap_chance(r: int, d: int) -> float:
     """Expected overlap ``mean_k cos² θ_k`` of two independent uniformly random ``r``-dim subspaces of ``R^d``.
 
-    ``E‖U_Aᵀ U_B‖_F² = r²/d``, so the mean of the ``r`` squared cosines is ``r/d`` (GEOMETRY.md §5).
+    ``E‖U_Aᵀ U_B‖_F² = r²/d``, so the mean of the ``r`` squared cosines is ``r/d`` (docs/geometry.md §5).
     """
     if not 1 <= r <= d:
         raise ValueError(f"subspace_overlap_chance: need 1 <= r <= d, got r={r!r}, d={d!r}")

@@ -89,7 +89,7 @@ def render_probe(layers: dict[str, Any], out_dir: str, title: str) -> list[str]:
     md_path = os.path.join(out_dir, "probe.md")
     with open(md_path, "w") as handle:
         handle.write(
-            f"# {title}\n\nGeometry of each MoE layer, probed once (GEOMETRY.md definitions; `/mean` = mean over "
+            f"# {title}\n\nGeometry of each MoE layer, probed once (docs/geometry.md definitions; `/mean` = mean over "
             "the layer's experts; n/a = not computed for this layer, e.g. alignment of a dense layer).\n\n"
         )
         handle.write(markdown_table(display) + "\n")

@@ -284,7 +284,8 @@ def decide_threshold(values: Mapping[int, float], threshold: float) -> Decision:
 
 @dataclass(frozen=True)
 class Claim:
-    """One directional claim of the papers (GEOMETRY.md): ``A <relation> B`` on ``metric``, or ``A < threshold``."""
+    """One directional claim of the papers (see docs/geometry.md): ``A <relation> B`` on ``metric``, or
+    ``A < threshold``."""
 
     claim: str
     statement: str
