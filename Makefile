@@ -1,6 +1,7 @@
 # Two commands set everything up on a fresh machine:
 #   make demo   trains the default MLP top-k MoE on CPU (about 25 s), with geometry logging (W&B, offline without credentials)
-#   make test   runs the whole test suite
+#   make test   runs the whole test suite (it also runs the docs examples and builds the site)
+#   make docs   builds the documentation site into site/ (MkDocs, --strict)
 PYTHON ?= python3
 VENV ?= .venv
 PIP := $(VENV)/bin/pip
@@ -9,7 +10,7 @@ BIN := $(VENV)/bin
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -c constraints.txt torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e ".[dev,hf]"
+	$(PIP) install -q -c constraints.txt -e ".[dev,hf,docs]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -20,8 +21,11 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	WANDB_MODE=offline $(BIN)/python -m pytest -q
 
+docs: $(VENV)/.installed
+	$(BIN)/mkdocs build --strict -d site
+
 lint: $(VENV)/.installed
 	$(BIN)/ruff check moe_lightning tests scripts
 	$(BIN)/ruff format --check moe_lightning tests scripts
 
-.PHONY: install demo test lint
+.PHONY: install demo test docs lint

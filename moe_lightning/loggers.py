@@ -6,6 +6,7 @@ import netrc
 import os
 import socket
 import warnings
+from typing import Any
 from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import WandbLogger
@@ -61,7 +62,7 @@ class AutoWandbLogger(WandbLogger):
     """
 
     def __init__(
-        self, offline: bool | None = None, project: str = "moe-lightning", save_dir: str = "runs", **kwargs
+        self, offline: bool | None = None, project: str = "moe-lightning", save_dir: str = "runs", **kwargs: Any
     ) -> None:
         resolved, reason = resolve_wandb_offline(offline)
         if resolved and offline is None:

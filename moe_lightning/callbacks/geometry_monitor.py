@@ -61,7 +61,11 @@ class GeometryMonitor(Callback):
         source: draw the probe set from ``"val"`` or ``"train"`` data (train is the fallback when there is no
             validation data).
         layers: layer names or glob patterns (``"blocks.*.ffn"``); None probes every MoE layer found.
-        jacobian, layer_jacobian, pca, alignment, subspaces: which parts of the probe to compute.
+        jacobian: compute the expert Jacobian spectra.
+        layer_jacobian: compute the Jacobian through the router (the most expensive part).
+        pca: compute the weighted PCA of the layer sites.
+        alignment: compute the cross-expert Jacobian alignment.
+        subspaces: compute the Grassmann distances between expert subspaces.
         dtype: ``"float64"`` (default) or ``"float32"``.
         memory_budget_bytes: peak memory of one Jacobian chunk.
         subspace_rank: ``r`` of the Grassmann subspaces.

@@ -1,6 +1,6 @@
 """Geometry core: exact Jacobian spectra, weighted PCA, alignment, Grassmann distances, curvature.
 
-Pure PyTorch (no Lightning). Definitions: docs/geometry.md; usage: docs/sections/geometry.md.
+Pure PyTorch (no Lightning). Definitions: docs/geometry.md; usage: docs/geometry-api.md.
 """
 
 from moe_lightning.geometry.alignment import (

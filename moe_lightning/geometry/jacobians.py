@@ -376,12 +376,13 @@ def layer_jacobian(
     Gates are smooth for soft routing and piecewise smooth for top-k; at a point off the top-k switching set the
     derivative of the kept-and-renormalised gates is what autograd returns through ``topk``.
 
-    Methods:
-        - ``"func"``: ``torch.func`` over the per-token layer function.
-        - ``"compose"``: the product rule of :func:`compose_layer_jacobian`, with expert Jacobians from
-          ``view.expert_jacobian`` where offered (else ``torch.func``), evaluated only on routed tokens, and the
-          gate Jacobian ``(N, E, D)`` by ``torch.func`` (cheap: E outputs). Much faster for top-k.
-        - ``"auto"``: ``"compose"``.
+    The ``method`` choices:
+
+    - ``"func"``: ``torch.func`` over the per-token layer function.
+    - ``"compose"``: the product rule of :func:`compose_layer_jacobian`, with expert Jacobians from
+      ``view.expert_jacobian`` where offered (else ``torch.func``), evaluated only on routed tokens, and the
+      gate Jacobian ``(N, E, D)`` by ``torch.func`` (cheap: E outputs). Much faster for top-k.
+    - ``"auto"``: ``"compose"``.
 
     Args:
         view: an ``MoEView`` (``gates``, ``expert``, ``expert_jacobian``, ``num_experts``).

@@ -1,6 +1,6 @@
 """Find training runs under a directory and load their scalar history, routing, seed and geometry reports.
 
-Three layouts are understood (see ``docs/sections/report.md``):
+Three layouts are understood (see ``docs/sweeps.md``):
 
 1. a sweep job directory ``<sweep>/<routing>-seed<k>/`` with ``run.json`` (written by ``moe-lightning sweep``),
    plus ``metrics.csv`` or a ``wandb/`` run;
