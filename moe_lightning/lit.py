@@ -13,8 +13,8 @@ from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.text import Perplexity
 
+from moe_lightning.common import check_choice
 from moe_lightning.models import MLPMoE, MLPMoEConfig, ModelOutput, TransformerMoE, TransformerMoEConfig, param_counts
-from moe_lightning.moe import _check_choice
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
 TASKS = ("regression", "classification")
@@ -34,7 +34,7 @@ class _MoEModule(L.LightningModule):
         min_lr_ratio: float,
     ) -> None:
         super().__init__()
-        _check_choice("lr_schedule", lr_schedule, LR_SCHEDULES)
+        check_choice("lr_schedule", lr_schedule, LR_SCHEDULES)
         for name, value in (
             ("load_balance_coef", load_balance_coef),
             ("z_loss_coef", z_loss_coef),
@@ -140,7 +140,7 @@ class MLPMoEModule(_MoEModule):
         min_lr_ratio: float = 0.1,
     ) -> None:
         super().__init__(load_balance_coef, z_loss_coef, lr, weight_decay, warmup_steps, lr_schedule, min_lr_ratio)
-        _check_choice("task", task, TASKS)
+        check_choice("task", task, TASKS)
         config = config if config is not None else MLPMoEConfig()
         self.save_hyperparameters()
         self.model = MLPMoE(config)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import netrc
 import os
-import socket
 import warnings
 from typing import Any
 from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import WandbLogger
+
+from moe_lightning.common import tcp_reachable
 
 
 def _has_wandb_credentials() -> bool:
@@ -19,15 +20,6 @@ def _has_wandb_credentials() -> bool:
     try:
         return netrc.netrc().authenticators(host) is not None
     except (FileNotFoundError, netrc.NetrcParseError, OSError):
-        return False
-
-
-def _reachable(url: str, timeout_s: float = 3.0) -> bool:
-    parsed = urlparse(url)
-    try:
-        with socket.create_connection((parsed.hostname, parsed.port or 443), timeout=timeout_s):
-            return True
-    except OSError:
         return False
 
 
@@ -47,7 +39,7 @@ def resolve_wandb_offline(offline: bool | None = None) -> tuple[bool, str]:
     if not _has_wandb_credentials():
         return True, "no W&B credentials (WANDB_API_KEY or ~/.netrc)"
     base_url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
-    if not _reachable(base_url):
+    if not tcp_reachable(base_url):
         return True, f"{base_url} is unreachable"
     return False, "credentials found and server reachable"
 

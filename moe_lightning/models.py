@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moe_lightning.moe import MoEAux, MoEConfig, _check_positive, build_ffn
+from moe_lightning.common import check_positive
+from moe_lightning.moe import MoEAux, MoEConfig, build_ffn
 
 
 @dataclass
@@ -32,7 +33,7 @@ class MLPMoEConfig(MoEConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         for name in ("input_dim", "output_dim", "num_blocks"):
-            _check_positive(name, getattr(self, name))
+            check_positive(name, getattr(self, name))
 
 
 @dataclass
@@ -55,7 +56,7 @@ class TransformerMoEConfig(MoEConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         for name in ("vocab_size", "num_layers", "num_heads", "max_seq_len", "moe_every"):
-            _check_positive(name, getattr(self, name))
+            check_positive(name, getattr(self, name))
         if self.dim % self.num_heads:
             raise ValueError(f"dim={self.dim} must be divisible by num_heads={self.num_heads}")
         if not 0.0 <= self.dropout < 1.0:

@@ -16,27 +16,18 @@ so the grouped path needs no per-step transpose.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moe_lightning.common import check_choice, check_positive, warn_once
+
 ROUTINGS = ("dense", "topk", "soft")
 ACTIVATIONS = ("gelu", "relu", "silu", "swiglu")
 CAPACITY_MATCHES = ("total", "active")
 DISPATCHES = ("auto", "loop", "sorted", "grouped", "bmm")
-
-
-def _check_choice(field: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{field}={value!r} is not supported; allowed values: {', '.join(map(repr, allowed))}")
-
-
-def _check_positive(field: str, value: float) -> None:
-    if value is None or value <= 0:
-        raise ValueError(f"{field} must be positive, got {value!r}")
 
 
 @dataclass
@@ -69,12 +60,12 @@ class MoEConfig:
     plain per-expert matmuls beat ``grouped_mm``; see docs/benchmarks/dispatch.md)."""
 
     def __post_init__(self) -> None:
-        _check_choice("routing", self.routing, ROUTINGS)
-        _check_choice("activation", self.activation, ACTIVATIONS)
-        _check_choice("capacity_match", self.capacity_match, CAPACITY_MATCHES)
-        _check_choice("dispatch", self.dispatch, DISPATCHES)
+        check_choice("routing", self.routing, ROUTINGS)
+        check_choice("activation", self.activation, ACTIVATIONS)
+        check_choice("capacity_match", self.capacity_match, CAPACITY_MATCHES)
+        check_choice("dispatch", self.dispatch, DISPATCHES)
         for field in ("dim", "expert_hidden", "num_experts"):
-            _check_positive(field, getattr(self, field))
+            check_positive(field, getattr(self, field))
         if not 1 <= self.top_k <= self.num_experts:
             raise ValueError(f"top_k must satisfy 1 <= top_k <= num_experts={self.num_experts}, got {self.top_k}")
         if self.capacity_factor is not None and self.capacity_factor <= 0:
@@ -161,7 +152,7 @@ class Router(nn.Module):
         jitter_noise: float = 0.0,
     ) -> None:
         super().__init__()
-        _check_choice("routing", routing, ("topk", "soft"))
+        check_choice("routing", routing, ("topk", "soft"))
         self.num_experts, self.top_k, self.routing = num_experts, top_k, routing
         self.normalize_topk, self.jitter_noise = normalize_topk, jitter_noise
         self.weight = nn.Parameter(torch.empty(num_experts, dim))  # (E, D)
@@ -219,13 +210,8 @@ def _grouped_mm_available(x: Tensor, w: Tensor) -> bool:
     return all((s * x.element_size()) % 16 == 0 for s in (x.shape[-1], w.shape[-1]))
 
 
+# Messages of dispatch fallbacks already warned about: a fallback runs on every forward pass.
 _warned_fallback: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _warned_fallback:
-        _warned_fallback.add(message)
-        warnings.warn(message, stacklevel=3)
 
 
 def auto_sparse_dispatch(device: torch.device) -> str:
@@ -336,9 +322,10 @@ class MoELayer(nn.Module):
     def _forward_sparse(self, x_ND: Tensor, route: RouterOutput, dispatch: str) -> tuple[Tensor, Tensor, Tensor]:
         token_A, weight_A, counts_E, dropped = self._assignments(route, x_ND.shape[0])
         if dispatch == "grouped" and not _grouped_mm_available(x_ND, self.w_in):
-            _warn_once(
+            warn_once(
                 f"MoELayer: dispatch='grouped' is unavailable for dtype {x_ND.dtype} / dim {self.config.dim} "
-                "(torch.nn.functional.grouped_mm needs float32/bf16 and 16-byte aligned rows); using 'sorted'"
+                "(torch.nn.functional.grouped_mm needs float32/bf16 and 16-byte aligned rows); using 'sorted'",
+                _warned_fallback,
             )
             dispatch = "sorted"
         x_AD = x_ND[token_A]
@@ -393,7 +380,7 @@ class DenseFFN(nn.Module):
         self.config = config
         D = config.dim
         self.hidden = config.dense_hidden if hidden is None else hidden
-        _check_positive("hidden", self.hidden)
+        check_positive("hidden", self.hidden)
         width_in = 2 * self.hidden if config.activation == "swiglu" else self.hidden
         self.w_in = nn.Parameter(torch.empty(1, D, width_in))  # stored like one expert: (1, D, H)
         self.w_out = nn.Parameter(torch.empty(1, self.hidden, D))  # (1, H, D)

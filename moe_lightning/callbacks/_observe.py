@@ -4,10 +4,7 @@ logging to every Lightning logger. Callbacks only observe: whatever they change 
 
 from __future__ import annotations
 
-import random
-import warnings
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -17,29 +14,6 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from torch import Tensor, nn
 
 from moe_lightning.adapters.base import MoEView
-
-
-@contextmanager
-def observation(module: nn.Module, grad: bool = False) -> Iterator[None]:
-    """Run a probe without leaving a trace: eval mode, no grad (unless ``grad``), no autocast; restores every
-    submodule's train/eval mode and the CPU, CUDA, numpy and Python RNG states afterwards."""
-    modes = [(m, m.training) for m in module.modules()]
-    cpu_rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    np_rng, py_rng = np.random.get_state(), random.getstate()
-    device_type = "cuda" if any(p.is_cuda for p in module.parameters()) else "cpu"
-    try:
-        module.eval()
-        with torch.set_grad_enabled(grad), torch.autocast(device_type=device_type, enabled=False):
-            yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
-        torch.set_rng_state(cpu_rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
-        np.random.set_state(np_rng)
-        random.setstate(py_rng)
 
 
 def batch_inputs(batch: Any, input_key: str | int = 0) -> Any:
@@ -133,12 +107,6 @@ def wandb_loggers(trainer: Trainer) -> list[WandbLogger]:
 
 def tensorboard_loggers(trainer: Trainer) -> list[TensorBoardLogger]:
     return [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
-
-
-def warn_once(store: set[str], message: str) -> None:
-    if message not in store:
-        store.add(message)
-        warnings.warn(message, stacklevel=2)
 
 
 def heatmap_figure(matrix: Tensor, title: str):

@@ -23,12 +23,11 @@ from moe_lightning.callbacks._observe import (
     cpu_copy,
     heatmap_figure,
     log_scalars,
-    observation,
     observed_model,
     tensorboard_loggers,
     wandb_loggers,
-    warn_once,
 )
+from moe_lightning.common import observation, warn_once
 from moe_lightning.geometry import GeometryReport, ProbeConfig, finalize, probe_statistics
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -280,21 +279,21 @@ class GeometryMonitor(Callback):
             scalars.update(report.scalars(f"geometry/{name}", max_experts=self.max_expert_keys))
             if report.nonfinite_tokens:
                 warn_once(
-                    self._warned,
                     f"GeometryMonitor: {report.nonfinite_tokens} probe tokens of {name!r} hold NaN/Inf; "
                     "they were left out and are counted in geometry/<layer>/nonfinite_tokens",
+                    self._warned,
                 )
         log_scalars(trainer, scalars, step)
         if self.save_reports and reports:
             try:
                 self._save(trainer, reports, step)
             except Exception as error:  # a full disk must not stop training either
-                warn_once(self._warned, f"GeometryMonitor: could not save reports: {error!r}")
+                warn_once(f"GeometryMonitor: could not save reports: {error!r}", self._warned)
         if self.log_media:
             try:
                 self._log_media(trainer, reports, step)
             except Exception as error:  # media are a bonus; never let them stop training
-                warn_once(self._warned, f"GeometryMonitor: could not log media: {error!r}")
+                warn_once(f"GeometryMonitor: could not log media: {error!r}", self._warned)
 
     def _resolve_report_dir(self, trainer: Trainer) -> str | None:
         if self.report_dir is not None:

@@ -21,9 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import threading
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,6 +31,7 @@ from lightning.pytorch import LightningDataModule
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.utils.data import DataLoader, Dataset
 
+from moe_lightning.common import hf_offline_mode, hub_reachable
 from moe_lightning.data.bundled import BUNDLED_PREFIX, WIKITEXT2_TRAIN, WIKITEXT2_VAL, is_bundled, resolve_text_file
 
 END_OF_TEXT = "<|endoftext|>"
@@ -43,7 +41,6 @@ EXAMPLE_TRAIN_FILE = BUNDLED_PREFIX + WIKITEXT2_TRAIN
 EXAMPLE_VAL_FILE = BUNDLED_PREFIX + WIKITEXT2_VAL
 # Bump when the tokenizer recipe or the token-stream format changes, so that stale caches are not reused.
 CACHE_FORMAT = "v1"
-HUB_PROBE_TIMEOUT_S = 3.0
 _SPLITS = ("train", "validation", "test")
 
 
@@ -53,36 +50,6 @@ def _offline_hint() -> str:
         f"--data.train_file {EXAMPLE_TRAIN_FILE} --data.val_file {EXAMPLE_VAL_FILE} on the command line "
         f"(or WikiTextDataModule(train_file='{EXAMPLE_TRAIN_FILE}', val_file='{EXAMPLE_VAL_FILE}'))."
     )
-
-
-def hub_reachable(endpoint: str, timeout_s: float = HUB_PROBE_TIMEOUT_S) -> bool:
-    """Whether an HTTP request to ``endpoint`` gets any answer within ``timeout_s`` seconds.
-
-    ``datasets`` retries an unreachable hub with exponential backoff for about 25 s before failing; this probe
-    answers in at most ``timeout_s``. It runs in a daemon thread because DNS resolution ignores socket timeouts.
-    The request goes through ``urllib``, so ``HTTPS_PROXY`` and friends are honoured.
-    """
-    answer: list[bool] = []
-
-    def probe() -> None:
-        try:
-            urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout_s)
-            answer.append(True)
-        except urllib.error.HTTPError:
-            answer.append(True)  # the server answered, with an error status: reachable
-        except Exception:  # noqa: BLE001 - any network failure means unreachable
-            answer.append(False)
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout_s + 0.5)
-    return bool(answer and answer[0])
-
-
-def _hub_offline_mode() -> bool:
-    import huggingface_hub
-
-    return bool(datasets.config.HF_HUB_OFFLINE or huggingface_hub.constants.HF_HUB_OFFLINE)
 
 
 def load_hub_dataset(dataset_name: str, dataset_config: str | None) -> datasets.DatasetDict:
@@ -98,7 +65,7 @@ def load_hub_dataset(dataset_name: str, dataset_config: str | None) -> datasets.
 
     endpoint = huggingface_hub.constants.ENDPOINT
     what = f"dataset_name={dataset_name!r}, dataset_config={dataset_config!r}"
-    force_offline = not _hub_offline_mode() and not hub_reachable(endpoint)
+    force_offline = not hf_offline_mode() and not hub_reachable(endpoint)
     saved = datasets.config.HF_HUB_OFFLINE
     try:
         if force_offline:
@@ -110,7 +77,7 @@ def load_hub_dataset(dataset_name: str, dataset_config: str | None) -> datasets.
             reason = f"the hub at {endpoint} is unreachable and the dataset is not in the local Hugging Face cache"
         else:
             reason = f"{type(error).__name__}: {error}"
-            if _hub_offline_mode():
+            if hf_offline_mode():
                 reason += " (Hugging Face offline mode is on: HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)"
         raise RuntimeError(f"Could not load the hub dataset ({what}): {reason}. " + _offline_hint()) from error
     finally:
