@@ -24,13 +24,14 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from moe_lightning.adapters import find_moe_layers, registered_adapters
+from moe_lightning.adapters.capture import capture_layer_inputs
+from moe_lightning.common import restored_modes
 from moe_lightning.geometry import GeometryReport, ProbeConfig, probe
 
 PROG = "moe-lightning probe"
@@ -273,22 +274,17 @@ def _input_device(model: nn.Module) -> torch.device:
 def capture_inputs(model: nn.Module, views: Sequence[Any], batches: Sequence[Tensor]) -> dict[str, Tensor]:
     """Each view's ``(N, D)`` layer inputs over ``batches`` of token ids, in eval mode and without gradients.
 
-    Reuses the callbacks' hook machinery (:func:`moe_lightning.callbacks._observe.capture_layer_inputs`) with the
-    model itself in place of a LightningModule; every submodule's train/eval mode is restored afterwards.
+    Uses the callbacks' hook machinery (:func:`moe_lightning.adapters.capture.capture_layer_inputs`); every
+    submodule's train/eval mode is restored afterwards.
     """
-    from moe_lightning.callbacks._observe import capture_layer_inputs
-
-    modes = [(m, m.training) for m in model.modules()]
-    host = SimpleNamespace(device=_input_device(model))
-    try:
-        model.eval()
-        with torch.no_grad():
-            return capture_layer_inputs(
-                host, views, batches, forward=lambda _, input_ids: model(input_ids=input_ids, use_cache=False)
-            )
-    finally:
-        for module, mode in modes:
-            module.training = mode
+    with restored_modes(model), torch.no_grad():
+        return capture_layer_inputs(
+            model,
+            views,
+            batches,
+            forward=lambda m, input_ids: m(input_ids=input_ids, use_cache=False),
+            device=_input_device(model),
+        )
 
 
 def _layer_summary(report: GeometryReport) -> dict[str, float]:

@@ -232,7 +232,8 @@ def test_two_process_ddp_matches_one_process(tmp_path):
 
 def test_manual_forward_reference_for_layer_inputs_matches_capture():
     """capture_layer_inputs returns exactly the tensors each MoE layer receives."""
-    from moe_lightning.callbacks._observe import capture_layer_inputs, observation
+    from moe_lightning.adapters.capture import capture_layer_inputs
+    from moe_lightning.common import observation
 
     L.seed_everything(0)
     module = MLPMoEModule(MLPMoEConfig(num_blocks=2, **TINY))

@@ -1,19 +1,14 @@
-"""Shared machinery of the callbacks: observing a model without changing it, capturing MoE layer inputs, and
-logging to every Lightning logger. Callbacks only observe: whatever they change they restore.
-"""
+"""Shared machinery of the callbacks: copying batches into callback state, logging to every Lightning logger,
+heatmaps, and where the callbacks look for MoE layers."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from torch import Tensor, nn
-
-from moe_lightning.adapters.base import MoEView
 
 
 def batch_inputs(batch: Any, input_key: str | int = 0) -> Any:
@@ -36,61 +31,6 @@ def cpu_copy(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(cpu_copy(v) for v in obj)
     return obj
-
-
-def to_device(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, Tensor):
-        return obj.to(device)
-    if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_device(v, device) for v in obj)
-    return obj
-
-
-def layer_input(args: tuple, kwargs: dict) -> Tensor | None:
-    if args and isinstance(args[0], Tensor):
-        return args[0]
-    return kwargs.get("hidden_states", kwargs.get("x"))
-
-
-def capture_layer_inputs(
-    pl_module: LightningModule,
-    views: Sequence[MoEView],
-    inputs: Sequence[Any],
-    forward: Callable[[LightningModule, Any], Any] | None = None,
-) -> dict[str, Tensor]:
-    """Run the model on ``inputs`` with temporary forward hooks on each view's module and return each view's
-    captured layer inputs as ``(N, D)``. Hooks are removed even if the forward fails."""
-    captured: dict[str, list[Tensor]] = {v.name: [] for v in views}
-    handles = []
-    modules: dict[int, list[str]] = {}
-    for view in views:
-        modules.setdefault(id(view.module), []).append(view.name)
-
-    def make_hook(names: list[str]):
-        def hook(module, args, kwargs, output):
-            x = layer_input(args, kwargs)
-            if x is not None:
-                for name in names:
-                    captured[name].append(x.detach().reshape(-1, x.shape[-1]))
-
-        return hook
-
-    seen = set()
-    try:
-        for view in views:
-            if id(view.module) in seen:
-                continue
-            seen.add(id(view.module))
-            handles.append(view.module.register_forward_hook(make_hook(modules[id(view.module)]), with_kwargs=True))
-        for x in inputs:
-            x = to_device(x, pl_module.device)
-            forward(pl_module, x) if forward is not None else pl_module(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {name: torch.cat(chunks) if chunks else torch.empty(0) for name, chunks in captured.items()}
 
 
 def log_scalars(trainer: Trainer, metrics: dict[str, float], step: int) -> None:

@@ -9,7 +9,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from moe_lightning.callbacks._observe import cpu_copy, log_scalars, to_device
+from moe_lightning.adapters.capture import to_device
+from moe_lightning.callbacks._observe import cpu_copy, log_scalars
 from moe_lightning.common import observation
 from moe_lightning.geometry import hessian_top_eigenvalue, hutchinson_trace
 

@@ -17,9 +17,9 @@ from torch import Tensor
 
 from moe_lightning.adapters import find_moe_layers
 from moe_lightning.adapters.base import MoEView
+from moe_lightning.adapters.capture import capture_layer_inputs
 from moe_lightning.callbacks._observe import (
     batch_inputs,
-    capture_layer_inputs,
     cpu_copy,
     heatmap_figure,
     log_scalars,

@@ -10,7 +10,8 @@ from torch import Tensor
 
 from moe_lightning.adapters import find_moe_layers
 from moe_lightning.adapters.base import MoEView
-from moe_lightning.callbacks._observe import layer_input, log_scalars, observed_model
+from moe_lightning.adapters.capture import layer_input
+from moe_lightning.callbacks._observe import log_scalars, observed_model
 from moe_lightning.moe import MoEAux
 
 

@@ -8,8 +8,9 @@ import lightning as L
 import torch
 
 from moe_lightning.adapters import find_moe_layers
+from moe_lightning.adapters.capture import capture_layer_inputs
 from moe_lightning.callbacks import GeometryMonitor
-from moe_lightning.callbacks._observe import capture_layer_inputs, observation
+from moe_lightning.common import observation
 from moe_lightning.data import SyntheticMoEDataModule
 from moe_lightning.geometry import probe
 from moe_lightning.lit import MLPMoEModule
