@@ -18,7 +18,7 @@ from torch.utils.data import TensorDataset
 
 wandb = pytest.importorskip("wandb")
 
-from moe_lightning.callbacks import GeometryMonitor, RouterMonitor  # noqa: E402
+from moe_lightning.callbacks import CurvatureMonitor, GeometryMonitor, RouterMonitor  # noqa: E402
 from moe_lightning.lit import MLPMoEModule  # noqa: E402
 from moe_lightning.loggers import AutoWandbLogger, resolve_wandb_offline  # noqa: E402
 from moe_lightning.models import MLPMoEConfig  # noqa: E402
@@ -103,6 +103,8 @@ def tiny_fit(loggers: list, max_steps: int = 2) -> MLPMoEModule:
         callbacks=[
             GeometryMonitor(every_n_steps=1, max_tokens=16, subspace_rank=2),
             RouterMonitor(log_every_n_steps=1),
+            # Each callback defines the W&B step metric of its own keys, so curvature/* needs its monitor.
+            CurvatureMonitor(every_n_steps=1000, at_fit_start=False),
         ],
         log_every_n_steps=1,
         enable_checkpointing=False,

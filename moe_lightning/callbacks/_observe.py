@@ -41,6 +41,16 @@ def log_scalars(trainer: Trainer, metrics: dict[str, float], step: int) -> None:
         logger.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
 
+def define_step_metric(trainer: Trainer, prefix: str) -> None:
+    """Plot every W&B key under ``prefix`` (e.g. ``"router/*"``) against ``trainer/global_step``, the step each
+    callback logs at, instead of W&B's own call counter (rank zero only; other loggers need nothing)."""
+    if not trainer.is_global_zero:
+        return
+    for logger in wandb_loggers(trainer):
+        logger.experiment.define_metric("trainer/global_step")
+        logger.experiment.define_metric(prefix, step_metric="trainer/global_step")
+
+
 def wandb_loggers(trainer: Trainer) -> list[WandbLogger]:
     return [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
 

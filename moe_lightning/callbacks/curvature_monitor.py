@@ -8,10 +8,11 @@ from typing import Any
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from typing_extensions import override
 
 from moe_lightning.adapters.capture import to_device
-from moe_lightning.callbacks._observe import cpu_copy, log_scalars
-from moe_lightning.common import observation
+from moe_lightning.callbacks._observe import cpu_copy, define_step_metric, log_scalars
+from moe_lightning.common import check_positive_int, observation
 from moe_lightning.geometry import hessian_top_eigenvalue, hutchinson_trace
 
 
@@ -60,8 +61,7 @@ class CurvatureMonitor(Callback):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(f"CurvatureMonitor: every_n_steps must be a positive int, got {every_n_steps!r}")
+        check_positive_int("CurvatureMonitor: every_n_steps", every_n_steps)
         if not (eigenvalue or trace):
             raise ValueError("CurvatureMonitor: at least one of eigenvalue or trace must be True")
         self.every_n_steps, self.at_fit_start = every_n_steps, at_fit_start
@@ -73,19 +73,23 @@ class CurvatureMonitor(Callback):
         self.computed_steps: list[int] = []
         self.last: dict[str, float] = {}
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.loss_fn is None and not callable(getattr(pl_module, "loss", None)):
             raise ValueError(
                 f"CurvatureMonitor: {type(pl_module).__name__} has no loss(batch) method; "
                 "pass loss_fn=lambda module, batch: <scalar loss>"
             )
+        define_step_metric(trainer, "curvature/*")
 
+    @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if self.batch is None:
             self.batch = cpu_copy(batch)
             if self.at_fit_start and trainer.global_step not in self.computed_steps:
                 self.compute(trainer, pl_module)
 
+    @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -132,9 +136,11 @@ class CurvatureMonitor(Callback):
         log_scalars(trainer, metrics, trainer.global_step)
         return metrics
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"batch": self.batch, "computed_steps": list(self.computed_steps)}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.batch = state_dict.get("batch")
         self.computed_steps = list(state_dict.get("computed_steps", []))

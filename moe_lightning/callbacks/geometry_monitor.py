@@ -13,7 +13,9 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
+from typing_extensions import override
 
 from moe_lightning.adapters import find_moe_layers
 from moe_lightning.adapters.base import MoEView
@@ -21,16 +23,17 @@ from moe_lightning.adapters.capture import capture_layer_inputs
 from moe_lightning.callbacks._observe import (
     batch_inputs,
     cpu_copy,
+    define_step_metric,
     heatmap_figure,
     log_scalars,
     observed_model,
     tensorboard_loggers,
     wandb_loggers,
 )
-from moe_lightning.common import observation, warn_once
+from moe_lightning.common import check_choice, check_positive_int, dtype_from_name, observation, warn_once
 from moe_lightning.geometry import GeometryReport, ProbeConfig, finalize, probe_statistics
 
-_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+_PROBE_DTYPES = ("float64", "float32")
 _SOURCES = ("val", "train")
 
 
@@ -114,14 +117,10 @@ class GeometryMonitor(Callback):
     ) -> None:
         super().__init__()
         for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"GeometryMonitor: {name} must be a positive int or None, got {value!r}")
-        if not isinstance(max_tokens, int) or max_tokens < 1:
-            raise ValueError(f"GeometryMonitor: max_tokens must be a positive int, got {max_tokens!r}")
-        if source not in _SOURCES:
-            raise ValueError(f"GeometryMonitor: source={source!r} is not supported; allowed values: {_SOURCES}")
-        if dtype not in _DTYPES:
-            raise ValueError(f"GeometryMonitor: dtype={dtype!r} is not supported; allowed: {tuple(_DTYPES)}")
+            check_positive_int(f"GeometryMonitor: {name}", value, allow_none=True)
+        check_positive_int("GeometryMonitor: max_tokens", max_tokens)
+        check_choice("GeometryMonitor: source", source, _SOURCES)
+        probe_dtype = dtype_from_name("GeometryMonitor: dtype", dtype, _PROBE_DTYPES)
         if max_expert_keys is not None and max_expert_keys < 0:
             raise ValueError(f"GeometryMonitor: max_expert_keys must be >= 0 or None, got {max_expert_keys!r}")
         self.every_n_steps, self.every_n_epochs, self.at_fit_start = every_n_steps, every_n_epochs, at_fit_start
@@ -136,7 +135,7 @@ class GeometryMonitor(Callback):
             pca=pca,
             alignment=alignment,
             subspaces=subspaces,
-            dtype=_DTYPES[dtype],
+            dtype=probe_dtype,
             memory_budget_bytes=memory_budget_bytes,
             subspace_rank=subspace_rank,
             **(probe_config or {}),
@@ -149,16 +148,18 @@ class GeometryMonitor(Callback):
         self._warned: set[str] = set()
 
     # ------------------------------------------------------------------ Lightning hooks
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        define_step_metric(trainer, "geometry/*")
         self.views = find_moe_layers(observed_model(pl_module), self.layers)
         if not self.views:
             patterns = "" if self.layers is None else f" matching {self.layers!r}"
-            warnings.warn(
+            rank_zero_warn(
                 f"GeometryMonitor: no MoE layers{patterns} found in {type(pl_module).__name__}; "
-                "nothing will be probed (see moe_lightning.adapters.register_adapter)",
-                stacklevel=2,
+                "nothing will be probed (see moe_lightning.adapters.register_adapter)"
             )
 
+    @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.probe_inputs is None:
             self.probe_inputs = self._draw_probe_set(trainer, pl_module)
@@ -166,12 +167,14 @@ class GeometryMonitor(Callback):
         if self.probe_inputs is not None and self.at_fit_start and trainer.global_step not in self.probed_steps:
             self.run_probe(trainer, pl_module)
 
+    @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if self.probe_inputs is None:  # no datamodule to draw from: take the first training batch
             self.probe_inputs = [cpu_copy(batch_inputs(batch, self.input_key))]
             if self.at_fit_start and trainer.global_step not in self.probed_steps:
                 self.run_probe(trainer, pl_module)
 
+    @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -179,6 +182,7 @@ class GeometryMonitor(Callback):
         if self.every_n_steps and step % self.every_n_steps == 0 and step not in self.probed_steps:
             self.run_probe(trainer, pl_module)
 
+    @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         epoch_done = trainer.current_epoch + 1
         if (
@@ -188,9 +192,11 @@ class GeometryMonitor(Callback):
         ):
             self.run_probe(trainer, pl_module)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"probe_inputs": self.probe_inputs, "probed_steps": list(self.probed_steps)}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.probe_inputs = state_dict.get("probe_inputs")
         self.probed_steps = list(state_dict.get("probed_steps", []))
@@ -258,8 +264,11 @@ class GeometryMonitor(Callback):
                     stats = probe_statistics(view, shard, self.probe_config)
                 except Exception as error:  # a probe must never stop training; report it and go on
                     failed = True
+                    # Every rank reports its own failure: it may have happened on this rank's shard only.
+                    where = f" on rank {rank}" if world > 1 else ""
                     warnings.warn(
-                        f"GeometryMonitor: probe of {view.name!r} failed at step {step}: {error!r}", stacklevel=2
+                        f"GeometryMonitor: probe of {view.name!r} failed at step {step}{where}: {error!r}",
+                        stacklevel=2,
                     )
                 if self._any_rank(trainer, failed):
                     continue
@@ -282,18 +291,19 @@ class GeometryMonitor(Callback):
                     f"GeometryMonitor: {report.nonfinite_tokens} probe tokens of {name!r} hold NaN/Inf; "
                     "they were left out and are counted in geometry/<layer>/nonfinite_tokens",
                     self._warned,
+                    rank_zero_warn,
                 )
         log_scalars(trainer, scalars, step)
         if self.save_reports and reports:
             try:
                 self._save(trainer, reports, step)
             except Exception as error:  # a full disk must not stop training either
-                warn_once(f"GeometryMonitor: could not save reports: {error!r}", self._warned)
+                warn_once(f"GeometryMonitor: could not save reports: {error!r}", self._warned, rank_zero_warn)
         if self.log_media:
             try:
                 self._log_media(trainer, reports, step)
             except Exception as error:  # media are a bonus; never let them stop training
-                warn_once(f"GeometryMonitor: could not log media: {error!r}", self._warned)
+                warn_once(f"GeometryMonitor: could not log media: {error!r}", self._warned, rank_zero_warn)
 
     def _resolve_report_dir(self, trainer: Trainer) -> str | None:
         if self.report_dir is not None:
@@ -336,9 +346,6 @@ class GeometryMonitor(Callback):
 
         for logger in wandbs:
             run = logger.experiment
-            run.define_metric("trainer/global_step")
-            for prefix in ("geometry/*", "router/*", "curvature/*"):
-                run.define_metric(prefix, step_metric="trainer/global_step")
             payload: dict[str, Any] = {"trainer/global_step": step}
             rows = []
             for name, report in reports.items():

@@ -7,11 +7,13 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
+from typing_extensions import override
 
 from moe_lightning.adapters import find_moe_layers
 from moe_lightning.adapters.base import MoEView
 from moe_lightning.adapters.capture import layer_input
-from moe_lightning.callbacks._observe import log_scalars, observed_model
+from moe_lightning.callbacks._observe import define_step_metric, log_scalars, observed_model
+from moe_lightning.common import check_positive_int
 from moe_lightning.moe import MoEAux
 
 
@@ -80,10 +82,7 @@ class RouterMonitor(Callback):
         max_expert_keys: int | None = 16,
     ) -> None:
         super().__init__()
-        if log_every_n_steps is not None and (not isinstance(log_every_n_steps, int) or log_every_n_steps < 1):
-            raise ValueError(
-                f"RouterMonitor: log_every_n_steps must be a positive int or None, got {log_every_n_steps!r}"
-            )
+        check_positive_int("RouterMonitor: log_every_n_steps", log_every_n_steps, allow_none=True)
         if max_expert_keys is not None and max_expert_keys < 0:
             raise ValueError(f"RouterMonitor: max_expert_keys must be >= 0 or None, got {max_expert_keys!r}")
         self.log_every_n_steps, self.layers, self.max_expert_keys = log_every_n_steps, layers, max_expert_keys
@@ -97,7 +96,9 @@ class RouterMonitor(Callback):
     def _interval(self, trainer: Trainer) -> int:
         return self.log_every_n_steps or trainer.log_every_n_steps or 50
 
+    @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        define_step_metric(trainer, "router/*")
         self.views = find_moe_layers(observed_model(pl_module), self.layers)
         self._remove_hooks()
         by_module: dict[int, list[MoEView]] = {}
@@ -122,12 +123,15 @@ class RouterMonitor(Callback):
             handle.remove()
         self._handles = []
 
+    @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._remove_hooks()
 
+    @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._remove_hooks()
 
+    @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         # global_step counts optimizer steps. The statistics of this batch come from the weights after
         # ``global_step`` steps, so they are logged at that step (as Lightning logs a training_step's values),
@@ -137,6 +141,7 @@ class RouterMonitor(Callback):
         self._step = step
         self._captured = {}
 
+    @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
