@@ -7,6 +7,7 @@ and licence are in ``moe_lightning/data/wikitext-2/README.md``.
 
 from __future__ import annotations
 
+import os
 from importlib import resources
 from pathlib import Path
 
@@ -42,11 +43,12 @@ def bundled_file(name: str) -> Path:
     return Path(str(resources.files("moe_lightning.data").joinpath(name)))
 
 
-def resolve_text_file(path: str | None) -> str | None:
-    """``path`` itself, or the real path of a ``bundled:<name>`` file; ``None`` stays ``None``."""
-    if path is not None and str(path).startswith(BUNDLED_PREFIX):
-        return str(bundled_file(str(path)))
-    return path
+def resolve_text_file(path: str | os.PathLike | None) -> str | None:
+    """``path`` as a string, or the real path of a ``bundled:<name>`` file; ``None`` stays ``None``."""
+    if path is None:
+        return None
+    path = os.fspath(path)
+    return str(bundled_file(path)) if path.startswith(BUNDLED_PREFIX) else path
 
 
 def is_bundled(path: str | Path) -> bool:
