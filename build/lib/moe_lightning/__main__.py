@@ -1,5 +1,0 @@
-import sys
-
-from moe_lightning.cli import main
-
-sys.exit(main())

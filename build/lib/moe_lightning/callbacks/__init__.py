@@ -1,7 +1,0 @@
-"""Lightning callbacks that observe MoE layers through the ``MoEView`` seam and log what they see."""
-
-from moe_lightning.callbacks.curvature_monitor import CurvatureMonitor
-from moe_lightning.callbacks.geometry_monitor import GeometryMonitor
-from moe_lightning.callbacks.router_monitor import RouterMonitor, router_statistics
-
-__all__ = ["CurvatureMonitor", "GeometryMonitor", "RouterMonitor", "router_statistics"]
