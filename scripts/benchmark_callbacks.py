@@ -33,7 +33,7 @@ from lightning.pytorch import Callback
 
 from moe_lightning.callbacks import GeometryMonitor, RouterMonitor
 from moe_lightning.data import WikiTextDataModule
-from moe_lightning.lit import CausalLMModule
+from moe_lightning.modules import CausalLMModule
 from moe_lightning.models import TransformerMoEConfig
 
 ROOT = Path(__file__).resolve().parents[1]

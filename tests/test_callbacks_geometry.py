@@ -19,7 +19,7 @@ from moe_lightning.adapters import find_moe_layers
 from moe_lightning.callbacks import CurvatureMonitor, GeometryMonitor, RouterMonitor
 from moe_lightning.data import SyntheticMoEDataModule
 from moe_lightning.geometry import ProbeConfig, probe
-from moe_lightning.lit import CausalLMModule, MLPMoEModule
+from moe_lightning.modules import CausalLMModule, MLPMoEModule
 from moe_lightning.models import MLPMoEConfig, TransformerMoEConfig
 
 ROOT = Path(__file__).resolve().parents[1]

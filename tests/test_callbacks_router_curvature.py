@@ -20,7 +20,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from moe_lightning.callbacks import CurvatureMonitor, GeometryMonitor, RouterMonitor, router_statistics
-from moe_lightning.lit import MLPMoEModule
+from moe_lightning.modules import MLPMoEModule
 from moe_lightning.models import MLPMoEConfig
 
 

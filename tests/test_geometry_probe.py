@@ -453,7 +453,7 @@ def test_matrix_free_path_uses_the_views_closed_form_operator(activation, monkey
     spectra and, composed through the router, for the layer's), and agree with the torch.func products
     (``jacobian_method="func"``) and with the exact spectra."""
     from moe_lightning.adapters import find_moe_layers
-    from moe_lightning.adapters.ours import OurMoEView
+    from moe_lightning.adapters.native import NativeMoEView as OurMoEView
     from moe_lightning.moe import MoEConfig, MoELayer
 
     torch.manual_seed(0)

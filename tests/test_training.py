@@ -11,7 +11,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from moe_lightning.cli import main
 from moe_lightning.data import SyntheticMoEDataModule
-from moe_lightning.lit import CausalLMModule, MLPMoEModule
+from moe_lightning.modules import CausalLMModule, MLPMoEModule
 from moe_lightning.models import MLPMoEConfig, TransformerMoEConfig
 
 ROOT = Path(__file__).resolve().parents[1]
