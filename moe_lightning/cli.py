@@ -33,7 +33,7 @@ def _lazy(module: str) -> Callable[[list[str]], int | None]:
 EXTRA_COMMANDS: dict[str, Callable[[list[str]], int | None]] = {
     "sweep": _lazy("moe_lightning.sweep"),
     "report": _lazy("moe_lightning.report.command"),
-    "probe": _lazy("moe_lightning.probe_cli"),
+    "probe": _lazy("moe_lightning.pretrained.command"),
 }
 
 

@@ -320,7 +320,7 @@ def test_matrix_free_reports_tokens_whose_spectra_did_not_converge():
     scalars = rep.scalars("geometry/l")
     assert scalars["geometry/l/jac_unconverged/e0"] == float(rep.tokens[0])
     assert scalars["geometry/l/layer_jac_unconverged"] == 12.0
-    from moe_lightning.probe_cli import format_summary
+    from moe_lightning.pretrained import format_summary
 
     warning = format_summary({"blocks.0.ffn": rep}).splitlines()[-1]
     assert warning.startswith("warning: blocks.0.ffn: the matrix-free top values of 24 expert token(s) and 12 layer")
