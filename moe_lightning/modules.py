@@ -4,6 +4,7 @@ and the AdamW optimiser with its learning-rate schedule (as in litgpt), so tests
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, fields
 
@@ -64,26 +65,46 @@ class OptimizerConfig:
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * decay
 
 
+@dataclass(frozen=True)
+class LossWeights:
+    """The weights of the router's auxiliary losses in the total loss,
+    ``task + load_balance_coef * load_balance + z_loss_coef * z_loss``; taken, like :class:`OptimizerConfig`, as
+    flat keyword arguments by every LightningModule here.
+
+    Attributes:
+        load_balance_coef: weight of the load-balancing loss (Switch Transformer uses 0.01).
+        z_loss_coef: weight of the router z-loss (ST-MoE uses 0.001).
+    """
+
+    load_balance_coef: float = 0.01
+    z_loss_coef: float = 0.001
+
+    def __post_init__(self) -> None:
+        check_nonnegative("load_balance_coef", self.load_balance_coef)
+        check_nonnegative("z_loss_coef", self.z_loss_coef)
+
+
+LOSS_WEIGHTS = LossWeights()
 MLP_OPTIMIZER = OptimizerConfig()
 CAUSAL_LM_OPTIMIZER = OptimizerConfig(lr=3e-4, weight_decay=0.1, warmup_steps=100, lr_schedule="cosine")
 
 
+def _shared_arguments_doc(*configs: type) -> str:
+    """An ``Args:`` section made of the ``Attributes:`` entries of ``configs``' docstrings, so the command line's
+    ``--help`` describes the shared arguments of each LightningModule from the one place they are written."""
+    entries = [inspect.cleandoc(config.__doc__ or "").split("Attributes:\n", 1)[-1] for config in configs]
+    return "Args:\n" + "\n".join(entries)
+
+
 class _MoEModule(L.LightningModule):
-    """Shared loss and optimiser logic. Subclasses build ``self.model``, define ``task_loss`` and save their
-    arguments as hyperparameters.
+    """Shared loss and optimiser logic. Subclasses take the fields of :class:`LossWeights` and
+    :class:`OptimizerConfig` as flat keyword arguments (checked here), build ``self.model``, define ``task_loss``
+    and save their arguments as hyperparameters."""
 
-    The arguments every subclass takes besides its own (documented here once):
-
-    Args:
-        load_balance_coef: weight of the load-balancing loss (Switch Transformer uses 0.01).
-        z_loss_coef: weight of the router z-loss (ST-MoE uses 0.001).
-        lr, weight_decay, warmup_steps, lr_schedule, min_lr_ratio: the fields of :class:`OptimizerConfig`.
-    """
-
-    def __init__(self, load_balance_coef: float, z_loss_coef: float, optimizer: OptimizerConfig) -> None:
+    def __init__(self, loss_weights: LossWeights, optimizer: OptimizerConfig) -> None:
+        """Both were checked when they were made; the subclass saves their fields, flat, as hyperparameters, which
+        :meth:`loss` and :attr:`optimizer_config` read (so a checkpoint's hyperparameters stay flat too)."""
         super().__init__()
-        check_nonnegative("load_balance_coef", load_balance_coef)
-        check_nonnegative("z_loss_coef", z_loss_coef)
 
     @property
     def optimizer_config(self) -> OptimizerConfig:
@@ -144,23 +165,30 @@ class _MoEModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
+# LightningCLI reads the arguments' help from the docstrings of a module's base classes too.
+_MoEModule.__doc__ = (
+    f"{inspect.cleandoc(_MoEModule.__doc__ or '')}\n\n{_shared_arguments_doc(LossWeights, OptimizerConfig)}"
+)
+
+
 class MLPMoEModule(_MoEModule):
     """Regression (MSE) or classification (cross-entropy) with an :class:`MLPMoE`.
 
     Args:
         config: the network (routing, experts, sizes).
         task: ``"regression"`` or ``"classification"``; must match the data.
-        load_balance_coef, z_loss_coef, lr, weight_decay, warmup_steps, lr_schedule, min_lr_ratio: as for every
-            module here (``_MoEModule``, :class:`OptimizerConfig`); the optimiser defaults are
-            :data:`MLP_OPTIMIZER`.
+
+    The other arguments are shared by every LightningModule here: ``load_balance_coef`` and ``z_loss_coef`` are the
+    fields of :class:`LossWeights`, and ``lr``, ``weight_decay``, ``warmup_steps``, ``lr_schedule`` and
+    ``min_lr_ratio`` those of :class:`OptimizerConfig` (defaults: :data:`MLP_OPTIMIZER`).
     """
 
     def __init__(
         self,
         config: MLPMoEConfig | None = None,
         task: str = "regression",
-        load_balance_coef: float = 0.01,
-        z_loss_coef: float = 0.001,
+        load_balance_coef: float = LOSS_WEIGHTS.load_balance_coef,
+        z_loss_coef: float = LOSS_WEIGHTS.z_loss_coef,
         lr: float = MLP_OPTIMIZER.lr,
         weight_decay: float = MLP_OPTIMIZER.weight_decay,
         warmup_steps: int = MLP_OPTIMIZER.warmup_steps,
@@ -168,7 +196,8 @@ class MLPMoEModule(_MoEModule):
         min_lr_ratio: float = MLP_OPTIMIZER.min_lr_ratio,
     ) -> None:
         super().__init__(
-            load_balance_coef, z_loss_coef, OptimizerConfig(lr, weight_decay, warmup_steps, lr_schedule, min_lr_ratio)
+            LossWeights(load_balance_coef, z_loss_coef),
+            OptimizerConfig(lr, weight_decay, warmup_steps, lr_schedule, min_lr_ratio),
         )
         check_choice("task", task, TASKS)
         config = config if config is not None else MLPMoEConfig()
@@ -192,16 +221,17 @@ class CausalLMModule(_MoEModule):
 
     Args:
         config: the network (routing, experts, sizes, vocabulary).
-        load_balance_coef, z_loss_coef, lr, weight_decay, warmup_steps, lr_schedule, min_lr_ratio: as for every
-            module here (``_MoEModule``, :class:`OptimizerConfig`); the optimiser defaults are
-            :data:`CAUSAL_LM_OPTIMIZER`.
+
+    The other arguments are shared by every LightningModule here: ``load_balance_coef`` and ``z_loss_coef`` are the
+    fields of :class:`LossWeights`, and ``lr``, ``weight_decay``, ``warmup_steps``, ``lr_schedule`` and
+    ``min_lr_ratio`` those of :class:`OptimizerConfig` (defaults: :data:`CAUSAL_LM_OPTIMIZER`).
     """
 
     def __init__(
         self,
         config: TransformerMoEConfig | None = None,
-        load_balance_coef: float = 0.01,
-        z_loss_coef: float = 0.001,
+        load_balance_coef: float = LOSS_WEIGHTS.load_balance_coef,
+        z_loss_coef: float = LOSS_WEIGHTS.z_loss_coef,
         lr: float = CAUSAL_LM_OPTIMIZER.lr,
         weight_decay: float = CAUSAL_LM_OPTIMIZER.weight_decay,
         warmup_steps: int = CAUSAL_LM_OPTIMIZER.warmup_steps,
@@ -209,7 +239,8 @@ class CausalLMModule(_MoEModule):
         min_lr_ratio: float = CAUSAL_LM_OPTIMIZER.min_lr_ratio,
     ) -> None:
         super().__init__(
-            load_balance_coef, z_loss_coef, OptimizerConfig(lr, weight_decay, warmup_steps, lr_schedule, min_lr_ratio)
+            LossWeights(load_balance_coef, z_loss_coef),
+            OptimizerConfig(lr, weight_decay, warmup_steps, lr_schedule, min_lr_ratio),
         )
         config = config if config is not None else TransformerMoEConfig()
         self.save_hyperparameters()

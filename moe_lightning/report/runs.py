@@ -7,7 +7,7 @@ Three layouts are understood (see ``docs/sweeps.md``):
 2. a plain CSV run directory: any directory holding ``metrics.csv`` (Lightning's ``CSVLogger``); routing and seed
    come from the LightningCLI ``config.yaml`` next to it, else from ``hparams.yaml``;
 3. a W&B run directory (``.../wandb/offline-run-<time>-<id>/`` with ``run-<id>.wandb``); the history and the
-   config are read from the ``.wandb`` transaction log with W&B's own protobuf schema.
+   config are read from the ``.wandb`` transaction log (:mod:`moe_lightning.report.wandb_records`).
 
 A directory that holds ``metrics.csv`` is read from the CSV only, never also from a W&B run below it.
 """
