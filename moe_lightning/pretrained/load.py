@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from moe_lightning.adapters import registered_adapters
-from moe_lightning.common import dtype_from_name, hf_offline_mode, hub_reachable
+from moe_lightning.common import check_choice, dtype_from_name, hf_offline_mode, hub_reachable
 from moe_lightning.pretrained.options import DEVICES, MODEL_DTYPES, ProbeOptions
 
 # Hugging Face ``config.model_type`` -> the adapter in moe_lightning/adapters/hf.py that reads its MoE blocks.
@@ -123,8 +123,7 @@ def resolve_model(model: str | os.PathLike, *, trust_remote_code: bool = False) 
 
 def resolve_device(device: str) -> torch.device:
     """``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"`` (which must be available) as a device."""
-    if device not in DEVICES:
-        raise ValueError(f"device={device!r} is not supported; allowed values: {', '.join(DEVICES)}")
+    check_choice("device", device, DEVICES)
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' but no CUDA device is available; use --device cpu or auto")
     if device == "auto":
