@@ -32,8 +32,8 @@ def _lazy(module: str) -> Callable[[list[str]], int | None]:
 # name -> callable(argv) for subcommands outside LightningCLI.
 EXTRA_COMMANDS: dict[str, Callable[[list[str]], int | None]] = {
     "sweep": _lazy("moe_lightning.sweep"),
-    "report": _lazy("moe_lightning.report"),
-    "probe": _lazy("moe_lightning.probe_cli"),
+    "report": _lazy("moe_lightning.report.command"),
+    "probe": _lazy("moe_lightning.pretrained.command"),
 }
 
 

@@ -48,7 +48,8 @@ from typing import Any
 
 import yaml
 
-ROUTINGS = ("dense", "topk", "soft")
+from moe_lightning.moe import ROUTINGS
+
 LOGGERS = ("csv", "wandb")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PRESET_DIR = PROJECT_ROOT / "configs" / "sweep"

@@ -20,8 +20,8 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from moe_lightning.callbacks import CurvatureMonitor, GeometryMonitor, RouterMonitor, router_statistics
-from moe_lightning.lit import MLPMoEModule
 from moe_lightning.models import MLPMoEConfig
+from moe_lightning.modules import MLPMoEModule
 
 
 def read_metrics(log_dir: Path) -> list[dict[str, str]]:

@@ -320,7 +320,7 @@ def test_matrix_free_reports_tokens_whose_spectra_did_not_converge():
     scalars = rep.scalars("geometry/l")
     assert scalars["geometry/l/jac_unconverged/e0"] == float(rep.tokens[0])
     assert scalars["geometry/l/layer_jac_unconverged"] == 12.0
-    from moe_lightning.probe_cli import format_summary
+    from moe_lightning.pretrained import format_summary
 
     warning = format_summary({"blocks.0.ffn": rep}).splitlines()[-1]
     assert warning.startswith("warning: blocks.0.ffn: the matrix-free top values of 24 expert token(s) and 12 layer")
@@ -453,7 +453,7 @@ def test_matrix_free_path_uses_the_views_closed_form_operator(activation, monkey
     spectra and, composed through the router, for the layer's), and agree with the torch.func products
     (``jacobian_method="func"``) and with the exact spectra."""
     from moe_lightning.adapters import find_moe_layers
-    from moe_lightning.adapters.ours import OurMoEView
+    from moe_lightning.adapters.native import NativeMoEView
     from moe_lightning.moe import MoEConfig, MoELayer
 
     torch.manual_seed(0)
@@ -461,13 +461,13 @@ def test_matrix_free_path_uses_the_views_closed_form_operator(activation, monkey
     (view,) = find_moe_layers(layer)
     x = torch.randn(20, 12, dtype=DT)
     calls = []
-    original = OurMoEView.expert_jacobian_operator
+    original = NativeMoEView.expert_jacobian_operator
 
     def spy(self, e, x_ND):
         calls.append(e)
         return original(self, e, x_ND)
 
-    monkeypatch.setattr(OurMoEView, "expert_jacobian_operator", spy)
+    monkeypatch.setattr(NativeMoEView, "expert_jacobian_operator", spy)
     kw = dict(matrix_free_threshold=4, matrix_free_rank=3, matrix_free_tol=1e-13, matrix_free_max_iter=200)
     with_op = probe(view, x, ProbeConfig(**kw))
     assert sorted(calls) == [0, 1, 2]  # one build per expert: its own spectra, then reused for the layer's

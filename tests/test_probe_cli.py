@@ -26,7 +26,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # 
 from moe_lightning.adapters import find_moe_layers  # noqa: E402
 from moe_lightning.data import bundled_file  # noqa: E402
 from moe_lightning.geometry import GeometryReport, ProbeConfig, probe  # noqa: E402
-from moe_lightning.probe_cli import default_out_dir, main, pack_blocks, probe_pretrained  # noqa: E402
+from moe_lightning.pretrained import default_out_dir, main, pack_blocks, probe_pretrained  # noqa: E402
 
 WIKITEXT = bundled_file("wikitext-2/valid.txt").parent
 D = 32

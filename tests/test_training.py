@@ -11,8 +11,8 @@ from lightning.pytorch.loggers import CSVLogger
 
 from moe_lightning.cli import main
 from moe_lightning.data import SyntheticMoEDataModule
-from moe_lightning.lit import CausalLMModule, MLPMoEModule
 from moe_lightning.models import MLPMoEConfig, TransformerMoEConfig
+from moe_lightning.modules import CausalLMModule, MLPMoEModule
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -3,17 +3,19 @@
 from moe_lightning.adapters.base import CallableView, MoEView
 from moe_lightning.adapters.custom import register_moe_class
 from moe_lightning.adapters.hf import register_hf_adapters
-from moe_lightning.adapters.ours import OurMoEView, _is_ours, our_views
+from moe_lightning.adapters.native import NativeMoEView, is_native, native_views
 from moe_lightning.adapters.registry import find_moe_layers, register_adapter, registered_adapters
 
-register_adapter("moe_lightning", _is_ours, our_views)
+register_adapter("moe_lightning", is_native, native_views)
+# The name NativeMoEView had before it said what it views; kept so code written against it still runs.
+OurMoEView = NativeMoEView
 register_hf_adapters()  # matches by class name; never imports transformers itself
 
 __all__ = [
     "register_moe_class",
     "CallableView",
     "MoEView",
-    "OurMoEView",
+    "NativeMoEView",
     "find_moe_layers",
     "register_adapter",
     "registered_adapters",

@@ -1,4 +1,5 @@
-"""MoEView adapters for moe-lightning's own layers (:class:`MoELayer` and the :class:`DenseFFN` baseline)."""
+"""The MoEView of moe-lightning's native layers, :class:`MoELayer` and the :class:`DenseFFN` baseline, with the
+closed-form MLP and SwiGLU expert Jacobians."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from moe_lightning.adapters.base import TokenFn
 from moe_lightning.moe import DenseFFN, MoELayer
 
 
-class OurMoEView:
+class NativeMoEView:
     """View of a :class:`MoELayer` or a :class:`DenseFFN` (one expert, gate 1 for every token)."""
 
     def __init__(self, name: str, module: MoELayer | DenseFFN) -> None:
@@ -51,12 +52,14 @@ class OurMoEView:
         return self._closed_form(e, x, swiglu_jacobian_operator, mlp_jacobian_operator)
 
     def __repr__(self) -> str:
-        return f"OurMoEView(name={self.name!r}, num_experts={self.num_experts})"
+        return f"NativeMoEView(name={self.name!r}, num_experts={self.num_experts})"
 
 
-def _is_ours(module: nn.Module) -> bool:
+def is_native(module: nn.Module) -> bool:
+    """Whether ``module`` is one of moe-lightning's own MoE blocks."""
     return isinstance(module, (MoELayer, DenseFFN))
 
 
-def our_views(name: str, module: nn.Module) -> list[OurMoEView]:
-    return [OurMoEView(name, module)]
+def native_views(name: str, module: nn.Module) -> list[NativeMoEView]:
+    """The one view of a native block."""
+    return [NativeMoEView(name, module)]

@@ -1,4 +1,5 @@
-"""The single-model report: one pretrained checkpoint probed once, one row per MoE layer (no routings, no seeds)."""
+"""The page of one probed model (``render_probe``): one pretrained checkpoint probed once, one row per MoE layer
+(no routings, no seeds), and the expert-mean helpers its figures and the training report share."""
 
 from __future__ import annotations
 
@@ -78,7 +79,19 @@ def render_probe(layers: dict[str, Any], out_dir: str, title: str) -> list[str]:
     if not layers:
         raise ValueError("render_probe: layers is empty; expected {layer name: GeometryReport} with at least one layer")
     os.makedirs(out_dir, exist_ok=True)
-    written: list[str] = []
+    display, written = _write_tables(layers, out_dir, title)
+    images, notes = _probe_figures(layers, out_dir, title)
+    written += [p for p in images.values() if p is not None]
+    sections = [
+        ("Layers", page.table_html(display.copy())),
+        ("Figures", page.figures_html(images, notes)),
+    ]
+    written.append(page.write_page(os.path.join(out_dir, "index.html"), title, sections))
+    return written
+
+
+def _write_tables(layers: dict[str, Any], out_dir: str, title: str) -> tuple[pd.DataFrame, list[str]]:
+    """Write ``probe.md`` and ``probe.csv``; return the formatted table (for the HTML page) and the two paths."""
     table = layer_metrics(layers)
     csv_path = os.path.join(out_dir, "probe.csv")
     table.to_csv(csv_path, index=False)
@@ -93,8 +106,11 @@ def render_probe(layers: dict[str, Any], out_dir: str, title: str) -> list[str]:
             "the layer's experts; n/a = not computed for this layer, e.g. alignment of a dense layer).\n\n"
         )
         handle.write(markdown_table(display) + "\n")
-    written += [md_path, csv_path]
+    return display, [md_path, csv_path]
 
+
+def _probe_figures(layers: dict[str, Any], out_dir: str, title: str) -> tuple[dict[str, str | None], dict[str, str]]:
+    """Write ``spectra.png``, ``alignment.png`` and ``pca_spectra.png``; a figure without data gets a note."""
     images: dict[str, str | None] = {}
     notes: dict[str, str] = {}
     spectra = {name: s for name, r in layers.items() if (s := expert_mean_spectrum(r)) is not None}
@@ -133,12 +149,4 @@ def render_probe(layers: dict[str, Any], out_dir: str, title: str) -> list[str]:
         )
     else:
         images["pca_spectra.png"], notes["pca_spectra.png"] = None, "no PCA eigenvalues in the reports"
-    written += [p for p in images.values() if p is not None]
-
-    html_table = display.copy()
-    sections = [
-        ("Layers", page.table_html(html_table)),
-        ("Figures", page.figures_html(images, notes)),
-    ]
-    written.append(page.write_page(os.path.join(out_dir, "index.html"), title, sections))
-    return written
+    return images, notes

@@ -1,0 +1,266 @@
+"""The LightningModules: thin wrappers of a raw ``nn.Module`` that add the task loss, the weighted auxiliary losses
+and the AdamW optimiser with its learning-rate schedule (as in litgpt), so tests and callbacks can use
+``module.model``."""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, fields
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.text import Perplexity
+
+from moe_lightning.common import check_choice, check_nonnegative, check_positive
+from moe_lightning.models import MLPMoE, MLPMoEConfig, ModelOutput, TransformerMoE, TransformerMoEConfig, param_counts
+
+LR_SCHEDULES = ("constant", "cosine", "linear")
+TASKS = ("regression", "classification")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """The optimiser and its schedule, shared by every LightningModule here: AdamW with a linear warm-up, then a
+    constant, cosine or linear decay to ``min_lr_ratio * lr``.
+
+    The LightningModules take these fields as flat keyword arguments (``lr=3e-3``, ``--model.init_args.lr``,
+    ``lr:`` under ``init_args`` in a config), which is how configs, command lines and saved checkpoints spell them
+    (a nested dataclass argument would change all three); each module's defaults are one ``OptimizerConfig``
+    (:data:`MLP_OPTIMIZER`, :data:`CAUSAL_LM_OPTIMIZER`), and the hyperparameters it saves are these flat fields.
+
+    Attributes:
+        lr: peak learning rate of AdamW.
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear warm-up steps.
+        lr_schedule: ``"constant"``, ``"cosine"`` or ``"linear"`` after warm-up.
+        min_lr_ratio: final learning rate as a fraction of ``lr`` for the decaying schedules.
+    """
+
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"
+    min_lr_ratio: float = 0.1
+
+    def __post_init__(self) -> None:
+        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        check_nonnegative("weight_decay", self.weight_decay)
+        check_nonnegative("warmup_steps", self.warmup_steps)
+        check_positive("lr", self.lr)
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+
+    def lr_factor(self, step: int, total_steps: int) -> float:
+        """The learning rate at optimiser step ``step`` of ``total_steps``, as a fraction of ``lr``."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.lr_schedule == "constant":
+            return 1.0
+        progress = min((step - self.warmup_steps) / max(total_steps - self.warmup_steps, 1), 1.0)
+        decay = 0.5 * (1 + math.cos(math.pi * progress)) if self.lr_schedule == "cosine" else 1 - progress
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * decay
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """The weights of the router's auxiliary losses in the total loss,
+    ``task + load_balance_coef * load_balance + z_loss_coef * z_loss``; taken, like :class:`OptimizerConfig`, as
+    flat keyword arguments by every LightningModule here.
+
+    Attributes:
+        load_balance_coef: weight of the load-balancing loss (Switch Transformer uses 0.01).
+        z_loss_coef: weight of the router z-loss (ST-MoE uses 0.001).
+    """
+
+    load_balance_coef: float = 0.01
+    z_loss_coef: float = 0.001
+
+    def __post_init__(self) -> None:
+        check_nonnegative("load_balance_coef", self.load_balance_coef)
+        check_nonnegative("z_loss_coef", self.z_loss_coef)
+
+
+LOSS_WEIGHTS = LossWeights()
+MLP_OPTIMIZER = OptimizerConfig()
+CAUSAL_LM_OPTIMIZER = OptimizerConfig(lr=3e-4, weight_decay=0.1, warmup_steps=100, lr_schedule="cosine")
+
+
+def _shared_arguments_doc(*configs: type) -> str:
+    """An ``Args:`` section made of the ``Attributes:`` entries of ``configs``' docstrings, so the command line's
+    ``--help`` describes the shared arguments of each LightningModule from the one place they are written."""
+    entries = [inspect.cleandoc(config.__doc__ or "").split("Attributes:\n", 1)[-1] for config in configs]
+    return "Args:\n" + "\n".join(entries)
+
+
+class _MoEModule(L.LightningModule):
+    """Shared loss and optimiser logic. Subclasses take the fields of :class:`LossWeights` and
+    :class:`OptimizerConfig` as flat keyword arguments (checked here), build ``self.model``, define ``task_loss``
+    and save their arguments as hyperparameters."""
+
+    def __init__(self, loss_weights: LossWeights, optimizer: OptimizerConfig) -> None:
+        """Both were checked when they were made; the subclass saves their fields, flat, as hyperparameters, which
+        :meth:`loss` and :attr:`optimizer_config` read (so a checkpoint's hyperparameters stay flat too)."""
+        super().__init__()
+
+    @property
+    def optimizer_config(self) -> OptimizerConfig:
+        """The optimiser fields as the hyperparameters hold them now (a tuner may have changed ``hparams.lr``)."""
+        return OptimizerConfig(**{f.name: self.hparams[f.name] for f in fields(OptimizerConfig)})
+
+    def on_fit_start(self) -> None:
+        counts = param_counts(self.model)
+        for logger in self.loggers:
+            logger.log_metrics({"params/total": counts["total"], "params/active": counts["active"]}, step=0)
+
+    def forward(self, x: Tensor) -> ModelOutput:
+        return self.model(x)
+
+    def loss(self, batch: tuple[Tensor, Tensor], stage: str = "probe") -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """``(total loss, task loss, aux losses)`` of a batch; logs nothing unless ``stage`` is a real stage.
+
+        The total is ``task + load_balance_coef * load_balance + z_loss_coef * z_loss``. Callbacks (e.g.
+        ``CurvatureMonitor``) call it with the default ``stage="probe"``.
+        """
+        x, y = batch
+        out = self.model(x)
+        task_loss = self.task_loss(out.output, y, stage)
+        aux = out.aux_losses()
+        total = (
+            task_loss + self.hparams.load_balance_coef * aux["load_balance"] + self.hparams.z_loss_coef * aux["z_loss"]
+        )
+        return total, task_loss, aux
+
+    def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+        x, y = batch
+        loss, task_loss, aux = self.loss(batch, stage)
+        batch_size = x.shape[0]
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=stage != "train")
+        self.log(f"{stage}/task_loss", task_loss, batch_size=batch_size, sync_dist=stage != "train")
+        self.log(f"{stage}/aux_load_balance", aux["load_balance"], batch_size=batch_size, sync_dist=stage != "train")
+        self.log(f"{stage}/aux_z_loss", aux["z_loss"], batch_size=batch_size, sync_dist=stage != "train")
+        return loss
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._step(batch, "val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._step(batch, "test")
+
+    def configure_optimizers(self):
+        """AdamW with linear warm-up, then a constant, cosine or linear decay (:class:`OptimizerConfig`).
+
+        LightningCLI's ``--optimizer`` / ``--lr_scheduler`` flags replace this for any other choice.
+        """
+        config = self.optimizer_config
+        optimizer = torch.optim.AdamW(self.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        total = max(int(self.trainer.estimated_stepping_batches), 1) if self._trainer is not None else 1
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: config.lr_factor(step, total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+# LightningCLI reads the arguments' help from the docstrings of a module's base classes too.
+_MoEModule.__doc__ = (
+    f"{inspect.cleandoc(_MoEModule.__doc__ or '')}\n\n{_shared_arguments_doc(LossWeights, OptimizerConfig)}"
+)
+
+
+class MLPMoEModule(_MoEModule):
+    """Regression (MSE) or classification (cross-entropy) with an :class:`MLPMoE`.
+
+    Args:
+        config: the network (routing, experts, sizes).
+        task: ``"regression"`` or ``"classification"``; must match the data.
+
+    The other arguments are shared by every LightningModule here: ``load_balance_coef`` and ``z_loss_coef`` are the
+    fields of :class:`LossWeights`, and ``lr``, ``weight_decay``, ``warmup_steps``, ``lr_schedule`` and
+    ``min_lr_ratio`` those of :class:`OptimizerConfig` (defaults: :data:`MLP_OPTIMIZER`).
+    """
+
+    def __init__(
+        self,
+        config: MLPMoEConfig | None = None,
+        task: str = "regression",
+        load_balance_coef: float = LOSS_WEIGHTS.load_balance_coef,
+        z_loss_coef: float = LOSS_WEIGHTS.z_loss_coef,
+        lr: float = MLP_OPTIMIZER.lr,
+        weight_decay: float = MLP_OPTIMIZER.weight_decay,
+        warmup_steps: int = MLP_OPTIMIZER.warmup_steps,
+        lr_schedule: str = MLP_OPTIMIZER.lr_schedule,
+        min_lr_ratio: float = MLP_OPTIMIZER.min_lr_ratio,
+    ) -> None:
+        super().__init__(
+            LossWeights(load_balance_coef, z_loss_coef),
+            OptimizerConfig(lr, weight_decay, warmup_steps, lr_schedule, min_lr_ratio),
+        )
+        check_choice("task", task, TASKS)
+        config = config if config is not None else MLPMoEConfig()
+        self.save_hyperparameters()
+        self.model = MLPMoE(config)
+        if task == "classification":
+            self.accuracy = MulticlassAccuracy(num_classes=config.output_dim, average="micro")
+
+    def task_loss(self, prediction: Tensor, target: Tensor, stage: str) -> Tensor:
+        if self.hparams.task == "regression":
+            return F.mse_loss(prediction.float(), target.float())
+        loss = F.cross_entropy(prediction.float(), target)
+        if stage in ("val", "test"):
+            self.accuracy(prediction, target)
+            self.log(f"{stage}/acc", self.accuracy, batch_size=target.shape[0])
+        return loss
+
+
+class CausalLMModule(_MoEModule):
+    """Next-token prediction with a :class:`TransformerMoE`; logs loss and perplexity.
+
+    Args:
+        config: the network (routing, experts, sizes, vocabulary).
+
+    The other arguments are shared by every LightningModule here: ``load_balance_coef`` and ``z_loss_coef`` are the
+    fields of :class:`LossWeights`, and ``lr``, ``weight_decay``, ``warmup_steps``, ``lr_schedule`` and
+    ``min_lr_ratio`` those of :class:`OptimizerConfig` (defaults: :data:`CAUSAL_LM_OPTIMIZER`).
+    """
+
+    def __init__(
+        self,
+        config: TransformerMoEConfig | None = None,
+        load_balance_coef: float = LOSS_WEIGHTS.load_balance_coef,
+        z_loss_coef: float = LOSS_WEIGHTS.z_loss_coef,
+        lr: float = CAUSAL_LM_OPTIMIZER.lr,
+        weight_decay: float = CAUSAL_LM_OPTIMIZER.weight_decay,
+        warmup_steps: int = CAUSAL_LM_OPTIMIZER.warmup_steps,
+        lr_schedule: str = CAUSAL_LM_OPTIMIZER.lr_schedule,
+        min_lr_ratio: float = CAUSAL_LM_OPTIMIZER.min_lr_ratio,
+    ) -> None:
+        super().__init__(
+            LossWeights(load_balance_coef, z_loss_coef),
+            OptimizerConfig(lr, weight_decay, warmup_steps, lr_schedule, min_lr_ratio),
+        )
+        config = config if config is not None else TransformerMoEConfig()
+        self.save_hyperparameters()
+        self.model = TransformerMoE(config)
+        self.perplexity = Perplexity()
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        data_vocab = getattr(datamodule, "vocab_size", None)
+        if data_vocab is not None and data_vocab > self.model.config.vocab_size:
+            raise ValueError(
+                f"model config.vocab_size={self.model.config.vocab_size} is smaller than the data's "
+                f"vocab_size={data_vocab}; set model.init_args.config.vocab_size >= {data_vocab}"
+            )
+
+    def task_loss(self, logits_BTV: Tensor, targets_BT: Tensor, stage: str) -> Tensor:
+        loss = F.cross_entropy(logits_BTV.flatten(0, 1).float(), targets_BT.flatten())
+        if stage in ("val", "test"):
+            self.perplexity(logits_BTV.float(), targets_BT)
+            self.log(f"{stage}/ppl", self.perplexity, batch_size=targets_BT.shape[0])
+        elif stage == "train":
+            self.log("train/ppl", loss.detach().exp(), batch_size=targets_BT.shape[0])
+        return loss

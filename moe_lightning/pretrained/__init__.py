@@ -1,0 +1,40 @@
+"""The geometry of a pretrained Hugging Face MoE checkpoint (Mixtral, Qwen-MoE, OLMoE), the analysis of the second
+paper (arXiv 2605.16349): ``moe-lightning probe`` and :func:`probe_pretrained`; this package re-exports their names.
+
+Run the model over a text set, capture the input of every MoE layer with forward hooks, and call
+:func:`moe_lightning.geometry.probe` on each layer (Jacobian spectra, weighted PCA, cross-expert alignment,
+Grassmann subspaces; docs/geometry.md). Modules: ``options`` (:class:`ProbeOptions`, every option once), ``load``
+(the checkpoint), ``text`` (tokens and blocks), ``run`` (capture, probe, summary), ``write`` (``probe.json`` and
+the report), ``command`` (the command line).
+
+Shape legend: ``B`` blocks per batch, ``T`` block length (``--seq-len``), ``N`` tokens, ``D`` model dim.
+
+From Python, on a model that is already loaded::
+
+    reports = probe_pretrained(model, ["some text", "more text"], tokenizer=tokenizer, max_tokens=256)
+"""
+
+from moe_lightning.pretrained.command import build_parser, main
+from moe_lightning.pretrained.load import load_pretrained, resolve_model, supported_model_types
+from moe_lightning.pretrained.options import ProbeOptions
+from moe_lightning.pretrained.run import capture_inputs, format_summary, probe_and_write, probe_pretrained
+from moe_lightning.pretrained.text import pack_blocks, read_text_file, token_stream
+from moe_lightning.pretrained.write import default_out_dir, write_outputs
+
+__all__ = [
+    "ProbeOptions",
+    "build_parser",
+    "capture_inputs",
+    "default_out_dir",
+    "format_summary",
+    "load_pretrained",
+    "main",
+    "pack_blocks",
+    "probe_and_write",
+    "probe_pretrained",
+    "read_text_file",
+    "resolve_model",
+    "supported_model_types",
+    "token_stream",
+    "write_outputs",
+]

@@ -1,0 +1,159 @@
+"""The options of a pretrained-model probe, declared once in :class:`ProbeOptions`: their defaults, types and help
+text, from which ``probe_pretrained``'s keyword arguments and the ``moe-lightning probe`` flags are both made."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
+
+from moe_lightning.common import check_choice, check_positive_int, dtype_from_name
+
+DEVICES = ("auto", "cpu", "cuda")
+MODEL_DTYPES = ("float32", "bfloat16", "float64")  # what a checkpoint is loaded in
+PROBE_DTYPES = ("float64", "float32")  # what the probe computes in
+DEFAULT_TEXT_FILE = "bundled:wikitext-2/test.txt"
+
+
+def option(default: Any, help: str, **cli: Any) -> Any:
+    """A :class:`ProbeOptions` field: its default, its help text and how the command line spells it.
+
+    Args:
+        default: the default, for the Python API and the command alike.
+        help: one sentence for ``--help`` and the docs.
+        **cli: extra ``argparse.add_argument`` keywords (``choices``, ``nargs``, ``metavar``); ``flag`` renames the
+            flag (default ``--<name with dashes>``); ``cli=False`` keeps the option off the command line.
+    """
+    return field(default=default, metadata={"help": help, "cli": cli})
+
+
+@dataclass(frozen=True)
+class ProbeOptions:
+    """How a pretrained model is probed (every option of ``probe_pretrained`` and ``moe-lightning probe``).
+
+    The help text of each option is the ``help`` of its field (``ProbeOptions.help(name)``); the values are checked
+    on construction, so a bad value fails before any model is loaded.
+    """
+
+    tokenizer: Any = option(None, "tokenizer directory or hub name, or a tokenizer object (default: the model's own)")
+    max_tokens: int = option(512, "tokens probed per MoE layer")
+    seq_len: int = option(256, "block length of the forward passes")
+    batch_size: int = option(4, "blocks per forward pass")
+    layers: str | Sequence[str] | None = option(
+        None, "probe only the MoE layers matching these names or globs (default: all)", nargs="+", metavar="GLOB"
+    )
+    device: str = option(
+        "auto", "auto (CUDA when available; a loaded model stays where it is), cpu or cuda", choices=DEVICES
+    )
+    dtype: str = option(
+        "float32",
+        "dtype the checkpoint is loaded in (float64 selects the eager experts kernel: grouped_mm has no float64 CPU "
+        "kernel); unused for a loaded model",
+        choices=MODEL_DTYPES,
+    )
+    probe_dtype: str = option(
+        "float64",
+        "dtype of the probe's arithmetic; the probe casts each MoE block to it temporarily (ProbeConfig.cast_module)",
+        choices=PROBE_DTYPES,
+    )
+    matrix_free_threshold: int = option(1024, "model dims above this use the matrix-free top-r spectra")
+    matrix_free_rank: int = option(16, "singular values r kept on the matrix-free path")
+    memory_budget_mib: int = option(
+        1024,
+        "peak memory of one token chunk of the probe in MiB (ProbeConfig.memory_budget_bytes); on the matrix-free "
+        "path a chunk's tokens share every GEMM against the expert weights, so a larger budget batches more of them "
+        "(at d = 4096 in float32, ~80 MiB per token)",
+    )
+    trust_remote_code: bool = option(False, "passed to transformers when loading")
+    out_dir: str | os.PathLike | None = option(
+        None,
+        "write probe.json and the rendered report (moe_lightning.report.render_probe) here (the command's default: "
+        "probe-<model basename>)",
+        flag="--out",
+    )
+    title: str | None = option(None, "report title (default: one naming the model)", cli=False)
+
+    def __post_init__(self) -> None:
+        for name in (
+            "max_tokens",
+            "seq_len",
+            "batch_size",
+            "matrix_free_threshold",
+            "matrix_free_rank",
+            "memory_budget_mib",
+        ):
+            check_positive_int(name, getattr(self, name))
+        check_choice("probe_dtype", self.probe_dtype, PROBE_DTYPES)
+        check_choice("dtype", self.dtype, MODEL_DTYPES)
+        check_choice("device", self.device, DEVICES)
+
+    @classmethod
+    def help(cls, name: str) -> str:
+        """The help text of option ``name``."""
+        return next(f.metadata["help"] for f in fields(cls) if f.name == name)
+
+    @property
+    def layer_patterns(self) -> list[str] | None:
+        """``layers`` as a list (None: every layer)."""
+        return None if self.layers is None else ([self.layers] if isinstance(self.layers, str) else list(self.layers))
+
+    def probe_config(self) -> Any:
+        """The :class:`~moe_lightning.geometry.ProbeConfig` these options ask for."""
+        from moe_lightning.geometry import ProbeConfig
+
+        return ProbeConfig(
+            dtype=dtype_from_name("probe_dtype", self.probe_dtype, PROBE_DTYPES),
+            matrix_free_threshold=self.matrix_free_threshold,
+            matrix_free_rank=self.matrix_free_rank,
+            memory_budget_bytes=self.memory_budget_mib * 2**20,
+        )
+
+
+def add_option_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per :class:`ProbeOptions` field: ``--max-tokens N`` for ``max_tokens: int``, a switch for a
+    bool, the field's ``choices``/``nargs``/``metavar``, its default and its help with the default appended."""
+    for f in fields(ProbeOptions):
+        cli = dict(f.metadata["cli"])
+        if cli.pop("cli", True) is False:
+            continue
+        flag = cli.pop("flag", "--" + f.name.replace("_", "-"))
+        help_text = f.metadata["help"]
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, dest=f.name, action="store_true", help=help_text)
+            continue
+        if f.default is not None:
+            help_text += " (default: %(default)s)"
+        kind = int if isinstance(f.default, int) else str
+        cli.setdefault("metavar", flag.removeprefix("--").replace("-", "_").upper())
+        parser.add_argument(flag, dest=f.name, type=kind, default=f.default, help=help_text, **cli)
+
+
+def options_from_args(args: argparse.Namespace) -> ProbeOptions:
+    """The :class:`ProbeOptions` of parsed arguments (fields without a flag keep their defaults)."""
+    return ProbeOptions(**{f.name: getattr(args, f.name) for f in fields(ProbeOptions) if hasattr(args, f.name)})
+
+
+def options_from_keywords(function: str, keywords: dict[str, Any]) -> ProbeOptions:
+    """``ProbeOptions(**keywords)``, with the ``TypeError`` of an unknown keyword naming ``function``."""
+    known = {f.name for f in fields(ProbeOptions)}
+    unknown = sorted(set(keywords) - known)
+    if unknown:
+        raise TypeError(f"{function}() got unexpected keyword arguments {unknown}; the options are {sorted(known)}")
+    return ProbeOptions(**keywords)
+
+
+def with_option_keywords(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Give ``function(..., **options)`` a signature that lists every :class:`ProbeOptions` field as a keyword-only
+    parameter with its default, so ``help()`` and ``inspect.signature`` show them."""
+    signature = inspect.signature(function)
+    positional = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    keywords = [
+        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
+        for f in fields(ProbeOptions)
+        if f.default is not MISSING
+    ]
+    function.__signature__ = signature.replace(parameters=[*positional, *keywords])  # type: ignore[attr-defined]
+    return function

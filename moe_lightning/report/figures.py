@@ -1,0 +1,233 @@
+"""The five figures of the training report (spectra, geometry curves, alignment heatmaps, PCA spectra, router
+load), each drawn from the finished runs grouped by routing; a figure without data is skipped with a note."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+
+from moe_lightning.report import plots
+from moe_lightning.report.probe_page import (
+    PLOTTED_PCA_SITES,
+    alignment_title,
+    expert_mean_pca,
+    expert_mean_spectrum,
+)
+from moe_lightning.report.runs import Run, final_geometry, layer_names
+
+MAX_LAYER_PANELS = 4
+MAX_PCA_LAYERS = 3  # two sites per layer
+ROUTING_ORDER = {"dense": 0, "topk": 1, "soft": 2}
+
+
+def _label(run: Run, multi_family: bool) -> str:
+    return f"{run.family or '?'}:{run.routing}" if multi_family else str(run.routing)
+
+
+def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
+    """Finished runs by routing (``family:routing`` when several families are present), dense/topk/soft first,
+    seeds ascending within a group."""
+    done = [r for r in runs if r.ok]
+    multi_family = len({r.family for r in done}) > 1
+    done.sort(
+        key=lambda r: (r.family or "", ROUTING_ORDER.get(r.routing or "", 3), r.seed if r.seed is not None else 1 << 30)
+    )
+    groups: dict[str, list[Run]] = {}
+    for run in done:
+        groups.setdefault(_label(run, multi_family), []).append(run)
+    return groups
+
+
+@dataclass
+class FigureData:
+    """What the figures are drawn from.
+
+    Attributes:
+        out_dir: where the PNG files go.
+        groups: finished runs by label (:func:`group_runs`).
+        finals: label -> ``(seed, {layer: GeometryReport})`` of each run's last geometry report.
+        layers: every layer name in those reports, in order of first appearance.
+    """
+
+    out_dir: str
+    groups: dict[str, list[Run]]
+    finals: dict[str, list[tuple[int | None, dict[str, Any]]]]
+    layers: list[str]
+
+    @classmethod
+    def of(cls, runs: list[Run], out_dir: str) -> FigureData:
+        groups = group_runs(runs)
+        finals: dict[str, list[tuple[int | None, dict[str, Any]]]] = {}
+        for label, members in groups.items():
+            for run in members:
+                loaded = final_geometry(run)
+                if loaded is not None:
+                    finals.setdefault(label, []).append((run.seed, loaded[1]))
+        reports = [layers for entries in finals.values() for _, layers in entries]
+        layers = list(dict.fromkeys(name for layers in reports for name in layers))
+        return cls(out_dir, groups, finals, layers)
+
+    @property
+    def shown_layers(self) -> list[str]:
+        """The layers that get a panel (the first :data:`MAX_LAYER_PANELS`)."""
+        return self.layers[:MAX_LAYER_PANELS]
+
+    def more(self, shown: int = MAX_LAYER_PANELS) -> str:
+        """A title suffix saying that only the first ``shown`` layers are drawn (empty when all are)."""
+        return f" (first {shown} of {len(self.layers)} layers)" if len(self.layers) > shown else ""
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.out_dir, name)
+
+
+def spectra_figure(data: FigureData) -> str | None:
+    """Mean expert-Jacobian spectrum per layer at the final probe step, one line per routing."""
+    panels = []
+    for layer in data.shown_layers:
+        series = {
+            label: [s for _, lay in entries if layer in lay and (s := expert_mean_spectrum(lay[layer])) is not None]
+            for label, entries in data.finals.items()
+        }
+        series = {k: v for k, v in series.items() if v}
+        if series:
+            panels.append((layer, series))
+    if not panels:
+        return None
+    return plots.plot_spectrum_panels(
+        panels,
+        data.path("spectra.png"),
+        f"Mean expert-Jacobian spectrum, final probe step{data.more()}\n"
+        "(experts averaged with weights Σw; mean over seeds, min–max over seeds shaded)",
+        ylabel="singular value σ_i",
+    )
+
+
+def curves_figure(data: FigureData) -> str | None:
+    """σ_max and the Jacobian effective rank over training, averaged over layers."""
+    panels = []
+    for key, title, ylabel in (
+        ("jac_sigma_max/mean", "σ_max (expert mean), mean over layers", "σ_max"),
+        ("jac_effective_rank/mean", "Jacobian effective rank (expert mean), mean over layers", "effective rank"),
+    ):
+        series: dict[str, list[pd.Series]] = {}
+        for label, members in data.groups.items():
+            for run in members:
+                columns = [f"geometry/{la}/{key}" for la in layer_names(run.history)]
+                columns = [c for c in columns if c in run.history.columns]
+                if columns:
+                    series.setdefault(label, []).append(run.history[columns].mean(axis=1, skipna=True).dropna())
+        if series:
+            panels.append((title, ylabel, series))
+    if not panels:
+        return None
+    return plots.plot_curve_panels(
+        panels, data.path("curves.png"), "Geometry over training (mean over seeds, min–max band)"
+    )
+
+
+def alignment_figure(data: FigureData) -> str | None:
+    """The mean-Jacobian alignment matrix of each routing and layer, from the lowest seed that has it."""
+    items = []
+    for label, entries in data.finals.items():
+        for layer in data.shown_layers:
+            for seed, lay in entries:  # the first seed (lowest) that has this layer's matrix
+                report = lay.get(layer)
+                if report is not None and report.num_experts > 1 and "align_mean_jacobian" in report.matrices:
+                    title = alignment_title(f"{label}, {layer}, seed {seed}", report)
+                    items.append((title, report.matrices["align_mean_jacobian"].double().numpy()))
+                    break
+    if not items:
+        return None
+    return plots.plot_heatmaps(
+        items,
+        data.path("alignment.png"),
+        "Mean-Jacobian alignment |cos(J̄_i, J̄_j)| at the final probe step (chance: E|cos| of Gaussian matrices)",
+    )
+
+
+def pca_figure(data: FigureData) -> str | None:
+    """Weighted PCA eigenvalues of the plotted sites at the final probe step."""
+    panels = []
+    for site in PLOTTED_PCA_SITES:
+        for layer in data.layers[:MAX_PCA_LAYERS]:
+            series = {
+                label: [
+                    v for _, lay in entries if layer in lay and (v := expert_mean_pca(lay[layer], site)) is not None
+                ]
+                for label, entries in data.finals.items()
+            }
+            series = {k: v for k, v in series.items() if v}
+            if series:
+                panels.append((f"{site} site, {layer}", series))
+    if not panels:
+        return None
+    return plots.plot_spectrum_panels(
+        panels,
+        data.path("pca_spectra.png"),
+        "Weighted PCA eigenvalues at the final probe step (expert mean, Σw-weighted; mean over seeds)"
+        + data.more(MAX_PCA_LAYERS),
+        ylabel="eigenvalue λ_k",
+        xlabel="component k",
+    )
+
+
+def router_load_figure(data: FigureData) -> str | None:
+    """Each expert's share of the routed assignments over training, one seed per routing (expert identities
+    differ between seeds)."""
+    panels = []
+    for label, members in data.groups.items():
+        if members[0].routing == "dense":
+            continue
+        run = members[0]
+        prefixes = dict.fromkeys(
+            c.rsplit("/load/", 1)[0] for c in run.history.columns if "/load/e" in str(c) and c.startswith("router/")
+        )
+        for prefix in list(prefixes)[:MAX_LAYER_PANELS]:
+            columns = sorted(
+                (c for c in run.history.columns if str(c).startswith(f"{prefix}/load/e")),
+                key=lambda c: int(c.rsplit("/e", 1)[1]),
+            )
+            frame = run.history[columns].dropna(how="all")
+            frame.columns = [c.rsplit("/", 1)[1] for c in columns]
+            if not frame.empty:
+                panels.append((f"{label}, {prefix.split('/', 1)[1]}, seed {run.seed}", frame))
+    if not panels:
+        return None
+    return plots.plot_router_load(
+        panels, data.path("router_load.png"), "Router load: share of routed assignments per expert"
+    )
+
+
+# (file name, figure, note when it has no data), in the order of the report.
+FIGURES: tuple[tuple[str, Callable[[FigureData], str | None], str], ...] = (
+    ("spectra.png", spectra_figure, "no run has geometry/step_*.json reports with Jacobian spectra"),
+    ("curves.png", curves_figure, "no run logged geometry/<layer>/jac_sigma_max/mean"),
+    ("alignment.png", alignment_figure, "no MoE run has an alignment matrix in its geometry reports"),
+    ("pca_spectra.png", pca_figure, "no run has PCA eigenvalues in its geometry reports"),
+    ("router_load.png", router_load_figure, "no MoE run logged router/<layer>/load/e<i> keys"),
+)
+
+
+def write_figures(runs: list[Run], out_dir: str) -> tuple[dict[str, str | None], dict[str, str]]:
+    """Write the five figures of :data:`FIGURES`.
+
+    Returns:
+        ``(images, notes)``: file name -> written path (None when skipped), and file name -> why it was skipped.
+    """
+    data = FigureData.of(runs, out_dir)
+    images: dict[str, str | None] = {}
+    notes: dict[str, str] = {}
+    for name, figure, missing in FIGURES:
+        try:
+            images[name] = figure(data)
+        except Exception as error:  # a figure must never stop the report; say why it is missing
+            plots.plt.close("all")
+            images[name], notes[name] = None, f"failed: {error!r}"
+            continue
+        if images[name] is None:
+            notes[name] = missing
+    return images, notes
