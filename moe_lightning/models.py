@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_lightning.common import check_positive
-from moe_lightning.moe import MoEAux, MoEConfig, build_ffn
+from moe_lightning.moe import MoEAux, MoEConfig, MoELayer, build_ffn
 
 
 @dataclass
@@ -213,8 +213,6 @@ torch.serialization.add_safe_globals([MoEConfig, MLPMoEConfig, TransformerMoECon
 def param_counts(model: nn.Module) -> dict[str, int]:
     """Total parameters of ``model`` and parameters active per token (experts counted ``top_k`` times, or all
     for soft routing). Tied weights are counted once."""
-    from moe_lightning.moe import MoELayer
-
     total = sum(p.numel() for p in model.parameters())
     inactive = 0
     for module in model.modules():

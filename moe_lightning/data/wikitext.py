@@ -32,7 +32,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.utils.data import DataLoader, Dataset
 
 from moe_lightning.common import hf_offline_mode, hub_reachable
-from moe_lightning.data.bundled import BUNDLED_PREFIX, WIKITEXT2_TRAIN, WIKITEXT2_VAL, is_bundled, resolve_text_file
+from moe_lightning.common.bundled import BUNDLED_PREFIX, WIKITEXT2_TRAIN, WIKITEXT2_VAL, is_bundled, resolve_text_file
 
 END_OF_TEXT = "<|endoftext|>"
 # Byte-level BPE always keeps the 256 byte symbols, plus our end-of-text token.

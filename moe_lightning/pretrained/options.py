@@ -11,6 +11,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 from moe_lightning.common import check_choice, check_positive_int, dtype_from_name
+from moe_lightning.geometry import ProbeConfig
 
 DEVICES = ("auto", "cpu", "cuda")
 MODEL_DTYPES = ("float32", "bfloat16", "float64")  # what a checkpoint is loaded in
@@ -100,10 +101,8 @@ class ProbeOptions:
         """``layers`` as a list (None: every layer)."""
         return None if self.layers is None else ([self.layers] if isinstance(self.layers, str) else list(self.layers))
 
-    def probe_config(self) -> Any:
+    def probe_config(self) -> ProbeConfig:
         """The :class:`~moe_lightning.geometry.ProbeConfig` these options ask for."""
-        from moe_lightning.geometry import ProbeConfig
-
         return ProbeConfig(
             dtype=dtype_from_name("probe_dtype", self.probe_dtype, PROBE_DTYPES),
             matrix_free_threshold=self.matrix_free_threshold,

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from moe_lightning.common.bundled import resolve_text_file
 from moe_lightning.pretrained.options import DEFAULT_TEXT_FILE
 
 # Lines tokenized per tokenizer call while filling the token budget (the text file may be much longer).
@@ -76,9 +77,6 @@ def text_tokens(
         texts_or_file = DEFAULT_TEXT_FILE
     source: str | None = None
     if isinstance(texts_or_file, (str, os.PathLike)):
-        # moe_lightning.data pulls in Lightning and datasets, which a probe run otherwise never imports.
-        from moe_lightning.data.bundled import resolve_text_file
-
         source = os.fspath(texts_or_file)
         texts = read_text_file(resolve_text_file(source))
     else:

@@ -49,6 +49,7 @@ def write_outputs(
     Returns:
         The written paths, ``probe.json`` first.
     """
+    # The plotting stack (pandas, matplotlib) loads only when a report is written, not for probe_pretrained alone.
     from moe_lightning.report import render_probe
 
     out = Path(out_dir)

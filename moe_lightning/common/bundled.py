@@ -2,7 +2,8 @@
 
 The files live in the package, not next to a checkout, so a clone in any folder and an installed wheel find
 them alike. A config names one as ``bundled:<name>``, for example ``bundled:wikitext-2/valid.txt``; their source
-and licence are in ``moe_lightning/data/wikitext-2/README.md``.
+and licence are in ``moe_lightning/data/wikitext-2/README.md``. They are found from the top package, so that
+looking one up does not import ``moe_lightning.data`` (and with it Lightning and ``datasets``).
 """
 
 from __future__ import annotations
@@ -18,9 +19,13 @@ WIKITEXT2_VAL = "wikitext-2/test.txt"
 """The bundled split the WikiText configs validate on, and the default text of ``moe-lightning probe``."""
 
 
+def _data_root():
+    return resources.files("moe_lightning").joinpath("data")
+
+
 def bundled_names() -> list[str]:
     """Names of every bundled text file, such as ``"wikitext-2/valid.txt"``."""
-    root = resources.files("moe_lightning.data")
+    root = _data_root()
     return sorted(
         f"{folder.name}/{item.name}"
         for folder in root.iterdir()
@@ -40,7 +45,7 @@ def bundled_file(name: str) -> Path:
     if name not in bundled_names():
         raise ValueError(f"{name!r} is not a bundled file; bundled files: {', '.join(bundled_names())}")
     # A regular (unzipped) install: files() is a real directory, so its path stays valid after this call.
-    return Path(str(resources.files("moe_lightning.data").joinpath(name)))
+    return Path(str(_data_root().joinpath(name)))
 
 
 def resolve_text_file(path: str | os.PathLike | None) -> str | None:
@@ -53,5 +58,5 @@ def resolve_text_file(path: str | os.PathLike | None) -> str | None:
 
 def is_bundled(path: str | Path) -> bool:
     """Whether ``path`` (already resolved) is one of the files shipped in the package."""
-    data_root = Path(str(resources.files("moe_lightning.data"))).resolve()
+    data_root = Path(str(_data_root())).resolve()
     return Path(path).resolve().is_relative_to(data_root)
