@@ -17,6 +17,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from helpers import tiny_hf_model  # noqa: E402
+
 from moe_lightning.adapters import MoEView, find_moe_layers, registered_adapters  # noqa: E402
 from moe_lightning.adapters.hf import HFSparseMoeView, register_hf_adapters  # noqa: E402
 
@@ -36,17 +38,15 @@ COMMON = dict(
     bos_token_id=1,
     eos_token_id=2,
 )
-# family -> (config class, model class, extra config, top-k renormalised?)
+# family -> (extra config, top-k renormalised?)
 FAMILIES = {
-    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4), True),
+    "mixtral": (dict(num_local_experts=4), True),
     "qwen2_moe": (
-        "Qwen2MoeConfig",
-        "Qwen2MoeForCausalLM",
         dict(num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=48, norm_topk_prob=False),
         False,
     ),
-    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(num_experts=4, moe_intermediate_size=16), True),
-    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(num_experts=4, norm_topk_prob=False), False),
+    "qwen3_moe": (dict(num_experts=4, moe_intermediate_size=16), True),
+    "olmoe": (dict(num_experts=4, norm_topk_prob=False), False),
 }
 EXTRA = {"qwen3_moe": dict(norm_topk_prob=True)}
 
@@ -58,10 +58,8 @@ def _hf_adapters_registered() -> None:
 
 
 def build(family: str, **overrides) -> torch.nn.Module:
-    config_name, model_name, extra, _ = FAMILIES[family]
-    config = getattr(transformers, config_name)(**{**COMMON, **extra, **EXTRA.get(family, {}), **overrides})
-    torch.manual_seed(0)
-    return getattr(transformers, model_name)(config).eval()
+    extra, _ = FAMILIES[family]
+    return tiny_hf_model(family, **{**COMMON, **extra, **EXTRA.get(family, {}), **overrides}).eval()
 
 
 def block_forward(block: torch.nn.Module, x_ND: torch.Tensor) -> torch.Tensor:
@@ -150,7 +148,7 @@ def test_gates_equal_model_router_weights(family: str) -> None:
     model = build(family)
     views = find_moe_layers(model)
     out, captured = run_and_capture(model, views)
-    renormalise = FAMILIES[family][3]
+    renormalise = FAMILIES[family][1]
     routed = [v for v in views if isinstance(v, HFSparseMoeView)]
     assert len(routed) == len(out.router_logits) == 2
     for view, logits_NE in zip(routed, out.router_logits, strict=True):

@@ -1,23 +1,18 @@
 """Smoke run of scripts/benchmark_geometry.py at tiny shapes: every row printed, and the accuracy it reports is
 checked against the float64 SVD the script measures against."""
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_geometry.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("benchmark_geometry", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 def _rows(text: str, header_start: str) -> list[list[str]]:

@@ -7,7 +7,6 @@ Shape legend: ``B`` batch, ``T`` sequence length, ``N = B * T`` tokens, ``D`` mo
 
 from __future__ import annotations
 
-import csv
 import math
 import warnings
 from pathlib import Path
@@ -19,6 +18,8 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 transformers = pytest.importorskip("transformers")
+
+from helpers import read_metrics, tiny_hf_model  # noqa: E402
 
 from moe_lightning.adapters import find_moe_layers  # noqa: E402
 from moe_lightning.callbacks import GeometryMonitor, RouterMonitor  # noqa: E402
@@ -37,22 +38,15 @@ COMMON = dict(
     bos_token_id=1,
     eos_token_id=2,
 )
-# family -> (config class, model class, extra config, MoE layer names)
+# family -> (extra config, MoE layer names)
 FAMILIES = {
-    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4), ["layers.0.mlp", "layers.1.mlp"]),
+    "mixtral": (dict(num_local_experts=4), ["layers.0.mlp", "layers.1.mlp"]),
     "qwen2_moe": (
-        "Qwen2MoeConfig",
-        "Qwen2MoeForCausalLM",
         dict(num_experts=4, moe_intermediate_size=8, shared_expert_intermediate_size=24),
         ["layers.0.mlp", "layers.0.mlp.shared_expert", "layers.1.mlp", "layers.1.mlp.shared_expert"],
     ),
-    "qwen3_moe": (
-        "Qwen3MoeConfig",
-        "Qwen3MoeForCausalLM",
-        dict(num_experts=4, moe_intermediate_size=8),
-        ["layers.0.mlp", "layers.1.mlp"],
-    ),
-    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(num_experts=4), ["layers.0.mlp", "layers.1.mlp"]),
+    "qwen3_moe": (dict(num_experts=4, moe_intermediate_size=8), ["layers.0.mlp", "layers.1.mlp"]),
+    "olmoe": (dict(num_experts=4), ["layers.0.mlp", "layers.1.mlp"]),
 }
 
 
@@ -77,10 +71,8 @@ class CausalLM(L.LightningModule):
 
 
 def build(family: str) -> torch.nn.Module:
-    config_name, model_name, extra, _ = FAMILIES[family]
-    config = getattr(transformers, config_name)(**{**COMMON, **extra})
-    torch.manual_seed(0)
-    return getattr(transformers, model_name)(config)
+    extra, _ = FAMILIES[family]
+    return tiny_hf_model(family, **COMMON, **extra)
 
 
 class Tokens(L.LightningDataModule):
@@ -110,15 +102,9 @@ def fit(family: str, tmp_path: Path, geometry: GeometryMonitor, data=None) -> tu
     return module, read_metrics(tmp_path)
 
 
-def read_metrics(log_dir: Path) -> list[dict[str, str]]:
-    (path,) = list(Path(log_dir).rglob("metrics.csv"))
-    with open(path) as f:
-        return list(csv.DictReader(f))
-
-
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_geometry_and_router_monitors_on_hf_model(family, tmp_path):
-    layer_names = [f"model.{name}" for name in FAMILIES[family][3]]
+    layer_names = [f"model.{name}" for name in FAMILIES[family][1]]
     # float32: the float64 default hits the HF SwiGLU closed-form dtype bug (test_hf_probe_in_float64 below)
     geometry = GeometryMonitor(
         every_n_steps=1, max_tokens=32, layer_jacobian=False, subspace_rank=2, dtype="float32", source="train"

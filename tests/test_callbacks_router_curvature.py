@@ -7,7 +7,6 @@ Shape legend: ``N`` tokens, ``E`` experts, ``D`` model dim, ``P`` parameters.
 from __future__ import annotations
 
 import copy
-import csv
 import math
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from helpers import logged, read_metrics
 from lightning.pytorch import Callback
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
@@ -22,17 +22,6 @@ from torch.utils.data import DataLoader, TensorDataset
 from moe_lightning.callbacks import CurvatureMonitor, GeometryMonitor, RouterMonitor, router_statistics
 from moe_lightning.models import MLPMoEConfig
 from moe_lightning.modules import MLPMoEModule
-
-
-def read_metrics(log_dir: Path) -> list[dict[str, str]]:
-    (path,) = list(Path(log_dir).rglob("metrics.csv"))
-    with open(path) as f:
-        return list(csv.DictReader(f))
-
-
-def logged(rows: list[dict[str, str]], key: str) -> dict[int, float]:
-    """``{step: value}`` of one key in a CSVLogger file."""
-    return {int(r["step"]): float(r[key]) for r in rows if r.get(key) not in (None, "")}
 
 
 def trainer(tmp_path: Path, callbacks: list, max_steps: int, **kwargs) -> L.Trainer:

@@ -58,9 +58,8 @@ def test_forward_matches_per_token_reference(routing, activation, normalize):
 
 
 @pytest.mark.parametrize("routing", ["topk", "soft"])
-def test_backward_matches_reference(routing):
-    torch.manual_seed(1)
-    layer = MoELayer(MoEConfig(dim=8, expert_hidden=8, num_experts=4, top_k=2, routing=routing)).double()
+def test_backward_matches_reference(routing, tiny_moe_layer):
+    layer = tiny_moe_layer(seed=1, expert_hidden=8, routing=routing)
     x = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
     grads = torch.autograd.grad(layer(x)[0].square().sum(), [x, layer.w_in, layer.router.weight])
     reference = torch.autograd.grad(reference_moe(layer, x).square().sum(), [x, layer.w_in, layer.router.weight])
@@ -121,9 +120,9 @@ def test_capacity_drops_in_token_order_and_reports_count():
     assert (y[capacity:] == 0).all()
 
 
-def test_dropless_reports_zero_drops():
-    layer = MoELayer(MoEConfig(dim=8, expert_hidden=8, num_experts=4, top_k=2))
-    assert layer(torch.randn(9, 8))[1].dropped.item() == 0
+def test_dropless_reports_zero_drops(tiny_moe_layer):
+    layer = tiny_moe_layer(expert_hidden=8)
+    assert layer(torch.randn(9, 8, dtype=torch.float64))[1].dropped.item() == 0
 
 
 @pytest.mark.parametrize("capacity_match,hidden", [("total", 4 * 16), ("active", 2 * 16)])

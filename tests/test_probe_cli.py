@@ -21,6 +21,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from helpers import tiny_hf_model  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 
 from moe_lightning.adapters import find_moe_layers  # noqa: E402
@@ -80,17 +81,11 @@ def workspace(tmp_path_factory) -> dict:
     # The first lines of the test split, blank lines included (the CLI drops them).
     text.write_text("\n".join((WIKITEXT / "test.txt").read_text(encoding="utf-8").splitlines()[:60]) + "\n")
     models_: dict[str, torch.nn.Module] = {}
-    for family, config_cls, model_cls, extra in (
-        ("mixtral", "MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4)),
-        (
-            "qwen2_moe",
-            "Qwen2MoeConfig",
-            "Qwen2MoeForCausalLM",
-            dict(num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=48),
-        ),
+    for family, extra in (
+        ("mixtral", dict(num_local_experts=4)),
+        ("qwen2_moe", dict(num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=48)),
     ):
-        torch.manual_seed(0)
-        model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**COMMON, **extra)).eval()
+        model = tiny_hf_model(family, **COMMON, **extra).eval()
         model.save_pretrained(root / family)
         save_tokenizer(root / family)
         models_[family] = model

@@ -1,12 +1,12 @@
 """Short real fits: the loss goes down for every routing, and every shipped config runs through the CLI."""
 
-import csv
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 import yaml
+from helpers import column, read_metrics
 from lightning.pytorch.loggers import CSVLogger
 
 from moe_lightning.cli import main
@@ -15,16 +15,6 @@ from moe_lightning.models import MLPMoEConfig, TransformerMoEConfig
 from moe_lightning.modules import CausalLMModule, MLPMoEModule
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def read_metrics(log_dir: Path) -> list[dict[str, str]]:
-    (path,) = list(Path(log_dir).rglob("metrics.csv"))
-    with open(path) as f:
-        return list(csv.DictReader(f))
-
-
-def column(rows, key):
-    return [float(r[key]) for r in rows if r.get(key) not in (None, "")]
 
 
 @pytest.mark.parametrize("routing", ["dense", "topk", "soft"])
