@@ -103,6 +103,43 @@ def topr_singular_values(
         >>> torch.allclose(res.values[0], torch.linalg.svdvals(W)[:4])
         True
     """
+    _check_topr_arguments(r, oversample, max_iter, tol, method, block_size)
+    if isinstance(fn, JacobianOperator):
+        op = fn
+    elif x_ND is None or x_ND.dim() != 2:
+        raise ValueError("topr_singular_values: x_ND must be an (N, D) tensor when fn is a function")
+    elif x_ND.shape[0] == 0:
+        with torch.no_grad():
+            d_out = fn(x_ND).shape[-1]
+        return _empty_result(min(r, x_ND.shape[1], d_out), x_ND.dtype, x_ND.device)
+    else:
+        op = func_jacobian_operator(fn, x_ND)
+    n, d_in, d_out, dtype, device = op.num_tokens, op.d_in, op.d_out, op.dtype, op.device
+    r = min(r, d_in, d_out)
+    k = min(r + oversample, d_in, d_out)
+    tol = max(tol, 16 * torch.finfo(dtype).eps)
+    if n == 0:
+        return _empty_result(r, dtype, device)
+    J, Jt = op.apply, op.apply_transpose
+    gen = torch.Generator(device=device).manual_seed(seed)
+    b = k if method == "subspace" else _krylov_block(op.gemm_tokens or n, k, block_size)
+    omega = torch.randn(n, d_in, b, generator=gen, dtype=dtype, device=device)
+    if method == "krylov":
+        Q, Z, it, converged = _block_krylov(J, Jt, omega, r, k, max_iter, tol, min(d_in, d_out))
+    else:
+        Q, Z, it, converged = _subspace_iteration(J, Jt, omega, r, max_iter, tol)
+    S_r, residual, V_r = _rayleigh_ritz(J, Q, Z, r)
+    return TopRResult(S_r, residual, it, converged, V_r if return_vectors else None, Q.shape[-1])
+
+
+def _empty_result(r: int, dtype: torch.dtype, device: torch.device) -> TopRResult:
+    empty = torch.zeros(0, r, dtype=dtype, device=device)
+    return TopRResult(empty, empty.clone(), 0, torch.zeros(0, dtype=torch.bool, device=device))
+
+
+def _check_topr_arguments(
+    r: int, oversample: int, max_iter: int, tol: float, method: str, block_size: int | None
+) -> None:
     if not isinstance(r, int) or r < 1:
         raise ValueError(f"topr_singular_values: r must be an int >= 1, got {r!r}")
     if oversample < 0 or max_iter < 1 or tol < 0:
@@ -114,41 +151,17 @@ def topr_singular_values(
         raise ValueError(f"topr_singular_values: method must be 'krylov' or 'subspace', got {method!r}")
     if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
         raise ValueError(f"topr_singular_values: block_size must be None or an int >= 1, got {block_size!r}")
-    if isinstance(fn, JacobianOperator):
-        op = fn
-    elif x_ND is None or x_ND.dim() != 2:
-        raise ValueError("topr_singular_values: x_ND must be an (N, D) tensor when fn is a function")
-    elif x_ND.shape[0] == 0:
-        with torch.no_grad():
-            d_out = fn(x_ND).shape[-1]
-        r = min(r, x_ND.shape[1], d_out)
-        empty = x_ND.new_zeros(0, r)
-        return TopRResult(empty, empty.clone(), 0, torch.zeros(0, dtype=torch.bool, device=x_ND.device))
-    else:
-        op = func_jacobian_operator(fn, x_ND)
-    n, d_in, d_out, dtype, device = op.num_tokens, op.d_in, op.d_out, op.dtype, op.device
-    r = min(r, d_in, d_out)
-    k = min(r + oversample, d_in, d_out)
-    tol = max(tol, 16 * torch.finfo(dtype).eps)
-    if n == 0:
-        empty = torch.zeros(0, r, dtype=dtype, device=device)
-        return TopRResult(empty, empty.clone(), 0, torch.zeros(0, dtype=torch.bool, device=device))
-    J, Jt = op.apply, op.apply_transpose
 
-    gen = torch.Generator(device=device).manual_seed(seed)
-    b = k if method == "subspace" else _krylov_block(op.gemm_tokens or n, k, block_size)
-    omega = torch.randn(n, d_in, b, generator=gen, dtype=dtype, device=device)
-    if method == "krylov":
-        Q, Z, it, converged = _block_krylov(J, Jt, omega, r, k, max_iter, tol, min(d_in, d_out))
-    else:
-        Q, Z, it, converged = _subspace_iteration(J, Jt, omega, r, max_iter, tol)
-    # Rayleigh–Ritz: Qᵀ J = Zᵀ = U_b Σ V_bᵀ, so σ_i with v_i = V_b[:, i] and u_i = Q U_b[:, i].
+
+def _rayleigh_ritz(J: Callable[[Tensor], Tensor], Q: Tensor, Z: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The top-``r`` Ritz values of the basis ``Q`` (``Z = Jᵀ Q``), their residuals ``‖J v_i − σ_i u_i‖`` and
+    right vectors ``v_i``: ``Qᵀ J = Zᵀ = U_b Σ V_bᵀ``, so ``σ_i`` with ``v_i = V_b[:, i]``, ``u_i = Q U_b[:, i]``."""
     V_b, S, U_bT = torch.linalg.svd(Z, full_matrices=False)  # Z = V_b S U_bᵀ
     V_r = V_b[:, :, :r]
     U_r = Q @ U_bT.transpose(-1, -2)[:, :, :r]
     S_r = S[:, :r]
     residual = torch.linalg.vector_norm(J(V_r) - U_r * S_r.unsqueeze(1), dim=1)
-    return TopRResult(S_r, residual, it, converged, V_r if return_vectors else None, Q.shape[-1])
+    return S_r, residual, V_r
 
 
 def _relative_change(sigma: Tensor, prev: Tensor) -> Tensor:
