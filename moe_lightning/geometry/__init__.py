@@ -1,8 +1,11 @@
 """Geometry core: exact and matrix-free Jacobian spectra, weighted PCA, alignment, Grassmann distances, curvature,
 router statistics, and the probe that measures them on one MoE layer seen through :class:`MoEView`.
 
-Pure PyTorch (no Lightning). Definitions: docs/geometry.md; usage: docs/geometry-api.md.
+Pure PyTorch (no Lightning). Definitions: docs/geometry.md; usage: docs/geometry-api.md. ``WeightedCovariance`` is
+imported on first use (it needs torchmetrics, which imports transformers when installed).
 """
+
+from typing import TYPE_CHECKING
 
 from moe_lightning.geometry.alignment import (
     alignment_chance,
@@ -36,7 +39,7 @@ from moe_lightning.geometry.operators import (
     mlp_jacobian_operator,
     swiglu_jacobian_operator,
 )
-from moe_lightning.geometry.pca import PCAResult, WeightedCovariance, pca_from_moments, weighted_pca
+from moe_lightning.geometry.pca import PCAResult, pca_from_moments, weighted_pca
 from moe_lightning.geometry.probe import finalize, probe, probe_statistics
 from moe_lightning.geometry.probe_config import ProbeConfig
 from moe_lightning.geometry.report import GeometryReport
@@ -117,3 +120,14 @@ __all__ = [
     "topr_singular_values",
     "weighted_pca",
 ]
+
+if TYPE_CHECKING:
+    from moe_lightning.geometry.covariance import WeightedCovariance
+
+
+def __getattr__(name: str) -> object:
+    if name == "WeightedCovariance":
+        from moe_lightning.geometry.covariance import WeightedCovariance
+
+        return WeightedCovariance
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
