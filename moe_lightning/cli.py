@@ -15,6 +15,8 @@ import lightning as L
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 
+from moe_lightning.callbacks import GeometryMonitor
+
 DEFAULT_LOGGER = {"class_path": "moe_lightning.loggers.AutoWandbLogger", "init_args": {"save_dir": "runs"}}
 
 
@@ -73,8 +75,6 @@ class MoELightningCLI(LightningCLI):
         """Print the geometry summary and the report path (rank zero, when the run probed geometry)."""
         if not self._get(self.config, "summary") or not self.trainer.is_global_zero or self.trainer.logger is None:
             return
-        from moe_lightning.callbacks import GeometryMonitor
-
         if not any(isinstance(callback, GeometryMonitor) for callback in self.trainer.callbacks):
             return
         # The report stack (pandas, matplotlib) loads only here, after training.

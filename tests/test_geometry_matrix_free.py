@@ -6,10 +6,10 @@ import torch.nn.functional as F
 from torch.autograd.functional import jacobian as autograd_jacobian
 
 from moe_lightning.geometry import swiglu_expert_jacobian, topr_singular_values
-from moe_lightning.geometry.matrix_free import (
+from moe_lightning.geometry.krylov import _extrapolated_converged
+from moe_lightning.geometry.operators import (
     _COLUMN_LAYOUT_MIN,
     _columns_layout,
-    _extrapolated_converged,
     func_jacobian_operator,
     mlp_jacobian_operator,
     swiglu_jacobian_operator,
@@ -242,7 +242,7 @@ def test_composed_layer_operator_equals_products_with_the_autograd_layer_jacobia
 
 def _counting(op):
     """``op`` with every ``apply``'s column count recorded (block columns over all tokens)."""
-    from moe_lightning.geometry.matrix_free import JacobianOperator
+    from moe_lightning.geometry.operators import JacobianOperator
 
     widths = []
 

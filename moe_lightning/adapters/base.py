@@ -1,58 +1,22 @@
-"""The ``MoEView`` contract: the seam between models and geometry (docs/design.md).
+"""The adapters' side of the ``MoEView`` contract (docs/design.md): :class:`CallableView`, a view built from plain
+callables, and re-exports of ``MoEView`` and ``TokenFn``, which live with the geometry that consumes them.
 
-Shape legend: ``N`` tokens, ``E`` experts, ``D`` model dim, ``H`` expert hidden width.
-
-Geometry code and callbacks see an MoE layer only through this protocol. Adapters implement it for each model
-family (ours, Hugging Face Mixtral / Qwen-MoE / OLMoE); a user with an unusual layer either writes a small class
-with these members, or wraps plain callables in :class:`CallableView`.
+Geometry code and callbacks see an MoE layer only through :class:`~moe_lightning.geometry.view.MoEView`. Adapters
+implement it for each model family (ours, Hugging Face Mixtral / Qwen-MoE / OLMoE); a user with an unusual layer
+either writes a small class with these members, or wraps plain callables in :class:`CallableView`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 from torch import Tensor, nn
 
-TokenFn = Callable[[Tensor], Tensor]
+from moe_lightning.geometry.view import MoEView, TokenFn
 
-
-@runtime_checkable
-class MoEView(Protocol):
-    """What the geometry probes need to know about one MoE layer.
-
-    Attributes:
-        name: module path in the model, e.g. ``"blocks.0.ffn"``.
-        module: the MoE block itself; forward hooks on it capture its input.
-        num_experts: number of experts ``E``; 1 for a dense FFN baseline.
-
-    Optional, outside the protocol (checked with ``hasattr``): ``expert_jacobian_operator(e, x) ->
-    JacobianOperator | None``, the closed-form products ``J V`` / ``Jᵀ U`` of expert ``e`` without forming ``J``
-    (``moe_lightning.geometry.swiglu_jacobian_operator``, ``mlp_jacobian_operator``). The probe's matrix-free
-    spectra (``D > ProbeConfig.matrix_free_threshold``) use it when offered, else ``torch.func``. Our layers and
-    the Hugging Face adapters offer it.
-    """
-
-    name: str
-    module: nn.Module
-    num_experts: int
-
-    def gates(self, x: Tensor) -> Tensor:
-        """(N, D) -> (N, E) gate weights, 0 where a token is not routed to an expert."""
-        ...
-
-    def expert(self, e: int) -> TokenFn:
-        """Expert ``e`` as a function (N, D) -> (N, D)."""
-        ...
-
-    def expert_hidden(self, e: int) -> TokenFn | None:
-        """Expert ``e``'s inner activation (N, D) -> (N, H) after the nonlinearity, or None if unknown."""
-        ...
-
-    def expert_jacobian(self, e: int, x: Tensor) -> Tensor | None:
-        """Closed-form Jacobian of expert ``e`` at each token, (N, D) -> (N, D, D), or None if unknown."""
-        ...
+__all__ = ["CallableView", "MoEView", "TokenFn"]
 
 
 @dataclass

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from moe_lightning.adapters.base import MoEView, TokenFn
 from moe_lightning.adapters.registry import register_adapter, registered_adapters
+from moe_lightning.geometry import JacobianOperator, swiglu_expert_jacobian, swiglu_jacobian_operator
 
 # adapter name -> (block class name, whether the family always renormalises the top-k weights)
 _HF_FAMILIES: dict[str, tuple[str, bool]] = {
@@ -70,14 +71,10 @@ class _SwigluClosedForms:
 
     def expert_jacobian(self, e: int, x_ND: Tensor) -> Tensor | None:
         """Closed-form Jacobian of expert ``e`` at each token, (N, D) -> (N, D, D); None unless the act is SiLU."""
-        from moe_lightning.geometry.jacobians import swiglu_expert_jacobian  # lazy: adapters import before geometry
-
         return _swiglu_closed_form(self._expert_weights(e), x_ND, swiglu_expert_jacobian)
 
-    def expert_jacobian_operator(self, e: int, x_ND: Tensor):
+    def expert_jacobian_operator(self, e: int, x_ND: Tensor) -> JacobianOperator | None:
         """Closed-form products ``J V`` / ``Jᵀ U`` at each token (matrix-free spectra); None unless the act is SiLU."""
-        from moe_lightning.geometry.matrix_free import swiglu_jacobian_operator
-
         return _swiglu_closed_form(self._expert_weights(e), x_ND, swiglu_jacobian_operator)
 
 

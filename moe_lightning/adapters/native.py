@@ -9,6 +9,12 @@ import torch
 from torch import Tensor, nn
 
 from moe_lightning.adapters.base import TokenFn
+from moe_lightning.geometry import (
+    mlp_expert_jacobian,
+    mlp_jacobian_operator,
+    swiglu_expert_jacobian,
+    swiglu_jacobian_operator,
+)
 from moe_lightning.moe import DenseFFN, MoELayer
 
 
@@ -41,14 +47,10 @@ class NativeMoEView:
         return mlp_fn(x, w_in, None, w_out, activation)
 
     def expert_jacobian(self, e: int, x: Tensor) -> Tensor | None:
-        from moe_lightning.geometry import mlp_expert_jacobian, swiglu_expert_jacobian
-
         return self._closed_form(e, x, swiglu_expert_jacobian, mlp_expert_jacobian)
 
     def expert_jacobian_operator(self, e: int, x: Tensor):
         """Closed-form products ``J V`` / ``Jᵀ U`` of expert ``e`` at each token, for the matrix-free spectra."""
-        from moe_lightning.geometry import mlp_jacobian_operator, swiglu_jacobian_operator
-
         return self._closed_form(e, x, swiglu_jacobian_operator, mlp_jacobian_operator)
 
     def __repr__(self) -> str:

@@ -1,7 +1,11 @@
-"""Geometry core: exact Jacobian spectra, weighted PCA, alignment, Grassmann distances, curvature.
+"""Geometry core: exact and matrix-free Jacobian spectra, weighted PCA, alignment, Grassmann distances, curvature,
+router statistics, and the probe that measures them on one MoE layer seen through :class:`MoEView`.
 
-Pure PyTorch (no Lightning). Definitions: docs/geometry.md; usage: docs/geometry-api.md.
+Pure PyTorch (no Lightning). Definitions: docs/geometry.md; usage: docs/geometry-api.md. ``WeightedCovariance`` is
+imported on first use (it needs torchmetrics, which imports transformers when installed).
 """
+
+from typing import TYPE_CHECKING
 
 from moe_lightning.geometry.alignment import (
     alignment_chance,
@@ -27,24 +31,19 @@ from moe_lightning.geometry.jacobians import (
     mlp_expert_jacobian,
     swiglu_expert_jacobian,
 )
-from moe_lightning.geometry.matrix_free import (
+from moe_lightning.geometry.krylov import TopRResult, topr_singular_values
+from moe_lightning.geometry.operators import (
     JacobianOperator,
-    TopRResult,
     compose_layer_operator,
     func_jacobian_operator,
     mlp_jacobian_operator,
     swiglu_jacobian_operator,
-    topr_singular_values,
 )
-from moe_lightning.geometry.pca import PCAResult, WeightedCovariance, pca_from_moments, weighted_pca
-from moe_lightning.geometry.probe import (
-    GeometryReport,
-    ProbeConfig,
-    ProbeStatistics,
-    finalize,
-    probe,
-    probe_statistics,
-)
+from moe_lightning.geometry.pca import PCAResult, pca_from_moments, weighted_pca
+from moe_lightning.geometry.probe import finalize, probe, probe_statistics
+from moe_lightning.geometry.probe_config import ProbeConfig
+from moe_lightning.geometry.report import GeometryReport
+from moe_lightning.geometry.router import router_statistics
 from moe_lightning.geometry.spectra import (
     SPECTRAL_STAT_NAMES,
     SPECTRAL_VARIANTS,
@@ -56,13 +55,16 @@ from moe_lightning.geometry.spectra import (
     spectral_stats,
     stable_rank,
 )
+from moe_lightning.geometry.statistics import ProbeStatistics
 from moe_lightning.geometry.subspaces import (
     GrassmannDistance,
     grassmann_distance,
     orthonormal_basis,
     principal_angles,
+    rank_gap,
     subspace_overlap_chance,
 )
+from moe_lightning.geometry.view import MoEView
 
 __all__ = [
     "ACTIVATIONS",
@@ -71,6 +73,7 @@ __all__ = [
     "GeometryReport",
     "GrassmannDistance",
     "JacobianOperator",
+    "MoEView",
     "PCAResult",
     "ProbeConfig",
     "ProbeStatistics",
@@ -107,6 +110,8 @@ __all__ = [
     "principal_angles",
     "probe",
     "probe_statistics",
+    "rank_gap",
+    "router_statistics",
     "spectral_stats",
     "stable_rank",
     "subspace_overlap_chance",
@@ -115,3 +120,14 @@ __all__ = [
     "topr_singular_values",
     "weighted_pca",
 ]
+
+if TYPE_CHECKING:
+    from moe_lightning.geometry.covariance import WeightedCovariance
+
+
+def __getattr__(name: str) -> object:
+    if name == "WeightedCovariance":
+        from moe_lightning.geometry.covariance import WeightedCovariance
+
+        return WeightedCovariance
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

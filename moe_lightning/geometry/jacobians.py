@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.func import jacfwd, jacrev, jvp, vmap
+
+from moe_lightning.geometry.view import MoEView
 
 __all__ = [
     "ACTIVATIONS",
@@ -28,6 +29,7 @@ __all__ = [
     "jacobians",
     "layer_jacobian",
     "mlp_expert_jacobian",
+    "silu_derivative",
     "swiglu_expert_jacobian",
 ]
 
@@ -122,7 +124,9 @@ def _gelu_tanh_derivative(z: Tensor) -> Tensor:
     return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * du
 
 
-def _silu_derivative(z: Tensor) -> Tensor:
+def silu_derivative(z: Tensor) -> Tensor:
+    """``silu'(z) = σ(z)(1 + z(1 − σ(z)))`` elementwise; the SwiGLU closed forms here and in
+    :mod:`moe_lightning.geometry.operators` share it (docs/geometry.md §1)."""
     s = torch.sigmoid(z)
     return s * (1.0 + z * (1.0 - s))
 
@@ -132,7 +136,7 @@ ACTIVATIONS: dict[str, tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tens
     "gelu": (F.gelu, _gelu_derivative),
     "gelu_tanh": (lambda z: F.gelu(z, approximate="tanh"), _gelu_tanh_derivative),
     "relu": (F.relu, lambda z: (z > 0).to(z.dtype)),
-    "silu": (F.silu, _silu_derivative),
+    "silu": (F.silu, silu_derivative),
     "tanh": (torch.tanh, lambda z: 1.0 - torch.tanh(z) ** 2),
 }
 
@@ -257,7 +261,7 @@ def swiglu_expert_jacobian(
     n, d_out = x_ND.shape[0], w_down_HD.shape[1]
     a_NH = x_ND @ w_gate_DH
     b_NH = x_ND @ w_up_DH
-    c_gate_NH = _silu_derivative(a_NH) * b_NH
+    c_gate_NH = silu_derivative(a_NH) * b_NH
     c_up_NH = F.silu(a_NH)
     ranges, chunk = _closed_form_chunks(x_ND, x_ND.element_size() * d_in * (h + d_out), memory_budget_bytes)
     if _needs_grad(x_ND, w_gate_DH, w_up_DH, w_down_HD):  # out= buffers are not differentiable
@@ -317,7 +321,7 @@ def _stacked_transpose_gemm(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _layer_fn(view: Any) -> RowFn:
+def _layer_fn(view: MoEView) -> RowFn:
     experts = [view.expert(e) for e in range(view.num_experts)]
 
     def layer(x: Tensor) -> Tensor:
@@ -364,7 +368,7 @@ def compose_layer_jacobian(
 
 
 def layer_jacobian(
-    view: Any,
+    view: MoEView,
     x_ND: Tensor,
     *,
     method: str = "auto",
@@ -409,7 +413,7 @@ def layer_jacobian(
 
 
 def expert_jacobian(
-    view: Any,
+    view: MoEView,
     e: int,
     x_ND: Tensor,
     *,

@@ -3,8 +3,9 @@
 Shape legend: ``N`` tokens, ``D`` feature dim of the site (model dim for input/output, ``H`` for the hidden site).
 
 Every estimate is built from the additive moments ``Σw``, ``Σw²``, ``Σw x`` and ``Σw x xᵀ`` (plus the token
-count), so batches and DDP ranks combine exactly by summation (:class:`WeightedCovariance` syncs them with
-``dist_reduce_fx="sum"``). The covariance divides by ``Σw`` (docs/geometry.md §3), i.e. it is numpy's
+count), so batches and DDP ranks combine exactly by summation
+(:class:`~moe_lightning.geometry.covariance.WeightedCovariance` syncs them with ``dist_reduce_fx="sum"``).
+The covariance divides by ``Σw`` (docs/geometry.md §3), i.e. it is numpy's
 ``np.cov(x.T, aweights=w, bias=True)``.
 """
 
@@ -14,11 +15,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
 
 from moe_lightning.geometry.spectra import effective_rank, n_components_for_variance, participation_ratio
 
-__all__ = ["PCAResult", "WeightedCovariance", "pca_from_moments", "weighted_pca"]
+__all__ = ["PCAResult", "moments", "pca_from_moments", "weighted_pca"]
 
 
 @dataclass
@@ -97,7 +97,9 @@ def pca_from_moments(sum_w: Tensor, sum_w2: Tensor, sum_wx: Tensor, sum_wxx: Ten
     )
 
 
-def _moments(x_ND: Tensor, w_N: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def moments(x_ND: Tensor, w_N: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``Σw``, ``Σw²``, ``Σw x``, ``Σw x xᵀ`` and the count of positive weights: the additive moments of
+    docs/geometry.md §3, which :func:`pca_from_moments` turns into a :class:`PCAResult`."""
     xw_ND = x_ND * w_N.unsqueeze(-1)
     return w_N.sum(), (w_N * w_N).sum(), xw_ND.sum(0), xw_ND.T @ x_ND, (w_N > 0).sum().to(x_ND.dtype)
 
@@ -126,60 +128,4 @@ def weighted_pca(x_ND: Tensor, w_N: Tensor | None = None) -> PCAResult:
         raise ValueError(f"weighted_pca: w_N must have shape ({x_ND.shape[0]},), got {tuple(w_N.shape)}")
     if bool((w_N < 0).any()):
         raise ValueError("weighted_pca: weights w_N must be nonnegative")
-    return pca_from_moments(*_moments(x_ND, w_N.to(x_ND.dtype)))
-
-
-class WeightedCovariance(Metric):
-    """Accumulates ``Σw``, ``Σw²``, ``Σw x``, ``Σw x xᵀ`` and counts over batches and DDP ranks (docs/geometry.md §3).
-
-    Rows with a non-finite value or weight are dropped and counted in ``nonfinite``.
-
-    Args:
-        dim: feature dimension ``D``.
-        dtype: accumulation dtype (float64 by default: ``C = Σw x xᵀ / Σw − μμᵀ`` cancels digits, docs/geometry.md §3).
-
-    Example:
-        >>> metric = WeightedCovariance(dim=3)
-        >>> x = torch.randn(10, 3, dtype=torch.float64)
-        >>> metric.update(x[:4]); metric.update(x[4:])
-        >>> torch.allclose(metric.compute().mean, x.mean(0))
-        True
-    """
-
-    full_state_update = False
-    higher_is_better = None
-    is_differentiable = False
-
-    def __init__(self, dim: int, dtype: torch.dtype = torch.float64, **kwargs) -> None:
-        super().__init__(**kwargs)
-        if not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"WeightedCovariance: dim must be a positive int, got {dim!r}")
-        self.dim = dim
-        self.accumulate_dtype = dtype
-        self.add_state("sum_w", default=torch.zeros((), dtype=dtype), dist_reduce_fx="sum")
-        self.add_state("sum_w2", default=torch.zeros((), dtype=dtype), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.zeros((), dtype=dtype), dist_reduce_fx="sum")
-        self.add_state("nonfinite", default=torch.zeros((), dtype=dtype), dist_reduce_fx="sum")
-        self.add_state("sum_wx", default=torch.zeros(dim, dtype=dtype), dist_reduce_fx="sum")
-        self.add_state("sum_wxx", default=torch.zeros(dim, dim, dtype=dtype), dist_reduce_fx="sum")
-
-    def update(self, x: Tensor, w: Tensor | None = None) -> None:
-        """Add a batch ``x`` ``(N, D)`` with weights ``w`` ``(N,)`` (ones when None)."""
-        x = x.to(self.accumulate_dtype)
-        if x.dim() != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"WeightedCovariance.update: x must be (N, {self.dim}), got {tuple(x.shape)}")
-        w = torch.ones(x.shape[0], dtype=x.dtype, device=x.device) if w is None else w.to(x.dtype)
-        ok = torch.isfinite(x).all(-1) & torch.isfinite(w)
-        if bool((w[ok] < 0).any()):
-            raise ValueError("WeightedCovariance.update: weights w must be nonnegative")
-        self.nonfinite += (~ok).sum().to(x.dtype)
-        sw, sw2, swx, swxx, cnt = _moments(x[ok], w[ok])
-        self.sum_w += sw
-        self.sum_w2 += sw2
-        self.sum_wx += swx
-        self.sum_wxx += swxx
-        self.count += cnt
-
-    def compute(self) -> PCAResult:
-        """The :class:`PCAResult` of everything accumulated (after the DDP sum)."""
-        return pca_from_moments(self.sum_w, self.sum_w2, self.sum_wx, self.sum_wxx, self.count)
+    return pca_from_moments(*moments(x_ND, w_N.to(x_ND.dtype)))

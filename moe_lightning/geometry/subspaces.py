@@ -5,6 +5,7 @@ Shape legend: ``D`` ambient dim, ``P``/``Q`` numbers of basis columns (subspace 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,7 @@ __all__ = [
     "grassmann_distance",
     "orthonormal_basis",
     "principal_angles",
+    "rank_gap",
     "subspace_overlap_chance",
 ]
 
@@ -119,3 +121,22 @@ def subspace_overlap_chance(r: int, d: int) -> float:
     if not 1 <= r <= d:
         raise ValueError(f"subspace_overlap_chance: need 1 <= r <= d, got r={r!r}, d={d!r}")
     return r / d
+
+
+def rank_gap(values: Tensor, r: int) -> float:
+    """Relative gap ``(v_r − v_{r+1}) / v_r`` at rank ``r`` of a descending spectrum: how well the top-``r``
+    subspace is determined (a project addition to the papers' quantities, docs/geometry.md §5).
+
+    By Davis–Kahan (eigenvectors of a covariance) and Wedin (singular vectors of a mean Jacobian), a perturbation
+    ``E`` of the matrix moves its top-``r`` subspace by at most about ``‖E‖ / (v_r − v_{r+1})``, so a gap near 0
+    means the subspace, and every overlap computed from it, can swing with sampling noise or round-off. 1 when
+    ``r`` is the whole space or ``v_{r+1} = 0 < v_r``; 0 when ``v_r = 0`` (fewer than ``r`` directions carry any
+    variance); NaN for a non-finite spectrum.
+    """
+    v = values.detach().to(torch.float64)
+    if v.numel() <= r:
+        return 1.0
+    vr, vnext = float(v[r - 1]), float(v[r])
+    if not (math.isfinite(vr) and math.isfinite(vnext)):
+        return math.nan
+    return (vr - vnext) / vr if vr > 0 else 0.0

@@ -1,0 +1,152 @@
+"""The :class:`Accumulator` contract every probe quantity follows (allocate its slots, add a chunk, finalise into
+the report), and :class:`SpectralMoments`, the weighted spectral sums the expert and layer spectra share
+(docs/geometry.md §2)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from moe_lightning.geometry.accumulators.context import Chunk, ProbeContext
+from moe_lightning.geometry.report import GeometryReport
+from moe_lightning.geometry.spectra import SPECTRAL_STAT_NAMES, SPECTRAL_VARIANTS, spectral_stats
+from moe_lightning.geometry.statistics import BufferLayout, Slot
+
+__all__ = ["Accumulator", "SkippedForOneExpert", "SpectralMoments", "safe_div"]
+
+
+class Accumulator:
+    """One quantity of the probe, in three steps on the one flat statistics buffer.
+
+    1. :meth:`allocate` reserves the quantity's :class:`~moe_lightning.geometry.statistics.Slot` slices, from
+       shapes only, so every rank allocates the same;
+    2. :meth:`add` adds one :class:`Chunk` of tokens into them (sums only, so ranks and chunks add up);
+    3. :meth:`finalize` turns the summed slots into entries of the :class:`GeometryReport`.
+
+    :meth:`close` runs once after the last chunk, for a quantity that queues tokens across chunks.
+    An accumulator keeps no reference to the view: statistics can outlive the model.
+    """
+
+    #: Whether :meth:`add` needs every expert's Jacobian on every token of a chunk (see ``ProbeContext``).
+    needs_all_token_jacobians: bool = False
+
+    def allocate(self, layout: BufferLayout) -> None:
+        """Reserve this quantity's slots in ``layout``."""
+
+    def add(self, chunk: Chunk, buffer: Tensor) -> None:
+        """Add ``chunk``'s contribution to this quantity's slots of ``buffer``."""
+
+    def close(self, ctx: ProbeContext, buffer: Tensor) -> None:
+        """Add whatever is still queued after the last chunk."""
+
+    def finalize(self, buffer: Tensor, report: GeometryReport, done: dict[Accumulator, Any]) -> Any:
+        """Write this quantity into ``report`` from the summed ``buffer``.
+
+        Args:
+            buffer: the statistics, summed over chunks and ranks.
+            report: the report being built; earlier quantities have written theirs.
+            done: what the accumulators finalised before this one returned, by accumulator.
+
+        Returns:
+            What later quantities may use (for instance the PCA results), or None.
+        """
+
+
+class SkippedForOneExpert(Accumulator):
+    """A quantity between experts (alignment, subspaces) on a layer with one expert: only its variant says so.
+
+    Args:
+        key: the quantity's variant key.
+    """
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def finalize(self, buffer: Tensor, report: GeometryReport, done: dict[Accumulator, Any]) -> None:
+        report.variants[self.key] = "skipped_single_expert"
+
+
+def safe_div(num: Tensor, den: Tensor) -> Tensor:
+    """``num / den`` where ``den > 0``, NaN elsewhere (an expert without tokens has no mean)."""
+    return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.full_like(num, math.nan))
+
+
+class SpectralMoments:
+    """``Σw``, ``Σw·stat`` and ``Σw·stat²`` of the spectral statistics (docs/geometry.md §2), for their weighted
+    mean and population std; each statistic counts only the tokens where it is finite.
+
+    Args:
+        layout: where the three slots are allocated.
+        prefix: slot-name and report-key prefix (``"jac"``, ``"layer_jac"``).
+        lead: leading shape (``(E,)`` per expert, ``()`` for the layer).
+    """
+
+    def __init__(self, layout: BufferLayout, prefix: str, *lead: int) -> None:
+        n_stats = len(SPECTRAL_STAT_NAMES)
+        self.prefix = prefix
+        self.sum_w: Slot = layout.allocate(f"{prefix}/sum_w", *lead, n_stats)
+        self.sum_w_stat: Slot = layout.allocate(f"{prefix}/sum_w_stat", *lead, n_stats)
+        self.sum_w_stat2: Slot = layout.allocate(f"{prefix}/sum_w_stat2", *lead, n_stats)
+
+    def add(
+        self,
+        buffer: Tensor,
+        singular_values_NM: Tensor,
+        w_N: Tensor,
+        *,
+        fit_max: int | None,
+        truncated: bool,
+        index: int | None = None,
+    ) -> None:
+        """Add the statistics of ``N`` spectra with weights ``w_N`` (at ``index`` of the leading shape, if any).
+
+        Args:
+            buffer: the statistics buffer.
+            singular_values_NM: ``(N, M)`` descending singular values.
+            w_N: ``(N,)`` token weights.
+            fit_max: largest index of the decay-slope fit.
+            truncated: the spectra are top-``M`` only, so the Frobenius norm is unknown (NaN).
+            index: position in the leading shape (an expert); None when there is none.
+        """
+        stats = spectral_stats(singular_values_NM, fit_max=fit_max)
+        if truncated:  # the Frobenius norm needs every singular value
+            stats["frobenius"] = torch.full_like(stats["frobenius"], math.nan)
+        values_NS = torch.stack([stats[k] for k in SPECTRAL_STAT_NAMES], dim=-1)
+        ok = torch.isfinite(values_NS)
+        v = torch.where(ok, values_NS, torch.zeros_like(values_NS))
+        wo = w_N.unsqueeze(-1) * ok.to(values_NS.dtype)
+        for slot, value in ((self.sum_w, wo), (self.sum_w_stat, wo * v), (self.sum_w_stat2, wo * v * v)):
+            target = slot.of(buffer)
+            if index is not None:
+                target = target[index]
+            target += value.sum(0)
+
+    def write(
+        self, buffer: Tensor, target: dict, variants: dict[str, str], *, fit_max: int | None, top: int | None
+    ) -> None:
+        """Write ``{prefix}_{stat}`` (weighted mean) and ``{prefix}_{stat}_std`` into ``target`` and the definition
+        variants into ``variants``.
+
+        Args:
+            buffer: the summed statistics.
+            target: where the values go (``report.expert`` for experts; a dict of 0-d tensors for the layer).
+            variants: the report's variants.
+            fit_max: the decay-slope fit's largest index (named in its variant).
+            top: ``M`` when the spectra were truncated to the top ``M`` values (matrix-free), else None.
+        """
+        w = self.sum_w.of(buffer)
+        mean = safe_div(self.sum_w_stat.of(buffer), w)
+        std = torch.sqrt((safe_div(self.sum_w_stat2.of(buffer), w) - mean**2).clamp_min(0))
+        for i, name in enumerate(SPECTRAL_STAT_NAMES):
+            key = f"{self.prefix}_{name}"
+            target[key] = mean[..., i]
+            target[f"{key}_std"] = std[..., i]
+            variant = SPECTRAL_VARIANTS[name]
+            if top is not None and name != "sigma_max":
+                variant = "unavailable_matrix_free" if name == "frobenius" else f"{variant}_on_top{top}"
+            if name == "decay_slope":
+                variant += f"_fit_max={fit_max or 'all'}"
+            variants[key] = variant

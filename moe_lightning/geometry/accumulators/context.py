@@ -1,0 +1,153 @@
+"""What the accumulators of one probe share: the :class:`ProbeContext` (view, config, path) and each token
+:class:`Chunk`, whose expert Jacobians and Jacobian operators are computed once and used by every quantity."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from moe_lightning.geometry.jacobians import expert_jacobian
+from moe_lightning.geometry.krylov import TopRResult
+from moe_lightning.geometry.operators import JacobianOperator
+from moe_lightning.geometry.probe_config import ProbeConfig
+from moe_lightning.geometry.view import MoEView, TokenFn
+
+__all__ = ["Chunk", "ProbeContext"]
+
+
+@dataclass
+class ProbeContext:
+    """One probe's view, config and path, fixed before the first token.
+
+    Attributes:
+        view: the layer probed.
+        config: the options.
+        experts: ``E`` expert functions ``(N, D) -> (N, D)``.
+        hidden: ``E`` hidden-activation functions, None where the view does not know them.
+        dim: D.
+        dtype: computation dtype.
+        device: device of the tokens.
+        matrix_free: whether the spectra are the matrix-free top-``rank`` values (``D > matrix_free_threshold``).
+        rank: ``M``, singular values kept per Jacobian: ``D`` on the exact path, ``r`` on the matrix-free path.
+        chunk_size: tokens per chunk (and per matrix-free solver call).
+        solve_topr: ``(fn or operator, x) -> TopRResult`` with the config's matrix-free settings.
+        all_token_jacobians: compute each expert's Jacobian on every token of a chunk, not only its routed ones
+            (pointwise alignment compares experts token by token).
+    """
+
+    view: MoEView
+    config: ProbeConfig
+    experts: list[TokenFn]
+    hidden: list[TokenFn | None]
+    dim: int
+    dtype: torch.dtype
+    device: torch.device
+    matrix_free: bool
+    rank: int
+    chunk_size: int
+    solve_topr: Callable[[TokenFn | JacobianOperator, Tensor], TopRResult]
+    all_token_jacobians: bool = False
+
+    @property
+    def num_experts(self) -> int:
+        """E."""
+        return len(self.experts)
+
+    def expert_operator(self, e: int, x_ND: Tensor) -> JacobianOperator | None:
+        """The view's closed-form Jacobian products for the matrix-free path (``expert_jacobian_operator``), if
+        any; with ``jacobian_method="closed_form"`` they are required, as the closed-form Jacobian is on the exact
+        path."""
+        cfg, view = self.config, self.view
+        if cfg.jacobian_method == "func":
+            return None
+        op = view.expert_jacobian_operator(e, x_ND) if hasattr(view, "expert_jacobian_operator") else None
+        if op is None and cfg.jacobian_method == "closed_form":
+            raise ValueError(
+                f"ProbeConfig.jacobian_method='closed_form' but view {getattr(view, 'name', '')!r} offers no "
+                f"expert_jacobian_operator for expert {e}, which the matrix-free path (D > matrix_free_threshold) "
+                f"needs; use 'auto' or 'func'"
+            )
+        return op
+
+    def expert_jacobian(self, e: int, x_ND: Tensor) -> Tensor:
+        """``(N, D, D)`` Jacobians of expert ``e`` in :attr:`dtype`, by the method the config asks for."""
+        cfg, view = self.config, self.view
+        if cfg.jacobian_method == "closed_form" and x_ND.shape[0]:
+            J = view.expert_jacobian(e, x_ND) if hasattr(view, "expert_jacobian") else None
+            if J is None:
+                raise ValueError(
+                    f"ProbeConfig.jacobian_method='closed_form' but view {getattr(view, 'name', '')!r} offers no "
+                    f"expert_jacobian for expert {e}; use 'auto' or 'func'"
+                )
+        else:
+            J = expert_jacobian(
+                view,
+                e,
+                x_ND,
+                prefer_closed_form=cfg.jacobian_method != "func",
+                memory_budget_bytes=cfg.memory_budget_bytes,
+            )
+        return J.to(self.dtype)
+
+    def has_closed_form(self) -> bool:
+        """Whether the view offers a closed-form expert Jacobian; decided from its capabilities, not the data, so
+        it is the same on every rank."""
+        if not hasattr(self.view, "expert_jacobian"):
+            return False
+        probe_x = torch.zeros(1, self.dim, dtype=self.dtype, device=self.device)
+        return self.view.expert_jacobian(0, probe_x) is not None
+
+
+class Chunk:
+    """One chunk of finite tokens with finite gates, and what several quantities compute from it.
+
+    Args:
+        ctx: the probe's context.
+        x_ND: ``(n, D)`` tokens.
+        gates_NE: ``(n, E)`` their gate values.
+    """
+
+    def __init__(self, ctx: ProbeContext, x_ND: Tensor, gates_NE: Tensor) -> None:
+        self.ctx, self.x, self.gates = ctx, x_ND, gates_NE
+        self.rows = [gates_NE[:, e] > 0 for e in range(ctx.num_experts)]
+        self._jacobians: dict[int, Tensor] = {}
+        self._all_token_jacobians: dict[int, Tensor] = {}
+        self._operators: dict[int, JacobianOperator | None] = {}
+
+    @property
+    def num_tokens(self) -> int:
+        """n."""
+        return self.x.shape[0]
+
+    def weights(self, e: int) -> Tensor:
+        """Gate values ``w = g_e`` of the tokens routed to expert ``e``."""
+        return self.gates[self.rows[e], e]
+
+    def inputs(self, e: int) -> Tensor:
+        """The tokens routed to expert ``e``."""
+        return self.x[self.rows[e]]
+
+    def jacobian(self, e: int) -> Tensor:
+        """Expert ``e``'s Jacobians at its routed tokens, ``(n_e, D, D)`` (exact path)."""
+        if e not in self._jacobians:
+            if self.ctx.all_token_jacobians:
+                self._jacobians[e] = self.all_token_jacobian(e)[self.rows[e]]
+            else:
+                self._jacobians[e] = self.ctx.expert_jacobian(e, self.inputs(e))
+        return self._jacobians[e]
+
+    def all_token_jacobian(self, e: int) -> Tensor:
+        """Expert ``e``'s Jacobians at every token of the chunk, ``(n, D, D)`` (exact path)."""
+        if e not in self._all_token_jacobians:
+            self._all_token_jacobians[e] = self.ctx.expert_jacobian(e, self.x)
+        return self._all_token_jacobians[e]
+
+    def operator(self, e: int) -> JacobianOperator | None:
+        """Expert ``e``'s closed-form Jacobian products at its routed tokens (matrix-free path), if the view has
+        them; built once per chunk, since a build computes the expert's activations and may cast its weights."""
+        if e not in self._operators:
+            self._operators[e] = self.ctx.expert_operator(e, self.inputs(e))
+        return self._operators[e]

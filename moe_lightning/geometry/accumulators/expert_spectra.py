@@ -1,0 +1,110 @@
+"""Singular-value spectra of each expert's Jacobian (docs/geometry.md §1–2): exact SVDs of formed Jacobians, or on
+the matrix-free path the top-``r`` values of an expert's routed tokens, queued across chunks into full batches."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from moe_lightning.geometry.accumulators.base import Accumulator, SpectralMoments, safe_div
+from moe_lightning.geometry.accumulators.context import Chunk, ProbeContext
+from moe_lightning.geometry.accumulators.tokens import TokenCounts
+from moe_lightning.geometry.operators import JacobianOperator
+from moe_lightning.geometry.report import GeometryReport
+from moe_lightning.geometry.spectra import batched_svdvals
+from moe_lightning.geometry.statistics import BufferLayout
+
+__all__ = ["ExpertSpectra"]
+
+
+class ExpertSpectra(Accumulator):
+    """Weighted spectral statistics, mean spectrum and (matrix-free) unconverged tokens per expert.
+
+    Args:
+        ctx: the probe's context.
+        tokens: the token counts (the mean spectrum divides by ``Σw``).
+        share_operators: build an expert's operator when its tokens arrive, so that the layer Jacobian's
+            composed operator (built on the same tokens of the chunk) reuses it.
+    """
+
+    def __init__(self, ctx: ProbeContext, tokens: TokenCounts, share_operators: bool) -> None:
+        cfg = ctx.config
+        self.tokens, self.num_experts, self.rank = tokens, ctx.num_experts, ctx.rank
+        self.matrix_free, self.share_operators = ctx.matrix_free, share_operators
+        self.fit_max, self.top = cfg.decay_fit_max, cfg.matrix_free_rank if ctx.matrix_free else None
+        if ctx.matrix_free:
+            self.source = f"matrix_free_topr(r={ctx.rank})"
+        elif cfg.jacobian_method == "func":
+            self.source = "torch_func"
+        else:
+            self.source = "closed_form" if ctx.has_closed_form() else "torch_func"
+        # Matrix-free spectra run on an expert's routed tokens gathered over chunks, ``chunk_size`` at a time: an
+        # expert sees only its share of a chunk (about top_k / E of it), and its tokens share every GEMM of the
+        # Krylov products, so full batches are what make them fast. ``_lone_op[e]``: the operator built on
+        # exactly the tokens queued for ``e`` (one entry), reused by its run.
+        self._pending: dict[int, list[tuple[Tensor, Tensor]]] = {e: [] for e in range(self.num_experts)}
+        self._lone_op: dict[int, JacobianOperator] = {}
+
+    def allocate(self, layout: BufferLayout) -> None:
+        self.moments = SpectralMoments(layout, "jac", self.num_experts)
+        self.spectrum = layout.allocate("jac/sum_w_spectrum", self.num_experts, self.rank)
+        self.unconverged = layout.allocate("jac/unconverged", self.num_experts) if self.matrix_free else None
+
+    def _add_spectra(self, buffer: Tensor, e: int, sv_NM: Tensor, w_N: Tensor) -> None:
+        self.moments.add(buffer, sv_NM, w_N, fit_max=self.fit_max, truncated=self.matrix_free, index=e)
+        self.spectrum.of(buffer)[e] += (w_N.unsqueeze(-1) * sv_NM).sum(0)
+
+    def add(self, chunk: Chunk, buffer: Tensor) -> None:
+        if self.matrix_free:
+            self._queue(chunk, buffer)
+            return
+        for e in range(self.num_experts):
+            J_e = chunk.jacobian(e)
+            sv = batched_svdvals(J_e) if J_e.shape[0] else J_e.new_zeros(0, self.rank)
+            self._add_spectra(buffer, e, sv, chunk.weights(e))
+
+    def _queue(self, chunk: Chunk, buffer: Tensor) -> None:
+        for e in range(self.num_experts):
+            x_e = chunk.inputs(e)
+            if not x_e.shape[0]:
+                continue
+            op = chunk.operator(e) if self.share_operators else None
+            pending = self._pending[e]
+            if pending or op is None:
+                self._lone_op.pop(e, None)  # several entries run as one batch: no operator to reuse
+            else:
+                self._lone_op[e] = op
+            pending.append((x_e, chunk.weights(e)))
+            if sum(q[0].shape[0] for q in pending) >= chunk.ctx.chunk_size:
+                self._flush(chunk.ctx, buffer, e, final=False)
+
+    def _flush(self, ctx: ProbeContext, buffer: Tensor, e: int, final: bool) -> None:
+        """Run expert ``e``'s queued tokens in calls of ``chunk_size``; a shorter remainder waits unless ``final``."""
+        built = self._lone_op.pop(e, None)  # one entry of at most ``chunk_size`` tokens: it runs as one batch
+        x_q, w_q = (torch.cat(parts) for parts in zip(*self._pending[e], strict=True))
+        self._pending[e].clear()
+        chunk = ctx.chunk_size
+        n_run = x_q.shape[0] if final else x_q.shape[0] // chunk * chunk
+        if n_run < x_q.shape[0]:
+            self._pending[e].append((x_q[n_run:], w_q[n_run:]))
+        for start in range(0, n_run, chunk):
+            x_b, w_b = x_q[start : start + chunk], w_q[start : start + chunk]
+            op = built if built is not None else ctx.expert_operator(e, x_b)
+            res = ctx.solve_topr(op or ctx.experts[e], x_b)
+            self._add_spectra(buffer, e, res.values, w_b)
+            self.unconverged.of(buffer)[e] += (~res.converged).sum()
+
+    def close(self, ctx: ProbeContext, buffer: Tensor) -> None:
+        for e in range(self.num_experts):
+            if self._pending[e]:  # what is left: fewer than ``chunk_size`` tokens an expert
+                self._flush(ctx, buffer, e, final=True)
+
+    def finalize(self, buffer: Tensor, report: GeometryReport, done: dict[Accumulator, Any]) -> None:
+        self.moments.write(buffer, report.expert, report.variants, fit_max=self.fit_max, top=self.top)
+        sum_w = self.tokens.sum_w.of(buffer)
+        report.spectra["jac_mean_spectrum"] = safe_div(self.spectrum.of(buffer), sum_w.unsqueeze(-1))
+        report.variants["jac_source"] = self.source
+        if self.unconverged is not None:
+            report.expert["jac_unconverged"] = self.unconverged.of(buffer).clone()

@@ -1,0 +1,104 @@
+"""Spectra of the whole layer's Jacobian through the router, ``J = Σ_e g_e J_e + Σ_e f_e ∇g_eᵀ`` (docs/geometry.md
+§1–2), with uniform token weights: formed by the product rule or torch.func, or as composed matrix-free products."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from moe_lightning.geometry.accumulators.base import Accumulator, SpectralMoments, safe_div
+from moe_lightning.geometry.accumulators.context import Chunk
+from moe_lightning.geometry.accumulators.tokens import TokenCounts
+from moe_lightning.geometry.jacobians import compose_layer_jacobian, jacobians, layer_jacobian
+from moe_lightning.geometry.operators import JacobianOperator, compose_layer_operator
+from moe_lightning.geometry.report import GeometryReport
+from moe_lightning.geometry.spectra import batched_svdvals
+from moe_lightning.geometry.statistics import BufferLayout
+
+__all__ = ["LayerJacobian"]
+
+
+class LayerJacobian(Accumulator):
+    """Spectral statistics and mean spectrum of the layer Jacobian over all tokens, each weighted 1.
+
+    Args:
+        tokens: the token counts (the mean spectrum divides by the tokens probed).
+        rank: ``M``, singular values kept per token.
+        matrix_free: whether the spectra are top-``M`` values of matrix-free products.
+        fit_max: the decay-slope fit's largest index.
+        top: ``matrix_free_rank`` on the matrix-free path (named in the variants), else None.
+    """
+
+    def __init__(self, tokens: TokenCounts, rank: int, matrix_free: bool, fit_max: int | None, top: int | None):
+        self.tokens, self.rank, self.matrix_free, self.fit_max, self.top = tokens, rank, matrix_free, fit_max, top
+
+    def allocate(self, layout: BufferLayout) -> None:
+        self.moments = SpectralMoments(layout, "layer_jac")
+        self.spectrum = layout.allocate("layer_jac/sum_spectrum", self.rank)
+        self.unconverged = layout.allocate("layer_jac/unconverged", 1) if self.matrix_free else None
+
+    def add(self, chunk: Chunk, buffer: Tensor) -> None:
+        if self.matrix_free:
+            sv, converged = self._top_singular_values(chunk)
+            self.unconverged.of(buffer).add_((~converged).sum())
+        else:
+            sv = batched_svdvals(self._formed_jacobians(chunk))
+        ones = torch.ones(chunk.num_tokens, dtype=chunk.ctx.dtype, device=chunk.x.device)
+        self.moments.add(buffer, sv, ones, fit_max=self.fit_max, truncated=self.matrix_free)
+        self.spectrum.of(buffer).add_(sv.sum(0))
+
+    def _formed_jacobians(self, chunk: Chunk) -> Tensor:
+        ctx, x, g = chunk.ctx, chunk.x, chunk.gates
+        cfg = ctx.config
+        if cfg.layer_jacobian_method == "func":
+            return layer_jacobian(ctx.view, x, method="func", memory_budget_bytes=cfg.memory_budget_bytes)
+        if not cfg.jacobian:  # no expert Jacobians on this chunk to reuse
+            return layer_jacobian(ctx.view, x, method="compose", memory_budget_bytes=cfg.memory_budget_bytes)
+        dg = jacobians(ctx.view.gates, x, memory_budget_bytes=cfg.memory_budget_bytes, mode="jacrev")
+        outputs = [ctx.experts[e](x) for e in range(ctx.num_experts)]
+        parts = [(chunk.rows[e], chunk.jacobian(e)) for e in range(ctx.num_experts)]
+        return compose_layer_jacobian(g, dg.to(g.dtype), outputs, parts)
+
+    def _top_singular_values(self, chunk: Chunk) -> tuple[Tensor, Tensor]:
+        ctx = chunk.ctx
+        view, experts = ctx.view, ctx.experts
+
+        def layer_fn(x: Tensor) -> Tensor:
+            g = view.gates(x)
+            return sum(g[:, e : e + 1] * experts[e](x) for e in range(len(experts)))
+
+        op = None if ctx.config.layer_jacobian_method == "func" else self._operator(chunk)
+        res = ctx.solve_topr(op or layer_fn, chunk.x)
+        return res.values, res.converged
+
+    def _operator(self, chunk: Chunk) -> JacobianOperator | None:
+        """The layer Jacobian as composed products (:func:`compose_layer_operator`) when every expert with routed
+        tokens offers ``expert_jacobian_operator``; None (torch.func through the layer function) otherwise. The
+        chunk's expert operators are reused where they hold the same tokens."""
+        ctx, x, g = chunk.ctx, chunk.x, chunk.gates
+        parts = []
+        for e in range(ctx.num_experts):
+            rows = g[:, e] != 0
+            if not bool(rows.any()):
+                parts.append((rows, None))
+                continue
+            op = chunk.operator(e) if torch.equal(chunk.rows[e], rows) else ctx.expert_operator(e, x[rows])
+            if op is None:
+                return None
+            parts.append((rows, op))
+        cfg = ctx.config
+        dg = jacobians(ctx.view.gates, x, memory_budget_bytes=cfg.memory_budget_bytes, mode="jacrev").to(g.dtype)
+        outputs = [ctx.experts[e](x).to(g.dtype) for e in range(ctx.num_experts)]
+        return compose_layer_operator(g, dg, outputs, parts)
+
+    def finalize(self, buffer: Tensor, report: GeometryReport, done: dict[Accumulator, Any]) -> None:
+        values: dict[str, Tensor] = {}
+        self.moments.write(buffer, values, report.variants, fit_max=self.fit_max, top=self.top)
+        report.layer.update({k: float(val) for k, val in values.items()})
+        n_tok = self.tokens.total.of(buffer)
+        report.spectra["layer_jac_mean_spectrum"] = safe_div(self.spectrum.of(buffer), n_tok)
+        report.variants["layer_jac"] = "through_router_uniform_token_weights"
+        if self.unconverged is not None:
+            report.layer["layer_jac_unconverged"] = float(self.unconverged.of(buffer))

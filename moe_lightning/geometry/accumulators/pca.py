@@ -1,0 +1,108 @@
+"""Weighted PCA moments ``Σw z`` and ``Σw z zᵀ`` per expert at the input, hidden and output sites (docs/geometry.md
+§3), and their eigendecompositions."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from moe_lightning.geometry.accumulators.base import Accumulator
+from moe_lightning.geometry.accumulators.context import Chunk, ProbeContext
+from moe_lightning.geometry.accumulators.tokens import TokenCounts
+from moe_lightning.geometry.pca import PCAResult, pca_from_moments
+from moe_lightning.geometry.report import GeometryReport
+from moe_lightning.geometry.statistics import BufferLayout, Slot
+
+__all__ = ["PCAMoments"]
+
+_QUANTITIES = ("effective_rank", "participation_ratio", "n90", "n_eff", "undersampled")
+
+
+class PCAMoments(Accumulator):
+    """First and second weighted moments of each expert's site activations, with the gate values as weights.
+
+    Which sites exist for which expert is decided from shapes only (the experts' outputs on no tokens),
+    identically on every rank: a site wider than ``pca_max_dim`` or unknown (no ``expert_hidden``) is skipped.
+
+    Args:
+        ctx: the probe's context.
+        tokens: the token counts (``Σw``, ``Σw²`` and ``N_e`` of the moments).
+        sites: the sites to accumulate.
+        reported: the sites to write into the report (the subspaces may need ``"input"`` alone).
+    """
+
+    def __init__(self, ctx: ProbeContext, tokens: TokenCounts, sites: list[str], reported: tuple[str, ...]) -> None:
+        self.tokens, self.reported = tokens, reported
+        empty_x = torch.zeros(0, ctx.dim, dtype=ctx.dtype, device=ctx.device)
+        self.widths: dict[str, list[int]] = {}
+        for site in sites:
+            widths = []
+            for e in range(ctx.num_experts):
+                if site == "input":
+                    width = ctx.dim
+                elif site == "output":
+                    width = ctx.experts[e](empty_x).shape[-1]
+                else:
+                    width = ctx.hidden[e](empty_x).shape[-1] if ctx.hidden[e] is not None else 0
+                widths.append(width if 0 < width <= ctx.config.pca_max_dim else 0)
+            self.widths[site] = widths
+
+    def allocate(self, layout: BufferLayout) -> None:
+        #: site -> per expert ``(Σw z, Σw z zᵀ)`` slots, None where the site is skipped.
+        self.moments: dict[str, list[tuple[Slot, Slot] | None]] = {
+            site: [
+                (layout.allocate(f"pca/{site}/e{e}/sum_wz", w), layout.allocate(f"pca/{site}/e{e}/sum_wzz", w, w))
+                if w
+                else None
+                for e, w in enumerate(widths)
+            ]
+            for site, widths in self.widths.items()
+        }
+
+    def add(self, chunk: Chunk, buffer: Tensor) -> None:
+        ctx = chunk.ctx
+        for e in range(ctx.num_experts):
+            x_e = chunk.inputs(e)
+            if x_e.shape[0] == 0:
+                continue
+            w = chunk.weights(e)
+            for site, slots in self.moments.items():
+                if slots[e] is None:
+                    continue
+                z = x_e if site == "input" else ctx.experts[e](x_e) if site == "output" else ctx.hidden[e](x_e)
+                z = z.to(ctx.dtype)
+                zw = z * w.unsqueeze(-1)
+                sum_wz, sum_wzz = slots[e]
+                sum_wz.of(buffer).add_(zw.sum(0))
+                sum_wzz.of(buffer).add_(zw.T @ z)
+
+    def finalize(
+        self, buffer: Tensor, report: GeometryReport, done: dict[Accumulator, Any]
+    ) -> dict[str, list[PCAResult | None]]:
+        """Write the reported sites; return every site's per-expert results (None where skipped)."""
+        count, sum_w, sum_w2 = (s.of(buffer) for s in (self.tokens.count, self.tokens.sum_w, self.tokens.sum_w2))
+        results: dict[str, list[PCAResult | None]] = {}
+        for site, slots in self.moments.items():
+            results[site] = [
+                None
+                if pair is None
+                else pca_from_moments(sum_w[e], sum_w2[e], pair[0].of(buffer), pair[1].of(buffer), count[e])
+                for e, pair in enumerate(slots)
+            ]
+            if site not in self.reported or all(res is None for res in results[site]):
+                continue
+            report.pca[site] = results[site]
+            for q in _QUANTITIES:
+                report.expert[f"pca_{site}_{q}"] = torch.tensor(
+                    [math.nan if res is None else float(getattr(res, q)) for res in results[site]],
+                    dtype=torch.float64,
+                )
+            v = report.variants
+            v[f"pca_{site}_effective_rank"] = "roy_vetterli_2007_on_eigenvalues"
+            v[f"pca_{site}_participation_ratio"] = "sum_sq_over_sum_of_sq"
+            v[f"pca_{site}_n90"] = "components_for_90pct_variance"
+            v[f"pca_{site}_covariance"] = "weighted_divide_by_sum_w"
+        return results

@@ -1,0 +1,95 @@
+"""Grassmann distances between the experts' subspaces (docs/geometry.md §5): functional (top right singular
+vectors of the mean Jacobians) and representational (top eigenvectors of the input covariances)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from moe_lightning.geometry.accumulators.base import Accumulator
+from moe_lightning.geometry.accumulators.mean_jacobian import MeanJacobian
+from moe_lightning.geometry.accumulators.pca import PCAMoments
+from moe_lightning.geometry.accumulators.tokens import TokenCounts
+from moe_lightning.geometry.alignment import offdiag_summary
+from moe_lightning.geometry.report import GeometryReport
+from moe_lightning.geometry.subspaces import grassmann_distance, rank_gap, subspace_overlap_chance
+
+__all__ = ["Subspaces"]
+
+_GRASS = ("overlap", "geodesic", "projection")
+
+
+class Subspaces(Accumulator):
+    """Rank-``r`` subspaces of each expert and their pairwise Grassmann distances.
+
+    It adds no statistics of its own: the bases come from the mean Jacobians and the input PCA.
+
+    Args:
+        tokens: the token counts.
+        mean_jacobian: the mean Jacobians (None on the matrix-free path or without Jacobians: no functional
+            subspaces).
+        pca: the PCA moments, with the ``"input"`` site.
+        rank: ``r`` (capped at D).
+        dim: D.
+    """
+
+    def __init__(
+        self, tokens: TokenCounts, mean_jacobian: MeanJacobian | None, pca: PCAMoments, rank: int, dim: int
+    ) -> None:
+        self.tokens, self.mean_jacobian, self.pca, self.rank, self.dim = tokens, mean_jacobian, pca, rank, dim
+
+    def _functional_bases(self, buffer: Tensor, report: GeometryReport) -> list[Tensor | None]:
+        r, sum_w = self.rank, self.tokens.sum_w.of(buffer)
+        bases, gaps = [], []
+        for e, Jbar in enumerate(self.mean_jacobian.sum_wJ.of(buffer)):
+            if bool(report.empty[e]) or not bool((Jbar != 0).any()):
+                bases.append(None)
+                gaps.append(math.nan)
+            else:
+                _, S, Vh = torch.linalg.svd(Jbar / sum_w[e])
+                bases.append(Vh[:r].T)  # top-r right singular vectors
+                gaps.append(rank_gap(S, r))
+        report.expert["subspace_fun_gap"] = torch.tensor(gaps, dtype=torch.float64)
+        report.variants["subspace_fun"] = f"top{r}_right_singular_vectors_of_mean_jacobian"
+        return bases
+
+    def _representational_bases(self, pca_results: dict, report: GeometryReport) -> list[Tensor | None]:
+        r = self.rank
+        bases, gaps = [], []
+        for res in pca_results.get("input", [None] * report.num_experts):
+            ok = res is not None and res.total_weight > 0
+            bases.append(res.eigenvectors[:, :r] if ok else None)
+            gaps.append(rank_gap(res.eigenvalues, r) if ok else math.nan)
+        report.expert["subspace_rep_gap"] = torch.tensor(gaps, dtype=torch.float64)
+        report.variants["subspace_rep"] = f"top{r}_eigenvectors_of_input_covariance"
+        report.variants["subspace_gap"] = "relative_gap_at_rank_r_(v_r-v_r+1)/v_r"
+        return bases
+
+    def finalize(self, buffer: Tensor, report: GeometryReport, done: dict[Accumulator, Any]) -> None:
+        bases: dict[str, list[Tensor | None]] = {}
+        if self.mean_jacobian is not None:
+            bases["fun"] = self._functional_bases(buffer, report)
+        bases["rep"] = self._representational_bases(done[self.pca], report)
+        num_experts = report.num_experts
+        for kind, basis in bases.items():
+            mats = {q: torch.full((num_experts, num_experts), math.nan, dtype=torch.float64) for q in _GRASS}
+            for i in range(num_experts):
+                for j in range(num_experts):
+                    if basis[i] is None or basis[j] is None:
+                        continue
+                    dist = grassmann_distance(basis[i], basis[j], orthonormal=True)
+                    for q in _GRASS:
+                        mats[q][i, j] = getattr(dist, q)
+            for q, M in mats.items():
+                report.matrices[f"subspace_{kind}_{q}"] = M
+                mean_off, max_off = offdiag_summary(M)
+                report.layer[f"subspace_{kind}_{q}"] = mean_off
+                if q == "overlap":
+                    report.layer[f"subspace_{kind}_overlap_max"] = max_off
+        report.layer["subspace_overlap_chance"] = subspace_overlap_chance(self.rank, self.dim)
+        report.layer["subspace_rank"] = float(self.rank)
+        report.variants["subspace_overlap"] = "mean_cos_sq_principal_angles"
+        report.variants["subspace_overlap_chance"] = "r_over_d"

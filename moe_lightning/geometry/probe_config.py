@@ -1,0 +1,111 @@
+"""``ProbeConfig``: the options of :func:`~moe_lightning.geometry.probe` (which quantities of docs/geometry.md §1–5,
+in which dtype, on which path), validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moe_lightning.common import DTYPES, check_choice, check_positive_int
+from moe_lightning.geometry.jacobians import DEFAULT_MEMORY_BUDGET_BYTES
+
+__all__ = ["JACOBIAN_METHODS", "LAYER_JACOBIAN_METHODS", "PCA_SITES", "PROBE_DTYPES", "ProbeConfig"]
+
+#: Where the probe can take a weighted PCA (docs/geometry.md §3): the layer input, the expert's hidden
+#: activation and the expert's output.
+PCA_SITES = ("input", "hidden", "output")
+#: Values of :attr:`ProbeConfig.jacobian_method`.
+JACOBIAN_METHODS = ("auto", "closed_form", "func")
+#: Values of :attr:`ProbeConfig.layer_jacobian_method`.
+LAYER_JACOBIAN_METHODS = ("auto", "compose", "func")
+#: Dtypes the probe computes in (the spectra and moments need at least single precision).
+PROBE_DTYPES = (DTYPES["float64"], DTYPES["float32"])
+_FLAGS = ("jacobian", "layer_jacobian", "pca", "alignment", "subspaces", "cast_module", "eval_mode")
+_POSITIVE_INTS = (
+    "memory_budget_bytes",
+    "subspace_rank",
+    "matrix_free_threshold",
+    "matrix_free_rank",
+    "matrix_free_max_iter",
+    "pca_max_dim",
+)
+
+
+@dataclass
+class ProbeConfig:
+    """Options of :func:`probe`; validated on construction.
+
+    Attributes:
+        jacobian: per-expert Jacobian spectra (docs/geometry.md §1–2).
+        layer_jacobian: spectra of the layer Jacobian through the router (§1).
+        pca: weighted PCA at the sites in ``pca_sites`` (§3).
+        alignment: mean-Jacobian and pointwise alignment (§4); skipped when E = 1.
+        subspaces: functional and representational Grassmann overlaps (§5); skipped when E = 1.
+        pca_sites: any of ``"input"``, ``"hidden"``, ``"output"``.
+        dtype: computation dtype (``torch.float64`` or ``torch.float32``).
+        memory_budget_bytes: peak-memory budget of one token chunk.
+        subspace_rank: ``r`` of the subspaces (capped at D).
+        decay_fit_max: largest index in the decay-slope fit; None uses every singular value.
+        jacobian_method: ``"auto"`` (the view's closed form if offered, else torch.func), ``"closed_form"``
+            (require it: ``expert_jacobian``, or ``expert_jacobian_operator`` on the matrix-free path) or ``"func"``.
+        layer_jacobian_method: ``"auto"``/``"compose"`` (product rule, reusing expert Jacobians) or ``"func"``.
+        matrix_free_threshold: above this D the spectra are the matrix-free top-``matrix_free_rank`` values
+            and the quantities that need whole Jacobians (Frobenius norm, alignment, functional subspaces) are NaN.
+        matrix_free_rank: number of singular values on the matrix-free path.
+        matrix_free_oversample: extra columns ``p`` of the randomized block Krylov method
+            (:func:`~moe_lightning.geometry.topr_singular_values`): ``K = r + p`` sets the convergence lag and the
+            unit of ``matrix_free_max_iter``.
+        matrix_free_max_iter: the basis holds at most ``K · matrix_free_max_iter`` columns per token.
+        matrix_free_tol: relative tolerance on the values (tokens that miss it are counted in ``jac_unconverged``).
+        pca_max_dim: a PCA site wider than this is skipped (its ``Σw x xᵀ`` would be too large).
+        seed: seed of the matrix-free start blocks (a local generator; the global RNG is untouched).
+        cast_module: temporarily cast the view module's floating parameters and buffers to ``dtype`` (restored,
+            bit for bit, afterwards) so that the view's functions accept ``dtype`` inputs.
+        eval_mode: run the module in eval mode (each submodule's mode is restored afterwards).
+    """
+
+    jacobian: bool = True
+    layer_jacobian: bool = True
+    pca: bool = True
+    alignment: bool = True
+    subspaces: bool = True
+    pca_sites: tuple[str, ...] = PCA_SITES
+    dtype: torch.dtype = torch.float64
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES
+    subspace_rank: int = 8
+    decay_fit_max: int | None = None
+    jacobian_method: str = "auto"
+    layer_jacobian_method: str = "auto"
+    matrix_free_threshold: int = 1024
+    matrix_free_rank: int = 16
+    matrix_free_oversample: int = 8
+    matrix_free_max_iter: int = 30
+    matrix_free_tol: float = 1e-6
+    pca_max_dim: int = 4096
+    seed: int = 0
+    cast_module: bool = True
+    eval_mode: bool = True
+
+    def __post_init__(self) -> None:
+        for name in _FLAGS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"ProbeConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        self.pca_sites = tuple(self.pca_sites)
+        bad = [s for s in self.pca_sites if s not in PCA_SITES]
+        if bad or len(set(self.pca_sites)) != len(self.pca_sites):
+            raise ValueError(f"ProbeConfig.pca_sites must be distinct values of {PCA_SITES}, got {self.pca_sites!r}")
+        check_choice("ProbeConfig.dtype", self.dtype, PROBE_DTYPES)
+        for name in _POSITIVE_INTS:
+            check_positive_int(f"ProbeConfig.{name}", getattr(self, name))
+        oversample = self.matrix_free_oversample
+        if not isinstance(oversample, int) or isinstance(oversample, bool) or oversample < 0:
+            raise ValueError(f"ProbeConfig.matrix_free_oversample must be an int >= 0, got {oversample!r}")
+        if not (isinstance(self.matrix_free_tol, (int, float)) and self.matrix_free_tol >= 0):
+            raise ValueError(f"ProbeConfig.matrix_free_tol must be a float >= 0, got {self.matrix_free_tol!r}")
+        if self.decay_fit_max is not None and (not isinstance(self.decay_fit_max, int) or self.decay_fit_max < 2):
+            raise ValueError(f"ProbeConfig.decay_fit_max must be None or an int >= 2, got {self.decay_fit_max!r}")
+        check_choice("ProbeConfig.jacobian_method", self.jacobian_method, JACOBIAN_METHODS)
+        check_choice("ProbeConfig.layer_jacobian_method", self.layer_jacobian_method, LAYER_JACOBIAN_METHODS)
+        if not isinstance(self.seed, int):
+            raise ValueError(f"ProbeConfig.seed must be an int, got {self.seed!r}")
