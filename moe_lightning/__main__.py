@@ -1,3 +1,5 @@
+"""``python -m moe_lightning``: the ``moe-lightning`` command."""
+
 import sys
 
 from moe_lightning.cli import main
