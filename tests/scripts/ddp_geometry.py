@@ -1,4 +1,4 @@
-"""Run by tests/test_callbacks_geometry.py: GeometryMonitor under 2-process CPU DDP (gloo), then the same probe
+"""Run by tests/callbacks/test_geometry_monitor.py: GeometryMonitor under 2-process CPU DDP (gloo), then the same probe
 set probed in one process with the final weights. Writes both scalar dicts to the JSON path given."""
 
 import json

@@ -22,7 +22,7 @@ from moe_lightning.geometry import ProbeConfig, probe
 from moe_lightning.models import MLPMoEConfig, TransformerMoEConfig
 from moe_lightning.modules import CausalLMModule, MLPMoEModule
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = {"input_dim": 8, "output_dim": 8, "dim": 16, "expert_hidden": 16, "num_experts": 4}
 
 

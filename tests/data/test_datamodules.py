@@ -390,7 +390,7 @@ def test_hub_probe_against_local_endpoints(monkeypatch):
 
 # ----------------------------------------------------------------------------------------------------- bundled
 
-BUNDLED_README = Path(__file__).resolve().parents[1] / "moe_lightning" / "data" / "wikitext-2" / "README.md"
+BUNDLED_README = Path(__file__).resolve().parents[2] / "moe_lightning" / "data" / "wikitext-2" / "README.md"
 
 
 @pytest.mark.parametrize("name", ["wikitext-2/valid.txt", "wikitext-2/test.txt"])

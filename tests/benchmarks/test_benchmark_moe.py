@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import load_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_moe.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "benchmark_moe.py"
 
 
 @pytest.fixture(scope="module")

@@ -286,7 +286,7 @@ def test_bad_expert_index_raises() -> None:
 
 def test_hf_module_does_not_import_transformers() -> None:
     code = "import sys, moe_lightning.adapters.hf; assert 'transformers' not in sys.modules, 'imported'"
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, env=env)
     assert result.returncode == 0, result.stderr

@@ -23,7 +23,7 @@ from moe_lightning.report.tables import GEOMETRY_METRICS
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI.s args parameter is intended")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ROUTINGS = ("dense", "topk", "soft")
 SEEDS = (0, 1)
 FIGURES = ("spectra.png", "curves.png", "alignment.png", "pca_spectra.png", "router_load.png")
