@@ -4,10 +4,15 @@ balance loss, shared experts, and the new config fields, against hand-computed a
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+from helpers import load_script
 from torch.utils.data import DataLoader, TensorDataset
 
 from moe_lightning.balancing import bias_update, sequence_load_balance_loss, update_expert_biases
@@ -15,6 +20,7 @@ from moe_lightning.models import MLPMoE, MLPMoEConfig, param_counts
 from moe_lightning.modules import MLPMoEModule
 from moe_lightning.moe import DenseFFN, MoEConfig, MoELayer, Router
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(dim=8, expert_hidden=16, num_experts=4, top_k=2)
 
 
@@ -238,3 +244,47 @@ def test_probe_forward_passes_do_not_move_the_bias():
     assert all(block.ffn.router.pending_load is None for block in module.model.blocks)
     module.loss(batch, "train")
     assert all(int(block.ffn.router.pending_load.sum()) == 16 for block in module.model.blocks)
+
+
+def test_two_process_ddp_bias_and_router_monitor_match_one_process_on_the_union(tmp_path):
+    """Both ranks apply the same bias steps, from the loads of both ranks' batches; RouterMonitor's window is the
+    union of both ranks' batches of the window."""
+    from moe_lightning.geometry import routing_sums, window_statistics
+    from moe_lightning.models import MLPMoE
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    script = ROOT / "tests" / "scripts" / "ddp_routing.py"
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert ranks[0]["world_size"] == 2 and sorted(ranks[0]["loads"]) == [0, 1, 2]
+    # the ranks routed different tokens, so a rank's own loads would give a different bias
+    assert any(not torch.equal(a, b) for a, b in zip(ranks[0]["loads"][0], ranks[1]["loads"][0], strict=True))
+    for layer in range(2):
+        expected = torch.zeros(4)
+        for step in range(3):
+            expected += bias_update(ranks[0]["loads"][step][layer] + ranks[1]["loads"][step][layer], 0.01)
+        for rank in ranks:
+            torch.testing.assert_close(rank["bias"][layer], expected, rtol=0, atol=1e-7)
+    # RouterMonitor at step 2: the window of steps 1 and 2 on both ranks, as one process would see it
+    assert ranks[0]["logged_step"] == 2
+    model = MLPMoE(load_script(script).CONFIG)
+    metrics = ranks[0]["metrics"]
+    for layer in range(2):
+        gates, probs = [], []
+        for rank in ranks:
+            for step in (1, 2):
+                x, state = rank["batches"][step]
+                model.load_state_dict(state)
+                aux = model.train()(x).aux[layer]
+                gates.append(aux.router.gates.detach())
+                probs.append(aux.router.probs.detach())
+        expected = window_statistics(routing_sums(torch.cat(gates), torch.cat(probs)))
+        name = f"router/blocks.{layer}.ffn"
+        for e, share in enumerate(expected.pop("load").tolist()):
+            assert metrics[f"{name}/load/e{e}"] == pytest.approx(share, rel=1e-6)
+        for key, value in expected.items():
+            assert metrics[f"{name}/{key}"] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+        assert metrics[f"{name}/bias_range"] > 0

@@ -123,6 +123,50 @@ def test_router_statistics_one_dominant_expert():
     assert stats["margin"] == pytest.approx(1.0)
 
 
+def test_router_health_uniform_collapsed_and_empty_loads():
+    from moe_lightning.geometry import router_health
+
+    uniform = router_health(torch.full((8,), 5.0))
+    assert uniform == pytest.approx(
+        {"utilisation_p50": 1.0, "utilisation_p90": 1.0, "utilisation_max": 1.0, "dead_fraction": 0.0, "diversity": 1.0}
+    )
+    # one expert takes all 40 assignments: utilisation E there, 0 elsewhere (p90 at sorted position 0.9 * 7 = 6.3:
+    # 0.3 * 8); 7 of 8 dead; diversity exp(0) / E
+    collapsed = router_health(torch.tensor([0, 0, 40, 0, 0, 0, 0, 0]))
+    assert collapsed == pytest.approx(
+        {
+            "utilisation_p50": 0.0,
+            "utilisation_p90": 2.4,
+            "utilisation_max": 8.0,
+            "dead_fraction": 7 / 8,
+            "diversity": 1 / 8,
+        }
+    )
+    # loads (6, 2, 0, 0) over ideal 2: utilisation (3, 1, 0, 0); p50 = 0.5, p90 = 1 + 0.7 * 2 = 2.4 (linear)
+    mixed = router_health(torch.tensor([6.0, 2.0, 0.0, 0.0]))
+    expected_diversity = math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25))) / 4
+    assert mixed == pytest.approx(
+        {"utilisation_p50": 0.5, "utilisation_p90": 2.4, "utilisation_max": 3.0, "dead_fraction": 0.5,
+         "diversity": expected_diversity}
+    )  # fmt: skip
+    assert mixed == pytest.approx(numpy_health(np.array([6.0, 2.0, 0.0, 0.0])))
+    empty = router_health(torch.zeros(4))
+    assert empty["dead_fraction"] == 1.0
+    assert all(math.isnan(empty[k]) for k in ("utilisation_p50", "utilisation_p90", "utilisation_max", "diversity"))
+
+
+def test_routing_sums_of_two_batches_are_the_sums_of_their_union():
+    from moe_lightning.geometry import routing_sums, window_statistics
+
+    gen = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(30, 5, generator=gen, dtype=torch.float64), -1)
+    gates = torch.where(probs >= probs.topk(2, -1).values[:, 1:], probs, 0.0)
+    union = window_statistics(routing_sums(gates, probs))
+    split = window_statistics(routing_sums(gates[:11], probs[:11]) + routing_sums(gates[11:], probs[11:]))
+    torch.testing.assert_close(union.pop("load"), split.pop("load"))
+    assert union == pytest.approx(split)
+
+
 # ---------------------------------------------------------------------------------------------- RouterMonitor
 class Snapshot(Callback):
     """Keeps the batch and a copy of the weights at the start of every training batch, keyed by global step."""
@@ -134,16 +178,30 @@ class Snapshot(Callback):
         self.at[trainer.global_step] = (copy.deepcopy(batch), copy.deepcopy(pl_module.model.state_dict()))
 
 
-def reference_router_metrics(model_config: MLPMoEConfig, state: dict, x: torch.Tensor) -> dict[str, float]:
-    """Router metrics of every block recomputed with plain ops from the saved weights (float64, numpy stats).
+def numpy_health(load: np.ndarray) -> dict[str, float]:
+    """Router health by hand: utilisation over the ideal load, dead experts, exp(entropy of the load) / E."""
+    util = load * len(load) / load.sum()
+    share = load / load.sum()
+    entropy = -sum(s * math.log(s) for s in share if s > 0)
+    return {
+        "utilisation_p50": np.percentile(util, 50),
+        "utilisation_p90": np.percentile(util, 90),
+        "utilisation_max": util.max(),
+        "dead_fraction": float((load == 0).mean()),
+        "diversity": math.exp(entropy) / len(load),
+    }
+
+
+def reference_block_routing(model_config: MLPMoEConfig, state: dict, x: torch.Tensor) -> list[dict[str, np.ndarray]]:
+    """Each block's logits, probabilities and top-k gates, recomputed with plain ops from saved weights (float64).
 
     The model's own blocks only carry the residual stream from one block to the next."""
     from moe_lightning.models import MLPMoE
 
     model = MLPMoE(model_config).double()
     model.load_state_dict(state)
-    E, k, cf = model_config.num_experts, model_config.top_k, model_config.capacity_factor
-    out: dict[str, float] = {}
+    k = model_config.top_k
+    out = []
     with torch.no_grad():
         h = model.input_proj(x.double())
         for b, block in enumerate(model.blocks):
@@ -157,26 +215,49 @@ def reference_router_metrics(model_config: MLPMoEConfig, state: dict, x: torch.T
             gates = np.zeros_like(probs)
             np.put_along_axis(gates, chosen, np.take_along_axis(probs, chosen, -1), -1)
             gates /= gates.sum(-1, keepdims=True)
-            stats = numpy_router_statistics(gates, probs)
-            name = f"router/blocks.{b}.ffn"
-            for e in range(E):
-                out[f"{name}/load/e{e}"] = stats["load"][e]
-            for key in ("load_cv", "load_max_over_mean", "entropy", "margin"):
-                out[f"{name}/{key}"] = stats[key]
-            counts = (gates > 0).sum(0)
-            capacity = math.ceil(cf * len(x) * k / E)  # GShard/Switch capacity
-            out[f"{name}/dropped_fraction"] = np.maximum(counts - capacity, 0).sum() / (len(x) * k)
-            # Switch eq. 4-6 with f_i from the router's decisions; ST-MoE z-loss
-            out[f"{name}/aux_load_balance"] = E * (counts / counts.sum() * probs.mean(0)).sum()
-            lse = logits.max(-1) + np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1))
-            out[f"{name}/aux_z_loss"] = (lse**2).mean()
+            out.append({"logits": logits, "probs": probs, "gates": gates})
             h, _ = block(h)
-    for key in ("load_cv", "entropy", "margin", "dropped_fraction", "aux_load_balance"):
-        out[f"router/mean/{key}"] = np.mean([out[f"router/blocks.{b}.ffn/{key}"] for b in range(len(model.blocks))])
     return out
 
 
-def test_router_monitor_logs_statistics_of_the_live_batch(tmp_path):
+def reference_router_metrics(model_config: MLPMoEConfig, window: list[tuple[dict, torch.Tensor]]) -> dict[str, float]:
+    """Router metrics of every block over a window of ``(weights, batch)`` pairs, numpy statistics of the union of
+    the window's tokens (each routed by the weights of its own step); the aux losses are means over batches."""
+    E, k, cf = model_config.num_experts, model_config.top_k, model_config.capacity_factor
+    per_batch = [reference_block_routing(model_config, state, x) for state, x in window]
+    out: dict[str, float] = {}
+    for b in range(model_config.num_blocks):
+        name = f"router/blocks.{b}.ffn"
+        blocks = [batch[b] for batch in per_batch]
+        gates = np.concatenate([r["gates"] for r in blocks])
+        stats = numpy_router_statistics(gates, np.concatenate([r["probs"] for r in blocks]))
+        for e in range(E):
+            out[f"{name}/load/e{e}"] = stats["load"][e]
+        for key in ("load_cv", "load_max_over_mean", "entropy", "margin"):
+            out[f"{name}/{key}"] = stats[key]
+        for key, value in numpy_health((gates > 0).sum(0).astype(float)).items():
+            out[f"{name}/{key}"] = value
+        dropped, lb, z = 0, [], []
+        for r in blocks:
+            counts = (r["gates"] > 0).sum(0)
+            capacity = math.ceil(cf * len(r["gates"]) * k / E)  # GShard/Switch capacity
+            dropped += np.maximum(counts - capacity, 0).sum()
+            # Switch eq. 4-6 with f_i from the router's decisions; ST-MoE z-loss
+            lb.append(E * (counts / counts.sum() * r["probs"].mean(0)).sum())
+            logits = r["logits"]
+            lse = logits.max(-1) + np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1))
+            z.append((lse**2).mean())
+        out[f"{name}/dropped_fraction"] = dropped / (len(gates) * k)
+        out[f"{name}/aux_load_balance"] = np.mean(lb)
+        out[f"{name}/aux_z_loss"] = np.mean(z)
+    for key in ("load_cv", "entropy", "margin", "dropped_fraction", "aux_load_balance", "diversity"):
+        out[f"router/mean/{key}"] = np.mean(
+            [out[f"router/blocks.{b}.ffn/{key}"] for b in range(model_config.num_blocks)]
+        )
+    return out
+
+
+def test_router_monitor_logs_statistics_of_the_whole_window(tmp_path):
     L.seed_everything(0)
     config = MLPMoEConfig(
         routing="topk",
@@ -197,18 +278,21 @@ def test_router_monitor_logs_statistics_of_the_live_batch(tmp_path):
     steps = sorted(logged(rows, "router/blocks.0.ffn/load_cv"))
     assert steps == [0, 3, 6]  # global_step % 3 == 0, labelled with the step of the weights that routed
     dropped_seen = []
-    for step in steps:
-        (x, _), state = snapshot.at[step]
-        expected = reference_router_metrics(config, state, x)
+    for step, window in zip(steps, ([0], [1, 2, 3], [4, 5, 6]), strict=True):
+        pairs = [(snapshot.at[s][1], snapshot.at[s][0][0]) for s in window]
+        expected = reference_router_metrics(config, pairs)
         for key, value in expected.items():
             assert logged(rows, key)[step] == pytest.approx(value, rel=1e-5, abs=1e-6), (step, key)
         dropped_seen.append(expected["router/blocks.0.ffn/dropped_fraction"])
+        # the last batch alone is not the window (window accumulation is what the reference checks)
+        if len(window) > 1:
+            alone = reference_router_metrics(config, pairs[-1:])
+            assert any(alone[k] != pytest.approx(v, rel=1e-5) for k, v in expected.items() if "load" in k)
     assert max(dropped_seen) > 0  # capacity factor 0.75 really drops assignments here
-    # aux losses the module logs for the same batch (mean over layers) agree with the per-layer keys
-    train_lb = logged(rows, "train/aux_load_balance")
-    common = set(train_lb) & set(steps)
-    for step in common:
-        assert train_lb[step] == pytest.approx(logged(rows, "router/mean/aux_load_balance")[step], rel=1e-5)
+    # the window of step 0 is its one batch: the aux loss the module logs for it agrees with the per-layer keys
+    assert logged(rows, "train/aux_load_balance")[0] == pytest.approx(
+        logged(rows, "router/mean/aux_load_balance")[0], rel=1e-5
+    )
 
 
 def test_router_monitor_rejects_bad_options():
