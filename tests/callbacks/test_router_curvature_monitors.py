@@ -468,3 +468,35 @@ def test_nan_probe_tokens_are_counted_and_training_finishes(tmp_path):
     sigma = logged(rows, "geometry/blocks.0.ffn/jac_sigma_max/mean")
     assert sorted(sigma) == [0, 2, 4] and all(math.isfinite(v) and v > 0 for v in sigma.values())
     assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_router_monitor_bias_range_and_change_of_aux_free_layers(tmp_path):
+    class Biases(Callback):
+        """The expert biases after each step's update, as RouterMonitor sees them when it logs."""
+
+        def __init__(self) -> None:
+            self.at: dict[int, list[torch.Tensor]] = {}
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.at[trainer.global_step - 1] = [b.ffn.router.expert_bias.clone() for b in pl_module.model.blocks]
+
+    L.seed_everything(0)
+    config = MLPMoEConfig(
+        input_dim=4, output_dim=2, dim=8, expert_hidden=8, num_experts=4, top_k=1, num_blocks=2, scoring="sigmoid",
+        load_balancing="aux_free", bias_update_rate=0.01,
+    )  # fmt: skip
+    biases = Biases()
+    fit = trainer(tmp_path, [RouterMonitor(log_every_n_steps=3), biases], max_steps=7)
+    fit.fit(MLPMoEModule(config, lr=1e-2), Data(n=64, batch_size=16))
+    rows = read_metrics(tmp_path)
+    previous = [torch.zeros(4), torch.zeros(4)]
+    for step in (0, 3, 6):
+        for b in range(2):
+            bias = biases.at[step][b]
+            assert logged(rows, f"router/blocks.{b}.ffn/bias_range")[step] == pytest.approx(
+                float(bias.max() - bias.min())
+            )
+            change = float((bias - previous[b]).abs().max())
+            assert logged(rows, f"router/blocks.{b}.ffn/bias_change")[step] == pytest.approx(change, abs=1e-7)
+            previous[b] = bias
+    assert logged(rows, "router/blocks.0.ffn/bias_change")[3] > 0
