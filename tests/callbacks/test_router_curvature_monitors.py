@@ -14,7 +14,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from helpers import logged, read_metrics
+from helpers import logged, numpy_health, read_metrics
 from lightning.pytorch import Callback
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
@@ -123,50 +123,6 @@ def test_router_statistics_one_dominant_expert():
     assert stats["margin"] == pytest.approx(1.0)
 
 
-def test_router_health_uniform_collapsed_and_empty_loads():
-    from moe_lightning.geometry import router_health
-
-    uniform = router_health(torch.full((8,), 5.0))
-    assert uniform == pytest.approx(
-        {"utilisation_p50": 1.0, "utilisation_p90": 1.0, "utilisation_max": 1.0, "dead_fraction": 0.0, "diversity": 1.0}
-    )
-    # one expert takes all 40 assignments: utilisation E there, 0 elsewhere (p90 at sorted position 0.9 * 7 = 6.3:
-    # 0.3 * 8); 7 of 8 dead; diversity exp(0) / E
-    collapsed = router_health(torch.tensor([0, 0, 40, 0, 0, 0, 0, 0]))
-    assert collapsed == pytest.approx(
-        {
-            "utilisation_p50": 0.0,
-            "utilisation_p90": 2.4,
-            "utilisation_max": 8.0,
-            "dead_fraction": 7 / 8,
-            "diversity": 1 / 8,
-        }
-    )
-    # loads (6, 2, 0, 0) over ideal 2: utilisation (3, 1, 0, 0); p50 = 0.5, p90 = 1 + 0.7 * 2 = 2.4 (linear)
-    mixed = router_health(torch.tensor([6.0, 2.0, 0.0, 0.0]))
-    expected_diversity = math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25))) / 4
-    assert mixed == pytest.approx(
-        {"utilisation_p50": 0.5, "utilisation_p90": 2.4, "utilisation_max": 3.0, "dead_fraction": 0.5,
-         "diversity": expected_diversity}
-    )  # fmt: skip
-    assert mixed == pytest.approx(numpy_health(np.array([6.0, 2.0, 0.0, 0.0])))
-    empty = router_health(torch.zeros(4))
-    assert empty["dead_fraction"] == 1.0
-    assert all(math.isnan(empty[k]) for k in ("utilisation_p50", "utilisation_p90", "utilisation_max", "diversity"))
-
-
-def test_routing_sums_of_two_batches_are_the_sums_of_their_union():
-    from moe_lightning.geometry import routing_sums, window_statistics
-
-    gen = torch.Generator().manual_seed(0)
-    probs = torch.softmax(torch.randn(30, 5, generator=gen, dtype=torch.float64), -1)
-    gates = torch.where(probs >= probs.topk(2, -1).values[:, 1:], probs, 0.0)
-    union = window_statistics(routing_sums(gates, probs))
-    split = window_statistics(routing_sums(gates[:11], probs[:11]) + routing_sums(gates[11:], probs[11:]))
-    torch.testing.assert_close(union.pop("load"), split.pop("load"))
-    assert union == pytest.approx(split)
-
-
 # ---------------------------------------------------------------------------------------------- RouterMonitor
 class Snapshot(Callback):
     """Keeps the batch and a copy of the weights at the start of every training batch, keyed by global step."""
@@ -176,20 +132,6 @@ class Snapshot(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.at[trainer.global_step] = (copy.deepcopy(batch), copy.deepcopy(pl_module.model.state_dict()))
-
-
-def numpy_health(load: np.ndarray) -> dict[str, float]:
-    """Router health by hand: utilisation over the ideal load, dead experts, exp(entropy of the load) / E."""
-    util = load * len(load) / load.sum()
-    share = load / load.sum()
-    entropy = -sum(s * math.log(s) for s in share if s > 0)
-    return {
-        "utilisation_p50": np.percentile(util, 50),
-        "utilisation_p90": np.percentile(util, 90),
-        "utilisation_max": util.max(),
-        "dead_fraction": float((load == 0).mean()),
-        "diversity": math.exp(entropy) / len(load),
-    }
 
 
 def reference_block_routing(model_config: MLPMoEConfig, state: dict, x: torch.Tensor) -> list[dict[str, np.ndarray]]:
