@@ -132,7 +132,7 @@ def run_variant(name: str, config: dict[str, Any], data: WikiTextDataModule, ste
         "wall": timer.fit_end - timer.fit_start,
         "step": statistics.median(timer.batch_times),
         "calls": calls,
-        "interval": {"geometry": getattr(monitor, "every_n_steps", 0), "router": 1}.get(name, 0),
+        "interval": monitor.every_n_steps if name == "geometry" else int(name == "router"),
     }
 
 
