@@ -157,6 +157,8 @@ class TransformerBlock(nn.Module):
                 routing="dense",
                 activation=config.activation,
                 capacity_match="active",
+                num_shared_experts=config.num_shared_experts,
+                shared_expert_hidden=config.shared_expert_hidden,
             )
         self.ffn = build_ffn(ffn_config)
         self.drop = nn.Dropout(config.dropout)
@@ -211,14 +213,15 @@ torch.serialization.add_safe_globals([MoEConfig, MLPMoEConfig, TransformerMoECon
 
 
 def param_counts(model: nn.Module) -> dict[str, int]:
-    """Total parameters of ``model`` and parameters active per token (experts counted ``top_k`` times, or all
-    for soft routing). Tied weights are counted once."""
+    """Total parameters of ``model`` and parameters active per token (routed experts counted ``top_k`` times, or
+    all for soft routing; shared experts, always on, in both). Tied weights are counted once; the aux-free bias is a
+    buffer, not a parameter."""
     total = sum(p.numel() for p in model.parameters())
     inactive = 0
     for module in model.modules():
         if isinstance(module, MoELayer):
             config = module.config
             active = config.num_experts if config.routing == "soft" else config.top_k
-            expert_params = module.w_in.numel() + module.w_out.numel()
+            expert_params = module.w_in.numel() + module.w_out.numel()  # routed experts only
             inactive += expert_params * (config.num_experts - active) // config.num_experts
     return {"total": total, "active": total - inactive}

@@ -15,6 +15,7 @@ from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.text import Perplexity
 
+from moe_lightning.balancing import update_expert_biases
 from moe_lightning.common import check_choice, check_nonnegative, check_positive
 from moe_lightning.models import MLPMoE, MLPMoEConfig, ModelOutput, TransformerMoE, TransformerMoEConfig, param_counts
 
@@ -127,6 +128,9 @@ class _MoEModule(L.LightningModule):
         """
         x, y = batch
         out = self.model(x)
+        if stage == "train":  # the aux-free bias steps from the training batches' loads only, never a probe's
+            for layer_aux in out.aux:
+                layer_aux.record_load()
         task_loss = self.task_loss(out.output, y, stage)
         aux = out.aux_losses()
         total = (
@@ -152,6 +156,17 @@ class _MoEModule(L.LightningModule):
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         return self._step(batch, "test")
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        """The optimiser step, then one aux-free bias step per biased router from the loads of every micro-batch
+        of this step (the last one's forward runs inside the step's closure), summed over data-parallel ranks."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        update_expert_biases(self.model, reduce=self._sum_over_ranks)
+
+    def _sum_over_ranks(self, tensor: Tensor) -> Tensor:
+        if self._trainer is None or self.trainer.world_size == 1:
+            return tensor
+        return self.trainer.strategy.reduce(tensor, reduce_op="sum")
 
     def configure_optimizers(self):
         """AdamW with linear warm-up, then a constant, cosine or linear decay (:class:`OptimizerConfig`).

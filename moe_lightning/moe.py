@@ -8,6 +8,9 @@ Routing (docs/geometry.md, Notation):
 - ``"soft"``: every expert weighted by its softmax probability;
 - ``"dense"``: a single FFN with no router (:class:`DenseFFN`), treated as one expert with gate 1.
 
+Scoring ``"sigmoid"`` (DeepSeek-V3) replaces the softmax by per-expert sigmoids; an aux-free ``expert_bias`` is
+added to the scores for selection only; ``num_shared_experts`` adds an always-on FFN to the routed output.
+
 Expert weights are stacked: ``w_in`` is ``(E, D, H)`` (``(E, D, 2H)`` for SwiGLU: gate then up projection) and
 ``w_out`` is ``(E, H, D)``. That is the layout ``torch.nn.functional.grouped_mm`` takes as its second operand,
 so the grouped path needs no per-step transpose.
@@ -22,12 +25,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moe_lightning.common import check_choice, check_positive, warn_once
+from moe_lightning.balancing import load_balance_loss, router_z_loss, sequence_load_balance_loss
+from moe_lightning.common import check_choice, check_nonnegative, check_positive, warn_once
 
 ROUTINGS = ("dense", "topk", "soft")
 ACTIVATIONS = ("gelu", "relu", "silu", "swiglu")
 CAPACITY_MATCHES = ("total", "active")
 DISPATCHES = ("auto", "loop", "sorted", "grouped", "bmm")
+SCORINGS = ("softmax", "sigmoid")
+LOAD_BALANCINGS = ("aux_loss", "sequence_aux_loss", "aux_free", "none")
 
 
 @dataclass
@@ -58,6 +64,20 @@ class MoEConfig:
     """Expert dispatch: ``"loop"``, ``"sorted"``, ``"grouped"`` (grouped_mm), ``"bmm"`` (soft only), or
     ``"auto"`` (``"bmm"`` for soft routing; otherwise ``"grouped"`` on CUDA and ``"sorted"`` on CPU, where
     plain per-expert matmuls beat ``grouped_mm``; see docs/benchmarks/dispatch.md)."""
+    scoring: str = "softmax"
+    """Router scores: ``"softmax"`` over the E logits, or ``"sigmoid"`` of each logit (DeepSeek-V3; top-k only)."""
+    num_shared_experts: int = 0
+    """Always-on shared experts added to the routed output (DeepSeek-V3), built as one FFN of width
+    ``num_shared_experts * shared_expert_hidden``."""
+    shared_expert_hidden: int | None = None
+    """Hidden width of each shared expert; None uses ``expert_hidden``."""
+    load_balancing: str = "aux_loss"
+    """``"aux_loss"`` (Switch loss), ``"sequence_aux_loss"`` (DeepSeek-V3's per-sequence loss), ``"aux_free"``
+    (a per-expert selection bias, updated once per optimiser step) or ``"none"``; the last three need top-k."""
+    bias_update_rate: float = 1e-3
+    """Aux-free bias step per optimiser step (DeepSeek-V3's gamma)."""
+    routed_scaling: float = 1.0
+    """Scale on the routed experts' gates, hence on the routed output (DeepSeek-V3's routed_scaling_factor)."""
 
     def __post_init__(self) -> None:
         check_choice("routing", self.routing, ROUTINGS)
@@ -76,13 +96,37 @@ class MoEConfig:
             raise ValueError(f"jitter_noise must be in [0, 1), got {self.jitter_noise!r}")
         if self.dispatch == "bmm" and self.routing != "soft":
             raise ValueError(f"dispatch='bmm' applies to routing='soft' only, got routing={self.routing!r}")
+        self._check_routing_family()
+
+    def _check_routing_family(self) -> None:
+        check_choice("scoring", self.scoring, SCORINGS)
+        check_choice("load_balancing", self.load_balancing, LOAD_BALANCINGS)
+        if not isinstance(self.num_shared_experts, int) or isinstance(self.num_shared_experts, bool):
+            raise ValueError(f"num_shared_experts must be an int >= 0, got {self.num_shared_experts!r}")
+        check_nonnegative("num_shared_experts", self.num_shared_experts)
+        if self.shared_expert_hidden is not None:
+            check_positive("shared_expert_hidden", self.shared_expert_hidden)
+        check_nonnegative("bias_update_rate", self.bias_update_rate)
+        check_positive("routed_scaling", self.routed_scaling)
+        # The dense baseline ignores the router's fields, so one config serves every routing of a sweep.
+        if self.routing == "soft" and self.scoring != "softmax":
+            raise ValueError(f"scoring={self.scoring!r} applies to routing='topk' only, got routing='soft'")
+        if self.routing == "soft" and self.load_balancing in ("sequence_aux_loss", "aux_free"):
+            raise ValueError(
+                f"load_balancing={self.load_balancing!r} applies to routing='topk' only, got routing='soft'"
+            )
+
+    @property
+    def shared_hidden(self) -> int:
+        """Total hidden width of the shared experts (0 without them)."""
+        per_expert = self.expert_hidden if self.shared_expert_hidden is None else self.shared_expert_hidden
+        return self.num_shared_experts * per_expert
 
     @property
     def dense_hidden(self) -> int:
-        """Hidden width of the capacity-matched dense baseline."""
-        return (
-            self.num_experts * self.expert_hidden if self.capacity_match == "total" else self.top_k * self.expert_hidden
-        )
+        """Hidden width of the capacity-matched dense baseline, shared experts included."""
+        routed = self.num_experts if self.capacity_match == "total" else self.top_k
+        return routed * self.expert_hidden + self.shared_hidden
 
     def param_counts(self) -> dict[str, int]:
         """Total and active (per-token) parameters of one layer built from this config, router included."""
@@ -92,9 +136,10 @@ class MoEConfig:
             return {"total": n, "active": n}
         router = self.dim * self.num_experts
         active_experts = self.num_experts if self.routing == "soft" else self.top_k
+        shared = per_hidden_unit * self.shared_hidden
         return {
-            "total": router + self.num_experts * per_hidden_unit * self.expert_hidden,
-            "active": router + active_experts * per_hidden_unit * self.expert_hidden,
+            "total": router + self.num_experts * per_hidden_unit * self.expert_hidden + shared,
+            "active": router + active_experts * per_hidden_unit * self.expert_hidden + shared,
         }
 
 
@@ -103,7 +148,7 @@ class RouterOutput:
     """What the router decided for a batch of tokens."""
 
     logits: Tensor  # (N, E) raw router logits
-    probs: Tensor  # (N, E) softmax over all experts
+    probs: Tensor  # (N, E) softmax over all experts; for sigmoid scoring the sigmoids normalised to sum 1
     gates: Tensor  # (N, E) gate weights, 0 where a token is not routed
     expert_index: Tensor  # (N, K) chosen experts (all E for soft routing)
     expert_weight: Tensor  # (N, K) their gate weights
@@ -113,11 +158,18 @@ class RouterOutput:
 class MoEAux:
     """Auxiliary losses and router statistics of one MoE layer's forward pass."""
 
-    load_balance: Tensor  # scalar, 1.0 at perfect balance (Switch Transformer eq. 4-6)
+    load_balance: Tensor  # scalar, 1.0 at perfect balance (Switch or DeepSeek-V3 sequence loss; 0 without one)
     z_loss: Tensor  # scalar (ST-MoE eq. 5)
     tokens_per_expert: Tensor  # (E,) routed assignments per expert, after capacity dropping, detached
     dropped: Tensor  # scalar int, assignments dropped by the capacity limit
     router: RouterOutput
+    routed_per_expert: Tensor | None = None  # (E,) the router's decisions before dropping (top-k), detached
+    source: Router | None = None  # the router, where it keeps an aux-free bias to update from these loads
+
+    def record_load(self) -> None:
+        """Add this pass's loads to the aux-free router's pending loads (a training step calls this)."""
+        if self.source is not None and self.routed_per_expert is not None:
+            self.source.record_load(self.routed_per_expert)
 
 
 def _softmax(logits: Tensor) -> Tensor:
@@ -125,38 +177,77 @@ def _softmax(logits: Tensor) -> Tensor:
     return torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
 
 
-def topk_gates(probs_NE: Tensor, top_k: int, normalize: bool = True) -> tuple[Tensor, Tensor, Tensor]:
-    """Top-k gating: keep the k largest probabilities, optionally renormalised over those k.
+def _scores(logits_NE: Tensor, scoring: str) -> tuple[Tensor, Tensor]:
+    """``(scores, probs)``: the gate values before top-k, and the distribution over experts the losses use."""
+    if scoring == "softmax":
+        probs_NE = _softmax(logits_NE)
+        return probs_NE, probs_NE
+    scores_NE = torch.sigmoid(logits_NE.to(torch.promote_types(logits_NE.dtype, torch.float32)))
+    return scores_NE, scores_NE / scores_NE.sum(dim=-1, keepdim=True)
+
+
+def topk_gates(
+    probs_NE: Tensor, top_k: int, normalize: bool = True, bias_E: Tensor | None = None, scale: float = 1.0
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-k gating: keep the k largest scores, optionally renormalised over those k, times ``scale``.
+
+    With ``bias_E`` (aux-free balancing) the k experts are those with the largest ``score + bias``, and their
+    weights are still the scores: the bias changes which experts are selected, never their weights.
 
     Returns:
         ``(gates_NE, index_NK, weight_NK)``; ``gates_NE`` is zero outside the chosen experts. Pure and
         vmap-friendly, so geometry code can differentiate through it.
     """
-    weight_NK, index_NK = probs_NE.topk(top_k, dim=-1)
+    if bias_E is None:
+        weight_NK, index_NK = probs_NE.topk(top_k, dim=-1)
+    else:
+        index_NK = (probs_NE.detach() + bias_E.to(probs_NE.dtype)).topk(top_k, dim=-1).indices
+        weight_NK = probs_NE.gather(-1, index_NK)
     if normalize:
         weight_NK = weight_NK / weight_NK.sum(dim=-1, keepdim=True)
+    if scale != 1.0:
+        weight_NK = weight_NK * scale
     gates_NE = torch.zeros_like(probs_NE).scatter(-1, index_NK, weight_NK)
     return gates_NE, index_NK, weight_NK
 
 
 class Router(nn.Module):
-    """Linear router ``logits = x W_r`` with top-k or soft gating."""
+    """Linear router ``logits = x W_r`` with softmax or sigmoid scores and top-k or soft gating.
 
-    def __init__(
-        self,
-        dim: int,
-        num_experts: int,
-        top_k: int,
-        routing: str,
-        normalize_topk: bool = True,
-        jitter_noise: float = 0.0,
-    ) -> None:
+    With ``load_balancing="aux_free"`` it keeps a per-expert selection bias, a buffer (saved in
+    checkpoints, no gradient), and the loads of the training passes since the last bias step in ``pending_load``
+    (a plain attribute, so DDP's buffer broadcast cannot overwrite a rank's own loads).
+    """
+
+    def __init__(self, config: MoEConfig) -> None:
         super().__init__()
-        check_choice("routing", routing, ("topk", "soft"))
-        self.num_experts, self.top_k, self.routing = num_experts, top_k, routing
-        self.normalize_topk, self.jitter_noise = normalize_topk, jitter_noise
-        self.weight = nn.Parameter(torch.empty(num_experts, dim))  # (E, D)
-        nn.init.normal_(self.weight, std=dim**-0.5)
+        check_choice("routing", config.routing, ("topk", "soft"))
+        self.num_experts, self.top_k, self.routing = config.num_experts, config.top_k, config.routing
+        self.normalize_topk, self.jitter_noise = config.normalize_topk, config.jitter_noise
+        self.scoring, self.routed_scaling = config.scoring, config.routed_scaling
+        self.bias_update_rate = config.bias_update_rate
+        self.weight = nn.Parameter(torch.empty(config.num_experts, config.dim))  # (E, D)
+        nn.init.normal_(self.weight, std=config.dim**-0.5)
+        aux_free = config.load_balancing == "aux_free"
+        self.register_buffer("expert_bias", torch.zeros(config.num_experts) if aux_free else None)  # (E,) float32
+        self.pending_load: Tensor | None = None  # (E,) int64
+
+    def record_load(self, load_E: Tensor) -> None:
+        """Add one training pass's per-expert assignment counts to the loads of the current optimiser step."""
+        load_E = load_E.detach().long()
+        self.pending_load = load_E.clone() if self.pending_load is None else self.pending_load + load_E
+
+    def _gate(self, logits_NE: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(probs, gates, index, weight)`` of the logits."""
+        scores_NE, probs_NE = _scores(logits_NE, self.scoring)
+        if self.routing == "soft":
+            gates_NE = scores_NE * self.routed_scaling if self.routed_scaling != 1.0 else scores_NE
+            index_NK = torch.arange(self.num_experts, device=logits_NE.device).expand(logits_NE.shape[0], -1)
+            return probs_NE, gates_NE, index_NK, gates_NE
+        gates_NE, index_NK, weight_NK = topk_gates(
+            scores_NE, self.top_k, self.normalize_topk, self.expert_bias, self.routed_scaling
+        )
+        return probs_NE, gates_NE, index_NK, weight_NK
 
     def forward(self, x_ND: Tensor) -> RouterOutput:
         if self.training and self.jitter_noise > 0:
@@ -164,36 +255,11 @@ class Router(nn.Module):
             eps = self.jitter_noise
             x_ND = x_ND * torch.empty_like(x_ND).uniform_(1.0 - eps, 1.0 + eps)
         logits_NE = F.linear(x_ND, self.weight)
-        probs_NE = _softmax(logits_NE)
-        if self.routing == "soft":
-            index_NK = torch.arange(self.num_experts, device=x_ND.device).expand(x_ND.shape[0], -1)
-            return RouterOutput(logits_NE, probs_NE, probs_NE, index_NK, probs_NE)
-        gates_NE, index_NK, weight_NK = topk_gates(probs_NE, self.top_k, self.normalize_topk)
-        return RouterOutput(logits_NE, probs_NE, gates_NE, index_NK, weight_NK)
+        return RouterOutput(logits_NE, *self._gate(logits_NE))
 
     def gates(self, x_ND: Tensor) -> Tensor:
         """Deterministic (no jitter) gate weights (N, E): a pure function of x, for the geometry probes."""
-        probs_NE = _softmax(F.linear(x_ND, self.weight.to(x_ND.dtype)))
-        if self.routing == "soft":
-            return probs_NE
-        return topk_gates(probs_NE, self.top_k, self.normalize_topk)[0]
-
-
-def load_balance_loss(probs_NE: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
-    """Switch Transformer load-balancing loss (Fedus et al. 2021, eq. 4-6): ``E * sum_i f_i * P_i``.
-
-    ``f_i`` is the fraction of routed assignments that go to expert i (``tokens_per_expert_E`` may also hold
-    fractional loads, e.g. gate mass for soft routing), ``P_i`` the mean router probability of expert i. With
-    perfect balance (``f_i = P_i = 1/E``) the loss is exactly 1.0.
-    """
-    num_experts = probs_NE.shape[-1]
-    fraction_E = tokens_per_expert_E.to(probs_NE.dtype) / tokens_per_expert_E.sum().clamp_min(1)
-    return num_experts * (fraction_E * probs_NE.mean(dim=0)).sum()
-
-
-def router_z_loss(logits_NE: Tensor) -> Tensor:
-    """ST-MoE router z-loss (Zoph et al. 2022, eq. 5): mean over tokens of ``logsumexp(logits)^2``."""
-    return torch.logsumexp(logits_NE.float(), dim=-1).square().mean()
+        return self._gate(F.linear(x_ND, self.weight.to(x_ND.dtype)))[1]
 
 
 def _activate(h: Tensor, activation: str) -> Tensor:
@@ -239,11 +305,13 @@ class MoELayer(nn.Module):
         self.config = config
         E, D, H = config.num_experts, config.dim, config.expert_hidden
         width_in = 2 * H if config.activation == "swiglu" else H
-        self.router = Router(D, E, config.top_k, config.routing, config.normalize_topk, config.jitter_noise)
+        self.router = Router(config)
         self.w_in = nn.Parameter(torch.empty(E, D, width_in))  # (E, D, H) or (E, D, 2H) for SwiGLU
         self.w_out = nn.Parameter(torch.empty(E, H, D))  # (E, H, D)
         nn.init.normal_(self.w_in, std=D**-0.5)
         nn.init.normal_(self.w_out, std=H**-0.5)
+        # Built after the routed experts, so a config without shared experts draws today's initial weights.
+        self.shared_experts = DenseFFN(config, hidden=config.shared_hidden) if config.num_shared_experts else None
 
     @property
     def num_experts(self) -> int:
@@ -272,6 +340,8 @@ class MoELayer(nn.Module):
             dropped = torch.zeros((), dtype=torch.long, device=x.device)
         else:
             y_ND, tokens_E, dropped = self._forward_sparse(x_ND, route, dispatch)
+        if self.shared_experts is not None:
+            y_ND = y_ND + self.shared_experts.expert_fn(0, x_ND).to(y_ND.dtype)
         if self.config.routing == "soft":
             # Every expert sees every token, so the load of expert i is its gate mass: f_i = sg(P_i), and the
             # loss E * sum_i P_i^2 is 1 exactly when the mean gates are uniform.
@@ -279,13 +349,26 @@ class MoELayer(nn.Module):
         else:  # f_i counts the router's decisions, before any capacity dropping
             routed_E = torch.bincount(route.expert_index.reshape(-1), minlength=self.num_experts)
         aux = MoEAux(
-            load_balance=load_balance_loss(route.probs, routed_E),
+            load_balance=self._balance_loss(route, routed_E, x),
             z_loss=router_z_loss(route.logits),
             tokens_per_expert=tokens_E.detach(),
             dropped=dropped,
             router=route,
+            routed_per_expert=routed_E.detach() if self.config.routing == "topk" else None,
+            source=self.router if self.router.expert_bias is not None else None,
         )
         return y_ND.reshape(x.shape), aux
+
+    def _balance_loss(self, route: RouterOutput, routed_E: Tensor, x: Tensor) -> Tensor:
+        """The auxiliary balance loss ``config.load_balancing`` asks for; a constant 0 for aux-free and none."""
+        mode = self.config.load_balancing
+        if mode == "aux_loss":
+            return load_balance_loss(route.probs, routed_E)
+        if mode == "sequence_aux_loss":
+            # (..., T, D) inputs hold sequences of T tokens; a flat (N, D) batch is one sequence.
+            num_sequences = route.probs.shape[0] // x.shape[-2] if x.dim() >= 3 else 1
+            return sequence_load_balance_loss(route.probs, route.expert_index, num_sequences)
+        return route.probs.new_zeros(())
 
     def _forward_bmm(self, x_ND: Tensor, gates_NE: Tensor) -> Tensor:
         """Soft routing: every expert on every token through one batched matmul per projection."""

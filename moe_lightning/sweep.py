@@ -11,6 +11,15 @@ A *preset* is a small YAML file (``configs/sweep/<name>.yaml``, or any path)::
     seeds: [0, 1, 2]
     overrides: {trainer: {max_epochs: 16}}                       # merged last, like one more --config
     routing_overrides: {soft: {model: {init_args: {lr: 0.001}}}}  # optional, per routing, merged after overrides
+    variants:                        # optional: named routing families, usable in `routings` like a routing
+      deepseek_aux_free: {configs: [configs/transformer/wikitext_deepseek.yaml]}
+      deepseek_aux_loss:
+        configs: [configs/transformer/wikitext_deepseek.yaml]
+        overrides: {model: {init_args: {config: {load_balancing: aux_loss}}}}
+
+A variant's job layers the variant's ``configs`` after the preset's and merges its ``overrides`` after the preset's
+``overrides``; its routing comes from those configs (the sweep does not set it), and the report groups its runs
+under the variant's name.
 
 Each job is one ``moe-lightning fit`` subprocess (a crash stays in its job) with one more config written into its
 directory, ``job.yaml``: the preset's ``overrides`` and ``routing_overrides[routing]``, ``seed_everything``,
@@ -68,16 +77,24 @@ class Preset:
     overrides: dict[str, Any] = field(default_factory=dict)
     routing_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     description: str = ""
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def allowed_routings(self) -> tuple[str, ...]:
+        """The routings and the preset's variant names, what ``routings`` may list."""
+        return (*ROUTINGS, *self.variants)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name or "/" in self.name:
             raise ValueError(f"sweep preset: name must be a non-empty string without '/', got {self.name!r}")
         if not self.configs:
             raise ValueError(f"sweep preset {self.name!r}: configs must list at least one LightningCLI config")
-        bad = [r for r in self.routings if r not in ROUTINGS]
+        self._check_variants()
+        allowed = self.allowed_routings
+        bad = [r for r in self.routings if r not in allowed]
         if bad or not self.routings:
             raise ValueError(
-                f"sweep preset {self.name!r}: routings {self.routings!r} not allowed; choose from {ROUTINGS}"
+                f"sweep preset {self.name!r}: routings {self.routings!r} not allowed; choose from {allowed}"
             )
         if not self.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds):
             raise ValueError(f"sweep preset {self.name!r}: seeds must be a non-empty list of ints, got {self.seeds!r}")
@@ -86,12 +103,31 @@ class Preset:
         if not isinstance(self.overrides, dict):
             raise ValueError(f"sweep preset {self.name!r}: overrides must be a mapping, got {type(self.overrides)}")
         if not isinstance(self.routing_overrides, dict) or any(
-            r not in ROUTINGS or not isinstance(v, dict) for r, v in self.routing_overrides.items()
+            r not in allowed or not isinstance(v, dict) for r, v in self.routing_overrides.items()
         ):
             raise ValueError(
-                f"sweep preset {self.name!r}: routing_overrides must map routings {ROUTINGS} to config mappings, "
+                f"sweep preset {self.name!r}: routing_overrides must map routings {allowed} to config mappings, "
                 f"got {self.routing_overrides!r}"
             )
+
+    def _check_variants(self) -> None:
+        if not isinstance(self.variants, dict):
+            raise ValueError(f"sweep preset {self.name!r}: variants must be a mapping, got {type(self.variants)}")
+        for name, variant in self.variants.items():
+            if name in ROUTINGS or not isinstance(name, str) or not name or "/" in name or "-seed" in name:
+                raise ValueError(
+                    f"sweep preset {self.name!r}: variant name {name!r} must be a new name (not one of {ROUTINGS}), "
+                    "without '/' or '-seed'"
+                )
+            if not isinstance(variant, dict) or set(variant) - {"configs", "overrides"}:
+                raise ValueError(
+                    f"sweep preset {self.name!r}: variant {name!r} must be a mapping with keys 'configs' and/or "
+                    f"'overrides', got {variant!r}"
+                )
+            if not isinstance(variant.get("configs", []), list) or not isinstance(variant.get("overrides", {}), dict):
+                raise ValueError(
+                    f"sweep preset {self.name!r}: variant {name!r}: configs must be a list, overrides a mapping"
+                )
 
 
 def available_presets() -> list[str]:
@@ -134,6 +170,8 @@ def load_preset(name_or_path: str) -> Preset:
         raise ValueError(f"sweep preset {str(path)!r}: missing keys {sorted(missing)}")
     preset = Preset(**data)
     preset.configs = [_resolve_config_path(c) for c in preset.configs]
+    for variant in preset.variants.values():
+        variant["configs"] = [_resolve_config_path(c) for c in variant.get("configs", [])]
     return preset
 
 
@@ -206,17 +244,19 @@ def job_config(preset: Preset, job: Job, loggers: list[str], wandb_project: str)
                 },
             }
         )
-    fixed = {
+    fixed: dict[str, Any] = {
         "seed_everything": job.seed,
-        "model": {"init_args": {"config": {"routing": job.routing}}},
         "trainer": {"logger": logger_list, "default_root_dir": str(job.dir), "enable_progress_bar": False},
     }
-    return _merge(_merge(preset.overrides, preset.routing_overrides.get(job.routing, {})), fixed)
+    if job.routing in ROUTINGS:  # a variant's routing comes from its own configs
+        fixed["model"] = {"init_args": {"config": {"routing": job.routing}}}
+    variant = preset.variants.get(job.routing, {}).get("overrides", {})
+    return _merge(_merge(_merge(preset.overrides, variant), preset.routing_overrides.get(job.routing, {})), fixed)
 
 
 def job_command(preset: Preset, job: Job) -> list[str]:
     command = [sys.executable, "-m", "moe_lightning.cli", "fit"]
-    for config in preset.configs:
+    for config in [*preset.configs, *preset.variants.get(job.routing, {}).get("configs", [])]:
         command += ["--config", config]
     return command + ["--config", str(job.dir / "job.yaml")]
 
@@ -244,6 +284,7 @@ def _start(
         "preset": preset.name,
         "family": preset.family,
         "routing": job.routing,
+        "variant": job.routing in preset.variants,
         "seed": job.seed,
         "status": "running",
         "returncode": None,
@@ -383,7 +424,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("preset", help="a shipped preset name or a preset YAML file")
     parser.add_argument("--out", default="runs/sweeps", help="parent directory (default: runs/sweeps)")
-    parser.add_argument("--routings", help="comma-separated subset, e.g. dense,topk (default: the preset's)")
+    parser.add_argument(
+        "--routings",
+        help="comma-separated routings or preset variants, e.g. dense,topk or deepseek_aux_loss,deepseek_aux_free "
+        "(default: the preset's routings)",
+    )
     parser.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2 (default: the preset's)")
     parser.add_argument("--num-seeds", type=int, help="seeds 0..n-1 (instead of --seeds)")
     parser.add_argument(

@@ -1,11 +1,13 @@
 """Helpers the tests share: tiny random Hugging Face MoE models of each family (no download) and reading what a
-CSVLogger wrote. Fixtures built on them live in ``conftest.py``."""
+CSVLogger wrote, and numpy references two test files share. Fixtures built on them live in ``conftest.py``."""
 
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
+import numpy as np
 import torch
 
 # family -> (transformers config class, model class)
@@ -55,3 +57,17 @@ def load_script(path: str | Path):
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def numpy_health(load: np.ndarray) -> dict[str, float]:
+    """Router health by hand: utilisation over the ideal load, dead experts, exp(entropy of the load) / E."""
+    util = load * len(load) / load.sum()
+    share = load / load.sum()
+    entropy = -sum(s * math.log(s) for s in share if s > 0)
+    return {
+        "utilisation_p50": np.percentile(util, 50),
+        "utilisation_p90": np.percentile(util, 90),
+        "utilisation_max": util.max(),
+        "dead_fraction": float((load == 0).mean()),
+        "diversity": math.exp(entropy) / len(load),
+    }

@@ -179,3 +179,57 @@ def test_shipped_presets_parse(name, tmp_path, capsys, monkeypatch) -> None:
     assert printed["model"]["init_args"]["config"]["routing"] == "soft"
     assert printed["seed_everything"] == preset.seeds[0]
     assert printed["trainer"]["logger"][0]["class_path"] == "lightning.pytorch.loggers.CSVLogger"
+
+
+def test_transformer_small_variants_compare_aux_loss_and_aux_free(tmp_path, capsys, monkeypatch) -> None:
+    """The DeepSeek-V3 routing family as two variants of the shipped preset: valid fit configs that differ only in
+    load_balancing, with the variant's routing (not a routing the sweep sets)."""
+    preset = load_preset("transformer_small")
+    monkeypatch.chdir(ROOT)
+    printed = {}
+    for name in ("deepseek_aux_loss", "deepseek_aux_free"):
+        job = Job(name, 0, tmp_path / name)
+        job.dir.mkdir()
+        (job.dir / "job.yaml").write_text(yaml.safe_dump(job_config(preset, job, ["csv"], "proj")))
+        argv = job_command(preset, job)[job_command(preset, job).index("fit") :]
+        assert str(ROOT / "configs/transformer/wikitext_deepseek.yaml") in argv
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main([*argv, "--print_config"])
+        assert exit_info.value.code in (0, None)
+        printed[name] = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["config"]
+    assert printed["deepseek_aux_loss"].pop("load_balancing") == "aux_loss"
+    assert printed["deepseek_aux_free"].pop("load_balancing") == "aux_free"
+    assert printed["deepseek_aux_loss"] == printed["deepseek_aux_free"]
+    assert printed["deepseek_aux_free"]["scoring"] == "sigmoid" and printed["deepseek_aux_free"]["routing"] == "topk"
+    assert printed["deepseek_aux_free"]["num_shared_experts"] == 1
+
+
+def test_a_variant_runs_and_the_report_groups_it_under_its_name(tmp_path) -> None:
+    from moe_lightning.report.runs import discover_runs
+
+    variant = {"overrides": {"model": {"init_args": {"config": {"scoring": "sigmoid", "load_balancing": "aux_free"}}}}}
+    preset = tiny_preset(
+        tmp_path, routings=["topk", "sigmoid_aux_free"], seeds=[0], variants={"sigmoid_aux_free": variant}
+    )
+    code = main([str(preset), "--out", str(tmp_path / "out"), "--loggers", "csv", "--no-report"])
+    assert code == 0
+    job = tmp_path / "out" / "tiny" / "sigmoid_aux_free-seed0"
+    assert json.loads((job / "run.json").read_text())["variant"] is True
+    config = yaml.safe_load((job / "config.yaml").read_text())["model"]["init_args"]["config"]
+    assert (config["routing"], config["scoring"], config["load_balancing"]) == ("topk", "sigmoid", "aux_free")
+    runs = {run.routing: run for run in discover_runs([str(tmp_path / "out" / "tiny")])}
+    assert set(runs) == {"topk", "sigmoid_aux_free"} and all(run.ok for run in runs.values())
+    assert "router/blocks.0.ffn/bias_range" in runs["sigmoid_aux_free"].history.columns
+
+
+@pytest.mark.parametrize(
+    ("variants", "message"),
+    [
+        ({"topk": {}}, "variant name 'topk' must be a new name"),
+        ({"x": {"config": {}}}, "variant 'x' must be a mapping with keys 'configs' and/or 'overrides'"),
+        ({"x": {"configs": "a.yaml"}}, "variant 'x': configs must be a list"),
+    ],
+)
+def test_bad_variants_give_clear_errors(variants, message, tmp_path) -> None:
+    with pytest.raises(ValueError, match=message):
+        load_preset(str(tiny_preset(tmp_path, variants=variants)))

@@ -1,5 +1,5 @@
-"""The MoEView of moe-lightning's native layers, :class:`MoELayer` and the :class:`DenseFFN` baseline, with the
-closed-form MLP and SwiGLU expert Jacobians."""
+"""The MoEViews of moe-lightning's native layers, :class:`MoELayer` (its routed experts, and its shared experts as a
+view of their own) and the :class:`DenseFFN` baseline, with the closed-form MLP and SwiGLU expert Jacobians."""
 
 from __future__ import annotations
 
@@ -23,24 +23,25 @@ class NativeMoEView:
 
     def __init__(self, name: str, module: MoELayer | DenseFFN) -> None:
         self.name, self.module = name, module
+        self.ffn: MoELayer | DenseFFN = module  # whose experts and weights this view shows
         self.num_experts = module.num_experts
 
     def gates(self, x: Tensor) -> Tensor:
-        if isinstance(self.module, DenseFFN):
+        if isinstance(self.ffn, DenseFFN):
             return torch.ones(*x.shape[:-1], 1, dtype=x.dtype, device=x.device)
         return self.module.router.gates(x).to(x.dtype)
 
     def expert(self, e: int) -> TokenFn:
-        return partial(self.module.expert_fn, e)
+        return partial(self.ffn.expert_fn, e)
 
     def expert_hidden(self, e: int) -> TokenFn | None:
-        return partial(self.module.expert_hidden_fn, e)
+        return partial(self.ffn.expert_hidden_fn, e)
 
     def _closed_form(self, e: int, x: Tensor, swiglu_fn, mlp_fn):
         """``swiglu_fn(x, w_gate, w_up, w_out)`` or ``mlp_fn(x, w_in, None, w_out, activation)`` on expert ``e``'s
         weights cast to ``x``'s dtype (the probe may run in float64 on a float32 model)."""
-        module, activation = self.module, self.module.config.activation
-        w_in, w_out = module.w_in[e].to(x.dtype), module.w_out[e].to(x.dtype)
+        ffn, activation = self.ffn, self.ffn.config.activation
+        w_in, w_out = ffn.w_in[e].to(x.dtype), ffn.w_out[e].to(x.dtype)
         if activation == "swiglu":
             w_gate, w_up = w_in.chunk(2, dim=-1)
             return swiglu_fn(x, w_gate, w_up, w_out)
@@ -57,11 +58,29 @@ class NativeMoEView:
         return f"NativeMoEView(name={self.name!r}, num_experts={self.num_experts})"
 
 
+class NativeSharedExpertView(NativeMoEView):
+    """View of an :class:`MoELayer`'s always-on shared experts: one expert (their concatenated FFN), gate 1.
+
+    ``module`` is the whole block, so the probes capture the input the shared and routed experts both read; the
+    routed view and this one sum to the block's output.
+    """
+
+    def __init__(self, name: str, module: MoELayer) -> None:
+        super().__init__(name, module)
+        self.ffn, self.num_experts = module.shared_experts, 1
+
+    def __repr__(self) -> str:
+        return f"NativeSharedExpertView(name={self.name!r})"
+
+
 def is_native(module: nn.Module) -> bool:
     """Whether ``module`` is one of moe-lightning's own MoE blocks."""
     return isinstance(module, (MoELayer, DenseFFN))
 
 
 def native_views(name: str, module: nn.Module) -> list[NativeMoEView]:
-    """The one view of a native block."""
-    return [NativeMoEView(name, module)]
+    """The view of a native block, and ``<name>.shared_experts`` when it has shared experts (as for Qwen2-MoE)."""
+    views = [NativeMoEView(name, module)]
+    if isinstance(module, MoELayer) and module.shared_experts is not None:
+        views.append(NativeSharedExpertView(f"{name}.shared_experts" if name else "shared_experts", module))
+    return views

@@ -1,4 +1,5 @@
-"""RouterMonitor: router statistics of every MoE layer from the live training batches (docs/geometry.md §6)."""
+"""RouterMonitor: router statistics and router health of every MoE layer, from the live training batches of each
+logging window, summed across data-parallel ranks (docs/geometry.md §6)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import Tensor
 from typing_extensions import override
 
 from moe_lightning.adapters import find_moe_layers
@@ -13,25 +15,35 @@ from moe_lightning.adapters.base import MoEView
 from moe_lightning.adapters.capture import layer_input
 from moe_lightning.callbacks._observe import define_step_metric, log_scalars, observed_model
 from moe_lightning.common import check_positive_int
-from moe_lightning.geometry import router_statistics
+from moe_lightning.geometry import routing_sums, window_statistics
 from moe_lightning.moe import MoEAux
+
+# After the routing sums of a view: dropped, assignments, sum of aux_load_balance, sum of aux_z_loss, batches.
+_AUX_FIELDS = 5
 
 
 class RouterMonitor(Callback):
-    """Log router statistics of every MoE layer every ``log_every_n_steps`` training steps, at almost no cost.
+    """Log router statistics and router health of every MoE layer every ``log_every_n_steps`` training steps.
 
-    Forward hooks on the MoE blocks keep the router outputs of the logged steps only (moe-lightning layers hand
-    them over; for other models the gates are recomputed from the captured layer input, one small matmul).
+    Forward hooks on the MoE blocks summarise every training batch in a few small ops per layer (moe-lightning
+    layers hand over their router outputs; for other models the gates are recomputed from the captured layer input,
+    one small matmul) and add the summary to the window's sums. At a logging step the window's sums are summed
+    across data-parallel ranks in one collective, turned into statistics, logged (rank zero) and cleared: every
+    statistic covers all tokens the router saw since the last log, on every rank.
 
-    The statistics of a batch are logged at the step whose weights routed it (``trainer.global_step`` at batch
+    The window is labelled with the step whose weights routed its last batch (``trainer.global_step`` at batch
     start), as Lightning labels a ``training_step``'s own values.
 
-    Logged metrics (``<layer>`` is the module path; statistics of rank zero's batch):
-        - ``router/<layer>/load/e<i>``: share of routed assignments per expert (per-expert keys capped by
-          ``max_expert_keys``);
-        - ``router/<layer>/load_cv``, ``load_max_over_mean``, ``entropy``, ``margin`` (see
-          :func:`router_statistics`);
-        - ``router/<layer>/dropped_fraction``, ``aux_load_balance``, ``aux_z_loss`` (moe-lightning layers);
+    Logged metrics (``<layer>`` is the module path; one-expert views such as shared experts have none):
+        - ``router/<layer>/load/e<i>``: share of the window's routed assignments per expert (per-expert keys capped
+          by ``max_expert_keys``);
+        - ``router/<layer>/load_cv``, ``load_max_over_mean``, ``entropy``, ``margin``, ``utilisation_p50``,
+          ``utilisation_p90``, ``utilisation_max``, ``dead_fraction``, ``diversity`` (see
+          :func:`~moe_lightning.geometry.window_statistics`);
+        - ``router/<layer>/dropped_fraction``, ``aux_load_balance``, ``aux_z_loss`` (moe-lightning layers; the
+          losses are means over the window's batches);
+        - ``router/<layer>/bias_range``, ``bias_change`` (aux-free layers): ``max - min`` of the expert bias, and
+          the largest change of an expert's bias since the last log (since fit start for the first);
         - ``router/mean/<stat>``: the mean over layers of each scalar statistic.
 
     Args:
@@ -58,9 +70,13 @@ class RouterMonitor(Callback):
         self.views: list[MoEView] = []
         self._handles: list[Any] = []
         self._armed = False
+        self._log_now = False
         self._captured: dict[str, Any] = {}
+        self._window: dict[str, Tensor] = {}
+        self._bias_at_log: dict[str, Tensor] = {}
         self._step = 0
         self._logged_step: int | None = None
+        self.last_metrics: dict[str, float] = {}
 
     def _interval(self, trainer: Trainer) -> int:
         return self.log_every_n_steps or trainer.log_every_n_steps or 50
@@ -68,8 +84,10 @@ class RouterMonitor(Callback):
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         define_step_metric(trainer, "router/*")
-        self.views = find_moe_layers(observed_model(pl_module), self.layers)
+        self.views = [v for v in find_moe_layers(observed_model(pl_module), self.layers) if v.num_experts > 1]
         self._remove_hooks()
+        self._window, self._captured = {}, {}
+        self._bias_at_log = {v.name: b.detach().clone() for v in self.views if (b := _expert_bias(v)) is not None}
         by_module: dict[int, list[MoEView]] = {}
         for view in self.views:
             by_module.setdefault(id(view.module), []).append(view)
@@ -82,8 +100,9 @@ class RouterMonitor(Callback):
                 return
             aux = output[1] if isinstance(output, tuple) and len(output) > 1 and isinstance(output[1], MoEAux) else None
             x = layer_input(args, kwargs)
-            for view in views:
-                self._captured[view.name] = aux if aux is not None else x.detach().reshape(-1, x.shape[-1])
+            with torch.no_grad():
+                for view in views:
+                    self._captured[view.name] = _batch_sums(view, aux, x)
 
         return hook
 
@@ -106,7 +125,8 @@ class RouterMonitor(Callback):
         # ``global_step`` steps, so they are logged at that step (as Lightning logs a training_step's values),
         # not at the incremented step seen in on_train_batch_end. Once per step under gradient accumulation.
         step = trainer.global_step
-        self._armed = step % self._interval(trainer) == 0 and step != self._logged_step
+        self._armed = True
+        self._log_now = step % self._interval(trainer) == 0 and step != self._logged_step
         self._step = step
         self._captured = {}
 
@@ -114,46 +134,81 @@ class RouterMonitor(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if not self._armed:
-            return
         self._armed = False
-        metrics: dict[str, float] = {}
-        per_stat: dict[str, list[float]] = {}
-        with torch.no_grad():
-            for view in self.views:
-                captured = self._captured.get(view.name)
-                if captured is None:
-                    continue
-                for key, value in self._view_statistics(view, captured).items():
-                    metrics[f"router/{view.name}/{key}"] = value
-                    if "/e" not in key:
-                        per_stat.setdefault(key, []).append(value)
-        for key, values in per_stat.items():
-            metrics[f"router/mean/{key}"] = sum(values) / len(values)
+        for name, sums in self._captured.items():
+            self._window[name] = sums if name not in self._window else self._window[name] + sums
         self._captured = {}
+        if not self._log_now:
+            return
+        self._log_now = False
         self._logged_step = self._step
+        metrics = self._window_metrics(trainer)
+        self._window = {}
+        self.last_metrics = metrics
         log_scalars(trainer, metrics, self._step)
 
-    def _view_statistics(self, view: MoEView, captured: Any) -> dict[str, float]:
-        extra: dict[str, float] = {}
-        if isinstance(captured, MoEAux):
-            gates, probs = captured.router.gates, captured.router.probs
-            assignments = captured.tokens_per_expert.sum() + captured.dropped
-            extra = {
-                "dropped_fraction": float(captured.dropped / assignments.clamp_min(1)),
-                "aux_load_balance": float(captured.load_balance),
-                "aux_z_loss": float(captured.z_loss),
-            }
-        else:
-            gates, probs = view.gates(captured), None
-        if view.num_experts == 1:
+    def _window_metrics(self, trainer: Trainer) -> dict[str, float]:
+        """Every layer's statistics of the window, from its sums over every rank (one collective for all)."""
+        if not self.views:
             return {}
-        stats = router_statistics(gates, probs)
+        device = next(iter(self._window.values())).device if self._window else torch.device("cpu")
+        parts = [
+            self._window.get(v.name, torch.zeros(v.num_experts + 3 + _AUX_FIELDS, dtype=torch.float64, device=device))
+            for v in self.views
+        ]
+        flat = torch.cat([p.to(device) for p in parts])
+        if trainer.world_size > 1:
+            flat = trainer.strategy.reduce(flat, reduce_op="sum")
+        metrics: dict[str, float] = {}
+        per_stat: dict[str, list[float]] = {}
+        for view, sums in zip(self.views, flat.split([p.numel() for p in parts]), strict=True):
+            if sums[view.num_experts] <= 0:  # no token in the window on any rank
+                continue
+            for key, value in self._view_statistics(view, sums).items():
+                metrics[f"router/{view.name}/{key}"] = value
+                if "/e" not in key:
+                    per_stat.setdefault(key, []).append(value)
+        for key, values in per_stat.items():
+            metrics[f"router/mean/{key}"] = sum(values) / len(values)
+        return metrics
+
+    def _view_statistics(self, view: MoEView, sums: Tensor) -> dict[str, float]:
+        routing, (dropped, assignments, lb_sum, z_sum, batches) = sums[:-_AUX_FIELDS], sums[-_AUX_FIELDS:].tolist()
+        stats = window_statistics(routing)
         out = {
             f"load/e{i}": float(v)
             for i, v in enumerate(stats.pop("load").tolist())
             if self.max_expert_keys is None or i < self.max_expert_keys
         }
         out.update(stats)
-        out.update(extra)
+        if batches > 0:
+            out["dropped_fraction"] = dropped / max(assignments, 1.0)
+            out["aux_load_balance"] = lb_sum / batches
+            out["aux_z_loss"] = z_sum / batches
+        bias = _expert_bias(view)
+        if bias is not None:
+            bias = bias.detach().double()
+            previous = self._bias_at_log.get(view.name, torch.zeros_like(bias)).to(bias)
+            out["bias_range"] = float(bias.max() - bias.min())
+            out["bias_change"] = float((bias - previous).abs().max())
+            self._bias_at_log[view.name] = bias.clone()
         return out
+
+
+def _expert_bias(view: MoEView) -> Tensor | None:
+    """The aux-free selection bias of a view's router, if it has one."""
+    return getattr(getattr(view.module, "router", None), "expert_bias", None)
+
+
+def _batch_sums(view: MoEView, aux: MoEAux | None, x: Tensor) -> Tensor:
+    """One batch's additive summary for a view: :func:`routing_sums`, then the :data:`_AUX_FIELDS` of an
+    :class:`MoEAux` (zeros for other layers). No host synchronisation."""
+    if aux is not None:
+        routing = routing_sums(aux.router.gates, aux.router.probs)
+        dropped = aux.dropped.double()
+        assignments = aux.tokens_per_expert.sum().double() + dropped
+        extra = [dropped, assignments, aux.load_balance.double(), aux.z_loss.double()]
+        extra = torch.stack([t.detach().to(routing.device).reshape(()) for t in extra])
+        return torch.cat([routing, extra, torch.ones(1, dtype=torch.float64, device=routing.device)])
+    routing = routing_sums(view.gates(x.detach().reshape(-1, x.shape[-1])))
+    return torch.cat([routing, torch.zeros(_AUX_FIELDS, dtype=torch.float64, device=routing.device)])

@@ -43,7 +43,7 @@ from moe_lightning.geometry.pca import PCAResult, pca_from_moments, weighted_pca
 from moe_lightning.geometry.probe import finalize, probe, probe_statistics
 from moe_lightning.geometry.probe_config import ProbeConfig
 from moe_lightning.geometry.report import GeometryReport
-from moe_lightning.geometry.router import router_statistics
+from moe_lightning.geometry.router import router_health, router_statistics, routing_sums, window_statistics
 from moe_lightning.geometry.spectra import (
     SPECTRAL_STAT_NAMES,
     SPECTRAL_VARIANTS,
@@ -111,7 +111,9 @@ __all__ = [
     "probe",
     "probe_statistics",
     "rank_gap",
+    "router_health",
     "router_statistics",
+    "routing_sums",
     "spectral_stats",
     "stable_rank",
     "subspace_overlap_chance",
@@ -119,6 +121,7 @@ __all__ = [
     "swiglu_jacobian_operator",
     "topr_singular_values",
     "weighted_pca",
+    "window_statistics",
 ]
 
 if TYPE_CHECKING:

@@ -39,7 +39,7 @@ class Run:
     Attributes:
         path: the run directory (the sweep job directory, the CSV log directory or the W&B run directory).
         source: ``"csv"`` or ``"wandb"``: where the scalar history was read from (``"none"`` when it could not be).
-        routing: ``"dense"``, ``"topk"``, ``"soft"`` or None when unknown.
+        routing: ``"dense"``, ``"topk"``, ``"soft"``, a sweep variant's name, or None when unknown.
         seed: the run's seed, or None when unknown.
         family: ``"mlp"``, ``"transformer"`` or None.
         status: ``"done"``, or why the run is left out of the statistics (``"failed"``, ``"running"``, ...).
@@ -199,8 +199,9 @@ def _apply_description(run: Run, directory: str) -> None:
     run.family = run.family or family or _family_from_hparams(hparams)
 
 
-def _check_routing(run: Run) -> None:
-    if run.routing is not None and run.routing not in ROUTINGS:
+def _check_routing(run: Run, variant: bool = False) -> None:
+    """A run needs a known routing; a sweep variant's (``run.json`` says ``variant``) is its name."""
+    if run.routing is not None and run.routing not in ROUTINGS and not variant:
         run.note = f"unknown routing {run.routing!r} (allowed: {', '.join(ROUTINGS)})"
         run.status = "unknown routing"
     elif run.routing is None and run.status == "done":
@@ -300,7 +301,7 @@ def load_sweep_job(directory: str) -> Run:
         run.note = f"sweep status {status!r}" + (f", return code {returncode}" if returncode is not None else "")
     elif run.status == "unknown routing":
         run.status, run.note = "done", ""
-    _check_routing(run)
+    _check_routing(run, variant=bool(meta.get("variant")))
     return run
 
 

@@ -131,6 +131,13 @@ def test_geometry_and_router_monitors_on_hf_model(family, tmp_path):
         assert nonfinite == [0.0, 0.0]
         if experts > 1:  # router statistics of the live batches, per routed block
             assert f"router/{name}/load_cv" in keys and f"router/{name}/entropy" in keys
+            health = [r for r in rows if r.get(f"router/{name}/utilisation_max")]
+            assert len(health) == 1  # router health for every adapted family too
+            for r in health:
+                shares = [float(r[f"router/{name}/load/e{e}"]) for e in range(4)]
+                assert float(r[f"router/{name}/utilisation_max"]) == pytest.approx(4 * max(shares))
+                assert float(r[f"router/{name}/dead_fraction"]) == pytest.approx(sum(s == 0 for s in shares) / 4)
+                assert 0.25 <= float(r[f"router/{name}/diversity"]) <= 1.0
             loads = [
                 sum(float(r[f"router/{name}/load/e{e}"]) for e in range(4))
                 for r in rows

@@ -14,7 +14,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from helpers import logged, read_metrics
+from helpers import logged, numpy_health, read_metrics
 from lightning.pytorch import Callback
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
@@ -134,16 +134,16 @@ class Snapshot(Callback):
         self.at[trainer.global_step] = (copy.deepcopy(batch), copy.deepcopy(pl_module.model.state_dict()))
 
 
-def reference_router_metrics(model_config: MLPMoEConfig, state: dict, x: torch.Tensor) -> dict[str, float]:
-    """Router metrics of every block recomputed with plain ops from the saved weights (float64, numpy stats).
+def reference_block_routing(model_config: MLPMoEConfig, state: dict, x: torch.Tensor) -> list[dict[str, np.ndarray]]:
+    """Each block's logits, probabilities and top-k gates, recomputed with plain ops from saved weights (float64).
 
     The model's own blocks only carry the residual stream from one block to the next."""
     from moe_lightning.models import MLPMoE
 
     model = MLPMoE(model_config).double()
     model.load_state_dict(state)
-    E, k, cf = model_config.num_experts, model_config.top_k, model_config.capacity_factor
-    out: dict[str, float] = {}
+    k = model_config.top_k
+    out = []
     with torch.no_grad():
         h = model.input_proj(x.double())
         for b, block in enumerate(model.blocks):
@@ -157,26 +157,49 @@ def reference_router_metrics(model_config: MLPMoEConfig, state: dict, x: torch.T
             gates = np.zeros_like(probs)
             np.put_along_axis(gates, chosen, np.take_along_axis(probs, chosen, -1), -1)
             gates /= gates.sum(-1, keepdims=True)
-            stats = numpy_router_statistics(gates, probs)
-            name = f"router/blocks.{b}.ffn"
-            for e in range(E):
-                out[f"{name}/load/e{e}"] = stats["load"][e]
-            for key in ("load_cv", "load_max_over_mean", "entropy", "margin"):
-                out[f"{name}/{key}"] = stats[key]
-            counts = (gates > 0).sum(0)
-            capacity = math.ceil(cf * len(x) * k / E)  # GShard/Switch capacity
-            out[f"{name}/dropped_fraction"] = np.maximum(counts - capacity, 0).sum() / (len(x) * k)
-            # Switch eq. 4-6 with f_i from the router's decisions; ST-MoE z-loss
-            out[f"{name}/aux_load_balance"] = E * (counts / counts.sum() * probs.mean(0)).sum()
-            lse = logits.max(-1) + np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1))
-            out[f"{name}/aux_z_loss"] = (lse**2).mean()
+            out.append({"logits": logits, "probs": probs, "gates": gates})
             h, _ = block(h)
-    for key in ("load_cv", "entropy", "margin", "dropped_fraction", "aux_load_balance"):
-        out[f"router/mean/{key}"] = np.mean([out[f"router/blocks.{b}.ffn/{key}"] for b in range(len(model.blocks))])
     return out
 
 
-def test_router_monitor_logs_statistics_of_the_live_batch(tmp_path):
+def reference_router_metrics(model_config: MLPMoEConfig, window: list[tuple[dict, torch.Tensor]]) -> dict[str, float]:
+    """Router metrics of every block over a window of ``(weights, batch)`` pairs, numpy statistics of the union of
+    the window's tokens (each routed by the weights of its own step); the aux losses are means over batches."""
+    E, k, cf = model_config.num_experts, model_config.top_k, model_config.capacity_factor
+    per_batch = [reference_block_routing(model_config, state, x) for state, x in window]
+    out: dict[str, float] = {}
+    for b in range(model_config.num_blocks):
+        name = f"router/blocks.{b}.ffn"
+        blocks = [batch[b] for batch in per_batch]
+        gates = np.concatenate([r["gates"] for r in blocks])
+        stats = numpy_router_statistics(gates, np.concatenate([r["probs"] for r in blocks]))
+        for e in range(E):
+            out[f"{name}/load/e{e}"] = stats["load"][e]
+        for key in ("load_cv", "load_max_over_mean", "entropy", "margin"):
+            out[f"{name}/{key}"] = stats[key]
+        for key, value in numpy_health((gates > 0).sum(0).astype(float)).items():
+            out[f"{name}/{key}"] = value
+        dropped, lb, z = 0, [], []
+        for r in blocks:
+            counts = (r["gates"] > 0).sum(0)
+            capacity = math.ceil(cf * len(r["gates"]) * k / E)  # GShard/Switch capacity
+            dropped += np.maximum(counts - capacity, 0).sum()
+            # Switch eq. 4-6 with f_i from the router's decisions; ST-MoE z-loss
+            lb.append(E * (counts / counts.sum() * r["probs"].mean(0)).sum())
+            logits = r["logits"]
+            lse = logits.max(-1) + np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1))
+            z.append((lse**2).mean())
+        out[f"{name}/dropped_fraction"] = dropped / (len(gates) * k)
+        out[f"{name}/aux_load_balance"] = np.mean(lb)
+        out[f"{name}/aux_z_loss"] = np.mean(z)
+    for key in ("load_cv", "entropy", "margin", "dropped_fraction", "aux_load_balance", "diversity"):
+        out[f"router/mean/{key}"] = np.mean(
+            [out[f"router/blocks.{b}.ffn/{key}"] for b in range(model_config.num_blocks)]
+        )
+    return out
+
+
+def test_router_monitor_logs_statistics_of_the_whole_window(tmp_path):
     L.seed_everything(0)
     config = MLPMoEConfig(
         routing="topk",
@@ -197,18 +220,21 @@ def test_router_monitor_logs_statistics_of_the_live_batch(tmp_path):
     steps = sorted(logged(rows, "router/blocks.0.ffn/load_cv"))
     assert steps == [0, 3, 6]  # global_step % 3 == 0, labelled with the step of the weights that routed
     dropped_seen = []
-    for step in steps:
-        (x, _), state = snapshot.at[step]
-        expected = reference_router_metrics(config, state, x)
+    for step, window in zip(steps, ([0], [1, 2, 3], [4, 5, 6]), strict=True):
+        pairs = [(snapshot.at[s][1], snapshot.at[s][0][0]) for s in window]
+        expected = reference_router_metrics(config, pairs)
         for key, value in expected.items():
             assert logged(rows, key)[step] == pytest.approx(value, rel=1e-5, abs=1e-6), (step, key)
         dropped_seen.append(expected["router/blocks.0.ffn/dropped_fraction"])
+        # the last batch alone is not the window (window accumulation is what the reference checks)
+        if len(window) > 1:
+            alone = reference_router_metrics(config, pairs[-1:])
+            assert any(alone[k] != pytest.approx(v, rel=1e-5) for k, v in expected.items() if "load" in k)
     assert max(dropped_seen) > 0  # capacity factor 0.75 really drops assignments here
-    # aux losses the module logs for the same batch (mean over layers) agree with the per-layer keys
-    train_lb = logged(rows, "train/aux_load_balance")
-    common = set(train_lb) & set(steps)
-    for step in common:
-        assert train_lb[step] == pytest.approx(logged(rows, "router/mean/aux_load_balance")[step], rel=1e-5)
+    # the window of step 0 is its one batch: the aux loss the module logs for it agrees with the per-layer keys
+    assert logged(rows, "train/aux_load_balance")[0] == pytest.approx(
+        logged(rows, "router/mean/aux_load_balance")[0], rel=1e-5
+    )
 
 
 def test_router_monitor_rejects_bad_options():
@@ -384,3 +410,35 @@ def test_nan_probe_tokens_are_counted_and_training_finishes(tmp_path):
     sigma = logged(rows, "geometry/blocks.0.ffn/jac_sigma_max/mean")
     assert sorted(sigma) == [0, 2, 4] and all(math.isfinite(v) and v > 0 for v in sigma.values())
     assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_router_monitor_bias_range_and_change_of_aux_free_layers(tmp_path):
+    class Biases(Callback):
+        """The expert biases after each step's update, as RouterMonitor sees them when it logs."""
+
+        def __init__(self) -> None:
+            self.at: dict[int, list[torch.Tensor]] = {}
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.at[trainer.global_step - 1] = [b.ffn.router.expert_bias.clone() for b in pl_module.model.blocks]
+
+    L.seed_everything(0)
+    config = MLPMoEConfig(
+        input_dim=4, output_dim=2, dim=8, expert_hidden=8, num_experts=4, top_k=1, num_blocks=2, scoring="sigmoid",
+        load_balancing="aux_free", bias_update_rate=0.01,
+    )  # fmt: skip
+    biases = Biases()
+    fit = trainer(tmp_path, [RouterMonitor(log_every_n_steps=3), biases], max_steps=7)
+    fit.fit(MLPMoEModule(config, lr=1e-2), Data(n=64, batch_size=16))
+    rows = read_metrics(tmp_path)
+    previous = [torch.zeros(4), torch.zeros(4)]
+    for step in (0, 3, 6):
+        for b in range(2):
+            bias = biases.at[step][b]
+            assert logged(rows, f"router/blocks.{b}.ffn/bias_range")[step] == pytest.approx(
+                float(bias.max() - bias.min())
+            )
+            change = float((bias - previous[b]).abs().max())
+            assert logged(rows, f"router/blocks.{b}.ffn/bias_change")[step] == pytest.approx(change, abs=1e-7)
+            previous[b] = bias
+    assert logged(rows, "router/blocks.0.ffn/bias_change")[3] > 0
