@@ -135,8 +135,6 @@ class CurvatureMonitor(Callback):
             check_positive_int(f"CurvatureMonitor: {field}", value)
         check_nonnegative("CurvatureMonitor: eigen_tol", eigen_tol)
         check_nonnegative("CurvatureMonitor: trace_tol", trace_tol)
-        if trace and trace_method == "hutchpp" and trace_max_samples < 3:
-            raise ValueError(f"CurvatureMonitor: trace_max_samples must be >= 3 for hutchpp, got {trace_max_samples}")
         groups = {name: [pat] if isinstance(pat, str) else list(pat) for name, pat in (param_groups or {}).items()}
         if not full_model and not groups:
             raise ValueError("CurvatureMonitor: full_model=False needs param_groups")
@@ -271,8 +269,10 @@ class CurvatureMonitor(Callback):
             out[f"{p}/hessian_eigenvalue/{i}"] = values[i]
             out[f"{p}/hessian_eigenvalue_residual/{i}"] = residuals[i]
         if self.both_ends:
-            out[f"{p}/hessian_lambda_min"] = values[-1] if len(values) > top else min(values)
-            out[f"{p}/hessian_lambda_min_residual"] = residuals[-1] if len(values) > top else residuals[top - 1]
+            # "both" returns the top block descending, then the bottom block ascending (none if the basis is tiny)
+            low = top if len(values) > top else top - 1
+            out[f"{p}/hessian_lambda_min"] = values[low]
+            out[f"{p}/hessian_lambda_min_residual"] = residuals[low]
         out[f"{p}/hessian_top_eigenvalue"] = max(values, key=abs)
         out[f"{p}/hessian_top_iterations"] = float(res.iterations)
         out[f"{p}/hessian_top_converged"] = float(res.all_converged)

@@ -94,15 +94,17 @@ def hutchpp(
     The budget splits as ``S = ⌊m/3⌋`` products for the sketch, ``S`` for ``Qᵀ A Q`` and ``G = m − 2S`` for the
     residual. The sketched part removes the top of the spectrum exactly, so the variance left is that of
     Hutchinson on the deflated operator: for a PSD ``A`` the error is ``O(1/m)`` against Hutchinson's ``O(1/√m)``.
-    If the sketch spans the whole space (``S ≥ P``) the estimate is exact (std error 0).
+    If the sketch spans the whole space (``S ≥ P``) the estimate is exact (std error 0); below 3 products the
+    sketch is empty and this is Hutchinson with the same draws.
     """
     check_positive_int("hutchpp: num_matvecs", num_matvecs)
-    if num_matvecs < 3:
-        raise ValueError(f"hutchpp: num_matvecs must be >= 3 (sketch, projection, residual), got {num_matvecs}")
     gen = torch.Generator(device=device).manual_seed(seed)
     s = min(num_matvecs // 3, dim)
-    sketch = rademacher((s, dim), gen, dtype, device)
-    q, _ = torch.linalg.qr(torch.stack([matvec(x) for x in sketch], dim=1))  # (P, S)
+    if s:
+        sketch = rademacher((s, dim), gen, dtype, device)
+        q, _ = torch.linalg.qr(torch.stack([matvec(x) for x in sketch], dim=1))  # (P, S)
+    else:
+        q = torch.zeros(dim, 0, dtype=dtype, device=device)
     exact = sum(float(q[:, i] @ matvec(q[:, i].contiguous())) for i in range(q.shape[1]))
     if q.shape[1] >= dim:
         return TraceResult(exact, 0.0, 2 * s, True)

@@ -148,8 +148,13 @@ def test_hessian_trace_methods_and_bad_input(problem):
         assert abs(r.trace - exact) < 4 * r.std_error and r.iterations == 60
     with pytest.raises(ValueError, match="method"):
         hessian_trace(loss_fn, params, method="xtrace")
-    with pytest.raises(ValueError, match="num_matvecs must be >= 3"):
-        hutchpp(lambda v: v, 5, num_matvecs=2)
+    with pytest.raises(ValueError, match="num_matvecs must be a positive int"):
+        hutchpp(lambda v: v, 5, num_matvecs=0)
+    # below 3 products the sketch is empty: Hutchinson with the same draws
+    op = HessianOperator(loss_fn, params)
+    tiny = hutchpp(op, op.dim, num_matvecs=2, seed=4, dtype=DT)
+    plain = hutchinson(op, op.dim, max_iter=2, tol=0.0, seed=4, dtype=DT)
+    assert tiny.trace == pytest.approx(plain.trace, rel=1e-12) and tiny.iterations == 2
 
 
 def test_slq_quadrature_is_exact_per_start_for_h_and_h_squared(problem):
