@@ -21,6 +21,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import copy
 import platform
 import time
 
@@ -196,6 +197,23 @@ def run_problem(
         f"{ref_s:.2f}",
         "0",
         f"{ref.all_converged}",
+    )
+    double = copy.deepcopy(module).double()
+    d_params = [p for p in double.parameters() if p.requires_grad]
+    xd = x.double() if x.is_floating_point() else x
+
+    def loss64():
+        return criterion(output_of(double(xd)), y.double() if y.is_floating_point() else y)
+
+    r64, s = timed(lambda: hessian_eigenvalues(loss64, d_params, k=1, max_iter=300, tol=1e-10))
+    v64 = float(r64.eigenvalues[0])
+    row(
+        "check: our Lanczos in float64, tol 1e-10",
+        f"{v64:.6f}",
+        f"{r64.iterations}",
+        f"{s:.2f}",
+        f"{rel(v64, lam):.1e}",
+        "",
     )
     for label, it, tol, which in (
         ("ours: Lanczos, monitor default (30 steps, tol 1e-3, both ends)", 30, 1e-3, "both"),
