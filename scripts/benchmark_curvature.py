@@ -254,7 +254,10 @@ def run_problem(
         )
     n, s = power_hvps_to(HessianOperator(loss, params), lam, 1e-3, cap=1000)
     row("old power iteration, run until within 1e-3", f"| {n if n > 0 else '>1000'}", f"{s:.2f}", "≤1e-3 |")
-    found, why = curvlinops_eigsh(module, batch, output_of, criterion, params)
+    try:
+        found, why = curvlinops_eigsh(module, batch, output_of, criterion, params)
+    except Exception as error:  # e.g. forward-mode AD missing for an op of the model
+        found, why = None, f"failed: {type(error).__name__}: {str(error).splitlines()[0][:90]}"
     if found:
         value, count, s = found
         row(
@@ -266,7 +269,10 @@ def run_problem(
         )
     else:
         row("curvlinops + scipy eigsh", f"{why}", "|", "|")
-    py, why = pyhessian_runs(module, batch, output_of, criterion)
+    try:
+        py, why = pyhessian_runs(module, batch, output_of, criterion)
+    except Exception as error:
+        py, why = None, f"failed: {type(error).__name__}: {str(error).splitlines()[0][:90]}"
     if py:
         row(
             "PyHessian power iteration (maxIter 100, tol 1e-3)",
