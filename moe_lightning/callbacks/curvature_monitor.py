@@ -161,6 +161,8 @@ class CurvatureMonitor(Callback):
                 f"CurvatureMonitor: {type(pl_module).__name__} has no loss(batch) method; "
                 "pass loss_fn=lambda module, batch: <scalar loss>"
             )
+        if self.method == "power" and trainer.world_size > 1:
+            raise ValueError("CurvatureMonitor: method='power' does not average over DDP ranks; use method='lanczos'")
         self._parameter_sets(pl_module)  # a group that matches nothing fails now, not at the first probe
         define_step_metric(trainer, "curvature/*")
 
@@ -244,8 +246,6 @@ class CurvatureMonitor(Callback):
 
     def _eigen_metrics(self, p: str, loss: Callable, params: list[Tensor], reduce: dict) -> dict[str, float]:
         if self.method == "power":
-            if reduce:
-                raise ValueError("CurvatureMonitor: method='power' does not run under DDP; use 'lanczos'")
             eig = hessian_top_eigenvalue(loss, params, max_iter=self.eigen_max_iter, tol=self.eigen_tol, seed=self.seed)
             return {
                 f"{p}/hessian_top_eigenvalue": eig.eigenvalue,

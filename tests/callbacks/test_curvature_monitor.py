@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import numpy as np
@@ -111,6 +112,8 @@ def test_power_method_keeps_the_old_keys_and_bad_options_raise(tmp_path, referen
     assert "curvature/hessian_eigenvalue/0" not in monitor.last
     with pytest.raises(ValueError, match="method"):
         CurvatureMonitor(method="arnoldi")
+    with pytest.raises(ValueError, match="method='power' does not average over DDP ranks"):
+        CurvatureMonitor(method="power").setup(SimpleNamespace(world_size=2), make(), "fit")
     with pytest.raises(ValueError, match="trace_method"):
         CurvatureMonitor(trace_method="xtrace")
     with pytest.raises(ValueError, match="top_k"):
