@@ -1,50 +1,97 @@
-"""CurvatureMonitor: top Hessian eigenvalue and Hutchinson trace of the training loss (docs/geometry.md §7)."""
+"""CurvatureMonitor: extreme Hessian eigenvalues (Lanczos), trace (Hutchinson or Hutch++) and spectral density
+(stochastic Lanczos quadrature) of the training loss, for the whole model and named parameter subsets
+(docs/geometry.md §7)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import fnmatch
+import json
+import math
+import os
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from typing_extensions import override
 
 from moe_lightning.adapters.capture import to_device
-from moe_lightning.callbacks._observe import cpu_copy, define_step_metric, log_scalars
-from moe_lightning.common import check_positive_int, observation
-from moe_lightning.geometry import hessian_top_eigenvalue, hutchinson_trace
+from moe_lightning.callbacks._observe import (
+    cpu_copy,
+    define_step_metric,
+    log_scalars,
+    tensorboard_loggers,
+    wandb_loggers,
+)
+from moe_lightning.common import check_choice, check_nonnegative, check_positive_int, observation, warn_once
+from moe_lightning.geometry import (
+    TRACE_METHODS,
+    SpectralDensity,
+    hessian_eigenvalues,
+    hessian_spectral_density,
+    hessian_top_eigenvalue,
+    hessian_trace,
+)
+
+EIGEN_METHODS = ("lanczos", "power")
 
 
 class CurvatureMonitor(Callback):
     """Loss curvature on a fixed batch, on its own schedule (heavier than the other monitors; off by default in
     the configs).
 
-    The batch is the first training batch (kept in the callback's state, so a resumed run uses the same one).
-    Hessian-vector products use double backward through ``torch.autograd.grad``, so ``.grad`` buffers are never
-    touched; modes and RNG states are restored.
+    The batch is the first training batch of each rank (kept in the callback's state, so a resumed run uses the
+    same one). Hessian-vector products use double backward through ``torch.autograd.grad`` on the module's own
+    loss, with the gradient graph built once per quantity, so ``.grad`` buffers are never touched; modes and RNG
+    states are restored. Under DDP each rank differentiates its own batch shard and every product is averaged
+    with one all-reduce, so the values are those of one process on the union of the shards.
 
-    Logged metrics:
-        - ``curvature/hessian_top_eigenvalue``, ``curvature/hessian_top_iterations``,
-          ``curvature/hessian_top_converged``;
-        - ``curvature/hessian_trace``, ``curvature/hessian_trace_std_error``, ``curvature/hessian_trace_samples``.
+    Logged metrics (``<p>`` is ``curvature`` for all trainable parameters, ``curvature/<name>`` per group):
+        - Lanczos (``method="lanczos"``): ``<p>/hessian_top_eigenvalue`` (largest ``|λ|`` of those computed),
+          ``<p>/hessian_eigenvalue/<i>`` and ``<p>/hessian_eigenvalue_residual/<i>`` for the ``top_k`` largest,
+          with ``both_ends`` also ``<p>/hessian_lambda_min`` and ``<p>/hessian_lambda_min_residual``;
+          ``<p>/hessian_top_iterations`` (Hessian-vector products), ``<p>/hessian_top_converged``;
+        - power iteration (``method="power"``): ``<p>/hessian_top_eigenvalue``, ``<p>/hessian_top_iterations``,
+          ``<p>/hessian_top_converged``;
+        - ``<p>/hessian_trace``, ``<p>/hessian_trace_std_error``, ``<p>/hessian_trace_samples`` (Hutch++: products
+          spent; Hutchinson: samples);
+        - with ``density``: ``<p>/hessian_density`` as a W&B histogram and a TensorBoard histogram (expected
+          eigenvalue counts per grid cell), a ``curvature/density`` W&B table, and ``curvature/step_<step>.json``
+          (grid, density, quadrature nodes and weights) in ``report_dir``.
 
     Args:
         every_n_steps: compute when ``trainer.global_step`` is a multiple of this.
         at_fit_start: also compute at the first training batch (the initialisation baseline).
-        eigenvalue: compute the top eigenvalue (power iteration).
-        trace: compute the Hutchinson trace (Rademacher vectors).
-        eigen_max_iter: most power iterations.
-        eigen_tol: relative tolerance of the power iteration.
-        trace_max_samples: most Hutchinson samples.
-        trace_tol: stop when the standard error is below ``trace_tol * |trace|``.
-        loss_fn: ``loss_fn(pl_module, batch) -> scalar``; default ``pl_module.loss(batch)`` (the moe-lightning
-            modules' total loss without logging).
+        eigenvalue: compute the extreme eigenvalues.
+        trace: compute the trace.
+        method: ``lanczos`` (default) or ``power`` (the old power iteration).
+        top_k: Lanczos: largest eigenvalues wanted.
+        both_ends: Lanczos: also the smallest (most negative) eigenvalue.
+        eigen_max_iter: most Lanczos steps (the Krylov basis size) or power iterations.
+        eigen_tol: Lanczos: residual tolerance ``‖H y − θ y‖ ≤ tol · |θ|`` per eigenvalue; power: relative change.
+        trace_method: ``hutchinson`` (default: at the monitor's budget it had the lower variance on both tiny
+            configs, docs/benchmarks/curvature.md) or ``hutchpp`` (better for a fast-decaying spectrum).
+        trace_max_samples: Hutch++: products spent; Hutchinson: most samples.
+        trace_tol: Hutchinson: stop when the standard error is below ``trace_tol * |trace|``.
+        density: compute the spectral density by stochastic Lanczos quadrature.
+        density_starts: random starts of the density.
+        density_steps: Lanczos steps per start.
+        density_grid: grid points of the density.
+        param_groups: ``{name: pattern or patterns}``; each group's Hessian (of its parameters, fnmatch against
+            ``named_parameters()`` names) is measured too and logged under ``curvature/<name>/...``.
+        full_model: also measure all trainable parameters together (under ``curvature/...``).
+        save_reports: write the densities as JSON into ``report_dir``.
+        report_dir: where ``curvature/`` goes; None uses the first CSV or TensorBoard logger's ``log_dir``.
+        loss_fn: ``loss_fn(pl_module, batch) -> scalar``; default ``pl_module.loss(batch)``.
         seed: seed of the random vectors (a local generator; the global RNG is untouched).
 
     Example::
 
-        trainer = Trainer(callbacks=[CurvatureMonitor(every_n_steps=500)])
+        trainer = Trainer(callbacks=[CurvatureMonitor(every_n_steps=500, param_groups={"router": "*router*"})])
     """
 
     def __init__(
@@ -53,25 +100,59 @@ class CurvatureMonitor(Callback):
         at_fit_start: bool = True,
         eigenvalue: bool = True,
         trace: bool = True,
-        eigen_max_iter: int = 20,
+        eigen_max_iter: int = 30,
         eigen_tol: float = 1e-3,
-        trace_max_samples: int = 20,
+        trace_max_samples: int = 30,
         trace_tol: float = 1e-2,
         loss_fn: Callable[[LightningModule, Any], Tensor] | None = None,
         seed: int = 0,
+        method: str = "lanczos",
+        top_k: int = 1,
+        both_ends: bool = True,
+        trace_method: str = "hutchinson",
+        density: bool = True,
+        density_starts: int = 2,
+        density_steps: int = 30,
+        density_grid: int = 101,
+        param_groups: dict[str, str | Sequence[str]] | None = None,
+        full_model: bool = True,
+        save_reports: bool = True,
+        report_dir: str | None = None,
     ) -> None:
         super().__init__()
         check_positive_int("CurvatureMonitor: every_n_steps", every_n_steps)
-        if not (eigenvalue or trace):
+        if not (eigenvalue or trace):  # the density alone has no scalar to plot against the others
             raise ValueError("CurvatureMonitor: at least one of eigenvalue or trace must be True")
+        check_choice("CurvatureMonitor: method", method, EIGEN_METHODS)
+        check_choice("CurvatureMonitor: trace_method", trace_method, TRACE_METHODS)
+        for field, value in (
+            ("top_k", top_k),
+            ("eigen_max_iter", eigen_max_iter),
+            ("trace_max_samples", trace_max_samples),
+            ("density_starts", density_starts),
+            ("density_steps", density_steps),
+            ("density_grid", density_grid),
+        ):
+            check_positive_int(f"CurvatureMonitor: {field}", value)
+        check_nonnegative("CurvatureMonitor: eigen_tol", eigen_tol)
+        check_nonnegative("CurvatureMonitor: trace_tol", trace_tol)
+        groups = {name: [pat] if isinstance(pat, str) else list(pat) for name, pat in (param_groups or {}).items()}
+        if not full_model and not groups:
+            raise ValueError("CurvatureMonitor: full_model=False needs param_groups")
         self.every_n_steps, self.at_fit_start = every_n_steps, at_fit_start
-        self.eigenvalue, self.trace = eigenvalue, trace
+        self.eigenvalue, self.trace, self.density = eigenvalue, trace, density
+        self.method, self.top_k, self.both_ends = method, top_k, both_ends
         self.eigen_max_iter, self.eigen_tol = eigen_max_iter, eigen_tol
-        self.trace_max_samples, self.trace_tol = trace_max_samples, trace_tol
+        self.trace_method, self.trace_max_samples, self.trace_tol = trace_method, trace_max_samples, trace_tol
+        self.density_starts, self.density_steps, self.density_grid = density_starts, density_steps, density_grid
+        self.param_groups, self.full_model = groups, full_model
+        self.save_reports, self.report_dir = save_reports, report_dir
         self.loss_fn, self.seed = loss_fn, seed
         self.batch: Any = None
         self.computed_steps: list[int] = []
         self.last: dict[str, float] = {}
+        self.last_densities: dict[str, SpectralDensity] = {}
+        self._warned: set[str] = set()
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -80,6 +161,9 @@ class CurvatureMonitor(Callback):
                 f"CurvatureMonitor: {type(pl_module).__name__} has no loss(batch) method; "
                 "pass loss_fn=lambda module, batch: <scalar loss>"
             )
+        if self.method == "power" and trainer.world_size > 1:
+            raise ValueError("CurvatureMonitor: method='power' does not average over DDP ranks; use method='lanczos'")
+        self._parameter_sets(pl_module)  # a group that matches nothing fails now, not at the first probe
         define_step_metric(trainer, "curvature/*")
 
     @override
@@ -97,11 +181,25 @@ class CurvatureMonitor(Callback):
         if step % self.every_n_steps == 0 and step not in self.computed_steps:
             self.compute(trainer, pl_module)
 
+    def _parameter_sets(self, pl_module: LightningModule) -> dict[str, list[Tensor]]:
+        """``{metric prefix: parameters}``: all trainable parameters, then each group's."""
+        named = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
+        sets = {"curvature": [p for _, p in named]} if self.full_model else {}
+        for name, patterns in self.param_groups.items():
+            chosen = [p for n, p in named if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)]
+            if not chosen:
+                raise ValueError(
+                    f"CurvatureMonitor: param_groups[{name!r}]={patterns!r} matches no trainable parameter; "
+                    f"names look like {[n for n, _ in named[:4]]}"
+                )
+            sets[f"curvature/{name}"] = chosen
+        return sets
+
     def compute(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
         """Compute and log the curvature now; returns the logged values."""
-        self.computed_steps.append(trainer.global_step)
+        step = trainer.global_step
+        self.computed_steps.append(step)
         batch = to_device(self.batch, pl_module.device)
-        params = [p for p in pl_module.parameters() if p.requires_grad]
 
         def loss() -> Tensor:
             if self.loss_fn is not None:
@@ -109,32 +207,161 @@ class CurvatureMonitor(Callback):
             out = pl_module.loss(batch)
             return out[0] if isinstance(out, tuple) else out
 
+        distributed = trainer.world_size > 1 and dist.is_available() and dist.is_initialized()
+        reduce = {"all_reduce": dist.all_reduce, "world_size": trainer.world_size} if distributed else {}
         metrics: dict[str, float] = {}
+        densities: dict[str, SpectralDensity] = {}
         # Double backward needs the math attention kernel: the fused CPU/CUDA kernels have no second derivative.
         with observation(pl_module, grad=True), sdpa_kernel([SDPBackend.MATH]):
-            if self.eigenvalue:
-                eig = hessian_top_eigenvalue(
-                    loss, params, max_iter=self.eigen_max_iter, tol=self.eigen_tol, seed=self.seed
-                )
-                metrics.update(
-                    {
-                        "curvature/hessian_top_eigenvalue": eig.eigenvalue,
-                        "curvature/hessian_top_iterations": eig.iterations,
-                        "curvature/hessian_top_converged": float(eig.converged),
-                    }
-                )
-            if self.trace:
-                tr = hutchinson_trace(loss, params, max_iter=self.trace_max_samples, tol=self.trace_tol, seed=self.seed)
-                metrics.update(
-                    {
-                        "curvature/hessian_trace": tr.trace,
-                        "curvature/hessian_trace_std_error": tr.std_error,
-                        "curvature/hessian_trace_samples": tr.iterations,
-                    }
-                )
-        self.last = metrics
-        log_scalars(trainer, metrics, trainer.global_step)
+            for prefix, params in self._parameter_sets(pl_module).items():
+                if self.eigenvalue:
+                    metrics.update(self._guarded(prefix, "eigenvalues", self._eigen_metrics, loss, params, reduce))
+                if self.trace:
+                    metrics.update(self._guarded(prefix, "trace", self._trace_metrics, loss, params, reduce))
+                if self.density:
+                    found = self._guarded(prefix, "density", self._density, loss, params, reduce)
+                    if found:
+                        densities[prefix] = found["density"]
+        self.last, self.last_densities = metrics, densities
+        log_scalars(trainer, metrics, step)
+        if densities and trainer.is_global_zero:
+            try:
+                self._log_densities(trainer, densities, step)
+            except Exception as error:  # media and files are a bonus; never let them stop training
+                warn_once(f"CurvatureMonitor: could not log densities: {error!r}", self._warned, rank_zero_warn)
         return metrics
+
+    def _guarded(self, prefix: str, what: str, fn: Callable, *args: Any) -> dict[str, Any]:
+        """``fn(prefix, *args)``, or nothing and a warning when its products hold NaN/Inf (training goes on)."""
+        try:
+            out = fn(prefix, *args)
+        except FloatingPointError as error:
+            out = {}
+            warn_once(f"CurvatureMonitor: {prefix} {what} skipped: {error}", self._warned, rank_zero_warn)
+        # a NaN standard error only says too few samples were drawn; the values themselves must be finite
+        bad = [k for k, v in out.items() if isinstance(v, float) and not math.isfinite(v) and "std_error" not in k]
+        if bad:
+            warn_once(f"CurvatureMonitor: {prefix} {what} is not finite ({bad})", self._warned, rank_zero_warn)
+        return out
+
+    def _eigen_metrics(self, p: str, loss: Callable, params: list[Tensor], reduce: dict) -> dict[str, float]:
+        if self.method == "power":
+            eig = hessian_top_eigenvalue(loss, params, max_iter=self.eigen_max_iter, tol=self.eigen_tol, seed=self.seed)
+            return {
+                f"{p}/hessian_top_eigenvalue": eig.eigenvalue,
+                f"{p}/hessian_top_iterations": eig.iterations,
+                f"{p}/hessian_top_converged": float(eig.converged),
+            }
+        which = "both" if self.both_ends else "largest"
+        res = hessian_eigenvalues(
+            loss,
+            params,
+            k=self.top_k,
+            which=which,
+            max_iter=self.eigen_max_iter,
+            tol=self.eigen_tol,
+            seed=self.seed,
+            **reduce,
+        )
+        values, residuals = res.eigenvalues.tolist(), res.residuals.tolist()
+        top = min(self.top_k, len(values))
+        out: dict[str, float] = {}
+        for i in range(top):
+            out[f"{p}/hessian_eigenvalue/{i}"] = values[i]
+            out[f"{p}/hessian_eigenvalue_residual/{i}"] = residuals[i]
+        if self.both_ends:
+            # "both" returns the top block descending, then the bottom block ascending (none if the basis is tiny)
+            low = top if len(values) > top else top - 1
+            out[f"{p}/hessian_lambda_min"] = values[low]
+            out[f"{p}/hessian_lambda_min_residual"] = residuals[low]
+        out[f"{p}/hessian_top_eigenvalue"] = max(values, key=abs)
+        out[f"{p}/hessian_top_iterations"] = float(res.iterations)
+        out[f"{p}/hessian_top_converged"] = float(res.all_converged)
+        return out
+
+    def _trace_metrics(self, p: str, loss: Callable, params: list[Tensor], reduce: dict) -> dict[str, float]:
+        tr = hessian_trace(
+            loss,
+            params,
+            method=self.trace_method,
+            num_matvecs=self.trace_max_samples,
+            tol=self.trace_tol,
+            seed=self.seed,
+            **reduce,
+        )
+        return {
+            f"{p}/hessian_trace": tr.trace,
+            f"{p}/hessian_trace_std_error": tr.std_error,
+            f"{p}/hessian_trace_samples": float(tr.iterations),
+        }
+
+    def _density(self, p: str, loss: Callable, params: list[Tensor], reduce: dict) -> dict[str, SpectralDensity]:
+        dens = hessian_spectral_density(
+            loss,
+            params,
+            num_starts=self.density_starts,
+            num_steps=self.density_steps,
+            grid_size=self.density_grid,
+            seed=self.seed,
+            **reduce,
+        )
+        return {"density": dens}
+
+    def _resolve_report_dir(self, trainer: Trainer) -> str | None:
+        if self.report_dir is not None:
+            return self.report_dir
+        for logger in trainer.loggers:
+            if isinstance(logger, (CSVLogger, TensorBoardLogger)):
+                return logger.log_dir
+        return None
+
+    def _log_densities(self, trainer: Trainer, densities: dict[str, SpectralDensity], step: int) -> None:
+        root = self._resolve_report_dir(trainer) if self.save_reports else None
+        if root is not None:
+            folder = os.path.join(root, "curvature")
+            os.makedirs(folder, exist_ok=True)
+            payload = {"step": step, "epoch": trainer.current_epoch, "densities": {}}
+            for prefix, d in densities.items():
+                payload["densities"][prefix] = {
+                    "grid": d.grid.tolist(),
+                    "density": d.density.tolist(),
+                    "nodes": d.nodes.tolist(),
+                    "weights": d.weights.tolist(),
+                    "sigma": d.sigma,
+                    "dim": d.dim,
+                }
+            path = os.path.join(folder, f"step_{step:07d}.json")
+            with open(path + ".tmp", "w") as handle:
+                json.dump(payload, handle)
+            os.replace(path + ".tmp", path)  # readers never see a half-written file
+        for logger in tensorboard_loggers(trainer):
+            for prefix, d in densities.items():
+                counts, edges = d.histogram()
+                logger.experiment.add_histogram_raw(
+                    f"{prefix}/hessian_density",
+                    min=float(edges[0]),
+                    max=float(edges[-1]),
+                    num=float(counts.sum()),
+                    sum=float((d.grid * counts).sum()),
+                    sum_squares=float((d.grid**2 * counts).sum()),
+                    bucket_limits=edges[1:].tolist(),
+                    bucket_counts=counts.tolist(),
+                    global_step=step,
+                )
+        wandbs = wandb_loggers(trainer)
+        if not wandbs:
+            return
+        import wandb
+
+        for logger in wandbs:
+            payload: dict[str, Any] = {"trainer/global_step": step}
+            rows = []
+            for prefix, d in densities.items():
+                counts, edges = d.histogram()
+                payload[f"{prefix}/hessian_density"] = wandb.Histogram(np_histogram=(counts.numpy(), edges.numpy()))
+                rows.extend([step, prefix, t, v] for t, v in zip(d.grid.tolist(), d.density.tolist(), strict=True))
+            payload["curvature/density"] = wandb.Table(columns=["step", "params", "eigenvalue", "density"], data=rows)
+            logger.experiment.log(payload)
 
     @override
     def state_dict(self) -> dict[str, Any]:

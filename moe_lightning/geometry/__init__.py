@@ -14,12 +14,18 @@ from moe_lightning.geometry.alignment import (
     pointwise_cosine_sums,
 )
 from moe_lightning.geometry.curvature import (
+    TRACE_METHODS,
     EigenResult,
+    HessianOperator,
     TraceResult,
+    hessian_eigenvalues,
+    hessian_spectral_density,
     hessian_top_eigenvalue,
+    hessian_trace,
     hessian_vector_product,
     hutchinson_trace,
 )
+from moe_lightning.geometry.density import SpectralDensity, broadened_density, slq_density
 from moe_lightning.geometry.jacobians import (
     ACTIVATIONS,
     DEFAULT_MEMORY_BUDGET_BYTES,
@@ -32,6 +38,7 @@ from moe_lightning.geometry.jacobians import (
     swiglu_expert_jacobian,
 )
 from moe_lightning.geometry.krylov import TopRResult, topr_singular_values
+from moe_lightning.geometry.lanczos import LanczosResult, lanczos
 from moe_lightning.geometry.operators import (
     JacobianOperator,
     compose_layer_operator,
@@ -64,12 +71,25 @@ from moe_lightning.geometry.subspaces import (
     rank_gap,
     subspace_overlap_chance,
 )
+from moe_lightning.geometry.trace import hutchinson, hutchpp
 from moe_lightning.geometry.view import MoEView
 
 __all__ = [
     "ACTIVATIONS",
     "DEFAULT_MEMORY_BUDGET_BYTES",
     "EigenResult",
+    "HessianOperator",
+    "LanczosResult",
+    "SpectralDensity",
+    "TRACE_METHODS",
+    "broadened_density",
+    "hessian_eigenvalues",
+    "hessian_spectral_density",
+    "hessian_trace",
+    "hutchinson",
+    "hutchpp",
+    "lanczos",
+    "slq_density",
     "GeometryReport",
     "GrassmannDistance",
     "JacobianOperator",

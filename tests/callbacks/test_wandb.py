@@ -179,6 +179,44 @@ def test_offline_run_directory_holds_geometry_keys_and_media(tmp_path, clean_wan
         assert step_metrics[prefix] == "trainer/global_step"
 
 
+def test_offline_run_holds_curvature_scalars_and_density_histograms(tmp_path, clean_wandb_env):
+    torch.manual_seed(0)
+    module = MLPMoEModule(
+        MLPMoEConfig(routing="soft", input_dim=4, output_dim=2, dim=8, expert_hidden=4, num_experts=2)
+    )
+    gen = torch.Generator().manual_seed(0)
+    data = torch.utils.data.DataLoader(
+        TensorDataset(torch.randn(32, 4, generator=gen), torch.randn(32, 2, generator=gen)), batch_size=16
+    )
+    run_logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="moe-lightning-test")
+    monitor = CurvatureMonitor(every_n_steps=2, density_steps=10, param_groups={"router": "*router*"})
+    try:
+        L.Trainer(
+            max_steps=2,
+            logger=[run_logger],
+            callbacks=[monitor],
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        ).fit(module, data)
+    finally:
+        wandb.finish()
+        wandb.teardown()
+    (log_file,) = list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
+    rows = history_rows(read_transaction_log(log_file))
+    media, scalars = {}, {}
+    for row in rows:
+        for key, value in row.items():
+            if key.endswith("/_type"):
+                media.setdefault(key[: -len("/_type")], []).append(value.strip('"'))
+            elif key in ("curvature/hessian_eigenvalue/0", "curvature/router/hessian_trace"):
+                scalars.setdefault(key, []).append(json.loads(row["trainer/global_step"]))
+    assert media["curvature/hessian_density"] == ["histogram"] * 2  # fit start and step 2
+    assert media["curvature/router/hessian_density"] == ["histogram"] * 2
+    assert media["curvature/density"] == ["table-file"] * 2
+    assert scalars == {"curvature/hessian_eigenvalue/0": [0, 2], "curvature/router/hessian_trace": [0, 2]}
+
+
 def test_resolve_offline_without_credentials(clean_wandb_env):
     offline, reason = resolve_wandb_offline()
     assert offline and "credentials" in reason
