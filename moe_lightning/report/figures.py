@@ -1,13 +1,17 @@
-"""The five figures of the training report (spectra, geometry curves, alignment heatmaps, PCA spectra, router
-load), each drawn from the finished runs grouped by routing; a figure without data is skipped with a note."""
+"""The figures of the training report (spectra, geometry curves, alignment heatmaps, PCA spectra, router load,
+Hessian spectral density), each drawn from the finished runs grouped by routing; a figure without data is skipped
+with a note."""
 
 from __future__ import annotations
 
+import glob
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from moe_lightning.report import plots
@@ -202,18 +206,54 @@ def router_load_figure(data: FigureData) -> str | None:
     )
 
 
+def curvature_densities(run: Run, prefix: str = "curvature") -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """``(step, grid, density)`` of every saved Hessian spectral density of ``run`` (``CurvatureMonitor`` writes
+    ``curvature/step_<step>.json`` next to its CSV or TensorBoard log), by step, for the parameter set ``prefix``
+    (``"curvature"``: the whole model)."""
+    folders = [os.path.join(run.path, "curvature")]
+    if run.geometry_dir is not None:
+        folders.append(os.path.join(os.path.dirname(run.geometry_dir), "curvature"))
+    found: dict[int, tuple[int, np.ndarray, np.ndarray]] = {}
+    for path in (p for folder in dict.fromkeys(folders) for p in glob.glob(os.path.join(folder, "step_*.json"))):
+        with open(path) as handle:
+            payload = json.load(handle)
+        density = payload.get("densities", {}).get(prefix)
+        if density is not None:
+            step = int(payload["step"])
+            found[step] = (step, np.asarray(density["grid"], float), np.asarray(density["density"], float))
+    return [found[step] for step in sorted(found)]
+
+
+def curvature_density_figure(data: FigureData) -> str | None:
+    """The whole-model Hessian spectral density at every saved step, one panel per routing (its first seed)."""
+    panels = []
+    for label, members in data.groups.items():
+        series = next((s for s in (curvature_densities(run) for run in members) if s), None)
+        if series:
+            panels.append((f"{label}, seed {members[0].seed}", series))
+    if not panels:
+        return None
+    return plots.plot_density_panels(
+        panels,
+        data.path("curvature_density.png"),
+        "Hessian spectral density of the training loss over training (stochastic Lanczos quadrature)",
+    )
+
+
 # (file name, figure, note when it has no data), in the order of the report.
-FIGURES: tuple[tuple[str, Callable[[FigureData], str | None], str], ...] = (
+FIGURES: tuple[tuple[str, Callable[[FigureData], str | None], str | None], ...] = (
     ("spectra.png", spectra_figure, "no run has geometry/step_*.json reports with Jacobian spectra"),
     ("curves.png", curves_figure, "no run logged geometry/<layer>/jac_sigma_max/mean"),
     ("alignment.png", alignment_figure, "no MoE run has an alignment matrix in its geometry reports"),
     ("pca_spectra.png", pca_figure, "no run has PCA eigenvalues in its geometry reports"),
     ("router_load.png", router_load_figure, "no MoE run logged router/<layer>/load/e<i> keys"),
+    # Optional (None): CurvatureMonitor is off by default, so a report without densities leaves the figure out.
+    ("curvature_density.png", curvature_density_figure, None),
 )
 
 
 def write_figures(runs: list[Run], out_dir: str) -> tuple[dict[str, str | None], dict[str, str]]:
-    """Write the five figures of :data:`FIGURES`.
+    """Write the figures of :data:`FIGURES` (an optional one only when it has data).
 
     Returns:
         ``(images, notes)``: file name -> written path (None when skipped), and file name -> why it was skipped.
@@ -223,11 +263,14 @@ def write_figures(runs: list[Run], out_dir: str) -> tuple[dict[str, str | None],
     notes: dict[str, str] = {}
     for name, figure, missing in FIGURES:
         try:
-            images[name] = figure(data)
+            path = figure(data)
         except Exception as error:  # a figure must never stop the report; say why it is missing
             plots.plt.close("all")
             images[name], notes[name] = None, f"failed: {error!r}"
             continue
-        if images[name] is None:
+        if path is None and missing is None:
+            continue  # an optional figure without data
+        images[name] = path
+        if path is None:
             notes[name] = missing
     return images, notes

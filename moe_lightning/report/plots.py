@@ -194,3 +194,23 @@ def plot_router_load(panels: Sequence[tuple[str, pd.DataFrame]], path: str, titl
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
     return _save(figure, path, title)
+
+
+def plot_density_panels(
+    panels: Sequence[tuple[str, Sequence[tuple[int, np.ndarray, np.ndarray]]]], path: str, title: str
+) -> str:
+    """One panel per ``(title, [(step, grid, density), ...])``: a density curve per step, coloured from the first
+    step (dark) to the last (light), on a log density axis (the bulk and the outliers differ by decades)."""
+    figure, axes = _grid(len(panels))
+    for ax, (panel_title, series) in zip(axes, panels, strict=True):
+        colours = plt.cm.viridis(np.linspace(0.0, 0.9, len(series)))
+        for colour, (step, grid, density) in zip(colours, series, strict=True):
+            ax.semilogy(grid, _positive(density), color=colour, label=f"step {step}")
+        peak = max(float(np.nanmax(density)) for _, _, density in series)
+        if peak > 0:
+            ax.set_ylim(bottom=peak * 1e-6)  # six decades below the peak: the Gaussian tails go far lower
+        ax.set_title(panel_title, fontsize=9)
+        ax.set_xlabel("Hessian eigenvalue")
+        ax.set_ylabel("density")
+        ax.legend(fontsize=7)
+    return _save(figure, path, title)

@@ -367,3 +367,52 @@ def test_report_of_a_real_sweep(tmp_path, monkeypatch, tiny_config):
         row = results[results["routing"] == routing].iloc[0]
         np.testing.assert_allclose(row["jac_sigma_max/mean:mean"], np.mean(per_seed), rtol=1e-12)
     assert (root / "report" / "index.html").read_text().count("data:image/png;base64,") == len(FIGURES)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hessian spectral density over training
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_curvature_densities_read_every_saved_step_in_order(tmp_path):
+    from moe_lightning.report.figures import curvature_densities
+    from moe_lightning.report.runs import Run
+
+    folder = tmp_path / "curvature"
+    folder.mkdir()
+    for step, scale in ((20, 2.0), (0, 1.0), (10, 1.5)):  # written out of order
+        densities = {
+            "curvature": {"grid": [0.0, 1.0, 2.0], "density": [scale, 0.5, 0.25]},
+            "curvature/router": {"grid": [0.0, 1.0], "density": [9.0, 9.0]},
+        }
+        (folder / f"step_{step:07d}.json").write_text(json.dumps({"step": step, "densities": densities}))
+    series = curvature_densities(Run(path=str(tmp_path), source="csv"))
+    assert [step for step, _, _ in series] == [0, 10, 20]
+    assert [d[0] for _, _, d in series] == [1.0, 1.5, 2.0]  # the whole model's density, not the router's
+    np.testing.assert_array_equal(series[0][1], [0.0, 1.0, 2.0])
+    router = curvature_densities(Run(path=str(tmp_path), source="csv"), prefix="curvature/router")
+    assert [d.tolist() for _, _, d in router] == [[9.0, 9.0]] * 3
+
+
+def test_report_draws_the_density_of_a_run_with_curvature_monitor(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "curvature.yaml"
+    config.write_text(
+        TINY.replace(
+            "    - class_path: moe_lightning.callbacks.RouterMonitor\n",
+            "    - class_path: moe_lightning.callbacks.RouterMonitor\n"
+            "    - class_path: moe_lightning.callbacks.CurvatureMonitor\n"
+            "      init_args: {every_n_steps: 10}\n",
+        )
+    )
+    args = ["fit", "--config", str(ROOT / "configs/mlp/topk.yaml"), "--config", str(ROOT / "configs/trainer/cpu.yaml")]
+    args += ["--config", str(config), "--trainer.logger=CSVLogger", f"--trainer.logger.save_dir={tmp_path}"]
+    assert cli.main([*args, "--summary=false"]) == 0
+    (run_dir,) = {p.parent.parent for p in tmp_path.rglob("curvature/step_*.json")}
+    saved = sorted(json.loads(p.read_text())["step"] for p in (run_dir / "curvature").glob("step_*.json"))
+    assert saved == [0, 10, 20]
+    written = build_report([str(run_dir)], out_dir=str(tmp_path / "report"))
+    assert str(tmp_path / "report" / "curvature_density.png") in written
+    image = matplotlib.image.imread(tmp_path / "report" / "curvature_density.png")
+    assert image.shape[0] > 100 and image.std() > 0  # a drawn figure, not an empty canvas
+    assert "curvature_density.png" in (tmp_path / "report" / "index.html").read_text()
