@@ -3,11 +3,13 @@ heatmaps, and where the callbacks look for MoE layers."""
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any
 
 import numpy as np
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from torch import Tensor, nn
 
 
@@ -49,6 +51,34 @@ def define_step_metric(trainer: Trainer, prefix: str) -> None:
     for logger in wandb_loggers(trainer):
         logger.experiment.define_metric("trainer/global_step")
         logger.experiment.define_metric(prefix, step_metric="trainer/global_step")
+
+
+def report_directory(trainer: Trainer, explicit: str | None = None) -> str | None:
+    """Where a callback writes its per-step reports: ``explicit`` if given, else the first CSV or TensorBoard
+    logger's ``log_dir``, else the W&B run's files directory, so the reports travel with the run; ``None`` when
+    there is none of them."""
+    if explicit is not None:
+        return explicit
+    for logger in trainer.loggers:
+        if isinstance(logger, (CSVLogger, TensorBoardLogger)):
+            return logger.log_dir
+    for logger in wandb_loggers(trainer):
+        return logger.experiment.dir
+    return None
+
+
+def write_step_report(root: str, kind: str, step: int, payload: dict[str, Any]) -> str:
+    """Write ``payload`` as ``<root>/<kind>/step_<step, 7 digits>.json`` (what ``moe-lightning report`` reads).
+
+    Written next to the target and renamed, so readers never see a half-written file. Returns the path.
+    """
+    folder = os.path.join(root, kind)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"step_{step:07d}.json")
+    with open(path + ".tmp", "w") as handle:
+        json.dump(payload, handle)
+    os.replace(path + ".tmp", path)
+    return path
 
 
 def wandb_loggers(trainer: Trainer) -> list[WandbLogger]:

@@ -5,15 +5,12 @@
 from __future__ import annotations
 
 import fnmatch
-import json
 import math
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -24,8 +21,10 @@ from moe_lightning.callbacks._observe import (
     cpu_copy,
     define_step_metric,
     log_scalars,
+    report_directory,
     tensorboard_loggers,
     wandb_loggers,
+    write_step_report,
 )
 from moe_lightning.common import check_choice, check_nonnegative, check_positive_int, observation, warn_once
 from moe_lightning.geometry import (
@@ -85,7 +84,8 @@ class CurvatureMonitor(Callback):
             ``named_parameters()`` names) is measured too and logged under ``curvature/<name>/...``.
         full_model: also measure all trainable parameters together (under ``curvature/...``).
         save_reports: write the densities as JSON into ``report_dir``.
-        report_dir: where ``curvature/`` goes; None uses the first CSV or TensorBoard logger's ``log_dir``.
+        report_dir: where ``curvature/`` goes; None uses the first CSV or TensorBoard logger's ``log_dir``, else the
+            W&B run's files directory (next to ``GeometryMonitor``'s ``geometry/``).
         loss_fn: ``loss_fn(pl_module, batch) -> scalar``; default ``pl_module.loss(batch)``.
         seed: seed of the random vectors (a local generator; the global RNG is untouched).
 
@@ -307,19 +307,9 @@ class CurvatureMonitor(Callback):
         )
         return {"density": dens}
 
-    def _resolve_report_dir(self, trainer: Trainer) -> str | None:
-        if self.report_dir is not None:
-            return self.report_dir
-        for logger in trainer.loggers:
-            if isinstance(logger, (CSVLogger, TensorBoardLogger)):
-                return logger.log_dir
-        return None
-
     def _log_densities(self, trainer: Trainer, densities: dict[str, SpectralDensity], step: int) -> None:
-        root = self._resolve_report_dir(trainer) if self.save_reports else None
+        root = report_directory(trainer, self.report_dir) if self.save_reports else None
         if root is not None:
-            folder = os.path.join(root, "curvature")
-            os.makedirs(folder, exist_ok=True)
             payload = {"step": step, "epoch": trainer.current_epoch, "densities": {}}
             for prefix, d in densities.items():
                 payload["densities"][prefix] = {
@@ -330,10 +320,7 @@ class CurvatureMonitor(Callback):
                     "sigma": d.sigma,
                     "dim": d.dim,
                 }
-            path = os.path.join(folder, f"step_{step:07d}.json")
-            with open(path + ".tmp", "w") as handle:
-                json.dump(payload, handle)
-            os.replace(path + ".tmp", path)  # readers never see a half-written file
+            write_step_report(root, "curvature", step, payload)
         for logger in tensorboard_loggers(trainer):
             for prefix, d in densities.items():
                 counts, edges = d.histogram()

@@ -3,8 +3,6 @@ probed on a fixed token set over the course of training (docs/geometry.md §1-5)
 
 from __future__ import annotations
 
-import json
-import os
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -12,7 +10,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
@@ -27,8 +24,10 @@ from moe_lightning.callbacks._observe import (
     heatmap_figure,
     log_scalars,
     observed_model,
+    report_directory,
     tensorboard_loggers,
     wandb_loggers,
+    write_step_report,
 )
 from moe_lightning.common import check_choice, check_positive_int, dtype_from_name, observation, warn_once
 from moe_lightning.geometry import GeometryReport, ProbeConfig, finalize, probe_statistics
@@ -305,31 +304,16 @@ class GeometryMonitor(Callback):
             except Exception as error:  # media are a bonus; never let them stop training
                 warn_once(f"GeometryMonitor: could not log media: {error!r}", self._warned, rank_zero_warn)
 
-    def _resolve_report_dir(self, trainer: Trainer) -> str | None:
-        if self.report_dir is not None:
-            return self.report_dir
-        for logger in trainer.loggers:
-            if isinstance(logger, (CSVLogger, TensorBoardLogger)):
-                return logger.log_dir
-        for logger in wandb_loggers(trainer):
-            return logger.experiment.dir
-        return None
-
     def _save(self, trainer: Trainer, reports: dict[str, GeometryReport], step: int) -> None:
-        root = self._resolve_report_dir(trainer)
+        root = report_directory(trainer, self.report_dir)
         if root is None:
             return
-        folder = os.path.join(root, "geometry")
-        os.makedirs(folder, exist_ok=True)
         payload = {
             "step": step,
             "epoch": trainer.current_epoch,
             "layers": {name: report.to_dict() for name, report in reports.items()},
         }
-        path = os.path.join(folder, f"step_{step:07d}.json")
-        with open(path + ".tmp", "w") as handle:
-            json.dump(payload, handle)
-        os.replace(path + ".tmp", path)  # readers never see a half-written file
+        write_step_report(root, "geometry", step, payload)
 
     def _log_media(self, trainer: Trainer, reports: dict[str, GeometryReport], step: int) -> None:
         for logger in tensorboard_loggers(trainer):
