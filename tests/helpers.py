@@ -71,3 +71,49 @@ def numpy_health(load: np.ndarray) -> dict[str, float]:
         "dead_fraction": float((load == 0).mean()),
         "diversity": math.exp(entropy) / len(load),
     }
+
+
+def run_test_script(name: str, argument: str | Path, cwd: str | Path) -> None:
+    """Run ``tests/scripts/<name>`` in a fresh Python (one torch thread, W&B offline) with ``argument``; fail with its
+    stderr when it fails. The multi-process tests launch their gloo workers this way."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    result = subprocess.run(
+        [sys.executable, str(root / "tests" / "scripts" / name), str(argument)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def tanh_mlp_problem(widths: tuple[int, int, int], num_points: int, input_scales=None, seed: int = 0):
+    """A ``widths[0]-widths[1]-widths[2]`` tanh MLP with MSE loss on random points (inputs scaled per feature by
+    ``input_scales``), in float64: ``(loss_fn, params, full Hessian)``, the Hessian by reverse-mode autograd."""
+    from torch.autograd.functional import hessian
+
+    d_in, d_hidden, d_out = widths
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_points, d_in, generator=gen, dtype=torch.float64)
+    if input_scales is not None:
+        x = x * torch.tensor(input_scales, dtype=torch.float64)
+    y = torch.randn(num_points, d_out, generator=gen, dtype=torch.float64)
+    shapes = [(d_in, d_hidden), (d_hidden,), (d_hidden, d_out), (d_out,)]
+    params = [torch.randn(s, generator=gen, dtype=torch.float64).requires_grad_() for s in shapes]
+
+    def loss_of(w1, b1, w2, b2):
+        return ((torch.tanh(x @ w1 + b1) @ w2 + b2 - y) ** 2).mean()
+
+    def flat_loss(theta):
+        return loss_of(
+            *(t.view(p.shape) for t, p in zip(theta.split([p.numel() for p in params]), params, strict=True))
+        )
+
+    full = hessian(flat_loss, torch.cat([p.detach().reshape(-1) for p in params]))
+    return (lambda: loss_of(*params)), params, full

@@ -4,15 +4,12 @@ balance loss, shared experts, and the new config fields, against hand-computed a
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-from helpers import load_script
+from helpers import load_script, run_test_script
 from torch.utils.data import DataLoader, TensorDataset
 
 from moe_lightning.balancing import bias_update, sequence_load_balance_loss, update_expert_biases
@@ -252,12 +249,7 @@ def test_two_process_ddp_bias_and_router_monitor_match_one_process_on_the_union(
     from moe_lightning.geometry import routing_sums, window_statistics
     from moe_lightning.models import MLPMoE
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
-    script = ROOT / "tests" / "scripts" / "ddp_routing.py"
-    result = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_test_script("ddp_routing.py", tmp_path, tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert ranks[0]["world_size"] == 2 and sorted(ranks[0]["loads"]) == [0, 1, 2]
     # the ranks routed different tokens, so a rank's own loads would give a different bias
@@ -270,7 +262,7 @@ def test_two_process_ddp_bias_and_router_monitor_match_one_process_on_the_union(
             torch.testing.assert_close(rank["bias"][layer], expected, rtol=0, atol=1e-7)
     # RouterMonitor at step 2: the window of steps 1 and 2 on both ranks, as one process would see it
     assert ranks[0]["logged_step"] == 2
-    model = MLPMoE(load_script(script).CONFIG)
+    model = MLPMoE(load_script(ROOT / "tests" / "scripts" / "ddp_routing.py").CONFIG)
     metrics = ranks[0]["metrics"]
     for layer in range(2):
         gates, probs = [], []

@@ -11,8 +11,6 @@ import fnmatch
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,7 +18,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from helpers import logged, read_metrics
+from helpers import logged, read_metrics, run_test_script
 from lightning.pytorch.loggers import TensorBoardLogger
 from test_router_curvature_monitors import Data, exact_hessian, tiny_curvature_module, trainer
 
@@ -141,16 +139,7 @@ def test_nan_loss_warns_and_training_finishes(tmp_path):
 
 def test_two_process_ddp_matches_one_process(tmp_path):
     out = tmp_path / "ddp.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "scripts" / "ddp_curvature.py"), str(out)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_test_script("ddp_curvature.py", out, tmp_path)
     data = json.loads(out.read_text())
     assert data["world_size"] == 2 and data["steps"] == [0]
     assert data["shard_rows"] == [16, 16] and data["shards_differ"]  # each rank probed its own shard

@@ -4,15 +4,13 @@ resuming continues the same curve, and 2-process DDP gives the one-process value
 import csv
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import run_test_script
 from lightning.pytorch.loggers import CSVLogger
 
 from moe_lightning.adapters import find_moe_layers
@@ -209,16 +207,7 @@ def test_bad_options_raise_clear_errors():
 
 def test_two_process_ddp_matches_one_process(tmp_path):
     out = tmp_path / "ddp.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "scripts" / "ddp_geometry.py"), str(out)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_test_script("ddp_geometry.py", out, tmp_path)
     data = json.loads(out.read_text())
     assert data["world_size"] == 2 and data["steps"] == [2]
     ddp, single = data["ddp"], data["single"]

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from torch.autograd.functional import hessian
+from helpers import tanh_mlp_problem
 
 from moe_lightning.geometry import hessian_top_eigenvalue, hutchinson_trace
 
@@ -13,25 +13,7 @@ DT = torch.float64
 
 def small_problem():
     """A 2-4-1 tanh MLP on 16 points: 17 parameters, so its full Hessian is 17 × 17."""
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(16, 2, generator=gen, dtype=DT)
-    y = torch.randn(16, 1, generator=gen, dtype=DT)
-    shapes = [(2, 4), (4,), (4, 1), (1,)]
-    params = [torch.randn(s, generator=gen, dtype=DT).requires_grad_() for s in shapes]
-
-    def loss_of(w1, b1, w2, b2):
-        return ((torch.tanh(x @ w1 + b1) @ w2 + b2 - y) ** 2).mean()
-
-    def flat_loss(theta):
-        parts, offset = [], 0
-        for p in params:
-            parts.append(theta[offset : offset + p.numel()].view(p.shape))
-            offset += p.numel()
-        return loss_of(*parts)
-
-    theta = torch.cat([p.detach().reshape(-1) for p in params])
-    full = hessian(flat_loss, theta)
-    return (lambda: loss_of(*params)), params, full
+    return tanh_mlp_problem((2, 4, 1), 16)
 
 
 def test_top_eigenvalue_matches_full_hessian():

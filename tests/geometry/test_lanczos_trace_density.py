@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from helpers import tanh_mlp_problem
 from torch.autograd.functional import hessian
 
 from moe_lightning.geometry import (
@@ -29,24 +30,7 @@ DT = torch.float64
 def mlp_problem(seed: int = 0):
     """A 4-12-3 tanh MLP on 40 points of unequal input scales, MSE loss: P = 99, an indefinite Hessian whose top
     eigenvalues stand out of the bulk (as a network's do; Papyan 2020)."""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(40, 4, generator=gen, dtype=DT) * torch.tensor([3.0, 1.0, 0.5, 0.2], dtype=DT)
-    y = torch.randn(40, 3, generator=gen, dtype=DT)
-    shapes = [(4, 12), (12,), (12, 3), (3,)]
-    params = [torch.randn(s, generator=gen, dtype=DT).requires_grad_() for s in shapes]
-
-    def loss_of(w1, b1, w2, b2):
-        return ((torch.tanh(x @ w1 + b1) @ w2 + b2 - y) ** 2).mean()
-
-    def flat_loss(theta):
-        parts, offset = [], 0
-        for p in params:
-            parts.append(theta[offset : offset + p.numel()].view(p.shape))
-            offset += p.numel()
-        return loss_of(*parts)
-
-    full = hessian(flat_loss, torch.cat([p.detach().reshape(-1) for p in params]))
-    return (lambda: loss_of(*params)), params, full
+    return tanh_mlp_problem((4, 12, 3), 40, input_scales=[3.0, 1.0, 0.5, 0.2], seed=seed)
 
 
 @pytest.fixture(scope="module")
