@@ -467,6 +467,10 @@ def multiple_comparison_note(table: pd.DataFrame) -> str:
         return ""
     tests, adjusted = int(table["tests"].iloc[0]), float(table["bonferroni_level"].iloc[0])
     level = float(table["level"].iloc[0])
+    if tests == 0:
+        return (
+            "Multiple comparisons: no claim row has 2 paired seeds, so none was tested; every verdict is inconclusive."
+        )
     return (
         f"Multiple comparisons: {tests} claim rows were tested (rows with at least 2 paired seeds). Each verdict "
         f"alone is at the {level:.0%} level, so among {tests} tests about {tests * (1 - level):.1f} intervals are "

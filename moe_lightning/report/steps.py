@@ -62,10 +62,13 @@ def pca_site(metric: str) -> str | None:
     return match.group(1) if match else None
 
 
-def load_step_payloads(run: Run) -> dict[int, dict[str, Any]]:
-    """``step -> {layer: the layer's dict}`` of every readable ``geometry/step_<step>.json`` of ``run``."""
+def load_step_payloads(run: Run, steps: set[int] | None = None) -> dict[int, dict[str, Any]]:
+    """``step -> {layer: the layer's dict}`` of every readable ``geometry/step_<step>.json`` of ``run`` (only those
+    of ``steps`` when given)."""
     payloads: dict[int, dict[str, Any]] = {}
     for step, path in geometry_steps(run.geometry_dir):
+        if steps is not None and step not in steps:
+            continue
         try:
             with open(path) as handle:
                 layers = json.load(handle).get("layers", {})
@@ -136,13 +139,17 @@ def pca_sampling(
 def _layer_rows(run: Run, final_only: bool) -> list[dict[str, Any]]:
     """One row per (layer, probe step, metric) of one run."""
     history = run.history
-    payloads = load_step_payloads(run)
+    probed = {
+        layer: [int(s) for s in history[f"geometry/{layer}/tokens_total"].dropna().index]
+        for layer in layer_names(history)
+    }
+    if final_only:
+        probed = {layer: steps[-1:] for layer, steps in probed.items()}
+    payloads = load_step_payloads(run, {s for steps in probed.values() for s in steps})
     base = {"family": run.family or "", "routing": run.routing, "arm": run.arm, "seed": run.seed, "path": run.path}
     rows = []
-    for layer in layer_names(history):
-        logged = history[f"geometry/{layer}/tokens_total"].dropna()
-        steps = [int(s) for s in logged.index]
-        for step in steps[-1:] if final_only else steps:
+    for layer, steps in probed.items():
+        for step in steps:
             saved = payloads.get(step, {}).get(layer)
             for key, _ in GEOMETRY_METRICS:
                 column = f"geometry/{layer}/{key}"
