@@ -191,8 +191,10 @@ def decide(
         b: seed -> value of B.
         relation: ``"<"`` or ``">"``.
         level: coverage of the deciding t-interval.
-        replicates_a, replicates_b: seed -> bootstrap replicates of A and B over probe tokens (replicate i of both
-            on the same resample), for the bootstrap interval; None leaves it out.
+        replicates_a: seed -> bootstrap replicates of A over probe tokens, for the bootstrap interval; None
+            leaves it out.
+        replicates_b: the same for B (replicate i of A and of B on the same token resample when both arms were
+            probed on the same tokens).
 
     Returns:
         The :class:`Decision`.

@@ -291,7 +291,6 @@ def claims_over_training_figure(table: pd.DataFrame, path: str) -> str | None:
     return plots.plot_claim_panels(
         panels,
         path,
-        "Claims over training: mean seed-paired difference at every probe step, 95% t-interval over seeds "
-        "shaded, bootstrap interval over probe tokens as bars; marker green = holds, red = does not hold, grey = "
-        "inconclusive (hollow: rests on a PCA value with n_eff < D)",
+        "Claims over training: the mean seed-paired difference at every probe step, with its intervals and the "
+        "verdict at that step",
     )

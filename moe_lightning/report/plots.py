@@ -17,6 +17,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 
 ROUTING_COLORS = {
     "dense": "0.25",
@@ -59,11 +61,15 @@ def _grid(count: int, max_columns: int = 3, width: float = 5.0, height: float = 
     return figure, list(axes.flat[:count])
 
 
-def _save(figure, path: str, title: str) -> str:
+def _save(figure, path: str, title: str, header_inches: float = 0.0) -> str:
+    """Title, lay out and write; ``header_inches`` keeps that much room above the panels (e.g. for a legend)."""
     # Wrap the title to the figure's width (about 11 characters per inch at the default title size).
     chars = max(30, int(figure.get_figwidth() * 11))
-    figure.suptitle("\n".join(textwrap.fill(line, chars) for line in title.split("\n")))
-    figure.tight_layout()
+    lines = [wrapped for line in title.split("\n") for wrapped in textwrap.wrap(line, chars)]
+    figure.suptitle("\n".join(lines))
+    # tight_layout leaves the suptitle's room only roughly; on tall figures it overlaps the first row.
+    top = 1.0 - (0.25 * len(lines) + 0.15 + header_inches) / figure.get_figheight()
+    figure.tight_layout(rect=(0.0, 0.0, 1.0, top))
     figure.savefig(path, dpi=_DPI)
     plt.close(figure)
     return path
@@ -242,6 +248,20 @@ def plot_claim_panels(
         max_columns: panels per row.
     """
     figure, axes = _grid(len(panels), max_columns=max_columns, width=4.4, height=3.2)
+    key = [
+        Patch(color="tab:blue", alpha=0.18, label="95% t-interval over seeds"),
+        Line2D([], [], color="tab:blue", marker="|", markersize=9, linestyle="-", label="bootstrap over probe tokens"),
+        *(Line2D([], [], color=c, marker="o", linestyle="none", label=v) for v, c in VERDICT_COLORS.items()),
+        Line2D([], [], color="0.4", marker="o", markerfacecolor="white", linestyle="none", label="rests on n_eff < D"),
+    ]
+    figure.legend(
+        handles=key,
+        loc="upper center",
+        ncol=len(key),
+        fontsize=8,
+        frameon=False,
+        bbox_to_anchor=(0.5, 1.0 - (0.25 * 2 + 0.1) / figure.get_figheight()),
+    )
     for ax, (panel_title, ylabel, series) in zip(axes, panels, strict=True):
         for index, (label, frame) in enumerate(series.items()):
             frame = frame.sort_values("step")
@@ -272,7 +292,7 @@ def plot_claim_panels(
                             s=22,
                             linewidths=1.2,
                             zorder=3,
-                            facecolors="none" if flagged else color_v,
+                            facecolors="white" if flagged else color_v,
                             edgecolors=color_v,
                         )
         ax.axhline(0.0, color="black", linestyle="--", linewidth=0.7)
@@ -283,4 +303,4 @@ def plot_claim_panels(
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=6)
-    return _save(figure, path, title)
+    return _save(figure, path, title, header_inches=0.35)
