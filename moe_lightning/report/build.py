@@ -15,6 +15,7 @@ from moe_lightning.report.claims import (
     claims_table,
     comparable,
     multiple_comparison_note,
+    verdict_since,
 )
 from moe_lightning.report.figures import claims_over_training_figure, write_figures
 from moe_lightning.report.format import markdown_table
@@ -137,6 +138,7 @@ def build_report(
     training: pd.DataFrame | None = None
     if comparable(claims):
         training = claims_over_training(step_values(runs, layer_mode), threshold)
+        claims = verdict_since(claims, training)
     else:
         claims = None  # one arm alone (e.g. a single run): nothing to compare, so no table of empty verdicts
     shown_results = results_display(results)

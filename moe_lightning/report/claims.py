@@ -40,6 +40,7 @@ __all__ = [
     "claims_over_training",
     "claims_table",
     "comparable",
+    "verdict_since",
     "decide",
     "decide_threshold",
     "multiple_comparison_note",
@@ -500,9 +501,11 @@ def claims_display(table: pd.DataFrame) -> pd.DataFrame:
         "n seeds",
         "verdict",
         "verdict (Bonferroni)",
+        "verdict since step",
         "n_eff < D",
         "note",
     ]
+    columns = [c for c in columns if c in table]
     if len(set(table["layer"])) > 1:
         columns.insert(0, "layer")
     if len(set(table["family"])) > 1:
@@ -587,3 +590,26 @@ def claims_over_training(steps: pd.DataFrame, threshold: float = 0.1, level: flo
                     }
                 )
     return pd.DataFrame(rows, columns=columns)
+
+
+def verdict_since(claims: pd.DataFrame, training: pd.DataFrame) -> pd.DataFrame:
+    """Add to ``claims`` the column ``verdict since step``: the first probe step from which the claim's verdict in
+    ``training`` (:func:`claims_over_training`) stays its final one at every later step (empty when the claim was
+    not probed over training)."""
+    if claims.empty:
+        return claims
+    since = {}
+    keys = ["family", "layer", "claim", "comparison", "metric"]
+    for key, rows in training.sort_values("step").groupby(keys, sort=False):
+        verdicts, steps = list(rows["verdict"]), [int(s) for s in rows["step"]]
+        first = len(verdicts) - 1
+        while first > 0 and verdicts[first - 1] == verdicts[-1]:
+            first -= 1
+        since[key] = (verdicts[-1], steps[first])
+    column = []
+    for row in claims[keys + ["verdict"]].itertuples(index=False):
+        found = since.get(tuple(row[:-1]))
+        column.append(str(found[1]) if found and found[0] == row[-1] else "")
+    claims = claims.copy()
+    claims.insert(claims.columns.get_loc("verdict (Bonferroni)") + 1, "verdict since step", column)
+    return claims
