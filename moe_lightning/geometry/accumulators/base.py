@@ -32,6 +32,9 @@ class Accumulator:
 
     #: Whether :meth:`add` needs every expert's Jacobian on every token of a chunk (see ``ProbeContext``).
     needs_all_token_jacobians: bool = False
+    #: Whether the bootstrap finalises this quantity on each resample (its slots, and those it reads from the
+    #: quantities before it, have replicas).
+    resampled: bool = True
 
     def allocate(self, layout: BufferLayout) -> None:
         """Reserve this quantity's slots in ``layout``."""
@@ -87,9 +90,9 @@ class SpectralMoments:
     def __init__(self, layout: BufferLayout, prefix: str, *lead: int) -> None:
         n_stats = len(SPECTRAL_STAT_NAMES)
         self.prefix = prefix
-        self.sum_w: Slot = layout.allocate(f"{prefix}/sum_w", *lead, n_stats)
-        self.sum_w_stat: Slot = layout.allocate(f"{prefix}/sum_w_stat", *lead, n_stats)
-        self.sum_w_stat2: Slot = layout.allocate(f"{prefix}/sum_w_stat2", *lead, n_stats)
+        self.sum_w: Slot = layout.allocate(f"{prefix}/sum_w", *lead, n_stats, resampled=True)
+        self.sum_w_stat: Slot = layout.allocate(f"{prefix}/sum_w_stat", *lead, n_stats, resampled=True)
+        self.sum_w_stat2: Slot = layout.allocate(f"{prefix}/sum_w_stat2", *lead, n_stats, resampled=True)
 
     def add(
         self,
@@ -100,6 +103,8 @@ class SpectralMoments:
         fit_max: int | None,
         truncated: bool,
         index: int | None = None,
+        ctx: ProbeContext | None = None,
+        counts_BN: Tensor | None = None,
     ) -> None:
         """Add the statistics of ``N`` spectra with weights ``w_N`` (at ``index`` of the leading shape, if any).
 
@@ -110,6 +115,8 @@ class SpectralMoments:
             fit_max: largest index of the decay-slope fit.
             truncated: the spectra are top-``M`` only, so the Frobenius norm is unknown (NaN).
             index: position in the leading shape (an expert); None when there is none.
+            ctx: the probe's context, which adds the spectra to the bootstrap replicas; None: no bootstrap.
+            counts_BN: ``(B, N)`` resample counts of the ``N`` tokens; None without a bootstrap.
         """
         stats = spectral_stats(singular_values_NM, fit_max=fit_max)
         if truncated:  # the Frobenius norm needs every singular value
@@ -123,6 +130,8 @@ class SpectralMoments:
             if index is not None:
                 target = target[index]
             target += value.sum(0)
+            if ctx is not None:
+                ctx.add_resampled(buffer, slot, counts_BN, value, index=index)
 
     def write(
         self, buffer: Tensor, target: dict, variants: dict[str, str], *, fit_max: int | None, top: int | None

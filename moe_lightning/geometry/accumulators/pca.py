@@ -54,7 +54,10 @@ class PCAMoments(Accumulator):
         #: site -> per expert ``(Σw z, Σw z zᵀ)`` slots, None where the site is skipped.
         self.moments: dict[str, list[tuple[Slot, Slot] | None]] = {
             site: [
-                (layout.allocate(f"pca/{site}/e{e}/sum_wz", w), layout.allocate(f"pca/{site}/e{e}/sum_wzz", w, w))
+                (
+                    layout.allocate(f"pca/{site}/e{e}/sum_wz", w, resampled=True),
+                    layout.allocate(f"pca/{site}/e{e}/sum_wzz", w, w, resampled=True),
+                )
                 if w
                 else None
                 for e, w in enumerate(widths)
@@ -68,7 +71,7 @@ class PCAMoments(Accumulator):
             x_e = chunk.inputs(e)
             if x_e.shape[0] == 0:
                 continue
-            w = chunk.weights(e)
+            w, c = chunk.weights(e), chunk.counts_of(e)
             for site, slots in self.moments.items():
                 if slots[e] is None:
                     continue
@@ -78,6 +81,11 @@ class PCAMoments(Accumulator):
                 sum_wz, sum_wzz = slots[e]
                 sum_wz.of(buffer).add_(zw.sum(0))
                 sum_wzz.of(buffer).add_(zw.T @ z)
+                replica = ctx.replicas.get(sum_wzz)
+                if c is not None and replica is not None:
+                    cw = c.to(z.dtype) * w
+                    ctx.add_resampled(buffer, sum_wz, cw, z)
+                    replica.of(buffer).add_(torch.einsum("bn,ni,nj->bij", cw, z, z))
 
     def finalize(
         self, buffer: Tensor, report: GeometryReport, done: dict[Accumulator, Any]
