@@ -56,14 +56,15 @@ def test_plain_values_are_unchanged_by_the_bootstrap():
     assert json.dumps(with_boot) == json.dumps(without)  # bit for bit, NaN included
 
 
-def test_shards_of_one_global_draw_sum_to_the_one_process_bootstrap():
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_shards_of_one_global_draw_sum_to_the_one_process_bootstrap(ranks):
     view, x = moe_view(), tokens(n=31)
     cfg = ProbeConfig(bootstrap=B, bootstrap_seed=3)
     single = probe(view, x, cfg).bootstrap
     counts = resample_counts(x.shape[0], B, 3)
     shards = [
         probe_statistics(view, part, cfg, resample_counts=c)
-        for part, c in zip(x.tensor_split(3), counts.tensor_split(3, dim=1), strict=True)
+        for part, c in zip(x.tensor_split(ranks), counts.tensor_split(ranks, dim=1), strict=True)
     ]
     sharded = finalize(shards).bootstrap
     for key, vals in single["values"].items():
