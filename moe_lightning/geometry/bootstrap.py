@@ -63,7 +63,7 @@ def bootstrap_values(stats: ProbeStatistics) -> dict[str, list[float]]:
         done: dict = {}
         for acc in stats.quantities:
             if acc.resampled:
-                done[acc] = acc.finalize(buffer, report, done)
+                done[acc] = acc.finalize_resample(buffer, report, done)
         scalars = report.scalars("", max_experts=0)
         if b == 0:  # the keys depend on the config and the shapes only, so they are those of every resample
             out = {key: [] for key in BOOTSTRAP_QUANTITIES if f"/{key}" in scalars}

@@ -57,6 +57,11 @@ class Accumulator:
             What later quantities may use (for instance the PCA results), or None.
         """
 
+    def finalize_resample(self, buffer: Tensor, report: GeometryReport, done: dict[Accumulator, Any]) -> Any:
+        """:meth:`finalize` on one bootstrap resample's statistics; a quantity may skip there what no
+        bootstrapped value needs (the PCA its eigenvectors)."""
+        return self.finalize(buffer, report, done)
+
 
 class SkippedForOneExpert(Accumulator):
     """A quantity between experts (alignment, subspaces) on a layer with one expert: only its variant says so.

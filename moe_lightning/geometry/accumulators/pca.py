@@ -88,7 +88,7 @@ class PCAMoments(Accumulator):
                     replica.of(buffer).add_(torch.einsum("bn,ni,nj->bij", cw, z, z))
 
     def finalize(
-        self, buffer: Tensor, report: GeometryReport, done: dict[Accumulator, Any]
+        self, buffer: Tensor, report: GeometryReport, done: dict[Accumulator, Any], eigenvectors: bool = True
     ) -> dict[str, list[PCAResult | None]]:
         """Write the reported sites; return every site's per-expert results (None where skipped)."""
         count, sum_w, sum_w2 = (s.of(buffer) for s in (self.tokens.count, self.tokens.sum_w, self.tokens.sum_w2))
@@ -97,7 +97,9 @@ class PCAMoments(Accumulator):
             results[site] = [
                 None
                 if pair is None
-                else pca_from_moments(sum_w[e], sum_w2[e], pair[0].of(buffer), pair[1].of(buffer), count[e])
+                else pca_from_moments(
+                    sum_w[e], sum_w2[e], pair[0].of(buffer), pair[1].of(buffer), count[e], eigenvectors
+                )
                 for e, pair in enumerate(slots)
             ]
             if site not in self.reported or all(res is None for res in results[site]):
@@ -114,3 +116,9 @@ class PCAMoments(Accumulator):
             v[f"pca_{site}_n90"] = "components_for_90pct_variance"
             v[f"pca_{site}_covariance"] = "weighted_divide_by_sum_w"
         return results
+
+    def finalize_resample(
+        self, buffer: Tensor, report: GeometryReport, done: dict[Accumulator, Any]
+    ) -> dict[str, list[PCAResult | None]]:
+        """The eigenvalues alone: the bootstrapped PCA quantities are ranks."""
+        return self.finalize(buffer, report, done, eigenvectors=False)
