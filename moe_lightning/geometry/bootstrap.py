@@ -57,13 +57,14 @@ def bootstrap_values(stats: ProbeStatistics) -> dict[str, list[float]]:
     The quantities that rest on no replica (pointwise alignment, subspaces) are not finalised.
     """
     out: dict[str, list[float]] = {}
+    quantities = [acc for acc in stats.quantities if acc.resampled]
+    batched = {acc: acc.batch_resamples(lambda slot: stats.replicas[slot].of(stats.buffer)) for acc in quantities}
     for b in range(stats.config.bootstrap):
         buffer = stats.replicate(b)
         report = stats.tokens.start_report(buffer, stats.name, stats.dim)
         done: dict = {}
-        for acc in stats.quantities:
-            if acc.resampled:
-                done[acc] = acc.finalize_resample(buffer, report, done)
+        for acc in quantities:
+            done[acc] = acc.finalize_resample(buffer, report, done, batched[acc], b)
         scalars = report.scalars("", max_experts=0)
         if b == 0:  # the keys depend on the config and the shapes only, so they are those of every resample
             out = {key: [] for key in BOOTSTRAP_QUANTITIES if f"/{key}" in scalars}

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from moe_lightning.geometry.spectra import effective_rank, n_components_for_variance, participation_ratio
 
-__all__ = ["PCAResult", "moments", "pca_from_moments", "weighted_pca"]
+__all__ = ["PCAResult", "moments", "pca_from_moments", "pca_ranks", "weighted_pca"]
 
 
 @dataclass
@@ -51,9 +51,7 @@ class PCAResult:
     undersampled: bool
 
 
-def pca_from_moments(
-    sum_w: Tensor, sum_w2: Tensor, sum_wx: Tensor, sum_wxx: Tensor, count: Tensor, eigenvectors: bool = True
-) -> PCAResult:
+def pca_from_moments(sum_w: Tensor, sum_w2: Tensor, sum_wx: Tensor, sum_wxx: Tensor, count: Tensor) -> PCAResult:
     """Weighted PCA from accumulated moments.
 
     ``C = Σw x xᵀ / Σw − μ μᵀ`` equals ``Σ w (x − μ)(x − μ)ᵀ / Σw`` exactly in exact arithmetic; it is
@@ -65,8 +63,6 @@ def pca_from_moments(
         sum_wx: ``(D,)`` ``Σ w x``.
         sum_wxx: ``(D, D)`` ``Σ w x xᵀ``.
         count: scalar number of tokens with ``w > 0``.
-        eigenvectors: also compute the eigenvectors; False leaves them empty and takes the eigenvalues alone
-            (``eigvalsh``, several times faster), which is all the ranks need.
     """
     d = sum_wx.shape[-1]
     total = float(sum_w)
@@ -79,11 +75,8 @@ def pca_from_moments(
     mean = sum_wx / sum_w
     cov = sum_wxx / sum_w - torch.outer(mean, mean)
     cov = 0.5 * (cov + cov.T)
-    if eigenvectors:
-        evals, evecs = torch.linalg.eigh(cov)
-        evals, evecs = evals.flip(-1), evecs.flip(-1)
-    else:
-        evals, evecs = torch.linalg.eigvalsh(cov).flip(-1), cov.new_zeros(0)
+    evals, evecs = torch.linalg.eigh(cov)
+    evals, evecs = evals.flip(-1), evecs.flip(-1)
     # E[x xᵀ] − μμᵀ cancels: eigenvalues below the round-off level of the raw second moments are zero
     # (e.g. one token, or a site confined to a subspace), not tiny variances that would inflate effective rank.
     noise = d * torch.finfo(cov.dtype).eps * float(torch.diagonal(sum_wxx).abs().max()) / total
@@ -102,6 +95,40 @@ def pca_from_moments(
         n90=float(n_components_for_variance(lam, 0.9)),
         undersampled=n_eff < d,
     )
+
+
+def pca_ranks(sum_w: Tensor, sum_w2: Tensor, sum_wx: Tensor, sum_wxx: Tensor) -> dict[str, Tensor]:
+    """The rank measures of :func:`pca_from_moments` for many sets of moments at once (leading dims ``...``), from
+    the eigenvalues alone (``eigvalsh``): what the bootstrap needs on each resample.
+
+    Args:
+        sum_w: ``(...)`` ``Σw``.
+        sum_w2: ``(...)`` ``Σw²``.
+        sum_wx: ``(..., D)`` ``Σ w x``.
+        sum_wxx: ``(..., D, D)`` ``Σ w x xᵀ``.
+
+    Returns:
+        ``effective_rank``, ``participation_ratio``, ``n90`` (NaN where ``Σw = 0``), ``n_eff`` (0 there) and
+        ``undersampled`` (1.0 where ``n_eff < D``), each ``(...)``, as :func:`pca_from_moments` computes them.
+    """
+    d = sum_wx.shape[-1]
+    ok = sum_w > 0
+    safe_w = torch.where(ok, sum_w, torch.ones_like(sum_w))
+    mean = sum_wx / safe_w.unsqueeze(-1)
+    cov = sum_wxx / safe_w[..., None, None] - mean.unsqueeze(-1) * mean.unsqueeze(-2)
+    evals = torch.linalg.eigvalsh(0.5 * (cov + cov.mT)).flip(-1)
+    # the same round-off floor as pca_from_moments
+    noise = d * torch.finfo(cov.dtype).eps * torch.diagonal(sum_wxx, dim1=-2, dim2=-1).abs().amax(-1) / safe_w
+    lam = torch.where(evals.abs() <= noise.unsqueeze(-1), torch.zeros_like(evals), evals).clamp_min(0)
+    nan = torch.full_like(sum_w, float("nan"))
+    n_eff = torch.where(ok, sum_w**2 / torch.where(ok, sum_w2, torch.ones_like(sum_w2)), torch.zeros_like(sum_w))
+    return {
+        "effective_rank": torch.where(ok, effective_rank(lam), nan),
+        "participation_ratio": torch.where(ok, participation_ratio(lam), nan),
+        "n90": torch.where(ok, n_components_for_variance(lam, 0.9), nan),
+        "n_eff": n_eff,
+        "undersampled": (n_eff < d).to(sum_w.dtype),
+    }
 
 
 def moments(x_ND: Tensor, w_N: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:

@@ -5,6 +5,7 @@ the report), and :class:`SpectralMoments`, the weighted spectral sums the expert
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -57,9 +58,16 @@ class Accumulator:
             What later quantities may use (for instance the PCA results), or None.
         """
 
-    def finalize_resample(self, buffer: Tensor, report: GeometryReport, done: dict[Accumulator, Any]) -> Any:
-        """:meth:`finalize` on one bootstrap resample's statistics; a quantity may skip there what no
-        bootstrapped value needs (the PCA its eigenvectors)."""
+    def batch_resamples(self, replica_of: Callable[[Slot], Tensor]) -> Any:
+        """Before the resamples are finalised one by one: what this quantity computes for all ``B`` of them at once
+        (``replica_of(slot)`` is the ``(B, *shape)`` replica of one of its slots), or None."""
+        return None
+
+    def finalize_resample(
+        self, buffer: Tensor, report: GeometryReport, done: dict[Accumulator, Any], batched: Any, b: int
+    ) -> Any:
+        """:meth:`finalize` on bootstrap resample ``b``'s statistics ``buffer``; ``batched`` is what
+        :meth:`batch_resamples` returned."""
         return self.finalize(buffer, report, done)
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -12,7 +13,7 @@ from torch import Tensor
 from moe_lightning.geometry.accumulators.base import Accumulator
 from moe_lightning.geometry.accumulators.context import Chunk, ProbeContext
 from moe_lightning.geometry.accumulators.tokens import TokenCounts
-from moe_lightning.geometry.pca import PCAResult, pca_from_moments
+from moe_lightning.geometry.pca import PCAResult, pca_from_moments, pca_ranks
 from moe_lightning.geometry.report import GeometryReport
 from moe_lightning.geometry.statistics import BufferLayout, Slot
 
@@ -88,7 +89,7 @@ class PCAMoments(Accumulator):
                     replica.of(buffer).add_(torch.einsum("bn,ni,nj->bij", cw, z, z))
 
     def finalize(
-        self, buffer: Tensor, report: GeometryReport, done: dict[Accumulator, Any], eigenvectors: bool = True
+        self, buffer: Tensor, report: GeometryReport, done: dict[Accumulator, Any]
     ) -> dict[str, list[PCAResult | None]]:
         """Write the reported sites; return every site's per-expert results (None where skipped)."""
         count, sum_w, sum_w2 = (s.of(buffer) for s in (self.tokens.count, self.tokens.sum_w, self.tokens.sum_w2))
@@ -97,9 +98,7 @@ class PCAMoments(Accumulator):
             results[site] = [
                 None
                 if pair is None
-                else pca_from_moments(
-                    sum_w[e], sum_w2[e], pair[0].of(buffer), pair[1].of(buffer), count[e], eigenvectors
-                )
+                else pca_from_moments(sum_w[e], sum_w2[e], pair[0].of(buffer), pair[1].of(buffer), count[e])
                 for e, pair in enumerate(slots)
             ]
             if site not in self.reported or all(res is None for res in results[site]):
@@ -117,8 +116,26 @@ class PCAMoments(Accumulator):
             v[f"pca_{site}_covariance"] = "weighted_divide_by_sum_w"
         return results
 
+    def batch_resamples(self, replica_of: Callable[[Slot], Tensor]) -> dict[str, Tensor]:
+        """The reported sites' per-expert quantities on every resample, key -> ``(B, E)``: one batched eigenvalue
+        decomposition per expert and site instead of one per resample (no eigenvectors: the resampled PCA
+        quantities are ranks)."""
+        sum_w, sum_w2 = replica_of(self.tokens.sum_w), replica_of(self.tokens.sum_w2)
+        out: dict[str, Tensor] = {}
+        for site, slots in self.moments.items():
+            if site not in self.reported or all(pair is None for pair in slots):
+                continue
+            columns = {q: torch.full(sum_w.shape, math.nan, dtype=torch.float64) for q in _QUANTITIES}
+            for e, pair in enumerate(slots):
+                if pair is not None:
+                    ranks = pca_ranks(sum_w[:, e], sum_w2[:, e], replica_of(pair[0]), replica_of(pair[1]))
+                    for q in _QUANTITIES:
+                        columns[q][:, e] = ranks[q].to(torch.float64)
+            out.update({f"pca_{site}_{q}": values for q, values in columns.items()})
+        return out
+
     def finalize_resample(
-        self, buffer: Tensor, report: GeometryReport, done: dict[Accumulator, Any]
-    ) -> dict[str, list[PCAResult | None]]:
-        """The eigenvalues alone: the bootstrapped PCA quantities are ranks."""
-        return self.finalize(buffer, report, done, eigenvectors=False)
+        self, buffer: Tensor, report: GeometryReport, done: dict[Accumulator, Any], batched: Any, b: int
+    ) -> None:
+        for key, values in batched.items():
+            report.expert[key] = values[b]
