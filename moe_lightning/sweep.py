@@ -1,5 +1,10 @@
-"""``moe-lightning sweep``: train routing ∈ {dense, topk, soft} × seeds for one config family, with geometry
-logging, then write the report (``moe-lightning report``).
+"""``moe-lightning sweep``: train arm ∈ {topk, soft, dense_total, dense_active} × seeds for one config family, with
+geometry logging, then write the report (``moe-lightning report``).
+
+The arms (:data:`ARMS`) are the two routings and the dense baseline under both capacity controls:
+``dense_total`` matches the MoE's total parameters (hidden ``E·H``, ``capacity_match: total``) and
+``dense_active`` its active parameters, i.e. its FLOPs per token (hidden ``k·H``, ``capacity_match: active``).
+``dense`` is accepted as another name of ``dense_total`` (:data:`ARM_ALIASES`), for older presets and runs.
 
 A *preset* is a small YAML file (``configs/sweep/<name>.yaml``, or any path)::
 
@@ -7,7 +12,7 @@ A *preset* is a small YAML file (``configs/sweep/<name>.yaml``, or any path)::
     family: mlp                      # mlp | transformer: a label for the report
     description: ...
     configs: [configs/mlp/topk.yaml, configs/trainer/cpu.yaml]   # LightningCLI configs, in order
-    routings: [dense, topk, soft]
+    routings: [topk, soft, dense_total, dense_active]
     seeds: [0, 1, 2]
     overrides: {trainer: {max_epochs: 16}}                       # merged last, like one more --config
     routing_overrides: {soft: {model: {init_args: {lr: 0.001}}}}  # optional, per routing, merged after overrides
@@ -23,7 +28,7 @@ under the variant's name.
 
 Each job is one ``moe-lightning fit`` subprocess (a crash stays in its job) with one more config written into its
 directory, ``job.yaml``: the preset's ``overrides`` and ``routing_overrides[routing]``, ``seed_everything``,
-``model.init_args.config.routing`` and the loggers (CSV always, into the job directory; W&B, offline when needed,
+the arm's ``model.init_args.config`` fields (``routing``, and ``capacity_match`` for a dense arm) and the loggers (CSV always, into the job directory; W&B, offline when needed,
 when ``--loggers`` includes it). Layout::
 
     <out>/<name>/sweep.json                       the resolved preset
@@ -57,12 +62,19 @@ from typing import Any
 
 import yaml
 
-from moe_lightning.moe import ROUTINGS
-
 LOGGERS = ("csv", "wandb")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PRESET_DIR = PROJECT_ROOT / "configs" / "sweep"
 STATUS_FILE = "run.json"
+#: Arm name -> the model config fields that make it (the sweep sets them in each job's config).
+ARMS: dict[str, dict[str, str]] = {
+    "topk": {"routing": "topk"},
+    "soft": {"routing": "soft"},
+    "dense_total": {"routing": "dense", "capacity_match": "total"},
+    "dense_active": {"routing": "dense", "capacity_match": "active"},
+}
+#: Older arm names, still accepted: ``dense`` is ``dense_total`` (its jobs keep their ``dense-seed<k>`` names).
+ARM_ALIASES: dict[str, str] = {"dense": "dense_total"}
 
 
 @dataclass
@@ -72,7 +84,7 @@ class Preset:
     name: str
     family: str
     configs: list[str]
-    routings: list[str] = field(default_factory=lambda: list(ROUTINGS))
+    routings: list[str] = field(default_factory=lambda: list(ARMS))
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     overrides: dict[str, Any] = field(default_factory=dict)
     routing_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -81,8 +93,8 @@ class Preset:
 
     @property
     def allowed_routings(self) -> tuple[str, ...]:
-        """The routings and the preset's variant names, what ``routings`` may list."""
-        return (*ROUTINGS, *self.variants)
+        """The arms, their aliases and the preset's variant names, what ``routings`` may list."""
+        return (*ARMS, *ARM_ALIASES, *self.variants)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name or "/" in self.name:
@@ -114,9 +126,10 @@ class Preset:
         if not isinstance(self.variants, dict):
             raise ValueError(f"sweep preset {self.name!r}: variants must be a mapping, got {type(self.variants)}")
         for name, variant in self.variants.items():
-            if name in ROUTINGS or not isinstance(name, str) or not name or "/" in name or "-seed" in name:
+            builtin = (*ARMS, *ARM_ALIASES)
+            if name in builtin or not isinstance(name, str) or not name or "/" in name or "-seed" in name:
                 raise ValueError(
-                    f"sweep preset {self.name!r}: variant name {name!r} must be a new name (not one of {ROUTINGS}), "
+                    f"sweep preset {self.name!r}: variant name {name!r} must be a new name (not one of {builtin}), "
                     "without '/' or '-seed'"
                 )
             if not isinstance(variant, dict) or set(variant) - {"configs", "overrides"}:
@@ -248,8 +261,9 @@ def job_config(preset: Preset, job: Job, loggers: list[str], wandb_project: str)
         "seed_everything": job.seed,
         "trainer": {"logger": logger_list, "default_root_dir": str(job.dir), "enable_progress_bar": False},
     }
-    if job.routing in ROUTINGS:  # a variant's routing comes from its own configs
-        fixed["model"] = {"init_args": {"config": {"routing": job.routing}}}
+    arm = ARM_ALIASES.get(job.routing, job.routing)
+    if arm in ARMS:  # a variant's routing comes from its own configs
+        fixed["model"] = {"init_args": {"config": dict(ARMS[arm])}}
     variant = preset.variants.get(job.routing, {}).get("overrides", {})
     return _merge(_merge(_merge(preset.overrides, variant), preset.routing_overrides.get(job.routing, {})), fixed)
 
@@ -426,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default="runs/sweeps", help="parent directory (default: runs/sweeps)")
     parser.add_argument(
         "--routings",
-        help="comma-separated routings or preset variants, e.g. dense,topk or deepseek_aux_loss,deepseek_aux_free "
+        help="comma-separated arms or preset variants, e.g. topk,dense_active or deepseek_aux_loss,deepseek_aux_free "
         "(default: the preset's routings)",
     )
     parser.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2 (default: the preset's)")

@@ -12,18 +12,22 @@ import torch
 import yaml
 
 from moe_lightning.cli import main as cli_main
-from moe_lightning.sweep import ROUTINGS, Job, available_presets, job_command, job_config, load_preset, main
+from moe_lightning.sweep import ARMS, Job, available_presets, job_command, job_config, load_preset, main
 
 ROOT = Path(__file__).resolve().parents[1]
+# The tiny sweep's arms: both routings and the equal-FLOPs dense control (dense_total runs as its alias `dense` in
+# test_failed_job_is_reported_and_others_go_on, and every arm's config fields are checked in
+# test_job_config_sets_each_arms_model_fields).
+TINY_ARMS = ["topk", "soft", "dense_active"]
 
 
 def tiny_preset(tmp_path: Path, **extra) -> Path:
-    """The MLP config cut to a few steps: 3 routings x 2 seeds, probes at steps 0, 3 and 6."""
+    """The MLP config cut to a few steps: 3 arms x 2 seeds, probes at steps 0, 3 and 6."""
     preset = {
         "name": "tiny",
         "family": "mlp",
         "configs": ["configs/mlp/topk.yaml", "configs/trainer/cpu.yaml"],
-        "routings": list(ROUTINGS),
+        "routings": TINY_ARMS,
         "seeds": [0, 1],
         "overrides": {
             "trainer": {
@@ -63,9 +67,9 @@ def tiny_sweep(tmp_path_factory):
 def test_sweep_runs_every_routing_and_seed(tiny_sweep) -> None:
     code, root, _ = tiny_sweep
     assert code == 0
-    assert json.loads((root / "sweep.json").read_text())["routings"] == list(ROUTINGS)
+    assert json.loads((root / "sweep.json").read_text())["routings"] == TINY_ARMS
     finals = {}
-    for routing in ROUTINGS:
+    for routing in TINY_ARMS:
         for seed in (0, 1):
             job = root / f"{routing}-seed{seed}"
             status = json.loads((job / "run.json").read_text())
@@ -76,7 +80,8 @@ def test_sweep_runs_every_routing_and_seed(tiny_sweep) -> None:
                 seed,
             )
             config = yaml.safe_load((job / "config.yaml").read_text())
-            assert config["model"]["init_args"]["config"]["routing"] == routing
+            model = config["model"]["init_args"]["config"]
+            assert {k: model[k] for k in ARMS[routing]} == ARMS[routing]
             assert config["seed_everything"] == seed
             metrics = pd.read_csv(job / "metrics.csv")
             probed = metrics.dropna(subset=["geometry/blocks.0.ffn/jac_sigma_max/mean"])
@@ -86,7 +91,9 @@ def test_sweep_runs_every_routing_and_seed(tiny_sweep) -> None:
             sigma = torch.tensor(report["expert"]["jac_sigma_max"], dtype=torch.float64)
             logged = probed.loc[probed["step"] == 6, "geometry/blocks.0.ffn/jac_sigma_max/mean"].item()
             assert logged == pytest.approx(sigma[torch.isfinite(sigma)].mean().item(), rel=1e-12)
-            assert report["num_experts"] == (1 if routing == "dense" else 8)
+            assert report["num_experts"] == (1 if routing.startswith("dense") else 8)
+            if routing == "dense_active":  # equal FLOPs: hidden k·H = 2·64 (the MoE's total would be 8·64)
+                assert len(report["pca"]["hidden"][0]["eigenvalues"]) == 128
             finals[(routing, seed)] = logged
     # --devices 2 on CPU: two jobs at a time, each told to use half the cores.
     statuses = [json.loads(p.read_text()) for p in sorted(root.glob("*/run.json"))]
@@ -94,7 +101,7 @@ def test_sweep_runs_every_routing_and_seed(tiny_sweep) -> None:
     first, second = sorted(statuses, key=lambda s: s["started_unix"])[:2]
     assert second["started_unix"] < first["started_unix"] + first["wall_s"]  # started before the first ended
     # Seeds change the initialisation, so the same routing gives different numbers per seed.
-    for routing in ROUTINGS:
+    for routing in TINY_ARMS:
         assert finals[(routing, 0)] != finals[(routing, 1)]
 
 
@@ -139,7 +146,7 @@ def test_failed_job_is_reported_and_others_go_on(tmp_path, capsys) -> None:
     "argv, message",
     [
         (["no_such_preset"], "shipped presets: mlp_paper, mlp_small"),
-        (["mlp_small", "--routings", "moe"], "routings ['moe'] not allowed; choose from ('dense', 'topk', 'soft')"),
+        (["mlp_small", "--routings", "moe"], "routings ['moe'] not allowed; choose from ('topk', 'soft', 'dense_total', 'dense_active', 'dense')"),
         (["mlp_small", "--seeds", "0", "--num-seeds", "2"], "give --seeds or --num-seeds, not both"),
         (["mlp_small", "--loggers", "tensorboard"], "loggers ['tensorboard'] not allowed"),
     ],
@@ -162,11 +169,25 @@ def test_job_config_layers_routing_seed_and_loggers(tmp_path) -> None:
     assert config["trainer"]["logger"][1]["init_args"]["name"] == "tiny/soft-seed7"
 
 
+@pytest.mark.parametrize(
+    ("arm", "fields"),
+    [
+        ("dense_total", {"routing": "dense", "capacity_match": "total"}),
+        ("dense_active", {"routing": "dense", "capacity_match": "active"}),
+        ("dense", {"routing": "dense", "capacity_match": "total"}),  # the older name of dense_total
+        ("topk", {"routing": "topk"}),
+    ],
+)
+def test_job_config_sets_each_arms_model_fields(arm, fields, tmp_path) -> None:
+    preset = load_preset(str(tiny_preset(tmp_path, routings=["topk", arm] if arm != "topk" else ["topk"])))
+    assert job_config(preset, Job(arm, 0, tmp_path / "job"), ["csv"], "proj")["model"]["init_args"]["config"] == fields
+
+
 @pytest.mark.parametrize("name", available_presets())
 def test_shipped_presets_parse(name, tmp_path, capsys, monkeypatch) -> None:
     """Every job of every shipped preset is a valid ``fit`` config (LightningCLI --print_config validates it)."""
     preset = load_preset(name)
-    assert preset.routings == list(ROUTINGS) and len(preset.seeds) >= 3
+    assert preset.routings[:4] == list(ARMS) and len(preset.seeds) >= 3
     job = Job("soft", preset.seeds[0], tmp_path / "job")
     job.dir.mkdir()
     (job.dir / "job.yaml").write_text(yaml.safe_dump(job_config(preset, job, ["csv"], "proj")))

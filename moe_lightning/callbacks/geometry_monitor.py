@@ -3,6 +3,7 @@ probed on a fixed token set over the course of training (docs/geometry.md §1-5)
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -31,6 +32,7 @@ from moe_lightning.callbacks._observe import (
 )
 from moe_lightning.common import check_choice, check_positive_int, dtype_from_name, observation, warn_once
 from moe_lightning.geometry import GeometryReport, ProbeConfig, finalize, probe_statistics
+from moe_lightning.geometry.bootstrap import resample_counts
 
 _PROBE_DTYPES = ("float64", "float32")
 _SOURCES = ("val", "train")
@@ -58,7 +60,16 @@ class GeometryMonitor(Callback):
         every_n_steps: probe when ``trainer.global_step`` is a multiple of this; None disables.
         every_n_epochs: probe at the end of every n-th training epoch; None disables.
         at_fit_start: probe once at fit start, the initialisation baseline.
-        max_tokens: tokens per layer in the probe set.
+        max_tokens: tokens per layer in the probe set; with ``min_tokens_per_expert``, the budget the draw may not
+            exceed.
+        min_tokens_per_expert: draw validation batches until every expert of every probed layer has an effective
+            sample size ``n_eff = (Σw)²/Σw²`` (docs/geometry.md §3) of at least this many tokens, on the model at
+            fit start, or until ``max_tokens`` (then a warning names the experts short of it). None (default)
+            draws ``max_tokens`` tokens. ``2·D`` makes a PCA of width ``D`` well sampled.
+        bootstrap: B, multinomial resamples of the probe tokens on which each probe recomputes its bootstrapped
+            quantities (:mod:`moe_lightning.geometry.bootstrap`), saved under ``"bootstrap"`` in each layer's
+            entry of ``geometry/step_<step>.json``; 0 (default) computes none. The resamples depend only on the
+            number of probe tokens and ``probe_config["bootstrap_seed"]`` (default 0).
         source: draw the probe set from ``"val"`` or ``"train"`` data (train is the fallback when there is no
             validation data).
         layers: layer names or glob patterns (``"blocks.*.ffn"``); None probes every MoE layer found.
@@ -96,6 +107,8 @@ class GeometryMonitor(Callback):
         every_n_epochs: int | None = None,
         at_fit_start: bool = True,
         max_tokens: int = 256,
+        min_tokens_per_expert: int | None = None,
+        bootstrap: int = 0,
         source: str = "val",
         layers: str | list[str] | None = None,
         jacobian: bool = True,
@@ -118,12 +131,14 @@ class GeometryMonitor(Callback):
         for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
             check_positive_int(f"GeometryMonitor: {name}", value, allow_none=True)
         check_positive_int("GeometryMonitor: max_tokens", max_tokens)
+        check_positive_int("GeometryMonitor: min_tokens_per_expert", min_tokens_per_expert, allow_none=True)
         check_choice("GeometryMonitor: source", source, _SOURCES)
         probe_dtype = dtype_from_name("GeometryMonitor: dtype", dtype, _PROBE_DTYPES)
         if max_expert_keys is not None and max_expert_keys < 0:
             raise ValueError(f"GeometryMonitor: max_expert_keys must be >= 0 or None, got {max_expert_keys!r}")
         self.every_n_steps, self.every_n_epochs, self.at_fit_start = every_n_steps, every_n_epochs, at_fit_start
         self.max_tokens, self.source, self.layers = max_tokens, source, layers
+        self.min_tokens_per_expert = min_tokens_per_expert
         self.max_expert_keys, self.log_media = max_expert_keys, log_media
         self.input_key, self.forward = input_key, forward
         self.save_reports, self.report_dir = save_reports, report_dir
@@ -137,7 +152,7 @@ class GeometryMonitor(Callback):
             dtype=probe_dtype,
             memory_budget_bytes=memory_budget_bytes,
             subspace_rank=subspace_rank,
-            **(probe_config or {}),
+            **{"bootstrap": bootstrap, **(probe_config or {})},
         )
         self.views: list[MoEView] = []
         # State kept across checkpoints: the probe set and the steps already probed.
@@ -216,21 +231,46 @@ class GeometryMonitor(Callback):
         return None
 
     def _draw_probe_set(self, trainer: Trainer, pl_module: LightningModule) -> list[Any] | None:
-        """Batches in the loader's own order until every probed layer has ``max_tokens`` captured tokens.
+        """Batches in the loader's own order until every probed layer has ``max_tokens`` captured tokens, or with
+        ``min_tokens_per_expert`` until every expert's ``n_eff`` reaches it (within ``max_tokens``).
         Deterministic: the same data on every rank and every run; the global RNG is restored afterwards."""
         loader = self._loader(trainer)
         if loader is None or not self.views:
             return None
         inputs: list[Any] = []
         tokens = 0
+        target = self.min_tokens_per_expert
+        # per layer: Σw and Σw² of each expert's gate values over the tokens drawn so far (within the budget)
+        sums: dict[str, tuple[Tensor, Tensor]] = {}
         with observation(pl_module):
             for batch in loader:
                 inputs.append(cpu_copy(batch_inputs(batch, self.input_key)))
                 captured = capture_layer_inputs(pl_module, self.views, inputs[-1:], self.forward)
+                if target is not None:
+                    self._add_gate_sums(sums, captured, self.max_tokens - tokens)
                 tokens += min(x.shape[0] for x in captured.values())
-                if tokens >= self.max_tokens:
+                if tokens >= self.max_tokens or (target is not None and _lowest_n_eff(sums)[0] >= target):
                     break
+        if target is not None:
+            lowest, where = _lowest_n_eff(sums)
+            if lowest < target:
+                rank_zero_warn(
+                    f"GeometryMonitor: the probe set of {min(tokens, self.max_tokens)} tokens (max_tokens="
+                    f"{self.max_tokens}) leaves {where} with n_eff = {lowest:.1f} < min_tokens_per_expert={target}; "
+                    "raise max_tokens (or add validation data): its PCA values are flagged undersampled when "
+                    "n_eff is below their width"
+                )
         return inputs
+
+    def _add_gate_sums(self, sums: dict[str, tuple[Tensor, Tensor]], captured: dict[str, Tensor], room: int) -> None:
+        """Add each layer's gate sums ``Σw``, ``Σw²`` per expert over the first ``room`` captured tokens."""
+        for view in self.views:
+            x = captured[view.name]
+            x = x.reshape(-1, x.shape[-1])[: max(room, 0)]
+            g = view.gates(x).detach().to(torch.float64)
+            g = torch.where(torch.isfinite(g), g, torch.zeros_like(g))
+            sum_w, sum_w2 = sums.get(view.name, (0.0, 0.0))
+            sums[view.name] = (sum_w + g.sum(0), sum_w2 + (g * g).sum(0))
 
     # ------------------------------------------------------------------ the probe
     def _reduce_fn(self, trainer: Trainer) -> Callable[[Tensor], Tensor] | None:
@@ -245,6 +285,15 @@ class GeometryMonitor(Callback):
         value = torch.tensor(float(flag), device=trainer.strategy.root_device)
         return bool(trainer.strategy.reduce(value, reduce_op="sum").item() > 0)
 
+    def _resample_counts(self, num_tokens: int, world: int, rank: int) -> Tensor | None:
+        """This rank's columns of the bootstrap's draw over the global probe set (None without a bootstrap): the
+        resamples do not depend on how many ranks share the tokens."""
+        cfg = self.probe_config
+        if not cfg.bootstrap:
+            return None
+        counts = resample_counts(num_tokens, cfg.bootstrap, cfg.bootstrap_seed)
+        return counts.tensor_split(world, dim=1)[rank] if world > 1 else counts
+
     def run_probe(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, GeometryReport]:
         """Probe every layer now and log the results at ``trainer.global_step``. Returns the reports."""
         step = trainer.global_step
@@ -258,9 +307,10 @@ class GeometryMonitor(Callback):
             for view in self.views:
                 x = captured[view.name][: self.max_tokens]
                 shard = x.tensor_split(world)[rank] if world > 1 else x  # each rank probes its share of tokens
+                counts = self._resample_counts(x.reshape(-1, x.shape[-1]).shape[0], world, rank)
                 stats, failed = None, False
                 try:
-                    stats = probe_statistics(view, shard, self.probe_config)
+                    stats = probe_statistics(view, shard, self.probe_config, resample_counts=counts)
                 except Exception as error:  # a probe must never stop training; report it and go on
                     failed = True
                     # Every rank reports its own failure: it may have happened on this rank's shard only.
@@ -351,3 +401,14 @@ class GeometryMonitor(Callback):
                     columns=["step", "layer", "expert", "index", "sigma"], data=rows
                 )
             run.log(payload)
+
+
+def _lowest_n_eff(sums: dict[str, tuple[Tensor, Tensor]]) -> tuple[float, str]:
+    """The smallest effective sample size ``(Σw)²/Σw²`` over every layer's experts, and which expert it is."""
+    lowest, where = math.inf, "no expert"
+    for name, (sum_w, sum_w2) in sums.items():
+        n_eff = torch.where(sum_w2 > 0, sum_w**2 / torch.where(sum_w2 > 0, sum_w2, 1.0), 0.0)
+        e = int(n_eff.argmin())
+        if float(n_eff[e]) < lowest:
+            lowest, where = float(n_eff[e]), f"expert {e} of {name!r}"
+    return lowest, where

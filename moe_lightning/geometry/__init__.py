@@ -13,6 +13,7 @@ from moe_lightning.geometry.alignment import (
     offdiag_summary,
     pointwise_cosine_sums,
 )
+from moe_lightning.geometry.bootstrap import BOOTSTRAP_QUANTITIES, bootstrap_values, resample_counts
 from moe_lightning.geometry.curvature import (
     TRACE_METHODS,
     EigenResult,
@@ -46,7 +47,7 @@ from moe_lightning.geometry.operators import (
     mlp_jacobian_operator,
     swiglu_jacobian_operator,
 )
-from moe_lightning.geometry.pca import PCAResult, pca_from_moments, weighted_pca
+from moe_lightning.geometry.pca import PCAResult, pca_from_moments, pca_ranks, weighted_pca
 from moe_lightning.geometry.probe import finalize, probe, probe_statistics
 from moe_lightning.geometry.probe_config import ProbeConfig
 from moe_lightning.geometry.report import GeometryReport
@@ -75,6 +76,9 @@ from moe_lightning.geometry.trace import hutchinson, hutchpp
 from moe_lightning.geometry.view import MoEView
 
 __all__ = [
+    "BOOTSTRAP_QUANTITIES",
+    "bootstrap_values",
+    "resample_counts",
     "ACTIVATIONS",
     "DEFAULT_MEMORY_BUDGET_BYTES",
     "EigenResult",
@@ -126,6 +130,7 @@ __all__ = [
     "orthonormal_basis",
     "participation_ratio",
     "pca_from_moments",
+    "pca_ranks",
     "pointwise_cosine_sums",
     "principal_angles",
     "probe",

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from moe_lightning.geometry.spectra import effective_rank, n_components_for_variance, participation_ratio
 
-__all__ = ["PCAResult", "moments", "pca_from_moments", "weighted_pca"]
+__all__ = ["PCAResult", "moments", "pca_from_moments", "pca_ranks", "weighted_pca"]
 
 
 @dataclass
@@ -95,6 +95,40 @@ def pca_from_moments(sum_w: Tensor, sum_w2: Tensor, sum_wx: Tensor, sum_wxx: Ten
         n90=float(n_components_for_variance(lam, 0.9)),
         undersampled=n_eff < d,
     )
+
+
+def pca_ranks(sum_w: Tensor, sum_w2: Tensor, sum_wx: Tensor, sum_wxx: Tensor) -> dict[str, Tensor]:
+    """The rank measures of :func:`pca_from_moments` for many sets of moments at once (leading dims ``...``), from
+    the eigenvalues alone (``eigvalsh``): what the bootstrap needs on each resample.
+
+    Args:
+        sum_w: ``(...)`` ``Σw``.
+        sum_w2: ``(...)`` ``Σw²``.
+        sum_wx: ``(..., D)`` ``Σ w x``.
+        sum_wxx: ``(..., D, D)`` ``Σ w x xᵀ``.
+
+    Returns:
+        ``effective_rank``, ``participation_ratio``, ``n90`` (NaN where ``Σw = 0``), ``n_eff`` (0 there) and
+        ``undersampled`` (1.0 where ``n_eff < D``), each ``(...)``, as :func:`pca_from_moments` computes them.
+    """
+    d = sum_wx.shape[-1]
+    ok = sum_w > 0
+    safe_w = torch.where(ok, sum_w, torch.ones_like(sum_w))
+    mean = sum_wx / safe_w.unsqueeze(-1)
+    cov = sum_wxx / safe_w[..., None, None] - mean.unsqueeze(-1) * mean.unsqueeze(-2)
+    evals = torch.linalg.eigvalsh(0.5 * (cov + cov.mT)).flip(-1)
+    # the same round-off floor as pca_from_moments
+    noise = d * torch.finfo(cov.dtype).eps * torch.diagonal(sum_wxx, dim1=-2, dim2=-1).abs().amax(-1) / safe_w
+    lam = torch.where(evals.abs() <= noise.unsqueeze(-1), torch.zeros_like(evals), evals).clamp_min(0)
+    nan = torch.full_like(sum_w, float("nan"))
+    n_eff = torch.where(ok, sum_w**2 / torch.where(ok, sum_w2, torch.ones_like(sum_w2)), torch.zeros_like(sum_w))
+    return {
+        "effective_rank": torch.where(ok, effective_rank(lam), nan),
+        "participation_ratio": torch.where(ok, participation_ratio(lam), nan),
+        "n90": torch.where(ok, n_components_for_variance(lam, 0.9), nan),
+        "n_eff": n_eff,
+        "undersampled": (n_eff < d).to(sum_w.dtype),
+    }
 
 
 def moments(x_ND: Tensor, w_N: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:

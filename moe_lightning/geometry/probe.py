@@ -47,6 +47,7 @@ from moe_lightning.geometry.accumulators import (
     Subspaces,
     TokenCounts,
 )
+from moe_lightning.geometry.bootstrap import bootstrap_values, resample_counts
 from moe_lightning.geometry.krylov import TopRResult, krylov_bytes_per_token, topr_singular_values
 from moe_lightning.geometry.operators import JacobianOperator
 from moe_lightning.geometry.probe_config import PCA_SITES, ProbeConfig
@@ -168,23 +169,31 @@ def _accumulators(ctx: ProbeContext) -> tuple[TokenCounts, list[Accumulator]]:
     return tokens, quantities
 
 
-def _chunks(ctx: ProbeContext, x_ND: Tensor, tokens: TokenCounts, buffer: Tensor) -> Iterator[Chunk]:
-    """The finite tokens of ``x_ND`` with finite gates, ``chunk_size`` at a time; dropped tokens are counted."""
+def _chunks(
+    ctx: ProbeContext, x_ND: Tensor, tokens: TokenCounts, buffer: Tensor, counts_BN: Tensor | None
+) -> Iterator[Chunk]:
+    """The finite tokens of ``x_ND`` with finite gates, ``chunk_size`` at a time, with their bootstrap counts;
+    dropped tokens are counted."""
     finite_N = torch.isfinite(x_ND).all(-1)
     tokens.add_nonfinite(buffer, ~finite_N)
     x_valid = x_ND[finite_N]
+    c_valid = None if counts_BN is None else counts_BN[:, finite_N]
     for start in range(0, x_valid.shape[0], ctx.chunk_size):
         x_c = x_valid[start : start + ctx.chunk_size]
+        c_c = None if c_valid is None else c_valid[:, start : start + ctx.chunk_size]
         g_cE = ctx.view.gates(x_c).to(ctx.dtype)
         ok = torch.isfinite(g_cE).all(-1)
         if not bool(ok.all()):
             tokens.add_nonfinite(buffer, ~ok)
             x_c, g_cE = x_c[ok], g_cE[ok]
+            c_c = None if c_c is None else c_c[:, ok]
         if x_c.shape[0]:
-            yield Chunk(ctx, x_c, g_cE)
+            yield Chunk(ctx, x_c, g_cE, c_c)
 
 
-def probe_statistics(view: MoEView, x: Tensor, config: ProbeConfig | None = None) -> ProbeStatistics:
+def probe_statistics(
+    view: MoEView, x: Tensor, config: ProbeConfig | None = None, *, resample_counts: Tensor | None = None
+) -> ProbeStatistics:
     """Phase 1 of :func:`probe`: this rank's additive statistics for one MoE layer.
 
     Args:
@@ -192,6 +201,10 @@ def probe_statistics(view: MoEView, x: Tensor, config: ProbeConfig | None = None
             ``num_experts``, ``gates``, ``expert``, ``expert_hidden``, ``expert_jacobian``).
         x: ``(N, D)`` (or ``(..., D)``) captured layer inputs; rows with NaN/Inf are dropped and counted.
         config: options; defaults to ``ProbeConfig()``.
+        resample_counts: with ``config.bootstrap = B > 0``, the ``(B, N)`` counts of this rank's ``N`` tokens in
+            each resample: under DDP the columns of one draw over the global probe set
+            (:func:`~moe_lightning.geometry.bootstrap.resample_counts`) that belong to this rank's tokens. None
+            draws them over ``x`` alone, with ``config.bootstrap_seed``.
 
     Returns:
         A :class:`ProbeStatistics`; sum several with ``+`` or :meth:`ProbeStatistics.reduce`, then :func:`finalize`.
@@ -205,22 +218,44 @@ def probe_statistics(view: MoEView, x: Tensor, config: ProbeConfig | None = None
     if x.dim() < 2:
         raise ValueError(f"probe: x must have shape (N, D) or (..., D), got {tuple(x.shape)}")
     x_ND = x.detach().reshape(-1, x.shape[-1]).to(cfg.dtype)
+    counts_BN = _resample_counts(cfg, x_ND, resample_counts)
 
     with _observation(getattr(view, "module", None), cfg):
         ctx = _context(view, x_ND, cfg)
         tokens, quantities = _accumulators(ctx)
         ctx.all_token_jacobians = any(q.needs_all_token_jacobians for q in quantities)
-        layout = BufferLayout()
+        layout = BufferLayout(cfg.bootstrap)
         for acc in (tokens, *quantities):
             acc.allocate(layout)
+        layout.finish()
+        ctx.replicas = layout.replicas
         buffer = layout.zeros(ctx.dtype, ctx.device)
-        for chunk in _chunks(ctx, x_ND, tokens, buffer):
+        for chunk in _chunks(ctx, x_ND, tokens, buffer, counts_BN):
             for acc in (tokens, *quantities):
                 acc.add(chunk, buffer)
         for acc in quantities:
             acc.close(ctx, buffer)
     name = str(getattr(view, "name", ""))
-    return ProbeStatistics(name, num_experts, ctx.dim, cfg, tokens, tuple(quantities), tuple(layout.slots), buffer)
+    return ProbeStatistics(
+        name, num_experts, ctx.dim, cfg, tokens, tuple(quantities), tuple(layout.slots), buffer, layout.replicas
+    )
+
+
+def _resample_counts(cfg: ProbeConfig, x_ND: Tensor, given: Tensor | None) -> Tensor | None:
+    """The ``(B, N)`` bootstrap counts of ``x_ND``'s tokens in the probe's dtype: ``given`` (checked), drawn over
+    ``x_ND`` when None, or None without a bootstrap."""
+    if not cfg.bootstrap:
+        if given is not None:
+            raise ValueError("probe: resample_counts given but ProbeConfig.bootstrap is 0; set bootstrap = B > 0")
+        return None
+    if given is None:
+        return resample_counts(x_ND.shape[0], cfg.bootstrap, cfg.bootstrap_seed, x_ND.device).to(cfg.dtype)
+    if tuple(given.shape) != (cfg.bootstrap, x_ND.shape[0]):
+        raise ValueError(
+            f"probe: resample_counts must have shape (ProbeConfig.bootstrap, tokens) = "
+            f"({cfg.bootstrap}, {x_ND.shape[0]}), got {tuple(given.shape)}"
+        )
+    return given.to(device=x_ND.device, dtype=cfg.dtype)
 
 
 def finalize(stats: ProbeStatistics | list[ProbeStatistics]) -> GeometryReport:
@@ -245,6 +280,9 @@ def finalize(stats: ProbeStatistics | list[ProbeStatistics]) -> GeometryReport:
     for acc in stats.quantities:
         done[acc] = acc.finalize(buffer, report, done)
     stats.tokens.close_report(report)
+    if stats.replicas:
+        cfg = stats.config
+        report.bootstrap = {"replicates": cfg.bootstrap, "seed": cfg.bootstrap_seed, "values": bootstrap_values(stats)}
     return report
 
 

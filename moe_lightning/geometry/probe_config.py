@@ -63,6 +63,10 @@ class ProbeConfig:
         cast_module: temporarily cast the view module's floating parameters and buffers to ``dtype`` (restored,
             bit for bit, afterwards) so that the view's functions accept ``dtype`` inputs.
         eval_mode: run the module in eval mode (each submodule's mode is restored afterwards).
+        bootstrap: B, multinomial resamples of the probe tokens on which the bootstrapped quantities are recomputed
+            (:mod:`~moe_lightning.geometry.bootstrap`); 0 (default) computes none.
+        bootstrap_seed: seed of the resamples (a local generator): probes of as many tokens with the same seed
+            share their resamples.
     """
 
     jacobian: bool = True
@@ -86,6 +90,8 @@ class ProbeConfig:
     seed: int = 0
     cast_module: bool = True
     eval_mode: bool = True
+    bootstrap: int = 0
+    bootstrap_seed: int = 0
 
     def __post_init__(self) -> None:
         for name in _FLAGS:
@@ -107,5 +113,8 @@ class ProbeConfig:
             raise ValueError(f"ProbeConfig.decay_fit_max must be None or an int >= 2, got {self.decay_fit_max!r}")
         check_choice("ProbeConfig.jacobian_method", self.jacobian_method, JACOBIAN_METHODS)
         check_choice("ProbeConfig.layer_jacobian_method", self.layer_jacobian_method, LAYER_JACOBIAN_METHODS)
-        if not isinstance(self.seed, int):
-            raise ValueError(f"ProbeConfig.seed must be an int, got {self.seed!r}")
+        for name in ("seed", "bootstrap_seed"):
+            if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
+                raise ValueError(f"ProbeConfig.{name} must be an int, got {getattr(self, name)!r}")
+        if not isinstance(self.bootstrap, int) or isinstance(self.bootstrap, bool) or self.bootstrap < 0:
+            raise ValueError(f"ProbeConfig.bootstrap must be an int >= 0 (resamples; 0 = none), got {self.bootstrap!r}")

@@ -37,6 +37,9 @@ class GeometryReport:
             ``(M,)``.
         pca: site -> per-expert :class:`PCAResult` (eigenvalues, n_eff, undersampled flag, ...).
         variants: quantity -> the definition variant it used.
+        bootstrap: with ``ProbeConfig.bootstrap = B > 0``, ``{"replicates": B, "seed": S, "values": {quantity:
+            [B floats]}}``, the bootstrapped quantities on each resample of the probe tokens
+            (:mod:`~moe_lightning.geometry.bootstrap`); None without a bootstrap.
     """
 
     name: str
@@ -54,6 +57,7 @@ class GeometryReport:
     spectra: dict[str, Tensor] = field(default_factory=dict)
     pca: dict[str, list[PCAResult]] = field(default_factory=dict)
     variants: dict[str, str] = field(default_factory=dict)
+    bootstrap: dict[str, Any] | None = None
 
     @property
     def pca_eigenvalues(self) -> dict[str, list[Tensor]]:
@@ -86,12 +90,13 @@ class GeometryReport:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of everything except the PCA eigenvectors (``D×D`` per expert and site); NaN stays
-        NaN (Python's ``json`` writes and reads it). Inverse: :meth:`from_dict`."""
+        NaN (Python's ``json`` writes and reads it); ``"bootstrap"`` only when there is one. Inverse:
+        :meth:`from_dict`."""
 
         def plain(t: Tensor) -> Any:
             return t.detach().to(torch.float64).cpu().tolist() if t.is_floating_point() else t.cpu().tolist()
 
-        return {
+        out = {
             "name": self.name,
             "num_experts": self.num_experts,
             "dim": self.dim,
@@ -123,6 +128,11 @@ class GeometryReport:
             },
             "variants": dict(self.variants),
         }
+        if self.bootstrap is not None:
+            b = self.bootstrap
+            values = {k: [float(x) for x in v] for k, v in b["values"].items()}
+            out["bootstrap"] = {"replicates": int(b["replicates"]), "seed": int(b["seed"]), "values": values}
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GeometryReport:
@@ -165,4 +175,5 @@ class GeometryReport:
                 for site, results in data.get("pca", {}).items()
             },
             variants=dict(data.get("variants", {})),
+            bootstrap=data.get("bootstrap"),
         )

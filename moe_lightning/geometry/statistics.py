@@ -5,8 +5,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -50,18 +50,44 @@ class BufferLayout:
 
     Every accumulator allocates from the shapes of the view and the config only, never from the data, so every
     rank builds the same layout and makes the same collective call.
+
+    With ``replicates = B > 0`` a slot allocated with ``resampled=True`` also gets a *replica*, a ``(B, *shape)``
+    slot holding the same sum with each token weighted by its count in each of ``B`` bootstrap resamples
+    (docs/geometry.md, "Bootstrap over probe tokens"). :meth:`finish` places every replica after the last plain
+    slot, so the plain statistics keep the offsets and values they have without a bootstrap, and one collective
+    still sums everything.
+
+    Args:
+        replicates: B, bootstrap resamples; 0 allocates no replicas.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, replicates: int = 0) -> None:
         self.slots: list[Slot] = []
         self.size = 0
+        self.replicates = replicates
+        self._resampled: list[Slot] = []
+        #: plain slot -> its replica, filled by :meth:`finish`.
+        self.replicas: dict[Slot, Slot] = {}
 
-    def allocate(self, name: str, *shape: int) -> Slot:
-        """A new slot of ``shape`` after the ones already handed out."""
+    def allocate(self, name: str, *shape: int, resampled: bool = False) -> Slot:
+        """A new slot of ``shape`` after the ones already handed out; ``resampled`` asks for a replica too."""
+        if self.replicas:
+            raise ValueError("BufferLayout.allocate: the layout is finished; allocate every slot before finish()")
         slot = Slot(name, self.size, tuple(shape))
         self.slots.append(slot)
         self.size += slot.numel
+        if resampled and self.replicates:
+            self._resampled.append(slot)
         return slot
+
+    def finish(self) -> None:
+        """Allocate the replicas, after every plain slot (call once, after the last :meth:`allocate`)."""
+        self.plain_size = self.size
+        for slot in self._resampled:
+            replica = Slot(f"bootstrap/{slot.name}", self.size, (self.replicates, *slot.shape))
+            self.slots.append(replica)
+            self.size += replica.numel
+            self.replicas[slot] = replica
 
     def zeros(self, dtype: torch.dtype, device: torch.device) -> Tensor:
         """A buffer for every slot allocated so far, all zeros."""
@@ -82,6 +108,7 @@ class ProbeStatistics:
             data-independent facts its finalisation needs.
         slots: every slot of the buffer, in buffer order.
         buffer: the statistics, one 1-D tensor whose length depends only on the view's shapes and ``config``.
+        replicas: plain slot -> its bootstrap replica (empty without a bootstrap).
     """
 
     name: str
@@ -92,6 +119,7 @@ class ProbeStatistics:
     quantities: Sequence[Accumulator]
     slots: Sequence[Slot]
     buffer: Tensor
+    replicas: Mapping[Slot, Slot] = field(default_factory=dict)
 
     @property
     def tensors(self) -> dict[str, Tensor]:
@@ -100,8 +128,29 @@ class ProbeStatistics:
 
     def _with_buffer(self, buffer: Tensor) -> ProbeStatistics:
         return ProbeStatistics(
-            self.name, self.num_experts, self.dim, self.config, self.tokens, self.quantities, self.slots, buffer
+            self.name,
+            self.num_experts,
+            self.dim,
+            self.config,
+            self.tokens,
+            self.quantities,
+            self.slots,
+            buffer,
+            self.replicas,
         )
+
+    @property
+    def plain_size(self) -> int:
+        """Entries of the buffer before the first replica: the statistics without a bootstrap."""
+        return min((r.offset for r in self.replicas.values()), default=self.buffer.numel())
+
+    def replicate(self, b: int) -> Tensor:
+        """The plain statistics of bootstrap resample ``b``: a copy of the plain part of the buffer with every
+        resampled slot replaced by row ``b`` of its replica."""
+        out = self.buffer[: self.plain_size].clone()
+        for slot, replica in self.replicas.items():
+            slot.of(out).copy_(replica.of(self.buffer)[b])
+        return out
 
     def _check_compatible(self, other: ProbeStatistics) -> None:
         mine = [(s.name, s.shape) for s in self.slots]

@@ -217,6 +217,13 @@ def test_two_process_ddp_matches_one_process(tmp_path):
             assert math.isnan(ddp[key]), key
         else:
             assert ddp[key] == pytest.approx(value, rel=1e-8, abs=1e-10), key
+    # the bootstrap too: each rank adds its tokens' columns of one draw over the global probe set
+    assert data["ddp_bootstrap"].keys() == data["single_bootstrap"].keys() and data["single_bootstrap"]
+    for name, single_boot in data["single_bootstrap"].items():
+        ddp_boot = data["ddp_bootstrap"][name]
+        assert ddp_boot["replicates"] == 3 and ddp_boot["values"].keys() == single_boot["values"].keys()
+        for key, values in single_boot["values"].items():
+            assert ddp_boot["values"][key] == pytest.approx(values, rel=1e-8, abs=1e-10), (name, key)
 
 
 def test_manual_forward_reference_for_layer_inputs_matches_capture():

@@ -1,5 +1,6 @@
 """Run by tests/callbacks/test_geometry_monitor.py: GeometryMonitor under 2-process CPU DDP (gloo), then the same probe
-set probed in one process with the final weights. Writes both scalar dicts to the JSON path given."""
+set probed in one process with the final weights. Writes both scalar dicts and both bootstraps (resamples drawn over
+the global probe set) to the JSON path given."""
 
 import json
 import sys
@@ -23,7 +24,7 @@ def main(out_path: str) -> None:
     config = MLPMoEConfig(input_dim=16, output_dim=8, dim=16, expert_hidden=16, num_experts=4, num_blocks=2)
     module = MLPMoEModule(config)
     data = SyntheticMoEDataModule(input_dim=16, output_dim=8, num_train=256, num_val=128, batch_size=32)
-    monitor = GeometryMonitor(every_n_steps=2, max_tokens=70, at_fit_start=False)
+    monitor = GeometryMonitor(every_n_steps=2, max_tokens=70, at_fit_start=False, bootstrap=3)
     trainer = L.Trainer(
         accelerator="cpu",
         devices=2,
@@ -38,17 +39,22 @@ def main(out_path: str) -> None:
     trainer.fit(module, data)
     if not trainer.is_global_zero:
         return
-    ddp = {}
+    ddp, ddp_bootstrap = {}, {}
     for name, report in monitor.last_reports.items():
         ddp.update(report.scalars(f"geometry/{name}"))
-    single = {}
+        ddp_bootstrap[name] = report.bootstrap
+    single, single_bootstrap = {}, {}
     views = find_moe_layers(module.model)
     with observation(module):
         captured = capture_layer_inputs(module, views, monitor.probe_inputs)
         for view in views:
-            single.update(probe(view, captured[view.name][:70], monitor.probe_config).scalars(f"geometry/{view.name}"))
+            report = probe(view, captured[view.name][:70], monitor.probe_config)
+            single.update(report.scalars(f"geometry/{view.name}"))
+            single_bootstrap[view.name] = report.bootstrap
+    result = {"ddp": ddp, "single": single, "world_size": trainer.world_size, "steps": monitor.probed_steps}
+    result.update(ddp_bootstrap=ddp_bootstrap, single_bootstrap=single_bootstrap)
     with open(out_path, "w") as f:
-        json.dump({"ddp": ddp, "single": single, "world_size": trainer.world_size, "steps": monitor.probed_steps}, f)
+        json.dump(result, f)
 
 
 if __name__ == "__main__":

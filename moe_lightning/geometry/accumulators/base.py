@@ -5,6 +5,7 @@ the report), and :class:`SpectralMoments`, the weighted spectral sums the expert
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -32,6 +33,9 @@ class Accumulator:
 
     #: Whether :meth:`add` needs every expert's Jacobian on every token of a chunk (see ``ProbeContext``).
     needs_all_token_jacobians: bool = False
+    #: Whether the bootstrap finalises this quantity on each resample (its slots, and those it reads from the
+    #: quantities before it, have replicas).
+    resampled: bool = True
 
     def allocate(self, layout: BufferLayout) -> None:
         """Reserve this quantity's slots in ``layout``."""
@@ -53,6 +57,18 @@ class Accumulator:
         Returns:
             What later quantities may use (for instance the PCA results), or None.
         """
+
+    def batch_resamples(self, replica_of: Callable[[Slot], Tensor]) -> Any:
+        """Before the resamples are finalised one by one: what this quantity computes for all ``B`` of them at once
+        (``replica_of(slot)`` is the ``(B, *shape)`` replica of one of its slots), or None."""
+        return None
+
+    def finalize_resample(
+        self, buffer: Tensor, report: GeometryReport, done: dict[Accumulator, Any], batched: Any, b: int
+    ) -> Any:
+        """:meth:`finalize` on bootstrap resample ``b``'s statistics ``buffer``; ``batched`` is what
+        :meth:`batch_resamples` returned."""
+        return self.finalize(buffer, report, done)
 
 
 class SkippedForOneExpert(Accumulator):
@@ -87,9 +103,9 @@ class SpectralMoments:
     def __init__(self, layout: BufferLayout, prefix: str, *lead: int) -> None:
         n_stats = len(SPECTRAL_STAT_NAMES)
         self.prefix = prefix
-        self.sum_w: Slot = layout.allocate(f"{prefix}/sum_w", *lead, n_stats)
-        self.sum_w_stat: Slot = layout.allocate(f"{prefix}/sum_w_stat", *lead, n_stats)
-        self.sum_w_stat2: Slot = layout.allocate(f"{prefix}/sum_w_stat2", *lead, n_stats)
+        self.sum_w: Slot = layout.allocate(f"{prefix}/sum_w", *lead, n_stats, resampled=True)
+        self.sum_w_stat: Slot = layout.allocate(f"{prefix}/sum_w_stat", *lead, n_stats, resampled=True)
+        self.sum_w_stat2: Slot = layout.allocate(f"{prefix}/sum_w_stat2", *lead, n_stats, resampled=True)
 
     def add(
         self,
@@ -100,6 +116,8 @@ class SpectralMoments:
         fit_max: int | None,
         truncated: bool,
         index: int | None = None,
+        ctx: ProbeContext | None = None,
+        counts_BN: Tensor | None = None,
     ) -> None:
         """Add the statistics of ``N`` spectra with weights ``w_N`` (at ``index`` of the leading shape, if any).
 
@@ -110,6 +128,8 @@ class SpectralMoments:
             fit_max: largest index of the decay-slope fit.
             truncated: the spectra are top-``M`` only, so the Frobenius norm is unknown (NaN).
             index: position in the leading shape (an expert); None when there is none.
+            ctx: the probe's context, which adds the spectra to the bootstrap replicas; None: no bootstrap.
+            counts_BN: ``(B, N)`` resample counts of the ``N`` tokens; None without a bootstrap.
         """
         stats = spectral_stats(singular_values_NM, fit_max=fit_max)
         if truncated:  # the Frobenius norm needs every singular value
@@ -123,6 +143,8 @@ class SpectralMoments:
             if index is not None:
                 target = target[index]
             target += value.sum(0)
+            if ctx is not None:
+                ctx.add_resampled(buffer, slot, counts_BN, value, index=index)
 
     def write(
         self, buffer: Tensor, target: dict, variants: dict[str, str], *, fit_max: int | None, top: int | None

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -13,6 +13,7 @@ from moe_lightning.geometry.jacobians import expert_jacobian
 from moe_lightning.geometry.krylov import TopRResult
 from moe_lightning.geometry.operators import JacobianOperator
 from moe_lightning.geometry.probe_config import ProbeConfig
+from moe_lightning.geometry.statistics import Slot
 from moe_lightning.geometry.view import MoEView, TokenFn
 
 __all__ = ["Chunk", "ProbeContext"]
@@ -36,6 +37,8 @@ class ProbeContext:
         solve_topr: ``(fn or operator, x) -> TopRResult`` with the config's matrix-free settings.
         all_token_jacobians: compute each expert's Jacobian on every token of a chunk, not only its routed ones
             (pointwise alignment compares experts token by token).
+        replicas: plain slot -> its bootstrap replica (see :class:`~moe_lightning.geometry.statistics.BufferLayout`);
+            empty without a bootstrap.
     """
 
     view: MoEView
@@ -50,11 +53,33 @@ class ProbeContext:
     chunk_size: int
     solve_topr: Callable[[TokenFn | JacobianOperator, Tensor], TopRResult]
     all_token_jacobians: bool = False
+    replicas: dict[Slot, Slot] = field(default_factory=dict)
 
     @property
     def num_experts(self) -> int:
         """E."""
         return len(self.experts)
+
+    def add_resampled(
+        self, buffer: Tensor, slot: Slot, counts_Bn: Tensor | None, values_n: Tensor, index: int | None = None
+    ) -> None:
+        """Add ``Σ_n counts[b, n] · values[n]`` to row ``b`` of ``slot``'s replica (at ``index`` of its leading
+        shape, if given): the slot's sum over bootstrap resample ``b``. Nothing without a replica.
+
+        Args:
+            buffer: the statistics buffer.
+            slot: the plain slot whose per-token contributions ``values_n`` are.
+            counts_Bn: ``(B, n)`` resample counts of the ``n`` tokens.
+            values_n: ``(n, ...)`` per-token contributions to ``slot``.
+            index: position in the slot's leading shape (an expert); None for the whole slot.
+        """
+        replica = self.replicas.get(slot)
+        if replica is None or counts_Bn is None:
+            return
+        target = replica.of(buffer)
+        if index is not None:
+            target = target[:, index]
+        target += torch.tensordot(counts_Bn.to(values_n.dtype), values_n, dims=1)
 
     def expert_operator(self, e: int, x_ND: Tensor) -> JacobianOperator | None:
         """The view's closed-form Jacobian products for the matrix-free path (``expert_jacobian_operator``), if
@@ -108,10 +133,11 @@ class Chunk:
         ctx: the probe's context.
         x_ND: ``(n, D)`` tokens.
         gates_NE: ``(n, E)`` their gate values.
+        counts_Bn: ``(B, n)`` how often each token occurs in each bootstrap resample; None without a bootstrap.
     """
 
-    def __init__(self, ctx: ProbeContext, x_ND: Tensor, gates_NE: Tensor) -> None:
-        self.ctx, self.x, self.gates = ctx, x_ND, gates_NE
+    def __init__(self, ctx: ProbeContext, x_ND: Tensor, gates_NE: Tensor, counts_Bn: Tensor | None = None) -> None:
+        self.ctx, self.x, self.gates, self.counts = ctx, x_ND, gates_NE, counts_Bn
         self.rows = [gates_NE[:, e] > 0 for e in range(ctx.num_experts)]
         self._jacobians: dict[int, Tensor] = {}
         self._all_token_jacobians: dict[int, Tensor] = {}
@@ -125,6 +151,10 @@ class Chunk:
     def weights(self, e: int) -> Tensor:
         """Gate values ``w = g_e`` of the tokens routed to expert ``e``."""
         return self.gates[self.rows[e], e]
+
+    def counts_of(self, e: int) -> Tensor | None:
+        """``(B, n_e)`` resample counts of the tokens routed to expert ``e``; None without a bootstrap."""
+        return None if self.counts is None else self.counts[:, self.rows[e]]
 
     def inputs(self, e: int) -> Tensor:
         """The tokens routed to expert ``e``."""

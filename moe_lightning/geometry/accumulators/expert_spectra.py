@@ -44,7 +44,8 @@ class ExpertSpectra(Accumulator):
         # expert sees only its share of a chunk (about top_k / E of it), and its tokens share every GEMM of the
         # Krylov products, so full batches are what make them fast. ``_lone_op[e]``: the operator built on
         # exactly the tokens queued for ``e`` (one entry), reused by its run.
-        self._pending: dict[int, list[tuple[Tensor, Tensor]]] = {e: [] for e in range(self.num_experts)}
+        # Each entry: tokens, weights and (``(B, n)``, or None) bootstrap counts.
+        self._pending: dict[int, list[tuple[Tensor, Tensor, Tensor | None]]] = {e: [] for e in range(self.num_experts)}
         self._lone_op: dict[int, JacobianOperator] = {}
 
     def allocate(self, layout: BufferLayout) -> None:
@@ -52,8 +53,12 @@ class ExpertSpectra(Accumulator):
         self.spectrum = layout.allocate("jac/sum_w_spectrum", self.num_experts, self.rank)
         self.unconverged = layout.allocate("jac/unconverged", self.num_experts) if self.matrix_free else None
 
-    def _add_spectra(self, buffer: Tensor, e: int, sv_NM: Tensor, w_N: Tensor) -> None:
-        self.moments.add(buffer, sv_NM, w_N, fit_max=self.fit_max, truncated=self.matrix_free, index=e)
+    def _add_spectra(
+        self, ctx: ProbeContext, buffer: Tensor, e: int, sv_NM: Tensor, w_N: Tensor, c_BN: Tensor | None
+    ) -> None:
+        self.moments.add(
+            buffer, sv_NM, w_N, fit_max=self.fit_max, truncated=self.matrix_free, index=e, ctx=ctx, counts_BN=c_BN
+        )
         self.spectrum.of(buffer)[e] += (w_N.unsqueeze(-1) * sv_NM).sum(0)
 
     def add(self, chunk: Chunk, buffer: Tensor) -> None:
@@ -63,7 +68,7 @@ class ExpertSpectra(Accumulator):
         for e in range(self.num_experts):
             J_e = chunk.jacobian(e)
             sv = batched_svdvals(J_e) if J_e.shape[0] else J_e.new_zeros(0, self.rank)
-            self._add_spectra(buffer, e, sv, chunk.weights(e))
+            self._add_spectra(chunk.ctx, buffer, e, sv, chunk.weights(e), chunk.counts_of(e))
 
     def _queue(self, chunk: Chunk, buffer: Tensor) -> None:
         for e in range(self.num_experts):
@@ -76,24 +81,27 @@ class ExpertSpectra(Accumulator):
                 self._lone_op.pop(e, None)  # several entries run as one batch: no operator to reuse
             else:
                 self._lone_op[e] = op
-            pending.append((x_e, chunk.weights(e)))
+            pending.append((x_e, chunk.weights(e), chunk.counts_of(e)))
             if sum(q[0].shape[0] for q in pending) >= chunk.ctx.chunk_size:
                 self._flush(chunk.ctx, buffer, e, final=False)
 
     def _flush(self, ctx: ProbeContext, buffer: Tensor, e: int, final: bool) -> None:
         """Run expert ``e``'s queued tokens in calls of ``chunk_size``; a shorter remainder waits unless ``final``."""
         built = self._lone_op.pop(e, None)  # one entry of at most ``chunk_size`` tokens: it runs as one batch
-        x_q, w_q = (torch.cat(parts) for parts in zip(*self._pending[e], strict=True))
+        xs, ws, cs = zip(*self._pending[e], strict=True)
+        x_q, w_q = torch.cat(xs), torch.cat(ws)
+        c_q = None if cs[0] is None else torch.cat(cs, dim=1)
         self._pending[e].clear()
         chunk = ctx.chunk_size
         n_run = x_q.shape[0] if final else x_q.shape[0] // chunk * chunk
         if n_run < x_q.shape[0]:
-            self._pending[e].append((x_q[n_run:], w_q[n_run:]))
+            self._pending[e].append((x_q[n_run:], w_q[n_run:], None if c_q is None else c_q[:, n_run:]))
         for start in range(0, n_run, chunk):
             x_b, w_b = x_q[start : start + chunk], w_q[start : start + chunk]
+            c_b = None if c_q is None else c_q[:, start : start + chunk]
             op = built if built is not None else ctx.expert_operator(e, x_b)
             res = ctx.solve_topr(op or ctx.experts[e], x_b)
-            self._add_spectra(buffer, e, res.values, w_b)
+            self._add_spectra(ctx, buffer, e, res.values, w_b, c_b)
             self.unconverged.of(buffer)[e] += (~res.converged).sum()
 
     def close(self, ctx: ProbeContext, buffer: Tensor) -> None:

@@ -46,7 +46,9 @@ class LayerJacobian(Accumulator):
         else:
             sv = batched_svdvals(self._formed_jacobians(chunk))
         ones = torch.ones(chunk.num_tokens, dtype=chunk.ctx.dtype, device=chunk.x.device)
-        self.moments.add(buffer, sv, ones, fit_max=self.fit_max, truncated=self.matrix_free)
+        self.moments.add(
+            buffer, sv, ones, fit_max=self.fit_max, truncated=self.matrix_free, ctx=chunk.ctx, counts_BN=chunk.counts
+        )
         self.spectrum.of(buffer).add_(sv.sum(0))
 
     def _formed_jacobians(self, chunk: Chunk) -> Tensor:

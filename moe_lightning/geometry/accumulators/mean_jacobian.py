@@ -25,9 +25,13 @@ class MeanJacobian(Accumulator):
         self.num_experts, self.dim = num_experts, dim
 
     def allocate(self, layout: BufferLayout) -> None:
-        self.sum_wJ = layout.allocate("mean_jacobian/sum_wJ", self.num_experts, self.dim, self.dim)
+        self.sum_wJ = layout.allocate("mean_jacobian/sum_wJ", self.num_experts, self.dim, self.dim, resampled=True)
 
     def add(self, chunk: Chunk, buffer: Tensor) -> None:
         sum_wJ = self.sum_wJ.of(buffer)
         for e in range(self.num_experts):
-            sum_wJ[e] += torch.einsum("n,nij->ij", chunk.weights(e), chunk.jacobian(e))
+            w, J = chunk.weights(e), chunk.jacobian(e)
+            sum_wJ[e] += torch.einsum("n,nij->ij", w, J)
+            c = chunk.counts_of(e)
+            if c is not None:
+                chunk.ctx.add_resampled(buffer, self.sum_wJ, c * w, J, index=e)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -12,7 +13,7 @@ from torch import Tensor
 from moe_lightning.geometry.accumulators.base import Accumulator
 from moe_lightning.geometry.accumulators.context import Chunk, ProbeContext
 from moe_lightning.geometry.accumulators.tokens import TokenCounts
-from moe_lightning.geometry.pca import PCAResult, pca_from_moments
+from moe_lightning.geometry.pca import PCAResult, pca_from_moments, pca_ranks
 from moe_lightning.geometry.report import GeometryReport
 from moe_lightning.geometry.statistics import BufferLayout, Slot
 
@@ -54,7 +55,10 @@ class PCAMoments(Accumulator):
         #: site -> per expert ``(Σw z, Σw z zᵀ)`` slots, None where the site is skipped.
         self.moments: dict[str, list[tuple[Slot, Slot] | None]] = {
             site: [
-                (layout.allocate(f"pca/{site}/e{e}/sum_wz", w), layout.allocate(f"pca/{site}/e{e}/sum_wzz", w, w))
+                (
+                    layout.allocate(f"pca/{site}/e{e}/sum_wz", w, resampled=True),
+                    layout.allocate(f"pca/{site}/e{e}/sum_wzz", w, w, resampled=True),
+                )
                 if w
                 else None
                 for e, w in enumerate(widths)
@@ -68,7 +72,7 @@ class PCAMoments(Accumulator):
             x_e = chunk.inputs(e)
             if x_e.shape[0] == 0:
                 continue
-            w = chunk.weights(e)
+            w, c = chunk.weights(e), chunk.counts_of(e)
             for site, slots in self.moments.items():
                 if slots[e] is None:
                     continue
@@ -78,6 +82,11 @@ class PCAMoments(Accumulator):
                 sum_wz, sum_wzz = slots[e]
                 sum_wz.of(buffer).add_(zw.sum(0))
                 sum_wzz.of(buffer).add_(zw.T @ z)
+                replica = ctx.replicas.get(sum_wzz)
+                if c is not None and replica is not None:
+                    cw = c.to(z.dtype) * w
+                    ctx.add_resampled(buffer, sum_wz, cw, z)
+                    replica.of(buffer).add_(torch.einsum("bn,ni,nj->bij", cw, z, z))
 
     def finalize(
         self, buffer: Tensor, report: GeometryReport, done: dict[Accumulator, Any]
@@ -106,3 +115,27 @@ class PCAMoments(Accumulator):
             v[f"pca_{site}_n90"] = "components_for_90pct_variance"
             v[f"pca_{site}_covariance"] = "weighted_divide_by_sum_w"
         return results
+
+    def batch_resamples(self, replica_of: Callable[[Slot], Tensor]) -> dict[str, Tensor]:
+        """The reported sites' per-expert quantities on every resample, key -> ``(B, E)``: one batched eigenvalue
+        decomposition per expert and site instead of one per resample (no eigenvectors: the resampled PCA
+        quantities are ranks)."""
+        sum_w, sum_w2 = replica_of(self.tokens.sum_w), replica_of(self.tokens.sum_w2)
+        out: dict[str, Tensor] = {}
+        for site, slots in self.moments.items():
+            if site not in self.reported or all(pair is None for pair in slots):
+                continue
+            columns = {q: torch.full(sum_w.shape, math.nan, dtype=torch.float64) for q in _QUANTITIES}
+            for e, pair in enumerate(slots):
+                if pair is not None:
+                    ranks = pca_ranks(sum_w[:, e], sum_w2[:, e], replica_of(pair[0]), replica_of(pair[1]))
+                    for q in _QUANTITIES:
+                        columns[q][:, e] = ranks[q].to(torch.float64)
+            out.update({f"pca_{site}_{q}": values for q, values in columns.items()})
+        return out
+
+    def finalize_resample(
+        self, buffer: Tensor, report: GeometryReport, done: dict[Accumulator, Any], batched: Any, b: int
+    ) -> None:
+        for key, values in batched.items():
+            report.expert[key] = values[b]

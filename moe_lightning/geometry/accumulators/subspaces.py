@@ -25,7 +25,9 @@ _GRASS = ("overlap", "geodesic", "projection")
 class Subspaces(Accumulator):
     """Rank-``r`` subspaces of each expert and their pairwise Grassmann distances.
 
-    It adds no statistics of its own: the bases come from the mean Jacobians and the input PCA.
+    It adds no statistics of its own: the bases come from the mean Jacobians and the input PCA. Not among the
+    bootstrapped quantities (:data:`~moe_lightning.geometry.bootstrap.BOOTSTRAP_QUANTITIES`), it is skipped on
+    the resamples.
 
     Args:
         tokens: the token counts.
@@ -35,6 +37,8 @@ class Subspaces(Accumulator):
         rank: ``r`` (capped at D).
         dim: D.
     """
+
+    resampled = False
 
     def __init__(
         self, tokens: TokenCounts, mean_jacobian: MeanJacobian | None, pca: PCAMoments, rank: int, dim: int

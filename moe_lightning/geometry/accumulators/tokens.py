@@ -27,9 +27,9 @@ class TokenCounts(Accumulator):
     def allocate(self, layout: BufferLayout) -> None:
         self.total = layout.allocate("tokens_total", 1)
         self.nonfinite = layout.allocate("tokens_nonfinite", 1)
-        self.count = layout.allocate("count", self.num_experts)
-        self.sum_w = layout.allocate("sum_w", self.num_experts)
-        self.sum_w2 = layout.allocate("sum_w2", self.num_experts)
+        self.count = layout.allocate("count", self.num_experts, resampled=True)
+        self.sum_w = layout.allocate("sum_w", self.num_experts, resampled=True)
+        self.sum_w2 = layout.allocate("sum_w2", self.num_experts, resampled=True)
 
     def add_nonfinite(self, buffer: Tensor, dropped: Tensor) -> None:
         """Count the tokens dropped because their input or gate values were NaN/Inf (``dropped``: a bool mask)."""
@@ -43,6 +43,10 @@ class TokenCounts(Accumulator):
             count[e] += chunk.rows[e].sum()
             sum_w[e] += w.sum()
             sum_w2[e] += (w * w).sum()
+            c = chunk.counts_of(e)
+            if c is not None:
+                for slot, values in ((self.count, torch.ones_like(w)), (self.sum_w, w), (self.sum_w2, w * w)):
+                    chunk.ctx.add_resampled(buffer, slot, c, values, index=e)
 
     def start_report(self, buffer: Tensor, name: str, dim: int) -> GeometryReport:
         """A report holding the token counts and effective sample sizes, for the quantities to fill."""
