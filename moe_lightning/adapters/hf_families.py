@@ -27,6 +27,9 @@ from torch import nn
 
 __all__ = [
     "ExpertsFamily",
+    "FamilyCoverage",
+    "coverage_table",
+    "family_coverage",
     "experts_families",
     "family_model_class",
     "is_experts_interface_class",
@@ -105,8 +108,8 @@ def _has_subconfigs(config: Any) -> bool:
 
 
 def family_model_class(family: str) -> tuple[str, type[nn.Module]]:
-    """``(model_type, model class)`` to build a family's language model from: a model type with a plain (not
-    composite) config is preferred, its causal-LM class first, else its base model class.
+    """``(model_type, model class)`` to build a family's language model from: among its model types with a causal-LM
+    class (else a base model class), one with a plain (not composite) config first.
 
     Raises:
         ValueError: ``family`` is not an experts-interface family, or none of its model types has a model class.
@@ -126,7 +129,7 @@ def family_model_class(family: str) -> tuple[str, type[nn.Module]]:
         ):
             name = mapping.get(model_type)
             if isinstance(name, str) and hasattr(transformers, name):
-                candidates.append(((composite, rank), model_type, getattr(transformers, name)))
+                candidates.append(((rank, composite), model_type, getattr(transformers, name)))
     if not candidates:
         raise ValueError(f"family {family!r}: none of its model types {families[family].model_types} has a model class")
     _, model_type, cls = min(candidates, key=lambda c: c[0])
@@ -245,3 +248,109 @@ def tiny_model(family: str, seed: int = 0, **overrides: Any) -> nn.Module:
     config = tiny_config(family, **overrides)
     torch.manual_seed(seed)
     return model_class(config).eval()
+
+
+@dataclass(frozen=True)
+class FamilyCoverage:
+    """How the adapters read one family's tiny random model.
+
+    Attributes:
+        family: the ``transformers.models`` package.
+        model_type: the model type its tiny model is built from.
+        model_class: the class built.
+        views: the view names found (empty when not covered).
+        routing: how the gates are obtained, ``"router"`` and/or ``"block"`` (see ``ExpertsInterfaceView.mode``).
+        jacobian: ``"closed form"`` for plain SwiGLU experts, ``"torch.func"`` otherwise.
+        shared: the attribute names of the shared experts, ``"gated"`` marked.
+        reason: why the family is not covered, one line; None when it is.
+    """
+
+    family: str
+    model_type: str
+    model_class: str
+    views: tuple[str, ...] = ()
+    routing: str = ""
+    jacobian: str = ""
+    shared: str = ""
+    reason: str | None = None
+
+    @property
+    def covered(self) -> bool:
+        return self.reason is None
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    text = text if len(text) <= 110 else text[:107] + "..."
+    return f"{type(error).__name__}: {text}".replace("|", "/")
+
+
+def family_coverage(family: str, model: nn.Module | None = None) -> FamilyCoverage:
+    """Build ``family``'s tiny random model (or take ``model``), run it on random token ids, and find its MoE
+    blocks; the result says what the views are, or why the family is not covered.
+
+    A family is covered when the model builds and runs on the CPU, it has MoE blocks, and every one of them passes
+    the adapter's reconstruction self-check.
+    """
+    import torch
+
+    from moe_lightning.adapters.hf_experts import ExpertsInterfaceView, SharedExpertView
+    from moe_lightning.adapters.registry import scan_moe_layers
+
+    try:
+        model_type, model_class = family_model_class(family)
+    except ValueError as error:
+        return FamilyCoverage(family, "", "", reason=str(error))
+    base = FamilyCoverage(family, model_type, model_class.__name__)
+    try:
+        model = tiny_model(family) if model is None else model
+        vocab = int(model.config.get_text_config().vocab_size)
+        tokens = torch.randint(3, vocab, (1, 8), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            model(input_ids=tokens)
+    except Exception as error:  # noqa: BLE001 - the reason is the table's entry for this family
+        reason = f"its tiny config does not build or run on CPU ({_one_line(error)})"
+        return FamilyCoverage(**{**vars(base), "reason": reason})
+    scan = scan_moe_layers(model)
+    if scan.skipped:
+        first = scan.skipped[0]
+        reason = f"{first.class_name} is not viewable: {first.reason.split(' (')[0]}"
+        return FamilyCoverage(**{**vars(base), "reason": reason})
+    if not scan.views:
+        return FamilyCoverage(**{**vars(base), "reason": "the tiny model has no MoE block"})
+    routed = [v for v in scan.views if isinstance(v, ExpertsInterfaceView)]
+    shared = [v for v in scan.views if isinstance(v, SharedExpertView)]
+    if not routed:
+        return FamilyCoverage(**{**vars(base), "reason": "its MoE blocks are read by another adapter"})
+    shared_names = sorted({v.name.rsplit(".", 1)[-1] + (" (gated)" if v._gate_name else "") for v in shared})
+    return FamilyCoverage(
+        **{
+            **vars(base),
+            "views": tuple(v.name for v in scan.views),
+            "routing": ", ".join(sorted({v.mode for v in routed})),
+            "jacobian": "closed form" if all(v.closed_form for v in routed) else "torch.func",
+            "shared": ", ".join(shared_names),
+        }
+    )
+
+
+def coverage_table(coverage: list[FamilyCoverage]) -> str:
+    """The Markdown tables of covered and not covered families, as the docs page shows them."""
+    import transformers
+
+    covered = [c for c in coverage if c.covered]
+    missing = [c for c in coverage if not c.covered]
+    lines = [
+        f"Generated from transformers {transformers.__version__}: {len(covered)} of {len(coverage)} families that use "
+        "the experts interface are covered.",
+        "",
+        "| family | model class | MoE views | gates from | expert Jacobians | shared experts |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| `{c.family}` | `{c.model_class}` | {len(c.views)} | {c.routing} | {c.jacobian} | {c.shared or '-'} |"
+        for c in covered
+    ]
+    lines += ["", "Not covered:", "", "| family | model class | reason |", "|---|---|---|"]
+    lines += [f"| `{c.family}` | `{c.model_class or '-'}` | {c.reason} |" for c in missing]
+    return "\n".join(lines) + "\n"
