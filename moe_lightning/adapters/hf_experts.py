@@ -33,6 +33,7 @@ dtype. A block that fails (or cannot be called on its hidden states alone) raise
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 from collections.abc import Iterator
@@ -61,7 +62,7 @@ __all__ = [
 
 ADAPTER_NAME = "hf-experts"
 _CHECK_TOKENS = 8
-# max |reconstruction - block output| / max(1, max |block output|) allowed, by the block's dtype
+# max |reconstruction - block output| / max |block output| allowed, by the block's dtype
 _TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 3e-3}
 
 
@@ -371,7 +372,9 @@ class SharedExpertView(_SwigluForms):
 
 
 def _relative_error(got: Tensor, want: Tensor) -> float:
-    scale = max(1.0, float(want.abs().max()))
+    """``max |got - want| / max |want|``: relative to the output's own size, so that a block with small outputs (a
+    freshly initialised model) is checked as strictly as any other."""
+    scale = max(float(want.abs().max()), torch.finfo(torch.float64).tiny)
     return float((got.double() - want.double()).abs().max()) / scale
 
 
@@ -433,6 +436,17 @@ def _shared_views(path: str, block: nn.Module, routed: ExpertsInterfaceView, x_N
     return None
 
 
+def _extra_inputs(block: nn.Module) -> list[str]:
+    """Named inputs of the block's forward besides the hidden states: the model may route with them (token ids,
+    a previous layer's router state), so routing from the hidden states alone would not be the model's."""
+    try:
+        parameters = list(inspect.signature(block.forward).parameters.values())
+    except (TypeError, ValueError):
+        return []
+    named = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return [p.name for p in named[1:]]
+
+
 def experts_interface_views(path: str, block: nn.Module) -> list[MoEView]:
     """The views of one experts-interface block: its routed experts, then one view per shared expert; the block's
     reconstruction self-check runs first.
@@ -444,6 +458,11 @@ def experts_interface_views(path: str, block: nn.Module) -> list[MoEView]:
     found = experts_child(block)
     if found is None:
         raise BlockNotViewable("it has no experts-interface child")
+    extra = _extra_inputs(block)
+    if extra:
+        raise BlockNotViewable(
+            f"its forward takes inputs besides the hidden states ({', '.join(extra)}), which its views cannot see"
+        )
     routed = ExpertsInterfaceView(path, block, found[0])
     x_ND = _check_sample(block)
     tol = _TOLERANCE.get(x_ND.dtype, 1e-4)

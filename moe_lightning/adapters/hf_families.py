@@ -146,7 +146,7 @@ _SHRINK_RULES: tuple[tuple[str, int], ...] = (
     (r"^(num_hidden_layers|num_layers|n_layers?)$", 2),
     (r"intermediate_size$", 32),
     (r"(^|_)hidden_size$|^d_model$", 32),
-    (r"^(num_attention_heads|num_heads|n_heads?)$", 4),
+    (r"^(num_attention_heads|n_head)$|(^|_)(num_heads|n_heads)$", 4),
     (r"head_dim$", 8),
     (r"^(num_experts|n_routed_experts|num_local_experts|moe_num_experts|num_routed_experts)$", 8),
     (_TOP_K_PATTERN, _SHRINK_RULES_TOP_K),
