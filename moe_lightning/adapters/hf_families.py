@@ -19,11 +19,13 @@ import functools
 import importlib
 import inspect
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from torch import nn
+
+from moe_lightning.adapters.registry import LayerScan, scan_moe_layers
 
 __all__ = [
     "ExpertsFamily",
@@ -263,6 +265,7 @@ class FamilyCoverage:
         jacobian: ``"closed form"`` for plain SwiGLU experts, ``"torch.func"`` otherwise.
         shared: the attribute names of the shared experts, ``"gated"`` marked.
         reason: why the family is not covered, one line; None when it is.
+        scan: what ``scan_moe_layers`` found in the tiny model (None when it did not build or run).
     """
 
     family: str
@@ -273,6 +276,7 @@ class FamilyCoverage:
     jacobian: str = ""
     shared: str = ""
     reason: str | None = None
+    scan: LayerScan | None = field(default=None, compare=False, repr=False)
 
     @property
     def covered(self) -> bool:
@@ -295,7 +299,6 @@ def family_coverage(family: str, model: nn.Module | None = None) -> FamilyCovera
     import torch
 
     from moe_lightning.adapters.hf_experts import ExpertsInterfaceView, SharedExpertView
-    from moe_lightning.adapters.registry import scan_moe_layers
 
     try:
         model_type, model_class = family_model_class(family)
@@ -310,27 +313,25 @@ def family_coverage(family: str, model: nn.Module | None = None) -> FamilyCovera
             model(input_ids=tokens)
     except Exception as error:  # noqa: BLE001 - the reason is the table's entry for this family
         reason = f"its tiny config does not build or run on CPU ({_one_line(error)})"
-        return FamilyCoverage(**{**vars(base), "reason": reason})
+        return replace(base, reason=reason)
     scan = scan_moe_layers(model)
+    base = replace(base, scan=scan)
     if scan.skipped:
         first = scan.skipped[0]
-        reason = f"{first.class_name} is not viewable: {first.reason.split(' (')[0]}"
-        return FamilyCoverage(**{**vars(base), "reason": reason})
+        return replace(base, reason=f"{first.class_name} is not viewable: {first.reason.split(' (')[0]}")
     if not scan.views:
-        return FamilyCoverage(**{**vars(base), "reason": "the tiny model has no MoE block"})
+        return replace(base, reason="the tiny model has no MoE block")
     routed = [v for v in scan.views if isinstance(v, ExpertsInterfaceView)]
     shared = [v for v in scan.views if isinstance(v, SharedExpertView)]
     if not routed:
-        return FamilyCoverage(**{**vars(base), "reason": "its MoE blocks are read by another adapter"})
+        return replace(base, reason="its MoE blocks are read by another adapter")
     shared_names = sorted({v.name.rsplit(".", 1)[-1] + (" (gated)" if v._gate_name else "") for v in shared})
-    return FamilyCoverage(
-        **{
-            **vars(base),
-            "views": tuple(v.name for v in scan.views),
-            "routing": ", ".join(sorted({v.mode for v in routed})),
-            "jacobian": "closed form" if all(v.closed_form for v in routed) else "torch.func",
-            "shared": ", ".join(shared_names),
-        }
+    return replace(
+        base,
+        views=tuple(v.name for v in scan.views),
+        routing=", ".join(sorted({v.mode for v in routed})),
+        jacobian="closed form" if all(v.closed_form for v in routed) else "torch.func",
+        shared=", ".join(shared_names),
     )
 
 

@@ -77,11 +77,9 @@ def coverage(tiny_models) -> dict:
 
 
 @pytest.fixture(scope="module")
-def views(tiny_models) -> dict[str, list]:
-    """Each built family's views, found once."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return {f: find_moe_layers(m) for f, m in tiny_models.items() if not isinstance(m, Exception)}
+def views(coverage) -> dict[str, list]:
+    """Each built family's views, as its coverage found them."""
+    return {f: c.scan.views for f, c in coverage.items() if c.scan is not None}
 
 
 def run_with_hooks(model: torch.nn.Module, experts: dict[str, torch.nn.Module]) -> dict[str, dict]:
@@ -127,6 +125,8 @@ def check_family(family: str, model: torch.nn.Module | Exception, views: list | 
         captured = run_with_hooks(model, experts)
     except Exception as error:  # noqa: BLE001
         return f"does not run: {type(error).__name__}: {error}"
+    if views is None:
+        return "its coverage found no views"
     found = {v.name for v in views if isinstance(v, ExpertsInterfaceView)}
     if found != set(captured):
         return f"blocks found {sorted(found)}, expected {sorted(captured)}"
@@ -234,7 +234,7 @@ def test_closed_form_jacobians_for_every_plain_swiglu_family(views, coverage, mo
         return torch_func(fn, x_ND, **kwargs)
 
     monkeypatch.setattr(jacobians_module, "jacobians", no_torch_func)
-    cfg = ProbeConfig(jacobian_method="closed_form", layer_jacobian=False, alignment=False, subspaces=False)
+    cfg = ProbeConfig(jacobian_method="closed_form", layer_jacobian=False, pca=False, alignment=False, subspaces=False)
     for family in swiglu_families:
         view = next(v for v in views[family] if isinstance(v, ExpertsInterfaceView))
         report = probe(view, torch.randn(16, 32, generator=torch.Generator().manual_seed(2)), cfg)
@@ -308,8 +308,17 @@ def fit_and_check(family: str, tmp_path: Path) -> None:
     model = tiny_model(family, seed=1).train()  # a fresh model (the fit changes its weights), in training mode
     vocab = model.config.get_text_config().vocab_size
     tokens = torch.randint(3, vocab, (4, 8), generator=torch.Generator().manual_seed(0))
-    geometry = GeometryMonitor(
-        every_n_steps=1, max_tokens=16, layer_jacobian=False, subspace_rank=2, dtype="float32", source="train"
+    geometry = GeometryMonitor(  # the Jacobian spectra only: the other quantities have tests of their own
+        every_n_steps=1,
+        max_tokens=16,
+        layer_jacobian=False,
+        pca=False,
+        alignment=False,
+        subspaces=False,
+        dtype="float32",
+        source="train",
+        log_media=False,
+        save_reports=False,
     )
     trainer = L.Trainer(
         max_steps=2,
