@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import argparse
 import functools
-import time
 
 import torch
+from benchmark_geometry import best_time  # scripts/ is on the path of a script run from it
 
 from moe_lightning.adapters.hf_experts import experts_interface_views
 from moe_lightning.geometry import ProbeConfig, probe
@@ -48,16 +48,6 @@ def deepseek_v3_block(dim: int, num_experts: int, top_k: int, seed: int = 0) -> 
             p.normal_(0.0, 1.0 / dim**0.5)
         block.gate.e_score_correction_bias.normal_(0.0, 0.1)
     return block
-
-
-def best_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -22,12 +22,11 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 transformers = pytest.importorskip("transformers")
 
-from helpers import load_script, read_metrics  # noqa: E402
+from helpers import fit_logged, load_script  # noqa: E402
 
 from moe_lightning.adapters import find_moe_layers, scan_moe_layers  # noqa: E402
 from moe_lightning.adapters.hf_experts import (  # noqa: E402
@@ -320,19 +319,10 @@ def fit_and_check(family: str, tmp_path: Path) -> None:
         log_media=False,
         save_reports=False,
     )
-    trainer = L.Trainer(
-        max_steps=2,
-        logger=CSVLogger(tmp_path),
-        callbacks=[geometry, RouterMonitor(log_every_n_steps=1)],
-        log_every_n_steps=1,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    data = DataLoader(TensorDataset(tokens), batch_size=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer.fit(CausalLM(model), DataLoader(TensorDataset(tokens), batch_size=2))
-    rows = read_metrics(tmp_path)
+        rows = fit_logged(CausalLM(model), data, tmp_path, [geometry, RouterMonitor(log_every_n_steps=1)], 2)
     names = [v.name for v in find_moe_layers(model)]
     assert names and [v.name for v in geometry.views] == names
     for name in names:
