@@ -5,11 +5,12 @@ Builds one random ``DeepseekV3MoE`` block of transformers (sigmoid scoring, bias
 routed scaling, one shared expert), views it with ``moe_lightning.adapters.hf_experts`` and times
 ``moe_lightning.geometry.probe`` on the same tokens, side by side in one run, with the expert Jacobians from the
 closed form (``ProbeConfig(jacobian_method="closed_form")``) and from ``torch.func``
-(``jacobian_method="func"``), for the routed view and the shared-expert view, and prints the ratio and the largest
-difference between the two reports' expert spectra.
+(``jacobian_method="func"``), for the routed view and the shared-expert view; and, alone, the expert Jacobians of
+every expert at the tokens routed to it by both paths. It prints the ratios and the largest relative difference
+between the two reports' per-expert top singular values.
 
 Usage:
-    python scripts/benchmark_hf_experts.py            # D = 512 and 1024, 256 tokens (about a minute on 2 cores)
+    python scripts/benchmark_hf_experts.py            # D = 256 and 512, 128 tokens (minutes on 2 cores)
     python scripts/benchmark_hf_experts.py --quick    # D = 64, 64 tokens, seconds
 """
 
@@ -22,7 +23,7 @@ import torch
 from benchmark_geometry import best_time  # scripts/ is on the path of a script run from it
 
 from moe_lightning.adapters.hf_experts import experts_interface_views
-from moe_lightning.geometry import ProbeConfig, probe
+from moe_lightning.geometry import ProbeConfig, jacobians, probe
 
 
 def deepseek_v3_block(dim: int, num_experts: int, top_k: int, seed: int = 0) -> torch.nn.Module:
@@ -50,20 +51,41 @@ def deepseek_v3_block(dim: int, num_experts: int, top_k: int, seed: int = 0) -> 
     return block
 
 
+def expert_jacobians(view, x: torch.Tensor, gates: torch.Tensor, closed: bool) -> list[torch.Tensor]:
+    """Every expert's Jacobians at the tokens routed to it: the view's closed form, or ``torch.func``."""
+    out = []
+    with torch.no_grad():  # as in the probe
+        for e in range(view.num_experts):
+            x_e = x[gates[:, e] != 0]
+            out.append(view.expert_jacobian(e, x_e) if closed else jacobians(view.expert(e), x_e))
+    return out
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, seconds")
     args = parser.parse_args(argv)
-    sizes = [(64, 8, 2)] if args.quick else [(512, 16, 4), (1024, 16, 4)]
-    tokens, repeats = (64, 1) if args.quick else (256, 2)
-    print(f"== probe of one DeepSeek-V3 MoE block, {tokens} tokens, float64, {torch.get_num_threads()} threads ==")
-    print(f"{'view':<8}{'D':>6}{'E':>5}{'k':>3}{'closed s':>10}{'func s':>9}{'func/closed':>12}{'max rel diff':>14}")
+    sizes = [(64, 8, 2)] if args.quick else [(256, 16, 4), (512, 16, 4)]
+    tokens, repeats = (64, 1) if args.quick else (128, 2)
+    print(f"== one DeepSeek-V3 MoE block, {tokens} tokens, float64, {torch.get_num_threads()} threads; seconds ==")
+    print(
+        f"{'view':<8}{'D':>6}{'E':>5}{'k':>3}{'jac closed':>12}{'jac func':>10}{'ratio':>7}"
+        f"{'probe closed':>14}{'probe func':>12}{'ratio':>7}{'max rel diff':>14}",
+        flush=True,
+    )
     rows = []
     for dim, num_experts, top_k in sizes:
         block = deepseek_v3_block(dim, num_experts, top_k)
         views = experts_interface_views("mlp", block)
         x = torch.randn(tokens, dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        block.double()
         for view in views:
+            with torch.no_grad():
+                gates = view.gates(x)
+            jac = {
+                closed: best_time(functools.partial(expert_jacobians, view, x, gates, closed), repeats)
+                for closed in (True, False)
+            }
             reports, times = {}, {}
             for method in ("closed_form", "func"):
                 cfg = ProbeConfig(jacobian_method=method, layer_jacobian=False, pca=False, subspaces=False)
@@ -76,9 +98,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
             ratio = times["func"] / times["closed_form"]
             print(
                 f"{label:<8}{dim:>6}{view.num_experts:>5}{top_k if view.num_experts > 1 else 1:>3}"
-                f"{times['closed_form']:>10.3f}{times['func']:>9.3f}{ratio:>11.1f}x{diff:>14.1e}"
+                f"{jac[True]:>12.3f}{jac[False]:>10.3f}{jac[False] / jac[True]:>6.1f}x"
+                f"{times['closed_form']:>14.3f}{times['func']:>12.3f}{ratio:>6.1f}x{diff:>14.1e}",
+                flush=True,
             )
-            rows.append({"view": label, "dim": dim, "ratio": ratio, "max_rel_diff": diff})
+            rows.append(
+                {"view": label, "dim": dim, "jac_ratio": jac[False] / jac[True], "ratio": ratio, "max_rel_diff": diff}
+            )
     return rows
 
 

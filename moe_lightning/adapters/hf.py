@@ -1,4 +1,6 @@
-"""Adapters for the sparse MoE blocks of Hugging Face ``transformers``: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE.
+"""Adapters for the sparse MoE blocks of Hugging Face ``transformers``: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, and the
+registration of the experts-interface adapter (:mod:`moe_lightning.adapters.hf_experts`) that reads every family of
+transformers 5, these four included, and is matched first.
 
 Shape legend: ``N`` tokens, ``E`` experts, ``K`` experts per token (top-k), ``D`` model dim, ``H`` expert hidden.
 

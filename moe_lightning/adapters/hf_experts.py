@@ -25,6 +25,9 @@ What a block's views are made of:
 - **Shared experts**, every other child of the block that maps tokens to tokens, each a one-expert view
   ``<block>.<child>``, gated by ``sigmoid(child_gate(x))`` where the block has a one-output linear gate.
 
+A block that multiplies its experts' output by a constant has that constant (measured by the self-check, which
+it must explain exactly) folded into the gates, ``ExpertsInterfaceView.output_scale``.
+
 A **reconstruction self-check** runs when the views are built: on a few random tokens, ``Σ_e g_e f_e`` must equal
 what the experts module returns and, with the shared views, what the block returns, to a tolerance of the block's
 dtype. A block that fails (or cannot be called on its hidden states alone) raises :class:`BlockNotViewable`, which
@@ -379,15 +382,16 @@ def _relative_error(got: Tensor, want: Tensor) -> float:
 
 
 def _check_sample(block: nn.Module) -> Tensor:
-    """A few random tokens in the block's dtype and device, from a generator of their own (the global RNG stays)."""
-    param = next(itertools.chain(block.parameters(), block.buffers()), None)
-    if param is None or param.is_meta:
-        raise BlockNotViewable("its weights are not materialised (meta device), so its views cannot be checked")
+    """A few random tokens in the dtype and on the device of the block's experts (a router kept in float32 does not
+    decide it), from a generator of their own (the global RNG stays)."""
     experts = next(c for c in block.children() if is_experts_module(c))
-    width = int(experts.down_proj.shape[-1 if experts.is_transposed else -2])
+    down = experts.down_proj
+    if down.is_meta:
+        raise BlockNotViewable("its weights are not materialised (meta device), so its views cannot be checked")
+    width = int(down.shape[-1 if experts.is_transposed else -2])
     generator = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(_CHECK_TOKENS, width, generator=generator, dtype=torch.float32)
-    return x.to(device=param.device, dtype=param.dtype if param.is_floating_point() else torch.float32)
+    return x.to(device=down.device, dtype=down.dtype if down.is_floating_point() else torch.float32)
 
 
 def _routed_sum(view: ExpertsInterfaceView, gates_NE: Tensor, x_ND: Tensor) -> Tensor:

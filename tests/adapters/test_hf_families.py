@@ -346,3 +346,22 @@ def test_trainer_logs_geometry_for_every_moe_layer(family, tmp_path) -> None:
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f not in TRAINER_FAMILIES + sorted(not_covered_in_docs())])
 def test_trainer_logs_geometry_for_every_moe_layer_of_every_family(family, tmp_path) -> None:
     fit_and_check(family, tmp_path)
+
+
+def test_bfloat16_experts_with_a_float32_router() -> None:
+    # a checkpoint loaded in bfloat16 that keeps its router in float32: the self-check runs in the experts' dtype
+    model = tiny_model("deepseek_v3", initializer_range=0.2).to(torch.bfloat16)
+    for layer in model.model.layers:
+        layer.mlp.gate.float()
+    scan = scan_moe_layers(model)
+    assert not scan.skipped and len(scan.views) == 4
+    block = scan.views[0].module
+    x_ND = torch.randn(6, 32, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    with torch.no_grad():
+        y_ND = block(x_ND[None])[0].float()
+        recon_ND = sum(
+            v.gates(x_ND)[:, e : e + 1].float() * v.expert(e)(x_ND).float()
+            for v in scan.views[:2]
+            for e in range(v.num_experts)
+        )
+    torch.testing.assert_close(recon_ND, y_ND, rtol=3e-2, atol=3e-2 * float(y_ND.abs().max()))
