@@ -10,8 +10,9 @@ every expert at the tokens routed to it by both paths. It prints the ratios and 
 between the two reports' per-expert top singular values.
 
 Usage:
-    python scripts/benchmark_hf_experts.py            # D = 256 and 512, 128 tokens (minutes on 2 cores)
+    python scripts/benchmark_hf_experts.py            # D = 128 and 256, 64 tokens (minutes on 2 cores)
     python scripts/benchmark_hf_experts.py --quick    # D = 64, 64 tokens, seconds
+    python scripts/benchmark_hf_experts.py --threads 1  # one torch thread (steadier on a shared machine)
 """
 
 from __future__ import annotations
@@ -64,9 +65,12 @@ def expert_jacobians(view, x: torch.Tensor, gates: torch.Tensor, closed: bool) -
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, seconds")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     args = parser.parse_args(argv)
-    sizes = [(64, 8, 2)] if args.quick else [(256, 16, 4), (512, 16, 4)]
-    tokens, repeats = (64, 1) if args.quick else (128, 2)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    sizes = [(64, 8, 2)] if args.quick else [(128, 16, 4), (256, 16, 4)]
+    tokens, repeats = (64, 1) if args.quick else (64, 2)
     print(f"== one DeepSeek-V3 MoE block, {tokens} tokens, float64, {torch.get_num_threads()} threads; seconds ==")
     print(
         f"{'view':<8}{'D':>6}{'E':>5}{'k':>3}{'jac closed':>12}{'jac func':>10}{'ratio':>7}"
