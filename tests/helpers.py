@@ -29,6 +29,25 @@ def tiny_hf_model(family: str, seed: int = 0, **config) -> torch.nn.Module:
     return getattr(transformers, model_name)(hf_config)
 
 
+def fit_logged(module, data, log_dir: str | Path, callbacks: list, max_steps: int = 1) -> list[dict[str, str]]:
+    """A short quiet ``Trainer.fit`` of ``module`` on ``data`` with ``callbacks``, logging every step to a CSVLogger
+    in ``log_dir``; the rows it wrote."""
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+
+    trainer = L.Trainer(
+        max_steps=max_steps,
+        logger=CSVLogger(log_dir),
+        callbacks=callbacks,
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, data)
+    return read_metrics(log_dir)
+
+
 def read_metrics(log_dir: str | Path) -> list[dict[str, str]]:
     """The rows of the one ``metrics.csv`` under ``log_dir``."""
     (path,) = list(Path(log_dir).rglob("metrics.csv"))

@@ -1,4 +1,6 @@
-"""Adapters for the sparse MoE blocks of Hugging Face ``transformers``: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE.
+"""Adapters for the sparse MoE blocks of Hugging Face ``transformers``: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, and the
+registration of the experts-interface adapter (:mod:`moe_lightning.adapters.hf_experts`) that reads every family of
+transformers 5, these four included, and is matched first.
 
 Shape legend: ``N`` tokens, ``E`` experts, ``K`` experts per token (top-k), ``D`` model dim, ``H`` expert hidden.
 
@@ -27,6 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_lightning.adapters.base import MoEView, TokenFn
+from moe_lightning.adapters.hf_experts import ADAPTER_NAME as experts_adapter
+from moe_lightning.adapters.hf_experts import experts_interface_views, is_experts_block
 from moe_lightning.adapters.registry import register_adapter, registered_adapters
 from moe_lightning.geometry import JacobianOperator, swiglu_expert_jacobian, swiglu_jacobian_operator
 
@@ -258,10 +262,14 @@ def _factory(always_normalise: bool):
 def register_hf_adapters() -> None:
     """Register the Hugging Face adapters with :func:`find_moe_layers`; calling it again does nothing.
 
-    Adds ``hf-mixtral``, ``hf-qwen2-moe``, ``hf-qwen3-moe`` and ``hf-olmoe`` after the adapters already
-    registered. Does not import ``transformers``.
+    Adds ``hf-experts`` (every block of the transformers experts interface, :mod:`moe_lightning.adapters.hf_experts`)
+    and then ``hf-mixtral``, ``hf-qwen2-moe``, ``hf-qwen3-moe`` and ``hf-olmoe`` (which, with the experts interface
+    taken first, read the transformers 4.x layout of those families) after the adapters already registered. Does not
+    import ``transformers``.
     """
     present = set(registered_adapters())
+    if experts_adapter not in present:
+        register_adapter(experts_adapter, is_experts_block, experts_interface_views)
     for adapter_name, (class_name, always_normalise) in _HF_FAMILIES.items():
         if adapter_name not in present:
             register_adapter(adapter_name, _matcher(class_name), _factory(always_normalise))

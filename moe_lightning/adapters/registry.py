@@ -1,23 +1,62 @@
 """Find the MoE layers of any model: ``find_moe_layers(model) -> list[MoEView]``.
 
 Adapters are registered as ``(match, factory)`` pairs. ``find_moe_layers`` walks ``model.named_modules()`` in
-model order; the first adapter whose ``match(module)`` is true turns that module into one or more views (Qwen2-MoE
-reports its shared expert as an entry of its own), and the walk does not descend into a matched module.
+model order; the first adapter whose ``match(module)`` is true turns that module into one or more views (a block's
+shared experts are entries of their own), and the walk does not descend into a matched module.
+
+A factory that cannot view a matched module (it looks like an MoE block, but its views would not be exact) raises
+:class:`BlockNotViewable`; :func:`scan_moe_layers` lists such modules as :class:`SkippedLayer` entries, and
+:func:`find_moe_layers` warns once with one line per skipped module.
 """
 
 from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 from torch import nn
 
 from moe_lightning.adapters.base import MoEView
+from moe_lightning.common import warn_once
 
 Matcher = Callable[[nn.Module], bool]
 Factory = Callable[[str, nn.Module], list[MoEView]]
 
 _ADAPTERS: list[tuple[str, Matcher, Factory]] = []
+
+
+class BlockNotViewable(Exception):
+    """Raised by an adapter's factory for a module that looks like an MoE block but cannot be viewed exactly; the
+    message says why in one line."""
+
+
+@dataclass(frozen=True)
+class SkippedLayer:
+    """A module that looks like an MoE block but has no views.
+
+    Attributes:
+        name: its path in the model.
+        class_name: its class.
+        adapter: the adapter that matched it.
+        reason: why it cannot be viewed, one line.
+    """
+
+    name: str
+    class_name: str
+    adapter: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.name or '<root>'} ({self.class_name}): {self.reason}"
+
+
+@dataclass(frozen=True)
+class LayerScan:
+    """What :func:`scan_moe_layers` found: the views, and the MoE-looking modules it skipped."""
+
+    views: list[MoEView] = field(default_factory=list)
+    skipped: list[SkippedLayer] = field(default_factory=list)
 
 
 def register_adapter(name: str, match: Matcher, factory: Factory, *, first: bool = False) -> None:
@@ -41,25 +80,55 @@ def registered_adapters() -> list[str]:
     return [name for name, _, _ in _ADAPTERS]
 
 
+def scan_moe_layers(model: nn.Module, layers: str | Iterable[str] | None = None) -> LayerScan:
+    """All MoE layers of ``model`` as :class:`MoEView` objects in model order, and the MoE-looking modules skipped.
+
+    Args:
+        model: any ``nn.Module``.
+        layers: keep only views (and skipped modules) whose name matches one of these names or glob patterns
+            (``"blocks.*.ffn"``); None keeps all.
+    """
+    views: list[MoEView] = []
+    skipped: list[SkippedLayer] = []
+    matched_prefixes: list[str] = []
+    for path, module in model.named_modules():
+        if any(p == "" or path == p or path.startswith(p + ".") for p in matched_prefixes):
+            continue
+        for adapter, match, factory in _ADAPTERS:
+            if match(module):
+                try:
+                    views.extend(factory(path, module))
+                except BlockNotViewable as reason:
+                    skipped.append(SkippedLayer(path, type(module).__name__, adapter, str(reason)))
+                matched_prefixes.append(path)
+                break
+    if layers is not None:
+        patterns = [layers] if isinstance(layers, str) else list(layers)
+        views = [v for v in views if any(fnmatch.fnmatchcase(v.name, p) for p in patterns)]
+        skipped = [s for s in skipped if any(fnmatch.fnmatchcase(s.name, p) for p in patterns)]
+    return LayerScan(views, skipped)
+
+
+def skipped_text(skipped: Iterable[SkippedLayer]) -> str:
+    """One line per skipped module, for warnings and error messages."""
+    return "\n".join(f"  {s}" for s in skipped)
+
+
 def find_moe_layers(model: nn.Module, layers: str | Iterable[str] | None = None) -> list[MoEView]:
     """All MoE layers of ``model`` as :class:`MoEView` objects, in model order.
+
+    Modules that look like MoE blocks but cannot be viewed exactly are left out, with one warning (once per
+    message) that names each, its class and why; :func:`scan_moe_layers` returns them as data.
 
     Args:
         model: any ``nn.Module``.
         layers: keep only views whose name matches one of these names or glob patterns (``"blocks.*.ffn"``);
             None keeps all.
     """
-    views: list[MoEView] = []
-    matched_prefixes: list[str] = []
-    for path, module in model.named_modules():
-        if any(p == "" or path == p or path.startswith(p + ".") for p in matched_prefixes):
-            continue
-        for _, match, factory in _ADAPTERS:
-            if match(module):
-                views.extend(factory(path, module))
-                matched_prefixes.append(path)
-                break
-    if layers is not None:
-        patterns = [layers] if isinstance(layers, str) else list(layers)
-        views = [v for v in views if any(fnmatch.fnmatchcase(v.name, p) for p in patterns)]
-    return views
+    scan = scan_moe_layers(model, layers)
+    if scan.skipped:
+        warn_once(
+            f"find_moe_layers: {len(scan.skipped)} module(s) look like MoE blocks but are not probed:\n"
+            + skipped_text(scan.skipped)
+        )
+    return scan.views

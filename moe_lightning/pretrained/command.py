@@ -12,7 +12,6 @@ import argparse
 import sys
 from dataclasses import replace
 
-from moe_lightning.pretrained.load import supported_text
 from moe_lightning.pretrained.options import DEFAULT_TEXT_FILE, add_option_arguments, options_from_args
 from moe_lightning.pretrained.run import format_summary, probe_and_write
 from moe_lightning.pretrained.write import default_out_dir
@@ -26,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description=(
             "Probe the geometry (Jacobian spectra, weighted PCA, expert alignment, Grassmann subspaces) of every MoE "
-            f"layer of a pretrained Hugging Face checkpoint on a text set. {supported_text()}."
+            "layer of a pretrained Hugging Face checkpoint on a text set. Every MoE family of the installed "
+            "transformers built on its experts interface is supported (an unsupported model's error lists them)."
         ),
     )
     parser.add_argument("model", help="local checkpoint directory or hub name (cache only when offline)")

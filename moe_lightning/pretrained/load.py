@@ -11,28 +11,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from moe_lightning.adapters import registered_adapters
+from moe_lightning.adapters.hf_families import supported_model_types as supported_hf_model_types
 from moe_lightning.common import check_choice, dtype_from_name, hf_offline_mode, hub_reachable
 from moe_lightning.pretrained.options import DEVICES, MODEL_DTYPES, ProbeOptions
 
-# Hugging Face ``config.model_type`` -> the adapter in moe_lightning/adapters/hf.py that reads its MoE blocks.
-MODEL_TYPE_ADAPTERS: dict[str, str] = {
-    "mixtral": "hf-mixtral",
-    "qwen2_moe": "hf-qwen2-moe",
-    "qwen3_moe": "hf-qwen3-moe",
-    "olmoe": "hf-olmoe",
-}
-
 
 def supported_model_types() -> list[str]:
-    """The ``config.model_type`` values whose MoE blocks a registered adapter reads."""
-    present = set(registered_adapters())
-    return [model_type for model_type, adapter in MODEL_TYPE_ADAPTERS.items() if adapter in present]
+    """The ``config.model_type`` values the adapters read: every model type of the installed ``transformers`` whose
+    modeling code builds its MoE blocks on the experts interface (``moe_lightning.adapters.hf_families``)."""
+    return supported_hf_model_types()
 
 
 def supported_text() -> str:
-    """The sentence naming the supported model types, for error messages and ``--help``."""
-    return f"Supported model types: {', '.join(supported_model_types())} (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE)"
+    """The sentence naming the supported model types, for error messages."""
+    return (
+        "Supported model types (every MoE family of the installed transformers built on its experts interface): "
+        + ", ".join(supported_model_types())
+    )
 
 
 def _looks_like_hub_id(name: str) -> bool:

@@ -11,8 +11,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from moe_lightning.adapters import find_moe_layers
+from moe_lightning.adapters import find_moe_layers, scan_moe_layers
 from moe_lightning.adapters.capture import capture_layer_inputs
+from moe_lightning.adapters.registry import skipped_text
 from moe_lightning.common import restored_modes
 from moe_lightning.geometry import GeometryReport, probe
 from moe_lightning.pretrained.load import prepare_model, supported_text
@@ -47,11 +48,17 @@ def capture_inputs(model: nn.Module, views: Sequence[Any], batches: Sequence[Ten
 
 def select_views(model: nn.Module, model_name: str, layers: list[str] | None) -> list[Any]:
     """The model's MoE layers (those matching ``layers`` when given); a ``ValueError`` when there are none."""
-    views = find_moe_layers(model)
+    scan = scan_moe_layers(model)
+    views = scan.views
     if not views:
+        skipped = (
+            f" These modules look like MoE blocks but cannot be viewed exactly:\n{skipped_text(scan.skipped)}\n"
+            if scan.skipped
+            else " "
+        )
         raise ValueError(
-            f"found no MoE layers in {model_name!r} ({type(model).__name__}). {supported_text()}; or register "
-            "your layer class with moe_lightning.adapters.register_moe_class"
+            f"found no MoE layers in {model_name!r} ({type(model).__name__}).{skipped}{supported_text()}; or "
+            "register your layer class with moe_lightning.adapters.register_moe_class"
         )
     if layers is None:
         return views

@@ -20,9 +20,10 @@ transformers = pytest.importorskip("transformers")
 from helpers import tiny_hf_model  # noqa: E402
 
 from moe_lightning.adapters import MoEView, find_moe_layers, registered_adapters  # noqa: E402
-from moe_lightning.adapters.hf import HFSparseMoeView, register_hf_adapters  # noqa: E402
+from moe_lightning.adapters.hf import HFSharedExpertView, HFSparseMoeView, register_hf_adapters  # noqa: E402
+from moe_lightning.adapters.hf_experts import ExpertsInterfaceView  # noqa: E402
 
-HF_ADAPTERS = ["hf-mixtral", "hf-qwen2-moe", "hf-qwen3-moe", "hf-olmoe"]
+HF_ADAPTERS = ["hf-experts", "hf-mixtral", "hf-qwen2-moe", "hf-qwen3-moe", "hf-olmoe"]
 D = 32  # hidden size of every tiny model
 # Large init, so that layer outputs are O(1) and the absolute tolerances below mean something.
 COMMON = dict(
@@ -49,6 +50,8 @@ FAMILIES = {
     "olmoe": (dict(num_experts=4, norm_topk_prob=False), False),
 }
 EXTRA = {"qwen3_moe": dict(norm_topk_prob=True)}
+# the routed-experts views: the experts-interface adapter's (transformers 5) and the family adapters' (4.x layout)
+ROUTED = (ExpertsInterfaceView, HFSparseMoeView)
 
 
 @pytest.fixture(autouse=True)
@@ -149,7 +152,7 @@ def test_gates_equal_model_router_weights(family: str) -> None:
     views = find_moe_layers(model)
     out, captured = run_and_capture(model, views)
     renormalise = FAMILIES[family][1]
-    routed = [v for v in views if isinstance(v, HFSparseMoeView)]
+    routed = [v for v in views if isinstance(v, ROUTED)]
     assert len(routed) == len(out.router_logits) == 2
     for view, logits_NE in zip(routed, out.router_logits, strict=True):
         cap = captured[id(view.module)]
@@ -170,7 +173,7 @@ def test_gates_equal_model_router_weights(family: str) -> None:
         expected_sum = torch.ones(12) if renormalise else top_NK.sum(-1).float()
         torch.testing.assert_close(gates_NE.sum(-1), expected_sum, rtol=1e-5, atol=1e-6)
     for view in views:
-        if not isinstance(view, HFSparseMoeView):  # Qwen2-MoE shared expert: sigmoid of its gate's logit
+        if not isinstance(view, ROUTED):  # Qwen2-MoE shared expert: sigmoid of its gate's logit
             x_ND = captured[id(view.module)]["x"]
             ref_N1 = 1 / (1 + torch.exp(-(x_ND.double() @ view.module.shared_expert_gate.weight.double().T)))
             torch.testing.assert_close(view.gates(x_ND).double(), ref_N1, rtol=1e-5, atol=1e-6)
@@ -215,7 +218,7 @@ def test_expert_hidden_and_jacobian(family: str) -> None:
         x_ND = captured[id(view.module)]["x"][:3]
         for e in range(view.num_experts):
             # expert = down projection of expert_hidden (the down weight is read from the HF module directly)
-            if isinstance(view, HFSparseMoeView):
+            if isinstance(view, ROUTED):
                 w_down_DH = view.module.experts.down_proj[e]
             else:
                 w_down_DH = view.module.shared_expert.down_proj.weight
@@ -261,6 +264,27 @@ def test_jacrev_through_views_matches_block_jacobian(family: str) -> None:
         ref_DD = torch.autograd.functional.jacobian(lambda x: block_forward(block, x[None])[0], x_ND[n])
         assert ref_DD.abs().max() > 0.1
         torch.testing.assert_close(jac_NDD[n], ref_DD, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_experts_interface_adapter_equals_the_family_adapter(family: str) -> None:
+    # transformers 5 blocks of the four families are now read by the experts-interface adapter; the family adapter
+    # (kept for the 4.x layout) still reads them, and both must give the same gates, experts and Jacobians
+    model = build(family)
+    views = find_moe_layers(model)
+    _, captured = run_and_capture(model, views)
+    for view in views:
+        x_ND = captured[id(view.module)]["x"][:5]
+        if isinstance(view, ExpertsInterfaceView):
+            old = HFSparseMoeView(view.name, view.module, always_normalise=family == "mixtral")
+        else:
+            old = HFSharedExpertView(view.name, view.module)
+        with torch.no_grad():
+            torch.testing.assert_close(view.gates(x_ND), old.gates(x_ND), rtol=1e-6, atol=1e-7)
+            for e in range(view.num_experts):
+                torch.testing.assert_close(view.expert(e)(x_ND), old.expert(e)(x_ND), rtol=1e-6, atol=1e-6)
+                torch.testing.assert_close(view.expert_hidden(e)(x_ND), old.expert_hidden(e)(x_ND))
+                torch.testing.assert_close(view.expert_jacobian(e, x_ND), old.expert_jacobian(e, x_ND))
 
 
 def test_non_silu_activation_has_no_closed_form_jacobian() -> None:

@@ -14,12 +14,11 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 transformers = pytest.importorskip("transformers")
 
-from helpers import read_metrics, tiny_hf_model  # noqa: E402
+from helpers import fit_logged, read_metrics, tiny_hf_model  # noqa: E402
 
 from moe_lightning.adapters import find_moe_layers  # noqa: E402
 from moe_lightning.callbacks import GeometryMonitor, RouterMonitor  # noqa: E402
@@ -89,17 +88,8 @@ class Tokens(L.LightningDataModule):
 
 def fit(family: str, tmp_path: Path, geometry: GeometryMonitor, data=None) -> tuple[CausalLM, list[dict]]:
     module = CausalLM(build(family))
-    trainer = L.Trainer(
-        max_steps=1,
-        logger=CSVLogger(tmp_path),
-        callbacks=[geometry, RouterMonitor(log_every_n_steps=1)],
-        log_every_n_steps=1,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(module, data if data is not None else Tokens(COMMON["vocab_size"]))
-    return module, read_metrics(tmp_path)
+    data = data if data is not None else Tokens(COMMON["vocab_size"])
+    return module, fit_logged(module, data, tmp_path, [geometry, RouterMonitor(log_every_n_steps=1)])
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

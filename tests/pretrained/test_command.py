@@ -25,6 +25,7 @@ from helpers import tiny_hf_model  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 
 from moe_lightning.adapters import find_moe_layers  # noqa: E402
+from moe_lightning.adapters.hf_families import supported_model_types, tiny_model  # noqa: E402
 from moe_lightning.data import bundled_file  # noqa: E402
 from moe_lightning.geometry import GeometryReport, ProbeConfig, probe  # noqa: E402
 from moe_lightning.pretrained import default_out_dir, main, pack_blocks, probe_pretrained  # noqa: E402
@@ -44,7 +45,8 @@ COMMON = dict(
 )
 MAX_TOKENS, SEQ_LEN = 64, 24  # blocks of 24, 24 and 16 tokens: two batches, one short
 MIXTRAL_LAYERS = ["model.layers.0.mlp", "model.layers.1.mlp"]
-SUPPORTED = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+SUPPORTED = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", "qwen3_next", "glm4_moe")
+EXPERTS_FAMILIES = ("deepseek_v3", "gpt_oss", "qwen3_next")  # saved as tiny checkpoints of the experts interface
 # the CLI's reports against a direct probe: the same float64 computation, NaN where an expert saw no tokens
 assert_same = functools.partial(torch.testing.assert_close, rtol=1e-10, atol=1e-10, equal_nan=True)
 
@@ -280,6 +282,48 @@ def test_non_moe_model_lists_the_supported_types(workspace) -> None:
     code, _, stderr = run_cli([str(workspace["root"] / "llama"), "--text", str(workspace["text"])])
     assert code == 2
     assert "model_type='llama'" in stderr and all(model_type in stderr for model_type in SUPPORTED)
+    # the list is the adapters' coverage: every model type of the experts-interface families, nothing else
+    listed = stderr.split("built on its experts interface): ", 1)[1].split(". ", 1)[0].split(", ")
+    assert listed == supported_model_types() and len(listed) >= 60
+
+
+@pytest.fixture(scope="module")
+def experts_checkpoints(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("experts")
+    models_ = {}
+    for family in EXPERTS_FAMILIES:
+        model = tiny_model(family, vocab_size=300, initializer_range=0.2)
+        model.save_pretrained(root / family)
+        save_tokenizer(root / family)
+        models_[family] = model
+    return {"root": root, "models": models_}
+
+
+@pytest.mark.parametrize("family", EXPERTS_FAMILIES)
+def test_experts_interface_checkpoint_end_to_end(workspace, experts_checkpoints, family, monkeypatch) -> None:
+    import moe_lightning.report
+
+    # the numbers are what is checked here; the HTML report has its test above (mixtral_run), and its figures
+    # would take most of the time
+    monkeypatch.setattr(moe_lightning.report, "render_probe", lambda reports, out, title: [])
+    model_dir = experts_checkpoints["root"] / family
+    out = experts_checkpoints["root"] / f"out-{family}"
+    argv = [str(model_dir), "--text", str(workspace["text"]), "--max-tokens", "32", "--seq-len", "16"]
+    code, stdout, stderr = run_cli([*argv, "--layers", "model.layers.1.mlp*", "--out", str(out)])
+    assert code == 0, stderr
+    data = json.loads((out / "probe.json").read_text())
+    assert data["model_type"] == family and data["tokens"] == 32
+    model = experts_checkpoints["models"][family]
+    names = [v.name for v in find_moe_layers(model, "model.layers.1.mlp*")]
+    assert list(data["layers"]) == names and names[0] == "model.layers.1.mlp"
+    stream = reference_stream(model_dir, workspace["text"], 32)
+    expected = reference_reports(model, stream, 16, "model.layers.1.mlp*")
+    for name in names:
+        got, ref = GeometryReport.from_dict(data["layers"][name]), expected[name]
+        assert got.total_tokens == 32 and torch.equal(got.tokens, ref.tokens)
+        assert_same(got.expert["jac_sigma_max"], ref.expert["jac_sigma_max"])
+        assert_same(got.expert["pca_hidden_effective_rank"], ref.expert["pca_hidden_effective_rank"])
+        assert name in stdout
 
 
 @pytest.mark.parametrize(
