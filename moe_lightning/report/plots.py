@@ -236,7 +236,7 @@ def plot_claim_panels(
     panels: Sequence[tuple[str, str, dict[str, pd.DataFrame]]], path: str, title: str, max_columns: int = 4
 ) -> str:
     """Small multiples of a paired difference over training: one panel per claim, one line per series (a layer),
-    the t-interval over seeds shaded, the bootstrap interval over probe tokens as error bars, 0 dashed, and each
+    the t-interval over seeds shaded, the bootstrap interval over probe tokens as bars from its own ends, 0 dashed, and each
     step's marker coloured by its verdict (holds green, does not hold red, inconclusive grey; hollow when it rests
     on an under-sampled PCA value).
 
@@ -272,15 +272,11 @@ def plot_claim_panels(
             low, high = frame["bootstrap_low"].to_numpy(float), frame["bootstrap_high"].to_numpy(float)
             has = np.isfinite(low) & np.isfinite(high)
             if has.any():
-                mean = frame["mean_difference"].to_numpy(float)
-                ax.errorbar(
-                    x[has],
-                    mean[has],
-                    yerr=[mean[has] - low[has], high[has] - mean[has]],
-                    fmt="none",
-                    ecolor=color,
-                    elinewidth=0.8,
-                    capsize=2,
+                # Drawn from its own ends, not as an error bar around the mean: a percentile interval of the
+                # bootstrap need not contain the seed mean.
+                ax.vlines(x[has], low[has], high[has], colors=color, linewidth=0.8)
+                ax.scatter(
+                    np.r_[x[has], x[has]], np.r_[low[has], high[has]], marker="_", s=16, color=color, linewidths=0.8
                 )
             for verdict, color_v in VERDICT_COLORS.items():
                 for flagged in (False, True):

@@ -166,3 +166,33 @@ def test_bootstrap_interval_hand_case():
     # Threshold claims: replicates minus the threshold.
     t = decide_threshold({0: 0.05, 1: 0.07}, 0.1, replicates={0: [0.04, 0.06], 1: [0.06, 0.08]})
     assert (t.bootstrap.low, t.bootstrap.high) == pytest.approx((-0.05 + 0.02 * 0.025, -0.03 - 0.02 * 0.025))
+
+
+def test_claim_panels_draw_a_bootstrap_interval_that_excludes_the_mean(tmp_path, monkeypatch):
+    """A percentile interval of the bootstrap need not contain the seed mean (a statistic biased under resampling,
+    like an effective rank): the figure draws it from its own ends instead of failing on a negative error bar."""
+    import matplotlib
+    import pandas as pd
+
+    matplotlib.use("Agg")
+    from matplotlib.collections import LineCollection
+
+    from moe_lightning.report import plots
+
+    frame = pd.DataFrame(
+        {
+            "step": [0, 100],
+            "mean_difference": [1.0, 2.0],
+            "ci_low": [0.5, 1.5],
+            "ci_high": [1.5, 2.5],
+            "bootstrap_low": [1.2, 2.3],  # both above the mean
+            "bootstrap_high": [1.4, 2.6],
+            "verdict": ["holds", "holds"],
+            "undersampled": [False, True],
+        }
+    )
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda figure, path, title, **_: drawn.append(figure) or path)
+    plots.plot_claim_panels([("claim", "A - B", {"layer": frame})], str(tmp_path / "claims.png"), "claims")
+    (segments,) = [c.get_segments() for c in drawn[0].axes[0].collections if isinstance(c, LineCollection)]
+    assert [tuple(s[:, 1]) for s in segments] == [(1.2, 1.4), (2.3, 2.6)]
