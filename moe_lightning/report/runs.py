@@ -40,7 +40,8 @@ class Run:
 
     Attributes:
         path: the run directory (the sweep job directory, the CSV log directory or the W&B run directory).
-        source: ``"csv"``, ``"tensorboard"`` or ``"wandb"``: where the scalar history was read from (``"none"`` when it could not be).
+        source: ``"csv"``, ``"tensorboard"`` or ``"wandb"``: where the scalar history was read from (``"none"``
+            when it could not be).
         routing: ``"dense"``, ``"topk"``, ``"soft"``, a sweep variant's name, or None when unknown.
         seed: the run's seed, or None when unknown.
         family: ``"mlp"``, ``"transformer"`` or None.
@@ -130,7 +131,8 @@ def discover_runs(directories: list[str]) -> list[Run]:
         if not found:
             raise ValueError(
                 f"no runs found in {root!r}: expected, at any depth, a sweep job directory with run.json, a "
-                "directory with metrics.csv (CSVLogger), a TensorBoard log directory with events.out.tfevents.*, or a W&B run directory with run-<id>.wandb"
+                "directory with metrics.csv (CSVLogger), a TensorBoard log directory with events.out.tfevents.*, or "
+                "a W&B run directory with run-<id>.wandb"
             )
         runs.extend(found)
     seen: dict[tuple[str | None, str | None, int], str] = {}

@@ -221,9 +221,7 @@ def geometry_workspace(
         name: the view's name.
         filters: a run filter in ``wandb-workspaces``' expression syntax, e.g. ``"Config('config.routing') = 'topk'"``.
     """
-    sections = [
-        ws.Section(name=s.name, panels=s.panels, is_open=True) for s in geometry_sections(keys, entity=entity)
-    ]
+    sections = [ws.Section(name=s.name, panels=s.panels, is_open=True) for s in geometry_sections(keys, entity=entity)]
     return ws.Workspace(
         entity=entity,
         project=project,
