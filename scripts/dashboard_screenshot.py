@@ -42,6 +42,13 @@ class Rendered:
 
 
 CHARTS_JS = """els => els.map(e => [e.dataset.kind, e.dataset.layer, e.querySelectorAll('svg.main-svg').length])"""
+# The page's span in px from the <h2> headed start (the top when null) to the one headed stop (the end when null).
+SPAN_JS = """([start, stop]) => {
+  const at = text => { const h = [...document.querySelectorAll('h2')].find(h => h.textContent === text);
+                       return h ? h.getBoundingClientRect().top + window.scrollY : null; };
+  const end = document.documentElement.scrollHeight;
+  return [start ? (at(start) ?? 0) : 0, stop ? (at(stop) ?? end) : end];
+}"""
 
 
 def render(
@@ -52,8 +59,11 @@ def render(
     max_height: int | None = None,
     extract: str | None = None,
     extract_arg: object = None,
+    start: str | None = None,
+    stop: str | None = None,
 ) -> Rendered:
-    """Open ``page_path``, wait until it has loaded, and save a full-page screenshot (cut at ``max_height`` px).
+    """Open ``page_path``, wait until it has loaded, and save a full-page screenshot (cut at ``max_height`` px),
+    or the part from the section headed ``start`` to the one headed ``stop``.
 
     Raises:
         RuntimeError: no browser (pass ``executable``, install the Debian package ``chromium``, or run
@@ -74,14 +84,16 @@ def render(
             page.on("console", lambda message: message.type == "error" and rendered.errors.append(message.text))
             page.on(
                 "request",
-                lambda request: None if request.url.startswith(("file:", "data:")) else rendered.outside.append(request.url),
+                lambda request: (
+                    None if request.url.startswith(("file:", "data:")) else rendered.outside.append(request.url)
+                ),
             )
             page.goto(Path(page_path).resolve().as_uri(), wait_until="load")
             rendered.charts = [tuple(chart) for chart in page.eval_on_selector_all("div.chart", CHARTS_JS)]
             if extract is not None:
                 rendered.traces = page.evaluate(extract, extract_arg)
-            height = page.evaluate("document.documentElement.scrollHeight")
-            clip = {"x": 0, "y": 0, "width": width, "height": min(height, max_height or height)}
+            top, bottom = page.evaluate(SPAN_JS, [start, stop])
+            clip = {"x": 0, "y": top, "width": width, "height": min(bottom - top, max_height or bottom - top)}
             page.screenshot(path=str(screenshot), full_page=True, clip=clip)
         finally:
             browser.close()
@@ -94,12 +106,18 @@ def main() -> None:
     parser.add_argument("out", help="the PNG to write")
     parser.add_argument("--width", type=int, default=1400, help="viewport width in px")
     parser.add_argument("--max-height", type=int, default=None, help="cut the page at this height in px")
-    parser.add_argument("--executable", default=None, help="the browser (default: the first of %s on PATH)" % (BROWSERS,))
+    parser.add_argument("--start", default=None, help="begin at the section with this heading")
+    parser.add_argument("--stop", default=None, help="end at the section with this heading")
+    parser.add_argument("--executable", default=None, help=f"the browser (default: the first of {BROWSERS} on PATH)")
     args = parser.parse_args()
-    rendered = render(args.page, args.out, args.executable, args.width, args.max_height)
+    rendered = render(
+        args.page, args.out, args.executable, args.width, args.max_height, start=args.start, stop=args.stop
+    )
     kinds = sorted({kind for kind, _, _ in rendered.charts})
-    print(f"{len(rendered.charts)} charts ({', '.join(kinds)}), {len(rendered.errors)} script errors, "
-          f"{len(rendered.outside)} outside requests; screenshot: {args.out}")
+    print(
+        f"{len(rendered.charts)} charts ({', '.join(kinds)}), {len(rendered.errors)} script errors, "
+        f"{len(rendered.outside)} outside requests; screenshot: {args.out}"
+    )
     for line in rendered.errors + rendered.outside:
         print(f"  {line}")
 

@@ -24,6 +24,7 @@ from moe_lightning.report import html as page
 from moe_lightning.report.runs import Run
 from moe_lightning.report.timeline import (
     Quantity,
+    SpectrumEvolution,
     curvature_curves,
     geometry_layers,
     layer_quantities,
@@ -145,6 +146,30 @@ def _log_scale(logs: np.ndarray) -> dict:
     return {"zmin": low, "zmax": high, "colorbar": {"tickvals": ticks, "ticktext": [f"1e{t}" for t in ticks]}}
 
 
+def _log10(values: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(values > 0, np.log10(values), np.nan)
+
+
+def _spectrum_panels(items: list[SpectrumEvolution]) -> list[tuple[str, np.ndarray, np.ndarray, dict]]:
+    """``(title, log10 values, hover values, colour settings)``: each spectrum on a log colour scale, then the
+    first one relative to its first probe (log10 σ_i(t)/σ_i(t₀), diverging around no change)."""
+    panels = []
+    for evolution in items:
+        logs = _log10(evolution.values_MS)
+        panels.append((evolution.title, logs, evolution.values_MS, {"colorscale": "Viridis", **_log_scale(logs)}))
+    first = items[0]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = first.values_MS / first.values_MS[:, :1]
+    change = _log10(ratio)
+    finite = np.abs(change[np.isfinite(change)])
+    bound = max(float(finite.max()), 1e-3) if finite.size else 1.0
+    title = f"{first.title}: σ_i / σ_i at step {first.steps[0]}"
+    diverging = {"colorscale": "RdBu_r", "zmid": 0.0, "zmin": -bound, "zmax": bound, "colorbar": {}}
+    panels.append((title, change, ratio, diverging))
+    return panels
+
+
 def _spectra(reports: list) -> str:
     evolutions = spectrum_evolution(reports)
     if not evolutions:
@@ -152,29 +177,28 @@ def _spectra(reports: list) -> str:
     parts = [
         page.paragraph(
             "Singular values σ_i of the mean Jacobian at every saved probe (colour: log10 σ_i, at most "
-            f"{DECADES} decades below the largest; hover for the value).",
+            f"{DECADES} decades below the largest), and the expert mean's change since the first probe (log10 of "
+            "the ratio; red: grown, blue: shrunk). Hover for the values.",
             "caption",
         )
     ]
     for layer, items in evolutions.items():
+        panels = _spectrum_panels(items)
         figure = make_subplots(
-            rows=1, cols=len(items), subplot_titles=[e.title for e in items], horizontal_spacing=0.12
+            rows=1, cols=len(panels), subplot_titles=[title for title, *_ in panels], horizontal_spacing=0.1
         )
-        for index, evolution in enumerate(items):
-            with np.errstate(divide="ignore", invalid="ignore"):
-                logs = np.where(evolution.values_MS > 0, np.log10(evolution.values_MS), np.nan)
-            scale = _log_scale(logs)
+        steps = [str(s) for s in items[0].steps]
+        for index, (_, logs, values, colours) in enumerate(panels):
             right = figure.get_subplot(1, index + 1).xaxis.domain[1]
-            scale["colorbar"].update(x=right + 0.01, xanchor="left", len=0.9)
+            colours["colorbar"].update(x=right + 0.005, xanchor="left", len=0.9, thickness=12)
             figure.add_trace(
                 go.Heatmap(
                     z=logs,
-                    x=[str(s) for s in evolution.steps],
+                    x=steps if index == len(panels) - 1 else [str(s) for s in items[index].steps],
                     y=np.arange(1, logs.shape[0] + 1),
-                    customdata=evolution.values_MS,
-                    colorscale="Viridis",
-                    hovertemplate="step %{x}<br>σ_%{y} = %{customdata:.4g}<extra></extra>",
-                    **scale,
+                    customdata=values,
+                    hovertemplate="step %{x}<br>i = %{y}: %{customdata:.4g}<extra></extra>",
+                    **colours,
                 ),
                 row=1,
                 col=index + 1,
@@ -182,6 +206,7 @@ def _spectra(reports: list) -> str:
             figure.update_xaxes(title_text="probe step", type="category", row=1, col=index + 1)
             figure.update_yaxes(title_text="index i", row=1, col=index + 1)
         figure.update_layout(height=360, margin={"l": 55, "r": 20, "t": 40, "b": 45}, template="plotly_white")
+        figure.update_annotations(font_size=12)
         parts.append(f"<h3>{html.escape(layer)}</h3>" + _chart(figure, "spectrum", layer))
     return "\n".join(parts)
 

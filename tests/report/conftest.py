@@ -54,7 +54,13 @@ def logged_run(tmp_path_factory) -> LoggedRun:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: one thread avoids oversubscribing a shared CPU
     try:
-        args = ["fit", "--config", str(ROOT / "configs/mlp/topk.yaml"), "--config", str(ROOT / "configs/trainer/cpu.yaml")]
+        args = [
+            "fit",
+            "--config",
+            str(ROOT / "configs/mlp/topk.yaml"),
+            "--config",
+            str(ROOT / "configs/trainer/cpu.yaml"),
+        ]
         assert cli.main([*args, "--config", str(config), "--summary=false"]) == 0
     finally:
         torch.set_num_threads(threads)

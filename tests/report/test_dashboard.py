@@ -118,7 +118,7 @@ def test_single_run_page_has_no_claims(dashboard):
     text = dashboard.read_text()
     assert "Claims" not in text and "inconclusive" not in text
     assert not (dashboard.parent / "claims.md").exists()
-    assert "<script>" in text and "src=\"http" not in text  # Plotly inlined: nothing to fetch
+    assert "<script>" in text and 'src="http' not in text  # Plotly inlined: nothing to fetch
 
 
 def test_dashboard_renders_in_a_headless_browser(dashboard, logged_run, tmp_path):

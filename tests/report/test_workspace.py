@@ -94,7 +94,11 @@ def test_every_panel_points_at_a_logged_key(logged_run):
 def test_sections_follow_the_keys():
     keys = {"train/loss", "geometry/a/tokens_total", "geometry/a/jac_sigma_max/mean", "geometry/a/align_ratio"}
     sections = geometry_sections(keys)
-    assert [s.name for s in sections] == ["Loss", "Jacobian spectra per layer", "Alignment and subspace overlap vs chance"]
+    assert [s.name for s in sections] == [
+        "Loss",
+        "Jacobian spectra per layer",
+        "Alignment and subspace overlap vs chance",
+    ]
     assert [p.y for s in sections for p in s.panels] == [
         ["train/loss"],
         ["geometry/a/jac_sigma_max/mean"],
