@@ -25,7 +25,7 @@ from moe_lightning.report.tables import (
 
 FORMATS = ("md", "csv", "png", "html")
 # The report's static figures that a run's dashboard also embeds: what its interactive charts do not show.
-DASHBOARD_FIGURES = ("spectra.png", "pca_spectra.png", "curvature_density.png")
+DASHBOARD_FIGURES = ("curvature_density.png",)
 
 
 def _runs_frame(runs: list[Run]) -> pd.DataFrame:
@@ -103,7 +103,7 @@ def _write_dashboard(
         ("Summary", page.paragraph(summary)),
         ("Final values", page.paragraph(caption, "caption") + page.table_html(shown_results)),
         *dashboard_sections(run),
-        ("Figures", page.figures_html(static, notes)),
+        *([("Hessian spectral density", page.figures_html(static, notes))] if static else []),
         ("Run", page.table_html(_runs_frame([run]))),
     ]
     title = f"moe-lightning run: {run.label}"
@@ -164,7 +164,9 @@ def build_report(
     images: dict[str, str | None] = {}
     notes: dict[str, str] = {}
     if "png" in formats or "html" in formats:
-        images, notes = write_figures(runs, out_dir)
+        # A single run's page is its dashboard, which embeds only some figures: draw those unless PNGs are asked.
+        only = DASHBOARD_FIGURES if len(runs) == 1 and "png" not in formats else None
+        images, notes = write_figures(runs, out_dir, only)
         written.extend(p for p in images.values() if p is not None)
     if "html" in formats and len(runs) == 1:
         run = runs[0]

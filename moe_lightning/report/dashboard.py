@@ -3,9 +3,9 @@ Plotly's JavaScript inlined so that the page opens without a network.
 
 Sections: the losses; every geometry quantity of each MoE layer over steps (small multiples, with its experts, its
 token-level spread and its chance level); the spectrum of each layer at every saved probe (index × step, log
-colour scale); the router load (experts × steps); the alignment and overlap matrices at the first and the last
-probe; the curvature curves when ``CurvatureMonitor`` ran. Every chart sits in a ``<div class="chart">`` whose
-``data-kind`` and ``data-layer`` attributes say what it shows.
+colour scale); the PCA eigenvalues at the last probe; the router load (experts × steps); the alignment and overlap
+matrices at the first and the last probe; the curvature curves when ``CurvatureMonitor`` ran. Every chart sits in
+a ``<div class="chart">`` whose ``data-kind`` and ``data-layer`` attributes say what it shows.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
 from moe_lightning.report import html as page
+from moe_lightning.report.probe_page import expert_mean_pca
 from moe_lightning.report.runs import Run
 from moe_lightning.report.timeline import (
     Quantity,
@@ -102,14 +103,22 @@ def _quantity_traces(quantity: Quantity) -> list[go.Scatter]:
     return traces
 
 
-def _small_multiples(panels: list[tuple[str, list[go.Scatter]]], kind: str, layer: str = "") -> str:
+def _small_multiples(
+    panels: list[tuple[str, list[go.Scatter]]], kind: str, layer: str = "", log_y: bool = False
+) -> str:
     figure, columns = _grid([title for title, _ in panels])
-    for index, (_, traces) in enumerate(panels):
-        row, column = divmod(index, columns)
-        for trace in traces:
-            figure.add_trace(trace, row=row + 1, col=column + 1)
-    figure.update_xaxes(title_text=None, tickfont_size=9)
-    figure.update_yaxes(tickfont_size=9, tickformat=".4~g")
+    placed = [(trace, *divmod(index, columns)) for index, (_, traces) in enumerate(panels) for trace in traces]
+    # One add_traces call: adding traces one by one re-validates the whole figure each time.
+    figure.add_traces(
+        [trace for trace, _, _ in placed],
+        rows=[row + 1 for _, row, _ in placed],
+        cols=[column + 1 for _, _, column in placed],
+    )
+    figure.update_xaxes(tickfont_size=9)
+    if log_y:
+        figure.update_yaxes(tickfont_size=9, type="log", exponentformat="power")
+    else:
+        figure.update_yaxes(tickfont_size=9, tickformat=".4~g")
     return _chart(figure, kind, layer)
 
 
@@ -211,6 +220,50 @@ def _spectra(reports: list) -> str:
     return "\n".join(parts)
 
 
+def _pca(reports: list) -> str:
+    """The weighted PCA eigenvalues of every site at the last probe, per layer: each expert and their Σw-weighted
+    mean, log scale."""
+    if not reports:
+        return _note("no saved geometry/step_*.json report")
+    step, layers = reports[-1]
+    parts = []
+    for layer, report in layers.items():
+        panels = []
+        for site, results in report.pca.items():
+            experts = [(f"e{e}", r.eigenvalues.double().numpy()) for e, r in enumerate(results)]
+            experts = [(name, values) for name, values in experts if values.size]
+            mean = expert_mean_pca(report, site)
+            if not experts or mean is None:
+                continue
+            traces = [
+                go.Scatter(
+                    x=np.arange(1, v.size + 1),
+                    y=v,
+                    name=name,
+                    mode="lines",
+                    opacity=0.7,
+                    line={"width": 1, "color": EXPERT_COLORS[i % len(EXPERT_COLORS)]},
+                )
+                for i, (name, v) in enumerate(experts)
+            ]
+            traces.append(
+                go.Scatter(
+                    x=np.arange(1, mean.size + 1),
+                    y=mean,
+                    name="mean",
+                    mode="lines",
+                    line={"width": 2, "color": "black"},
+                )
+            )
+            panels.append((f"{site} site", traces))
+        if panels:
+            parts.append(f"<h3>{html.escape(layer)}</h3>" + _small_multiples(panels, "pca", layer, log_y=True))
+    if not parts:
+        return _note("no saved report holds PCA eigenvalues")
+    caption = f"Eigenvalues λ_k of the weighted covariance at step {step} (black: the Σw-weighted expert mean)."
+    return page.paragraph(caption, "caption") + "\n".join(parts)
+
+
 def _router(run: Run) -> str:
     loads = router_load(run.history)
     if not loads:
@@ -298,6 +351,7 @@ def dashboard_sections(run: Run) -> list[tuple[str, str]]:
         ("Losses", _losses(run)),
         ("Geometry over training", _geometry(run, layers)),
         ("Spectrum over training", _spectra(reports)),
+        ("PCA eigenvalues at the last probe", _pca(reports)),
         ("Router load", _router(run)),
         ("Alignment and overlap at the first and the last probe", _matrices(reports)),
     ]

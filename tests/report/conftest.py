@@ -29,7 +29,7 @@ trainer:
       init_args: {{every_n_steps: 10, max_tokens: 64}}
     - class_path: moe_lightning.callbacks.RouterMonitor
     - class_path: moe_lightning.callbacks.CurvatureMonitor
-      init_args: {{every_n_steps: 10, top_k: 2, trace_max_samples: 10}}
+      init_args: {{every_n_steps: 10, top_k: 2, trace_max_samples: 10, density: false}}
 model:
   init_args:
     config: {{input_dim: 8, output_dim: 8, dim: 16, expert_hidden: 8, num_experts: 4, num_blocks: 2}}

@@ -127,7 +127,7 @@ def test_dashboard_renders_in_a_headless_browser(dashboard, logged_run, tmp_path
     png = tmp_path / "dashboard.png"
     try:
         rendered = screenshot.render(
-            dashboard, png, extract=SUBPLOT_JS, extract_arg=["blocks.0.ffn", "jac_sigma_max", "mean"]
+            dashboard, png, max_height=4000, extract=SUBPLOT_JS, extract_arg=["blocks.0.ffn", "jac_sigma_max", "mean"]
         )
     except RuntimeError as error:
         pytest.skip(f"no browser could be started ({error}); .ci/run installs the Debian package chromium")
