@@ -27,7 +27,7 @@ from moe_lightning.report.timeline import (
 
 ROOT = Path(__file__).resolve().parents[2]
 LAYERS = ("blocks.0.ffn", "blocks.1.ffn")
-PER_LAYER_KINDS = ("geometry", "spectrum", "router", "matrices")
+PER_LAYER_KINDS = ("geometry", "spectrum", "pca", "router", "matrices")
 # The values of one subplot of a layer's small multiples and of its router-load heatmap, read back from the charts
 # Plotly drew (_fullData: the traces as drawn, their arrays decoded).
 SUBPLOT_JS = """([layer, title, name]) => {
