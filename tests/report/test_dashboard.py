@@ -28,15 +28,18 @@ from moe_lightning.report.timeline import (
 ROOT = Path(__file__).resolve().parents[2]
 LAYERS = ("blocks.0.ffn", "blocks.1.ffn")
 PER_LAYER_KINDS = ("geometry", "spectrum", "pca", "router", "matrices")
-# The values of one subplot of a layer's small multiples and of its router-load heatmap, read back from the charts
-# Plotly drew (_fullData: the traces as drawn, their arrays decoded).
+# The values of one subplot of a layer's small multiples, of its router-load heatmap and of its spectrum heatmaps,
+# read back from the charts Plotly drew (_fullData: the traces as drawn, their arrays decoded).
 SUBPLOT_JS = """([layer, title, name]) => {
   const plot = document.querySelector(`div.chart[data-kind="geometry"][data-layer="${layer}"] .js-plotly-plot`);
   const index = plot.layout.annotations.findIndex(a => a.text === title);
   const axis = index === 0 ? 'x' : 'x' + (index + 1);
   const trace = plot._fullData.find(t => t.xaxis === axis && t.name === name);
   const router = document.querySelector(`div.chart[data-kind="router"][data-layer="${layer}"] .js-plotly-plot`);
-  return {x: Array.from(trace.x), y: Array.from(trace.y), load: Array.from(router._fullData[0].z, r => Array.from(r))};
+  const spectrum = document.querySelector(`div.chart[data-kind="spectrum"][data-layer="${layer}"] .js-plotly-plot`);
+  const rows = z => Array.from(z, r => Array.from(r, v => (v === null ? NaN : v)));
+  return {x: Array.from(trace.x), y: Array.from(trace.y), load: rows(router._fullData[0].z),
+          spectrum: spectrum._fullData.map(t => rows(t.z))};
 }"""
 
 
@@ -145,6 +148,18 @@ def test_dashboard_renders_in_a_headless_browser(dashboard, logged_run, tmp_path
     load = np.array(rendered.traces["load"], dtype=float)  # experts x steps
     expected = np.stack([logged(raw, f"router/blocks.0.ffn/load/e{e}").to_numpy() for e in range(4)])
     np.testing.assert_allclose(load, expected, rtol=1e-12)
+    # The spectrum heatmaps: log10 σ_i of the Σw-weighted expert mean (from the raw reports), and its change since
+    # the first probe.
+    expected = []
+    for path in sorted((logged_run.csv / "geometry").glob("step_*.json")):
+        layer = json.loads(path.read_text())["layers"]["blocks.0.ffn"]
+        spectra, weights = np.array(layer["spectra"]["jac_mean_spectrum"]), np.array(layer["weight_sum"])
+        keep = np.isfinite(spectra).all(axis=1) & (weights > 0)
+        expected.append((spectra[keep] * weights[keep, None]).sum(axis=0) / weights[keep].sum())
+    expected = np.stack(expected, axis=1)  # (M, S)
+    mean, _layer, change = (np.array(z, dtype=float) for z in rendered.traces["spectrum"])
+    np.testing.assert_allclose(mean, np.log10(expected), rtol=1e-12)
+    np.testing.assert_allclose(change, np.log10(expected / expected[:, :1]), rtol=1e-9, atol=1e-12)
     # The screenshot shows a drawn page, not a blank one.
     image = matplotlib.image.imread(png)
     assert image.shape[1] == 1400 and image.shape[0] > 3000
