@@ -1,4 +1,5 @@
-"""The dashboard of one run: what it gathers against the run's raw CSV log and JSON reports, and the page opened in
+"""The dashboard of one run: what it gathers against the run's raw CSV log and JSON reports (and a TensorBoard log
+directory read as a run), and the page opened in
 a real headless browser (Chromium through Playwright), which must render a chart of each kind for each MoE layer
 with the logged numbers, without a script error or a request outside the file."""
 
@@ -165,3 +166,24 @@ def test_dashboard_renders_in_a_headless_browser(dashboard, logged_run, tmp_path
     assert image.shape[1] == 1400 and image.shape[0] > 3000
     ink = (image[..., :3] < 0.9).any(axis=-1).mean()
     assert ink > 0.05 and not math.isclose(float(image.std()), 0.0)
+
+
+def test_a_tensorboard_log_directory_is_a_run(tmp_path):
+    """TensorBoard's own writer (the one Lightning's TensorBoardLogger uses) as the reference."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    run_dir = tmp_path / "tb" / "version_0"
+    writer = SummaryWriter(str(run_dir))
+    logged = {"train/loss": {0: 2.0, 5: 1.5, 10: 1.25}, "geometry/blocks.0.ffn/tokens_total": {0: 64.0, 10: 64.0}}
+    for key, values in logged.items():
+        for step, value in values.items():
+            writer.add_scalar(key, value, step)
+    writer.add_histogram("geometry/blocks.0.ffn/jac_spectrum", np.array([1.0, 0.5]), 10)
+    writer.close()
+    (run_dir / "hparams.yaml").write_text("config:\n  routing: soft\n  input_dim: 8\nseed: 4\n")
+    (run,) = discover_runs([str(tmp_path)])
+    assert (run.source, run.routing, run.seed, run.family, run.status) == ("tensorboard", "soft", 4, "mlp", "done")
+    assert run.keys == set(logged)  # the histogram is not a scalar
+    assert list(run.history.index) == [0, 5, 10]
+    for key, values in logged.items():
+        assert run.history[key].dropna().to_dict() == values
