@@ -1,5 +1,5 @@
-"""The reports: ``moe-lightning report`` (results and claims tables, plots and one HTML page from training runs)
-and the page of one probed pretrained model; this package only re-exports their public names.
+"""The reports: ``moe-lightning report`` (results and claims tables with intervals, plots and one HTML page from
+training runs) and the page of one probed pretrained model; this package only re-exports their public names.
 
 Python::
 
@@ -8,7 +8,9 @@ Python::
 """
 
 from moe_lightning.report.build import build_report
+from moe_lightning.report.claims import claims_over_training
 from moe_lightning.report.command import main
+from moe_lightning.report.intervals import Interval, effect_size, percentile_interval, t_interval, t_quantile
 from moe_lightning.report.probe_page import render_probe
 from moe_lightning.report.runs import discover_runs
 from moe_lightning.report.tables import DECISION_RULE, Decision, decide, decide_threshold
@@ -16,10 +18,16 @@ from moe_lightning.report.tables import DECISION_RULE, Decision, decide, decide_
 __all__ = [
     "DECISION_RULE",
     "Decision",
+    "Interval",
     "build_report",
+    "claims_over_training",
     "decide",
     "decide_threshold",
     "discover_runs",
+    "effect_size",
     "main",
+    "percentile_interval",
     "render_probe",
+    "t_interval",
+    "t_quantile",
 ]

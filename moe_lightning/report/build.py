@@ -1,6 +1,6 @@
 """``build_report``: the training report of a set of runs, written as results and claims tables (Markdown, CSV),
-the figures and one HTML page; for a single run the page is its interactive dashboard
-(:mod:`moe_lightning.report.dashboard`), and claims, which compare routings, appear only when there are several."""
+the claims at every probe step (CSV and a small-multiples figure), the figures and one HTML page; for a single run
+the page is its interactive dashboard (:mod:`moe_lightning.report.dashboard`)."""
 
 from __future__ import annotations
 
@@ -9,19 +9,21 @@ import os
 import pandas as pd
 
 from moe_lightning.report import html as page
-from moe_lightning.report.dashboard import dashboard_sections, plotly_script
-from moe_lightning.report.figures import group_runs, write_figures
-from moe_lightning.report.runs import Run, discover_runs
-from moe_lightning.report.tables import (
+from moe_lightning.report.claims import (
     DECISION_RULE,
-    LAYER_MODES,
     claims_display,
+    claims_over_training,
     claims_table,
-    markdown_table,
-    results_display,
-    results_table,
-    seed_values,
+    comparable,
+    multiple_comparison_note,
+    verdict_since,
 )
+from moe_lightning.report.dashboard import dashboard_sections, plotly_script
+from moe_lightning.report.figures import claims_over_training_figure, write_figures
+from moe_lightning.report.format import markdown_table
+from moe_lightning.report.runs import CONTROLS, Run, discover_runs
+from moe_lightning.report.steps import LAYER_MODES, step_values
+from moe_lightning.report.tables import UNDERSAMPLED_MARK, results_display, results_table, seed_values
 
 FORMATS = ("md", "csv", "png", "html")
 # The report's static figures that a run's dashboard also embeds: what its interactive charts do not show.
@@ -32,6 +34,7 @@ def _runs_frame(runs: list[Run]) -> pd.DataFrame:
     return pd.DataFrame(
         [
             {
+                "arm": r.arm or "?",
                 "routing": r.routing or "?",
                 "seed": "?" if r.seed is None else r.seed,
                 "family": r.family or "?",
@@ -55,7 +58,17 @@ def _caption(layer_mode: str) -> str:
             else "Layer mode `each`: one row per routing and layer."
         )
         + " `/mean` keys are means over a layer's experts. n/a: not logged (e.g. alignment of the dense baseline)."
+        + f" ({UNDERSAMPLED_MARK}u/n): a PCA value that rests, in u of its n seeds, on an expert whose effective "
+        "sample size n_eff = (Σw)²/Σw² is below the site's width D (its covariance is rank-deficient by sampling)."
     )
+
+
+def _claims_preamble(claims: pd.DataFrame, threshold: float) -> list[str]:
+    """The paragraphs above the claims table: the rule, the multiple-comparison note, the threshold and the controls
+    the runs lack."""
+    missing = [c for c in CONTROLS if c not in set(claims["control"])]
+    lacking = [f"Not tested against {', '.join(missing)}: no finished runs of that arm."] if missing else []
+    return [DECISION_RULE, multiple_comparison_note(claims), f"C3 threshold: {threshold:g}.", *lacking]
 
 
 def _write_markdown(
@@ -63,10 +76,10 @@ def _write_markdown(
     caption: str,
     results: pd.DataFrame,
     claims: pd.DataFrame | None,
+    preamble: list[str],
     left_out: list[Run],
-    threshold: float,
 ) -> list[str]:
-    """``results.md`` (with the runs left out of the statistics) and ``claims.md`` (when there are claims)."""
+    """``results.md`` (with the runs left out of the statistics) and, when there is a comparison, ``claims.md``."""
     failed_lines = [f"- {r.label}: {r.status} ({r.note}) — `{r.path}`" for r in left_out]
     results_path = os.path.join(out_dir, "results.md")
     with open(results_path, "w") as handle:
@@ -77,20 +90,18 @@ def _write_markdown(
         return [results_path]
     claims_path = os.path.join(out_dir, "claims.md")
     with open(claims_path, "w") as handle:
-        handle.write(f"# Claims\n\n{DECISION_RULE}\n\nC3 threshold: {threshold:g}.\n\n")
-        handle.write((markdown_table(claims) if not claims.empty else "(no finished runs)") + "\n")
+        handle.write("# Claims\n\n" + "\n\n".join(preamble) + "\n\n" + markdown_table(claims) + "\n")
     return [results_path, claims_path]
 
 
-def _write_csv(out_dir: str, results: pd.DataFrame, claims: pd.DataFrame | None) -> list[str]:
-    """``results.csv`` and ``claims.csv`` (when there are claims), unformatted."""
-    results_path = os.path.join(out_dir, "results.csv")
-    results.to_csv(results_path, index=False)
-    if claims is None:
-        return [results_path]
-    claims_path = os.path.join(out_dir, "claims.csv")
-    claims.to_csv(claims_path, index=False)
-    return [results_path, claims_path]
+def _write_csv(out_dir: str, frames: dict[str, pd.DataFrame | None]) -> list[str]:
+    """Each frame as ``<name>.csv``, unformatted (None: not written)."""
+    written = []
+    for name, frame in frames.items():
+        if frame is not None:
+            written.append(os.path.join(out_dir, f"{name}.csv"))
+            frame.to_csv(written[-1], index=False)
+    return written
 
 
 def _write_dashboard(
@@ -144,29 +155,35 @@ def build_report(
     os.makedirs(out_dir, exist_ok=True)
     values = seed_values(runs, layer_mode)
     results = results_table(values)
-    claims = claims_table(values, threshold)
-    shown_results, shown_claims = results_display(results), claims_display(claims)
-    # The claims compare routings: with a single routing (one run, or seeds of one) they only say "inconclusive".
-    compared = len(group_runs(runs)) > 1
+    claims: pd.DataFrame | None = claims_table(values, threshold)
+    training: pd.DataFrame | None = None
+    if comparable(claims):
+        training = claims_over_training(step_values(runs, layer_mode), threshold)
+        claims = verdict_since(claims, training)
+    else:
+        claims = None  # one arm alone (e.g. a single run): nothing to compare, so no table of empty verdicts
+    shown_results = results_display(results)
+    shown_claims = None if claims is None else claims_display(claims)
+    preamble = [] if claims is None else _claims_preamble(claims, threshold)
     caption = _caption(layer_mode)
     written: list[str] = []
     if "md" in formats:
         written += _write_markdown(
-            out_dir,
-            caption,
-            shown_results,
-            shown_claims if compared else None,
-            [r for r in runs if not r.ok],
-            threshold,
+            out_dir, caption, shown_results, shown_claims, preamble, [r for r in runs if not r.ok]
         )
     if "csv" in formats:
-        written += _write_csv(out_dir, results, claims if compared else None)
+        written += _write_csv(out_dir, {"results": results, "claims": claims, "claims_over_training": training})
     images: dict[str, str | None] = {}
     notes: dict[str, str] = {}
     if "png" in formats or "html" in formats:
         # A single run's page is its dashboard, which embeds only some figures: draw those unless PNGs are asked.
         only = DASHBOARD_FIGURES if len(runs) == 1 and "png" not in formats else None
         images, notes = write_figures(runs, out_dir, only)
+        if training is not None:
+            path = claims_over_training_figure(training, os.path.join(out_dir, "claims_over_training.png"))
+            images["claims_over_training.png"] = path
+            if path is None:
+                notes["claims_over_training.png"] = "no claim has a paired seed at any probe step"
         written.extend(p for p in images.values() if p is not None)
     if "html" in formats and len(runs) == 1:
         run = runs[0]
@@ -181,13 +198,10 @@ def build_report(
         sections = [
             ("Summary", page.paragraph(summary)),
             ("Results", page.paragraph(caption, "caption") + page.table_html(shown_results)),
-            *(
-                [("Claims", page.paragraph(DECISION_RULE, "caption") + page.table_html(shown_claims))]
-                if compared
-                else []
-            ),
-            ("Figures", page.figures_html(images, notes)),
-            ("Runs", page.table_html(_runs_frame(runs))),
         ]
+        if shown_claims is not None:
+            text = "".join(page.paragraph(p, "caption") for p in preamble)
+            sections.append(("Claims", text + page.table_html(shown_claims)))
+        sections += [("Figures", page.figures_html(images, notes)), ("Runs", page.table_html(_runs_frame(runs)))]
         written.append(page.write_page(os.path.join(out_dir, "index.html"), "moe-lightning report", sections))
     return written

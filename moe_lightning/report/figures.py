@@ -21,25 +21,22 @@ from moe_lightning.report.probe_page import (
     expert_mean_pca,
     expert_mean_spectrum,
 )
-from moe_lightning.report.runs import Run, final_geometry, layer_names
+from moe_lightning.report.runs import Run, arm_order, final_geometry, layer_names
 
 MAX_LAYER_PANELS = 4
 MAX_PCA_LAYERS = 3  # two sites per layer
-ROUTING_ORDER = {"dense": 0, "topk": 1, "soft": 2}
 
 
 def _label(run: Run, multi_family: bool) -> str:
-    return f"{run.family or '?'}:{run.routing}" if multi_family else str(run.routing)
+    return f"{run.family or '?'}:{run.arm}" if multi_family else str(run.arm)
 
 
 def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
-    """Finished runs by routing (``family:routing`` when several families are present), dense/topk/soft first,
-    seeds ascending within a group."""
+    """Finished runs by arm (``family:arm`` when several families are present; a dense run's arm is its capacity
+    control), the controls, top-k and soft first, seeds ascending within a group."""
     done = [r for r in runs if r.ok]
     multi_family = len({r.family for r in done}) > 1
-    done.sort(
-        key=lambda r: (r.family or "", ROUTING_ORDER.get(r.routing or "", 3), r.seed if r.seed is not None else 1 << 30)
-    )
+    done.sort(key=lambda r: (r.family or "", arm_order(r.arm), r.seed if r.seed is not None else 1 << 30))
     groups: dict[str, list[Run]] = {}
     for run in done:
         groups.setdefault(_label(run, multi_family), []).append(run)
@@ -278,3 +275,26 @@ def write_figures(
         if path is None:
             notes[name] = missing
     return images, notes
+
+
+def claims_over_training_figure(table: pd.DataFrame, path: str) -> str | None:
+    """One panel per claim row of :func:`~moe_lightning.report.claims.claims_over_training`: the paired
+    difference at every probe step with its t-interval (shaded) and bootstrap interval (bars), one line per layer."""
+    if table.empty or not (table["n seeds"] >= 1).any():
+        return None
+    multi_family = table["family"].nunique() > 1
+    panels = []
+    for (family, claim, comparison, metric), rows in table.groupby(
+        ["family", "claim", "comparison", "metric"], sort=False
+    ):
+        prefix = f"{family}: " if multi_family else ""
+        ylabel = "A − B" if rows["paired"].iloc[0] else "A − threshold"
+        series = {str(layer): frame for layer, frame in rows.groupby("layer", sort=False)}
+        seeds = int(rows["n seeds"].max())
+        panels.append((f"{prefix}{claim}: {comparison}\n{metric} (n ≤ {seeds} seeds)", ylabel, series))
+    return plots.plot_claim_panels(
+        panels,
+        path,
+        "Claims over training: the mean seed-paired difference at every probe step, with its intervals and the "
+        "verdict at that step",
+    )

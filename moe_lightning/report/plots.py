@@ -17,13 +17,22 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 
-ROUTING_COLORS = {"dense": "0.25", "topk": "tab:blue", "soft": "tab:orange"}
+ROUTING_COLORS = {
+    "dense": "0.25",
+    "dense_total": "0.25",
+    "dense_active": "tab:purple",
+    "topk": "tab:blue",
+    "soft": "tab:orange",
+}
 _DPI = 110
 
 
 def color_for(label: str, index: int) -> str:
-    """A routing's fixed colour (dense grey, top-k blue, soft orange), else the matplotlib cycle."""
+    """A routing's fixed colour (dense and dense_total grey, dense_active purple, top-k blue, soft orange), else the
+    matplotlib cycle."""
     for routing, color in ROUTING_COLORS.items():
         if label == routing or label.endswith(f":{routing}"):
             return color
@@ -52,11 +61,15 @@ def _grid(count: int, max_columns: int = 3, width: float = 5.0, height: float = 
     return figure, list(axes.flat[:count])
 
 
-def _save(figure, path: str, title: str) -> str:
+def _save(figure, path: str, title: str, header_inches: float = 0.0) -> str:
+    """Title, lay out and write; ``header_inches`` keeps that much room above the panels (e.g. for a legend)."""
     # Wrap the title to the figure's width (about 11 characters per inch at the default title size).
     chars = max(30, int(figure.get_figwidth() * 11))
-    figure.suptitle("\n".join(textwrap.fill(line, chars) for line in title.split("\n")))
-    figure.tight_layout()
+    lines = [wrapped for line in title.split("\n") for wrapped in textwrap.wrap(line, chars)]
+    figure.suptitle("\n".join(lines))
+    # tight_layout leaves the suptitle's room only roughly; on tall figures it overlaps the first row.
+    top = 1.0 - (0.25 * len(lines) + 0.15 + header_inches) / figure.get_figheight()
+    figure.tight_layout(rect=(0.0, 0.0, 1.0, top))
     figure.savefig(path, dpi=_DPI)
     plt.close(figure)
     return path
@@ -214,3 +227,80 @@ def plot_density_panels(
         ax.set_ylabel("density")
         ax.legend(fontsize=7)
     return _save(figure, path, title)
+
+
+VERDICT_COLORS = {"holds": "tab:green", "does not hold": "tab:red", "inconclusive": "0.6"}
+
+
+def plot_claim_panels(
+    panels: Sequence[tuple[str, str, dict[str, pd.DataFrame]]], path: str, title: str, max_columns: int = 4
+) -> str:
+    """Small multiples of a paired difference over training: one panel per claim, one line per series (a layer),
+    the t-interval over seeds shaded, the bootstrap interval over probe tokens as error bars, 0 dashed, and each
+    step's marker coloured by its verdict (holds green, does not hold red, inconclusive grey; hollow when it rests
+    on an under-sampled PCA value).
+
+    Args:
+        panels: ``(panel title, y label, {series label: frame})``; each frame has columns ``step,
+            mean_difference, ci_low, ci_high, bootstrap_low, bootstrap_high, verdict, undersampled``.
+        path: the PNG to write.
+        title: figure title.
+        max_columns: panels per row.
+    """
+    figure, axes = _grid(len(panels), max_columns=max_columns, width=4.4, height=3.2)
+    key = [
+        Patch(color="tab:blue", alpha=0.18, label="95% t-interval over seeds"),
+        Line2D([], [], color="tab:blue", marker="|", markersize=9, linestyle="-", label="bootstrap over probe tokens"),
+        *(Line2D([], [], color=c, marker="o", linestyle="none", label=v) for v, c in VERDICT_COLORS.items()),
+        Line2D([], [], color="0.4", marker="o", markerfacecolor="white", linestyle="none", label="rests on n_eff < D"),
+    ]
+    figure.legend(
+        handles=key,
+        loc="upper center",
+        ncol=len(key),
+        fontsize=8,
+        frameon=False,
+        bbox_to_anchor=(0.5, 1.0 - (0.25 * 2 + 0.1) / figure.get_figheight()),
+    )
+    for ax, (panel_title, ylabel, series) in zip(axes, panels, strict=True):
+        for index, (label, frame) in enumerate(series.items()):
+            frame = frame.sort_values("step")
+            color = f"C{index % 10}" if len(series) > 1 else "tab:blue"
+            x = frame["step"].to_numpy(dtype=float)
+            ax.plot(x, frame["mean_difference"], color=color, linewidth=1.2, label=label if len(series) > 1 else None)
+            ax.fill_between(x, frame["ci_low"], frame["ci_high"], color=color, alpha=0.18, linewidth=0)
+            low, high = frame["bootstrap_low"].to_numpy(float), frame["bootstrap_high"].to_numpy(float)
+            has = np.isfinite(low) & np.isfinite(high)
+            if has.any():
+                mean = frame["mean_difference"].to_numpy(float)
+                ax.errorbar(
+                    x[has],
+                    mean[has],
+                    yerr=[mean[has] - low[has], high[has] - mean[has]],
+                    fmt="none",
+                    ecolor=color,
+                    elinewidth=0.8,
+                    capsize=2,
+                )
+            for verdict, color_v in VERDICT_COLORS.items():
+                for flagged in (False, True):
+                    chosen = frame[(frame["verdict"] == verdict) & (frame["undersampled"].astype(bool) == flagged)]
+                    if len(chosen):
+                        ax.scatter(
+                            chosen["step"],
+                            chosen["mean_difference"],
+                            s=22,
+                            linewidths=1.2,
+                            zorder=3,
+                            facecolors="white" if flagged else color_v,
+                            edgecolors=color_v,
+                        )
+        ax.axhline(0.0, color="black", linestyle="--", linewidth=0.7)
+        ax.set_title(panel_title, fontsize=8)
+        ax.set_xlabel("training step", fontsize=8)
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6)
+    return _save(figure, path, title, header_inches=0.35)

@@ -31,6 +31,19 @@ from moe_lightning.moe import ROUTINGS
 from moe_lightning.report.wandb_records import read_wandb_run
 
 _DATA_SEED_NOTE = "seed taken from the data module's `seed`"
+# The arms the claims compare. A dense run is the control of equal total parameters (hidden E·H) or of equal active
+# FLOPs (hidden k·H), after its ``capacity_match``; runs written before both controls existed say ``dense`` with
+# ``capacity_match: total`` (MoEConfig's default), so they are ``dense_total``.
+CONTROLS = ("dense_total", "dense_active")
+ARMS = ("topk", "soft", *CONTROLS)
+_ARM_ORDER = (*CONTROLS, "dense", "topk", "soft")
+
+
+def arm_order(arm: str | None) -> int:
+    """The position of an arm in tables and figures: the controls first, then top-k, soft, then variants."""
+    return _ARM_ORDER.index(arm) if arm in _ARM_ORDER else len(_ARM_ORDER)
+
+
 _FAMILIES = {"MLPMoEModule": "mlp", "CausalLMModule": "transformer"}
 
 
@@ -51,6 +64,7 @@ class Run:
         media_keys: the keys of the run's media (tables, histograms, images), where its log keeps them (W&B).
         geometry_dir: the directory holding ``step_<7 digits>.json`` geometry reports, when there is one.
         note: a short explanation shown in the report (e.g. the return code of a failed job).
+        capacity_match: a dense run's ``capacity_match`` (``"total"`` or ``"active"``), when its config says.
     """
 
     path: str
@@ -63,8 +77,17 @@ class Run:
     history: pd.DataFrame | None = None
     geometry_dir: str | None = None
     note: str = ""
+    capacity_match: str | None = None
     config: dict[str, Any] = field(default_factory=dict, repr=False)
     media_keys: set[str] = field(default_factory=set, repr=False)
+
+    @property
+    def arm(self) -> str | None:
+        """The arm this run belongs to: its routing, except that a ``dense`` run is ``dense_total`` or
+        ``dense_active`` after its ``capacity_match`` (``total`` when the config does not say)."""
+        if self.routing == "dense":
+            return f"dense_{self.capacity_match or 'total'}"
+        return self.routing
 
     @property
     def ok(self) -> bool:
@@ -139,10 +162,11 @@ def discover_runs(directories: list[str]) -> list[Run]:
     for run in runs:
         if not run.ok or run.seed is None:
             continue
-        key = (run.family, run.routing, run.seed)
+        key = (run.family, run.arm, run.seed)
         if key in seen:
+            what = f"routing={run.routing!r}" if run.arm == run.routing else f"arm={run.arm!r}"
             raise ValueError(
-                f"two runs with routing={run.routing!r} and seed={run.seed}: {seen[key]!r} and {run.path!r}; "
+                f"two runs with {what} and seed={run.seed}: {seen[key]!r} and {run.path!r}; "
                 "pass directories that hold each (routing, seed) once"
             )
         seen[key] = run.path
@@ -193,21 +217,29 @@ def _read_yaml(path: str) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _describe_from_cli_config(config: dict[str, Any]) -> tuple[str | None, int | None, str | None]:
-    """Routing, seed and family from a LightningCLI ``config.yaml``."""
+def _capacity_match(model_config: Any) -> str | None:
+    value = model_config.get("capacity_match") if isinstance(model_config, dict) else None
+    return str(value) if value is not None else None
+
+
+def _describe_from_cli_config(
+    config: dict[str, Any],
+) -> tuple[str | None, int | None, str | None, str | None]:
+    """Routing, seed, family and capacity_match from a LightningCLI ``config.yaml``."""
     model = config.get("model") or {}
     init_args = model.get("init_args") or {} if isinstance(model, dict) else {}
     model_config = init_args.get("config") or {} if isinstance(init_args, dict) else {}
     routing = model_config.get("routing") if isinstance(model_config, dict) else None
     class_path = model.get("class_path", "") if isinstance(model, dict) else ""
     family = _FAMILIES.get(str(class_path).rsplit(".", 1)[-1])
-    return routing, _seed_value(config.get("seed_everything")), family
+    return routing, _seed_value(config.get("seed_everything")), family, _capacity_match(model_config)
 
 
 def _apply_description(run: Run, directory: str) -> None:
     """Fill routing/seed/family from ``config.yaml`` (LightningCLI), falling back to ``hparams.yaml``."""
-    routing, seed, family = _describe_from_cli_config(_read_yaml(os.path.join(directory, "config.yaml")))
+    routing, seed, family, capacity = _describe_from_cli_config(_read_yaml(os.path.join(directory, "config.yaml")))
     hparams = _read_yaml(os.path.join(directory, "hparams.yaml"))
+    run.capacity_match = run.capacity_match or capacity or _capacity_match(hparams.get("config"))
     if routing is None and isinstance(hparams.get("config"), dict):
         routing = hparams["config"].get("routing")
     if seed is None:
@@ -219,8 +251,8 @@ def _apply_description(run: Run, directory: str) -> None:
 
 def _check_routing(run: Run, variant: bool = False) -> None:
     """A run needs a known routing; a sweep variant's (``run.json`` says ``variant``) is its name."""
-    if run.routing is not None and run.routing not in ROUTINGS and not variant:
-        run.note = f"unknown routing {run.routing!r} (allowed: {', '.join(ROUTINGS)})"
+    if run.routing is not None and run.routing not in ROUTINGS + CONTROLS and not variant:
+        run.note = f"unknown routing {run.routing!r} (allowed: {', '.join(ROUTINGS + CONTROLS)})"
         run.status = "unknown routing"
     elif run.routing is None and run.status == "done":
         run.status = "unknown routing"
@@ -307,6 +339,7 @@ def load_wandb_run(directory: str) -> Run:
             config.setdefault(key, value["value"])
     if isinstance(config.get("config"), dict):
         run.routing = config["config"].get("routing")
+        run.capacity_match = _capacity_match(config["config"])
     run.seed = _seed_value(config.get("seed_everything"))
     if run.seed is None:
         run.seed = _seed_from_args(content.args)

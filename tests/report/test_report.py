@@ -1,5 +1,6 @@
-"""`moe-lightning report`: decision rule on hand-made values; results and claims of real tiny runs checked against
-numbers recomputed from each run's metrics.csv; figures and the HTML page; the W&B offline path; bad input."""
+"""`moe-lightning report` on real tiny runs: results and claims checked against numbers recomputed from each run's
+metrics.csv; figures and the HTML page; the W&B offline path; bad input. The decision rule itself is tested in
+test_intervals.py and test_claims_report.py."""
 
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ ROOT = Path(__file__).resolve().parents[2]
 ROUTINGS = ("dense", "topk", "soft")
 SEEDS = (0, 1)
 FIGURES = ("spectra.png", "curves.png", "alignment.png", "pca_spectra.png", "router_load.png")
+FIGURES_WITH_CLAIMS = (*FIGURES, "claims_over_training.png")
+JOB_ROUTING = {"dense_total": "dense", "topk": "topk", "soft": "soft"}  # arm -> the sweep job's routing
 # Two MoE blocks (so the layer mean is a real average), 4 experts, 20 steps, probes at steps 0, 10 and 20,
 # validation every epoch (8 steps) so that val/loss exists.
 TINY = """
@@ -46,56 +49,6 @@ model:
 data:
   init_args: {input_dim: 8, output_dim: 8, num_clusters: 4, num_train: 512, num_val: 128, num_test: 128, batch_size: 64}
 """
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Decision rule, hand-made values
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def test_decide_holds_and_does_not_hold():
-    a, b = {0: 1.0, 1: 1.2, 2: 0.8}, {0: 2.0, 1: 2.1, 2: 2.3}
-    d = decide(a, b, "<")
-    assert d.verdict == "holds"
-    assert d.seeds == (0, 1, 2)
-    assert d.mean_difference == pytest.approx(np.mean([-1.0, -0.9, -1.5]))
-    assert d.std_a == pytest.approx(np.std([1.0, 1.2, 0.8], ddof=1))
-    assert d.std_b == pytest.approx(np.std([2.0, 2.1, 2.3], ddof=1))
-    assert decide(a, b, ">").verdict == "does not hold"
-    assert decide(b, a, ">").verdict == "holds"
-
-
-def test_decide_inconclusive_cases():
-    # Mixed signs.
-    assert decide({0: 1.0, 1: 3.0}, {0: 2.0, 1: 2.0}, "<").verdict == "inconclusive"
-    # Every d_s negative but |mean d| = 0.45 <= std_A = sqrt(2): effect below the seed spread.
-    d = decide({0: 1.0, 1: 3.0}, {0: 1.5, 1: 3.4}, "<")
-    assert d.verdict == "inconclusive" and d.mean_difference == pytest.approx(-0.45)
-    # One seed, and one paired seed out of unpaired ones.
-    assert decide({0: 1.0}, {0: 5.0}, "<").verdict == "inconclusive"
-    assert decide({0: 1.0, 1: 1.1}, {1: 5.0, 2: 5.0}, "<").seeds == (1,)
-    # NaN.
-    assert decide({0: 1.0, 1: math.nan}, {0: 5.0, 1: 5.0}, "<").verdict == "inconclusive"
-    # A tie is no sign.
-    assert decide({0: 1.0, 1: 2.0, 2: 1.5}, {0: 1.0, 1: 9.0, 2: 9.0}, "<").verdict == "inconclusive"
-    with pytest.raises(ValueError, match="relation"):
-        decide({0: 1.0}, {0: 1.0}, "<=")
-
-
-def test_decide_only_paired_seeds_count():
-    # Seed 2 of A would flip the sign but has no partner in B.
-    d = decide({0: 1.0, 1: 1.1, 2: 9.0}, {0: 2.0, 1: 2.2, 3: 0.0}, "<")
-    assert d.seeds == (0, 1) and d.verdict == "holds"
-    assert d.mean_difference == pytest.approx(-1.05)
-
-
-def test_decide_threshold():
-    assert decide_threshold({0: 0.02, 1: 0.05}, 0.1).verdict == "holds"
-    assert decide_threshold({0: 0.2, 1: 0.15}, 0.1).verdict == "does not hold"
-    assert decide_threshold({0: 0.05, 1: 0.15}, 0.1).verdict == "inconclusive"
-    assert decide_threshold({0: 0.05, 1: math.nan}, 0.1).verdict == "inconclusive"
-    assert decide_threshold({0: 0.05}, 0.1).verdict == "inconclusive"
-    assert decide_threshold({0: 0.02, 1: 0.04}, 0.1).mean_difference == pytest.approx(-0.07)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -201,12 +154,12 @@ def test_claims_follow_the_rule_on_direct_numbers(sweep, report):
     assert set(claims["claim"]) == {"C1a", "C1a (control)", "C1b", "C2", "C3", "C4"}
     assert (claims["metric"] == "pca_hidden_effective_rank/mean").sum() == 3  # C2 topk, soft; C4
     for row in claims.to_dict("records"):
-        comparison = row["comparison"].split()  # "topk < dense", or "topk align_mean_offdiag < 0.1" for C3
+        comparison = row["comparison"].split()  # "topk < dense_total", or "topk align_mean_offdiag < 0.1" for C3
         a = {s: direct_final(sweep / f"{comparison[0]}-seed{s}", row["metric"]) for s in SEEDS}
         if row["claim"] == "C3":
             expected = decide_threshold(a, 0.1)
         else:
-            b = {s: direct_final(sweep / f"{comparison[2]}-seed{s}", row["metric"]) for s in SEEDS}
+            b = {s: direct_final(sweep / f"{JOB_ROUTING[comparison[2]]}-seed{s}", row["metric"]) for s in SEEDS}
             expected = decide(a, b, comparison[1])
         assert row["verdict"] == expected.verdict, row
         np.testing.assert_allclose(row["mean_difference"], expected.mean_difference, rtol=1e-9)
@@ -215,13 +168,13 @@ def test_claims_follow_the_rule_on_direct_numbers(sweep, report):
 
 
 def test_figures_and_html(sweep, report):
-    for name in FIGURES:
+    for name in FIGURES_WITH_CLAIMS:
         path = report / name
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         height, width = matplotlib.image.imread(path).shape[:2]
         assert height > 200 and width > 300, name
     page = (report / "index.html").read_text()
-    assert page.count('src="data:image/png;base64,') == len(FIGURES)
+    assert page.count('src="data:image/png;base64,') == len(FIGURES_WITH_CLAIMS)
     assert page.count("<table") == 3  # results, claims, runs
     assert html.escape(DECISION_RULE) in page
     assert str(sweep / "topk-seed2") in page and ">failed<" in page and ">running<" in page
@@ -229,7 +182,7 @@ def test_figures_and_html(sweep, report):
 
 def test_layer_mode_each(sweep, tmp_path):
     written = build_report([str(sweep)], str(tmp_path), layer_mode="each", formats=("csv",))
-    assert sorted(Path(p).name for p in written) == ["claims.csv", "results.csv"]
+    assert sorted(Path(p).name for p in written) == ["claims.csv", "claims_over_training.csv", "results.csv"]
     results = pd.read_csv(tmp_path / "results.csv")
     assert len(results) == 6 and set(results["layer"]) == {"blocks.0.ffn", "blocks.1.ffn"}
     row = results[(results["routing"] == "topk") & (results["layer"] == "blocks.1.ffn")].iloc[0]
@@ -327,7 +280,7 @@ def test_directory_without_runs_is_a_clean_error(tmp_path, capsys):
 
 
 def test_same_run_twice_is_an_error(sweep):
-    with pytest.raises(ValueError, match="two runs with routing='dense' and seed=0"):
+    with pytest.raises(ValueError, match="two runs with arm='dense_total' and seed=0"):
         discover_runs([str(sweep / "dense-seed0"), str(sweep)])
 
 
@@ -367,7 +320,7 @@ def test_report_of_a_real_sweep(tmp_path, monkeypatch, tiny_config):
         per_seed = [direct_final(root / f"{routing}-seed{s}", "jac_sigma_max/mean") for s in SEEDS]
         row = results[results["routing"] == routing].iloc[0]
         np.testing.assert_allclose(row["jac_sigma_max/mean:mean"], np.mean(per_seed), rtol=1e-12)
-    assert (root / "report" / "index.html").read_text().count("data:image/png;base64,") == len(FIGURES)
+    assert (root / "report" / "index.html").read_text().count("data:image/png;base64,") == len(FIGURES_WITH_CLAIMS)
 
 
 # ---------------------------------------------------------------------------------------------------------------
