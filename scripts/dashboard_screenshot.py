@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+LOAD_TIMEOUT_MS = 180_000
 
 
 def system_chromium() -> str | None:
@@ -88,6 +89,8 @@ def render(
                     None if request.url.startswith(("file:", "data:")) else rendered.outside.append(request.url)
                 ),
             )
+            # A page of many charts on a busy 2-core machine can take longer than Playwright's 30 s default.
+            page.set_default_timeout(LOAD_TIMEOUT_MS)
             page.goto(Path(page_path).resolve().as_uri(), wait_until="load")
             rendered.charts = [tuple(chart) for chart in page.eval_on_selector_all("div.chart", CHARTS_JS)]
             if extract is not None:
