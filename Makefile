@@ -1,5 +1,6 @@
 # Two commands set everything up on a fresh machine:
-#   make demo   trains the default MLP top-k MoE on CPU (about 25 s), with geometry logging (W&B, offline without credentials)
+#   make demo   trains the default MLP top-k MoE on CPU (about 25 s), with geometry logging (W&B, offline without
+#               credentials), and ends by writing the run's dashboard (one HTML page) and printing its path
 #   make test   runs the whole test suite (it also runs the docs examples and builds the site)
 #   make docs   builds the documentation site into site/ (MkDocs, --strict)
 PYTHON ?= python3

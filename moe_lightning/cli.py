@@ -36,6 +36,7 @@ EXTRA_COMMANDS: dict[str, Callable[[list[str]], int | None]] = {
     "sweep": _lazy("moe_lightning.sweep"),
     "report": _lazy("moe_lightning.report.command"),
     "probe": _lazy("moe_lightning.pretrained.command"),
+    "dashboard": _lazy("moe_lightning.report.workspace_command"),
 }
 
 

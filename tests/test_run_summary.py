@@ -78,8 +78,9 @@ def test_fit_prints_the_summary_of_its_csv_log_and_writes_the_report(short_fit, 
     ]
     index = out.strip().splitlines()[-1].removeprefix("Report of the run: ")
     assert index == str(metrics_path.parent / "report" / "index.html")
-    # The page shows the run's geometry curves over training, drawn from the same log.
-    assert "curves.png" in Path(index).read_text() and (Path(index).parent / "curves.png").is_file()
+    # The page is the run's dashboard: its geometry curves over training, drawn from the same log.
+    assert 'data-kind="geometry" data-layer="blocks.0.ffn"' in Path(index).read_text()
+    assert (Path(index).parent / "curves.png").is_file()
 
 
 def test_fit_with_the_default_wandb_logger_offline_ends_with_the_summary(short_fit, tmp_path, monkeypatch, capsys):

@@ -1,5 +1,6 @@
 """``build_report``: the training report of a set of runs, written as results and claims tables (Markdown, CSV),
-the claims at every probe step (CSV and a small-multiples figure), the figures and one HTML page."""
+the claims at every probe step (CSV and a small-multiples figure), the figures and one HTML page; for a single run
+the page is its interactive dashboard (:mod:`moe_lightning.report.dashboard`)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from moe_lightning.report.claims import (
     multiple_comparison_note,
     verdict_since,
 )
+from moe_lightning.report.dashboard import dashboard_sections, plotly_script
 from moe_lightning.report.figures import claims_over_training_figure, write_figures
 from moe_lightning.report.format import markdown_table
 from moe_lightning.report.runs import CONTROLS, Run, discover_runs
@@ -24,6 +26,8 @@ from moe_lightning.report.steps import LAYER_MODES, step_values
 from moe_lightning.report.tables import UNDERSAMPLED_MARK, results_display, results_table, seed_values
 
 FORMATS = ("md", "csv", "png", "html")
+# The report's static figures that a run's dashboard also embeds: what its interactive charts do not show.
+DASHBOARD_FIGURES = ("curvature_density.png",)
 
 
 def _runs_frame(runs: list[Run]) -> pd.DataFrame:
@@ -100,6 +104,23 @@ def _write_csv(out_dir: str, frames: dict[str, pd.DataFrame | None]) -> list[str
     return written
 
 
+def _write_dashboard(
+    out_dir: str, run: Run, summary: str, results: tuple[str, pd.DataFrame], images: dict, notes: dict
+) -> str:
+    """The page of a single run: its summary and final values, its dashboard, the static figures it lacks."""
+    caption, shown_results = results
+    static = {name: path for name, path in images.items() if name in DASHBOARD_FIGURES}
+    sections = [
+        ("Summary", page.paragraph(summary)),
+        ("Final values", page.paragraph(caption, "caption") + page.table_html(shown_results)),
+        *dashboard_sections(run),
+        *([("Hessian spectral density", page.figures_html(static, notes))] if static else []),
+        ("Run", page.table_html(_runs_frame([run]))),
+    ]
+    title = f"moe-lightning run: {run.label}"
+    return page.write_page(os.path.join(out_dir, "index.html"), title, sections, head=plotly_script(), contents=True)
+
+
 def build_report(
     directories: list[str],
     out_dir: str | None = None,
@@ -155,14 +176,20 @@ def build_report(
     images: dict[str, str | None] = {}
     notes: dict[str, str] = {}
     if "png" in formats or "html" in formats:
-        images, notes = write_figures(runs, out_dir)
+        # A single run's page is its dashboard, which embeds only some figures: draw those unless PNGs are asked.
+        only = DASHBOARD_FIGURES if len(runs) == 1 and "png" not in formats else None
+        images, notes = write_figures(runs, out_dir, only)
         if training is not None:
             path = claims_over_training_figure(training, os.path.join(out_dir, "claims_over_training.png"))
             images["claims_over_training.png"] = path
             if path is None:
                 notes["claims_over_training.png"] = "no claim has a paired seed at any probe step"
         written.extend(p for p in images.values() if p is not None)
-    if "html" in formats:
+    if "html" in formats and len(runs) == 1:
+        run = runs[0]
+        summary = f"{run.label}, {run.family or '?'} model, read from {run.source} logs in {run.path}: {run.status}."
+        written.append(_write_dashboard(out_dir, run, summary, (caption, shown_results), images, notes))
+    elif "html" in formats:
         done = sum(r.ok for r in runs)
         summary = (
             f"{len(runs)} runs found, {done} finished and used, {len(runs) - done} left out. "

@@ -249,8 +249,10 @@ FIGURES: tuple[tuple[str, Callable[[FigureData], str | None], str | None], ...] 
 )
 
 
-def write_figures(runs: list[Run], out_dir: str) -> tuple[dict[str, str | None], dict[str, str]]:
-    """Write the figures of :data:`FIGURES` (an optional one only when it has data).
+def write_figures(
+    runs: list[Run], out_dir: str, only: tuple[str, ...] | None = None
+) -> tuple[dict[str, str | None], dict[str, str]]:
+    """Write the figures of :data:`FIGURES` (an optional one only when it has data), or those named in ``only``.
 
     Returns:
         ``(images, notes)``: file name -> written path (None when skipped), and file name -> why it was skipped.
@@ -259,6 +261,8 @@ def write_figures(runs: list[Run], out_dir: str) -> tuple[dict[str, str | None],
     images: dict[str, str | None] = {}
     notes: dict[str, str] = {}
     for name, figure, missing in FIGURES:
+        if only is not None and name not in only:
+            continue
         try:
             path = figure(data)
         except Exception as error:  # a figure must never stop the report; say why it is missing

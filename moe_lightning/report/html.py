@@ -1,4 +1,4 @@
-"""One self-contained HTML page: tables rendered by pandas, PNGs embedded as base64 data URIs."""
+"""One self-contained HTML page: tables rendered by pandas, PNGs embedded as base64 data URIs, scripts inlined."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ th { background: #f3f3f3; }
 img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; }
 .note { color: #a33; }
 .caption { color: #555; font-size: 0.9em; }
+nav a { margin-right: 1em; }
+.wide { overflow-x: auto; }
 """
 
 
@@ -31,7 +33,7 @@ def table_html(frame: pd.DataFrame) -> str:
     """A DataFrame as an HTML table (cells escaped, NaN as ``n/a``)."""
     if frame.empty:
         return '<p class="note">(empty)</p>'
-    return frame.to_html(index=False, escape=True, na_rep="n/a", border=0)
+    return f'<div class="wide">{frame.to_html(index=False, escape=True, na_rep="n/a", border=0)}</div>'
 
 
 def paragraph(text: str, css_class: str | None = None) -> str:
@@ -57,12 +59,30 @@ def figures_html(images: dict[str, str | None], notes: dict[str, str]) -> str:
     return "\n".join(parts)
 
 
-def write_page(path: str, title: str, sections: list[tuple[str, str]]) -> str:
-    """Write the page: a title, then ``(heading, HTML body)`` sections. Returns ``path``."""
-    body = "\n".join(f"<h2>{html.escape(heading)}</h2>\n{content}" for heading, content in sections)
+def write_page(path: str, title: str, sections: list[tuple[str, str]], head: str = "", contents: bool = False) -> str:
+    """Write the page: a title, then ``(heading, HTML body)`` sections. Returns ``path``.
+
+    Args:
+        path: the file to write.
+        title: page title and first heading.
+        sections: ``(heading, HTML body)``, in order.
+        head: extra HTML for ``<head>`` (an inlined script).
+        contents: put a line of links to the sections under the title.
+    """
+    anchors = [f"s{index}" for index in range(len(sections))]
+    body = "\n".join(
+        f"<h2 id='{anchor}'>{html.escape(heading)}</h2>\n{content}"
+        for anchor, (heading, content) in zip(anchors, sections, strict=True)
+    )
+    if contents:
+        links = " ".join(
+            f"<a href='#{anchor}'>{html.escape(heading)}</a>"
+            for anchor, (heading, _) in zip(anchors, sections, strict=True)
+        )
+        body = f"<nav>{links}</nav>\n{body}"
     page = (
         "<!DOCTYPE html>\n<html lang='en'>\n<head>\n<meta charset='utf-8'>\n"
-        f"<title>{html.escape(title)}</title>\n<style>{_STYLE}</style>\n</head>\n<body>\n"
+        f"<title>{html.escape(title)}</title>\n<style>{_STYLE}</style>\n{head}\n</head>\n<body>\n"
         f"<h1>{html.escape(title)}</h1>\n{body}\n</body>\n</html>\n"
     )
     with open(path, "w", encoding="utf-8") as handle:

@@ -1,12 +1,14 @@
 """Find training runs under a directory and load their scalar history, routing, seed and geometry reports.
 
-Three layouts are understood (see ``docs/sweeps.md``):
+Four layouts are understood (see ``docs/sweeps.md``):
 
 1. a sweep job directory ``<sweep>/<routing>-seed<k>/`` with ``run.json`` (written by ``moe-lightning sweep``),
    plus ``metrics.csv`` or a ``wandb/`` run;
 2. a plain CSV run directory: any directory holding ``metrics.csv`` (Lightning's ``CSVLogger``); routing and seed
    come from the LightningCLI ``config.yaml`` next to it, else from ``hparams.yaml``;
-3. a W&B run directory (``.../wandb/offline-run-<time>-<id>/`` with ``run-<id>.wandb``); the history and the
+3. a TensorBoard log directory (``TensorBoardLogger``'s ``<save_dir>/<name>/version_<n>/`` with
+   ``events.out.tfevents.*``); the scalars are read with TensorBoard's own event reader, routing and seed as for CSV;
+4. a W&B run directory (``.../wandb/offline-run-<time>-<id>/`` with ``run-<id>.wandb``); the history and the
    config are read from the ``.wandb`` transaction log (:mod:`moe_lightning.report.wandb_records`).
 
 A directory that holds ``metrics.csv`` is read from the CSV only, never also from a W&B run below it.
@@ -51,13 +53,15 @@ class Run:
 
     Attributes:
         path: the run directory (the sweep job directory, the CSV log directory or the W&B run directory).
-        source: ``"csv"`` or ``"wandb"``: where the scalar history was read from (``"none"`` when it could not be).
+        source: ``"csv"``, ``"tensorboard"`` or ``"wandb"``: where the scalar history was read from (``"none"``
+            when it could not be).
         routing: ``"dense"``, ``"topk"``, ``"soft"``, a sweep variant's name, or None when unknown.
         seed: the run's seed, or None when unknown.
         family: ``"mlp"``, ``"transformer"`` or None.
         status: ``"done"``, or why the run is left out of the statistics (``"failed"``, ``"running"``, ...).
         preset: the sweep preset, when the run belongs to a sweep.
         history: scalar history, one row per trainer step (index ``step``), one column per metric key.
+        media_keys: the keys of the run's media (tables, histograms, images), where its log keeps them (W&B).
         geometry_dir: the directory holding ``step_<7 digits>.json`` geometry reports, when there is one.
         note: a short explanation shown in the report (e.g. the return code of a failed job).
         capacity_match: a dense run's ``capacity_match`` (``"total"`` or ``"active"``), when its config says.
@@ -75,6 +79,7 @@ class Run:
     note: str = ""
     capacity_match: str | None = None
     config: dict[str, Any] = field(default_factory=dict, repr=False)
+    media_keys: set[str] = field(default_factory=set, repr=False)
 
     @property
     def arm(self) -> str | None:
@@ -90,6 +95,12 @@ class Run:
         return self.status == "done" and self.routing is not None and self.history is not None
 
     @property
+    def keys(self) -> set[str]:
+        """Every key the run logged: the scalar history's columns and the media keys."""
+        scalars = set() if self.history is None else {str(c) for c in self.history.columns}
+        return scalars | self.media_keys
+
+    @property
     def label(self) -> str:
         """``"<routing> seed <k>"`` for messages."""
         return f"{self.routing or '?'} seed {self.seed if self.seed is not None else '?'}"
@@ -103,6 +114,10 @@ class Run:
 def _wandb_file(directory: str) -> str | None:
     files = sorted(glob.glob(os.path.join(directory, "run-*.wandb")))
     return files[-1] if files else None
+
+
+def _tensorboard_files(directory: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(directory, "events.out.tfevents.*")))
 
 
 def discover_runs(directories: list[str]) -> list[Run]:
@@ -129,6 +144,8 @@ def discover_runs(directories: list[str]) -> list[Run]:
                 found.append(load_sweep_job(dirpath))
             elif "metrics.csv" in filenames:
                 found.append(load_csv_run(dirpath))
+            elif _tensorboard_files(dirpath):
+                found.append(load_tensorboard_run(dirpath))
             elif _wandb_file(dirpath) is not None:
                 found.append(load_wandb_run(dirpath))
             else:
@@ -137,7 +154,8 @@ def discover_runs(directories: list[str]) -> list[Run]:
         if not found:
             raise ValueError(
                 f"no runs found in {root!r}: expected, at any depth, a sweep job directory with run.json, a "
-                "directory with metrics.csv (CSVLogger), or a W&B run directory with run-<id>.wandb"
+                "directory with metrics.csv (CSVLogger), a TensorBoard log directory with events.out.tfevents.*, or "
+                "a W&B run directory with run-<id>.wandb"
             )
         runs.extend(found)
     seen: dict[tuple[str | None, str | None, int], str] = {}
@@ -248,11 +266,45 @@ def load_csv_run(directory: str) -> Run:
         run.history = read_metrics_csv(os.path.join(directory, "metrics.csv"))
     except (ValueError, OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
         run.status, run.note, run.source = "unreadable", f"metrics.csv: {error}", "none"
+    return _describe_log_directory(run, directory)
+
+
+def _describe_log_directory(run: Run, directory: str) -> Run:
+    """Routing, seed, family and ``geometry/`` of a CSV or TensorBoard log directory."""
     _apply_description(run, directory)
     geometry = os.path.join(directory, "geometry")
     run.geometry_dir = geometry if os.path.isdir(geometry) else None
     _check_routing(run)
     return run
+
+
+def read_tensorboard_scalars(directory: str) -> pd.DataFrame:
+    """Every scalar of the TensorBoard event files in ``directory`` as one row per step (the last value written at a
+    step wins), read with TensorBoard's ``EventAccumulator``."""
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+
+    columns: dict[str, dict[int, float]] = {}
+    for path in _tensorboard_files(directory):
+        events = EventAccumulator(path, size_guidance={SCALARS: 0})  # 0: keep every event, not a sample
+        events.Reload()
+        for tag in events.Tags()[SCALARS]:
+            column = columns.setdefault(tag, {})
+            for event in events.Scalars(tag):
+                column[int(event.step)] = float(event.value)
+    frame = pd.DataFrame(columns)
+    frame.index = frame.index.astype(int)
+    frame.index.name = "step"
+    return frame.sort_index()
+
+
+def load_tensorboard_run(directory: str) -> Run:
+    """A ``TensorBoardLogger`` log directory (``events.out.tfevents.*``, ``hparams.yaml``, ``geometry/``)."""
+    run = Run(path=directory, source="tensorboard")
+    try:
+        run.history = read_tensorboard_scalars(directory)
+    except Exception as error:  # noqa: BLE001 - a corrupt event file: the run is listed as unreadable
+        run.status, run.note, run.source = "unreadable", f"TensorBoard events: {error}", "none"
+    return _describe_log_directory(run, directory)
 
 
 def _seed_from_args(args: list[str]) -> int | None:
@@ -275,7 +327,7 @@ def load_wandb_run(directory: str) -> Run:
     except (ValueError, OSError) as error:
         run.status, run.note, run.source = "unreadable", f"{os.path.basename(path)}: {error}", "none"
         return run
-    run.history, run.config = content.history, content.config
+    run.history, run.config, run.media_keys = content.history, content.config, content.media_keys
     if content.exit_code is None:
         run.status, run.note = "incomplete", "the W&B log has no exit record (still running, or killed)"
     elif content.exit_code != 0:

@@ -83,19 +83,22 @@ def _history_value(item: Any) -> Any:
 
 @dataclass
 class WandbRunContent:
-    """What :func:`read_wandb_run` found: scalar history per trainer step, the run config, the exit code."""
+    """What :func:`read_wandb_run` found: scalar history per trainer step, the run config, the exit code, the
+    command line and the keys of the non-numeric history values (tables, histograms, images)."""
 
     history: pd.DataFrame
     config: dict[str, Any]
     exit_code: int | None
     args: list[str] = field(default_factory=list)
+    media_keys: set[str] = field(default_factory=set)
 
 
 def read_wandb_run(path: str) -> WandbRunContent:
     """Read a ``.wandb`` transaction log: numeric history values, config updates, exit code.
 
     History rows are keyed by ``trainer/global_step`` (Lightning's ``WandbLogger`` logs it with every row), else by
-    W&B's ``_step``; rows that share a step are merged. Non-numeric values (images, histograms, tables) are dropped.
+    W&B's ``_step``; rows that share a step are merged. Media (images, histograms, tables) are left out of the
+    history and listed by key.
 
     Args:
         path: the ``run-<id>.wandb`` file.
@@ -104,17 +107,23 @@ def read_wandb_run(path: str) -> WandbRunContent:
     config: dict[str, Any] = {}
     exit_code: int | None = None
     args: list[str] = []
+    media_keys: set[str] = set()
     for record in iter_wandb_records(path):
         kind = record.WhichOneof("record_type")
         if kind == "history":
             row: dict[str, float] = {}
+            media: set[str] = set()
             for item in record.history.item:
                 value = _history_value(item)
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     row[_item_key(item)] = float(value)
                 elif isinstance(value, str) and value in ("NaN", "Infinity", "-Infinity"):
                     row[_item_key(item)] = float(value.replace("Infinity", "inf"))
-            rows.append(row)
+                elif _item_key(item).endswith("/_type"):  # a medium, flattened: <key>/_type, <key>/path, ...
+                    media.add(_item_key(item)[: -len("/_type")])
+            # A medium's numeric fields (<key>/size, <key>/width, ...) describe its file, not the run.
+            rows.append({k: v for k, v in row.items() if not any(k.startswith(f"{m}/") for m in media)})
+            media_keys |= media
         elif kind in ("config", "run"):
             updates = record.config.update if kind == "config" else record.run.config.update
             for item in updates:
@@ -127,9 +136,10 @@ def read_wandb_run(path: str) -> WandbRunContent:
             args = list(record.environment.args)
     frame = pd.DataFrame(rows)
     if frame.empty:
-        return WandbRunContent(pd.DataFrame(index=pd.Index([], name="step", dtype=int)), config, exit_code, args)
+        empty = pd.DataFrame(index=pd.Index([], name="step", dtype=int))
+        return WandbRunContent(empty, config, exit_code, args, media_keys)
     step_key = "trainer/global_step" if "trainer/global_step" in frame.columns else "_step"
     frame = frame.dropna(subset=[step_key])
     frame["step"] = frame[step_key].astype(int)
     frame = frame.drop(columns=[c for c in ("_step", "_runtime", "_timestamp", "trainer/global_step") if c in frame])
-    return WandbRunContent(frame.groupby("step").last().sort_index(), config, exit_code, args)
+    return WandbRunContent(frame.groupby("step").last().sort_index(), config, exit_code, args, media_keys)

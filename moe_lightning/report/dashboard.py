@@ -1,0 +1,361 @@
+"""The dashboard of one run: interactive Plotly charts (zoom, hover) in one self-contained HTML page, with
+Plotly's JavaScript inlined so that the page opens without a network.
+
+Sections: the losses; every geometry quantity of each MoE layer over steps (small multiples, with its experts, its
+token-level spread and its chance level); the spectrum of each layer at every saved probe (index × step, log
+colour scale); the PCA eigenvalues at the last probe; the router load (experts × steps); the alignment and overlap
+matrices at the first and the last probe; the curvature curves when ``CurvatureMonitor`` ran. Every chart sits in
+a ``<div class="chart">`` whose ``data-kind`` and ``data-layer`` attributes say what it shows.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.colors import qualitative
+from plotly.offline import get_plotlyjs
+from plotly.subplots import make_subplots
+
+from moe_lightning.report import html as page
+from moe_lightning.report.probe_page import expert_mean_pca
+from moe_lightning.report.runs import Run
+from moe_lightning.report.timeline import (
+    Quantity,
+    SpectrumEvolution,
+    curvature_curves,
+    geometry_layers,
+    layer_quantities,
+    loss_curves,
+    probe_matrices,
+    router_load,
+    saved_reports,
+    spectrum_evolution,
+)
+
+COLUMNS = 4
+ROW_PX = 200
+EXPERT_COLORS = qualitative.Dark24
+CHANCE_COLOR = "crimson"
+PLOT_CONFIG = {"displaylogo": False, "responsive": True}
+DECADES = 6
+LEGEND = (
+    "Black: the layer's value, or the mean over its experts (grey band: ± the token-level standard deviation "
+    "logged with it, where there is one); thin coloured lines: the experts e0, e1, …; dashed red: the chance level "
+    "(alignment: E|cos| of Gaussian matrices; subspace overlap: r/d; ratios: 1). Drag to zoom, double-click to reset."
+)
+
+
+def plotly_script() -> str:
+    """Plotly's JavaScript, inlined once in the page's ``<head>``."""
+    return f"<script>{get_plotlyjs()}</script>"
+
+
+def _chart(figure: go.Figure, kind: str, layer: str = "") -> str:
+    body = figure.to_html(full_html=False, include_plotlyjs=False, config=PLOT_CONFIG)
+    return f'<div class="chart" data-kind="{kind}" data-layer="{html.escape(layer)}">{body}</div>'
+
+
+def _grid(titles: list[str], columns: int = COLUMNS) -> tuple[go.Figure, int]:
+    rows = max(1, math.ceil(len(titles) / columns))
+    height = rows * ROW_PX + 60
+    figure = make_subplots(
+        rows=rows,
+        cols=columns,
+        subplot_titles=titles,
+        horizontal_spacing=0.05,
+        vertical_spacing=min(0.3, 55 / height) if rows > 1 else 0.1,
+    )
+    figure.update_layout(
+        height=height, showlegend=False, margin={"l": 45, "r": 15, "t": 45, "b": 30}, template="plotly_white"
+    )
+    figure.update_annotations(font_size=11)
+    return figure, columns
+
+
+def _line(series: pd.Series, name: str, **style) -> go.Scatter:
+    return go.Scatter(x=series.index, y=series.values, name=name, mode="lines", **style)
+
+
+def _quantity_traces(quantity: Quantity) -> list[go.Scatter]:
+    traces = []
+    if quantity.spread is not None:
+        spread = quantity.spread.reindex(quantity.value.index)
+        band = {"mode": "lines", "line": {"width": 0}, "hoverinfo": "skip", "showlegend": False}
+        traces.append(go.Scatter(x=quantity.value.index, y=quantity.value + spread, **band))
+        traces.append(
+            go.Scatter(
+                x=quantity.value.index, y=quantity.value - spread, fill="tonexty", fillcolor="rgba(0,0,0,0.12)", **band
+            )
+        )
+    for index, (expert, series) in enumerate(quantity.experts.items()):
+        color = EXPERT_COLORS[index % len(EXPERT_COLORS)]
+        traces.append(_line(series, expert, line={"width": 1, "color": color}, opacity=0.7))
+    traces.append(_line(quantity.value, "mean" if quantity.experts else "value", line={"width": 2, "color": "black"}))
+    if quantity.chance is not None:
+        traces.append(_line(quantity.chance, "chance", line={"width": 1.5, "color": CHANCE_COLOR, "dash": "dash"}))
+    for trace in traces:
+        if len(trace.x) == 1 and trace.hoverinfo != "skip":
+            trace.mode = "markers"  # a single probe is a point, not an invisible line
+    return traces
+
+
+def _small_multiples(
+    panels: list[tuple[str, list[go.Scatter]]], kind: str, layer: str = "", log_y: bool = False
+) -> str:
+    figure, columns = _grid([title for title, _ in panels])
+    placed = [(trace, *divmod(index, columns)) for index, (_, traces) in enumerate(panels) for trace in traces]
+    # One add_traces call: adding traces one by one re-validates the whole figure each time.
+    figure.add_traces(
+        [trace for trace, _, _ in placed],
+        rows=[row + 1 for _, row, _ in placed],
+        cols=[column + 1 for _, _, column in placed],
+    )
+    figure.update_xaxes(tickfont_size=9)
+    if log_y:
+        figure.update_yaxes(tickfont_size=9, type="log", exponentformat="power")
+    else:
+        figure.update_yaxes(tickfont_size=9, tickformat=".4~g")
+    return _chart(figure, kind, layer)
+
+
+def _note(text: str) -> str:
+    return page.paragraph(text, "note")
+
+
+def _losses(run: Run) -> str:
+    curves = loss_curves(run.history)
+    if not curves:
+        return _note("no train/… or val/… key was logged")
+    panels = [(key, [_line(series, key, line={"width": 1.5, "color": "black"})]) for key, series in curves.items()]
+    return _small_multiples(panels, "loss")
+
+
+def _geometry(run: Run, layers: list[str]) -> str:
+    if not layers:
+        return _note("no geometry/<layer>/… key was logged (is GeometryMonitor among the callbacks?)")
+    parts = [page.paragraph(LEGEND, "caption")]
+    for layer in layers:
+        quantities = layer_quantities(run.history, layer)
+        parts.append(f"<h3>{html.escape(layer)}</h3>")
+        parts.append(_small_multiples([(q.name, _quantity_traces(q)) for q in quantities], "geometry", layer))
+    return "\n".join(parts)
+
+
+def _log_scale(logs: np.ndarray) -> dict:
+    """Colour range and decade ticks of log10 values, at most :data:`DECADES` decades below the largest (a
+    rank-deficient Jacobian's zero singular values sit near 1e-16 and would flatten the rest)."""
+    finite = logs[np.isfinite(logs)]
+    high = math.ceil(finite.max()) if finite.size else 1
+    low = max(math.floor(finite.min()), high - DECADES) if finite.size else 0
+    ticks = list(range(low, high + 1))
+    return {"zmin": low, "zmax": high, "colorbar": {"tickvals": ticks, "ticktext": [f"1e{t}" for t in ticks]}}
+
+
+def _log10(values: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(values > 0, np.log10(values), np.nan)
+
+
+def _spectrum_panels(items: list[SpectrumEvolution]) -> list[tuple[str, np.ndarray, np.ndarray, dict]]:
+    """``(title, log10 values, hover values, colour settings)``: each spectrum on a log colour scale, then the
+    first one relative to its first probe (log10 σ_i(t)/σ_i(t₀), diverging around no change)."""
+    panels = []
+    for evolution in items:
+        logs = _log10(evolution.values_MS)
+        panels.append((evolution.title, logs, evolution.values_MS, {"colorscale": "Viridis", **_log_scale(logs)}))
+    first = items[0]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = first.values_MS / first.values_MS[:, :1]
+    change = _log10(ratio)
+    finite = np.abs(change[np.isfinite(change)])
+    bound = max(float(finite.max()), 1e-3) if finite.size else 1.0
+    title = f"{first.title}: σ_i / σ_i at step {first.steps[0]}"
+    diverging = {"colorscale": "RdBu_r", "zmid": 0.0, "zmin": -bound, "zmax": bound, "colorbar": {}}
+    panels.append((title, change, ratio, diverging))
+    return panels
+
+
+def _spectra(reports: list) -> str:
+    evolutions = spectrum_evolution(reports)
+    if not evolutions:
+        return _note("no saved geometry/step_*.json report holds a Jacobian spectrum")
+    parts = [
+        page.paragraph(
+            "Singular values σ_i of the mean Jacobian at every saved probe (colour: log10 σ_i, at most "
+            f"{DECADES} decades below the largest), and the expert mean's change since the first probe (log10 of "
+            "the ratio; red: grown, blue: shrunk). Hover for the values.",
+            "caption",
+        )
+    ]
+    for layer, items in evolutions.items():
+        panels = _spectrum_panels(items)
+        figure = make_subplots(
+            rows=1, cols=len(panels), subplot_titles=[title for title, *_ in panels], horizontal_spacing=0.1
+        )
+        steps = [str(s) for s in items[0].steps]
+        for index, (_, logs, values, colours) in enumerate(panels):
+            right = figure.get_subplot(1, index + 1).xaxis.domain[1]
+            colours["colorbar"].update(x=right + 0.005, xanchor="left", len=0.9, thickness=12)
+            figure.add_trace(
+                go.Heatmap(
+                    z=logs,
+                    x=steps if index == len(panels) - 1 else [str(s) for s in items[index].steps],
+                    y=np.arange(1, logs.shape[0] + 1),
+                    customdata=values,
+                    hovertemplate="step %{x}<br>i = %{y}: %{customdata:.4g}<extra></extra>",
+                    **colours,
+                ),
+                row=1,
+                col=index + 1,
+            )
+            figure.update_xaxes(title_text="probe step", type="category", row=1, col=index + 1)
+            figure.update_yaxes(title_text="index i", row=1, col=index + 1)
+        figure.update_layout(height=360, margin={"l": 55, "r": 20, "t": 40, "b": 45}, template="plotly_white")
+        figure.update_annotations(font_size=12)
+        parts.append(f"<h3>{html.escape(layer)}</h3>" + _chart(figure, "spectrum", layer))
+    return "\n".join(parts)
+
+
+def _pca(reports: list) -> str:
+    """The weighted PCA eigenvalues of every site at the last probe, per layer: each expert and their Σw-weighted
+    mean, log scale."""
+    if not reports:
+        return _note("no saved geometry/step_*.json report")
+    step, layers = reports[-1]
+    parts = []
+    for layer, report in layers.items():
+        panels = []
+        for site, results in report.pca.items():
+            experts = [(f"e{e}", r.eigenvalues.double().numpy()) for e, r in enumerate(results)]
+            experts = [(name, values) for name, values in experts if values.size]
+            mean = expert_mean_pca(report, site)
+            if not experts or mean is None:
+                continue
+            traces = [
+                go.Scatter(
+                    x=np.arange(1, v.size + 1),
+                    y=v,
+                    name=name,
+                    mode="lines",
+                    opacity=0.7,
+                    line={"width": 1, "color": EXPERT_COLORS[i % len(EXPERT_COLORS)]},
+                )
+                for i, (name, v) in enumerate(experts)
+            ]
+            traces.append(
+                go.Scatter(
+                    x=np.arange(1, mean.size + 1),
+                    y=mean,
+                    name="mean",
+                    mode="lines",
+                    line={"width": 2, "color": "black"},
+                )
+            )
+            panels.append((f"{site} site", traces))
+        if panels:
+            parts.append(f"<h3>{html.escape(layer)}</h3>" + _small_multiples(panels, "pca", layer, log_y=True))
+    if not parts:
+        return _note("no saved report holds PCA eigenvalues")
+    caption = f"Eigenvalues λ_k of the weighted covariance at step {step} (black: the Σw-weighted expert mean)."
+    return page.paragraph(caption, "caption") + "\n".join(parts)
+
+
+def _router(run: Run) -> str:
+    loads = router_load(run.history)
+    if not loads:
+        return _note("no router/<layer>/load/e<i> key was logged (is RouterMonitor among the callbacks?)")
+    parts = []
+    for layer, frame in loads.items():
+        figure = go.Figure(
+            go.Heatmap(
+                z=frame.to_numpy().T,
+                x=frame.index,
+                y=list(frame.columns),
+                colorscale="Viridis",
+                zmin=0.0,
+                colorbar={"title": {"text": "share"}},
+                hovertemplate="step %{x}<br>%{y}: %{z:.3f}<extra></extra>",
+            )
+        )
+        figure.update_layout(
+            title={"text": f"{layer}: share of routed assignments (uniform 1/E = {1 / frame.shape[1]:.3g})"},
+            xaxis_title="training step",
+            yaxis_title="expert",
+            height=max(260, 22 * frame.shape[1] + 140),
+            margin={"l": 55, "r": 20, "t": 45, "b": 45},
+            template="plotly_white",
+        )
+        parts.append(_chart(figure, "router", layer))
+    return "\n".join(parts)
+
+
+def _matrices(reports: list) -> str:
+    found = probe_matrices(reports)
+    if not found:
+        return _note("no saved report holds an alignment or overlap matrix (a dense layer has none)")
+    parts = [page.paragraph("|cos| alignments and subspace overlaps between experts i and j, in [0, 1].", "caption")]
+    for layer, items in found.items():
+        keys = list(dict.fromkeys(key for key, _, _ in items))
+        steps = list(dict.fromkeys(step for _, step, _ in items))
+        titles = [f"{key}, step {step}" for step in steps for key in keys]
+        figure = make_subplots(rows=len(steps), cols=len(keys), subplot_titles=titles, vertical_spacing=0.12)
+        for key, step, matrix in items:
+            figure.add_trace(
+                go.Heatmap(
+                    z=matrix,
+                    coloraxis="coloraxis",
+                    hovertemplate="e%{y} · e%{x}: %{z:.3f}<extra></extra>",
+                ),
+                row=steps.index(step) + 1,
+                col=keys.index(key) + 1,
+            )
+        figure.update_yaxes(autorange="reversed")
+        figure.update_layout(
+            coloraxis={"colorscale": "Viridis", "cmin": 0.0, "cmax": 1.0},
+            height=300 * len(steps) + 60,
+            margin={"l": 40, "r": 20, "t": 45, "b": 30},
+            template="plotly_white",
+        )
+        figure.update_annotations(font_size=11)
+        parts.append(f"<h3>{html.escape(layer)}</h3>" + _chart(figure, "matrices", layer))
+    return "\n".join(parts)
+
+
+def _curvature(run: Run) -> str | None:
+    panels = curvature_curves(run.history)
+    if not panels:
+        return None
+    traces = []
+    for title, lines in panels.items():
+        styled = [
+            _line(series, name, line={"width": 1.5, "color": EXPERT_COLORS[i % len(EXPERT_COLORS)]})
+            for i, (name, series) in enumerate(lines.items())
+        ]
+        for trace in styled:
+            trace.mode = "lines+markers"
+        traces.append((title.removeprefix("curvature/"), styled))
+    return _small_multiples(traces, "curvature")
+
+
+def dashboard_sections(run: Run) -> list[tuple[str, str]]:
+    """The ``(heading, HTML)`` sections of the run's dashboard (the page needs :func:`plotly_script` in its head)."""
+    if run.history is None:
+        return [("Dashboard", _note(f"the run's history could not be read: {run.note}"))]
+    layers = geometry_layers(run)
+    reports = saved_reports(run)
+    sections = [
+        ("Losses", _losses(run)),
+        ("Geometry over training", _geometry(run, layers)),
+        ("Spectrum over training", _spectra(reports)),
+        ("PCA eigenvalues at the last probe", _pca(reports)),
+        ("Router load", _router(run)),
+        ("Alignment and overlap at the first and the last probe", _matrices(reports)),
+    ]
+    curvature = _curvature(run)
+    if curvature is not None:
+        sections.append(("Curvature", curvature))
+    return sections
