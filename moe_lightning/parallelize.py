@@ -18,14 +18,17 @@ The layout follows torchtitan (``parallelize_llama`` / ``apply_fsdp`` for MoE mo
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from moe_lightning.common import check_positive_int
 from moe_lightning.moe import MoELayer
 
-__all__ = ["EXPERT_MESH_DIMS", "expert_parallel_mesh", "is_parallelized", "parallelize"]
+__all__ = ["EXPERT_MESH_DIMS", "clip_grad_norm_", "expert_parallel_mesh", "is_parallelized", "parallelize"]
 
 EXPERT_MESH_DIMS = ("expert_replicate", "expert")
 
@@ -92,3 +95,24 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool 
         fully_shard(block, mesh=data_mesh, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=data_mesh, reshard_after_forward=False)
     return model
+
+
+def clip_grad_norm_(parameters: Iterable[nn.Parameter], max_norm: float, norm_type: float = 2.0) -> Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` for parameters sharded on several device meshes (the experts on the expert
+    mesh, the rest on the data mesh), whose DTensor gradients ``clip_grad_norm_`` cannot stack: the norm of each
+    mesh's gradients (``get_total_norm``, made whole with ``full_tensor``), then their norm, as torchtitan does
+    for expert parallelism. Returns the total norm."""
+    params = [p for p in parameters if p.grad is not None]
+    by_mesh: dict[object, list[Tensor]] = {}
+    for p in params:
+        by_mesh.setdefault(getattr(p.grad, "device_mesh", None), []).append(p.grad)
+    norms = []
+    for grads in by_mesh.values():
+        norm = torch.nn.utils.get_total_norm(grads, norm_type)
+        norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    total = torch.nn.utils.get_total_norm(norms, norm_type) if norms else torch.zeros(())
+    # clip_grads_with_norm_'s coefficient, applied as a number: a tensor cannot multiply DTensors of two meshes.
+    coefficient = float((max_norm / (total + 1e-6)).clamp(max=1.0))
+    for grads in by_mesh.values():
+        torch._foreach_mul_(grads, coefficient)
+    return total

@@ -1,0 +1,97 @@
+"""Run by tests/test_expert_parallel.py: 10 training steps of a tiny TransformerMoE on 2 gloo processes with the
+strategies of configs/trainer/ep_cpu.yaml (FSDP2 x EP=2) and of fsdp.yaml (FSDP2 alone), and resumed at step 5 from
+the EP=2 run's distributed checkpoint (saved at step 5) with EP=1 and with EP=2;
+then, on rank 0, the same 10 steps in one process on the union of the ranks' batches of each step. Writes the
+per-step losses (mean over ranks) to losses.json in the folder given."""
+
+import json
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.distributed as dist
+import yaml
+from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from moe_lightning.models import TransformerMoEConfig
+from moe_lightning.modules import CausalLMModule
+from moe_lightning.strategy import ExpertParallelStrategy
+
+ROOT = Path(__file__).resolve().parents[2]
+STEPS, BATCH, SEQ, VOCAB = 10, 4, 8, 64
+
+
+class Losses(Callback):
+    """The training loss of every step, averaged over ranks (each rank's batch has the same size), and every batch
+    of every rank, concatenated per step."""
+
+    def __init__(self):
+        self.values, self.batches = [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.values.append(float(trainer.strategy.reduce(outputs["loss"].detach(), reduce_op="mean")))
+        if trainer.world_size > 1:
+            gathered = [None] * trainer.world_size
+            dist.all_gather_object(gathered, [t.clone() for t in batch])
+            self.batches.append(tuple(torch.cat(parts) for parts in zip(*gathered, strict=True)))
+
+
+def module(routing: str = "topk") -> CausalLMModule:
+    torch.manual_seed(0)
+    config = TransformerMoEConfig(
+        vocab_size=VOCAB, dim=32, num_layers=2, num_heads=2, max_seq_len=SEQ, expert_hidden=16, num_experts=4,
+        top_k=2, routing=routing, activation="swiglu",
+    )
+    return CausalLMModule(config, lr=3e-3, warmup_steps=2)
+
+
+def data(batch_size: int):
+    """Epochs of one step on 2 ranks: a run resumed at an epoch's end sees the batches of the run it continues
+    (within an epoch, a resumed plain DataLoader does not)."""
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, VOCAB, (2 * BATCH, SEQ + 1), generator=gen)
+    dataset = torch.utils.data.TensorDataset(tokens[:, :-1], tokens[:, 1:])
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+
+
+def preset_strategy(name: str) -> ExpertParallelStrategy:
+    """The strategy a preset names, with gloo for the CPU."""
+    spec = yaml.safe_load((ROOT / "configs" / "trainer" / name).read_text())["trainer"]["strategy"]
+    assert spec["class_path"] == "moe_lightning.strategy.ExpertParallelStrategy"
+    return ExpertParallelStrategy(**{**spec["init_args"], "process_group_backend": "gloo"})
+
+
+def fit(strategy, devices: int, loader, ckpt_dir=None, ckpt_path=None) -> Losses:
+    losses = Losses()
+    callbacks = [losses]
+    if ckpt_dir is not None:
+        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, every_n_epochs=STEPS // 2, save_top_k=-1))
+    trainer = L.Trainer(
+        accelerator="cpu", devices=devices, strategy=strategy, max_steps=STEPS, logger=False, callbacks=callbacks,
+        enable_checkpointing=ckpt_dir is not None, enable_progress_bar=False, enable_model_summary=False,
+        gradient_clip_val=1.0, limit_val_batches=0,
+    )
+    trainer.fit(module(), loader, ckpt_path=ckpt_path)
+    return losses
+
+
+def main(out_dir: str) -> None:
+    out = Path(out_dir)
+    ep2 = fit(preset_strategy("ep_cpu.yaml"), 2, data(BATCH), ckpt_dir=out / "ckpt")
+    result = {"ep2": ep2.values, "fsdp": fit(preset_strategy("fsdp.yaml"), 2, data(BATCH)).values}
+    (checkpoint,) = sorted((out / "ckpt").glob("*step=5*"))
+    for name, size in (("resume_ep1", 1), ("resume_ep2", 2)):
+        strategy = ExpertParallelStrategy(size, process_group_backend="gloo")
+        result[name] = fit(strategy, 2, data(BATCH), ckpt_path=checkpoint).values
+    if dist.get_rank() != 0:
+        return
+    # Each step's batches of both ranks together, in one process, in one epoch.
+    result["single"] = fit("auto", 1, torch.utils.data.DataLoader(ep2.batches, batch_size=None)).values
+    (out / "losses.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main(sys.argv[1])
