@@ -23,6 +23,8 @@ back with ``all_to_all_single`` (:mod:`moe_lightning.expert_parallel`).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -321,6 +323,7 @@ class MoELayer(nn.Module):
         # Expert parallelism (shard_experts): the group holding the experts, and where routed loads are summed.
         self.expert_group: dist.ProcessGroup | None = None
         self.load_group: dist.ProcessGroup | None = None
+        self._all_weights: tuple[Tensor, Tensor] | None = None  # every expert's weights, inside all_experts()
 
     @property
     def num_experts(self) -> int:
@@ -366,9 +369,27 @@ class MoELayer(nn.Module):
         """P, the ranks the experts are split over (1 without expert parallelism)."""
         return 1 if self.expert_group is None else dist.get_world_size(self.expert_group)
 
+    @contextmanager
+    def all_experts(self) -> Iterator[None]:
+        """Every expert's weights on this rank while the context lasts (``DTensor.full_tensor``, a collective every
+        rank of the expert group enters), so :meth:`expert_fn` takes any expert; nothing to do without expert
+        parallelism. The copies hold no gradient and are freed on exit."""
+        if self.expert_group is None:
+            yield
+            return
+        with torch.no_grad():
+            self._all_weights = (self.w_in.full_tensor(), self.w_out.full_tensor())
+        try:
+            yield
+        finally:
+            self._all_weights = None
+
     @property
     def local_experts(self) -> range:
-        """The global indices of the experts this rank holds (all E without expert parallelism)."""
+        """The global indices of the experts this rank holds (all E without expert parallelism, or inside
+        :meth:`all_experts`)."""
+        if self._all_weights is not None:
+            return range(self.num_experts)
         size = self.expert_parallel_size
         per_rank = self.num_experts // size
         start = 0 if size == 1 else dist.get_rank(self.expert_group) * per_rank
@@ -378,7 +399,9 @@ class MoELayer(nn.Module):
         """``(w_in, w_out)`` of this rank's experts, ``(L, D, H)`` and ``(L, H, D)``, cast to ``dtype``; the
         autograd graph reaches the parameters (their local shards under expert parallelism)."""
         w_in, w_out = self.w_in, self.w_out
-        if hasattr(w_in, "to_local"):
+        if self._all_weights is not None:
+            w_in, w_out = self._all_weights
+        elif hasattr(w_in, "to_local"):
             w_in, w_out = w_in.to_local(), w_out.to_local()
         return w_in.to(dtype or w_in.dtype), w_out.to(dtype or w_out.dtype)
 

@@ -81,7 +81,8 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool 
             )
     for layer in layers:
         layer.load_group = data_group
-        if expert_mesh.size() == 1:
+        if expert_mesh.size() == 1:  # one group per layer, so a probe can gather one layer at a time
+            fully_shard(layer, mesh=data_mesh, reshard_after_forward=reshard_after_forward)
             continue
         layer.shard_experts(expert_mesh)
         # The router and shared experts are replicated data-parallel weights: sharded over every rank. What is

@@ -2,7 +2,8 @@
 strategies of configs/trainer/ep_cpu.yaml (FSDP2 x EP=2) and of fsdp.yaml (FSDP2 alone), and resumed at step 5 from
 the EP=2 run's distributed checkpoint (saved at step 5) with EP=1 and with EP=2;
 then, on rank 0, the same 10 steps in one process on the union of the ranks' batches of each step. Writes the
-per-step losses (mean over ranks) to losses.json in the folder given."""
+per-step losses (mean over ranks) to losses.json in the folder given. Last, GeometryMonitor's fit-start probe under
+FSDP2 x EP=2 and the one-process probe of the same initial model on the same probe set, in geometry.json."""
 
 import json
 import sys
@@ -15,6 +16,11 @@ import yaml
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from moe_lightning.adapters import find_moe_layers
+from moe_lightning.adapters.capture import capture_layer_inputs
+from moe_lightning.callbacks import GeometryMonitor
+from moe_lightning.common import observation
+from moe_lightning.geometry import probe
 from moe_lightning.models import TransformerMoEConfig
 from moe_lightning.modules import CausalLMModule
 from moe_lightning.strategy import ExpertParallelStrategy
@@ -39,6 +45,7 @@ class Losses(Callback):
 
 
 def module(routing: str = "topk") -> CausalLMModule:
+    """A tiny transformer, the same initial weights on every call."""
     torch.manual_seed(0)
     config = TransformerMoEConfig(
         vocab_size=VOCAB, dim=32, num_layers=2, num_heads=2, max_seq_len=SEQ, expert_hidden=16, num_experts=4,
@@ -77,6 +84,41 @@ def fit(strategy, devices: int, loader, ckpt_dir=None, ckpt_path=None) -> Losses
     return losses
 
 
+class Tokens(L.LightningDataModule):
+    """The same data as a datamodule, whose validation loader gives GeometryMonitor one probe set on every rank."""
+
+    def train_dataloader(self):
+        return data(BATCH)
+
+    def val_dataloader(self):
+        return data(BATCH)
+
+
+def geometry(routing: str) -> dict:
+    """The fit-start probe under FSDP2 x EP=2 (float64, 32 tokens), and one process's probe of the initial model."""
+    # subspace_rank=2: a rank-8 PCA subspace of the ~16 tokens an expert gets here has no eigen-gap to be defined by
+    monitor = GeometryMonitor(
+        every_n_steps=None, max_tokens=32, subspace_rank=2, log_media=False, save_reports=False
+    )
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy=ExpertParallelStrategy(2, process_group_backend="gloo"), max_steps=1,
+        logger=False, callbacks=[monitor], enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0,
+    )
+    trainer.fit(module(routing), Tokens())
+    if dist.get_rank() != 0:
+        return {}
+    ep = {k: v for name, r in monitor.last_reports.items() for k, v in r.scalars(f"geometry/{name}").items()}
+    single, reference = {}, module(routing)
+    views = find_moe_layers(reference.model)
+    with observation(reference):
+        captured = capture_layer_inputs(reference, views, monitor.probe_inputs)
+        for view in views:
+            report = probe(view, captured[view.name][:32], monitor.probe_config)
+            single.update(report.scalars(f"geometry/{view.name}"))
+    return {"ep": ep, "single": single}
+
+
 def main(out_dir: str) -> None:
     out = Path(out_dir)
     ep2 = fit(preset_strategy("ep_cpu.yaml"), 2, data(BATCH), ckpt_dir=out / "ckpt")
@@ -85,8 +127,10 @@ def main(out_dir: str) -> None:
     for name, size in (("resume_ep1", 1), ("resume_ep2", 2)):
         strategy = ExpertParallelStrategy(size, process_group_backend="gloo")
         result[name] = fit(strategy, 2, data(BATCH), ckpt_path=checkpoint).values
+    probes = {routing: geometry(routing) for routing in ("topk", "soft")}
     if dist.get_rank() != 0:
         return
+    (out / "geometry.json").write_text(json.dumps(probes))
     # Each step's batches of both ranks together, in one process, in one epoch.
     result["single"] = fit("auto", 1, torch.utils.data.DataLoader(ep2.batches, batch_size=None)).values
     (out / "losses.json").write_text(json.dumps(result))

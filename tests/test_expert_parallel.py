@@ -1,0 +1,70 @@
+"""Expert parallelism and FSDP2 on CPU over gloo, against one process: the MoE layer forward and backward on 2 and 4
+ranks (tests/scripts/ep_layer.py), and 10 training steps of a tiny transformer with the ep_cpu.yaml and fsdp.yaml
+strategies, the EP=2 checkpoint resumed with EP=1 and EP=2, and GeometryMonitor under EP=2
+(tests/scripts/ep_training.py)."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from helpers import run_test_script
+from moe_lightning.parallelize import clip_grad_norm_
+from moe_lightning.strategy import ExpertParallelStrategy
+
+LAYER_CASES = ["topk_sorted", "topk_grouped", "topk_loop", "topk_empty_expert", "soft_sorted", "soft_grouped"]
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_expert_parallel_layer_matches_one_process(tmp_path, world_size):
+    out = tmp_path / "layer.json"
+    run_test_script("ep_layer.py", f"{out}", tmp_path, extra=[str(world_size)])
+    result = json.loads(out.read_text())
+    for case in LAYER_CASES:
+        for quantity, error in result[case].items():
+            if quantity != "empty_experts":
+                assert error <= 1e-6, (case, quantity, error)
+    assert result["topk_empty_expert"]["empty_experts"] == 1  # the case has an expert that gets no token
+    assert "must be divisible by the expert-parallel size" in result["indivisible"]
+
+
+def test_training_checkpoints_and_probes_match_one_process(tmp_path):
+    run_test_script("ep_training.py", tmp_path, tmp_path)
+    losses = json.loads((tmp_path / "losses.json").read_text())
+    single = losses["single"]
+    assert len(single) == 10
+    for run in ("ep2", "fsdp"):
+        assert losses[run] == pytest.approx(single, abs=1e-5), run
+    for run in ("resume_ep1", "resume_ep2"):  # resumed at step 5 from the EP=2 checkpoint
+        assert losses[run] == pytest.approx(single[5:], abs=1e-5), run
+    assert single[-1] < single[0] - 0.1  # it trains
+    probes = json.loads((tmp_path / "geometry.json").read_text())
+    for routing in ("topk", "soft"):
+        ep, one = probes[routing]["ep"], probes[routing]["single"]
+        assert set(ep) == set(one) and any("/jac_sigma_max/e3" in k for k in one)
+        for key, value in one.items():
+            if math.isnan(value):
+                assert math.isnan(ep[key]), key
+            else:
+                assert ep[key] == pytest.approx(value, rel=1e-6, abs=1e-9), (routing, key)
+
+
+def test_clip_grad_norm_matches_torch_on_one_mesh():
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(3)]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    for a, b in zip(ours, theirs, strict=True):
+        a.grad = torch.randn_like(a) * 4
+        b.grad = a.grad.clone()
+    norm = clip_grad_norm_(ours, 1.0)
+    reference = torch.nn.utils.clip_grad_norm_(theirs, 1.0)
+    assert norm.item() == pytest.approx(reference.item(), rel=1e-6) and reference.item() > 1.0
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("size", [0, -2, 1.5])
+def test_strategy_rejects_a_bad_expert_parallel_size(size):
+    with pytest.raises(ValueError, match="expert_parallel_size"):
+        ExpertParallelStrategy(expert_parallel_size=size)
