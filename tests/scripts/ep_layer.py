@@ -1,4 +1,4 @@
-"""Run by tests/test_expert_parallel.py: an MoELayer with expert parallelism over P gloo processes against the same
+"""Run by tests/test_expert_parallel.py (and, on 2 ranks, by ep_training.py): an MoELayer with expert parallelism over P gloo processes against the same
 layer in one process on the union of the ranks' tokens, forward and backward (float32), for top-k and soft routing,
 every sparse dispatch path, and an expert no token is routed to. Rank 0 writes the largest differences to the JSON
 path given; argv[2] is P."""
@@ -49,10 +49,8 @@ def run(layer: MoELayer, x, grad_out, scale: float):
     return y.detach(), x.grad, grads, aux
 
 
-def worker(rank: int, world: int, port: int, out_path: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
+def check_layer(rank: int, world: int) -> dict:
+    """Every case's largest relative differences to one process (the worst rank's), on every rank."""
     mesh = init_device_mesh("cpu", (world,))
     gen = torch.Generator().manual_seed(1)
     x_all = torch.randn(world * TOKENS_PER_RANK, DIM, generator=gen)
@@ -94,6 +92,14 @@ def worker(rank: int, world: int, port: int, out_path: str) -> None:
         result["indivisible"] = None
     except ValueError as error:
         result["indivisible"] = str(error)
+    return result
+
+
+def worker(rank: int, world: int, port: int, out_path: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    result = check_layer(rank, world)
     if rank == 0:
         with open(out_path, "w") as handle:
             json.dump(result, handle)

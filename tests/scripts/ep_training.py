@@ -3,7 +3,8 @@ strategies of configs/trainer/ep_cpu.yaml (FSDP2 x EP=2) and of fsdp.yaml (FSDP2
 the EP=2 run's distributed checkpoint (saved at step 5) with EP=1 and with EP=2;
 then, on rank 0, the same 10 steps in one process on the union of the ranks' batches of each step. Writes the
 per-step losses (mean over ranks) to losses.json in the folder given. Last, GeometryMonitor's fit-start probe under
-FSDP2 x EP=2 and the one-process probe of the same initial model on the same probe set, in geometry.json."""
+FSDP2 x EP=2 and the one-process probe of the same initial model on the same probe set, in geometry.json, and
+ep_layer.py's layer checks on the same 2 ranks, in layer.json."""
 
 import json
 import sys
@@ -24,6 +25,9 @@ from moe_lightning.geometry import probe
 from moe_lightning.models import TransformerMoEConfig
 from moe_lightning.modules import CausalLMModule
 from moe_lightning.strategy import ExpertParallelStrategy
+
+sys.path.insert(0, str(Path(__file__).parent))
+from ep_layer import check_layer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS, BATCH, SEQ, VOCAB = 10, 4, 8, 64
@@ -128,9 +132,11 @@ def main(out_dir: str) -> None:
         strategy = ExpertParallelStrategy(size, process_group_backend="gloo")
         result[name] = fit(strategy, 2, data(BATCH), ckpt_path=checkpoint).values
     probes = {routing: geometry(routing) for routing in ("topk", "soft")}
+    layer = check_layer(dist.get_rank(), dist.get_world_size())
     if dist.get_rank() != 0:
         return
     (out / "geometry.json").write_text(json.dumps(probes))
+    (out / "layer.json").write_text(json.dumps(layer))
     # Each step's batches of both ranks together, in one process, in one epoch.
     result["single"] = fit("auto", 1, torch.utils.data.DataLoader(ep2.batches, batch_size=None)).values
     (out / "losses.json").write_text(json.dumps(result))
