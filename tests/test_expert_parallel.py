@@ -42,6 +42,10 @@ def test_training_checkpoints_and_probes_match_one_process(tmp_path):
     for run in ("resume_ep1", "resume_ep2"):  # resumed at step 5 from the EP=2 checkpoint
         assert losses[run] == pytest.approx(single[5:], abs=1e-5), run
     assert single[-1] < single[0] - 0.1  # it trains
+    router = losses["router"]
+    assert set(router["ep2"]) == set(router["single"]) and "router/blocks.0.ffn/load/e3" in router["single"]
+    for key, value in router["single"].items():
+        assert router["ep2"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
     probes = json.loads((tmp_path / "geometry.json").read_text())
     for routing in ("topk", "soft"):
         ep, one = probes[routing]["ep"], probes[routing]["single"]

@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from moe_lightning.adapters import find_moe_layers
 from moe_lightning.adapters.capture import capture_layer_inputs
-from moe_lightning.callbacks import GeometryMonitor
+from moe_lightning.callbacks import GeometryMonitor, RouterMonitor
 from moe_lightning.common import observation
 from moe_lightning.geometry import probe
 from moe_lightning.models import TransformerMoEConfig
@@ -74,9 +74,9 @@ def preset_strategy(name: str) -> ExpertParallelStrategy:
     return ExpertParallelStrategy(**{**spec["init_args"], "process_group_backend": "gloo"})
 
 
-def fit(strategy, devices: int, loader, ckpt_dir=None, ckpt_path=None) -> Losses:
+def fit(strategy, devices: int, loader, ckpt_dir=None, ckpt_path=None, router=None) -> Losses:
     losses = Losses()
-    callbacks = [losses]
+    callbacks = [losses] + ([router] if router is not None else [])
     if ckpt_dir is not None:
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, every_n_epochs=STEPS // 2, save_top_k=-1))
     trainer = L.Trainer(
@@ -125,7 +125,8 @@ def geometry(routing: str) -> dict:
 
 def main(out_dir: str) -> None:
     out = Path(out_dir)
-    ep2 = fit(preset_strategy("ep_cpu.yaml"), 2, data(BATCH), ckpt_dir=out / "ckpt")
+    ep2_router = RouterMonitor(log_every_n_steps=STEPS // 2)
+    ep2 = fit(preset_strategy("ep_cpu.yaml"), 2, data(BATCH), ckpt_dir=out / "ckpt", router=ep2_router)
     result = {"ep2": ep2.values, "fsdp": fit(preset_strategy("fsdp.yaml"), 2, data(BATCH)).values}
     (checkpoint,) = sorted((out / "ckpt").glob("*step=5*"))
     for name, size in (("resume_ep1", 1), ("resume_ep2", 2)):
@@ -138,7 +139,11 @@ def main(out_dir: str) -> None:
     (out / "geometry.json").write_text(json.dumps(probes))
     (out / "layer.json").write_text(json.dumps(layer))
     # Each step's batches of both ranks together, in one process, in one epoch.
-    result["single"] = fit("auto", 1, torch.utils.data.DataLoader(ep2.batches, batch_size=None)).values
+    single_router = RouterMonitor(log_every_n_steps=STEPS // 2)
+    union = torch.utils.data.DataLoader(ep2.batches, batch_size=None)
+    result["single"] = fit("auto", 1, union, router=single_router).values
+    # The router statistics of the last window (step 5's batches), summed over ranks, and in one process.
+    result["router"] = {"ep2": ep2_router.last_metrics, "single": single_router.last_metrics}
     (out / "losses.json").write_text(json.dumps(result))
 
 
