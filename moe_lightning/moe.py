@@ -441,7 +441,8 @@ class MoELayer(nn.Module):
         else:
             y_ND, tokens_E, dropped = self._forward_sparse(x_ND, route, dispatch)
         if self.shared_experts is not None:
-            y_ND = y_ND + self.shared_experts.expert_fn(0, x_ND).to(y_ND.dtype)
+            # Through its forward, so that FSDP2's hooks gather its weights when it is sharded on its own.
+            y_ND = y_ND + self.shared_experts(x_ND)[0].to(y_ND.dtype)
         if self.config.routing == "soft":
             # Every expert sees every token, so the load of expert i is its gate mass: f_i = sg(P_i), and the
             # loss E * sum_i P_i^2 is 1 exactly when the mean gates are uniform.

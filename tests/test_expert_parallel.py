@@ -6,10 +6,14 @@ on 4 ranks (tests/scripts/ep_layer.py, slow: the 2-rank run covers the same code
 import json
 import math
 
+import lightning as L
 import pytest
 import torch
-
 from helpers import run_test_script
+
+from moe_lightning.callbacks import CurvatureMonitor
+from moe_lightning.models import MLPMoEConfig
+from moe_lightning.modules import MLPMoEModule
 from moe_lightning.parallelize import clip_grad_norm_
 from moe_lightning.strategy import ExpertParallelStrategy
 
@@ -76,3 +80,10 @@ def test_clip_grad_norm_matches_torch_on_one_mesh():
 def test_strategy_rejects_a_bad_expert_parallel_size(size):
     with pytest.raises(ValueError, match="expert_parallel_size"):
         ExpertParallelStrategy(expert_parallel_size=size)
+
+
+def test_curvature_monitor_is_rejected_under_model_parallel():
+    trainer = L.Trainer(accelerator="cpu", devices=1, strategy=ExpertParallelStrategy(1), logger=False)
+    module = MLPMoEModule(MLPMoEConfig(input_dim=4, output_dim=2, dim=8, expert_hidden=8, num_experts=2))
+    with pytest.raises(ValueError, match="ModelParallelStrategy"):
+        CurvatureMonitor().setup(trainer, module, "fit")

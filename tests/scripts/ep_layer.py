@@ -1,7 +1,7 @@
-"""Run by tests/test_expert_parallel.py (and, on 2 ranks, by ep_training.py): an MoELayer with expert parallelism over P gloo processes against the same
-layer in one process on the union of the ranks' tokens, forward and backward (float32), for top-k and soft routing,
-every sparse dispatch path, and an expert no token is routed to. Rank 0 writes the largest differences to the JSON
-path given; argv[2] is P."""
+"""Run by tests/test_expert_parallel.py (and, on 2 ranks, by ep_training.py): an MoELayer with expert parallelism
+over P gloo processes against the same layer in one process on the union of the ranks' tokens, forward and backward
+(float32), for top-k and soft routing, every sparse dispatch path, and an expert no token is routed to. Rank 0
+writes the largest differences to the JSON path given; argv[2] is P."""
 
 import copy
 import json
@@ -45,7 +45,7 @@ def run(layer: MoELayer, x, grad_out, scale: float):
     x = x.clone().requires_grad_()
     y, aux = layer(x)
     ((y * grad_out).sum() + scale * aux.load_balance).backward()
-    grads = {name: (p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad) for name, p in layer.named_parameters()}
+    grads = {n: (p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad) for n, p in layer.named_parameters()}
     return y.detach(), x.grad, grads, aux
 
 
@@ -83,7 +83,8 @@ def check_layer(rank: int, world: int) -> dict:
             "tokens_per_expert": (tokens.double(), aux_ref.tokens_per_expert.double()),
         }
         # The largest difference relative to the reference tensor's largest entry, the worst rank's.
-        errors = torch.tensor([((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() for a, b in pairs.values()])
+        errors = [((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() for a, b in pairs.values()]
+        errors = torch.tensor(errors)
         dist.all_reduce(errors, op=dist.ReduceOp.MAX)
         result[name] = dict(zip(pairs, errors.tolist(), strict=True))
         result[name]["empty_experts"] = int((aux_ref.tokens_per_expert == 0).sum())

@@ -52,8 +52,16 @@ def module(routing: str = "topk") -> CausalLMModule:
     """A tiny transformer, the same initial weights on every call."""
     torch.manual_seed(0)
     config = TransformerMoEConfig(
-        vocab_size=VOCAB, dim=32, num_layers=2, num_heads=2, max_seq_len=SEQ, expert_hidden=16, num_experts=4,
-        top_k=2, routing=routing, activation="swiglu",
+        vocab_size=VOCAB,
+        dim=32,
+        num_layers=2,
+        num_heads=2,
+        max_seq_len=SEQ,
+        expert_hidden=16,
+        num_experts=4,
+        top_k=2,
+        routing=routing,
+        activation="swiglu",
     )
     return CausalLMModule(config, lr=3e-3, warmup_steps=2)
 
@@ -80,9 +88,17 @@ def fit(strategy, devices: int, loader, ckpt_dir=None, ckpt_path=None, router=No
     if ckpt_dir is not None:
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, every_n_epochs=STEPS // 2, save_top_k=-1))
     trainer = L.Trainer(
-        accelerator="cpu", devices=devices, strategy=strategy, max_steps=STEPS, logger=False, callbacks=callbacks,
-        enable_checkpointing=ckpt_dir is not None, enable_progress_bar=False, enable_model_summary=False,
-        gradient_clip_val=1.0, limit_val_batches=0,
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        max_steps=STEPS,
+        logger=False,
+        callbacks=callbacks,
+        enable_checkpointing=ckpt_dir is not None,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        gradient_clip_val=1.0,
+        limit_val_batches=0,
     )
     trainer.fit(module(), loader, ckpt_path=ckpt_path)
     return losses
@@ -101,13 +117,18 @@ class Tokens(L.LightningDataModule):
 def geometry(routing: str) -> dict:
     """The fit-start probe under FSDP2 x EP=2 (float64, 32 tokens), and one process's probe of the initial model."""
     # subspace_rank=2: a rank-8 PCA subspace of the ~16 tokens an expert gets here has no eigen-gap to be defined by
-    monitor = GeometryMonitor(
-        every_n_steps=None, max_tokens=32, subspace_rank=2, log_media=False, save_reports=False
-    )
+    monitor = GeometryMonitor(every_n_steps=None, max_tokens=32, subspace_rank=2, log_media=False, save_reports=False)
     trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy=ExpertParallelStrategy(2, process_group_backend="gloo"), max_steps=1,
-        logger=False, callbacks=[monitor], enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0,
+        accelerator="cpu",
+        devices=2,
+        strategy=ExpertParallelStrategy(2, process_group_backend="gloo"),
+        max_steps=1,
+        logger=False,
+        callbacks=[monitor],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
     )
     trainer.fit(module(routing), Tokens())
     if dist.get_rank() != 0:
