@@ -405,17 +405,24 @@ class MoELayer(nn.Module):
             w_in, w_out = w_in.to_local(), w_out.to_local()
         return w_in.to(dtype or w_in.dtype), w_out.to(dtype or w_out.dtype)
 
+    def local_index(self, e: int) -> int:
+        """Where expert ``e`` (a global index) sits among this rank's experts; a ``ValueError`` for another rank's."""
+        local = self.local_experts
+        if e not in local:
+            raise ValueError(f"expert {e} is not on this rank, which holds experts {local.start}..{local.stop - 1}")
+        return e - local.start
+
     # Expert e as a pure function, used by the loop path and by the geometry views; e is a global index of one of
-    # this rank's experts (local_experts).
+    # this rank's experts (local_experts). Only expert e's slice is cast to the input's dtype.
     def expert_hidden_fn(self, e: int, x_ND: Tensor) -> Tensor:
         """Expert e's inner activation (N, H), after the nonlinearity."""
-        w_in, _ = self.local_weights(x_ND.dtype)
-        return _activate(x_ND @ w_in[e - self.local_experts.start], self.config.activation)
+        w_in = self.local_weights()[0][self.local_index(e)]
+        return _activate(x_ND @ w_in.to(x_ND.dtype), self.config.activation)
 
     def expert_fn(self, e: int, x_ND: Tensor) -> Tensor:
         """Expert e's output (N, D)."""
-        _, w_out = self.local_weights(x_ND.dtype)
-        return self.expert_hidden_fn(e, x_ND) @ w_out[e - self.local_experts.start]
+        w_out = self.local_weights()[1][self.local_index(e)]
+        return self.expert_hidden_fn(e, x_ND) @ w_out.to(x_ND.dtype)
 
     def _global_load(self, load_E: Tensor) -> Tensor:
         """``load_E`` summed over :attr:`load_group` (itself without one); no gradient flows through loads."""

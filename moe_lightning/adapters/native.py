@@ -42,7 +42,7 @@ class NativeMoEView:
         weights cast to ``x``'s dtype (the probe may run in float64 on a float32 model)."""
         ffn, activation = self.ffn, self.ffn.config.activation
         if isinstance(ffn, MoELayer):  # this rank's experts (all of them but under expert parallelism)
-            (w_in, w_out), e = ffn.local_weights(), e - ffn.local_experts.start
+            (w_in, w_out), e = ffn.local_weights(), ffn.local_index(e)
         else:
             w_in, w_out = ffn.w_in, ffn.w_out
         w_in, w_out = w_in[e].to(x.dtype), w_out[e].to(x.dtype)
