@@ -92,6 +92,8 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool 
             fully_shard(layer.shared_experts, mesh=data_mesh, reshard_after_forward=reshard_after_forward)
         fully_shard(layer, mesh=replicate_mesh, reshard_after_forward=reshard_after_forward)
         layer.set_gradient_divide_factor(float(world))
+        if dist.get_backend(replicate_mesh.get_group()) == "gloo":  # gloo has no PREMUL_SUM: sum, then divide
+            layer.set_force_sum_reduction_for_comms(True)
     for block in getattr(model, "blocks", []):
         fully_shard(block, mesh=data_mesh, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=data_mesh, reshard_after_forward=False)

@@ -1,17 +1,11 @@
-"""Run by tests/test_expert_parallel.py (and, on 2 ranks, by ep_training.py): an MoELayer with expert parallelism
-over P gloo processes against the same layer in one process on the union of the ranks' tokens, forward and backward
-(float32), for top-k and soft routing, every sparse dispatch path, and an expert no token is routed to. Rank 0
-writes the largest differences to the JSON path given; argv[2] is P."""
+"""Used by ep_training.py on 2 and 4 ranks: an MoELayer with expert parallelism over the gloo world against the same
+layer in one process on the union of the ranks' tokens, forward and backward (float32), for top-k and soft routing,
+every sparse dispatch path, and an expert no token is routed to."""
 
 import copy
-import json
-import os
-import socket
-import sys
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
 
 from moe_lightning.moe import MoEConfig, MoELayer
@@ -94,25 +88,3 @@ def check_layer(rank: int, world: int) -> dict:
     except ValueError as error:
         result["indivisible"] = str(error)
     return result
-
-
-def worker(rank: int, world: int, port: int, out_path: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    result = check_layer(rank, world)
-    if rank == 0:
-        with open(out_path, "w") as handle:
-            json.dump(result, handle)
-    dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-if __name__ == "__main__":
-    world_size = int(sys.argv[2])
-    mp.spawn(worker, args=(world_size, free_port(), sys.argv[1]), nprocs=world_size)

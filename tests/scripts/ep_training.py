@@ -4,7 +4,8 @@ the EP=2 run's distributed checkpoint (saved at step 5) with EP=1 and with EP=2;
 then, on rank 0, the same 10 steps in one process on the union of the ranks' batches of each step. Writes the
 per-step losses (mean over ranks) to losses.json in the folder given. Last, GeometryMonitor's fit-start probe under
 FSDP2 x EP=2 and the one-process probe of the same initial model on the same probe set, in geometry.json, and
-ep_layer.py's layer checks on the same 2 ranks, in layer.json."""
+ep_layer.py's layer checks on the same 2 ranks, in layer.json. With a second argument 4: on 4 ranks, EP=2 (two
+replicas of every expert) and EP=4 against one process, and the layer checks."""
 
 import json
 import sys
@@ -67,11 +68,11 @@ def module(routing: str = "topk") -> CausalLMModule:
     return CausalLMModule(config, lr=3e-3, warmup_steps=2)
 
 
-def data(batch_size: int):
-    """Epochs of one step on 2 ranks: a run resumed at an epoch's end sees the batches of the run it continues
-    (within an epoch, a resumed plain DataLoader does not)."""
+def data(batch_size: int, ranks: int = 2):
+    """Epochs of one step on ``ranks`` ranks: a run resumed at an epoch's end sees the batches of the run it
+    continues (within an epoch, a resumed plain DataLoader does not)."""
     gen = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, VOCAB, (2 * BATCH, SEQ + 1), generator=gen)
+    tokens = torch.randint(0, VOCAB, (ranks * BATCH, SEQ + 1), generator=gen)
     dataset = torch.utils.data.TensorDataset(tokens[:, :-1], tokens[:, 1:])
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size)
 
@@ -84,6 +85,7 @@ def preset_strategy(name: str) -> ExpertParallelStrategy:
 
 
 def fit(strategy, devices: int, loader, ckpt_dir=None, ckpt_path=None, router=None) -> Losses:
+    """Train ``module()`` for 10 steps with gradient clipping; every rank's loss and batch of every step."""
     losses = Losses()
     callbacks = [losses] + ([router] if router is not None else [])
     if ckpt_dir is not None:
@@ -145,6 +147,29 @@ def geometry(routing: str) -> dict:
     return {"ep": ep, "single": single}
 
 
+def single_process(out: Path, result: dict, run: Losses, router: RouterMonitor) -> None:
+    """On rank 0: the 10 steps in one process, each on the batches of every rank of ``run`` together, and the
+    router statistics of the last window of both; everything into losses.json."""
+    single_router = RouterMonitor(log_every_n_steps=STEPS // 2)
+    union = torch.utils.data.DataLoader(run.batches, batch_size=None)
+    result["single"] = fit("auto", 1, union, router=single_router).values
+    result["router"] = {"ep": router.last_metrics, "single": single_router.last_metrics}
+    (out / "losses.json").write_text(json.dumps(result))
+
+
+def main_4(out: Path) -> None:
+    """4 ranks: EP=2 with two replicas of every expert (the (2, 2) expert mesh), EP=4, and the layer checks."""
+    router = RouterMonitor(log_every_n_steps=STEPS // 2)
+    ep2 = fit(ExpertParallelStrategy(2, process_group_backend="gloo"), 4, data(BATCH, 4), router=router)
+    ep4 = fit(ExpertParallelStrategy(4, process_group_backend="gloo"), 4, data(BATCH, 4))
+    result = {"ep2": ep2.values, "ep4": ep4.values}
+    layer = check_layer(dist.get_rank(), dist.get_world_size())
+    if dist.get_rank() != 0:
+        return
+    (out / "layer.json").write_text(json.dumps(layer))
+    single_process(out, result, ep2, router)
+
+
 def main(out_dir: str) -> None:
     out = Path(out_dir)
     ep2_router = RouterMonitor(log_every_n_steps=STEPS // 2)
@@ -160,15 +185,12 @@ def main(out_dir: str) -> None:
         return
     (out / "geometry.json").write_text(json.dumps(probes))
     (out / "layer.json").write_text(json.dumps(layer))
-    # Each step's batches of both ranks together, in one process, in one epoch.
-    single_router = RouterMonitor(log_every_n_steps=STEPS // 2)
-    union = torch.utils.data.DataLoader(ep2.batches, batch_size=None)
-    result["single"] = fit("auto", 1, union, router=single_router).values
-    # The router statistics of the last window (step 5's batches), summed over ranks, and in one process.
-    result["router"] = {"ep2": ep2_router.last_metrics, "single": single_router.last_metrics}
-    (out / "losses.json").write_text(json.dumps(result))
+    single_process(out, result, ep2, ep2_router)
 
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    main(sys.argv[1])
+    if sys.argv[2:] == ["4"]:
+        main_4(Path(sys.argv[1]))
+    else:
+        main(sys.argv[1])
