@@ -63,7 +63,6 @@ def module(routing: str = "topk") -> CausalLMModule:
         top_k=2,
         routing=routing,
         activation="swiglu",
-        num_shared_experts=1,  # a separate FSDP2 group inside each MoE layer
     )
     return CausalLMModule(config, lr=3e-3, warmup_steps=2)
 
