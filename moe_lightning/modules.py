@@ -18,6 +18,7 @@ from torchmetrics.text import Perplexity
 from moe_lightning.balancing import update_expert_biases
 from moe_lightning.common import check_choice, check_nonnegative, check_positive
 from moe_lightning.models import MLPMoE, MLPMoEConfig, ModelOutput, TransformerMoE, TransformerMoEConfig, param_counts
+from moe_lightning.parallelize import clip_grad_norm_, expert_parallel_mesh, is_parallelized, parallelize
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
 TASKS = ("regression", "classification")
@@ -111,6 +112,32 @@ class _MoEModule(L.LightningModule):
     def optimizer_config(self) -> OptimizerConfig:
         """The optimiser fields as the hyperparameters hold them now (a tuner may have changed ``hparams.lr``)."""
         return OptimizerConfig(**{f.name: self.hparams[f.name] for f in fields(OptimizerConfig)})
+
+    def configure_model(self) -> None:
+        """Under Lightning's ``ModelParallelStrategy``: FSDP2 over every rank and, with
+        :class:`~moe_lightning.strategy.ExpertParallelStrategy`, expert parallelism
+        (:func:`~moe_lightning.parallelize.parallelize`). Nothing under the other strategies."""
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if not isinstance(strategy, ModelParallelStrategy) or is_parallelized(self.model):
+            return
+        mesh = getattr(strategy, "expert_mesh", None)
+        if mesh is None:  # Lightning's own ModelParallelStrategy: FSDP2 alone
+            if strategy.device_mesh["tensor_parallel"].size() > 1:
+                raise ValueError(
+                    "ModelParallelStrategy: tensor_parallel_size must be 1 (these models have no tensor "
+                    "parallelism; every rank is data-parallel); use ExpertParallelStrategy for expert parallelism"
+                )
+            mesh = expert_parallel_mesh(strategy.root_device.type, 1)
+        parallelize(self.model, mesh)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Lightning's clipping, except clipping by norm once :meth:`configure_model` has sharded the model, where
+        the experts' and the other weights' gradients live on two device meshes (:func:`clip_grad_norm_`)."""
+        if not gradient_clip_val or gradient_clip_algorithm == "value" or not is_parallelized(self.model):
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        clip_grad_norm_(self.model.parameters(), gradient_clip_val)
 
     def on_fit_start(self) -> None:
         counts = param_counts(self.model)

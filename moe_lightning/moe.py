@@ -14,19 +14,27 @@ added to the scores for selection only; ``num_shared_experts`` adds an always-on
 Expert weights are stacked: ``w_in`` is ``(E, D, H)`` (``(E, D, 2H)`` for SwiGLU: gate then up projection) and
 ``w_out`` is ``(E, H, D)``. That is the layout ``torch.nn.functional.grouped_mm`` takes as its second operand,
 so the grouped path needs no per-step transpose.
+
+Expert parallelism (:meth:`MoELayer.shard_experts`): over a device mesh of P ranks, each rank holds ``E / P``
+experts as the local shard of a ``DTensor`` (``Shard(0)``), and the assignments travel to their experts' ranks and
+back with ``all_to_all_single`` (:mod:`moe_lightning.expert_parallel`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_lightning.balancing import load_balance_loss, router_z_loss, sequence_load_balance_loss
 from moe_lightning.common import check_choice, check_nonnegative, check_positive, warn_once
+from moe_lightning.expert_parallel import plan_exchange
 
 ROUTINGS = ("dense", "topk", "soft")
 ACTIVATIONS = ("gelu", "relu", "silu", "swiglu")
@@ -312,19 +320,117 @@ class MoELayer(nn.Module):
         nn.init.normal_(self.w_out, std=H**-0.5)
         # Built after the routed experts, so a config without shared experts draws today's initial weights.
         self.shared_experts = DenseFFN(config, hidden=config.shared_hidden) if config.num_shared_experts else None
+        # Expert parallelism (shard_experts): the group holding the experts, and where routed loads are summed.
+        self.expert_group: dist.ProcessGroup | None = None
+        self.load_group: dist.ProcessGroup | None = None
+        self._all_weights: tuple[Tensor, Tensor] | None = None  # every expert's weights, inside all_experts()
 
     @property
     def num_experts(self) -> int:
         return self.config.num_experts
 
-    # Expert e as a pure function, used by the loop path and by the geometry views.
+    # ------------------------------------------------------------------ expert parallelism
+    def shard_experts(self, mesh) -> None:
+        """Expert parallelism over the 1-D ``DeviceMesh`` ``mesh`` of P ranks: rank r keeps experts
+        ``[r E/P, (r+1) E/P)`` as the local shard of ``DTensor`` weights (``Shard(0)``); every rank keeps the router.
+
+        Each rank routes its own tokens; the assignments go to their experts' ranks and come back with
+        ``all_to_all_single`` (dropless, uneven splits), forward and backward. The balance loss then uses the loads
+        summed over ``mesh`` (:attr:`load_group`, which a caller may widen to every data-parallel rank), so the mean
+        of the ranks' losses is the loss of their tokens together. A capacity limit applies to each rank's tokens.
+
+        The expert gradients a backward pass leaves are sums over the group's ranks of each rank's loss, as for any
+        parameter before the data-parallel mean; FSDP2 (:func:`moe_lightning.parallelize.parallelize`) divides them.
+        """
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        size = mesh.size()
+        if mesh.ndim != 1:
+            raise ValueError(f"shard_experts: mesh must be 1-D (the expert-parallel ranks), got {mesh.ndim} dims")
+        if self.num_experts % size:
+            raise ValueError(
+                f"num_experts={self.num_experts} must be divisible by the expert-parallel size {size} "
+                f"(allowed sizes: divisors of {self.num_experts})"
+            )
+        if self.config.dispatch == "bmm":
+            raise ValueError(
+                "dispatch='bmm' runs every expert on every token and cannot shard the experts; use 'auto', "
+                "'sorted', 'grouped' or 'loop' under expert parallelism"
+            )
+        for name in ("w_in", "w_out"):
+            weight = getattr(self, name)
+            setattr(self, name, nn.Parameter(distribute_tensor(weight.detach(), mesh, [Shard(0)])))
+        self.expert_group = mesh.get_group()
+        if self.load_group is None:
+            self.load_group = self.expert_group
+
+    @property
+    def expert_parallel_size(self) -> int:
+        """P, the ranks the experts are split over (1 without expert parallelism)."""
+        return 1 if self.expert_group is None else dist.get_world_size(self.expert_group)
+
+    @contextmanager
+    def all_experts(self) -> Iterator[None]:
+        """Every expert's weights on this rank while the context lasts (``DTensor.full_tensor``, a collective every
+        rank of the expert group enters), so :meth:`expert_fn` takes any expert; nothing to do without expert
+        parallelism. The copies hold no gradient and are freed on exit."""
+        if self.expert_group is None:
+            yield
+            return
+        with torch.no_grad():
+            self._all_weights = (self.w_in.full_tensor(), self.w_out.full_tensor())
+        try:
+            yield
+        finally:
+            self._all_weights = None
+
+    @property
+    def local_experts(self) -> range:
+        """The global indices of the experts this rank holds (all E without expert parallelism, or inside
+        :meth:`all_experts`)."""
+        if self._all_weights is not None:
+            return range(self.num_experts)
+        size = self.expert_parallel_size
+        per_rank = self.num_experts // size
+        start = 0 if size == 1 else dist.get_rank(self.expert_group) * per_rank
+        return range(start, start + per_rank)
+
+    def local_weights(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+        """``(w_in, w_out)`` of this rank's experts, ``(L, D, H)`` and ``(L, H, D)``, cast to ``dtype``; the
+        autograd graph reaches the parameters (their local shards under expert parallelism)."""
+        w_in, w_out = self.w_in, self.w_out
+        if self._all_weights is not None:
+            w_in, w_out = self._all_weights
+        elif hasattr(w_in, "to_local"):
+            w_in, w_out = w_in.to_local(), w_out.to_local()
+        return w_in.to(dtype or w_in.dtype), w_out.to(dtype or w_out.dtype)
+
+    def local_index(self, e: int) -> int:
+        """Where expert ``e`` (a global index) sits among this rank's experts; a ``ValueError`` for another rank's."""
+        local = self.local_experts
+        if e not in local:
+            raise ValueError(f"expert {e} is not on this rank, which holds experts {local.start}..{local.stop - 1}")
+        return e - local.start
+
+    # Expert e as a pure function, used by the loop path and by the geometry views; e is a global index of one of
+    # this rank's experts (local_experts). Only expert e's slice is cast to the input's dtype.
     def expert_hidden_fn(self, e: int, x_ND: Tensor) -> Tensor:
         """Expert e's inner activation (N, H), after the nonlinearity."""
-        return _activate(x_ND @ self.w_in[e].to(x_ND.dtype), self.config.activation)
+        w_in = self.local_weights()[0][self.local_index(e)]
+        return _activate(x_ND @ w_in.to(x_ND.dtype), self.config.activation)
 
     def expert_fn(self, e: int, x_ND: Tensor) -> Tensor:
         """Expert e's output (N, D)."""
-        return self.expert_hidden_fn(e, x_ND) @ self.w_out[e].to(x_ND.dtype)
+        w_out = self.local_weights()[1][self.local_index(e)]
+        return self.expert_hidden_fn(e, x_ND) @ w_out.to(x_ND.dtype)
+
+    def _global_load(self, load_E: Tensor) -> Tensor:
+        """``load_E`` summed over :attr:`load_group` (itself without one); no gradient flows through loads."""
+        if self.load_group is None:
+            return load_E
+        total = load_E.detach().clone()
+        dist.all_reduce(total, group=self.load_group)
+        return total
 
     def forward(self, x: Tensor) -> tuple[Tensor, MoEAux]:
         if x.shape[-1] != self.config.dim:
@@ -333,7 +439,8 @@ class MoELayer(nn.Module):
         route = self.router(x_ND)
         dispatch = self.config.dispatch
         if dispatch == "auto":
-            dispatch = "bmm" if self.config.routing == "soft" else auto_sparse_dispatch(x.device)
+            soft_bmm = self.config.routing == "soft" and self.expert_group is None
+            dispatch = "bmm" if soft_bmm else auto_sparse_dispatch(x.device)
         if dispatch == "bmm":
             y_ND = self._forward_bmm(x_ND, route.gates)
             tokens_E = torch.full((self.num_experts,), x_ND.shape[0], device=x.device)
@@ -341,7 +448,8 @@ class MoELayer(nn.Module):
         else:
             y_ND, tokens_E, dropped = self._forward_sparse(x_ND, route, dispatch)
         if self.shared_experts is not None:
-            y_ND = y_ND + self.shared_experts.expert_fn(0, x_ND).to(y_ND.dtype)
+            # Through its forward, so that FSDP2's hooks gather its weights when it is sharded on its own.
+            y_ND = y_ND + self.shared_experts(x_ND)[0].to(y_ND.dtype)
         if self.config.routing == "soft":
             # Every expert sees every token, so the load of expert i is its gate mass: f_i = sg(P_i), and the
             # loss E * sum_i P_i^2 is 1 exactly when the mean gates are uniform.
@@ -349,7 +457,7 @@ class MoELayer(nn.Module):
         else:  # f_i counts the router's decisions, before any capacity dropping
             routed_E = torch.bincount(route.expert_index.reshape(-1), minlength=self.num_experts)
         aux = MoEAux(
-            load_balance=self._balance_loss(route, routed_E, x),
+            load_balance=self._balance_loss(route, self._global_load(routed_E), x),
             z_loss=router_z_loss(route.logits),
             tokens_per_expert=tokens_E.detach(),
             dropped=dropped,
@@ -412,21 +520,28 @@ class MoELayer(nn.Module):
             )
             dispatch = "sorted"
         x_AD = x_ND[token_A]
-        if dispatch == "loop":
-            y_AD = self._experts_loop(x_AD, counts_E)
-        elif dispatch == "sorted":
-            y_AD = self._experts_sorted(x_AD, counts_E)
-        else:
-            y_AD = self._experts_grouped(x_AD, counts_E)
+        if self.expert_group is None:
+            y_AD = self._experts(dispatch, x_AD, counts_E)
+        else:  # the rows go to their experts' ranks, run there, and come back in the same order
+            exchange = plan_exchange(counts_E, self.expert_group)
+            y_AD = exchange.combine(self._experts(dispatch, exchange.dispatch(x_AD), exchange.local_counts))
         y_AD = y_AD * weight_A.to(y_AD.dtype).unsqueeze(-1)
         y_ND = torch.zeros(x_ND.shape[0], x_ND.shape[1], dtype=y_AD.dtype, device=x_ND.device)
         y_ND = y_ND.index_add(0, token_A, y_AD)
         return y_ND, counts_E, dropped
 
+    def _experts(self, dispatch: str, x_AD: Tensor, counts_E: Tensor) -> Tensor:
+        """This rank's experts on assignment rows grouped by expert, ``counts_E`` rows each (one per local expert)."""
+        if dispatch == "loop":
+            return self._experts_loop(x_AD, counts_E)
+        if dispatch == "sorted":
+            return self._experts_sorted(x_AD, counts_E)
+        return self._experts_grouped(x_AD, counts_E)
+
     def _experts_loop(self, x_AD: Tensor, counts_E: Tensor) -> Tensor:
         """Reference path: one expert at a time, slicing the stacked weights (``W[e]``)."""
         outputs, start = [], 0
-        for e, count in enumerate(counts_E.tolist()):
+        for e, count in zip(self.local_experts, counts_E.tolist(), strict=True):
             outputs.append(self.expert_fn(e, x_AD[start : start + count]))
             start += count
         return torch.cat(outputs) if outputs else x_AD
@@ -438,7 +553,7 @@ class MoELayer(nn.Module):
         allocating a full-size ``(E, D, H)`` gradient per ``W[e]`` slice.
         """
         splits = counts_E.tolist()
-        w_in, w_out = self.w_in.to(x_AD.dtype).unbind(0), self.w_out.to(x_AD.dtype).unbind(0)
+        w_in, w_out = (w.unbind(0) for w in self.local_weights(x_AD.dtype))
         outputs = [
             _activate(chunk @ w_in[e], self.config.activation) @ w_out[e] for e, chunk in enumerate(x_AD.split(splits))
         ]
@@ -447,7 +562,7 @@ class MoELayer(nn.Module):
     def _experts_grouped(self, x_AD: Tensor, counts_E: Tensor) -> Tensor:
         """All experts in two ``grouped_mm`` calls over the sorted assignments, int32 offsets (torchtitan)."""
         offsets_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
-        w_in, w_out = self.w_in.to(x_AD.dtype), self.w_out.to(x_AD.dtype)
+        w_in, w_out = self.local_weights(x_AD.dtype)
         h_AH = _activate(F.grouped_mm(x_AD, w_in, offs=offsets_E), self.config.activation)
         return F.grouped_mm(h_AH.contiguous(), w_out, offs=offsets_E)
 

@@ -92,9 +92,10 @@ def numpy_health(load: np.ndarray) -> dict[str, float]:
     }
 
 
-def run_test_script(name: str, argument: str | Path, cwd: str | Path) -> None:
-    """Run ``tests/scripts/<name>`` in a fresh Python (one torch thread, W&B offline) with ``argument``; fail with its
-    stderr when it fails. The multi-process tests launch their gloo workers this way."""
+def run_test_script(name: str, argument: str | Path, cwd: str | Path, extra: list[str] | None = None) -> None:
+    """Run ``tests/scripts/<name>`` in a fresh Python (one torch thread, W&B offline) with ``argument`` (and the
+    ``extra`` arguments); fail with its stderr when it fails. The multi-process tests launch their gloo workers this
+    way."""
     import os
     import subprocess
     import sys
@@ -102,7 +103,7 @@ def run_test_script(name: str, argument: str | Path, cwd: str | Path) -> None:
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
     result = subprocess.run(
-        [sys.executable, str(root / "tests" / "scripts" / name), str(argument)],
+        [sys.executable, str(root / "tests" / "scripts" / name), str(argument), *(extra or [])],
         cwd=cwd,
         env=env,
         capture_output=True,

@@ -41,7 +41,11 @@ class NativeMoEView:
         """``swiglu_fn(x, w_gate, w_up, w_out)`` or ``mlp_fn(x, w_in, None, w_out, activation)`` on expert ``e``'s
         weights cast to ``x``'s dtype (the probe may run in float64 on a float32 model)."""
         ffn, activation = self.ffn, self.ffn.config.activation
-        w_in, w_out = ffn.w_in[e].to(x.dtype), ffn.w_out[e].to(x.dtype)
+        if isinstance(ffn, MoELayer):  # this rank's experts (all of them but under expert parallelism)
+            (w_in, w_out), e = ffn.local_weights(), ffn.local_index(e)
+        else:
+            w_in, w_out = ffn.w_in, ffn.w_out
+        w_in, w_out = w_in[e].to(x.dtype), w_out[e].to(x.dtype)
         if activation == "swiglu":
             w_gate, w_up = w_in.chunk(2, dim=-1)
             return swiglu_fn(x, w_gate, w_up, w_out)

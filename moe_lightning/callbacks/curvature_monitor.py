@@ -11,6 +11,7 @@ from typing import Any
 
 import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -163,6 +164,13 @@ class CurvatureMonitor(Callback):
             )
         if self.method == "power" and trainer.world_size > 1:
             raise ValueError("CurvatureMonitor: method='power' does not average over DDP ranks; use method='lanczos'")
+        if isinstance(trainer.strategy, ModelParallelStrategy):
+            # Its Hessian-vector products differentiate through the weights twice, which FSDP2's sharded
+            # parameters and the expert exchange are not built for.
+            raise ValueError(
+                "CurvatureMonitor: strategy ModelParallelStrategy (FSDP2, expert parallelism) is not supported; "
+                "allowed: single-device and DDP strategies"
+            )
         self._parameter_sets(pl_module)  # a group that matches nothing fails now, not at the first probe
         define_step_metric(trainer, "curvature/*")
 

@@ -30,6 +30,7 @@ from moe_lightning.callbacks._observe import (
     wandb_loggers,
     write_step_report,
 )
+from moe_lightning.callbacks._sharded import gathered
 from moe_lightning.common import check_choice, check_positive_int, dtype_from_name, observation, warn_once
 from moe_lightning.geometry import GeometryReport, ProbeConfig, finalize, probe_statistics
 from moe_lightning.geometry.bootstrap import resample_counts
@@ -310,7 +311,9 @@ class GeometryMonitor(Callback):
                 counts = self._resample_counts(x.reshape(-1, x.shape[-1]).shape[0], world, rank)
                 stats, failed = None, False
                 try:
-                    stats = probe_statistics(view, shard, self.probe_config, resample_counts=counts)
+                    # Under FSDP2 and expert parallelism the layer is whole on every rank while it is probed.
+                    with gathered(view.module):
+                        stats = probe_statistics(view, shard, self.probe_config, resample_counts=counts)
                 except Exception as error:  # a probe must never stop training; report it and go on
                     failed = True
                     # Every rank reports its own failure: it may have happened on this rank's shard only.

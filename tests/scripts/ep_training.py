@@ -1,0 +1,195 @@
+"""Run by tests/test_expert_parallel.py: 10 training steps of a tiny TransformerMoE on 2 gloo processes with the
+strategies of configs/trainer/ep_cpu.yaml (FSDP2 x EP=2) and of fsdp.yaml (FSDP2 alone), and resumed at step 5 from
+the EP=2 run's distributed checkpoint (saved at step 5) with EP=1 and with EP=2;
+then, on rank 0, the same 10 steps in one process on the union of the ranks' batches of each step. Writes the
+per-step losses (mean over ranks) to losses.json in the folder given. Last, GeometryMonitor's fit-start probe under
+FSDP2 x EP=2 and the one-process probe of the same initial model on the same probe set, in geometry.json, and
+ep_layer.py's layer checks on the same 2 ranks, in layer.json. With a second argument 4: on 4 ranks, EP=2 (two
+replicas of every expert) and EP=4 against one process, and the layer checks."""
+
+import json
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.distributed as dist
+import yaml
+from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from moe_lightning.adapters import find_moe_layers
+from moe_lightning.adapters.capture import capture_layer_inputs
+from moe_lightning.callbacks import GeometryMonitor, RouterMonitor
+from moe_lightning.common import observation
+from moe_lightning.geometry import probe
+from moe_lightning.models import TransformerMoEConfig
+from moe_lightning.modules import CausalLMModule
+from moe_lightning.strategy import ExpertParallelStrategy
+
+sys.path.insert(0, str(Path(__file__).parent))
+from ep_layer import check_layer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+STEPS, BATCH, SEQ, VOCAB = 10, 4, 8, 64
+
+
+class Losses(Callback):
+    """The training loss of every step, averaged over ranks (each rank's batch has the same size), and every batch
+    of every rank, concatenated per step."""
+
+    def __init__(self):
+        self.values, self.batches = [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.values.append(float(trainer.strategy.reduce(outputs["loss"].detach(), reduce_op="mean")))
+        if trainer.world_size > 1:
+            gathered = [None] * trainer.world_size
+            dist.all_gather_object(gathered, [t.clone() for t in batch])
+            self.batches.append(tuple(torch.cat(parts) for parts in zip(*gathered, strict=True)))
+
+
+def module(routing: str = "topk") -> CausalLMModule:
+    """A tiny transformer, the same initial weights on every call."""
+    torch.manual_seed(0)
+    config = TransformerMoEConfig(
+        vocab_size=VOCAB,
+        dim=32,
+        num_layers=2,
+        num_heads=2,
+        max_seq_len=SEQ,
+        expert_hidden=16,
+        num_experts=4,
+        top_k=2,
+        routing=routing,
+        activation="swiglu",
+    )
+    return CausalLMModule(config, lr=3e-3, warmup_steps=2)
+
+
+def data(batch_size: int, ranks: int = 2):
+    """Epochs of one step on ``ranks`` ranks: a run resumed at an epoch's end sees the batches of the run it
+    continues (within an epoch, a resumed plain DataLoader does not)."""
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, VOCAB, (ranks * BATCH, SEQ + 1), generator=gen)
+    dataset = torch.utils.data.TensorDataset(tokens[:, :-1], tokens[:, 1:])
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+
+
+def preset_strategy(name: str) -> ExpertParallelStrategy:
+    """The strategy a preset names, with gloo for the CPU."""
+    spec = yaml.safe_load((ROOT / "configs" / "trainer" / name).read_text())["trainer"]["strategy"]
+    assert spec["class_path"] == "moe_lightning.strategy.ExpertParallelStrategy"
+    return ExpertParallelStrategy(**{**spec["init_args"], "process_group_backend": "gloo"})
+
+
+def fit(strategy, devices: int, loader, ckpt_dir=None, ckpt_path=None, router=None) -> Losses:
+    """Train ``module()`` for 10 steps with gradient clipping; every rank's loss and batch of every step."""
+    losses = Losses()
+    callbacks = [losses] + ([router] if router is not None else [])
+    if ckpt_dir is not None:
+        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, every_n_epochs=STEPS // 2, save_top_k=-1))
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        max_steps=STEPS,
+        logger=False,
+        callbacks=callbacks,
+        enable_checkpointing=ckpt_dir is not None,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        gradient_clip_val=1.0,
+        limit_val_batches=0,
+    )
+    trainer.fit(module(), loader, ckpt_path=ckpt_path)
+    return losses
+
+
+class Tokens(L.LightningDataModule):
+    """The same data as a datamodule, whose validation loader gives GeometryMonitor one probe set on every rank."""
+
+    def train_dataloader(self):
+        return data(BATCH)
+
+    def val_dataloader(self):
+        return data(BATCH)
+
+
+def geometry(routing: str) -> dict:
+    """The fit-start probe under FSDP2 x EP=2 (float64, 32 tokens), and one process's probe of the initial model."""
+    # subspace_rank=2: a rank-8 PCA subspace of the ~16 tokens an expert gets here has no eigen-gap to be defined by
+    monitor = GeometryMonitor(every_n_steps=None, max_tokens=32, subspace_rank=2, log_media=False, save_reports=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=ExpertParallelStrategy(2, process_group_backend="gloo"),
+        max_steps=1,
+        logger=False,
+        callbacks=[monitor],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(module(routing), Tokens())
+    if dist.get_rank() != 0:
+        return {}
+    ep = {k: v for name, r in monitor.last_reports.items() for k, v in r.scalars(f"geometry/{name}").items()}
+    single, reference = {}, module(routing)
+    views = find_moe_layers(reference.model)
+    with observation(reference):
+        captured = capture_layer_inputs(reference, views, monitor.probe_inputs)
+        for view in views:
+            report = probe(view, captured[view.name][:32], monitor.probe_config)
+            single.update(report.scalars(f"geometry/{view.name}"))
+    return {"ep": ep, "single": single}
+
+
+def single_process(out: Path, result: dict, run: Losses, router: RouterMonitor) -> None:
+    """On rank 0: the 10 steps in one process, each on the batches of every rank of ``run`` together, and the
+    router statistics of the last window of both; everything into losses.json."""
+    single_router = RouterMonitor(log_every_n_steps=STEPS // 2)
+    union = torch.utils.data.DataLoader(run.batches, batch_size=None)
+    result["single"] = fit("auto", 1, union, router=single_router).values
+    result["router"] = {"ep": router.last_metrics, "single": single_router.last_metrics}
+    (out / "losses.json").write_text(json.dumps(result))
+
+
+def main_4(out: Path) -> None:
+    """4 ranks: EP=2 with two replicas of every expert (the (2, 2) expert mesh), EP=4, and the layer checks."""
+    router = RouterMonitor(log_every_n_steps=STEPS // 2)
+    ep2 = fit(ExpertParallelStrategy(2, process_group_backend="gloo"), 4, data(BATCH, 4), router=router)
+    ep4 = fit(ExpertParallelStrategy(4, process_group_backend="gloo"), 4, data(BATCH, 4))
+    result = {"ep2": ep2.values, "ep4": ep4.values}
+    layer = check_layer(dist.get_rank(), dist.get_world_size())
+    if dist.get_rank() != 0:
+        return
+    (out / "layer.json").write_text(json.dumps(layer))
+    single_process(out, result, ep2, router)
+
+
+def main(out_dir: str) -> None:
+    out = Path(out_dir)
+    ep2_router = RouterMonitor(log_every_n_steps=STEPS // 2)
+    ep2 = fit(preset_strategy("ep_cpu.yaml"), 2, data(BATCH), ckpt_dir=out / "ckpt", router=ep2_router)
+    result = {"ep2": ep2.values, "fsdp": fit(preset_strategy("fsdp.yaml"), 2, data(BATCH)).values}
+    (checkpoint,) = sorted((out / "ckpt").glob("*step=5*"))
+    for name, size in (("resume_ep1", 1), ("resume_ep2", 2)):
+        strategy = ExpertParallelStrategy(size, process_group_backend="gloo")
+        result[name] = fit(strategy, 2, data(BATCH), ckpt_path=checkpoint).values
+    probes = {routing: geometry(routing) for routing in ("topk", "soft")}
+    layer = check_layer(dist.get_rank(), dist.get_world_size())
+    if dist.get_rank() != 0:
+        return
+    (out / "geometry.json").write_text(json.dumps(probes))
+    (out / "layer.json").write_text(json.dumps(layer))
+    single_process(out, result, ep2, ep2_router)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    if sys.argv[2:] == ["4"]:
+        main_4(Path(sys.argv[1]))
+    else:
+        main(sys.argv[1])

@@ -1,0 +1,100 @@
+"""Expert parallelism and FSDP2 on CPU over gloo, against one process: 10 training steps of a tiny transformer with
+the ep_cpu.yaml and fsdp.yaml strategies, the EP=2 checkpoint resumed with EP=1 and EP=2, GeometryMonitor under EP=2
+and the MoE layer's forward and backward on the same 2 ranks (tests/scripts/ep_training.py, one launch); the layer
+and on 4 ranks, EP=2 with two replicas of each expert, EP=4 and the layer (slow: the 2-rank run covers the same
+code but for the replicas)."""
+
+import json
+import math
+
+import lightning as L
+import pytest
+import torch
+from helpers import run_test_script
+
+from moe_lightning.callbacks import CurvatureMonitor
+from moe_lightning.models import MLPMoEConfig
+from moe_lightning.modules import MLPMoEModule
+from moe_lightning.parallelize import clip_grad_norm_
+from moe_lightning.strategy import ExpertParallelStrategy
+
+LAYER_CASES = ["topk_sorted", "topk_grouped", "topk_loop", "topk_empty_expert", "soft_sorted", "soft_grouped"]
+
+
+def check_layer_result(result: dict) -> None:
+    for case in LAYER_CASES:
+        for quantity, error in result[case].items():
+            if quantity != "empty_experts":
+                assert error <= 1e-6, (case, quantity, error)
+    assert result["topk_empty_expert"]["empty_experts"] == 1  # the case has an expert that gets no token
+    assert "must be divisible by the expert-parallel size" in result["indivisible"]
+
+
+@pytest.mark.slow
+def test_four_ranks_match_one_process(tmp_path):
+    run_test_script("ep_training.py", tmp_path, tmp_path, extra=["4"])
+    losses = json.loads((tmp_path / "losses.json").read_text())
+    # EP=2 keeps two replicas of every expert, sharded by FSDP2 over them. Four ranks sum in other orders than
+    # one process; AdamW's first steps (close to lr * sign(g)) carry those float32 differences on, to 2e-5 by
+    # step 10 with EP=4.
+    for run in ("ep2", "ep4"):
+        assert losses[run] == pytest.approx(losses["single"], abs=5e-5), run
+    assert losses["ep2"][:3] == pytest.approx(losses["single"][:3], abs=1e-6)
+    check_router(losses["router"])
+    check_layer_result(json.loads((tmp_path / "layer.json").read_text()))
+
+
+def check_router(router: dict) -> None:
+    assert set(router["ep"]) == set(router["single"]) and "router/blocks.0.ffn/load/e3" in router["single"]
+    for key, value in router["single"].items():
+        assert router["ep"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+def test_training_checkpoints_and_probes_match_one_process(tmp_path):
+    run_test_script("ep_training.py", tmp_path, tmp_path)
+    losses = json.loads((tmp_path / "losses.json").read_text())
+    single = losses["single"]
+    assert len(single) == 10
+    for run in ("ep2", "fsdp"):
+        assert losses[run] == pytest.approx(single, abs=1e-5), run
+    for run in ("resume_ep1", "resume_ep2"):  # resumed at step 5 from the EP=2 checkpoint
+        assert losses[run] == pytest.approx(single[5:], abs=1e-5), run
+    assert single[-1] < single[0] - 0.1  # it trains
+    check_router(losses["router"])
+    probes = json.loads((tmp_path / "geometry.json").read_text())
+    for routing in ("topk", "soft"):
+        ep, one = probes[routing]["ep"], probes[routing]["single"]
+        assert set(ep) == set(one) and any("/jac_sigma_max/e3" in k for k in one)
+        for key, value in one.items():
+            if math.isnan(value):
+                assert math.isnan(ep[key]), key
+            else:
+                assert ep[key] == pytest.approx(value, rel=1e-6, abs=1e-9), (routing, key)
+    check_layer_result(json.loads((tmp_path / "layer.json").read_text()))  # the layer on 2 ranks
+
+
+def test_clip_grad_norm_matches_torch_on_one_mesh():
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(3)]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    for a, b in zip(ours, theirs, strict=True):
+        a.grad = torch.randn_like(a) * 4
+        b.grad = a.grad.clone()
+    norm = clip_grad_norm_(ours, 1.0)
+    reference = torch.nn.utils.clip_grad_norm_(theirs, 1.0)
+    assert norm.item() == pytest.approx(reference.item(), rel=1e-6) and reference.item() > 1.0
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("size", [0, -2, 1.5])
+def test_strategy_rejects_a_bad_expert_parallel_size(size):
+    with pytest.raises(ValueError, match="expert_parallel_size"):
+        ExpertParallelStrategy(expert_parallel_size=size)
+
+
+def test_curvature_monitor_is_rejected_under_model_parallel():
+    trainer = L.Trainer(accelerator="cpu", devices=1, strategy=ExpertParallelStrategy(1), logger=False)
+    module = MLPMoEModule(MLPMoEConfig(input_dim=4, output_dim=2, dim=8, expert_hidden=8, num_experts=2))
+    with pytest.raises(ValueError, match="ModelParallelStrategy"):
+        CurvatureMonitor().setup(trainer, module, "fit")
