@@ -92,7 +92,9 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool 
             fully_shard(layer.shared_experts, mesh=data_mesh, reshard_after_forward=reshard_after_forward)
         fully_shard(layer, mesh=replicate_mesh, reshard_after_forward=reshard_after_forward)
         layer.set_gradient_divide_factor(float(world))
-        if dist.get_backend(replicate_mesh.get_group()) == "gloo":  # gloo has no PREMUL_SUM: sum, then divide
+        # gloo has no PREMUL_SUM: sum, then divide. Not on a one-rank replica mesh, where FSDP2 skips the
+        # reduction and divides its copy by the factor, and a forced sum would divide it a second time.
+        if replicate_mesh.size() > 1 and dist.get_backend(replicate_mesh.get_group()) == "gloo":
             layer.set_force_sum_reduction_for_comms(True)
     for block in getattr(model, "blocks", []):
         fully_shard(block, mesh=data_mesh, reshard_after_forward=reshard_after_forward)

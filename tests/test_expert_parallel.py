@@ -34,12 +34,10 @@ def check_layer_result(result: dict) -> None:
 def test_four_ranks_match_one_process(tmp_path):
     run_test_script("ep_training.py", tmp_path, tmp_path, extra=["4"])
     losses = json.loads((tmp_path / "losses.json").read_text())
-    # EP=2 keeps two replicas of every expert, sharded by FSDP2 over them. Four ranks sum in other orders than
-    # one process; AdamW's first steps (close to lr * sign(g)) carry those float32 differences on, to 2e-5 by
-    # step 10 with EP=4.
+    # EP=2 keeps two replicas of every expert, sharded by FSDP2 over them (their gradients summed over the
+    # replicas, then divided); EP=4 has one copy of each.
     for run in ("ep2", "ep4"):
-        assert losses[run] == pytest.approx(losses["single"], abs=5e-5), run
-    assert losses["ep2"][:3] == pytest.approx(losses["single"][:3], abs=1e-6)
+        assert losses[run] == pytest.approx(losses["single"], abs=1e-5), run
     check_router(losses["router"])
     check_layer_result(json.loads((tmp_path / "layer.json").read_text()))
 
