@@ -28,8 +28,8 @@ under the variant's name.
 
 Each job is one ``moe-lightning fit`` subprocess (a crash stays in its job) with one more config written into its
 directory, ``job.yaml``: the preset's ``overrides`` and ``routing_overrides[routing]``, ``seed_everything``,
-the arm's ``model.init_args.config`` fields (``routing``, and ``capacity_match`` for a dense arm) and the loggers (CSV always, into the job directory; W&B, offline when needed,
-when ``--loggers`` includes it). Layout::
+the arm's ``model.init_args.config`` fields (``routing``, and ``capacity_match`` for a dense arm) and the
+loggers (CSV always, into the job directory; W&B, offline when needed, when ``--loggers`` includes it). Layout::
 
     <out>/<name>/sweep.json                       the resolved preset
     <out>/<name>/<routing>-seed<k>/run.json       status (running | done | failed), return code, wall time, command

@@ -1,8 +1,7 @@
 """Expert parallelism and FSDP2 on CPU over gloo, against one process: 10 training steps of a tiny transformer with
 the ep_cpu.yaml and fsdp.yaml strategies, the EP=2 checkpoint resumed with EP=1 and EP=2, GeometryMonitor under EP=2
-and the MoE layer's forward and backward on the same 2 ranks (tests/scripts/ep_training.py, one launch); the layer
-and on 4 ranks, EP=2 with two replicas of each expert, EP=4 and the layer (slow: the 2-rank run covers the same
-code but for the replicas)."""
+and the MoE layer's forward and backward on the same 2 ranks (tests/scripts/ep_training.py, one launch); and on 4
+ranks, EP=2 with two replicas of each expert, EP=4 and the layer."""
 
 import json
 import math
@@ -30,7 +29,6 @@ def check_layer_result(result: dict) -> None:
     assert "must be divisible by the expert-parallel size" in result["indivisible"]
 
 
-@pytest.mark.slow
 def test_four_ranks_match_one_process(tmp_path):
     run_test_script("ep_training.py", tmp_path, tmp_path, extra=["4"])
     losses = json.loads((tmp_path / "losses.json").read_text())

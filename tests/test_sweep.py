@@ -146,7 +146,10 @@ def test_failed_job_is_reported_and_others_go_on(tmp_path, capsys) -> None:
     "argv, message",
     [
         (["no_such_preset"], "shipped presets: mlp_paper, mlp_small"),
-        (["mlp_small", "--routings", "moe"], "routings ['moe'] not allowed; choose from ('topk', 'soft', 'dense_total', 'dense_active', 'dense')"),
+        (
+            ["mlp_small", "--routings", "moe"],
+            "routings ['moe'] not allowed; choose from ('topk', 'soft', 'dense_total', 'dense_active', 'dense')",
+        ),
         (["mlp_small", "--seeds", "0", "--num-seeds", "2"], "give --seeds or --num-seeds, not both"),
         (["mlp_small", "--loggers", "tensorboard"], "loggers ['tensorboard'] not allowed"),
     ],

@@ -236,9 +236,9 @@ def plot_claim_panels(
     panels: Sequence[tuple[str, str, dict[str, pd.DataFrame]]], path: str, title: str, max_columns: int = 4
 ) -> str:
     """Small multiples of a paired difference over training: one panel per claim, one line per series (a layer),
-    the t-interval over seeds shaded, the bootstrap interval over probe tokens as bars from its own ends, 0 dashed, and each
-    step's marker coloured by its verdict (holds green, does not hold red, inconclusive grey; hollow when it rests
-    on an under-sampled PCA value).
+    the t-interval over seeds shaded, the bootstrap interval over probe tokens as bars from its own ends, 0 dashed,
+    and each step's marker coloured by its verdict (holds green, does not hold red, inconclusive grey; hollow when
+    it rests on an under-sampled PCA value).
 
     Args:
         panels: ``(panel title, y label, {series label: frame})``; each frame has columns ``step,
