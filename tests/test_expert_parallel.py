@@ -1,7 +1,8 @@
 """Expert parallelism and FSDP2 on CPU over gloo, against one process: 10 training steps of a tiny transformer with
 the ep_cpu.yaml and fsdp.yaml strategies, the EP=2 checkpoint resumed with EP=1 and EP=2, GeometryMonitor under EP=2
-and the MoE layer's forward and backward on the same 2 ranks (tests/scripts/ep_training.py, one launch); and on 4
-ranks, EP=2 with two replicas of each expert, EP=4 and the layer."""
+(exact and matrix-free paths, bootstrap, the torch.func layer Jacobian) and the MoE layer's forward and backward on
+the same 2 ranks (tests/scripts/ep_training.py, one launch); and on 4 ranks, EP=2 with two replicas of each expert,
+EP=4, the probe with two expert groups and the layer."""
 
 import json
 import math
@@ -37,7 +38,26 @@ def test_four_ranks_match_one_process(tmp_path):
     for run in ("ep2", "ep4"):
         assert losses[run] == pytest.approx(losses["single"], abs=1e-5), run
     check_router(losses["router"])
+    check_probes(json.loads((tmp_path / "geometry.json").read_text()))
     check_layer_result(json.loads((tmp_path / "layer.json").read_text()))
+
+
+def check_probes(probes: dict) -> None:
+    """GeometryMonitor under EP=2 equals one process's probe of the same model on the same tokens; it probes each
+    expert on its rank (no rank gathers a layer's experts) unless the layer Jacobian runs through torch.func."""
+    for case, result in probes.items():
+        ep, one = result["ep"], result["single"]
+        assert set(ep) == set(one) and any("/jac_sigma_max/e3" in k for k in one), case
+        for key, value in one.items():
+            if math.isnan(value):
+                assert math.isnan(ep[key]), (case, key)
+            else:
+                assert ep[key] == pytest.approx(value, rel=1e-6, abs=1e-9), (case, key)
+        assert (result["gathers"] > 0) == (case == "topk_func"), (case, result["gathers"])
+    if "topk_bootstrap" in probes:
+        assert sum(k.startswith("bootstrap/") for k in probes["topk_bootstrap"]["single"]) > 100
+    if "topk_matrix_free" in probes:
+        assert any("layer_jac_unconverged" in k for k in probes["topk_matrix_free"]["single"])
 
 
 def check_router(router: dict) -> None:
@@ -58,14 +78,8 @@ def test_training_checkpoints_and_probes_match_one_process(tmp_path):
     assert single[-1] < single[0] - 0.1  # it trains
     check_router(losses["router"])
     probes = json.loads((tmp_path / "geometry.json").read_text())
-    for routing in ("topk", "soft"):
-        ep, one = probes[routing]["ep"], probes[routing]["single"]
-        assert set(ep) == set(one) and any("/jac_sigma_max/e3" in k for k in one)
-        for key, value in one.items():
-            if math.isnan(value):
-                assert math.isnan(ep[key]), key
-            else:
-                assert ep[key] == pytest.approx(value, rel=1e-6, abs=1e-9), (routing, key)
+    assert set(probes) == {"topk", "soft", "topk_matrix_free", "topk_bootstrap", "topk_func"}
+    check_probes(probes)
     check_layer_result(json.loads((tmp_path / "layer.json").read_text()))  # the layer on 2 ranks
 
 
@@ -94,3 +108,17 @@ def test_curvature_monitor_is_rejected_under_model_parallel():
     module = MLPMoEModule(MLPMoEConfig(input_dim=4, output_dim=2, dim=8, expert_hidden=8, num_experts=2))
     with pytest.raises(ValueError, match="ModelParallelStrategy"):
         CurvatureMonitor().setup(trainer, module, "fit")
+
+
+def test_probe_statistics_rejects_an_incomplete_or_whole_layer_expert_shard():
+    from moe_lightning.adapters import find_moe_layers
+    from moe_lightning.geometry import ProbeConfig, probe_statistics
+
+    module = MLPMoEModule(MLPMoEConfig(input_dim=4, output_dim=2, dim=8, expert_hidden=8, num_experts=2))
+    (view,) = find_moe_layers(module.model)
+    x = torch.randn(6, 8)
+    with pytest.raises(ValueError, match="expert_group and local_experts together"):
+        probe_statistics(view, x, expert_group=object())
+    with pytest.raises(ValueError, match="layer_jacobian_method='func'"):
+        cfg = ProbeConfig(layer_jacobian_method="func")
+        probe_statistics(view, x, cfg, expert_group=object(), local_experts=range(0, 1))

@@ -34,6 +34,7 @@ from moe_lightning.callbacks._sharded import gathered
 from moe_lightning.common import check_choice, check_positive_int, dtype_from_name, observation, warn_once
 from moe_lightning.geometry import GeometryReport, ProbeConfig, finalize, probe_statistics
 from moe_lightning.geometry.bootstrap import resample_counts
+from moe_lightning.moe import MoELayer
 
 _PROBE_DTYPES = ("float64", "float32")
 _SOURCES = ("val", "train")
@@ -286,14 +287,26 @@ class GeometryMonitor(Callback):
         value = torch.tensor(float(flag), device=trainer.strategy.root_device)
         return bool(trainer.strategy.reduce(value, reduce_op="sum").item() > 0)
 
-    def _resample_counts(self, num_tokens: int, world: int, rank: int) -> Tensor | None:
-        """This rank's columns of the bootstrap's draw over the global probe set (None without a bootstrap): the
-        resamples do not depend on how many ranks share the tokens."""
+    def _resample_counts(self, num_tokens: int, world: int, ranks: list[int]) -> Tensor | None:
+        """The columns of the bootstrap's draw over the global probe set (None without a bootstrap) that belong to
+        the tokens of ``ranks``: the resamples do not depend on how many ranks share the tokens."""
         cfg = self.probe_config
         if not cfg.bootstrap:
             return None
         counts = resample_counts(num_tokens, cfg.bootstrap, cfg.bootstrap_seed)
-        return counts.tensor_split(world, dim=1)[rank] if world > 1 else counts
+        return torch.cat([counts.tensor_split(world, dim=1)[r] for r in ranks], dim=1) if world > 1 else counts
+
+    def _expert_group(self, view) -> dist.ProcessGroup | None:
+        """The process group over which ``view``'s layer splits its experts, if it is probed expert by expert on
+        the ranks that hold them; None where every expert is here, or where the probe needs the whole layer on one
+        rank (``layer_jacobian_method="func"``), so that it gathers the experts."""
+        module = getattr(view, "module", None)
+        if not isinstance(module, MoELayer) or module.expert_parallel_size == 1:
+            return None
+        cfg = self.probe_config
+        if cfg.layer_jacobian and cfg.layer_jacobian_method == "func":
+            return None
+        return module.expert_group
 
     def run_probe(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, GeometryReport]:
         """Probe every layer now and log the results at ``trainer.global_step``. Returns the reports."""
@@ -307,13 +320,28 @@ class GeometryMonitor(Callback):
             captured = capture_layer_inputs(pl_module, self.views, self.probe_inputs, self.forward)
             for view in self.views:
                 x = captured[view.name][: self.max_tokens]
-                shard = x.tensor_split(world)[rank] if world > 1 else x  # each rank probes its share of tokens
-                counts = self._resample_counts(x.reshape(-1, x.shape[-1]).shape[0], world, rank)
+                group = self._expert_group(view)
+                # Each rank probes its share of the tokens; under expert parallelism the ranks of an expert group
+                # probe their shares together, each with its own experts.
+                ranks = [rank] if group is None else dist.get_process_group_ranks(group)
+                shard = torch.cat([x.tensor_split(world)[r] for r in ranks]) if world > 1 else x
+                counts = self._resample_counts(x.reshape(-1, x.shape[-1]).shape[0], world, ranks)
                 stats, failed = None, False
                 try:
-                    # Under FSDP2 and expert parallelism the layer is whole on every rank while it is probed.
-                    with gathered(view.module):
-                        stats = probe_statistics(view, shard, self.probe_config, resample_counts=counts)
+                    # Under FSDP2 the layer's weights are gathered while it is probed; under expert parallelism
+                    # each rank's own experts, or all of them where a quantity needs the whole layer on one rank.
+                    with gathered(view.module, all_experts=group is None):
+                        if group is None:
+                            stats = probe_statistics(view, shard, self.probe_config, resample_counts=counts)
+                        else:
+                            stats = probe_statistics(
+                                view,
+                                shard,
+                                self.probe_config,
+                                resample_counts=counts,
+                                expert_group=group,
+                                local_experts=view.module.local_experts,
+                            )
                 except Exception as error:  # a probe must never stop training; report it and go on
                     failed = True
                     # Every rank reports its own failure: it may have happened on this rank's shard only.

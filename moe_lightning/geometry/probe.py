@@ -175,7 +175,8 @@ def _chunks(
     """The finite tokens of ``x_ND`` with finite gates, ``chunk_size`` at a time, with their bootstrap counts;
     dropped tokens are counted."""
     finite_N = torch.isfinite(x_ND).all(-1)
-    tokens.add_nonfinite(buffer, ~finite_N)
+    if ctx.is_lead:  # under expert parallelism every rank of the group sees these tokens: one counts them
+        tokens.add_nonfinite(buffer, ~finite_N)
     x_valid = x_ND[finite_N]
     c_valid = None if counts_BN is None else counts_BN[:, finite_N]
     for start in range(0, x_valid.shape[0], ctx.chunk_size):
@@ -184,7 +185,8 @@ def _chunks(
         g_cE = ctx.view.gates(x_c).to(ctx.dtype)
         ok = torch.isfinite(g_cE).all(-1)
         if not bool(ok.all()):
-            tokens.add_nonfinite(buffer, ~ok)
+            if ctx.is_lead:
+                tokens.add_nonfinite(buffer, ~ok)
             x_c, g_cE = x_c[ok], g_cE[ok]
             c_c = None if c_c is None else c_c[:, ok]
         if x_c.shape[0]:
@@ -192,7 +194,13 @@ def _chunks(
 
 
 def probe_statistics(
-    view: MoEView, x: Tensor, config: ProbeConfig | None = None, *, resample_counts: Tensor | None = None
+    view: MoEView,
+    x: Tensor,
+    config: ProbeConfig | None = None,
+    *,
+    resample_counts: Tensor | None = None,
+    expert_group: Any = None,
+    local_experts: range | None = None,
 ) -> ProbeStatistics:
     """Phase 1 of :func:`probe`: this rank's additive statistics for one MoE layer.
 
@@ -205,6 +213,12 @@ def probe_statistics(
             each resample: under DDP the columns of one draw over the global probe set
             (:func:`~moe_lightning.geometry.bootstrap.resample_counts`) that belong to this rank's tokens. None
             draws them over ``x`` alone, with ``config.bootstrap_seed``.
+        expert_group: under expert parallelism, the process group whose ranks hold the layer's experts between
+            them, each probing ``local_experts``. Every rank of it passes the same ``x`` (and ``resample_counts``);
+            each adds the statistics of its own experts and a share of the layer-level ones (the layer Jacobian is
+            summed over the group, and the pointwise alignment's expert Jacobians gathered), so the sum of the
+            group's statistics is one process's. Needs ``config.layer_jacobian_method`` other than ``"func"``.
+        local_experts: the experts this rank holds, with ``expert_group``.
 
     Returns:
         A :class:`ProbeStatistics`; sum several with ``+`` or :meth:`ProbeStatistics.reduce`, then :func:`finalize`.
@@ -217,11 +231,19 @@ def probe_statistics(
         raise ValueError(f"probe: view.num_experts must be >= 1, got {num_experts!r}")
     if x.dim() < 2:
         raise ValueError(f"probe: x must have shape (N, D) or (..., D), got {tuple(x.shape)}")
+    if (expert_group is None) != (local_experts is None):
+        raise ValueError("probe: give expert_group and local_experts together (expert parallelism), or neither")
+    if expert_group is not None and cfg.layer_jacobian and cfg.layer_jacobian_method == "func":
+        raise ValueError(
+            "probe: ProbeConfig.layer_jacobian_method='func' runs the whole layer on one rank, which expert "
+            "parallelism does not allow; use 'auto' or 'compose'"
+        )
     x_ND = x.detach().reshape(-1, x.shape[-1]).to(cfg.dtype)
     counts_BN = _resample_counts(cfg, x_ND, resample_counts)
 
     with _observation(getattr(view, "module", None), cfg):
         ctx = _context(view, x_ND, cfg)
+        ctx.expert_group, ctx.local_experts = expert_group, local_experts
         tokens, quantities = _accumulators(ctx)
         ctx.all_token_jacobians = any(q.needs_all_token_jacobians for q in quantities)
         layout = BufferLayout(cfg.bootstrap)

@@ -3,9 +3,10 @@ strategies of configs/trainer/ep_cpu.yaml (FSDP2 x EP=2) and of fsdp.yaml (FSDP2
 the EP=2 run's distributed checkpoint (saved at step 5) with EP=1 and with EP=2;
 then, on rank 0, the same 10 steps in one process on the union of the ranks' batches of each step. Writes the
 per-step losses (mean over ranks) to losses.json in the folder given. Last, GeometryMonitor's fit-start probe under
-FSDP2 x EP=2 and the one-process probe of the same initial model on the same probe set, in geometry.json, and
-ep_layer.py's layer checks on the same 2 ranks, in layer.json. With a second argument 4: on 4 ranks, EP=2 (two
-replicas of every expert) and EP=4 against one process, and the layer checks."""
+FSDP2 x EP=2 (the cases of GEOMETRY_CASES) and the one-process probe of the same initial model on the same probe
+set, in geometry.json, and ep_layer.py's layer checks on the same 2 ranks, in layer.json. With a second argument 4:
+on 4 ranks, EP=2 (two replicas of every expert) and EP=4 against one process, the top-k probe with two expert
+groups, and the layer checks."""
 
 import json
 import sys
@@ -25,6 +26,7 @@ from moe_lightning.common import observation
 from moe_lightning.geometry import probe
 from moe_lightning.models import TransformerMoEConfig
 from moe_lightning.modules import CausalLMModule
+from moe_lightning.moe import MoELayer
 from moe_lightning.strategy import ExpertParallelStrategy
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -109,20 +111,59 @@ def fit(strategy, devices: int, loader, ckpt_dir=None, ckpt_path=None, router=No
 class Tokens(L.LightningDataModule):
     """The same data as a datamodule, whose validation loader gives GeometryMonitor one probe set on every rank."""
 
+    def __init__(self, ranks: int = 2):
+        super().__init__()
+        self.ranks = ranks
+
     def train_dataloader(self):
-        return data(BATCH)
+        return data(BATCH, self.ranks)
 
     def val_dataloader(self):
-        return data(BATCH)
+        return data(BATCH, self.ranks)
 
 
-def geometry(routing: str) -> dict:
-    """The fit-start probe under FSDP2 x EP=2 (float64, 32 tokens), and one process's probe of the initial model."""
+class CountGathers:
+    """Counts the calls of ``MoELayer.all_experts`` (every expert's weights on one rank) while it is entered."""
+
+    def __init__(self):
+        self.calls, self._original = 0, MoELayer.all_experts
+
+    def __enter__(self):
+        original = self._original
+
+        def counted(layer):
+            self.calls += int(layer.expert_parallel_size > 1)
+            return original(layer)
+
+        MoELayer.all_experts = counted
+        return self
+
+    def __exit__(self, *exc):
+        MoELayer.all_experts = self._original
+
+
+GEOMETRY_CASES = {  # name: (routing, GeometryMonitor options beyond the common ones)
+    "topk": ("topk", {}),
+    "soft": ("soft", {}),
+    # D = 32 > 16: the spectra are matrix-free, the layer's through products summed over the expert group
+    "topk_matrix_free": ("topk", {"probe_config": {"matrix_free_threshold": 16, "matrix_free_rank": 4}}),
+    "topk_bootstrap": ("topk", {"bootstrap": 8}),
+    # the whole layer through torch.func: the experts are gathered on every rank
+    "topk_func": ("topk", {"probe_config": {"layer_jacobian_method": "func"}}),
+}
+
+
+def geometry(case: str, devices: int = 2) -> dict:
+    """The fit-start probe under FSDP2 x EP=2 (float64, 32 tokens) on ``devices`` ranks, and one process's probe of
+    the initial model; and how often a rank gathered every expert of a layer."""
+    routing, options = GEOMETRY_CASES[case]
     # subspace_rank=2: a rank-8 PCA subspace of the ~16 tokens an expert gets here has no eigen-gap to be defined by
-    monitor = GeometryMonitor(every_n_steps=None, max_tokens=32, subspace_rank=2, log_media=False, save_reports=False)
+    monitor = GeometryMonitor(
+        every_n_steps=None, max_tokens=32, subspace_rank=2, log_media=False, save_reports=False, **options
+    )
     trainer = L.Trainer(
         accelerator="cpu",
-        devices=2,
+        devices=devices,
         strategy=ExpertParallelStrategy(2, process_group_backend="gloo"),
         max_steps=1,
         logger=False,
@@ -132,10 +173,12 @@ def geometry(routing: str) -> dict:
         enable_model_summary=False,
         limit_val_batches=0,
     )
-    trainer.fit(module(routing), Tokens())
+    with CountGathers() as gathers:
+        trainer.fit(module(routing), Tokens(devices))
     if dist.get_rank() != 0:
         return {}
     ep = {k: v for name, r in monitor.last_reports.items() for k, v in r.scalars(f"geometry/{name}").items()}
+    ep.update({f"bootstrap/{name}/{k}": v for name, r in monitor.last_reports.items() for k, v in bootstrap(r)})
     single, reference = {}, module(routing)
     views = find_moe_layers(reference.model)
     with observation(reference):
@@ -143,7 +186,16 @@ def geometry(routing: str) -> dict:
         for view in views:
             report = probe(view, captured[view.name][:32], monitor.probe_config)
             single.update(report.scalars(f"geometry/{view.name}"))
-    return {"ep": ep, "single": single}
+            single.update({f"bootstrap/{view.name}/{k}": v for k, v in bootstrap(report)})
+    return {"ep": ep, "single": single, "gathers": gathers.calls}
+
+
+def bootstrap(report) -> list[tuple[str, float]]:
+    """Every bootstrap replicate of every quantity a report holds, flattened (none without a bootstrap)."""
+    values = (report.bootstrap or {}).get("values", {})
+    return [
+        (f"{key}/{i}", float(v)) for key, vals in values.items() for i, v in enumerate(torch.as_tensor(vals).flatten())
+    ]
 
 
 def single_process(out: Path, result: dict, run: Losses, router: RouterMonitor) -> None:
@@ -162,9 +214,11 @@ def main_4(out: Path) -> None:
     ep2 = fit(ExpertParallelStrategy(2, process_group_backend="gloo"), 4, data(BATCH, 4), router=router)
     ep4 = fit(ExpertParallelStrategy(4, process_group_backend="gloo"), 4, data(BATCH, 4))
     result = {"ep2": ep2.values, "ep4": ep4.values}
+    probes = {"topk": geometry("topk", devices=4)}  # two expert groups of 2 ranks, each probing its tokens
     layer = check_layer(dist.get_rank(), dist.get_world_size())
     if dist.get_rank() != 0:
         return
+    (out / "geometry.json").write_text(json.dumps(probes))
     (out / "layer.json").write_text(json.dumps(layer))
     single_process(out, result, ep2, router)
 
@@ -178,7 +232,7 @@ def main(out_dir: str) -> None:
     for name, size in (("resume_ep1", 1), ("resume_ep2", 2)):
         strategy = ExpertParallelStrategy(size, process_group_backend="gloo")
         result[name] = fit(strategy, 2, data(BATCH), ckpt_path=checkpoint).values
-    probes = {routing: geometry(routing) for routing in ("topk", "soft")}
+    probes = {case: geometry(case) for case in GEOMETRY_CASES}
     layer = check_layer(dist.get_rank(), dist.get_world_size())
     if dist.get_rank() != 0:
         return

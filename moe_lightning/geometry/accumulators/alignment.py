@@ -42,7 +42,11 @@ class Alignment(Accumulator):
         self.cos_count = layout.allocate("alignment/pointwise_count", self.num_experts, self.num_experts)
 
     def add(self, chunk: Chunk, buffer: Tensor) -> None:
-        s, c = pointwise_cosine_sums(torch.stack([chunk.all_token_jacobian(e) for e in range(self.num_experts)], 1))
+        # Under expert parallelism each rank forms its experts' Jacobians at every token; the cosines of a token
+        # need all of them, gathered, and each rank takes its share of the tokens.
+        ctx = chunk.ctx
+        J_NEOI = ctx.gather_over_experts(torch.stack([chunk.all_token_jacobian(e) for e in ctx.experts_here], 1))
+        s, c = pointwise_cosine_sums(J_NEOI[ctx.token_share(chunk.num_tokens)])
         self.cos_sum.of(buffer).add_(s)
         self.cos_count.of(buffer).add_(c)
 

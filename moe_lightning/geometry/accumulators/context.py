@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from moe_lightning.geometry.jacobians import expert_jacobian
@@ -39,6 +40,11 @@ class ProbeContext:
             (pointwise alignment compares experts token by token).
         replicas: plain slot -> its bootstrap replica (see :class:`~moe_lightning.geometry.statistics.BufferLayout`);
             empty without a bootstrap.
+        expert_group: under expert parallelism, the ranks that hold the layer's experts between them; every rank of
+            it probes the same tokens, each with its own experts (``local_experts``), and the quantities that need
+            every expert at one token are summed or gathered over it (:meth:`sum_over_experts`,
+            :meth:`gather_over_experts`). None: every expert is here.
+        local_experts: the experts this rank probes (all ``E`` without ``expert_group``).
     """
 
     view: MoEView
@@ -54,11 +60,49 @@ class ProbeContext:
     solve_topr: Callable[[TokenFn | JacobianOperator, Tensor], TopRResult]
     all_token_jacobians: bool = False
     replicas: dict[Slot, Slot] = field(default_factory=dict)
+    expert_group: dist.ProcessGroup | None = None
+    local_experts: range | None = None
 
     @property
     def num_experts(self) -> int:
         """E."""
         return len(self.experts)
+
+    @property
+    def experts_here(self) -> range:
+        """The experts whose statistics this rank adds: :attr:`local_experts`, or all of them."""
+        return range(self.num_experts) if self.local_experts is None else self.local_experts
+
+    @property
+    def is_lead(self) -> bool:
+        """Whether this rank adds the statistics of the tokens themselves (dropped tokens); one rank of the expert
+        group does, since all of them see the same tokens."""
+        return self.expert_group is None or dist.get_rank(self.expert_group) == 0
+
+    def token_share(self, n: int) -> slice:
+        """The tokens of a chunk of ``n`` whose layer-level statistics this rank adds: every P-th from its rank in
+        the expert group, so that the P ranks, which see the same tokens, count each once and share the work."""
+        if self.expert_group is None:
+            return slice(0, n)
+        return slice(dist.get_rank(self.expert_group), n, dist.get_world_size(self.expert_group))
+
+    def sum_over_experts(self, partial: Tensor) -> Tensor:
+        """``partial`` (this rank's experts' share of a sum over experts) summed over the expert group."""
+        if self.expert_group is None:
+            return partial
+        total = partial.contiguous().clone()
+        dist.all_reduce(total, group=self.expert_group)
+        return total
+
+    def gather_over_experts(self, local_NL: Tensor) -> Tensor:
+        """``(N, L, ...)`` values of this rank's ``L`` experts -> ``(N, E, ...)`` of every expert, by expert index
+        (the group's ranks hold consecutive blocks of experts, in rank order)."""
+        if self.expert_group is None:
+            return local_NL
+        world = dist.get_world_size(self.expert_group)
+        parts = [torch.empty_like(local_NL) for _ in range(world)]
+        dist.all_gather(parts, local_NL.contiguous(), group=self.expert_group)
+        return torch.cat(parts, dim=1)
 
     def add_resampled(
         self, buffer: Tensor, slot: Slot, counts_Bn: Tensor | None, values_n: Tensor, index: int | None = None
@@ -123,7 +167,7 @@ class ProbeContext:
         if not hasattr(self.view, "expert_jacobian"):
             return False
         probe_x = torch.zeros(1, self.dim, dtype=self.dtype, device=self.device)
-        return self.view.expert_jacobian(0, probe_x) is not None
+        return self.view.expert_jacobian(self.experts_here[0], probe_x) is not None
 
 
 class Chunk:
@@ -138,7 +182,12 @@ class Chunk:
 
     def __init__(self, ctx: ProbeContext, x_ND: Tensor, gates_NE: Tensor, counts_Bn: Tensor | None = None) -> None:
         self.ctx, self.x, self.gates, self.counts = ctx, x_ND, gates_NE, counts_Bn
-        self.rows = [gates_NE[:, e] > 0 for e in range(ctx.num_experts)]
+        # The tokens routed to each expert: none for the experts another rank probes (expert parallelism).
+        here = ctx.experts_here
+        self.rows = [
+            gates_NE[:, e] > 0 if e in here else torch.zeros_like(gates_NE[:, e], dtype=torch.bool)
+            for e in range(ctx.num_experts)
+        ]
         self._jacobians: dict[int, Tensor] = {}
         self._all_token_jacobians: dict[int, Tensor] = {}
         self._operators: dict[int, JacobianOperator | None] = {}

@@ -65,13 +65,13 @@ class ExpertSpectra(Accumulator):
         if self.matrix_free:
             self._queue(chunk, buffer)
             return
-        for e in range(self.num_experts):
+        for e in chunk.ctx.experts_here:
             J_e = chunk.jacobian(e)
             sv = batched_svdvals(J_e) if J_e.shape[0] else J_e.new_zeros(0, self.rank)
             self._add_spectra(chunk.ctx, buffer, e, sv, chunk.weights(e), chunk.counts_of(e))
 
     def _queue(self, chunk: Chunk, buffer: Tensor) -> None:
-        for e in range(self.num_experts):
+        for e in chunk.ctx.experts_here:
             x_e = chunk.inputs(e)
             if not x_e.shape[0]:
                 continue

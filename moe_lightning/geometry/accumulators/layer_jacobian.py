@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from moe_lightning.geometry.accumulators.base import Accumulator, SpectralMoments, safe_div
-from moe_lightning.geometry.accumulators.context import Chunk
+from moe_lightning.geometry.accumulators.context import Chunk, ProbeContext
 from moe_lightning.geometry.accumulators.tokens import TokenCounts
 from moe_lightning.geometry.jacobians import compose_layer_jacobian, jacobians, layer_jacobian
 from moe_lightning.geometry.operators import JacobianOperator, compose_layer_operator
@@ -40,28 +41,38 @@ class LayerJacobian(Accumulator):
         self.unconverged = layout.allocate("layer_jac/unconverged", 1) if self.matrix_free else None
 
     def add(self, chunk: Chunk, buffer: Tensor) -> None:
+        # Under expert parallelism the ranks of the expert group see the same tokens and each adds its share.
+        share = chunk.ctx.token_share(chunk.num_tokens)
         if self.matrix_free:
             sv, converged = self._top_singular_values(chunk)
+            sv, converged = sv[share], converged[share]
             self.unconverged.of(buffer).add_((~converged).sum())
         else:
-            sv = batched_svdvals(self._formed_jacobians(chunk))
-        ones = torch.ones(chunk.num_tokens, dtype=chunk.ctx.dtype, device=chunk.x.device)
+            sv = batched_svdvals(self._formed_jacobians(chunk)[share])
+        ones = torch.ones(sv.shape[0], dtype=chunk.ctx.dtype, device=chunk.x.device)
+        counts = None if chunk.counts is None else chunk.counts[:, share]
         self.moments.add(
-            buffer, sv, ones, fit_max=self.fit_max, truncated=self.matrix_free, ctx=chunk.ctx, counts_BN=chunk.counts
+            buffer, sv, ones, fit_max=self.fit_max, truncated=self.matrix_free, ctx=chunk.ctx, counts_BN=counts
         )
         self.spectrum.of(buffer).add_(sv.sum(0))
 
     def _formed_jacobians(self, chunk: Chunk) -> Tensor:
         ctx, x, g = chunk.ctx, chunk.x, chunk.gates
         cfg = ctx.config
-        if cfg.layer_jacobian_method == "func":
-            return layer_jacobian(ctx.view, x, method="func", memory_budget_bytes=cfg.memory_budget_bytes)
-        if not cfg.jacobian:  # no expert Jacobians on this chunk to reuse
-            return layer_jacobian(ctx.view, x, method="compose", memory_budget_bytes=cfg.memory_budget_bytes)
+        if ctx.expert_group is None:
+            if cfg.layer_jacobian_method == "func":
+                return layer_jacobian(ctx.view, x, method="func", memory_budget_bytes=cfg.memory_budget_bytes)
+            if not cfg.jacobian:  # no expert Jacobians on this chunk to reuse
+                return layer_jacobian(ctx.view, x, method="compose", memory_budget_bytes=cfg.memory_budget_bytes)
+        # The product rule, J = Σ_e g_e J_e + Σ_e f_e ∇g_eᵀ, over the experts here; under expert parallelism each
+        # rank's share of the sum is summed over the expert group.
         dg = jacobians(ctx.view.gates, x, memory_budget_bytes=cfg.memory_budget_bytes, mode="jacrev")
-        outputs = [ctx.experts[e](x) for e in range(ctx.num_experts)]
-        parts = [(chunk.rows[e], chunk.jacobian(e)) for e in range(ctx.num_experts)]
-        return compose_layer_jacobian(g, dg.to(g.dtype), outputs, parts)
+        here, empty = ctx.experts_here, x.new_zeros(0, ctx.dim, ctx.dim)
+        outputs = [ctx.experts[e](x) if e in here else None for e in range(ctx.num_experts)]
+        d_out = next(f.shape[-1] for f in outputs if f is not None)
+        outputs = [f if f is not None else x.new_zeros(x.shape[0], d_out) for f in outputs]
+        parts = [(chunk.rows[e], chunk.jacobian(e) if e in here else empty) for e in range(ctx.num_experts)]
+        return ctx.sum_over_experts(compose_layer_jacobian(g, dg.to(g.dtype), outputs, parts))
 
     def _top_singular_values(self, chunk: Chunk) -> tuple[Tensor, Tensor]:
         ctx = chunk.ctx
@@ -72,6 +83,11 @@ class LayerJacobian(Accumulator):
             return sum(g[:, e : e + 1] * experts[e](x) for e in range(len(experts)))
 
         op = None if ctx.config.layer_jacobian_method == "func" else self._operator(chunk)
+        if ctx.expert_group is not None and op is None:
+            raise ValueError(
+                f"probe under expert parallelism: view {getattr(view, 'name', '')!r} offers no "
+                "expert_jacobian_operator, which the matrix-free layer Jacobian across ranks needs"
+            )
         res = ctx.solve_topr(op or layer_fn, chunk.x)
         return res.values, res.converged
 
@@ -80,9 +96,9 @@ class LayerJacobian(Accumulator):
         tokens offers ``expert_jacobian_operator``; None (torch.func through the layer function) otherwise. The
         chunk's expert operators are reused where they hold the same tokens."""
         ctx, x, g = chunk.ctx, chunk.x, chunk.gates
-        parts = []
+        here, parts = ctx.experts_here, []
         for e in range(ctx.num_experts):
-            rows = g[:, e] != 0
+            rows = (g[:, e] != 0) if e in here else chunk.rows[e]  # none for another rank's expert
             if not bool(rows.any()):
                 parts.append((rows, None))
                 continue
@@ -92,8 +108,11 @@ class LayerJacobian(Accumulator):
             parts.append((rows, op))
         cfg = ctx.config
         dg = jacobians(ctx.view.gates, x, memory_budget_bytes=cfg.memory_budget_bytes, mode="jacrev").to(g.dtype)
-        outputs = [ctx.experts[e](x).to(g.dtype) for e in range(ctx.num_experts)]
-        return compose_layer_operator(g, dg, outputs, parts)
+        outputs = [ctx.experts[e](x).to(g.dtype) if e in here else None for e in range(ctx.num_experts)]
+        d_out = next(f.shape[-1] for f in outputs if f is not None)
+        outputs = [f if f is not None else g.new_zeros(x.shape[0], d_out) for f in outputs]
+        op = compose_layer_operator(g, dg, outputs, parts)
+        return op if ctx.expert_group is None else _summed_over_experts(ctx, op, parts)
 
     def finalize(self, buffer: Tensor, report: GeometryReport, done: dict[Accumulator, Any]) -> None:
         values: dict[str, Tensor] = {}
@@ -104,3 +123,24 @@ class LayerJacobian(Accumulator):
         report.variants["layer_jac"] = "through_router_uniform_token_weights"
         if self.unconverged is not None:
             report.layer["layer_jac_unconverged"] = float(self.unconverged.of(buffer))
+
+
+def _summed_over_experts(
+    ctx: ProbeContext, op: JacobianOperator, parts: list[tuple[Tensor, JacobianOperator | None]]
+) -> JacobianOperator:
+    """The layer operator of the experts here (``parts``), its products summed over the expert group: the whole
+    layer's.
+
+    The ranks of the group run the same solver on the same tokens from the same seed, so they call the products
+    in the same order with the same block, and the summed products are the same on every rank. The block width
+    follows ``gemm_tokens``, the mean routed tokens of the experts with any, taken over the whole group as one
+    process takes it."""
+    routed = [float(o.gemm_tokens or o.num_tokens) for _, o in parts if o is not None]
+    stats = torch.tensor([sum(routed), len(routed)], dtype=torch.float64, device=ctx.device)
+    total, count = ctx.sum_over_experts(stats).tolist()
+    return replace(
+        op,
+        apply=lambda V: ctx.sum_over_experts(op.apply(V)),
+        apply_transpose=lambda U: ctx.sum_over_experts(op.apply_transpose(U)),
+        gemm_tokens=max(1, int(total) // int(count)) if count else None,
+    )

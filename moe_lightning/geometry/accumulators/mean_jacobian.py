@@ -29,7 +29,7 @@ class MeanJacobian(Accumulator):
 
     def add(self, chunk: Chunk, buffer: Tensor) -> None:
         sum_wJ = self.sum_wJ.of(buffer)
-        for e in range(self.num_experts):
+        for e in chunk.ctx.experts_here:
             w, J = chunk.weights(e), chunk.jacobian(e)
             sum_wJ[e] += torch.einsum("n,nij->ij", w, J)
             c = chunk.counts_of(e)

@@ -39,16 +39,21 @@ class PCAMoments(Accumulator):
         self.tokens, self.reported = tokens, reported
         empty_x = torch.zeros(0, ctx.dim, dtype=ctx.dtype, device=ctx.device)
         self.widths: dict[str, list[int]] = {}
+        here = ctx.experts_here
         for site in sites:
             widths = []
             for e in range(ctx.num_experts):
-                if site == "input":
+                if e not in here:  # another rank's expert (expert parallelism): its holder knows the width
+                    width = 0
+                elif site == "input":
                     width = ctx.dim
                 elif site == "output":
                     width = ctx.experts[e](empty_x).shape[-1]
                 else:
                     width = ctx.hidden[e](empty_x).shape[-1] if ctx.hidden[e] is not None else 0
                 widths.append(width if 0 < width <= ctx.config.pca_max_dim else 0)
+            if ctx.expert_group is not None:  # each expert's width is nonzero on its holder only
+                widths = ctx.sum_over_experts(torch.tensor(widths, device=ctx.device)).tolist()
             self.widths[site] = widths
 
     def allocate(self, layout: BufferLayout) -> None:
@@ -68,7 +73,7 @@ class PCAMoments(Accumulator):
 
     def add(self, chunk: Chunk, buffer: Tensor) -> None:
         ctx = chunk.ctx
-        for e in range(ctx.num_experts):
+        for e in ctx.experts_here:
             x_e = chunk.inputs(e)
             if x_e.shape[0] == 0:
                 continue

@@ -36,7 +36,7 @@ class TokenCounts(Accumulator):
         self.nonfinite.of(buffer).add_(dropped.sum())
 
     def add(self, chunk: Chunk, buffer: Tensor) -> None:
-        self.total.of(buffer).add_(chunk.num_tokens)
+        self.total.of(buffer).add_(len(range(chunk.num_tokens)[chunk.ctx.token_share(chunk.num_tokens)]))
         count, sum_w, sum_w2 = self.count.of(buffer), self.sum_w.of(buffer), self.sum_w2.of(buffer)
         for e in range(self.num_experts):
             w = chunk.weights(e)
