@@ -78,6 +78,12 @@ def test_training_checkpoints_and_probes_match_one_process(tmp_path):
     assert single[-1] < single[0] - 0.1  # it trains
     check_router(losses["router"])
     probes = json.loads((tmp_path / "geometry.json").read_text())
+    failing = probes.pop("failing")  # the probe fails on rank 1 only: both ranks skip it and training goes on
+    assert failing["reports"] == [] and failing["steps"] == 2
+    # Two layers, each failed on rank 1; rank 0 received NaN from rank 1 in the layer Jacobian and may fail too.
+    assert len(failing["warnings"][1]) == 2
+    assert all("on rank 1" in m and "expert function failed" in m for m in failing["warnings"][1])
+    assert all("on rank 0" in m for m in failing["warnings"][0])
     assert set(probes) == {"topk", "soft", "topk_matrix_free", "topk_bootstrap", "topk_func"}
     check_probes(probes)
     check_layer_result(json.loads((tmp_path / "layer.json").read_text()))  # the layer on 2 ranks

@@ -252,11 +252,15 @@ def probe_statistics(
         layout.finish()
         ctx.replicas = layout.replicas
         buffer = layout.zeros(ctx.dtype, ctx.device)
+        # Under expert parallelism a rank that fails goes on (ctx.guarded) and enters every collective of the
+        # group, which waits for it otherwise; it raises its first error at the end.
         for chunk in _chunks(ctx, x_ND, tokens, buffer, counts_BN):
             for acc in (tokens, *quantities):
-                acc.add(chunk, buffer)
+                ctx.guarded(lambda acc=acc: acc.add(chunk, buffer), lambda: None)
         for acc in quantities:
-            acc.close(ctx, buffer)
+            ctx.guarded(lambda acc=acc: acc.close(ctx, buffer), lambda: None)
+        if ctx.failure is not None:
+            raise ctx.failure
     name = str(getattr(view, "name", ""))
     return ProbeStatistics(
         name, num_experts, ctx.dim, cfg, tokens, tuple(quantities), tuple(layout.slots), buffer, layout.replicas

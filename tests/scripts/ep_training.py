@@ -10,6 +10,8 @@ groups, and the layer checks."""
 
 import json
 import sys
+import warnings
+from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
@@ -190,6 +192,44 @@ def geometry(case: str, devices: int = 2) -> dict:
     return {"ep": ep, "single": single, "gathers": gathers.calls}
 
 
+def failing_probe() -> dict:
+    """The fit-start probe under EP=2 with expert functions that raise on rank 1 only (the probe's, not the
+    training's: training runs the sorted path): rank 0 must not wait for rank 1 in a collective. Returns the layers
+    reported, the probe warnings of rank 1 and the steps trained."""
+    original = MoELayer.expert_fn
+
+    def failing(layer, e, x):
+        if dist.get_rank() == 1:
+            raise RuntimeError("expert function failed on rank 1")
+        return original(layer, e, x)
+
+    monitor = GeometryMonitor(every_n_steps=None, max_tokens=32, subspace_rank=2, log_media=False, save_reports=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        # a rank left waiting fails within a minute instead of the default half hour
+        strategy=ExpertParallelStrategy(2, process_group_backend="gloo", timeout=timedelta(seconds=60)),
+        max_steps=2,
+        logger=False,
+        callbacks=[monitor],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    MoELayer.expert_fn = failing
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(module("topk"), Tokens())
+    finally:
+        MoELayer.expert_fn = original
+    messages = [str(w.message) for w in caught if "GeometryMonitor: probe of" in str(w.message)]
+    gathered = [None, None]
+    dist.all_gather_object(gathered, messages)
+    return {"reports": sorted(monitor.last_reports), "warnings": gathered, "steps": trainer.global_step}
+
+
 def bootstrap(report) -> list[tuple[str, float]]:
     """Every bootstrap replicate of every quantity a report holds, flattened (none without a bootstrap)."""
     values = (report.bootstrap or {}).get("values", {})
@@ -233,6 +273,7 @@ def main(out_dir: str) -> None:
         strategy = ExpertParallelStrategy(size, process_group_backend="gloo")
         result[name] = fit(strategy, 2, data(BATCH), ckpt_path=checkpoint).values
     probes = {case: geometry(case) for case in GEOMETRY_CASES}
+    probes["failing"] = failing_probe()
     layer = check_layer(dist.get_rank(), dist.get_world_size())
     if dist.get_rank() != 0:
         return

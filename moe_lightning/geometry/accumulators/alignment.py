@@ -44,8 +44,11 @@ class Alignment(Accumulator):
     def add(self, chunk: Chunk, buffer: Tensor) -> None:
         # Under expert parallelism each rank forms its experts' Jacobians at every token; the cosines of a token
         # need all of them, gathered, and each rank takes its share of the tokens.
-        ctx = chunk.ctx
-        J_NEOI = ctx.gather_over_experts(torch.stack([chunk.all_token_jacobian(e) for e in ctx.experts_here], 1))
+        ctx, here = chunk.ctx, chunk.ctx.experts_here
+        J_NEOI = ctx.gather_over_experts(
+            lambda: torch.stack([chunk.all_token_jacobian(e) for e in here], 1),
+            (chunk.num_tokens, len(here), ctx.dim, ctx.dim),
+        )
         s, c = pointwise_cosine_sums(J_NEOI[ctx.token_share(chunk.num_tokens)])
         self.cos_sum.of(buffer).add_(s)
         self.cos_count.of(buffer).add_(c)

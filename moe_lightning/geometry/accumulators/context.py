@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -45,6 +46,9 @@ class ProbeContext:
             every expert at one token are summed or gathered over it (:meth:`sum_over_experts`,
             :meth:`gather_over_experts`). None: every expert is here.
         local_experts: the experts this rank probes (all ``E`` without ``expert_group``).
+        failure: under expert parallelism, the first error this rank met; it goes on entering the group's
+            collectives (with NaN for what it could not compute), so that no rank waits for it, and the probe raises
+            the error at its end.
     """
 
     view: MoEView
@@ -62,6 +66,7 @@ class ProbeContext:
     replicas: dict[Slot, Slot] = field(default_factory=dict)
     expert_group: dist.ProcessGroup | None = None
     local_experts: range | None = None
+    failure: Exception | None = None
 
     @property
     def num_experts(self) -> int:
@@ -86,22 +91,40 @@ class ProbeContext:
             return slice(0, n)
         return slice(dist.get_rank(self.expert_group), n, dist.get_world_size(self.expert_group))
 
-    def sum_over_experts(self, partial: Tensor) -> Tensor:
-        """``partial`` (this rank's experts' share of a sum over experts) summed over the expert group."""
+    def guarded(self, compute: Callable[[], Any], fallback: Callable[[], Any]) -> Any:
+        """``compute()``; under expert parallelism, ``fallback()`` if it raises, the error kept in :attr:`failure`,
+        so that this rank still enters the collective that follows."""
         if self.expert_group is None:
-            return partial
-        total = partial.contiguous().clone()
+            return compute()
+        try:
+            return compute()
+        except Exception as error:
+            self.failure = self.failure or error
+            return fallback()
+
+    def nan(self, *shape: int) -> Tensor:
+        """A NaN tensor in the probe's dtype: what a rank that failed sends to the group."""
+        return torch.full(shape, float("nan"), dtype=self.dtype, device=self.device)
+
+    def sum_over_experts(self, partial: Callable[[], Tensor], shape: tuple[int, ...]) -> Tensor:
+        """``partial()`` (this rank's experts' share of a sum over experts, of ``shape``) summed over the expert
+        group; NaN where a rank failed to compute its share."""
+        value = partial() if self.expert_group is None else self.guarded(partial, lambda: self.nan(*shape))
+        if self.expert_group is None:
+            return value
+        total = value.to(self.dtype).contiguous().clone()
         dist.all_reduce(total, group=self.expert_group)
         return total
 
-    def gather_over_experts(self, local_NL: Tensor) -> Tensor:
-        """``(N, L, ...)`` values of this rank's ``L`` experts -> ``(N, E, ...)`` of every expert, by expert index
-        (the group's ranks hold consecutive blocks of experts, in rank order)."""
+    def gather_over_experts(self, local_NL: Callable[[], Tensor], shape: tuple[int, ...]) -> Tensor:
+        """``(N, L, ...)`` values of this rank's ``L`` experts (``local_NL()``, of ``shape``) -> ``(N, E, ...)`` of
+        every expert, by expert index (the group's ranks hold consecutive blocks of experts, in rank order)."""
         if self.expert_group is None:
-            return local_NL
+            return local_NL()
+        value = self.guarded(local_NL, lambda: self.nan(*shape)).to(self.dtype).contiguous()
         world = dist.get_world_size(self.expert_group)
-        parts = [torch.empty_like(local_NL) for _ in range(world)]
-        dist.all_gather(parts, local_NL.contiguous(), group=self.expert_group)
+        parts = [torch.empty_like(value) for _ in range(world)]
+        dist.all_gather(parts, value, group=self.expert_group)
         return torch.cat(parts, dim=1)
 
     def add_resampled(

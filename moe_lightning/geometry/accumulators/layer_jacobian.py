@@ -64,15 +64,19 @@ class LayerJacobian(Accumulator):
                 return layer_jacobian(ctx.view, x, method="func", memory_budget_bytes=cfg.memory_budget_bytes)
             if not cfg.jacobian:  # no expert Jacobians on this chunk to reuse
                 return layer_jacobian(ctx.view, x, method="compose", memory_budget_bytes=cfg.memory_budget_bytes)
+
         # The product rule, J = Σ_e g_e J_e + Σ_e f_e ∇g_eᵀ, over the experts here; under expert parallelism each
         # rank's share of the sum is summed over the expert group.
-        dg = jacobians(ctx.view.gates, x, memory_budget_bytes=cfg.memory_budget_bytes, mode="jacrev")
-        here, empty = ctx.experts_here, x.new_zeros(0, ctx.dim, ctx.dim)
-        outputs = [ctx.experts[e](x) if e in here else None for e in range(ctx.num_experts)]
-        d_out = next(f.shape[-1] for f in outputs if f is not None)
-        outputs = [f if f is not None else x.new_zeros(x.shape[0], d_out) for f in outputs]
-        parts = [(chunk.rows[e], chunk.jacobian(e) if e in here else empty) for e in range(ctx.num_experts)]
-        return ctx.sum_over_experts(compose_layer_jacobian(g, dg.to(g.dtype), outputs, parts))
+        def partial() -> Tensor:
+            dg = jacobians(ctx.view.gates, x, memory_budget_bytes=cfg.memory_budget_bytes, mode="jacrev")
+            here, empty = ctx.experts_here, x.new_zeros(0, ctx.dim, ctx.dim)
+            outputs = [ctx.experts[e](x) if e in here else None for e in range(ctx.num_experts)]
+            d_out = next(f.shape[-1] for f in outputs if f is not None)
+            outputs = [f if f is not None else x.new_zeros(x.shape[0], d_out) for f in outputs]
+            parts = [(chunk.rows[e], chunk.jacobian(e) if e in here else empty) for e in range(ctx.num_experts)]
+            return compose_layer_jacobian(g, dg.to(g.dtype), outputs, parts)
+
+        return ctx.sum_over_experts(partial, (x.shape[0], ctx.dim, ctx.dim))
 
     def _top_singular_values(self, chunk: Chunk) -> tuple[Tensor, Tensor]:
         ctx = chunk.ctx
@@ -82,19 +86,30 @@ class LayerJacobian(Accumulator):
             g = view.gates(x)
             return sum(g[:, e : e + 1] * experts[e](x) for e in range(len(experts)))
 
-        op = None if ctx.config.layer_jacobian_method == "func" else self._operator(chunk)
-        if ctx.expert_group is not None and op is None:
-            raise ValueError(
-                f"probe under expert parallelism: view {getattr(view, 'name', '')!r} offers no "
-                "expert_jacobian_operator, which the matrix-free layer Jacobian across ranks needs"
-            )
+        if ctx.expert_group is None:
+            op = None if ctx.config.layer_jacobian_method == "func" else self._operator(chunk)
+        else:  # this rank's share, its products summed over the group; NaN products if it cannot build it
+            op = _summed_over_experts(ctx, ctx.guarded(lambda: self._local_operator(chunk), lambda: None), chunk)
         res = ctx.solve_topr(op or layer_fn, chunk.x)
         return res.values, res.converged
 
-    def _operator(self, chunk: Chunk) -> JacobianOperator | None:
-        """The layer Jacobian as composed products (:func:`compose_layer_operator`) when every expert with routed
-        tokens offers ``expert_jacobian_operator``; None (torch.func through the layer function) otherwise. The
-        chunk's expert operators are reused where they hold the same tokens."""
+    def _local_operator(self, chunk: Chunk) -> tuple[JacobianOperator, list]:
+        """Under expert parallelism: the composed products of the experts here and their parts (a ``ValueError``
+        if a view offers no expert operators, which the products across ranks need)."""
+        op, parts = self._operator(chunk, with_parts=True)
+        if op is None:
+            name = getattr(chunk.ctx.view, "name", "")
+            raise ValueError(
+                f"probe under expert parallelism: view {name!r} offers no expert_jacobian_operator, which the "
+                "matrix-free layer Jacobian across ranks needs"
+            )
+        return op, parts
+
+    def _operator(self, chunk: Chunk, with_parts: bool = False) -> Any:
+        """The layer Jacobian as composed products (:func:`compose_layer_operator`) of the experts here when every
+        expert with routed tokens offers ``expert_jacobian_operator``; None (torch.func through the layer
+        function) otherwise. The chunk's expert operators are reused where they hold the same tokens. With
+        ``with_parts``: ``(operator or None, the experts' (rows, operator) pairs)``."""
         ctx, x, g = chunk.ctx, chunk.x, chunk.gates
         here, parts = ctx.experts_here, []
         for e in range(ctx.num_experts):
@@ -104,7 +119,7 @@ class LayerJacobian(Accumulator):
                 continue
             op = chunk.operator(e) if torch.equal(chunk.rows[e], rows) else ctx.expert_operator(e, x[rows])
             if op is None:
-                return None
+                return (None, parts) if with_parts else None
             parts.append((rows, op))
         cfg = ctx.config
         dg = jacobians(ctx.view.gates, x, memory_budget_bytes=cfg.memory_budget_bytes, mode="jacrev").to(g.dtype)
@@ -112,7 +127,7 @@ class LayerJacobian(Accumulator):
         d_out = next(f.shape[-1] for f in outputs if f is not None)
         outputs = [f if f is not None else g.new_zeros(x.shape[0], d_out) for f in outputs]
         op = compose_layer_operator(g, dg, outputs, parts)
-        return op if ctx.expert_group is None else _summed_over_experts(ctx, op, parts)
+        return (op, parts) if with_parts else op
 
     def finalize(self, buffer: Tensor, report: GeometryReport, done: dict[Accumulator, Any]) -> None:
         values: dict[str, Tensor] = {}
@@ -126,21 +141,30 @@ class LayerJacobian(Accumulator):
 
 
 def _summed_over_experts(
-    ctx: ProbeContext, op: JacobianOperator, parts: list[tuple[Tensor, JacobianOperator | None]]
+    ctx: ProbeContext, local: tuple[JacobianOperator, list] | None, chunk: Chunk
 ) -> JacobianOperator:
-    """The layer operator of the experts here (``parts``), its products summed over the expert group: the whole
-    layer's.
+    """The layer operator of the experts here (``local``: the operator and its parts), its products summed over the
+    expert group: the whole layer's. ``local`` None (this rank could not build it): NaN products, so that the
+    other ranks' products still find this rank.
 
     The ranks of the group run the same solver on the same tokens from the same seed, so they call the products
     in the same order with the same block, and the summed products are the same on every rank. The block width
     follows ``gemm_tokens``, the mean routed tokens of the experts with any, taken over the whole group as one
     process takes it."""
-    routed = [float(o.gemm_tokens or o.num_tokens) for _, o in parts if o is not None]
-    stats = torch.tensor([sum(routed), len(routed)], dtype=torch.float64, device=ctx.device)
-    total, count = ctx.sum_over_experts(stats).tolist()
+    n, d = chunk.num_tokens, ctx.dim
+    if local is None:
+        op = JacobianOperator(
+            lambda V: ctx.nan(n, d, V.shape[-1]), lambda U: ctx.nan(n, d, U.shape[-1]), n, d, d, ctx.dtype, ctx.device
+        )
+        routed = []
+    else:
+        op, parts = local
+        routed = [float(o.gemm_tokens or o.num_tokens) for _, o in parts if o is not None]
+    stats = torch.tensor([sum(routed), len(routed)], dtype=ctx.dtype, device=ctx.device)
+    total, count = ctx.sum_over_experts(lambda: stats, (2,)).tolist()
     return replace(
         op,
-        apply=lambda V: ctx.sum_over_experts(op.apply(V)),
-        apply_transpose=lambda U: ctx.sum_over_experts(op.apply_transpose(U)),
-        gemm_tokens=max(1, int(total) // int(count)) if count else None,
+        apply=lambda V: ctx.sum_over_experts(lambda: op.apply(V), (n, op.d_out, V.shape[-1])),
+        apply_transpose=lambda U: ctx.sum_over_experts(lambda: op.apply_transpose(U), (n, op.d_in, U.shape[-1])),
+        gemm_tokens=max(1, int(total) // int(count)) if count == count and count else None,
     )

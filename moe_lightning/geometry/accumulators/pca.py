@@ -39,10 +39,11 @@ class PCAMoments(Accumulator):
         self.tokens, self.reported = tokens, reported
         empty_x = torch.zeros(0, ctx.dim, dtype=ctx.dtype, device=ctx.device)
         self.widths: dict[str, list[int]] = {}
-        here = ctx.experts_here
-        for site in sites:
+        here, num_experts = ctx.experts_here, ctx.num_experts
+
+        def site_widths(site: str) -> list[int]:
             widths = []
-            for e in range(ctx.num_experts):
+            for e in range(num_experts):
                 if e not in here:  # another rank's expert (expert parallelism): its holder knows the width
                     width = 0
                 elif site == "input":
@@ -52,9 +53,17 @@ class PCAMoments(Accumulator):
                 else:
                     width = ctx.hidden[e](empty_x).shape[-1] if ctx.hidden[e] is not None else 0
                 widths.append(width if 0 < width <= ctx.config.pca_max_dim else 0)
-            if ctx.expert_group is not None:  # each expert's width is nonzero on its holder only
-                widths = ctx.sum_over_experts(torch.tensor(widths, device=ctx.device)).tolist()
-            self.widths[site] = widths
+            return widths
+
+        for site in sites:
+            if ctx.expert_group is None:
+                self.widths[site] = site_widths(site)
+                continue
+            # each expert's width is nonzero on its holder only; NaN (a rank failed) is no width
+            summed = ctx.sum_over_experts(
+                lambda s=site: torch.tensor(site_widths(s), dtype=ctx.dtype, device=ctx.device), (num_experts,)
+            )
+            self.widths[site] = [int(w) if w == w else 0 for w in summed.tolist()]
 
     def allocate(self, layout: BufferLayout) -> None:
         #: site -> per expert ``(Σw z, Σw z zᵀ)`` slots, None where the site is skipped.
