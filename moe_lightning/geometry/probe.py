@@ -256,7 +256,7 @@ def probe_statistics(
         # group, which waits for it otherwise; it raises its first error at the end.
         for chunk in _chunks(ctx, x_ND, tokens, buffer, counts_BN):
             for acc in (tokens, *quantities):
-                ctx.guarded(lambda acc=acc: acc.add(chunk, buffer), lambda: None)
+                ctx.guarded(lambda acc=acc, chunk=chunk: acc.add(chunk, buffer), lambda: None)
         for acc in quantities:
             ctx.guarded(lambda acc=acc: acc.close(ctx, buffer), lambda: None)
         if ctx.failure is not None:
