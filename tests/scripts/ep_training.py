@@ -93,21 +93,29 @@ def fit(strategy, devices: int, loader, ckpt_dir=None, ckpt_path=None, router=No
     callbacks = [losses] + ([router] if router is not None else [])
     if ckpt_dir is not None:
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, every_n_epochs=STEPS // 2, save_top_k=-1))
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=devices,
-        strategy=strategy,
-        max_steps=STEPS,
-        logger=False,
-        callbacks=callbacks,
-        enable_checkpointing=ckpt_dir is not None,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        gradient_clip_val=1.0,
-        limit_val_batches=0,
+    trainer = quiet_trainer(
+        devices, strategy, STEPS, callbacks, enable_checkpointing=ckpt_dir is not None, gradient_clip_val=1.0
     )
     trainer.fit(module(), loader, ckpt_path=ckpt_path)
     return losses
+
+
+def quiet_trainer(devices: int, strategy, max_steps: int, callbacks: list, **options) -> L.Trainer:
+    """A CPU Trainer without logger, progress bar, summary or validation (nor checkpoints unless ``options``
+    say so)."""
+    return L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        max_steps=max_steps,
+        logger=False,
+        callbacks=callbacks,
+        enable_checkpointing=options.pop("enable_checkpointing", False),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        **options,
+    )
 
 
 class Tokens(L.LightningDataModule):
@@ -163,18 +171,7 @@ def geometry(case: str, devices: int = 2) -> dict:
     monitor = GeometryMonitor(
         every_n_steps=None, max_tokens=32, subspace_rank=2, log_media=False, save_reports=False, **options
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=devices,
-        strategy=ExpertParallelStrategy(2, process_group_backend="gloo"),
-        max_steps=1,
-        logger=False,
-        callbacks=[monitor],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
+    trainer = quiet_trainer(devices, ExpertParallelStrategy(2, process_group_backend="gloo"), 1, [monitor])
     with CountGathers() as gathers:
         trainer.fit(module(routing), Tokens(devices))
     if dist.get_rank() != 0:
@@ -204,19 +201,9 @@ def failing_probe() -> dict:
         return original(layer, e, x)
 
     monitor = GeometryMonitor(every_n_steps=None, max_tokens=32, subspace_rank=2, log_media=False, save_reports=False)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        # a rank left waiting fails within a minute instead of the default half hour
-        strategy=ExpertParallelStrategy(2, process_group_backend="gloo", timeout=timedelta(seconds=60)),
-        max_steps=2,
-        logger=False,
-        callbacks=[monitor],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
+    # a rank left waiting fails within a minute instead of the default half hour
+    strategy = ExpertParallelStrategy(2, process_group_backend="gloo", timeout=timedelta(seconds=60))
+    trainer = quiet_trainer(2, strategy, 2, [monitor])
     MoELayer.expert_fn = failing
     try:
         with warnings.catch_warnings(record=True) as caught:
