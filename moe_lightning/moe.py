@@ -284,6 +284,13 @@ def _grouped_mm_available(x: Tensor, w: Tensor) -> bool:
     return all((s * x.element_size()) % 16 == 0 for s in (x.shape[-1], w.shape[-1]))
 
 
+def is_fsdp_module(module: nn.Module) -> bool:
+    """Whether ``fully_shard`` (FSDP2) has been applied to ``module`` (its class is then a subclass of FSDPModule)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
 # Messages of dispatch fallbacks already warned about: a fallback runs on every forward pass.
 _warned_fallback: set[str] = set()
 
@@ -465,7 +472,13 @@ class MoELayer(nn.Module):
             routed_per_expert=routed_E.detach() if self.config.routing == "topk" else None,
             source=self.router if self.router.expert_bias is not None else None,
         )
-        return y_ND.reshape(x.shape), aux
+        y = y_ND.reshape(x.shape)
+        if y._base is not None and is_fsdp_module(self):
+            # FSDP2 registers its pre-backward hook (the all-gather of the layer's weights for backward) on the
+            # output, and an in-place op on a view of another tensor would drop it; an output in its own storage
+            # keeps it whatever the caller does (and FSDP2 warns on every step otherwise).
+            y = y.clone()
+        return y, aux
 
     def _balance_loss(self, route: RouterOutput, routed_E: Tensor, x: Tensor) -> Tensor:
         """The auxiliary balance loss ``config.load_balancing`` asks for; a constant 0 for aux-free and none."""

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from moe_lightning.common import check_positive_int
-from moe_lightning.moe import MoELayer
+from moe_lightning.moe import MoELayer, is_fsdp_module
 
 __all__ = ["EXPERT_MESH_DIMS", "clip_grad_norm_", "expert_parallel_mesh", "is_parallelized", "parallelize"]
 
@@ -49,9 +49,7 @@ def expert_parallel_mesh(device_type: str, expert_parallel_size: int) -> DeviceM
 
 def is_parallelized(model: nn.Module) -> bool:
     """Whether :func:`parallelize` (or another ``fully_shard``) has already been applied to ``model``."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
+    return is_fsdp_module(model)
 
 
 def parallelize(model: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool = True) -> nn.Module:

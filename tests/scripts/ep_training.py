@@ -44,6 +44,7 @@ class Losses(Callback):
 
     def __init__(self):
         self.values, self.batches = [], []
+        self.view_warnings: list[str] = []  # FSDP2's "returned a view tensor", filled by fit
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.values.append(float(trainer.strategy.reduce(outputs["loss"].detach(), reduce_op="mean")))
@@ -96,7 +97,10 @@ def fit(strategy, devices: int, loader, ckpt_dir=None, ckpt_path=None, router=No
     trainer = quiet_trainer(
         devices, strategy, STEPS, callbacks, enable_checkpointing=ckpt_dir is not None, gradient_clip_val=1.0
     )
-    trainer.fit(module(), loader, ckpt_path=ckpt_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module(), loader, ckpt_path=ckpt_path)
+    losses.view_warnings += [str(w.message) for w in caught if "returned a view tensor" in str(w.message)]
     return losses
 
 
@@ -254,7 +258,8 @@ def main(out_dir: str) -> None:
     out = Path(out_dir)
     ep2_router = RouterMonitor(log_every_n_steps=STEPS // 2)
     ep2 = fit(preset_strategy("ep_cpu.yaml"), 2, data(BATCH), ckpt_dir=out / "ckpt", router=ep2_router)
-    result = {"ep2": ep2.values, "fsdp": fit(preset_strategy("fsdp.yaml"), 2, data(BATCH)).values}
+    fsdp = fit(preset_strategy("fsdp.yaml"), 2, data(BATCH))
+    result = {"ep2": ep2.values, "fsdp": fsdp.values, "view_warnings": ep2.view_warnings + fsdp.view_warnings}
     (checkpoint,) = sorted((out / "ckpt").glob("*step=5*"))
     for name, size in (("resume_ep1", 1), ("resume_ep2", 2)):
         strategy = ExpertParallelStrategy(size, process_group_backend="gloo")
