@@ -87,7 +87,8 @@ def test_training_checkpoints_and_probes_match_one_process(tmp_path):
     assert len(failing["warnings"][1]) == 2
     assert all("on rank 1" in m and "expert function failed" in m for m in failing["warnings"][1])
     assert all("on rank 0" in m for m in failing["warnings"][0])
-    assert set(probes) == {"topk", "soft", "topk_matrix_free", "topk_bootstrap", "topk_func"}
+    assert set(probes) == {"topk", "soft", "deepseek", "topk_matrix_free", "topk_bootstrap", "topk_func"}
+    assert any(".shared_experts/jac_sigma_max" in key for key in probes["deepseek"]["single"])
     check_probes(probes)
     check_layer_result(json.loads((tmp_path / "layer.json").read_text()))  # the layer on 2 ranks
 
@@ -128,6 +129,8 @@ def test_probe_statistics_rejects_an_incomplete_or_whole_layer_expert_shard():
     x = torch.randn(6, 8)
     with pytest.raises(ValueError, match="expert_group and local_experts together"):
         probe_statistics(view, x, expert_group=object())
+    with pytest.raises(ValueError, match=r"local_experts=range\(1, 3\) must lie within the view's 2 experts"):
+        probe_statistics(view, x, expert_group=object(), local_experts=range(1, 3))
     with pytest.raises(ValueError, match="layer_jacobian_method='func'"):
         cfg = ProbeConfig(layer_jacobian_method="func")
         probe_statistics(view, x, cfg, expert_group=object(), local_experts=range(0, 1))

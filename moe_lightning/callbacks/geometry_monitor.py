@@ -300,13 +300,12 @@ class GeometryMonitor(Callback):
         """The process group over which ``view``'s layer splits its experts, if it is probed expert by expert on
         the ranks that hold them; None where every expert is here, or where the probe needs the whole layer on one
         rank (``layer_jacobian_method="func"``), so that it gathers the experts."""
-        module = getattr(view, "module", None)
-        if not isinstance(module, MoELayer) or module.expert_parallel_size == 1:
+        if not _reads_split_experts(view):
             return None
         cfg = self.probe_config
         if cfg.layer_jacobian and cfg.layer_jacobian_method == "func":
             return None
-        return module.expert_group
+        return view.module.expert_group
 
     def run_probe(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, GeometryReport]:
         """Probe every layer now and log the results at ``trainer.global_step``. Returns the reports."""
@@ -330,7 +329,7 @@ class GeometryMonitor(Callback):
                 try:
                     # Under FSDP2 the layer's weights are gathered while it is probed; under expert parallelism
                     # each rank's own experts, or all of them where a quantity needs the whole layer on one rank.
-                    with gathered(view.module, all_experts=group is None):
+                    with gathered(view.module, all_experts=group is None and _reads_split_experts(view)):
                         if group is None:
                             stats = probe_statistics(view, shard, self.probe_config, resample_counts=counts)
                         else:
@@ -443,3 +442,12 @@ def _lowest_n_eff(sums: dict[str, tuple[Tensor, Tensor]]) -> tuple[float, str]:
         if float(n_eff[e]) < lowest:
             lowest, where = float(n_eff[e]), f"expert {e} of {name!r}"
     return lowest, where
+
+
+def _reads_split_experts(view) -> bool:
+    """Whether ``view`` shows the routed experts of a layer that expert parallelism splits over ranks. A view of the
+    layer's shared experts (every rank holds them whole) does not, though its module is the layer too."""
+    module = getattr(view, "module", None)
+    if not isinstance(module, MoELayer) or module.expert_parallel_size == 1:
+        return False
+    return getattr(view, "ffn", module) is module

@@ -233,6 +233,13 @@ def probe_statistics(
         raise ValueError(f"probe: x must have shape (N, D) or (..., D), got {tuple(x.shape)}")
     if (expert_group is None) != (local_experts is None):
         raise ValueError("probe: give expert_group and local_experts together (expert parallelism), or neither")
+    if local_experts is not None and not (0 <= local_experts.start and local_experts.stop <= num_experts):
+        # Checked here, where every rank of the group fails alike, not inside the probe, where one rank's error
+        # would leave the others waiting in a collective.
+        raise ValueError(
+            f"probe: local_experts={local_experts} must lie within the view's {num_experts} experts "
+            f"(allowed: a range inside range(0, {num_experts}))"
+        )
     if expert_group is not None and cfg.layer_jacobian and cfg.layer_jacobian_method == "func":
         raise ValueError(
             "probe: ProbeConfig.layer_jacobian_method='func' runs the whole layer on one rank, which expert "

@@ -54,8 +54,8 @@ class Losses(Callback):
             self.batches.append(tuple(torch.cat(parts) for parts in zip(*gathered, strict=True)))
 
 
-def module(routing: str = "topk") -> CausalLMModule:
-    """A tiny transformer, the same initial weights on every call."""
+def module(routing: str = "topk", **overrides) -> CausalLMModule:
+    """A tiny transformer, the same initial weights on every call; ``overrides`` of its config."""
     torch.manual_seed(0)
     config = TransformerMoEConfig(
         vocab_size=VOCAB,
@@ -68,6 +68,7 @@ def module(routing: str = "topk") -> CausalLMModule:
         top_k=2,
         routing=routing,
         activation="swiglu",
+        **overrides,
     )
     return CausalLMModule(config, lr=3e-3, warmup_steps=2)
 
@@ -156,33 +157,38 @@ class CountGathers:
         MoELayer.all_experts = self._original
 
 
-GEOMETRY_CASES = {  # name: (routing, GeometryMonitor options beyond the common ones)
-    "topk": ("topk", {}),
-    "soft": ("soft", {}),
+# DeepSeek-V3-style layers: sigmoid scores, aux-free bias, and a shared expert, which every rank holds whole and
+# probes as a view of its own, with its share of the tokens and without gathering the routed experts
+DEEPSEEK = {"scoring": "sigmoid", "load_balancing": "aux_free", "num_shared_experts": 1, "shared_expert_hidden": 16}
+
+GEOMETRY_CASES = {  # name: (model config overrides, GeometryMonitor options beyond the common ones)
+    "topk": ({"routing": "topk"}, {}),
+    "soft": ({"routing": "soft"}, {}),
+    "deepseek": (DEEPSEEK, {}),
     # D = 32 > 16: the spectra are matrix-free, the layer's through products summed over the expert group
-    "topk_matrix_free": ("topk", {"probe_config": {"matrix_free_threshold": 16, "matrix_free_rank": 4}}),
-    "topk_bootstrap": ("topk", {"bootstrap": 8}),
+    "topk_matrix_free": ({}, {"probe_config": {"matrix_free_threshold": 16, "matrix_free_rank": 4}}),
+    "topk_bootstrap": ({}, {"bootstrap": 8}),
     # the whole layer through torch.func: the experts are gathered on every rank
-    "topk_func": ("topk", {"probe_config": {"layer_jacobian_method": "func"}}),
+    "topk_func": ({}, {"probe_config": {"layer_jacobian_method": "func"}}),
 }
 
 
 def geometry(case: str, devices: int = 2) -> dict:
     """The fit-start probe under FSDP2 x EP=2 (float64, 32 tokens) on ``devices`` ranks, and one process's probe of
     the initial model; and how often a rank gathered every expert of a layer."""
-    routing, options = GEOMETRY_CASES[case]
+    overrides, options = GEOMETRY_CASES[case]
     # subspace_rank=2: a rank-8 PCA subspace of the ~16 tokens an expert gets here has no eigen-gap to be defined by
     monitor = GeometryMonitor(
         every_n_steps=None, max_tokens=32, subspace_rank=2, log_media=False, save_reports=False, **options
     )
     trainer = quiet_trainer(devices, ExpertParallelStrategy(2, process_group_backend="gloo"), 1, [monitor])
     with CountGathers() as gathers:
-        trainer.fit(module(routing), Tokens(devices))
+        trainer.fit(module(**overrides), Tokens(devices))
     if dist.get_rank() != 0:
         return {}
     ep = {k: v for name, r in monitor.last_reports.items() for k, v in r.scalars(f"geometry/{name}").items()}
     ep.update({f"bootstrap/{name}/{k}": v for name, r in monitor.last_reports.items() for k, v in bootstrap(r)})
-    single, reference = {}, module(routing)
+    single, reference = {}, module(**overrides)
     views = find_moe_layers(reference.model)
     with observation(reference):
         captured = capture_layer_inputs(reference, views, monitor.probe_inputs)
