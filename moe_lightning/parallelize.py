@@ -8,8 +8,8 @@ The layout follows torchtitan (``parallelize_llama`` / ``apply_fsdp`` for MoE mo
 - every :class:`~moe_lightning.moe.MoELayer`'s experts are split over the ``"expert"`` dimension (P ranks hold
   E/P experts each, tokens travel with ``all_to_all_single``) and sharded by FSDP2 over ``"expert_replicate"``;
   their gradients are divided by W, since each expert's gradient already sums the P ranks of its group;
-- everything else (attention, norms, embeddings, routers, shared experts, dense FFNs) is sharded by FSDP2 over all
-  W ranks, one group per block, then the root;
+- everything else is sharded by FSDP2 over all W ranks: routers, shared experts and dense FFNs one group per
+  module (a probe gathers one layer at a time), attention, norms and embeddings one group per block, then the root;
 - the balance loss uses the routed loads summed over all W ranks, so the ranks' mean loss is the loss of the global
   batch.
 
@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from moe_lightning.common import check_positive_int
-from moe_lightning.moe import MoELayer, is_fsdp_module
+from moe_lightning.moe import DenseFFN, MoELayer, is_fsdp_module
 
 __all__ = ["EXPERT_MESH_DIMS", "clip_grad_norm_", "expert_parallel_mesh", "is_parallelized", "parallelize"]
 
@@ -94,6 +94,11 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool 
         # reduction and divides its copy by the factor, and a forced sum would divide it a second time.
         if replicate_mesh.size() > 1 and dist.get_backend(replicate_mesh.get_group()) == "gloo":
             layer.set_force_sum_reduction_for_comms(True)
+    shared = {id(layer.shared_experts) for layer in layers}
+    for ffn in [m for m in model.modules() if isinstance(m, DenseFFN) and id(m) not in shared]:
+        # A dense FFN (the matched baseline) is a group of its own, as an MoE layer is, so that a probe gathers it
+        # alone; inside its block's group its weights would stay sharded while it is probed.
+        fully_shard(ffn, mesh=data_mesh, reshard_after_forward=reshard_after_forward)
     for block in getattr(model, "blocks", []):
         fully_shard(block, mesh=data_mesh, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=data_mesh, reshard_after_forward=False)

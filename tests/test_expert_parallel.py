@@ -6,11 +6,16 @@ EP=4, the probe with two expert groups and the layer."""
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-from helpers import run_test_script
+import yaml
+from helpers import column, read_metrics, run_test_script
 
 from moe_lightning.callbacks import CurvatureMonitor
 from moe_lightning.models import MLPMoEConfig
@@ -47,7 +52,8 @@ def check_probes(probes: dict) -> None:
     expert on its rank (no rank gathers a layer's experts) unless the layer Jacobian runs through torch.func."""
     for case, result in probes.items():
         ep, one = result["ep"], result["single"]
-        assert set(ep) == set(one) and any("/jac_sigma_max/e3" in k for k in one), case
+        last_expert = "e0" if case == "dense" else "e3"  # every expert's statistics, whichever rank holds it
+        assert set(ep) == set(one) and any(f"/jac_sigma_max/{last_expert}" in k for k in one), case
         for key, value in one.items():
             if math.isnan(value):
                 assert math.isnan(ep[key]), (case, key)
@@ -87,7 +93,7 @@ def test_training_checkpoints_and_probes_match_one_process(tmp_path):
     assert len(failing["warnings"][1]) == 2
     assert all("on rank 1" in m and "expert function failed" in m for m in failing["warnings"][1])
     assert all("on rank 0" in m for m in failing["warnings"][0])
-    assert set(probes) == {"topk", "soft", "deepseek", "topk_matrix_free", "topk_bootstrap", "topk_func"}
+    assert set(probes) == {"topk", "soft", "deepseek", "dense", "topk_matrix_free", "topk_bootstrap", "topk_func"}
     assert any(".shared_experts/jac_sigma_max" in key for key in probes["deepseek"]["single"])
     check_probes(probes)
     check_layer_result(json.loads((tmp_path / "layer.json").read_text()))  # the layer on 2 ranks
@@ -134,3 +140,73 @@ def test_probe_statistics_rejects_an_incomplete_or_whole_layer_expert_shard():
     with pytest.raises(ValueError, match="layer_jacobian_method='func'"):
         cfg = ProbeConfig(layer_jacobian_method="func")
         probe_statistics(view, x, cfg, expert_group=object(), local_experts=range(0, 1))
+
+
+ROOT = Path(__file__).resolve().parents[1]
+# fsdp.yaml and fsdp_ep.yaml name all GPUs in bf16; on CPU: two gloo processes in float32
+ON_CPU = [
+    "--trainer.accelerator=cpu",
+    "--trainer.devices=2",
+    "--trainer.strategy.init_args.process_group_backend=gloo",
+    "--trainer.precision=32-true",
+]
+MODEL = "--model.init_args.config"
+PRESET_RUNS = {  # (trainer preset, shipped transformer config, overrides)
+    "ep_cpu-topk": ("ep_cpu.yaml", "wikitext_topk.yaml", []),
+    "fsdp-dense": ("fsdp.yaml", "wikitext_dense.yaml", ON_CPU),
+    # 16 routed experts: its 15 do not split over 2 ranks
+    "fsdp_ep-deepseek": ("fsdp_ep.yaml", "wikitext_deepseek.yaml", [*ON_CPU, f"{MODEL}.num_experts=16"]),
+}
+
+
+def run_cli(tmp_path: Path, preset: str, config: str, overrides: list[str]) -> subprocess.CompletedProcess:
+    """``moe-lightning fit --config <config> --config <preset>`` for 3 steps on a slice of the bundled WikiText-2,
+    from a folder outside the checkout, logging to CSV under ``tmp_path``."""
+    args = [
+        *("--config", str(ROOT / "configs" / "transformer" / config)),
+        *("--config", str(ROOT / "configs" / "trainer" / preset)),
+        "--trainer.max_steps=3",
+        "--trainer.max_epochs=-1",
+        "--trainer.log_every_n_steps=1",
+        "--trainer.val_check_interval=null",
+        "--trainer.check_val_every_n_epoch=1",
+        "--trainer.limit_val_batches=1",
+        "--trainer.logger=CSVLogger",
+        f"--trainer.logger.save_dir={tmp_path}",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--summary=false",
+        "--data.init_args.max_train_tokens=4000",
+        f"--data.init_args.cache_dir={tmp_path / 'cache'}",
+        "--data.init_args.vocab_size=320",
+        f"{MODEL}.vocab_size=320",
+        *overrides,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    command = [sys.executable, "-m", "moe_lightning", "fit", *args]
+    return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("run", sorted(PRESET_RUNS))
+def test_presets_train_the_shipped_transformer_configs(run, tmp_path):
+    preset, config, overrides = PRESET_RUNS[run]
+    result = run_cli(tmp_path, preset, config, overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_metrics(tmp_path)
+    losses = column(rows, "train/loss")
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    assert column(rows, "val/loss")
+    # The fit-start probe of every FFN (and of the shared experts) counts each of its 256 probe tokens once over
+    # all ranks, and k times over its experts for top-k routing (the sums of every rank's expert shards).
+    model = yaml.safe_load((ROOT / "configs" / "transformer" / config).read_text())["model"]["init_args"]["config"]
+    num_experts = 16 if "deepseek" in run else model["num_experts"]
+    views = {
+        "ffn": (num_experts, model["top_k"]) if model["routing"] == "topk" else (1, 1),  # dense: one expert
+        "ffn.shared_experts": (1, 1) if model.get("num_shared_experts") else None,
+    }
+    for name, (experts, k) in ((n, v) for n, v in views.items() if v is not None):
+        for block in range(model["num_layers"]):
+            prefix = f"geometry/blocks.{block}.{name}"
+            assert column(rows, f"{prefix}/tokens_total")[0] == 256, prefix
+            assert sum(column(rows, f"{prefix}/tokens/e{e}")[0] for e in range(experts)) == 256 * k, prefix
+            assert math.isfinite(column(rows, f"{prefix}/jac_sigma_max/mean")[0]), prefix

@@ -165,6 +165,8 @@ GEOMETRY_CASES = {  # name: (model config overrides, GeometryMonitor options bey
     "topk": ({"routing": "topk"}, {}),
     "soft": ({"routing": "soft"}, {}),
     "deepseek": (DEEPSEEK, {}),
+    # no MoE layer: FSDP2 alone, the dense FFNs gathered one at a time
+    "dense": ({"routing": "dense"}, {}),
     # D = 32 > 16: the spectra are matrix-free, the layer's through products summed over the expert group
     "topk_matrix_free": ({}, {"probe_config": {"matrix_free_threshold": 16, "matrix_free_rank": 4}}),
     "topk_bootstrap": ({}, {"bootstrap": 8}),
