@@ -1,5 +1,7 @@
 """Loss-trace guard: the first 20 training losses of the tiny MLP and transformer MoEs, per routing, are committed
-under ``tests/assets/losses`` and must come out exactly the same (CPU, float32, fixed seed, one thread).
+under ``tests/assets/losses`` and must come out the same (CPU, float32, fixed seed, one thread) to a relative 1e-5.
+Not bit for bit: the float32 kernels of two CPUs (their vector widths) round a few ulps apart, which 20 steps
+carry to about 1e-7; a change of the model, the loss or the optimiser moves the losses by far more.
 
 A change that moves them changes the numerics of training. If that is intended, regenerate the files with
 ``python tests/test_loss_trace.py`` and say why in the commit.
@@ -78,7 +80,7 @@ def test_first_training_losses_are_unchanged(family, routing):
     expected = json.loads((ASSETS / f"{family}_{routing}.json").read_text())
     got = loss_trace(family, routing)
     assert len(got) == STEPS
-    assert got == expected  # exact: floats written with repr() read back bit for bit
+    assert got == pytest.approx(expected, rel=1e-5, abs=0)
 
 
 if __name__ == "__main__":

@@ -109,12 +109,12 @@ class ProbeContext:
     def sum_over_experts(self, partial: Callable[[], Tensor], shape: tuple[int, ...]) -> Tensor:
         """``partial()`` (this rank's experts' share of a sum over experts, of ``shape``) summed over the expert
         group; NaN where a rank failed to compute its share."""
-        value = partial() if self.expert_group is None else self.guarded(partial, lambda: self.nan(*shape))
         if self.expert_group is None:
-            return value
-        total = value.to(self.dtype).contiguous().clone()
+            return partial()
+        value = self.guarded(partial, lambda: self.nan(*shape)).to(self.dtype).contiguous()
+        total = value.clone()
         dist.all_reduce(total, group=self.expert_group)
-        return total
+        return self._check_received(value, total)
 
     def gather_over_experts(self, local_NL: Callable[[], Tensor], shape: tuple[int, ...]) -> Tensor:
         """``(N, L, ...)`` values of this rank's ``L`` experts (``local_NL()``, of ``shape``) -> ``(N, E, ...)`` of
@@ -125,7 +125,17 @@ class ProbeContext:
         world = dist.get_world_size(self.expert_group)
         parts = [torch.empty_like(value) for _ in range(world)]
         dist.all_gather(parts, value, group=self.expert_group)
-        return torch.cat(parts, dim=1)
+        return self._check_received(value, torch.cat(parts, dim=1))
+
+    def _check_received(self, sent: Tensor, received: Tensor) -> Tensor:
+        """``received``; where this rank sent finite values and received non-finite ones, another rank of the group
+        failed (it sends NaN): kept as this rank's failure, so that its warning says so rather than naming the
+        error the NaN would cause further on."""
+        if self.failure is None and bool(torch.isfinite(sent).all()) and not bool(torch.isfinite(received).all()):
+            self.failure = RuntimeError(
+                "another rank of the expert group failed in this probe and sent NaN (its own warning names the error)"
+            )
+        return received
 
     def add_resampled(
         self, buffer: Tensor, slot: Slot, counts_Bn: Tensor | None, values_n: Tensor, index: int | None = None

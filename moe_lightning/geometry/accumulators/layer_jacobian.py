@@ -96,20 +96,27 @@ class LayerJacobian(Accumulator):
     def _local_operator(self, chunk: Chunk) -> tuple[JacobianOperator, list]:
         """Under expert parallelism: the composed products of the experts here and their parts (a ``ValueError``
         if a view offers no expert operators, which the products across ranks need)."""
-        op, parts = self._operator(chunk, with_parts=True)
-        if op is None:
+        parts = self._parts(chunk)
+        if parts is None:
             name = getattr(chunk.ctx.view, "name", "")
             raise ValueError(
                 f"probe under expert parallelism: view {name!r} offers no expert_jacobian_operator, which the "
                 "matrix-free layer Jacobian across ranks needs"
             )
-        return op, parts
+        return self._compose(chunk, parts), parts
 
-    def _operator(self, chunk: Chunk, with_parts: bool = False) -> Any:
+    def _operator(self, chunk: Chunk) -> JacobianOperator | None:
         """The layer Jacobian as composed products (:func:`compose_layer_operator`) of the experts here when every
         expert with routed tokens offers ``expert_jacobian_operator``; None (torch.func through the layer
-        function) otherwise. The chunk's expert operators are reused where they hold the same tokens. With
-        ``with_parts``: ``(operator or None, the experts' (rows, operator) pairs)``."""
+        function) otherwise."""
+        parts = self._parts(chunk)
+        return None if parts is None else self._compose(chunk, parts)
+
+    @staticmethod
+    def _parts(chunk: Chunk) -> list[tuple[Tensor, JacobianOperator | None]] | None:
+        """The ``(rows, operator)`` pair of every expert (operator None for one without tokens here), or None if an
+        expert with routed tokens has no closed-form products. The chunk's expert operators are reused where they
+        hold the same tokens."""
         ctx, x, g = chunk.ctx, chunk.x, chunk.gates
         here, parts = ctx.experts_here, []
         for e in range(ctx.num_experts):
@@ -119,15 +126,20 @@ class LayerJacobian(Accumulator):
                 continue
             op = chunk.operator(e) if torch.equal(chunk.rows[e], rows) else ctx.expert_operator(e, x[rows])
             if op is None:
-                return (None, parts) if with_parts else None
+                return None
             parts.append((rows, op))
-        cfg = ctx.config
+        return parts
+
+    @staticmethod
+    def _compose(chunk: Chunk, parts: list) -> JacobianOperator:
+        """The product rule's operator from the experts' ``parts``, the gate Jacobians and the outputs here."""
+        ctx, x, g = chunk.ctx, chunk.x, chunk.gates
+        here, cfg = ctx.experts_here, ctx.config
         dg = jacobians(ctx.view.gates, x, memory_budget_bytes=cfg.memory_budget_bytes, mode="jacrev").to(g.dtype)
         outputs = [ctx.experts[e](x).to(g.dtype) if e in here else None for e in range(ctx.num_experts)]
         d_out = next(f.shape[-1] for f in outputs if f is not None)
         outputs = [f if f is not None else g.new_zeros(x.shape[0], d_out) for f in outputs]
-        op = compose_layer_operator(g, dg, outputs, parts)
-        return (op, parts) if with_parts else op
+        return compose_layer_operator(g, dg, outputs, parts)
 
     def finalize(self, buffer: Tensor, report: GeometryReport, done: dict[Accumulator, Any]) -> None:
         values: dict[str, Tensor] = {}
