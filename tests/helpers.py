@@ -1,5 +1,6 @@
-"""Helpers the tests share: tiny random Hugging Face MoE models of each family (no download) and reading what a
-CSVLogger wrote, and numpy references two test files share. Fixtures built on them live in ``conftest.py``."""
+"""Helpers the tests share: tiny random Hugging Face MoE models of each family (no download), reading what a
+CSVLogger wrote, numpy references two test files share, and running and setting up the multi-process test scripts.
+Fixtures built on them live in ``conftest.py``."""
 
 from __future__ import annotations
 
@@ -92,6 +93,28 @@ def numpy_health(load: np.ndarray) -> dict[str, float]:
     }
 
 
+def quiet_trainer(devices: int, strategy, max_steps: int, callbacks: list, **options):
+    """A CPU Trainer without logger, progress bar, model summary, validation or checkpoints, unless ``options``
+    (further Trainer arguments) ask for them: the set-up of the multi-process test scripts."""
+    import lightning as L
+
+    quiet = {
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "limit_val_batches": 0,
+    }
+    return L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        max_steps=max_steps,
+        callbacks=callbacks,
+        **{**quiet, **options},
+    )
+
+
 def run_test_script(name: str, argument: str | Path, cwd: str | Path, extra: list[str] | None = None) -> None:
     """Run ``tests/scripts/<name>`` in a fresh Python (one torch thread, W&B offline) with ``argument`` (and the
     ``extra`` arguments); fail with its stderr when it fails. The multi-process tests launch their gloo workers this
@@ -101,7 +124,9 @@ def run_test_script(name: str, argument: str | Path, cwd: str | Path, extra: lis
     import sys
 
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    # the package from this checkout, and these helpers for the scripts
+    path = os.pathsep.join([str(root), str(root / "tests")])
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
     result = subprocess.run(
         [sys.executable, str(root / "tests" / "scripts" / name), str(argument), *(extra or [])],
         cwd=cwd,

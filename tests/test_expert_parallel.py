@@ -187,7 +187,14 @@ def run_cli(tmp_path: Path, preset: str, config: str, overrides: list[str]) -> s
     return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("run", sorted(PRESET_RUNS))
+# The CLI runs take half a minute each. fsdp_ep runs in the default suite; ep_cpu.yaml's and fsdp.yaml's
+# strategies train under the tests above (against one process), a dense model's probe under FSDP2 included.
+SLOW_PRESET_RUNS = ("ep_cpu-topk", "fsdp-dense")
+
+
+@pytest.mark.parametrize(
+    "run", [pytest.param(run, marks=[pytest.mark.slow] if run in SLOW_PRESET_RUNS else []) for run in PRESET_RUNS]
+)
 def test_presets_train_the_shipped_transformer_configs(run, tmp_path):
     preset, config, overrides = PRESET_RUNS[run]
     result = run_cli(tmp_path, preset, config, overrides)

@@ -12,6 +12,7 @@ import sys
 import lightning as L
 import torch
 import torch.distributed as dist
+from helpers import quiet_trainer
 from lightning.pytorch import Callback
 
 from moe_lightning.callbacks import CurvatureMonitor
@@ -48,18 +49,7 @@ def main(out_path: str) -> None:
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
     monitor = CurvatureMonitor(**OPTIONS)
     gather = GatherBatches(monitor)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        max_steps=1,
-        logger=False,
-        callbacks=[monitor, gather],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
+    trainer = quiet_trainer(2, "ddp", 1, [monitor, gather])
     trainer.fit(module, data)
     if not trainer.is_global_zero:
         return

@@ -7,6 +7,7 @@ import sys
 
 import lightning as L
 import torch
+from helpers import quiet_trainer
 
 from moe_lightning.adapters import find_moe_layers
 from moe_lightning.adapters.capture import capture_layer_inputs
@@ -25,17 +26,7 @@ def main(out_path: str) -> None:
     module = MLPMoEModule(config)
     data = SyntheticMoEDataModule(input_dim=16, output_dim=8, num_train=256, num_val=128, batch_size=32)
     monitor = GeometryMonitor(every_n_steps=2, max_tokens=70, at_fit_start=False, bootstrap=3)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        max_steps=2,
-        logger=False,
-        callbacks=[monitor],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(2, "ddp", 2, [monitor], limit_val_batches=1.0)
     trainer.fit(module, data)
     if not trainer.is_global_zero:
         return

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from helpers import quiet_trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 from moe_lightning.callbacks import RouterMonitor
@@ -41,17 +42,7 @@ def main(out_dir: str) -> None:
     x = torch.randn(128, 8, generator=torch.Generator().manual_seed(1))
     y = torch.randn(128, 4, generator=torch.Generator().manual_seed(2))
     record, monitor = Record(), RouterMonitor(log_every_n_steps=2)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        max_steps=3,
-        logger=False,
-        callbacks=[record, monitor],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(2, "ddp", 3, [record, monitor])
     trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=16, shuffle=False))
     result = {
         "world_size": trainer.world_size,

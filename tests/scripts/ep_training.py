@@ -18,6 +18,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 import yaml
+from helpers import quiet_trainer
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -103,24 +104,6 @@ def fit(strategy, devices: int, loader, ckpt_dir=None, ckpt_path=None, router=No
         trainer.fit(module(), loader, ckpt_path=ckpt_path)
     losses.view_warnings += [str(w.message) for w in caught if "returned a view tensor" in str(w.message)]
     return losses
-
-
-def quiet_trainer(devices: int, strategy, max_steps: int, callbacks: list, **options) -> L.Trainer:
-    """A CPU Trainer without logger, progress bar, summary or validation (nor checkpoints unless ``options``
-    say so)."""
-    return L.Trainer(
-        accelerator="cpu",
-        devices=devices,
-        strategy=strategy,
-        max_steps=max_steps,
-        logger=False,
-        callbacks=callbacks,
-        enable_checkpointing=options.pop("enable_checkpointing", False),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        **options,
-    )
 
 
 class Tokens(L.LightningDataModule):
