@@ -93,7 +93,10 @@ def test_training_checkpoints_and_probes_match_one_process(tmp_path):
     assert len(failing["warnings"][1]) == 2 and len(failing["warnings"][0]) == 2
     assert all("on rank 1" in m and "expert function failed" in m for m in failing["warnings"][1])
     assert all("on rank 0" in m and "another rank of the expert group failed" in m for m in failing["warnings"][0])
-    assert set(probes) == {"topk", "soft", "deepseek", "dense", "topk_matrix_free", "topk_bootstrap", "topk_func"}
+    assert set(probes) == {
+        *("topk", "soft", "deepseek", "dense"),
+        *("topk_matrix_free", "topk_bootstrap", "topk_func", "topk_block_sharded"),
+    }
     assert any(".shared_experts/jac_sigma_max" in key for key in probes["deepseek"]["single"])
     check_probes(probes)
     check_layer_result(json.loads((tmp_path / "layer.json").read_text()))  # the layer on 2 ranks

@@ -10,17 +10,26 @@ from torch import nn
 
 
 @contextmanager
-def gathered(module: nn.Module, all_experts: bool = True) -> Iterator[None]:
+def gathered(module: nn.Module, all_experts: bool = True, root: nn.Module | None = None) -> Iterator[None]:
     """``module``'s weights on this rank while the context lasts, released on exit.
 
     Every FSDP2 group inside ``module`` is unsharded (``FSDPModule.unshard``) and resharded afterwards: the router,
-    the shared experts and this rank's experts become whole. With ``all_experts``, a block with expert parallelism
-    also lends every expert's weights (its ``all_experts()``). Both are collectives: every rank enters for the
-    same modules in the same order. A module that is not sharded is left as it is.
+    the shared experts and this rank's experts become whole. Where ``module`` is not a group of its own, its own
+    weights belong to the innermost group of ``root`` (the whole model) that holds it, a block of a model that
+    FSDP2 sharded block by block: that group is unsharded too. With ``all_experts``, a block with expert
+    parallelism also lends every expert's weights (its ``all_experts()``). All are collectives: every rank enters
+    for the same modules in the same order. A module that is not sharded is left as it is.
     """
     from torch.distributed.fsdp import FSDPModule
 
     groups = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    if root is not None and not isinstance(module, FSDPModule):
+        owner = None
+        for candidate in root.modules():  # pre-order: a later group that holds module is nested in an earlier one
+            if isinstance(candidate, FSDPModule) and any(sub is module for sub in candidate.modules()):
+                owner = candidate
+        if owner is not None:
+            groups.insert(0, owner)
     for group in groups:
         group.unshard()
     try:

@@ -329,7 +329,8 @@ class GeometryMonitor(Callback):
                 try:
                     # Under FSDP2 the layer's weights are gathered while it is probed; under expert parallelism
                     # each rank's own experts, or all of them where a quantity needs the whole layer on one rank.
-                    with gathered(view.module, all_experts=group is None and _reads_split_experts(view)):
+                    all_experts = group is None and _reads_split_experts(view)
+                    with gathered(view.module, all_experts=all_experts, root=pl_module):
                         if group is None:
                             stats = probe_statistics(view, shard, self.probe_config, resample_counts=counts)
                         else:

@@ -30,6 +30,7 @@ from moe_lightning.geometry import probe
 from moe_lightning.models import TransformerMoEConfig
 from moe_lightning.modules import CausalLMModule
 from moe_lightning.moe import MoELayer
+from moe_lightning.parallelize import is_parallelized
 from moe_lightning.strategy import ExpertParallelStrategy
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -55,8 +56,23 @@ class Losses(Callback):
             self.batches.append(tuple(torch.cat(parts) for parts in zip(*gathered, strict=True)))
 
 
-def module(routing: str = "topk", **overrides) -> CausalLMModule:
-    """A tiny transformer, the same initial weights on every call; ``overrides`` of its config."""
+class BlockShardedLM(CausalLMModule):
+    """The LightningModule with FSDP2 applied as a user may apply it to a model of their own: one group per
+    transformer block, then the root, so that an MoE layer has no group of its own."""
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        if is_parallelized(self.model):
+            return
+        mesh = self.trainer.strategy.device_mesh["data_parallel"]
+        for block in self.model.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
+
+
+def module(routing: str = "topk", cls: type[CausalLMModule] = CausalLMModule, **overrides) -> CausalLMModule:
+    """A tiny transformer (a ``cls``), the same initial weights on every call; ``overrides`` of its config."""
     torch.manual_seed(0)
     config = TransformerMoEConfig(
         vocab_size=VOCAB,
@@ -71,7 +87,7 @@ def module(routing: str = "topk", **overrides) -> CausalLMModule:
         activation="swiglu",
         **overrides,
     )
-    return CausalLMModule(config, lr=3e-3, warmup_steps=2)
+    return cls(config, lr=3e-3, warmup_steps=2)
 
 
 def data(batch_size: int, ranks: int = 2):
@@ -155,6 +171,8 @@ GEOMETRY_CASES = {  # name: (model config overrides, GeometryMonitor options bey
     "topk_bootstrap": ({}, {"bootstrap": 8}),
     # the whole layer through torch.func: the experts are gathered on every rank
     "topk_func": ({}, {"probe_config": {"layer_jacobian_method": "func"}}),
+    # FSDP2 by blocks (BlockShardedLM): each MoE layer's weights are gathered with the block that holds them
+    "topk_block_sharded": ({"cls": BlockShardedLM}, {}),
 }
 
 
@@ -173,7 +191,7 @@ def geometry(case: str, devices: int = 2) -> dict:
         return {}
     ep = {k: v for name, r in monitor.last_reports.items() for k, v in r.scalars(f"geometry/{name}").items()}
     ep.update({f"bootstrap/{name}/{k}": v for name, r in monitor.last_reports.items() for k, v in bootstrap(r)})
-    single, reference = {}, module(**overrides)
+    single, reference = {}, module(**{**overrides, "cls": CausalLMModule})
     views = find_moe_layers(reference.model)
     with observation(reference):
         captured = capture_layer_inputs(reference, views, monitor.probe_inputs)
