@@ -154,12 +154,15 @@ ON_CPU = [
     "--trainer.precision=32-true",
 ]
 MODEL = "--model.init_args.config"
-PRESET_RUNS = {  # (trainer preset, shipped transformer config, overrides)
-    "ep_cpu-topk": ("ep_cpu.yaml", "wikitext_topk.yaml", []),
-    "fsdp-dense": ("fsdp.yaml", "wikitext_dense.yaml", ON_CPU),
-    # 16 routed experts: its 15 do not split over 2 ranks
-    "fsdp_ep-deepseek": ("fsdp_ep.yaml", "wikitext_deepseek.yaml", [*ON_CPU, f"{MODEL}.num_experts=16"]),
-}
+PRESETS = {"ep_cpu.yaml": [], "fsdp.yaml": ON_CPU, "fsdp_ep.yaml": ON_CPU}
+CONFIGS = ("wikitext_topk.yaml", "wikitext_soft.yaml", "wikitext_dense.yaml", "wikitext_deepseek.yaml")
+
+
+def preset_overrides(preset: str, config: str) -> list[str]:
+    """What a preset needs on CPU, and 16 routed experts for the DeepSeek-style config under expert parallelism
+    (its 15 do not split over 2 ranks)."""
+    split = preset != "fsdp.yaml" and config == "wikitext_deepseek.yaml"
+    return [*PRESETS[preset], *([f"{MODEL}.num_experts=16"] if split else [])]
 
 
 def run_cli(tmp_path: Path, preset: str, config: str, overrides: list[str]) -> subprocess.CompletedProcess:
@@ -190,16 +193,20 @@ def run_cli(tmp_path: Path, preset: str, config: str, overrides: list[str]) -> s
     return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
 
 
-# The CLI runs take half a minute each. fsdp_ep runs in the default suite; ep_cpu.yaml's and fsdp.yaml's
-# strategies train under the tests above (against one process), a dense model's probe under FSDP2 included.
-SLOW_PRESET_RUNS = ("ep_cpu-topk", "fsdp-dense")
+# Each CLI run takes half a minute: the default suite runs fsdp_ep with the DeepSeek-style config (sigmoid scores,
+# aux-free bias, a shared expert, under FSDP2 x EP); the other pairs are slow, since the tests above train every
+# routing under ep_cpu.yaml's and fsdp.yaml's strategies against one process.
+DEFAULT_RUN = ("fsdp_ep.yaml", "wikitext_deepseek.yaml")
+PRESET_RUNS = [
+    pytest.param(preset, config, marks=[] if (preset, config) == DEFAULT_RUN else [pytest.mark.slow])
+    for preset in PRESETS
+    for config in CONFIGS
+]
 
 
-@pytest.mark.parametrize(
-    "run", [pytest.param(run, marks=[pytest.mark.slow] if run in SLOW_PRESET_RUNS else []) for run in PRESET_RUNS]
-)
-def test_presets_train_the_shipped_transformer_configs(run, tmp_path):
-    preset, config, overrides = PRESET_RUNS[run]
+@pytest.mark.parametrize(("preset", "config"), PRESET_RUNS)
+def test_presets_train_the_shipped_transformer_configs(preset, config, tmp_path):
+    overrides = preset_overrides(preset, config)
     result = run_cli(tmp_path, preset, config, overrides)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_metrics(tmp_path)
@@ -209,11 +216,13 @@ def test_presets_train_the_shipped_transformer_configs(run, tmp_path):
     # The fit-start probe of every FFN (and of the shared experts) counts each of its 256 probe tokens once over
     # all ranks, and k times over its experts for top-k routing (the sums of every rank's expert shards).
     model = yaml.safe_load((ROOT / "configs" / "transformer" / config).read_text())["model"]["init_args"]["config"]
-    num_experts = 16 if "deepseek" in run else model["num_experts"]
-    views = {
-        "ffn": (num_experts, model["top_k"]) if model["routing"] == "topk" else (1, 1),  # dense: one expert
-        "ffn.shared_experts": (1, 1) if model.get("num_shared_experts") else None,
-    }
+    num_experts = 16 if f"{MODEL}.num_experts=16" in overrides else model["num_experts"]
+    routed = {  # (experts, how many of them each token reaches)
+        "topk": (num_experts, model["top_k"]),
+        "soft": (num_experts, num_experts),
+        "dense": (1, 1),  # one FFN, as one expert
+    }[model["routing"]]
+    views = {"ffn": routed, "ffn.shared_experts": (1, 1) if model.get("num_shared_experts") else None}
     for name, (experts, k) in ((n, v) for n, v in views.items() if v is not None):
         for block in range(model["num_layers"]):
             prefix = f"geometry/blocks.{block}.{name}"

@@ -196,8 +196,13 @@ class RouterMonitor(Callback):
 
 
 def _expert_bias(view: MoEView) -> Tensor | None:
-    """The aux-free selection bias of a view's router, if it has one."""
-    return getattr(getattr(view.module, "router", None), "expert_bias", None)
+    """The aux-free selection bias of a view's router, if it has one: a native router's ``expert_bias``, or the
+    ``e_score_correction_bias`` of a Hugging Face DeepSeek-V3-style gate (DeepSeek-V3, GLM-4-MoE, ...), which the
+    model's own training code updates."""
+    bias = getattr(getattr(view.module, "router", None), "expert_bias", None)
+    if bias is None:
+        bias = getattr(getattr(view.module, "gate", None), "e_score_correction_bias", None)
+    return bias if isinstance(bias, Tensor) else None
 
 
 def _batch_sums(view: MoEView, aux: MoEAux | None, x: Tensor) -> Tensor:

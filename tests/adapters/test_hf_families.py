@@ -305,6 +305,13 @@ class CausalLM(L.LightningModule):
 
 def fit_and_check(family: str, tmp_path: Path) -> None:
     model = tiny_model(family, seed=1).train()  # a fresh model (the fit changes its weights), in training mode
+    # A DeepSeek-V3-style gate's aux-free bias, which the model's own training code would move: set by hand here
+    biases = {}
+    for name, module in model.named_modules():
+        bias = getattr(getattr(module, "gate", None), "e_score_correction_bias", None)
+        if isinstance(bias, torch.Tensor):
+            bias.copy_(torch.linspace(-0.5, 0.25, bias.numel()).to(bias))
+            biases[name] = bias
     vocab = model.config.get_text_config().vocab_size
     tokens = torch.randint(3, vocab, (4, 8), generator=torch.Generator().manual_seed(0))
     geometry = GeometryMonitor(  # the Jacobian spectra only: the other quantities have tests of their own
@@ -335,6 +342,12 @@ def fit_and_check(family: str, tmp_path: Path) -> None:
             assert loads, (family, name)
             total = sum(float(loads[0][f"router/{name}/load/e{e}"]) for e in range(view.num_experts))
             assert total == pytest.approx(1.0)
+    for name, bias in biases.items():  # a bias nothing changes during the fit: its range, and no change
+        assert [float(r[f"router/{name}/bias_range"]) for r in rows if r.get(f"router/{name}/bias_range")] == (
+            pytest.approx([float(bias.max() - bias.min())] * 2)
+        ), name
+        assert all(float(r[f"router/{name}/bias_change"]) == 0 for r in rows if r.get(f"router/{name}/bias_change"))
+    assert biases or family != "deepseek_v3"
 
 
 @pytest.mark.parametrize("family", TRAINER_FAMILIES)
