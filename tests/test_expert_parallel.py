@@ -229,3 +229,11 @@ def test_presets_train_the_shipped_transformer_configs(preset, config, tmp_path)
             assert column(rows, f"{prefix}/tokens_total")[0] == 256, prefix
             assert sum(column(rows, f"{prefix}/tokens/e{e}")[0] for e in range(experts)) == 256 * k, prefix
             assert math.isfinite(column(rows, f"{prefix}/jac_sigma_max/mean")[0]), prefix
+
+
+@pytest.mark.slow  # parallelize's ValueError itself is checked on 2 and 4 ranks above (check_layer_result)
+def test_a_preset_names_the_expert_count_it_cannot_split(tmp_path):
+    # The DeepSeek-style config's 15 routed experts under ep_cpu.yaml's 2 ranks: every rank stops with the error.
+    result = run_cli(tmp_path, "ep_cpu.yaml", "wikitext_deepseek.yaml", [])
+    assert result.returncode != 0
+    assert "num_experts=15 must be divisible by the expert-parallel size 2" in result.stderr
