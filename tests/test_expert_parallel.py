@@ -26,13 +26,15 @@ from moe_lightning.strategy import ExpertParallelStrategy
 LAYER_CASES = ["topk_sorted", "topk_grouped", "topk_loop", "topk_empty_expert", "soft_sorted", "soft_grouped"]
 
 
-def check_layer_result(result: dict) -> None:
+def check_layer_result(result: dict, world: int) -> None:
     for case in LAYER_CASES:
         for quantity, error in result[case].items():
             if quantity != "empty_experts":
                 assert error <= 1e-6, (case, quantity, error)
     assert result["topk_empty_expert"]["empty_experts"] == 1  # the case has an expert that gets no token
     assert "must be divisible by the expert-parallel size" in result["indivisible"]
+    assert f"num_experts=3 must be divisible by the expert-parallel size {world}" in result["parallelize_indivisible"]
+    assert result["parallelize_left_unchanged"]
 
 
 def test_four_ranks_match_one_process(tmp_path):
@@ -44,7 +46,7 @@ def test_four_ranks_match_one_process(tmp_path):
         assert losses[run] == pytest.approx(losses["single"], abs=1e-5), run
     check_router(losses["router"])
     check_probes(json.loads((tmp_path / "geometry.json").read_text()))
-    check_layer_result(json.loads((tmp_path / "layer.json").read_text()))
+    check_layer_result(json.loads((tmp_path / "layer.json").read_text()), world=4)
 
 
 def check_probes(probes: dict) -> None:
@@ -99,7 +101,7 @@ def test_training_checkpoints_and_probes_match_one_process(tmp_path):
     }
     assert any(".shared_experts/jac_sigma_max" in key for key in probes["deepseek"]["single"])
     check_probes(probes)
-    check_layer_result(json.loads((tmp_path / "layer.json").read_text()))  # the layer on 2 ranks
+    check_layer_result(json.loads((tmp_path / "layer.json").read_text()), world=2)  # the layer on 2 ranks
 
 
 def test_clip_grad_norm_matches_torch_on_one_mesh():

@@ -8,7 +8,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
-from moe_lightning.moe import MoEConfig, MoELayer
+from moe_lightning.moe import MoEConfig, MoELayer, is_fsdp_module
+from moe_lightning.parallelize import expert_parallel_mesh, parallelize
 
 TOKENS_PER_RANK, DIM = 12, 16
 CASES = [  # (name, routing, dispatch, activation, silent expert)
@@ -87,4 +88,14 @@ def check_layer(rank: int, world: int) -> dict:
         result["indivisible"] = None
     except ValueError as error:
         result["indivisible"] = str(error)
+    # parallelize checks every layer before it changes any: here the second of two cannot be split
+    model = torch.nn.Sequential(*(MoELayer(MoEConfig(dim=DIM, expert_hidden=8, num_experts=n)) for n in (world, 3)))
+    try:
+        parallelize(model, expert_parallel_mesh("cpu", world))
+        result["parallelize_indivisible"] = None
+    except ValueError as error:
+        result["parallelize_indivisible"] = str(error)
+    result["parallelize_left_unchanged"] = all(layer.expert_group is None for layer in model) and not any(
+        is_fsdp_module(m) for m in model.modules()
+    )
     return result
