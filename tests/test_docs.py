@@ -28,6 +28,7 @@ def _blocks() -> list[tuple[str, str]]:
 
 
 BLOCKS = _blocks()
+CODES = dict(BLOCKS)
 
 
 def test_docs_have_examples():
@@ -45,10 +46,9 @@ def block_results(request, tmp_path_factory) -> dict[str, str | None]:
         for item in request.session.items
         if getattr(item, "originalname", "") == "test_python_block_runs"
     ]
-    codes = dict(BLOCKS)
     work = tmp_path_factory.mktemp("doc_blocks")
     blocks, results = work / "blocks.json", work / "results.json"
-    blocks.write_text(json.dumps({block_id: codes[block_id] for block_id in selected}), encoding="utf-8")
+    blocks.write_text(json.dumps({block_id: CODES[block_id] for block_id in selected}), encoding="utf-8")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline", "MPLBACKEND": "Agg"}
     command = [sys.executable, str(ROOT / "tests" / "scripts" / "doc_blocks.py"), str(blocks), str(results), str(work)]
     run = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=900)
@@ -63,7 +63,7 @@ def block_results(request, tmp_path_factory) -> dict[str, str | None]:
 @pytest.mark.parametrize("block_id", [block_id for block_id, _ in BLOCKS], ids=[block_id for block_id, _ in BLOCKS])
 def test_python_block_runs(block_id, block_results):
     error = block_results[block_id]
-    assert error is None, f"{block_id} failed:\n{dict(BLOCKS)[block_id]}\n{error[-3000:]}"
+    assert error is None, f"{block_id} failed:\n{CODES[block_id]}\n{error[-3000:]}"
 
 
 def test_readme_is_short():

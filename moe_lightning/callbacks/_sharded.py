@@ -8,6 +8,8 @@ from contextlib import ExitStack, contextmanager
 
 from torch import nn
 
+from moe_lightning.moe import is_fsdp_module
+
 
 @contextmanager
 def gathered(module: nn.Module, all_experts: bool = True, root: nn.Module | None = None) -> Iterator[None]:
@@ -20,13 +22,11 @@ def gathered(module: nn.Module, all_experts: bool = True, root: nn.Module | None
     parallelism also lends every expert's weights (its ``all_experts()``). All are collectives: every rank enters
     for the same modules in the same order. A module that is not sharded is left as it is.
     """
-    from torch.distributed.fsdp import FSDPModule
-
-    groups = [m for m in module.modules() if isinstance(m, FSDPModule)]
-    if root is not None and not isinstance(module, FSDPModule):
+    groups = [m for m in module.modules() if is_fsdp_module(m)]
+    if root is not None and not is_fsdp_module(module):
         owner = None
         for candidate in root.modules():  # pre-order: a later group that holds module is nested in an earlier one
-            if isinstance(candidate, FSDPModule) and any(sub is module for sub in candidate.modules()):
+            if is_fsdp_module(candidate) and any(sub is module for sub in candidate.modules()):
                 owner = candidate
         if owner is not None:
             groups.insert(0, owner)

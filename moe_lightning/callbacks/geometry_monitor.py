@@ -296,16 +296,17 @@ class GeometryMonitor(Callback):
         counts = resample_counts(num_tokens, cfg.bootstrap, cfg.bootstrap_seed)
         return torch.cat([counts.tensor_split(world, dim=1)[r] for r in ranks], dim=1) if world > 1 else counts
 
-    def _expert_group(self, view) -> dist.ProcessGroup | None:
-        """The process group over which ``view``'s layer splits its experts, if it is probed expert by expert on
-        the ranks that hold them; None where every expert is here, or where the probe needs the whole layer on one
-        rank (``layer_jacobian_method="func"``), so that it gathers the experts."""
+    def _expert_layout(self, view) -> tuple[dist.ProcessGroup | None, bool]:
+        """``(group, all_experts)`` for probing ``view``: the process group over which its layer splits its experts
+        if it is probed expert by expert on the ranks that hold them, else None; and whether the probe must gather
+        every expert instead, for a split layer whose probe needs the whole layer on one rank
+        (``layer_jacobian_method="func"``)."""
         if not _reads_split_experts(view):
-            return None
+            return None, False
         cfg = self.probe_config
         if cfg.layer_jacobian and cfg.layer_jacobian_method == "func":
-            return None
-        return view.module.expert_group
+            return None, True
+        return view.module.expert_group, False
 
     def run_probe(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, GeometryReport]:
         """Probe every layer now and log the results at ``trainer.global_step``. Returns the reports."""
@@ -319,7 +320,7 @@ class GeometryMonitor(Callback):
             captured = capture_layer_inputs(pl_module, self.views, self.probe_inputs, self.forward)
             for view in self.views:
                 x = captured[view.name][: self.max_tokens]
-                group = self._expert_group(view)
+                group, all_experts = self._expert_layout(view)
                 # Each rank probes its share of the tokens; under expert parallelism the ranks of an expert group
                 # probe their shares together, each with its own experts.
                 ranks = [rank] if group is None else dist.get_process_group_ranks(group)
@@ -329,7 +330,6 @@ class GeometryMonitor(Callback):
                 try:
                     # Under FSDP2 the layer's weights are gathered while it is probed; under expert parallelism
                     # each rank's own experts, or all of them where a quantity needs the whole layer on one rank.
-                    all_experts = group is None and _reads_split_experts(view)
                     with gathered(view.module, all_experts=all_experts, root=pl_module):
                         if group is None:
                             stats = probe_statistics(view, shard, self.probe_config, resample_counts=counts)

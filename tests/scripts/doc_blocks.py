@@ -23,9 +23,8 @@ def run(block_id: str, code: str, folder: Path) -> str | None:
     except BaseException:
         return traceback.format_exc()
     finally:
-        import matplotlib.pyplot as plt
-
-        plt.close("all")
+        if "matplotlib.pyplot" in sys.modules:  # figures a block left open would pile up across blocks
+            sys.modules["matplotlib.pyplot"].close("all")
     return None
 
 

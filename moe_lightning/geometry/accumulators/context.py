@@ -131,7 +131,7 @@ class ProbeContext:
         """``received``; where this rank sent finite values and received non-finite ones, another rank of the group
         failed (it sends NaN): kept as this rank's failure, so that its warning says so rather than naming the
         error the NaN would cause further on."""
-        if self.failure is None and bool(torch.isfinite(sent).all()) and not bool(torch.isfinite(received).all()):
+        if self.failure is None and not bool(torch.isfinite(received).all()) and bool(torch.isfinite(sent).all()):
             self.failure = RuntimeError(
                 "another rank of the expert group failed in this probe and sent NaN (its own warning names the error)"
             )
