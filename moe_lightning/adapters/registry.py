@@ -96,10 +96,11 @@ def scan_moe_layers(model: nn.Module, layers: str | Iterable[str] | None = None)
             continue
         for adapter, match, factory in _ADAPTERS:
             if match(module):
+                name = uncompiled_name(path)
                 try:
-                    views.extend(factory(path, module))
+                    views.extend(factory(name, module))
                 except BlockNotViewable as reason:
-                    skipped.append(SkippedLayer(path, type(module).__name__, adapter, str(reason)))
+                    skipped.append(SkippedLayer(name, type(module).__name__, adapter, str(reason)))
                 matched_prefixes.append(path)
                 break
     if layers is not None:
@@ -107,6 +108,12 @@ def scan_moe_layers(model: nn.Module, layers: str | Iterable[str] | None = None)
         views = [v for v in views if any(fnmatch.fnmatchcase(v.name, p) for p in patterns)]
         skipped = [s for s in skipped if any(fnmatch.fnmatchcase(s.name, p) for p in patterns)]
     return LayerScan(views, skipped)
+
+
+def uncompiled_name(path: str) -> str:
+    """A module path without the ``_orig_mod`` steps that ``torch.compile`` adds (``_orig_mod.blocks.0.ffn`` ->
+    ``blocks.0.ffn``), so that a layer's keys are the same whether or not the model was compiled."""
+    return ".".join(part for part in path.split(".") if part != "_orig_mod")
 
 
 def skipped_text(skipped: Iterable[SkippedLayer]) -> str:

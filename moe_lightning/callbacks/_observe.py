@@ -1,16 +1,24 @@
-"""Shared machinery of the callbacks: copying batches into callback state, logging to every Lightning logger,
-heatmaps, and where the callbacks look for MoE layers."""
+"""Shared machinery of the callbacks: copying batches into callback state, the step axis, logging to every Lightning
+logger and to ``trainer.callback_metrics``, heatmaps, and where the callbacks look for MoE layers."""
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
+import re
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
+
+from moe_lightning.common import warn_once
+from moe_lightning.common.observe import StateChanges
 
 
 def batch_inputs(batch: Any, input_key: str | int = 0) -> Any:
@@ -33,6 +41,45 @@ def cpu_copy(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(cpu_copy(v) for v in obj)
     return obj
+
+
+def logging_step(trainer: Trainer, after_batch: bool = False) -> int:
+    """The step on the axis of Lightning's own ``self.log``: optimiser steps taken, counting a batch that steps
+    several optimisers (manual optimisation) once.
+
+    With ``after_batch`` (in ``on_train_batch_end``), a batch that has just stepped counts; a micro-batch that only
+    accumulated gradients does not. With one optimiser this is ``trainer.global_step``. Lightning's loggers and its
+    own LearningRateMonitor use this counter (``fit_loop.epoch_loop._batches_that_stepped``).
+    """
+    loop = trainer.fit_loop.epoch_loop
+    steps = int(loop._batches_that_stepped)
+    if after_batch and not loop._should_accumulate():
+        steps += 1
+    return steps
+
+
+_PER_EXPERT = re.compile(r"/e\d+$")
+
+
+def selected_metrics(metrics: dict[str, float], patterns: Sequence[str] | None) -> dict[str, torch.Tensor]:
+    """The keys of ``metrics`` that go into ``trainer.callback_metrics``, as float tensors: those matching one of
+    the fnmatch ``patterns``, or with None every key but the per-expert ones (``.../e<i>``)."""
+    if patterns is None:
+        chosen = {k: v for k, v in metrics.items() if not _PER_EXPERT.search(k)}
+    else:
+        chosen = {k: v for k, v in metrics.items() if any(fnmatch.fnmatchcase(k, p) for p in patterns)}
+    return {k: torch.tensor(float(v)) for k, v in chosen.items()}
+
+
+def check_metric_patterns(owner: str, patterns: str | Sequence[str] | None) -> tuple[str, ...] | None:
+    """``callback_metrics`` as given to a monitor: None (the default selection), one pattern or a list of them."""
+    if patterns is None:
+        return None
+    if isinstance(patterns, str):
+        return (patterns,)
+    if not all(isinstance(p, str) for p in patterns):
+        raise ValueError(f"{owner}: callback_metrics must be None, a pattern or a list of patterns, got {patterns!r}")
+    return tuple(patterns)
 
 
 def log_scalars(trainer: Trainer, metrics: dict[str, float], step: int) -> None:
@@ -112,6 +159,26 @@ def heatmap_figure(matrix: Tensor, title: str):
 def observed_model(pl_module: LightningModule) -> nn.Module:
     """Where the callbacks look for MoE layers: the LightningModule's ``model`` attribute when it is an
     ``nn.Module`` (the litgpt convention our modules follow, giving names like ``blocks.0.ffn``), else the
-    LightningModule itself."""
+    LightningModule itself; inside ``torch.compile``'s wrapper, the module it compiled."""
     model = getattr(pl_module, "model", None)
-    return model if isinstance(model, nn.Module) else pl_module
+    model = model if isinstance(model, nn.Module) else pl_module
+    # torch.compile's wrapper (``self.model = torch.compile(self.model)``) holds the model as ``_orig_mod``
+    compiled = model._modules.get("_orig_mod")
+    return model if compiled is None else compiled
+
+
+def warn_state_changes(owner: str, changes: StateChanges, store: set[str]) -> None:
+    """Warn once when a monitor's forward passes changed state the model keeps outside its buffers (buffers are
+    restored silently): what was set back, and what was written in place and could not be."""
+    if not changes:
+        return
+    lost = [c for c in changes if c not in changes.restored]
+    message = (
+        f"{owner}: the model's forward pass changes state it keeps outside its buffers: "
+        + ", ".join(changes)
+        + (f"; set back: {', '.join(changes.restored)}" if changes.restored else "")
+        + (f"; written in place and not restored: {', '.join(lost)}" if lost else "")
+        + ". Pass forward= (or loss_fn=) to run the model so that it keeps nothing (docs/callbacks.md, "
+        "'What observation does not cover')"
+    )
+    warn_once(message, store, rank_zero_warn)

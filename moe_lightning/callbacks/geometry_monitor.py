@@ -4,7 +4,6 @@ probed on a fixed token set over the course of training (docs/geometry.md §1-5)
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -18,20 +17,25 @@ from typing_extensions import override
 from moe_lightning.adapters import find_moe_layers
 from moe_lightning.adapters.base import MoEView
 from moe_lightning.adapters.capture import capture_layer_inputs
+from moe_lightning.callbacks._guard import Failures, distributed
 from moe_lightning.callbacks._observe import (
     batch_inputs,
+    check_metric_patterns,
     cpu_copy,
     define_step_metric,
     heatmap_figure,
     log_scalars,
+    logging_step,
     observed_model,
     report_directory,
+    selected_metrics,
     tensorboard_loggers,
     wandb_loggers,
+    warn_state_changes,
     write_step_report,
 )
 from moe_lightning.callbacks._sharded import gathered
-from moe_lightning.common import check_choice, check_positive_int, dtype_from_name, observation, warn_once
+from moe_lightning.common import check_choice, check_positive_int, dtype_from_name, dtype_name, observation, warn_once
 from moe_lightning.geometry import GeometryReport, ProbeConfig, finalize, probe_statistics
 from moe_lightning.geometry.bootstrap import resample_counts
 from moe_lightning.moe import MoELayer
@@ -46,8 +50,14 @@ class GeometryMonitor(Callback):
     A probe set is drawn once, deterministically, from the validation (or training) dataloader and kept in the
     callback's state, so every point of a curve probes the same tokens. At each scheduled step the callback
     captures each MoE layer's inputs on that set with temporary forward hooks, runs
-    :func:`moe_lightning.geometry.probe` on them, and logs the results. The model is only observed: modes, RNG
-    states, gradients and autocast are restored, so training ends in the same weights with or without it.
+    :func:`moe_lightning.geometry.probe` on them, and logs the results. The model is only observed: the probe
+    reads cast copies of the weights and never writes a parameter; modes, buffers, RNG states, gradients and
+    autocast are restored, so training ends in the same weights with or without it (docs/callbacks.md). A probe
+    that fails, on any rank, becomes one warning and training goes on.
+
+    Steps are those of Lightning's own ``self.log``: optimiser steps, a batch that steps several optimisers
+    counted once. The selected values also go into ``trainer.callback_metrics``, so that ``ModelCheckpoint`` and
+    ``EarlyStopping`` can monitor them.
 
     Logged metrics (docs/design.md "Metric keys"; ``<layer>`` is the module path, ``e<i>`` an expert):
         - ``geometry/<layer>/<quantity>/e<i>`` and ``.../mean`` for per-expert quantities: ``jac_sigma_max``,
@@ -96,6 +106,8 @@ class GeometryMonitor(Callback):
         report_dir: where ``geometry/`` goes; None uses the first CSV or TensorBoard logger's ``log_dir``, else
             the W&B run's files directory (so the reports travel with the W&B run); nothing is written when there
             is neither.
+        callback_metrics: the keys also put into ``trainer.callback_metrics``: fnmatch patterns, for instance
+            ``"geometry/*/jac_sigma_max/mean"``; None (default) every key but the per-expert ones; ``[]`` none.
 
     Example::
 
@@ -128,8 +140,10 @@ class GeometryMonitor(Callback):
         probe_config: dict[str, Any] | None = None,
         save_reports: bool = True,
         report_dir: str | None = None,
+        callback_metrics: str | list[str] | None = None,
     ) -> None:
         super().__init__()
+        self.callback_metrics = check_metric_patterns("GeometryMonitor", callback_metrics)
         for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
             check_positive_int(f"GeometryMonitor: {name}", value, allow_none=True)
         check_positive_int("GeometryMonitor: max_tokens", max_tokens)
@@ -161,14 +175,24 @@ class GeometryMonitor(Callback):
         self.probe_inputs: list[Any] | None = None
         self.probed_steps: list[int] = []
         self.last_reports: dict[str, GeometryReport] = {}
+        self._published: dict[str, Tensor] = {}
+        self._failures = Failures("GeometryMonitor")
         self._warned: set[str] = set()
 
     # ------------------------------------------------------------------ Lightning hooks
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        define_step_metric(trainer, "geometry/*")
-        self.views = find_moe_layers(observed_model(pl_module), self.layers)
-        if not self.views:
+        error = None
+        try:
+            define_step_metric(trainer, "geometry/*")
+            self.views = find_moe_layers(observed_model(pl_module), self.layers)
+        except Exception as caught:  # a monitor never stops training
+            error = caught
+        failures = self._failures.agree(trainer, error)
+        if failures:
+            self.views = []
+            self._failures.report(trainer, "finding the MoE layers", failures, "nothing will be probed")
+        elif not self.views:
             patterns = "" if self.layers is None else f" matching {self.layers!r}"
             rank_zero_warn(
                 f"GeometryMonitor: no MoE layers{patterns} found in {type(pl_module).__name__}; "
@@ -177,36 +201,61 @@ class GeometryMonitor(Callback):
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.probe_inputs is None:
-            self.probe_inputs = self._draw_probe_set(trainer, pl_module)
+        if self.probe_inputs is None and self.views:
+            error = None
+            try:
+                self.probe_inputs = self._draw_probe_set(trainer, pl_module)
+            except Exception as caught:
+                error = caught
+            failures = self._failures.agree(trainer, error)
+            if failures:
+                self.views, self.probe_inputs = [], None
+                self._failures.report(trainer, "drawing the probe set", failures, "nothing will be probed")
         # Without a datamodule the probe set (and the baseline) comes from the first training batch instead.
-        if self.probe_inputs is not None and self.at_fit_start and trainer.global_step not in self.probed_steps:
-            self.run_probe(trainer, pl_module)
+        step = logging_step(trainer)
+        if self.probe_inputs is not None and self.at_fit_start and step not in self.probed_steps:
+            self.run_probe(trainer, pl_module, step)
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        trainer.callback_metrics.update(self._published)  # the sanity check cleared them
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        if self.probe_inputs is None:  # no datamodule to draw from: take the first training batch
-            self.probe_inputs = [cpu_copy(batch_inputs(batch, self.input_key))]
-            if self.at_fit_start and trainer.global_step not in self.probed_steps:
-                self.run_probe(trainer, pl_module)
+        if self.probe_inputs is None and self.views:  # no datamodule to draw from: take the first training batch
+            error = None
+            try:
+                self.probe_inputs = [cpu_copy(batch_inputs(batch, self.input_key))]
+            except Exception as caught:
+                error = caught
+            failures = self._failures.agree(trainer, error)
+            if failures:
+                self.views, self.probe_inputs = [], None
+                self._failures.report(trainer, "taking the probe set", failures, "nothing will be probed")
+                return
+            step = logging_step(trainer)
+            if self.at_fit_start and step not in self.probed_steps:
+                self.run_probe(trainer, pl_module, step)
 
     @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        step = trainer.global_step
+        step = logging_step(trainer, after_batch=True)
         if self.every_n_steps and step % self.every_n_steps == 0 and step not in self.probed_steps:
-            self.run_probe(trainer, pl_module)
+            self.run_probe(trainer, pl_module, step)
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         epoch_done = trainer.current_epoch + 1
-        if (
-            self.every_n_epochs
-            and epoch_done % self.every_n_epochs == 0
-            and trainer.global_step not in self.probed_steps
-        ):
-            self.run_probe(trainer, pl_module)
+        step = logging_step(trainer)
+        if self.every_n_epochs and epoch_done % self.every_n_epochs == 0 and step not in self.probed_steps:
+            self.run_probe(trainer, pl_module, step)
+        trainer.callback_metrics.update(self._published)
+
+    @override
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        trainer.callback_metrics.update(self._published)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -244,15 +293,16 @@ class GeometryMonitor(Callback):
         target = self.min_tokens_per_expert
         # per layer: Σw and Σw² of each expert's gate values over the tokens drawn so far (within the budget)
         sums: dict[str, tuple[Tensor, Tensor]] = {}
-        with observation(pl_module):
+        with observation(pl_module) as changes:
             for batch in loader:
                 inputs.append(cpu_copy(batch_inputs(batch, self.input_key)))
-                captured = capture_layer_inputs(pl_module, self.views, inputs[-1:], self.forward)
+                captured = self._capture(trainer, pl_module, inputs[-1:])
                 if target is not None:
                     self._add_gate_sums(sums, captured, self.max_tokens - tokens)
                 tokens += min(x.shape[0] for x in captured.values())
                 if tokens >= self.max_tokens or (target is not None and _lowest_n_eff(sums)[0] >= target):
                     break
+        warn_state_changes("GeometryMonitor", changes, self._warned)
         if target is not None:
             lowest, where = _lowest_n_eff(sums)
             if lowest < target:
@@ -276,16 +326,9 @@ class GeometryMonitor(Callback):
 
     # ------------------------------------------------------------------ the probe
     def _reduce_fn(self, trainer: Trainer) -> Callable[[Tensor], Tensor] | None:
-        if trainer.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+        if not distributed(trainer):
             return None
         return lambda t: trainer.strategy.reduce(t, reduce_op="sum")
-
-    def _any_rank(self, trainer: Trainer, flag: bool) -> bool:
-        """True if ``flag`` is true on any rank; every rank takes part in the collective, or none does."""
-        if self._reduce_fn(trainer) is None:
-            return flag
-        value = torch.tensor(float(flag), device=trainer.strategy.root_device)
-        return bool(trainer.strategy.reduce(value, reduce_op="sum").item() > 0)
 
     def _resample_counts(self, num_tokens: int, world: int, ranks: list[int]) -> Tensor | None:
         """The columns of the bootstrap's draw over the global probe set (None without a bootstrap) that belong to
@@ -308,64 +351,86 @@ class GeometryMonitor(Callback):
             return None, True
         return view.module.expert_group, False
 
-    def run_probe(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, GeometryReport]:
-        """Probe every layer now and log the results at ``trainer.global_step``. Returns the reports."""
-        step = trainer.global_step
+    def _capture(self, trainer: Trainer, pl_module: LightningModule, inputs: list[Any]) -> dict[str, Tensor]:
+        """Each probed layer's inputs on ``inputs``, converted as the trainer converts a batch (a ``bf16-true``
+        model gets bf16 inputs) and run in its precision's forward context, without autocast."""
+        precision = trainer.precision_plugin
+        inputs = [precision.convert_input(x) for x in inputs]
+        device_type = pl_module.device.type
+        with precision.forward_context(), torch.autocast(device_type=device_type, enabled=False):
+            return capture_layer_inputs(pl_module, self.views, inputs, self.forward)
+
+    def run_probe(
+        self, trainer: Trainer, pl_module: LightningModule, step: int | None = None
+    ) -> dict[str, GeometryReport]:
+        """Probe every layer now and log the results at ``step`` (default: the current step of Lightning's
+        logging axis). Returns the reports; a layer whose probe failed on any rank has none."""
+        step = logging_step(trainer) if step is None else step
         self.probed_steps.append(step)
         if not self.probe_inputs or not self.views:
             return {}
-        rank, world = trainer.global_rank, trainer.world_size
         reports: dict[str, GeometryReport] = {}
-        with observation(pl_module):
-            captured = capture_layer_inputs(pl_module, self.views, self.probe_inputs, self.forward)
+        with observation(pl_module) as changes:
+            captured, capture_error = {}, None
+            try:
+                captured = self._capture(trainer, pl_module, self.probe_inputs)
+            except Exception as caught:  # every rank still enters each layer's agreement below
+                capture_error = caught
             for view in self.views:
-                x = captured[view.name][: self.max_tokens]
-                group, all_experts = self._expert_layout(view)
-                # Each rank probes its share of the tokens; under expert parallelism the ranks of an expert group
-                # probe their shares together, each with its own experts.
-                ranks = [rank] if group is None else dist.get_process_group_ranks(group)
-                shard = torch.cat([x.tensor_split(world)[r] for r in ranks]) if world > 1 else x
-                counts = self._resample_counts(x.reshape(-1, x.shape[-1]).shape[0], world, ranks)
-                stats, failed = None, False
-                try:
-                    # Under FSDP2 the layer's weights are gathered while it is probed; under expert parallelism
-                    # each rank's own experts, or all of them where a quantity needs the whole layer on one rank.
-                    with gathered(view.module, all_experts=all_experts, root=pl_module):
-                        if group is None:
-                            stats = probe_statistics(view, shard, self.probe_config, resample_counts=counts)
-                        else:
-                            stats = probe_statistics(
-                                view,
-                                shard,
-                                self.probe_config,
-                                resample_counts=counts,
-                                expert_group=group,
-                                local_experts=view.module.local_experts,
-                            )
-                except Exception as error:  # a probe must never stop training; report it and go on
-                    failed = True
-                    # Every rank reports its own failure: it may have happened on this rank's shard only.
-                    where = f" on rank {rank}" if world > 1 else ""
-                    warnings.warn(
-                        f"GeometryMonitor: probe of {view.name!r} failed at step {step}{where}: {error!r}",
-                        stacklevel=2,
+                stats = self._probe_layer(trainer, pl_module, view, captured, capture_error)
+                failures = self._failures.agree(trainer, stats if isinstance(stats, BaseException) else None)
+                if failures:
+                    self._failures.report(
+                        trainer, "the probe", failures, f"no values of {view.name!r} are logged at step {step}"
                     )
-                if self._any_rank(trainer, failed):
                     continue
                 reduce_fn = self._reduce_fn(trainer)
-                if reduce_fn is not None:
-                    stats = stats.reduce(reduce_fn)
-                reports[view.name] = finalize(stats)
+                reports[view.name] = finalize(stats if reduce_fn is None else stats.reduce(reduce_fn))
+        warn_state_changes("GeometryMonitor", changes, self._warned)
         self.last_reports = reports
-        if trainer.is_global_zero:
-            self._log(trainer, reports, step)
-        return reports
-
-    # ------------------------------------------------------------------ logging
-    def _log(self, trainer: Trainer, reports: dict[str, GeometryReport], step: int) -> None:
         scalars: dict[str, float] = {}
         for name, report in reports.items():
             scalars.update(report.scalars(f"geometry/{name}", max_experts=self.max_expert_keys))
+        self._published.update(selected_metrics(scalars, self.callback_metrics))
+        trainer.callback_metrics.update(self._published)
+        if trainer.is_global_zero:
+            try:
+                self._log(trainer, reports, scalars, step)
+            except Exception as error:  # a logger that fails must not stop training either
+                warn_once(f"GeometryMonitor: could not log at step {step}: {error!r}", self._warned, rank_zero_warn)
+        return reports
+
+    def _probe_layer(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        view: MoEView,
+        captured: dict[str, Tensor],
+        capture_error: BaseException | None,
+    ) -> Any:
+        """This rank's statistics of one layer, or the exception that stopped them. Each rank probes its share of
+        the tokens; under expert parallelism the ranks of an expert group probe their shares together, each with
+        its own experts. Under FSDP2 the layer's weights are gathered while it is probed (a collective every rank
+        enters, even one whose capture failed); under expert parallelism each rank's own experts, or all of them
+        where a quantity needs the whole layer on one rank."""
+        rank, world = trainer.global_rank, trainer.world_size
+        group, all_experts = self._expert_layout(view)
+        try:
+            with gathered(view.module, all_experts=all_experts, root=pl_module):
+                if capture_error is not None:
+                    return capture_error
+                x = captured[view.name][: self.max_tokens]
+                ranks = [rank] if group is None else dist.get_process_group_ranks(group)
+                shard = torch.cat([x.tensor_split(world)[r] for r in ranks]) if world > 1 else x
+                counts = self._resample_counts(x.reshape(-1, x.shape[-1]).shape[0], world, ranks)
+                placement = {} if group is None else {"expert_group": group, "local_experts": view.module.local_experts}
+                return probe_statistics(view, shard, self.probe_config, resample_counts=counts, **placement)
+        except Exception as error:  # a probe must never stop training; agreed over ranks and reported
+            return error
+
+    # ------------------------------------------------------------------ logging
+    def _log(self, trainer: Trainer, reports: dict[str, GeometryReport], scalars: dict[str, float], step: int) -> None:
+        for name, report in reports.items():
             if report.nonfinite_tokens:
                 warn_once(
                     f"GeometryMonitor: {report.nonfinite_tokens} probe tokens of {name!r} hold NaN/Inf; "
@@ -392,6 +457,7 @@ class GeometryMonitor(Callback):
         payload = {
             "step": step,
             "epoch": trainer.current_epoch,
+            "dtype": dtype_name(self.probe_config.dtype),
             "layers": {name: report.to_dict() for name, report in reports.items()},
         }
         write_step_report(root, "geometry", step, payload)

@@ -58,28 +58,44 @@ from moe_lightning.geometry.view import MoEView, TokenFn
 __all__ = ["PCA_SITES", "GeometryReport", "ProbeConfig", "ProbeStatistics", "finalize", "probe", "probe_statistics"]
 
 
-@contextmanager
-def _cast_floating(module: nn.Module | None, dtype: torch.dtype | None) -> Iterator[None]:
-    """Cast ``module``'s floating parameters and buffers to ``dtype`` in place (None: leave them), and give every
-    tensor its original data back afterwards, bit for bit."""
-    saved: list[tuple[Tensor, Tensor]] = []
-    try:
-        if isinstance(module, nn.Module) and dtype is not None:
-            for t in itertools.chain(module.parameters(), module.buffers()):
-                if t.is_floating_point() and t.dtype != dtype:
-                    saved.append((t, t.data))
-                    t.data = t.data.to(dtype)
-        yield
-    finally:
-        for t, data in saved:
-            t.data = data
+class _Call(nn.Module):
+    """Holds ``module`` so that :func:`torch.func.functional_call` can lend it other tensors while ``fn`` runs."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, fn: Callable[[], Any]) -> Any:
+        return fn()
+
+
+def with_cast_copies(module: nn.Module | None, dtype: torch.dtype | None, fn: Callable[[], Any]) -> Any:
+    """``fn()`` while ``module`` reads detached copies of its floating parameters and buffers cast to ``dtype``.
+
+    The copies are lent through :func:`torch.func.functional_call`, which swaps them into the module's parameter
+    and buffer slots and puts the originals back; no parameter's ``.data``, dtype or device ever changes. Changing
+    a parameter's dtype through ``.data``, even for a moment, replaces the gradient-accumulation node on which DDP
+    hangs its all-reduce, and the ranks stop averaging that parameter from then on. ``dtype=None`` (or a module
+    already in ``dtype``) runs ``fn`` on the module as it is.
+    """
+    if not isinstance(module, nn.Module) or dtype is None:
+        return fn()
+    copies = {
+        name: t.detach().to(dtype)
+        for name, t in itertools.chain(
+            module.named_parameters(remove_duplicate=False), module.named_buffers(remove_duplicate=False)
+        )
+        if t.is_floating_point() and t.dtype != dtype
+    }
+    if not copies:
+        return fn()
+    return torch.func.functional_call(_Call(module), {f"module.{k}": v for k, v in copies.items()}, (fn,))
 
 
 @contextmanager
 def _observation(module: nn.Module | None, cfg: ProbeConfig) -> Iterator[None]:
-    """No grad, eval mode (every submodule's mode restored afterwards) and the dtype cast of ``cfg``."""
-    cast_to = cfg.dtype if cfg.cast_module else None
-    with restored_modes(module, eval_mode=cfg.eval_mode), _cast_floating(module, cast_to), torch.no_grad():
+    """No grad and eval mode (every submodule's mode restored afterwards)."""
+    with restored_modes(module, eval_mode=cfg.eval_mode), torch.no_grad():
         yield
 
 
@@ -248,7 +264,9 @@ def probe_statistics(
     x_ND = x.detach().reshape(-1, x.shape[-1]).to(cfg.dtype)
     counts_BN = _resample_counts(cfg, x_ND, resample_counts)
 
-    with _observation(getattr(view, "module", None), cfg):
+    module = getattr(view, "module", None)
+
+    def accumulate() -> tuple[ProbeContext, TokenCounts, list[Accumulator], BufferLayout, Tensor]:
         ctx = _context(view, x_ND, cfg)
         ctx.expert_group, ctx.local_experts = expert_group, local_experts
         tokens, quantities = _accumulators(ctx)
@@ -268,6 +286,12 @@ def probe_statistics(
             ctx.guarded(lambda acc=acc: acc.close(ctx, buffer), lambda: None)
         if ctx.failure is not None:
             raise ctx.failure
+        return ctx, tokens, quantities, layout, buffer
+
+    with _observation(module, cfg):
+        ctx, tokens, quantities, layout, buffer = with_cast_copies(
+            module, cfg.dtype if cfg.cast_module else None, accumulate
+        )
     name = str(getattr(view, "name", ""))
     return ProbeStatistics(
         name, num_experts, ctx.dim, cfg, tokens, tuple(quantities), tuple(layout.slots), buffer, layout.replicas

@@ -60,8 +60,9 @@ class ProbeConfig:
         matrix_free_tol: relative tolerance on the values (tokens that miss it are counted in ``jac_unconverged``).
         pca_max_dim: a PCA site wider than this is skipped (its ``Σw x xᵀ`` would be too large).
         seed: seed of the matrix-free start blocks (a local generator; the global RNG is untouched).
-        cast_module: temporarily cast the view module's floating parameters and buffers to ``dtype`` (restored,
-            bit for bit, afterwards) so that the view's functions accept ``dtype`` inputs.
+        cast_module: let the view module read copies of its floating parameters and buffers cast to ``dtype`` while
+            it is probed (:func:`torch.func.functional_call`; the module's own tensors are never changed), so that
+            the view's functions accept ``dtype`` inputs.
         eval_mode: run the module in eval mode (each submodule's mode is restored afterwards).
         bootstrap: B, multinomial resamples of the probe tokens on which the bootstrapped quantities are recomputed
             (:mod:`~moe_lightning.geometry.bootstrap`); 0 (default) computes none.

@@ -1,0 +1,52 @@
+"""How a monitor fails: never by stopping training. A failure on any rank becomes one warning that every rank agrees
+on, at a point where every rank takes part, so that no rank is left waiting in a collective the failed rank skipped.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch import Trainer
+from lightning.pytorch.utilities import rank_zero_warn
+
+
+def distributed(trainer: Trainer) -> bool:
+    """Whether the trainer's ranks form a process group (a multi-process run)."""
+    return trainer.world_size > 1 and dist.is_available() and dist.is_initialized()
+
+
+class Failures:
+    """One monitor's failures: agreed over ranks with :meth:`agree`, and warned about once per kind with
+    :meth:`report`, on rank zero, naming the ranks that failed and their error."""
+
+    def __init__(self, owner: str) -> None:
+        self.owner = owner
+        self._reported: set[tuple[str, str]] = set()
+
+    def agree(self, trainer: Trainer, error: BaseException | None) -> dict[int, str]:
+        """``{rank: repr(error)}`` of every rank whose part failed, the same on every rank.
+
+        A collective under several ranks: every rank calls it at the same point, with its own error or None. The
+        common case costs one all-reduce of one number; the errors are gathered only when one rank failed.
+        """
+        if not distributed(trainer):
+            return {} if error is None else {0: repr(error)}
+        flag = torch.tensor([float(error is not None)], device=trainer.strategy.root_device)
+        if float(trainer.strategy.reduce(flag, reduce_op="sum").item()) == 0:
+            return {}
+        messages: list[str | None] = [None] * trainer.world_size
+        dist.all_gather_object(messages, None if error is None else repr(error))
+        return {rank: message for rank, message in enumerate(messages) if message is not None}
+
+    def report(self, trainer: Trainer, what: str, failures: dict[int, str], consequence: str) -> None:
+        """Warn once (rank zero) that ``what`` failed on the ranks of ``failures`` and what follows from it; the
+        same kind of failure (``what`` and the error) is not reported again."""
+        if not failures:
+            return
+        first = next(iter(failures.values()))
+        key = (what, first.split("(", 1)[0])
+        if key in self._reported:
+            return
+        self._reported.add(key)
+        where = "" if trainer.world_size <= 1 else f" on rank {', '.join(str(r) for r in failures)}"
+        rank_zero_warn(f"{self.owner}: {what} failed{where}: {first}; {consequence}. Training goes on.")
