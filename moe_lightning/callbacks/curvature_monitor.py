@@ -18,13 +18,19 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from typing_extensions import override
 
 from moe_lightning.adapters.capture import to_device
+from moe_lightning.adapters.registry import uncompiled_name
+from moe_lightning.callbacks._guard import Failures, distributed
 from moe_lightning.callbacks._observe import (
+    check_metric_patterns,
     cpu_copy,
     define_step_metric,
     log_scalars,
+    logging_step,
     report_directory,
+    selected_metrics,
     tensorboard_loggers,
     wandb_loggers,
+    warn_state_changes,
     write_step_report,
 )
 from moe_lightning.common import check_choice, check_nonnegative, check_positive_int, observation, warn_once
@@ -46,9 +52,11 @@ class CurvatureMonitor(Callback):
 
     The batch is the first training batch of each rank (kept in the callback's state, so a resumed run uses the
     same one). Hessian-vector products use double backward through ``torch.autograd.grad`` on the module's own
-    loss, with the gradient graph built once per quantity, so ``.grad`` buffers are never touched; modes and RNG
-    states are restored. Under DDP each rank differentiates its own batch shard and every product is averaged
-    with one all-reduce, so the values are those of one process on the union of the shards.
+    loss, with the gradient graph built once per quantity, so ``.grad`` buffers are never touched; modes, buffers
+    and RNG states are restored, and a compiled module runs eagerly. Under DDP each rank differentiates its own
+    batch shard and every product is averaged with one all-reduce, so the values are those of one process on the
+    union of the shards. A failure on any rank (or a strategy it does not support) becomes one warning, and
+    training goes on. Steps and ``trainer.callback_metrics`` as for :class:`GeometryMonitor`.
 
     Logged metrics (``<p>`` is ``curvature`` for all trainable parameters, ``curvature/<name>`` per group):
         - Lanczos (``method="lanczos"``): ``<p>/hessian_top_eigenvalue`` (largest ``|λ|`` of those computed),
@@ -89,6 +97,8 @@ class CurvatureMonitor(Callback):
             W&B run's files directory (next to ``GeometryMonitor``'s ``geometry/``).
         loss_fn: ``loss_fn(pl_module, batch) -> scalar``; default ``pl_module.loss(batch)``.
         seed: seed of the random vectors (a local generator; the global RNG is untouched).
+        callback_metrics: the keys also put into ``trainer.callback_metrics``: fnmatch patterns; None (default)
+            every key; ``[]`` none.
 
     Example::
 
@@ -119,8 +129,10 @@ class CurvatureMonitor(Callback):
         full_model: bool = True,
         save_reports: bool = True,
         report_dir: str | None = None,
+        callback_metrics: str | list[str] | None = None,
     ) -> None:
         super().__init__()
+        self.callback_metrics = check_metric_patterns("CurvatureMonitor", callback_metrics)
         check_positive_int("CurvatureMonitor: every_n_steps", every_n_steps)
         if not (eigenvalue or trace):  # the density alone has no scalar to plot against the others
             raise ValueError("CurvatureMonitor: at least one of eigenvalue or trace must be True")
@@ -153,103 +165,150 @@ class CurvatureMonitor(Callback):
         self.computed_steps: list[int] = []
         self.last: dict[str, float] = {}
         self.last_densities: dict[str, SpectralDensity] = {}
+        self.disabled = False
+        self._published: dict[str, Tensor] = {}
+        self._failures = Failures("CurvatureMonitor")
         self._warned: set[str] = set()
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        error = None
+        try:
+            self._check_setup(trainer, pl_module)
+            define_step_metric(trainer, "curvature/*")
+        except Exception as caught:  # a monitor never stops training: it turns itself off, with one warning
+            error = caught
+        failures = self._failures.agree(trainer, error)
+        if failures:
+            self.disabled = True
+            self._failures.report(trainer, "setting up", failures, "it computes nothing in this run")
+
+    def _check_setup(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.loss_fn is None and not callable(getattr(pl_module, "loss", None)):
             raise ValueError(
-                f"CurvatureMonitor: {type(pl_module).__name__} has no loss(batch) method; "
+                f"{type(pl_module).__name__} has no loss(batch) method; "
                 "pass loss_fn=lambda module, batch: <scalar loss>"
             )
         if self.method == "power" and trainer.world_size > 1:
-            raise ValueError("CurvatureMonitor: method='power' does not average over DDP ranks; use method='lanczos'")
+            raise ValueError("method='power' does not average over DDP ranks; use method='lanczos'")
         if isinstance(trainer.strategy, ModelParallelStrategy):
             # Its Hessian-vector products differentiate through the weights twice, which FSDP2's sharded
             # parameters and the expert exchange are not built for.
             raise ValueError(
-                "CurvatureMonitor: strategy ModelParallelStrategy (FSDP2, expert parallelism) is not supported; "
+                "strategy ModelParallelStrategy (FSDP2, expert parallelism) is not supported; "
                 "allowed: single-device and DDP strategies"
             )
         self._parameter_sets(pl_module)  # a group that matches nothing fails now, not at the first probe
-        define_step_metric(trainer, "curvature/*")
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        trainer.callback_metrics.update(self._published)
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        if self.batch is None:
+        if self.batch is None and not self.disabled:
             self.batch = cpu_copy(batch)
-            if self.at_fit_start and trainer.global_step not in self.computed_steps:
-                self.compute(trainer, pl_module)
+            step = logging_step(trainer)
+            if self.at_fit_start and step not in self.computed_steps:
+                self.compute(trainer, pl_module, step)
 
     @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        step = trainer.global_step
-        if step % self.every_n_steps == 0 and step not in self.computed_steps:
-            self.compute(trainer, pl_module)
+        step = logging_step(trainer, after_batch=True)
+        if not self.disabled and step % self.every_n_steps == 0 and step not in self.computed_steps:
+            self.compute(trainer, pl_module, step)
+
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        trainer.callback_metrics.update(self._published)
+
+    @override
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        trainer.callback_metrics.update(self._published)
 
     def _parameter_sets(self, pl_module: LightningModule) -> dict[str, list[Tensor]]:
         """``{metric prefix: parameters}``: all trainable parameters, then each group's."""
-        named = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
+        named = [(uncompiled_name(n), p) for n, p in pl_module.named_parameters() if p.requires_grad]
         sets = {"curvature": [p for _, p in named]} if self.full_model else {}
         for name, patterns in self.param_groups.items():
             chosen = [p for n, p in named if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)]
             if not chosen:
                 raise ValueError(
-                    f"CurvatureMonitor: param_groups[{name!r}]={patterns!r} matches no trainable parameter; "
+                    f"param_groups[{name!r}]={patterns!r} matches no trainable parameter; "
                     f"names look like {[n for n, _ in named[:4]]}"
                 )
             sets[f"curvature/{name}"] = chosen
         return sets
 
-    def compute(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
-        """Compute and log the curvature now; returns the logged values."""
-        step = trainer.global_step
+    def compute(self, trainer: Trainer, pl_module: LightningModule, step: int | None = None) -> dict[str, float]:
+        """Compute and log the curvature now, at ``step`` (default: the current step of Lightning's logging
+        axis); returns the logged values (none when it failed on any rank)."""
+        step = logging_step(trainer) if step is None else step
         self.computed_steps.append(step)
-        batch = to_device(self.batch, pl_module.device)
+        local_error: list[BaseException] = []  # this rank's first failure, which the others may only see as NaN
 
         def loss() -> Tensor:
-            if self.loss_fn is not None:
-                return self.loss_fn(pl_module, batch)
-            out = pl_module.loss(batch)
-            return out[0] if isinstance(out, tuple) else out
+            try:
+                if self.loss_fn is not None:
+                    return self.loss_fn(pl_module, batch)
+                out = pl_module.loss(batch)
+                return out[0] if isinstance(out, tuple) else out
+            except Exception as error:
+                local_error.append(error)
+                raise
 
-        distributed = trainer.world_size > 1 and dist.is_available() and dist.is_initialized()
-        reduce = {"all_reduce": dist.all_reduce, "world_size": trainer.world_size} if distributed else {}
+        reduce = {"all_reduce": dist.all_reduce, "world_size": trainer.world_size} if distributed(trainer) else {}
         metrics: dict[str, float] = {}
         densities: dict[str, SpectralDensity] = {}
-        # Double backward needs the math attention kernel: the fused CPU/CUDA kernels have no second derivative.
-        with observation(pl_module, grad=True), sdpa_kernel([SDPBackend.MATH]):
-            for prefix, params in self._parameter_sets(pl_module).items():
-                if self.eigenvalue:
-                    metrics.update(self._guarded(prefix, "eigenvalues", self._eigen_metrics, loss, params, reduce))
-                if self.trace:
-                    metrics.update(self._guarded(prefix, "trace", self._trace_metrics, loss, params, reduce))
-                if self.density:
-                    found = self._guarded(prefix, "density", self._density, loss, params, reduce)
-                    if found:
-                        densities[prefix] = found["density"]
+        notes: list[str] = []
+        try:
+            batch = to_device(self.batch, pl_module.device)
+            # Double backward needs the math attention kernel: the fused CPU/CUDA kernels have no second derivative.
+            with observation(pl_module, grad=True) as changes, sdpa_kernel([SDPBackend.MATH]):
+                for prefix, params in self._parameter_sets(pl_module).items():
+                    args = (loss, params, reduce)
+                    if self.eigenvalue:
+                        metrics.update(self._quantity(notes, prefix, "eigenvalues", self._eigen_metrics, *args))
+                    if self.trace:
+                        metrics.update(self._quantity(notes, prefix, "trace", self._trace_metrics, *args))
+                    if self.density:
+                        found = self._quantity(notes, prefix, "density", self._density, *args)
+                        if found:
+                            densities[prefix] = found["density"]
+            warn_state_changes("CurvatureMonitor", changes, self._warned)
+        except Exception as error:
+            local_error.append(error)
+        failures = self._failures.agree(trainer, local_error[0] if local_error else None)
+        if failures:
+            self._failures.report(trainer, "the curvature", failures, f"no values are logged at step {step}")
+            metrics, densities = {}, {}
+        for note in notes if not failures else ():
+            warn_once(note, self._warned, rank_zero_warn)
         self.last, self.last_densities = metrics, densities
-        log_scalars(trainer, metrics, step)
-        if densities and trainer.is_global_zero:
-            try:
+        self._published.update(selected_metrics(metrics, self.callback_metrics))
+        trainer.callback_metrics.update(self._published)
+        try:
+            log_scalars(trainer, metrics, step)
+            if densities and trainer.is_global_zero:
                 self._log_densities(trainer, densities, step)
-            except Exception as error:  # media and files are a bonus; never let them stop training
-                warn_once(f"CurvatureMonitor: could not log densities: {error!r}", self._warned, rank_zero_warn)
+        except Exception as error:  # media, files and loggers are a bonus; never let them stop training
+            warn_once(f"CurvatureMonitor: could not log at step {step}: {error!r}", self._warned, rank_zero_warn)
         return metrics
 
-    def _guarded(self, prefix: str, what: str, fn: Callable, *args: Any) -> dict[str, Any]:
-        """``fn(prefix, *args)``, or nothing and a warning when its products hold NaN/Inf (training goes on)."""
+    def _quantity(self, notes: list[str], prefix: str, what: str, fn: Callable, *args: Any) -> dict[str, Any]:
+        """``fn(prefix, *args)``, or nothing and a note for the warning when its products hold NaN/Inf (training
+        goes on); any other error goes up to :meth:`compute`, which agrees on it over the ranks."""
         try:
             out = fn(prefix, *args)
         except FloatingPointError as error:
             out = {}
-            warn_once(f"CurvatureMonitor: {prefix} {what} skipped: {error}", self._warned, rank_zero_warn)
+            notes.append(f"CurvatureMonitor: {prefix} {what} skipped: {error}")
         # a NaN standard error only says too few samples were drawn; the values themselves must be finite
         bad = [k for k, v in out.items() if isinstance(v, float) and not math.isfinite(v) and "std_error" not in k]
         if bad:
-            warn_once(f"CurvatureMonitor: {prefix} {what} is not finite ({bad})", self._warned, rank_zero_warn)
+            notes.append(f"CurvatureMonitor: {prefix} {what} is not finite ({bad})")
         return out
 
     def _eigen_metrics(self, p: str, loss: Callable, params: list[Tensor], reduce: dict) -> dict[str, float]:

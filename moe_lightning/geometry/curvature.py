@@ -192,11 +192,14 @@ class HessianOperator:
 
     Under data parallelism pass ``all_reduce``, an in-place sum over ranks (e.g. ``torch.distributed.all_reduce``)
     and ``world_size``: each rank differentiates the loss on its own batch shard and the products are averaged with
-    one all-reduce each, which equals the Hessian of the mean loss over the union of equal-sized shards.
+    one all-reduce each, which equals the Hessian of the mean loss over the union of equal-sized shards. A rank
+    whose loss or product fails then contributes NaN instead of raising, so every rank's algorithm sees the same
+    non-finite product and stops alike; its error is in ``failure``.
 
     Attributes:
         dim: ``P``, the number of parameter entries.
         matvecs: products computed so far.
+        failure: with ``all_reduce``, the first error of this rank's loss or products, else None.
     """
 
     def __init__(
@@ -215,11 +218,18 @@ class HessianOperator:
         self.dim = sum(p.numel() for p in self.params)
         self.dtype, self.device = self.params[0].dtype, self.params[0].device
         self.matvecs = 0
-        with torch.enable_grad():
-            loss = loss_fn()
-            self._grads = torch.autograd.grad(loss, self.params, create_graph=True)
+        self.failure: BaseException | None = None
+        self._grads: tuple[Tensor, ...] = ()
+        try:
+            with torch.enable_grad():
+                loss = loss_fn()
+                self._grads = torch.autograd.grad(loss, self.params, create_graph=True)
+        except Exception as error:
+            if self.all_reduce is None:
+                raise
+            self.failure = error
 
-    def __call__(self, v_P: Tensor) -> Tensor:
+    def _local_product(self, v_P: Tensor) -> Tensor:
         parts, offset = [], 0
         for p in self.params:
             parts.append(v_P[offset : offset + p.numel()].view(p.shape).to(p.dtype))
@@ -228,12 +238,26 @@ class HessianOperator:
             out = torch.autograd.grad(
                 self._grads, self.params, grad_outputs=parts, retain_graph=True, allow_unused=True
             )
-        hv = torch.cat(
+        return torch.cat(
             [
                 (torch.zeros_like(p) if o is None else o.detach()).reshape(-1).to(self.dtype)
                 for o, p in zip(out, self.params, strict=True)
             ]
         )
+
+    def __call__(self, v_P: Tensor) -> Tensor:
+        # Under data parallelism a rank whose loss or product failed keeps entering the all-reduce with NaN (its
+        # error kept in ``failure``), so that no rank waits for it: every rank sees the same non-finite product
+        # and the algorithm stops at the same step everywhere.
+        if self.failure is None:
+            try:
+                hv = self._local_product(v_P)
+            except Exception as error:
+                if self.all_reduce is None:
+                    raise
+                self.failure = error
+        if self.failure is not None:
+            hv = torch.full((self.dim,), math.nan, dtype=self.dtype, device=self.device)
         if self.all_reduce is not None:
             self.all_reduce(hv)
             hv /= self.world_size
