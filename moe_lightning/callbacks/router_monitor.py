@@ -6,15 +6,25 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
 from moe_lightning.adapters import find_moe_layers
 from moe_lightning.adapters.base import MoEView
 from moe_lightning.adapters.capture import layer_input
-from moe_lightning.callbacks._observe import define_step_metric, log_scalars, observed_model
-from moe_lightning.common import check_positive_int
+from moe_lightning.callbacks._guard import Failures, distributed
+from moe_lightning.callbacks._observe import (
+    check_metric_patterns,
+    define_step_metric,
+    log_scalars,
+    logging_step,
+    observed_model,
+    selected_metrics,
+)
+from moe_lightning.common import check_positive_int, warn_once
 from moe_lightning.geometry import routing_sums, window_statistics
 from moe_lightning.moe import MoEAux
 
@@ -31,8 +41,12 @@ class RouterMonitor(Callback):
     across data-parallel ranks in one collective, turned into statistics, logged (rank zero) and cleared: every
     statistic covers all tokens the router saw since the last log, on every rank.
 
-    The window is labelled with the step whose weights routed its last batch (``trainer.global_step`` at batch
-    start), as Lightning labels a ``training_step``'s own values.
+    A window holds every micro-batch of its optimiser steps (under gradient accumulation too), travels with the
+    checkpoint (a window that spans a resume loses nothing), and the last window of a run is logged when training
+    ends. It is labelled with the step whose weights routed its last batch, on the axis of Lightning's own
+    ``self.log`` (optimiser steps; a batch that steps several optimisers counts once). A failure on any rank
+    becomes one warning, and training goes on. The selected values also go into ``trainer.callback_metrics``,
+    for ``ModelCheckpoint`` and ``EarlyStopping``.
 
     Logged metrics (``<layer>`` is the module path; one-expert views such as shared experts have none):
         - ``router/<layer>/load/e<i>``: share of the window's routed assignments per expert (per-expert keys capped
@@ -50,6 +64,8 @@ class RouterMonitor(Callback):
         log_every_n_steps: logging interval; None uses the trainer's ``log_every_n_steps``.
         layers: layer names or glob patterns; None monitors every MoE layer found.
         max_expert_keys: per-expert load keys for at most this many experts per layer; None logs all.
+        callback_metrics: the keys also put into ``trainer.callback_metrics``: fnmatch patterns, for instance
+            ``"router/mean/load_cv"``; None (default) every key but the per-expert ones; ``[]`` none.
 
     Example::
 
@@ -61,21 +77,26 @@ class RouterMonitor(Callback):
         log_every_n_steps: int | None = None,
         layers: str | list[str] | None = None,
         max_expert_keys: int | None = 16,
+        callback_metrics: str | list[str] | None = None,
     ) -> None:
         super().__init__()
         check_positive_int("RouterMonitor: log_every_n_steps", log_every_n_steps, allow_none=True)
         if max_expert_keys is not None and max_expert_keys < 0:
             raise ValueError(f"RouterMonitor: max_expert_keys must be >= 0 or None, got {max_expert_keys!r}")
         self.log_every_n_steps, self.layers, self.max_expert_keys = log_every_n_steps, layers, max_expert_keys
+        self.callback_metrics = check_metric_patterns("RouterMonitor", callback_metrics)
         self.views: list[MoEView] = []
         self._handles: list[Any] = []
         self._armed = False
-        self._log_now = False
         self._captured: dict[str, Any] = {}
         self._window: dict[str, Tensor] = {}
         self._bias_at_log: dict[str, Tensor] = {}
         self._step = 0
         self._logged_step: int | None = None
+        self._error: BaseException | None = None  # this rank's first failure in the current window
+        self._published: dict[str, Tensor] = {}
+        self._failures = Failures("RouterMonitor")
+        self._warned: set[str] = set()
         self.last_metrics: dict[str, float] = {}
 
     def _interval(self, trainer: Trainer) -> int:
@@ -83,26 +104,43 @@ class RouterMonitor(Callback):
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        define_step_metric(trainer, "router/*")
-        self.views = [v for v in find_moe_layers(observed_model(pl_module), self.layers) if v.num_experts > 1]
         self._remove_hooks()
-        self._window, self._captured = {}, {}
-        self._bias_at_log = {v.name: b.detach().clone() for v in self.views if (b := _expert_bias(v)) is not None}
-        by_module: dict[int, list[MoEView]] = {}
-        for view in self.views:
-            by_module.setdefault(id(view.module), []).append(view)
-        for views in by_module.values():
-            self._handles.append(views[0].module.register_forward_hook(self._make_hook(views), with_kwargs=True))
+        error = None
+        try:
+            define_step_metric(trainer, "router/*")
+            self.views = [v for v in find_moe_layers(observed_model(pl_module), self.layers) if v.num_experts > 1]
+            self._captured = {}
+            # a window restored from a checkpoint is kept; the bias of a resumed run is its last logged one
+            for view in self.views:
+                bias = _expert_bias(view)
+                if bias is not None and view.name not in self._bias_at_log:
+                    self._bias_at_log[view.name] = bias.detach().clone()
+            by_module: dict[int, list[MoEView]] = {}
+            for view in self.views:
+                by_module.setdefault(id(view.module), []).append(view)
+            for views in by_module.values():
+                self._handles.append(views[0].module.register_forward_hook(self._make_hook(views), with_kwargs=True))
+        except Exception as caught:  # a monitor never stops training
+            error = caught
+        failures = self._failures.agree(trainer, error)
+        if failures:
+            self._remove_hooks()
+            self.views = []
+            self._failures.report(trainer, "finding the MoE layers", failures, "nothing will be monitored")
 
     def _make_hook(self, views: list[MoEView]):
         def hook(module, args, kwargs, output):
-            if not self._armed or not module.training:
+            if not self._armed or not module.training or self._error is not None:
                 return
-            aux = output[1] if isinstance(output, tuple) and len(output) > 1 and isinstance(output[1], MoEAux) else None
-            x = layer_input(args, kwargs)
-            with torch.no_grad():
-                for view in views:
-                    self._captured[view.name] = _batch_sums(view, aux, x)
+            try:
+                aux = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+                aux = aux if isinstance(aux, MoEAux) else None
+                x = layer_input(args, kwargs)
+                with torch.no_grad():
+                    for view in views:
+                        self._captured[view.name] = _batch_sums(view, aux, x)
+            except Exception as error:  # kept for the window's agreement over ranks; training goes on
+                self._error = error
 
         return hook
 
@@ -110,6 +148,16 @@ class RouterMonitor(Callback):
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        trainer.callback_metrics.update(self._published)
+
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # The last window of the run, if it holds any batch on any rank (every rank decides alike after the sum).
+        if self.views and self._step != self._logged_step:
+            self._close_window(trainer, self._step)
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -121,13 +169,11 @@ class RouterMonitor(Callback):
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        # global_step counts optimizer steps. The statistics of this batch come from the weights after
-        # ``global_step`` steps, so they are logged at that step (as Lightning logs a training_step's values),
-        # not at the incremented step seen in on_train_batch_end. Once per step under gradient accumulation.
-        step = trainer.global_step
+        # The statistics of this batch come from the weights after ``step`` optimiser steps, so they are logged at
+        # that step (as Lightning logs a training_step's values), not at the incremented step seen in
+        # on_train_batch_end. Every micro-batch of an accumulated step carries the same step.
+        self._step = logging_step(trainer)
         self._armed = True
-        self._log_now = step % self._interval(trainer) == 0 and step != self._logged_step
-        self._step = step
         self._captured = {}
 
     @override
@@ -136,32 +182,69 @@ class RouterMonitor(Callback):
     ) -> None:
         self._armed = False
         for name, sums in self._captured.items():
-            self._window[name] = sums if name not in self._window else self._window[name] + sums
+            self._window[name] = sums if name not in self._window else self._window[name].to(sums.device) + sums
         self._captured = {}
-        if not self._log_now:
-            return
-        self._log_now = False
-        self._logged_step = self._step
-        metrics = self._window_metrics(trainer)
-        self._window = {}
-        self.last_metrics = metrics
-        log_scalars(trainer, metrics, self._step)
+        stepped = logging_step(trainer, after_batch=True) > self._step  # the last micro-batch of its step
+        if stepped and self._step % self._interval(trainer) == 0 and self._step != self._logged_step:
+            self._close_window(trainer, self._step)
 
-    def _window_metrics(self, trainer: Trainer) -> dict[str, float]:
-        """Every layer's statistics of the window, from its sums over every rank (one collective for all)."""
-        if not self.views:
-            return {}
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        trainer.callback_metrics.update(self._published)
+
+    @override
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        trainer.callback_metrics.update(self._published)
+
+    def _close_window(self, trainer: Trainer, step: int) -> None:
+        """Sum the window over the ranks, log its statistics at ``step`` and clear it; a failure on any rank in
+        the window (or now) becomes one warning instead."""
+        self._logged_step = step
+        metrics = self._window_metrics(trainer)
+        self._window, self._error = {}, None
+        if metrics is None:
+            return
+        self.last_metrics = metrics
+        self._published.update(selected_metrics(metrics, self.callback_metrics))
+        trainer.callback_metrics.update(self._published)
+        try:
+            log_scalars(trainer, metrics, step)
+        except Exception as error:  # a logger that fails must not stop training either
+            warn_once(f"RouterMonitor: could not log at step {step}: {error!r}", self._warned, rank_zero_warn)
+
+    def _window_sums(self) -> Tensor:
+        """This rank's window as one flat float64 buffer, views in order; its length depends only on the views."""
         device = next(iter(self._window.values())).device if self._window else torch.device("cpu")
         parts = [
-            self._window.get(v.name, torch.zeros(v.num_experts + 3 + _AUX_FIELDS, dtype=torch.float64, device=device))
+            self._window.get(v.name, torch.zeros(_width(v), dtype=torch.float64, device=device)).to(device)
             for v in self.views
         ]
-        flat = torch.cat([p.to(device) for p in parts])
-        if trainer.world_size > 1:
-            flat = trainer.strategy.reduce(flat, reduce_op="sum")
+        return torch.cat(parts)
+
+    def _window_metrics(self, trainer: Trainer) -> dict[str, float] | None:
+        """Every layer's statistics of the window, from its sums over every rank (one collective for all), or None
+        when a rank failed in this window; the failure is then agreed over the ranks and reported."""
+        if not self.views:
+            return {}
+        error = self._error
+        try:
+            flat = self._window_sums()
+        except Exception as caught:
+            error = error or caught
+        if error is not None:  # still enters the sum, with the right length, so that no rank waits for it
+            flat = torch.zeros(sum(_width(v) for v in self.views), dtype=torch.float64)
+        # One more number, the count of failed ranks, rides on the same collective.
+        flat = torch.cat([flat, flat.new_tensor([float(error is not None)])])
+        if distributed(trainer):
+            flat = trainer.strategy.reduce(flat.to(trainer.strategy.root_device), reduce_op="sum")
+        if float(flat[-1]) > 0:
+            failures = self._failures.agree(trainer, error)
+            self._failures.report(trainer, "the router summary", failures, "its window is not logged")
+            return None
+        flat = flat[:-1]
         metrics: dict[str, float] = {}
         per_stat: dict[str, list[float]] = {}
-        for view, sums in zip(self.views, flat.split([p.numel() for p in parts]), strict=True):
+        for view, sums in zip(self.views, flat.split([_width(v) for v in self.views]), strict=True):
             if sums[view.num_experts] <= 0:  # no token in the window on any rank
                 continue
             for key, value in self._view_statistics(view, sums).items():
@@ -171,6 +254,31 @@ class RouterMonitor(Callback):
         for key, values in per_stat.items():
             metrics[f"router/mean/{key}"] = sum(values) / len(values)
         return metrics
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """The open window (summed over the ranks: the checkpoint is written from rank zero, and on resume rank
+        zero alone holds it), the biases at the last log, and the last logged step. Every rank enters this, as
+        every rank enters ``Trainer.save_checkpoint``."""
+        window: dict[str, Tensor] = {}
+        if self.views:
+            flat = self._window_sums()
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                dist.all_reduce(flat)
+            parts = flat.split([_width(v) for v in self.views])
+            window = {v.name: t.cpu() for v, t in zip(self.views, parts, strict=True)}
+        return {
+            "window": window,
+            "bias_at_log": {k: v.cpu() for k, v in self._bias_at_log.items()},
+            "logged_step": self._logged_step,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        self._window = dict(state_dict.get("window", {})) if rank == 0 else {}
+        self._bias_at_log = dict(state_dict.get("bias_at_log", {}))
+        self._logged_step = state_dict.get("logged_step")
 
     def _view_statistics(self, view: MoEView, sums: Tensor) -> dict[str, float]:
         routing, (dropped, assignments, lb_sum, z_sum, batches) = sums[:-_AUX_FIELDS], sums[-_AUX_FIELDS:].tolist()
@@ -193,6 +301,11 @@ class RouterMonitor(Callback):
             out["bias_change"] = float((bias - previous).abs().max())
             self._bias_at_log[view.name] = bias.clone()
         return out
+
+
+def _width(view: MoEView) -> int:
+    """The length of a view's window sums: :func:`routing_sums` (``E + 3``), then the :data:`_AUX_FIELDS`."""
+    return view.num_experts + 3 + _AUX_FIELDS
 
 
 def _expert_bias(view: MoEView) -> Tensor | None:
