@@ -21,7 +21,7 @@ class Failures:
 
     def __init__(self, owner: str) -> None:
         self.owner = owner
-        self._reported: set[tuple[str, str]] = set()
+        self._reported: set[tuple[str, tuple[str, ...]]] = set()
 
     def agree(self, trainer: Trainer, error: BaseException | None) -> dict[int, str]:
         """``{rank: repr(error)}`` of every rank whose part failed, the same on every rank.
@@ -39,14 +39,18 @@ class Failures:
         return {rank: message for rank, message in enumerate(messages) if message is not None}
 
     def report(self, trainer: Trainer, what: str, failures: dict[int, str], consequence: str) -> None:
-        """Warn once (rank zero) that ``what`` failed on the ranks of ``failures`` and what follows from it; the
-        same kind of failure (``what`` and the error) is not reported again."""
+        """Warn once (rank zero) that ``what`` failed on the ranks of ``failures``, with each rank's error, and what
+        follows from it; the same kind of failure (``what`` and the kinds of error) is not reported again."""
         if not failures:
             return
-        first = next(iter(failures.values()))
-        key = (what, first.split("(", 1)[0])
+        key = (what, tuple(sorted({m.split("(", 1)[0] for m in failures.values()})))
         if key in self._reported:
             return
         self._reported.add(key)
-        where = "" if trainer.world_size <= 1 else f" on rank {', '.join(str(r) for r in failures)}"
-        rank_zero_warn(f"{self.owner}: {what} failed{where}: {first}; {consequence}. Training goes on.")
+        if trainer.world_size <= 1:
+            detail = next(iter(failures.values()))
+        elif len(set(failures.values())) == 1:
+            detail = f"on rank {', '.join(str(r) for r in failures)}: {next(iter(failures.values()))}"
+        else:
+            detail = "; ".join(f"on rank {r}: {m}" for r, m in failures.items())
+        rank_zero_warn(f"{self.owner}: {what} failed {detail}; {consequence}. Training goes on.")

@@ -205,7 +205,7 @@ def geometry(case: str, devices: int = 2) -> dict:
 def failing_probe() -> dict:
     """The fit-start probe under EP=2 with expert functions that raise on rank 1 only (the probe's, not the
     training's: training runs the sorted path): rank 0 must not wait for rank 1 in a collective. Returns the layers
-    reported, the probe warnings of rank 1 and the steps trained."""
+    reported, the probe warnings of each rank and the steps trained."""
     original = MoELayer.expert_fn
 
     def failing(layer, e, x):
@@ -224,7 +224,7 @@ def failing_probe() -> dict:
             trainer.fit(module("topk"), Tokens())
     finally:
         MoELayer.expert_fn = original
-    messages = [str(w.message) for w in caught if "GeometryMonitor: probe of" in str(w.message)]
+    messages = [str(w.message) for w in caught if "GeometryMonitor: the probe failed" in str(w.message)]
     gathered = [None, None]
     dist.all_gather_object(gathered, messages)
     return {"reports": sorted(monitor.last_reports), "warnings": gathered, "steps": trainer.global_step}

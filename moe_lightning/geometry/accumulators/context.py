@@ -133,7 +133,7 @@ class ProbeContext:
         error the NaN would cause further on."""
         if self.failure is None and not bool(torch.isfinite(received).all()) and bool(torch.isfinite(sent).all()):
             self.failure = RuntimeError(
-                "another rank of the expert group failed in this probe and sent NaN (its own warning names the error)"
+                "another rank of the expert group failed in this probe and sent NaN (the warning names its error)"
             )
         return received
 

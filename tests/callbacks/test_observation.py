@@ -1,0 +1,262 @@
+"""Observation only: training with the three monitors (a probe every 2-3 steps) ends in exactly the weights of the
+run without them, in every precision, compile mode and strategy; a monitor's failure never stops training; a layer
+that keeps state in its forward pass gets its state back; the values feed ModelCheckpoint and EarlyStopping; the
+router window is whole across accumulation, resumption and the end of training; every key shares self.log's step
+axis."""
+
+import json
+import warnings
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import logged, read_metrics, run_test_script
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+
+from moe_lightning.callbacks import CurvatureMonitor, GeometryMonitor, RouterMonitor
+from moe_lightning.moe import MoEConfig, MoELayer
+
+STEPS = 6
+
+
+class Net(nn.Module):
+    """A small network around one MoE layer, as a user's own model."""
+
+    def __init__(self, ffn: nn.Module | None = None) -> None:
+        super().__init__()
+        self.inp = nn.Linear(8, 16)
+        self.ffn = ffn or MoELayer(MoEConfig(dim=16, expert_hidden=16, num_experts=4, top_k=2, jitter_noise=0.2))
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.inp(x)
+        return self.head(h + self.ffn(h)[0])
+
+
+class PlainMoE(L.LightningModule):
+    """A user's own LightningModule (``self.model`` may be compiled inside it)."""
+
+    def __init__(self, ffn: nn.Module | None = None, compile_model: bool = False, log: bool = True) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        # Lightning 2.6 cannot trace its own self.log when the whole LightningModule is compiled
+        self.log_loss = log
+        self.model = Net(ffn)
+        if compile_model:
+            self.model = torch.compile(self.model, backend="aot_eager")
+
+    def forward(self, x):
+        return self.model(x)
+
+    def loss(self, batch):
+        x, y = batch
+        return F.mse_loss(self(x), y)
+
+    def training_step(self, batch, batch_idx):
+        loss = self.loss(batch)
+        if self.log_loss:
+            self.log("train/loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def loader(n: int = 96, batch_size: int = 16):
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(n, 8, generator=gen), torch.randn(n, 4, generator=gen)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch_size)
+
+
+def monitors(**geometry) -> list:
+    return [
+        GeometryMonitor(every_n_steps=2, max_tokens=32, **geometry),
+        RouterMonitor(log_every_n_steps=1),
+        CurvatureMonitor(every_n_steps=3, eigen_max_iter=3, trace_max_samples=2, density=False),
+    ]
+
+
+def fit(module, callbacks, tmp_path=None, max_steps=STEPS, **options):
+    trainer = L.Trainer(
+        max_steps=max_steps,
+        callbacks=callbacks,
+        logger=CSVLogger(tmp_path) if tmp_path else False,
+        log_every_n_steps=1,
+        enable_checkpointing=bool(options.pop("enable_checkpointing", False)),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **options,
+    )
+    trainer.fit(module, loader(), ckpt_path=options.get("ckpt_path"))
+    return trainer
+
+
+def weights(module) -> dict[str, torch.Tensor]:
+    return {k.replace("_orig_mod.", ""): v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("setup", ["32-true", "bf16-mixed", "bf16-true", "compiled module", "compiled model"])
+def test_training_ends_in_the_same_weights_with_and_without_the_monitors(setup):
+    precision = setup if setup[0].isdigit() or setup.startswith("bf16") else "32-true"
+
+    def run(callbacks):
+        module = PlainMoE(compile_model=setup == "compiled model", log=setup != "compiled module")
+        target = torch.compile(module, backend="aot_eager") if setup == "compiled module" else module
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer = fit(target, callbacks, precision=precision)
+        assert trainer.global_step == STEPS
+        ours = [str(w.message) for w in caught if "Monitor" in str(w.message)]
+        return weights(module), ours
+
+    plain, _ = run([])
+    callbacks = monitors()
+    observed, warned = run(callbacks)
+    assert_same_weights(plain, observed)
+    geometry, router, curvature = callbacks
+    # the monitors did their work: every probe ran, under the names of the uncompiled model
+    assert geometry.probed_steps == [0, 2, 4, 6] and sorted(geometry.last_reports) == ["ffn"], warned
+    assert router.last_metrics and all(k.startswith("router/ffn/") or "/mean/" in k for k in router.last_metrics)
+    assert curvature.computed_steps == [0, 3, 6]
+    if setup != "bf16-true":  # bf16 Hessian products: the monitor may find them too coarse, and says so
+        assert curvature.last and not warned, warned
+    # bf16-true: the probe reads float64 copies of bf16 weights, from bf16 layer inputs
+    assert geometry.last_reports["ffn"].scalars("g")["g/jac_sigma_max/mean"] > 0
+
+
+def test_ddp_ranks_stay_in_sync_and_a_failing_rank_stops_nothing(tmp_path):
+    out = tmp_path / "ddp.json"
+    run_test_script("observation.py", out, tmp_path, ["ddp"])
+    runs = json.loads(out.read_text())
+    plain = runs["plain"]["weights"][0]
+    assert runs["plain"]["weights"][1] == plain
+    observed = runs["observed"]
+    assert observed["weights"] == [plain, plain] and observed["warnings"] == []
+    assert observed["logged"] == {"geometry": ["blocks.0.ffn"], "router": observed["logged"]["router"]}
+    assert observed["logged"]["router"] > 0
+    # a failure on rank 1 in every probe (or at setup) of every monitor: both ranks finish with the same weights,
+    # and rank 0 gives one warning per monitor naming rank 1 and its error
+    for fault, error in (("probe", "injected {} failure"), ("setup", "injected setup failure")):
+        run = runs[fault]
+        assert run["weights"] == [plain, plain], fault
+        assert len(run["warnings"]) == 3, run["warnings"]
+        for owner, kind in zip(
+            ("GeometryMonitor", "CurvatureMonitor", "RouterMonitor"), ("probe", "curvature", "router")
+        ):
+            (message,) = [m for m in run["warnings"] if m.startswith(owner)]
+            assert f"on rank 1: RuntimeError('{error.format(kind)}')" in message and "Training goes on" in message
+    # The check catches the old fault: a probe that swaps a parameter's dtype through .data replaces the node on
+    # which DDP hangs its all-reduce, and the ranks silently stop averaging the MoE weights.
+    legacy = runs["legacy_cast"]["weights"]
+    assert legacy[0] != legacy[1]
+
+
+def test_expert_parallel_and_fsdp2_training_end_in_the_same_weights(tmp_path):
+    out = tmp_path / "mp.json"
+    run_test_script("observation.py", out, tmp_path, ["model_parallel"])
+    runs = json.loads(out.read_text())
+    for preset in ("ep_cpu", "fsdp"):
+        plain, observed = runs[f"{preset}/plain"], runs[f"{preset}/observed"]
+        assert plain["weights"][0] == plain["weights"][1]
+        assert observed["weights"] == plain["weights"], preset
+        assert observed["logged"]["geometry"] == ["blocks.0.ffn", "blocks.1.ffn"] and observed["logged"]["router"]
+        # CurvatureMonitor does not serve FSDP2: it says so once and turns itself off
+        (message,) = observed["warnings"]
+        assert message.startswith("CurvatureMonitor: setting up failed") and "ModelParallelStrategy" in message
+
+
+class CountingMoE(MoELayer):
+    """torchtitan's pattern: every forward (training or not) adds its tokens per expert to a buffer, and each
+    optimiser step moves the aux-free expert bias by those counts, then clears them."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            MoEConfig(dim=16, expert_hidden=16, num_experts=4, top_k=2, load_balancing="aux_free", bias_update_rate=0.1)
+        )
+        self.register_buffer("tokens_per_expert", torch.zeros(4))
+
+    def forward(self, x):
+        out, aux = super().forward(x)
+        with torch.no_grad():
+            self.tokens_per_expert += aux.tokens_per_expert.float()
+        return out, aux
+
+    @torch.no_grad()
+    def step_bias(self) -> None:
+        counts = self.tokens_per_expert
+        self.router.expert_bias += 0.1 * (counts.mean() - counts) / counts.mean()
+        counts.zero_()
+
+
+class CountingModule(PlainMoE):
+    def __init__(self) -> None:
+        torch.manual_seed(0)
+        super().__init__(ffn=CountingMoE())
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self.model.ffn.step_bias()
+
+
+def test_a_layer_that_counts_tokens_in_its_forward_trains_alike():
+    plain = CountingModule()
+    fit(plain, [])
+    observed = CountingModule()
+    fit(observed, monitors())
+    assert_same_weights(weights(plain), weights(observed))
+    assert not torch.equal(plain.model.ffn.router.expert_bias, torch.zeros(4))  # the bias did move
+
+
+class Remembering(MoELayer):
+    """A layer that keeps a record of its forward passes outside its buffers (as a list and a counter)."""
+
+    def __init__(self) -> None:
+        super().__init__(MoEConfig(dim=16, expert_hidden=16, num_experts=4, top_k=2))
+        self.history: list[float] = []
+        self.calls = 0
+
+    def forward(self, x):
+        self.history.append(float(x.detach().abs().mean()))
+        self.calls += 1
+        return super().forward(x)
+
+
+def test_state_a_forward_keeps_outside_buffers_is_named_and_set_back_where_it_can_be():
+    torch.manual_seed(0)
+    module = PlainMoE(ffn=Remembering())
+    monitor = GeometryMonitor(every_n_steps=None, max_tokens=16)
+    with pytest.warns(UserWarning, match="GeometryMonitor: the model's forward pass changes state") as caught:
+        fit(module, [monitor], max_steps=2)
+    (message,) = [str(w.message) for w in caught if "changes state" in str(w.message)]
+    assert "model.ffn.calls" in message and "model.ffn.history" in message
+    assert "set back: model.ffn.calls" in message and "not restored: model.ffn.history" in message
+    assert module.model.ffn.calls == 2  # the two training steps; the probe's pass was set back
+
+
+def test_model_checkpoint_and_early_stopping_use_geometry_and_router_keys(tmp_path):
+    checkpoint = ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", monitor="geometry/ffn/jac_sigma_max/mean", mode="min", every_n_train_steps=2
+    )
+    # stop at the second epoch end: its load CV cannot beat the first epoch's by 1e6
+    stop = EarlyStopping(
+        monitor="router/mean/load_cv", mode="max", min_delta=1e6, patience=0, check_on_train_epoch_end=True
+    )
+    geometry, router = GeometryMonitor(every_n_steps=2, max_tokens=32), RouterMonitor(log_every_n_steps=1)
+    trainer = fit(PlainMoE(), [geometry, router, checkpoint, stop], tmp_path, max_steps=20, enable_checkpointing=True)
+    rows = read_metrics(tmp_path)
+    sigma = logged(rows, "geometry/ffn/jac_sigma_max/mean")
+    checked = {s: v for s, v in sigma.items() if s > 0}  # ModelCheckpoint's steps: 2, 4, ..., 12
+    best_step = min(checked, key=checked.get)
+    assert float(checkpoint.best_model_score) == pytest.approx(checked[best_step], rel=1e-6)
+    assert checkpoint.best_model_path.endswith(f"step={best_step}.ckpt")
+    # two epochs of 6 batches, then EarlyStopping stopped, holding the router key of the first epoch's end
+    assert trainer.global_step == 12 and stop.stopped_epoch == 1
+    assert float(stop.best_score) == pytest.approx(logged(rows, "router/mean/load_cv")[5], rel=1e-6)
