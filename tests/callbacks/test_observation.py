@@ -79,7 +79,7 @@ def monitors(**geometry) -> list:
     ]
 
 
-def fit(module, callbacks, tmp_path=None, max_steps=STEPS, **options):
+def fit(module, callbacks, tmp_path=None, max_steps=STEPS, ckpt_path=None, **options):
     trainer = L.Trainer(
         max_steps=max_steps,
         callbacks=callbacks,
@@ -90,7 +90,7 @@ def fit(module, callbacks, tmp_path=None, max_steps=STEPS, **options):
         enable_model_summary=False,
         **options,
     )
-    trainer.fit(module, loader(), ckpt_path=options.get("ckpt_path"))
+    trainer.fit(module, loader(), ckpt_path=ckpt_path)
     return trainer
 
 
@@ -260,3 +260,82 @@ def test_model_checkpoint_and_early_stopping_use_geometry_and_router_keys(tmp_pa
     # two epochs of 6 batches, then EarlyStopping stopped, holding the router key of the first epoch's end
     assert trainer.global_step == 12 and stop.stopped_epoch == 1
     assert float(stop.best_score) == pytest.approx(logged(rows, "router/mean/load_cv")[5], rel=1e-6)
+
+
+def router_module() -> PlainMoE:
+    torch.manual_seed(0)
+    return PlainMoE(ffn=MoELayer(MoEConfig(dim=16, expert_hidden=16, num_experts=4, top_k=2)))
+
+
+def test_router_window_survives_a_resume_and_the_last_window_is_logged(tmp_path):
+    # windows at steps 0 and 4, then the last one (steps 5-7) when training ends at step 8
+    fit(router_module(), [RouterMonitor(log_every_n_steps=4)], tmp_path / "whole", max_steps=8)
+    whole = logged(read_metrics(tmp_path / "whole"), "router/ffn/load_cv")
+    assert sorted(whole) == [0, 4, 7]
+    # the same run cut after 6 steps (one epoch) and resumed from the checkpoint written then
+    save = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=6, save_top_k=-1)
+    fit(router_module(), [RouterMonitor(log_every_n_steps=4), save], tmp_path / "first", enable_checkpointing=True)
+    resumed = router_module()
+    fit(
+        resumed,
+        [RouterMonitor(log_every_n_steps=4)],
+        tmp_path / "second",
+        max_steps=8,
+        ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=6.ckpt"),
+    )
+    second = logged(read_metrics(tmp_path / "second"), "router/ffn/load_cv")
+    assert sorted(second) == [7] and second[7] == pytest.approx(whole[7], rel=1e-12)
+
+
+def test_an_accumulated_step_counts_every_micro_batch():
+    monitor = RouterMonitor(log_every_n_steps=1, max_expert_keys=None)
+    module = router_module()
+    layer = module.model.ffn
+    # the reference: the top-2 loads of the first 4 batches (one optimiser step) at the initial weights
+    with torch.no_grad():
+        x = torch.cat([batch[0] for batch, _ in zip(loader(), range(4), strict=False)])
+        index = layer.router(module.model.inp(x)).expert_index
+    counts = torch.bincount(index.reshape(-1), minlength=4).double()
+    trainer = L.Trainer(
+        max_steps=1,
+        callbacks=[monitor],
+        logger=False,
+        accumulate_grad_batches=4,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, loader())
+    loads = [monitor.last_metrics[f"router/ffn/load/e{i}"] for i in range(4)]
+    assert loads == pytest.approx((counts / counts.sum()).tolist(), rel=1e-12)
+
+
+class TwoOptimisers(PlainMoE):
+    """Manual optimisation with two optimisers (as a GAN steps its two networks): global_step counts both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        first, second = self.optimizers()
+        for optimizer in (first, second):
+            loss = self.loss(batch)
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            optimizer.step()
+        self.log("train/loss", loss)
+
+    def configure_optimizers(self):
+        body = [p for n, p in self.named_parameters() if not n.startswith("model.head")]
+        return torch.optim.SGD(body, lr=0.1), torch.optim.SGD(self.model.head.parameters(), lr=0.1)
+
+
+def test_every_key_shares_self_logs_step_axis_under_manual_optimisation(tmp_path):
+    geometry = GeometryMonitor(every_n_steps=2, max_tokens=32)
+    trainer = fit(TwoOptimisers(), [geometry, RouterMonitor(log_every_n_steps=2)], tmp_path, max_steps=8)
+    assert trainer.global_step == 8  # four batches, two optimiser steps each
+    rows = read_metrics(tmp_path)
+    assert sorted(logged(rows, "train/loss")) == [0, 1, 2, 3]  # Lightning's own axis: batches
+    assert sorted(logged(rows, "geometry/ffn/jac_sigma_max/mean")) == [0, 2, 4] == geometry.probed_steps
+    assert sorted(logged(rows, "router/ffn/load_cv")) == [0, 2, 3]  # windows, and the last one at the end
