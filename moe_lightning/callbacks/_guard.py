@@ -48,9 +48,9 @@ class Failures:
             return
         self._reported.add(key)
         if trainer.world_size <= 1:
-            detail = next(iter(failures.values()))
+            detail = f": {next(iter(failures.values()))}"
         elif len(set(failures.values())) == 1:
-            detail = f"on rank {', '.join(str(r) for r in failures)}: {next(iter(failures.values()))}"
+            detail = f" on rank {', '.join(str(r) for r in failures)}: {next(iter(failures.values()))}"
         else:
-            detail = "; ".join(f"on rank {r}: {m}" for r, m in failures.items())
-        rank_zero_warn(f"{self.owner}: {what} failed {detail}; {consequence}. Training goes on.")
+            detail = " " + "; ".join(f"on rank {r}: {m}" for r, m in failures.items())
+        rank_zero_warn(f"{self.owner}: {what} failed{detail}; {consequence}. Training goes on.")
