@@ -36,6 +36,8 @@ def test_the_lock_pins_every_requirement_within_its_range(drift_script) -> None:
         name = drift_script.normalized(requirement.name)
         assert name in locked, f"{requirement} is not in constraints.txt: make lock"
         assert requirement.specifier.contains(locked[name]), f"constraints.txt has {name}=={locked[name]}"
+        if importlib.metadata.version(requirement.name) != locked[name]:
+            continue  # an environment off the lock (make test-latest): the locked release's metadata is not here
         for extra in requirement.extras:  # jsonargparse[signatures]: its extra's packages are locked too
             for sub in importlib.metadata.requires(requirement.name) or []:
                 sub_requirement = Requirement(sub)
