@@ -58,7 +58,7 @@ NOT_COVERED = sorted(f for f in TABLE.not_covered if f in FAMILIES)
 TABLE_VERSION_INSTALLED = transformers.__version__ == TABLE.version
 NOT_THE_TABLE_VERSION = (
     f"the table is generated from transformers {TABLE.version}, {transformers.__version__} is installed: "
-    "scripts/hf_family_coverage.py reports the families it adds"
+    "scripts/hf_family_coverage.py reports how their families differ"
 )
 # the families the issue names, which a Trainer runs in the default suite (all covered families under -m slow)
 TRAINER_FAMILIES = ["deepseek_v3", "gpt_oss", "qwen3_next"]
@@ -237,9 +237,9 @@ def test_families_beyond_the_table_are_reported_not_failed(coverage, capsys) -> 
     assert f"  deepseek_v4: not covered: {coverage['deepseek_v4'].reason}" in text
     gone = sorted(TABLE.families - set(experts_families()))
     assert ("In the table but not in the installed transformers: " + ", ".join(gone) in text) == bool(gone)
-    assert report_script.main([]) == 0  # the committed page: nothing beyond it with the table's transformers
+    assert report_script.main([]) == 0  # the committed page, as make test-latest reports it: never a failure
     printed = capsys.readouterr().out
-    assert ("No family beyond the table." in printed) == TABLE_VERSION_INSTALLED
+    assert ("No family beyond the table." in printed) == (set(experts_families()) <= TABLE.families)
 
 
 def plain_swiglu(experts: torch.nn.Module) -> bool:
