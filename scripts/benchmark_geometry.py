@@ -78,8 +78,11 @@ def make_expert(kind: str, d: int, h: int, dtype: torch.dtype, gen: torch.Genera
     return fn, closed, 2 * d * d * h  # the (D, H) @ (H, D) GEMM w_downᵀ M(x) per token
 
 
-def exact_jacobian_table(sizes, n_tokens, n_loop, dtype, repeats):
+def exact_jacobian_table(sizes, n_tokens, n_loop, dtype, repeats) -> list[dict]:
+    """Print the exact-Jacobian table; return its rows: expert kind, D, H, the GEMM's flops per token and the
+    measured seconds per token (closed form, jacrev, loop, plain matmul) that the printed columns are made of."""
     gen = torch.Generator().manual_seed(0)
+    rows = []
     print(f"\n== Exact per-token Jacobians ({dtype}, {torch.get_num_threads()} threads); times are per token ==")
     header = (
         f"{'expert':7} {'D':>5} {'H':>6} {'closed ms':>10} {'jacrev ms':>10} {'loop ms':>10} "
@@ -110,6 +113,10 @@ def exact_jacobian_table(sizes, n_tokens, n_loop, dtype, repeats):
                 f"{t_jacrev / t_closed:8.1f}x {t_loop / t_closed:7.1f}x {gf_closed:8.1f} {gf_mm:8.1f} "
                 f"{100 * gf_closed / gf_mm:4.0f}% {t_jacrev / t_mm:7.1f}x"
             )
+            rows.append(
+                dict(kind=kind, d=d, h=h, flops=flops, closed_s=t_closed, jacrev_s=t_jacrev, loop_s=t_loop, mm_s=t_mm)
+            )
+    return rows
 
 
 def swiglu_weights(d: int, h: int, dtype: torch.dtype, gen: torch.Generator, decay: float):

@@ -2,7 +2,8 @@
 
 Builds each experts-interface family's tiny random model (``moe_lightning.adapters.hf_families``), finds its MoE
 blocks, and writes the covered / not covered tables between the page's markers. ``--check`` only compares, and
-exits 1 when the committed table differs (tests/adapters/test_hf_families.py makes the same comparison).
+exits 1 when the committed table differs (tests/adapters/test_hf_families.py makes the same comparison). Run it in
+the locked environment (``make install``): the table belongs to the transformers of constraints.txt.
 
     python scripts/hf_families_table.py [--check]
 """
@@ -10,7 +11,9 @@ exits 1 when the committed table differs (tests/adapters/test_hf_families.py mak
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from moe_lightning.adapters.hf_families import coverage_table, experts_families, family_coverage
@@ -22,6 +25,38 @@ START, END = "<!-- family table: start -->", "<!-- family table: end -->"
 def committed_table(page: str) -> str:
     """The table between the markers of ``page``'s text."""
     return page.split(START, 1)[1].split(END, 1)[0].strip("\n") + "\n"
+
+
+@dataclass(frozen=True)
+class FamilyTable:
+    """What a generated table lists.
+
+    Attributes:
+        version: the transformers version it was generated from.
+        covered: the covered families.
+        not_covered: each family that is not covered, with its reason.
+    """
+
+    version: str
+    covered: frozenset[str]
+    not_covered: dict[str, str]
+
+    @property
+    def families(self) -> frozenset[str]:
+        return self.covered | frozenset(self.not_covered)
+
+
+def parse_table(table: str) -> FamilyTable:
+    """The version and the families of a table that ``coverage_table`` wrote."""
+    version = re.match(r"Generated from transformers (\S+): ", table)
+    if version is None:
+        raise ValueError("the family table does not start with 'Generated from transformers <version>: '")
+    covered, not_covered = table.split("\nNot covered:\n", 1)
+    return FamilyTable(
+        version=version[1],
+        covered=frozenset(re.findall(r"^\| `(\w+)` \|", covered, flags=re.MULTILINE)),
+        not_covered=dict(re.findall(r"^\| `(\w+)` \| `[^`]*` \| (.*) \|$", not_covered, flags=re.MULTILINE)),
+    )
 
 
 def with_table(page: str, table: str) -> str:

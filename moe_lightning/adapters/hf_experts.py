@@ -19,9 +19,9 @@ What a block's views are made of:
   is. Both run the block in eval mode (no router jitter) and record no router outputs.
 - **Experts**, ``f_e(x) = down_e(gate(up_e(x)))`` exactly as the interface's ``batched_mm`` kernel computes one
   expert, with the module's own ``_apply_gate`` (fused, interleaved or clamped GLUs), ``act_fn``, biases,
-  transposed layouts and post-expert norm. A plain SwiGLU (default ``_apply_gate``, SiLU, no bias, no post norm)
-  also gets the closed-form Jacobian and Jacobian operator; every other expert is differentiated with
-  ``torch.func``.
+  transposed layouts and post-expert norm (shared, or one scale per expert where the norm takes the expert ids). A
+  plain SwiGLU (default ``_apply_gate``, SiLU, no bias, no post norm) also gets the closed-form Jacobian and
+  Jacobian operator; every other expert is differentiated with ``torch.func``.
 - **Shared experts**, every other child of the block that maps tokens to tokens, each a one-expert view
   ``<block>.<child>``, gated by ``sigmoid(child_gate(x))`` where the block has a one-output linear gate.
 
@@ -145,6 +145,19 @@ def _is_silu(act: object) -> bool:
     return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation" or act is F.silu
 
 
+def _takes_expert_ids(norm: object) -> bool:
+    """Whether ``norm`` is a post-expert norm with a learned scale per expert: a module whose forward takes the
+    expert ids besides the hidden states. An experts class that subclasses an interface class applies it after
+    the interface's projections, in its own forward (Ergo's ``ErgoExperts``); the self-check confirms it."""
+    if not isinstance(norm, nn.Module):
+        return False
+    try:
+        parameters = inspect.signature(norm.forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in parameters) == 2
+
+
 def _check_expert_index(name: str, e: int, num_experts: int) -> None:
     if not 0 <= e < num_experts:
         raise ValueError(f"{name}: expert index e={e} is out of range; allowed 0..{num_experts - 1}")
@@ -208,6 +221,7 @@ class ExpertsInterfaceView(_SwigluForms):
             experts.has_gate
             and not experts.has_bias
             and not getattr(experts, "has_post_expert_norm", False)
+            and not _takes_expert_ids(getattr(experts, "post_expert_norm", None))
             and _is_default_gate(experts)
             and _is_silu(getattr(experts, "act_fn", None))
         )
@@ -296,6 +310,8 @@ class ExpertsInterfaceView(_SwigluForms):
         out = _linear(h_NH, experts.down_proj[e], bias, experts.is_transposed)
         if getattr(experts, "has_post_expert_norm", False):
             out = experts.post_expert_norm(out)
+        elif _takes_expert_ids(getattr(experts, "post_expert_norm", None)):
+            out = experts.post_expert_norm(out, torch.full(out.shape[:1], e, dtype=torch.long, device=out.device))
         return out
 
     def expert(self, e: int) -> TokenFn:

@@ -8,7 +8,9 @@ model types are the ``config.model_type`` values the auto mappings send to that 
 
 :func:`tiny_config` shrinks a family's default config by the config's own attribute names (width, layers, heads,
 experts, vocabulary), keeping one layer of each kind where the config lists per-layer kinds (hybrid attention, dense
-and sparse MLPs), so a random model of it builds and runs in milliseconds on a CPU.
+and sparse MLPs, layers that read another layer's keys and values) and renumbering the layer indices it lists, so a
+random model of it builds and runs in milliseconds on a CPU. A few families also need a value their default config
+leaves to the checkpoint, or one their config's validation demands (``_FAMILY_SETTINGS``, each with its reason).
 
 Everything here imports ``transformers`` lazily: the package itself never needs it.
 """
@@ -159,15 +161,41 @@ _SHRINK_RULES: tuple[tuple[str, int], ...] = (
 )
 _KV_HEADS = re.compile(r"^(num_key_value_heads|num_kv_heads)$")
 _TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id")
+# Attributes whose values are layer indices of the full model: the layers that have a property (dense MLPs, key
+# indexers), and per layer the layer whose keys and values it reads. They are renumbered for the kept layers.
+_LAYER_SETS = re.compile(r"^(mlp_only_layers|index_layers)$")
+_LAYER_SOURCES = re.compile(r"^kv_source_layers$")
+# Values a family's default config leaves to its checkpoints, or that its config's validation demands beyond the
+# shrinking above, by family (a nested dict for a sub-config).
+_FAMILY_SETTINGS: dict[str, dict[str, Any]] = {
+    # Kolibri1_1Config: "NVFP4 rounding of keys and values needs a `head_dim` that is a multiple of 16"
+    "kolibri1_1": {"head_dim": 16},
+    # the text model builds a sliding-window mask for any layout, and the default config leaves the window unset
+    # (None); every layer of the default layout attends to the whole context, so any window serves
+    "step3p7": {"text_config": {"sliding_window": 512}},
+}
 
 
 def _per_layer_lists(values: dict[str, Any], num_layers: int) -> dict[str, list]:
     return {k: v for k, v in values.items() if isinstance(v, (list, tuple)) and len(v) == num_layers > 0}
 
 
-def _kept_layers(lists: dict[str, list], num_layers: int, tiny_layers: int) -> list[int]:
-    """Layer indices that keep one layer of every combination of per-layer kinds, at least ``tiny_layers``."""
+def _layer_sets(values: dict[str, Any]) -> dict[str, list[int]]:
+    return {
+        k: v
+        for k, v in values.items()
+        if _LAYER_SETS.match(k) and isinstance(v, (list, tuple)) and all(isinstance(i, int) for i in v)
+    }
+
+
+def _kept_layers(values: dict[str, Any], lists: dict[str, list], num_layers: int, tiny_layers: int) -> list[int]:
+    """Layer indices that keep one layer of every combination of per-layer kinds (the per-layer lists of strings
+    or flags, membership of each layer set, reading its own keys and values or another layer's), at least
+    ``tiny_layers``, and every layer a kept one reads from."""
     kinds = [v for v in lists.values() if all(isinstance(item, (str, bool)) for item in v)]
+    kinds += [[i in set(members) for i in range(num_layers)] for members in _layer_sets(values).values()]
+    sources = [v for k, v in lists.items() if _LAYER_SOURCES.match(k)]
+    kinds += [[source == i for i, source in enumerate(v)] for v in sources]
     keep, seen = [], set()
     for i in range(num_layers):
         kind = tuple(v[i] for v in kinds)
@@ -179,18 +207,20 @@ def _kept_layers(lists: dict[str, list], num_layers: int, tiny_layers: int) -> l
             break
         if i not in keep:
             keep.append(i)
-    return sorted(keep)
+    keep += [v[i] for v in sources for i in keep if v[i] not in keep]
+    return sorted(set(keep))
 
 
-def _shrunk(config_class: type, values: dict[str, Any]) -> Any:
-    """``config_class(**values)`` with ``values`` (a config's ``to_dict()``) shrunk by attribute names."""
+def _shrunk(config_class: type, values: dict[str, Any], settings: dict[str, Any] | None = None) -> Any:
+    """``config_class(**values)`` with ``values`` (a config's ``to_dict()``) shrunk by attribute names, then
+    ``settings`` (nested dicts for sub-configs) applied."""
     from transformers import PretrainedConfig
 
-    values = dict(values)
+    values, settings = dict(values), dict(settings or {})
     for key, value in list(values.items()):
         sub = getattr(config_class, "sub_configs", {}).get(key)
         if isinstance(value, dict) and sub is not None and isinstance(sub, type) and issubclass(sub, PretrainedConfig):
-            values[key] = _shrunk(sub, value).to_dict()
+            values[key] = _shrunk(sub, value, settings.pop(key, None)).to_dict()
     heads_before = values.get("num_attention_heads")
     for key, value in list(values.items()):
         if value is None and _TOP_K.match(key):  # a family that leaves k to the checkpoint
@@ -202,6 +232,9 @@ def _shrunk(config_class: type, values: dict[str, Any]) -> Any:
             if re.search(pattern, key):
                 values[key] = min(value, tiny)
                 break
+    if all(isinstance(values.get(k), int) for k in ("qk_head_dim", "qk_nope_head_dim", "qk_rope_head_dim")):
+        # multi-head latent attention: a query/key head is its part without and its part with rotary embeddings
+        values["qk_head_dim"] = values["qk_nope_head_dim"] + values["qk_rope_head_dim"]
     heads = values.get("num_attention_heads")
     for key, value in list(values.items()):
         if _KV_HEADS.match(key) and isinstance(value, int) and isinstance(heads_before, int) and heads_before > 0:
@@ -213,9 +246,13 @@ def _shrunk(config_class: type, values: dict[str, Any]) -> Any:
         if isinstance(before, int) and before > values[layers_key]:
             lists = _per_layer_lists(values, before)
             if lists:
-                keep = _kept_layers(lists, before, values[layers_key])
+                keep = _kept_layers(values, lists, before, values[layers_key])
                 for key, value in lists.items():
                     values[key] = type(value)(value[i] for i in keep)
+                    if _LAYER_SOURCES.match(key):
+                        values[key] = type(value)(keep.index(source) for source in values[key])
+                for key, members in _layer_sets(values).items():
+                    values[key] = type(members)(keep.index(i) for i in members if i in keep)
                 values[layers_key] = len(keep)
     vocab = values.get("vocab_size")
     if isinstance(vocab, int):
@@ -226,7 +263,7 @@ def _shrunk(config_class: type, values: dict[str, Any]) -> Any:
             elif isinstance(token, list):
                 values[key] = [min(t, vocab - 1) for t in token]
     values.pop("transformers_version", None)
-    return config_class(**values)
+    return config_class(**{**values, **settings})
 
 
 def tiny_config(family: str, **overrides: Any) -> Any:
@@ -235,7 +272,7 @@ def tiny_config(family: str, **overrides: Any) -> Any:
 
     model_type, _ = family_model_class(family)
     config_class = CONFIG_MAPPING[model_type]
-    config = _shrunk(config_class, config_class().to_dict())
+    config = _shrunk(config_class, config_class().to_dict(), _FAMILY_SETTINGS.get(family))
     for key, value in overrides.items():
         setattr(config, key, value)
     return config

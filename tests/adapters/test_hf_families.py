@@ -1,5 +1,10 @@
-"""Every MoE family of the installed transformers that uses its experts interface, enumerated from transformers
-itself, each as a tiny random model built once for the module.
+"""Every MoE family of the family table (docs/hf-families.md) that uses the experts interface, each as a tiny random
+model of the installed transformers built once for the module.
+
+The table belongs to the transformers of the lock (constraints.txt): with that version installed the suite checks
+that the table lists exactly the families transformers has and that it is the generated one. With another version
+(``make test-latest``) it checks the table's families only; the families that version adds are reported by
+scripts/hf_family_coverage.py, never failed here.
 
 The references are the model's own: the classes its modeling source decorates with ``@use_experts_implementation``
 (read as text, not through the adapter's structural test), the ``(top_k_index, top_k_weights)`` every block passes
@@ -44,7 +49,17 @@ from moe_lightning.callbacks import GeometryMonitor, RouterMonitor  # noqa: E402
 from moe_lightning.geometry import ProbeConfig, probe  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-FAMILIES = list(experts_families())
+TABLE_SCRIPT = load_script(ROOT / "scripts" / "hf_families_table.py")
+PAGE = (ROOT / "docs" / "hf-families.md").read_text(encoding="utf-8")
+TABLE = TABLE_SCRIPT.parse_table(TABLE_SCRIPT.committed_table(PAGE))
+# the table's families that the installed transformers has: exactly the table's with the locked version installed
+FAMILIES = [f for f in experts_families() if f in TABLE.families]
+NOT_COVERED = sorted(f for f in TABLE.not_covered if f in FAMILIES)
+TABLE_VERSION_INSTALLED = transformers.__version__ == TABLE.version
+NOT_THE_TABLE_VERSION = (
+    f"the table is generated from transformers {TABLE.version}, {transformers.__version__} is installed: "
+    "scripts/hf_family_coverage.py reports how their families differ"
+)
 # the families the issue names, which a Trainer runs in the default suite (all covered families under -m slow)
 TRAINER_FAMILIES = ["deepseek_v3", "gpt_oss", "qwen3_next"]
 DECORATED = re.compile(r"^@use_experts_implementation\b[^\n]*\n(?:@[^\n]*\n)*class (\w+)", re.MULTILINE)
@@ -54,6 +69,14 @@ def decorated_classes(module: str) -> set[str]:
     """Class names the modeling source of ``transformers.models.<module>`` decorates with the experts interface."""
     path = Path(transformers.models.__file__).parent / module / f"modeling_{module}.py"
     return set(DECORATED.findall(path.read_text())) if path.is_file() else set()
+
+
+def experts_modules(family: str, model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The model's modules that are instances of a decorated class, or of a subclass of one (Ergo's experts add a
+    norm per expert around the decorated projections)."""
+    modeling = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    classes = tuple(getattr(modeling, name) for name in decorated_classes(family))
+    return {n: m for n, m in model.named_modules() if isinstance(m, classes)}
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +139,7 @@ def check_family(family: str, model: torch.nn.Module | Exception, views: list | 
     """None when the family's views agree with its model; otherwise what failed."""
     if isinstance(model, Exception):
         return f"does not build: {model}"
-    classes = decorated_classes(family)
-    experts = {n: m for n, m in model.named_modules() if type(m).__name__ in classes}
+    experts = experts_modules(family, model)
     if not experts:
         return "no experts module in the tiny model"
     try:
@@ -156,39 +178,68 @@ def check_family(family: str, model: torch.nn.Module | Exception, views: list | 
     return None
 
 
-def not_covered_in_docs() -> set[str]:
-    page = (ROOT / "docs" / "hf-families.md").read_text(encoding="utf-8")
-    table = page.split("Not covered:", 1)[1].split("<!-- family table: end -->", 1)[0]
-    return set(re.findall(r"^\| `(\w+)` \|", table, flags=re.MULTILINE))
-
-
 def test_families_are_enumerated_from_the_installed_transformers() -> None:
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES, model_type_to_module_name
 
     modules = {model_type_to_module_name(t) for t in CONFIG_MAPPING_NAMES}
     reference = {m for m in modules if decorated_classes(m)}
-    assert set(FAMILIES) == reference
+    assert set(experts_families()) == reference
     for family, info in experts_families().items():
         assert set(info.experts_classes) == decorated_classes(family)
         assert all(model_type_to_module_name(t) == family for t in info.model_types)
-    assert len(FAMILIES) >= 30
+    assert len(reference) >= 30
+
+
+def test_the_table_is_generated_from_the_locked_transformers() -> None:
+    locked = re.search(r"^transformers==(\S+)$", (ROOT / "constraints.txt").read_text(encoding="utf-8"), re.M)
+    assert locked is not None, "constraints.txt pins no transformers"
+    assert TABLE.version == locked[1], "after make lock, regenerate the table: python scripts/hf_families_table.py"
+
+
+def test_the_table_lists_every_family_of_its_transformers() -> None:
+    if not TABLE_VERSION_INSTALLED:
+        pytest.skip(NOT_THE_TABLE_VERSION)
+    assert TABLE.families == set(experts_families())
+    assert not TABLE.covered & set(TABLE.not_covered)
 
 
 def test_every_family_against_its_model(tiny_models, views, coverage) -> None:
     failed = {f: r for f, m in tiny_models.items() if (r := check_family(f, m, views.get(f))) is not None}
     covered = [f for f in FAMILIES if f not in failed]
     assert len(covered) >= 30, failed
-    # the docs list exactly the families that fail, and the adapter's own coverage agrees with the model's checks
-    assert set(failed) == not_covered_in_docs(), {
-        f: failed.get(f, "passes") for f in set(failed) ^ not_covered_in_docs()
-    }
+    # the table lists exactly the families that fail, and the adapter's own coverage agrees with the model's checks
+    assert set(failed) == set(NOT_COVERED), {f: failed.get(f, "passes") for f in set(failed) ^ set(NOT_COVERED)}
     assert {f for f, c in coverage.items() if not c.covered} == set(failed)
 
 
 def test_docs_table_is_the_generated_one(coverage) -> None:
-    script = load_script(ROOT / "scripts" / "hf_families_table.py")
-    page = (ROOT / "docs" / "hf-families.md").read_text(encoding="utf-8")
-    assert script.committed_table(page) == coverage_table(list(coverage.values()))
+    if not TABLE_VERSION_INSTALLED:
+        pytest.skip(NOT_THE_TABLE_VERSION)
+    generated = coverage_table(list(coverage.values()))
+    assert TABLE_SCRIPT.committed_table(PAGE) == generated
+    parsed = TABLE_SCRIPT.parse_table(generated)  # what the suite and the report read back from the table
+    assert parsed.version == transformers.__version__
+    assert parsed.covered == {f for f, c in coverage.items() if c.covered}
+    assert parsed.not_covered == {f: c.reason for f, c in coverage.items() if not c.covered}
+
+
+def test_families_beyond_the_table_are_reported_not_failed(coverage, capsys) -> None:
+    # a table without two families of the installed transformers, one covered and one not, as a newer transformers
+    # with families of its own would find it
+    page = "".join(
+        line for line in PAGE.splitlines(keepends=True) if not line.startswith(("| `mixtral` |", "| `deepseek_v4` |"))
+    )
+    report_script = load_script(ROOT / "scripts" / "hf_family_coverage.py")
+    text = report_script.report(page)
+    beyond = set(experts_families()) - TABLE.families | {"mixtral", "deepseek_v4"}
+    assert f"\n{len(beyond)} families the table does not list (reported, not tested):\n" in text
+    assert f"  mixtral: covered: MixtralForCausalLM, {len(coverage['mixtral'].views)} MoE views" in text
+    assert f"  deepseek_v4: not covered: {coverage['deepseek_v4'].reason}" in text
+    gone = sorted(TABLE.families - set(experts_families()))
+    assert ("In the table but not in the installed transformers: " + ", ".join(gone) in text) == bool(gone)
+    assert report_script.main([]) == 0  # the committed page, as make test-latest reports it: never a failure
+    printed = capsys.readouterr().out
+    assert ("No family beyond the table." in printed) == (set(experts_families()) <= TABLE.families)
 
 
 def plain_swiglu(experts: torch.nn.Module) -> bool:
@@ -356,7 +407,7 @@ def test_trainer_logs_geometry_for_every_moe_layer(family, tmp_path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in TRAINER_FAMILIES + sorted(not_covered_in_docs())])
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in TRAINER_FAMILIES + NOT_COVERED])
 def test_trainer_logs_geometry_for_every_moe_layer_of_every_family(family, tmp_path) -> None:
     fit_and_check(family, tmp_path)
 
