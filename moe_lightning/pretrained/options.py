@@ -57,7 +57,8 @@ class ProbeOptions:
     )
     probe_dtype: str = option(
         "float64",
-        "dtype of the probe's arithmetic; the probe casts each MoE block to it temporarily (ProbeConfig.cast_module)",
+        "dtype of the probe's arithmetic; each MoE block is probed on copies of its weights cast to it "
+        "(ProbeConfig.cast_module)",
         choices=PROBE_DTYPES,
     )
     matrix_free_threshold: int = option(1024, "model dims above this use the matrix-free top-r spectra")
