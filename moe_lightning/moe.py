@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_lightning.balancing import load_balance_loss, router_z_loss, sequence_load_balance_loss
-from moe_lightning.common import check_choice, check_nonnegative, check_positive, warn_once
+from moe_lightning.common import check_choice, check_nonnegative, check_positive, is_fsdp_module, warn_once
 from moe_lightning.expert_parallel import plan_exchange
 
 ROUTINGS = ("dense", "topk", "soft")
@@ -282,13 +282,6 @@ def _grouped_mm_available(x: Tensor, w: Tensor) -> bool:
     if not hasattr(F, "grouped_mm") or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
     return all((s * x.element_size()) % 16 == 0 for s in (x.shape[-1], w.shape[-1]))
-
-
-def is_fsdp_module(module: nn.Module) -> bool:
-    """Whether ``fully_shard`` (FSDP2) has been applied to ``module`` (its class is then a subclass of FSDPModule)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(module, FSDPModule)
 
 
 # Messages of dispatch fallbacks already warned about: a fallback runs on every forward pass.

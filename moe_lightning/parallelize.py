@@ -25,8 +25,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from moe_lightning.common import check_positive_int
-from moe_lightning.moe import DenseFFN, MoELayer, is_fsdp_module
+from moe_lightning.common import check_positive_int, is_fsdp_module
+from moe_lightning.moe import DenseFFN, MoELayer
 
 __all__ = ["EXPERT_MESH_DIMS", "clip_grad_norm_", "expert_parallel_mesh", "is_parallelized", "parallelize"]
 

@@ -91,3 +91,22 @@ def test_the_checks_catch_an_upward_import(tmp_path):
     source.write_text("def f():\n    from moe_lightning.callbacks import GeometryMonitor\n    import lightning\n")
     assert imports_of(source) == {"moe_lightning.callbacks", "lightning"}
     assert diagram_layers()["callbacks"] > diagram_layers()["geometry"]
+
+
+def test_callbacks_see_a_model_only_through_its_views():
+    """Callbacks never import the model code: layers reach them as MoEViews, expert placement through a view's
+    ``placement()``. The one model-side name they read is the ``MoEAux`` record our layers return."""
+    offenders = []
+    for name, path in modules().items():
+        if not name.startswith("moe_lightning.callbacks"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module in ("moe_lightning.moe", "moe_lightning.models"):
+                names = {alias.name for alias in node.names}
+                if node.module == "moe_lightning.models" or names - {"MoEAux"}:
+                    offenders.append(f"{name} imports {sorted(names)} from {node.module}")
+            elif isinstance(node, ast.Import) and any(
+                a.name in ("moe_lightning.moe", "moe_lightning.models") for a in node.names
+            ):
+                offenders.append(f"{name} imports the model code")
+    assert not offenders, "\n".join(offenders)

@@ -15,6 +15,7 @@ from moe_lightning.geometry import (
     swiglu_expert_jacobian,
     swiglu_jacobian_operator,
 )
+from moe_lightning.geometry.view import ExpertPlacement
 from moe_lightning.moe import DenseFFN, MoELayer
 
 
@@ -57,6 +58,14 @@ class NativeMoEView:
     def expert_jacobian_operator(self, e: int, x: Tensor):
         """Closed-form products ``J V`` / ``Jᵀ U`` of expert ``e`` at each token, for the matrix-free spectra."""
         return self._closed_form(e, x, swiglu_jacobian_operator, mlp_jacobian_operator)
+
+    def placement(self) -> ExpertPlacement | None:
+        """Where this view's experts live: the layer's expert group under expert parallelism, else None. A view of
+        the shared experts (every rank holds them whole) has none, though its module is the layer too."""
+        layer = self.module
+        if not isinstance(layer, MoELayer) or layer.expert_parallel_size == 1 or self.ffn is not layer:
+            return None
+        return ExpertPlacement(layer.expert_group, layer.local_experts, layer.all_experts)
 
     def __repr__(self) -> str:
         return f"NativeMoEView(name={self.name!r}, num_experts={self.num_experts})"

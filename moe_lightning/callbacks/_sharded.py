@@ -3,24 +3,29 @@ the whole layer on one rank, the experts that expert parallelism split over rank
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 
 from torch import nn
 
-from moe_lightning.moe import is_fsdp_module
+from moe_lightning.common import is_fsdp_module
 
 
 @contextmanager
-def gathered(module: nn.Module, all_experts: bool = True, root: nn.Module | None = None) -> Iterator[None]:
+def gathered(
+    module: nn.Module,
+    lend_experts: Callable[[], AbstractContextManager[None]] | None = None,
+    root: nn.Module | None = None,
+) -> Iterator[None]:
     """``module``'s weights on this rank while the context lasts, released on exit.
 
     Every FSDP2 group inside ``module`` is unsharded (``FSDPModule.unshard``) and resharded afterwards: the router,
     the shared experts and this rank's experts become whole. Where ``module`` is not a group of its own, its own
     weights belong to the innermost group of ``root`` (the whole model) that holds it, a block of a model that
-    FSDP2 sharded block by block: that group is unsharded too. With ``all_experts``, a block with expert
-    parallelism also lends every expert's weights (its ``all_experts()``). All are collectives: every rank enters
-    for the same modules in the same order. A module that is not sharded is left as it is.
+    FSDP2 sharded block by block: that group is unsharded too. ``lend_experts`` (a view's
+    ``placement().gather_all``) also lends every expert of a block that expert parallelism split. All are
+    collectives: every rank enters for the same modules in the same order. A module that is not sharded is left as
+    it is.
     """
     groups = [m for m in module.modules() if is_fsdp_module(m)]
     if root is not None and not is_fsdp_module(module):
@@ -34,9 +39,8 @@ def gathered(module: nn.Module, all_experts: bool = True, root: nn.Module | None
         group.unshard()
     try:
         with ExitStack() as stack:
-            lend = getattr(module, "all_experts", None)
-            if all_experts and callable(lend):
-                stack.enter_context(lend())
+            if lend_experts is not None:
+                stack.enter_context(lend_experts())
             yield
     finally:
         for group in groups:

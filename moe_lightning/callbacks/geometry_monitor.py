@@ -38,7 +38,7 @@ from moe_lightning.callbacks._sharded import gathered
 from moe_lightning.common import check_choice, check_positive_int, dtype_from_name, dtype_name, observation, warn_once
 from moe_lightning.geometry import GeometryReport, ProbeConfig, finalize, probe_statistics
 from moe_lightning.geometry.bootstrap import resample_counts
-from moe_lightning.moe import MoELayer
+from moe_lightning.geometry.view import ExpertPlacement
 
 _PROBE_DTYPES = ("float64", "float32")
 _SOURCES = ("val", "train")
@@ -339,17 +339,16 @@ class GeometryMonitor(Callback):
         counts = resample_counts(num_tokens, cfg.bootstrap, cfg.bootstrap_seed)
         return torch.cat([counts.tensor_split(world, dim=1)[r] for r in ranks], dim=1) if world > 1 else counts
 
-    def _expert_layout(self, view) -> tuple[dist.ProcessGroup | None, bool]:
-        """``(group, all_experts)`` for probing ``view``: the process group over which its layer splits its experts
-        if it is probed expert by expert on the ranks that hold them, else None; and whether the probe must gather
-        every expert instead, for a split layer whose probe needs the whole layer on one rank
-        (``layer_jacobian_method="func"``)."""
-        if not _reads_split_experts(view):
+    def _expert_layout(self, view: MoEView) -> tuple[ExpertPlacement | None, bool]:
+        """``(placement, all_experts)`` for probing ``view``: where its experts live if expert parallelism splits
+        them (its ``placement()``), else None; and whether the probe must gather every expert instead, for a split
+        layer whose probe needs the whole layer on one rank (``layer_jacobian_method="func"``)."""
+        place = getattr(view, "placement", None)
+        placement = place() if callable(place) else None
+        if placement is None:
             return None, False
         cfg = self.probe_config
-        if cfg.layer_jacobian and cfg.layer_jacobian_method == "func":
-            return None, True
-        return view.module.expert_group, False
+        return placement, bool(cfg.layer_jacobian and cfg.layer_jacobian_method == "func")
 
     def _capture(self, trainer: Trainer, pl_module: LightningModule, inputs: list[Any]) -> dict[str, Tensor]:
         """Each probed layer's inputs on ``inputs``, converted as the trainer converts a batch (a ``bf16-true``
@@ -414,17 +413,19 @@ class GeometryMonitor(Callback):
         enters, even one whose capture failed); under expert parallelism each rank's own experts, or all of them
         where a quantity needs the whole layer on one rank."""
         rank, world = trainer.global_rank, trainer.world_size
-        group, all_experts = self._expert_layout(view)
+        placement, all_experts = self._expert_layout(view)
+        lend = placement.gather_all if placement is not None and all_experts else None
         try:
-            with gathered(view.module, all_experts=all_experts, root=pl_module):
+            with gathered(view.module, lend_experts=lend, root=pl_module):
                 if capture_error is not None:
                     return capture_error
                 x = captured[view.name][: self.max_tokens]
-                ranks = [rank] if group is None else dist.get_process_group_ranks(group)
+                split = placement is not None and not all_experts
+                ranks = dist.get_process_group_ranks(placement.group) if split else [rank]
                 shard = torch.cat([x.tensor_split(world)[r] for r in ranks]) if world > 1 else x
                 counts = self._resample_counts(x.reshape(-1, x.shape[-1]).shape[0], world, ranks)
-                placement = {} if group is None else {"expert_group": group, "local_experts": view.module.local_experts}
-                return probe_statistics(view, shard, self.probe_config, resample_counts=counts, **placement)
+                where = {"expert_group": placement.group, "local_experts": placement.local_experts} if split else {}
+                return probe_statistics(view, shard, self.probe_config, resample_counts=counts, **where)
         except Exception as error:  # a probe must never stop training; agreed over ranks and reported
             return error
 
@@ -509,12 +510,3 @@ def _lowest_n_eff(sums: dict[str, tuple[Tensor, Tensor]]) -> tuple[float, str]:
         if float(n_eff[e]) < lowest:
             lowest, where = float(n_eff[e]), f"expert {e} of {name!r}"
     return lowest, where
-
-
-def _reads_split_experts(view) -> bool:
-    """Whether ``view`` shows the routed experts of a layer that expert parallelism splits over ranks. A view of the
-    layer's shared experts (every rank holds them whole) does not, though its module is the layer too."""
-    module = getattr(view, "module", None)
-    if not isinstance(module, MoELayer) or module.expert_parallel_size == 1:
-        return False
-    return getattr(view, "ffn", module) is module

@@ -7,14 +7,33 @@ Shape legend: ``N`` tokens, ``E`` experts, ``D`` model dim, ``H`` expert hidden 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol, runtime_checkable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
-__all__ = ["MoEView", "TokenFn"]
+__all__ = ["ExpertPlacement", "MoEView", "TokenFn"]
 
 #: A row-wise function of tokens, ``(N, D_in) -> (N, D_out)``.
 TokenFn = Callable[[Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class ExpertPlacement:
+    """Where a layer's experts live when expert parallelism splits them over ranks: what a view's optional
+    ``placement()`` returns (None for a layer whose experts every rank holds).
+
+    Attributes:
+        group: the process group whose ranks hold the experts between them.
+        local_experts: the experts (global indices) this rank holds.
+        gather_all: a context manager factory; while its context lasts every expert's weights are on this rank (a
+            collective every rank of ``group`` enters), for quantities that need the whole layer on one rank.
+    """
+
+    group: Any
+    local_experts: range
+    gather_all: Callable[[], AbstractContextManager[None]]
 
 
 @runtime_checkable
@@ -26,11 +45,14 @@ class MoEView(Protocol):
         module: the MoE block itself; forward hooks on it capture its input.
         num_experts: number of experts ``E``; 1 for a dense FFN baseline.
 
-    Optional, outside the protocol (checked with ``hasattr``): ``expert_jacobian_operator(e, x) ->
-    JacobianOperator | None``, the closed-form products ``J V`` / ``Jᵀ U`` of expert ``e`` without forming ``J``
-    (``moe_lightning.geometry.swiglu_jacobian_operator``, ``mlp_jacobian_operator``). The probe's matrix-free
-    spectra (``D > ProbeConfig.matrix_free_threshold``) use it when offered, else ``torch.func``. Our layers and
-    the Hugging Face adapters offer it.
+    Optional, outside the protocol (checked with ``hasattr``):
+
+    - ``expert_jacobian_operator(e, x) -> JacobianOperator | None``, the closed-form products ``J V`` / ``Jᵀ U`` of
+      expert ``e`` without forming ``J`` (``moe_lightning.geometry.swiglu_jacobian_operator``,
+      ``mlp_jacobian_operator``). The probe's matrix-free spectra (``D > ProbeConfig.matrix_free_threshold``) use it
+      when offered, else ``torch.func``. Our layers and the Hugging Face adapters offer it.
+    - ``placement() -> ExpertPlacement | None``: where the experts live under expert parallelism. Without it (or
+      with None) every rank holds every expert the view shows, and the monitors probe it as under DDP.
     """
 
     name: str

@@ -8,7 +8,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
-from moe_lightning.moe import MoEConfig, MoELayer, is_fsdp_module
+from moe_lightning.common import is_fsdp_module
+from moe_lightning.moe import MoEConfig, MoELayer
 from moe_lightning.parallelize import expert_parallel_mesh, parallelize
 
 TOKENS_PER_RANK, DIM = 12, 16
