@@ -33,6 +33,7 @@ from moe_lightning.callbacks._observe import (
     warn_state_changes,
     write_step_report,
 )
+from moe_lightning.callbacks._schedule import Schedule
 from moe_lightning.common import check_choice, check_nonnegative, check_positive_int, observation, warn_once
 from moe_lightning.geometry import (
     TRACE_METHODS,
@@ -153,6 +154,7 @@ class CurvatureMonitor(Callback):
         if not full_model and not groups:
             raise ValueError("CurvatureMonitor: full_model=False needs param_groups")
         self.every_n_steps, self.at_fit_start = every_n_steps, at_fit_start
+        self.schedule = Schedule(every_n_steps, at_fit_start)
         self.eigenvalue, self.trace, self.density = eigenvalue, trace, density
         self.method, self.top_k, self.both_ends = method, top_k, both_ends
         self.eigen_max_iter, self.eigen_tol = eigen_max_iter, eigen_tol
@@ -162,13 +164,17 @@ class CurvatureMonitor(Callback):
         self.save_reports, self.report_dir = save_reports, report_dir
         self.loss_fn, self.seed = loss_fn, seed
         self.batch: Any = None
-        self.computed_steps: list[int] = []
         self.last: dict[str, float] = {}
         self.last_densities: dict[str, SpectralDensity] = {}
         self.disabled = False
         self._published: dict[str, Tensor] = {}
         self._failures = Failures("CurvatureMonitor")
         self._warned: set[str] = set()
+
+    @property
+    def computed_steps(self) -> list[int]:
+        """The steps computed so far (kept in the checkpoint)."""
+        return self.schedule.done
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -209,7 +215,7 @@ class CurvatureMonitor(Callback):
         if self.batch is None and not self.disabled:
             self.batch = cpu_copy(batch)
             step = logging_step(trainer)
-            if self.at_fit_start and step not in self.computed_steps:
+            if self.schedule.at_start(step):
                 self.compute(trainer, pl_module, step)
 
     @override
@@ -217,7 +223,7 @@ class CurvatureMonitor(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step = logging_step(trainer, after_batch=True)
-        if not self.disabled and step % self.every_n_steps == 0 and step not in self.computed_steps:
+        if not self.disabled and self.schedule.after_batch(step):
             self.compute(trainer, pl_module, step)
 
     @override
@@ -246,7 +252,7 @@ class CurvatureMonitor(Callback):
         """Compute and log the curvature now, at ``step`` (default: the current step of Lightning's logging
         axis); returns the logged values (none when it failed on any rank)."""
         step = logging_step(trainer) if step is None else step
-        self.computed_steps.append(step)
+        self.schedule.done.append(step)
         local_error: list[BaseException] = []  # this rank's first failure, which the others may only see as NaN
 
         def loss() -> Tensor:
@@ -424,4 +430,4 @@ class CurvatureMonitor(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.batch = state_dict.get("batch")
-        self.computed_steps = list(state_dict.get("computed_steps", []))
+        self.schedule.done = list(state_dict.get("computed_steps", []))

@@ -34,6 +34,7 @@ from moe_lightning.callbacks._observe import (
     warn_state_changes,
     write_step_report,
 )
+from moe_lightning.callbacks._schedule import Schedule
 from moe_lightning.callbacks._sharded import gathered
 from moe_lightning.common import check_choice, check_positive_int, dtype_from_name, dtype_name, observation, warn_once
 from moe_lightning.geometry import GeometryReport, ProbeConfig, finalize, probe_statistics
@@ -153,6 +154,7 @@ class GeometryMonitor(Callback):
         if max_expert_keys is not None and max_expert_keys < 0:
             raise ValueError(f"GeometryMonitor: max_expert_keys must be >= 0 or None, got {max_expert_keys!r}")
         self.every_n_steps, self.every_n_epochs, self.at_fit_start = every_n_steps, every_n_epochs, at_fit_start
+        self.schedule = Schedule(every_n_steps, at_fit_start, every_n_epochs)
         self.max_tokens, self.source, self.layers = max_tokens, source, layers
         self.min_tokens_per_expert = min_tokens_per_expert
         self.max_expert_keys, self.log_media = max_expert_keys, log_media
@@ -173,11 +175,15 @@ class GeometryMonitor(Callback):
         self.views: list[MoEView] = []
         # State kept across checkpoints: the probe set and the steps already probed.
         self.probe_inputs: list[Any] | None = None
-        self.probed_steps: list[int] = []
         self.last_reports: dict[str, GeometryReport] = {}
         self._published: dict[str, Tensor] = {}
         self._failures = Failures("GeometryMonitor")
         self._warned: set[str] = set()
+
+    @property
+    def probed_steps(self) -> list[int]:
+        """The steps probed so far (kept in the checkpoint)."""
+        return self.schedule.done
 
     # ------------------------------------------------------------------ Lightning hooks
     @override
@@ -213,7 +219,7 @@ class GeometryMonitor(Callback):
                 self._failures.report(trainer, "drawing the probe set", failures, "nothing will be probed")
         # Without a datamodule the probe set (and the baseline) comes from the first training batch instead.
         step = logging_step(trainer)
-        if self.probe_inputs is not None and self.at_fit_start and step not in self.probed_steps:
+        if self.probe_inputs is not None and self.schedule.at_start(step):
             self.run_probe(trainer, pl_module, step)
 
     @override
@@ -234,7 +240,7 @@ class GeometryMonitor(Callback):
                 self._failures.report(trainer, "taking the probe set", failures, "nothing will be probed")
                 return
             step = logging_step(trainer)
-            if self.at_fit_start and step not in self.probed_steps:
+            if self.schedule.at_start(step):
                 self.run_probe(trainer, pl_module, step)
 
     @override
@@ -242,14 +248,14 @@ class GeometryMonitor(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step = logging_step(trainer, after_batch=True)
-        if self.every_n_steps and step % self.every_n_steps == 0 and step not in self.probed_steps:
+        if self.schedule.after_batch(step):
             self.run_probe(trainer, pl_module, step)
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         epoch_done = trainer.current_epoch + 1
         step = logging_step(trainer)
-        if self.every_n_epochs and epoch_done % self.every_n_epochs == 0 and step not in self.probed_steps:
+        if self.schedule.after_epoch(epoch_done, step):
             self.run_probe(trainer, pl_module, step)
         trainer.callback_metrics.update(self._published)
 
@@ -264,7 +270,7 @@ class GeometryMonitor(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.probe_inputs = state_dict.get("probe_inputs")
-        self.probed_steps = list(state_dict.get("probed_steps", []))
+        self.schedule.done = list(state_dict.get("probed_steps", []))
 
     # ------------------------------------------------------------------ probe set
     def _loader(self, trainer: Trainer) -> Any:
@@ -365,7 +371,7 @@ class GeometryMonitor(Callback):
         """Probe every layer now and log the results at ``step`` (default: the current step of Lightning's
         logging axis). Returns the reports; a layer whose probe failed on any rank has none."""
         step = logging_step(trainer) if step is None else step
-        self.probed_steps.append(step)
+        self.schedule.done.append(step)
         if not self.probe_inputs or not self.views:
             return {}
         reports: dict[str, GeometryReport] = {}
