@@ -2,6 +2,7 @@
 #   make demo   trains the default MLP top-k MoE on CPU (about 25 s), with geometry logging (W&B, offline without
 #               credentials), and ends by writing the run's dashboard (one HTML page) and printing its path
 #   make test   runs the whole test suite (it also runs the docs examples and builds the site)
+#   make test-quick  the unit tests of every module, for the edit-test loop (about a minute; docs/testing.md)
 #   make docs   builds the documentation site into site/ (MkDocs, --strict)
 PYTHON ?= python3
 VENV ?= .venv
@@ -22,6 +23,10 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	WANDB_MODE=offline $(BIN)/python -m pytest -q
 
+# The default suite less the tests marked integration (tests/conftest.py marks those that use a whole-run fixture).
+test-quick: $(VENV)/.installed
+	WANDB_MODE=offline $(BIN)/python -m pytest -q -m "not slow and not integration"
+
 docs: $(VENV)/.installed
 	$(BIN)/mkdocs build --strict -d site
 
@@ -29,4 +34,4 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff check moe_lightning tests scripts
 	$(BIN)/ruff format --check moe_lightning tests scripts
 
-.PHONY: install demo test docs lint
+.PHONY: install demo test test-quick docs lint
