@@ -2,7 +2,7 @@
 #   make demo   trains the default MLP top-k MoE on CPU (about 25 s), with geometry logging (W&B, offline without
 #               credentials), and ends by writing the run's dashboard (one HTML page) and printing its path
 #   make test   runs the whole test suite (it also runs the docs examples and builds the site)
-#   make test-quick  the unit tests of every module, for the edit-test loop (about a minute; docs/testing.md)
+#   make test-quick  the unit tests of every module, for the edit-test loop (under a minute; docs/testing.md)
 #   make docs   builds the documentation site into site/ (MkDocs, --strict)
 PYTHON ?= python3
 VENV ?= .venv
@@ -23,9 +23,10 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	WANDB_MODE=offline $(BIN)/python -m pytest -q
 
-# The default suite less the tests marked integration (tests/conftest.py marks those that use a whole-run fixture).
+# The default suite less the tests marked integration (docs/testing.md). One torch thread: the tensors are tiny,
+# and on a shared CPU two threads stall each other.
 test-quick: $(VENV)/.installed
-	WANDB_MODE=offline $(BIN)/python -m pytest -q -m "not slow and not integration"
+	OMP_NUM_THREADS=1 WANDB_MODE=offline $(BIN)/python -m pytest -q -m "not slow and not integration"
 
 docs: $(VENV)/.installed
 	$(BIN)/mkdocs build --strict -d site
