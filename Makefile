@@ -2,6 +2,7 @@
 #   make demo   trains the default MLP top-k MoE on CPU (about 25 s), with geometry logging (W&B, offline without
 #               credentials), and ends by writing the run's dashboard (one HTML page) and printing its path
 #   make test   runs the whole test suite (it also runs the docs examples and builds the site)
+#   make test-quick  the unit tests of every module, for the edit-test loop (under a minute; docs/testing.md)
 #   make docs   builds the documentation site into site/ (MkDocs, --strict)
 # Every install step takes its versions from constraints.txt, a lock of today's releases (docs/testing.md):
 #   make lock         regenerates constraints.txt from the newest releases on PyPI (uv pip compile)
@@ -29,6 +30,11 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	WANDB_MODE=offline $(BIN)/python -m pytest -q
+
+# The default suite less the tests marked integration (docs/testing.md). One torch thread: the tensors are tiny,
+# and on a shared CPU two threads stall each other.
+test-quick: $(VENV)/.installed
+	OMP_NUM_THREADS=1 WANDB_MODE=offline $(BIN)/python -m pytest -q -m "not slow and not integration"
 
 docs: $(VENV)/.installed
 	$(BIN)/mkdocs build --strict -d site
@@ -73,4 +79,4 @@ test-latest:
 	WANDB_MODE=offline $(LATEST_VENV)/bin/python -m pytest -q; status=$$?; \
 	  $(LATEST_VENV)/bin/python scripts/hf_family_coverage.py; exit $$status
 
-.PHONY: install demo test docs lint lock test-latest
+.PHONY: install demo test test-quick docs lint lock test-latest

@@ -1,4 +1,6 @@
-"""Fixtures shared by the test files: factories for tiny models, so each test states only the sizes it needs."""
+"""Fixtures shared by the test files: factories for tiny models, so each test states only the sizes it needs; and
+the test tiers (docs/testing.md): the ``integration`` mark on tests that use a fixture which trains through the
+command line, runs a sweep or runs the docs' blocks, and the skip of ``gpu`` tests without CUDA."""
 
 from __future__ import annotations
 
@@ -9,6 +11,19 @@ import torch
 from helpers import tiny_hf_model as _tiny_hf_model
 
 from moe_lightning.moe import MoEConfig, MoELayer
+
+# Fixtures that run whole commands (fits through `moe-lightning`, a sweep, every docs block): a test that uses one
+# is an integration test, left out of `make test-quick`. Other heavy tests carry @pytest.mark.integration.
+INTEGRATION_FIXTURES = frozenset({"logged_run", "trained_sweep", "tiny_sweep", "block_results"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    cuda = torch.cuda.is_available()
+    for item in items:
+        if INTEGRATION_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+        if not cuda and item.get_closest_marker("gpu"):
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)"))
 
 
 @pytest.fixture

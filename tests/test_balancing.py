@@ -243,6 +243,7 @@ def test_probe_forward_passes_do_not_move_the_bias():
     assert all(int(block.ffn.router.pending_load.sum()) == 16 for block in module.model.blocks)
 
 
+@pytest.mark.integration  # two gloo processes
 def test_two_process_ddp_bias_and_router_monitor_match_one_process_on_the_union(tmp_path):
     """Both ranks apply the same bias steps, from the loads of both ranks' batches; RouterMonitor's window is the
     union of both ranks' batches of the window."""

@@ -86,6 +86,7 @@ def test_readme_relative_links_exist():
     assert not missing, f"README.md links to missing files: {missing}"
 
 
+@pytest.mark.integration  # the whole docs site
 def test_mkdocs_build_strict(tmp_path):
     # No skip when mkdocs is missing: `make install` installs the docs extra, so its absence is a failure.
     result = subprocess.run(

@@ -37,6 +37,7 @@ def check_layer_result(result: dict, world: int) -> None:
     assert result["parallelize_left_unchanged"]
 
 
+@pytest.mark.integration  # four gloo processes
 def test_four_ranks_match_one_process(tmp_path):
     run_test_script("ep_training.py", tmp_path, tmp_path, extra=["4"])
     losses = json.loads((tmp_path / "losses.json").read_text())
@@ -74,6 +75,7 @@ def check_router(router: dict) -> None:
         assert router["ep"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
 
 
+@pytest.mark.integration  # two gloo processes
 def test_training_checkpoints_and_probes_match_one_process(tmp_path):
     run_test_script("ep_training.py", tmp_path, tmp_path)
     losses = json.loads((tmp_path / "losses.json").read_text())
@@ -210,6 +212,7 @@ PRESET_RUNS = [
 ]
 
 
+@pytest.mark.integration  # `moe-lightning fit` on two gloo processes
 @pytest.mark.parametrize(("preset", "config"), PRESET_RUNS)
 def test_presets_train_the_shipped_transformer_configs(preset, config, tmp_path):
     overrides = preset_overrides(preset, config)

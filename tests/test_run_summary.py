@@ -62,6 +62,7 @@ def test_summary_rows_are_the_first_and_last_probe_with_the_router_value_before_
     assert table[2].split() == [layer, "0", "1.5", "-", "-", "1", "0.4"]
 
 
+@pytest.mark.integration  # `moe-lightning fit`
 def test_fit_prints_the_summary_of_its_csv_log_and_writes_the_report(short_fit, tmp_path, capsys):
     assert main(["fit", *short_fit, "--trainer.logger=CSVLogger", f"--trainer.logger.save_dir={tmp_path}"]) == 0
     out = capsys.readouterr().out
@@ -83,6 +84,7 @@ def test_fit_prints_the_summary_of_its_csv_log_and_writes_the_report(short_fit, 
     assert (Path(index).parent / "curves.png").is_file()
 
 
+@pytest.mark.integration  # `moe-lightning fit`
 def test_fit_with_the_default_wandb_logger_offline_ends_with_the_summary(short_fit, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WANDB_MODE", "offline")
     assert main(["fit", *short_fit]) == 0
@@ -93,6 +95,7 @@ def test_fit_with_the_default_wandb_logger_offline_ends_with_the_summary(short_f
     assert sum(line.startswith("blocks.0.ffn") for line in lines) == 2
 
 
+@pytest.mark.integration  # `moe-lightning fit`
 def test_summary_can_be_turned_off(short_fit, tmp_path, capsys):
     args = ["fit", *short_fit, "--summary=false", "--trainer.logger=CSVLogger", f"--trainer.logger.save_dir={tmp_path}"]
     assert main(args) == 0

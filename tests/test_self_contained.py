@@ -42,6 +42,7 @@ def test_no_file_names_a_place_outside_the_repository():
     assert not hits, "\n".join(hits)
 
 
+@pytest.mark.integration  # pytest in a copy of the repository
 def test_data_paths_run_from_a_lone_copy_of_the_repository(tmp_path):
     """The WikiText configs, the bundled data and the probe's default text, from a copy with no sibling folders."""
     repo = tmp_path / "lone" / "repo"

@@ -123,6 +123,7 @@ def test_sweep_resumes_and_reruns_only_unfinished_jobs(tiny_sweep, capsys) -> No
     assert json.loads(status_file.read_text())["status"] == "done"
 
 
+@pytest.mark.integration  # a sweep of fit subprocesses
 def test_failed_job_is_reported_and_others_go_on(tmp_path, capsys) -> None:
     # top_k=99 is invalid: the soft job fails at config validation, dense still trains.
     preset = tiny_preset(
@@ -228,6 +229,7 @@ def test_transformer_small_variants_compare_aux_loss_and_aux_free(tmp_path, caps
     assert printed["deepseek_aux_free"]["num_shared_experts"] == 1
 
 
+@pytest.mark.integration  # a sweep of fit subprocesses
 def test_a_variant_runs_and_the_report_groups_it_under_its_name(tmp_path) -> None:
     from moe_lightning.report.runs import discover_runs
 

@@ -116,6 +116,7 @@ CONFIGS = sorted(
 )
 
 
+@pytest.mark.integration  # `moe-lightning fit` of each shipped config
 @pytest.mark.parametrize("config", CONFIGS)
 def test_every_shipped_config_runs_through_the_cli(config, tmp_path, monkeypatch):
     # From a folder outside the repository: configs name no path relative to the checkout.

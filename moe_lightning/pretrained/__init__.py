@@ -14,12 +14,38 @@ From Python, on a model that is already loaded::
     reports = probe_pretrained(model, ["some text", "more text"], tokenizer=tokenizer, max_tokens=256)
 """
 
-from moe_lightning.pretrained.command import build_parser, main
-from moe_lightning.pretrained.load import load_pretrained, resolve_model, supported_model_types
-from moe_lightning.pretrained.options import ProbeOptions
-from moe_lightning.pretrained.run import capture_inputs, format_summary, probe_and_write, probe_pretrained
-from moe_lightning.pretrained.text import pack_blocks, read_text_file, token_stream
-from moe_lightning.pretrained.write import default_out_dir, write_outputs
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from moe_lightning.pretrained.command import build_parser, main
+    from moe_lightning.pretrained.load import load_pretrained, resolve_model, supported_model_types
+    from moe_lightning.pretrained.options import ProbeOptions
+    from moe_lightning.pretrained.run import capture_inputs, format_summary, probe_and_write, probe_pretrained
+    from moe_lightning.pretrained.text import pack_blocks, read_text_file, token_stream
+    from moe_lightning.pretrained.write import default_out_dir, write_outputs
+
+# Public name -> the module that defines it, imported on first use: `moe-lightning probe --help` needs neither
+# transformers nor the probe.
+_SOURCES = {
+    "ProbeOptions": "options",
+    "build_parser": "command",
+    "capture_inputs": "run",
+    "default_out_dir": "write",
+    "format_summary": "run",
+    "load_pretrained": "load",
+    "main": "command",
+    "pack_blocks": "text",
+    "probe_and_write": "run",
+    "probe_pretrained": "run",
+    "read_text_file": "text",
+    "resolve_model": "load",
+    "supported_model_types": "load",
+    "token_stream": "text",
+    "write_outputs": "write",
+}
 
 __all__ = [
     "ProbeOptions",
@@ -38,3 +64,15 @@ __all__ = [
     "token_stream",
     "write_outputs",
 ]
+
+
+def __getattr__(name: str) -> object:
+    if name not in _SOURCES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_SOURCES[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -13,8 +13,6 @@ import sys
 from dataclasses import replace
 
 from moe_lightning.pretrained.options import DEFAULT_TEXT_FILE, add_option_arguments, options_from_args
-from moe_lightning.pretrained.run import format_summary, probe_and_write
-from moe_lightning.pretrained.write import default_out_dir
 
 PROG = "moe-lightning probe"
 
@@ -47,6 +45,10 @@ def main(argv: list[str]) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # argparse has printed its usage/error (or --help)
         return int(exit_.code or 0)
+    # transformers and the probe load once the arguments have parsed.
+    from moe_lightning.pretrained.run import format_summary, probe_and_write
+    from moe_lightning.pretrained.write import default_out_dir
+
     try:
         options = options_from_args(args)
         options = replace(options, out_dir=options.out_dir or default_out_dir(args.model))

@@ -1,19 +1,46 @@
 """The reports: ``moe-lightning report`` (results and claims tables with intervals, plots and one HTML page from
 training runs) and the page of one probed pretrained model; this package only re-exports their public names.
 
+The names load on first use, so ``moe-lightning report --help`` and its argument errors answer without pandas,
+matplotlib or torch.
+
 Python::
 
     from moe_lightning.report import build_report, render_probe
     paths = build_report(["runs/sweep-mlp"])
 """
 
-from moe_lightning.report.build import build_report
-from moe_lightning.report.claims import claims_over_training
-from moe_lightning.report.command import main
-from moe_lightning.report.intervals import Interval, effect_size, percentile_interval, t_interval, t_quantile
-from moe_lightning.report.probe_page import render_probe
-from moe_lightning.report.runs import discover_runs
-from moe_lightning.report.tables import DECISION_RULE, Decision, decide, decide_threshold
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from moe_lightning.report.build import build_report
+    from moe_lightning.report.claims import claims_over_training
+    from moe_lightning.report.command import main
+    from moe_lightning.report.intervals import Interval, effect_size, percentile_interval, t_interval, t_quantile
+    from moe_lightning.report.probe_page import render_probe
+    from moe_lightning.report.runs import discover_runs
+    from moe_lightning.report.tables import DECISION_RULE, Decision, decide, decide_threshold
+
+# Public name -> the module that defines it.
+_SOURCES = {
+    "DECISION_RULE": "tables",
+    "Decision": "tables",
+    "Interval": "intervals",
+    "build_report": "build",
+    "claims_over_training": "claims",
+    "decide": "tables",
+    "decide_threshold": "tables",
+    "discover_runs": "runs",
+    "effect_size": "intervals",
+    "main": "command",
+    "percentile_interval": "intervals",
+    "render_probe": "probe_page",
+    "t_interval": "intervals",
+    "t_quantile": "intervals",
+}
 
 __all__ = [
     "DECISION_RULE",
@@ -31,3 +58,15 @@ __all__ = [
     "t_interval",
     "t_quantile",
 ]
+
+
+def __getattr__(name: str) -> object:
+    if name not in _SOURCES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_SOURCES[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -9,6 +9,7 @@ import os
 import pandas as pd
 
 from moe_lightning.report import html as page
+from moe_lightning.report.choices import FORMATS, LAYER_MODES
 from moe_lightning.report.claims import (
     DECISION_RULE,
     claims_display,
@@ -22,10 +23,9 @@ from moe_lightning.report.dashboard import dashboard_sections, plotly_script
 from moe_lightning.report.figures import claims_over_training_figure, write_figures
 from moe_lightning.report.format import markdown_table
 from moe_lightning.report.runs import CONTROLS, Run, discover_runs
-from moe_lightning.report.steps import LAYER_MODES, step_values
+from moe_lightning.report.steps import step_values
 from moe_lightning.report.tables import UNDERSAMPLED_MARK, results_display, results_table, seed_values
 
-FORMATS = ("md", "csv", "png", "html")
 # The report's static figures that a run's dashboard also embeds: what its interactive charts do not show.
 DASHBOARD_FIGURES = ("curvature_density.png",)
 

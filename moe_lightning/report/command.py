@@ -11,8 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moe_lightning.report.build import FORMATS, build_report
-from moe_lightning.report.tables import LAYER_MODES
+from moe_lightning.report.choices import FORMATS, LAYER_MODES
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,6 +52,9 @@ def main(argv: list[str]) -> int:
         0 on success; 2 (after ``moe-lightning: error: ...`` on stderr) for bad input.
     """
     args = _parser().parse_args(argv)
+    # The report stack (pandas, matplotlib, torch) loads once the arguments have parsed.
+    from moe_lightning.report.build import build_report
+
     try:
         written = build_report(args.run_dirs, args.out, args.layer_mode, args.threshold, tuple(args.formats))
     except ValueError as error:

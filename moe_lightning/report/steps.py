@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from moe_lightning.report.choices import LAYER_MODES
 from moe_lightning.report.runs import Run, geometry_steps, layer_names
 
 # (metric key below geometry/<layer>/, column title). "/mean" keys are means over the layer's experts.
@@ -31,7 +32,6 @@ GEOMETRY_METRICS: list[tuple[str, str]] = [
     ("subspace_fun_overlap", "fun. subspace overlap"),
     ("subspace_overlap_chance", "overlap chance r/d"),
 ]
-LAYER_MODES = ("mean", "each")
 MEAN_LAYER = "mean"
 COLUMNS = [
     "family",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from moe_lightning.report.choices import LAYER_MODES
 from moe_lightning.report.claims import (
     DECISION_RULE,
     DOES_NOT_HOLD,
@@ -21,7 +22,7 @@ from moe_lightning.report.claims import (
 )
 from moe_lightning.report.format import format_mean_std, format_number, markdown_table, summarize
 from moe_lightning.report.runs import Run, arm_order, final_value
-from moe_lightning.report.steps import GEOMETRY_METRICS, LAYER_MODES, MEAN_LAYER, is_flagged, pca_site, step_values
+from moe_lightning.report.steps import GEOMETRY_METRICS, MEAN_LAYER, is_flagged, pca_site, step_values
 
 __all__ = [
     "DECISION_RULE",

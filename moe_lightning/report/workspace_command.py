@@ -5,6 +5,9 @@ Examples::
 
     moe-lightning dashboard runs/wandb/offline-run-*/ --project moe-lightning --dry-run
     moe-lightning dashboard --project moe-lightning --entity my-team --filter "Config('config.routing') = 'topk'"
+
+Only the argument parser loads with this module: wandb-workspaces, the run readers and Lightning (for the offline
+check) load when the command runs, so ``--help`` and argument errors answer at once.
 """
 
 from __future__ import annotations
@@ -14,18 +17,6 @@ import json
 import os
 import sys
 from typing import Any
-
-import pydantic
-
-from moe_lightning.loggers import resolve_wandb_offline
-from moe_lightning.report.runs import discover_runs
-from moe_lightning.report.workspace import (
-    SPECTRA_CHART,
-    SPECTRA_TABLE,
-    geometry_report,
-    geometry_workspace,
-    spectra_chart_spec,
-)
 
 # Summaries of this many of the project's newest runs give the keys when no local run is passed.
 KEY_RUNS = 20
@@ -60,6 +51,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def dashboard_spec(entity: str, project: str, keys: set[str], name: str, filters: str) -> dict[str, Any]:
     """The workspace, the report and the spectra chart's Vega-Lite spec as plain JSON data (no network)."""
+    import pydantic
+
+    from moe_lightning.report.workspace import (
+        SPECTRA_CHART,
+        SPECTRA_TABLE,
+        geometry_report,
+        geometry_workspace,
+        spectra_chart_spec,
+    )
+
     workspace = geometry_workspace(entity, project, keys, name=name, filters=filters)
     report = geometry_report(entity, project, keys, title=name, filters=filters)
     spec: dict[str, Any] = {
@@ -72,6 +73,8 @@ def dashboard_spec(entity: str, project: str, keys: set[str], name: str, filters
 
 
 def _local_keys(run_dirs: list[str]) -> set[str]:
+    from moe_lightning.report.runs import discover_runs
+
     return {key for run in discover_runs(run_dirs) for key in run.keys}
 
 
@@ -89,6 +92,14 @@ def _project_keys(api: Any, entity: str, project: str) -> set[str]:
 def _save(api: Any, args: argparse.Namespace, entity: str, keys: set[str]) -> list[str]:
     """Create the chart preset, save the workspace (and report); returns their URLs."""
     import wandb_workspaces.workspaces as ws
+
+    from moe_lightning.report.workspace import (
+        SPECTRA_CHART,
+        SPECTRA_TABLE,
+        geometry_report,
+        geometry_workspace,
+        spectra_chart_spec,
+    )
 
     if SPECTRA_TABLE in keys:
         try:
@@ -129,6 +140,8 @@ def main(argv: list[str]) -> int:
         ``--out``); 2 for bad input.
     """
     args = _parser().parse_args(argv)
+    from moe_lightning.loggers import resolve_wandb_offline
+
     entity = args.entity or os.environ.get("WANDB_ENTITY", "")
     try:
         keys = _local_keys(args.run_dirs) if args.run_dirs else set()

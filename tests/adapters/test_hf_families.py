@@ -203,6 +203,7 @@ def test_the_table_lists_every_family_of_its_transformers() -> None:
     assert not TABLE.covered & set(TABLE.not_covered)
 
 
+@pytest.mark.integration  # a tiny model of every family in the installed transformers
 def test_every_family_against_its_model(tiny_models, views, coverage) -> None:
     failed = {f: r for f, m in tiny_models.items() if (r := check_family(f, m, views.get(f))) is not None}
     covered = [f for f in FAMILIES if f not in failed]
@@ -212,6 +213,7 @@ def test_every_family_against_its_model(tiny_models, views, coverage) -> None:
     assert {f for f, c in coverage.items() if not c.covered} == set(failed)
 
 
+@pytest.mark.integration  # the same tiny model of every family
 def test_docs_table_is_the_generated_one(coverage) -> None:
     if not TABLE_VERSION_INSTALLED:
         pytest.skip(NOT_THE_TABLE_VERSION)
@@ -256,6 +258,7 @@ def plain_swiglu(experts: torch.nn.Module) -> bool:
     )
 
 
+@pytest.mark.integration  # every family's views
 def test_closed_form_jacobians_for_every_plain_swiglu_family(views, coverage, monkeypatch) -> None:
     jacobians_module = importlib.import_module("moe_lightning.geometry.jacobians")  # the package exports a function
 
@@ -291,7 +294,7 @@ def test_closed_form_jacobians_for_every_plain_swiglu_family(views, coverage, mo
         assert torch.isfinite(report.expert["jac_sigma_max"][report.tokens > 0]).all(), family
 
 
-def test_torch_func_layer_jacobian_through_block_mode_gates(views) -> None:
+def test_torch_func_layer_jacobian_through_block_mode_gates() -> None:
     # MiniMax-M2's router needs more than the tokens, so its gates come from the block's own forward, intercepted
     # at the experts call; they stay differentiable: vmap(jacrev) through the view equals autograd of the block
     (view, *_) = find_moe_layers(tiny_model("minimax_m2", initializer_range=0.3))  # O(1) Jacobians
@@ -308,8 +311,8 @@ def test_torch_func_layer_jacobian_through_block_mode_gates(views) -> None:
         torch.testing.assert_close(jac_NDD[n], ref_DD, rtol=1e-5, atol=1e-5)
 
 
-def test_a_block_that_fails_the_self_check_is_reported(tiny_models) -> None:
-    block = tiny_models["deepseek_v3"].model.layers[0].mlp
+def test_a_block_that_fails_the_self_check_is_reported() -> None:
+    block = tiny_model("deepseek_v3").model.layers[0].mlp
     block.forward = functools.partial(lambda forward, h: 1.5 * forward(h), block.forward)  # not Σ g·f any more
     try:
         with pytest.raises(BlockNotViewable, match=r"is not Σ gates·experts plus shared experts.*off by"):
@@ -318,7 +321,7 @@ def test_a_block_that_fails_the_self_check_is_reported(tiny_models) -> None:
         del block.forward
     assert len(experts_interface_views("model.layers.0.mlp", block)) == 2  # the block as it was: viewed again
     # a block whose forward takes more than its hidden states (DeepSeek-V4 routes by token id)
-    model = tiny_models["deepseek_v4"]
+    model = tiny_model("deepseek_v4")
     scan = scan_moe_layers(model)
     assert scan.skipped and all(s.class_name == "DeepseekV4SparseMoeBlock" for s in scan.skipped)
     assert [s.name for s in scan.skipped] == [
@@ -401,6 +404,7 @@ def fit_and_check(family: str, tmp_path: Path) -> None:
     assert biases or family != "deepseek_v3"
 
 
+@pytest.mark.integration  # a fit of each family (tests/callbacks/test_hf_models.py fits one in the quick tier)
 @pytest.mark.parametrize("family", TRAINER_FAMILIES)
 def test_trainer_logs_geometry_for_every_moe_layer(family, tmp_path) -> None:
     fit_and_check(family, tmp_path)

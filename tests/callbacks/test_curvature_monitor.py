@@ -35,6 +35,7 @@ def reference():
     return (lambda: tiny_curvature_module("soft")), data, (H + H.T) / 2
 
 
+@pytest.mark.integration  # fits against the exact Hessian
 def test_lanczos_monitor_matches_exact_hessian_whole_and_per_group(tmp_path, reference):
     make, data, H = reference
     module = make()
@@ -63,6 +64,7 @@ def test_lanczos_monitor_matches_exact_hessian_whole_and_per_group(tmp_path, ref
     assert len(router) < H.shape[0]
 
 
+@pytest.mark.integration  # a fit with the density and TensorBoard
 def test_density_is_saved_logged_to_tensorboard_and_integrates_to_one(tmp_path, reference):
     make, data, H = reference
     module = make()
@@ -141,6 +143,7 @@ def test_nan_loss_warns_and_training_finishes(tmp_path):
     assert all(torch.isfinite(p).all() for p in module.parameters())
 
 
+@pytest.mark.integration  # two gloo processes
 def test_two_process_ddp_matches_one_process(tmp_path):
     out = tmp_path / "ddp.json"
     run_test_script("ddp_curvature.py", out, tmp_path)

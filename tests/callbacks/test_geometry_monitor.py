@@ -100,6 +100,7 @@ def fit_weights(module, data, callbacks, max_steps=6):
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
+@pytest.mark.integration  # two fits with every callback, compared bit for bit
 def test_observation_never_changes_the_observed_mlp():
     # jitter noise draws from the global RNG in every training step: any RNG use by a callback would show
     results = []
@@ -121,6 +122,7 @@ def test_observation_never_changes_the_observed_mlp():
         assert torch.equal(results[0][key], results[1][key]), key
 
 
+@pytest.mark.integration  # two fits with every callback, compared bit for bit
 def test_observation_never_changes_the_observed_transformer():
     tokens = torch.randint(0, 40, (64, 9), generator=torch.Generator().manual_seed(0))
     dataset = torch.utils.data.TensorDataset(tokens[:, :-1], tokens[:, 1:])
@@ -171,6 +173,7 @@ def test_probe_restores_modes_and_leaves_no_hooks():
     assert all(not m._forward_hooks for m in module.modules())
 
 
+@pytest.mark.integration  # a fit, a checkpoint and a resumed fit
 def test_resume_continues_the_same_curve(tmp_path):
     def make():
         L.seed_everything(0)
@@ -205,6 +208,7 @@ def test_bad_options_raise_clear_errors():
         GeometryMonitor(subspace_rank=0)
 
 
+@pytest.mark.integration  # two gloo processes
 def test_two_process_ddp_matches_one_process(tmp_path):
     out = tmp_path / "ddp.json"
     run_test_script("ddp_geometry.py", out, tmp_path)

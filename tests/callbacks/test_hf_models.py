@@ -92,7 +92,10 @@ def fit(family: str, tmp_path: Path, geometry: GeometryMonitor, data=None) -> tu
     return module, fit_logged(module, data, tmp_path, [geometry, RouterMonitor(log_every_n_steps=1)])
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+# One family in the quick tier; every family in the whole suite.
+@pytest.mark.parametrize(
+    "family", [pytest.param(f, marks=() if f == "mixtral" else pytest.mark.integration) for f in FAMILIES]
+)
 def test_geometry_and_router_monitors_on_hf_model(family, tmp_path):
     layer_names = [f"model.{name}" for name in FAMILIES[family][1]]
     # float32: the float64 default hits the HF SwiGLU closed-form dtype bug (test_hf_probe_in_float64 below)
@@ -170,6 +173,7 @@ def test_hf_probe_in_float64(tmp_path):
     assert any(r.get("geometry/model.layers.0.mlp/jac_sigma_max/mean") for r in rows)
 
 
+@pytest.mark.integration  # a fit of a Hugging Face model
 def test_fit_start_baseline_without_datamodule(tmp_path):
     tokens = torch.randint(3, COMMON["vocab_size"], (8, 8), generator=torch.Generator().manual_seed(0))
     geometry = GeometryMonitor(every_n_steps=1, max_tokens=32, layer_jacobian=False, subspace_rank=2, dtype="float32")
@@ -178,6 +182,7 @@ def test_fit_start_baseline_without_datamodule(tmp_path):
     assert steps == [0, 1]
 
 
+@pytest.mark.integration  # a fit of a Hugging Face model
 def test_default_source_falls_back_to_train_data(tmp_path):
     geometry = GeometryMonitor(every_n_steps=1, max_tokens=32, layer_jacobian=False, subspace_rank=2, dtype="float32")
     _, rows = fit("mixtral", tmp_path, geometry)

@@ -284,6 +284,7 @@ def tiny_curvature_module(routing: str = "topk") -> MLPMoEModule:
 
 
 # top-k double backward through the grouped dispatch is slower on CPU; the soft case covers the same path fast
+@pytest.mark.integration  # a fit against the exact Hessian (test_curvature_monitor.py checks the monitor quickly)
 @pytest.mark.parametrize("routing", [pytest.param("topk", marks=pytest.mark.slow), "soft"])
 def test_curvature_monitor_matches_exact_hessian(tmp_path, routing):
     module = tiny_curvature_module(routing)

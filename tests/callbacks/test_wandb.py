@@ -116,6 +116,7 @@ def tiny_fit(loggers: list, max_steps: int = 2) -> MLPMoEModule:
     return module
 
 
+@pytest.mark.integration  # a fit logged through W&B's service process
 @pytest.mark.parametrize("auto", [False, True], ids=["WandbLogger", "AutoWandbLogger"])
 def test_offline_run_directory_holds_geometry_keys_and_media(tmp_path, clean_wandb_env, monkeypatch, auto):
     if auto:
@@ -179,6 +180,7 @@ def test_offline_run_directory_holds_geometry_keys_and_media(tmp_path, clean_wan
         assert step_metrics[prefix] == "trainer/global_step"
 
 
+@pytest.mark.integration  # a fit logged through W&B's service process
 def test_offline_run_holds_curvature_scalars_and_density_histograms(tmp_path, clean_wandb_env):
     torch.manual_seed(0)
     module = MLPMoEModule(

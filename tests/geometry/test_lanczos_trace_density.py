@@ -106,6 +106,7 @@ def test_hutchpp_is_exact_when_the_sketch_spans_the_space():
     assert res.trace == pytest.approx(torch.trace(a).item(), abs=1e-10) and res.std_error == 0.0
 
 
+@pytest.mark.integration  # hundreds of estimator trials
 def test_hutchpp_within_its_error_and_below_hutchinson_at_equal_budget(problem):
     loss_fn, params, full = problem
     exact = torch.trace(full).item()
@@ -157,6 +158,7 @@ def test_slq_quadrature_is_exact_per_start_for_h_and_h_squared(problem):
     assert dens.matvecs == 30
 
 
+@pytest.mark.integration  # many Lanczos runs against exact traces
 def test_slq_density_integrates_to_one_and_its_moments_match_exact_traces(problem):
     loss_fn, params, full = problem
     op = HessianOperator(loss_fn, params)
@@ -194,6 +196,7 @@ def test_hessian_operator_averages_over_ranks(problem):
         HessianOperator(loss_fn, params, world_size=0)
 
 
+@pytest.mark.integration  # a full reverse-mode Hessian of an MoE
 def test_lanczos_on_a_soft_mlp_moe_matches_the_reverse_mode_hessian():
     """On an MoE network, against the full Hessian built by reverse-over-reverse autograd (523 parameters).
 

@@ -139,6 +139,7 @@ def mixtral_run(workspace) -> dict:
     return {"out": out, "stdout": stdout, "data": data}
 
 
+@pytest.mark.integration  # `moe-lightning probe` end to end
 def test_probe_json_matches_a_direct_probe(workspace, mixtral_run) -> None:
     data = mixtral_run["data"]
     assert data["model"] == str(workspace["root"] / "mixtral")
@@ -167,6 +168,7 @@ def test_probe_json_matches_a_direct_probe(workspace, mixtral_run) -> None:
     assert (mixtral_run["out"] / "index.html").is_file()  # written by moe_lightning.report.render_probe
 
 
+@pytest.mark.integration  # `moe-lightning probe` end to end
 def test_matrix_free_path_matches_the_exact_top_values(workspace, mixtral_run) -> None:
     layer, rank = MIXTRAL_LAYERS[1], 4
     out = workspace["root"] / "out-matrix-free"
@@ -209,6 +211,7 @@ def test_matrix_free_path_matches_the_exact_top_values(workspace, mixtral_run) -
     assert free.expert["jac_unconverged"].tolist() == [0.0] * 4 and free.layer["layer_jac_unconverged"] == 0.0
 
 
+@pytest.mark.integration  # `moe-lightning probe` end to end
 def test_qwen2_moe_with_shared_expert_end_to_end(workspace) -> None:
     out = workspace["root"] / "out-qwen"
     model_dir = workspace["root"] / "qwen2_moe"
@@ -299,6 +302,7 @@ def experts_checkpoints(tmp_path_factory) -> dict:
     return {"root": root, "models": models_}
 
 
+@pytest.mark.integration  # `moe-lightning probe` end to end
 @pytest.mark.parametrize("family", EXPERTS_FAMILIES)
 def test_experts_interface_checkpoint_end_to_end(workspace, experts_checkpoints, family, monkeypatch) -> None:
     import moe_lightning.report
@@ -341,6 +345,7 @@ def test_bad_options_are_clean_errors(workspace, extra: list[str], message: str)
     assert code == 2 and message in stderr
 
 
+@pytest.mark.integration  # `moe-lightning probe` end to end
 def test_default_text_is_the_bundled_wikitext_test_split(workspace, tmp_path, monkeypatch) -> None:
     """No text given: the probe reads the WikiText-2 test split shipped with the package, from any folder."""
     monkeypatch.chdir(tmp_path)

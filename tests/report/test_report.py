@@ -80,7 +80,7 @@ def tiny_config(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory, tiny_config) -> Path:
+def trained_sweep(tmp_path_factory, tiny_config) -> Path:
     """A sweep directory laid out like moe_lightning.sweep's: <routing>-seed<k>/ with run.json and CSV logs, plus a
     failed job (no metrics) and a job still running (a copy of real metrics that must not be counted)."""
     root = tmp_path_factory.mktemp("sweep")
@@ -107,10 +107,10 @@ def sweep(tmp_path_factory, tiny_config) -> Path:
 
 
 @pytest.fixture(scope="module")
-def report(sweep) -> Path:
+def report(trained_sweep) -> Path:
     """The report written through the real `moe-lightning report` entry point."""
-    assert cli.main(["report", str(sweep)]) == 0
-    return sweep / "report"
+    assert cli.main(["report", str(trained_sweep)]) == 0
+    return trained_sweep / "report"
 
 
 def direct_final(job: Path, key: str) -> float:
@@ -128,38 +128,41 @@ def direct_final(job: Path, key: str) -> float:
     return float(np.mean(values)) if values else math.nan
 
 
-def test_results_match_metrics_csv(sweep, report):
+def test_results_match_metrics_csv(trained_sweep, report):
     results = pd.read_csv(report / "results.csv")
     assert list(results["routing"]) == list(ROUTINGS)
     assert (results["n_seeds"] == 2).all() and (results["layer"] == "mean").all()
     for routing in ROUTINGS:
         row = results[results["routing"] == routing].iloc[0]
         for key, _ in GEOMETRY_METRICS:
-            per_seed = [direct_final(sweep / f"{routing}-seed{seed}", key) for seed in SEEDS]
+            per_seed = [direct_final(trained_sweep / f"{routing}-seed{seed}", key) for seed in SEEDS]
             if routing == "dense" and key.startswith(("align", "palign", "subspace")):
                 assert all(math.isnan(v) for v in per_seed) and math.isnan(row[f"{key}:mean"])
                 continue
             np.testing.assert_allclose(row[f"{key}:mean"], np.mean(per_seed), rtol=1e-12, err_msg=f"{routing} {key}")
             np.testing.assert_allclose(row[f"{key}:std"], np.std(per_seed, ddof=1), rtol=1e-9, err_msg=key)
             assert row[f"{key}:n"] == 2
-        val = [pd.read_csv(sweep / f"{routing}-seed{s}" / "metrics.csv")["val/loss"].dropna().iloc[-1] for s in SEEDS]
+        val = [
+            pd.read_csv(trained_sweep / f"{routing}-seed{s}" / "metrics.csv")["val/loss"].dropna().iloc[-1]
+            for s in SEEDS
+        ]
         np.testing.assert_allclose(row["val/loss:mean"], np.mean(val), rtol=1e-12)
     text = (report / "results.md").read_text()
     assert "averaged over the run's MoE layers" in text and "topk seed 2: failed" in text
 
 
-def test_claims_follow_the_rule_on_direct_numbers(sweep, report):
+def test_claims_follow_the_rule_on_direct_numbers(trained_sweep, report):
     claims = pd.read_csv(report / "claims.csv")
     assert len(claims) == 17
     assert set(claims["claim"]) == {"C1a", "C1a (control)", "C1b", "C2", "C3", "C4"}
     assert (claims["metric"] == "pca_hidden_effective_rank/mean").sum() == 3  # C2 topk, soft; C4
     for row in claims.to_dict("records"):
         comparison = row["comparison"].split()  # "topk < dense_total", or "topk align_mean_offdiag < 0.1" for C3
-        a = {s: direct_final(sweep / f"{comparison[0]}-seed{s}", row["metric"]) for s in SEEDS}
+        a = {s: direct_final(trained_sweep / f"{comparison[0]}-seed{s}", row["metric"]) for s in SEEDS}
         if row["claim"] == "C3":
             expected = decide_threshold(a, 0.1)
         else:
-            b = {s: direct_final(sweep / f"{JOB_ROUTING[comparison[2]]}-seed{s}", row["metric"]) for s in SEEDS}
+            b = {s: direct_final(trained_sweep / f"{JOB_ROUTING[comparison[2]]}-seed{s}", row["metric"]) for s in SEEDS}
             expected = decide(a, b, comparison[1])
         assert row["verdict"] == expected.verdict, row
         np.testing.assert_allclose(row["mean_difference"], expected.mean_difference, rtol=1e-9)
@@ -167,7 +170,7 @@ def test_claims_follow_the_rule_on_direct_numbers(sweep, report):
     assert DECISION_RULE in (report / "claims.md").read_text()
 
 
-def test_figures_and_html(sweep, report):
+def test_figures_and_html(trained_sweep, report):
     for name in FIGURES_WITH_CLAIMS:
         path = report / name
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
@@ -177,27 +180,27 @@ def test_figures_and_html(sweep, report):
     assert page.count('src="data:image/png;base64,') == len(FIGURES_WITH_CLAIMS)
     assert page.count("<table") == 3  # results, claims, runs
     assert html.escape(DECISION_RULE) in page
-    assert str(sweep / "topk-seed2") in page and ">failed<" in page and ">running<" in page
+    assert str(trained_sweep / "topk-seed2") in page and ">failed<" in page and ">running<" in page
 
 
-def test_layer_mode_each(sweep, tmp_path):
-    written = build_report([str(sweep)], str(tmp_path), layer_mode="each", formats=("csv",))
+def test_layer_mode_each(trained_sweep, tmp_path):
+    written = build_report([str(trained_sweep)], str(tmp_path), layer_mode="each", formats=("csv",))
     assert sorted(Path(p).name for p in written) == ["claims.csv", "claims_over_training.csv", "results.csv"]
     results = pd.read_csv(tmp_path / "results.csv")
     assert len(results) == 6 and set(results["layer"]) == {"blocks.0.ffn", "blocks.1.ffn"}
     row = results[(results["routing"] == "topk") & (results["layer"] == "blocks.1.ffn")].iloc[0]
     per_seed = []
     for seed in SEEDS:
-        raw = pd.read_csv(sweep / f"topk-seed{seed}" / "metrics.csv")
+        raw = pd.read_csv(trained_sweep / f"topk-seed{seed}" / "metrics.csv")
         per_seed.append(raw["geometry/blocks.1.ffn/jac_sigma_max/mean"].dropna().iloc[-1])
     np.testing.assert_allclose(row["jac_sigma_max/mean:mean"], np.mean(per_seed), rtol=1e-12)
     assert len(pd.read_csv(tmp_path / "claims.csv")) == 2 * 17  # the claims per layer
 
 
-def test_render_probe(sweep, tmp_path):
+def test_render_probe(trained_sweep, tmp_path):
     layers = {}
     for routing in ("topk", "dense"):
-        payload = json.loads((sweep / f"{routing}-seed0" / "geometry" / "step_0000020.json").read_text())
+        payload = json.loads((trained_sweep / f"{routing}-seed0" / "geometry" / "step_0000020.json").read_text())
         layers[routing] = GeometryReport.from_dict(payload["layers"]["blocks.0.ffn"])
     written = render_probe(layers, str(tmp_path / "probe"), "two layers")
     names = [Path(p).name for p in written]
@@ -214,6 +217,7 @@ def test_render_probe(sweep, tmp_path):
         render_probe({}, str(tmp_path), "none")
 
 
+@pytest.mark.integration  # `moe-lightning fit` with W&B offline
 def test_wandb_offline_run(tmp_path, monkeypatch, tiny_config):
     import wandb
 
@@ -279,9 +283,9 @@ def test_directory_without_runs_is_a_clean_error(tmp_path, capsys):
     assert "is not a directory" in capsys.readouterr().err
 
 
-def test_same_run_twice_is_an_error(sweep):
+def test_same_run_twice_is_an_error(trained_sweep):
     with pytest.raises(ValueError, match="two runs with arm='dense_total' and seed=0"):
-        discover_runs([str(sweep / "dense-seed0"), str(sweep)])
+        discover_runs([str(trained_sweep / "dense-seed0"), str(trained_sweep)])
 
 
 def test_run_without_geometry_skips_figures(tmp_path):
@@ -348,6 +352,7 @@ def test_curvature_densities_read_every_saved_step_in_order(tmp_path):
     assert [d.tolist() for _, _, d in router] == [[9.0, 9.0]] * 3
 
 
+@pytest.mark.integration  # `moe-lightning fit`
 def test_report_draws_the_density_of_a_run_with_curvature_monitor(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = tmp_path / "curvature.yaml"

@@ -1,5 +1,5 @@
-"""The ``moe-lightning`` command: ``fit | validate | test`` through LightningCLI, plus the project's own
-subcommands registered in ``EXTRA_COMMANDS``.
+"""``moe-lightning fit | validate | test | predict``: LightningCLI with moe-lightning's defaults. Lightning loads
+with this module, so the dispatcher in :mod:`moe_lightning.cli` imports it only when one of these commands runs.
 
 Examples:
     moe-lightning fit --config configs/mlp/topk.yaml --config configs/trainer/cpu.yaml
@@ -9,7 +9,6 @@ Examples:
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
@@ -18,26 +17,6 @@ from lightning.pytorch.utilities import rank_zero_warn
 from moe_lightning.callbacks import GeometryMonitor
 
 DEFAULT_LOGGER = {"class_path": "moe_lightning.loggers.AutoWandbLogger", "init_args": {"save_dir": "runs"}}
-
-
-def _lazy(module: str) -> Callable[[list[str]], int | None]:
-    """``module.main(argv)``, imported only when its subcommand runs (keeps ``fit`` start-up lean)."""
-
-    def run(argv: list[str]) -> int | None:
-        import importlib
-
-        return importlib.import_module(module).main(argv)
-
-    return run
-
-
-# name -> callable(argv) for subcommands outside LightningCLI.
-EXTRA_COMMANDS: dict[str, Callable[[list[str]], int | None]] = {
-    "sweep": _lazy("moe_lightning.sweep"),
-    "report": _lazy("moe_lightning.report.command"),
-    "probe": _lazy("moe_lightning.pretrained.command"),
-    "dashboard": _lazy("moe_lightning.report.workspace_command"),
-}
 
 
 class MoELightningCLI(LightningCLI):
@@ -100,11 +79,12 @@ def _root_cause(error: BaseException) -> BaseException:
     return error
 
 
-def main(argv: list[str] | None = None) -> int | None:
-    """Entry point of the ``moe-lightning`` console script. Returns the exit code."""
-    args = sys.argv[1:] if argv is None else argv
-    if args and args[0] in EXTRA_COMMANDS:
-        return EXTRA_COMMANDS[args[0]](args[1:])
+def main(argv: list[str] | None = None) -> int:
+    """Run LightningCLI on ``argv``, the whole command line with its subcommand (default: ``sys.argv[1:]``).
+
+    Returns:
+        0; a bad config value exits with code 2 after ``moe-lightning: error: ...`` on stderr.
+    """
     try:
         MoELightningCLI(args=argv)
     except ValueError as error:
@@ -112,7 +92,3 @@ def main(argv: list[str] | None = None) -> int | None:
         print(f"moe-lightning: error: {_root_cause(error)}", file=sys.stderr)
         raise SystemExit(2) from None
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
