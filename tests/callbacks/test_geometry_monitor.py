@@ -100,7 +100,9 @@ def fit_weights(module, data, callbacks, max_steps=6):
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-@pytest.mark.integration  # two fits with every callback, compared bit for bit
+# The same three monitors on an MLP MoE with router jitter, bit for bit, run by default in
+# tests/callbacks/test_observation.py (one process in every precision, and 2 DDP ranks).
+@pytest.mark.slow
 def test_observation_never_changes_the_observed_mlp():
     # jitter noise draws from the global RNG in every training step: any RNG use by a callback would show
     results = []
