@@ -12,10 +12,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
+from typing_extensions import override
 
 from moe_lightning.common import warn_once
 from moe_lightning.common.observe import StateChanges
@@ -80,6 +81,36 @@ def check_metric_patterns(owner: str, patterns: str | Sequence[str] | None) -> t
     if not all(isinstance(p, str) for p in patterns):
         raise ValueError(f"{owner}: callback_metrics must be None, a pattern or a list of patterns, got {patterns!r}")
     return tuple(patterns)
+
+
+class PublishingCallback(Callback):
+    """A monitor whose values also go into ``trainer.callback_metrics``, where ``ModelCheckpoint`` and
+    ``EarlyStopping`` look for them. Lightning clears that dict after the sanity check, so the latest values are
+    put back before every hook that may read them (these run before ``ModelCheckpoint``'s, which Lightning calls
+    last)."""
+
+    def __init__(self, owner: str, callback_metrics: str | Sequence[str] | None) -> None:
+        super().__init__()
+        self.callback_metrics = check_metric_patterns(owner, callback_metrics)
+        self._published: dict[str, Tensor] = {}
+
+    def publish(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        """Put the selected keys of ``metrics`` into ``trainer.callback_metrics`` (on every rank: the values are
+        the same on all of them)."""
+        self._published.update(selected_metrics(metrics, self.callback_metrics))
+        trainer.callback_metrics.update(self._published)
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        trainer.callback_metrics.update(self._published)
+
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        trainer.callback_metrics.update(self._published)
+
+    @override
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        trainer.callback_metrics.update(self._published)
 
 
 def log_scalars(trainer: Trainer, metrics: dict[str, float], step: int) -> None:

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch.distributed as dist
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
@@ -21,13 +21,12 @@ from moe_lightning.adapters.capture import to_device
 from moe_lightning.adapters.registry import uncompiled_name
 from moe_lightning.callbacks._guard import Failures, distributed
 from moe_lightning.callbacks._observe import (
-    check_metric_patterns,
+    PublishingCallback,
     cpu_copy,
     define_step_metric,
     log_scalars,
     logging_step,
     report_directory,
-    selected_metrics,
     tensorboard_loggers,
     wandb_loggers,
     warn_state_changes,
@@ -47,7 +46,7 @@ from moe_lightning.geometry import (
 EIGEN_METHODS = ("lanczos", "power")
 
 
-class CurvatureMonitor(Callback):
+class CurvatureMonitor(PublishingCallback):
     """Loss curvature on a fixed batch, on its own schedule (heavier than the other monitors; off by default in
     the configs).
 
@@ -132,8 +131,7 @@ class CurvatureMonitor(Callback):
         report_dir: str | None = None,
         callback_metrics: str | list[str] | None = None,
     ) -> None:
-        super().__init__()
-        self.callback_metrics = check_metric_patterns("CurvatureMonitor", callback_metrics)
+        super().__init__("CurvatureMonitor", callback_metrics)
         check_positive_int("CurvatureMonitor: every_n_steps", every_n_steps)
         if not (eigenvalue or trace):  # the density alone has no scalar to plot against the others
             raise ValueError("CurvatureMonitor: at least one of eigenvalue or trace must be True")
@@ -167,7 +165,6 @@ class CurvatureMonitor(Callback):
         self.last: dict[str, float] = {}
         self.last_densities: dict[str, SpectralDensity] = {}
         self.disabled = False
-        self._published: dict[str, Tensor] = {}
         self._failures = Failures("CurvatureMonitor")
         self._warned: set[str] = set()
 
@@ -207,10 +204,6 @@ class CurvatureMonitor(Callback):
         self._parameter_sets(pl_module)  # a group that matches nothing fails now, not at the first probe
 
     @override
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        trainer.callback_metrics.update(self._published)
-
-    @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if self.batch is None and not self.disabled:
             self.batch = cpu_copy(batch)
@@ -225,14 +218,6 @@ class CurvatureMonitor(Callback):
         step = logging_step(trainer, after_batch=True)
         if not self.disabled and self.schedule.after_batch(step):
             self.compute(trainer, pl_module, step)
-
-    @override
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        trainer.callback_metrics.update(self._published)
-
-    @override
-    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        trainer.callback_metrics.update(self._published)
 
     def _parameter_sets(self, pl_module: LightningModule) -> dict[str, list[Tensor]]:
         """``{metric prefix: parameters}``: all trainable parameters, then each group's."""
@@ -293,8 +278,7 @@ class CurvatureMonitor(Callback):
         for note in notes if not failures else ():
             warn_once(note, self._warned, rank_zero_warn)
         self.last, self.last_densities = metrics, densities
-        self._published.update(selected_metrics(metrics, self.callback_metrics))
-        trainer.callback_metrics.update(self._published)
+        self.publish(trainer, metrics)
         try:
             log_scalars(trainer, metrics, step)
             if densities and trainer.is_global_zero:

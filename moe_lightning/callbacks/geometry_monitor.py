@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
@@ -19,8 +19,8 @@ from moe_lightning.adapters.base import MoEView
 from moe_lightning.adapters.capture import capture_layer_inputs
 from moe_lightning.callbacks._guard import Failures, distributed
 from moe_lightning.callbacks._observe import (
+    PublishingCallback,
     batch_inputs,
-    check_metric_patterns,
     cpu_copy,
     define_step_metric,
     heatmap_figure,
@@ -28,7 +28,6 @@ from moe_lightning.callbacks._observe import (
     logging_step,
     observed_model,
     report_directory,
-    selected_metrics,
     tensorboard_loggers,
     wandb_loggers,
     warn_state_changes,
@@ -45,7 +44,7 @@ _PROBE_DTYPES = ("float64", "float32")
 _SOURCES = ("val", "train")
 
 
-class GeometryMonitor(Callback):
+class GeometryMonitor(PublishingCallback):
     r"""Probe the local function geometry and the representation geometry of every MoE layer during training.
 
     A probe set is drawn once, deterministically, from the validation (or training) dataloader and kept in the
@@ -143,8 +142,7 @@ class GeometryMonitor(Callback):
         report_dir: str | None = None,
         callback_metrics: str | list[str] | None = None,
     ) -> None:
-        super().__init__()
-        self.callback_metrics = check_metric_patterns("GeometryMonitor", callback_metrics)
+        super().__init__("GeometryMonitor", callback_metrics)
         for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
             check_positive_int(f"GeometryMonitor: {name}", value, allow_none=True)
         check_positive_int("GeometryMonitor: max_tokens", max_tokens)
@@ -176,7 +174,6 @@ class GeometryMonitor(Callback):
         # State kept across checkpoints: the probe set and the steps already probed.
         self.probe_inputs: list[Any] | None = None
         self.last_reports: dict[str, GeometryReport] = {}
-        self._published: dict[str, Tensor] = {}
         self._failures = Failures("GeometryMonitor")
         self._warned: set[str] = set()
 
@@ -223,10 +220,6 @@ class GeometryMonitor(Callback):
             self.run_probe(trainer, pl_module, step)
 
     @override
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        trainer.callback_metrics.update(self._published)  # the sanity check cleared them
-
-    @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if self.probe_inputs is None and self.views:  # no datamodule to draw from: take the first training batch
             error = None
@@ -257,11 +250,7 @@ class GeometryMonitor(Callback):
         step = logging_step(trainer)
         if self.schedule.after_epoch(epoch_done, step):
             self.run_probe(trainer, pl_module, step)
-        trainer.callback_metrics.update(self._published)
-
-    @override
-    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        trainer.callback_metrics.update(self._published)
+        super().on_train_epoch_end(trainer, pl_module)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -396,8 +385,7 @@ class GeometryMonitor(Callback):
         scalars: dict[str, float] = {}
         for name, report in reports.items():
             scalars.update(report.scalars(f"geometry/{name}", max_experts=self.max_expert_keys))
-        self._published.update(selected_metrics(scalars, self.callback_metrics))
-        trainer.callback_metrics.update(self._published)
+        self.publish(trainer, scalars)
         if trainer.is_global_zero:
             try:
                 self._log(trainer, reports, scalars, step)

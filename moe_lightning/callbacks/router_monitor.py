@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
@@ -17,12 +17,11 @@ from moe_lightning.adapters.base import MoEView
 from moe_lightning.adapters.capture import layer_input
 from moe_lightning.callbacks._guard import Failures, distributed
 from moe_lightning.callbacks._observe import (
-    check_metric_patterns,
+    PublishingCallback,
     define_step_metric,
     log_scalars,
     logging_step,
     observed_model,
-    selected_metrics,
 )
 from moe_lightning.common import check_positive_int, warn_once
 from moe_lightning.geometry import routing_sums, window_statistics
@@ -32,7 +31,7 @@ from moe_lightning.moe import MoEAux
 _AUX_FIELDS = 5
 
 
-class RouterMonitor(Callback):
+class RouterMonitor(PublishingCallback):
     """Log router statistics and router health of every MoE layer every ``log_every_n_steps`` training steps.
 
     Forward hooks on the MoE blocks summarise every training batch in a few small ops per layer (moe-lightning
@@ -79,12 +78,11 @@ class RouterMonitor(Callback):
         max_expert_keys: int | None = 16,
         callback_metrics: str | list[str] | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__("RouterMonitor", callback_metrics)
         check_positive_int("RouterMonitor: log_every_n_steps", log_every_n_steps, allow_none=True)
         if max_expert_keys is not None and max_expert_keys < 0:
             raise ValueError(f"RouterMonitor: max_expert_keys must be >= 0 or None, got {max_expert_keys!r}")
         self.log_every_n_steps, self.layers, self.max_expert_keys = log_every_n_steps, layers, max_expert_keys
-        self.callback_metrics = check_metric_patterns("RouterMonitor", callback_metrics)
         self.views: list[MoEView] = []
         self._handles: list[Any] = []
         self._armed = False
@@ -94,7 +92,6 @@ class RouterMonitor(Callback):
         self._step = 0
         self._logged_step: int | None = None
         self._error: BaseException | None = None  # this rank's first failure in the current window
-        self._published: dict[str, Tensor] = {}
         self._failures = Failures("RouterMonitor")
         self._warned: set[str] = set()
         self.last_metrics: dict[str, float] = {}
@@ -150,10 +147,6 @@ class RouterMonitor(Callback):
         self._handles = []
 
     @override
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        trainer.callback_metrics.update(self._published)
-
-    @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # The last window of the run, if it holds any batch on any rank (every rank decides alike after the sum).
         if self.views and self._step != self._logged_step:
@@ -188,14 +181,6 @@ class RouterMonitor(Callback):
         if stepped and self._step % self._interval(trainer) == 0 and self._step != self._logged_step:
             self._close_window(trainer, self._step)
 
-    @override
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        trainer.callback_metrics.update(self._published)
-
-    @override
-    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        trainer.callback_metrics.update(self._published)
-
     def _close_window(self, trainer: Trainer, step: int) -> None:
         """Sum the window over the ranks, log its statistics at ``step`` and clear it; a failure on any rank in
         the window (or now) becomes one warning instead."""
@@ -205,8 +190,7 @@ class RouterMonitor(Callback):
         if metrics is None:
             return
         self.last_metrics = metrics
-        self._published.update(selected_metrics(metrics, self.callback_metrics))
-        trainer.callback_metrics.update(self._published)
+        self.publish(trainer, metrics)
         try:
             log_scalars(trainer, metrics, step)
         except Exception as error:  # a logger that fails must not stop training either

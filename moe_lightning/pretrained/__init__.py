@@ -16,8 +16,9 @@ From Python, on a model that is already loaded::
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from moe_lightning.common.lazy import lazy_names
 
 if TYPE_CHECKING:
     from moe_lightning.pretrained.command import build_parser, main
@@ -66,13 +67,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> object:
-    if name not in _SOURCES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_SOURCES[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_names(__name__, _SOURCES)
