@@ -4,6 +4,8 @@ on, at a point where every rank takes part, so that no rank is left waiting in a
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 from lightning.pytorch import Trainer
@@ -37,6 +39,18 @@ class Failures:
         messages: list[str | None] = [None] * trainer.world_size
         dist.all_gather_object(messages, None if error is None else repr(error))
         return {rank: message for rank, message in enumerate(messages) if message is not None}
+
+    def run(self, trainer: Trainer, what: str, fn: Callable[[], object], consequence: str) -> bool:
+        """``fn()`` on every rank (a monitor never stops training); True when it succeeded on every rank, else
+        False, with the failure agreed and reported once. A collective: every rank calls it at the same point."""
+        error = None
+        try:
+            fn()
+        except Exception as caught:
+            error = caught
+        failures = self.agree(trainer, error)
+        self.report(trainer, what, failures, consequence)
+        return not failures
 
     def report(self, trainer: Trainer, what: str, failures: dict[int, str], consequence: str) -> None:
         """Warn once (rank zero) that ``what`` failed on the ranks of ``failures``, with each rank's error, and what

@@ -175,16 +175,13 @@ class CurvatureMonitor(PublishingCallback):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        error = None
-        try:
+
+        def check() -> None:
             self._check_setup(trainer, pl_module)
             define_step_metric(trainer, "curvature/*")
-        except Exception as caught:  # a monitor never stops training: it turns itself off, with one warning
-            error = caught
-        failures = self._failures.agree(trainer, error)
-        if failures:
-            self.disabled = True
-            self._failures.report(trainer, "setting up", failures, "it computes nothing in this run")
+
+        # a setup it cannot serve turns the monitor off, with one warning
+        self.disabled = not self._failures.run(trainer, "setting up", check, "it computes nothing in this run")
 
     def _check_setup(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.loss_fn is None and not callable(getattr(pl_module, "loss", None)):

@@ -185,16 +185,13 @@ class GeometryMonitor(PublishingCallback):
     # ------------------------------------------------------------------ Lightning hooks
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        error = None
-        try:
+
+        def find() -> None:
             define_step_metric(trainer, "geometry/*")
             self.views = find_moe_layers(observed_model(pl_module), self.layers)
-        except Exception as caught:  # a monitor never stops training
-            error = caught
-        failures = self._failures.agree(trainer, error)
-        if failures:
+
+        if not self._failures.run(trainer, "finding the MoE layers", find, "nothing will be probed"):
             self.views = []
-            self._failures.report(trainer, "finding the MoE layers", failures, "nothing will be probed")
         elif not self.views:
             patterns = "" if self.layers is None else f" matching {self.layers!r}"
             rank_zero_warn(
@@ -205,15 +202,12 @@ class GeometryMonitor(PublishingCallback):
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.probe_inputs is None and self.views:
-            error = None
-            try:
+
+            def draw() -> None:
                 self.probe_inputs = self._draw_probe_set(trainer, pl_module)
-            except Exception as caught:
-                error = caught
-            failures = self._failures.agree(trainer, error)
-            if failures:
+
+            if not self._failures.run(trainer, "drawing the probe set", draw, "nothing will be probed"):
                 self.views, self.probe_inputs = [], None
-                self._failures.report(trainer, "drawing the probe set", failures, "nothing will be probed")
         # Without a datamodule the probe set (and the baseline) comes from the first training batch instead.
         step = logging_step(trainer)
         if self.probe_inputs is not None and self.schedule.at_start(step):
@@ -222,15 +216,12 @@ class GeometryMonitor(PublishingCallback):
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if self.probe_inputs is None and self.views:  # no datamodule to draw from: take the first training batch
-            error = None
-            try:
+
+            def take() -> None:
                 self.probe_inputs = [cpu_copy(batch_inputs(batch, self.input_key))]
-            except Exception as caught:
-                error = caught
-            failures = self._failures.agree(trainer, error)
-            if failures:
+
+            if not self._failures.run(trainer, "taking the probe set", take, "nothing will be probed"):
                 self.views, self.probe_inputs = [], None
-                self._failures.report(trainer, "taking the probe set", failures, "nothing will be probed")
                 return
             step = logging_step(trainer)
             if self.schedule.at_start(step):

@@ -102,28 +102,27 @@ class RouterMonitor(PublishingCallback):
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._remove_hooks()
-        error = None
-        try:
-            define_step_metric(trainer, "router/*")
-            self.views = [v for v in find_moe_layers(observed_model(pl_module), self.layers) if v.num_experts > 1]
-            self._captured = {}
-            # a window restored from a checkpoint is kept; the bias of a resumed run is its last logged one
-            for view in self.views:
-                bias = _expert_bias(view)
-                if bias is not None and view.name not in self._bias_at_log:
-                    self._bias_at_log[view.name] = bias.detach().clone()
-            by_module: dict[int, list[MoEView]] = {}
-            for view in self.views:
-                by_module.setdefault(id(view.module), []).append(view)
-            for views in by_module.values():
-                self._handles.append(views[0].module.register_forward_hook(self._make_hook(views), with_kwargs=True))
-        except Exception as caught:  # a monitor never stops training
-            error = caught
-        failures = self._failures.agree(trainer, error)
-        if failures:
+        if not self._failures.run(
+            trainer, "finding the MoE layers", lambda: self._attach(trainer, pl_module), "nothing will be monitored"
+        ):
             self._remove_hooks()
             self.views = []
-            self._failures.report(trainer, "finding the MoE layers", failures, "nothing will be monitored")
+
+    def _attach(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Find the layers and hook the forward pass of each MoE block."""
+        define_step_metric(trainer, "router/*")
+        self.views = [v for v in find_moe_layers(observed_model(pl_module), self.layers) if v.num_experts > 1]
+        self._captured = {}
+        # a window restored from a checkpoint is kept; the bias of a resumed run is its last logged one
+        for view in self.views:
+            bias = _expert_bias(view)
+            if bias is not None and view.name not in self._bias_at_log:
+                self._bias_at_log[view.name] = bias.detach().clone()
+        by_module: dict[int, list[MoEView]] = {}
+        for view in self.views:
+            by_module.setdefault(id(view.module), []).append(view)
+        for views in by_module.values():
+            self._handles.append(views[0].module.register_forward_hook(self._make_hook(views), with_kwargs=True))
 
     def _make_hook(self, views: list[MoEView]):
         def hook(module, args, kwargs, output):
