@@ -38,7 +38,7 @@ from moe_lightning.callbacks._sharded import gathered
 from moe_lightning.common import check_choice, check_positive_int, dtype_from_name, dtype_name, observation, warn_once
 from moe_lightning.geometry import GeometryReport, ProbeConfig, finalize, probe_statistics
 from moe_lightning.geometry.bootstrap import resample_counts
-from moe_lightning.geometry.view import ExpertPlacement
+from moe_lightning.geometry.view import ExpertPlacement, HasPlacement
 
 _PROBE_DTYPES = ("float64", "float32")
 _SOURCES = ("val", "train")
@@ -329,8 +329,7 @@ class GeometryMonitor(PublishingCallback):
         """``(placement, all_experts)`` for probing ``view``: where its experts live if expert parallelism splits
         them (its ``placement()``), else None; and whether the probe must gather every expert instead, for a split
         layer whose probe needs the whole layer on one rank (``layer_jacobian_method="func"``)."""
-        place = getattr(view, "placement", None)
-        placement = place() if callable(place) else None
+        placement = view.placement() if isinstance(view, HasPlacement) else None
         if placement is None:
             return None, False
         cfg = self.probe_config

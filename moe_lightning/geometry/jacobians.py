@@ -421,7 +421,8 @@ def expert_jacobian(
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
     mode: str = "auto",
 ) -> Tensor:
-    """Jacobian of expert ``e`` of a view: ``view.expert_jacobian`` first if offered, else ``torch.func``.
+    """Jacobian of expert ``e`` of a view: ``view.expert_jacobian`` first, else (where it returns None)
+    ``torch.func``.
 
     Args:
         view: an ``MoEView``.
@@ -434,7 +435,7 @@ def expert_jacobian(
     Returns:
         ``(N, D, D)`` Jacobians.
     """
-    if prefer_closed_form and x_ND.shape[0] > 0 and hasattr(view, "expert_jacobian"):
+    if prefer_closed_form and x_ND.shape[0] > 0:
         J = view.expert_jacobian(e, x_ND)
         if J is not None:
             return J

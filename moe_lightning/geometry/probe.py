@@ -25,6 +25,7 @@ summation order.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -53,7 +54,7 @@ from moe_lightning.geometry.operators import JacobianOperator
 from moe_lightning.geometry.probe_config import PCA_SITES, ProbeConfig
 from moe_lightning.geometry.report import GeometryReport
 from moe_lightning.geometry.statistics import BufferLayout, ProbeStatistics
-from moe_lightning.geometry.view import MoEView, TokenFn
+from moe_lightning.geometry.view import MoEView, TokenFn, check_view
 
 __all__ = ["PCA_SITES", "GeometryReport", "ProbeConfig", "ProbeStatistics", "finalize", "probe", "probe_statistics"]
 
@@ -130,8 +131,11 @@ def _topr_solver(cfg: ProbeConfig, m: int) -> Callable[[TokenFn | JacobianOperat
     return solve
 
 
-def _context(view: MoEView, x_ND: Tensor, cfg: ProbeConfig) -> ProbeContext:
-    """The probe's context: the view's functions, the path (exact or matrix-free) and the chunk size."""
+def _context(
+    view: MoEView, x_ND: Tensor, cfg: ProbeConfig, expert_group: Any, local_experts: range | None
+) -> ProbeContext:
+    """The probe's context before its accumulators are built: the view's functions, the path (exact or
+    matrix-free), the chunk size and the experts this rank holds."""
     num_experts, d = int(view.num_experts), x_ND.shape[1]
     matrix_free = d > cfg.matrix_free_threshold
     m = min(cfg.matrix_free_rank, d) if matrix_free else d
@@ -139,8 +143,8 @@ def _context(view: MoEView, x_ND: Tensor, cfg: ProbeConfig) -> ProbeContext:
     return ProbeContext(
         view=view,
         config=cfg,
-        experts=[view.expert(e) for e in range(num_experts)],
-        hidden=[view.expert_hidden(e) if hasattr(view, "expert_hidden") else None for e in range(num_experts)],
+        experts=tuple(view.expert(e) for e in range(num_experts)),
+        hidden=tuple(view.expert_hidden(e) for e in range(num_experts)),
         dim=d,
         dtype=cfg.dtype,
         device=x_ND.device,
@@ -148,6 +152,8 @@ def _context(view: MoEView, x_ND: Tensor, cfg: ProbeConfig) -> ProbeContext:
         rank=m,
         chunk_size=max(1, cfg.memory_budget_bytes // per_token),
         solve_topr=_topr_solver(cfg, m),
+        expert_group=expert_group,
+        local_experts=local_experts,
     )
 
 
@@ -239,6 +245,7 @@ def probe_statistics(
     Returns:
         A :class:`ProbeStatistics`; sum several with ``+`` or :meth:`ProbeStatistics.reduce`, then :func:`finalize`.
     """
+    check_view(view, "probe")
     cfg = ProbeConfig() if config is None else config
     if not isinstance(cfg, ProbeConfig):
         raise ValueError(f"probe: config must be a ProbeConfig or None, got {type(cfg).__name__}")
@@ -264,18 +271,23 @@ def probe_statistics(
     x_ND = x.detach().reshape(-1, x.shape[-1]).to(cfg.dtype)
     counts_BN = _resample_counts(cfg, x_ND, resample_counts)
 
-    module = getattr(view, "module", None)
+    module = view.module
 
     def accumulate() -> tuple[ProbeContext, TokenCounts, list[Accumulator], BufferLayout, Tensor]:
-        ctx = _context(view, x_ND, cfg)
-        ctx.expert_group, ctx.local_experts = expert_group, local_experts
-        tokens, quantities = _accumulators(ctx)
-        ctx.all_token_jacobians = any(q.needs_all_token_jacobians for q in quantities)
+        partial_ctx = _context(view, x_ND, cfg, expert_group, local_experts)
+        tokens, quantities = _accumulators(partial_ctx)
         layout = BufferLayout(cfg.bootstrap)
         for acc in (tokens, *quantities):
             acc.allocate(layout)
         layout.finish()
-        ctx.replicas = layout.replicas
+        # What the accumulators need of every chunk and where the buffer keeps their replicas are known only now.
+        # The accumulators keep no reference to the context, so every one of them sees this whole one, through the
+        # chunks and close(); its failure record is the partial context's, which the PCA widths' collective used.
+        ctx = dataclasses.replace(
+            partial_ctx,
+            all_token_jacobians=any(q.needs_all_token_jacobians for q in quantities),
+            replicas=layout.replicas,
+        )
         buffer = layout.zeros(ctx.dtype, ctx.device)
         # Under expert parallelism a rank that fails goes on (ctx.guarded) and enters every collective of the
         # group, which waits for it otherwise; it raises its first error at the end.
@@ -284,15 +296,14 @@ def probe_statistics(
                 ctx.guarded(lambda acc=acc, chunk=chunk: acc.add(chunk, buffer), lambda: None)
         for acc in quantities:
             ctx.guarded(lambda acc=acc: acc.close(ctx, buffer), lambda: None)
-        if ctx.failure is not None:
-            raise ctx.failure
+        ctx.failure.raise_if_any()
         return ctx, tokens, quantities, layout, buffer
 
     with _observation(module, cfg):
         ctx, tokens, quantities, layout, buffer = with_cast_copies(
             module, cfg.dtype if cfg.cast_module else None, accumulate
         )
-    name = str(getattr(view, "name", ""))
+    name = str(view.name)
     return ProbeStatistics(
         name, num_experts, ctx.dim, cfg, tokens, tuple(quantities), tuple(layout.slots), buffer, layout.replicas
     )

@@ -9,11 +9,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
-__all__ = ["ExpertPlacement", "MoEView", "TokenFn"]
+if TYPE_CHECKING:
+    from moe_lightning.geometry.operators import JacobianOperator
+
+__all__ = ["VIEW_MEMBERS", "ExpertPlacement", "HasJacobianOperator", "HasPlacement", "MoEView", "TokenFn", "check_view"]
 
 #: A row-wise function of tokens, ``(N, D_in) -> (N, D_out)``.
 TokenFn = Callable[[Tensor], Tensor]
@@ -45,14 +48,13 @@ class MoEView(Protocol):
         module: the MoE block itself; forward hooks on it capture its input.
         num_experts: number of experts ``E``; 1 for a dense FFN baseline.
 
-    Optional, outside the protocol (checked with ``hasattr``):
+    Every member is required (:func:`check_view` names the missing ones); ``expert_hidden`` and
+    ``expert_jacobian`` return None where the view does not know them. Two members are optional, each a protocol
+    of its own, checked with ``isinstance``:
 
-    - ``expert_jacobian_operator(e, x) -> JacobianOperator | None``, the closed-form products ``J V`` / ``Jᵀ U`` of
-      expert ``e`` without forming ``J`` (``moe_lightning.geometry.swiglu_jacobian_operator``,
-      ``mlp_jacobian_operator``). The probe's matrix-free spectra (``D > ProbeConfig.matrix_free_threshold``) use it
-      when offered, else ``torch.func``. Our layers and the Hugging Face adapters offer it.
-    - ``placement() -> ExpertPlacement | None``: where the experts live under expert parallelism. Without it (or
-      with None) every rank holds every expert the view shows, and the monitors probe it as under DDP.
+    - :class:`HasJacobianOperator`, ``expert_jacobian_operator(e, x)``: closed-form Jacobian products for the
+      matrix-free spectra;
+    - :class:`HasPlacement`, ``placement()``: where the experts live under expert parallelism.
     """
 
     name: str
@@ -74,3 +76,58 @@ class MoEView(Protocol):
     def expert_jacobian(self, e: int, x: Tensor) -> Tensor | None:
         """Closed-form Jacobian of expert ``e`` at each token, (N, D) -> (N, D, D), or None if unknown."""
         ...
+
+
+@runtime_checkable
+class HasJacobianOperator(Protocol):
+    """An :class:`MoEView` that offers its experts' closed-form Jacobian products.
+
+    The probe's matrix-free spectra (``D > ProbeConfig.matrix_free_threshold``) use them when offered, else
+    ``torch.func``. Our layers and the Hugging Face adapters offer them.
+    """
+
+    def expert_jacobian_operator(self, e: int, x: Tensor) -> JacobianOperator | None:
+        """The products ``J V`` / ``Jᵀ U`` of expert ``e`` at each token of ``x`` (N, D) without forming ``J``
+        (``moe_lightning.geometry.swiglu_jacobian_operator``, ``mlp_jacobian_operator``), or None if unknown."""
+        ...
+
+
+@runtime_checkable
+class HasPlacement(Protocol):
+    """An :class:`MoEView` that says where its experts live under expert parallelism.
+
+    A view without ``placement()``, or whose ``placement()`` is None, shows experts that every rank holds; the
+    monitors probe it as under DDP.
+    """
+
+    def placement(self) -> ExpertPlacement | None:
+        """The expert group, this rank's experts and a context that gathers them all; None if every rank holds
+        every expert."""
+        ...
+
+
+# MoEView's members, for the error message: runtime_checkable protocols name only whether an object conforms, and
+# Python 3.11 has no public list of a protocol's members (tests check this one against the protocol).
+VIEW_MEMBERS = ("name", "module", "num_experts", "gates", "expert", "expert_hidden", "expert_jacobian")
+
+
+def check_view(view: object, caller: str) -> MoEView:
+    """``view``, checked to have every :class:`MoEView` member.
+
+    Args:
+        view: the object given as a view.
+        caller: the function that received it, named in the error.
+
+    Returns:
+        ``view``.
+
+    Raises:
+        ValueError: naming the members ``view`` lacks.
+    """
+    if isinstance(view, MoEView):
+        return view
+    missing = [member for member in VIEW_MEMBERS if not hasattr(view, member)]
+    raise ValueError(
+        f"{caller}: view {type(view).__name__} lacks the MoEView member(s) {', '.join(missing)}; an MoEView has "
+        f"{', '.join(VIEW_MEMBERS)} (expert_hidden and expert_jacobian may return None)"
+    )

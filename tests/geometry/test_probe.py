@@ -531,3 +531,60 @@ def test_closed_form_method_requires_an_operator_on_the_matrix_free_path():
     assert torch.isfinite(auto.expert["jac_sigma_max"]).all()
     with pytest.raises(ValueError, match="expert_jacobian_operator"):
         probe(ToyView(), inputs(), ProbeConfig(jacobian_method="closed_form", **kw))
+
+
+def test_every_chunk_sees_one_whole_frozen_context(monkeypatch):
+    from moe_lightning.geometry.accumulators import Chunk, ProbeContext
+
+    seen = []
+    original = Chunk.__init__
+
+    def recording(self, ctx, *args, **kwargs):
+        seen.append(ctx)
+        original(self, ctx, *args, **kwargs)
+
+    monkeypatch.setattr(Chunk, "__init__", recording)
+    cfg = ProbeConfig(bootstrap=3, memory_budget_bytes=20_000)  # small chunks, so that there are several
+    stats = probe_statistics(ToyView(), inputs(), cfg)
+    assert len(seen) > 1 and all(ctx is seen[0] for ctx in seen)
+    ctx = seen[0]
+    # pointwise alignment needs every expert's Jacobian at every token; the bootstrap's replicas are the buffer's
+    assert ctx.all_token_jacobians is True
+    assert dict(ctx.replicas) == dict(stats.replicas) and len(ctx.replicas) > 0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ctx.replicas = {}
+
+    def holds_context(value, depth=0):
+        if isinstance(value, ProbeContext):
+            return True
+        if depth < 3 and isinstance(value, (list, tuple, dict)):
+            items = value.values() if isinstance(value, dict) else value
+            return any(holds_context(v, depth + 1) for v in items)
+        return depth < 3 and hasattr(value, "__dict__") and holds_context(vars(value), depth + 1)
+
+    # statistics outlive the probe: no accumulator keeps the context (and through it the view)
+    assert not any(holds_context(acc) for acc in (stats.tokens, *stats.quantities))
+
+
+def test_guarded_keeps_the_first_error_of_a_rank_under_expert_parallelism():
+    from moe_lightning.geometry.accumulators import ProbeContext
+
+    required = [f for f in dataclasses.fields(ProbeContext) if f.default is f.default_factory is dataclasses.MISSING]
+    fields = {f.name: None for f in required}
+    fields.update(experts=(), hidden=(), dtype=DT)
+    ctx = ProbeContext(**fields, expert_group=object(), local_experts=range(0))
+
+    def fail(message):
+        raise ValueError(message)
+
+    assert ctx.guarded(lambda: fail("first"), lambda: "fallback") == "fallback"
+    assert ctx.guarded(lambda: fail("second"), lambda: 7) == 7
+    assert ctx.guarded(lambda: 5, lambda: 7) == 5
+    with pytest.raises(ValueError, match="^first$"):
+        ctx.failure.raise_if_any()
+    # without expert parallelism an error propagates at once and nothing is kept
+    alone = dataclasses.replace(ctx, expert_group=None, local_experts=None, failure=type(ctx.failure)())
+    with pytest.raises(ValueError, match="^third$"):
+        alone.guarded(lambda: fail("third"), lambda: None)
+    assert alone.failure.error is None
+    alone.failure.raise_if_any()

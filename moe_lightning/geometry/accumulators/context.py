@@ -1,9 +1,10 @@
-"""What the accumulators of one probe share: the :class:`ProbeContext` (view, config, path) and each token
-:class:`Chunk`, whose expert Jacobians and Jacobian operators are computed once and used by every quantity."""
+"""What the accumulators of one probe share: the :class:`ProbeContext` (view, config, path), the
+:class:`ProbeFailure` of a rank under expert parallelism, and each token :class:`Chunk`, whose expert Jacobians and
+Jacobian operators are computed once and used by every quantity."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,14 +17,40 @@ from moe_lightning.geometry.krylov import TopRResult
 from moe_lightning.geometry.operators import JacobianOperator
 from moe_lightning.geometry.probe_config import ProbeConfig
 from moe_lightning.geometry.statistics import Slot
-from moe_lightning.geometry.view import MoEView, TokenFn
+from moe_lightning.geometry.view import HasJacobianOperator, MoEView, TokenFn
 
-__all__ = ["Chunk", "ProbeContext"]
+__all__ = ["Chunk", "ProbeContext", "ProbeFailure"]
 
 
-@dataclass
+class ProbeFailure:
+    """Under expert parallelism, the first error this rank met in one probe.
+
+    The rank goes on entering the group's collectives (with NaN for what it could not compute), so that no rank waits
+    for it, and the probe raises the error at its end (:meth:`raise_if_any`). The one mutable part of a probe's
+    context: the :class:`ProbeContext` itself is frozen.
+    """
+
+    def __init__(self) -> None:
+        self.error: Exception | None = None
+
+    def keep(self, error: Exception) -> None:
+        """Keep ``error`` unless an earlier one is kept: the first error is the cause of those that follow."""
+        self.error = self.error or error
+
+    def raise_if_any(self) -> None:
+        """Raise the kept error, if any."""
+        if self.error is not None:
+            raise self.error
+
+
+@dataclass(frozen=True, eq=False)
 class ProbeContext:
     """One probe's view, config and path, fixed before the first token.
+
+    The probe builds it in two steps: its accumulators are built against a context without
+    ``all_token_jacobians`` and ``replicas``, which depend on the accumulators and the buffer layout they allocate,
+    and every chunk gets the whole context made from it with :func:`dataclasses.replace`. An accumulator keeps no
+    reference to the context; it reads it from each :class:`Chunk` and in ``close``.
 
     Attributes:
         view: the layer probed.
@@ -46,15 +73,14 @@ class ProbeContext:
             every expert at one token are summed or gathered over it (:meth:`sum_over_experts`,
             :meth:`gather_over_experts`). None: every expert is here.
         local_experts: the experts this rank probes (all ``E`` without ``expert_group``).
-        failure: under expert parallelism, the first error this rank met; it goes on entering the group's
-            collectives (with NaN for what it could not compute), so that no rank waits for it, and the probe raises
-            the error at its end.
+        failure: where :meth:`guarded` keeps this rank's first error under expert parallelism; shared by the two
+            steps of the context.
     """
 
     view: MoEView
     config: ProbeConfig
-    experts: list[TokenFn]
-    hidden: list[TokenFn | None]
+    experts: tuple[TokenFn, ...]
+    hidden: tuple[TokenFn | None, ...]
     dim: int
     dtype: torch.dtype
     device: torch.device
@@ -62,11 +88,11 @@ class ProbeContext:
     rank: int
     chunk_size: int
     solve_topr: Callable[[TokenFn | JacobianOperator, Tensor], TopRResult]
-    all_token_jacobians: bool = False
-    replicas: dict[Slot, Slot] = field(default_factory=dict)
     expert_group: dist.ProcessGroup | None = None
     local_experts: range | None = None
-    failure: Exception | None = None
+    all_token_jacobians: bool = False
+    replicas: Mapping[Slot, Slot] = field(default_factory=dict)
+    failure: ProbeFailure = field(default_factory=ProbeFailure)
 
     @property
     def num_experts(self) -> int:
@@ -99,7 +125,7 @@ class ProbeContext:
         try:
             return compute()
         except Exception as error:
-            self.failure = self.failure or error
+            self.failure.keep(error)
             return fallback()
 
     def nan(self, *shape: int) -> Tensor:
@@ -131,9 +157,11 @@ class ProbeContext:
         """``received``; where this rank sent finite values and received non-finite ones, another rank of the group
         failed (it sends NaN): kept as this rank's failure, so that its warning says so rather than naming the
         error the NaN would cause further on."""
-        if self.failure is None and not bool(torch.isfinite(received).all()) and bool(torch.isfinite(sent).all()):
-            self.failure = RuntimeError(
-                "another rank of the expert group failed in this probe and sent NaN (the warning names its error)"
+        if not bool(torch.isfinite(received).all()) and bool(torch.isfinite(sent).all()):
+            self.failure.keep(
+                RuntimeError(
+                    "another rank of the expert group failed in this probe and sent NaN (the warning names its error)"
+                )
             )
         return received
 
@@ -165,10 +193,10 @@ class ProbeContext:
         cfg, view = self.config, self.view
         if cfg.jacobian_method == "func":
             return None
-        op = view.expert_jacobian_operator(e, x_ND) if hasattr(view, "expert_jacobian_operator") else None
+        op = view.expert_jacobian_operator(e, x_ND) if isinstance(view, HasJacobianOperator) else None
         if op is None and cfg.jacobian_method == "closed_form":
             raise ValueError(
-                f"ProbeConfig.jacobian_method='closed_form' but view {getattr(view, 'name', '')!r} offers no "
+                f"ProbeConfig.jacobian_method='closed_form' but view {view.name!r} offers no "
                 f"expert_jacobian_operator for expert {e}, which the matrix-free path (D > matrix_free_threshold) "
                 f"needs; use 'auto' or 'func'"
             )
@@ -178,10 +206,10 @@ class ProbeContext:
         """``(N, D, D)`` Jacobians of expert ``e`` in :attr:`dtype`, by the method the config asks for."""
         cfg, view = self.config, self.view
         if cfg.jacobian_method == "closed_form" and x_ND.shape[0]:
-            J = view.expert_jacobian(e, x_ND) if hasattr(view, "expert_jacobian") else None
+            J = view.expert_jacobian(e, x_ND)
             if J is None:
                 raise ValueError(
-                    f"ProbeConfig.jacobian_method='closed_form' but view {getattr(view, 'name', '')!r} offers no "
+                    f"ProbeConfig.jacobian_method='closed_form' but view {view.name!r} offers no "
                     f"expert_jacobian for expert {e}; use 'auto' or 'func'"
                 )
         else:
@@ -197,8 +225,6 @@ class ProbeContext:
     def has_closed_form(self) -> bool:
         """Whether the view offers a closed-form expert Jacobian; decided from its capabilities, not the data, so
         it is the same on every rank."""
-        if not hasattr(self.view, "expert_jacobian"):
-            return False
         probe_x = torch.zeros(1, self.dim, dtype=self.dtype, device=self.device)
         return self.view.expert_jacobian(self.experts_here[0], probe_x) is not None
 

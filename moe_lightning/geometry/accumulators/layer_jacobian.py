@@ -98,7 +98,7 @@ class LayerJacobian(Accumulator):
         if a view offers no expert operators, which the products across ranks need)."""
         parts = self._parts(chunk)
         if parts is None:
-            name = getattr(chunk.ctx.view, "name", "")
+            name = chunk.ctx.view.name
             raise ValueError(
                 f"probe under expert parallelism: view {name!r} offers no expert_jacobian_operator, which the "
                 "matrix-free layer Jacobian across ranks needs"
