@@ -20,20 +20,20 @@ if TYPE_CHECKING:
     from moe_lightning.report.build import build_report
     from moe_lightning.report.claims import claims_over_training
     from moe_lightning.report.command import main
+    from moe_lightning.report.decision import DECISION_RULE, Decision, decide, decide_threshold
     from moe_lightning.report.intervals import Interval, effect_size, percentile_interval, t_interval, t_quantile
     from moe_lightning.report.probe_page import render_probe
     from moe_lightning.report.runs import discover_runs
-    from moe_lightning.report.tables import DECISION_RULE, Decision, decide, decide_threshold
 
 # Public name -> the module that defines it.
 _SOURCES = {
-    "DECISION_RULE": "tables",
-    "Decision": "tables",
+    "DECISION_RULE": "decision",
+    "Decision": "decision",
     "Interval": "intervals",
     "build_report": "build",
     "claims_over_training": "claims",
-    "decide": "tables",
-    "decide_threshold": "tables",
+    "decide": "decision",
+    "decide_threshold": "decision",
     "discover_runs": "runs",
     "effect_size": "intervals",
     "main": "command",

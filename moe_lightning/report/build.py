@@ -10,16 +10,10 @@ import pandas as pd
 
 from moe_lightning.report import html as page
 from moe_lightning.report.choices import FORMATS, LAYER_MODES
-from moe_lightning.report.claims import (
-    DECISION_RULE,
-    claims_display,
-    claims_over_training,
-    claims_table,
-    comparable,
-    multiple_comparison_note,
-    verdict_since,
-)
+from moe_lightning.report.claims import claims_over_training, comparable, verdict_since
+from moe_lightning.report.claims_render import claims_display, claims_table, multiple_comparison_note
 from moe_lightning.report.dashboard import dashboard_sections, plotly_script
+from moe_lightning.report.decision import DECISION_RULE
 from moe_lightning.report.figures import claims_over_training_figure, write_figures
 from moe_lightning.report.format import markdown_table
 from moe_lightning.report.runs import CONTROLS, Run, discover_runs

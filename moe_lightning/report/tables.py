@@ -1,5 +1,6 @@
-"""Final values per run and the results table (mean ± std over seeds). The claims table and its decision rule live
-in :mod:`moe_lightning.report.claims` and are re-exported here under their old names."""
+"""Final values per run and the results table (mean ± std over seeds). The claims (:mod:`moe_lightning.report.claims`),
+their table (:mod:`moe_lightning.report.claims_render`) and the decision rule (:mod:`moe_lightning.report.decision`)
+live in their own modules and are re-exported here under their old names."""
 
 from __future__ import annotations
 
@@ -7,20 +8,11 @@ import numpy as np
 import pandas as pd
 
 from moe_lightning.report.choices import LAYER_MODES
-from moe_lightning.report.claims import (
-    DECISION_RULE,
-    DOES_NOT_HOLD,
-    HOLDS,
-    INCONCLUSIVE,
-    Claim,
-    Decision,
-    claims_display,
-    claims_table,
-    decide,
-    decide_threshold,
-    paper_claims,
-)
+from moe_lightning.report.claims import Claim, paper_claims
+from moe_lightning.report.claims_render import claims_display, claims_table
+from moe_lightning.report.decision import DECISION_RULE, Decision, decide, decide_threshold
 from moe_lightning.report.format import format_mean_std, format_number, markdown_table, summarize
+from moe_lightning.report.intervals import DOES_NOT_HOLD, HOLDS, INCONCLUSIVE
 from moe_lightning.report.runs import Run, arm_order, final_value
 from moe_lightning.report.steps import GEOMETRY_METRICS, MEAN_LAYER, is_flagged, pca_site, step_values
 
