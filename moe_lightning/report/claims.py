@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from moe_lightning.geometry.probe import PCA_SITES
+from moe_lightning.common.choices import PCA_SITES
 from moe_lightning.report.format import format_interval, format_mean_std, format_number, summarize
 from moe_lightning.report.intervals import (
     DOES_NOT_HOLD,
