@@ -34,9 +34,9 @@ from torch import Tensor, nn
 
 from moe_lightning.balancing import load_balance_loss, router_z_loss, sequence_load_balance_loss
 from moe_lightning.common import check_choice, check_nonnegative, check_positive, is_fsdp_module, warn_once
+from moe_lightning.common.choices import ROUTINGS
 from moe_lightning.expert_parallel import plan_exchange
 
-ROUTINGS = ("dense", "topk", "soft")
 ACTIVATIONS = ("gelu", "relu", "silu", "swiglu")
 CAPACITY_MATCHES = ("total", "active")
 DISPATCHES = ("auto", "loop", "sorted", "grouped", "bmm")

@@ -2,9 +2,10 @@
 report of one tiny run, each as a fresh interpreter (``python -m moe_lightning``), the median of a few runs.
 
 ``fit --help`` is the reference: LightningCLI's commands import Lightning (seconds) before they parse anything.
-The report of a run imports torch, pandas and matplotlib; its tables alone (``--format md csv``) show that cost,
-the default formats add the figures and the HTML page. The tiny run (the MLP top-k config for 20 steps with
-GeometryMonitor, logged to CSV) is trained once, untimed.
+The report's tables alone (``--format md csv``) import pandas but not torch or the plotting libraries; the default
+formats add the figures and the HTML page, which import torch (the saved reports as tensors), matplotlib and
+plotly. The tiny run (the MLP top-k config for 20 steps with GeometryMonitor, logged to CSV) is trained once,
+untimed.
 ``--root`` times another checkout's code, e.g. an older commit unpacked with ``git archive``.
 
     python scripts/benchmark_startup.py

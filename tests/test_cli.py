@@ -95,6 +95,51 @@ def test_probe_help_needs_torch_only(tmp_path):
     assert stdout.startswith("usage: moe-lightning probe ")
 
 
+def write_csv_run(directory: Path, routing: str, sigma_max: float, replicates: list[float]) -> None:
+    """A CSVLogger run's files as training writes them: ``hparams.yaml``, ``metrics.csv`` with one probe of
+    ``blocks.0.ffn`` at step 10, and that probe's ``geometry/step_0000010.json`` with bootstrap replicates."""
+    layer = "geometry/blocks.0.ffn"
+    (directory / "geometry").mkdir(parents=True)
+    (directory / "hparams.yaml").write_text(f"config:\n  input_dim: 8\n  routing: {routing}\nseed_everything: 0\n")
+    (directory / "metrics.csv").write_text(
+        f"step,val/loss,{layer}/tokens_total,{layer}/jac_sigma_max/mean\n9,0.75,,\n10,,64,{sigma_max}\n"
+    )
+    bootstrap = {"replicates": len(replicates), "seed": 0, "values": {"jac_sigma_max/mean": replicates}}
+    payload = {"step": 10, "layers": {"blocks.0.ffn": {"bootstrap": bootstrap}}}
+    (directory / "geometry" / "step_0000010.json").write_text(json.dumps(payload))
+
+
+def test_report_tables_read_the_runs_without_torch_or_the_plotting_libraries(tmp_path):
+    """The tables (md, csv) need pandas only: the saved geometry is read as JSON, not as tensors."""
+    import numpy as np
+    import pandas as pd
+
+    topk, soft = [2.4, 2.5, 2.6, 2.7], [1.5, 1.5, 1.4, 1.5]
+    write_csv_run(tmp_path / "runs" / "topk", "topk", 2.5, topk)
+    write_csv_run(tmp_path / "runs" / "soft", "soft", 1.5, soft)
+    out = tmp_path / "report"
+    code, imported, stdout, _ = run_fresh(
+        ["report", str(tmp_path / "runs"), "--out", str(out), "--format", "md", "csv"], tmp_path
+    )
+    assert code == 0
+    assert imported == ["pandas"]
+    assert sorted(Path(p).name for p in stdout.split()) == [
+        "claims.csv",
+        "claims.md",
+        "claims_over_training.csv",
+        "results.csv",
+        "results.md",
+    ]
+    results = pd.read_csv(out / "results.csv").set_index("routing")
+    assert results.at["topk", "jac_sigma_max/mean:mean"] == 2.5 and results.at["soft", "val/loss:mean"] == 0.75
+    claims = pd.read_csv(out / "claims.csv")
+    (sharper,) = claims[claims["statement"] == "top-k is sharper than soft"].itertuples()
+    # The token bootstrap of the difference comes from the replicates in the saved JSON (numpy's percentiles).
+    low, high = np.quantile(np.subtract(topk, soft), [0.025, 0.975])
+    assert sharper.mean_difference == pytest.approx(1.0)
+    assert (sharper.bootstrap_low, sharper.bootstrap_high) == pytest.approx((low, high))
+
+
 def test_the_dispatcher_knows_lightning_clis_subcommands():
     from lightning.pytorch.cli import LightningCLI
 

@@ -1,7 +1,8 @@
-"""Helpers every layer of the package shares, written once: config checks, dtype names, observing a module without
-changing it, telling an FSDP2-sharded module, warn-once, network checks, and names imported on first use. Pure
-Python and torch: the bottom of the import graph. Each name is imported when first used, so that importing the
-package (and a command's ``--help``) does not import torch."""
+"""Helpers every layer of the package shares, written once: config checks, dtype names, the choices that the model,
+the probe and the report share (``common.choices``), observing a module without changing it, telling an
+FSDP2-sharded module, warn-once, network checks, and names imported on first use. Pure Python and torch: the bottom
+of the import graph. Each name is imported when first used, so that importing the package (and a command's
+``--help``) does not import torch."""
 
 from __future__ import annotations
 

@@ -8,13 +8,11 @@ from dataclasses import dataclass
 import torch
 
 from moe_lightning.common import DTYPES, check_choice, check_positive_int
+from moe_lightning.common.choices import PCA_SITES
 from moe_lightning.geometry.jacobians import DEFAULT_MEMORY_BUDGET_BYTES
 
 __all__ = ["JACOBIAN_METHODS", "LAYER_JACOBIAN_METHODS", "PCA_SITES", "PROBE_DTYPES", "ProbeConfig"]
 
-#: Where the probe can take a weighted PCA (docs/geometry.md §3): the layer input, the expert's hidden
-#: activation and the expert's output.
-PCA_SITES = ("input", "hidden", "output")
 #: Values of :attr:`ProbeConfig.jacobian_method`.
 JACOBIAN_METHODS = ("auto", "closed_form", "func")
 #: Values of :attr:`ProbeConfig.layer_jacobian_method`.

@@ -12,9 +12,7 @@ from moe_lightning.report import html as page
 from moe_lightning.report.choices import FORMATS, LAYER_MODES
 from moe_lightning.report.claims import claims_over_training, comparable, verdict_since
 from moe_lightning.report.claims_render import claims_display, claims_table, multiple_comparison_note
-from moe_lightning.report.dashboard import dashboard_sections, plotly_script
 from moe_lightning.report.decision import DECISION_RULE
-from moe_lightning.report.figures import claims_over_training_figure, write_figures
 from moe_lightning.report.format import markdown_table
 from moe_lightning.report.runs import CONTROLS, Run, discover_runs
 from moe_lightning.report.steps import step_values
@@ -102,6 +100,8 @@ def _write_dashboard(
     out_dir: str, run: Run, summary: str, results: tuple[str, pd.DataFrame], images: dict, notes: dict
 ) -> str:
     """The page of a single run: its summary and final values, its dashboard, the static figures it lacks."""
+    from moe_lightning.report.dashboard import dashboard_sections, plotly_script
+
     caption, shown_results = results
     static = {name: path for name, path in images.items() if name in DASHBOARD_FIGURES}
     sections = [
@@ -172,6 +172,9 @@ def build_report(
     if "png" in formats or "html" in formats:
         # A single run's page is its dashboard, which embeds only some figures: draw those unless PNGs are asked.
         only = DASHBOARD_FIGURES if len(runs) == 1 and "png" not in formats else None
+        # matplotlib and torch (the figures read the saved reports as tensors) load only for the figure formats.
+        from moe_lightning.report.figures import claims_over_training_figure, write_figures
+
         images, notes = write_figures(runs, out_dir, only)
         if training is not None:
             path = claims_over_training_figure(training, os.path.join(out_dir, "claims_over_training.png"))

@@ -26,8 +26,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from moe_lightning.geometry import GeometryReport
-from moe_lightning.moe import ROUTINGS
+from moe_lightning.common.choices import ROUTINGS
 from moe_lightning.report.wandb_records import read_wandb_run
 
 _DATA_SEED_NOTE = "seed taken from the data module's `seed`"
@@ -438,6 +437,9 @@ def geometry_steps(geometry_dir: str | None) -> list[tuple[int, str]]:
 
 def load_geometry(path: str) -> tuple[int, dict[str, Any]]:
     """One geometry JSON file as ``(step, {layer: GeometryReport})``."""
+    # The figures and the dashboard want tensors; the tables read the JSON themselves, without torch.
+    from moe_lightning.geometry import GeometryReport
+
     with open(path) as handle:
         payload = json.load(handle)
     layers = {name: GeometryReport.from_dict(data) for name, data in payload.get("layers", {}).items()}
