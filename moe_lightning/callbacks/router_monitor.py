@@ -241,8 +241,8 @@ class RouterMonitor(PublishingCallback):
     @override
     def state_dict(self) -> dict[str, Any]:
         """The open window (summed over the ranks: the checkpoint is written from rank zero, and on resume rank
-        zero alone holds it), the biases at the last log, and the last logged step. Every rank enters this, as
-        every rank enters ``Trainer.save_checkpoint``."""
+        zero alone holds it) and its step, the biases at the last log, and the last logged step. Every rank enters
+        this, as every rank enters ``Trainer.save_checkpoint``."""
         window: dict[str, Tensor] = {}
         if self.views:
             flat = self._window_sums()
@@ -252,6 +252,7 @@ class RouterMonitor(PublishingCallback):
             window = {v.name: t.cpu() for v, t in zip(self.views, parts, strict=True)}
         return {
             "window": window,
+            "step": self._step,  # the step of the window's last batch, its label if the run ends before another
             "bias_at_log": {k: v.cpu() for k, v in self._bias_at_log.items()},
             "logged_step": self._logged_step,
         }
@@ -262,6 +263,7 @@ class RouterMonitor(PublishingCallback):
         self._window = dict(state_dict.get("window", {})) if rank == 0 else {}
         self._bias_at_log = dict(state_dict.get("bias_at_log", {}))
         self._logged_step = state_dict.get("logged_step")
+        self._step = int(state_dict.get("step", 0))
 
     def _view_statistics(self, view: MoEView, sums: Tensor) -> dict[str, float]:
         routing, (dropped, assignments, lb_sum, z_sum, batches) = sums[:-_AUX_FIELDS], sums[-_AUX_FIELDS:].tolist()
