@@ -123,3 +123,17 @@ def test_the_top_level_names_are_the_ones_they_stand_for():
     homes = [CurvatureMonitor, GeometryMonitor, MoEConfig, MoELayer, RouterMonitor, find_moe_layers, probe]
     assert [getattr(moe_lightning, obj.__name__) for obj in homes] == homes
     assert sorted(moe_lightning.__all__) == sorted([obj.__name__ for obj in homes] + ["__version__"])
+
+
+def test_the_old_module_path_of_the_lightning_modules_loads_with_a_warning_naming_the_new_one():
+    import warnings
+
+    import moe_lightning.lit as old
+    from moe_lightning import modules
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        found = old.MLPMoEModule
+    assert found is modules.MLPMoEModule
+    (warning,) = caught
+    assert warning.category is FutureWarning and "use moe_lightning.modules.MLPMoEModule" in str(warning.message)

@@ -15,8 +15,6 @@ from moe_lightning.adapters.registry import (
 )
 
 register_adapter("moe_lightning", is_native, native_views)
-# The name NativeMoEView had before it said what it views; kept so code written against it still runs.
-OurMoEView = NativeMoEView
 register_hf_adapters()  # matches by class name; never imports transformers itself
 
 __all__ = [
