@@ -315,12 +315,15 @@ def test_report_of_a_real_sweep(tmp_path, monkeypatch, tiny_config):
     monkeypatch.setenv("WANDB_MODE", "offline")
     preset = tmp_path / "tiny.yaml"
     configs = [str(ROOT / "configs/mlp/topk.yaml"), str(ROOT / "configs/trainer/cpu.yaml"), str(tiny_config)]
-    preset.write_text(json.dumps({"name": "tiny", "family": "mlp", "configs": configs, "seeds": list(SEEDS)}))
+    arms = ["dense_total", "topk", "soft"]  # the dense control under its sweep arm name
+    preset.write_text(
+        json.dumps({"name": "tiny", "family": "mlp", "configs": configs, "seeds": list(SEEDS), "routings": arms})
+    )
     assert sweep.main([str(preset), "--out", str(tmp_path / "out")]) == 0
     root = tmp_path / "out" / "tiny"
     results = pd.read_csv(root / "report" / "results.csv")
-    assert list(results["routing"]) == list(ROUTINGS) and (results["n_seeds"] == 2).all()
-    for routing in ROUTINGS:
+    assert list(results["routing"]) == arms and (results["n_seeds"] == 2).all()
+    for routing in arms:
         per_seed = [direct_final(root / f"{routing}-seed{s}", "jac_sigma_max/mean") for s in SEEDS]
         row = results[results["routing"] == routing].iloc[0]
         np.testing.assert_allclose(row["jac_sigma_max/mean:mean"], np.mean(per_seed), rtol=1e-12)
