@@ -30,6 +30,26 @@ def tiny_hf_model(family: str, seed: int = 0, **config) -> torch.nn.Module:
     return getattr(transformers, model_name)(hf_config)
 
 
+def dispatch_case(routing: str, capacity_factor: float | None, activation: str):
+    """The layer on which the dispatch tests compare every path with the loop path (D = 16, H = 32, 8 experts, top-2,
+    loop dispatch), drawn after ``manual_seed(0)``, then ``(4, 24, 16)`` inputs and output gradients."""
+    from moe_lightning.moe import MoEConfig, MoELayer
+
+    torch.manual_seed(0)
+    config = MoEConfig(
+        dim=16,
+        expert_hidden=32,
+        num_experts=8,
+        top_k=2,
+        routing=routing,
+        activation=activation,
+        capacity_factor=capacity_factor,
+        dispatch="loop",
+    )
+    layer = MoELayer(config)
+    return layer, torch.randn(4, 24, 16), torch.randn(4, 24, 16)
+
+
 def fit_logged(module, data, log_dir: str | Path, callbacks: list, max_steps: int = 1) -> list[dict[str, str]]:
     """A short quiet ``Trainer.fit`` of ``module`` on ``data`` with ``callbacks``, logging every step to a CSVLogger
     in ``log_dir``; the rows it wrote."""

@@ -4,6 +4,7 @@ routing."""
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import dispatch_case
 
 from moe_lightning import moe
 from moe_lightning.moe import MoEConfig, MoELayer
@@ -30,19 +31,7 @@ CASES = [
 
 @pytest.mark.parametrize("routing,capacity_factor,activation", CASES)
 def test_paths_match_loop(routing, capacity_factor, activation):
-    torch.manual_seed(0)
-    cfg = MoEConfig(
-        dim=16,
-        expert_hidden=32,
-        num_experts=8,
-        top_k=2,
-        routing=routing,
-        activation=activation,
-        capacity_factor=capacity_factor,
-        dispatch="loop",
-    )
-    layer = MoELayer(cfg)
-    x, grad_out = torch.randn(4, 24, 16), torch.randn(4, 24, 16)
+    layer, x, grad_out = dispatch_case(routing, capacity_factor, activation)
     reference = run(layer, "loop", x, grad_out)
     paths = ["sorted", "grouped"] + (["bmm"] if routing == "soft" else [])
     for path in paths:

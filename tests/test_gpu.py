@@ -12,7 +12,7 @@ import warnings
 import lightning as L
 import pytest
 import torch
-from helpers import column, read_metrics
+from helpers import column, dispatch_case, read_metrics
 from lightning.pytorch.loggers import CSVLogger
 
 from moe_lightning import moe
@@ -52,19 +52,7 @@ def forward_backward(layer: MoELayer, x: torch.Tensor, grad_out: torch.Tensor):
     [("topk", None, "gelu"), ("topk", 0.75, "swiglu"), ("soft", None, "gelu")],
 )
 def test_every_dispatch_on_cuda_matches_the_cpu_loop_path(routing, capacity_factor, activation):
-    torch.manual_seed(0)
-    config = MoEConfig(
-        dim=16,
-        expert_hidden=32,
-        num_experts=8,
-        top_k=2,
-        routing=routing,
-        activation=activation,
-        capacity_factor=capacity_factor,
-        dispatch="loop",
-    )
-    cpu_layer = MoELayer(config)
-    x, grad_out = torch.randn(4, 24, 16), torch.randn(4, 24, 16)
+    cpu_layer, x, grad_out = dispatch_case(routing, capacity_factor, activation)
     reference, reference_aux = forward_backward(cpu_layer, x, grad_out)
     for dispatch in ["loop", "sorted", "grouped", "auto"] + (["bmm"] if routing == "soft" else []):
         layer = copy.deepcopy(cpu_layer).to(CUDA)

@@ -151,7 +151,6 @@ class CurvatureMonitor(PublishingCallback):
         groups = {name: [pat] if isinstance(pat, str) else list(pat) for name, pat in (param_groups or {}).items()}
         if not full_model and not groups:
             raise ValueError("CurvatureMonitor: full_model=False needs param_groups")
-        self.every_n_steps, self.at_fit_start = every_n_steps, at_fit_start
         self.schedule = Schedule(every_n_steps, at_fit_start)
         self.eigenvalue, self.trace, self.density = eigenvalue, trace, density
         self.method, self.top_k, self.both_ends = method, top_k, both_ends
@@ -167,6 +166,10 @@ class CurvatureMonitor(PublishingCallback):
         self.disabled = False
         self._failures = Failures("CurvatureMonitor")
         self._warned: set[str] = set()
+
+    @property
+    def every_n_steps(self) -> int | None:
+        return self.schedule.every_n_steps
 
     @property
     def computed_steps(self) -> list[int]:

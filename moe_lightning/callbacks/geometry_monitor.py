@@ -151,7 +151,6 @@ class GeometryMonitor(PublishingCallback):
         probe_dtype = dtype_from_name("GeometryMonitor: dtype", dtype, _PROBE_DTYPES)
         if max_expert_keys is not None and max_expert_keys < 0:
             raise ValueError(f"GeometryMonitor: max_expert_keys must be >= 0 or None, got {max_expert_keys!r}")
-        self.every_n_steps, self.every_n_epochs, self.at_fit_start = every_n_steps, every_n_epochs, at_fit_start
         self.schedule = Schedule(every_n_steps, at_fit_start, every_n_epochs)
         self.max_tokens, self.source, self.layers = max_tokens, source, layers
         self.min_tokens_per_expert = min_tokens_per_expert
@@ -176,6 +175,10 @@ class GeometryMonitor(PublishingCallback):
         self.last_reports: dict[str, GeometryReport] = {}
         self._failures = Failures("GeometryMonitor")
         self._warned: set[str] = set()
+
+    @property
+    def every_n_steps(self) -> int | None:
+        return self.schedule.every_n_steps
 
     @property
     def probed_steps(self) -> list[int]:
