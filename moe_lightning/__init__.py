@@ -13,12 +13,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from moe_lightning.common.lazy import lazy_names
+from moe_lightning.common.moved import install as _install_moved_paths
 
 if TYPE_CHECKING:
     from moe_lightning.adapters import find_moe_layers
     from moe_lightning.callbacks import CurvatureMonitor, GeometryMonitor, RouterMonitor
     from moe_lightning.geometry import probe
-    from moe_lightning.moe import MoEConfig, MoELayer
+    from moe_lightning.nn import MoEConfig, MoELayer
 
 __version__ = "0.1.0"
 
@@ -26,8 +27,8 @@ __version__ = "0.1.0"
 _SOURCES = {
     "CurvatureMonitor": "callbacks",
     "GeometryMonitor": "callbacks",
-    "MoEConfig": "moe",
-    "MoELayer": "moe",
+    "MoEConfig": "nn",
+    "MoELayer": "nn",
     "RouterMonitor": "callbacks",
     "find_moe_layers": "adapters",
     "probe": "geometry",
@@ -44,3 +45,4 @@ __all__ = [
 ]
 
 __getattr__, __dir__ = lazy_names(__name__, _SOURCES)
+_install_moved_paths()

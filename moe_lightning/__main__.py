@@ -2,6 +2,6 @@
 
 import sys
 
-from moe_lightning.cli import main
+from moe_lightning.commands import main
 
 sys.exit(main())

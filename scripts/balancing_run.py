@@ -25,7 +25,7 @@ MODES = ("none", "aux_loss", "aux_free")
 def fit(mode: str, steps: int, out: Path) -> subprocess.Popen:
     callbacks = out / "router_only.yaml"
     callbacks.write_text("trainer:\n  callbacks:\n    - class_path: moe_lightning.callbacks.RouterMonitor\n")
-    command = [sys.executable, "-m", "moe_lightning.cli", "fit"]
+    command = [sys.executable, "-m", "moe_lightning.commands", "fit"]
     for config in ("configs/transformer/wikitext_deepseek.yaml", "configs/trainer/cpu.yaml", str(callbacks)):
         command += ["--config", config]
     command += [

@@ -17,7 +17,7 @@ import torch
 from moe_lightning.adapters import find_moe_layers
 from moe_lightning.geometry import ProbeConfig, probe
 from moe_lightning.geometry.bootstrap import resample_counts
-from moe_lightning.models import MLPMoE, MLPMoEConfig, TransformerMoE, TransformerMoEConfig
+from moe_lightning.nn.models import MLPMoE, MLPMoEConfig, TransformerMoE, TransformerMoEConfig
 
 # name -> (model, model dim, tokens probed): the MoE layers of mlp_small and transformer_small, with about as many
 # tokens as their probe sets hold for top-k routing (docs/sweeps.md).

@@ -34,8 +34,8 @@ from lightning.pytorch import Callback
 
 from moe_lightning.callbacks import GeometryMonitor, RouterMonitor, router_monitor
 from moe_lightning.data import WikiTextDataModule
-from moe_lightning.models import TransformerMoEConfig
-from moe_lightning.modules import CausalLMModule
+from moe_lightning.lightning.modules import CausalLMModule
+from moe_lightning.nn.models import TransformerMoEConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "transformer" / "wikitext_topk.yaml"

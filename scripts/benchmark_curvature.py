@@ -40,8 +40,8 @@ from moe_lightning.geometry import (
     hutchinson,
     hutchpp,
 )
-from moe_lightning.models import MLPMoEConfig, TransformerMoEConfig
-from moe_lightning.modules import CausalLMModule, MLPMoEModule
+from moe_lightning.lightning.modules import CausalLMModule, MLPMoEModule
+from moe_lightning.nn.models import MLPMoEConfig, TransformerMoEConfig
 
 
 def mlp_problem():

@@ -5,7 +5,7 @@ Shape legend: ``P`` processes, ``N`` tokens per rank, ``E`` experts, ``K`` exper
 expert hidden width.
 
 P processes (gloo on CPU, NCCL on CUDA; ``--device cuda`` uses every visible GPU) each route their own N tokens
-through the same SwiGLU :class:`moe_lightning.moe.MoELayer`:
+through the same SwiGLU :class:`moe_lightning.nn.layer.MoELayer`:
 
 - EP=1: every rank holds all E experts (data parallelism); a step is forward, backward and the all-reduce of every
   gradient that data parallelism needs;
@@ -45,7 +45,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from moe_lightning.moe import MoEConfig, MoELayer  # noqa: E402
+from moe_lightning.nn.layer import MoEConfig, MoELayer  # noqa: E402
 
 COLLECTIVE_KEYS = {"all_to_all": ("all_to_all", "alltoall", "sendrecv"), "all_reduce": ("all_reduce", "allreduce")}
 

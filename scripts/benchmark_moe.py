@@ -5,10 +5,10 @@ width.
 
 Times, in ONE process and with the SAME weights copied into every implementation:
 
-- ours: :class:`moe_lightning.moe.MoELayer` with ``dispatch`` = ``"sorted"``, ``"grouped"`` and ``"loop"``;
+- ours: :class:`moe_lightning.nn.layer.MoELayer` with ``dispatch`` = ``"sorted"``, ``"grouped"`` and ``"loop"``;
 - Hugging Face ``MixtralSparseMoeBlock`` (if transformers is installed) in each of its expert implementations
   that runs on the device (``eager``, ``grouped_mm``, ``batched_mm`` when its per-assignment weight copies fit);
-- :class:`moe_lightning.moe.DenseFFN` with the same active FLOPs (``capacity_match="active"``, hidden ``K * H``).
+- :class:`moe_lightning.nn.layer.DenseFFN` with the same active FLOPs (``capacity_match="active"``, hidden ``K * H``).
 
 All are SwiGLU. Each implementation first runs one warm-up step (under a memory tracker: the CPU allocator events of
 ``torch.profiler``, or ``torch.cuda.max_memory_allocated``), whose output and input gradient are compared to the
@@ -22,7 +22,7 @@ Usage::
     python scripts/benchmark_moe.py --quick              # N=1024 only, a smoke run
     python scripts/benchmark_moe.py --device cuda        # bf16, N in {4096, 16384}, both shapes
 
-Imports only torch, transformers (optional) and ``moe_lightning.moe``.
+Imports only torch, transformers (optional) and ``moe_lightning.nn.layer``.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from moe_lightning.moe import DenseFFN, MoEConfig, MoELayer  # noqa: E402
+from moe_lightning.nn.layer import DenseFFN, MoEConfig, MoELayer  # noqa: E402
 
 try:  # optional peer
     import transformers

@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import tiny_hf_model as _tiny_hf_model
 
-from moe_lightning.moe import MoEConfig, MoELayer
+from moe_lightning.nn.layer import MoEConfig, MoELayer
 
 # Fixtures that run whole commands (fits through `moe-lightning`, a sweep, every docs block): a test that uses one
 # is an integration test, left out of `make test-quick`. Other heavy tests carry @pytest.mark.integration.

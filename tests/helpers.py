@@ -33,7 +33,7 @@ def tiny_hf_model(family: str, seed: int = 0, **config) -> torch.nn.Module:
 def dispatch_case(routing: str, capacity_factor: float | None, activation: str):
     """The layer on which the dispatch tests compare every path with the loop path (D = 16, H = 32, 8 experts, top-2,
     loop dispatch), drawn after ``manual_seed(0)``, then ``(4, 24, 16)`` inputs and output gradients."""
-    from moe_lightning.moe import MoEConfig, MoELayer
+    from moe_lightning.nn.layer import MoEConfig, MoELayer
 
     torch.manual_seed(0)
     config = MoEConfig(

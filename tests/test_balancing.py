@@ -12,10 +12,10 @@ import torch
 from helpers import load_script, run_test_script
 from torch.utils.data import DataLoader, TensorDataset
 
-from moe_lightning.balancing import bias_update, sequence_load_balance_loss, update_expert_biases
-from moe_lightning.models import MLPMoE, MLPMoEConfig, param_counts
-from moe_lightning.modules import MLPMoEModule
-from moe_lightning.moe import DenseFFN, MoEConfig, MoELayer, Router
+from moe_lightning.lightning.modules import MLPMoEModule
+from moe_lightning.nn.balancing import bias_update, sequence_load_balance_loss, update_expert_biases
+from moe_lightning.nn.layer import DenseFFN, MoEConfig, MoELayer, Router
+from moe_lightning.nn.models import MLPMoE, MLPMoEConfig, param_counts
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(dim=8, expert_hidden=16, num_experts=4, top_k=2)
@@ -248,7 +248,7 @@ def test_two_process_ddp_bias_and_router_monitor_match_one_process_on_the_union(
     """Both ranks apply the same bias steps, from the loads of both ranks' batches; RouterMonitor's window is the
     union of both ranks' batches of the window."""
     from moe_lightning.geometry import routing_sums, window_statistics
-    from moe_lightning.models import MLPMoE
+    from moe_lightning.nn.models import MLPMoE
 
     run_test_script("ddp_routing.py", tmp_path, tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from moe_lightning import cli
+from moe_lightning import commands as cli
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("lightning", "pytorch_lightning", "torch", "transformers", "matplotlib", "plotly", "pandas", "wandb")
 # Run `main(argv)` in a fresh interpreter; report its exit code and which heavy packages it imported.
 RUNNER = """
 import json, sys
-from moe_lightning.cli import main
+from moe_lightning.commands import main
 argv, heavy, out = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
 try:
     code = main(argv)
@@ -168,7 +168,7 @@ def test_help_and_unknown_options_are_found_before_the_command():
     assert cli._scan(["fit", "--help"]) == ("fit", False, None)  # fit's own help, from jsonargparse
 
 
-@pytest.mark.parametrize("package", ["moe_lightning.report", "moe_lightning.pretrained"])
+@pytest.mark.parametrize("package", ["moe_lightning.report", "moe_lightning.commands.probe"])
 def test_packages_that_load_their_names_on_first_use_export_each_from_its_module(package):
     """The command packages import their modules lazily (for the start-up above); each name still resolves."""
     import importlib

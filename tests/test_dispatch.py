@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from helpers import dispatch_case
 
-from moe_lightning import moe
-from moe_lightning.moe import MoEConfig, MoELayer
+from moe_lightning.nn import layer as moe
+from moe_lightning.nn.layer import MoEConfig, MoELayer
 
 
 def run(layer: MoELayer, dispatch: str, x: torch.Tensor, grad_out: torch.Tensor):
@@ -93,7 +93,7 @@ def test_grouped_falls_back_for_float64_with_one_warning(monkeypatch):
 
 
 def test_auto_dispatch_is_sorted_on_cpu_and_grouped_on_cuda():
-    from moe_lightning.moe import auto_sparse_dispatch
+    from moe_lightning.nn.layer import auto_sparse_dispatch
 
     assert auto_sparse_dispatch(torch.device("cpu")) == "sorted"
     assert auto_sparse_dispatch(torch.device("cuda", 0)) == "grouped"

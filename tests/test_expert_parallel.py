@@ -18,10 +18,10 @@ import yaml
 from helpers import column, read_metrics, run_test_script
 
 from moe_lightning.callbacks import CurvatureMonitor
-from moe_lightning.models import MLPMoEConfig
-from moe_lightning.modules import MLPMoEModule
-from moe_lightning.parallelize import clip_grad_norm_
-from moe_lightning.strategy import ExpertParallelStrategy
+from moe_lightning.distributed.parallelize import clip_grad_norm_
+from moe_lightning.lightning.modules import MLPMoEModule
+from moe_lightning.lightning.strategy import ExpertParallelStrategy
+from moe_lightning.nn.models import MLPMoEConfig
 
 LAYER_CASES = ["topk_sorted", "topk_grouped", "topk_loop", "topk_empty_expert", "soft_sorted", "soft_grouped"]
 

@@ -15,14 +15,14 @@ import torch
 from helpers import column, dispatch_case, read_metrics
 from lightning.pytorch.loggers import CSVLogger
 
-from moe_lightning import moe
 from moe_lightning.adapters import find_moe_layers
 from moe_lightning.callbacks import GeometryMonitor
 from moe_lightning.data import SyntheticMoEDataModule
 from moe_lightning.geometry import ProbeConfig, probe
-from moe_lightning.models import MLPMoE, MLPMoEConfig
-from moe_lightning.modules import MLPMoEModule
-from moe_lightning.moe import MoEConfig, MoELayer
+from moe_lightning.lightning.modules import MLPMoEModule
+from moe_lightning.nn import layer as moe
+from moe_lightning.nn.layer import MoEConfig, MoELayer
+from moe_lightning.nn.models import MLPMoE, MLPMoEConfig
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")

@@ -28,7 +28,7 @@ def diagram_layers() -> dict[str, int]:
 
 
 def unit_of(module: str) -> str:
-    """``moe_lightning.geometry.probe`` -> ``geometry``; ``moe_lightning.cli`` -> ``cli``."""
+    """``moe_lightning.geometry.probe`` -> ``geometry``; ``moe_lightning.commands`` -> ``cli``."""
     return module.split(".")[1]
 
 
@@ -49,6 +49,15 @@ def modules() -> dict[str, Path]:
         parts = path.relative_to(ROOT).with_suffix("").parts
         found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     return found
+
+
+def test_every_unit_is_a_folder():
+    """The tree is the diagram: the top of the package holds only its ``__init__`` and ``__main__``."""
+    flat = sorted(p.name for p in PACKAGE.glob("*.py") if p.name not in ("__init__.py", "__main__.py"))
+    assert not flat, f"modules outside the layer folders: {flat}"
+    assert {unit for unit in diagram_layers() if unit != "__main__"} <= {
+        p.name for p in PACKAGE.iterdir() if p.is_dir()
+    }
 
 
 def test_every_unit_of_the_package_is_in_the_diagram():
@@ -74,7 +83,7 @@ def test_imports_point_down_the_layers():
 def test_pure_torch_layers_never_import_lightning():
     layers = diagram_layers()
     pure = {unit for unit, layer in layers.items() if layer <= layers["adapters"]}
-    assert {"common", "moe", "models", "geometry", "adapters"} <= pure
+    assert {"common", "nn", "distributed", "geometry", "adapters", "report"} <= pure
     offenders = [
         f"{name} imports {imported}"
         for name, path in modules().items()
@@ -93,23 +102,48 @@ def test_the_checks_catch_an_upward_import(tmp_path):
     assert diagram_layers()["callbacks"] > diagram_layers()["geometry"]
 
 
+def model_code_imports(path: Path) -> list[str]:
+    """What ``path`` imports from the model code (``moe_lightning.nn``), other than the ``MoEAux`` record."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("moe_lightning.nn"):
+            names = {alias.name for alias in node.names} - {"MoEAux"}
+            found += [f"{name} from {node.module}" for name in sorted(names)]
+        elif (
+            isinstance(node, ast.ImportFrom)
+            and node.module == "moe_lightning"
+            and any(alias.name == "nn" for alias in node.names)
+        ):
+            found.append("moe_lightning.nn")
+        elif isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names if alias.name.startswith("moe_lightning.nn")]
+    return found
+
+
 def test_callbacks_see_a_model_only_through_its_views():
     """Callbacks never import the model code: layers reach them as MoEViews, expert placement through a view's
     ``placement()``. The one model-side name they read is the ``MoEAux`` record our layers return."""
-    offenders = []
-    for name, path in modules().items():
-        if not name.startswith("moe_lightning.callbacks"):
-            continue
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module in ("moe_lightning.moe", "moe_lightning.models"):
-                names = {alias.name for alias in node.names}
-                if node.module == "moe_lightning.models" or names - {"MoEAux"}:
-                    offenders.append(f"{name} imports {sorted(names)} from {node.module}")
-            elif isinstance(node, ast.Import) and any(
-                a.name in ("moe_lightning.moe", "moe_lightning.models") for a in node.names
-            ):
-                offenders.append(f"{name} imports the model code")
+    offenders = [
+        f"{name} imports {what}"
+        for name, path in modules().items()
+        if name.startswith("moe_lightning.callbacks")
+        for what in model_code_imports(path)
+    ]
     assert not offenders, "\n".join(offenders)
+
+
+def test_the_model_code_check_catches_each_spelling(tmp_path):
+    source = tmp_path / "monitor.py"
+    source.write_text(
+        "from moe_lightning.nn.layer import MoEAux, MoELayer\n"
+        "from moe_lightning import nn\n"
+        "import moe_lightning.nn.models\n"
+    )
+    assert model_code_imports(source) == [
+        "MoELayer from moe_lightning.nn.layer",
+        "moe_lightning.nn",
+        "moe_lightning.nn.models",
+    ]
 
 
 def test_the_top_level_names_are_the_ones_they_stand_for():
@@ -118,22 +152,8 @@ def test_the_top_level_names_are_the_ones_they_stand_for():
     from moe_lightning.adapters import find_moe_layers
     from moe_lightning.callbacks import CurvatureMonitor, GeometryMonitor, RouterMonitor
     from moe_lightning.geometry import probe
-    from moe_lightning.moe import MoEConfig, MoELayer
+    from moe_lightning.nn import MoEConfig, MoELayer
 
     homes = [CurvatureMonitor, GeometryMonitor, MoEConfig, MoELayer, RouterMonitor, find_moe_layers, probe]
     assert [getattr(moe_lightning, obj.__name__) for obj in homes] == homes
     assert sorted(moe_lightning.__all__) == sorted([obj.__name__ for obj in homes] + ["__version__"])
-
-
-def test_the_old_module_path_of_the_lightning_modules_loads_with_a_warning_naming_the_new_one():
-    import warnings
-
-    import moe_lightning.lit as old
-    from moe_lightning import modules
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        found = old.MLPMoEModule
-    assert found is modules.MLPMoEModule
-    (warning,) = caught
-    assert warning.category is FutureWarning and "use moe_lightning.modules.MLPMoEModule" in str(warning.message)

@@ -19,8 +19,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from moe_lightning.data import SyntheticMoEDataModule
-from moe_lightning.models import MLPMoEConfig, TransformerMoEConfig
-from moe_lightning.modules import CausalLMModule, MLPMoEModule
+from moe_lightning.lightning.modules import CausalLMModule, MLPMoEModule
+from moe_lightning.nn.models import MLPMoEConfig, TransformerMoEConfig
 
 ASSETS = Path(__file__).resolve().parent / "assets" / "losses"
 STEPS = 20

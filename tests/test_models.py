@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from moe_lightning.adapters import find_moe_layers
-from moe_lightning.models import MLPMoE, MLPMoEConfig, TransformerMoE, TransformerMoEConfig, param_counts
-from moe_lightning.moe import DenseFFN, MoELayer
+from moe_lightning.nn.layer import DenseFFN, MoELayer
+from moe_lightning.nn.models import MLPMoE, MLPMoEConfig, TransformerMoE, TransformerMoEConfig, param_counts
 
 ROUTINGS = ["dense", "topk", "soft"]
 SMALL = {"dim": 16, "expert_hidden": 16, "num_experts": 4, "top_k": 2}

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe_lightning.moe import DenseFFN, MoEConfig, MoELayer, build_ffn, load_balance_loss, router_z_loss
+from moe_lightning.nn.layer import DenseFFN, MoEConfig, MoELayer, build_ffn, load_balance_loss, router_z_loss
 
 ACTS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from moe_lightning.cli import main
-from moe_lightning.run_summary import format_summary, geometry_summary
+from moe_lightning.commands import main
+from moe_lightning.commands.run_summary import format_summary, geometry_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 SHORT_FIT = [

@@ -11,8 +11,8 @@ import pytest
 import torch
 import yaml
 
-from moe_lightning.cli import main as cli_main
-from moe_lightning.sweep import ARMS, Job, available_presets, job_command, job_config, load_preset, main
+from moe_lightning.commands import main as cli_main
+from moe_lightning.commands.sweep import ARMS, Job, available_presets, job_command, job_config, load_preset, main
 
 ROOT = Path(__file__).resolve().parents[1]
 # The tiny sweep's arms: both routings and the equal-FLOPs dense control (dense_total runs as its alias `dense` in

@@ -9,10 +9,10 @@ import yaml
 from helpers import column, read_metrics
 from lightning.pytorch.loggers import CSVLogger
 
-from moe_lightning.cli import main
+from moe_lightning.commands import main
 from moe_lightning.data import SyntheticMoEDataModule
-from moe_lightning.models import MLPMoEConfig, TransformerMoEConfig
-from moe_lightning.modules import CausalLMModule, MLPMoEModule
+from moe_lightning.lightning.modules import CausalLMModule, MLPMoEModule
+from moe_lightning.nn.models import MLPMoEConfig, TransformerMoEConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,7 +16,7 @@ from moe_lightning.geometry import (
     swiglu_jacobian_operator,
 )
 from moe_lightning.geometry.view import ExpertPlacement
-from moe_lightning.moe import DenseFFN, MoELayer
+from moe_lightning.nn.layer import DenseFFN, MoELayer
 
 
 class NativeMoEView:

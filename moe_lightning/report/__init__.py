@@ -19,7 +19,6 @@ from moe_lightning.common.lazy import lazy_names
 if TYPE_CHECKING:
     from moe_lightning.report.build import build_report
     from moe_lightning.report.claims import claims_over_training
-    from moe_lightning.report.command import main
     from moe_lightning.report.decision import DECISION_RULE, Decision, decide, decide_threshold
     from moe_lightning.report.intervals import Interval, effect_size, percentile_interval, t_interval, t_quantile
     from moe_lightning.report.probe_page import render_probe
@@ -36,7 +35,6 @@ _SOURCES = {
     "decide_threshold": "decision",
     "discover_runs": "runs",
     "effect_size": "intervals",
-    "main": "command",
     "percentile_interval": "intervals",
     "render_probe": "probe_page",
     "t_interval": "intervals",
@@ -53,7 +51,6 @@ __all__ = [
     "decide_threshold",
     "discover_runs",
     "effect_size",
-    "main",
     "percentile_interval",
     "render_probe",
     "t_interval",

@@ -8,7 +8,7 @@ import torch
 
 from moe_lightning.adapters import find_moe_layers
 from moe_lightning.geometry import ProbeConfig, probe
-from moe_lightning.models import MLPMoE, MLPMoEConfig
+from moe_lightning.nn.models import MLPMoE, MLPMoEConfig
 
 DEEPSEEK = dict(
     input_dim=6, output_dim=3, dim=8, expert_hidden=8, num_experts=6, top_k=2, num_blocks=2, scoring="sigmoid",

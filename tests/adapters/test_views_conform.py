@@ -11,7 +11,7 @@ from torch import nn
 
 from moe_lightning.adapters import base, custom, find_moe_layers, hf, hf_experts, native, registered_adapters
 from moe_lightning.geometry.view import HasJacobianOperator, HasPlacement, MoEView, check_view
-from moe_lightning.models import MLPMoE, MLPMoEConfig
+from moe_lightning.nn.models import MLPMoE, MLPMoEConfig
 
 transformers = pytest.importorskip("transformers")
 

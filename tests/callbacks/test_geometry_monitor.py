@@ -17,8 +17,8 @@ from moe_lightning.adapters import find_moe_layers
 from moe_lightning.callbacks import CurvatureMonitor, GeometryMonitor, RouterMonitor
 from moe_lightning.data import SyntheticMoEDataModule
 from moe_lightning.geometry import ProbeConfig, probe
-from moe_lightning.models import MLPMoEConfig, TransformerMoEConfig
-from moe_lightning.modules import CausalLMModule, MLPMoEModule
+from moe_lightning.lightning.modules import CausalLMModule, MLPMoEModule
+from moe_lightning.nn.models import MLPMoEConfig, TransformerMoEConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = {"input_dim": 8, "output_dim": 8, "dim": 16, "expert_hidden": 16, "num_experts": 4}

@@ -17,7 +17,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from moe_lightning.callbacks import CurvatureMonitor, GeometryMonitor, RouterMonitor
-from moe_lightning.moe import MoEConfig, MoELayer
+from moe_lightning.nn.layer import MoEConfig, MoELayer
 
 # Every test here trains, several of them twice, two on 2 gloo processes: integration tests (docs/testing.md).
 pytestmark = pytest.mark.integration

@@ -15,8 +15,8 @@ from moe_lightning.callbacks import GeometryMonitor
 from moe_lightning.common import observation
 from moe_lightning.data import SyntheticMoEDataModule
 from moe_lightning.geometry import ProbeConfig, probe
-from moe_lightning.models import MLPMoEConfig
-from moe_lightning.modules import MLPMoEModule
+from moe_lightning.lightning.modules import MLPMoEModule
+from moe_lightning.nn.models import MLPMoEConfig
 
 TINY = {"input_dim": 8, "output_dim": 8, "dim": 16, "expert_hidden": 16, "num_experts": 4}
 

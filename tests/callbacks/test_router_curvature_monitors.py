@@ -20,8 +20,8 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from moe_lightning.callbacks import CurvatureMonitor, GeometryMonitor, RouterMonitor, router_statistics
-from moe_lightning.models import MLPMoEConfig
-from moe_lightning.modules import MLPMoEModule
+from moe_lightning.lightning.modules import MLPMoEModule
+from moe_lightning.nn.models import MLPMoEConfig
 
 
 def trainer(tmp_path: Path, callbacks: list, max_steps: int, **kwargs) -> L.Trainer:
@@ -138,7 +138,7 @@ def reference_block_routing(model_config: MLPMoEConfig, state: dict, x: torch.Te
     """Each block's logits, probabilities and top-k gates, recomputed with plain ops from saved weights (float64).
 
     The model's own blocks only carry the residual stream from one block to the next."""
-    from moe_lightning.models import MLPMoE
+    from moe_lightning.nn.models import MLPMoE
 
     model = MLPMoE(model_config).double()
     model.load_state_dict(state)

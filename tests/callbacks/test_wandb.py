@@ -19,9 +19,9 @@ from torch.utils.data import TensorDataset
 wandb = pytest.importorskip("wandb")
 
 from moe_lightning.callbacks import CurvatureMonitor, GeometryMonitor, RouterMonitor  # noqa: E402
-from moe_lightning.loggers import AutoWandbLogger, resolve_wandb_offline  # noqa: E402
-from moe_lightning.models import MLPMoEConfig  # noqa: E402
-from moe_lightning.modules import MLPMoEModule  # noqa: E402
+from moe_lightning.lightning.loggers import AutoWandbLogger, resolve_wandb_offline  # noqa: E402
+from moe_lightning.lightning.modules import MLPMoEModule  # noqa: E402
+from moe_lightning.nn.models import MLPMoEConfig  # noqa: E402
 
 WANDB_ENV = ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL")
 

@@ -10,7 +10,7 @@ import torch
 from moe_lightning.adapters import find_moe_layers
 from moe_lightning.geometry import ProbeConfig, finalize, probe, probe_statistics
 from moe_lightning.geometry.bootstrap import BOOTSTRAP_QUANTITIES, resample_counts
-from moe_lightning.models import MLPMoE, MLPMoEConfig
+from moe_lightning.nn.models import MLPMoE, MLPMoEConfig
 
 DT = torch.float64
 B = 3

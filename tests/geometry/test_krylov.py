@@ -214,7 +214,7 @@ def test_composed_layer_operator_equals_products_with_the_autograd_layer_jacobia
     """J = Σ g_e J_e + Σ f_e ∇g_eᵀ through the router, products only, against autograd of the whole layer."""
     from moe_lightning.adapters import find_moe_layers
     from moe_lightning.geometry import compose_layer_operator, jacobians
-    from moe_lightning.moe import MoEConfig, MoELayer
+    from moe_lightning.nn.layer import MoEConfig, MoELayer
 
     torch.manual_seed(0)
     cfg = MoEConfig(dim=10, expert_hidden=12, num_experts=4, top_k=2, routing=routing, activation=activation)
@@ -261,7 +261,7 @@ def test_composed_operator_blocks_fill_the_experts_gemms():
     the experts' mean routed tokens (``gemm_tokens``), not for the layer's 6, and the values stay exact."""
     from moe_lightning.adapters import find_moe_layers
     from moe_lightning.geometry import compose_layer_operator, jacobians
-    from moe_lightning.moe import MoEConfig, MoELayer
+    from moe_lightning.nn.layer import MoEConfig, MoELayer
 
     torch.manual_seed(0)
     (view,) = find_moe_layers(MoELayer(MoEConfig(dim=40, expert_hidden=24, num_experts=4, top_k=2)).double())

@@ -204,7 +204,7 @@ def test_lanczos_on_a_soft_mlp_moe_matches_the_reverse_mode_hessian():
     an asymmetric matrix that disagrees with finite differences of the gradient."""
     from torch.func import functional_call
 
-    from moe_lightning.models import MLPMoE, MLPMoEConfig
+    from moe_lightning.nn.models import MLPMoE, MLPMoEConfig
 
     torch.manual_seed(0)
     config = MLPMoEConfig(routing="soft", input_dim=6, output_dim=3, dim=8, expert_hidden=8, num_experts=3)

@@ -304,7 +304,7 @@ def test_matrix_free_reports_tokens_whose_spectra_did_not_converge():
     from two), so every routed token of every expert, and every token of the layer, is counted; the values are
     still reported."""
     from moe_lightning.adapters import find_moe_layers
-    from moe_lightning.moe import MoEConfig, MoELayer
+    from moe_lightning.nn.layer import MoEConfig, MoELayer
 
     torch.manual_seed(0)
     (view,) = find_moe_layers(MoELayer(MoEConfig(dim=32, expert_hidden=48, num_experts=4, top_k=2)).double())
@@ -320,7 +320,7 @@ def test_matrix_free_reports_tokens_whose_spectra_did_not_converge():
     scalars = rep.scalars("geometry/l")
     assert scalars["geometry/l/jac_unconverged/e0"] == float(rep.tokens[0])
     assert scalars["geometry/l/layer_jac_unconverged"] == 12.0
-    from moe_lightning.pretrained import format_summary
+    from moe_lightning.commands.probe import format_summary
 
     warning = format_summary({"blocks.0.ffn": rep}).splitlines()[-1]
     assert warning.startswith("warning: blocks.0.ffn: the matrix-free top values of 24 expert token(s) and 12 layer")
@@ -332,7 +332,7 @@ def test_matrix_free_chunks_batch_tokens_without_changing_values(monkeypatch):
     """On the matrix-free path a chunk holds no D x D matrix, so the default budget batches all 12 tokens into one
     topr call per routed expert and one for the layer (shared GEMMs); one token per chunk gives the same values."""
     from moe_lightning.adapters import find_moe_layers
-    from moe_lightning.moe import MoEConfig, MoELayer
+    from moe_lightning.nn.layer import MoEConfig, MoELayer
 
     probe_module = sys.modules["moe_lightning.geometry.probe"]  # the package re-exports a function of that name
     sizes = []
@@ -454,7 +454,7 @@ def test_matrix_free_path_uses_the_views_closed_form_operator(activation, monkey
     (``jacobian_method="func"``) and with the exact spectra."""
     from moe_lightning.adapters import find_moe_layers
     from moe_lightning.adapters.native import NativeMoEView
-    from moe_lightning.moe import MoEConfig, MoELayer
+    from moe_lightning.nn.layer import MoEConfig, MoELayer
 
     torch.manual_seed(0)
     layer = MoELayer(MoEConfig(dim=12, expert_hidden=16, num_experts=3, top_k=2, activation=activation)).double()
@@ -492,7 +492,7 @@ def test_matrix_free_layer_operator_rebuilds_experts_whose_layer_rows_differ():
     whose expert-1 gates are negative on some tokens (outside the gate-weight contract, but a layer all the same) still
     gets that expert's products on its g_e != 0 tokens: the layer spectra equal the autograd Jacobian's."""
     from moe_lightning.adapters import find_moe_layers
-    from moe_lightning.moe import MoEConfig, MoELayer
+    from moe_lightning.nn.layer import MoEConfig, MoELayer
 
     torch.manual_seed(1)
     layer = MoELayer(MoEConfig(dim=12, expert_hidden=16, num_experts=3, top_k=2, activation="swiglu")).double()

@@ -26,9 +26,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # 
 
 from moe_lightning.adapters import find_moe_layers  # noqa: E402
 from moe_lightning.adapters.hf_families import supported_model_types, tiny_model  # noqa: E402
+from moe_lightning.commands.probe import default_out_dir, main, pack_blocks, probe_pretrained  # noqa: E402
 from moe_lightning.data import bundled_file  # noqa: E402
 from moe_lightning.geometry import GeometryReport, ProbeConfig, probe  # noqa: E402
-from moe_lightning.pretrained import default_out_dir, main, pack_blocks, probe_pretrained  # noqa: E402
 
 WIKITEXT = bundled_file("wikitext-2/valid.txt").parent
 D = 32

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_lightning import cli
+from moe_lightning import commands as cli
 
 ROOT = Path(__file__).resolve().parents[2]
 LOGGED = """
@@ -22,7 +22,7 @@ trainer:
   logger:
     - class_path: lightning.pytorch.loggers.CSVLogger
       init_args: {{save_dir: "{csv}", name: "", version: ""}}
-    - class_path: moe_lightning.loggers.AutoWandbLogger
+    - class_path: moe_lightning.lightning.loggers.AutoWandbLogger
       init_args: {{save_dir: "{wandb}", offline: true}}
   callbacks:
     - class_path: moe_lightning.callbacks.GeometryMonitor

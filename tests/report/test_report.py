@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import torch
 
-from moe_lightning import cli
+from moe_lightning import commands as cli
 from moe_lightning.geometry import GeometryReport
 from moe_lightning.report import DECISION_RULE, build_report, decide, decide_threshold, render_probe
 from moe_lightning.report.runs import _seed_from_args, discover_runs
@@ -81,8 +81,8 @@ def tiny_config(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def trained_sweep(tmp_path_factory, tiny_config) -> Path:
-    """A sweep directory laid out like moe_lightning.sweep's: <routing>-seed<k>/ with run.json and CSV logs, plus a
-    failed job (no metrics) and a job still running (a copy of real metrics that must not be counted)."""
+    """A sweep directory laid out like moe_lightning.commands.sweep's: <routing>-seed<k>/ with run.json and CSV
+    logs, plus a failed job (no metrics) and a job still running (a copy of real metrics that must not be counted)."""
     root = tmp_path_factory.mktemp("sweep")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: one thread avoids oversubscribing a shared CPU
@@ -310,7 +310,7 @@ def test_run_without_geometry_skips_figures(tmp_path):
 @pytest.mark.slow
 def test_report_of_a_real_sweep(tmp_path, monkeypatch, tiny_config):
     """End to end through `moe-lightning sweep` (subprocess jobs with CSV and W&B loggers), which calls the report."""
-    from moe_lightning import sweep
+    from moe_lightning.commands import sweep
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     preset = tmp_path / "tiny.yaml"

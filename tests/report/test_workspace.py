@@ -11,7 +11,7 @@ import pytest
 import yaml
 from wandb_workspaces.reports.v2 import CustomChart, LinePlot
 
-from moe_lightning import cli
+from moe_lightning import commands as cli
 from moe_lightning.report.runs import discover_runs
 from moe_lightning.report.wandb_records import iter_wandb_records
 from moe_lightning.report.workspace import STEP, geometry_report, geometry_sections, geometry_workspace

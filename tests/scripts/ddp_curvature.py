@@ -16,8 +16,8 @@ from helpers import quiet_trainer
 from lightning.pytorch import Callback
 
 from moe_lightning.callbacks import CurvatureMonitor
-from moe_lightning.models import MLPMoEConfig
-from moe_lightning.modules import MLPMoEModule
+from moe_lightning.lightning.modules import MLPMoEModule
+from moe_lightning.nn.models import MLPMoEConfig
 
 OPTIONS = {"eigen_max_iter": 12, "eigen_tol": 0.0, "top_k": 2, "trace_max_samples": 9, "density_starts": 2}
 OPTIONS |= {"density_steps": 8, "param_groups": {"router": "*router*"}, "at_fit_start": True, "every_n_steps": 100}

@@ -12,8 +12,8 @@ from helpers import quiet_trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 from moe_lightning.callbacks import RouterMonitor
-from moe_lightning.models import MLPMoEConfig
-from moe_lightning.modules import MLPMoEModule
+from moe_lightning.lightning.modules import MLPMoEModule
+from moe_lightning.nn.models import MLPMoEConfig
 
 CONFIG = MLPMoEConfig(
     input_dim=8, output_dim=4, dim=8, expert_hidden=8, num_experts=4, top_k=1, num_blocks=2,

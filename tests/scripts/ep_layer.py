@@ -9,8 +9,8 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 from moe_lightning.common import is_fsdp_module
-from moe_lightning.moe import MoEConfig, MoELayer
-from moe_lightning.parallelize import expert_parallel_mesh, parallelize
+from moe_lightning.distributed.parallelize import expert_parallel_mesh, parallelize
+from moe_lightning.nn.layer import MoEConfig, MoELayer
 
 TOKENS_PER_RANK, DIM = 12, 16
 CASES = [  # (name, routing, dispatch, activation, silent expert)

@@ -26,12 +26,12 @@ from moe_lightning.adapters import find_moe_layers
 from moe_lightning.adapters.capture import capture_layer_inputs
 from moe_lightning.callbacks import GeometryMonitor, RouterMonitor
 from moe_lightning.common import observation
+from moe_lightning.distributed.parallelize import is_parallelized
 from moe_lightning.geometry import probe
-from moe_lightning.models import TransformerMoEConfig
-from moe_lightning.modules import CausalLMModule
-from moe_lightning.moe import MoELayer
-from moe_lightning.parallelize import is_parallelized
-from moe_lightning.strategy import ExpertParallelStrategy
+from moe_lightning.lightning.modules import CausalLMModule
+from moe_lightning.lightning.strategy import ExpertParallelStrategy
+from moe_lightning.nn.layer import MoELayer
+from moe_lightning.nn.models import TransformerMoEConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ep_layer import check_layer  # noqa: E402
@@ -102,7 +102,7 @@ def data(batch_size: int, ranks: int = 2):
 def preset_strategy(name: str) -> ExpertParallelStrategy:
     """The strategy a preset names, with gloo for the CPU."""
     spec = yaml.safe_load((ROOT / "configs" / "trainer" / name).read_text())["trainer"]["strategy"]
-    assert spec["class_path"] == "moe_lightning.strategy.ExpertParallelStrategy"
+    assert spec["class_path"] == "moe_lightning.lightning.strategy.ExpertParallelStrategy"
     return ExpertParallelStrategy(**{**spec["init_args"], "process_group_backend": "gloo"})
 
 

@@ -28,8 +28,8 @@ import moe_lightning.callbacks.geometry_monitor as geometry_monitor
 import moe_lightning.callbacks.router_monitor as router_monitor
 from moe_lightning.callbacks import CurvatureMonitor, GeometryMonitor, RouterMonitor
 from moe_lightning.data import SyntheticMoEDataModule
-from moe_lightning.models import MLPMoEConfig
-from moe_lightning.modules import MLPMoEModule
+from moe_lightning.lightning.modules import MLPMoEModule
+from moe_lightning.nn.models import MLPMoEConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ep_training import data as token_data  # noqa: E402

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from moe_lightning.adapters.hf_families import supported_model_types as supported_hf_model_types
+from moe_lightning.commands.probe.options import DEVICES, MODEL_DTYPES, ProbeOptions
 from moe_lightning.common import check_choice, dtype_from_name, hf_offline_mode, hub_reachable
-from moe_lightning.pretrained.options import DEVICES, MODEL_DTYPES, ProbeOptions
 
 
 def supported_model_types() -> list[str]:

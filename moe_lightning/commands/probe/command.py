@@ -1,5 +1,5 @@
 """``moe-lightning probe MODEL [options]``: the command line of the pretrained-model probe; its flags are made from
-the fields of :class:`~moe_lightning.pretrained.options.ProbeOptions`.
+the fields of :class:`~moe_lightning.commands.probe.options.ProbeOptions`.
 
 Examples:
     moe-lightning probe mistralai/Mixtral-8x7B-v0.1 --dtype bfloat16 --max-tokens 512 --out probe-mixtral
@@ -12,7 +12,7 @@ import argparse
 import sys
 from dataclasses import replace
 
-from moe_lightning.pretrained.options import DEFAULT_TEXT_FILE, add_option_arguments, options_from_args
+from moe_lightning.commands.probe.options import DEFAULT_TEXT_FILE, add_option_arguments, options_from_args
 
 PROG = "moe-lightning probe"
 
@@ -46,8 +46,8 @@ def main(argv: list[str]) -> int:
     except SystemExit as exit_:  # argparse has printed its usage/error (or --help)
         return int(exit_.code or 0)
     # transformers and the probe load once the arguments have parsed.
-    from moe_lightning.pretrained.run import format_summary, probe_and_write
-    from moe_lightning.pretrained.write import default_out_dir
+    from moe_lightning.commands.probe.run import format_summary, probe_and_write
+    from moe_lightning.commands.probe.write import default_out_dir
 
     try:
         options = options_from_args(args)

@@ -9,9 +9,9 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from moe_lightning.commands.probe.options import ProbeOptions
 from moe_lightning.common import dtype_name
 from moe_lightning.geometry import GeometryReport
-from moe_lightning.pretrained.options import ProbeOptions
 
 # Options that say where the output goes or what it is called, not how the probe ran.
 _NOT_RUN_CONFIG = ("tokenizer", "out_dir", "title")

@@ -4,7 +4,7 @@ decoder-only language model). Pure PyTorch, no Lightning.
 Shape legend: ``B`` batch, ``T`` sequence length, ``D`` model dim, ``V`` vocabulary, ``N = B * T`` tokens.
 
 Both take any routing (``"dense" | "topk" | "soft"``) through config alone, and return a :class:`ModelOutput`
-whose ``aux`` list holds one :class:`~moe_lightning.moe.MoEAux` per routed layer (empty for dense models).
+whose ``aux`` list holds one :class:`~moe_lightning.nn.layer.MoEAux` per routed layer (empty for dense models).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_lightning.common import check_positive
-from moe_lightning.moe import MoEAux, MoEConfig, MoELayer, build_ffn
+from moe_lightning.nn.layer import MoEAux, MoEConfig, MoELayer, build_ffn
 
 
 @dataclass
@@ -208,8 +208,18 @@ class TransformerMoE(nn.Module):
         return ModelOutput(self.head(self.norm(h)), aux)
 
 
-# Checkpoints store these configs in their hyper-parameters; allow them under torch.load(weights_only=True).
-torch.serialization.add_safe_globals([MoEConfig, MLPMoEConfig, TransformerMoEConfig])
+# Checkpoints store these configs in their hyper-parameters; allow them under torch.load(weights_only=True), by
+# their names and by the names 0.1 pickled them under (its modules moved: moe_lightning.common.moved).
+torch.serialization.add_safe_globals(
+    [
+        MoEConfig,
+        MLPMoEConfig,
+        TransformerMoEConfig,
+        (MoEConfig, "moe_lightning.moe.MoEConfig"),
+        (MLPMoEConfig, "moe_lightning.models.MLPMoEConfig"),
+        (TransformerMoEConfig, "moe_lightning.models.TransformerMoEConfig"),
+    ]
+)
 
 
 def param_counts(model: nn.Module) -> dict[str, int]:

@@ -1,5 +1,5 @@
 """``moe-lightning fit | validate | test | predict``: LightningCLI with moe-lightning's defaults. Lightning loads
-with this module, so the dispatcher in :mod:`moe_lightning.cli` imports it only when one of these commands runs.
+with this module, so the dispatcher in :mod:`moe_lightning.commands` imports it only when one of these commands runs.
 
 Examples:
     moe-lightning fit --config configs/mlp/topk.yaml --config configs/trainer/cpu.yaml
@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from moe_lightning.callbacks import GeometryMonitor
 
-DEFAULT_LOGGER = {"class_path": "moe_lightning.loggers.AutoWandbLogger", "init_args": {"save_dir": "runs"}}
+DEFAULT_LOGGER = {"class_path": "moe_lightning.lightning.loggers.AutoWandbLogger", "init_args": {"save_dir": "runs"}}
 
 
 class MoELightningCLI(LightningCLI):
@@ -58,7 +58,7 @@ class MoELightningCLI(LightningCLI):
         if not any(isinstance(callback, GeometryMonitor) for callback in self.trainer.callbacks):
             return
         # The report stack (pandas, matplotlib) loads only here, after training.
-        from moe_lightning.run_summary import run_directory, summarize_run
+        from moe_lightning.commands.run_summary import run_directory, summarize_run
 
         try:
             directory = run_directory(self.trainer.logger)

@@ -63,7 +63,7 @@ from typing import Any
 import yaml
 
 LOGGERS = ("csv", "wandb")
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PRESET_DIR = PROJECT_ROOT / "configs" / "sweep"
 STATUS_FILE = "run.json"
 #: Arm name -> the model config fields that make it (the sweep sets them in each job's config).
@@ -247,7 +247,7 @@ def job_config(preset: Preset, job: Job, loggers: list[str], wandb_project: str)
     if "wandb" in loggers:
         logger_list.append(
             {
-                "class_path": "moe_lightning.loggers.AutoWandbLogger",
+                "class_path": "moe_lightning.lightning.loggers.AutoWandbLogger",
                 "init_args": {
                     "save_dir": str(job.dir),
                     "project": wandb_project,
@@ -269,7 +269,7 @@ def job_config(preset: Preset, job: Job, loggers: list[str], wandb_project: str)
 
 
 def job_command(preset: Preset, job: Job) -> list[str]:
-    command = [sys.executable, "-m", "moe_lightning.cli", "fit"]
+    command = [sys.executable, "-m", "moe_lightning.commands", "fit"]
     for config in [*preset.configs, *preset.variants.get(job.routing, {}).get("configs", [])]:
         command += ["--config", config]
     return command + ["--config", str(job.dir / "job.yaml")]
@@ -498,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_report and done:
         root = Path(args.out) / preset.name
         try:
-            from moe_lightning.report import main as report_main
+            from moe_lightning.commands.report import main as report_main
         except ImportError as error:  # pragma: no cover - the report module ships with the package
             print(f"[sweep] report skipped: {error}", file=sys.stderr)
         else:

@@ -14,12 +14,12 @@ from torch import Tensor, nn
 from moe_lightning.adapters import find_moe_layers, scan_moe_layers
 from moe_lightning.adapters.capture import capture_layer_inputs
 from moe_lightning.adapters.registry import skipped_text
+from moe_lightning.commands.probe.load import prepare_model, supported_text
+from moe_lightning.commands.probe.options import ProbeOptions, options_from_keywords, with_option_keywords
+from moe_lightning.commands.probe.text import check_tokens, pack_blocks, text_tokens
+from moe_lightning.commands.probe.write import run_config, write_outputs
 from moe_lightning.common import restored_modes
 from moe_lightning.geometry import GeometryReport, probe
-from moe_lightning.pretrained.load import prepare_model, supported_text
-from moe_lightning.pretrained.options import ProbeOptions, options_from_keywords, with_option_keywords
-from moe_lightning.pretrained.text import check_tokens, pack_blocks, text_tokens
-from moe_lightning.pretrained.write import run_config, write_outputs
 
 
 def input_device(model: nn.Module) -> torch.device:
@@ -147,7 +147,7 @@ def probe_pretrained(
         texts_or_file: a text file (one document per line), a list of texts, or a tensor of token ids (flattened
             into one stream); a ``bundled:<name>`` file ships with the package; None uses the bundled WikiText-2
             test split (``bundled:wikitext-2/test.txt``).
-        **options: the fields of :class:`~moe_lightning.pretrained.options.ProbeOptions`, by keyword, with their
+        **options: the fields of :class:`~moe_lightning.commands.probe.options.ProbeOptions`, by keyword, with their
             defaults there (``tokenizer``, ``max_tokens=512``, ``seq_len=256``, ``batch_size=4``, ``layers``,
             ``device="auto"``, ``dtype="float32"``, ``probe_dtype="float64"``, ``matrix_free_threshold=1024``,
             ``matrix_free_rank=16``, ``memory_budget_mib=1024``, ``trust_remote_code=False``, ``out_dir``,

@@ -15,10 +15,17 @@ from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.text import Perplexity
 
-from moe_lightning.balancing import update_expert_biases
 from moe_lightning.common import check_choice, check_nonnegative, check_positive
-from moe_lightning.models import MLPMoE, MLPMoEConfig, ModelOutput, TransformerMoE, TransformerMoEConfig, param_counts
-from moe_lightning.parallelize import clip_grad_norm_, expert_parallel_mesh, is_parallelized, parallelize
+from moe_lightning.distributed.parallelize import clip_grad_norm_, expert_parallel_mesh, is_parallelized, parallelize
+from moe_lightning.nn.balancing import update_expert_biases
+from moe_lightning.nn.models import (
+    MLPMoE,
+    MLPMoEConfig,
+    ModelOutput,
+    TransformerMoE,
+    TransformerMoEConfig,
+    param_counts,
+)
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
 TASKS = ("regression", "classification")
@@ -115,8 +122,8 @@ class _MoEModule(L.LightningModule):
 
     def configure_model(self) -> None:
         """Under Lightning's ``ModelParallelStrategy``: FSDP2 over every rank and, with
-        :class:`~moe_lightning.strategy.ExpertParallelStrategy`, expert parallelism
-        (:func:`~moe_lightning.parallelize.parallelize`). Nothing under the other strategies."""
+        :class:`~moe_lightning.lightning.strategy.ExpertParallelStrategy`, expert parallelism
+        (:func:`~moe_lightning.distributed.parallelize.parallelize`). Nothing under the other strategies."""
         from lightning.pytorch.strategies import ModelParallelStrategy
 
         strategy = self._trainer.strategy if self._trainer is not None else None

@@ -17,7 +17,7 @@ so the grouped path needs no per-step transpose.
 
 Expert parallelism (:meth:`MoELayer.shard_experts`): over a device mesh of P ranks, each rank holds ``E / P``
 experts as the local shard of a ``DTensor`` (``Shard(0)``), and the assignments travel to their experts' ranks and
-back with ``all_to_all_single`` (:mod:`moe_lightning.expert_parallel`).
+back with ``all_to_all_single`` (:mod:`moe_lightning.distributed.expert_parallel`).
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moe_lightning.balancing import load_balance_loss, router_z_loss, sequence_load_balance_loss
 from moe_lightning.common import check_choice, check_nonnegative, check_positive, is_fsdp_module, warn_once
 from moe_lightning.common.choices import ROUTINGS
-from moe_lightning.expert_parallel import plan_exchange
+from moe_lightning.distributed.expert_parallel import plan_exchange
+from moe_lightning.nn.balancing import load_balance_loss, router_z_loss, sequence_load_balance_loss
 
 ACTIVATIONS = ("gelu", "relu", "silu", "swiglu")
 CAPACITY_MATCHES = ("total", "active")
@@ -340,7 +340,8 @@ class MoELayer(nn.Module):
         of the ranks' losses is the loss of their tokens together. A capacity limit applies to each rank's tokens.
 
         The expert gradients a backward pass leaves are sums over the group's ranks of each rank's loss, as for any
-        parameter before the data-parallel mean; FSDP2 (:func:`moe_lightning.parallelize.parallelize`) divides them.
+        parameter before the data-parallel mean; FSDP2
+        (:func:`moe_lightning.distributed.parallelize.parallelize`) divides them.
         """
         from torch.distributed.tensor import Shard, distribute_tensor
 

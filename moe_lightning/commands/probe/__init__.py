@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING
 from moe_lightning.common.lazy import lazy_names
 
 if TYPE_CHECKING:
-    from moe_lightning.pretrained.command import build_parser, main
-    from moe_lightning.pretrained.load import load_pretrained, resolve_model, supported_model_types
-    from moe_lightning.pretrained.options import ProbeOptions
-    from moe_lightning.pretrained.run import capture_inputs, format_summary, probe_and_write, probe_pretrained
-    from moe_lightning.pretrained.text import pack_blocks, read_text_file, token_stream
-    from moe_lightning.pretrained.write import default_out_dir, write_outputs
+    from moe_lightning.commands.probe.command import build_parser, main
+    from moe_lightning.commands.probe.load import load_pretrained, resolve_model, supported_model_types
+    from moe_lightning.commands.probe.options import ProbeOptions
+    from moe_lightning.commands.probe.run import capture_inputs, format_summary, probe_and_write, probe_pretrained
+    from moe_lightning.commands.probe.text import pack_blocks, read_text_file, token_stream
+    from moe_lightning.commands.probe.write import default_out_dir, write_outputs
 
 # Public name -> the module that defines it, imported on first use: `moe-lightning probe --help` needs neither
 # transformers nor the probe.

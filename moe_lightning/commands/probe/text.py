@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from moe_lightning.commands.probe.options import DEFAULT_TEXT_FILE
 from moe_lightning.common.bundled import resolve_text_file
-from moe_lightning.pretrained.options import DEFAULT_TEXT_FILE
 
 # Lines tokenized per tokenizer call while filling the token budget (the text file may be much longer).
 _TOKENIZE_CHUNK_LINES = 64

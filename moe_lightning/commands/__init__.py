@@ -3,7 +3,7 @@ and imports a subcommand's module only when that subcommand runs.
 
 Lightning, transformers, the plotting libraries and wandb take seconds to import, so ``moe-lightning --help`` and
 a mistyped command answer from here without them. ``fit | validate | test | predict`` run through LightningCLI
-(:mod:`moe_lightning.cli.trainer`), whose jsonargparse help lists every option (``moe-lightning fit --help``);
+(:mod:`moe_lightning.commands.trainer`), whose jsonargparse help lists every option (``moe-lightning fit --help``);
 ``sweep``, ``report``, ``probe`` and ``dashboard`` are the ``main(argv)`` of their modules.
 
 Examples:
@@ -19,7 +19,7 @@ import importlib
 import sys
 
 PROG = "moe-lightning"
-# LightningCLI's subcommands (moe_lightning.cli.trainer), with one line each for the top-level help.
+# LightningCLI's subcommands (moe_lightning.commands.trainer), with one line each for the top-level help.
 TRAINER_COMMANDS: dict[str, str] = {
     "fit": "train a model and, with GeometryMonitor, print its geometry and write its report",
     "validate": "run one evaluation epoch over the validation set",
@@ -28,10 +28,13 @@ TRAINER_COMMANDS: dict[str, str] = {
 }
 # The project's own subcommands: name -> (the module whose main(argv) runs it, one line for the top-level help).
 EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
-    "sweep": ("moe_lightning.sweep", "train routing arms x seeds of a preset with geometry logging, then the report"),
-    "report": ("moe_lightning.report.command", "results and claims tables, plots and one HTML page from logged runs"),
-    "probe": ("moe_lightning.pretrained.command", "the geometry of every MoE layer of a pretrained HF checkpoint"),
-    "dashboard": ("moe_lightning.report.workspace_command", "create or update the W&B workspace of the geometry"),
+    "sweep": (
+        "moe_lightning.commands.sweep",
+        "train routing arms x seeds of a preset with geometry logging, then the report",
+    ),
+    "report": ("moe_lightning.commands.report", "results and claims tables, plots and one HTML page from logged runs"),
+    "probe": ("moe_lightning.commands.probe.command", "the geometry of every MoE layer of a pretrained HF checkpoint"),
+    "dashboard": ("moe_lightning.commands.dashboard", "create or update the W&B workspace of the geometry"),
 }
 # LightningCLI's own options before the subcommand: option -> whether it takes the next word as its value.
 TRAINER_OPTIONS: dict[str, bool] = {"-c": True, "--config": True, "--print_config": False}
@@ -107,7 +110,7 @@ def main(argv: list[str] | None = None) -> int | None:
     if not args:
         build_parser().error(f"a command is required; choose from {', '.join([*TRAINER_COMMANDS, *EXTRA_COMMANDS])}")
     # A trainer command, or LightningCLI's options alone (it reports what is missing).
-    from moe_lightning.cli.trainer import main as trainer_main
+    from moe_lightning.commands.trainer import main as trainer_main
 
     # None lets LightningCLI read sys.argv itself (it warns when given both).
     return trainer_main(None if argv is None else args)

@@ -140,7 +140,7 @@ def main(argv: list[str]) -> int:
         ``--out``); 2 for bad input.
     """
     args = _parser().parse_args(argv)
-    from moe_lightning.loggers import resolve_wandb_offline
+    from moe_lightning.lightning.loggers import resolve_wandb_offline
 
     entity = args.entity or os.environ.get("WANDB_ENTITY", "")
     try:

@@ -5,7 +5,7 @@ The layout follows torchtitan (``parallelize_llama`` / ``apply_fsdp`` for MoE mo
 ``W = R * P`` ranks, dimensions ``("expert_replicate", "expert")``:
 
 - every rank reads its own data (all W ranks are data-parallel);
-- every :class:`~moe_lightning.moe.MoELayer`'s experts are split over the ``"expert"`` dimension (P ranks hold
+- every :class:`~moe_lightning.nn.layer.MoELayer`'s experts are split over the ``"expert"`` dimension (P ranks hold
   E/P experts each, tokens travel with ``all_to_all_single``) and sharded by FSDP2 over ``"expert_replicate"``;
   their gradients are divided by W, since each expert's gradient already sums the P ranks of its group;
 - everything else is sharded by FSDP2 over all W ranks: routers, shared experts and dense FFNs one group per
@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from moe_lightning.common import check_positive_int, is_fsdp_module
-from moe_lightning.moe import DenseFFN, MoELayer
+from moe_lightning.nn.layer import DenseFFN, MoELayer
 
 __all__ = ["EXPERT_MESH_DIMS", "clip_grad_norm_", "expert_parallel_mesh", "is_parallelized", "parallelize"]
 
