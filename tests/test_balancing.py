@@ -247,7 +247,7 @@ def test_probe_forward_passes_do_not_move_the_bias():
 def test_two_process_ddp_bias_and_router_monitor_match_one_process_on_the_union(tmp_path):
     """Both ranks apply the same bias steps, from the loads of both ranks' batches; RouterMonitor's window is the
     union of both ranks' batches of the window."""
-    from moe_lightning.geometry import routing_sums, window_statistics
+    from moe_lightning.geometry.router import routing_sums, window_statistics
     from moe_lightning.nn.models import MLPMoE
 
     run_test_script("ddp_routing.py", tmp_path, tmp_path)

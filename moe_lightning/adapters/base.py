@@ -1,6 +1,6 @@
 """The adapters' side of the ``MoEView`` contract (docs/design.md): :class:`CallableView`, a view built from plain
-callables, and re-exports of ``MoEView``, ``ExpertPlacement`` and ``TokenFn``, which live with the geometry that
-consumes them.
+callables. The contract itself (``MoEView``, ``ExpertPlacement``, ``TokenFn``) lives with the geometry that consumes
+it, in :mod:`moe_lightning.geometry.view`.
 
 Geometry code and callbacks see an MoE layer only through :class:`~moe_lightning.geometry.view.MoEView`. Adapters
 implement it for each model family (ours, Hugging Face Mixtral / Qwen-MoE / OLMoE); a user with an unusual layer
@@ -15,9 +15,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from moe_lightning.geometry.view import ExpertPlacement, MoEView, TokenFn
+from moe_lightning.geometry.view import TokenFn
 
-__all__ = ["CallableView", "ExpertPlacement", "MoEView", "TokenFn"]
+__all__ = ["CallableView"]
 
 
 @dataclass

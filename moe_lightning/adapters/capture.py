@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from moe_lightning.adapters.base import MoEView
+from moe_lightning.geometry import MoEView
 
 
 def to_device(obj: Any, device: torch.device) -> Any:

@@ -35,8 +35,9 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from moe_lightning.adapters.base import CallableView, MoEView
+from moe_lightning.adapters.base import CallableView
 from moe_lightning.adapters.registry import register_adapter, registered_adapters
+from moe_lightning.geometry import MoEView
 
 GatesFn = Callable[[nn.Module, Tensor], Tensor]  # (module, x (N, D)) -> (N, E)
 ExpertFn = Callable[[nn.Module, int, Tensor], Tensor]  # (module, e, x (N, D)) -> (N, D), (N, H) or (N, D, D)

@@ -28,11 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moe_lightning.adapters.base import MoEView, TokenFn
 from moe_lightning.adapters.hf_experts import ADAPTER_NAME as experts_adapter
 from moe_lightning.adapters.hf_experts import experts_interface_views, is_experts_block
 from moe_lightning.adapters.registry import register_adapter, registered_adapters
-from moe_lightning.geometry import JacobianOperator, swiglu_expert_jacobian, swiglu_jacobian_operator
+from moe_lightning.adapters.swiglu import SwigluClosedForms, check_expert_index, is_silu, swiglu_hidden
+from moe_lightning.geometry.view import MoEView, TokenFn
 
 # adapter name -> (block class name, whether the family always renormalises the top-k weights)
 _HF_FAMILIES: dict[str, tuple[str, bool]] = {
@@ -43,51 +43,18 @@ _HF_FAMILIES: dict[str, tuple[str, bool]] = {
 }
 
 
-def _is_silu(act: object) -> bool:
-    """True for the activations ``transformers`` maps ``"silu"``/``"swish"`` to (``ACT2FN``)."""
-    return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation" or act is F.silu
-
-
-def _swiglu_hidden(x_ND: Tensor, w_gate_HD: Tensor, w_up_HD: Tensor, act: TokenFn) -> Tensor:
-    """``act(x W_gate^T) * (x W_up^T)``, (N, D) -> (N, H): the input of the down projection."""
-    return act(F.linear(x_ND, w_gate_HD)) * F.linear(x_ND, w_up_HD)
-
-
-def _swiglu_closed_form(weights: tuple[Tensor, Tensor, Tensor, TokenFn], x_ND: Tensor, make):
-    """``make(x, w_gate, w_up, w_down)`` on an expert's ``nn.Linear``-layout weights, or None unless the act is SiLU.
-
-    ``make`` is a closed form of docs/geometry.md §1 (``swiglu_expert_jacobian`` or ``swiglu_jacobian_operator``), which
-    take right-multiplied weights: ``f(x) = (silu(x @ w_gate) * (x @ w_up)) @ w_down``. Weights are cast to the
-    dtype of ``x_ND`` (the probe may run in float64 on a float32 model).
-    """
-    w_gate_HD, w_up_HD, w_down_DH, act = weights
-    if not _is_silu(act):
-        return None
-    dtype = x_ND.dtype
-    return make(x_ND, w_gate_HD.T.to(dtype), w_up_HD.T.to(dtype), w_down_DH.T.to(dtype))
-
-
-class _SwigluClosedForms:
-    """The closed-form Jacobian and Jacobian products of a view whose ``_expert_weights(e)`` gives SwiGLU weights."""
+class _LinearLayoutSwiglu(SwigluClosedForms):
+    """A view whose ``_expert_weights(e)`` gives an expert's SwiGLU weights in ``nn.Linear`` layout and its act."""
 
     def _expert_weights(self, e: int) -> tuple[Tensor, Tensor, Tensor, TokenFn]:
         raise NotImplementedError
 
-    def expert_jacobian(self, e: int, x_ND: Tensor) -> Tensor | None:
-        """Closed-form Jacobian of expert ``e`` at each token, (N, D) -> (N, D, D); None unless the act is SiLU."""
-        return _swiglu_closed_form(self._expert_weights(e), x_ND, swiglu_expert_jacobian)
-
-    def expert_jacobian_operator(self, e: int, x_ND: Tensor) -> JacobianOperator | None:
-        """Closed-form products ``J V`` / ``Jᵀ U`` at each token (matrix-free spectra); None unless the act is SiLU."""
-        return _swiglu_closed_form(self._expert_weights(e), x_ND, swiglu_jacobian_operator)
+    def _swiglu_weights(self, e: int) -> tuple[Tensor, Tensor, Tensor] | None:
+        w_gate_HD, w_up_HD, w_down_DH, act = self._expert_weights(e)
+        return (w_gate_HD.T, w_up_HD.T, w_down_DH.T) if is_silu(act) else None
 
 
-def _check_expert_index(name: str, e: int, num_experts: int) -> None:
-    if not 0 <= e < num_experts:
-        raise ValueError(f"{name}: expert index e={e} is out of range; allowed 0..{num_experts - 1}")
-
-
-class HFSparseMoeView(_SwigluClosedForms):
+class HFSparseMoeView(_LinearLayoutSwiglu):
     """:class:`MoEView` of the routed experts of one Hugging Face sparse MoE block.
 
     Weights are read from the block at every call, so the view follows training.
@@ -156,7 +123,7 @@ class HFSparseMoeView(_SwigluClosedForms):
 
     def _expert_weights(self, e: int) -> tuple[Tensor, Tensor, Tensor, TokenFn]:
         """Expert ``e`` in ``nn.Linear`` layout: ``(W_gate (H, D), W_up (H, D), W_down (D, H), act)``."""
-        _check_expert_index(self.name, e, self.num_experts)
+        check_expert_index(self.name, e, self.num_experts)
         experts = self.module.experts
         if isinstance(experts, nn.ModuleList):  # transformers 4.x: one MLP module per expert
             mlp = experts[e]
@@ -172,26 +139,26 @@ class HFSparseMoeView(_SwigluClosedForms):
 
     def expert(self, e: int) -> TokenFn:
         """Expert ``e`` as a function (N, D) -> (N, D), without its gate weight."""
-        _check_expert_index(self.name, e, self.num_experts)
+        check_expert_index(self.name, e, self.num_experts)
 
         def expert_e(x_ND: Tensor) -> Tensor:
             w_gate_HD, w_up_HD, w_down_DH, act = self._expert_weights(e)
-            return F.linear(_swiglu_hidden(x_ND, w_gate_HD, w_up_HD, act), w_down_DH)
+            return F.linear(swiglu_hidden(x_ND, w_gate_HD, w_up_HD, act), w_down_DH)
 
         return expert_e
 
     def expert_hidden(self, e: int) -> TokenFn:
         """Expert ``e``'s inner activation ``act(x W_gate^T) * (x W_up^T)``, (N, D) -> (N, H)."""
-        _check_expert_index(self.name, e, self.num_experts)
+        check_expert_index(self.name, e, self.num_experts)
 
         def hidden_e(x_ND: Tensor) -> Tensor:
             w_gate_HD, w_up_HD, _, act = self._expert_weights(e)
-            return _swiglu_hidden(x_ND, w_gate_HD, w_up_HD, act)
+            return swiglu_hidden(x_ND, w_gate_HD, w_up_HD, act)
 
         return hidden_e
 
 
-class HFSharedExpertView(_SwigluClosedForms):
+class HFSharedExpertView(_LinearLayoutSwiglu):
     """:class:`MoEView` of Qwen2-MoE's always-on shared expert: one expert gated by ``sigmoid(w · x)``.
 
     ``module`` is the whole sparse block (not the shared MLP), because the shared expert and its gate read the
@@ -217,27 +184,27 @@ class HFSharedExpertView(_SwigluClosedForms):
         return torch.sigmoid(F.linear(x_ND, gate.weight, gate.bias))
 
     def _expert_weights(self, e: int) -> tuple[Tensor, Tensor, Tensor, TokenFn]:
-        _check_expert_index(self.name, e, 1)
+        check_expert_index(self.name, e, 1)
         mlp = self.module.shared_expert
         return mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight, mlp.act_fn
 
     def expert(self, e: int) -> TokenFn:
         """The shared MLP as a function (N, D) -> (N, D); ``e`` must be 0."""
-        _check_expert_index(self.name, e, 1)
+        check_expert_index(self.name, e, 1)
 
         def shared(x_ND: Tensor) -> Tensor:
             w_gate_HD, w_up_HD, w_down_DH, act = self._expert_weights(0)
-            return F.linear(_swiglu_hidden(x_ND, w_gate_HD, w_up_HD, act), w_down_DH)
+            return F.linear(swiglu_hidden(x_ND, w_gate_HD, w_up_HD, act), w_down_DH)
 
         return shared
 
     def expert_hidden(self, e: int) -> TokenFn:
         """The shared MLP's inner activation, (N, D) -> (N, H); ``e`` must be 0."""
-        _check_expert_index(self.name, e, 1)
+        check_expert_index(self.name, e, 1)
 
         def shared_hidden(x_ND: Tensor) -> Tensor:
             w_gate_HD, w_up_HD, _, act = self._expert_weights(0)
-            return _swiglu_hidden(x_ND, w_gate_HD, w_up_HD, act)
+            return swiglu_hidden(x_ND, w_gate_HD, w_up_HD, act)
 
         return shared_hidden
 

@@ -39,29 +39,23 @@ from __future__ import annotations
 import inspect
 import itertools
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moe_lightning.adapters.base import MoEView, TokenFn
+from moe_lightning.adapters.hf_experts_views import (
+    ExpertsInterfaceView,
+    SharedExpertView,
+    router_outputs_unrecorded,
+    routing_of,
+)
 from moe_lightning.adapters.registry import BlockNotViewable
 from moe_lightning.common import preserved_rng, restored_modes
-from moe_lightning.geometry import JacobianOperator, swiglu_expert_jacobian, swiglu_jacobian_operator
+from moe_lightning.geometry import MoEView
 
-__all__ = [
-    "ADAPTER_NAME",
-    "BlockNotViewable",
-    "ExpertsInterfaceView",
-    "SharedExpertView",
-    "experts_child",
-    "experts_interface_views",
-    "is_experts_block",
-    "is_experts_module",
-]
+__all__ = ["ADAPTER_NAME", "experts_child", "experts_interface_views", "is_experts_block", "is_experts_module"]
 
 ADAPTER_NAME = "hf-experts"
 _CHECK_TOKENS = 8
@@ -94,300 +88,8 @@ def is_experts_block(module: nn.Module) -> bool:
     return experts_child(module) is not None
 
 
-class _ExpertsCalled(Exception):
-    """Raised by the pre-hook on the experts module to stop a block's forward once its routing is known."""
-
-    def __init__(self, args: tuple, kwargs: dict) -> None:
-        super().__init__("experts called")
-        self.args, self.kwargs = args, kwargs
-
-
-def _routing_of(args: tuple, kwargs: dict) -> tuple[Tensor, Tensor, Tensor]:
-    """``(hidden_states, top_k_index, top_k_weights)`` of an experts-interface call."""
-    names = ("hidden_states", "top_k_index", "top_k_weights")
-    values = list(args[:3]) + [kwargs.get(n) for n in names[len(args[:3]) :]]
-    if any(not isinstance(v, Tensor) for v in values):
-        raise BlockNotViewable("its experts are not called as experts(hidden_states, top_k_index, top_k_weights)")
-    return values[0], values[1], values[2]
-
-
-@contextmanager
-def _router_outputs_unrecorded() -> Iterator[None]:
-    """Keep transformers from recording the router outputs of the view's own calls: during a model forward that
-    collects ``router_logits`` (for the aux loss), a recorded extra call would change the loss it trains on."""
-    try:
-        from transformers.utils import output_capturing
-
-        collector = output_capturing._active_collector
-    except (ImportError, AttributeError):
-        yield
-        return
-    token = collector.set(None)
-    try:
-        yield
-    finally:
-        collector.reset(token)
-
-
 def _first_tensor(output: Any) -> Tensor:
     return output if isinstance(output, Tensor) else next(t for t in output if isinstance(t, Tensor))
-
-
-def _is_default_gate(experts: nn.Module) -> bool:
-    method = getattr(type(experts), "_apply_gate", None)
-    return getattr(method, "__qualname__", "") == "_default_apply_gate" and "integrations.moe" in getattr(
-        method, "__module__", ""
-    )
-
-
-def _is_silu(act: object) -> bool:
-    """True for the activations ``transformers`` maps ``"silu"``/``"swish"`` to (``ACT2FN``)."""
-    return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation" or act is F.silu
-
-
-def _takes_expert_ids(norm: object) -> bool:
-    """Whether ``norm`` is a post-expert norm with a learned scale per expert: a module whose forward takes the
-    expert ids besides the hidden states. An experts class that subclasses an interface class applies it after
-    the interface's projections, in its own forward (Ergo's ``ErgoExperts``); the self-check confirms it."""
-    if not isinstance(norm, nn.Module):
-        return False
-    try:
-        parameters = inspect.signature(norm.forward).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in parameters) == 2
-
-
-def _check_expert_index(name: str, e: int, num_experts: int) -> None:
-    if not 0 <= e < num_experts:
-        raise ValueError(f"{name}: expert index e={e} is out of range; allowed 0..{num_experts - 1}")
-
-
-def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, transposed: bool) -> Tensor:
-    """One expert's projection as the interface's kernels compute it: ``x @ W`` for a transposed layout
-    (``W`` (in, out)), ``x @ Wᵀ`` otherwise (``W`` (out, in)), plus the bias."""
-    weight = weight.to(x.dtype)
-    out = x @ weight if transposed else F.linear(x, weight)
-    return out if bias is None else out + bias.to(x.dtype)
-
-
-class _SwigluForms:
-    """Closed forms of a view whose experts are plain SwiGLUs, from ``_swiglu_weights(e)``:
-    ``(w_gate (D, H), w_up (D, H), w_down (H, D))`` in the right-multiplied layout of docs/geometry.md §1, or None."""
-
-    def _swiglu_weights(self, e: int) -> tuple[Tensor, Tensor, Tensor] | None:
-        raise NotImplementedError
-
-    def _closed_form(self, e: int, x_ND: Tensor, make):
-        weights = self._swiglu_weights(e)
-        if weights is None:
-            return None
-        return make(x_ND, *(w.to(x_ND.dtype) for w in weights))
-
-    def expert_jacobian(self, e: int, x_ND: Tensor) -> Tensor | None:
-        """Closed-form Jacobian of expert ``e`` at each token (N, D, D) for a plain SwiGLU; None otherwise, so that
-        the probe uses ``torch.func``."""
-        return self._closed_form(e, x_ND, swiglu_expert_jacobian)
-
-    def expert_jacobian_operator(self, e: int, x_ND: Tensor) -> JacobianOperator | None:
-        """Closed-form products ``J V`` / ``Jᵀ U`` of expert ``e`` for a plain SwiGLU; None otherwise."""
-        return self._closed_form(e, x_ND, swiglu_jacobian_operator)
-
-
-class ExpertsInterfaceView(_SwigluForms):
-    """:class:`MoEView` of the routed experts of one experts-interface block (see the module docstring).
-
-    Weights are read from the block at every call, so the view follows training. Build it with
-    :func:`experts_interface_views`, which also runs the reconstruction self-check.
-
-    Attributes:
-        mode: ``"router"`` (gates from the block's router module) or ``"block"`` (from the block's own forward,
-            intercepted at its experts call).
-        output_scale: a constant the block multiplies its experts' output by (1.0 for most), measured by the
-            self-check and folded into the gates.
-        closed_form: whether the experts are plain SwiGLUs with closed-form Jacobians.
-    """
-
-    def __init__(self, name: str, block: nn.Module, experts_name: str) -> None:
-        self.name, self.module = name, block
-        self._experts_name = experts_name
-        experts = self.experts
-        up = experts.gate_up_proj if experts.has_gate else experts.up_proj
-        self.num_experts = int(up.shape[0])
-        self.mode = "block"
-        self.output_scale = 1.0  # a constant the block multiplies its experts' output by, folded into the gates
-        self._router: tuple[nn.Module, int, int] | None = None  # (router, index position, weights position)
-        self.closed_form = bool(
-            experts.has_gate
-            and not experts.has_bias
-            and not getattr(experts, "has_post_expert_norm", False)
-            and not _takes_expert_ids(getattr(experts, "post_expert_norm", None))
-            and _is_default_gate(experts)
-            and _is_silu(getattr(experts, "act_fn", None))
-        )
-
-    @property
-    def experts(self) -> nn.Module:
-        return getattr(self.module, self._experts_name)
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(name={self.name!r}, num_experts={self.num_experts}, mode={self.mode!r}, "
-            f"closed_form={self.closed_form}, output_scale={self.output_scale:g})"
-        )
-
-    # -- routing --------------------------------------------------------------------------------------------------
-
-    def _block_routing(self, x_ND: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Run the block's forward on ``x`` up to its experts call; return what it passes to the experts."""
-
-        def stop(module, args, kwargs):
-            raise _ExpertsCalled(args, kwargs)
-
-        handle = self.experts.register_forward_pre_hook(stop, with_kwargs=True)
-        try:
-            self.module.forward(x_ND.reshape(1, *x_ND.shape))
-        except _ExpertsCalled as called:
-            return _routing_of(called.args, called.kwargs)
-        finally:
-            handle.remove()
-        raise BlockNotViewable("its forward returned without calling its experts module")
-
-    def _scatter(self, index_NK: Tensor, weights_NK: Tensor, x_ND: Tensor) -> Tensor:
-        index_NK = index_NK.reshape(x_ND.shape[0], -1).long()
-        weights_NK = weights_NK.reshape(index_NK.shape)
-        gates_NE = weights_NK.new_zeros(index_NK.shape[0], self.num_experts).scatter(-1, index_NK, weights_NK)
-        return (gates_NE * self.output_scale if self.output_scale != 1.0 else gates_NE).to(x_ND.dtype)
-
-    def gates(self, x_ND: Tensor) -> Tensor:
-        """(N, D) -> (N, E): the block's own routing weights, 0 where a token is not routed (eval semantics)."""
-        with restored_modes(self.module), _router_outputs_unrecorded():
-            if self._router is not None:
-                router, i_index, i_weights = self._router
-                out = router.forward(x_ND)
-                return self._scatter(out[i_index], out[i_weights], x_ND)
-            _, index_NK, weights_NK = self._block_routing(x_ND)
-            return self._scatter(index_NK, weights_NK, x_ND)
-
-    def _find_router(self, x_ND: Tensor, index_NK: Tensor, weights_NK: Tensor) -> None:
-        """Use a child whose forward on ``x`` returns exactly the block's ``(index, weights)`` as the router."""
-        for _, child in self.module.named_children():
-            if child is self.experts:
-                continue
-            try:
-                with _router_outputs_unrecorded():
-                    out = child.forward(x_ND)
-            except Exception:  # noqa: BLE001 - a child that needs more than the tokens is not a router on its own
-                continue
-            if not isinstance(out, (tuple, list)):
-                continue
-            tensors = [(i, t) for i, t in enumerate(out) if isinstance(t, Tensor) and t.shape == index_NK.shape]
-            i_index = next((i for i, t in tensors if not t.is_floating_point() and torch.equal(t, index_NK)), None)
-            same_weights = [t.dtype == weights_NK.dtype and torch.equal(t, weights_NK) for _, t in tensors]
-            i_weights = next((i for (i, _), same in zip(tensors, same_weights, strict=True) if same), None)
-            if i_index is not None and i_weights is not None:
-                self._router, self.mode = (child, i_index, i_weights), "router"
-                return
-
-    # -- experts --------------------------------------------------------------------------------------------------
-
-    def _up(self, e: int, x_ND: Tensor) -> Tensor:
-        experts = self.experts
-        weight = experts.gate_up_proj[e] if experts.has_gate else experts.up_proj[e]
-        bias = None
-        if experts.has_bias:
-            bias = (experts.gate_up_proj_bias if experts.has_gate else experts.up_proj_bias)[e]
-        return _linear(x_ND, weight, bias, experts.is_transposed)
-
-    def _hidden(self, e: int, x_ND: Tensor) -> Tensor:
-        experts = self.experts
-        projected = self._up(e, x_ND)
-        return experts._apply_gate(projected) if experts.has_gate else experts.act_fn(projected)
-
-    def _down(self, e: int, h_NH: Tensor) -> Tensor:
-        experts = self.experts
-        bias = experts.down_proj_bias[e] if experts.has_bias else None
-        out = _linear(h_NH, experts.down_proj[e], bias, experts.is_transposed)
-        if getattr(experts, "has_post_expert_norm", False):
-            out = experts.post_expert_norm(out)
-        elif _takes_expert_ids(getattr(experts, "post_expert_norm", None)):
-            out = experts.post_expert_norm(out, torch.full(out.shape[:1], e, dtype=torch.long, device=out.device))
-        return out
-
-    def expert(self, e: int) -> TokenFn:
-        """Expert ``e`` as a function (N, D) -> (N, D), without its gate weight."""
-        _check_expert_index(self.name, e, self.num_experts)
-        return lambda x_ND: self._down(e, self._hidden(e, x_ND))
-
-    def expert_hidden(self, e: int) -> TokenFn:
-        """Expert ``e``'s activation after its gate/nonlinearity, the input of its down projection, (N, D) -> (N, H)."""
-        _check_expert_index(self.name, e, self.num_experts)
-        return lambda x_ND: self._hidden(e, x_ND)
-
-    def _swiglu_weights(self, e: int) -> tuple[Tensor, Tensor, Tensor] | None:
-        _check_expert_index(self.name, e, self.num_experts)
-        if not self.closed_form:
-            return None
-        experts = self.experts
-        gate_up, down = experts.gate_up_proj[e], experts.down_proj[e]
-        if not experts.is_transposed:  # stored (2H, D), (D, H): the nn.Linear layout
-            gate_up, down = gate_up.T, down.T
-        # the default _apply_gate splits the projection in halves: (gate, up) = chunk(2, dim=-1)
-        w_gate_DH, w_up_DH = gate_up.chunk(2, dim=-1)
-        return w_gate_DH, w_up_DH, down
-
-
-class SharedExpertView(_SwigluForms):
-    """:class:`MoEView` of one always-on shared expert of a block: one expert, gate ``sigmoid(gate(x))`` when the
-    block has a one-output linear gate for it, else 1.
-
-    ``module`` is the whole block, so hooks on it capture the input the shared and routed experts both read.
-    """
-
-    num_experts = 1
-
-    def __init__(self, name: str, block: nn.Module, mlp_name: str, gate_name: str | None) -> None:
-        self.name, self.module = name, block
-        self._mlp_name, self._gate_name = mlp_name, gate_name
-        mlp = self.mlp
-        self.closed_form = (
-            all(isinstance(getattr(mlp, p, None), nn.Linear) for p in ("gate_proj", "up_proj", "down_proj"))
-            and all(getattr(mlp, p).bias is None for p in ("gate_proj", "up_proj", "down_proj"))
-            and _is_silu(getattr(mlp, "act_fn", None))
-        )
-
-    @property
-    def mlp(self) -> nn.Module:
-        return getattr(self.module, self._mlp_name)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(name={self.name!r}, num_experts=1, gated={self._gate_name is not None})"
-
-    def gates(self, x_ND: Tensor) -> Tensor:
-        """(N, D) -> (N, 1): ``sigmoid(gate(x))``, or ones for an ungated shared expert."""
-        if self._gate_name is None:
-            return x_ND.new_ones(x_ND.shape[0], 1)
-        return torch.sigmoid(getattr(self.module, self._gate_name).forward(x_ND)).to(x_ND.dtype)
-
-    def expert(self, e: int) -> TokenFn:
-        """The shared MLP, (N, D) -> (N, D); ``e`` must be 0."""
-        _check_expert_index(self.name, e, 1)
-        return lambda x_ND: self.mlp.forward(x_ND)
-
-    def expert_hidden(self, e: int) -> TokenFn | None:
-        """The shared SwiGLU's ``act(x W_gate) * (x W_up)`` (N, H), or None for another MLP; ``e`` must be 0."""
-        _check_expert_index(self.name, e, 1)
-        if not self.closed_form:
-            return None
-        mlp = self.mlp
-        return lambda x_ND: mlp.act_fn(F.linear(x_ND, mlp.gate_proj.weight)) * F.linear(x_ND, mlp.up_proj.weight)
-
-    def _swiglu_weights(self, e: int) -> tuple[Tensor, Tensor, Tensor] | None:
-        _check_expert_index(self.name, e, 1)
-        if not self.closed_form:
-            return None
-        mlp = self.mlp
-        return mlp.gate_proj.weight.T, mlp.up_proj.weight.T, mlp.down_proj.weight.T
 
 
 def _relative_error(got: Tensor, want: Tensor) -> float:
@@ -426,7 +128,7 @@ def _shared_candidates(block: nn.Module, skip: set[int], x_ND: Tensor) -> tuple[
         if id(child) in skip or next(child.parameters(), None) is None:
             continue
         try:
-            with _router_outputs_unrecorded():
+            with router_outputs_unrecorded():
                 out = child.forward(x_ND)
         except Exception:  # noqa: BLE001 - not a function of the tokens alone
             continue
@@ -467,6 +169,32 @@ def _extra_inputs(block: nn.Module) -> list[str]:
     return [p.name for p in named[1:]]
 
 
+def _routed_gates(routed: ExpertsInterfaceView, x_ND: Tensor, routing: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+    """The routed view's gates on the sample ``x_ND``, checked against the ``routing`` the block passed its experts
+    (its router found on the way, where a child gives that routing on its own)."""
+    hidden, index_NK, weights_NK = routing
+    if hidden.shape != x_ND.shape or not torch.equal(hidden, x_ND):
+        raise BlockNotViewable("it transforms its input before its experts (the experts see other tokens)")
+    if index_NK.shape[0] != x_ND.shape[0] or int(index_NK.max()) >= routed.num_experts:
+        raise BlockNotViewable(f"its routing indices do not address its {routed.num_experts} experts")
+    routed._find_router(x_ND, index_NK, weights_NK)
+    gates_NE = routed.gates(x_ND)
+    if not torch.equal(gates_NE, routed._scatter(index_NK, weights_NK, x_ND)):
+        raise BlockNotViewable("its gates differ from the routing it passes to its experts")
+    return gates_NE
+
+
+def _confirm_closed_forms(views: list[ExpertsInterfaceView | SharedExpertView], x_ND: Tensor, tol: float) -> None:
+    """Keep a view's closed forms only where they describe the same function as its expert on ``x_ND``."""
+    for view in views:
+        if view.closed_form:
+            w_gate, w_up, w_down = view._swiglu_weights(0)
+            x = x_ND.to(w_gate.dtype)
+            swiglu = (F.silu(x @ w_gate) * (x @ w_up)) @ w_down
+            if _relative_error(swiglu, view.expert(0)(x)) > tol:
+                view.closed_form = False
+
+
 def experts_interface_views(path: str, block: nn.Module) -> list[MoEView]:
     """The views of one experts-interface block: its routed experts, then one view per shared expert; the block's
     reconstruction self-check runs first.
@@ -489,11 +217,11 @@ def experts_interface_views(path: str, block: nn.Module) -> list[MoEView]:
     captured: dict[str, Any] = {}
 
     def record(module, args, kwargs, output):
-        captured["routing"], captured["output"] = _routing_of(args, kwargs), output
+        captured["routing"], captured["output"] = routing_of(args, kwargs), output
 
     handle = routed.experts.register_forward_hook(record, with_kwargs=True)
     try:
-        with torch.no_grad(), preserved_rng(), restored_modes(block), _router_outputs_unrecorded():
+        with torch.no_grad(), preserved_rng(), restored_modes(block), router_outputs_unrecorded():
             try:
                 block_out = _first_tensor(block.forward(x_ND.reshape(1, *x_ND.shape))).reshape(x_ND.shape)
             except Exception as error:  # noqa: BLE001 - reported: the block needs more than its hidden states
@@ -502,15 +230,7 @@ def experts_interface_views(path: str, block: nn.Module) -> list[MoEView]:
                 ) from error
             if "routing" not in captured:
                 raise BlockNotViewable("its forward does not call its experts module")
-            hidden, index_NK, weights_NK = captured["routing"]
-            if hidden.shape != x_ND.shape or not torch.equal(hidden, x_ND):
-                raise BlockNotViewable("it transforms its input before its experts (the experts see other tokens)")
-            if index_NK.shape[0] != x_ND.shape[0] or int(index_NK.max()) >= routed.num_experts:
-                raise BlockNotViewable(f"its routing indices do not address its {routed.num_experts} experts")
-            routed._find_router(x_ND, index_NK, weights_NK)
-            gates_NE = routed.gates(x_ND)
-            if not torch.equal(gates_NE, routed._scatter(index_NK, weights_NK, x_ND)):
-                raise BlockNotViewable("its gates differ from the routing it passes to its experts")
+            gates_NE = _routed_gates(routed, x_ND, captured["routing"])
             routed_out = _routed_sum(routed, gates_NE, x_ND)
             error = _relative_error(routed_out, _first_tensor(captured["output"]).reshape(x_ND.shape))
             if error > tol:
@@ -530,13 +250,7 @@ def experts_interface_views(path: str, block: nn.Module) -> list[MoEView]:
                     "its output is not Σ gates·experts plus shared experts of its children (routed part off by "
                     f"{error:.2e}, tolerance {tol:.0e})"
                 )
-            for view in [routed, *shared]:
-                if view.closed_form:  # the closed forms must describe the same function as the expert
-                    w_gate, w_up, w_down = view._swiglu_weights(0)
-                    x = x_ND.to(w_gate.dtype)
-                    swiglu = (F.silu(x @ w_gate) * (x @ w_up)) @ w_down
-                    if _relative_error(swiglu, view.expert(0)(x)) > tol:
-                        view.closed_form = False
+            _confirm_closed_forms([routed, *shared], x_ND, tol)
     finally:
         handle.remove()
     return [routed, *shared]

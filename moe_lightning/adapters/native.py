@@ -8,14 +8,13 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from moe_lightning.adapters.base import TokenFn
 from moe_lightning.geometry import (
     mlp_expert_jacobian,
     mlp_jacobian_operator,
     swiglu_expert_jacobian,
     swiglu_jacobian_operator,
 )
-from moe_lightning.geometry.view import ExpertPlacement
+from moe_lightning.geometry.view import ExpertPlacement, TokenFn
 from moe_lightning.nn.layer import DenseFFN, MoELayer
 
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from moe_lightning.adapters.base import MoEView
 from moe_lightning.common import warn_once
+from moe_lightning.geometry import MoEView
 
 Matcher = Callable[[nn.Module], bool]
 Factory = Callable[[str, nn.Module], list[MoEView]]

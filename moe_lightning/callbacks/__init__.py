@@ -3,6 +3,5 @@
 from moe_lightning.callbacks.curvature_monitor import CurvatureMonitor
 from moe_lightning.callbacks.geometry_monitor import GeometryMonitor
 from moe_lightning.callbacks.router_monitor import RouterMonitor
-from moe_lightning.geometry import router_statistics
 
-__all__ = ["CurvatureMonitor", "GeometryMonitor", "RouterMonitor", "router_statistics"]
+__all__ = ["CurvatureMonitor", "GeometryMonitor", "RouterMonitor"]

@@ -34,16 +34,10 @@ from moe_lightning.callbacks._observe import (
 )
 from moe_lightning.callbacks._schedule import Schedule
 from moe_lightning.common import check_choice, check_nonnegative, check_positive_int, observation, warn_once
-from moe_lightning.geometry import (
-    TRACE_METHODS,
-    SpectralDensity,
-    hessian_eigenvalues,
-    hessian_spectral_density,
-    hessian_top_eigenvalue,
-    hessian_trace,
-)
+from moe_lightning.geometry import SpectralDensity, hessian_eigenvalues, hessian_spectral_density, hessian_trace
+from moe_lightning.geometry.curvature import TRACE_METHODS
 
-EIGEN_METHODS = ("lanczos", "power")
+EIGEN_METHODS = ("lanczos",)
 
 
 class CurvatureMonitor(PublishingCallback):
@@ -59,12 +53,10 @@ class CurvatureMonitor(PublishingCallback):
     training goes on. Steps and ``trainer.callback_metrics`` as for :class:`GeometryMonitor`.
 
     Logged metrics (``<p>`` is ``curvature`` for all trainable parameters, ``curvature/<name>`` per group):
-        - Lanczos (``method="lanczos"``): ``<p>/hessian_top_eigenvalue`` (largest ``|λ|`` of those computed),
-          ``<p>/hessian_eigenvalue/<i>`` and ``<p>/hessian_eigenvalue_residual/<i>`` for the ``top_k`` largest,
-          with ``both_ends`` also ``<p>/hessian_lambda_min`` and ``<p>/hessian_lambda_min_residual``;
-          ``<p>/hessian_top_iterations`` (Hessian-vector products), ``<p>/hessian_top_converged``;
-        - power iteration (``method="power"``): ``<p>/hessian_top_eigenvalue``, ``<p>/hessian_top_iterations``,
-          ``<p>/hessian_top_converged``;
+        - ``<p>/hessian_top_eigenvalue`` (largest ``|λ|`` of those computed), ``<p>/hessian_eigenvalue/<i>`` and
+          ``<p>/hessian_eigenvalue_residual/<i>`` for the ``top_k`` largest, with ``both_ends`` also
+          ``<p>/hessian_lambda_min`` and ``<p>/hessian_lambda_min_residual``; ``<p>/hessian_top_iterations``
+          (Hessian-vector products), ``<p>/hessian_top_converged``;
         - ``<p>/hessian_trace``, ``<p>/hessian_trace_std_error``, ``<p>/hessian_trace_samples`` (Hutch++: products
           spent; Hutchinson: samples);
         - with ``density``: ``<p>/hessian_density`` as a W&B histogram and a TensorBoard histogram (expected
@@ -76,11 +68,11 @@ class CurvatureMonitor(PublishingCallback):
         at_fit_start: also compute at the first training batch (the initialisation baseline).
         eigenvalue: compute the extreme eigenvalues.
         trace: compute the trace.
-        method: ``lanczos`` (default) or ``power`` (the old power iteration).
-        top_k: Lanczos: largest eigenvalues wanted.
-        both_ends: Lanczos: also the smallest (most negative) eigenvalue.
-        eigen_max_iter: most Lanczos steps (the Krylov basis size) or power iterations.
-        eigen_tol: Lanczos: residual tolerance ``‖H y − θ y‖ ≤ tol · |θ|`` per eigenvalue; power: relative change.
+        method: ``lanczos``, the only eigenvalue method.
+        top_k: largest eigenvalues wanted.
+        both_ends: also the smallest (most negative) eigenvalue.
+        eigen_max_iter: most Lanczos steps (the Krylov basis size).
+        eigen_tol: residual tolerance ``‖H y − θ y‖ ≤ tol · |θ|`` per eigenvalue.
         trace_method: ``hutchinson`` (default: at the monitor's budget it had the lower variance on both tiny
             configs, docs/benchmarks/curvature.md) or ``hutchpp`` (better for a fast-decaying spectrum).
         trace_max_samples: Hutch++: products spent; Hutchinson: most samples.
@@ -192,8 +184,6 @@ class CurvatureMonitor(PublishingCallback):
                 f"{type(pl_module).__name__} has no loss(batch) method; "
                 "pass loss_fn=lambda module, batch: <scalar loss>"
             )
-        if self.method == "power" and trainer.world_size > 1:
-            raise ValueError("method='power' does not average over DDP ranks; use method='lanczos'")
         if isinstance(trainer.strategy, ModelParallelStrategy):
             # Its Hessian-vector products differentiate through the weights twice, which FSDP2's sharded
             # parameters and the expert exchange are not built for.
@@ -302,13 +292,6 @@ class CurvatureMonitor(PublishingCallback):
         return out
 
     def _eigen_metrics(self, p: str, loss: Callable, params: list[Tensor], reduce: dict) -> dict[str, float]:
-        if self.method == "power":
-            eig = hessian_top_eigenvalue(loss, params, max_iter=self.eigen_max_iter, tol=self.eigen_tol, seed=self.seed)
-            return {
-                f"{p}/hessian_top_eigenvalue": eig.eigenvalue,
-                f"{p}/hessian_top_iterations": eig.iterations,
-                f"{p}/hessian_top_converged": float(eig.converged),
-            }
         which = "both" if self.both_ends else "largest"
         res = hessian_eigenvalues(
             loss,

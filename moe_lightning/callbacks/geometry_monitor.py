@@ -15,7 +15,6 @@ from torch import Tensor
 from typing_extensions import override
 
 from moe_lightning.adapters import find_moe_layers
-from moe_lightning.adapters.base import MoEView
 from moe_lightning.adapters.capture import capture_layer_inputs
 from moe_lightning.callbacks._guard import Failures, distributed
 from moe_lightning.callbacks._observe import (
@@ -36,7 +35,7 @@ from moe_lightning.callbacks._observe import (
 from moe_lightning.callbacks._schedule import Schedule
 from moe_lightning.callbacks._sharded import gathered
 from moe_lightning.common import check_choice, check_positive_int, dtype_from_name, dtype_name, observation, warn_once
-from moe_lightning.geometry import GeometryReport, ProbeConfig, finalize, probe_statistics
+from moe_lightning.geometry import GeometryReport, MoEView, ProbeConfig, finalize, probe_statistics
 from moe_lightning.geometry.bootstrap import resample_counts
 from moe_lightning.geometry.view import ExpertPlacement, HasPlacement
 

@@ -13,7 +13,6 @@ from torch import Tensor
 from typing_extensions import override
 
 from moe_lightning.adapters import find_moe_layers
-from moe_lightning.adapters.base import MoEView
 from moe_lightning.adapters.capture import layer_input
 from moe_lightning.callbacks._guard import Failures, distributed
 from moe_lightning.callbacks._observe import (
@@ -24,7 +23,8 @@ from moe_lightning.callbacks._observe import (
     observed_model,
 )
 from moe_lightning.common import check_positive_int, warn_once
-from moe_lightning.geometry import routing_sums, window_statistics
+from moe_lightning.geometry import MoEView
+from moe_lightning.geometry.router import routing_sums, window_statistics
 from moe_lightning.nn.layer import MoEAux
 
 # After the routing sums of a view: dropped, assignments, sum of aux_load_balance, sum of aux_z_loss, batches.

@@ -13,11 +13,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moe_lightning.geometry.probe_config import PCA_SITES
+from moe_lightning.geometry.probe_config import PCA_SITES, ProbeConfig
 from moe_lightning.geometry.spectra import SPECTRAL_STAT_NAMES
 from moe_lightning.geometry.statistics import ProbeStatistics
 
-__all__ = ["BOOTSTRAP_QUANTITIES", "bootstrap_values", "resample_counts"]
+__all__ = ["BOOTSTRAP_QUANTITIES", "bootstrap_values", "probe_resample_counts", "resample_counts"]
 
 #: The quantities recomputed on each resample, as metric keys less the ``geometry/<layer>/`` prefix: the experts'
 #: spectral statistics and PCA ranks (their mean over experts), the layer Jacobian's spectral statistics and the
@@ -71,3 +71,20 @@ def bootstrap_values(stats: ProbeStatistics) -> dict[str, list[float]]:
         for key, values in out.items():
             values.append(float(scalars[f"/{key}"]))
     return out
+
+
+def probe_resample_counts(cfg: ProbeConfig, x_ND: Tensor, given: Tensor | None) -> Tensor | None:
+    """The ``(B, N)`` bootstrap counts of ``x_ND``'s tokens that the probe uses, in its dtype: ``given`` (checked),
+    drawn over ``x_ND`` when None, or None without a bootstrap."""
+    if not cfg.bootstrap:
+        if given is not None:
+            raise ValueError("probe: resample_counts given but ProbeConfig.bootstrap is 0; set bootstrap = B > 0")
+        return None
+    if given is None:
+        return resample_counts(x_ND.shape[0], cfg.bootstrap, cfg.bootstrap_seed, x_ND.device).to(cfg.dtype)
+    if tuple(given.shape) != (cfg.bootstrap, x_ND.shape[0]):
+        raise ValueError(
+            f"probe: resample_counts must have shape (ProbeConfig.bootstrap, tokens) = "
+            f"({cfg.bootstrap}, {x_ND.shape[0]}), got {tuple(given.shape)}"
+        )
+    return given.to(device=x_ND.device, dtype=cfg.dtype)

@@ -11,25 +11,23 @@ Definitions: docs/geometry.md §1.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.func import jacfwd, jacrev, jvp, vmap
+from torch.func import jacfwd, jacrev, vmap
 
+from moe_lightning.geometry.activations import activation_derivative, silu_derivative
 from moe_lightning.geometry.view import MoEView
 
 __all__ = [
-    "ACTIVATIONS",
     "DEFAULT_MEMORY_BUDGET_BYTES",
-    "activation_derivative",
     "compose_layer_jacobian",
+    "expert_jacobian",
     "jacobians",
     "layer_jacobian",
     "mlp_expert_jacobian",
-    "silu_derivative",
     "swiglu_expert_jacobian",
 ]
 
@@ -40,7 +38,6 @@ DEFAULT_MEMORY_BUDGET_BYTES: int = 256 * 2**20
 
 _JACOBIAN_MODES = ("auto", "jacfwd", "jacrev")
 _LAYER_METHODS = ("auto", "func", "compose")
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 
 def _check_budget(memory_budget_bytes: int) -> None:
@@ -109,55 +106,6 @@ def jacobians(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _gelu_derivative(z: Tensor) -> Tensor:
-    # gelu(z) = z Φ(z)  =>  gelu'(z) = Φ(z) + z φ(z), with Φ/φ the standard normal CDF/PDF.
-    cdf = 0.5 * (1.0 + torch.erf(z / math.sqrt(2.0)))
-    pdf = torch.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
-    return cdf + z * pdf
-
-
-def _gelu_tanh_derivative(z: Tensor) -> Tensor:
-    # gelu_tanh(z) = ½ z (1 + tanh u), u = √(2/π)(z + 0.044715 z³)  (Hendrycks & Gimpel 2016, eq. for the tanh form).
-    u = _SQRT_2_OVER_PI * (z + 0.044715 * z**3)
-    t = torch.tanh(u)
-    du = _SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * z * z)
-    return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * du
-
-
-def silu_derivative(z: Tensor) -> Tensor:
-    """``silu'(z) = σ(z)(1 + z(1 − σ(z)))`` elementwise; the SwiGLU closed forms here and in
-    :mod:`moe_lightning.geometry.operators` share it (docs/geometry.md §1)."""
-    s = torch.sigmoid(z)
-    return s * (1.0 + z * (1.0 - s))
-
-
-#: Named activations: ``name -> (φ, φ')``. ReLU uses φ'(0) = 0, as autograd does.
-ACTIVATIONS: dict[str, tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]] = {
-    "gelu": (F.gelu, _gelu_derivative),
-    "gelu_tanh": (lambda z: F.gelu(z, approximate="tanh"), _gelu_tanh_derivative),
-    "relu": (F.relu, lambda z: (z > 0).to(z.dtype)),
-    "silu": (F.silu, silu_derivative),
-    "tanh": (torch.tanh, lambda z: 1.0 - torch.tanh(z) ** 2),
-}
-
-
-def activation_derivative(activation: str | Callable[[Tensor], Tensor], z: Tensor) -> Tensor:
-    """``φ'(z)`` elementwise for a named activation, or by forward-mode autograd for any elementwise callable.
-
-    Args:
-        activation: a key of :data:`ACTIVATIONS` or an elementwise callable (e.g. ``nn.GELU()``).
-        z: pre-activations, any shape.
-    """
-    if isinstance(activation, str):
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)} or a callable, got {activation!r}")
-        return ACTIVATIONS[activation][1](z)
-    if not callable(activation):
-        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)} or a callable, got {activation!r}")
-    # For an elementwise φ the JVP with an all-ones tangent is exactly φ'(z) at every entry.
-    return jvp(activation, (z,), (torch.ones_like(z),))[1]
-
-
 #: Target size of the per-chunk scratch of the closed forms on CPU: the scaled weight of a chunk is written and
 #: read back by the GEMM at once, so a chunk whose scratch stays cache-sized (4 MiB fits a server CPU's last-level
 #: cache with room to spare) is read back from cache rather than memory. See docs/benchmarks/geometry.md.
@@ -201,7 +149,7 @@ def mlp_expert_jacobian(
         w_in_DH: ``(D_in, H)`` input weight.
         b_in_H: ``(H,)`` input bias or None.
         w_out_HD: ``(H, D_out)`` output weight (the output bias does not enter the Jacobian).
-        activation: a name in :data:`ACTIVATIONS` or an elementwise callable.
+        activation: a name in :data:`~moe_lightning.geometry.activations.ACTIVATIONS` or an elementwise callable.
         memory_budget_bytes: peak-memory budget of one chunk's scratch.
 
     Returns:

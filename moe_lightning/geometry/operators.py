@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import jvp, linearize, vjp, vmap
 
-from moe_lightning.geometry.jacobians import activation_derivative, silu_derivative
+from moe_lightning.geometry.activations import activation_derivative, silu_derivative
 
 __all__ = [
     "JacobianOperator",

@@ -48,15 +48,15 @@ from moe_lightning.geometry.accumulators import (
     Subspaces,
     TokenCounts,
 )
-from moe_lightning.geometry.bootstrap import bootstrap_values, resample_counts
+from moe_lightning.geometry.bootstrap import bootstrap_values, probe_resample_counts
 from moe_lightning.geometry.krylov import TopRResult, krylov_bytes_per_token, topr_singular_values
 from moe_lightning.geometry.operators import JacobianOperator
-from moe_lightning.geometry.probe_config import PCA_SITES, ProbeConfig
+from moe_lightning.geometry.probe_config import ProbeConfig
 from moe_lightning.geometry.report import GeometryReport
 from moe_lightning.geometry.statistics import BufferLayout, ProbeStatistics
 from moe_lightning.geometry.view import MoEView, TokenFn, check_view
 
-__all__ = ["PCA_SITES", "GeometryReport", "ProbeConfig", "ProbeStatistics", "finalize", "probe", "probe_statistics"]
+__all__ = ["finalize", "probe", "probe_statistics"]
 
 
 class _Call(nn.Module):
@@ -245,31 +245,10 @@ def probe_statistics(
     Returns:
         A :class:`ProbeStatistics`; sum several with ``+`` or :meth:`ProbeStatistics.reduce`, then :func:`finalize`.
     """
-    check_view(view, "probe")
-    cfg = ProbeConfig() if config is None else config
-    if not isinstance(cfg, ProbeConfig):
-        raise ValueError(f"probe: config must be a ProbeConfig or None, got {type(cfg).__name__}")
+    cfg = _checked_arguments(view, x, config, expert_group, local_experts)
     num_experts = int(view.num_experts)
-    if num_experts < 1:
-        raise ValueError(f"probe: view.num_experts must be >= 1, got {num_experts!r}")
-    if x.dim() < 2:
-        raise ValueError(f"probe: x must have shape (N, D) or (..., D), got {tuple(x.shape)}")
-    if (expert_group is None) != (local_experts is None):
-        raise ValueError("probe: give expert_group and local_experts together (expert parallelism), or neither")
-    if local_experts is not None and not (0 <= local_experts.start and local_experts.stop <= num_experts):
-        # Checked here, where every rank of the group fails alike, not inside the probe, where one rank's error
-        # would leave the others waiting in a collective.
-        raise ValueError(
-            f"probe: local_experts={local_experts} must lie within the view's {num_experts} experts "
-            f"(allowed: a range inside range(0, {num_experts}))"
-        )
-    if expert_group is not None and cfg.layer_jacobian and cfg.layer_jacobian_method == "func":
-        raise ValueError(
-            "probe: ProbeConfig.layer_jacobian_method='func' runs the whole layer on one rank, which expert "
-            "parallelism does not allow; use 'auto' or 'compose'"
-        )
     x_ND = x.detach().reshape(-1, x.shape[-1]).to(cfg.dtype)
-    counts_BN = _resample_counts(cfg, x_ND, resample_counts)
+    counts_BN = probe_resample_counts(cfg, x_ND, resample_counts)
 
     module = view.module
 
@@ -309,21 +288,35 @@ def probe_statistics(
     )
 
 
-def _resample_counts(cfg: ProbeConfig, x_ND: Tensor, given: Tensor | None) -> Tensor | None:
-    """The ``(B, N)`` bootstrap counts of ``x_ND``'s tokens in the probe's dtype: ``given`` (checked), drawn over
-    ``x_ND`` when None, or None without a bootstrap."""
-    if not cfg.bootstrap:
-        if given is not None:
-            raise ValueError("probe: resample_counts given but ProbeConfig.bootstrap is 0; set bootstrap = B > 0")
-        return None
-    if given is None:
-        return resample_counts(x_ND.shape[0], cfg.bootstrap, cfg.bootstrap_seed, x_ND.device).to(cfg.dtype)
-    if tuple(given.shape) != (cfg.bootstrap, x_ND.shape[0]):
+def _checked_arguments(
+    view: MoEView, x: Tensor, config: ProbeConfig | None, expert_group: Any, local_experts: range | None
+) -> ProbeConfig:
+    """The config :func:`probe_statistics` runs with, once its arguments are checked (``ValueError`` naming the
+    argument otherwise)."""
+    check_view(view, "probe")
+    cfg = ProbeConfig() if config is None else config
+    if not isinstance(cfg, ProbeConfig):
+        raise ValueError(f"probe: config must be a ProbeConfig or None, got {type(cfg).__name__}")
+    num_experts = int(view.num_experts)
+    if num_experts < 1:
+        raise ValueError(f"probe: view.num_experts must be >= 1, got {num_experts!r}")
+    if x.dim() < 2:
+        raise ValueError(f"probe: x must have shape (N, D) or (..., D), got {tuple(x.shape)}")
+    if (expert_group is None) != (local_experts is None):
+        raise ValueError("probe: give expert_group and local_experts together (expert parallelism), or neither")
+    if local_experts is not None and not (0 <= local_experts.start and local_experts.stop <= num_experts):
+        # Checked here, where every rank of the group fails alike, not inside the probe, where one rank's error
+        # would leave the others waiting in a collective.
         raise ValueError(
-            f"probe: resample_counts must have shape (ProbeConfig.bootstrap, tokens) = "
-            f"({cfg.bootstrap}, {x_ND.shape[0]}), got {tuple(given.shape)}"
+            f"probe: local_experts={local_experts} must lie within the view's {num_experts} experts "
+            f"(allowed: a range inside range(0, {num_experts}))"
         )
-    return given.to(device=x_ND.device, dtype=cfg.dtype)
+    if expert_group is not None and cfg.layer_jacobian and cfg.layer_jacobian_method == "func":
+        raise ValueError(
+            "probe: ProbeConfig.layer_jacobian_method='func' runs the whole layer on one rank, which expert "
+            "parallelism does not allow; use 'auto' or 'compose'"
+        )
+    return cfg
 
 
 def finalize(stats: ProbeStatistics | list[ProbeStatistics]) -> GeometryReport:

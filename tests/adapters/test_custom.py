@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from moe_lightning.adapters import MoEView, find_moe_layers, registered_adapters
+from moe_lightning.adapters import find_moe_layers, registered_adapters
 from moe_lightning.adapters.custom import ADAPTER_NAME, register_moe_class
+from moe_lightning.geometry import MoEView
 
 D, H, E = 8, 12, 3
 

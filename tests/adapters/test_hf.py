@@ -19,9 +19,10 @@ transformers = pytest.importorskip("transformers")
 
 from helpers import tiny_hf_model  # noqa: E402
 
-from moe_lightning.adapters import MoEView, find_moe_layers, registered_adapters  # noqa: E402
+from moe_lightning.adapters import find_moe_layers, registered_adapters  # noqa: E402
 from moe_lightning.adapters.hf import HFSharedExpertView, HFSparseMoeView, register_hf_adapters  # noqa: E402
-from moe_lightning.adapters.hf_experts import ExpertsInterfaceView  # noqa: E402
+from moe_lightning.adapters.hf_experts_views import ExpertsInterfaceView  # noqa: E402
+from moe_lightning.geometry import MoEView  # noqa: E402
 
 HF_ADAPTERS = ["hf-experts", "hf-mixtral", "hf-qwen2-moe", "hf-qwen3-moe", "hf-olmoe"]
 D = 32  # hidden size of every tiny model

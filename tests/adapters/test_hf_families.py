@@ -33,12 +33,9 @@ transformers = pytest.importorskip("transformers")
 
 from helpers import fit_logged, load_script  # noqa: E402
 
-from moe_lightning.adapters import find_moe_layers, scan_moe_layers  # noqa: E402
-from moe_lightning.adapters.hf_experts import (  # noqa: E402
-    BlockNotViewable,
-    ExpertsInterfaceView,
-    experts_interface_views,
-)
+from moe_lightning.adapters import BlockNotViewable, find_moe_layers, scan_moe_layers  # noqa: E402
+from moe_lightning.adapters.hf_experts import experts_interface_views  # noqa: E402
+from moe_lightning.adapters.hf_experts_views import ExpertsInterfaceView  # noqa: E402
 from moe_lightning.adapters.hf_families import (  # noqa: E402
     coverage_table,
     experts_families,

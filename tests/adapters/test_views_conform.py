@@ -9,7 +9,16 @@ import pytest
 import torch
 from torch import nn
 
-from moe_lightning.adapters import base, custom, find_moe_layers, hf, hf_experts, native, registered_adapters
+from moe_lightning.adapters import (
+    base,
+    custom,
+    find_moe_layers,
+    hf,
+    hf_experts,
+    hf_experts_views,
+    native,
+    registered_adapters,
+)
 from moe_lightning.geometry.view import HasJacobianOperator, HasPlacement, MoEView, check_view
 from moe_lightning.nn.models import MLPMoE, MLPMoEConfig
 
@@ -32,7 +41,7 @@ def view_classes() -> set[type]:
     """The classes the adapter modules define whose names end in View."""
     return {
         cls
-        for module in (base, custom, hf, hf_experts, native)
+        for module in (base, custom, hf, hf_experts, hf_experts_views, native)
         for name, cls in vars(module).items()
         if inspect.isclass(cls) and name.endswith("View") and cls.__module__ == module.__name__
     }

@@ -12,7 +12,6 @@ import json
 import math
 import os
 from pathlib import Path
-from types import SimpleNamespace
 
 import lightning as L
 import numpy as np
@@ -100,22 +99,18 @@ def test_density_is_saved_logged_to_tensorboard_and_integrates_to_one(tmp_path, 
     assert sum(hist[0].histogram_value.bucket) == pytest.approx(P, rel=1e-2)
 
 
-def test_power_method_keeps_the_old_keys_and_bad_options_are_reported(tmp_path, reference):
+def test_the_dominant_eigenvalue_is_logged_and_bad_options_are_reported(tmp_path, reference):
     make, data, H = reference
     module = make()
-    monitor = CurvatureMonitor(
-        method="power", trace_method="hutchinson", density=False, eigen_max_iter=300, eigen_tol=1e-7
-    )
+    monitor = CurvatureMonitor(trace_method="hutchinson", density=False, eigen_max_iter=300, eigen_tol=1e-7)
     trainer(tmp_path, [monitor], max_steps=1).fit(module, data)
     eig = np.linalg.eigvalsh(H)
     assert monitor.last["curvature/hessian_top_eigenvalue"] == pytest.approx(eig[np.abs(eig).argmax()], rel=1e-3)
-    assert "curvature/hessian_eigenvalue/0" not in monitor.last
     with pytest.raises(ValueError, match="method"):
         CurvatureMonitor(method="arnoldi")
-    power = CurvatureMonitor(method="power")
-    with pytest.warns(UserWarning, match="method='power' does not average over DDP ranks"):
-        power.setup(SimpleNamespace(world_size=2), make(), "fit")
-    assert power.disabled
+    # Lanczos is the one eigenvalue method; the error names it
+    with pytest.raises(ValueError, match="method='power' is not supported; allowed values: 'lanczos'"):
+        CurvatureMonitor(method="power")
     with pytest.raises(ValueError, match="trace_method"):
         CurvatureMonitor(trace_method="xtrace")
     with pytest.raises(ValueError, match="top_k"):

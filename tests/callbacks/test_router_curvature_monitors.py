@@ -19,7 +19,8 @@ from lightning.pytorch import Callback
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
-from moe_lightning.callbacks import CurvatureMonitor, GeometryMonitor, RouterMonitor, router_statistics
+from moe_lightning.callbacks import CurvatureMonitor, GeometryMonitor, RouterMonitor
+from moe_lightning.geometry import router_statistics
 from moe_lightning.lightning.modules import MLPMoEModule
 from moe_lightning.nn.models import MLPMoEConfig
 

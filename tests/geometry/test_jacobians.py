@@ -6,12 +6,12 @@ import torch.nn.functional as F
 from torch.autograd.functional import jacobian as autograd_jacobian
 
 from moe_lightning.geometry import (
-    activation_derivative,
     jacobians,
     layer_jacobian,
     mlp_expert_jacobian,
     swiglu_expert_jacobian,
 )
+from moe_lightning.geometry.activations import activation_derivative
 
 DT = torch.float64
 D, H, N = 6, 10, 7

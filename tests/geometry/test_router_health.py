@@ -43,7 +43,7 @@ def test_router_health_uniform_collapsed_and_empty_loads():
 
 
 def test_routing_sums_of_two_batches_are_the_sums_of_their_union():
-    from moe_lightning.geometry import routing_sums, window_statistics
+    from moe_lightning.geometry.router import routing_sums, window_statistics
 
     gen = torch.Generator().manual_seed(0)
     probs = torch.softmax(torch.randn(30, 5, generator=gen, dtype=torch.float64), -1)

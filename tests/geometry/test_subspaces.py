@@ -11,11 +11,10 @@ from moe_lightning.geometry import (
     alignment_chance,
     grassmann_distance,
     jacobian_alignment,
-    offdiag_summary,
-    pointwise_cosine_sums,
     principal_angles,
     subspace_overlap_chance,
 )
+from moe_lightning.geometry.alignment import offdiag_summary, pointwise_cosine_sums
 
 DT = torch.float64
 
