@@ -4,8 +4,10 @@ router statistics, and the probe that measures them on one MoE layer seen throug
 Pure PyTorch (no Lightning). Definitions: docs/geometry.md; usage: docs/geometry-api.md. ``WeightedCovariance`` is
 imported on first use (it needs torchmetrics, which imports transformers when installed).
 
-Helpers the probe is built from (moments, sums, chunking) live in the modules that define them
-(``moe_lightning.geometry.pca``, ``.router``, ...), outside this list.
+``__all__`` is the public API, grouped as docs/api/geometry.md shows it. The helpers the probe is built from
+(moments, routing sums, chunking) are imported from the modules that define them (``moe_lightning.geometry.pca``,
+``.router``, ...). The imports are eager: ``probe``, ``jacobians`` and ``lanczos`` share their names with modules of
+this package, and an attribute loaded on first use would be shadowed by the module once it is imported.
 """
 
 from typing import TYPE_CHECKING
