@@ -168,7 +168,7 @@ def test_help_and_unknown_options_are_found_before_the_command():
     assert cli._scan(["fit", "--help"]) == ("fit", False, None)  # fit's own help, from jsonargparse
 
 
-@pytest.mark.parametrize("package", ["moe_lightning.report", "moe_lightning.commands.probe"])
+@pytest.mark.parametrize("package", ["moe_lightning.analysis", "moe_lightning.report", "moe_lightning.commands.probe"])
 def test_packages_that_load_their_names_on_first_use_export_each_from_its_module(package):
     """The command packages import their modules lazily (for the start-up above); each name still resolves."""
     import importlib

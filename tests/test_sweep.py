@@ -231,7 +231,7 @@ def test_transformer_small_variants_compare_aux_loss_and_aux_free(tmp_path, caps
 
 @pytest.mark.integration  # a sweep of fit subprocesses
 def test_a_variant_runs_and_the_report_groups_it_under_its_name(tmp_path) -> None:
-    from moe_lightning.report.runs import discover_runs
+    from moe_lightning.analysis.discover import discover_runs
 
     variant = {"overrides": {"model": {"init_args": {"config": {"scoring": "sigmoid", "load_balancing": "aux_free"}}}}}
     preset = tiny_preset(

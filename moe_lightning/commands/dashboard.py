@@ -73,7 +73,7 @@ def dashboard_spec(entity: str, project: str, keys: set[str], name: str, filters
 
 
 def _local_keys(run_dirs: list[str]) -> set[str]:
-    from moe_lightning.report.runs import discover_runs
+    from moe_lightning.analysis.discover import discover_runs
 
     return {key for run in discover_runs(run_dirs) for key in run.keys}
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moe_lightning.report.choices import FORMATS, LAYER_MODES
+from moe_lightning.analysis.choices import FORMATS, LAYER_MODES
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -10,8 +10,9 @@ from pathlib import Path
 import pandas as pd
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 
+from moe_lightning.analysis.discover import discover_runs
+from moe_lightning.analysis.run import Run, layer_names
 from moe_lightning.report import build_report
-from moe_lightning.report.runs import Run, discover_runs, layer_names
 
 # (column title, metric key under geometry/<layer>/): the quantities a first look needs.
 GEOMETRY_COLUMNS = (

@@ -1,5 +1,7 @@
-"""The reports: ``moe-lightning report`` (results and claims tables with intervals, plots and one HTML page from
-training runs) and the page of one probed pretrained model; this package only re-exports their public names.
+"""The reports, drawn from the runs and statistics of :mod:`moe_lightning.analysis`: ``moe-lightning report``
+(results and claims tables with intervals, figures and one HTML page from training runs; a single run's page is its
+interactive dashboard), the W&B workspace of the geometry, and the page of one probed pretrained model. Rendering
+only; this package re-exports the public names of its modules.
 
 The names load on first use, so ``moe-lightning report --help`` and its argument errors answer without pandas,
 matplotlib or torch.
@@ -18,44 +20,59 @@ from moe_lightning.common.lazy import lazy_names
 
 if TYPE_CHECKING:
     from moe_lightning.report.build import build_report
-    from moe_lightning.report.claims import claims_over_training
-    from moe_lightning.report.decision import DECISION_RULE, Decision, decide, decide_threshold
-    from moe_lightning.report.intervals import Interval, effect_size, percentile_interval, t_interval, t_quantile
+    from moe_lightning.report.claims_render import claims_display, claims_table, interval_labels
+    from moe_lightning.report.dashboard import dashboard_sections
+    from moe_lightning.report.figures import write_figures
     from moe_lightning.report.probe_page import render_probe
-    from moe_lightning.report.runs import discover_runs
+    from moe_lightning.report.tables import results_display
+    from moe_lightning.report.workspace import geometry_report, geometry_sections, geometry_workspace
 
 # Public name -> the module that defines it.
 _SOURCES = {
-    "DECISION_RULE": "decision",
-    "Decision": "decision",
-    "Interval": "intervals",
     "build_report": "build",
-    "claims_over_training": "claims",
-    "decide": "decision",
-    "decide_threshold": "decision",
-    "discover_runs": "runs",
-    "effect_size": "intervals",
-    "percentile_interval": "intervals",
+    "claims_display": "claims_render",
+    "claims_table": "claims_render",
+    "dashboard_sections": "dashboard",
+    "geometry_report": "workspace",
+    "geometry_sections": "workspace",
+    "geometry_workspace": "workspace",
+    "interval_labels": "claims_render",
     "render_probe": "probe_page",
-    "t_interval": "intervals",
-    "t_quantile": "intervals",
+    "results_display": "tables",
+    "write_figures": "figures",
 }
 
 __all__ = [
-    "DECISION_RULE",
-    "Decision",
-    "Interval",
     "build_report",
-    "claims_over_training",
-    "decide",
-    "decide_threshold",
-    "discover_runs",
-    "effect_size",
-    "percentile_interval",
+    "claims_display",
+    "claims_table",
+    "dashboard_sections",
+    "geometry_report",
+    "geometry_sections",
+    "geometry_workspace",
+    "interval_labels",
     "render_probe",
-    "t_interval",
-    "t_quantile",
+    "results_display",
+    "write_figures",
 ]
 
+# Names 0.1 documented here that now live in moe_lightning.analysis: for one release they still read from this
+# package, with a FutureWarning naming the new path.
+_MOVED = {
+    name: "moe_lightning.analysis"
+    for name in (
+        "DECISION_RULE",
+        "Decision",
+        "Interval",
+        "claims_over_training",
+        "decide",
+        "decide_threshold",
+        "discover_runs",
+        "effect_size",
+        "percentile_interval",
+        "t_interval",
+        "t_quantile",
+    )
+}
 
-__getattr__, __dir__ = lazy_names(__name__, _SOURCES)
+__getattr__, __dir__ = lazy_names(__name__, _SOURCES, moved=_MOVED)

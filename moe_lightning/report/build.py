@@ -5,18 +5,21 @@ the page is its interactive dashboard (:mod:`moe_lightning.report.dashboard`).""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import pandas as pd
 
+from moe_lightning.analysis.choices import FORMATS, LAYER_MODES
+from moe_lightning.analysis.claims import claims_over_training, comparable, verdict_since
+from moe_lightning.analysis.decision import DECISION_RULE
+from moe_lightning.analysis.discover import discover_runs
+from moe_lightning.analysis.results import results_table, seed_values
+from moe_lightning.analysis.run import CONTROLS, Run
+from moe_lightning.analysis.steps import step_values
 from moe_lightning.report import html as page
-from moe_lightning.report.choices import FORMATS, LAYER_MODES
-from moe_lightning.report.claims import claims_over_training, comparable, verdict_since
 from moe_lightning.report.claims_render import claims_display, claims_table, multiple_comparison_note
-from moe_lightning.report.decision import DECISION_RULE
 from moe_lightning.report.format import markdown_table
-from moe_lightning.report.runs import CONTROLS, Run, discover_runs
-from moe_lightning.report.steps import step_values
-from moe_lightning.report.tables import UNDERSAMPLED_MARK, results_display, results_table, seed_values
+from moe_lightning.report.tables import UNDERSAMPLED_MARK, results_display
 
 # The report's static figures that a run's dashboard also embeds: what its interactive charts do not show.
 DASHBOARD_FIGURES = ("curvature_density.png",)
@@ -63,26 +66,29 @@ def _claims_preamble(claims: pd.DataFrame, threshold: float) -> list[str]:
     return [DECISION_RULE, multiple_comparison_note(claims), f"C3 threshold: {threshold:g}.", *lacking]
 
 
-def _write_markdown(
-    out_dir: str,
-    caption: str,
-    results: pd.DataFrame,
-    claims: pd.DataFrame | None,
-    preamble: list[str],
-    left_out: list[Run],
-) -> list[str]:
+@dataclass
+class _Shown:
+    """The tables as people read them, with the text above each: the results caption, the claims preamble."""
+
+    caption: str
+    results: pd.DataFrame
+    claims: pd.DataFrame | None
+    preamble: list[str]
+
+
+def _write_markdown(out_dir: str, shown: _Shown, left_out: list[Run]) -> list[str]:
     """``results.md`` (with the runs left out of the statistics) and, when there is a comparison, ``claims.md``."""
     failed_lines = [f"- {r.label}: {r.status} ({r.note}) — `{r.path}`" for r in left_out]
     results_path = os.path.join(out_dir, "results.md")
     with open(results_path, "w") as handle:
-        handle.write(f"# Results\n\n{caption}\n\n{markdown_table(results)}\n")
+        handle.write(f"# Results\n\n{shown.caption}\n\n{markdown_table(shown.results)}\n")
         if failed_lines:
             handle.write("\nLeft out of the statistics (failed or incomplete):\n\n" + "\n".join(failed_lines) + "\n")
-    if claims is None:
+    if shown.claims is None:
         return [results_path]
     claims_path = os.path.join(out_dir, "claims.md")
     with open(claims_path, "w") as handle:
-        handle.write("# Claims\n\n" + "\n\n".join(preamble) + "\n\n" + markdown_table(claims) + "\n")
+        handle.write("# Claims\n\n" + "\n\n".join(shown.preamble) + "\n\n" + markdown_table(shown.claims) + "\n")
     return [results_path, claims_path]
 
 
@@ -96,23 +102,76 @@ def _write_csv(out_dir: str, frames: dict[str, pd.DataFrame | None]) -> list[str
     return written
 
 
-def _write_dashboard(
-    out_dir: str, run: Run, summary: str, results: tuple[str, pd.DataFrame], images: dict, notes: dict
-) -> str:
+def _write_dashboard(out_dir: str, run: Run, shown: _Shown, images: dict, notes: dict) -> str:
     """The page of a single run: its summary and final values, its dashboard, the static figures it lacks."""
     from moe_lightning.report.dashboard import dashboard_sections, plotly_script
 
-    caption, shown_results = results
+    summary = f"{run.label}, {run.family or '?'} model, read from {run.source} logs in {run.path}: {run.status}."
     static = {name: path for name, path in images.items() if name in DASHBOARD_FIGURES}
     sections = [
         ("Summary", page.paragraph(summary)),
-        ("Final values", page.paragraph(caption, "caption") + page.table_html(shown_results)),
+        ("Final values", page.paragraph(shown.caption, "caption") + page.table_html(shown.results)),
         *dashboard_sections(run),
         *([("Hessian spectral density", page.figures_html(static, notes))] if static else []),
         ("Run", page.table_html(_runs_frame([run]))),
     ]
     title = f"moe-lightning run: {run.label}"
     return page.write_page(os.path.join(out_dir, "index.html"), title, sections, head=plotly_script(), contents=True)
+
+
+def _write_overview(out_dir: str, runs: list[Run], shown: _Shown, figures: str, summary: str) -> str:
+    """The page of several runs: summary, results, claims, figures and the runs found."""
+    sections = [
+        ("Summary", page.paragraph(summary)),
+        ("Results", page.paragraph(shown.caption, "caption") + page.table_html(shown.results)),
+    ]
+    if shown.claims is not None:
+        text = "".join(page.paragraph(p, "caption") for p in shown.preamble)
+        sections.append(("Claims", text + page.table_html(shown.claims)))
+    sections += [("Figures", figures), ("Runs", page.table_html(_runs_frame(runs)))]
+    return page.write_page(os.path.join(out_dir, "index.html"), "moe-lightning report", sections)
+
+
+def _claims(
+    runs: list[Run], values: pd.DataFrame, layer_mode: str, threshold: float
+) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
+    """The claims table, with the step since which each verdict has held, and the claims over training; both None
+    when the runs compare nothing (one arm alone, e.g. a single run: no table of empty verdicts)."""
+    claims = claims_table(values, threshold)
+    if not comparable(claims):
+        return None, None
+    training = claims_over_training(step_values(runs, layer_mode), threshold)
+    return verdict_since(claims, training), training
+
+
+def _figures(
+    runs: list[Run], out_dir: str, formats: tuple[str, ...], training: pd.DataFrame | None
+) -> tuple[dict[str, str | None], dict[str, str]]:
+    """The figures (and the claims over training), for the PNG and HTML formats: ``(images, notes)``."""
+    if "png" not in formats and "html" not in formats:
+        return {}, {}
+    # A single run's page is its dashboard, which embeds only some figures: draw those unless PNGs are asked.
+    only = DASHBOARD_FIGURES if len(runs) == 1 and "png" not in formats else None
+    # matplotlib and torch (the figures read the saved reports as tensors) load only for the figure formats.
+    from moe_lightning.report.figures import claims_over_training_figure, write_figures
+
+    images, notes = write_figures(runs, out_dir, only)
+    if training is not None:
+        path = claims_over_training_figure(training, os.path.join(out_dir, "claims_over_training.png"))
+        images["claims_over_training.png"] = path
+        if path is None:
+            notes["claims_over_training.png"] = "no claim has a paired seed at any probe step"
+    return images, notes
+
+
+def _check_arguments(directories: list[str], layer_mode: str, formats: tuple[str, ...]) -> None:
+    if not directories:
+        raise ValueError("no run directories given; pass at least one directory")
+    if layer_mode not in LAYER_MODES:
+        raise ValueError(f"layer_mode={layer_mode!r} is not supported; allowed values: {', '.join(LAYER_MODES)}")
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise ValueError(f"formats {unknown or '[]'} not supported; allowed values: {', '.join(FORMATS)}")
 
 
 def build_report(
@@ -137,68 +196,33 @@ def build_report(
     Raises:
         ValueError: bad arguments, a directory without runs, or the same (routing, seed) twice.
     """
-    if not directories:
-        raise ValueError("no run directories given; pass at least one directory")
-    if layer_mode not in LAYER_MODES:
-        raise ValueError(f"layer_mode={layer_mode!r} is not supported; allowed values: {', '.join(LAYER_MODES)}")
-    unknown = [f for f in formats if f not in FORMATS]
-    if unknown or not formats:
-        raise ValueError(f"formats {unknown or '[]'} not supported; allowed values: {', '.join(FORMATS)}")
+    _check_arguments(directories, layer_mode, formats)
     runs = discover_runs(directories)
     out_dir = out_dir or os.path.join(directories[0], "report")
     os.makedirs(out_dir, exist_ok=True)
     values = seed_values(runs, layer_mode)
     results = results_table(values)
-    claims: pd.DataFrame | None = claims_table(values, threshold)
-    training: pd.DataFrame | None = None
-    if comparable(claims):
-        training = claims_over_training(step_values(runs, layer_mode), threshold)
-        claims = verdict_since(claims, training)
-    else:
-        claims = None  # one arm alone (e.g. a single run): nothing to compare, so no table of empty verdicts
-    shown_results = results_display(results)
-    shown_claims = None if claims is None else claims_display(claims)
-    preamble = [] if claims is None else _claims_preamble(claims, threshold)
-    caption = _caption(layer_mode)
+    claims, training = _claims(runs, values, layer_mode, threshold)
+    shown = _Shown(
+        _caption(layer_mode),
+        results_display(results),
+        None if claims is None else claims_display(claims),
+        [] if claims is None else _claims_preamble(claims, threshold),
+    )
     written: list[str] = []
     if "md" in formats:
-        written += _write_markdown(
-            out_dir, caption, shown_results, shown_claims, preamble, [r for r in runs if not r.ok]
-        )
+        written += _write_markdown(out_dir, shown, [r for r in runs if not r.ok])
     if "csv" in formats:
         written += _write_csv(out_dir, {"results": results, "claims": claims, "claims_over_training": training})
-    images: dict[str, str | None] = {}
-    notes: dict[str, str] = {}
-    if "png" in formats or "html" in formats:
-        # A single run's page is its dashboard, which embeds only some figures: draw those unless PNGs are asked.
-        only = DASHBOARD_FIGURES if len(runs) == 1 and "png" not in formats else None
-        # matplotlib and torch (the figures read the saved reports as tensors) load only for the figure formats.
-        from moe_lightning.report.figures import claims_over_training_figure, write_figures
-
-        images, notes = write_figures(runs, out_dir, only)
-        if training is not None:
-            path = claims_over_training_figure(training, os.path.join(out_dir, "claims_over_training.png"))
-            images["claims_over_training.png"] = path
-            if path is None:
-                notes["claims_over_training.png"] = "no claim has a paired seed at any probe step"
-        written.extend(p for p in images.values() if p is not None)
+    images, notes = _figures(runs, out_dir, formats, training)
+    written.extend(p for p in images.values() if p is not None)
     if "html" in formats and len(runs) == 1:
-        run = runs[0]
-        summary = f"{run.label}, {run.family or '?'} model, read from {run.source} logs in {run.path}: {run.status}."
-        written.append(_write_dashboard(out_dir, run, summary, (caption, shown_results), images, notes))
+        written.append(_write_dashboard(out_dir, runs[0], shown, images, notes))
     elif "html" in formats:
         done = sum(r.ok for r in runs)
         summary = (
             f"{len(runs)} runs found, {done} finished and used, {len(runs) - done} left out. "
             f"Layer mode: {layer_mode}. C3 threshold: {threshold:g}."
         )
-        sections = [
-            ("Summary", page.paragraph(summary)),
-            ("Results", page.paragraph(caption, "caption") + page.table_html(shown_results)),
-        ]
-        if shown_claims is not None:
-            text = "".join(page.paragraph(p, "caption") for p in preamble)
-            sections.append(("Claims", text + page.table_html(shown_claims)))
-        sections += [("Figures", page.figures_html(images, notes)), ("Runs", page.table_html(_runs_frame(runs)))]
-        written.append(page.write_page(os.path.join(out_dir, "index.html"), "moe-lightning report", sections))
+        written.append(_write_overview(out_dir, runs, shown, page.figures_html(images, notes), summary))
     return written

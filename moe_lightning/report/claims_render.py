@@ -1,4 +1,4 @@
-"""The report's claims table: each evaluated claim (:func:`~moe_lightning.report.claims.evaluate_claims`) as a row
+"""The report's claims table: each evaluated claim (:func:`~moe_lightning.analysis.claims.evaluate_claims`) as a row
 of text for people beside its raw numbers, the columns shown, and the multiple-comparison note."""
 
 from __future__ import annotations
@@ -7,10 +7,11 @@ import math
 
 import pandas as pd
 
-from moe_lightning.report.claims import Evaluation, Side, bonferroni, evaluate_claims
-from moe_lightning.report.decision import LEVEL
-from moe_lightning.report.format import format_interval, format_mean_std, format_number, summarize
-from moe_lightning.report.runs import CONTROLS
+from moe_lightning.analysis.claims import Evaluation, Side, bonferroni, evaluate_claims
+from moe_lightning.analysis.decision import LEVEL
+from moe_lightning.analysis.results import summarize
+from moe_lightning.analysis.run import CONTROLS
+from moe_lightning.report.format import format_interval, format_level, format_mean_std, format_number
 
 __all__ = ["claims_display", "claims_table", "interval_labels", "multiple_comparison_note"]
 
@@ -22,7 +23,7 @@ def interval_labels(level: float) -> tuple[str, str]:
         >>> interval_labels(0.95)
         ('95% t-interval (seeds)', '95% bootstrap (tokens)')
     """
-    percent = f"{level * 100:g}%"  # :g keeps 97.5% from rounding to 98%
+    percent = format_level(level)
     return f"{percent} t-interval (seeds)", f"{percent} bootstrap (tokens)"
 
 
@@ -86,14 +87,14 @@ def _row(evaluation: Evaluation, threshold: float, level: float) -> dict:
 
 
 def claims_table(values: pd.DataFrame, threshold: float = 0.1, level: float = LEVEL) -> pd.DataFrame:
-    """Evaluate :data:`~moe_lightning.report.claims.PAPER_CLAIMS` on per-seed final values.
+    """Evaluate :data:`~moe_lightning.analysis.claims.PAPER_CLAIMS` on per-seed final values.
 
     A claim gets a row when its arms have runs in the table (a report without ``dense_active`` runs has no rows
     against that control). The Bonferroni columns use the t-interval at ``1 − (1 − level) / m``, ``m`` being the
     number of rows with at least 2 paired seeds.
 
     Args:
-        values: the output of :func:`~moe_lightning.report.tables.seed_values` (per layer rows when
+        values: the output of :func:`~moe_lightning.analysis.results.seed_values` (per layer rows when
             ``layer_mode="each"``).
         threshold: the absolute threshold of C3 on ``align_mean_offdiag``.
         level: coverage of the deciding t-interval.

@@ -20,10 +20,9 @@ from plotly.colors import qualitative
 from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
-from moe_lightning.report import html as page
-from moe_lightning.report.probe_page import expert_mean_pca
-from moe_lightning.report.runs import Run
-from moe_lightning.report.timeline import (
+from moe_lightning.analysis.experts import expert_mean_pca
+from moe_lightning.analysis.run import Run
+from moe_lightning.analysis.timeline import (
     Quantity,
     SpectrumEvolution,
     curvature_curves,
@@ -35,6 +34,7 @@ from moe_lightning.report.timeline import (
     saved_reports,
     spectrum_evolution,
 )
+from moe_lightning.report import html as page
 
 COLUMNS = 4
 ROW_PX = 200

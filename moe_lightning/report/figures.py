@@ -14,14 +14,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from moe_lightning.analysis.decision import LEVEL
+from moe_lightning.analysis.experts import expert_mean_pca, expert_mean_spectrum
+from moe_lightning.analysis.run import Run, arm_order, final_geometry, layer_names
 from moe_lightning.report import plots
-from moe_lightning.report.probe_page import (
-    PLOTTED_PCA_SITES,
-    alignment_title,
-    expert_mean_pca,
-    expert_mean_spectrum,
-)
-from moe_lightning.report.runs import Run, arm_order, final_geometry, layer_names
+from moe_lightning.report.probe_page import PLOTTED_PCA_SITES, alignment_title
 
 MAX_LAYER_PANELS = 4
 MAX_PCA_LAYERS = 3  # two sites per layer
@@ -277,9 +274,10 @@ def write_figures(
     return images, notes
 
 
-def claims_over_training_figure(table: pd.DataFrame, path: str) -> str | None:
-    """One panel per claim row of :func:`~moe_lightning.report.claims.claims_over_training`: the paired
-    difference at every probe step with its t-interval (shaded) and bootstrap interval (bars), one line per layer."""
+def claims_over_training_figure(table: pd.DataFrame, path: str, level: float = LEVEL) -> str | None:
+    """One panel per claim row of :func:`~moe_lightning.analysis.claims.claims_over_training`: the paired
+    difference at every probe step with its t-interval (shaded) and bootstrap interval (bars), one line per layer;
+    ``level`` is the coverage the table was computed at."""
     if table.empty or not (table["n seeds"] >= 1).any():
         return None
     multi_family = table["family"].nunique() > 1
@@ -297,4 +295,5 @@ def claims_over_training_figure(table: pd.DataFrame, path: str) -> str | None:
         path,
         "Claims over training: the mean seed-paired difference at every probe step, with its intervals and the "
         "verdict at that step",
+        level=level,
     )

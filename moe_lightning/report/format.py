@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
-import numpy as np
 import pandas as pd
 
 
-def summarize(values: Sequence[float]) -> tuple[float, float, int]:
-    """``(mean, sample std (ddof=1), n)`` over the finite values; std is NaN for n < 2, mean NaN for n = 0."""
-    finite = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
-    n = int(finite.size)
-    mean = float(finite.mean()) if n else math.nan
-    std = float(finite.std(ddof=1)) if n >= 2 else math.nan
-    return mean, std, n
+def format_level(level: float) -> str:
+    """A coverage level as a percentage, ``0.9 -> "90%"``; ``:g`` keeps 97.5% from rounding to 98%."""
+    return f"{level * 100:g}%"
 
 
 def format_number(value: float) -> str:

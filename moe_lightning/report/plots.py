@@ -20,6 +20,8 @@ import pandas as pd  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
+from moe_lightning.report.format import format_level  # noqa: E402
+
 ROUTING_COLORS = {
     "dense": "0.25",
     "dense_total": "0.25",
@@ -37,19 +39,6 @@ def color_for(label: str, index: int) -> str:
         if label == routing or label.endswith(f":{routing}"):
             return color
     return f"C{(index + 2) % 10}"
-
-
-def weighted_expert_mean(values_EM: np.ndarray, weights_E: np.ndarray | None = None) -> np.ndarray:
-    """Average of per-expert vectors ``(E, M)`` over experts, weighted by ``weights_E`` (Σ gate weight).
-
-    Experts with a non-finite row (no routed tokens) or zero weight are left out; all-NaN when none is left.
-    """
-    values_EM = np.atleast_2d(np.asarray(values_EM, dtype=float))
-    weights = np.ones(values_EM.shape[0]) if weights_E is None else np.asarray(weights_E, dtype=float)
-    keep = np.isfinite(values_EM).all(axis=1) & np.isfinite(weights) & (weights > 0)
-    if not keep.any():
-        return np.full(values_EM.shape[1], math.nan)
-    return np.average(values_EM[keep], axis=0, weights=weights[keep])
 
 
 def _grid(count: int, max_columns: int = 3, width: float = 5.0, height: float = 3.8):
@@ -232,8 +221,60 @@ def plot_density_panels(
 VERDICT_COLORS = {"holds": "tab:green", "does not hold": "tab:red", "inconclusive": "0.6"}
 
 
+def _claim_key(level: float) -> list:
+    """The legend of :func:`plot_claim_panels`: the two intervals at ``level``, the verdicts, the hollow marker."""
+    percent = format_level(level)
+    return [
+        Patch(color="tab:blue", alpha=0.18, label=f"{percent} t-interval over seeds"),
+        Line2D(
+            [],
+            [],
+            color="tab:blue",
+            marker="|",
+            markersize=9,
+            linestyle="-",
+            label=f"{percent} bootstrap over probe tokens",
+        ),
+        *(Line2D([], [], color=c, marker="o", linestyle="none", label=v) for v, c in VERDICT_COLORS.items()),
+        Line2D([], [], color="0.4", marker="o", markerfacecolor="white", linestyle="none", label="rests on n_eff < D"),
+    ]
+
+
+def _draw_difference(ax, frame: pd.DataFrame, color: str, label: str | None) -> None:
+    """One series of :func:`plot_claim_panels`: the mean difference, its shaded t-interval, its bootstrap bars and
+    the verdict markers."""
+    frame = frame.sort_values("step")
+    x = frame["step"].to_numpy(dtype=float)
+    ax.plot(x, frame["mean_difference"], color=color, linewidth=1.2, label=label)
+    ax.fill_between(x, frame["ci_low"], frame["ci_high"], color=color, alpha=0.18, linewidth=0)
+    low, high = frame["bootstrap_low"].to_numpy(float), frame["bootstrap_high"].to_numpy(float)
+    has = np.isfinite(low) & np.isfinite(high)
+    if has.any():
+        # Drawn from its own ends, not as an error bar around the mean: a percentile interval of the
+        # bootstrap need not contain the seed mean.
+        ax.vlines(x[has], low[has], high[has], colors=color, linewidth=0.8)
+        ax.scatter(np.r_[x[has], x[has]], np.r_[low[has], high[has]], marker="_", s=16, color=color, linewidths=0.8)
+    for verdict, color_v in VERDICT_COLORS.items():
+        for flagged in (False, True):
+            chosen = frame[(frame["verdict"] == verdict) & (frame["undersampled"].astype(bool) == flagged)]
+            if len(chosen):
+                ax.scatter(
+                    chosen["step"],
+                    chosen["mean_difference"],
+                    s=22,
+                    linewidths=1.2,
+                    zorder=3,
+                    facecolors="white" if flagged else color_v,
+                    edgecolors=color_v,
+                )
+
+
 def plot_claim_panels(
-    panels: Sequence[tuple[str, str, dict[str, pd.DataFrame]]], path: str, title: str, max_columns: int = 4
+    panels: Sequence[tuple[str, str, dict[str, pd.DataFrame]]],
+    path: str,
+    title: str,
+    max_columns: int = 4,
+    level: float = 0.95,
 ) -> str:
     """Small multiples of a paired difference over training: one panel per claim, one line per series (a layer),
     the t-interval over seeds shaded, the bootstrap interval over probe tokens as bars from its own ends, 0 dashed,
@@ -246,14 +287,10 @@ def plot_claim_panels(
         path: the PNG to write.
         title: figure title.
         max_columns: panels per row.
+        level: the coverage of the intervals, named in the legend.
     """
     figure, axes = _grid(len(panels), max_columns=max_columns, width=4.4, height=3.2)
-    key = [
-        Patch(color="tab:blue", alpha=0.18, label="95% t-interval over seeds"),
-        Line2D([], [], color="tab:blue", marker="|", markersize=9, linestyle="-", label="bootstrap over probe tokens"),
-        *(Line2D([], [], color=c, marker="o", linestyle="none", label=v) for v, c in VERDICT_COLORS.items()),
-        Line2D([], [], color="0.4", marker="o", markerfacecolor="white", linestyle="none", label="rests on n_eff < D"),
-    ]
+    key = _claim_key(level)
     figure.legend(
         handles=key,
         loc="upper center",
@@ -264,33 +301,8 @@ def plot_claim_panels(
     )
     for ax, (panel_title, ylabel, series) in zip(axes, panels, strict=True):
         for index, (label, frame) in enumerate(series.items()):
-            frame = frame.sort_values("step")
-            color = f"C{index % 10}" if len(series) > 1 else "tab:blue"
-            x = frame["step"].to_numpy(dtype=float)
-            ax.plot(x, frame["mean_difference"], color=color, linewidth=1.2, label=label if len(series) > 1 else None)
-            ax.fill_between(x, frame["ci_low"], frame["ci_high"], color=color, alpha=0.18, linewidth=0)
-            low, high = frame["bootstrap_low"].to_numpy(float), frame["bootstrap_high"].to_numpy(float)
-            has = np.isfinite(low) & np.isfinite(high)
-            if has.any():
-                # Drawn from its own ends, not as an error bar around the mean: a percentile interval of the
-                # bootstrap need not contain the seed mean.
-                ax.vlines(x[has], low[has], high[has], colors=color, linewidth=0.8)
-                ax.scatter(
-                    np.r_[x[has], x[has]], np.r_[low[has], high[has]], marker="_", s=16, color=color, linewidths=0.8
-                )
-            for verdict, color_v in VERDICT_COLORS.items():
-                for flagged in (False, True):
-                    chosen = frame[(frame["verdict"] == verdict) & (frame["undersampled"].astype(bool) == flagged)]
-                    if len(chosen):
-                        ax.scatter(
-                            chosen["step"],
-                            chosen["mean_difference"],
-                            s=22,
-                            linewidths=1.2,
-                            zorder=3,
-                            facecolors="white" if flagged else color_v,
-                            edgecolors=color_v,
-                        )
+            several = len(series) > 1
+            _draw_difference(ax, frame, f"C{index % 10}" if several else "tab:blue", label if several else None)
         ax.axhline(0.0, color="black", linestyle="--", linewidth=0.7)
         ax.set_title(panel_title, fontsize=8)
         ax.set_xlabel("training step", fontsize=8)

@@ -1,5 +1,5 @@
 """The page of one probed model (``render_probe``): one pretrained checkpoint probed once, one row per MoE layer
-(no routings, no seeds), and the expert-mean helpers its figures and the training report share."""
+(no routings, no seeds); the numbers are :mod:`moe_lightning.analysis.experts`."""
 
 from __future__ import annotations
 
@@ -7,50 +7,16 @@ import math
 import os
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
+from moe_lightning.analysis.experts import expert_mean_pca, expert_mean_spectrum, layer_metrics
+from moe_lightning.analysis.steps import GEOMETRY_METRICS
 from moe_lightning.report import html as page
 from moe_lightning.report import plots
-from moe_lightning.report.tables import GEOMETRY_METRICS, format_number, markdown_table
+from moe_lightning.report.format import format_number, markdown_table
 
 # The PCA sites the figures show (a subset of moe_lightning.geometry.probe.PCA_SITES).
 PLOTTED_PCA_SITES = ("hidden", "input")
-
-
-def layer_metrics(layers: dict[str, Any]) -> pd.DataFrame:
-    """One row per layer: ``layer``, ``num_experts``, ``tokens_total`` and every key of
-    :data:`~moe_lightning.report.tables.GEOMETRY_METRICS` (NaN where the report has no such value, e.g. alignment
-    of a dense layer)."""
-    rows = []
-    for name, report in layers.items():
-        scalars = report.scalars(prefix="")  # keys "/<quantity>[/mean]"
-        row: dict[str, Any] = {"layer": name, "num_experts": report.num_experts, "tokens_total": report.total_tokens}
-        for key, _ in GEOMETRY_METRICS:
-            row[key] = scalars.get(f"/{key}", math.nan)
-        rows.append(row)
-    return pd.DataFrame(rows, columns=["layer", "num_experts", "tokens_total", *[k for k, _ in GEOMETRY_METRICS]])
-
-
-def expert_mean_spectrum(report: Any) -> np.ndarray | None:
-    """Mean expert-Jacobian spectrum of a layer, averaged over experts weighted by their gate mass Σw."""
-    spectrum = report.spectra.get("jac_mean_spectrum")
-    if spectrum is None or spectrum.numel() == 0:
-        return None
-    return plots.weighted_expert_mean(spectrum.double().numpy(), report.weight_sum.double().numpy())
-
-
-def expert_mean_pca(report: Any, site: str) -> np.ndarray | None:
-    """PCA eigenvalues of a site, averaged over experts weighted by Σw (experts with another length left out)."""
-    results = report.pca.get(site)
-    if not results:
-        return None
-    vectors = [r.eigenvalues.double().numpy() for r in results]
-    length = max(v.size for v in vectors)
-    if length == 0:
-        return None
-    stack = np.vstack([v if v.size == length else np.full(length, math.nan) for v in vectors])
-    return plots.weighted_expert_mean(stack, report.weight_sum.double().numpy())
 
 
 def alignment_title(label: str, report: Any) -> str:

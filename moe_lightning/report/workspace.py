@@ -128,6 +128,17 @@ def _line(keys: set[str], title: str, ys: Iterable[str], log_y: bool = False, gr
     return [wr.LinePlot(title=title, x=STEP, y=present, log_y=log_y or None, title_x="training step", **group)]
 
 
+def _per_layer(keys: set[str], prefix: str, layers: list[str], panels: Iterable[tuple[str, Iterable[str]]]) -> list:
+    """For each layer, one line plot per ``(title, quantities)`` of ``panels``: the keys
+    ``<prefix>/<layer>/<quantity>``, titled ``"<layer>: <title>"``."""
+    return [
+        panel
+        for layer in layers
+        for title, quantities in panels
+        for panel in _line(keys, f"{layer}: {title}", [f"{prefix}/{layer}/{q}" for q in quantities])
+    ]
+
+
 def geometry_sections(keys: Iterable[str], entity: str = "", chart_entity: str | None = None) -> list[PanelSection]:
     """The panels of the geometry workspace, grouped in sections, for runs that logged ``keys``.
 
@@ -142,7 +153,7 @@ def geometry_sections(keys: Iterable[str], entity: str = "", chart_entity: str |
     """
     keys = set(keys)
     layers = _layers(keys, "geometry", "tokens_total")
-    router_layers = _layers(keys, "router", "load_cv")
+    pca = [(f"{site} site effective rank", [f"pca_{site}_effective_rank/mean"]) for site in PCA_SITES]
     sections = [
         PanelSection(
             "Loss",
@@ -152,41 +163,20 @@ def geometry_sections(keys: Iterable[str], entity: str = "", chart_entity: str |
         ),
         PanelSection(
             "Jacobian spectra per layer",
-            [
-                panel
-                for layer in layers
-                for quantity, title in JACOBIAN_QUANTITIES
-                for panel in _line(keys, f"{layer}: {title}", [f"geometry/{layer}/{quantity}"])
-            ],
+            _per_layer(keys, "geometry", layers, [(title, [quantity]) for quantity, title in JACOBIAN_QUANTITIES]),
         ),
+        PanelSection("PCA effective rank per site", _per_layer(keys, "geometry", layers, pca)),
         PanelSection(
-            "PCA effective rank per site",
-            [
-                panel
-                for layer in layers
-                for site in PCA_SITES
-                for panel in _line(
-                    keys, f"{layer}: {site} site effective rank", [f"geometry/{layer}/pca_{site}_effective_rank/mean"]
-                )
-            ],
-        ),
-        PanelSection(
-            "Alignment and subspace overlap vs chance",
-            [
-                panel
-                for layer in layers
-                for title, quantities in ALIGNMENT_PANELS
-                for panel in _line(keys, f"{layer}: {title}", [f"geometry/{layer}/{q}" for q in quantities])
-            ],
+            "Alignment and subspace overlap vs chance", _per_layer(keys, "geometry", layers, ALIGNMENT_PANELS)
         ),
         PanelSection(
             "Router health",
-            [
-                panel
-                for layer in [*router_layers, "mean"]
-                for quantity, title in ROUTER_QUANTITIES
-                for panel in _line(keys, f"{layer}: {title}", [f"router/{layer}/{quantity}"])
-            ],
+            _per_layer(
+                keys,
+                "router",
+                [*_layers(keys, "router", "load_cv"), "mean"],
+                [(title, [quantity]) for quantity, title in ROUTER_QUANTITIES],
+            ),
         ),
         PanelSection(
             "Curvature",
@@ -194,15 +184,20 @@ def geometry_sections(keys: Iterable[str], entity: str = "", chart_entity: str |
         ),
     ]
     if SPECTRA_TABLE in keys:
-        owner = chart_entity if chart_entity is not None else entity
-        chart = wr.CustomChart(
-            # historyTable: every logged version of the table (one per probe), not only the last one.
-            query={"historyTable": {"tableKey": SPECTRA_TABLE}},
-            chart_name=f"{owner}/{SPECTRA_CHART}",
-            chart_fields=dict(SPECTRA_FIELDS),
-        )
-        sections.append(PanelSection("Spectra over training", [chart]))
+        sections.append(PanelSection("Spectra over training", [_spectra_chart(entity, chart_entity)]))
     return [s for s in sections if s.panels]
+
+
+def _spectra_chart(entity: str, chart_entity: str | None) -> wr.CustomChart:
+    """The spectra table as the custom chart with a step slider (its preset owned by ``chart_entity`` or
+    ``entity``)."""
+    owner = chart_entity if chart_entity is not None else entity
+    return wr.CustomChart(
+        # historyTable: every logged version of the table (one per probe), not only the last one.
+        query={"historyTable": {"tableKey": SPECTRA_TABLE}},
+        chart_name=f"{owner}/{SPECTRA_CHART}",
+        chart_fields=dict(SPECTRA_FIELDS),
+    )
 
 
 def geometry_workspace(

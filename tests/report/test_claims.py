@@ -8,10 +8,10 @@ import pandas as pd
 import pytest
 from scipy import stats
 
+from moe_lightning.analysis.claims import claims_over_training, paper_claims
+from moe_lightning.analysis.run import CONTROLS
 from moe_lightning.geometry.probe_config import PCA_SITES
-from moe_lightning.report.claims import claims_over_training, paper_claims
 from moe_lightning.report.claims_render import claims_display, claims_table, interval_labels
-from moe_lightning.report.runs import CONTROLS
 
 METRIC = "jac_sigma_max/mean"
 TOPK = [1.0, 1.2, 0.9, 1.4]

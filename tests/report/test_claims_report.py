@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 from scipy import stats
 
+from moe_lightning.analysis.claims import paper_claims
+from moe_lightning.analysis.steps import pca_sampling
 from moe_lightning.report import build_report
-from moe_lightning.report.claims import paper_claims
-from moe_lightning.report.steps import pca_sampling
 
 LAYERS = ("blocks.0.ffn", "blocks.1.ffn")  # layer 1 holds 1.5 × layer 0, so each seed's layer mean is 1.25 × layer 0
 STEPS = (0, 10)

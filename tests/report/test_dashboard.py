@@ -15,9 +15,8 @@ import pandas as pd
 import pytest
 from helpers import load_script
 
-from moe_lightning.report import build_report
-from moe_lightning.report.runs import discover_runs
-from moe_lightning.report.timeline import (
+from moe_lightning.analysis.discover import discover_runs
+from moe_lightning.analysis.timeline import (
     curvature_curves,
     layer_quantities,
     probe_matrices,
@@ -25,6 +24,7 @@ from moe_lightning.report.timeline import (
     saved_reports,
     spectrum_evolution,
 )
+from moe_lightning.report import build_report
 
 ROOT = Path(__file__).resolve().parents[2]
 LAYERS = ("blocks.0.ffn", "blocks.1.ffn")

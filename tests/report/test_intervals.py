@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from moe_lightning.report import decide, decide_threshold, effect_size, percentile_interval, t_interval, t_quantile
-from moe_lightning.report.intervals import Interval, bonferroni_level, verdict
+from moe_lightning.analysis import decide, decide_threshold, effect_size, percentile_interval, t_interval, t_quantile
+from moe_lightning.analysis.intervals import Interval, bonferroni_level, verdict
 
 
 @pytest.mark.parametrize("df", [1, 2, 3, 4, 5, 7, 10, 19, 30, 49])

@@ -17,10 +17,12 @@ import pytest
 import torch
 
 from moe_lightning import commands as cli
+from moe_lightning.analysis import DECISION_RULE, decide, decide_threshold
+from moe_lightning.analysis.discover import discover_runs
+from moe_lightning.analysis.steps import GEOMETRY_METRICS
+from moe_lightning.analysis.wandb_runs import _seed_from_args
 from moe_lightning.geometry import GeometryReport
-from moe_lightning.report import DECISION_RULE, build_report, decide, decide_threshold, render_probe
-from moe_lightning.report.runs import _seed_from_args, discover_runs
-from moe_lightning.report.tables import GEOMETRY_METRICS
+from moe_lightning.report import build_report, render_probe
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI.s args parameter is intended")
 
@@ -336,8 +338,8 @@ def test_report_of_a_real_sweep(tmp_path, monkeypatch, tiny_config):
 
 
 def test_curvature_densities_read_every_saved_step_in_order(tmp_path):
+    from moe_lightning.analysis.run import Run
     from moe_lightning.report.figures import curvature_densities
-    from moe_lightning.report.runs import Run
 
     folder = tmp_path / "curvature"
     folder.mkdir()

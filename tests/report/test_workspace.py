@@ -12,8 +12,8 @@ import yaml
 from wandb_workspaces.reports.v2 import CustomChart, LinePlot
 
 from moe_lightning import commands as cli
-from moe_lightning.report.runs import discover_runs
-from moe_lightning.report.wandb_records import iter_wandb_records
+from moe_lightning.analysis.discover import discover_runs
+from moe_lightning.analysis.wandb_records import iter_wandb_records
 from moe_lightning.report.workspace import STEP, geometry_report, geometry_sections, geometry_workspace
 
 LAYERS = ("blocks.0.ffn", "blocks.1.ffn")

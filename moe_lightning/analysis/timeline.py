@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from moe_lightning.report.probe_page import expert_mean_spectrum
-from moe_lightning.report.runs import Run, geometry_steps, layer_names, load_geometry
+from moe_lightning.analysis.experts import expert_mean_spectrum
+from moe_lightning.analysis.run import Run, geometry_steps, layer_names, load_geometry
 
 # The chance level each quantity is read against (docs/geometry.md §4-5): a logged key, or a constant.
 CHANCE: dict[str, str | float] = {

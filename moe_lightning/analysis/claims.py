@@ -1,5 +1,5 @@
 """The papers' directional claims as data, and the one loop that pairs their arms by seed and decides each claim
-(:mod:`moe_lightning.report.decision`), on the final values or at every probe step; with the Bonferroni-adjusted
+(:mod:`moe_lightning.analysis.decision`), on the final values or at every probe step; with the Bonferroni-adjusted
 intervals and the step since which a verdict has held. Pure statistics on DataFrames: the text of the report's
 claims table is :mod:`moe_lightning.report.claims_render`."""
 
@@ -11,9 +11,9 @@ from typing import Any
 
 import pandas as pd
 
-from moe_lightning.report.decision import LEVEL, Decision, decide, decide_threshold
-from moe_lightning.report.intervals import Interval, bonferroni_level, t_interval, verdict
-from moe_lightning.report.steps import is_flagged
+from moe_lightning.analysis.decision import LEVEL, Decision, decide, decide_threshold
+from moe_lightning.analysis.intervals import Interval, bonferroni_level, t_interval, verdict
+from moe_lightning.analysis.steps import is_flagged
 
 __all__ = [
     "PAPER_CLAIMS",
@@ -146,7 +146,7 @@ class Evaluation:
         comparison: :meth:`Claim.comparison_at` the threshold.
         side_a, side_b: the arms' values (``side_b`` None for a threshold claim).
         align_ratio: seed -> ``align_ratio`` of a threshold claim's arm (empty for a paired claim).
-        decision: the :class:`~moe_lightning.report.decision.Decision`.
+        decision: the :class:`~moe_lightning.analysis.decision.Decision`.
     """
 
     family: Any
@@ -250,7 +250,7 @@ def claims_over_training(steps: pd.DataFrame, threshold: float = 0.1, level: flo
     """The claims at every probe step: the paired difference, its t-interval over seeds and bootstrap interval.
 
     Args:
-        steps: the output of :func:`~moe_lightning.report.steps.step_values` (all steps).
+        steps: the output of :func:`~moe_lightning.analysis.steps.step_values` (all steps).
         threshold: the absolute threshold of C3.
         level: coverage of the intervals.
 

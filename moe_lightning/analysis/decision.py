@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from moe_lightning.report.intervals import (
+from moe_lightning.analysis.intervals import (
     INCONCLUSIVE,
     RELATIONS,
     Interval,

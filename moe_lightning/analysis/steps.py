@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from moe_lightning.report.choices import LAYER_MODES
-from moe_lightning.report.runs import Run, geometry_steps, layer_names
+from moe_lightning.analysis.choices import LAYER_MODES
+from moe_lightning.analysis.run import Run, geometry_steps, layer_names
 
 # (metric key below geometry/<layer>/, column title). "/mean" keys are means over the layer's experts.
 GEOMETRY_METRICS: list[tuple[str, str]] = [
@@ -206,7 +206,7 @@ def step_values(runs: list[Run], layer_mode: str = "mean", final_only: bool = Fa
     """Each finished run's geometry values at every probe step (or only the last, ``final_only``).
 
     Args:
-        runs: runs from :func:`~moe_lightning.report.runs.discover_runs`; only ``run.ok`` runs are used.
+        runs: runs from :func:`~moe_lightning.analysis.discover.discover_runs`; only ``run.ok`` runs are used.
         layer_mode: ``"mean"`` (each seed's value averaged over its layers, per step; with ``final_only`` over each
             layer's last probe step) or ``"each"`` (one row per layer).
         final_only: keep each layer's last probe step only.

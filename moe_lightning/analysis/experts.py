@@ -1,0 +1,64 @@
+"""Per-layer numbers of probed models: one row per layer of a probe's reports, and the expert means (weighted by
+each expert's gate mass Σw) of a layer's Jacobian spectrum and PCA eigenvalues, which the probe page, the training
+report's figures and the run dashboard draw.
+
+Shapes: ``E`` experts, ``M`` singular values (or eigenvalues) of a spectrum.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from moe_lightning.analysis.steps import GEOMETRY_METRICS
+
+
+def weighted_expert_mean(values_EM: np.ndarray, weights_E: np.ndarray | None = None) -> np.ndarray:
+    """Average of per-expert vectors ``(E, M)`` over experts, weighted by ``weights_E`` (Σ gate weight).
+
+    Experts with a non-finite row (no routed tokens) or zero weight are left out; all-NaN when none is left.
+    """
+    values_EM = np.atleast_2d(np.asarray(values_EM, dtype=float))
+    weights = np.ones(values_EM.shape[0]) if weights_E is None else np.asarray(weights_E, dtype=float)
+    keep = np.isfinite(values_EM).all(axis=1) & np.isfinite(weights) & (weights > 0)
+    if not keep.any():
+        return np.full(values_EM.shape[1], math.nan)
+    return np.average(values_EM[keep], axis=0, weights=weights[keep])
+
+
+def layer_metrics(layers: dict[str, Any]) -> pd.DataFrame:
+    """One row per layer: ``layer``, ``num_experts``, ``tokens_total`` and every key of
+    :data:`~moe_lightning.analysis.steps.GEOMETRY_METRICS` (NaN where the report has no such value, e.g. alignment
+    of a dense layer)."""
+    rows = []
+    for name, report in layers.items():
+        scalars = report.scalars(prefix="")  # keys "/<quantity>[/mean]"
+        row: dict[str, Any] = {"layer": name, "num_experts": report.num_experts, "tokens_total": report.total_tokens}
+        for key, _ in GEOMETRY_METRICS:
+            row[key] = scalars.get(f"/{key}", math.nan)
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["layer", "num_experts", "tokens_total", *[k for k, _ in GEOMETRY_METRICS]])
+
+
+def expert_mean_spectrum(report: Any) -> np.ndarray | None:
+    """Mean expert-Jacobian spectrum of a layer, averaged over experts weighted by their gate mass Σw."""
+    spectrum = report.spectra.get("jac_mean_spectrum")
+    if spectrum is None or spectrum.numel() == 0:
+        return None
+    return weighted_expert_mean(spectrum.double().numpy(), report.weight_sum.double().numpy())
+
+
+def expert_mean_pca(report: Any, site: str) -> np.ndarray | None:
+    """PCA eigenvalues of a site, averaged over experts weighted by Σw (experts with another length left out)."""
+    results = report.pca.get(site)
+    if not results:
+        return None
+    vectors = [r.eigenvalues.double().numpy() for r in results]
+    length = max(v.size for v in vectors)
+    if length == 0:
+        return None
+    stack = np.vstack([v if v.size == length else np.full(length, math.nan) for v in vectors])
+    return weighted_expert_mean(stack, report.weight_sum.double().numpy())
