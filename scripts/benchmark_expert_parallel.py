@@ -9,9 +9,9 @@ through the same SwiGLU :class:`moe_lightning.nn.layer.MoELayer`:
 
 - EP=1: every rank holds all E experts (data parallelism); a step is forward, backward and the all-reduce of every
   gradient that data parallelism needs;
-- EP=P: each rank holds E/P experts (:meth:`MoELayer.shard_experts`), the assignments travel with
-  ``all_to_all_single``; a step is forward, backward (both with their exchanges) and the all-reduce of the router's
-  gradient, the one replicated weight.
+- EP=P: each rank holds E/P experts (:func:`moe_lightning.distributed.expert_parallel.shard_experts`), the
+  assignments travel with ``all_to_all_single``; a step is forward, backward (both with their exchanges) and the
+  all-reduce of the router's gradient, the one replicated weight.
 
 Both start from the same weights and are checked against each other (output and input gradient) before timing.
 The median of the timed steps is reported, with the share of the step ``torch.profiler`` attributes to the
@@ -45,6 +45,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from moe_lightning.distributed.expert_parallel import shard_experts  # noqa: E402
 from moe_lightning.nn.layer import MoEConfig, MoELayer  # noqa: E402
 
 COLLECTIVE_KEYS = {"all_to_all": ("all_to_all", "alltoall", "sendrecv"), "all_reduce": ("all_reduce", "allreduce")}
@@ -133,7 +134,7 @@ def _worker(rank: int, args: argparse.Namespace, port: int, results: dict) -> No
     )
     replicated = MoELayer(config).to(device=device, dtype=dtype)
     sharded = copy.deepcopy(replicated)
-    sharded.shard_experts(init_device_mesh(device.type, (args.processes,)))
+    shard_experts(sharded, init_device_mesh(device.type, (args.processes,)))
     gen = torch.Generator(device=device).manual_seed(rank + 1)
     x = torch.randn(args.tokens, args.dim, device=device, dtype=dtype, generator=gen)
     grad_out = torch.randn(args.tokens, args.dim, device=device, dtype=dtype, generator=gen)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from helpers import dispatch_case
 
-from moe_lightning.nn import layer as moe
+from moe_lightning.nn import experts
 from moe_lightning.nn.layer import MoEConfig, MoELayer
 
 
@@ -83,7 +83,7 @@ def test_deterministic_mode_is_bitwise_repeatable(dispatch):
 
 
 def test_grouped_falls_back_for_float64_with_one_warning(monkeypatch):
-    monkeypatch.setattr(moe, "_warned_fallback", set())
+    monkeypatch.setattr(experts, "_warned_fallback", set())
     layer = MoELayer(MoEConfig(dim=8, expert_hidden=8, num_experts=4, dispatch="grouped")).double()
     x = torch.randn(5, 8, dtype=torch.float64)
     with pytest.warns(UserWarning, match="using 'sorted'"):
@@ -93,7 +93,7 @@ def test_grouped_falls_back_for_float64_with_one_warning(monkeypatch):
 
 
 def test_auto_dispatch_is_sorted_on_cpu_and_grouped_on_cuda():
-    from moe_lightning.nn.layer import auto_sparse_dispatch
+    from moe_lightning.nn.experts import auto_sparse_dispatch
 
     assert auto_sparse_dispatch(torch.device("cpu")) == "sorted"
     assert auto_sparse_dispatch(torch.device("cuda", 0)) == "grouped"

@@ -18,7 +18,7 @@ import yaml
 from helpers import column, read_metrics, run_test_script
 
 from moe_lightning.callbacks import CurvatureMonitor
-from moe_lightning.distributed.parallelize import clip_grad_norm_
+from moe_lightning.distributed.layout import clip_grad_norm_
 from moe_lightning.lightning.modules import MLPMoEModule
 from moe_lightning.lightning.strategy import ExpertParallelStrategy
 from moe_lightning.nn.models import MLPMoEConfig

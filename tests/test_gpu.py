@@ -20,7 +20,7 @@ from moe_lightning.callbacks import GeometryMonitor
 from moe_lightning.data import SyntheticMoEDataModule
 from moe_lightning.geometry import ProbeConfig, probe
 from moe_lightning.lightning.modules import MLPMoEModule
-from moe_lightning.nn import layer as moe
+from moe_lightning.nn import experts
 from moe_lightning.nn.layer import MoEConfig, MoELayer
 from moe_lightning.nn.models import MLPMoE, MLPMoEConfig
 
@@ -67,7 +67,7 @@ def test_every_dispatch_on_cuda_matches_the_cpu_loop_path(routing, capacity_fact
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 def test_bf16_grouped_mm_matches_the_bf16_loop_path(activation, monkeypatch):
     """The path a bf16 run takes on CUDA (``dispatch="auto"`` is ``grouped_mm`` there) against one expert at a time."""
-    monkeypatch.setattr(moe, "_warned_fallback", set())  # a fallback to 'sorted' warns (once per process)
+    monkeypatch.setattr(experts, "_warned_fallback", set())  # a fallback to 'sorted' warns (once per process)
     torch.manual_seed(0)
     config = MoEConfig(dim=16, expert_hidden=32, num_experts=8, top_k=2, activation=activation, dispatch="loop")
     loop = MoELayer(config).to(CUDA, torch.bfloat16)

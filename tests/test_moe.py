@@ -196,3 +196,18 @@ def test_soft_load_balance_is_gate_mass_based():
     mean_probs = torch.softmax(x @ layer.router.weight.T, -1).mean(0)
     torch.testing.assert_close(aux.load_balance, 4 * mean_probs.square().sum())
     assert aux.load_balance.item() > 1.0
+
+
+def test_state_dict_keys_are_those_checkpoints_hold():
+    """Sharded checkpoints (torch.distributed.checkpoint) and their optimizer states are keyed by parameter name, and
+    a ``load_state_dict`` hook cannot rename keys there: the layer's names stay those 0.1 saved."""
+    config = MoEConfig(dim=8, expert_hidden=8, num_experts=4, load_balancing="aux_free", num_shared_experts=1)
+    assert list(MoELayer(config).state_dict()) == [
+        "w_in",
+        "w_out",
+        "router.weight",
+        "router.expert_bias",
+        "shared_experts.w_in",
+        "shared_experts.w_out",
+    ]
+    assert list(DenseFFN(MoEConfig(dim=8, routing="dense")).state_dict()) == ["w_in", "w_out"]

@@ -8,6 +8,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
+from moe_lightning.distributed.expert_parallel import gather_experts
 from moe_lightning.geometry import (
     mlp_expert_jacobian,
     mlp_jacobian_operator,
@@ -40,11 +41,9 @@ class NativeMoEView:
     def _closed_form(self, e: int, x: Tensor, swiglu_fn, mlp_fn):
         """``swiglu_fn(x, w_gate, w_up, w_out)`` or ``mlp_fn(x, w_in, None, w_out, activation)`` on expert ``e``'s
         weights cast to ``x``'s dtype (the probe may run in float64 on a float32 model)."""
-        ffn, activation = self.ffn, self.ffn.config.activation
-        if isinstance(ffn, MoELayer):  # this rank's experts (all of them but under expert parallelism)
-            (w_in, w_out), e = ffn.local_weights(), ffn.local_index(e)
-        else:
-            w_in, w_out = ffn.w_in, ffn.w_out
+        ffn, activation = self.ffn, self.ffn.activation
+        # this rank's experts (all of them but under expert parallelism)
+        (w_in, w_out), e = ffn.local_weights(), ffn.local_index(e)
         w_in, w_out = w_in[e].to(x.dtype), w_out[e].to(x.dtype)
         if activation == "swiglu":
             w_gate, w_up = w_in.chunk(2, dim=-1)
@@ -64,7 +63,7 @@ class NativeMoEView:
         layer = self.module
         if not isinstance(layer, MoELayer) or layer.expert_parallel_size == 1 or self.ffn is not layer:
             return None
-        return ExpertPlacement(layer.expert_group, layer.local_experts, layer.all_experts)
+        return ExpertPlacement(layer.expert_group, layer.local_experts, partial(gather_experts, layer))
 
     def __repr__(self) -> str:
         return f"NativeMoEView(name={self.name!r}, num_experts={self.num_experts})"

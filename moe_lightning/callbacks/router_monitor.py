@@ -25,7 +25,7 @@ from moe_lightning.callbacks._observe import (
 from moe_lightning.common import check_positive_int, warn_once
 from moe_lightning.geometry import MoEView
 from moe_lightning.geometry.router import routing_sums, window_statistics
-from moe_lightning.nn.layer import MoEAux
+from moe_lightning.nn.router import MoEAux
 
 # After the routing sums of a view: dropped, assignments, sum of aux_load_balance, sum of aux_z_loss, batches.
 _AUX_FIELDS = 5

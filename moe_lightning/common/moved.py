@@ -25,7 +25,7 @@ MOVED = {
     "moe_lightning.models": "moe_lightning.nn.models",
     "moe_lightning.modules": "moe_lightning.lightning.modules",
     "moe_lightning.moe": "moe_lightning.nn.layer",
-    "moe_lightning.parallelize": "moe_lightning.distributed.parallelize",
+    "moe_lightning.parallelize": "moe_lightning.distributed.layout",
     "moe_lightning.pretrained": "moe_lightning.commands.probe",
     "moe_lightning.report.command": "moe_lightning.commands.report",
     "moe_lightning.report.workspace_command": "moe_lightning.commands.dashboard",

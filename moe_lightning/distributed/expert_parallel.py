@@ -14,18 +14,31 @@ The exchange follows torchtitan's ``ExpertParallel`` and Megatron-core's ``allto
 
 Steps 2 and 4 go through torch's differentiable ``all_to_all_single_autograd`` (as torchtitan does), whose backward
 is the reverse exchange, so the gradients of the inputs and of the local experts are exact.
+
+:func:`shard_experts` splits a layer's experts over the ranks, :func:`gather_experts` lends every expert to one rank
+for a while (the probes that need the whole layer), and :func:`summed_over` sums the routed loads for the balance
+loss.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 
-__all__ = ["ExpertExchange", "plan_exchange"]
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
+    from moe_lightning.nn.experts import GroupedExperts
+    from moe_lightning.nn.layer import MoELayer
+
+__all__ = ["ExpertExchange", "gather_experts", "plan_exchange", "shard_experts", "summed_over"]
 
 
 @dataclass
@@ -73,3 +86,65 @@ def plan_exchange(counts_E: Tensor, group: dist.ProcessGroup) -> ExpertExchange:
     expert_R = torch.repeat_interleave(chunk_expert, recv_counts_PL.reshape(-1))
     order = torch.argsort(expert_R, stable=True)
     return ExpertExchange(group, send_splits, recv_splits, recv_counts_PL.sum(0), order)
+
+
+def shard_experts(layer: MoELayer, mesh: DeviceMesh) -> None:
+    """Expert parallelism for ``layer`` over the 1-D ``DeviceMesh`` ``mesh`` of P ranks, in place: rank r keeps
+    experts ``[r E/P, (r+1) E/P)`` as the local shard of ``DTensor`` weights (``Shard(0)``); every rank keeps the
+    router.
+
+    Each rank routes its own tokens; the assignments go to their experts' ranks and come back with
+    ``all_to_all_single`` (dropless, uneven splits), forward and backward. The balance loss then uses the loads
+    summed over ``mesh`` (``layer.load_group``, which a caller may widen to every data-parallel rank), so the mean
+    of the ranks' losses is the loss of their tokens together. A capacity limit applies to each rank's tokens.
+
+    The expert gradients a backward pass leaves are sums over the group's ranks of each rank's loss, as for any
+    parameter before the data-parallel mean; FSDP2 (:func:`moe_lightning.distributed.layout.parallelize`)
+    divides them.
+    """
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    size = mesh.size()
+    if mesh.ndim != 1:
+        raise ValueError(f"shard_experts: mesh must be 1-D (the expert-parallel ranks), got {mesh.ndim} dims")
+    if layer.num_experts % size:
+        raise ValueError(
+            f"num_experts={layer.num_experts} must be divisible by the expert-parallel size {size} "
+            f"(allowed sizes: divisors of {layer.num_experts})"
+        )
+    if layer.config.dispatch == "bmm":
+        raise ValueError(
+            "dispatch='bmm' runs every expert on every token and cannot shard the experts; use 'auto', "
+            "'sorted', 'grouped' or 'loop' under expert parallelism"
+        )
+    for name in ("w_in", "w_out"):
+        weight = getattr(layer, name)
+        setattr(layer, name, nn.Parameter(distribute_tensor(weight.detach(), mesh, [Shard(0)])))
+    layer.expert_group = mesh.get_group()
+    if layer.load_group is None:
+        layer.load_group = layer.expert_group
+
+
+@contextmanager
+def gather_experts(experts: GroupedExperts) -> Iterator[None]:
+    """Every expert's weights on this rank while the context lasts (``DTensor.full_tensor``, a collective every rank
+    of the expert group enters), so ``experts.expert_fn`` takes any expert; nothing to do without expert
+    parallelism. The copies hold no gradient and are freed on exit."""
+    if experts.expert_group is None:
+        yield
+        return
+    with torch.no_grad():
+        experts.all_weights = (experts.w_in.full_tensor(), experts.w_out.full_tensor())
+    try:
+        yield
+    finally:
+        experts.all_weights = None
+
+
+def summed_over(load_E: Tensor, group: dist.ProcessGroup | None) -> Tensor:
+    """``load_E`` summed over the ranks of ``group`` (itself without one); no gradient flows through loads."""
+    if group is None:
+        return load_E
+    total = load_E.detach().clone()
+    dist.all_reduce(total, group=group)
+    return total

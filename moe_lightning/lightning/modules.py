@@ -16,7 +16,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.text import Perplexity
 
 from moe_lightning.common import check_choice, check_nonnegative, check_positive
-from moe_lightning.distributed.parallelize import clip_grad_norm_, expert_parallel_mesh, is_parallelized, parallelize
+from moe_lightning.distributed.layout import clip_grad_norm_, expert_parallel_mesh, is_parallelized, parallelize
 from moe_lightning.nn.balancing import update_expert_biases
 from moe_lightning.nn.models import (
     MLPMoE,
@@ -123,7 +123,7 @@ class _MoEModule(L.LightningModule):
     def configure_model(self) -> None:
         """Under Lightning's ``ModelParallelStrategy``: FSDP2 over every rank and, with
         :class:`~moe_lightning.lightning.strategy.ExpertParallelStrategy`, expert parallelism
-        (:func:`~moe_lightning.distributed.parallelize.parallelize`). Nothing under the other strategies."""
+        (:func:`~moe_lightning.distributed.layout.parallelize`). Nothing under the other strategies."""
         from lightning.pytorch.strategies import ModelParallelStrategy
 
         strategy = self._trainer.strategy if self._trainer is not None else None

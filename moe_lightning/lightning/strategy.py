@@ -1,6 +1,6 @@
 """``ExpertParallelStrategy``: Lightning's ``ModelParallelStrategy`` with every rank data-parallel and the experts of
 every MoE layer split over ``expert_parallel_size`` ranks; the LightningModules' ``configure_model`` applies the
-layout (:func:`moe_lightning.distributed.parallelize.parallelize`)."""
+layout (:func:`moe_lightning.distributed.layout.parallelize`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.constants import default_pg_timeout
 from typing_extensions import override
 
-from moe_lightning.distributed.parallelize import expert_parallel_mesh
+from moe_lightning.distributed.layout import expert_parallel_mesh
 
 __all__ = ["ExpertParallelStrategy"]
 

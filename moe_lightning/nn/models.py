@@ -4,7 +4,7 @@ decoder-only language model). Pure PyTorch, no Lightning.
 Shape legend: ``B`` batch, ``T`` sequence length, ``D`` model dim, ``V`` vocabulary, ``N = B * T`` tokens.
 
 Both take any routing (``"dense" | "topk" | "soft"``) through config alone, and return a :class:`ModelOutput`
-whose ``aux`` list holds one :class:`~moe_lightning.nn.layer.MoEAux` per routed layer (empty for dense models).
+whose ``aux`` list holds one :class:`~moe_lightning.nn.router.MoEAux` per routed layer (empty for dense models).
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_lightning.common import check_positive
-from moe_lightning.nn.layer import MoEAux, MoEConfig, MoELayer, build_ffn
+from moe_lightning.nn.config import MoEConfig
+from moe_lightning.nn.layer import MoELayer, build_ffn
+from moe_lightning.nn.router import MoEAux
 
 
 @dataclass

@@ -9,7 +9,8 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 from moe_lightning.common import is_fsdp_module
-from moe_lightning.distributed.parallelize import expert_parallel_mesh, parallelize
+from moe_lightning.distributed.expert_parallel import shard_experts
+from moe_lightning.distributed.layout import expert_parallel_mesh, parallelize
 from moe_lightning.nn.layer import MoEConfig, MoELayer
 
 TOKENS_PER_RANK, DIM = 12, 16
@@ -59,7 +60,7 @@ def check_layer(rank: int, world: int) -> dict:
         y_ref, gx_ref, grads_ref, aux_ref = run(reference, x_all, g_all, 1.0)
         layer = copy.deepcopy(reference)
         layer.zero_grad(set_to_none=True)
-        layer.shard_experts(mesh)
+        shard_experts(layer, mesh)
         # Each rank's loss carries 1/P of the balance loss: their sum is the one-process loss.
         y, gx, grads, aux = run(layer, x_all[rows], g_all[rows], 1.0 / world)
         router_grad = grads["router.weight"].clone()
@@ -85,7 +86,7 @@ def check_layer(rank: int, world: int) -> dict:
         result[name] = dict(zip(pairs, errors.tolist(), strict=True))
         result[name]["empty_experts"] = int((aux_ref.tokens_per_expert == 0).sum())
     try:
-        MoELayer(MoEConfig(dim=DIM, expert_hidden=8, num_experts=world + 1, top_k=1)).shard_experts(mesh)
+        shard_experts(MoELayer(MoEConfig(dim=DIM, expert_hidden=8, num_experts=world + 1, top_k=1)), mesh)
         result["indivisible"] = None
     except ValueError as error:
         result["indivisible"] = str(error)

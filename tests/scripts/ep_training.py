@@ -22,11 +22,11 @@ from helpers import quiet_trainer
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from moe_lightning.adapters import find_moe_layers
+from moe_lightning.adapters import find_moe_layers, native
 from moe_lightning.adapters.capture import capture_layer_inputs
 from moe_lightning.callbacks import GeometryMonitor, RouterMonitor
 from moe_lightning.common import observation
-from moe_lightning.distributed.parallelize import is_parallelized
+from moe_lightning.distributed.layout import is_parallelized
 from moe_lightning.geometry import probe
 from moe_lightning.lightning.modules import CausalLMModule
 from moe_lightning.lightning.strategy import ExpertParallelStrategy
@@ -137,10 +137,11 @@ class Tokens(L.LightningDataModule):
 
 
 class CountGathers:
-    """Counts the calls of ``MoELayer.all_experts`` (every expert's weights on one rank) while it is entered."""
+    """Counts the calls of ``gather_experts`` (every expert's weights on one rank), as the native views lend it,
+    while it is entered."""
 
     def __init__(self):
-        self.calls, self._original = 0, MoELayer.all_experts
+        self.calls, self._original = 0, native.gather_experts
 
     def __enter__(self):
         original = self._original
@@ -149,11 +150,11 @@ class CountGathers:
             self.calls += int(layer.expert_parallel_size > 1)
             return original(layer)
 
-        MoELayer.all_experts = counted
+        native.gather_experts = counted
         return self
 
     def __exit__(self, *exc):
-        MoELayer.all_experts = self._original
+        native.gather_experts = self._original
 
 
 # DeepSeek-V3-style layers: sigmoid scores, aux-free bias, and a shared expert, which every rank holds whole and

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from moe_lightning.common import check_positive_int, is_fsdp_module
+from moe_lightning.distributed.expert_parallel import shard_experts
 from moe_lightning.nn.layer import DenseFFN, MoELayer
 
 __all__ = ["EXPERT_MESH_DIMS", "clip_grad_norm_", "expert_parallel_mesh", "is_parallelized", "parallelize"]
@@ -82,7 +83,7 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool 
         if expert_mesh.size() == 1:  # one group per layer, so a probe can gather one layer at a time
             fully_shard(layer, mesh=data_mesh, reshard_after_forward=reshard_after_forward)
             continue
-        layer.shard_experts(expert_mesh)
+        shard_experts(layer, expert_mesh)
         # The router and shared experts are replicated data-parallel weights: sharded over every rank. What is
         # left in the layer's own group is its experts, sharded over the replicas of each expert.
         fully_shard(layer.router, mesh=data_mesh, reshard_after_forward=reshard_after_forward)
