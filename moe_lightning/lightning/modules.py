@@ -3,13 +3,15 @@ and the AdamW optimiser with its learning-rate schedule (as in litgpt), so tests
 ``module.model``.
 
 The arguments both modules share, the fields of :class:`LossWeights` and :class:`OptimizerConfig`, are written
-once, in the ``__init__`` of the base class that :func:`_shared_arguments` makes from a module's optimiser
+once: as the ``__init__`` signature of a base class that :func:`_shared_arguments` makes from a module's optimiser
 defaults; each module forwards them as ``**kwargs``. They stay flat keyword arguments because configs, command
 lines and checkpoints spell them flat (``model.init_args.lr``, ``--model.lr``, ``hparams["lr"]``); a nested
-``OptimizerConfig`` argument would change all three. They are a base class's signature rather than one shared
-dataclass because LightningCLI (jsonargparse) follows ``**kwargs`` into ``super().__init__`` and shows that
-signature's defaults, which differ per module (:data:`MLP_OPTIMIZER`, :data:`CAUSAL_LM_OPTIMIZER`), and because
-Lightning's ``save_hyperparameters()`` saves a signature's arguments, defaults included, flat.
+``OptimizerConfig`` argument would change all three. They are a signature, rather than fields of a dataclass that
+each module fills from its ``**kwargs``, because LightningCLI (jsonargparse) follows ``**kwargs`` into
+``super().__init__`` and shows that signature's defaults, which differ per module (:data:`MLP_OPTIMIZER`,
+:data:`CAUSAL_LM_OPTIMIZER`), and Lightning's ``save_hyperparameters()`` saves the arguments of every ``__init__``
+on the call stack, defaults included; from a dataclass filled from ``**kwargs`` the help would show no defaults
+and the checkpoint would hold only the arguments given.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass, fields
+from typing import Any
 
 import lightning as L
 import torch
@@ -254,10 +257,11 @@ class MLPMoEModule(_shared_arguments(MLP_OPTIMIZER)):
         task: ``"regression"`` or ``"classification"``; must match the data.
         **kwargs: the arguments every LightningModule here shares, flat: ``load_balance_coef`` and ``z_loss_coef``
             (the fields of :class:`LossWeights`) and ``lr``, ``weight_decay``, ``warmup_steps``, ``lr_schedule``
-            and ``min_lr_ratio`` (the fields of :class:`OptimizerConfig`; defaults :data:`MLP_OPTIMIZER`).
+            and ``min_lr_ratio`` (the fields of :class:`OptimizerConfig`), with this module's defaults,
+            :data:`MLP_OPTIMIZER`.
     """
 
-    def __init__(self, config: MLPMoEConfig | None = None, task: str = "regression", **kwargs) -> None:
+    def __init__(self, config: MLPMoEConfig | None = None, task: str = "regression", **kwargs: Any) -> None:
         check_choice("task", task, TASKS)
         config = config if config is not None else MLPMoEConfig()  # before super(), which saves it
         super().__init__(**kwargs)
@@ -282,10 +286,11 @@ class CausalLMModule(_shared_arguments(CAUSAL_LM_OPTIMIZER)):
         config: the network (routing, experts, sizes, vocabulary).
         **kwargs: the arguments every LightningModule here shares, flat: ``load_balance_coef`` and ``z_loss_coef``
             (the fields of :class:`LossWeights`) and ``lr``, ``weight_decay``, ``warmup_steps``, ``lr_schedule``
-            and ``min_lr_ratio`` (the fields of :class:`OptimizerConfig`; defaults :data:`CAUSAL_LM_OPTIMIZER`).
+            and ``min_lr_ratio`` (the fields of :class:`OptimizerConfig`), with this module's defaults,
+            :data:`CAUSAL_LM_OPTIMIZER`.
     """
 
-    def __init__(self, config: TransformerMoEConfig | None = None, **kwargs) -> None:
+    def __init__(self, config: TransformerMoEConfig | None = None, **kwargs: Any) -> None:
         config = config if config is not None else TransformerMoEConfig()  # before super(), which saves it
         super().__init__(**kwargs)
         self.model = TransformerMoE(config)
