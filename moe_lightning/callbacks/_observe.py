@@ -1,19 +1,17 @@
 """Shared machinery of the callbacks: copying batches into callback state, the step axis, logging to every Lightning
-logger and to ``trainer.callback_metrics``, heatmaps, and where the callbacks look for MoE layers."""
+logger and to ``trainer.callback_metrics``, and where the callbacks look for MoE layers. The saved reports are in
+``_reports``, the media (histograms, tables, heatmaps) in ``_media``."""
 
 from __future__ import annotations
 
 import fnmatch
-import json
-import os
 import re
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
@@ -131,60 +129,12 @@ def define_step_metric(trainer: Trainer, prefix: str) -> None:
         logger.experiment.define_metric(prefix, step_metric="trainer/global_step")
 
 
-def report_directory(trainer: Trainer, explicit: str | None = None) -> str | None:
-    """Where a callback writes its per-step reports: ``explicit`` if given, else the first CSV or TensorBoard
-    logger's ``log_dir``, else the W&B run's files directory, so the reports travel with the run; ``None`` when
-    there is none of them."""
-    if explicit is not None:
-        return explicit
-    for logger in trainer.loggers:
-        if isinstance(logger, (CSVLogger, TensorBoardLogger)):
-            return logger.log_dir
-    for logger in wandb_loggers(trainer):
-        return logger.experiment.dir
-    return None
-
-
-def write_step_report(root: str, kind: str, step: int, payload: dict[str, Any]) -> str:
-    """Write ``payload`` as ``<root>/<kind>/step_<step, 7 digits>.json`` (what ``moe-lightning report`` reads).
-
-    Written next to the target and renamed, so readers never see a half-written file. Returns the path.
-    """
-    folder = os.path.join(root, kind)
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"step_{step:07d}.json")
-    with open(path + ".tmp", "w") as handle:
-        json.dump(payload, handle)
-    os.replace(path + ".tmp", path)
-    return path
-
-
 def wandb_loggers(trainer: Trainer) -> list[WandbLogger]:
     return [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
 
 
 def tensorboard_loggers(trainer: Trainer) -> list[TensorBoardLogger]:
     return [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
-
-
-def heatmap_figure(matrix: Tensor, title: str):
-    """A labelled matplotlib heatmap of an (E, E) matrix (Agg backend; no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    values = matrix.detach().double().cpu().numpy()
-    fig, ax = plt.subplots(figsize=(4, 3.4), dpi=100)
-    finite = values[np.isfinite(values)]
-    vmax = float(finite.max()) if finite.size else 1.0
-    image = ax.imshow(values, cmap="viridis", vmin=0.0, vmax=vmax if vmax > 0 else 1.0)
-    ax.set_xlabel("expert j")
-    ax.set_ylabel("expert i")
-    ax.set_title(title, fontsize=8)
-    fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    return fig
 
 
 def observed_model(pl_module: LightningModule) -> nn.Module:

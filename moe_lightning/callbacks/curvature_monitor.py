@@ -20,18 +20,16 @@ from typing_extensions import override
 from moe_lightning.adapters.capture import to_device
 from moe_lightning.adapters.registry import uncompiled_name
 from moe_lightning.callbacks._guard import Failures, distributed
+from moe_lightning.callbacks._media import log_density_media
 from moe_lightning.callbacks._observe import (
     PublishingCallback,
     cpu_copy,
     define_step_metric,
     log_scalars,
     logging_step,
-    report_directory,
-    tensorboard_loggers,
-    wandb_loggers,
     warn_state_changes,
-    write_step_report,
 )
+from moe_lightning.callbacks._reports import save_densities
 from moe_lightning.callbacks._schedule import Schedule
 from moe_lightning.common import check_choice, check_nonnegative, check_positive_int, observation, warn_once
 from moe_lightning.geometry import SpectralDensity, hessian_eigenvalues, hessian_spectral_density, hessian_trace
@@ -272,7 +270,9 @@ class CurvatureMonitor(PublishingCallback):
         try:
             log_scalars(trainer, metrics, step)
             if densities and trainer.is_global_zero:
-                self._log_densities(trainer, densities, step)
+                if self.save_reports:
+                    save_densities(trainer, self.report_dir, densities, step)
+                log_density_media(trainer, densities, step)
         except Exception as error:  # media, files and loggers are a bonus; never let them stop training
             warn_once(f"CurvatureMonitor: could not log at step {step}: {error!r}", self._warned, rank_zero_warn)
         return metrics
@@ -346,49 +346,6 @@ class CurvatureMonitor(PublishingCallback):
             **reduce,
         )
         return {"density": dens}
-
-    def _log_densities(self, trainer: Trainer, densities: dict[str, SpectralDensity], step: int) -> None:
-        root = report_directory(trainer, self.report_dir) if self.save_reports else None
-        if root is not None:
-            payload = {"step": step, "epoch": trainer.current_epoch, "densities": {}}
-            for prefix, d in densities.items():
-                payload["densities"][prefix] = {
-                    "grid": d.grid.tolist(),
-                    "density": d.density.tolist(),
-                    "nodes": d.nodes.tolist(),
-                    "weights": d.weights.tolist(),
-                    "sigma": d.sigma,
-                    "dim": d.dim,
-                }
-            write_step_report(root, "curvature", step, payload)
-        for logger in tensorboard_loggers(trainer):
-            for prefix, d in densities.items():
-                counts, edges = d.histogram()
-                logger.experiment.add_histogram_raw(
-                    f"{prefix}/hessian_density",
-                    min=float(edges[0]),
-                    max=float(edges[-1]),
-                    num=float(counts.sum()),
-                    sum=float((d.grid * counts).sum()),
-                    sum_squares=float((d.grid**2 * counts).sum()),
-                    bucket_limits=edges[1:].tolist(),
-                    bucket_counts=counts.tolist(),
-                    global_step=step,
-                )
-        wandbs = wandb_loggers(trainer)
-        if not wandbs:
-            return
-        import wandb
-
-        for logger in wandbs:
-            payload: dict[str, Any] = {"trainer/global_step": step}
-            rows = []
-            for prefix, d in densities.items():
-                counts, edges = d.histogram()
-                payload[f"{prefix}/hessian_density"] = wandb.Histogram(np_histogram=(counts.numpy(), edges.numpy()))
-                rows.extend([step, prefix, t, v] for t, v in zip(d.grid.tolist(), d.density.tolist(), strict=True))
-            payload["curvature/density"] = wandb.Table(columns=["step", "params", "eigenvalue", "density"], data=rows)
-            logger.experiment.log(payload)
 
     @override
     def state_dict(self) -> dict[str, Any]:

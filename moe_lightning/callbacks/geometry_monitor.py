@@ -3,7 +3,6 @@ probed on a fixed token set over the course of training (docs/geometry.md §1-5)
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -17,26 +16,23 @@ from typing_extensions import override
 from moe_lightning.adapters import find_moe_layers
 from moe_lightning.adapters.capture import capture_layer_inputs
 from moe_lightning.callbacks._guard import Failures, distributed
+from moe_lightning.callbacks._media import log_geometry_media
 from moe_lightning.callbacks._observe import (
     PublishingCallback,
     batch_inputs,
     cpu_copy,
     define_step_metric,
-    heatmap_figure,
     log_scalars,
     logging_step,
     observed_model,
-    report_directory,
-    tensorboard_loggers,
-    wandb_loggers,
     warn_state_changes,
-    write_step_report,
 )
+from moe_lightning.callbacks._probe_set import bootstrap_columns, draw_probe_set, probe_loader
+from moe_lightning.callbacks._reports import save_geometry_reports
 from moe_lightning.callbacks._schedule import Schedule
 from moe_lightning.callbacks._sharded import gathered
-from moe_lightning.common import check_choice, check_positive_int, dtype_from_name, dtype_name, observation, warn_once
+from moe_lightning.common import check_choice, check_positive_int, dtype_from_name, observation, warn_once
 from moe_lightning.geometry import GeometryReport, MoEView, ProbeConfig, finalize, probe_statistics
-from moe_lightning.geometry.bootstrap import resample_counts
 from moe_lightning.geometry.view import ExpertPlacement, HasPlacement
 
 _PROBE_DTYPES = ("float64", "float32")
@@ -255,77 +251,30 @@ class GeometryMonitor(PublishingCallback):
         self.schedule.done = list(state_dict.get("probed_steps", []))
 
     # ------------------------------------------------------------------ probe set
-    def _loader(self, trainer: Trainer) -> Any:
-        datamodule = trainer.datamodule
-        if datamodule is None:
-            return None
-        order = ("val_dataloader", "train_dataloader") if self.source == "val" else ("train_dataloader",)
-        for name in order:
-            try:
-                loader = getattr(datamodule, name)()
-            except Exception:  # not implemented (Lightning raises MisconfigurationException): try the next one
-                continue
-            if loader is not None and (not isinstance(loader, (list, tuple)) or len(loader) > 0):
-                return loader[0] if isinstance(loader, (list, tuple)) else loader
-        return None
-
     def _draw_probe_set(self, trainer: Trainer, pl_module: LightningModule) -> list[Any] | None:
-        """Batches in the loader's own order until every probed layer has ``max_tokens`` captured tokens, or with
-        ``min_tokens_per_expert`` until every expert's ``n_eff`` reaches it (within ``max_tokens``).
-        Deterministic: the same data on every rank and every run; the global RNG is restored afterwards."""
-        loader = self._loader(trainer)
+        """The probe set (:func:`~moe_lightning.callbacks._probe_set.draw_probe_set`) from the datamodule's
+        loader, or None without one. Deterministic: the same data on every rank and every run; the model's state
+        and the global RNG are restored afterwards."""
+        loader = probe_loader(trainer.datamodule, self.source)
         if loader is None or not self.views:
             return None
-        inputs: list[Any] = []
-        tokens = 0
-        target = self.min_tokens_per_expert
-        # per layer: Σw and Σw² of each expert's gate values over the tokens drawn so far (within the budget)
-        sums: dict[str, tuple[Tensor, Tensor]] = {}
         with observation(pl_module) as changes:
-            for batch in loader:
-                inputs.append(cpu_copy(batch_inputs(batch, self.input_key)))
-                captured = self._capture(trainer, pl_module, inputs[-1:])
-                if target is not None:
-                    self._add_gate_sums(sums, captured, self.max_tokens - tokens)
-                tokens += min(x.shape[0] for x in captured.values())
-                if tokens >= self.max_tokens or (target is not None and _lowest_n_eff(sums)[0] >= target):
-                    break
+            inputs = draw_probe_set(
+                loader,
+                self.views,
+                lambda batches: self._capture(trainer, pl_module, batches),
+                self.input_key,
+                self.max_tokens,
+                self.min_tokens_per_expert,
+            )
         warn_state_changes("GeometryMonitor", changes, self._warned)
-        if target is not None:
-            lowest, where = _lowest_n_eff(sums)
-            if lowest < target:
-                rank_zero_warn(
-                    f"GeometryMonitor: the probe set of {min(tokens, self.max_tokens)} tokens (max_tokens="
-                    f"{self.max_tokens}) leaves {where} with n_eff = {lowest:.1f} < min_tokens_per_expert={target}; "
-                    "raise max_tokens (or add validation data): its PCA values are flagged undersampled when "
-                    "n_eff is below their width"
-                )
         return inputs
-
-    def _add_gate_sums(self, sums: dict[str, tuple[Tensor, Tensor]], captured: dict[str, Tensor], room: int) -> None:
-        """Add each layer's gate sums ``Σw``, ``Σw²`` per expert over the first ``room`` captured tokens."""
-        for view in self.views:
-            x = captured[view.name]
-            x = x.reshape(-1, x.shape[-1])[: max(room, 0)]
-            g = view.gates(x).detach().to(torch.float64)
-            g = torch.where(torch.isfinite(g), g, torch.zeros_like(g))
-            sum_w, sum_w2 = sums.get(view.name, (0.0, 0.0))
-            sums[view.name] = (sum_w + g.sum(0), sum_w2 + (g * g).sum(0))
 
     # ------------------------------------------------------------------ the probe
     def _reduce_fn(self, trainer: Trainer) -> Callable[[Tensor], Tensor] | None:
         if not distributed(trainer):
             return None
         return lambda t: trainer.strategy.reduce(t, reduce_op="sum")
-
-    def _resample_counts(self, num_tokens: int, world: int, ranks: list[int]) -> Tensor | None:
-        """The columns of the bootstrap's draw over the global probe set (None without a bootstrap) that belong to
-        the tokens of ``ranks``: the resamples do not depend on how many ranks share the tokens."""
-        cfg = self.probe_config
-        if not cfg.bootstrap:
-            return None
-        counts = resample_counts(num_tokens, cfg.bootstrap, cfg.bootstrap_seed)
-        return torch.cat([counts.tensor_split(world, dim=1)[r] for r in ranks], dim=1) if world > 1 else counts
 
     def _expert_layout(self, view: MoEView) -> tuple[ExpertPlacement | None, bool]:
         """``(placement, all_experts)`` for probing ``view``: where its experts live if expert parallelism splits
@@ -409,7 +358,7 @@ class GeometryMonitor(PublishingCallback):
                 split = placement is not None and not all_experts
                 ranks = dist.get_process_group_ranks(placement.group) if split else [rank]
                 shard = torch.cat([x.tensor_split(world)[r] for r in ranks]) if world > 1 else x
-                counts = self._resample_counts(x.reshape(-1, x.shape[-1]).shape[0], world, ranks)
+                counts = bootstrap_columns(self.probe_config, x.reshape(-1, x.shape[-1]).shape[0], world, ranks)
                 where = {"expert_group": placement.group, "local_experts": placement.local_experts} if split else {}
                 return probe_statistics(view, shard, self.probe_config, resample_counts=counts, **where)
         except Exception as error:  # a probe must never stop training; agreed over ranks and reported
@@ -428,71 +377,11 @@ class GeometryMonitor(PublishingCallback):
         log_scalars(trainer, scalars, step)
         if self.save_reports and reports:
             try:
-                self._save(trainer, reports, step)
+                save_geometry_reports(trainer, self.report_dir, reports, step, self.probe_config.dtype)
             except Exception as error:  # a full disk must not stop training either
                 warn_once(f"GeometryMonitor: could not save reports: {error!r}", self._warned, rank_zero_warn)
         if self.log_media:
             try:
-                self._log_media(trainer, reports, step)
+                log_geometry_media(trainer, reports, step)
             except Exception as error:  # media are a bonus; never let them stop training
                 warn_once(f"GeometryMonitor: could not log media: {error!r}", self._warned, rank_zero_warn)
-
-    def _save(self, trainer: Trainer, reports: dict[str, GeometryReport], step: int) -> None:
-        root = report_directory(trainer, self.report_dir)
-        if root is None:
-            return
-        payload = {
-            "step": step,
-            "epoch": trainer.current_epoch,
-            "dtype": dtype_name(self.probe_config.dtype),
-            "layers": {name: report.to_dict() for name, report in reports.items()},
-        }
-        write_step_report(root, "geometry", step, payload)
-
-    def _log_media(self, trainer: Trainer, reports: dict[str, GeometryReport], step: int) -> None:
-        for logger in tensorboard_loggers(trainer):
-            for name, report in reports.items():
-                spectra = report.spectra.get("jac_mean_spectrum")
-                if spectra is not None and torch.isfinite(spectra).any():
-                    values = spectra[torch.isfinite(spectra)].float().cpu()
-                    logger.experiment.add_histogram(f"geometry/{name}/jac_spectrum", values, step)
-        wandbs = wandb_loggers(trainer)
-        if not wandbs:
-            return
-        import matplotlib.pyplot as plt
-        import wandb
-
-        for logger in wandbs:
-            run = logger.experiment
-            payload: dict[str, Any] = {"trainer/global_step": step}
-            rows = []
-            for name, report in reports.items():
-                spectra = report.spectra.get("jac_mean_spectrum")
-                if spectra is not None:
-                    finite = spectra[torch.isfinite(spectra)].double().cpu()
-                    if finite.numel():
-                        payload[f"geometry/{name}/jac_spectrum_hist"] = wandb.Histogram(finite.numpy())
-                    for e, row in enumerate(spectra.double().cpu().tolist()):
-                        rows.extend([step, name, e, i + 1, s] for i, s in enumerate(row))
-                for key, matrix in report.matrices.items():
-                    if key.endswith("projection") or key.endswith("geodesic"):
-                        continue
-                    figure = heatmap_figure(matrix, f"{name} {key} (step {step})")
-                    payload[f"geometry/{name}/{key}_heatmap"] = wandb.Image(figure)
-                    plt.close(figure)
-            if rows:
-                payload["geometry/spectra"] = wandb.Table(
-                    columns=["step", "layer", "expert", "index", "sigma"], data=rows
-                )
-            run.log(payload)
-
-
-def _lowest_n_eff(sums: dict[str, tuple[Tensor, Tensor]]) -> tuple[float, str]:
-    """The smallest effective sample size ``(Σw)²/Σw²`` over every layer's experts, and which expert it is."""
-    lowest, where = math.inf, "no expert"
-    for name, (sum_w, sum_w2) in sums.items():
-        n_eff = torch.where(sum_w2 > 0, sum_w**2 / torch.where(sum_w2 > 0, sum_w2, 1.0), 0.0)
-        e = int(n_eff.argmin())
-        if float(n_eff[e]) < lowest:
-            lowest, where = float(n_eff[e]), f"expert {e} of {name!r}"
-    return lowest, where

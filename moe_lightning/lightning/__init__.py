@@ -1,5 +1,6 @@
-"""The Lightning glue: the two LightningModules (``modules``), the W&B logger that goes offline by itself
-(``loggers``) and the expert-parallel strategy (``strategy``).
+"""The Lightning glue: the two LightningModules and the optimiser and loss-weight arguments they share
+(``modules``), the W&B logger that goes offline by itself (``loggers``) and the expert-parallel strategy
+(``strategy``).
 
 The names load on first use, and configs may name them here or in their modules::
 
@@ -15,7 +16,7 @@ from moe_lightning.common.lazy import lazy_names
 
 if TYPE_CHECKING:
     from moe_lightning.lightning.loggers import AutoWandbLogger
-    from moe_lightning.lightning.modules import CausalLMModule, MLPMoEModule
+    from moe_lightning.lightning.modules import CausalLMModule, LossWeights, MLPMoEModule, OptimizerConfig
     from moe_lightning.lightning.strategy import ExpertParallelStrategy
 
 # Public name -> the module that defines it.
@@ -23,13 +24,17 @@ _SOURCES = {
     "AutoWandbLogger": "loggers",
     "CausalLMModule": "modules",
     "ExpertParallelStrategy": "strategy",
+    "LossWeights": "modules",
     "MLPMoEModule": "modules",
+    "OptimizerConfig": "modules",
 }
 __all__ = [
     "AutoWandbLogger",
     "CausalLMModule",
     "ExpertParallelStrategy",
+    "LossWeights",
     "MLPMoEModule",
+    "OptimizerConfig",
 ]
 
 __getattr__, __dir__ = lazy_names(__name__, _SOURCES)

@@ -1,12 +1,25 @@
 """The LightningModules: thin wrappers of a raw ``nn.Module`` that add the task loss, the weighted auxiliary losses
 and the AdamW optimiser with its learning-rate schedule (as in litgpt), so tests and callbacks can use
-``module.model``."""
+``module.model``.
+
+The arguments both modules share, the fields of :class:`LossWeights` and :class:`OptimizerConfig`, are written
+once: as the ``__init__`` signature of a base class that :func:`_shared_arguments` makes from a module's optimiser
+defaults; each module forwards them as ``**kwargs``. They stay flat keyword arguments because configs, command
+lines and checkpoints spell them flat (``model.init_args.lr``, ``--model.lr``, ``hparams["lr"]``); a nested
+``OptimizerConfig`` argument would change all three. They are a signature, rather than fields of a dataclass that
+each module fills from its ``**kwargs``, because LightningCLI (jsonargparse) follows ``**kwargs`` into
+``super().__init__`` and shows that signature's defaults, which differ per module (:data:`MLP_OPTIMIZER`,
+:data:`CAUSAL_LM_OPTIMIZER`), and Lightning's ``save_hyperparameters()`` saves the arguments of every ``__init__``
+on the call stack, defaults included; from a dataclass filled from ``**kwargs`` the help would show no defaults
+and the checkpoint would hold only the arguments given.
+"""
 
 from __future__ import annotations
 
 import inspect
 import math
 from dataclasses import dataclass, fields
+from typing import Any
 
 import lightning as L
 import torch
@@ -36,10 +49,9 @@ class OptimizerConfig:
     """The optimiser and its schedule, shared by every LightningModule here: AdamW with a linear warm-up, then a
     constant, cosine or linear decay to ``min_lr_ratio * lr``.
 
-    The LightningModules take these fields as flat keyword arguments (``lr=3e-3``, ``--model.init_args.lr``,
-    ``lr:`` under ``init_args`` in a config), which is how configs, command lines and saved checkpoints spell them
-    (a nested dataclass argument would change all three); each module's defaults are one ``OptimizerConfig``
-    (:data:`MLP_OPTIMIZER`, :data:`CAUSAL_LM_OPTIMIZER`), and the hyperparameters it saves are these flat fields.
+    The LightningModules take these fields as flat keyword arguments (``lr=3e-3``, ``--model.init_args.lr``),
+    with one ``OptimizerConfig`` as each module's defaults (:data:`MLP_OPTIMIZER`, :data:`CAUSAL_LM_OPTIMIZER`),
+    and save them flat as hyperparameters; :attr:`_MoEModule.optimizer_config` reads them back as one.
 
     Attributes:
         lr: peak learning rate of AdamW.
@@ -98,22 +110,14 @@ MLP_OPTIMIZER = OptimizerConfig()
 CAUSAL_LM_OPTIMIZER = OptimizerConfig(lr=3e-4, weight_decay=0.1, warmup_steps=100, lr_schedule="cosine")
 
 
-def _shared_arguments_doc(*configs: type) -> str:
-    """An ``Args:`` section made of the ``Attributes:`` entries of ``configs``' docstrings, so the command line's
-    ``--help`` describes the shared arguments of each LightningModule from the one place they are written."""
-    entries = [inspect.cleandoc(config.__doc__ or "").split("Attributes:\n", 1)[-1] for config in configs]
-    return "Args:\n" + "\n".join(entries)
-
-
 class _MoEModule(L.LightningModule):
-    """Shared loss and optimiser logic. Subclasses take the fields of :class:`LossWeights` and
-    :class:`OptimizerConfig` as flat keyword arguments (checked here), build ``self.model``, define ``task_loss``
-    and save their arguments as hyperparameters."""
+    """Shared loss and optimiser logic. A subclass derives from :func:`_shared_arguments` of its optimiser
+    defaults, builds ``self.model`` and defines ``task_loss``."""
 
-    def __init__(self, loss_weights: LossWeights, optimizer: OptimizerConfig) -> None:
-        """Both were checked when they were made; the subclass saves their fields, flat, as hyperparameters, which
-        :meth:`loss` and :attr:`optimizer_config` read (so a checkpoint's hyperparameters stay flat too)."""
-        super().__init__()
+    @property
+    def loss_weights(self) -> LossWeights:
+        """The auxiliary-loss weights as the hyperparameters hold them now."""
+        return LossWeights(**{f.name: self.hparams[f.name] for f in fields(LossWeights)})
 
     @property
     def optimizer_config(self) -> OptimizerConfig:
@@ -167,9 +171,8 @@ class _MoEModule(L.LightningModule):
                 layer_aux.record_load()
         task_loss = self.task_loss(out.output, y, stage)
         aux = out.aux_losses()
-        total = (
-            task_loss + self.hparams.load_balance_coef * aux["load_balance"] + self.hparams.z_loss_coef * aux["z_loss"]
-        )
+        weights = self.loss_weights
+        total = task_loss + weights.load_balance_coef * aux["load_balance"] + weights.z_loss_coef * aux["z_loss"]
         return total, task_loss, aux
 
     def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
@@ -214,43 +217,54 @@ class _MoEModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-# LightningCLI reads the arguments' help from the docstrings of a module's base classes too.
-_MoEModule.__doc__ = (
-    f"{inspect.cleandoc(_MoEModule.__doc__ or '')}\n\n{_shared_arguments_doc(LossWeights, OptimizerConfig)}"
-)
+def _shared_arguments(optimizer: OptimizerConfig) -> type[_MoEModule]:
+    """The base class of a LightningModule whose optimiser defaults are ``optimizer``: its ``__init__`` takes the
+    fields of :class:`LossWeights` and :class:`OptimizerConfig` as flat keyword arguments, checks them, and saves
+    them with the subclass's own arguments as the hyperparameters. One class per set of defaults, because a
+    signature's defaults are fixed when it is written (the module docstring says why a signature at all)."""
+
+    class SharedArguments(_MoEModule):
+        def __init__(
+            self,
+            load_balance_coef: float = LOSS_WEIGHTS.load_balance_coef,
+            z_loss_coef: float = LOSS_WEIGHTS.z_loss_coef,
+            lr: float = optimizer.lr,
+            weight_decay: float = optimizer.weight_decay,
+            warmup_steps: int = optimizer.warmup_steps,
+            lr_schedule: str = optimizer.lr_schedule,
+            min_lr_ratio: float = optimizer.min_lr_ratio,
+        ) -> None:
+            LossWeights(load_balance_coef, z_loss_coef)  # checks the values
+            OptimizerConfig(lr, weight_decay, warmup_steps, lr_schedule, min_lr_ratio)
+            super().__init__()
+            # Lightning collects the arguments of every __init__ on the stack: these and the subclass's own.
+            self.save_hyperparameters()
+
+    # LightningCLI's help for the flat arguments: the Attributes of the two dataclasses, as an Args section.
+    entries = [
+        inspect.cleandoc(config.__doc__ or "").split("Attributes:\n", 1)[-1]
+        for config in (LossWeights, OptimizerConfig)
+    ]
+    SharedArguments.__doc__ = "The arguments every LightningModule here shares.\n\nArgs:\n" + "\n".join(entries)
+    return SharedArguments
 
 
-class MLPMoEModule(_MoEModule):
+class MLPMoEModule(_shared_arguments(MLP_OPTIMIZER)):
     """Regression (MSE) or classification (cross-entropy) with an :class:`MLPMoE`.
 
     Args:
         config: the network (routing, experts, sizes).
         task: ``"regression"`` or ``"classification"``; must match the data.
-
-    The other arguments are shared by every LightningModule here: ``load_balance_coef`` and ``z_loss_coef`` are the
-    fields of :class:`LossWeights`, and ``lr``, ``weight_decay``, ``warmup_steps``, ``lr_schedule`` and
-    ``min_lr_ratio`` those of :class:`OptimizerConfig` (defaults: :data:`MLP_OPTIMIZER`).
+        **kwargs: the arguments every LightningModule here shares, flat: ``load_balance_coef`` and ``z_loss_coef``
+            (the fields of :class:`LossWeights`) and ``lr``, ``weight_decay``, ``warmup_steps``, ``lr_schedule``
+            and ``min_lr_ratio`` (the fields of :class:`OptimizerConfig`), with this module's defaults,
+            :data:`MLP_OPTIMIZER`.
     """
 
-    def __init__(
-        self,
-        config: MLPMoEConfig | None = None,
-        task: str = "regression",
-        load_balance_coef: float = LOSS_WEIGHTS.load_balance_coef,
-        z_loss_coef: float = LOSS_WEIGHTS.z_loss_coef,
-        lr: float = MLP_OPTIMIZER.lr,
-        weight_decay: float = MLP_OPTIMIZER.weight_decay,
-        warmup_steps: int = MLP_OPTIMIZER.warmup_steps,
-        lr_schedule: str = MLP_OPTIMIZER.lr_schedule,
-        min_lr_ratio: float = MLP_OPTIMIZER.min_lr_ratio,
-    ) -> None:
-        super().__init__(
-            LossWeights(load_balance_coef, z_loss_coef),
-            OptimizerConfig(lr, weight_decay, warmup_steps, lr_schedule, min_lr_ratio),
-        )
+    def __init__(self, config: MLPMoEConfig | None = None, task: str = "regression", **kwargs: Any) -> None:
         check_choice("task", task, TASKS)
-        config = config if config is not None else MLPMoEConfig()
-        self.save_hyperparameters()
+        config = config if config is not None else MLPMoEConfig()  # before super(), which saves it
+        super().__init__(**kwargs)
         self.model = MLPMoE(config)
         if task == "classification":
             self.accuracy = MulticlassAccuracy(num_classes=config.output_dim, average="micro")
@@ -265,34 +279,20 @@ class MLPMoEModule(_MoEModule):
         return loss
 
 
-class CausalLMModule(_MoEModule):
+class CausalLMModule(_shared_arguments(CAUSAL_LM_OPTIMIZER)):
     """Next-token prediction with a :class:`TransformerMoE`; logs loss and perplexity.
 
     Args:
         config: the network (routing, experts, sizes, vocabulary).
-
-    The other arguments are shared by every LightningModule here: ``load_balance_coef`` and ``z_loss_coef`` are the
-    fields of :class:`LossWeights`, and ``lr``, ``weight_decay``, ``warmup_steps``, ``lr_schedule`` and
-    ``min_lr_ratio`` those of :class:`OptimizerConfig` (defaults: :data:`CAUSAL_LM_OPTIMIZER`).
+        **kwargs: the arguments every LightningModule here shares, flat: ``load_balance_coef`` and ``z_loss_coef``
+            (the fields of :class:`LossWeights`) and ``lr``, ``weight_decay``, ``warmup_steps``, ``lr_schedule``
+            and ``min_lr_ratio`` (the fields of :class:`OptimizerConfig`), with this module's defaults,
+            :data:`CAUSAL_LM_OPTIMIZER`.
     """
 
-    def __init__(
-        self,
-        config: TransformerMoEConfig | None = None,
-        load_balance_coef: float = LOSS_WEIGHTS.load_balance_coef,
-        z_loss_coef: float = LOSS_WEIGHTS.z_loss_coef,
-        lr: float = CAUSAL_LM_OPTIMIZER.lr,
-        weight_decay: float = CAUSAL_LM_OPTIMIZER.weight_decay,
-        warmup_steps: int = CAUSAL_LM_OPTIMIZER.warmup_steps,
-        lr_schedule: str = CAUSAL_LM_OPTIMIZER.lr_schedule,
-        min_lr_ratio: float = CAUSAL_LM_OPTIMIZER.min_lr_ratio,
-    ) -> None:
-        super().__init__(
-            LossWeights(load_balance_coef, z_loss_coef),
-            OptimizerConfig(lr, weight_decay, warmup_steps, lr_schedule, min_lr_ratio),
-        )
-        config = config if config is not None else TransformerMoEConfig()
-        self.save_hyperparameters()
+    def __init__(self, config: TransformerMoEConfig | None = None, **kwargs: Any) -> None:
+        config = config if config is not None else TransformerMoEConfig()  # before super(), which saves it
+        super().__init__(**kwargs)
         self.model = TransformerMoE(config)
         self.perplexity = Perplexity()
 
