@@ -12,9 +12,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from moe_lightning.adapters.base import MoEView
 from moe_lightning.callbacks._observe import batch_inputs, cpu_copy
-from moe_lightning.geometry import ProbeConfig
+from moe_lightning.geometry import MoEView, ProbeConfig
 from moe_lightning.geometry.bootstrap import resample_counts
 
 
