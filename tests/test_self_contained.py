@@ -57,7 +57,7 @@ def test_data_paths_run_from_a_lone_copy_of_the_repository(tmp_path):
     tests = [
         "tests/data/test_datamodules.py::test_wikitext_bundled_split_trains_and_caches_outside_the_package",
         "tests/test_training.py::test_every_shipped_config_runs_through_the_cli[configs/transformer/wikitext_topk.yaml]",
-        "tests/pretrained/test_command.py::test_default_text_is_the_bundled_wikitext_test_split",
+        "tests/commands/test_command.py::test_default_text_is_the_bundled_wikitext_test_split",
     ]
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(repo)]
     result = subprocess.run(
