@@ -141,3 +141,16 @@ def test_a_0_1_sweep_reports_the_tables_0_1_wrote(tmp_path):
     assert report_main([str(OLD / "sweep"), "--out", str(out), "--format", "csv"]) == 0
     for name in os.listdir(OLD / "expected"):
         pd.testing.assert_frame_equal(pd.read_csv(out / name), pd.read_csv(OLD / "expected" / name), rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("old", "usage"),
+    [("moe_lightning.cli", "usage: moe-lightning "), ("moe_lightning.sweep", "usage: moe-lightning sweep")],
+)
+def test_python_dash_m_on_an_old_path_runs_the_new_command(old, usage):
+    import subprocess
+
+    result = subprocess.run([sys.executable, "-m", old, "--help"], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(usage)
+    assert f"FutureWarning: {old} has moved to {MOVED[old]}" in result.stderr

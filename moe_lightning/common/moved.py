@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.abc
 import importlib.machinery
+import importlib.util
 import sys
 import warnings
 from types import ModuleType
@@ -61,13 +62,28 @@ class _Alias(importlib.abc.Loader):
         # The import system has stamped the alias spec on the shared module object; give it back its own.
         module.__spec__ = self._spec
 
+    def get_code(self, fullname: str) -> object:
+        """The new module's code, for ``python -m <old path>`` (runpy runs a module from its code)."""
+        warnings.warn(f"{fullname} has moved to {self.new}; run `python -m {self.new}`", FutureWarning, stacklevel=2)
+        return importlib.util.find_spec(self.new).loader.get_code(self.new)
+
 
 class MovedModules(importlib.abc.MetaPathFinder):
     """A ``sys.meta_path`` finder for the paths in :data:`MOVED`."""
 
     def find_spec(self, name: str, path: object = None, target: object = None) -> importlib.machinery.ModuleSpec | None:
         new = MOVED.get(name)
-        return importlib.machinery.ModuleSpec(name, _Alias(new)) if new is not None else None
+        if new is None:
+            return None
+        target = importlib.util.find_spec(new)
+        spec = importlib.machinery.ModuleSpec(
+            name, _Alias(new), is_package=target.submodule_search_locations is not None
+        )
+        if spec.submodule_search_locations is not None:
+            # An old package path: its submodules (``python -m moe_lightning.cli`` runs ``__main__``) come from the
+            # new package's folder.
+            spec.submodule_search_locations = list(target.submodule_search_locations)
+        return spec
 
 
 def install() -> None:
