@@ -5,7 +5,7 @@ block, and the classes registered here); ``scan_moe_layers`` also says which blo
 your own is viewed through ``register_moe_class``, a ``CallableView`` or a ``register_adapter`` pair.
 """
 
-from moe_lightning.adapters.base import CallableView
+from moe_lightning.adapters.base import CallableView, selection_bias
 from moe_lightning.adapters.custom import register_moe_class
 from moe_lightning.adapters.hf import register_hf_adapters
 from moe_lightning.adapters.native import is_native, native_views
@@ -34,4 +34,5 @@ __all__ = [
     "CallableView",
     "register_adapter",
     "registered_adapters",
+    "selection_bias",
 ]

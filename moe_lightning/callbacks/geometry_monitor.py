@@ -31,6 +31,7 @@ from moe_lightning.callbacks._probe_set import bootstrap_columns, draw_probe_set
 from moe_lightning.callbacks._reports import save_geometry_reports
 from moe_lightning.callbacks._schedule import Schedule
 from moe_lightning.callbacks._sharded import gathered
+from moe_lightning.callbacks._verify import drop_unverified_views
 from moe_lightning.common import check_choice, check_positive_int, dtype_from_name, observation, warn_once
 from moe_lightning.geometry import GeometryReport, MoEView, ProbeConfig, finalize, probe_statistics
 from moe_lightning.geometry.view import ExpertPlacement, HasPlacement
@@ -170,6 +171,7 @@ class GeometryMonitor(PublishingCallback):
         self.last_reports: dict[str, GeometryReport] = {}
         self._failures = Failures("GeometryMonitor")
         self._warned: set[str] = set()
+        self.views_checked = False  # each layer's views are checked at the first probe (callbacks/_verify.py)
 
     @property
     def every_n_steps(self) -> int | None:
@@ -186,7 +188,7 @@ class GeometryMonitor(PublishingCallback):
 
         def find() -> None:
             define_step_metric(trainer, "geometry/*")
-            self.views = find_moe_layers(observed_model(pl_module), self.layers)
+            self.views, self.views_checked = find_moe_layers(observed_model(pl_module), self.layers), False
 
         if not self._failures.run(trainer, "finding the MoE layers", find, "nothing will be probed"):
             self.views = []
@@ -311,6 +313,7 @@ class GeometryMonitor(PublishingCallback):
                 captured = self._capture(trainer, pl_module, self.probe_inputs)
             except Exception as caught:  # every rank still enters each layer's agreement below
                 capture_error = caught
+            drop_unverified_views(self, trainer, pl_module, captured, capture_error)
             for view in self.views:
                 stats = self._probe_layer(trainer, pl_module, view, captured, capture_error)
                 failures = self._failures.agree(trainer, stats if isinstance(stats, BaseException) else None)

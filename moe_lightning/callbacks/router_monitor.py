@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from moe_lightning.adapters import find_moe_layers
+from moe_lightning.adapters import find_moe_layers, selection_bias
 from moe_lightning.adapters.capture import layer_input
 from moe_lightning.callbacks._guard import Failures, distributed
 from moe_lightning.callbacks._observe import (
@@ -294,13 +294,10 @@ def _width(view: MoEView) -> int:
 
 
 def _expert_bias(view: MoEView) -> Tensor | None:
-    """The aux-free selection bias of a view's router, if it has one: a native router's ``expert_bias``, or the
-    ``e_score_correction_bias`` of a Hugging Face DeepSeek-V3-style gate (DeepSeek-V3, GLM-4-MoE, ...), which the
-    model's own training code updates."""
-    bias = getattr(getattr(view.module, "router", None), "expert_bias", None)
-    if bias is None:
-        bias = getattr(getattr(view.module, "gate", None), "e_score_correction_bias", None)
-    return bias if isinstance(bias, Tensor) else None
+    """The layer's aux-free selection bias, wherever it keeps it (:func:`moe_lightning.adapters.selection_bias`: a
+    native router's or torchtitan's ``expert_bias``, a DeepSeek-V3-style gate's ``e_score_correction_bias``, ...),
+    which the model's own training code updates."""
+    return selection_bias(view)
 
 
 def _batch_sums(view: MoEView, aux: MoEAux | None, x: Tensor) -> Tensor:

@@ -53,6 +53,7 @@ from moe_lightning.geometry.subspaces import (
     subspace_overlap_chance,
 )
 from moe_lightning.geometry.trace import TraceResult, hutchinson, hutchpp
+from moe_lightning.geometry.verify import ViewCheck, verify_view
 from moe_lightning.geometry.view import ExpertPlacement, HasJacobianOperator, HasPlacement, MoEView, check_view
 
 __all__ = [
@@ -69,6 +70,8 @@ __all__ = [
     "HasPlacement",
     "ExpertPlacement",
     "check_view",
+    "verify_view",
+    "ViewCheck",
     # Jacobians and operators
     "jacobians",
     "mlp_expert_jacobian",

@@ -26,7 +26,6 @@ summation order.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -50,6 +49,7 @@ from moe_lightning.geometry.accumulators import (
 )
 from moe_lightning.geometry.bootstrap import bootstrap_values, probe_resample_counts
 from moe_lightning.geometry.krylov import TopRResult, krylov_bytes_per_token, topr_singular_values
+from moe_lightning.geometry.lending import lent_modules, with_cast_copies
 from moe_lightning.geometry.operators import JacobianOperator
 from moe_lightning.geometry.probe_config import ProbeConfig
 from moe_lightning.geometry.report import GeometryReport
@@ -57,40 +57,6 @@ from moe_lightning.geometry.statistics import BufferLayout, ProbeStatistics
 from moe_lightning.geometry.view import MoEView, TokenFn, check_view
 
 __all__ = ["finalize", "probe", "probe_statistics"]
-
-
-class _Call(nn.Module):
-    """Holds ``module`` so that :func:`torch.func.functional_call` can lend it other tensors while ``fn`` runs."""
-
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self.module = module
-
-    def forward(self, fn: Callable[[], Any]) -> Any:
-        return fn()
-
-
-def with_cast_copies(module: nn.Module | None, dtype: torch.dtype | None, fn: Callable[[], Any]) -> Any:
-    """``fn()`` while ``module`` reads detached copies of its floating parameters and buffers cast to ``dtype``.
-
-    The copies are lent through :func:`torch.func.functional_call`, which swaps them into the module's parameter
-    and buffer slots and puts the originals back; no parameter's ``.data``, dtype or device ever changes. Changing
-    a parameter's dtype through ``.data``, even for a moment, replaces the gradient-accumulation node on which DDP
-    hangs its all-reduce, and the ranks stop averaging that parameter from then on. ``dtype=None`` (or a module
-    already in ``dtype``) runs ``fn`` on the module as it is.
-    """
-    if not isinstance(module, nn.Module) or dtype is None:
-        return fn()
-    copies = {
-        name: t.detach().to(dtype)
-        for name, t in itertools.chain(
-            module.named_parameters(remove_duplicate=False), module.named_buffers(remove_duplicate=False)
-        )
-        if t.is_floating_point() and t.dtype != dtype
-    }
-    if not copies:
-        return fn()
-    return torch.func.functional_call(_Call(module), {f"module.{k}": v for k, v in copies.items()}, (fn,))
 
 
 @contextmanager
@@ -280,7 +246,9 @@ def probe_statistics(
 
     with _observation(module, cfg):
         ctx, tokens, quantities, layout, buffer = with_cast_copies(
-            module, cfg.dtype if cfg.cast_module else None, accumulate
+            lent[0] if len(lent := lent_modules(view)) == 1 else lent,
+            cfg.dtype if cfg.cast_module else None,
+            accumulate,
         )
     name = str(view.name)
     return ProbeStatistics(

@@ -143,3 +143,42 @@ def test_bad_registration_raises(kwargs: dict, match: str) -> None:
     cls = args.pop("cls")
     with pytest.raises(ValueError, match=re.escape(match)):
         register_moe_class(cls, **args)
+
+
+def test_callable_view_probes_in_float64_whatever_module_it_is_given():
+    """The probe lends float64 copies of the modules the view's functions hold, not only of ``module``: a view whose
+    module is the router (or a module holding no weights) gives the same report as the block's own view."""
+    from moe_lightning.adapters import CallableView
+    from moe_lightning.geometry import ProbeConfig, probe
+
+    torch.manual_seed(0)
+    block = nn.ModuleDict({"router": nn.Linear(6, 3), "experts": nn.ModuleList(nn.Linear(6, 6) for _ in range(3))})
+    router, experts = block["router"], block["experts"]
+    x = torch.randn(12, 6)
+    config = ProbeConfig(pca=False, subspaces=False)
+
+    def view(module):
+        return CallableView(
+            name="moe", module=module, gates_fn=lambda t: router(t).softmax(-1), expert_fns=list(experts)
+        )
+
+    reference = probe(view(block), x, config).scalars("")
+    for module in (router, nn.Identity()):
+        assert probe(view(module), x, config).scalars("") == pytest.approx(reference, rel=1e-12)
+
+
+def test_selection_bias_is_found_on_the_router_or_on_the_block():
+    from moe_lightning.adapters import CallableView, selection_bias
+
+    def view(module, num_experts=4):
+        return CallableView(name="m", module=module, gates_fn=lambda t: t, expert_fns=[nn.Identity()] * num_experts)
+
+    block = nn.Module()
+    block.register_buffer("expert_bias", torch.arange(4.0))  # torchtitan keeps it on the MoE block
+    assert torch.equal(selection_bias(view(block)), torch.arange(4.0))
+    gate = nn.Module()
+    gate.register_buffer("e_score_correction_bias", torch.ones(4))  # DeepSeek-V3 on its gate
+    holder = nn.Module()
+    holder.gate = gate
+    assert torch.equal(selection_bias(view(holder)), torch.ones(4))
+    assert selection_bias(view(holder, num_experts=1)) is None  # a shared expert's view has no selection bias

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,6 +15,7 @@ from torch import Tensor, nn
 from moe_lightning.adapters import find_moe_layers, scan_moe_layers
 from moe_lightning.adapters.capture import capture_layer_inputs
 from moe_lightning.adapters.registry import skipped_text
+from moe_lightning.adapters.verify import check_views
 from moe_lightning.commands.probe.load import prepare_model, supported_text
 from moe_lightning.commands.probe.options import ProbeOptions, options_from_keywords, with_option_keywords
 from moe_lightning.commands.probe.text import check_tokens, pack_blocks, text_tokens
@@ -68,6 +70,20 @@ def select_views(model: nn.Module, model_name: str, layers: list[str] | None) ->
             f"no MoE layer matches layers={layers!r}; the model's MoE layers are {[v.name for v in views]}"
         )
     return selected
+
+
+def verified(views: Sequence[Any], captured: dict[str, Tensor], dtype: torch.dtype) -> list[Any]:
+    """The views that pass their check on the captured tokens (:func:`moe_lightning.geometry.verify_view`); one
+    warning for each that fails, naming the layer, the check and the size of the miss. A ``ValueError`` when none
+    passes."""
+    checks = check_views(views, captured, dtype)
+    for view in views:
+        if not checks[view.name].passed:
+            warnings.warn(f"probe: {checks[view.name].message()}; no value of {view.name!r} is reported", stacklevel=2)
+    kept = [view for view in views if checks[view.name].passed]
+    if not kept:
+        raise ValueError(f"probe: no MoE layer passed the view check ({len(views)} refused; see the warnings)")
+    return kept
 
 
 def _layer_summary(report: GeometryReport) -> dict[str, float]:
@@ -180,6 +196,7 @@ def probe_and_write(
 
     captured = capture_inputs(model, views, pack_blocks(stream, options.seq_len, options.batch_size))
     probe_config = options.probe_config()
+    views = verified(views, captured, probe_config.dtype)
     reports = {view.name: probe(view, captured[view.name][: options.max_tokens], probe_config) for view in views}
     if options.out_dir is None:
         return reports, []
