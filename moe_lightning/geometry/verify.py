@@ -70,6 +70,7 @@ class ViewCheck:
         miss: the relative miss of the failed check; when all passed, the largest miss of the three.
         tolerance: the largest relative miss allowed.
         detail: how the failed check was run, or the error that stopped it.
+        stopped: whether an error stopped the check (then ``miss`` is NaN and ``detail`` the error).
     """
 
     layer: str
@@ -77,6 +78,7 @@ class ViewCheck:
     miss: float
     tolerance: float
     detail: str = ""
+    stopped: bool = False
 
     @property
     def passed(self) -> bool:
@@ -180,7 +182,7 @@ def verify_view(views: MoEView | Sequence[MoEView], x: Tensor, dtype: torch.dtyp
     Runs :data:`CHECKS` in order and stops at the first that fails. The layer runs inside
     :func:`~moe_lightning.common.observation` (eval mode, no grad; its modes, buffers and the random states restored
     afterwards), and the views read cast copies of the weights, so nothing training sees changes. An error from the
-    layer or a view fails the check it stopped. Uses at most :data:`MAX_CHECK_TOKENS` tokens.
+    layer or a view fails the check it stopped. Uses the first :data:`MAX_CHECK_TOKENS` tokens that hold no NaN/Inf.
 
     Args:
         views: one view, or every view of one layer (all with the same ``module``).
@@ -195,12 +197,15 @@ def verify_view(views: MoEView | Sequence[MoEView], x: Tensor, dtype: torch.dtyp
     if not views or any(v.module is not views[0].module for v in views):
         raise ValueError("verify_view: give one or more views of one layer (all with the same module)")
     names = ", ".join(str(v.name) for v in views)
-    x_ND = x.detach().reshape(-1, x.shape[-1])[:MAX_CHECK_TOKENS]
+    x_ND = x.detach().reshape(-1, x.shape[-1])
+    x_ND = x_ND[torch.isfinite(x_ND).all(-1)][:MAX_CHECK_TOKENS]  # as the probe, which leaves non-finite tokens out
     module = views[0].module
     out_dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), x_ND.dtype)
     tolerance = TOLERANCE.get(out_dtype, 1e-4)
     if x_ND.shape[0] < 2:
-        return ViewCheck(names, "per-token", math.nan, tolerance, f"{x_ND.shape[0]} token(s); the check needs two")
+        return ViewCheck(
+            names, "per-token", math.nan, tolerance, f"{x_ND.shape[0]} finite token(s); the check needs two", True
+        )
     worst = 0.0
     with observation(module):
         for check, run in _checks(views, x_ND, dtype):
@@ -209,7 +214,7 @@ def verify_view(views: MoEView | Sequence[MoEView], x: Tensor, dtype: torch.dtyp
                 tolerance = TOLERANCE.get(want.dtype, tolerance)
                 miss = _miss(got, want, max(float(want.double().abs().max()), torch.finfo(torch.float64).tiny))
             except Exception as error:  # a layer or view that cannot run fails the check it stopped
-                return ViewCheck(names, check, math.nan, tolerance, f"{type(error).__name__}: {error}")
+                return ViewCheck(names, check, math.nan, tolerance, f"{type(error).__name__}: {error}", True)
             if not miss <= tolerance:  # NaN fails too
                 return ViewCheck(names, check, miss, tolerance, how)
             worst = max(worst, miss)
