@@ -116,11 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     """Run LightningCLI on ``argv``, the whole command line with its subcommand (default: ``sys.argv[1:]``).
 
     Returns:
-        0; a bad config value exits with code 2 after ``moe-lightning: error: ...`` on stderr.
+        0; a bad config, option or checkpoint exits with code 2 after one line ``moe-lightning: error: ...`` on
+        stderr that names it.
     """
     try:
         MoELightningCLI(args=argv)
-    except ConfigError as error:
+    except (ConfigError, ArgumentError) as error:
+        # ArgumentError: a later parse of jsonargparse, e.g. of the hyperparameters that --ckpt_path holds
         print(f"moe-lightning: error: {error}", file=sys.stderr)
         print(f"see: moe-lightning {_subcommand(argv)}--help", file=sys.stderr)
         raise SystemExit(2) from None
