@@ -10,7 +10,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from moe_lightning.commands.sweep.progress import PROGRESS_FILE, JobProgress, ProgressLines, read_progress
+from moe_lightning.commands.sweep.job_progress import JobProgress
+from moe_lightning.commands.sweep.progress import PROGRESS_FILE, ProgressLines, read_progress
 
 
 class _Tiny(L.LightningModule):

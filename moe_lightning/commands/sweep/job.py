@@ -80,7 +80,7 @@ def job_config(preset: Preset, job: Job, loggers: list[str], wandb_project: str)
 
 
 # Appended to the callbacks of every job's configs: the job's step, for the sweep's progress lines.
-PROGRESS_CALLBACK = "--trainer.callbacks+=moe_lightning.commands.sweep.progress.JobProgress"
+PROGRESS_CALLBACK = "--trainer.callbacks+=moe_lightning.commands.sweep.job_progress.JobProgress"
 
 
 def job_command(preset: Preset, job: Job) -> list[str]:
