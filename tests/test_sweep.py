@@ -13,6 +13,7 @@ import yaml
 
 from moe_lightning.commands import main as cli_main
 from moe_lightning.commands.sweep import ARMS, Job, available_presets, job_command, job_config, load_preset, main
+from moe_lightning.commands.sweep.progress import read_progress
 
 ROOT = Path(__file__).resolve().parents[1]
 # The tiny sweep's arms: both routings and the equal-FLOPs dense control (dense_total runs as its alias `dense` in
@@ -92,6 +93,7 @@ def test_sweep_runs_every_routing_and_seed(tiny_sweep) -> None:
             logged = probed.loc[probed["step"] == 6, "geometry/blocks.0.ffn/jac_sigma_max/mean"].item()
             assert logged == pytest.approx(sigma[torch.isfinite(sigma)].mean().item(), rel=1e-12)
             assert report["num_experts"] == (1 if routing.startswith("dense") else 8)
+            assert read_progress(job) == (6, 6)  # the progress callback's last write: the step of the end
             if routing == "dense_active":  # equal FLOPs: hidden k·H = 2·64 (the MoE's total would be 8·64)
                 assert len(report["pca"]["hidden"][0]["eigenvalues"]) == 128
             finals[(routing, seed)] = logged
@@ -116,7 +118,7 @@ def test_sweep_resumes_and_reruns_only_unfinished_jobs(tiny_sweep, capsys) -> No
     assert main([str(preset), "--out", str(root.parent), "--loggers", "csv", "--no-report"]) == 0
     out = capsys.readouterr().out
     assert out.count("done already, skipped") == 5
-    assert "soft-seed1: started" in out
+    assert "[4/6] soft-seed1: started in" in out and "[4/6] soft-seed1: done in" in out
     after = {p.parent.name: p.stat().st_mtime_ns for p in root.glob("*/metrics.csv")}
     changed = sorted(name for name in stamps if after[name] != stamps[name])
     assert changed == ["soft-seed1"]

@@ -18,8 +18,9 @@ from __future__ import annotations
 import glob
 import json
 import os
+import warnings
 
-from moe_lightning.analysis.log_dirs import load_csv_run, load_tensorboard_run, tensorboard_files
+from moe_lightning.analysis.log_dirs import RunLogWarning, load_csv_run, load_tensorboard_run, tensorboard_files
 from moe_lightning.analysis.run import DATA_SEED_NOTE, Run, check_routing, seed_value
 from moe_lightning.analysis.wandb_runs import load_wandb_run, wandb_file
 
@@ -31,11 +32,12 @@ def discover_runs(directories: list[str]) -> list[Run]:
         directories: run directories or directories containing runs, at any depth.
 
     Returns:
-        The runs, in path order; runs that could not be read have a ``status`` other than ``"done"``.
+        The runs, in path order; runs that could not be read have a ``status`` other than ``"done"``, and each
+        unreadable one is named in a :class:`~moe_lightning.analysis.log_dirs.RunLogWarning`.
 
     Raises:
-        ValueError: a directory does not exist or contains no run, or two finished runs share routing, family and
-            seed (they would be counted twice).
+        ValueError: a directory does not exist or contains no run, no run could be read, or two finished runs share
+            routing, family and seed (they would be counted twice).
     """
     runs: list[Run] = []
     for root in directories:
@@ -62,6 +64,7 @@ def discover_runs(directories: list[str]) -> list[Run]:
                 "a W&B run directory with run-<id>.wandb"
             )
         runs.extend(found)
+    _check_readable(runs)
     seen: dict[tuple[str | None, str | None, int], str] = {}
     for run in runs:
         if not run.ok or run.seed is None:
@@ -75,6 +78,22 @@ def discover_runs(directories: list[str]) -> list[Run]:
             )
         seen[key] = run.path
     return runs
+
+
+def _check_readable(runs: list[Run]) -> None:
+    """Warn about each run whose log could not be read; fail when none could."""
+    if runs and all(run.source == "none" for run in runs):
+        listed = "; ".join(_fault(run) for run in runs)
+        raise ValueError(f"no run could be read ({len(runs)} found): {listed}")
+    for run in runs:
+        if run.status == "unreadable":
+            warnings.warn(f"an unreadable run is left out: {_fault(run)}", RunLogWarning, 3)
+
+
+def _fault(run: Run) -> str:
+    """What is wrong with a run, naming its file (the CSV loader's notes name it already)."""
+    note = run.note or run.status
+    return note if run.path in note else f"{run.path!r}: {note}"
 
 
 def load_sweep_job(directory: str) -> Run:

@@ -5,7 +5,9 @@ routing and seed come from the LightningCLI ``config.yaml`` next to the log, els
 from __future__ import annotations
 
 import glob
+import io
 import os
+import warnings
 
 import pandas as pd
 
@@ -17,12 +19,40 @@ def tensorboard_files(directory: str) -> list[str]:
     return sorted(glob.glob(os.path.join(directory, "events.out.tfevents.*")))
 
 
+class RunLogWarning(UserWarning):
+    """A run's log that could be read only in part, or not at all (the message names the file and what was wrong)."""
+
+
 def read_metrics_csv(path: str) -> pd.DataFrame:
-    """Lightning ``metrics.csv`` as one row per step (the last non-null value of each column at that step)."""
-    frame = pd.read_csv(path)
+    """Lightning ``metrics.csv`` as one row per step (the last non-null value of each column at that step).
+
+    A file cut short (it does not end with a newline, as CSVLogger always writes it) loses its incomplete last
+    line, with a :class:`RunLogWarning` naming the file: that line's values may be cut short too.
+
+    Raises:
+        ValueError: the file is empty or not CSV, its header is incomplete or lacks ``step``, or it has no row with a
+            step; the message names the file.
+    """
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        text = handle.read()
+    if not text.strip():
+        raise ValueError(f"{path!r} is empty")
+    if not text.endswith("\n"):
+        if "\n" not in text:
+            raise ValueError(f"{path!r} holds an incomplete header line and no rows (the file was cut short)")
+        text = text[: text.rindex("\n") + 1]
+        warnings.warn(
+            f"{path!r} ends in an incomplete line (the file was cut short); read without it", RunLogWarning, 2
+        )
+    try:
+        frame = pd.read_csv(io.StringIO(text))
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+        raise ValueError(f"{path!r} is not a CSV file that pandas can parse: {error}") from None
     if "step" not in frame.columns:
         raise ValueError(f"{path!r} has no 'step' column; expected a Lightning CSVLogger metrics.csv")
     frame = frame.dropna(subset=["step"])
+    if frame.empty:
+        raise ValueError(f"{path!r} has a header but no row with a step")
     frame["step"] = frame["step"].astype(int)
     return frame.groupby("step").last().sort_index()
 
@@ -32,8 +62,8 @@ def load_csv_run(directory: str) -> Run:
     run = Run(path=directory, source="csv")
     try:
         run.history = read_metrics_csv(os.path.join(directory, "metrics.csv"))
-    except (ValueError, OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
-        run.status, run.note, run.source = "unreadable", f"metrics.csv: {error}", "none"
+    except (ValueError, OSError) as error:
+        run.status, run.note, run.source = "unreadable", str(error), "none"
     return describe_log_directory(run, directory)
 
 

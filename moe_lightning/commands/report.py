@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from moe_lightning.analysis.choices import FORMATS, LAYER_MODES
 
@@ -49,16 +50,30 @@ def main(argv: list[str]) -> int:
         argv: the arguments after ``report``.
 
     Returns:
-        0 on success; 2 (after ``moe-lightning: error: ...`` on stderr) for bad input.
+        0 on success, with ``moe-lightning: warning: ...`` on stderr for each run that could not be read; 2 (after
+        ``moe-lightning: error: ...``) for bad input or when no run could be read.
     """
     args = _parser().parse_args(argv)
     # The report stack (pandas, matplotlib, torch) loads once the arguments have parsed.
+    from moe_lightning.analysis.log_dirs import RunLogWarning
     from moe_lightning.report.build import build_report
 
-    try:
-        written = build_report(args.run_dirs, args.out, args.layer_mode, args.threshold, tuple(args.formats))
-    except ValueError as error:
-        print(f"moe-lightning: error: {error}", file=sys.stderr)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RunLogWarning)
+        try:
+            written = build_report(args.run_dirs, args.out, args.layer_mode, args.threshold, tuple(args.formats))
+        except ValueError as error:
+            written = None
+            failure = error
+    if written is None:
+        print(f"moe-lightning: error: {failure}", file=sys.stderr)
+    # A run that could not be read is named on the terminal, not only in the report's tables.
+    for warning in caught:
+        if issubclass(warning.category, RunLogWarning):
+            print(f"moe-lightning: warning: {warning.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    if written is None:
         return 2
     for path in written:
         print(path)

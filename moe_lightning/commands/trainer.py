@@ -9,14 +9,21 @@ Examples:
 from __future__ import annotations
 
 import sys
+from argparse import ArgumentError
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 
 from moe_lightning.callbacks import GeometryMonitor
+from moe_lightning.commands.checkpoint import check_checkpoint
+from moe_lightning.commands.config_errors import describe_parse_error
 
 DEFAULT_LOGGER = {"class_path": "moe_lightning.lightning.loggers.AutoWandbLogger", "init_args": {"save_dir": "runs"}}
+
+
+class ConfigError(ValueError):
+    """A command line or config that cannot run; its message is the one line the user sees."""
 
 
 class MoELightningCLI(LightningCLI):
@@ -25,6 +32,8 @@ class MoELightningCLI(LightningCLI):
 
     def __init__(self, args: list[str] | None = None, **kwargs) -> None:
         kwargs.setdefault("trainer_defaults", {"logger": DEFAULT_LOGGER})
+        # jsonargparse raises instead of printing every option's usage: parse_arguments turns it into one line.
+        kwargs.setdefault("parser_kwargs", {"exit_on_error": False})
         super().__init__(
             L.LightningModule,
             L.LightningDataModule,
@@ -43,6 +52,24 @@ class MoELightningCLI(LightningCLI):
             help="After fit, print each MoE layer's geometry at the first and the last probe and write the run's "
             "local report (needs GeometryMonitor among the callbacks).",
         )
+
+    def parse_arguments(self, parser, args) -> None:
+        """Parse, then check ``--ckpt_path``, before Lightning reads the checkpoint or any logger makes a folder.
+
+        Raises:
+            ConfigError: a config that jsonargparse rejects (the message is its one line).
+            CheckpointError: ``ckpt_path`` is not a checkpoint that Lightning can load.
+        """
+        words = sys.argv[1:] if args is None else list(args)
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as error:
+            subcommand = next((word for word in words if word in self._subcommand_parsers), None)
+            options = parser if subcommand is None else self._subcommand_parsers[subcommand]
+            names = [action.dest for action in options._actions]
+            raise ConfigError(describe_parse_error(str(error), names, words)) from None
+        subcommand = self.config.get("subcommand")
+        check_checkpoint(self.config[subcommand].get("ckpt_path") if subcommand else None)
 
     def before_fit(self) -> None:
         """Record the run's seed with its hyperparameters, so every logger (W&B too) knows which seed it was."""
@@ -79,14 +106,26 @@ def _root_cause(error: BaseException) -> BaseException:
     return error
 
 
+def _subcommand(argv: list[str] | None) -> str:
+    """``"fit "`` (the trainer subcommand of the command line, with a space), or ``""``."""
+    words = sys.argv[1:] if argv is None else argv
+    return next((f"{word} " for word in words if word in LightningCLI.subcommands()), "")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run LightningCLI on ``argv``, the whole command line with its subcommand (default: ``sys.argv[1:]``).
 
     Returns:
-        0; a bad config value exits with code 2 after ``moe-lightning: error: ...`` on stderr.
+        0; a bad config, option or checkpoint exits with code 2 after one line ``moe-lightning: error: ...`` on
+        stderr that names it.
     """
     try:
         MoELightningCLI(args=argv)
+    except (ConfigError, ArgumentError) as error:
+        # ArgumentError: a later parse of jsonargparse, e.g. of the hyperparameters that --ckpt_path holds
+        print(f"moe-lightning: error: {error}", file=sys.stderr)
+        print(f"see: moe-lightning {_subcommand(argv)}--help", file=sys.stderr)
+        raise SystemExit(2) from None
     except ValueError as error:
         # A bad config value: say what was wrong and what is allowed, without a stack trace.
         print(f"moe-lightning: error: {_root_cause(error)}", file=sys.stderr)

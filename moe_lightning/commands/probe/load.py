@@ -50,24 +50,33 @@ def _locate(name: str) -> tuple[str, bool]:
     local = Path(name).expanduser()
     if local.exists():
         if not local.is_dir():
-            raise ValueError(
-                f"model {name!r} is a file; expected a checkpoint directory or a hub name. {supported_text()}"
-            )
+            raise ValueError(f"model {name!r} is a file; expected a checkpoint directory or a hub name")
         if not (local / "config.json").is_file():
-            raise ValueError(
-                f"model directory {name!r} has no config.json, so it is not a Hugging Face checkpoint. "
-                f"{supported_text()}"
-            )
+            raise ValueError(f"model directory {name!r} has no config.json, so it is not a Hugging Face checkpoint")
         return str(local), False
     if not _looks_like_hub_id(name):
         raise ValueError(
-            f"model path {name!r} does not exist. Give a local checkpoint directory or a hub name. {supported_text()}"
+            f"model path {name!r} does not exist, and it is not a hub name (org/name); give a local checkpoint "
+            "directory or a hub name"
         )
     if hf_offline_mode():
         return name, True
     import huggingface_hub
 
     return name, not hub_reachable(huggingface_hub.constants.ENDPOINT)
+
+
+def check_tokenizer_location(tokenizer: Any) -> None:
+    """Fail before any model loads when ``tokenizer`` names a local path that does not exist and cannot be a hub
+    name (a tokenizer object, None, an existing path or a hub name pass)."""
+    if not isinstance(tokenizer, (str, os.PathLike)):
+        return
+    name = os.fspath(tokenizer)
+    if not Path(name).expanduser().exists() and not _looks_like_hub_id(name):
+        raise ValueError(
+            f"tokenizer path {name!r} does not exist, and it is not a hub name (org/name); give a directory or hub "
+            "name that has a tokenizer"
+        )
 
 
 def resolve_model(model: str | os.PathLike, *, trust_remote_code: bool = False) -> tuple[str, dict[str, Any], bool]:
@@ -104,7 +113,7 @@ def resolve_model(model: str | os.PathLike, *, trust_remote_code: bool = False) 
         raise ValueError(
             f"model {name!r} does not exist locally and could not be fetched: {where} ({type(error).__name__}: "
             f"{str(error).splitlines()[0] if str(error) else ''}). Give a local checkpoint directory or a cached "
-            f"hub name. {supported_text()}"
+            "hub name"
         ) from error
     model_type = config_dict.get("model_type")
     if model_type not in supported_model_types():

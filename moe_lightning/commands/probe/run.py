@@ -16,9 +16,9 @@ from moe_lightning.adapters import find_moe_layers, scan_moe_layers
 from moe_lightning.adapters.capture import capture_layer_inputs
 from moe_lightning.adapters.registry import skipped_text
 from moe_lightning.adapters.verify import check_views
-from moe_lightning.commands.probe.load import prepare_model, supported_text
+from moe_lightning.commands.probe.load import check_tokenizer_location, prepare_model, supported_text
 from moe_lightning.commands.probe.options import ProbeOptions, options_from_keywords, with_option_keywords
-from moe_lightning.commands.probe.text import check_tokens, pack_blocks, text_tokens
+from moe_lightning.commands.probe.text import check_tokens, pack_blocks, read_texts, text_tokens
 from moe_lightning.commands.probe.write import run_config, write_outputs
 from moe_lightning.common import restored_modes
 from moe_lightning.geometry import GeometryReport, probe
@@ -188,10 +188,14 @@ def probe_and_write(
 ) -> tuple[dict[str, GeometryReport], list[str]]:
     """:func:`probe_pretrained` with its options as one object, also returning the written paths (empty without
     ``options.out_dir``)."""
-    loaded = prepare_model(model_or_path, options, needs_tokenizer=not isinstance(texts_or_file, Tensor))
+    # Every input is checked before the model loads: the text, the tokenizer's path (the model's is checked, with
+    # its model type, before any weight is read).
+    texts, text_source = read_texts(texts_or_file)
+    check_tokenizer_location(options.tokenizer)
+    loaded = prepare_model(model_or_path, options, needs_tokenizer=not isinstance(texts, Tensor))
     model = loaded.model
     views = select_views(model, loaded.name, options.layer_patterns)
-    stream, text_source = text_tokens(texts_or_file, loaded.tokenizer, options.max_tokens)
+    stream = text_tokens(texts, loaded.tokenizer, options.max_tokens)
     check_tokens(stream, model, options.seq_len)
 
     captured = capture_inputs(model, views, pack_blocks(stream, options.seq_len, options.batch_size))

@@ -19,11 +19,24 @@ _TOKENIZE_CHUNK_LINES = 64
 
 
 def read_text_file(path: str | os.PathLike) -> list[str]:
-    """The non-empty lines of a UTF-8 text file (one document or paragraph per line, as in WikiText)."""
+    """The non-empty lines of a UTF-8 text file (one document or paragraph per line, as in WikiText).
+
+    Raises:
+        ValueError: the file does not exist, is not a file, is not UTF-8, or has no line with text.
+    """
     file = Path(path).expanduser()
+    shown = repr(os.fspath(path))
+    if not file.exists():
+        raise ValueError(f"text file {shown} does not exist; pass --text with a UTF-8 text file")
     if not file.is_file():
-        raise ValueError(f"text file {os.fspath(path)!r} does not exist; pass --text with a UTF-8 text file")
-    return [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        raise ValueError(f"text file {shown} is not a file; pass --text with a UTF-8 text file")
+    try:
+        lines = [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as error:
+        raise ValueError(f"text file {shown} is not UTF-8 text ({error})") from None
+    if not lines:
+        raise ValueError(f"text file {shown} is empty (no line with text); pass --text with a non-empty text file")
+    return lines
 
 
 def token_stream(tokenizer: Any, texts: Sequence[str], max_tokens: int) -> Tensor:
@@ -60,28 +73,38 @@ def pack_blocks(stream: Tensor, seq_len: int, batch_size: int) -> list[Tensor]:
     return batches
 
 
-def text_tokens(
-    texts_or_file: str | os.PathLike | Sequence[str] | Tensor | None, tokenizer: Any, max_tokens: int
-) -> tuple[Tensor, str | None]:
-    """The first ``max_tokens`` token ids of the text, and the file it came from (None for texts or ids).
+def read_texts(
+    texts_or_file: str | os.PathLike | Sequence[str] | Tensor | None,
+) -> tuple[Sequence[str] | Tensor, str | None]:
+    """The texts (or token ids) to probe on, and the file they came from (None for texts or ids), read before
+    any model loads so that a missing or empty file fails first.
 
     Args:
         texts_or_file: a text file (``bundled:<name>`` for one shipped with the package), a list of texts, a tensor
-            of token ids (flattened into one stream), or None for :data:`DEFAULT_TEXT_FILE`.
-        tokenizer: encodes the texts; unused for token ids.
-        max_tokens: the token budget.
+            of token ids, or None for :data:`DEFAULT_TEXT_FILE`.
+
+    Raises:
+        ValueError: the file is missing or empty, or the list holds no text.
     """
     if isinstance(texts_or_file, Tensor):
-        return texts_or_file.detach().reshape(-1).to(torch.long).cpu()[:max_tokens], None
+        return texts_or_file, None
     if texts_or_file is None:
         texts_or_file = DEFAULT_TEXT_FILE
-    source: str | None = None
     if isinstance(texts_or_file, (str, os.PathLike)):
         source = os.fspath(texts_or_file)
-        texts = read_text_file(resolve_text_file(source))
-    else:
-        texts = list(texts_or_file)
-    return token_stream(tokenizer, texts, max_tokens), source
+        return read_text_file(resolve_text_file(source)), source
+    texts = [text for text in texts_or_file if text.strip()]
+    if not texts:
+        raise ValueError("the list of texts holds no text; give at least one non-empty string")
+    return texts, None
+
+
+def text_tokens(texts: Sequence[str] | Tensor, tokenizer: Any, max_tokens: int) -> Tensor:
+    """The first ``max_tokens`` token ids of ``texts`` (from :func:`read_texts`); token ids are flattened into one
+    stream, and the tokenizer is unused for them."""
+    if isinstance(texts, Tensor):
+        return texts.detach().reshape(-1).to(torch.long).cpu()[:max_tokens]
+    return token_stream(tokenizer, texts, max_tokens)
 
 
 def check_tokens(stream: Tensor, model: nn.Module, seq_len: int) -> None:

@@ -79,8 +79,14 @@ def job_config(preset: Preset, job: Job, loggers: list[str], wandb_project: str)
     return _merge(_merge(_merge(preset.overrides, variant), preset.routing_overrides.get(job.routing, {})), fixed)
 
 
+# Appended to the callbacks of every job's configs: the job's step, for the sweep's progress lines.
+PROGRESS_CALLBACK = "--trainer.callbacks+=moe_lightning.commands.sweep.job_progress.JobProgress"
+
+
 def job_command(preset: Preset, job: Job) -> list[str]:
+    """The ``moe-lightning fit`` command line of ``job``: the preset's configs, the variant's, ``job.yaml``, and the
+    progress callback added to the callbacks they list."""
     command = [sys.executable, "-m", "moe_lightning.commands", "fit"]
     for config in [*preset.configs, *preset.variants.get(job.routing, {}).get("configs", [])]:
         command += ["--config", config]
-    return command + ["--config", str(job.dir / "job.yaml")]
+    return command + ["--config", str(job.dir / "job.yaml"), PROGRESS_CALLBACK]

@@ -17,6 +17,7 @@ import yaml
 
 from moe_lightning.commands.sweep.job import Job, check_loggers, job_command, job_config, plan_jobs
 from moe_lightning.commands.sweep.preset import Preset
+from moe_lightning.commands.sweep.progress import ProgressLines
 
 STATUS_FILE = "run.json"
 
@@ -146,9 +147,9 @@ def _running_elsewhere(status: dict[str, Any]) -> bool:
     return True
 
 
-def _outcome_line(job: Job, outcome: dict[str, Any]) -> str:
+def _outcome_line(prefix: str, job: Job, outcome: dict[str, Any]) -> str:
     """One line on how a job ended; for a failed job, its exit code and the tail of its log."""
-    line = f"[sweep] {job.name}: {outcome['status']} in {outcome['wall_s']:.1f} s"
+    line = f"{prefix} {job.name}: {outcome['status']} in {outcome['wall_s']:.1f} s"
     if outcome["status"] != "done":
         log_path = job.dir / "fit.log"
         line += f" (exit code {outcome['returncode']}; log {log_path}):\n{_tail(log_path)}"
@@ -186,7 +187,8 @@ def run_sweep(
             side with ``cpu_count // devices`` torch threads each (``OMP_NUM_THREADS``; None = 1 job).
         wandb_project: W&B project of the jobs' runs.
         extra_args: more ``moe-lightning fit`` arguments for every job (e.g. ``--trainer.max_steps=10``).
-        verbose: print one line per job.
+        verbose: print a line when a job starts and ends, and its step (from its ``progress.json``) at most every
+            10 s while it runs.
     """
     loggers = check_loggers(loggers or [])
     devices, gpus, threads = _slots(devices)
@@ -195,6 +197,8 @@ def run_sweep(
     root.mkdir(parents=True, exist_ok=True)
     _write_json(root / "sweep.json", {**asdict(preset), "loggers": loggers, "extra_args": list(extra_args or [])})
     results, pending = _done_already(jobs, verbose)
+    position = {job.name: f"[{index}/{len(jobs)}]" for index, job in enumerate(jobs, 1)}
+    progress = ProgressLines()
     running: dict[int, _Running] = {}  # device slot -> the job running on it
     while pending or running:
         for slot in range(devices):
@@ -205,7 +209,7 @@ def run_sweep(
                     results[job.name] = taken
                     _say(verbose, f"[sweep] {job.name}: {taken['status']} in another sweep process, skipped")
                     continue
-                _say(verbose, f"[sweep] {job.name}: started in {job.dir}")
+                _say(verbose, f"{position[job.name]} {job.name}: started in {job.dir}")
                 gpu = slot if gpus else None
                 running[slot] = _start(preset, job, loggers, wandb_project, gpu, threads, extra_args or [])
         for slot, run in list(running.items()):
@@ -213,7 +217,11 @@ def run_sweep(
                 continue
             del running[slot]
             results[run.job.name] = run.finish()
-            _say(verbose, _outcome_line(run.job, results[run.job.name]))
+            _say(verbose, _outcome_line(position[run.job.name], run.job, results[run.job.name]))
         if running:
+            now = time.perf_counter()
+            shown = [(position[r.job.name], r.job.name, r.job.dir, r.start) for r in running.values()]
+            for line in progress.lines(shown, now):
+                _say(verbose, line)
             time.sleep(0.2)
     return {job.name: results[job.name] for job in jobs}
