@@ -29,6 +29,10 @@ RUNS_ROOT = "runs"
 RUN_DIR_ENV = "MOE_LIGHTNING_RUN_DIR"
 CHECKPOINTS = "checkpoints"
 CONFIG_FILE = "config.yaml"
+# A logger's save_dir that leaves the place to the run folder: the default logger's, or none.
+DEFAULT_SAVE_DIRS = (None, "", ".", RUNS_ROOT)
+CSV_LOGGER, TENSORBOARD_LOGGER = "lightning.pytorch.loggers.CSVLogger", "lightning.pytorch.loggers.TensorBoardLogger"
+WANDB_LOGGER = "lightning.pytorch.loggers.WandbLogger"
 # Launchers that start every process themselves (torchrun, SLURM): a name they all agree on, from their job id.
 LAUNCHER_IDS = ("TORCHELASTIC_RUN_ID", "SLURM_JOB_ID")
 
@@ -115,9 +119,10 @@ def resolve_run_dir(config: Namespace, subcommand: str | None) -> tuple[str, boo
     resuming = fit and ckpt_path is not None
     if os.environ.get(RUN_DIR_ENV):  # a process Lightning launched: the folder its parent decided
         return os.environ[RUN_DIR_ENV], resuming
+    home, root = _first_logger_place(config)
     # A checkpoint inside a run folder names its run; else the folder given (a run's saved config names its own).
-    given = checkpoint_run_dir(ckpt_path) or config.get("run_dir")
-    root = config.get("trainer.default_root_dir") or RUNS_ROOT
+    given = checkpoint_run_dir(ckpt_path) or config.get("run_dir") or home
+    root = root or config.get("trainer.default_root_dir") or RUNS_ROOT
     if not fit:  # an evaluation goes into a new folder, inside the run's folder when it has one
         label = subcommand if given else f"{run_label(config)}-{subcommand}"
         return new_run_dir(label, given or root), False
@@ -156,18 +161,43 @@ def _wandb_id(run_dir: str, given: Any) -> str:
     return given
 
 
+def _loggers(config: Namespace) -> list[Namespace]:
+    logger = config.get("trainer.logger")
+    return [entry for entry in _entries(logger) if isinstance(entry, Namespace) and "init_args" in entry]
+
+
+def _placed(entry: Namespace) -> str | None:
+    """A logger's ``save_dir`` when the config chose one, else None."""
+    save_dir = entry.init_args.get("save_dir")
+    return None if save_dir in DEFAULT_SAVE_DIRS else str(save_dir)
+
+
+def _first_logger_place(config: Namespace) -> tuple[str | None, str | None]:
+    """``(run folder, parent of run folders)`` after the first logger's ``save_dir``, when the config chose one: a
+    CSV or TensorBoard logger without name and version writes into it, which is then the run folder (the sweep's
+    jobs do that); any other chosen ``save_dir`` is where the run's folder is made."""
+    loggers = _loggers(config)
+    save_dir = _placed(loggers[0]) if loggers else None
+    if save_dir is None:
+        return None, None
+    first = loggers[0].init_args
+    if (_is(loggers[0], CSV_LOGGER) or _is(loggers[0], TENSORBOARD_LOGGER)) and first.get("name") == first.get(
+        "version"
+    ) == "":
+        return save_dir, None
+    return None, save_dir
+
+
 def place_loggers(config: Namespace, run_dir: str) -> None:
-    """Every logger writes into ``run_dir``: CSV and TensorBoard directly (``save_dir`` the folder, no name or
-    version subfolders), W&B under ``wandb/`` with the folder's run id, resumed when the run is continued."""
-    trainer = config.trainer
-    if trainer.get("logger") in (None, True):
-        return
-    for entry in _entries(trainer.logger):
-        if _is(entry, "lightning.pytorch.loggers.CSVLogger") or _is(
-            entry, "lightning.pytorch.loggers.TensorBoardLogger"
-        ):
+    """The loggers write into ``run_dir``: CSV and TensorBoard directly (``save_dir`` the folder, no name or
+    version subfolders), W&B under ``wandb/`` with the folder's run id, resumed when the run is continued. The
+    first logger always; another one unless the config chose its ``save_dir``."""
+    for index, entry in enumerate(_loggers(config)):
+        if index and _placed(entry) is not None:
+            continue
+        if _is(entry, CSV_LOGGER) or _is(entry, TENSORBOARD_LOGGER):
             entry.init_args.save_dir, entry.init_args.name, entry.init_args.version = run_dir, "", ""
-        elif _is(entry, "lightning.pytorch.loggers.WandbLogger"):
+        elif _is(entry, WANDB_LOGGER):
             args = entry.init_args
             args.save_dir, args.dir = run_dir, None
             args.id = _wandb_id(run_dir, args.get("id") or args.get("version"))
