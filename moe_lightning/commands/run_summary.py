@@ -7,8 +7,6 @@ import math
 import os
 
 import pandas as pd
-from lightning.pytorch import Trainer
-from lightning.pytorch.loggers import WandbLogger
 
 from moe_lightning.analysis.discover import discover_runs
 from moe_lightning.analysis.run import Run, layer_names
@@ -22,19 +20,6 @@ GEOMETRY_COLUMNS = (
     ("align/chance", "align_ratio"),
 )
 ROUTER_COLUMN = ("load_cv", "load_cv")
-
-
-def finish_loggers(trainer: Trainer) -> None:
-    """Finish the trainer's W&B runs, so that their ``.wandb`` logs are complete before the report reads them."""
-    wandb_loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
-    if not wandb_loggers:
-        return
-    import wandb
-
-    for logger in wandb_loggers:
-        logger.experiment.finish()
-    # finish() can return before the service has flushed the log's last records; teardown waits for it.
-    wandb.teardown()
 
 
 def _value_near(series: pd.Series, step: int) -> float:

@@ -25,7 +25,7 @@ from moe_lightning.commands.run_folder import (
     place_loggers,
     resolve_run_dir,
 )
-from moe_lightning.lightning.loggers import continue_csv_log
+from moe_lightning.lightning.loggers import continue_csv_log, finish_wandb_runs
 
 DEFAULT_LOGGER = {"class_path": "moe_lightning.lightning.loggers.AutoWandbLogger", "init_args": {"save_dir": "runs"}}
 
@@ -113,6 +113,7 @@ class MoELightningCLI(LightningCLI):
         folder and how to continue the run."""
         if not self.trainer.is_global_zero:
             return
+        finish_wandb_runs(self.trainer.loggers)
         probed = any(isinstance(callback, GeometryMonitor) for callback in self.trainer.callbacks)
         if self._get(self.config, "summary") and probed and self.trainer.logger is not None:
             self._print_summary()
@@ -121,10 +122,9 @@ class MoELightningCLI(LightningCLI):
 
     def _print_summary(self) -> None:
         # The report stack (pandas, matplotlib) loads only here, after training.
-        from moe_lightning.commands.run_summary import finish_loggers, summarize_run
+        from moe_lightning.commands.run_summary import summarize_run
 
         try:
-            finish_loggers(self.trainer)
             table, index = summarize_run(self.run_dir)
         except Exception as error:  # noqa: BLE001 - the run is done and saved; a summary must not fail it
             rank_zero_warn(f"no geometry summary for this run: {type(error).__name__}: {error}")

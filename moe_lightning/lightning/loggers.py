@@ -89,3 +89,17 @@ def continue_csv_log(logger: Logger) -> None:
     with open(path, "w", newline="") as handle:
         handle.write(saved)
     writer.metrics_keys = next(csv.reader(saved.splitlines()), [])
+
+
+def finish_wandb_runs(loggers: list[Logger]) -> None:
+    """Finish the W&B runs of ``loggers``, so that their ``.wandb`` logs are complete when the fit returns (the
+    report reads them) and a later fit in the same process starts a run of its own."""
+    wandb_loggers = [logger for logger in loggers if isinstance(logger, WandbLogger) and logger._experiment is not None]
+    if not wandb_loggers:
+        return
+    import wandb
+
+    for logger in wandb_loggers:
+        logger.experiment.finish()
+    # finish() can return before the service has flushed the log's last records; teardown waits for it.
+    wandb.teardown()
