@@ -1,7 +1,7 @@
 # Two commands set everything up on a fresh machine:
 #   make demo   trains the default MLP top-k MoE on CPU (about a minute on 2 cores), with geometry logging (W&B,
-#               offline without credentials), and ends by writing the run's dashboard (one HTML page) and printing
-#               its path
+#               offline without credentials), into a new run folder runs/<date>-<time>-topk/ (docs/training.md), and
+#               ends by writing the run's dashboard (one HTML page) there and printing its path
 #   make test   runs the whole test suite (it also runs the docs examples and builds the site)
 #   make test-quick  the unit tests of every module, for the edit-test loop (under a minute; docs/testing.md)
 #   make docs   builds the documentation site into site/ (MkDocs, --strict)

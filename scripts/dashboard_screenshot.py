@@ -2,8 +2,10 @@
 Playwright, report script errors and outside requests, and save a screenshot of the page.
 
 Usage:
-    python scripts/dashboard_screenshot.py runs/wandb/offline-run-*/report/index.html docs/assets/dashboard.png
+    python scripts/dashboard_screenshot.py runs/<run folder> docs/assets/dashboard.png
     python scripts/dashboard_screenshot.py PAGE.html OUT.png --width 1400 --max-height 5000
+
+PAGE is a page, or a run folder (its ``report/index.html``).
 
 Chromium comes from the system (the Debian package ``chromium``; ``.ci/run`` installs it), else from Playwright's
 own browser download when there is one.
@@ -105,14 +107,22 @@ def render(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("page", help="the dashboard's index.html")
+    parser.add_argument("page", help="the dashboard's index.html, or a run folder (its report/index.html)")
     parser.add_argument("out", help="the PNG to write")
     parser.add_argument("--width", type=int, default=1400, help="viewport width in px")
     parser.add_argument("--max-height", type=int, default=None, help="cut the page at this height in px")
     parser.add_argument("--start", default=None, help="begin at the section with this heading")
     parser.add_argument("--stop", default=None, help="end at the section with this heading")
     parser.add_argument("--executable", default=None, help=f"the browser (default: the first of {BROWSERS} on PATH)")
-    args = parser.parse_args()
+    args, extra = parser.parse_known_args()
+    if extra:  # a pattern that matched several runs: one page makes one screenshot
+        parser.error(f"one PAGE and one OUT, got {[args.page, args.out, *extra]}; name one run's folder or page")
+    page = Path(args.page)
+    if page.is_dir():
+        page = page / "report" / "index.html"
+    if not page.is_file():
+        parser.error(f"{str(page)!r} is not a page; expected a report's index.html or a run folder holding one")
+    args.page = str(page)
     rendered = render(
         args.page, args.out, args.executable, args.width, args.max_height, start=args.start, stop=args.stop
     )

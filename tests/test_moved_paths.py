@@ -102,7 +102,7 @@ def test_a_0_1_fit_config_still_trains(tmp_path, monkeypatch):
             ]
         )
     assert any("moe_lightning.modules has moved to moe_lightning.lightning.modules" in str(w.message) for w in caught)
-    (checkpoint,) = (tmp_path / "checkpoints").glob("*.ckpt")
+    (checkpoint,) = tmp_path.glob("*-topk/checkpoints/epoch=*.ckpt")  # the run folder under default_root_dir
     trained = torch.load(checkpoint, weights_only=False)
     assert trained["global_step"] == 2
     assert MLPMoEModule.load_from_checkpoint(checkpoint).hparams["config"].routing == "topk"

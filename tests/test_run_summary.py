@@ -64,9 +64,11 @@ def test_summary_rows_are_the_first_and_last_probe_with_the_router_value_before_
 
 @pytest.mark.integration  # `moe-lightning fit`
 def test_fit_prints_the_summary_of_its_csv_log_and_writes_the_report(short_fit, tmp_path, capsys):
-    assert main(["fit", *short_fit, "--trainer.logger=CSVLogger", f"--trainer.logger.save_dir={tmp_path}"]) == 0
+    assert main(["fit", *short_fit, "--trainer.logger=CSVLogger"]) == 0
     out = capsys.readouterr().out
     (metrics_path,) = tmp_path.rglob("metrics.csv")
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert metrics_path.parent == run_dir  # the CSV log is the run folder's
     with open(metrics_path) as handle:
         rows = list(csv.DictReader(handle))
     key = "geometry/blocks.0.ffn/jac_sigma_max/mean"
@@ -77,8 +79,9 @@ def test_fit_prints_the_summary_of_its_csv_log_and_writes_the_report(short_fit, 
     assert [(int(p[1]), float(p[2])) for p in printed] == [
         (step, float(f"{value:.4g}")) for step, value in (probes[0], probes[-1])
     ]
-    index = out.strip().splitlines()[-1].removeprefix("Report of the run: ")
-    assert index == str(metrics_path.parent / "report" / "index.html")
+    (index,) = [line.removeprefix("Report of the run: ") for line in out.splitlines() if "Report of the run" in line]
+    assert index == str(Path("runs") / run_dir.name / "report" / "index.html")
+    assert out.strip().splitlines()[-1].startswith(f"Run folder: {Path('runs') / run_dir.name} (continue: ")
     # The page is the run's dashboard: its geometry curves over training, drawn from the same log.
     assert 'data-kind="geometry" data-layer="blocks.0.ffn"' in Path(index).read_text()
     assert (Path(index).parent / "curves.png").is_file()
@@ -89,15 +92,17 @@ def test_fit_with_the_default_wandb_logger_offline_ends_with_the_summary(short_f
     monkeypatch.setenv("WANDB_MODE", "offline")
     assert main(["fit", *short_fit]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    (run_dir,) = (tmp_path / "runs" / "wandb").glob("offline-run-*")
-    assert lines[-1] == f"Report of the run: {Path('runs') / 'wandb' / run_dir.name / 'report' / 'index.html'}"
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    (wandb_dir,) = (run_dir / "wandb").glob("offline-run-*")  # the W&B run lives in the run folder
+    assert f"Report of the run: {Path('runs') / run_dir.name / 'report' / 'index.html'}" in lines
+    assert lines[-1].startswith(f"Run folder: {Path('runs') / run_dir.name} (continue: ")
     assert (run_dir / "report" / "index.html").is_file()
     assert sum(line.startswith("blocks.0.ffn") for line in lines) == 2
 
 
 @pytest.mark.integration  # `moe-lightning fit`
 def test_summary_can_be_turned_off(short_fit, tmp_path, capsys):
-    args = ["fit", *short_fit, "--summary=false", "--trainer.logger=CSVLogger", f"--trainer.logger.save_dir={tmp_path}"]
+    args = ["fit", *short_fit, "--summary=false", "--trainer.logger=CSVLogger"]
     assert main(args) == 0
     assert "Geometry of each MoE layer" not in capsys.readouterr().out
     assert not list(tmp_path.rglob("index.html"))

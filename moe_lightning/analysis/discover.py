@@ -1,12 +1,14 @@
 """Find training runs under a directory and load their scalar history, routing, seed and geometry reports.
 
-Four layouts are understood (see ``docs/sweeps.md``):
+Five layouts are understood (see ``docs/sweeps.md``):
 
 1. a sweep job directory ``<sweep>/<routing>-seed<k>/`` with ``run.json`` (written by ``moe-lightning sweep``),
    plus ``metrics.csv`` or a ``wandb/`` run;
 2. a plain CSV run directory: any directory holding ``metrics.csv`` (Lightning's ``CSVLogger``);
 3. a TensorBoard log directory (``events.out.tfevents.*``);
-4. a W&B run directory (``run-<id>.wandb``).
+4. a run folder of ``moe-lightning fit`` logged to W&B only: ``wandb-run-id.txt`` names its run, whose W&B run
+   directories under ``wandb/`` (one per start: a resumed run has several) are read as one history;
+5. a W&B run directory (``run-<id>.wandb``).
 
 The CSV and TensorBoard loaders are :mod:`moe_lightning.analysis.log_dirs`, the W&B one
 :mod:`moe_lightning.analysis.wandb_runs`. A directory that holds ``metrics.csv`` is read from the CSV only, never
@@ -22,7 +24,11 @@ import warnings
 
 from moe_lightning.analysis.log_dirs import RunLogWarning, load_csv_run, load_tensorboard_run, tensorboard_files
 from moe_lightning.analysis.run import DATA_SEED_NOTE, Run, check_routing, seed_value
-from moe_lightning.analysis.wandb_runs import load_wandb_run, wandb_file
+from moe_lightning.analysis.wandb_runs import load_wandb_run, wandb_file, wandb_segments
+
+# The W&B run id of a run folder of `moe-lightning fit`: the run it continues when resumed.
+WANDB_ID_FILE = "wandb-run-id.txt"
+REPEATED = "repeated seed"
 
 
 def discover_runs(directories: list[str]) -> list[Run]:
@@ -32,12 +38,12 @@ def discover_runs(directories: list[str]) -> list[Run]:
         directories: run directories or directories containing runs, at any depth.
 
     Returns:
-        The runs, in path order; runs that could not be read have a ``status`` other than ``"done"``, and each
-        unreadable one is named in a :class:`~moe_lightning.analysis.log_dirs.RunLogWarning`.
+        The runs, in path order; runs that could not be read have a ``status`` other than ``"done"`` and each
+        unreadable one is named in a :class:`~moe_lightning.analysis.log_dirs.RunLogWarning`; of distinct runs
+        with the same family, arm and seed all but the last have status ``"repeated seed"``.
 
     Raises:
-        ValueError: a directory does not exist or contains no run, no run could be read, or two finished runs share
-            routing, family and seed (they would be counted twice).
+        ValueError: a directory does not exist or contains no run, no run could be read, or one run is found twice.
     """
     runs: list[Run] = []
     for root in directories:
@@ -52,6 +58,8 @@ def discover_runs(directories: list[str]) -> list[Run]:
                 found.append(load_csv_run(dirpath))
             elif tensorboard_files(dirpath):
                 found.append(load_tensorboard_run(dirpath))
+            elif WANDB_ID_FILE in filenames and (segments := wandb_segments(dirpath, _read_id(dirpath))):
+                found.append(load_wandb_run(dirpath, segments))
             elif wandb_file(dirpath) is not None:
                 found.append(load_wandb_run(dirpath))
             else:
@@ -60,24 +68,45 @@ def discover_runs(directories: list[str]) -> list[Run]:
         if not found:
             raise ValueError(
                 f"no runs found in {root!r}: expected, at any depth, a sweep job directory with run.json, a "
-                "directory with metrics.csv (CSVLogger), a TensorBoard log directory with events.out.tfevents.*, or "
-                "a W&B run directory with run-<id>.wandb"
+                "directory with metrics.csv (CSVLogger), a TensorBoard log directory with events.out.tfevents.*, a "
+                f"run folder of moe-lightning fit ({WANDB_ID_FILE} and wandb/), or a W&B run directory with "
+                "run-<id>.wandb"
             )
         runs.extend(found)
     _check_readable(runs)
-    seen: dict[tuple[str | None, str | None, int], str] = {}
+    _leave_out_repeats(runs)
+    return runs
+
+
+def _read_id(folder: str) -> str:
+    with open(os.path.join(folder, WANDB_ID_FILE)) as handle:
+        return handle.read().strip()
+
+
+def _leave_out_repeats(runs: list[Run]) -> None:
+    """One run per (family, arm, seed) enters the statistics, which count seeds: of distinct runs sharing one (a run
+    repeated, such as ``make demo`` twice), the last in path order (the newest of ``runs/<date>-<time>-...``
+    folders) is kept and the others are left out with a note.
+
+    Raises:
+        ValueError: the same run was found twice (a directory and its parent both given).
+    """
+    seen: dict[tuple[str | None, str | None, int], Run] = {}
     for run in runs:
         if not run.ok or run.seed is None:
             continue
         key = (run.family, run.arm, run.seed)
-        if key in seen:
-            what = f"routing={run.routing!r}" if run.arm == run.routing else f"arm={run.arm!r}"
+        what = f"routing={run.routing!r}" if run.arm == run.routing else f"arm={run.arm!r}"
+        earlier = seen.get(key)
+        if earlier is not None and os.path.realpath(earlier.path) == os.path.realpath(run.path):
             raise ValueError(
-                f"two runs with {what} and seed={run.seed}: {seen[key]!r} and {run.path!r}; "
-                "pass directories that hold each (routing, seed) once"
+                f"two runs with {what} and seed={run.seed} are one run found twice: {earlier.path!r} and "
+                f"{run.path!r}; pass each directory once"
             )
-        seen[key] = run.path
-    return runs
+        if earlier is not None:
+            earlier.status = REPEATED
+            earlier.note = f"{what} and seed={run.seed} again in {run.path} (the later run is the one counted)"
+        seen[key] = run
 
 
 def _check_readable(runs: list[Run]) -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import glob
 import os
 
+import pandas as pd
+
 from moe_lightning.analysis.run import (
     DATA_SEED_NOTE,
     Run,
@@ -15,7 +17,7 @@ from moe_lightning.analysis.run import (
     read_yaml,
     seed_value,
 )
-from moe_lightning.analysis.wandb_records import read_wandb_run
+from moe_lightning.analysis.wandb_records import WandbRunContent, read_wandb_run
 
 
 def wandb_file(directory: str) -> str | None:
@@ -34,13 +36,40 @@ def _seed_from_args(args: list[str]) -> int | None:
     return None
 
 
-def load_wandb_run(directory: str) -> Run:
-    """A W&B run directory (``run-<id>.wandb`` and ``files/``)."""
+def wandb_segments(folder: str, run_id: str) -> list[str]:
+    """The W&B run directories of run ``run_id`` under ``<folder>/wandb/`` (one per start of the run: a resumed run
+    has several), oldest first."""
+    paths = glob.glob(os.path.join(folder, "wandb", f"*-{run_id}", f"run-{run_id}.wandb"))
+    # <offline-run|run>-<YYYYMMDD_HHMMSS>-<id>: the start time orders the segments.
+    return sorted((os.path.dirname(p) for p in paths), key=lambda d: os.path.basename(d).rsplit("-", 2)[-2:])
+
+
+def _read_segments(segments: list[str]) -> WandbRunContent:
+    """One run's content from its segments: the histories joined (a step logged again by a later segment takes the
+    later value), the configs merged, the exit code and command line of the last segment."""
+    contents = [read_wandb_run(path) for path in map(wandb_file, segments) if path is not None]
+    if not contents:
+        raise ValueError(f"no run-<id>.wandb in {segments}")
+    last = contents[-1]
+    if len(contents) == 1:
+        return last
+    history = pd.concat([c.history for c in contents]).groupby(level=0).last().sort_index()
+    config: dict = {}
+    for content in contents:
+        config.update(content.config)
+    media = set().union(*(c.media_keys for c in contents))
+    return WandbRunContent(history, config, last.exit_code, last.args, media)
+
+
+def load_wandb_run(directory: str, segments: list[str] | None = None) -> Run:
+    """A W&B run directory (``run-<id>.wandb`` and ``files/``), or a run folder of ``moe-lightning fit`` whose run
+    has the W&B run directories ``segments`` (its geometry in ``<directory>/geometry``)."""
     run = Run(path=directory, source="wandb")
-    path = wandb_file(directory)
+    segments = segments or [directory]
+    path = wandb_file(segments[-1])
     assert path is not None
     try:
-        content = read_wandb_run(path)
+        content = _read_segments(segments)
     except (ValueError, OSError) as error:
         run.status, run.note, run.source = "unreadable", f"{os.path.basename(path)}: {error}", "none"
         return run
@@ -50,10 +79,11 @@ def load_wandb_run(directory: str) -> Run:
     elif content.exit_code != 0:
         run.status, run.note = "failed", f"exit code {content.exit_code}"
     config = content.config
-    files_config = read_yaml(os.path.join(directory, "files", "config.yaml"))
-    for key, value in files_config.items():  # W&B's own files/config.yaml: {key: {"value": ...}}
-        if isinstance(value, dict) and "value" in value:
-            config.setdefault(key, value["value"])
+    for segment in reversed(segments):
+        files_config = read_yaml(os.path.join(segment, "files", "config.yaml"))
+        for key, value in files_config.items():  # W&B's own files/config.yaml: {key: {"value": ...}}
+            if isinstance(value, dict) and "value" in value:
+                config.setdefault(key, value["value"])
     if isinstance(config.get("config"), dict):
         run.routing = config["config"].get("routing")
         run.capacity_match = capacity_match_of(config["config"])
@@ -67,7 +97,7 @@ def load_wandb_run(directory: str) -> Run:
             filter(None, [run.note, f"{DATA_SEED_NOTE} (no seed_everything in the W&B config or command line)"])
         )
     run.family = family_from_hparams(config)
-    geometry = os.path.join(directory, "files", "geometry")
-    run.geometry_dir = geometry if os.path.isdir(geometry) else None
+    folders = [os.path.join(directory, "geometry"), *(os.path.join(d, "files", "geometry") for d in segments[::-1])]
+    run.geometry_dir = next((folder for folder in folders if os.path.isdir(folder)), None)
     check_routing(run)
     return run

@@ -3,7 +3,7 @@ geometry (:mod:`moe_lightning.report.workspace`), from the keys of local runs or
 
 Examples::
 
-    moe-lightning dashboard runs/wandb/offline-run-*/ --project moe-lightning --dry-run
+    moe-lightning dashboard runs --project moe-lightning --dry-run
     moe-lightning dashboard --project moe-lightning --entity my-team --filter "Config('config.routing') = 'topk'"
 
 Only the argument parser loads with this module: wandb-workspaces, the run readers and Lightning (for the offline
@@ -18,6 +18,7 @@ import os
 import sys
 from typing import Any
 
+SPEC_FILE = "wandb-dashboard.json"
 # Summaries of this many of the project's newest runs give the keys when no local run is passed.
 KEY_RUNS = 20
 
@@ -33,8 +34,9 @@ def _parser() -> argparse.ArgumentParser:
         "run_dirs",
         nargs="*",
         metavar="RUN_DIR",
-        help="local runs (CSV, TensorBoard or W&B offline directories, searched recursively) whose keys the panels "
-        "use; default: the summaries of the project's newest runs (needs the network)",
+        help="local runs (run folders of moe-lightning fit, sweep jobs, CSV, TensorBoard or W&B offline directories, "
+        "or folders holding them, searched recursively) whose keys the panels use; default: the summaries of the "
+        "project's newest runs (needs the network)",
     )
     parser.add_argument("--project", required=True, help="W&B project")
     parser.add_argument("--entity", default=None, help="W&B entity (default: WANDB_ENTITY, else your default entity)")
@@ -45,7 +47,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--url", default=None, help="URL of a saved view to update instead of creating a new one")
     parser.add_argument("--report", action="store_true", help="also save a W&B report with the same panels")
     parser.add_argument("--dry-run", action="store_true", help="print the spec as JSON; no network call")
-    parser.add_argument("--out", default="wandb-dashboard.json", help="where the spec is written when not saved")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help=f"where the spec is written when it is not saved (default: <first RUN_DIR>/{SPEC_FILE}; none without "
+        "RUN_DIR)",
+    )
     return parser
 
 
@@ -127,9 +134,15 @@ def _save(api: Any, args: argparse.Namespace, entity: str, keys: set[str]) -> li
     return urls
 
 
-def _write(path: str, spec: dict[str, Any]) -> None:
+def _write(args: argparse.Namespace, spec: dict[str, Any], reason: str) -> None:
+    """Keep the spec that could not be saved: in ``--out``, else next to the first run given, else nowhere."""
+    path = args.out or (os.path.join(args.run_dirs[0], SPEC_FILE) if args.run_dirs else None)
+    if path is None:
+        print(f"moe-lightning dashboard: not saved to W&B ({reason}); pass --out FILE to keep the spec")
+        return
     with open(path, "w") as handle:
         json.dump(spec, handle, indent=1)
+    print(f"moe-lightning dashboard: not saved to W&B ({reason}); the spec is in {path}")
 
 
 def main(argv: list[str]) -> int:
@@ -137,7 +150,7 @@ def main(argv: list[str]) -> int:
 
     Returns:
         0 when saved (or printed with ``--dry-run``); 1 without credentials or network (the spec is written to
-        ``--out``); 2 for bad input.
+        ``--out``, else into the first RUN_DIR); 2 for bad input.
     """
     args = _parser().parse_args(argv)
     from moe_lightning.lightning.loggers import resolve_wandb_offline
@@ -161,8 +174,7 @@ def main(argv: list[str]) -> int:
         if args.dry_run:
             print(json.dumps(spec, indent=1))
             return 0
-        _write(args.out, spec)
-        print(f"moe-lightning dashboard: not saved to W&B ({reason}); the spec is in {args.out}")
+        _write(args, spec, reason)
         return 1
     import wandb
 
@@ -172,8 +184,11 @@ def main(argv: list[str]) -> int:
         keys = keys or _project_keys(api, entity, args.project)
         urls = _save(api, args, entity, keys)
     except Exception as error:  # noqa: BLE001 - a refused key or a dropped connection: keep the spec, say why
-        _write(args.out, dashboard_spec(entity, args.project, keys, args.name, args.filters))
-        print(f"moe-lightning dashboard: not saved to W&B ({type(error).__name__}: {error}); the spec is in {args.out}")
+        _write(
+            args,
+            dashboard_spec(entity, args.project, keys, args.name, args.filters),
+            f"{type(error).__name__}: {error}",
+        )
         return 1
     for url in urls:
         print(url)

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 
 import pandas as pd
-from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 
 from moe_lightning.analysis.discover import discover_runs
 from moe_lightning.analysis.run import Run, layer_names
@@ -22,25 +20,6 @@ GEOMETRY_COLUMNS = (
     ("align/chance", "align_ratio"),
 )
 ROUTER_COLUMN = ("load_cv", "load_cv")
-
-
-def run_directory(logger: Logger) -> str | None:
-    """Where ``logger`` writes the run (the folder ``moe-lightning report`` reads), or ``None`` if it has none.
-
-    A W&B run is finished first: its ``.wandb`` log is complete only then.
-    """
-    if isinstance(logger, WandbLogger):
-        import wandb
-
-        experiment = logger.experiment
-        directory = Path(experiment.dir).parent  # .../offline-run-<id>/files -> .../offline-run-<id>
-        experiment.finish()
-        # finish() can return before the service has flushed the log's last records; teardown waits for it.
-        wandb.teardown()
-        return str(directory)
-    if isinstance(logger, (CSVLogger, TensorBoardLogger)):
-        return logger.log_dir
-    return None
 
 
 def _value_near(series: pd.Series, step: int) -> float:
@@ -91,7 +70,7 @@ def summarize_run(directory: str, out_dir: str | None = None) -> tuple[str, str]
     """The summary table of the run in ``directory`` and the path of its report's ``index.html``.
 
     Args:
-        directory: a run folder (a W&B offline run, a CSV or a TensorBoard log folder).
+        directory: a run folder (``moe-lightning fit``'s, a W&B offline run, a CSV or a TensorBoard log folder).
         out_dir: where the report goes; default ``<directory>/report``.
 
     Raises:

@@ -3,21 +3,32 @@ with this module, so the dispatcher in :mod:`moe_lightning.commands` imports it 
 
 Examples:
     moe-lightning fit --config configs/mlp/topk.yaml --config configs/trainer/cpu.yaml
-    moe-lightning fit --config configs/mlp/soft.yaml --trainer.logger=CSVLogger --trainer.logger.save_dir=runs
+    moe-lightning fit --config configs/mlp/soft.yaml --trainer.logger=CSVLogger
+    moe-lightning fit --config runs/<run>/config.yaml --ckpt_path last --trainer.max_epochs=32   # continue a run
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from argparse import ArgumentError
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from moe_lightning.callbacks import GeometryMonitor
 from moe_lightning.commands.checkpoint import check_checkpoint
 from moe_lightning.commands.config_errors import describe_parse_error
+from moe_lightning.commands.run_folder import (
+    RUN_DIR_ENV,
+    RUNS_ROOT,
+    discard_if_empty,
+    place_checkpoints,
+    place_loggers,
+    resolve_run_dir,
+)
+from moe_lightning.lightning.loggers import continue_csv_log, finish_wandb_runs
 
 DEFAULT_LOGGER = {"class_path": "moe_lightning.lightning.loggers.AutoWandbLogger", "init_args": {"save_dir": "runs"}}
 
@@ -28,21 +39,35 @@ class ConfigError(ValueError):
 
 class MoELightningCLI(LightningCLI):
     """LightningCLI with moe-lightning's defaults: any LightningModule / DataModule by ``class_path``, the W&B
-    logger (offline when needed) unless another is chosen, and the config saved next to the logs."""
+    logger (offline when needed) unless another is chosen, and one folder per run
+    (:mod:`moe_lightning.commands.run_folder`) holding its config, checkpoints, logs, reports and report."""
+
+    run_dir: str | None = None
+    _decided_run_dir = False
+    _resuming = False
 
     def __init__(self, args: list[str] | None = None, **kwargs) -> None:
         kwargs.setdefault("trainer_defaults", {"logger": DEFAULT_LOGGER})
         # jsonargparse raises instead of printing every option's usage: parse_arguments turns it into one line.
         kwargs.setdefault("parser_kwargs", {"exit_on_error": False})
-        super().__init__(
-            L.LightningModule,
-            L.LightningDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            save_config_kwargs={"overwrite": True},
-            args=args,
-            **kwargs,
-        )
+        try:
+            super().__init__(
+                L.LightningModule,
+                L.LightningDataModule,
+                subclass_mode_model=True,
+                subclass_mode_data=True,
+                save_config_kwargs={"overwrite": True},
+                args=args,
+                **kwargs,
+            )
+        except BaseException:
+            if self._decided_run_dir:
+                discard_if_empty(self.run_dir)
+            raise
+        finally:
+            # The folder is handed to the processes this run launches, not to a later run of the same interpreter.
+            if self.run_dir is not None and self._decided_run_dir and os.environ.get(RUN_DIR_ENV) == self.run_dir:
+                del os.environ[RUN_DIR_ENV]
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
@@ -52,6 +77,31 @@ class MoELightningCLI(LightningCLI):
             help="After fit, print each MoE layer's geometry at the first and the last probe and write the run's "
             "local report (needs GeometryMonitor among the callbacks).",
         )
+        parser.add_argument(
+            "--run_dir",
+            type=str | None,
+            default=None,
+            help="The run's folder: its config, checkpoints (with last.ckpt), logs, geometry reports and report. "
+            f"Default: a new <root>/<date>-<time>-<routing>, <root> being --trainer.default_root_dir or {RUNS_ROOT}; "
+            "with --ckpt_path in a run folder, that folder, and fit continues the run (the same W&B run). validate, "
+            "test and predict write into a new folder inside the run's.",
+        )
+
+    def before_instantiate_classes(self) -> None:
+        """Decide the run's folder and point the loggers and checkpoints at it (recorded in the saved config)."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        self._decided_run_dir = not os.environ.get(RUN_DIR_ENV)
+        self.run_dir, self._resuming = resolve_run_dir(config, self.subcommand)
+        os.environ[RUN_DIR_ENV] = self.run_dir
+        config.run_dir = self.run_dir
+        place_loggers(config, self.run_dir)
+        place_checkpoints(config, self.run_dir)
+        if rank_zero_only.rank == 0:
+            print(f"Run folder: {self.run_dir}" + (" (continued)" if self._resuming else ""), flush=True)
+
+    def instantiate_trainer(self, **kwargs):
+        """The trainer, rooted in the run folder (what Lightning writes without a logger goes there too)."""
+        return super().instantiate_trainer(**{"default_root_dir": self.run_dir, **kwargs})
 
     def parse_arguments(self, parser, args) -> None:
         """Parse, then check ``--ckpt_path``, before Lightning reads the checkpoint or any logger makes a folder.
@@ -72,30 +122,41 @@ class MoELightningCLI(LightningCLI):
         check_checkpoint(self.config[subcommand].get("ckpt_path") if subcommand else None)
 
     def before_fit(self) -> None:
-        """Record the run's seed with its hyperparameters, so every logger (W&B too) knows which seed it was."""
+        """Record the run's seed with its hyperparameters, so every logger (W&B too) knows which seed it was; give
+        the monitors without a ``report_dir`` the run's folder; keep a continued run's CSV history."""
+        for callback in self.trainer.callbacks:
+            if getattr(callback, "report_dir", False) is None:
+                callback.report_dir = self.run_dir
+        if self._resuming:
+            for logger in self.trainer.loggers:
+                continue_csv_log(logger)
         seed = self._get(self.config, "seed_everything")
         if isinstance(seed, int) and not isinstance(seed, bool):
             for logger in self.trainer.loggers:
                 logger.log_hyperparams({"seed_everything": seed})
 
     def after_fit(self) -> None:
-        """Print the geometry summary and the report path (rank zero, when the run probed geometry)."""
-        if not self._get(self.config, "summary") or not self.trainer.is_global_zero or self.trainer.logger is None:
+        """Print the geometry summary and the report path (rank zero, when the run probed geometry), then the run
+        folder and how to continue the run."""
+        if not self.trainer.is_global_zero:
             return
-        if not any(isinstance(callback, GeometryMonitor) for callback in self.trainer.callbacks):
-            return
+        finish_wandb_runs(self.trainer.loggers)
+        probed = any(isinstance(callback, GeometryMonitor) for callback in self.trainer.callbacks)
+        if self._get(self.config, "summary") and probed and self.trainer.logger is not None:
+            self._print_summary()
+        config = os.path.join(self.run_dir, "config.yaml")
+        print(f"\nRun folder: {self.run_dir} (continue: moe-lightning fit --config {config} --ckpt_path last)")
+
+    def _print_summary(self) -> None:
         # The report stack (pandas, matplotlib) loads only here, after training.
-        from moe_lightning.commands.run_summary import run_directory, summarize_run
+        from moe_lightning.commands.run_summary import summarize_run
 
         try:
-            directory = run_directory(self.trainer.logger)
-            if directory is None:
-                return
-            table, index = summarize_run(directory)
+            table, index = summarize_run(self.run_dir)
         except Exception as error:  # noqa: BLE001 - the run is done and saved; a summary must not fail it
             rank_zero_warn(f"no geometry summary for this run: {type(error).__name__}: {error}")
             return
-        print(f"\nGeometry of each MoE layer at the first and the last probe ({directory}):\n{table}")
+        print(f"\nGeometry of each MoE layer at the first and the last probe ({self.run_dir}):\n{table}")
         print(f"\nReport of the run: {index}")
 
 

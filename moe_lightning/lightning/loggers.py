@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import csv
 import netrc
 import os
 import warnings
 from typing import Any
 from urllib.parse import urlparse
 
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 
 from moe_lightning.common import tcp_reachable
 
@@ -63,3 +64,42 @@ class AutoWandbLogger(WandbLogger):
             )
         os.makedirs(save_dir, exist_ok=True)
         super().__init__(offline=resolved, project=project, save_dir=save_dir, **kwargs)
+
+
+def continue_csv_log(logger: Logger) -> None:
+    """Let a :class:`~lightning.pytorch.loggers.CSVLogger` continue the ``metrics.csv`` of the run it resumes.
+
+    Lightning's CSV writer deletes an existing ``metrics.csv`` when it starts; the file is read first, put back, and
+    the writer told its columns, so the resumed steps are appended (with the header widened when new keys appear)
+    and the run keeps one history. Other loggers are left alone.
+    """
+    if not isinstance(logger, CSVLogger):
+        return
+    path = os.path.join(logger.log_dir, "metrics.csv")
+    try:
+        with open(path, newline="") as handle:
+            saved = handle.read()
+    except FileNotFoundError:
+        return
+    with warnings.catch_warnings():  # "previous log files will be deleted": they are put back below
+        warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
+        writer = logger.experiment
+    if not hasattr(writer, "metrics_keys"):  # not rank zero: no writer
+        return
+    with open(path, "w", newline="") as handle:
+        handle.write(saved)
+    writer.metrics_keys = next(csv.reader(saved.splitlines()), [])
+
+
+def finish_wandb_runs(loggers: list[Logger]) -> None:
+    """Finish the W&B runs of ``loggers``, so that their ``.wandb`` logs are complete when the fit returns (the
+    report reads them) and a later fit in the same process starts a run of its own."""
+    wandb_loggers = [logger for logger in loggers if isinstance(logger, WandbLogger) and logger._experiment is not None]
+    if not wandb_loggers:
+        return
+    import wandb
+
+    for logger in wandb_loggers:
+        logger.experiment.finish()
+    # finish() can return before the service has flushed the log's last records; teardown waits for it.
+    wandb.teardown()

@@ -244,7 +244,8 @@ def test_wandb_offline_run(tmp_path, monkeypatch, tiny_config):
     run = runs[0]
     assert (run.source, run.routing, run.seed, run.family, run.status) == ("wandb", "soft", 5, "mlp", "done")
     assert run.note == ""  # the seed is the seed_everything that moe-lightning's CLI logs with the hyperparameters
-    reports = sorted((Path(run.path) / "files" / "geometry").glob("step_*.json"))
+    assert run.geometry_dir == str(Path(run.path) / "geometry")  # the run folder's, next to its W&B runs
+    reports = sorted(Path(run.geometry_dir).glob("step_*.json"))
     final = json.loads(reports[-1].read_text())
     assert final["step"] == 20
     for layer in ("blocks.0.ffn", "blocks.1.ffn"):  # independent source: the geometry JSON

@@ -70,7 +70,8 @@ def job_config(preset: Preset, job: Job, loggers: list[str], wandb_project: str)
         )
     fixed: dict[str, Any] = {
         "seed_everything": job.seed,
-        "trainer": {"logger": logger_list, "default_root_dir": str(job.dir), "enable_progress_bar": False},
+        "run_dir": str(job.dir),  # the job's folder is its run folder: config, checkpoints, logs and reports
+        "trainer": {"logger": logger_list, "enable_progress_bar": False},
     }
     arm = ARM_ALIASES.get(job.routing, job.routing)
     if arm in ARMS:  # a variant's routing comes from its own configs
