@@ -69,7 +69,7 @@ def runs(tmp_path_factory):
         second = run([*fit, "--summary=false"])
         folders = sorted((work / "runs").iterdir())
         config = f"runs/{folders[0].name}/config.yaml"
-        resumed = run(["fit", "--config", config, "--ckpt_path", "last", "--trainer.max_steps=4"])
+        resumed = run(["fit", "--config", config, "--ckpt_path", "last", "--trainer.max_steps=4", "--summary=true"])
     finally:
         wandb.teardown()
         torch.set_num_threads(threads)
