@@ -10,7 +10,7 @@ from typing import Any
 import pandas as pd
 
 from moe_lightning.analysis.overview import first_last, run_settings
-from moe_lightning.analysis.run import Run
+from moe_lightning.analysis.run import Run, arm_order
 from moe_lightning.report import charts
 from moe_lightning.report import html as page
 from moe_lightning.report.dashboard import dashboard_sections
@@ -77,7 +77,7 @@ def settings_block(run: Run) -> str:
 
 def runs_settings_block(runs: list[Run]) -> str:
     """The settings of several runs in one table: a value they share once, values that differ side by side."""
-    used = [r for r in runs if r.ok] or runs
+    used = sorted([r for r in runs if r.ok] or runs, key=lambda r: (arm_order(r.arm), -1 if r.seed is None else r.seed))
     per_run = [run_settings(run) for run in used]
     walls = [w for w in (s.pop("wall time") for s in per_run) if w is not None]
     shown = {}
