@@ -91,7 +91,7 @@ def run_settings(run: Run) -> dict[str, Any]:
 
     Read from the hyperparameters the run recorded (the W&B config, ``hparams.yaml``) and, for what those lack
     (the trainer's step budget), from the LightningCLI ``config.yaml`` in the run's own folder (never from a
-    folder above it, where another run's config may lie). ``steps trained`` is the last logged step.
+    folder above it, where another run's config may lie). ``last logged step`` is the last step of its history.
     """
     cli = read_yaml(os.path.join(run.path, "config.yaml"))
     model = _model_config(run, cli)
@@ -112,7 +112,7 @@ def run_settings(run: Run) -> dict[str, Any]:
         "warm-up steps": _setting(run, cli, "model", "warmup_steps"),
         "batch size": _setting(run, cli, "data", "batch_size"),
         "seed": run.seed,
-        "steps trained": steps,
+        "last logged step": steps,
         "max_steps / max_epochs": (f"{trainer.get('max_steps')} / {trainer.get('max_epochs')}" if trainer else None),
         "wall time": run.wall_s,
     }

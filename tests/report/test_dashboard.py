@@ -193,7 +193,7 @@ def test_run_page_in_chromium_at_1400_px(dashboard, logged_run, tmp_path):
     # The settings, as the run's hparams.yaml and the trainer config of conftest.LOGGED say.
     config = page["config"]
     assert (config["routing"], config["experts"], config["experts per token (k)"]) == ("topk", "4", "2")
-    assert (config["learning rate"], config["seed"], config["steps trained"]) == ("0.002", "0", "20")
+    assert (config["learning rate"], config["seed"], config["last logged step"]) == ("0.002", "0", "20")
     assert config["max_steps / max_epochs"].startswith("20 /")
     assert config["wall time"].startswith("not recorded")  # a CSV log keeps no clock
     # Every axis that holds a trace has a title; the geometry charts have a legend naming the experts.

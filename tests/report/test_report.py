@@ -212,7 +212,7 @@ def test_sweep_page_in_chromium_at_1400_px(report, tmp_path):
     config = rendered.traces["config"]
     # The finished runs (the running soft-seed3 is left out) of the TINY config: 4 experts, top-2, 20 steps.
     assert config["routing"] == "dense / topk / soft" and config["seed"] == "0 / 1"
-    assert config["experts"] == "1 (dense FFN) / 4" and config["steps trained"] == "20"
+    assert config["experts"] == "1 (dense FFN) / 4" and config["last logged step"] == "20"
     assert config["wall time per run"] == "1 s"  # run.json's wall_s of every job
     headings = rendered.traces["headings"]
     assert len(headings) == 6 and not any(h.endswith(".png") for h in headings)
