@@ -104,7 +104,8 @@ def claims_chart(table: pd.DataFrame, level: float = LEVEL) -> str | None:
                 for hollow in (False, True):
                     chosen = frame[(frame["verdict"] == verdict) & (frame["undersampled"].astype(bool) == hollow)]
                     if len(chosen):
-                        marker = {"size": 8, "color": "white" if hollow else colour, "line": {"color": colour}}
+                        edge = {"color": colour, "width": 2}
+                        marker = {"size": 8, "color": "white" if hollow else colour, "line": edge}
                         label = f"{verdict} (n_eff < D)" if hollow else verdict
                         traces.append(
                             go.Scatter(
