@@ -4,7 +4,7 @@
 #               ends by writing the run's dashboard (one HTML page) there and printing its path
 #   make test   runs the whole test suite (it also runs the docs examples and builds the site)
 #   make test-quick  the unit tests of every module, for the edit-test loop (under a minute; docs/testing.md)
-#   make docs   builds the documentation site into site/ (MkDocs, --strict)
+#   make docs   builds the documentation site into site/ (MkDocs, --strict); site/index.html opens from disk
 # Every install step takes its versions from constraints.txt, a lock of today's releases (docs/testing.md):
 #   make lock         regenerates constraints.txt from the newest releases on PyPI (uv pip compile)
 #   make test-latest  runs the suite in .venv-latest, installed without the lock, and reports the Hugging Face
@@ -39,6 +39,7 @@ test-quick: $(VENV)/.installed
 
 docs: $(VENV)/.installed
 	$(BIN)/mkdocs build --strict -d site
+	@echo "docs: open site/index.html in a browser (it works from disk, search included)"
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check moe_lightning tests scripts

@@ -1,5 +1,6 @@
-"""Open a run dashboard (``moe-lightning report RUN_DIR`` writes it as ``index.html``) in headless Chromium through
-Playwright, report script errors and outside requests, and save a screenshot of the page.
+"""Open a report page (``moe-lightning report`` writes it as ``index.html``: a run's dashboard, or the page of a sweep)
+in headless Chromium through Playwright, report script errors, outside requests, sideways scrolling and untitled
+chart axes, and save a screenshot of the page.
 
 Usage:
     python scripts/dashboard_screenshot.py runs/<run folder> docs/assets/dashboard.png
@@ -36,15 +37,41 @@ class Rendered:
         outside: requests the page made to anything but its own file and inline data.
         charts: ``(data-kind, data-layer, number of rendered Plotly SVG layers)`` of every ``div.chart``.
         traces: whatever ``extract`` (a JavaScript function of the page) returned, when given.
+        layout: how the page sits in the window (:data:`LAYOUT_JS`): its ``width`` and the window's ``window``
+            in px, the ``wide`` elements that scroll sideways, the ``untitled`` axes ``[kind, layer, axis]`` of
+            every chart that hold a trace, and each chart's ``legends`` (the names its legend lists).
     """
 
     errors: list[str] = field(default_factory=list)
     outside: list[str] = field(default_factory=list)
     charts: list[tuple[str, str, int]] = field(default_factory=list)
     traces: object = None
+    layout: dict = field(default_factory=dict)
 
 
 CHARTS_JS = """els => els.map(e => [e.dataset.kind, e.dataset.layer, e.querySelectorAll('svg.main-svg').length])"""
+LAYOUT_JS = """() => {
+  const wide = [...document.querySelectorAll('body *')].filter(e => e.scrollWidth > e.clientWidth + 1
+      && getComputedStyle(e).overflowX !== 'visible' && getComputedStyle(e).overflowX !== 'hidden')
+    .map(e => e.tagName.toLowerCase() + (e.className ? '.' + e.className : ''));
+  const untitled = [], legends = [];
+  for (const div of document.querySelectorAll('div.chart')) {
+    const plot = div.querySelector('.js-plotly-plot');
+    if (!plot) continue;
+    const axes = new Set();
+    for (const t of plot._fullData) {
+      if (t.xaxis) axes.add('xaxis' + t.xaxis.slice(1));
+      if (t.yaxis) axes.add('yaxis' + t.yaxis.slice(1));
+    }
+    for (const axis of axes) {
+      const title = plot._fullLayout[axis] && plot._fullLayout[axis].title;
+      if (!title || !title.text) untitled.push([div.dataset.kind, div.dataset.layer, axis]);
+    }
+    const names = plot._fullData.filter(t => t.showlegend && t.visible !== false).map(t => t.name);
+    legends.push([div.dataset.kind, div.dataset.layer, plot._fullLayout.showlegend ? names : []]);
+  }
+  return {width: document.documentElement.scrollWidth, window: window.innerWidth, wide, untitled, legends};
+}"""
 # The page's span in px from the <h2> headed start (the top when null) to the one headed stop (the end when null).
 SPAN_JS = """([start, stop]) => {
   const at = text => { const h = [...document.querySelectorAll('h2')].find(h => h.textContent === text);
@@ -97,6 +124,7 @@ def render(
             rendered.charts = [tuple(chart) for chart in page.eval_on_selector_all("div.chart", CHARTS_JS)]
             if extract is not None:
                 rendered.traces = page.evaluate(extract, extract_arg)
+            rendered.layout = page.evaluate(LAYOUT_JS)
             top, bottom = page.evaluate(SPAN_JS, [start, stop])
             clip = {"x": 0, "y": top, "width": width, "height": min(bottom - top, max_height or bottom - top)}
             page.screenshot(path=str(screenshot), full_page=True, clip=clip)
@@ -131,6 +159,11 @@ def main() -> None:
         f"{len(rendered.charts)} charts ({', '.join(kinds)}), {len(rendered.errors)} script errors, "
         f"{len(rendered.outside)} outside requests; screenshot: {args.out}"
     )
+    layout = rendered.layout
+    if layout["width"] > layout["window"] or layout["wide"]:
+        print(f"  scrolls sideways: page {layout['width']} px in a {layout['window']} px window; {layout['wide']}")
+    for kind, layer, axis in layout["untitled"]:
+        print(f"  untitled axis: {kind} {layer} {axis}")
     for line in rendered.errors + rendered.outside:
         print(f"  {line}")
 

@@ -4,6 +4,7 @@ whose relative links resolve, and ``mkdocs build --strict`` passes."""
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -98,5 +99,38 @@ def test_mkdocs_build_strict(tmp_path):
         timeout=600,
     )
     assert result.returncode == 0, f"mkdocs build --strict failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
-    assert (tmp_path / "site" / "index.html").exists()
-    assert (tmp_path / "site" / "api" / "geometry" / "index.html").exists()
+    site = tmp_path / "site"
+    assert (site / "index.html").exists()
+    # The site opens from disk: every page is a file (a link to a folder shows a bare listing over file://), no
+    # script comes from the network, and the search index is a script (a page over file:// may not fetch JSON).
+    assert (site / "api" / "geometry.html").exists() and not (site / "api" / "geometry").exists()
+    assert 'href="dashboards.html"' in (site / "index.html").read_text()
+    scripts = {m for page in site.rglob("*.html") for m in re.findall(r'<script src="([^"]+)"', page.read_text())}
+    assert scripts and not [s for s in scripts if s.startswith(("http:", "https:", "//"))]
+    assert (site / "search" / "search_index.js").read_text().startswith("var __index = {")
+    _search_from_disk(site)
+
+
+def _search_from_disk(site: Path) -> None:
+    """Open the built site over file:// in Chromium, follow a link and search it."""
+    pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (pip install playwright)")
+    from playwright.sync_api import Error, sync_playwright
+
+    browser_path = next((p for n in ("chromium", "chromium-browser", "google-chrome") if (p := shutil.which(n))), None)
+    with sync_playwright() as playwright:
+        try:
+            browser = playwright.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+        except Error as error:
+            pytest.skip(f"no browser could be started ({error.message.splitlines()[0]}); .ci/run installs chromium")
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto((site / "index.html").as_uri())
+            page.click("nav.md-nav >> text=Dashboards")
+            page.wait_for_load_state()
+            assert page.url.endswith("/dashboards.html") and page.inner_text("h1").startswith("Dashboards")
+            page.keyboard.press("/")
+            page.keyboard.type("GeometryMonitor")
+            page.wait_for_selector(".md-search-result__item", timeout=30_000)
+            assert "matching document" in page.inner_text(".md-search-result__meta")
+        finally:
+            browser.close()

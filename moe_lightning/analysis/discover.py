@@ -148,6 +148,8 @@ def load_sweep_job(directory: str) -> Run:
         run.note = "; ".join(part for part in run.note.split("; ") if part and not part.startswith(DATA_SEED_NOTE))
     run.family = meta.get("family") or run.family
     run.preset = meta.get("preset")
+    if isinstance(meta.get("wall_s"), (int, float)):
+        run.wall_s = float(meta["wall_s"])  # the job's process, start-up included
     status = meta.get("status", "unknown")
     if status != "done":
         run.status = str(status)

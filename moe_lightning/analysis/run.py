@@ -55,6 +55,9 @@ class Run:
         geometry_dir: the directory holding ``step_<7 digits>.json`` geometry reports, when there is one.
         note: a short explanation shown in the report (e.g. the return code of a failed job).
         capacity_match: a dense run's ``capacity_match`` (``"total"`` or ``"active"``), when its config says.
+        config: the hyperparameters the run recorded (the W&B config, else ``hparams.yaml``).
+        wall_s: the run's wall time in seconds, where its log records one (a sweep job's ``run.json``, the W&B
+            runtime); None otherwise.
     """
 
     path: str
@@ -70,6 +73,7 @@ class Run:
     capacity_match: str | None = None
     config: dict[str, Any] = field(default_factory=dict, repr=False)
     media_keys: set[str] = field(default_factory=set, repr=False)
+    wall_s: float | None = None
 
     @property
     def arm(self) -> str | None:
@@ -156,6 +160,7 @@ def _apply_description(run: Run, directory: str) -> None:
     """Fill routing/seed/family from ``config.yaml`` (LightningCLI), falling back to ``hparams.yaml``."""
     routing, seed, family, capacity = _describe_from_cli_config(read_yaml(os.path.join(directory, "config.yaml")))
     hparams = read_yaml(os.path.join(directory, "hparams.yaml"))
+    run.config = run.config or hparams
     run.capacity_match = run.capacity_match or capacity or capacity_match_of(hparams.get("config"))
     if routing is None and isinstance(hparams.get("config"), dict):
         routing = hparams["config"].get("routing")

@@ -91,6 +91,7 @@ class WandbRunContent:
     exit_code: int | None
     args: list[str] = field(default_factory=list)
     media_keys: set[str] = field(default_factory=set)
+    runtime_s: float | None = None
 
 
 def read_wandb_run(path: str) -> WandbRunContent:
@@ -141,5 +142,7 @@ def read_wandb_run(path: str) -> WandbRunContent:
     step_key = "trainer/global_step" if "trainer/global_step" in frame.columns else "_step"
     frame = frame.dropna(subset=[step_key])
     frame["step"] = frame[step_key].astype(int)
+    runtime = float(frame["_runtime"].max()) if "_runtime" in frame else None  # W&B's seconds since the start
     frame = frame.drop(columns=[c for c in ("_step", "_runtime", "_timestamp", "trainer/global_step") if c in frame])
-    return WandbRunContent(frame.groupby("step").last().sort_index(), config, exit_code, args, media_keys)
+    history = frame.groupby("step").last().sort_index()
+    return WandbRunContent(history, config, exit_code, args, media_keys, runtime if runtime == runtime else None)

@@ -74,6 +74,7 @@ def load_wandb_run(directory: str, segments: list[str] | None = None) -> Run:
         run.status, run.note, run.source = "unreadable", f"{os.path.basename(path)}: {error}", "none"
         return run
     run.history, run.config, run.media_keys = content.history, content.config, content.media_keys
+    run.wall_s = content.runtime_s
     if content.exit_code is None:
         run.status, run.note = "incomplete", "the W&B log has no exit record (still running, or killed)"
     elif content.exit_code != 0:

@@ -6,50 +6,16 @@ from __future__ import annotations
 import math
 import os
 
-import pandas as pd
-
 from moe_lightning.analysis.discover import discover_runs
-from moe_lightning.analysis.run import Run, layer_names
+from moe_lightning.analysis.overview import GEOMETRY_COLUMNS, ROUTER_COLUMN
+from moe_lightning.analysis.overview import first_last as geometry_summary
+from moe_lightning.analysis.run import Run
 from moe_lightning.report import build_report
-
-# (column title, metric key under geometry/<layer>/): the quantities a first look needs.
-GEOMETRY_COLUMNS = (
-    ("sigma_max", "jac_sigma_max/mean"),
-    ("jac_eff_rank", "jac_effective_rank/mean"),
-    ("pca_eff_rank", "pca_hidden_effective_rank/mean"),
-    ("align/chance", "align_ratio"),
-)
-ROUTER_COLUMN = ("load_cv", "load_cv")
-
-
-def _value_near(series: pd.Series, step: int) -> float:
-    """The value logged at ``step`` or the last one before it; the first one after when none came before."""
-    logged = series.dropna()
-    if not len(logged):
-        return math.nan
-    before = logged[logged.index <= step]
-    return float(before.iloc[-1] if len(before) else logged.iloc[0])
-
-
-def geometry_summary(history: pd.DataFrame) -> list[dict[str, object]]:
-    """One row per probed layer and probe (the first and the last), with the ``GEOMETRY_COLUMNS`` and the router's
-    load coefficient of variation at the nearest logged step."""
-    rows: list[dict[str, object]] = []
-    for layer in layer_names(history):
-        probed = history[f"geometry/{layer}/tokens_total"].dropna().index
-        for step in dict.fromkeys((int(probed[0]), int(probed[-1]))):
-            row: dict[str, object] = {"layer": layer, "step": step}
-            for title, key in GEOMETRY_COLUMNS:
-                column = f"geometry/{layer}/{key}"
-                row[title] = float(history.at[step, column]) if column in history.columns else math.nan
-            router = f"router/{layer}/{ROUTER_COLUMN[1]}"
-            row[ROUTER_COLUMN[0]] = _value_near(history[router], step) if router in history.columns else math.nan
-            rows.append(row)
-    return rows
 
 
 def format_summary(rows: list[dict[str, object]]) -> str:
-    """A plain-text table of :func:`geometry_summary`'s rows; a quantity a layer does not have prints as ``-``."""
+    """A plain-text table of the rows of :func:`~moe_lightning.analysis.overview.first_last`; a quantity a layer
+    does not have prints as ``-``."""
     titles = ["layer", "step", *(t for t, _ in GEOMETRY_COLUMNS), ROUTER_COLUMN[0]]
 
     def cell(value: object) -> str:

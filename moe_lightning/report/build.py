@@ -21,9 +21,6 @@ from moe_lightning.report.claims_render import claims_display, claims_table, mul
 from moe_lightning.report.format import markdown_table
 from moe_lightning.report.tables import UNDERSAMPLED_MARK, results_display
 
-# The report's static figures that a run's dashboard also embeds: what its interactive charts do not show.
-DASHBOARD_FIGURES = ("curvature_density.png",)
-
 
 def _runs_frame(runs: list[Run]) -> pd.DataFrame:
     return pd.DataFrame(
@@ -102,34 +99,31 @@ def _write_csv(out_dir: str, frames: dict[str, pd.DataFrame | None]) -> list[str
     return written
 
 
-def _write_dashboard(out_dir: str, run: Run, shown: _Shown, images: dict, notes: dict) -> str:
-    """The page of a single run: its summary and final values, its dashboard, the static figures it lacks."""
-    from moe_lightning.report.dashboard import dashboard_sections, plotly_script
+def _write_dashboard(out_dir: str, run: Run, shown: _Shown) -> str:
+    """The page of a single run (:mod:`moe_lightning.report.run_page`)."""
+    from moe_lightning.report.run_page import write_run_page
 
-    summary = f"{run.label}, {run.family or '?'} model, read from {run.source} logs in {run.path}: {run.status}."
-    static = {name: path for name, path in images.items() if name in DASHBOARD_FIGURES}
+    return write_run_page(out_dir, run, shown.results, shown.caption, page.table_html(_runs_frame([run])))
+
+
+def _write_overview(out_dir: str, runs: list[Run], shown: _Shown, training: pd.DataFrame | None, summary: str) -> str:
+    """The page of several runs: summary, results, claims, the interactive figures and the runs found."""
+    from moe_lightning.report.charts import plotly_script
+    from moe_lightning.report.run_page import runs_settings_block
+    from moe_lightning.report.sweep_charts import interactive_figures
+
+    keys = [c for c in ("family", "arm", "layer", "n seeds") if c in shown.results]
     sections = [
-        ("Summary", page.paragraph(summary)),
-        ("Final values", page.paragraph(shown.caption, "caption") + page.table_html(shown.results)),
-        *dashboard_sections(run),
-        *([("Hessian spectral density", page.figures_html(static, notes))] if static else []),
-        ("Run", page.table_html(_runs_frame([run]))),
-    ]
-    title = f"moe-lightning run: {run.label}"
-    return page.write_page(os.path.join(out_dir, "index.html"), title, sections, head=plotly_script(), contents=True)
-
-
-def _write_overview(out_dir: str, runs: list[Run], shown: _Shown, figures: str, summary: str) -> str:
-    """The page of several runs: summary, results, claims, figures and the runs found."""
-    sections = [
-        ("Summary", page.paragraph(summary)),
-        ("Results", page.paragraph(shown.caption, "caption") + page.table_html(shown.results)),
+        ("Summary", page.paragraph(summary) + runs_settings_block(runs)),
+        ("Results", page.paragraph(shown.caption, "caption") + page.split_tables(shown.results, keys)),
     ]
     if shown.claims is not None:
         text = "".join(page.paragraph(p, "caption") for p in shown.preamble)
-        sections.append(("Claims", text + page.table_html(shown.claims)))
-    sections += [("Figures", figures), ("Runs", page.table_html(_runs_frame(runs)))]
-    return page.write_page(os.path.join(out_dir, "index.html"), "moe-lightning report", sections)
+        claim_keys = [c for c in ("family", "claim", "comparison") if c in shown.claims]
+        sections.append(("Claims", text + page.split_tables(shown.claims, claim_keys, per_table=7)))
+    sections += [("Figures", interactive_figures(runs, training)), ("Runs", page.table_html(_runs_frame(runs)))]
+    path = os.path.join(out_dir, "index.html")
+    return page.write_page(path, "moe-lightning report", sections, head=plotly_script(), contents=True)
 
 
 def _claims(
@@ -147,15 +141,14 @@ def _claims(
 def _figures(
     runs: list[Run], out_dir: str, formats: tuple[str, ...], training: pd.DataFrame | None
 ) -> tuple[dict[str, str | None], dict[str, str]]:
-    """The figures (and the claims over training), for the PNG and HTML formats: ``(images, notes)``."""
-    if "png" not in formats and "html" not in formats:
+    """The PNG figures (and the claims over training), for the PNG format: ``(images, notes)``. The HTML pages draw
+    the same data as interactive charts."""
+    if "png" not in formats:
         return {}, {}
-    # A single run's page is its dashboard, which embeds only some figures: draw those unless PNGs are asked.
-    only = DASHBOARD_FIGURES if len(runs) == 1 and "png" not in formats else None
     # matplotlib and torch (the figures read the saved reports as tensors) load only for the figure formats.
     from moe_lightning.report.figures import claims_over_training_figure, write_figures
 
-    images, notes = write_figures(runs, out_dir, only)
+    images, notes = write_figures(runs, out_dir)
     if training is not None:
         path = claims_over_training_figure(training, os.path.join(out_dir, "claims_over_training.png"))
         images["claims_over_training.png"] = path
@@ -217,12 +210,12 @@ def build_report(
     images, notes = _figures(runs, out_dir, formats, training)
     written.extend(p for p in images.values() if p is not None)
     if "html" in formats and len(runs) == 1:
-        written.append(_write_dashboard(out_dir, runs[0], shown, images, notes))
+        written.append(_write_dashboard(out_dir, runs[0], shown))
     elif "html" in formats:
         done = sum(r.ok for r in runs)
         summary = (
             f"{len(runs)} runs found, {done} finished and used, {len(runs) - done} left out. "
             f"Layer mode: {layer_mode}. C3 threshold: {threshold:g}."
         )
-        written.append(_write_overview(out_dir, runs, shown, page.figures_html(images, notes), summary))
+        written.append(_write_overview(out_dir, runs, shown, training, summary))
     return written

@@ -16,12 +16,12 @@ import math
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
-from plotly.colors import qualitative
-from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
 from moe_lightning.analysis.experts import expert_mean_pca
+from moe_lightning.analysis.overview import constant_value
 from moe_lightning.analysis.run import Run
+from moe_lightning.analysis.steps import GEOMETRY_METRICS
 from moe_lightning.analysis.timeline import (
     Quantity,
     SpectrumEvolution,
@@ -35,45 +35,20 @@ from moe_lightning.analysis.timeline import (
     spectrum_evolution,
 )
 from moe_lightning.report import html as page
+from moe_lightning.report.charts import CHANCE_COLOR, EXPERT_COLORS, chart, small_multiples
+from moe_lightning.report.format import format_number
 
-COLUMNS = 4
-ROW_PX = 200
-EXPERT_COLORS = qualitative.Dark24
-CHANCE_COLOR = "crimson"
-PLOT_CONFIG = {"displaylogo": False, "responsive": True}
+# A quantity's axis title: its name in the results table where it has one, else its key.
+Y_TITLES = {key.removesuffix("/mean"): title for key, title in GEOMETRY_METRICS}
+
 DECADES = 6
 LEGEND = (
-    "Black: the layer's value, or the mean over its experts (grey band: ± the token-level standard deviation "
-    "logged with it, where there is one); thin coloured lines: the experts e0, e1, …; dashed red: the chance level "
-    "(alignment: E|cos| of Gaussian matrices; subspace overlap: r/d; ratios: 1). Drag to zoom, double-click to reset."
+    "Each panel is one quantity of the layer against the training step. Black: the layer's value, or the mean over "
+    "its experts; thin coloured lines: the experts e0, e1, … (legend on the right; click a name to hide it in every "
+    "panel); grey band: ± the token-level standard deviation logged with the quantity, where there is one; dashed "
+    "red: the chance level (alignment: E|cos| of Gaussian matrices; subspace overlap: r/d; ratios: 1). A single "
+    "probe is drawn as points. Drag to zoom, double-click to reset."
 )
-
-
-def plotly_script() -> str:
-    """Plotly's JavaScript, inlined once in the page's ``<head>``."""
-    return f"<script>{get_plotlyjs()}</script>"
-
-
-def _chart(figure: go.Figure, kind: str, layer: str = "") -> str:
-    body = figure.to_html(full_html=False, include_plotlyjs=False, config=PLOT_CONFIG)
-    return f'<div class="chart" data-kind="{kind}" data-layer="{html.escape(layer)}">{body}</div>'
-
-
-def _grid(titles: list[str], columns: int = COLUMNS) -> tuple[go.Figure, int]:
-    rows = max(1, math.ceil(len(titles) / columns))
-    height = rows * ROW_PX + 60
-    figure = make_subplots(
-        rows=rows,
-        cols=columns,
-        subplot_titles=titles,
-        horizontal_spacing=0.05,
-        vertical_spacing=min(0.3, 55 / height) if rows > 1 else 0.1,
-    )
-    figure.update_layout(
-        height=height, showlegend=False, margin={"l": 45, "r": 15, "t": 45, "b": 30}, template="plotly_white"
-    )
-    figure.update_annotations(font_size=11)
-    return figure, columns
 
 
 def _line(series: pd.Series, name: str, **style) -> go.Scatter:
@@ -84,11 +59,16 @@ def _quantity_traces(quantity: Quantity) -> list[go.Scatter]:
     traces = []
     if quantity.spread is not None:
         spread = quantity.spread.reindex(quantity.value.index)
-        band = {"mode": "lines", "line": {"width": 0}, "hoverinfo": "skip", "showlegend": False}
-        traces.append(go.Scatter(x=quantity.value.index, y=quantity.value + spread, **band))
+        band = {"mode": "lines", "line": {"width": 0}, "hoverinfo": "skip"}
+        traces.append(go.Scatter(x=quantity.value.index, y=quantity.value + spread, showlegend=False, **band))
         traces.append(
             go.Scatter(
-                x=quantity.value.index, y=quantity.value - spread, fill="tonexty", fillcolor="rgba(0,0,0,0.12)", **band
+                x=quantity.value.index,
+                y=quantity.value - spread,
+                fill="tonexty",
+                fillcolor="rgba(0,0,0,0.12)",
+                name="± token-level std",
+                **band,
             )
         )
     for index, (expert, series) in enumerate(quantity.experts.items()):
@@ -98,40 +78,35 @@ def _quantity_traces(quantity: Quantity) -> list[go.Scatter]:
     if quantity.chance is not None:
         traces.append(_line(quantity.chance, "chance", line={"width": 1.5, "color": CHANCE_COLOR, "dash": "dash"}))
     for trace in traces:
-        if len(trace.x) == 1 and trace.hoverinfo != "skip":
+        if trace.x is not None and len(trace.x) == 1 and trace.hoverinfo != "skip":
             trace.mode = "markers"  # a single probe is a point, not an invisible line
     return traces
-
-
-def _small_multiples(
-    panels: list[tuple[str, list[go.Scatter]]], kind: str, layer: str = "", log_y: bool = False
-) -> str:
-    figure, columns = _grid([title for title, _ in panels])
-    placed = [(trace, *divmod(index, columns)) for index, (_, traces) in enumerate(panels) for trace in traces]
-    # One add_traces call: adding traces one by one re-validates the whole figure each time.
-    figure.add_traces(
-        [trace for trace, _, _ in placed],
-        rows=[row + 1 for _, row, _ in placed],
-        cols=[column + 1 for _, _, column in placed],
-    )
-    figure.update_xaxes(tickfont_size=9)
-    if log_y:
-        figure.update_yaxes(tickfont_size=9, type="log", exponentformat="power")
-    else:
-        figure.update_yaxes(tickfont_size=9, tickformat=".4~g")
-    return _chart(figure, kind, layer)
 
 
 def _note(text: str) -> str:
     return page.paragraph(text, "note")
 
 
+def _constants(constant: dict[str, float], layer: str = "") -> str:
+    """The one line that lists the series left out because they never changed."""
+    if not constant:
+        return ""
+    listed = ", ".join(f"{name} = {format_number(value)}" for name, value in constant.items())
+    text = f"Constant over the run, not drawn (the value, or the mean over experts that are constant too): {listed}."
+    return f'<p class="constants" data-layer="{html.escape(layer)}">{html.escape(text)}</p>'
+
+
 def _losses(run: Run) -> str:
     curves = loss_curves(run.history)
     if not curves:
         return _note("no train/… or val/… key was logged")
-    panels = [(key, [_line(series, key, line={"width": 1.5, "color": "black"})]) for key, series in curves.items()]
-    return _small_multiples(panels, "loss")
+    constant = {key: v for key, series in curves.items() if (v := constant_value(series)) is not None}
+    panels = [
+        (key, key.split("/", 1)[-1], [_line(series, key, line={"width": 1.5, "color": "black"}, showlegend=False)])
+        for key, series in curves.items()
+        if key not in constant
+    ]
+    return (small_multiples(panels, "loss") if panels else "") + _constants(constant)
 
 
 def _geometry(run: Run, layers: list[str]) -> str:
@@ -140,8 +115,14 @@ def _geometry(run: Run, layers: list[str]) -> str:
     parts = [page.paragraph(LEGEND, "caption")]
     for layer in layers:
         quantities = layer_quantities(run.history, layer)
+        constant = {q.name: v for q in quantities if (v := constant_value(q.value, *q.experts.values())) is not None}
+        panels = [
+            (q.name, Y_TITLES.get(q.name, q.name), _quantity_traces(q)) for q in quantities if q.name not in constant
+        ]
         parts.append(f"<h3>{html.escape(layer)}</h3>")
-        parts.append(_small_multiples([(q.name, _quantity_traces(q)) for q in quantities], "geometry", layer))
+        if panels:
+            parts.append(small_multiples(panels, "geometry", layer))
+        parts.append(_constants(constant, layer))
     return "\n".join(parts)
 
 
@@ -194,12 +175,12 @@ def _spectra(reports: list) -> str:
     for layer, items in evolutions.items():
         panels = _spectrum_panels(items)
         figure = make_subplots(
-            rows=1, cols=len(panels), subplot_titles=[title for title, *_ in panels], horizontal_spacing=0.1
+            rows=1, cols=len(panels), subplot_titles=[title for title, *_ in panels], horizontal_spacing=0.12
         )
         steps = [str(s) for s in items[0].steps]
         for index, (_, logs, values, colours) in enumerate(panels):
             right = figure.get_subplot(1, index + 1).xaxis.domain[1]
-            colours["colorbar"].update(x=right + 0.005, xanchor="left", len=0.9, thickness=12)
+            colours["colorbar"].update(x=right + 0.005, xanchor="left", len=0.9, thickness=12, title={"text": "log10"})
             figure.add_trace(
                 go.Heatmap(
                     z=logs,
@@ -216,7 +197,7 @@ def _spectra(reports: list) -> str:
             figure.update_yaxes(title_text="index i", row=1, col=index + 1)
         figure.update_layout(height=360, margin={"l": 55, "r": 20, "t": 40, "b": 45}, template="plotly_white")
         figure.update_annotations(font_size=12)
-        parts.append(f"<h3>{html.escape(layer)}</h3>" + _chart(figure, "spectrum", layer))
+        parts.append(f"<h3>{html.escape(layer)}</h3>" + chart(figure, "spectrum", layer))
     return "\n".join(parts)
 
 
@@ -255,9 +236,10 @@ def _pca(reports: list) -> str:
                     line={"width": 2, "color": "black"},
                 )
             )
-            panels.append((f"{site} site", traces))
+            panels.append((f"{site} site", "eigenvalue λ_k", traces))
         if panels:
-            parts.append(f"<h3>{html.escape(layer)}</h3>" + _small_multiples(panels, "pca", layer, log_y=True))
+            body = small_multiples(panels, "pca", layer, x_title="component k", log_y=True)
+            parts.append(f"<h3>{html.escape(layer)}</h3>" + body)
     if not parts:
         return _note("no saved report holds PCA eigenvalues")
     caption = f"Eigenvalues λ_k of the weighted covariance at step {step} (black: the Σw-weighted expert mean)."
@@ -289,7 +271,7 @@ def _router(run: Run) -> str:
             margin={"l": 55, "r": 20, "t": 45, "b": 45},
             template="plotly_white",
         )
-        parts.append(_chart(figure, "router", layer))
+        parts.append(chart(figure, "router", layer))
     return "\n".join(parts)
 
 
@@ -302,7 +284,9 @@ def _matrices(reports: list) -> str:
         keys = list(dict.fromkeys(key for key, _, _ in items))
         steps = list(dict.fromkeys(step for _, step, _ in items))
         titles = [f"{key}, step {step}" for step in steps for key in keys]
-        figure = make_subplots(rows=len(steps), cols=len(keys), subplot_titles=titles, vertical_spacing=0.12)
+        figure = make_subplots(
+            rows=len(steps), cols=len(keys), subplot_titles=titles, vertical_spacing=0.15, horizontal_spacing=0.06
+        )
         for key, step, matrix in items:
             figure.add_trace(
                 go.Heatmap(
@@ -313,15 +297,16 @@ def _matrices(reports: list) -> str:
                 row=steps.index(step) + 1,
                 col=keys.index(key) + 1,
             )
-        figure.update_yaxes(autorange="reversed")
+        figure.update_yaxes(autorange="reversed", title_text="expert i", title_font_size=10)
+        figure.update_xaxes(title_text="expert j", title_font_size=10)
         figure.update_layout(
-            coloraxis={"colorscale": "Viridis", "cmin": 0.0, "cmax": 1.0},
+            coloraxis={"colorscale": "Viridis", "cmin": 0.0, "cmax": 1.0, "colorbar": {"title": {"text": "value"}}},
             height=300 * len(steps) + 60,
             margin={"l": 40, "r": 20, "t": 45, "b": 30},
             template="plotly_white",
         )
         figure.update_annotations(font_size=11)
-        parts.append(f"<h3>{html.escape(layer)}</h3>" + _chart(figure, "matrices", layer))
+        parts.append(f"<h3>{html.escape(layer)}</h3>" + chart(figure, "matrices", layer))
     return "\n".join(parts)
 
 
@@ -337,12 +322,15 @@ def _curvature(run: Run) -> str | None:
         ]
         for trace in styled:
             trace.mode = "lines+markers"
-        traces.append((title.removeprefix("curvature/"), styled))
-    return _small_multiples(traces, "curvature")
+            trace.showlegend = len(styled) > 1  # a panel's one line is named by its title
+        name = title.removeprefix("curvature/")
+        traces.append((name, name, styled))
+    return small_multiples(traces, "curvature")
 
 
 def dashboard_sections(run: Run) -> list[tuple[str, str]]:
-    """The ``(heading, HTML)`` sections of the run's dashboard (the page needs :func:`plotly_script` in its head)."""
+    """The ``(heading, HTML)`` sections of the run's dashboard (the page needs
+    :func:`~moe_lightning.report.charts.plotly_script` in its head)."""
     if run.history is None:
         return [("Dashboard", _note(f"the run's history could not be read: {run.note}"))]
     layers = geometry_layers(run)

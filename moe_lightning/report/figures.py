@@ -82,8 +82,8 @@ class FigureData:
         return os.path.join(self.out_dir, name)
 
 
-def spectra_figure(data: FigureData) -> str | None:
-    """Mean expert-Jacobian spectrum per layer at the final probe step, one line per routing."""
+def spectra_panels(data: FigureData) -> list[tuple[str, dict[str, list[np.ndarray]]]]:
+    """Mean expert-Jacobian spectrum per layer at the final probe step, one series per routing."""
     panels = []
     for layer in data.shown_layers:
         series = {
@@ -93,6 +93,12 @@ def spectra_figure(data: FigureData) -> str | None:
         series = {k: v for k, v in series.items() if v}
         if series:
             panels.append((layer, series))
+    return panels
+
+
+def spectra_figure(data: FigureData) -> str | None:
+    """Mean expert-Jacobian spectrum per layer at the final probe step, one line per routing."""
+    panels = spectra_panels(data)
     if not panels:
         return None
     return plots.plot_spectrum_panels(
@@ -104,8 +110,8 @@ def spectra_figure(data: FigureData) -> str | None:
     )
 
 
-def curves_figure(data: FigureData) -> str | None:
-    """σ_max and the Jacobian effective rank over training, averaged over layers."""
+def curves_panels(data: FigureData) -> list[tuple[str, str, dict[str, list[pd.Series]]]]:
+    """σ_max and the Jacobian effective rank over training, averaged over layers, per run of each routing."""
     panels = []
     for key, title, ylabel in (
         ("jac_sigma_max/mean", "σ_max (expert mean), mean over layers", "σ_max"),
@@ -120,6 +126,12 @@ def curves_figure(data: FigureData) -> str | None:
                     series.setdefault(label, []).append(run.history[columns].mean(axis=1, skipna=True).dropna())
         if series:
             panels.append((title, ylabel, series))
+    return panels
+
+
+def curves_figure(data: FigureData) -> str | None:
+    """σ_max and the Jacobian effective rank over training, averaged over layers."""
+    panels = curves_panels(data)
     if not panels:
         return None
     return plots.plot_curve_panels(
@@ -127,7 +139,7 @@ def curves_figure(data: FigureData) -> str | None:
     )
 
 
-def alignment_figure(data: FigureData) -> str | None:
+def alignment_items(data: FigureData) -> list[tuple[str, np.ndarray]]:
     """The mean-Jacobian alignment matrix of each routing and layer, from the lowest seed that has it."""
     items = []
     for label, entries in data.finals.items():
@@ -138,6 +150,12 @@ def alignment_figure(data: FigureData) -> str | None:
                     title = alignment_title(f"{label}, {layer}, seed {seed}", report)
                     items.append((title, report.matrices["align_mean_jacobian"].double().numpy()))
                     break
+    return items
+
+
+def alignment_figure(data: FigureData) -> str | None:
+    """The mean-Jacobian alignment matrix of each routing and layer, from the lowest seed that has it."""
+    items = alignment_items(data)
     if not items:
         return None
     return plots.plot_heatmaps(
@@ -147,8 +165,8 @@ def alignment_figure(data: FigureData) -> str | None:
     )
 
 
-def pca_figure(data: FigureData) -> str | None:
-    """Weighted PCA eigenvalues of the plotted sites at the final probe step."""
+def pca_panels(data: FigureData) -> list[tuple[str, dict[str, list[np.ndarray]]]]:
+    """Weighted PCA eigenvalues of the plotted sites at the final probe step, one series per routing."""
     panels = []
     for site in PLOTTED_PCA_SITES:
         for layer in data.layers[:MAX_PCA_LAYERS]:
@@ -161,6 +179,12 @@ def pca_figure(data: FigureData) -> str | None:
             series = {k: v for k, v in series.items() if v}
             if series:
                 panels.append((f"{site} site, {layer}", series))
+    return panels
+
+
+def pca_figure(data: FigureData) -> str | None:
+    """Weighted PCA eigenvalues of the plotted sites at the final probe step."""
+    panels = pca_panels(data)
     if not panels:
         return None
     return plots.plot_spectrum_panels(
@@ -173,7 +197,7 @@ def pca_figure(data: FigureData) -> str | None:
     )
 
 
-def router_load_figure(data: FigureData) -> str | None:
+def router_load_panels(data: FigureData) -> list[tuple[str, pd.DataFrame]]:
     """Each expert's share of the routed assignments over training, one seed per routing (expert identities
     differ between seeds)."""
     panels = []
@@ -193,6 +217,12 @@ def router_load_figure(data: FigureData) -> str | None:
             frame.columns = [c.rsplit("/", 1)[1] for c in columns]
             if not frame.empty:
                 panels.append((f"{label}, {prefix.split('/', 1)[1]}, seed {run.seed}", frame))
+    return panels
+
+
+def router_load_figure(data: FigureData) -> str | None:
+    """Each expert's share of the routed assignments over training, one seed per routing."""
+    panels = router_load_panels(data)
     if not panels:
         return None
     return plots.plot_router_load(
@@ -218,13 +248,19 @@ def curvature_densities(run: Run, prefix: str = "curvature") -> list[tuple[int, 
     return [found[step] for step in sorted(found)]
 
 
-def curvature_density_figure(data: FigureData) -> str | None:
+def curvature_density_panels(data: FigureData) -> list[tuple[str, list[tuple[int, np.ndarray, np.ndarray]]]]:
     """The whole-model Hessian spectral density at every saved step, one panel per routing (its first seed)."""
     panels = []
     for label, members in data.groups.items():
         series = next((s for s in (curvature_densities(run) for run in members) if s), None)
         if series:
             panels.append((f"{label}, seed {members[0].seed}", series))
+    return panels
+
+
+def curvature_density_figure(data: FigureData) -> str | None:
+    """The whole-model Hessian spectral density at every saved step, one panel per routing (its first seed)."""
+    panels = curvature_density_panels(data)
     if not panels:
         return None
     return plots.plot_density_panels(

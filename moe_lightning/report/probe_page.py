@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import html
 import math
 import os
 from typing import Any
@@ -11,12 +12,30 @@ import pandas as pd
 
 from moe_lightning.analysis.experts import expert_mean_pca, expert_mean_spectrum, layer_metrics
 from moe_lightning.analysis.steps import GEOMETRY_METRICS
+from moe_lightning.report import charts, plots
 from moe_lightning.report import html as page
-from moe_lightning.report import plots
 from moe_lightning.report.format import format_number, markdown_table
 
 # The PCA sites the figures show (a subset of moe_lightning.geometry.probe.PCA_SITES).
 PLOTTED_PCA_SITES = ("hidden", "input")
+# File name of each figure -> (heading, caption) of its chart on the page.
+PROBE_TITLES = {
+    "spectra.png": (
+        "Expert-Jacobian spectrum of each layer",
+        "Singular values σ_i of the experts' mean Jacobian (experts weighted by their gate mass Σw) against the "
+        "index i, log-log, one line per layer.",
+    ),
+    "alignment.png": (
+        "Mean-Jacobian alignment between experts",
+        "|cos(J̄_i, J̄_j)| between the experts' mean Jacobians of each layer, with the off-diagonal mean and the "
+        "chance level (E|cos| of Gaussian matrices) in each title.",
+    ),
+    "pca_spectra.png": (
+        "PCA eigenvalues of the routed tokens",
+        "Eigenvalues λ_k of the weighted covariance at the hidden and the input site (expert mean, Σw-weighted), "
+        "log-log, one line per layer.",
+    ),
+}
 
 
 def alignment_title(label: str, report: Any) -> str:
@@ -49,11 +68,39 @@ def render_probe(layers: dict[str, Any], out_dir: str, title: str) -> list[str]:
     images, notes = _probe_figures(layers, out_dir, title)
     written += [p for p in images.values() if p is not None]
     sections = [
-        ("Layers", page.table_html(display.copy())),
-        ("Figures", page.figures_html(images, notes)),
+        ("Layers", page.split_tables(display.copy(), ["layer"], per_table=6)),
+        ("Figures", _charts(layers, notes)),
     ]
-    written.append(page.write_page(os.path.join(out_dir, "index.html"), title, sections))
+    path = os.path.join(out_dir, "index.html")
+    written.append(page.write_page(path, title, sections, head=charts.plotly_script(), contents=True))
     return written
+
+
+def _charts(layers: dict[str, Any], notes: dict[str, str]) -> str:
+    """The page's interactive charts of the figures' data, each under a heading that says what it shows, or the
+    note saying why it is missing."""
+    spectra = {name: [s] for name, r in layers.items() if (s := expert_mean_spectrum(r)) is not None}
+    heatmaps = [
+        (alignment_title(name, r), r.matrices["align_mean_jacobian"].double().numpy())
+        for name, r in layers.items()
+        if r.num_experts > 1 and "align_mean_jacobian" in r.matrices
+    ]
+    pca = [
+        (f"{site} site", series)
+        for site in PLOTTED_PCA_SITES
+        if (series := {name: [v] for name, r in layers.items() if (v := expert_mean_pca(r, site)) is not None})
+    ]
+    drawn = {
+        "spectra.png": spectra and charts.spectrum_chart([("expert mean", spectra)], "spectra", "σ_i"),
+        "alignment.png": heatmaps and charts.heatmap_chart(heatmaps, "alignment"),
+        "pca_spectra.png": pca and charts.spectrum_chart(pca, "pca", "eigenvalue λ_k", x_title="component k"),
+    }
+    parts = []
+    for name, body in drawn.items():
+        heading, caption = PROBE_TITLES[name]
+        note = page.paragraph(f"not drawn: {notes.get(name, 'no data')}", "note")
+        parts.append(f"<h3>{html.escape(heading)}</h3>" + page.paragraph(caption, "caption") + (body or note))
+    return "\n".join(parts)
 
 
 def _write_tables(layers: dict[str, Any], out_dir: str, title: str) -> tuple[pd.DataFrame, list[str]]:

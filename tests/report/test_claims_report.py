@@ -190,7 +190,9 @@ def test_old_runs_without_replicates_or_active_control(tmp_path):
     height, width = matplotlib.image.imread(figure).shape[:2]
     assert height > 400 and width > 1000  # 7 panels, 4 to a row
     page = (tmp_path / "report" / "index.html").read_text()
-    assert "<h3>claims_over_training.png</h3>\n<img" in page and page.count("<table") == 3
+    assert page.count("<h3>Claims over training</h3>") == page.count('<div class="chart" data-kind="claims"') == 1
+    sections = {part.split(">", 1)[1].split("</h2>")[0]: part for part in page.split("<h2 ")[1:]}
+    assert all("<table" in sections[name] for name in ("Summary", "Results", "Claims", "Runs"))
 
 
 def test_single_run_report_has_no_claims_table(tmp_path):

@@ -168,6 +168,59 @@ def test_dashboard_renders_in_a_headless_browser(dashboard, logged_run, tmp_path
     assert ink > 0.05 and not math.isclose(float(image.std()), 0.0)
 
 
+# What the page shows as text: the settings block, the constants line, the section headings.
+PAGE_TEXT_JS = """() => ({
+  config: Object.fromEntries([...document.querySelectorAll('table.config td.key')]
+      .map(td => [td.textContent, td.nextElementSibling.textContent])),
+  constants: [...document.querySelectorAll('p.constants')].map(p => [p.dataset.layer, p.textContent]),
+  marks: [...document.querySelectorAll('dl.marks dt')].map(dt => dt.textContent),
+  titles: Object.fromEntries([...document.querySelectorAll('div.chart[data-kind="geometry"] .js-plotly-plot')]
+      .map(p => [p.parentElement.parentElement.dataset.layer, p.layout.annotations.map(a => a.text)])),
+})"""
+
+
+def test_run_page_in_chromium_at_1400_px(dashboard, logged_run, tmp_path):
+    """The run page as a reader sees it: the run's settings, labelled axes, a legend of the experts, no panel of a
+    series that never changed, every mark explained, and nothing wider than a 1400 px window."""
+    pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (pip install playwright)")
+    screenshot = load_script(ROOT / "scripts" / "dashboard_screenshot.py")
+    try:
+        rendered = screenshot.render(dashboard, tmp_path / "page.png", width=1400, max_height=10, extract=PAGE_TEXT_JS)
+    except RuntimeError as error:
+        pytest.skip(f"no browser could be started ({error}); .ci/run installs the Debian package chromium")
+    page, layout = rendered.traces, rendered.layout
+    assert rendered.errors == []
+    # The settings, as the run's hparams.yaml and the trainer config of conftest.LOGGED say.
+    config = page["config"]
+    assert (config["routing"], config["experts"], config["experts per token (k)"]) == ("topk", "4", "2")
+    assert (config["learning rate"], config["seed"], config["last logged step"]) == ("0.002", "0", "20")
+    assert config["max_steps / max_epochs"].startswith("20 /")
+    assert config["wall time"].startswith("not recorded")  # a CSV log keeps no clock
+    # Every axis that holds a trace has a title; the geometry charts have a legend naming the experts.
+    assert layout["untitled"] == []
+    legends = {(kind, layer): names for kind, layer, names in layout["legends"]}
+    for layer in LAYERS:
+        assert {"e0", "e1", "e2", "e3", "mean", "chance", "± token-level std"} <= set(legends["geometry", layer])
+    # tokens_total is the probe set's size, 64 at every probe: listed once, not drawn.
+    raw = raw_csv(logged_run)
+    for layer in LAYERS:
+        assert set(logged(raw, f"geometry/{layer}/tokens_total")) == {64.0}
+        assert "tokens_total" not in page["titles"][layer] and "jac_sigma_max" in page["titles"][layer]
+    constants = {layer: line for layer, line in page["constants"]}
+    assert all("tokens_total = 64" in constants[layer] for layer in LAYERS)
+    for layer in LAYERS:  # a geometry panel is drawn when its value or one of its experts changes, else listed
+        prefix = f"geometry/{layer}/"
+        stems = {c[len(prefix) :].split("/")[0] for c in raw.columns if c.startswith(prefix)}
+        for stem in stems - {"align_chance", "subspace_overlap_chance"} - {s for s in stems if s.endswith("_std")}:
+            columns = [c for c in raw.columns if c == prefix + stem or c.startswith(prefix + stem + "/")]
+            changes = any(logged(raw, c).nunique() > 1 for c in columns)
+            listed = f" {stem} = " in constants[layer].replace(":", ",").replace(",", " ,")
+            assert (stem in page["titles"][layer], listed) == (changes, not changes), stem
+    assert {"†u/n", "n/a", "grey band", "dashed red line"} <= set(page["marks"])
+    # Nothing scrolls sideways at 1400 px: not the page, not a table.
+    assert layout["width"] <= layout["window"] == 1400 and layout["wide"] == []
+
+
 def test_a_tensorboard_log_directory_is_a_run(tmp_path):
     """TensorBoard's own writer (the one Lightning's TensorBoardLogger uses) as the reference."""
     from torch.utils.tensorboard import SummaryWriter

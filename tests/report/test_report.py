@@ -179,10 +179,57 @@ def test_figures_and_html(trained_sweep, report):
         height, width = matplotlib.image.imread(path).shape[:2]
         assert height > 200 and width > 300, name
     page = (report / "index.html").read_text()
-    assert page.count('src="data:image/png;base64,') == len(FIGURES_WITH_CLAIMS)
-    assert page.count("<table") == 3  # results, claims, runs
+    # The page draws the same figures as interactive charts, with Plotly inlined (nothing to fetch), not the PNGs.
+    kinds = ("spectra", "curves", "alignment", "pca", "router", "claims")
+    assert [page.count(f'<div class="chart" data-kind="{kind}"') for kind in kinds] == [1] * len(kinds)
+    body = page.split("</head>", 1)[1]  # Plotly's inlined script, in the head, holds such strings itself
+    assert "<img" not in body and 'src="http' not in page
+    assert page.count('<table class="config">') == 1
+    assert page.count("<table") >= 4  # settings, results (split to fit the page), claims, runs
     assert html.escape(DECISION_RULE) in page
     assert str(trained_sweep / "topk-seed2") in page and ">failed<" in page and ">running<" in page
+
+
+SWEEP_PAGE_JS = """() => ({
+  config: Object.fromEntries([...document.querySelectorAll('table.config td.key')]
+      .map(td => [td.textContent, td.nextElementSibling.textContent])),
+  headings: [...document.querySelectorAll('h3')].map(h => h.textContent),
+})"""
+
+
+def test_sweep_page_in_chromium_at_1400_px(report, tmp_path):
+    """The page of several runs as a reader sees it: the runs' settings, every figure an interactive chart under a
+    heading that says what it shows, labelled axes, legends, and nothing wider than a 1400 px window."""
+    pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (pip install playwright)")
+    from helpers import load_script
+
+    screenshot = load_script(ROOT / "scripts" / "dashboard_screenshot.py")
+    try:
+        rendered = screenshot.render(report / "index.html", tmp_path / "page.png", max_height=10, extract=SWEEP_PAGE_JS)
+    except RuntimeError as error:
+        pytest.skip(f"no browser could be started ({error}); .ci/run installs the Debian package chromium")
+    assert rendered.errors == [] and rendered.outside == []
+    config = rendered.traces["config"]
+    # The finished runs (the running soft-seed3 is left out) of the TINY config: 4 experts, top-2, 20 steps.
+    assert config["routing"] == "dense / topk / soft" and config["seed"] == "0 / 1"
+    assert config["experts"] == "1 (dense FFN) / 4" and config["last logged step"] == "20"
+    assert config["wall time per run"] == "1 s"  # run.json's wall_s of every job
+    headings = rendered.traces["headings"]
+    assert len(headings) == 6 and not any(h.endswith(".png") for h in headings)
+    assert {kind for kind, _, n in rendered.charts if n > 0} == {
+        "spectra",
+        "curves",
+        "alignment",
+        "pca",
+        "router",
+        "claims",
+    }
+    layout = rendered.layout
+    assert layout["untitled"] == []
+    legends = {kind: names for kind, _, names in layout["legends"]}
+    assert {"dense_total (2 seeds)", "topk (2 seeds)", "soft (2 seeds)"} <= set(legends["curves"])
+    assert {"e0", "e3", "uniform 1/E"} <= set(legends["router"])
+    assert layout["width"] <= layout["window"] == 1400 and layout["wide"] == []
 
 
 def test_layer_mode_each(trained_sweep, tmp_path):
@@ -214,7 +261,10 @@ def test_render_probe(trained_sweep, tmp_path):
             np.testing.assert_allclose(table.loc[name, key], scalars[f"g/{key}"], rtol=1e-12)
     assert np.isnan(table.loc["dense", "align_mean_offdiag"])
     assert table.loc["topk", "align_mean_offdiag"] == pytest.approx(layers["topk"].layer["align_mean_offdiag"])
-    assert (tmp_path / "probe" / "index.html").read_text().count("data:image/png;base64,") == 3
+    page = (tmp_path / "probe" / "index.html").read_text()
+    for kind in ("spectra", "alignment", "pca"):  # the figures' data as interactive charts
+        assert page.count(f'<div class="chart" data-kind="{kind}"') == 1, kind
+    assert "not drawn" not in page
     with pytest.raises(ValueError, match="layers is empty"):
         render_probe({}, str(tmp_path), "none")
 
@@ -330,7 +380,9 @@ def test_report_of_a_real_sweep(tmp_path, monkeypatch, tiny_config):
         per_seed = [direct_final(root / f"{routing}-seed{s}", "jac_sigma_max/mean") for s in SEEDS]
         row = results[results["routing"] == routing].iloc[0]
         np.testing.assert_allclose(row["jac_sigma_max/mean:mean"], np.mean(per_seed), rtol=1e-12)
-    assert (root / "report" / "index.html").read_text().count("data:image/png;base64,") == len(FIGURES_WITH_CLAIMS)
+    page = (root / "report" / "index.html").read_text()
+    assert [name for name in FIGURES_WITH_CLAIMS if not (root / "report" / name).is_file()] == []
+    assert page.count('<div class="chart" data-kind=') == len(FIGURES_WITH_CLAIMS) and "not drawn" not in page
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -380,4 +432,4 @@ def test_report_draws_the_density_of_a_run_with_curvature_monitor(tmp_path, monk
     assert str(tmp_path / "report" / "curvature_density.png") in written
     image = matplotlib.image.imread(tmp_path / "report" / "curvature_density.png")
     assert image.shape[0] > 100 and image.std() > 0  # a drawn figure, not an empty canvas
-    assert "curvature_density.png" in (tmp_path / "report" / "index.html").read_text()
+    assert '<div class="chart" data-kind="curvature_density"' in (tmp_path / "report" / "index.html").read_text()
