@@ -303,7 +303,7 @@ def test_curvature_monitor_matches_exact_hessian(tmp_path, routing):
     top = logged(rows, "curvature/hessian_top_eigenvalue")
     trace = logged(rows, "curvature/hessian_trace")
     std_error = logged(rows, "curvature/hessian_trace_std_error")
-    assert set(top) == {0} and monitor.computed_steps == [0]
+    assert set(top) == {0, 2} and monitor.computed_steps == [0, 2]  # fit start and the end of training
     assert top[0] == pytest.approx(dominant, rel=1e-3)
     assert abs(trace[0] - np.trace(H)) < 4 * std_error[0] + 1e-4
     assert logged(rows, "curvature/hessian_trace_samples")[0] == 60
@@ -395,10 +395,15 @@ def test_failing_probe_warns_and_training_finishes(tmp_path, monkeypatch):
     with pytest.warns(UserWarning) as caught:
         fit.fit(module, Data())
     assert fit.global_step == 4
-    # every probe of every layer failed: one warning says so, naming the first
+    # every probe of every layer failed: one warning says so, naming the first; at the end of training one more
+    # says that the run holds no values of the layer
     ours = [str(w.message) for w in caught if str(w.message).startswith("GeometryMonitor")]
-    assert len(ours) == 1, ours
+    assert len(ours) == 2, ours
     assert "the probe failed: RuntimeError('probe exploded'); no values of 'blocks.0.ffn'" in ours[0]
+    assert ours[1] == (
+        "GeometryMonitor: training ended at step 4, but no values of 'blocks.0.ffn' were logged at all (the probe at "
+        "step 4 logged nothing for them); the run's final values do not describe the trained model"
+    )
     rows = read_metrics(tmp_path)
     assert not any(k.startswith("geometry/") for k in rows[0])
     assert logged(rows, "train/loss")  # training logged as usual
