@@ -43,11 +43,13 @@ class Schedule:
         return self.at_fit_end and step not in self.done
 
 
-def warn_if_stale(owner: str, last_values: dict[str, int | None], end: int, schedule: Schedule) -> None:
+def warn_if_stale(
+    owner: str, last_values: dict[str, int | None], end: int, schedule: Schedule, what: str = "probe"
+) -> None:
     """Warn (rank zero) when training ended at step ``end`` and the last values of an entry of ``last_values``
     (``name -> the step of its last logged values``, None for never) lie far from it
     (:func:`~moe_lightning.common.final_probe.stale_final_probe`): the run's final values then describe an earlier
-    model."""
+    model. ``what`` names one measurement in the warning."""
     stale = {name: step for name, step in last_values.items() if stale_final_probe(step, end)}
     if not stale:
         return
@@ -61,7 +63,7 @@ def warn_if_stale(owner: str, last_values: dict[str, int | None], end: int, sche
         ),
         *([f"no values of {never} were logged at all"] if never else []),
     ]
-    why = f"the probe at step {end} logged nothing for them" if end in schedule.done else "at_fit_end=False"
+    why = f"the {what} at step {end} logged nothing for them" if end in schedule.done else "at_fit_end=False"
     rank_zero_warn(
         f"{owner}: training ended at step {end}, but {'; '.join(found)} ({why}); the run's final values do not "
         "describe the trained model"

@@ -219,7 +219,7 @@ class CurvatureMonitor(PublishingCallback):
             return
         if self.schedule.at_end(step):
             self.compute(trainer, pl_module, step)
-        warn_if_stale("CurvatureMonitor", {"the curvature": self.logged_step}, step, self.schedule)
+        warn_if_stale("CurvatureMonitor", {"curvature": self.logged_step}, step, self.schedule, "computation")
 
     def _parameter_sets(self, pl_module: LightningModule) -> dict[str, list[Tensor]]:
         """``{metric prefix: parameters}``: all trainable parameters, then each group's."""

@@ -146,10 +146,11 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     out = tmp_path / "ddp.json"
     run_test_script("ddp_curvature.py", out, tmp_path)
     data = json.loads(out.read_text())
-    assert data["world_size"] == 2 and data["steps"] == [0]
+    assert data["world_size"] == 2 and data["steps"] == [0, 1]  # fit start and the end of training
     assert data["shard_rows"] == [16, 16] and data["shards_differ"]  # each rank probed its own shard
-    ddp, single = data["ddp"], data["single"]
-    assert ddp.keys() == single.keys() and "curvature/router/hessian_trace" in ddp and len(ddp) > 20
-    for key, value in single.items():
-        assert ddp[key] == pytest.approx(value, rel=1e-10, abs=1e-13), key
+    for ddp, single in ((data["ddp_first"], data["single_first"]), (data["ddp"], data["single"])):
+        assert ddp.keys() == single.keys() and "curvature/router/hessian_trace" in ddp and len(ddp) > 20
+        for key, value in single.items():
+            assert ddp[key] == pytest.approx(value, rel=1e-10, abs=1e-13), key
+    assert data["ddp_first"] != data["ddp"]  # one training step apart
     np.testing.assert_allclose(data["ddp_density"], data["single_density"], rtol=1e-9, atol=1e-12)
