@@ -294,7 +294,7 @@ class CurvatureMonitor(PublishingCallback):
 
     def _quantity(self, notes: list[str], prefix: str, what: str, fn: Callable, *args: Any) -> dict[str, Any]:
         """``fn(prefix, *args)``, or nothing and a note for the warning when its products hold NaN/Inf (training
-        goes on; the values that are not finite are left out); any other error goes up to :meth:`compute`, which
+        goes on; none of its values are logged then); any other error goes up to :meth:`compute`, which
         agrees on it over the ranks."""
         try:
             out = fn(prefix, *args)
@@ -304,8 +304,9 @@ class CurvatureMonitor(PublishingCallback):
         # a NaN standard error only says too few samples were drawn; the values themselves must be finite
         bad = [k for k, v in out.items() if isinstance(v, float) and not math.isfinite(v) and "std_error" not in k]
         if bad:
-            notes.append(f"CurvatureMonitor: {prefix} {what} is not finite ({bad}); those values are not logged")
-        return {k: v for k, v in out.items() if k not in bad}
+            notes.append(f"CurvatureMonitor: {prefix} {what} is not finite ({bad}); it is not logged")
+            return {}
+        return out
 
     def _eigen_metrics(self, p: str, loss: Callable, params: list[Tensor], reduce: dict) -> dict[str, float]:
         which = "both" if self.both_ends else "largest"

@@ -139,6 +139,10 @@ def test_nan_loss_warns_and_training_finishes(tmp_path):
         fit.fit(module, Data(n=32, batch_size=16))
     assert fit.global_step == 3
     assert all(torch.isfinite(p).all() for p in module.parameters())
+    # values that cannot be trusted are left out rather than logged as NaN
+    rows = read_metrics(tmp_path)
+    curvature = [float(r[k]) for r in rows for k in r if k.startswith("curvature/") and r[k] not in (None, "")]
+    assert all(math.isfinite(v) for v in curvature), curvature
 
 
 @pytest.mark.integration  # two gloo processes

@@ -414,9 +414,14 @@ def test_nan_probe_tokens_are_counted_and_training_finishes(tmp_path):
     val_x[[1, 5, 6], 2] = float("nan")
     module = geometry_module()
     fit = trainer(tmp_path, [GeometryMonitor(every_n_steps=2, max_tokens=16, layer_jacobian=False)], max_steps=4)
-    with pytest.warns(UserWarning, match="NaN/Inf"):
+    with pytest.warns(UserWarning, match="NaN/Inf") as caught:
         fit.fit(module, Data(val_x=val_x))
     assert fit.global_step == 4
+    # named as the probe set's, once for the run (every probe drops the same tokens)
+    assert [str(w.message) for w in caught if "probe tokens" in str(w.message)] == [
+        "GeometryMonitor: 3 of 16 probe tokens reach 'blocks.0.ffn' with NaN/Inf inputs or gates at step 0 (the "
+        "probe set itself holds NaN/Inf); they are left out and counted in geometry/<layer>/nonfinite_tokens"
+    ]
     rows = read_metrics(tmp_path)
     nonfinite = logged(rows, "geometry/blocks.0.ffn/nonfinite_tokens")
     assert sorted(nonfinite) == [0, 2, 4]
