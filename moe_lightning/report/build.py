@@ -205,14 +205,16 @@ def build_report(
     values = seed_values(runs, layer_mode)
     results = results_table(values)
     claims, training = _claims(runs, values, layer_mode, threshold)
-    stale = stale_final_values(runs)
-    for line in stale:
+    # runs whose final values describe an earlier model than the trained one: said on the terminal and in the tables
+    stale = []
+    for line in stale_final_values(runs):
         warnings.warn(f"moe-lightning report: {line}", stacklevel=2)
+        stale.append(f"Warning: {line}.")
     shown = _Shown(
-        _caption(layer_mode) + "".join(f" Warning: {line}." for line in stale),
+        " ".join([_caption(layer_mode), *stale]),
         results_display(results),
         None if claims is None else claims_display(claims),
-        [] if claims is None else _claims_preamble(claims, threshold),
+        [] if claims is None else [*_claims_preamble(claims, threshold), *stale],
     )
     written: list[str] = []
     if "md" in formats:
