@@ -73,17 +73,17 @@ class LayerIncidents:
             self.open[(layer, kind)] = step
             rank_zero_warn(f"{self.owner}: {message}")
 
-    def _end(self, layer: str, kind: str, step: int, message: str) -> None:
+    def _end(self, layer: str, kind: str, step: int, finite: str, consequence: str) -> None:
         since = self.open.pop((layer, kind), None)
         if since is not None:
-            rank_zero_warn(f"{self.owner}: {message} at step {step} (NaN/Inf since step {since}); {self._logged}")
-
-    _logged = "its values are logged again"
+            rank_zero_warn(f"{self.owner}: {finite} at step {step} (NaN/Inf since step {since}); {consequence}")
 
     def weights(self, layer: str, step: int, names: list[str]) -> None:
         """Record the probe of ``layer`` at ``step``: ``names`` are its weights that hold NaN/Inf (none: finite)."""
         if not names:
-            self._end(layer, _WEIGHTS, step, f"the weights of {layer!r} are finite again")
+            self._end(
+                layer, _WEIGHTS, step, f"the weights of {layer!r} are finite again", "its values are logged again"
+            )
             return
         shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
         self._begin(
@@ -99,7 +99,8 @@ class LayerIncidents:
         gates and were left out, ``kept`` were probed."""
         if not dropped:
             for kind in (_INPUTS, _ALL_INPUTS):
-                self._end(layer, kind, step, f"the probe tokens reach {layer!r} with finite inputs again")
+                finite = f"the probe tokens reach {layer!r} with finite inputs again"
+                self._end(layer, kind, step, finite, "every one of them is probed again")
             return
         source = (
             "the probe set itself holds NaN/Inf"

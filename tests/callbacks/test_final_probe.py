@@ -20,6 +20,7 @@ from moe_lightning.analysis.discover import discover_runs
 from moe_lightning.analysis.results import results_table, seed_values
 from moe_lightning.analysis.steps import stale_final_values
 from moe_lightning.callbacks import CurvatureMonitor, GeometryMonitor
+from moe_lightning.callbacks._health import LayerIncidents
 from moe_lightning.data import SyntheticMoEDataModule
 from moe_lightning.geometry import probe
 from moe_lightning.lightning.modules import MLPMoEModule
@@ -172,3 +173,18 @@ def test_nan_inputs_from_the_model_before_a_layer_are_not_blamed_on_its_weights_
         "describe the trained model",
     ]
     assert sorted(logged(read_metrics(tmp_path), SIGMA)) == [0, 2]
+
+
+def test_nan_inputs_are_warned_about_once_until_they_end():
+    incidents = LayerIncidents("GeometryMonitor")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step, dropped in ((1, 0), (2, 3), (3, 3), (4, 0), (5, 0)):
+            incidents.inputs("ffn", step, dropped=dropped, kept=16 - dropped, probe_set_finite=True)
+    assert [str(w.message) for w in caught] == [
+        "GeometryMonitor: 3 of 16 probe tokens reach 'ffn' with NaN/Inf inputs or gates at step 2 (the probe set is "
+        "finite: the model before this layer made them); they are left out and counted in "
+        "geometry/<layer>/nonfinite_tokens",
+        "GeometryMonitor: the probe tokens reach 'ffn' with finite inputs again at step 4 (NaN/Inf since step 2); "
+        "every one of them is probed again",
+    ]
