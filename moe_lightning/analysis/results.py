@@ -61,6 +61,12 @@ def seed_values(runs: list[Run], layer_mode: str = "mean") -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True).reindex(columns=geometry.columns)
 
 
+def _oldest_step(group: pd.DataFrame) -> int | None:
+    """The oldest probe step among the geometry rows of ``group`` (the run-level metrics have none)."""
+    steps = group["step"].dropna()
+    return int(steps.min()) if len(steps) else None
+
+
 def results_table(values: pd.DataFrame) -> pd.DataFrame:
     """Mean, std and n over seeds of every metric, one row per (family, arm, layer).
 
@@ -68,14 +74,16 @@ def results_table(values: pd.DataFrame) -> pd.DataFrame:
         values: the output of :func:`seed_values`.
 
     Returns:
-        Columns ``family, arm, routing, layer, n_seeds, seeds`` and, for every metric key ``k``, ``k:mean``,
-        ``k:std``, ``k:n`` (n counts the seeds with a finite value); for PCA keys also ``k:undersampled``, the
-        number of those seeds whose value rests on an expert with ``n_eff`` below the site's width.
+        Columns ``family, arm, routing, layer, n_seeds, seeds, final_step`` and, for every metric key ``k``,
+        ``k:mean``, ``k:std``, ``k:n`` (n counts the seeds with a finite value); for PCA keys also
+        ``k:undersampled``, the number of those seeds whose value rests on an expert with ``n_eff`` below the
+        site's width. ``final_step`` is the probe step the row's final geometry values come from, the oldest over
+        its seeds and layers when they differ (None without geometry values).
     """
     metrics = [key for key, _ in GEOMETRY_METRICS + RUN_METRICS]
     out = []
     if values.empty:
-        return pd.DataFrame(columns=["family", "arm", "routing", "layer", "n_seeds", "seeds"])
+        return pd.DataFrame(columns=["family", "arm", "routing", "layer", "n_seeds", "seeds", "final_step"])
     for (family, arm, layer), group in values.groupby(["family", "arm", "layer"], sort=False):
         seeds = sorted({int(s) for s in group["seed"].dropna()})
         row: dict[str, object] = {
@@ -85,6 +93,7 @@ def results_table(values: pd.DataFrame) -> pd.DataFrame:
             "layer": layer,
             "n_seeds": int(group["path"].nunique()),
             "seeds": " ".join(str(s) for s in seeds),
+            "final_step": _oldest_step(group),
         }
         for key in metrics:
             rows = group[group["metric"] == key]

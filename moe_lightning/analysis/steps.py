@@ -13,7 +13,8 @@ import numpy as np
 import pandas as pd
 
 from moe_lightning.analysis.choices import LAYER_MODES
-from moe_lightning.analysis.run import Run, geometry_steps, layer_names
+from moe_lightning.analysis.run import Run, geometry_steps, last_probe_step, layer_names
+from moe_lightning.common.final_probe import STALE_SHARE, stale_final_probe
 
 # (metric key below geometry/<layer>/, column title). "/mean" keys are means over the layer's experts.
 GEOMETRY_METRICS: list[tuple[str, str]] = [
@@ -193,7 +194,7 @@ def _mean_over_layers(group: pd.DataFrame) -> dict[str, Any]:
     if worst is None and finite["min_n_eff"].notna().any():
         worst = finite.loc[finite["min_n_eff"].idxmin()]
     return {
-        "step": int(group["step"].max()),
+        "step": int(group["step"].min()),  # per step, the step; of final values, the oldest one in the mean
         "value": value,
         "replicates": replicates,
         "undersampled": flag,
@@ -234,3 +235,32 @@ def step_values(runs: list[Run], layer_mode: str = "mean", final_only: bool = Fa
             }
         )
     return pd.DataFrame(merged, columns=COLUMNS)
+
+
+def last_logged_step(run: Run) -> int | None:
+    """The last step at which ``run`` logged anything (its last training step, as far as its log tells)."""
+    history = run.history
+    return None if history is None or history.empty else int(history.index.max())
+
+
+def stale_final_values(runs: list[Run]) -> list[str]:
+    """One line for each finished run whose final geometry values do not describe the model its training ended
+    with: its last probe (the oldest last probe over its layers) lies more than
+    :data:`~moe_lightning.common.final_probe.STALE_SHARE` of its steps before the last step it logged (or is the
+    step-0 probe of the initialisation). Runs without a probe say nothing."""
+    lines = []
+    for run in runs:
+        if not run.ok:
+            continue
+        layers = layer_names(run.history)
+        last = last_logged_step(run)
+        probes = [p for p in (last_probe_step(run.history, layer) for layer in layers) if p is not None]
+        if not probes or last is None or not stale_final_probe(min(probes), last):
+            continue
+        probe = min(probes)
+        what = "the initialisation (step 0)" if probe == 0 else f"step {probe}"
+        lines.append(
+            f"{run.label} ({run.path}): its final values come from {what}, {last - probe} steps before its last "
+            f"logged step ({last}), more than {STALE_SHARE:.0%} of its steps; they do not describe the trained model"
+        )
+    return lines

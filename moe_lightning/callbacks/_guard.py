@@ -10,11 +10,19 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch import Trainer
 from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
 
 
 def distributed(trainer: Trainer) -> bool:
     """Whether the trainer's ranks form a process group (a multi-process run)."""
     return trainer.world_size > 1 and dist.is_available() and dist.is_initialized()
+
+
+def sum_over_ranks(trainer: Trainer) -> Callable[[Tensor], Tensor] | None:
+    """The sum of a tensor over the trainer's ranks (a collective), or None in a one-process run."""
+    if not distributed(trainer):
+        return None
+    return lambda t: trainer.strategy.reduce(t, reduce_op="sum")
 
 
 class Failures:

@@ -9,6 +9,18 @@ from contextlib import AbstractContextManager, ExitStack, contextmanager
 from torch import nn
 
 from moe_lightning.common import is_fsdp_module
+from moe_lightning.geometry import MoEView, ProbeConfig
+from moe_lightning.geometry.view import ExpertPlacement, HasPlacement
+
+
+def expert_layout(view: MoEView, config: ProbeConfig) -> tuple[ExpertPlacement | None, bool]:
+    """``(placement, all_experts)`` for probing ``view``: where its experts live if expert parallelism splits them
+    (its ``placement()``), else None; and whether the probe must gather every expert instead, for a split layer
+    whose probe needs the whole layer on one rank (``layer_jacobian_method="func"``)."""
+    placement = view.placement() if isinstance(view, HasPlacement) else None
+    if placement is None:
+        return None, False
+    return placement, bool(config.layer_jacobian and config.layer_jacobian_method == "func")
 
 
 @contextmanager

@@ -30,7 +30,7 @@ from moe_lightning.callbacks._observe import (
     warn_state_changes,
 )
 from moe_lightning.callbacks._reports import save_densities
-from moe_lightning.callbacks._schedule import Schedule
+from moe_lightning.callbacks._schedule import Schedule, warn_if_stale
 from moe_lightning.common import check_choice, check_nonnegative, check_positive_int, observation, warn_once
 from moe_lightning.geometry import SpectralDensity, hessian_eigenvalues, hessian_spectral_density, hessian_trace
 from moe_lightning.geometry.curvature import TRACE_METHODS
@@ -64,6 +64,8 @@ class CurvatureMonitor(PublishingCallback):
     Args:
         every_n_steps: compute when ``trainer.global_step`` is a multiple of this.
         at_fit_start: also compute at the first training batch (the initialisation baseline).
+        at_fit_end: also compute when training ends, at its last step, unless that step was computed already; when
+            the last values lie far from the last step all the same, a warning says so.
         eigenvalue: compute the extreme eigenvalues.
         trace: compute the trace.
         method: ``lanczos``, the only eigenvalue method.
@@ -99,6 +101,7 @@ class CurvatureMonitor(PublishingCallback):
         self,
         every_n_steps: int = 500,
         at_fit_start: bool = True,
+        at_fit_end: bool = True,
         eigenvalue: bool = True,
         trace: bool = True,
         eigen_max_iter: int = 30,
@@ -141,7 +144,7 @@ class CurvatureMonitor(PublishingCallback):
         groups = {name: [pat] if isinstance(pat, str) else list(pat) for name, pat in (param_groups or {}).items()}
         if not full_model and not groups:
             raise ValueError("CurvatureMonitor: full_model=False needs param_groups")
-        self.schedule = Schedule(every_n_steps, at_fit_start)
+        self.schedule = Schedule(every_n_steps, at_fit_start, at_fit_end=at_fit_end)
         self.eigenvalue, self.trace, self.density = eigenvalue, trace, density
         self.method, self.top_k, self.both_ends = method, top_k, both_ends
         self.eigen_max_iter, self.eigen_tol = eigen_max_iter, eigen_tol
@@ -154,6 +157,7 @@ class CurvatureMonitor(PublishingCallback):
         self.last: dict[str, float] = {}
         self.last_densities: dict[str, SpectralDensity] = {}
         self.disabled = False
+        self.logged_step: int | None = None
         self._failures = Failures("CurvatureMonitor")
         self._warned: set[str] = set()
 
@@ -206,6 +210,16 @@ class CurvatureMonitor(PublishingCallback):
         step = logging_step(trainer, after_batch=True)
         if not self.disabled and self.schedule.after_batch(step):
             self.compute(trainer, pl_module, step)
+
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # every rank runs on_train_end, so the products' all-reduces meet as a scheduled computation's do
+        step = logging_step(trainer)
+        if self.disabled or self.batch is None:
+            return
+        if self.schedule.at_end(step):
+            self.compute(trainer, pl_module, step)
+        warn_if_stale("CurvatureMonitor", {"curvature": self.logged_step}, step, self.schedule, "computation")
 
     def _parameter_sets(self, pl_module: LightningModule) -> dict[str, list[Tensor]]:
         """``{metric prefix: parameters}``: all trainable parameters, then each group's."""
@@ -266,6 +280,7 @@ class CurvatureMonitor(PublishingCallback):
         for note in notes if not failures else ():
             warn_once(note, self._warned, rank_zero_warn)
         self.last, self.last_densities = metrics, densities
+        self.logged_step = step if metrics else self.logged_step
         self.publish(trainer, metrics)
         try:
             log_scalars(trainer, metrics, step)
@@ -279,7 +294,8 @@ class CurvatureMonitor(PublishingCallback):
 
     def _quantity(self, notes: list[str], prefix: str, what: str, fn: Callable, *args: Any) -> dict[str, Any]:
         """``fn(prefix, *args)``, or nothing and a note for the warning when its products hold NaN/Inf (training
-        goes on); any other error goes up to :meth:`compute`, which agrees on it over the ranks."""
+        goes on; none of its values are logged then); any other error goes up to :meth:`compute`, which
+        agrees on it over the ranks."""
         try:
             out = fn(prefix, *args)
         except FloatingPointError as error:
@@ -288,7 +304,8 @@ class CurvatureMonitor(PublishingCallback):
         # a NaN standard error only says too few samples were drawn; the values themselves must be finite
         bad = [k for k, v in out.items() if isinstance(v, float) and not math.isfinite(v) and "std_error" not in k]
         if bad:
-            notes.append(f"CurvatureMonitor: {prefix} {what} is not finite ({bad})")
+            notes.append(f"CurvatureMonitor: {prefix} {what} is not finite ({bad}); it is not logged")
+            return {}
         return out
 
     def _eigen_metrics(self, p: str, loss: Callable, params: list[Tensor], reduce: dict) -> dict[str, float]:
@@ -349,9 +366,10 @@ class CurvatureMonitor(PublishingCallback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"batch": self.batch, "computed_steps": list(self.computed_steps)}
+        return {"batch": self.batch, "computed_steps": list(self.computed_steps), "logged_step": self.logged_step}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.batch = state_dict.get("batch")
         self.schedule.done = list(state_dict.get("computed_steps", []))
+        self.logged_step = state_dict.get("logged_step")

@@ -15,7 +15,8 @@ from typing_extensions import override
 
 from moe_lightning.adapters import find_moe_layers
 from moe_lightning.adapters.capture import capture_layer_inputs
-from moe_lightning.callbacks._guard import Failures, distributed
+from moe_lightning.callbacks._guard import Failures, sum_over_ranks
+from moe_lightning.callbacks._health import LayerIncidents, finite_tensors, nonfinite_weights, split_failures
 from moe_lightning.callbacks._media import log_geometry_media
 from moe_lightning.callbacks._observe import (
     PublishingCallback,
@@ -29,12 +30,11 @@ from moe_lightning.callbacks._observe import (
 )
 from moe_lightning.callbacks._probe_set import bootstrap_columns, draw_probe_set, probe_loader
 from moe_lightning.callbacks._reports import save_geometry_reports
-from moe_lightning.callbacks._schedule import Schedule
-from moe_lightning.callbacks._sharded import gathered
+from moe_lightning.callbacks._schedule import Schedule, warn_if_stale
+from moe_lightning.callbacks._sharded import expert_layout, gathered
 from moe_lightning.callbacks._verify import drop_unverified_views
 from moe_lightning.common import check_choice, check_positive_int, dtype_from_name, observation, warn_once
 from moe_lightning.geometry import GeometryReport, MoEView, ProbeConfig, finalize, probe_statistics
-from moe_lightning.geometry.view import ExpertPlacement, HasPlacement
 
 _PROBE_DTYPES = ("float64", "float32")
 _SOURCES = ("val", "train")
@@ -49,7 +49,8 @@ class GeometryMonitor(PublishingCallback):
     :func:`moe_lightning.geometry.probe` on them, and logs the results. The model is only observed: the probe
     reads cast copies of the weights and never writes a parameter; modes, buffers, RNG states, gradients and
     autocast are restored, so training ends in the same weights with or without it (docs/callbacks.md). A probe
-    that fails, on any rank, becomes one warning and training goes on.
+    that fails, on any rank, becomes one warning and training goes on. A layer whose weights hold NaN/Inf is not
+    probed and logs nothing, with one warning naming the layer and the step, until its weights are finite again.
 
     Steps are those of Lightning's own ``self.log``: optimiser steps, a batch that steps several optimisers
     counted once. The selected values also go into ``trainer.callback_metrics``, so that ``ModelCheckpoint`` and
@@ -68,6 +69,9 @@ class GeometryMonitor(PublishingCallback):
         every_n_steps: probe when ``trainer.global_step`` is a multiple of this; None disables.
         every_n_epochs: probe at the end of every n-th training epoch; None disables.
         at_fit_start: probe once at fit start, the initialisation baseline.
+        at_fit_end: probe once when training ends, at its last step, unless that step was probed already, so that
+            the run's last values describe the trained model. When a layer's last values lie far from the last step
+            all the same (this off, or the last probe logged nothing for it), a warning says so.
         max_tokens: tokens per layer in the probe set; with ``min_tokens_per_expert``, the budget the draw may not
             exceed.
         min_tokens_per_expert: draw validation batches until every expert of every probed layer has an effective
@@ -116,6 +120,7 @@ class GeometryMonitor(PublishingCallback):
         every_n_steps: int | None = 600,
         every_n_epochs: int | None = None,
         at_fit_start: bool = True,
+        at_fit_end: bool = True,
         max_tokens: int = 256,
         min_tokens_per_expert: int | None = None,
         bootstrap: int = 0,
@@ -147,7 +152,7 @@ class GeometryMonitor(PublishingCallback):
         probe_dtype = dtype_from_name("GeometryMonitor: dtype", dtype, _PROBE_DTYPES)
         if max_expert_keys is not None and max_expert_keys < 0:
             raise ValueError(f"GeometryMonitor: max_expert_keys must be >= 0 or None, got {max_expert_keys!r}")
-        self.schedule = Schedule(every_n_steps, at_fit_start, every_n_epochs)
+        self.schedule = Schedule(every_n_steps, at_fit_start, every_n_epochs, at_fit_end)
         self.max_tokens, self.source, self.layers = max_tokens, source, layers
         self.min_tokens_per_expert = min_tokens_per_expert
         self.max_expert_keys, self.log_media = max_expert_keys, log_media
@@ -166,10 +171,12 @@ class GeometryMonitor(PublishingCallback):
             **{"bootstrap": bootstrap, **(probe_config or {})},
         )
         self.views: list[MoEView] = []
-        # State kept across checkpoints: the probe set and the steps already probed.
+        # State kept across checkpoints: the probe set, the steps already probed, each layer's last logged step.
         self.probe_inputs: list[Any] | None = None
+        self.logged_steps: dict[str, int] = {}
         self.last_reports: dict[str, GeometryReport] = {}
         self._failures = Failures("GeometryMonitor")
+        self._incidents = LayerIncidents("GeometryMonitor")
         self._warned: set[str] = set()
         self.views_checked = False  # each layer's views are checked at the first probe (callbacks/_verify.py)
 
@@ -244,13 +251,28 @@ class GeometryMonitor(PublishingCallback):
         super().on_train_epoch_end(trainer, pl_module)
 
     @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Every rank runs on_train_end, so the final probe's collectives meet as a scheduled probe's do.
+        step = logging_step(trainer)
+        if self.probe_inputs is not None and self.views and self.schedule.at_end(step):
+            self.run_probe(trainer, pl_module, step)
+        if self.views:
+            last = {view.name: self.logged_steps.get(view.name) for view in self.views}
+            warn_if_stale("GeometryMonitor", last, step, self.schedule)
+
+    @override
     def state_dict(self) -> dict[str, Any]:
-        return {"probe_inputs": self.probe_inputs, "probed_steps": list(self.probed_steps)}
+        return {
+            "probe_inputs": self.probe_inputs,
+            "probed_steps": list(self.probed_steps),
+            "logged_steps": dict(self.logged_steps),
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.probe_inputs = state_dict.get("probe_inputs")
         self.schedule.done = list(state_dict.get("probed_steps", []))
+        self.logged_steps = dict(state_dict.get("logged_steps", {}))
 
     # ------------------------------------------------------------------ probe set
     def _draw_probe_set(self, trainer: Trainer, pl_module: LightningModule) -> list[Any] | None:
@@ -273,21 +295,6 @@ class GeometryMonitor(PublishingCallback):
         return inputs
 
     # ------------------------------------------------------------------ the probe
-    def _reduce_fn(self, trainer: Trainer) -> Callable[[Tensor], Tensor] | None:
-        if not distributed(trainer):
-            return None
-        return lambda t: trainer.strategy.reduce(t, reduce_op="sum")
-
-    def _expert_layout(self, view: MoEView) -> tuple[ExpertPlacement | None, bool]:
-        """``(placement, all_experts)`` for probing ``view``: where its experts live if expert parallelism splits
-        them (its ``placement()``), else None; and whether the probe must gather every expert instead, for a split
-        layer whose probe needs the whole layer on one rank (``layer_jacobian_method="func"``)."""
-        placement = view.placement() if isinstance(view, HasPlacement) else None
-        if placement is None:
-            return None, False
-        cfg = self.probe_config
-        return placement, bool(cfg.layer_jacobian and cfg.layer_jacobian_method == "func")
-
     def _capture(self, trainer: Trainer, pl_module: LightningModule, inputs: list[Any]) -> dict[str, Tensor]:
         """Each probed layer's inputs on ``inputs``, converted as the trainer converts a batch (a ``bf16-true``
         model gets bf16 inputs) and run in its precision's forward context, without autocast."""
@@ -301,12 +308,14 @@ class GeometryMonitor(PublishingCallback):
         self, trainer: Trainer, pl_module: LightningModule, step: int | None = None
     ) -> dict[str, GeometryReport]:
         """Probe every layer now and log the results at ``step`` (default: the current step of Lightning's
-        logging axis). Returns the reports; a layer whose probe failed on any rank has none."""
+        logging axis). Returns the reports; a layer whose probe failed on any rank, whose weights hold NaN/Inf or
+        whose every probe token reached it with NaN/Inf inputs has none."""
         step = logging_step(trainer) if step is None else step
         self.schedule.done.append(step)
         if not self.probe_inputs or not self.views:
             return {}
         reports: dict[str, GeometryReport] = {}
+        probe_set_finite = finite_tensors(self.probe_inputs)
         with observation(pl_module) as changes:
             captured, capture_error = {}, None
             try:
@@ -317,15 +326,21 @@ class GeometryMonitor(PublishingCallback):
             for view in self.views:
                 stats = self._probe_layer(trainer, pl_module, view, captured, capture_error)
                 failures = self._failures.agree(trainer, stats if isinstance(stats, BaseException) else None)
+                nonfinite, failures = split_failures(failures)
+                self._incidents.weights(view.name, step, nonfinite)
                 if failures:
-                    self._failures.report(
-                        trainer, "the probe", failures, f"no values of {view.name!r} are logged at step {step}"
-                    )
+                    lost = f"no values of {view.name!r} are logged at step {step}"
+                    self._failures.report(trainer, "the probe", failures, lost)
+                if failures or nonfinite:
                     continue
-                reduce_fn = self._reduce_fn(trainer)
-                reports[view.name] = finalize(stats if reduce_fn is None else stats.reduce(reduce_fn))
+                reduce_fn = sum_over_ranks(trainer)
+                report = finalize(stats if reduce_fn is None else stats.reduce(reduce_fn))
+                self._incidents.inputs(view.name, step, report.nonfinite_tokens, report.total_tokens, probe_set_finite)
+                if report.total_tokens:  # with no finite token every value would be NaN
+                    reports[view.name] = report
         warn_state_changes("GeometryMonitor", changes, self._warned)
         self.last_reports = reports
+        self.logged_steps.update(dict.fromkeys(reports, step))
         scalars: dict[str, float] = {}
         for name, report in reports.items():
             scalars.update(report.scalars(f"geometry/{name}", max_experts=self.max_expert_keys))
@@ -351,10 +366,13 @@ class GeometryMonitor(PublishingCallback):
         enters, even one whose capture failed); under expert parallelism each rank's own experts, or all of them
         where a quantity needs the whole layer on one rank."""
         rank, world = trainer.global_rank, trainer.world_size
-        placement, all_experts = self._expert_layout(view)
+        placement, all_experts = expert_layout(view, self.probe_config)
         lend = placement.gather_all if placement is not None and all_experts else None
         try:
             with gathered(view.module, lend_experts=lend, root=pl_module):
+                nonfinite = nonfinite_weights(view.module)  # named as weights, not as the tokens it would drop
+                if nonfinite is not None:
+                    return nonfinite
                 if capture_error is not None:
                     return capture_error
                 x = captured[view.name][: self.max_tokens]
@@ -369,14 +387,6 @@ class GeometryMonitor(PublishingCallback):
 
     # ------------------------------------------------------------------ logging
     def _log(self, trainer: Trainer, reports: dict[str, GeometryReport], scalars: dict[str, float], step: int) -> None:
-        for name, report in reports.items():
-            if report.nonfinite_tokens:
-                warn_once(
-                    f"GeometryMonitor: {report.nonfinite_tokens} probe tokens of {name!r} hold NaN/Inf; "
-                    "they were left out and are counted in geometry/<layer>/nonfinite_tokens",
-                    self._warned,
-                    rank_zero_warn,
-                )
         log_scalars(trainer, scalars, step)
         if self.save_reports and reports:
             try:

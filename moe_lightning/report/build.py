@@ -5,6 +5,7 @@ the page is its interactive dashboard (:mod:`moe_lightning.report.dashboard`).""
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import pandas as pd
@@ -15,7 +16,7 @@ from moe_lightning.analysis.decision import DECISION_RULE
 from moe_lightning.analysis.discover import discover_runs
 from moe_lightning.analysis.results import results_table, seed_values
 from moe_lightning.analysis.run import CONTROLS, Run
-from moe_lightning.analysis.steps import step_values
+from moe_lightning.analysis.steps import stale_final_values, step_values
 from moe_lightning.report import html as page
 from moe_lightning.report.claims_render import claims_display, claims_table, multiple_comparison_note
 from moe_lightning.report.format import markdown_table
@@ -43,7 +44,8 @@ def _runs_frame(runs: list[Run]) -> pd.DataFrame:
 def _caption(layer_mode: str) -> str:
     return (
         "Final value of each run (its last logged probe step; losses: last logged value), as mean ± sample std "
-        "(ddof=1) over seeds; n seeds per row. "
+        "(ddof=1) over seeds; n seeds per row; final step: the probe step the final values come from (the oldest "
+        "over seeds and layers). "
         + (
             "Layer mode `mean`: each seed's value is first averaged over the run's MoE layers."
             if layer_mode == "mean"
@@ -196,11 +198,16 @@ def build_report(
     values = seed_values(runs, layer_mode)
     results = results_table(values)
     claims, training = _claims(runs, values, layer_mode, threshold)
+    # runs whose final values describe an earlier model than the trained one: said on the terminal and in the tables
+    stale = []
+    for line in stale_final_values(runs):
+        warnings.warn(f"moe-lightning report: {line}", stacklevel=2)
+        stale.append(f"Warning: {line}.")
     shown = _Shown(
-        _caption(layer_mode),
+        " ".join([_caption(layer_mode), *stale]),
         results_display(results),
         None if claims is None else claims_display(claims),
-        [] if claims is None else _claims_preamble(claims, threshold),
+        [] if claims is None else [*_claims_preamble(claims, threshold), *stale],
     )
     written: list[str] = []
     if "md" in formats:

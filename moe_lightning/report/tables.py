@@ -22,6 +22,8 @@ def results_display(table: pd.DataFrame) -> pd.DataFrame:
     if set(table.get("layer", [])) != {MEAN_LAYER}:
         display["layer"] = table["layer"]
     display["n seeds"] = table["n_seeds"]
+    if "final_step" in table:
+        display["final step"] = ["n/a" if pd.isna(s) else int(s) for s in table["final_step"]]
     for key, title in GEOMETRY_METRICS + RUN_METRICS:
         if f"{key}:mean" not in table or not table[f"{key}:n"].any():
             continue  # a metric no run logged (e.g. val/loss without validation)

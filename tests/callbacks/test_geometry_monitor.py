@@ -155,7 +155,8 @@ def test_observation_never_changes_the_observed_transformer():
         trainer(None, max_steps=5, callbacks=callbacks).fit(module, loader)
         results.append({k: v.detach().clone() for k, v in module.state_dict().items()})
         if with_callbacks:
-            assert callbacks[0].probed_steps == [0, 2, 4]
+            assert callbacks[0].probed_steps == [0, 2, 4, 5]  # 5: the end of training
+            assert callbacks[2].computed_steps == [0, 3, 5]
     for key in results[0]:
         assert torch.equal(results[0][key], results[1][key]), key
 
@@ -186,11 +187,11 @@ def test_resume_continues_the_same_curve(tmp_path):
     first.fit(module, tiny_data())
     checkpoint = tmp_path / "mid.ckpt"
     first.save_checkpoint(checkpoint)
-    assert monitor.probed_steps == [0, 2]
+    assert monitor.probed_steps == [0, 2, 3]  # 3: the end of training
 
     module2, monitor2 = make()
     trainer(tmp_path / "b", max_steps=6, callbacks=[monitor2]).fit(module2, tiny_data(), ckpt_path=checkpoint)
-    assert monitor2.probed_steps == [0, 2, 4, 6]  # no duplicate step 0 or 2, none missing
+    assert monitor2.probed_steps == [0, 2, 3, 4, 6]  # no duplicate step 0, 2 or 3, none missing
     for a, b in zip(monitor.probe_inputs, monitor2.probe_inputs):
         assert torch.equal(a, b)
     logged_steps = sorted(
@@ -215,7 +216,7 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     out = tmp_path / "ddp.json"
     run_test_script("ddp_geometry.py", out, tmp_path)
     data = json.loads(out.read_text())
-    assert data["world_size"] == 2 and data["steps"] == [2]
+    assert data["world_size"] == 2 and data["steps"] == [2, 3]  # 3: the end of training, on every rank
     ddp, single = data["ddp"], data["single"]
     assert ddp.keys() == single.keys() and len(ddp) > 50
     for key, value in single.items():

@@ -80,8 +80,12 @@ def test_bootstrap_of_the_monitor_equals_a_direct_probe_and_is_saved(tmp_path):
     monitor = GeometryMonitor(every_n_steps=None, max_tokens=40, bootstrap=3, report_dir=str(tmp_path))
     fit(module, monitor)
     views, captured = captured_tokens(initial, monitor.probe_inputs)
-    (path,) = Path(tmp_path, "geometry").glob("step_*.json")
-    saved = json.loads(path.read_text())["layers"]
+    # the fit-start probe (on the initial weights) and the one at the end of training
+    assert sorted(p.name for p in Path(tmp_path, "geometry").glob("step_*.json")) == [
+        "step_0000000.json",
+        "step_0000001.json",
+    ]
+    saved = json.loads(Path(tmp_path, "geometry", "step_0000000.json").read_text())["layers"]
     for v in views:
         expected = probe(v, captured[v.name][:40], ProbeConfig(bootstrap=3)).bootstrap
         layer = saved[v.name]

@@ -303,7 +303,7 @@ def test_curvature_monitor_matches_exact_hessian(tmp_path, routing):
     top = logged(rows, "curvature/hessian_top_eigenvalue")
     trace = logged(rows, "curvature/hessian_trace")
     std_error = logged(rows, "curvature/hessian_trace_std_error")
-    assert set(top) == {0} and monitor.computed_steps == [0]
+    assert set(top) == {0, 2} and monitor.computed_steps == [0, 2]  # fit start and the end of training
     assert top[0] == pytest.approx(dominant, rel=1e-3)
     assert abs(trace[0] - np.trace(H)) < 4 * std_error[0] + 1e-4
     assert logged(rows, "curvature/hessian_trace_samples")[0] == 60
@@ -395,10 +395,15 @@ def test_failing_probe_warns_and_training_finishes(tmp_path, monkeypatch):
     with pytest.warns(UserWarning) as caught:
         fit.fit(module, Data())
     assert fit.global_step == 4
-    # every probe of every layer failed: one warning says so, naming the first
+    # every probe of every layer failed: one warning says so, naming the first; at the end of training one more
+    # says that the run holds no values of the layer
     ours = [str(w.message) for w in caught if str(w.message).startswith("GeometryMonitor")]
-    assert len(ours) == 1, ours
+    assert len(ours) == 2, ours
     assert "the probe failed: RuntimeError('probe exploded'); no values of 'blocks.0.ffn'" in ours[0]
+    assert ours[1] == (
+        "GeometryMonitor: training ended at step 4, but no values of 'blocks.0.ffn' were logged at all (the probe at "
+        "step 4 logged nothing for them); the run's final values do not describe the trained model"
+    )
     rows = read_metrics(tmp_path)
     assert not any(k.startswith("geometry/") for k in rows[0])
     assert logged(rows, "train/loss")  # training logged as usual
@@ -409,9 +414,14 @@ def test_nan_probe_tokens_are_counted_and_training_finishes(tmp_path):
     val_x[[1, 5, 6], 2] = float("nan")
     module = geometry_module()
     fit = trainer(tmp_path, [GeometryMonitor(every_n_steps=2, max_tokens=16, layer_jacobian=False)], max_steps=4)
-    with pytest.warns(UserWarning, match="NaN/Inf"):
+    with pytest.warns(UserWarning, match="NaN/Inf") as caught:
         fit.fit(module, Data(val_x=val_x))
     assert fit.global_step == 4
+    # named as the probe set's, once for the run (every probe drops the same tokens)
+    assert [str(w.message) for w in caught if "probe tokens" in str(w.message)] == [
+        "GeometryMonitor: 3 of 16 probe tokens reach 'blocks.0.ffn' with NaN/Inf inputs or gates at step 0 (the "
+        "probe set itself holds NaN/Inf); they are left out and counted in geometry/<layer>/nonfinite_tokens"
+    ]
     rows = read_metrics(tmp_path)
     nonfinite = logged(rows, "geometry/blocks.0.ffn/nonfinite_tokens")
     assert sorted(nonfinite) == [0, 2, 4]

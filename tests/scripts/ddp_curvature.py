@@ -1,6 +1,6 @@
 """Run by tests/callbacks/test_curvature_monitor.py: CurvatureMonitor under 2-process CPU DDP (gloo) at the first
-batch, then the same quantities in one process on the union of the two ranks' batches with the initial weights.
-Writes both metric dicts and the densities to the JSON path given.
+batch and at the end of training, then the same quantities in one process on the union of the two ranks' batches
+with the initial and with the trained weights. Writes the metric dicts and the densities to the JSON path given.
 
 float64, and no load-balance loss: that loss multiplies two batch means, so its Hessian on a union is not the
 mean of the shards' (the task MSE and the z-loss are means over samples and split exactly)."""
@@ -24,10 +24,15 @@ OPTIONS |= {"density_steps": 8, "param_groups": {"router": "*router*"}, "at_fit_
 
 
 class GatherBatches(Callback):
-    """Every rank's first batch, gathered to all ranks while the process group is alive."""
+    """The monitor's fit-start values, and every rank's first batch, gathered to all ranks while the process group
+    is alive (after the monitor's end-of-training computation, which comes first in the callback list)."""
 
     def __init__(self, monitor):
-        self.monitor, self.batches = monitor, None
+        self.monitor, self.batches, self.first = monitor, None, None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.first is None:
+            self.first = dict(self.monitor.last)
 
     def on_train_end(self, trainer, pl_module):
         self.batches = [None] * trainer.world_size
@@ -59,13 +64,17 @@ def main(out_path: str) -> None:
     single_monitor.batch = union
     one = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
     one.strategy.connect(initial)
-    single = single_monitor.compute(one, initial)
+    single_first = single_monitor.compute(one, initial)
+    one.strategy.connect(module)  # the trained weights, the same on every rank
+    single = single_monitor.compute(one, module)
     single_density = single_monitor.last_densities["curvature"].density.tolist()
     with open(out_path, "w") as f:
         json.dump(
             {
                 "ddp": ddp,
                 "single": single,
+                "ddp_first": gather.first,
+                "single_first": single_first,
                 "ddp_density": ddp_density,
                 "single_density": single_density,
                 "world_size": trainer.world_size,

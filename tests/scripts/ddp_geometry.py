@@ -1,6 +1,6 @@
-"""Run by tests/callbacks/test_geometry_monitor.py: GeometryMonitor under 2-process CPU DDP (gloo), then the same probe
-set probed in one process with the final weights. Writes both scalar dicts and both bootstraps (resamples drawn over
-the global probe set) to the JSON path given."""
+"""Run by tests/callbacks/test_geometry_monitor.py: GeometryMonitor under 2-process CPU DDP (gloo), probing at step 2
+and at the end of training (step 3), then the same probe set probed in one process with the final weights. Writes
+both scalar dicts and both bootstraps (resamples drawn over the global probe set) to the JSON path given."""
 
 import json
 import sys
@@ -26,7 +26,7 @@ def main(out_path: str) -> None:
     module = MLPMoEModule(config)
     data = SyntheticMoEDataModule(input_dim=16, output_dim=8, num_train=256, num_val=128, batch_size=32)
     monitor = GeometryMonitor(every_n_steps=2, max_tokens=70, at_fit_start=False, bootstrap=3)
-    trainer = quiet_trainer(2, "ddp", 2, [monitor], limit_val_batches=1.0)
+    trainer = quiet_trainer(2, "ddp", 3, [monitor], limit_val_batches=1.0)
     trainer.fit(module, data)
     if not trainer.is_global_zero:
         return

@@ -181,9 +181,16 @@ def geometry(case: str, devices: int = 2) -> dict:
     """The fit-start probe under FSDP2 x EP=2 (float64, 32 tokens) on ``devices`` ranks, and one process's probe of
     the initial model; and how often a rank gathered every expert of a layer."""
     overrides, options = GEOMETRY_CASES[case]
-    # subspace_rank=2: a rank-8 PCA subspace of the ~16 tokens an expert gets here has no eigen-gap to be defined by
+    # subspace_rank=2: a rank-8 PCA subspace of the ~16 tokens an expert gets here has no eigen-gap to be defined by;
+    # at_fit_end=False: the last reports are those of the fit-start probe, which the initial model gives alone
     monitor = GeometryMonitor(
-        every_n_steps=None, max_tokens=32, subspace_rank=2, log_media=False, save_reports=False, **options
+        every_n_steps=None,
+        at_fit_end=False,
+        max_tokens=32,
+        subspace_rank=2,
+        log_media=False,
+        save_reports=False,
+        **options,
     )
     trainer = quiet_trainer(devices, ExpertParallelStrategy(2, process_group_backend="gloo"), 1, [monitor])
     with CountGathers() as gathers:

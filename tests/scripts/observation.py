@@ -169,8 +169,8 @@ def model_parallel() -> dict:
             def fit(preset=preset, observed=observed):
                 module = transformer()
                 callbacks = monitors(source="train") if observed else []
-                # 4 steps: probes at 0 and 2, router windows at every step
-                quiet_trainer(2, preset_strategy(preset), 4, callbacks).fit(module, token_data(2))
+                # 3 steps: probes at 0, 2 and the end of training (3), router windows at every step
+                quiet_trainer(2, preset_strategy(preset), 3, callbacks).fit(module, token_data(2))
                 return module, callbacks
 
             results[f"{preset.removesuffix('.yaml')}/{'observed' if observed else 'plain'}"] = run(fit)
