@@ -109,3 +109,26 @@ def results_table(values: pd.DataFrame) -> pd.DataFrame:
         (f, arm_order(a), layer_rank[la]) for f, a, la in zip(table.family, table.arm, table.layer, strict=True)
     ]
     return table.sort_values("_order").drop(columns="_order").reset_index(drop=True)
+
+
+def seed_frames(series: dict[str, list[pd.Series]]) -> list[tuple[int, str, pd.DataFrame]]:
+    """``(index, label, frame)`` per series label with any logged value, in order: its seeds' step-indexed series
+    side by side (one column a seed), the data of one curve panel whichever library draws it."""
+    frames = []
+    for index, (label, per_seed) in enumerate(series.items()):
+        logged = [s.dropna() for s in per_seed if len(s.dropna())]
+        if logged:
+            frames.append((index, label, pd.concat(logged, axis=1).sort_index()))
+    return frames
+
+
+def seed_stacks(series: dict[str, list[np.ndarray]]) -> list[tuple[int, str, np.ndarray]]:
+    """``(index, label, stack)`` per series label with a non-empty vector: its seeds' vectors cut to the shortest,
+    one row a seed (the spectra panels, whichever library draws them)."""
+    stacks = []
+    for index, (label, vectors) in enumerate(series.items()):
+        arrays = [np.asarray(v, dtype=float) for v in vectors if np.asarray(v).size]
+        if arrays:
+            length = min(v.size for v in arrays)
+            stacks.append((index, label, np.vstack([v[:length] for v in arrays])))
+    return stacks

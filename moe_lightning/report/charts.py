@@ -21,6 +21,8 @@ from plotly.colors import qualitative
 from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
+from moe_lightning.analysis.results import seed_frames, seed_stacks
+
 COLUMNS = 4
 ROW_PX = 230
 EXPERT_COLORS = qualitative.Dark24
@@ -160,16 +162,11 @@ def _rgb(color: str) -> tuple[int, int, int]:
 def seed_lines(series: dict[str, list[np.ndarray]], start: int = 1) -> list[go.Scatter]:
     """Per label, the mean of its seeds' vectors (cut to the shortest) and, with several seeds, the min–max band."""
     traces: list[go.Scatter] = []
-    for index, (label, vectors) in enumerate(series.items()):
-        vectors = [np.asarray(v, dtype=float) for v in vectors if np.asarray(v).size]
-        if not vectors:
-            continue
-        length = min(v.size for v in vectors)
-        stack = np.vstack([v[:length] for v in vectors])
-        x = np.arange(start, start + length)
+    for index, label, stack in seed_stacks(series):
+        x = np.arange(start, start + stack.shape[1])
         color = color_for(label, index)
-        seeds = f" ({len(vectors)} seeds)" if len(vectors) > 1 else ""
-        if len(vectors) > 1:
+        seeds = f" ({stack.shape[0]} seeds)" if stack.shape[0] > 1 else ""
+        if stack.shape[0] > 1:
             traces += band(x, np.nanmin(stack, axis=0), np.nanmax(stack, axis=0), color, f"{label}: min–max")
         traces.append(
             go.Scatter(x=x, y=np.nanmean(stack, axis=0), name=f"{label}{seeds}", mode="lines", line={"color": color})
@@ -195,14 +192,10 @@ def curve_chart(panels: Sequence[tuple[str, str, dict[str, list[pd.Series]]]], k
     shown = []
     for title, y_title, series in panels:
         traces: list[go.Scatter] = []
-        for index, (label, per_seed) in enumerate(series.items()):
-            per_seed = [s.dropna() for s in per_seed if len(s.dropna())]
-            if not per_seed:
-                continue
-            frame = pd.concat(per_seed, axis=1).sort_index()
+        for index, label, frame in seed_frames(series):
             color = color_for(label, index)
-            seeds = f" ({len(per_seed)} seeds)" if len(per_seed) > 1 else ""
-            if len(per_seed) > 1:
+            seeds = f" ({frame.shape[1]} seeds)" if frame.shape[1] > 1 else ""
+            if frame.shape[1] > 1:
                 traces += band(frame.index, frame.min(axis=1), frame.max(axis=1), color, f"{label}: min–max")
             traces.append(
                 go.Scatter(

@@ -310,22 +310,35 @@ def write_figures(
     return images, notes
 
 
-def claims_over_training_figure(table: pd.DataFrame, path: str, level: float = LEVEL) -> str | None:
-    """One panel per claim row of :func:`~moe_lightning.analysis.claims.claims_over_training`: the paired
-    difference at every probe step with its t-interval (shaded) and bootstrap interval (bars), one line per layer;
-    ``level`` is the coverage the table was computed at."""
+def claim_groups(table: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]] | None:
+    """The panels both renderings of the claims over training draw: ``(title, y label, rows)`` per claim row of
+    :func:`~moe_lightning.analysis.claims.claims_over_training` (its title's line break is ``\\n``), or None when
+    no step has a seed."""
     if table.empty or not (table["n seeds"] >= 1).any():
         return None
     multi_family = table["family"].nunique() > 1
-    panels = []
+    groups = []
     for (family, claim, comparison, metric), rows in table.groupby(
         ["family", "claim", "comparison", "metric"], sort=False
     ):
         prefix = f"{family}: " if multi_family else ""
         ylabel = "A − B" if rows["paired"].iloc[0] else "A − threshold"
-        series = {str(layer): frame for layer, frame in rows.groupby("layer", sort=False)}
         seeds = int(rows["n seeds"].max())
-        panels.append((f"{prefix}{claim}: {comparison}\n{metric} (n ≤ {seeds} seeds)", ylabel, series))
+        groups.append((f"{prefix}{claim}: {comparison}\n{metric} (n ≤ {seeds} seeds)", ylabel, rows))
+    return groups
+
+
+def claims_over_training_figure(table: pd.DataFrame, path: str, level: float = LEVEL) -> str | None:
+    """One panel per claim row of :func:`~moe_lightning.analysis.claims.claims_over_training`: the paired
+    difference at every probe step with its t-interval (shaded) and bootstrap interval (bars), one line per layer;
+    ``level`` is the coverage the table was computed at."""
+    groups = claim_groups(table)
+    if groups is None:
+        return None
+    panels = []
+    for title, ylabel, rows in groups:
+        series = {str(layer): frame for layer, frame in rows.groupby("layer", sort=False)}
+        panels.append((title, ylabel, series))
     return plots.plot_claim_panels(
         panels,
         path,

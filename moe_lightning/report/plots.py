@@ -20,6 +20,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
+from moe_lightning.analysis.results import seed_frames, seed_stacks  # noqa: E402
 from moe_lightning.report.format import format_level  # noqa: E402
 
 ROUTING_COLORS = {
@@ -91,18 +92,14 @@ def plot_spectrum_panels(
     """
     figure, axes = _grid(len(panels))
     for ax, (panel_title, series) in zip(axes, panels, strict=True):
-        for index, (label, vectors) in enumerate(series.items()):
-            vectors = [np.asarray(v, dtype=float) for v in vectors if np.asarray(v).size]
-            if not vectors:
-                continue
-            length = min(v.size for v in vectors)
-            stack = np.vstack([v[:length] for v in vectors])
-            x = np.arange(1, length + 1)
+        for index, label, stack in seed_stacks(series):
+            x = np.arange(1, stack.shape[1] + 1)
             color = color_for(label, index)
-            mean = _positive(np.nanmean(stack, axis=0)) if np.isfinite(stack).any() else np.full(length, math.nan)
-            seeds = f" ({len(vectors)} seeds)" if len(vectors) > 1 else ""
+            finite = np.isfinite(stack).any()
+            mean = _positive(np.nanmean(stack, axis=0)) if finite else np.full(stack.shape[1], math.nan)
+            seeds = f" ({stack.shape[0]} seeds)" if stack.shape[0] > 1 else ""
             ax.plot(x, mean, color=color, label=f"{label}{seeds}", linewidth=1.6)
-            if len(vectors) > 1:
+            if stack.shape[0] > 1:
                 low, high = _positive(np.nanmin(stack, axis=0)), _positive(np.nanmax(stack, axis=0))
                 ax.fill_between(x, low, high, color=color, alpha=0.2, linewidth=0)
         ax.set_yscale("log")
@@ -131,15 +128,11 @@ def plot_curve_panels(
     """
     figure, axes = _grid(len(panels), max_columns=2, width=6.0)
     for ax, (panel_title, ylabel, series) in zip(axes, panels, strict=True):
-        for index, (label, per_seed) in enumerate(series.items()):
-            per_seed = [s.dropna() for s in per_seed if len(s.dropna())]
-            if not per_seed:
-                continue
-            frame = pd.concat(per_seed, axis=1).sort_index()
+        for index, label, frame in seed_frames(series):
             color = color_for(label, index)
-            seeds = f" ({len(per_seed)} seeds)" if len(per_seed) > 1 else ""
+            seeds = f" ({frame.shape[1]} seeds)" if frame.shape[1] > 1 else ""
             ax.plot(frame.index, frame.mean(axis=1), marker="o", markersize=3, color=color, label=f"{label}{seeds}")
-            if len(per_seed) > 1:
+            if frame.shape[1] > 1:
                 ax.fill_between(frame.index, frame.min(axis=1), frame.max(axis=1), color=color, alpha=0.2, linewidth=0)
         ax.set_xlabel("training step")
         ax.set_ylabel(ylabel)

@@ -81,14 +81,11 @@ def _section(name: str, body: str) -> str:
 def claims_chart(table: pd.DataFrame, level: float = LEVEL) -> str | None:
     """:func:`~moe_lightning.report.plots.plot_claim_panels` as a chart, from the table of
     :func:`~moe_lightning.analysis.claims.claims_over_training`."""
-    if table.empty or not (table["n seeds"] >= 1).any():
+    groups = figures.claim_groups(table)
+    if groups is None:
         return None
-    multi_family = table["family"].nunique() > 1
     panels = []
-    for (family, claim, comparison, metric), rows in table.groupby(
-        ["family", "claim", "comparison", "metric"], sort=False
-    ):
-        prefix = f"{family}: " if multi_family else ""
+    for title, ylabel, rows in groups:
         traces: list[go.Scatter] = []
         layers = list(rows.groupby("layer", sort=False))
         for index, (layer, frame) in enumerate(layers):
@@ -115,9 +112,7 @@ def claims_chart(table: pd.DataFrame, level: float = LEVEL) -> str | None:
         steps = sorted(rows["step"].unique())
         zero = {"color": "black", "dash": "dash", "width": 1}
         traces.append(go.Scatter(x=steps, y=[0.0] * len(steps), name="zero", mode="lines", line=zero, hoverinfo="skip"))
-        ylabel = "A − B" if rows["paired"].iloc[0] else "A − threshold"
-        seeds = int(rows["n seeds"].max())
-        panels.append((f"{prefix}{claim}: {comparison}<br>{metric} (n ≤ {seeds} seeds)", ylabel, traces))
+        panels.append((title.replace("\n", "<br>"), ylabel, traces))
     return charts.small_multiples(panels, "claims", columns=3)
 
 
