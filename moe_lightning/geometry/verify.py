@@ -27,16 +27,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from moe_lightning.common import observation
 from moe_lightning.geometry.lending import lent_modules, with_cast_copies
-from moe_lightning.geometry.view import HasPlacement, MoEView
+from moe_lightning.geometry.view import ExpertPlacement, HasPlacement, MoEView
 
 __all__ = ["CHECKS", "TOLERANCE", "ViewCheck", "layer_output", "verify_view"]
 
@@ -129,30 +129,60 @@ def _miss(got: Tensor, want: Tensor, scale: float) -> float:
     return float((got.double() - want.double()).abs().max()) / scale if got.numel() else 0.0
 
 
-def _gated_sum(views: Sequence[MoEView], x_ND: Tensor) -> Tensor:
-    """``Σ_views Σ_e g_e(x) f_e(x)``, each expert run on the tokens routed to it."""
+def _gated_sum(view: MoEView, x_ND: Tensor, experts: range | None = None) -> Tensor:
+    """``Σ_e g_e(x) f_e(x)`` over ``experts`` (default all), each expert run on the tokens routed to it."""
     total = torch.zeros_like(x_ND)
-    for view in views:
-        gates_NE = view.gates(x_ND).to(x_ND.dtype)
-        for e in torch.nonzero(gates_NE.abs().sum(0)).flatten().tolist():
+    gates_NE = view.gates(x_ND).to(x_ND.dtype)
+    for e in torch.nonzero(gates_NE.abs().sum(0)).flatten().tolist():
+        if experts is None or e in experts:
             rows = gates_NE[:, e] != 0
             total[rows] += gates_NE[rows, e : e + 1] * view.expert(e)(x_ND[rows])
+    return total
+
+
+def _sharded_gated_sum(view: MoEView, x_ND: Tensor, placement: ExpertPlacement) -> Tensor:
+    """The gated sum of a layer whose experts expert parallelism splits over ``placement.group``, without gathering
+    any expert: the group's tokens are gathered (they are few), each rank adds its own experts' terms for all of
+    them, one all-reduce sums the terms, and each rank keeps its tokens' rows. Every rank of the group calls it."""
+    group = placement.group
+    sizes: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(sizes, x_ND.shape[0], group=group)
+    padded = x_ND.new_zeros(max(sizes), x_ND.shape[1])
+    padded[: x_ND.shape[0]] = x_ND
+    gathered = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(gathered, padded, group=group)
+    tokens = torch.cat([block[:n] for block, n in zip(gathered, sizes, strict=True)])
+    try:
+        terms, error = _gated_sum(view, tokens, placement.local_experts), None
+    except Exception as caught:  # every rank still enters the all-reduce; this rank's error fails its check after
+        terms, error = torch.zeros_like(tokens), caught
+    dist.all_reduce(terms, group=group)
+    if error is not None:
+        raise error
+    start = sum(sizes[: dist.get_rank(group)])
+    return terms[start : start + x_ND.shape[0]]
+
+
+def _views_sum(views: Sequence[MoEView], x_ND: Tensor) -> Tensor:
+    """``Σ_views Σ_e g_e(x) f_e(x)``; a view whose experts expert parallelism splits sums them over its group."""
+    total = torch.zeros_like(x_ND)
+    for view in views:
+        placement = view.placement() if isinstance(view, HasPlacement) else None
+        sharded = placement is not None and dist.is_initialized() and dist.get_world_size(placement.group) > 1
+        total += _sharded_gated_sum(view, x_ND, placement) if sharded else _gated_sum(view, x_ND)
     return total
 
 
 def _checks(views: Sequence[MoEView], x_ND: Tensor, dtype: torch.dtype | None) -> list[tuple[str, Callable]]:
     """The checks as ``(name, run)``; ``run() -> (got, want, how it was run)``. The views' gated sum is computed
     before the layer runs at all: a sharded layer (FSDP2) gives its gathered weights back at the end of its own
-    forward, after which the views would read shards. Under expert parallelism every expert is lent for the sum
-    only."""
+    forward, after which the views would read shards. Under expert parallelism no expert is gathered: each rank
+    sums its own experts' terms (:func:`_sharded_gated_sum`)."""
     module = views[0].module
     state: dict[str, Any] = {}
     x = x_ND if dtype is None else x_ND.to(dtype)
-    placement = views[0].placement() if isinstance(views[0], HasPlacement) else None
-    try:  # every expert on this rank while they are summed (a collective under expert parallelism), not longer:
-        # the layer's own forward must see only this rank's experts
-        with placement.gather_all() if placement is not None else nullcontext():
-            state["sum"] = with_cast_copies(lent_modules(views), dtype, lambda: _gated_sum(views, x))
+    try:
+        state["sum"] = with_cast_copies(lent_modules(views), dtype, lambda: _views_sum(views, x))
     except Exception as error:  # reported by the reconstruction check, in its turn
         state["sum"] = error
 
