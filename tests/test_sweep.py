@@ -134,7 +134,8 @@ def test_failed_job_is_reported_and_others_go_on(tmp_path, capsys) -> None:
         seeds=[0],
         routing_overrides={"soft": {"model": {"init_args": {"config": {"top_k": 99}}}}},
     )
-    code = main([str(preset), "--out", str(tmp_path / "out"), "--loggers", "csv", "--no-report"])
+    # both jobs side by side: the failing one must not stop the other while it runs
+    code = main([str(preset), "--out", str(tmp_path / "out"), "--loggers", "csv", "--no-report", "--devices", "2"])
     out = capsys.readouterr().out
     assert code == 1
     root = tmp_path / "out" / "tiny"
@@ -239,7 +240,7 @@ def test_a_variant_runs_and_the_report_groups_it_under_its_name(tmp_path) -> Non
     preset = tiny_preset(
         tmp_path, routings=["topk", "sigmoid_aux_free"], seeds=[0], variants={"sigmoid_aux_free": variant}
     )
-    code = main([str(preset), "--out", str(tmp_path / "out"), "--loggers", "csv", "--no-report"])
+    code = main([str(preset), "--out", str(tmp_path / "out"), "--loggers", "csv", "--no-report", "--devices", "2"])
     assert code == 0
     job = tmp_path / "out" / "tiny" / "sigmoid_aux_free-seed0"
     assert json.loads((job / "run.json").read_text())["variant"] is True
