@@ -19,10 +19,3 @@ def stale_final_probe(last_probe: int | None, last_step: int) -> bool:
     if last_probe is None:
         return True
     return last_step - last_probe > STALE_SHARE * last_step
-
-
-def staleness(last_probe: int | None, last_step: int) -> str:
-    """How far the last probe lies from the end, in words: ``"step 0, 128 steps before the last step (128)"``."""
-    if last_probe is None:
-        return f"no probe in {last_step} steps"
-    return f"step {last_probe}, {last_step - last_probe} steps before the last step ({last_step})"

@@ -1,10 +1,8 @@
-"""One self-contained HTML page: tables rendered by pandas, PNGs embedded as base64 data URIs, scripts inlined."""
+"""One self-contained HTML page: tables rendered by pandas, charts and scripts inlined."""
 
 from __future__ import annotations
 
-import base64
 import html
-import os
 
 import pandas as pd
 
@@ -26,13 +24,6 @@ dl.marks { display: grid; grid-template-columns: max-content auto; gap: 3px 12px
 dl.marks dt { font-weight: bold; }
 dl.marks dd { margin: 0; }
 """
-
-
-def image_html(path: str, alt: str) -> str:
-    """``<img>`` with the PNG at ``path`` embedded as a base64 data URI."""
-    with open(path, "rb") as handle:
-        data = base64.b64encode(handle.read()).decode("ascii")
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
 def table_html(frame: pd.DataFrame) -> str:
@@ -73,27 +64,6 @@ def paragraph(text: str, css_class: str | None = None) -> str:
     """Escaped text in a ``<p>``."""
     attribute = f' class="{css_class}"' if css_class else ""
     return f"<p{attribute}>{html.escape(text)}</p>"
-
-
-def figures_html(
-    images: dict[str, str | None], notes: dict[str, str], titles: dict[str, tuple[str, str]] | None = None
-) -> str:
-    """Each figure embedded, or the note saying why it was skipped.
-
-    Args:
-        images: figure name -> PNG path (None when skipped).
-        notes: figure name -> why it was skipped.
-        titles: figure name -> ``(heading, caption)``; a figure without one is headed by its name.
-    """
-    parts = []
-    for name, path in images.items():
-        heading, caption = (titles or {}).get(name, (name, ""))
-        parts.append(f"<h3>{html.escape(heading)}</h3>" + (paragraph(caption, "caption") if caption else ""))
-        if path is not None and os.path.isfile(path):
-            parts.append(image_html(path, name))
-        else:
-            parts.append(paragraph(f"skipped: {notes.get(name, 'no data')}", "note"))
-    return "\n".join(parts)
 
 
 def write_page(path: str, title: str, sections: list[tuple[str, str]], head: str = "", contents: bool = False) -> str:
