@@ -7,6 +7,7 @@ your own is viewed through ``register_moe_class``, a ``CallableView`` or a ``reg
 
 from moe_lightning.adapters.base import CallableView, selection_bias
 from moe_lightning.adapters.custom import register_moe_class
+from moe_lightning.adapters.declare import RouterOutput, StackedExperts, register_moe
 from moe_lightning.adapters.hf import register_hf_adapters
 from moe_lightning.adapters.native import is_native, native_views
 from moe_lightning.adapters.registry import (
@@ -21,6 +22,7 @@ from moe_lightning.adapters.registry import (
 
 register_adapter("moe_lightning", is_native, native_views)
 register_hf_adapters()  # matches by class name; never imports transformers itself
+import moe_lightning.adapters.libraries  # noqa: E402,F401  (registers the built-in declarations)
 
 __all__ = [
     # Finding the MoE layers of a model
@@ -30,6 +32,9 @@ __all__ = [
     "SkippedLayer",
     "BlockNotViewable",
     # Viewing a layer of your own
+    "register_moe",
+    "RouterOutput",
+    "StackedExperts",
     "register_moe_class",
     "CallableView",
     "register_adapter",
