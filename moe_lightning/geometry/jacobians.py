@@ -69,7 +69,8 @@ def jacobians(
     intermediates (estimated as 4 Jacobian-sized tensors per token) stay within ``memory_budget_bytes``.
 
     Args:
-        fn: row-wise function ``(n, D_in) -> (n, D_out)``; it must be vmap-friendly (pure torch ops).
+        fn: row-wise function ``(n, D_in) -> (n, D_out)``; one that ``vmap`` cannot batch (``.item()``,
+            ``one_hot``, data-dependent branches) runs one token at a time.
         x_ND: ``(N, D_in)`` tokens.
         memory_budget_bytes: peak-memory budget of one chunk.
         mode: ``"auto"``, ``"jacfwd"`` or ``"jacrev"``.
@@ -96,9 +97,17 @@ def jacobians(
     if mode == "auto":
         mode = "jacfwd" if d_in < d_out else "jacrev"
     transform = jacfwd if mode == "jacfwd" else jacrev
-    jac_fn = vmap(transform(_per_token(fn)))
+    one_token = transform(_per_token(fn))
+    jac_fn = vmap(one_token)
     chunk = _chunk_size(4 * d_out * d_in * x_ND.element_size(), memory_budget_bytes)
-    return torch.cat([jac_fn(x_ND[i : i + chunk]) for i in range(0, n, chunk)], dim=0)
+    try:
+        return torch.cat([jac_fn(x_ND[i : i + chunk]) for i in range(0, n, chunk)], dim=0)
+    except RuntimeError as error:
+        if "vmap" not in str(error):
+            raise
+    # A function vmap cannot batch (other libraries' routers: one_hot, .item(), data-dependent branches) is
+    # differentiated one token at a time; the Jacobian is the same, only slower.
+    return torch.stack([one_token(x_D) for x_D in x_ND])
 
 
 # ---------------------------------------------------------------------------------------------------------------
