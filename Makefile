@@ -16,7 +16,7 @@ BIN := $(VENV)/bin
 # torch is pinned apart from the lock too: the CPU wheel is the one installed, and a torch that pip may pick freely
 # would be a CUDA build of several GB.
 TORCH := 2.13.0
-EXTRAS := dev,hf,docs
+EXTRAS := dev,hf,docs,libs
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -65,7 +65,7 @@ lock: $(LOCK_VENV)/bin/uv
 	  "#   echo torch==$(TORCH) | uv pip compile $(LOCK_ARGS)" \
 	  '# Refresh: make lock, make install, python scripts/hf_families_table.py (after a transformers upgrade), make test.' \
 	  '# Do not edit by hand. pyproject.toml keeps open ranges; make test-latest runs the suite without this file.' \
-	  '# The nvidia-*, cuda-* and triton lines are what the CUDA torch wheel on PyPI needs; the CPU wheel that' \
+	  '# The nvidia-* and cuda-* lines are what the CUDA torch wheel on PyPI needs (triton too, which the libs extra takes); the CPU wheel that' \
 	  '# make install takes needs none of them, and a constraint installs nothing by itself.' \
 	  ''; \
 	  echo torch==$(TORCH) | $(LOCK_VENV)/bin/uv pip compile $(LOCK_ARGS); } > constraints.txt.new

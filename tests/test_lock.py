@@ -16,7 +16,7 @@ tomllib = pytest.importorskip("tomllib")  # Python 3.11+, which the lock is for
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCK = (ROOT / "constraints.txt").read_text(encoding="utf-8")
-EXTRAS = ("dev", "hf", "docs")
+EXTRAS = ("dev", "hf", "docs", "libs")
 
 
 @pytest.fixture(scope="module")
