@@ -131,11 +131,11 @@ SELECTION_BIAS_NAMES = ("expert_bias", "e_score_correction_bias", "score_correct
 
 def selection_bias(view: Any) -> Tensor | None:
     """A layer's selection bias, ``(E,)``, wherever it keeps it, or None: the view's own ``selection_bias()`` if it
-    has one, else the first of :data:`SELECTION_BIAS_NAMES` on the block (torchtitan keeps ``expert_bias`` there) or
+    gives one, else the first of :data:`SELECTION_BIAS_NAMES` on the block (torchtitan keeps ``expert_bias`` there) or
     on one of its children (this project's router, a Hugging Face gate), of length ``num_experts``."""
     own = getattr(view, "selection_bias", None)
-    if callable(own):
-        return own()
+    if callable(own) and (declared := own()) is not None:
+        return declared
     module = view.module
     for holder in (module, *module.children()):
         for name in SELECTION_BIAS_NAMES:
