@@ -24,6 +24,10 @@ from moe_lightning.geometry.verify import layer_output
 
 TokenFn = Callable[[Tensor], Tensor]
 
+# 16 float32 units (2**-24 each): how far a layer that rounds part of its forward to float32 whatever its dtype may
+# miss a float64 reference; a wrong view misses by the size of a gate or an expert output, 1e-2 and more.
+FLOAT32_ROUNDING = 2.0**-20
+
 
 def sigma_max(fn: TokenFn, x_D: Tensor) -> float:
     """σ_max of autograd's Jacobian of ``fn`` at one token (``fn`` maps ``(1, D)`` to ``(1, D)``)."""
@@ -37,6 +41,7 @@ def assert_matches_autograd(
     x_ND: Tensor,
     own_expert: Callable[[int], TokenFn],
     own_routed_output: TokenFn | None = None,
+    float32_inside: bool = False,
 ) -> None:
     """The views pass their check with a float64 miss under 1e-12; the probe's gate-weighted per-expert σ_max and its
     layer σ_max (docs/geometry.md §2) equal autograd's.
@@ -48,10 +53,18 @@ def assert_matches_autograd(
         own_expert: ``own_expert(e)`` runs the library's own expert ``e`` on ``(n, D)`` tokens.
         own_routed_output: the layer's routed experts' output (the layer's forward less its shared experts, where it
             has them), ``(n, D) -> (n, D)``; None, the layer's own output.
+        float32_inside: the layer computes part of its forward in float32 whatever its dtype (torchtitan's router
+            scores and its weighted sum of the experts), so its float64 output and Jacobian carry float32 rounding:
+            the view's reconstruction and the layer σ_max are then held to :data:`FLOAT32_ROUNDING`, and the view
+            check's float64 tolerance (1e-9) is not asked of it; the per-expert σ_max stays held to 1e-9.
     """
     layer.eval()
     check = verify_view(views, x_ND)
-    assert check.passed and check.miss < 1e-12, check.message()
+    if float32_inside:
+        # determinism and per-token run before reconstruction, so a check that failed there passed both
+        assert check.failed in (None, "reconstruction") and check.miss < FLOAT32_ROUNDING, check.message()
+    else:
+        assert check.passed and check.miss < 1e-12, check.message()
     routed = views[0]
     scalars = probe(routed, x_ND).scalars("g")
     with torch.no_grad():
@@ -66,7 +79,8 @@ def assert_matches_autograd(
         assert abs(scalars[f"g/jac_sigma_max/e{e}"] - expected) < 1e-9 * max(1.0, expected), e
     output = own_routed_output or (lambda x: layer_output(layer, x))
     expected = sum(sigma_max(output, x_D) for x_D in x_ND) / x_ND.shape[0]
-    assert abs(scalars["g/layer_jac_sigma_max"] - expected) < 1e-9 * max(1.0, expected)
+    tolerance = FLOAT32_ROUNDING if float32_inside else 1e-9
+    assert abs(scalars["g/layer_jac_sigma_max"] - expected) < tolerance * max(1.0, expected)
 
 
 class Wrapped(L.LightningModule):
@@ -101,7 +115,8 @@ def train_with_monitors(
 
     Returns:
         The logged rows, the layer's input at each training step (recorded by a hook of the test), and the final
-        weights; the weights are checked equal to those of the run without monitors.
+        weights and buffers (non-persistent ones too, such as torchtitan's token counter); they are checked equal to
+        those of the run without monitors.
     """
     torch.manual_seed(0)
     data = DataLoader(TensorDataset(torch.randn(4 * steps, seq, dim), torch.randn(4 * steps, seq, dim)), batch_size=4)
@@ -115,7 +130,8 @@ def train_with_monitors(
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*(does not have many workers|log_every_n_steps).*")
             rows = fit_logged(module, data, log_dir, callbacks, max_steps=steps)
-        return rows, inputs, {k: v.detach().clone() for k, v in module.state_dict().items()}
+        state = {**dict(module.named_buffers()), **module.state_dict()}
+        return rows, inputs, {k: v.detach().clone() for k, v in state.items()}
 
     monitors = [
         GeometryMonitor(every_n_steps=1, max_tokens=16),
