@@ -10,7 +10,9 @@ The gate routes a token to its second to n-th expert with probability ``min(1, g
 made in eval mode too: only ``threshold_eval`` 0 (every top-n expert; a gate under the gate's ``eps``, 1e-9, is still
 drawn) or ``inf`` (the first expert only) is deterministic. Capacity drops couple the tokens of a sequence; the view
 check refuses them at run time, and ``capacity_factor_eval >= num_experts`` keeps every token. ``noise_gates``, a
-forward argument, is not seen: the view is the layer called without it.
+forward argument, is not seen: the view is the layer called without it. With ``straight_through_dispatch_tensor``
+(its default) the layer's backward passes the combine weights' gradient through the dispatch weights, so autograd of
+the layer is not the Jacobian of its output; the views measure the Jacobian of the output.
 """
 
 from __future__ import annotations
