@@ -91,13 +91,12 @@ class RouterOutput:
         extra = [attribute(block, name) for name in self.args]
         output = router(x_ND.unsqueeze(0) if self.batched else x_ND, *extra)
 
-        def item(index: int | None) -> Tensor:
-            found = output if index is None else output[index]
-            return found.reshape(x_ND.shape[0], *found.shape[(2 if self.batched else 1) :])
+        def item(index: int | None, *shape: int) -> Tensor:
+            # Token first, whether the router keeps the sequence axis or flattens it: (1, N, ...) or (N, ...).
+            return (output if index is None else output[index]).reshape(x_ND.shape[0], *shape, -1)
 
         if self.combine is not None:
-            combine = item(self.combine)
-            return (combine.sum(-1) if combine.dim() == 3 else combine).to(x_ND.dtype)
+            return item(self.combine, num_experts).sum(-1).to(x_ND.dtype)
         weights, indices = item(self.weights), item(self.indices).long()
         gates_NE = torch.zeros(x_ND.shape[0], num_experts, dtype=x_ND.dtype, device=x_ND.device)
         return gates_NE.scatter_add(-1, indices, weights.to(x_ND.dtype))
@@ -107,8 +106,8 @@ class RouterOutput:
 class StackedExperts:
     """Experts kept as stacked weight tensors, expert first.
 
-    An expert is ``act(x W_in) W_out``, or ``(act(x W_gate) * (x W_in)) W_out`` with ``w_gate`` (a SwiGLU when
-    ``act`` is SiLU).
+    An expert is ``act(x W_in + b_in) W_out + b_out``, or ``(act(x W_gate) * (x W_in)) W_out + b_out`` with
+    ``w_gate`` (a SwiGLU when ``act`` is SiLU).
 
     Args:
         w_in: attribute path of the input projections.
@@ -118,6 +117,9 @@ class StackedExperts:
             ``nn.Linear``'s ``(E, H, D)`` and ``(E, D, H)`` (``x @ w.T``).
         activation: a name of ``moe_lightning.geometry.activations.ACTIVATIONS`` (``"silu"``, ``"gelu"``,
             ``"relu"``, ...) or the attribute path of the layer's activation module.
+        b_in: attribute path of the input biases (``H`` numbers per expert, ``(E, H)`` or ``(E, 1, H)``) of an
+            ungated expert, or None; where the layer keeps None (built without biases), there is no bias.
+        b_out: attribute path of the output biases (``D`` numbers per expert), likewise.
     """
 
     w_in: str
@@ -125,19 +127,27 @@ class StackedExperts:
     w_gate: str | None = None
     layout: Literal["in_out", "out_in"] = "in_out"
     activation: str = "silu"
+    b_in: str | None = None
+    b_out: str | None = None
 
     def __post_init__(self) -> None:
         if self.layout not in ("in_out", "out_in"):
             raise ValueError(f"StackedExperts: layout={self.layout!r} is not allowed; allowed 'in_out', 'out_in'")
+        if self.w_gate is not None and self.b_in is not None:
+            raise ValueError("StackedExperts: b_in is for ungated experts; give b_in=None with w_gate")
 
-    def weights(self, block: nn.Module, e: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Expert ``e``'s ``(w_in (D, H), w_out (H, D), w_gate (D, H) or None)`` in ``x @ w`` layout."""
+    def weights(self, block: nn.Module, e: int, dtype: torch.dtype) -> tuple[Tensor | None, ...]:
+        """Expert ``e``'s ``(w_in (D, H), w_out (H, D), w_gate (D, H), b_in (H,), b_out (D,))`` in ``x @ w`` layout,
+        None for a part it has not."""
 
-        def read(path: str) -> Tensor:
-            w = attribute(block, path)[e].to(dtype)
-            return w.T if self.layout == "out_in" else w
+        def read(path: str | None, bias: bool = False) -> Tensor | None:
+            found = None if path is None else attribute(block, path)
+            if found is None:
+                return None
+            w = found[e].to(dtype)
+            return w.reshape(-1) if bias else w.T if self.layout == "out_in" else w
 
-        return read(self.w_in), read(self.w_out), None if self.w_gate is None else read(self.w_gate)
+        return read(self.w_in), read(self.w_out), read(self.w_gate), read(self.b_in, True), read(self.b_out, True)
 
     def act(self, block: nn.Module) -> str | Callable[[Tensor], Tensor]:
         return self.activation if self.activation in ACTIVATIONS else attribute(block, self.activation)
@@ -223,9 +233,11 @@ class DeclaredView:
             return None
 
         def hidden(x_ND: Tensor) -> Tensor:
-            (w_in, _, w_gate), act = self._stacked(e, x_ND.dtype)
+            (w_in, _, w_gate, b_in, _), act = self._stacked(e, x_ND.dtype)
             act_fn = ACTIVATIONS[act][0] if isinstance(act, str) else act
-            return act_fn(x_ND @ w_in) if w_gate is None else act_fn(x_ND @ w_gate) * (x_ND @ w_in)
+            if w_gate is not None:
+                return act_fn(x_ND @ w_gate) * (x_ND @ w_in)
+            return act_fn(x_ND @ w_in if b_in is None else x_ND @ w_in + b_in)
 
         return hidden
 
@@ -234,15 +246,20 @@ class DeclaredView:
         if hidden is None:
             module = attribute(self.module, self._spec.experts)[e]
             return lambda x_ND: _first_tensor(module(x_ND))
-        return lambda x_ND: hidden(x_ND) @ self._stacked(e, x_ND.dtype)[0][1]
+
+        def expert(x_ND: Tensor) -> Tensor:
+            w_out, b_out = (self._stacked(e, x_ND.dtype)[0][i] for i in (1, 4))
+            return hidden(x_ND) @ w_out if b_out is None else hidden(x_ND) @ w_out + b_out
+
+        return expert
 
     def _closed_form(self, e: int, x_ND: Tensor, mlp_fn, swiglu_fn):
         stacked = self._stacked(e, x_ND.dtype)
         if stacked is None:
             return None
-        (w_in, w_out, w_gate), act = stacked
+        (w_in, w_out, w_gate, b_in, _), act = stacked  # the output bias does not enter the Jacobian
         if w_gate is None:
-            return mlp_fn(x_ND, w_in, None, w_out, act)
+            return mlp_fn(x_ND, w_in, b_in, w_out, act)
         silu = act == "silu" or isinstance(act, nn.SiLU)
         return swiglu_fn(x_ND, w_gate, w_in, w_out) if silu else None
 
