@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from moe_lightning.adapters.registry import BlockNotViewable, register_adapter, registered_adapters
+from moe_lightning.common import preserved_rng
 from moe_lightning.geometry import (
     mlp_expert_jacobian,
     mlp_jacobian_operator,
@@ -159,7 +160,7 @@ class _Spec:
     gates: Callable[[nn.Module, Tensor, int], Tensor]
     selection_bias: str | None
     shared_experts: str | None
-    shared_gate: str | None
+    shared_gate: str | Gates | None
     refuse: Callable[[nn.Module], str | None] | None
 
 
@@ -216,7 +217,10 @@ class DeclaredView:
         )
 
     def gates(self, x: Tensor) -> Tensor:
-        return self._spec.gates(self.module, x, self.num_experts).to(x.dtype)
+        # A router may draw random numbers (noise, random token selection), even in eval mode; reading it must
+        # leave the random stream the layer's training draws from where it was (RouterMonitor reads every batch).
+        with preserved_rng():
+            return self._spec.gates(self.module, x, self.num_experts).to(x.dtype)
 
     def _stacked(self, e: int, dtype: torch.dtype):
         experts = self._spec.experts
@@ -277,7 +281,8 @@ class DeclaredView:
 
 
 class DeclaredSharedView:
-    """The shared experts of a declared layer: one expert run on every token, gate 1 or ``sigmoid(shared_gate)``."""
+    """The shared experts of a declared layer: one expert run on every token, gate 1, ``sigmoid(shared_gate(x))``
+    or what a ``shared_gate`` function returns."""
 
     num_experts = 1
 
@@ -285,9 +290,13 @@ class DeclaredSharedView:
         self.name, self.module, self._spec = name, module, spec
 
     def gates(self, x: Tensor) -> Tensor:
-        if self._spec.shared_gate is None:
+        shared_gate = self._spec.shared_gate
+        if shared_gate is None:
             return torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)
-        return _first_tensor(attribute(self.module, self._spec.shared_gate)(x)).sigmoid().to(x.dtype)
+        with preserved_rng():  # as DeclaredView.gates
+            if callable(shared_gate):
+                return shared_gate(self.module, x).to(x.dtype)
+            return _first_tensor(attribute(self.module, shared_gate)(x)).sigmoid().to(x.dtype)
 
     def expert(self, e: int) -> TokenFn:
         if e != 0:
@@ -341,7 +350,7 @@ def register_moe(
     route_scale: float | str = 1.0,
     selection_bias: str | None = None,
     shared_experts: str | None = None,
-    shared_gate: str | None = None,
+    shared_gate: str | Gates | None = None,
     structure: Callable[[nn.Module], bool] | None = None,
     refuse: Callable[[nn.Module], str | None] | None = None,
     builtin: bool = False,
@@ -366,9 +375,10 @@ def register_moe(
         route_scale: a factor on the gates (DeepSeek-V3's ``routed_scaling_factor``).
         selection_bias: an ``(E,)`` tensor added to the scores to choose the experts but not to weight them
             (auxiliary-loss-free balancing); RouterMonitor logs it too.
-        shared_experts: a module every token runs through (gate 1, or ``sigmoid(shared_gate(x))``), viewed as
+        shared_experts: a module every token runs through (gate 1, or as ``shared_gate`` says), viewed as
             ``<layer>.shared_experts``.
-        shared_gate: a module ``(N, D) -> (N, 1)`` whose sigmoid gates the shared experts.
+        shared_gate: a module ``(N, D) -> (N, 1)`` whose sigmoid gates the shared experts, or a function
+            ``shared_gate(layer, x_ND) -> (N, 1)`` that gives their gate (DeepSpeed's Residual MoE: a softmax share).
         structure: where a class name is not enough, ``structure(module)`` must be true too.
         refuse: ``refuse(module)`` returns why a layer cannot be viewed exactly (then it is skipped with that
             reason, see :func:`scan_moe_layers`), or None.
