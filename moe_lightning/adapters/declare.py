@@ -29,14 +29,21 @@ Example:
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
+from moe_lightning.adapters.declaration import (
+    Declaration,
+    Gates,
+    RouterOutput,
+    StackedExperts,
+    attribute,
+    first_tensor,
+    logit_gates,
+)
 from moe_lightning.adapters.registry import BlockNotViewable, register_adapter, registered_adapters
 from moe_lightning.common import preserved_rng
 from moe_lightning.geometry import (
@@ -51,163 +58,16 @@ from moe_lightning.geometry.view import MoEView, TokenFn
 __all__ = ["RouterOutput", "StackedExperts", "register_moe"]
 
 ADAPTER_NAME = "declared"
-Gates = Callable[[nn.Module, Tensor], Tensor]  # (block, x (N, D)) -> (N, E)
-
-
-@dataclass(frozen=True)
-class RouterOutput:
-    """Gates read from what the layer's router module returns, for a router that does its own top-k.
-
-    Give ``combine`` (a combine tensor ``(N, E, C)`` or ``(N, E)``, summed over its capacity slots) or both
-    ``weights`` and ``indices`` (``(N, K)`` each): the position of each in the router's output tuple, or ``None``
-    for an output that is the tensor itself.
-
-    Args:
-        path: the router module, an attribute path in the layer (``"gate"``, ``"deepspeed_moe.gate"``).
-        combine: where the combine tensor is in the router's output.
-        weights: where the top-k weights are.
-        indices: where the top-k expert indices are.
-        args: attributes of the layer passed to the router after the tokens (torchtitan's ``("expert_bias",)``).
-        batched: call the router with one sequence ``(1, N, D)`` rather than ``(N, D)``.
-    """
-
-    path: str
-    combine: int | None = None
-    weights: int | None = None
-    indices: int | None = None
-    args: tuple[str, ...] = ()
-    batched: bool = False
-
-    def __post_init__(self) -> None:
-        if (self.combine is None) == (self.weights is None and self.indices is None) or (
-            self.combine is None and (self.weights is None or self.indices is None)
-        ):
-            raise ValueError(
-                f"RouterOutput({self.path!r}): give combine=, or both weights= and indices=; got combine="
-                f"{self.combine!r}, weights={self.weights!r}, indices={self.indices!r}"
-            )
-
-    def gates(self, block: nn.Module, x_ND: Tensor, num_experts: int) -> Tensor:
-        router = attribute(block, self.path)
-        extra = [attribute(block, name) for name in self.args]
-        output = router(x_ND.unsqueeze(0) if self.batched else x_ND, *extra)
-
-        def item(index: int | None, *shape: int) -> Tensor:
-            # Token first, whether the router keeps the sequence axis or flattens it: (1, N, ...) or (N, ...).
-            return (output if index is None else output[index]).reshape(x_ND.shape[0], *shape, -1)
-
-        if self.combine is not None:
-            return item(self.combine, num_experts).sum(-1).to(x_ND.dtype)
-        weights, indices = item(self.weights), item(self.indices).long()
-        gates_NE = torch.zeros(x_ND.shape[0], num_experts, dtype=x_ND.dtype, device=x_ND.device)
-        return gates_NE.scatter_add(-1, indices, weights.to(x_ND.dtype))
-
-
-@dataclass(frozen=True)
-class StackedExperts:
-    """Experts kept as stacked weight tensors, expert first.
-
-    An expert is ``act(x W_in + b_in) W_out + b_out``, or ``(act(x W_gate) * (x W_in)) W_out + b_out`` with
-    ``w_gate`` (a SwiGLU when ``act`` is SiLU).
-
-    Args:
-        w_in: attribute path of the input projections.
-        w_out: attribute path of the output projections.
-        w_gate: attribute path of the gate projections of a gated (GLU) expert, or None.
-        layout: ``"in_out"`` for ``w_in`` ``(E, D, H)`` and ``w_out`` ``(E, H, D)`` (``x @ w``), ``"out_in"`` for
-            ``nn.Linear``'s ``(E, H, D)`` and ``(E, D, H)`` (``x @ w.T``).
-        activation: a name of ``moe_lightning.geometry.activations.ACTIVATIONS`` (``"silu"``, ``"gelu"``,
-            ``"relu"``, ...) or the attribute path of the layer's activation module.
-        b_in: attribute path of the input biases (``H`` numbers per expert, ``(E, H)`` or ``(E, 1, H)``) of an
-            ungated expert, or None; where the layer keeps None (built without biases), there is no bias.
-        b_out: attribute path of the output biases (``D`` numbers per expert), likewise.
-    """
-
-    w_in: str
-    w_out: str
-    w_gate: str | None = None
-    layout: Literal["in_out", "out_in"] = "in_out"
-    activation: str = "silu"
-    b_in: str | None = None
-    b_out: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.layout not in ("in_out", "out_in"):
-            raise ValueError(f"StackedExperts: layout={self.layout!r} is not allowed; allowed 'in_out', 'out_in'")
-        if self.w_gate is not None and self.b_in is not None:
-            raise ValueError("StackedExperts: b_in is for ungated experts; give b_in=None with w_gate")
-
-    def weights(self, block: nn.Module, e: int, dtype: torch.dtype) -> tuple[Tensor | None, ...]:
-        """Expert ``e``'s ``(w_in (D, H), w_out (H, D), w_gate (D, H), b_in (H,), b_out (D,))`` in ``x @ w`` layout,
-        None for a part it has not."""
-
-        def read(path: str | None, bias: bool = False) -> Tensor | None:
-            found = None if path is None else attribute(block, path)
-            if found is None:
-                return None
-            w = found[e].to(dtype)
-            return w.reshape(-1) if bias else w.T if self.layout == "out_in" else w
-
-        return read(self.w_in), read(self.w_out), read(self.w_gate), read(self.b_in, True), read(self.b_out, True)
-
-    def act(self, block: nn.Module) -> str | Callable[[Tensor], Tensor]:
-        return self.activation if self.activation in ACTIVATIONS else attribute(block, self.activation)
-
-
-@dataclass(frozen=True)
-class _Spec:
-    experts: str | StackedExperts
-    gates: Callable[[nn.Module, Tensor, int], Tensor]
-    selection_bias: str | None
-    shared_experts: str | None
-    shared_gate: str | Gates | None
-    refuse: Callable[[nn.Module], str | None] | None
 
 
 # Declared layers, matched in order (a user's declaration goes before the built-in ones); one adapter serves them.
-_DECLARED: list[tuple[type | str, Callable[[nn.Module], bool] | None, _Spec]] = []
-
-
-def attribute(block: nn.Module, path: str) -> Any:
-    """``block.a.b.c`` for the path ``"a.b.c"`` (a number steps into a list: ``"experts.0"``)."""
-    step = lambda obj, name: obj[int(name)] if name.isdigit() else getattr(obj, name)  # noqa: E731
-    return functools.reduce(step, path.split("."), block)
-
-
-def _setting(block: nn.Module, value: Any) -> Any:
-    """A declared setting: a constant, or the attribute path where the layer keeps it."""
-    return attribute(block, value) if isinstance(value, str) else value
-
-
-def _logit_gates(router: str, top_k: int | str | None, score: str, renormalize: bool | str, route_scale, bias):
-    """Gates from a router that returns logits ``(N, E)``: ``score``, the top-k chosen on score plus selection bias
-    (which does not weight), optionally renormalised over the k, times ``route_scale``; no top-k, every expert."""
-
-    def gates(block: nn.Module, x_ND: Tensor, num_experts: int) -> Tensor:
-        logits = attribute(block, router)(x_ND)
-        logits_NE = (logits[0] if isinstance(logits, (tuple, list)) else logits).to(x_ND.dtype)
-        scores_NE = logits_NE.softmax(-1) if score == "softmax" else logits_NE.sigmoid()
-        k = _setting(block, top_k)
-        if k is None:
-            return scores_NE * _setting(block, route_scale)
-        choice_NE = scores_NE if bias is None else scores_NE + attribute(block, bias).to(x_ND.dtype)
-        index_NK = choice_NE.topk(int(k), dim=-1).indices
-        weights_NK = scores_NE.gather(-1, index_NK)
-        if _setting(block, renormalize):
-            weights_NK = weights_NK / weights_NK.sum(-1, keepdim=True)
-        return torch.zeros_like(scores_NE).scatter(-1, index_NK, weights_NK * _setting(block, route_scale))
-
-    return gates
-
-
-def _first_tensor(output: Any) -> Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
+_DECLARED: list[tuple[type | str, Callable[[nn.Module], bool] | None, Declaration]] = []
 
 
 class DeclaredView:
     """The :class:`~moe_lightning.geometry.MoEView` of a layer declared with :func:`register_moe`."""
 
-    def __init__(self, name: str, module: nn.Module, spec: _Spec) -> None:
+    def __init__(self, name: str, module: nn.Module, spec: Declaration) -> None:
         self.name, self.module, self._spec = name, module, spec
         experts = spec.experts
         self.num_experts = (
@@ -249,7 +109,7 @@ class DeclaredView:
         hidden = self.expert_hidden(e)
         if hidden is None:
             module = attribute(self.module, self._spec.experts)[e]
-            return lambda x_ND: _first_tensor(module(x_ND))
+            return lambda x_ND: first_tensor(module(x_ND))
 
         def expert(x_ND: Tensor) -> Tensor:
             w_out, b_out = (self._stacked(e, x_ND.dtype)[0][i] for i in (1, 4))
@@ -286,7 +146,7 @@ class DeclaredSharedView:
 
     num_experts = 1
 
-    def __init__(self, name: str, module: nn.Module, spec: _Spec) -> None:
+    def __init__(self, name: str, module: nn.Module, spec: Declaration) -> None:
         self.name, self.module, self._spec = name, module, spec
 
     def gates(self, x: Tensor) -> Tensor:
@@ -296,13 +156,13 @@ class DeclaredSharedView:
         with preserved_rng():  # as DeclaredView.gates
             if callable(shared_gate):
                 return shared_gate(self.module, x).to(x.dtype)
-            return _first_tensor(attribute(self.module, shared_gate)(x)).sigmoid().to(x.dtype)
+            return first_tensor(attribute(self.module, shared_gate)(x)).sigmoid().to(x.dtype)
 
     def expert(self, e: int) -> TokenFn:
         if e != 0:
             raise ValueError(f"{self.name}: expert index e={e} is out of range; allowed 0..0")
         shared = attribute(self.module, self._spec.shared_experts)
-        return lambda x_ND: _first_tensor(shared(x_ND))
+        return lambda x_ND: first_tensor(shared(x_ND))
 
     def expert_hidden(self, e: int) -> TokenFn | None:
         return None
@@ -314,7 +174,7 @@ class DeclaredSharedView:
         return f"DeclaredSharedView(name={self.name!r})"
 
 
-def _declared(module: nn.Module) -> _Spec | None:
+def _declared(module: nn.Module) -> Declaration | None:
     names = {cls.__name__ for cls in type(module).__mro__}
     for layer, structure, spec in _DECLARED:
         is_it = layer in names if isinstance(layer, str) else isinstance(module, layer)
@@ -398,10 +258,10 @@ def register_moe(
     if isinstance(router, RouterOutput):
         read: Callable[[nn.Module, Tensor, int], Tensor] = router.gates
     elif router is not None:
-        read = _logit_gates(router, top_k, score, renormalize, route_scale, selection_bias)
+        read = logit_gates(router, top_k, score, renormalize, route_scale, selection_bias)
     else:
         read = lambda block, x_ND, num_experts: gates(block, x_ND)  # noqa: E731
-    spec = _Spec(experts, read, selection_bias, shared_experts, shared_gate, refuse)
+    spec = Declaration(experts, read, selection_bias, shared_experts, shared_gate, refuse)
     _DECLARED[:] = [entry for entry in _DECLARED if entry[0] != layer or entry[1] is not structure]
     _DECLARED.insert(len(_DECLARED) if builtin else 0, (layer, structure, spec))
     if ADAPTER_NAME not in registered_adapters():
