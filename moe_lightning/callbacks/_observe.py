@@ -149,11 +149,12 @@ def observed_model(pl_module: LightningModule) -> nn.Module:
 
 
 def warn_state_changes(owner: str, changes: StateChanges, store: set[str]) -> None:
-    """Warn once when a monitor's forward passes changed state the model keeps outside its buffers (buffers are
-    restored silently): what was set back, and what was written in place and could not be."""
-    if not changes:
-        return
+    """Warn once when a monitor's forward passes changed state the model keeps outside its buffers that could not be
+    set back (written in place): what was lost, and what was set back beside it. State that was set back whole
+    (buffers, an attribute given a new value, as DeepSpeed's ``l_aux``) leaves training as it was: no warning."""
     lost = [c for c in changes if c not in changes.restored]
+    if not lost:
+        return
     message = (
         f"{owner}: the model's forward pass changes state it keeps outside its buffers: "
         + ", ".join(changes)

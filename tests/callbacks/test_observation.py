@@ -266,6 +266,28 @@ def test_state_a_forward_keeps_outside_buffers_is_named_and_set_back_where_it_ca
     assert module.model.ffn.calls == 2  # the two training steps; the probe's pass was set back
 
 
+class Counting(MoELayer):
+    """A layer that counts its forward passes in a plain attribute, which a probe's pass gives a new value."""
+
+    def __init__(self) -> None:
+        super().__init__(MoEConfig(dim=16, expert_hidden=16, num_experts=4, top_k=2))
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return super().forward(x)
+
+
+def test_state_set_back_whole_trains_alike_without_a_warning():
+    torch.manual_seed(0)
+    module = PlainMoE(ffn=Counting())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(module, [GeometryMonitor(every_n_steps=None, max_tokens=16)], max_steps=2)
+    assert not [w for w in caught if "changes state" in str(w.message)]
+    assert module.model.ffn.calls == 2  # the two training steps; the probe's passes were set back
+
+
 def test_model_checkpoint_and_early_stopping_use_geometry_and_router_keys(tmp_path):
     checkpoint = ModelCheckpoint(
         dirpath=tmp_path / "ckpt", monitor="geometry/ffn/jac_sigma_max/mean", mode="min", every_n_train_steps=2
