@@ -1,7 +1,8 @@
 """RouterMonitor checks the views whose gates it recomputes, as GeometryMonitor does: a layer with random routing, a
-token-coupled layer and a wrong hand-written view are each refused with one warning, no key of theirs is logged, and
-training ends in the weights it ends in without the monitor. CurvatureMonitor reads no view: the Hessian of the
-model's own loss with respect to a refused layer's weights is exact, and it is logged.
+token-coupled layer, a wrong hand-written view and one that cannot run are each refused with one warning, no key of
+theirs is logged, the other layers lose nothing, and training ends in the weights it ends in without the monitor. A
+moe-lightning layer is summarised from its router's own outputs and is not checked. CurvatureMonitor reads no view:
+the Hessian of the model's own loss with respect to a refused layer's weights is exact, and it is logged.
 
 Shape legend: ``N`` tokens, ``E`` experts, ``D`` model dim, ``P`` parameters.
 """
