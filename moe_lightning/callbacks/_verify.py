@@ -37,10 +37,11 @@ def verified_views(
     views: Sequence[MoEView],
     captured: dict[str, Tensor],
     capture_error: BaseException | None,
-    dtype: torch.dtype,
+    dtype: torch.dtype | None,
 ) -> list[MoEView] | None:
-    """The views that pass their check (:func:`~moe_lightning.geometry.verify_view`) on every rank; each one that
-    fails is warned about once, naming the layer, the check and the size of the miss. None, with nothing checked,
+    """The views that pass their check (:func:`~moe_lightning.geometry.verify_view`, the views run in ``dtype``,
+    None for the layer's own) on every rank; each one that fails is warned about once, naming the layer, the check
+    and the size of the miss. None, with nothing checked,
     when the capture failed on some rank (the probe reports that; the check waits for the next probe). A
     collective: every rank calls it at the same point, with the same views."""
     if failures.agree(trainer, capture_error):

@@ -21,10 +21,13 @@ from moe_lightning.callbacks._observe import (
     log_scalars,
     logging_step,
     observed_model,
+    warn_state_changes,
 )
-from moe_lightning.common import check_positive_int, warn_once
+from moe_lightning.callbacks._verify import verified_views
+from moe_lightning.common import check_positive_int, observation, warn_once
 from moe_lightning.geometry import MoEView
 from moe_lightning.geometry.router import routing_sums, window_statistics
+from moe_lightning.geometry.verify import MAX_CHECK_TOKENS
 from moe_lightning.nn.router import MoEAux
 
 # After the routing sums of a view: dropped, assignments, sum of aux_load_balance, sum of aux_z_loss, batches.
@@ -39,6 +42,11 @@ class RouterMonitor(PublishingCallback):
     one small matmul) and add the summary to the window's sums. At a logging step the window's sums are summed
     across data-parallel ranks in one collective, turned into statistics, logged (rank zero) and cleared: every
     statistic covers all tokens the router saw since the last log, on every rank.
+
+    A view whose gates the monitor recomputes is checked against its layer at the end of the first training batch,
+    on that batch's layer inputs, as :class:`GeometryMonitor` checks its views (docs/adapters.md "How a view is
+    checked"): a view that fails on any rank is dropped on every rank with one warning, and no value of it is ever
+    logged. A moe-lightning layer hands over its router's own outputs, which need no view, and is not checked.
 
     A window holds every micro-batch of its optimiser steps (under gradient accumulation too), travels with the
     checkpoint (a window that spans a resume loses nothing), and the last window of a run is logged when training
@@ -95,6 +103,15 @@ class RouterMonitor(PublishingCallback):
         self._failures = Failures("RouterMonitor")
         self._warned: set[str] = set()
         self.last_metrics: dict[str, float] = {}
+        # The view check at the end of the first training batch (callbacks/_verify.py): each checked view's layer
+        # input, this rank's capture error, whether each layer hands over its router's outputs (then its statistics
+        # come from them and its view is not checked), and each unchecked view's first failure, which only counts
+        # against the window if the view passes.
+        self.views_checked = False
+        self._check_inputs: dict[str, Tensor] = {}
+        self._check_error: BaseException | None = None
+        self._router_outputs: dict[str, bool] = {}
+        self._unchecked_errors: dict[str, BaseException] = {}
 
     def _interval(self, trainer: Trainer) -> int:
         return self.log_every_n_steps or trainer.log_every_n_steps or 50
@@ -112,12 +129,17 @@ class RouterMonitor(PublishingCallback):
         """Find the layers and hook the forward pass of each MoE block."""
         define_step_metric(trainer, "router/*")
         self.views = [v for v in find_moe_layers(observed_model(pl_module), self.layers) if v.num_experts > 1]
-        self._captured = {}
+        self._captured, self.views_checked = {}, False
+        self._check_inputs, self._check_error, self._router_outputs, self._unchecked_errors = {}, None, {}, {}
         # a window restored from a checkpoint is kept; the bias of a resumed run is its last logged one
         for view in self.views:
             bias = _expert_bias(view)
             if bias is not None and view.name not in self._bias_at_log:
                 self._bias_at_log[view.name] = bias.detach().clone()
+        self._register_hooks()
+
+    def _register_hooks(self) -> None:
+        """One forward hook on each MoE block, for the views of ``self.views`` it holds."""
         by_module: dict[int, list[MoEView]] = {}
         for view in self.views:
             by_module.setdefault(id(view.module), []).append(view)
@@ -126,19 +148,71 @@ class RouterMonitor(PublishingCallback):
 
     def _make_hook(self, views: list[MoEView]):
         def hook(module, args, kwargs, output):
-            if not self._armed or not module.training or self._error is not None:
+            if not self._armed or not module.training:
                 return
             try:
                 aux = output[1] if isinstance(output, tuple) and len(output) > 1 else None
                 aux = aux if isinstance(aux, MoEAux) else None
                 x = layer_input(args, kwargs)
-                with torch.no_grad():
-                    for view in views:
-                        self._captured[view.name] = _batch_sums(view, aux, x)
+                for view in views:
+                    self._router_outputs[view.name] = aux is not None
+                # Only a layer without router outputs reads the flag, so that a compiled forward of moe-lightning
+                # layers is not compiled again once the check is done (any other is, once).
+                if aux is None and not self.views_checked:  # even in a window that failed: a later batch checks
+                    self._keep_for_check(views, x)
             except Exception as error:  # kept for the window's agreement over ranks; training goes on
-                self._error = error
+                self._error, self._check_error = self._error or error, self._check_error or error
+                return
+            if self._error is not None:
+                return
+            with torch.no_grad():
+                for view in views:
+                    try:
+                        self._captured[view.name] = _batch_sums(view, aux, x)
+                    except Exception as error:  # a view the check refuses must not cost the others their window
+                        if self.views_checked:
+                            self._error = error
+                            return
+                        self._unchecked_errors.setdefault(view.name, error)
 
         return hook
+
+    def _keep_for_check(self, views: list[MoEView], x: Tensor) -> None:
+        """Keep a copy of the layer's first input tokens (as many as the check uses) for the check of its views."""
+        x_ND = x.detach().reshape(-1, x.shape[-1])
+        for view in views:
+            if view.name not in self._check_inputs:  # the batch's first forward, should the layer run twice
+                self._check_inputs[view.name] = x_ND[:MAX_CHECK_TOKENS].clone()
+
+    def _check_views(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Check the views whose gates the monitor reads (:func:`~moe_lightning.callbacks._verify.verified_views`,
+        in the layer's own dtype, the one those gates are computed in here) and drop those refused on any rank, with
+        whatever of them the window holds. Nothing is checked while a rank's capture failed (that window is not
+        logged); the next batch's inputs are tried then. A collective."""
+        # A layer hands over its router's outputs on every rank or on none; summed so that a rank on which the layer
+        # did not run agrees too, and every rank checks the same views.
+        own_V = torch.tensor([float(self._router_outputs.get(v.name, False)) for v in self.views])
+        if distributed(trainer):
+            own_V = trainer.strategy.reduce(own_V.to(trainer.strategy.root_device), reduce_op="sum")
+        read = [v for v, own in zip(self.views, own_V.tolist(), strict=True) if own == 0]
+        with observation(pl_module) as changes:
+            args = (self._failures, read, self._check_inputs, self._check_error, None)
+            kept = verified_views(trainer, pl_module, *args)
+        warn_state_changes("RouterMonitor", changes, self._warned)
+        self._check_inputs, self._check_error = {}, None
+        if kept is None:
+            return
+        refused = {v.name for v in read} - {v.name for v in kept}
+        if refused:  # from now on no refused view is summarised at all
+            self.views = [v for v in self.views if v.name not in refused]
+            self._remove_hooks()
+            self._register_hooks()
+        for name in refused:
+            for store in (self._captured, self._window, self._bias_at_log):
+                store.pop(name, None)
+        errors = [error for name, error in self._unchecked_errors.items() if name not in refused]
+        self._error = self._error or next(iter(errors), None)
+        self._unchecked_errors, self.views_checked = {}, True
 
     def _remove_hooks(self) -> None:
         for handle in self._handles:
@@ -166,13 +240,15 @@ class RouterMonitor(PublishingCallback):
         # on_train_batch_end. Every micro-batch of an accumulated step carries the same step.
         self._step = logging_step(trainer)
         self._armed = True
-        self._captured = {}
+        self._captured, self._router_outputs = {}, {}  # empty at each forward, as a compiled forward was traced
 
     @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._armed = False
+        if self.views and not self.views_checked:
+            self._check_views(trainer, pl_module)
         for name, sums in self._captured.items():
             self._window[name] = sums if name not in self._window else self._window[name].to(sums.device) + sums
         self._captured = {}
