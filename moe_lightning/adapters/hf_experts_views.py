@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -156,7 +157,7 @@ class ExpertsInterfaceView(SwigluClosedForms):
         with restored_modes(self.module), router_outputs_unrecorded():
             if self._router is not None:
                 router, i_index, i_weights = self._router
-                out = router.forward(x_ND)
+                out = _router_forward(router, x_ND)
                 return self._scatter(out[i_index], out[i_weights], x_ND)
             _, index_NK, weights_NK = self._block_routing(x_ND)
             return self._scatter(index_NK, weights_NK, x_ND)
@@ -280,3 +281,16 @@ class SharedExpertView(SwigluClosedForms):
             return None
         mlp = self.mlp
         return mlp.gate_proj.weight.T, mlp.up_proj.weight.T, mlp.down_proj.weight.T
+
+
+def _router_forward(router: nn.Module, x_ND: Tensor) -> Any:
+    """``router.forward(x_ND)``; a router that casts its input to float32 (routing in float32, as Inkling2's does)
+    while the probe lends it float64 weights runs on float32 copies of its weights instead, as the model runs it."""
+    try:
+        return router.forward(x_ND)
+    except RuntimeError as error:
+        if "same dtype" not in str(error):
+            raise
+    state = {**dict(router.named_parameters()), **dict(router.named_buffers())}
+    state = {name: t.float() if t.is_floating_point() else t for name, t in state.items()}
+    return torch.func.functional_call(router, state, (x_ND.float(),))

@@ -430,3 +430,19 @@ def test_bfloat16_experts_with_a_float32_router() -> None:
             for e in range(v.num_experts)
         )
     torch.testing.assert_close(recon_ND, y_ND, rtol=3e-2, atol=3e-2 * float(y_ND.abs().max()))
+
+
+def test_a_router_that_routes_in_float32_is_checked_and_probed_in_float64() -> None:
+    # Inkling2's router casts its input to float32 and multiplies by its own weight; the probe lends the router
+    # float64 weights, so the view runs that router on float32 copies, as the model runs it.
+    if "inkling2" not in FAMILIES:
+        pytest.skip("the installed transformers has no inkling2 family")
+    from moe_lightning.geometry import verify_view
+
+    model = tiny_model("inkling2", seed=1)
+    views = find_moe_layers(model)
+    x_ND = torch.randn(12, model.config.get_text_config().hidden_size, generator=torch.Generator().manual_seed(0))
+    check = verify_view([v for v in views if v.module is views[0].module], x_ND, torch.float64)
+    assert check.passed and check.miss < 1e-5, check.message()
+    report = probe(views[0], x_ND.double(), ProbeConfig(pca=False, alignment=False, subspaces=False))
+    assert math.isfinite(report.scalars("g")["g/jac_sigma_max/mean"])
