@@ -15,11 +15,13 @@ Two numbers per monitor:
 Usage:
     python scripts/benchmark_callbacks.py --steps 200 --repeats 2
     python scripts/benchmark_callbacks.py --quick   # 40 steps, 1 repeat: a smoke run
+    python scripts/benchmark_callbacks.py --device cuda --out runs/benchmark_callbacks.json   # one GPU, bf16-mixed
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import time
@@ -41,6 +43,12 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "transformer" / "wikitext_topk.yaml"
 
 
+def synchronize() -> None:
+    """Wait for the GPU, where one is in use: CUDA runs asynchronously, and a host timer would stop at the launch."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 class StepTimer(Callback):
     """Wall time of the whole fit loop (first batch start to last batch end) and of every training batch."""
 
@@ -51,15 +59,19 @@ class StepTimer(Callback):
         self.fit_end = 0.0
 
     def on_train_start(self, trainer, pl_module) -> None:
+        synchronize()
         self.fit_start = time.perf_counter()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        synchronize()
         self._batch_start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        synchronize()
         self.batch_times.append(time.perf_counter() - self._batch_start)
 
     def on_train_end(self, trainer, pl_module) -> None:
+        synchronize()
         self.fit_end = time.perf_counter()
 
 
@@ -71,10 +83,12 @@ def timed(monitor: Any, method: str, log: list[float], when: Callable[[], bool] 
     def wrapper(*args, **kwargs):
         if not when():
             return original(*args, **kwargs)
+        synchronize()
         start = time.perf_counter()
         try:
             return original(*args, **kwargs)
         finally:
+            synchronize()
             log.append(time.perf_counter() - start)
 
     setattr(monitor, method, wrapper)
@@ -92,8 +106,19 @@ def build(config: dict[str, Any], seed: int) -> CausalLMModule:
     return CausalLMModule(model_config, **init)
 
 
-def run_variant(name: str, config: dict[str, Any], data: WikiTextDataModule, steps: int, seed: int) -> dict[str, Any]:
-    """Train ``steps`` steps with the named monitor; return the fit wall time and the monitor's own call times."""
+def run_variant(
+    name: str,
+    config: dict[str, Any],
+    data: WikiTextDataModule,
+    steps: int,
+    seed: int,
+    device: str = "cpu",
+    precision: str = "32-true",
+    probe_tokens: int | None = None,
+) -> dict[str, Any]:
+    """Train ``steps`` steps with the named monitor on ``device`` (``"cpu"`` or ``"cuda"``, one device) in
+    ``precision``, GeometryMonitor probing ``probe_tokens`` tokens (None: its default); return the fit wall time and
+    the monitor's own call times."""
     callbacks: list[Callback] = []
     calls: list[float] = []
     batch_sums = router_monitor._batch_sums
@@ -105,7 +130,7 @@ def run_variant(name: str, config: dict[str, Any], data: WikiTextDataModule, ste
         timed(router_monitor, "_batch_sums", calls)
         callbacks.append(monitor)
     elif name == "geometry":
-        monitor = GeometryMonitor()
+        monitor = GeometryMonitor() if probe_tokens is None else GeometryMonitor(max_tokens=probe_tokens)
         timed(monitor, "run_probe", calls)
         callbacks.append(monitor)
     timer = StepTimer()
@@ -114,8 +139,9 @@ def run_variant(name: str, config: dict[str, Any], data: WikiTextDataModule, ste
         max_steps=steps,
         log_every_n_steps=trainer_args.get("log_every_n_steps", 50),
         gradient_clip_val=trainer_args.get("gradient_clip_val"),
-        accelerator="cpu",
+        accelerator=device,
         devices=1,
+        precision=precision,
         logger=L.pytorch.loggers.CSVLogger(os.environ.get("TMPDIR", "/tmp"), name="benchmark_callbacks"),
         callbacks=[*callbacks, timer],
         limit_val_batches=0,
@@ -136,51 +162,18 @@ def run_variant(name: str, config: dict[str, Any], data: WikiTextDataModule, ste
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=200, help="training steps per variant")
-    parser.add_argument("--repeats", type=int, default=2, help="rounds of all variants (alternating order)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--quick", action="store_true", help="40 steps, 1 repeat")
-    args = parser.parse_args()
-    if args.quick:
-        args.steps, args.repeats = 40, 1
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    config = load_config()
-    os.chdir(ROOT)  # the config's data paths are relative to the repository root
-    data_args = dict(config["data"]["init_args"])
-    data = WikiTextDataModule(**data_args)
-    data.prepare_data()
-    data.setup("fit")
-
-    load = os.getloadavg()
-    print(
-        f"config {CONFIG.relative_to(ROOT)}; {args.steps} steps x {args.repeats} repeats; torch threads "
-        f"{torch.get_num_threads()}; load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
-    )
-    variants = ["none", "router", "geometry"]
-    results: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
-    run_variant("none", config, data, min(args.steps, 10), args.seed)  # warm-up: allocator, kernels, data
-    for r in range(args.repeats):
-        for name in variants if r % 2 == 0 else variants[::-1]:
-            result = run_variant(name, config, data, args.steps, args.seed)
-            results[name].append(result)
-            print(
-                f"  round {r}: {name:9s} wall {result['wall']:7.2f}s  median step {result['step'] * 1e3:6.1f} ms  "
-                f"monitor calls {len(result['calls'])} ({sum(result['calls']):.2f}s)"
-            )
-
+def summarise(results: dict[str, list[dict[str, Any]]], steps: int) -> dict[str, Any]:
+    """Baseline step time and each monitor's measured and steady-state overhead, printed and returned."""
     base_wall = statistics.median(x["wall"] for x in results["none"])
     base_step = statistics.median(x["step"] for x in results["none"])
-    print(f"\nbaseline: {base_wall:.2f}s for {args.steps} steps, median step {base_step * 1e3:.1f} ms")
+    print(f"\nbaseline: {base_wall:.2f}s for {steps} steps, median step {base_step * 1e3:.1f} ms")
+    summary: dict[str, Any] = {"baseline_wall_s": base_wall, "baseline_step_ms": base_step * 1e3}
     for name, target in (("router", 0.01), ("geometry", 0.05)):
         wall = statistics.median(x["wall"] for x in results[name])
         calls = [c for x in results[name] for c in x["calls"]]
         interval = results[name][0]["interval"]
         if name == "router":  # its cost per training step: all of its time over all steps
-            per_call = sum(calls) / (args.steps * len(results[name]))
+            per_call = sum(calls) / (steps * len(results[name]))
         else:
             per_call = statistics.median(calls) if calls else 0.0
         steady = per_call / (interval * base_step) if interval else float("nan")
@@ -191,8 +184,77 @@ def main() -> None:
             f"per call {per_call * 1e3:8.1f} ms every {interval} steps -> steady state {steady * 100:5.2f}% "
             f"({verdict} the {target * 100:.0f}% target)"
         )
+        summary[name] = {
+            "measured": measured,
+            "per_call_ms": per_call * 1e3,
+            "every_n_steps": interval,
+            "steady_state": steady,
+            "target": target,
+        }
+    return summary
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=200, help="training steps per variant")
+    parser.add_argument("--repeats", type=int, default=2, help="rounds of all variants (alternating order)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--quick", action="store_true", help="40 steps, 1 repeat")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="one device of this kind")
+    parser.add_argument("--precision", default=None, help="default: 32-true on CPU, bf16-mixed on CUDA")
+    parser.add_argument("--block-size", type=int, default=None, help="tokens per sequence (default: the config's)")
+    parser.add_argument("--batch-size", type=int, default=None, help="sequences per batch (default: the config's)")
+    parser.add_argument("--probe-tokens", type=int, default=None, help="GeometryMonitor's max_tokens (default 256)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the figures here as JSON")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.steps, args.repeats = 40, 1
+    args.precision = args.precision or ("bf16-mixed" if args.device == "cuda" else "32-true")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = load_config()
+    os.chdir(ROOT)  # the config's data paths are relative to the repository root
+    data_args = dict(config["data"]["init_args"])
+    data_args.update({k: v for k, v in (("block_size", args.block_size), ("batch_size", args.batch_size)) if v})
+    data = WikiTextDataModule(**data_args)
+    data.prepare_data()
+    data.setup("fit")
+
+    load = os.getloadavg()
+    device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    print(
+        f"config {CONFIG.relative_to(ROOT)}; {args.steps} steps x {args.repeats} repeats on {device}, "
+        f"{args.precision}; torch threads {torch.get_num_threads()}; load average before: "
+        f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+    )
+    variants = ["none", "router", "geometry"]
+    results: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+    on = {"device": args.device, "precision": args.precision, "probe_tokens": args.probe_tokens}
+    run_variant("none", config, data, min(args.steps, 10), args.seed, **on)  # warm-up: allocator, kernels, data
+    for r in range(args.repeats):
+        for name in variants if r % 2 == 0 else variants[::-1]:
+            result = run_variant(name, config, data, args.steps, args.seed, **on)
+            results[name].append(result)
+            print(
+                f"  round {r}: {name:9s} wall {result['wall']:7.2f}s  median step {result['step'] * 1e3:6.1f} ms  "
+                f"monitor calls {len(result['calls'])} ({sum(result['calls']):.2f}s)"
+            )
+    summary = summarise(results, args.steps)
     load = os.getloadavg()
     print(f"load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    settings = {k: v for k, v in vars(args).items() if k != "out"}
+    report = {"device": device, "torch": torch.__version__, "settings": settings, **summary, "runs": results}
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1))
+        print(f"wrote {args.out}")
+    return report
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ several devices through ``MOE_LIGHTNING_RUN_DIR``, so every rank writes to the s
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import secrets
 import string
@@ -22,6 +23,7 @@ import time
 from typing import Any
 
 from jsonargparse import Namespace
+from lightning.pytorch.utilities import rank_zero_warn
 
 from moe_lightning.analysis.discover import WANDB_ID_FILE
 
@@ -186,6 +188,34 @@ def _first_logger_place(config: Namespace) -> tuple[str | None, str | None]:
     ) == "":
         return save_dir, None
     return None, save_dir
+
+
+def wandb_installed() -> bool:
+    """Whether ``import wandb`` would find the package (looked up, not imported: importing it takes seconds)."""
+    try:
+        return importlib.util.find_spec("wandb") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def check_wandb_loggers(config: Namespace) -> None:
+    """Without wandb, a W&B logger in the config fails with what to do, rather than with jsonargparse's complaint
+    about one of its options; the default logger, CSV then, says so once.
+
+    Raises:
+        ValueError: the config names a W&B logger and wandb is not installed.
+    """
+    if wandb_installed():
+        return
+    for entry in _loggers(config):
+        if _is(entry, WANDB_LOGGER):
+            raise ValueError(
+                f"trainer.logger: {entry.class_path} needs wandb, which is not installed; install it "
+                "(pip install wandb) or choose another logger, e.g. --trainer.logger=CSVLogger"
+            )
+    first = _loggers(config)[:1]
+    if first and _is(first[0], CSV_LOGGER) and first[0].init_args.get("save_dir") == RUNS_ROOT:
+        rank_zero_warn("wandb is not installed: the run logs to CSV (metrics.csv in the run folder)")
 
 
 def place_loggers(config: Namespace, run_dir: str) -> None:

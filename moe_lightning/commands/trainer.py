@@ -23,14 +23,18 @@ from moe_lightning.commands.config_errors import describe_parse_error
 from moe_lightning.commands.run_folder import (
     RUN_DIR_ENV,
     RUNS_ROOT,
+    check_wandb_loggers,
     discard_if_empty,
     place_checkpoints,
     place_loggers,
     resolve_run_dir,
+    wandb_installed,
 )
 from moe_lightning.lightning.loggers import continue_csv_log, finish_wandb_runs
 
 DEFAULT_LOGGER = {"class_path": "moe_lightning.lightning.loggers.AutoWandbLogger", "init_args": {"save_dir": "runs"}}
+# Without wandb (an image that ships only torch and Lightning, say) a run logs to metrics.csv rather than failing.
+FALLBACK_LOGGER = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}}
 
 
 class ConfigError(ValueError):
@@ -39,7 +43,7 @@ class ConfigError(ValueError):
 
 class MoELightningCLI(LightningCLI):
     """LightningCLI with moe-lightning's defaults: any LightningModule / DataModule by ``class_path``, the W&B
-    logger (offline when needed) unless another is chosen, and one folder per run
+    logger (offline when needed; CSV when wandb is not installed) unless another is chosen, and one folder per run
     (:mod:`moe_lightning.commands.run_folder`) holding its config, checkpoints, logs, reports and report."""
 
     run_dir: str | None = None
@@ -47,7 +51,7 @@ class MoELightningCLI(LightningCLI):
     _resuming = False
 
     def __init__(self, args: list[str] | None = None, **kwargs) -> None:
-        kwargs.setdefault("trainer_defaults", {"logger": DEFAULT_LOGGER})
+        kwargs.setdefault("trainer_defaults", {"logger": DEFAULT_LOGGER if wandb_installed() else FALLBACK_LOGGER})
         # jsonargparse raises instead of printing every option's usage: parse_arguments turns it into one line.
         kwargs.setdefault("parser_kwargs", {"exit_on_error": False})
         try:
@@ -94,6 +98,7 @@ class MoELightningCLI(LightningCLI):
         self.run_dir, self._resuming = resolve_run_dir(config, self.subcommand)
         os.environ[RUN_DIR_ENV] = self.run_dir
         config.run_dir = self.run_dir
+        check_wandb_loggers(config)
         place_loggers(config, self.run_dir)
         place_checkpoints(config, self.run_dir)
         if rank_zero_only.rank == 0:

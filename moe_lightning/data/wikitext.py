@@ -6,7 +6,8 @@ Shape legend:
 
 Pipeline (``prepare_data`` does the heavy work once, ``setup`` only loads from the cache):
 
-1. Read the text: local text files through ``datasets.load_dataset("text", ...)``, or the hub dataset by name.
+1. Read the text: local text files line by line (as ``datasets.load_dataset("text", ...)`` splits them), or the
+   hub dataset by name through ``datasets``, which is imported only then.
 2. Train a byte-level BPE tokenizer (``tokenizers``) on the training split and cache ``tokenizer.json`` under a
    key made of the training text's SHA-256 and ``vocab_size``.
 3. Encode every split into one token stream: each non-blank line is a document, followed by ``<|endoftext|>``.
@@ -23,9 +24,8 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
 import torch
 from lightning.pytorch import LightningDataModule
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -33,6 +33,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from moe_lightning.common import hf_offline_mode, hub_reachable
 from moe_lightning.common.bundled import BUNDLED_PREFIX, WIKITEXT2_TRAIN, WIKITEXT2_VAL, is_bundled, resolve_text_file
+
+if TYPE_CHECKING:
+    import datasets
 
 END_OF_TEXT = "<|endoftext|>"
 # Byte-level BPE always keeps the 256 byte symbols, plus our end-of-text token.
@@ -61,6 +64,8 @@ def load_hub_dataset(dataset_name: str, dataset_config: str | None) -> datasets.
     Raises:
         RuntimeError: The dataset is neither reachable nor cached; the message says which options to set.
     """
+    # Imported here: local and bundled files need neither, and an image without them still trains on those.
+    import datasets
     import huggingface_hub
 
     endpoint = huggingface_hub.constants.ENDPOINT
@@ -82,6 +87,14 @@ def load_hub_dataset(dataset_name: str, dataset_config: str | None) -> datasets.
         raise RuntimeError(f"Could not load the hub dataset ({what}): {reason}. " + _offline_hint()) from error
     finally:
         datasets.config.HF_HUB_OFFLINE = saved
+
+
+def read_text_lines(path: str) -> list[str]:
+    """The documents of a local text file, one per line, exactly as ``datasets.load_dataset("text", ...)`` reads
+    them: UTF-8, universal newlines (``\r\n`` and ``\r`` end a line too), line breaks removed, blank lines kept.
+    """
+    with open(path, encoding="utf-8") as handle:
+        return [line.rstrip("\n") for line in handle]
 
 
 def train_bpe_tokenizer(texts: Iterator[str], vocab_size: int) -> Tokenizer:
@@ -291,12 +304,11 @@ class WikiTextDataModule(LightningDataModule):
     def _stream_path(cache_dir: Path, split: str, source_id: str) -> Path:
         return cache_dir / f"tokens-{split}-{hashlib.sha256(source_id.encode()).hexdigest()[:16]}.pt"
 
-    def _load_raw(self) -> datasets.DatasetDict:
+    def _load_raw(self) -> datasets.DatasetDict | dict[str, dict[str, list[str]]]:
+        """Every split's documents, as ``raw[split]["text"]``."""
         if self.files["train"] is None:
             return load_hub_dataset(self.dataset_name, self.dataset_config)
-        data_files = {split: path for split, path in self.files.items() if path is not None}
-        # The arrow copy that `datasets` makes of the files lives in our cache, not in the global HF cache.
-        return datasets.load_dataset("text", data_files=data_files, cache_dir=str(self.cache_root / "hf_datasets"))
+        return {split: {"text": read_text_lines(path)} for split, path in self.files.items() if path is not None}
 
     # ------------------------------------------------------------------------------------------------- lightning
 

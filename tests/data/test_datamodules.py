@@ -211,6 +211,17 @@ def _reference_stream(tokenizer: Tokenizer, path: Path) -> list[int]:
     return stream
 
 
+def test_local_files_are_read_as_datasets_reads_them(tmp_path):
+    """Local files are read without ``datasets`` (an image without it still trains on them): line for line what its
+    "text" builder gives, for Windows and old-Mac line ends, blank lines, a last line without an end, non-ASCII."""
+    path = tmp_path / "mixed.txt"
+    path.write_bytes(" = Title = \r\n\r\nfirst  line\nsecond\rthird \u00e9\u4e2d\n\n \n  last without end".encode())
+    loaded = datasets.load_dataset("text", data_files={"train": str(path)}, cache_dir=str(tmp_path / "hf"))
+    expected = loaded["train"]["text"]
+    assert wikitext_module.read_text_lines(str(path)) == list(expected)
+    assert len(expected) == 8
+
+
 def test_wikitext_blocks_are_shifted_token_stream(text_files, tmp_path):
     dm = _make(text_files, tmp_path / "cache")
     dm.prepare_data()
