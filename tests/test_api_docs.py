@@ -20,6 +20,8 @@ PACKAGES = (
     "distributed",
     "geometry",
     "lightning",
+    "monitors",
+    "monitors.hf",
     "nn",
     "report",
 )

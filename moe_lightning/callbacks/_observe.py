@@ -1,4 +1,4 @@
-"""Shared machinery of the callbacks: copying batches into callback state, the step axis, logging to every Lightning
+"""Shared machinery of the callbacks: the trainer's ranks, the step axis, logging to every Lightning
 logger and to ``trainer.callback_metrics``, and where the callbacks look for MoE layers. The saved reports are in
 ``_reports``, the media (histograms, tables, heatmaps) in ``_media``."""
 
@@ -7,39 +7,24 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from moe_lightning.common import warn_once
-from moe_lightning.common.observe import StateChanges
+from moe_lightning.monitors.ranks import Ranks
 
 
-def batch_inputs(batch: Any, input_key: str | int = 0) -> Any:
-    """The model input of a batch: ``batch[input_key]`` of a tuple/list/dict, or the batch itself."""
-    if isinstance(batch, Tensor):
-        return batch
-    if isinstance(batch, dict):
-        return batch[input_key if isinstance(input_key, str) else "input_ids"]
-    if isinstance(batch, (list, tuple)):
-        return batch[input_key if isinstance(input_key, int) else 0]
-    raise ValueError(f"cannot take model inputs from a batch of type {type(batch).__name__}; pass input_key")
-
-
-def cpu_copy(obj: Any) -> Any:
-    """A detached CPU copy of a batch (tensors, or dicts/lists/tuples of them), for callback state."""
-    if isinstance(obj, Tensor):
-        return obj.detach().cpu().clone()
-    if isinstance(obj, dict):
-        return {k: cpu_copy(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(cpu_copy(v) for v in obj)
-    return obj
+def ranks_of(trainer: Trainer) -> Ranks:
+    """The trainer's ranks for the monitors' core: its sums go through the strategy's own ``reduce``."""
+    return Ranks(
+        trainer.global_rank,
+        trainer.world_size,
+        trainer.strategy.root_device,
+        lambda t: trainer.strategy.reduce(t, reduce_op="sum"),
+    )
 
 
 def logging_step(trainer: Trainer, after_batch: bool = False) -> int:
@@ -146,21 +131,3 @@ def observed_model(pl_module: LightningModule) -> nn.Module:
     # torch.compile's wrapper (``self.model = torch.compile(self.model)``) holds the model as ``_orig_mod``
     compiled = model._modules.get("_orig_mod")
     return model if compiled is None else compiled
-
-
-def warn_state_changes(owner: str, changes: StateChanges, store: set[str]) -> None:
-    """Warn once when a monitor's forward passes changed state the model keeps outside its buffers that could not be
-    set back (written in place): what was lost, and what was set back beside it. State that was set back whole
-    (buffers, an attribute given a new value, as DeepSpeed's ``l_aux``) leaves training as it was: no warning."""
-    lost = [c for c in changes if c not in changes.restored]
-    if not lost:
-        return
-    message = (
-        f"{owner}: the model's forward pass changes state it keeps outside its buffers: "
-        + ", ".join(changes)
-        + (f"; set back: {', '.join(changes.restored)}" if changes.restored else "")
-        + (f"; written in place and not restored: {', '.join(lost)}" if lost else "")
-        + ". Pass forward= (or loss_fn=) to run the model so that it keeps nothing (docs/callbacks.md, "
-        "'What observation does not cover')"
-    )
-    warn_once(message, store, rank_zero_warn)

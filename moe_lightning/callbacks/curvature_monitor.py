@@ -19,21 +19,16 @@ from typing_extensions import override
 
 from moe_lightning.adapters.capture import to_device
 from moe_lightning.adapters.registry import uncompiled_name
-from moe_lightning.callbacks._guard import Failures, distributed
 from moe_lightning.callbacks._media import log_density_media
-from moe_lightning.callbacks._observe import (
-    PublishingCallback,
-    cpu_copy,
-    define_step_metric,
-    log_scalars,
-    logging_step,
-    warn_state_changes,
-)
+from moe_lightning.callbacks._observe import PublishingCallback, define_step_metric, log_scalars, logging_step, ranks_of
 from moe_lightning.callbacks._reports import save_densities
-from moe_lightning.callbacks._schedule import Schedule, warn_if_stale
 from moe_lightning.common import check_choice, check_nonnegative, check_positive_int, observation, warn_once
 from moe_lightning.geometry import SpectralDensity, hessian_eigenvalues, hessian_spectral_density, hessian_trace
 from moe_lightning.geometry.curvature import TRACE_METHODS
+from moe_lightning.monitors.observe import warn_state_changes
+from moe_lightning.monitors.probe_set import cpu_copy
+from moe_lightning.monitors.ranks import Failures
+from moe_lightning.monitors.schedule import Schedule, warn_if_stale
 
 EIGEN_METHODS = ("lanczos",)
 
@@ -178,7 +173,9 @@ class CurvatureMonitor(PublishingCallback):
             define_step_metric(trainer, "curvature/*")
 
         # a setup it cannot serve turns the monitor off, with one warning
-        self.disabled = not self._failures.run(trainer, "setting up", check, "it computes nothing in this run")
+        self.disabled = not self._failures.run(
+            ranks_of(trainer), "setting up", check, "it computes nothing in this run"
+        )
 
     def _check_setup(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.loss_fn is None and not callable(getattr(pl_module, "loss", None)):
@@ -252,7 +249,9 @@ class CurvatureMonitor(PublishingCallback):
                 local_error.append(error)
                 raise
 
-        reduce = {"all_reduce": dist.all_reduce, "world_size": trainer.world_size} if distributed(trainer) else {}
+        reduce = (
+            {"all_reduce": dist.all_reduce, "world_size": trainer.world_size} if ranks_of(trainer).distributed else {}
+        )
         metrics: dict[str, float] = {}
         densities: dict[str, SpectralDensity] = {}
         notes: list[str] = []
@@ -273,9 +272,9 @@ class CurvatureMonitor(PublishingCallback):
             warn_state_changes("CurvatureMonitor", changes, self._warned)
         except Exception as error:
             local_error.append(error)
-        failures = self._failures.agree(trainer, local_error[0] if local_error else None)
+        failures = self._failures.agree(ranks_of(trainer), local_error[0] if local_error else None)
         if failures:
-            self._failures.report(trainer, "the curvature", failures, f"no values are logged at step {step}")
+            self._failures.report(ranks_of(trainer), "the curvature", failures, f"no values are logged at step {step}")
             metrics, densities = {}, {}
         for note in notes if not failures else ():
             warn_once(note, self._warned, rank_zero_warn)

@@ -6,42 +6,34 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import torch
-import torch.distributed as dist
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor
 from typing_extensions import override
 
 from moe_lightning.adapters import find_moe_layers
-from moe_lightning.adapters.capture import capture_layer_inputs
-from moe_lightning.callbacks._guard import Failures, sum_over_ranks
-from moe_lightning.callbacks._health import LayerIncidents, finite_tensors, nonfinite_weights, split_failures
 from moe_lightning.callbacks._media import log_geometry_media
 from moe_lightning.callbacks._observe import (
     PublishingCallback,
-    batch_inputs,
-    cpu_copy,
     define_step_metric,
     log_scalars,
     logging_step,
     observed_model,
-    warn_state_changes,
+    ranks_of,
 )
-from moe_lightning.callbacks._probe_set import bootstrap_columns, draw_probe_set, probe_loader
 from moe_lightning.callbacks._reports import save_geometry_reports
-from moe_lightning.callbacks._schedule import Schedule, warn_if_stale
-from moe_lightning.callbacks._sharded import expert_layout, gathered
-from moe_lightning.callbacks._verify import drop_unverified_views
-from moe_lightning.common import check_choice, check_positive_int, dtype_from_name, observation, warn_once
-from moe_lightning.geometry import GeometryReport, MoEView, ProbeConfig, finalize, probe_statistics
+from moe_lightning.common import check_choice, warn_once
+from moe_lightning.geometry import GeometryReport, MoEView, ProbeConfig, probe_statistics
+from moe_lightning.monitors.geometry_probe import GeometryProbe
+from moe_lightning.monitors.probe_set import probe_loader
+from moe_lightning.monitors.schedule import Schedule, warn_if_stale
 
-_PROBE_DTYPES = ("float64", "float32")
 _SOURCES = ("val", "train")
 
 
 class GeometryMonitor(PublishingCallback):
     r"""Probe the local function geometry and the representation geometry of every MoE layer during training.
+
+    A thin wrapper around :class:`~moe_lightning.monitors.GeometryProbe`, the loop-agnostic core.
 
     A probe set is drawn once, deterministically, from the validation (or training) dataloader and kept in the
     callback's state, so every point of a curve probes the same tokens. At each scheduled step the callback
@@ -144,41 +136,67 @@ class GeometryMonitor(PublishingCallback):
         callback_metrics: str | list[str] | None = None,
     ) -> None:
         super().__init__("GeometryMonitor", callback_metrics)
-        for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
-            check_positive_int(f"GeometryMonitor: {name}", value, allow_none=True)
-        check_positive_int("GeometryMonitor: max_tokens", max_tokens)
-        check_positive_int("GeometryMonitor: min_tokens_per_expert", min_tokens_per_expert, allow_none=True)
         check_choice("GeometryMonitor: source", source, _SOURCES)
-        probe_dtype = dtype_from_name("GeometryMonitor: dtype", dtype, _PROBE_DTYPES)
-        if max_expert_keys is not None and max_expert_keys < 0:
-            raise ValueError(f"GeometryMonitor: max_expert_keys must be >= 0 or None, got {max_expert_keys!r}")
-        self.schedule = Schedule(every_n_steps, at_fit_start, every_n_epochs, at_fit_end)
-        self.max_tokens, self.source, self.layers = max_tokens, source, layers
-        self.min_tokens_per_expert = min_tokens_per_expert
-        self.max_expert_keys, self.log_media = max_expert_keys, log_media
-        self.input_key, self.forward = input_key, forward
-        self.save_reports, self.report_dir = save_reports, report_dir
-        # Validated now, so a wrong option fails before training starts.
-        self.probe_config = ProbeConfig(
-            jacobian=jacobian,
-            layer_jacobian=layer_jacobian,
-            pca=pca,
-            alignment=alignment,
-            subspaces=subspaces,
-            dtype=probe_dtype,
-            memory_budget_bytes=memory_budget_bytes,
-            subspace_rank=subspace_rank,
-            **{"bootstrap": bootstrap, **(probe_config or {})},
+        # The schedule, the probe set, the probe and its state live in the loop-agnostic core (monitors/).
+        self.core = GeometryProbe(
+            every_n_steps,
+            every_n_epochs,
+            at_fit_start,
+            at_fit_end,
+            max_tokens,
+            min_tokens_per_expert,
+            bootstrap,
+            layers,
+            jacobian,
+            layer_jacobian,
+            pca,
+            alignment,
+            subspaces,
+            dtype,
+            memory_budget_bytes,
+            subspace_rank,
+            max_expert_keys,
+            input_key,
+            forward,
+            probe_config,
+            name="GeometryMonitor",
         )
-        self.views: list[MoEView] = []
-        # State kept across checkpoints: the probe set, the steps already probed, each layer's last logged step.
-        self.probe_inputs: list[Any] | None = None
-        self.logged_steps: dict[str, int] = {}
-        self.last_reports: dict[str, GeometryReport] = {}
-        self._failures = Failures("GeometryMonitor")
-        self._incidents = LayerIncidents("GeometryMonitor")
+        # Looked up in this module at each use, where a test may replace them.
+        self.core.find = lambda *args, **kwargs: find_moe_layers(*args, **kwargs)
+        self.core.statistics = lambda *args, **kwargs: probe_statistics(*args, **kwargs)
+        self.source, self.log_media = source, log_media
+        self.save_reports, self.report_dir = save_reports, report_dir
         self._warned: set[str] = set()
-        self.views_checked = False  # each layer's views are checked at the first probe (callbacks/_verify.py)
+
+    @property
+    def schedule(self) -> Schedule:
+        return self.core.schedule
+
+    @property
+    def probe_config(self) -> ProbeConfig:
+        return self.core.probe_config
+
+    @property
+    def views(self) -> list[MoEView]:
+        return self.core.views or []
+
+    @property
+    def views_checked(self) -> bool:
+        return self.core.views_checked
+
+    @property
+    def probe_inputs(self) -> list[Any] | None:
+        """The probe set (kept in the checkpoint)."""
+        return self.core.probe_inputs
+
+    @property
+    def logged_steps(self) -> dict[str, int]:
+        """Each layer's last logged step (kept in the checkpoint)."""
+        return self.core.logged_steps
+
+    @property
+    def last_reports(self) -> dict[str, GeometryReport]:
+        return self.core.last_reports
 
     @property
     def every_n_steps(self) -> int | None:
@@ -190,31 +208,24 @@ class GeometryMonitor(PublishingCallback):
         return self.schedule.done
 
     # ------------------------------------------------------------------ Lightning hooks
+    def _attach(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Hand the core the trainer's precision: the probe set is converted and run as the trainer runs a batch
+        (a ``bf16-true`` model gets bf16 inputs), in its precision's forward context."""
+        precision = trainer.precision_plugin
+        self.core.convert_input, self.core.forward_context = precision.convert_input, precision.forward_context
+
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-
-        def find() -> None:
-            define_step_metric(trainer, "geometry/*")
-            self.views, self.views_checked = find_moe_layers(observed_model(pl_module), self.layers), False
-
-        if not self._failures.run(trainer, "finding the MoE layers", find, "nothing will be probed"):
-            self.views = []
-        elif not self.views:
-            patterns = "" if self.layers is None else f" matching {self.layers!r}"
-            rank_zero_warn(
-                f"GeometryMonitor: no MoE layers{patterns} found in {type(pl_module).__name__}; "
-                "nothing will be probed (see moe_lightning.adapters.register_adapter)"
-            )
+        self._attach(trainer, pl_module)
+        model = observed_model(pl_module)
+        prepare = lambda: define_step_metric(trainer, "geometry/*")  # noqa: E731
+        self.core.find_layers(model, ranks_of(trainer), prepare, model_name=type(pl_module).__name__)
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.probe_inputs is None and self.views:
-
-            def draw() -> None:
-                self.probe_inputs = self._draw_probe_set(trainer, pl_module)
-
-            if not self._failures.run(trainer, "drawing the probe set", draw, "nothing will be probed"):
-                self.views, self.probe_inputs = [], None
+        self._attach(trainer, pl_module)
+        ranks = ranks_of(trainer)
+        self.core.draw_probe_set(pl_module, probe_loader(trainer.datamodule, self.source), ranks)
         # Without a datamodule the probe set (and the baseline) comes from the first training batch instead.
         step = logging_step(trainer)
         if self.probe_inputs is not None and self.schedule.at_start(step):
@@ -223,15 +234,9 @@ class GeometryMonitor(PublishingCallback):
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if self.probe_inputs is None and self.views:  # no datamodule to draw from: take the first training batch
-
-            def take() -> None:
-                self.probe_inputs = [cpu_copy(batch_inputs(batch, self.input_key))]
-
-            if not self._failures.run(trainer, "taking the probe set", take, "nothing will be probed"):
-                self.views, self.probe_inputs = [], None
-                return
+            self.core.take_probe_set(pl_module, batch, ranks_of(trainer), baseline=False)
             step = logging_step(trainer)
-            if self.schedule.at_start(step):
+            if self.probe_inputs is not None and self.schedule.at_start(step):
                 self.run_probe(trainer, pl_module, step)
 
     @override
@@ -262,48 +267,13 @@ class GeometryMonitor(PublishingCallback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "probe_inputs": self.probe_inputs,
-            "probed_steps": list(self.probed_steps),
-            "logged_steps": dict(self.logged_steps),
-        }
+        return self.core.state_dict()
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.probe_inputs = state_dict.get("probe_inputs")
-        self.schedule.done = list(state_dict.get("probed_steps", []))
-        self.logged_steps = dict(state_dict.get("logged_steps", {}))
-
-    # ------------------------------------------------------------------ probe set
-    def _draw_probe_set(self, trainer: Trainer, pl_module: LightningModule) -> list[Any] | None:
-        """The probe set (:func:`~moe_lightning.callbacks._probe_set.draw_probe_set`) from the datamodule's
-        loader, or None without one. Deterministic: the same data on every rank and every run; the model's state
-        and the global RNG are restored afterwards."""
-        loader = probe_loader(trainer.datamodule, self.source)
-        if loader is None or not self.views:
-            return None
-        with observation(pl_module) as changes:
-            inputs = draw_probe_set(
-                loader,
-                self.views,
-                lambda batches: self._capture(trainer, pl_module, batches),
-                self.input_key,
-                self.max_tokens,
-                self.min_tokens_per_expert,
-            )
-        warn_state_changes("GeometryMonitor", changes, self._warned)
-        return inputs
+        self.core.load_state_dict(state_dict)
 
     # ------------------------------------------------------------------ the probe
-    def _capture(self, trainer: Trainer, pl_module: LightningModule, inputs: list[Any]) -> dict[str, Tensor]:
-        """Each probed layer's inputs on ``inputs``, converted as the trainer converts a batch (a ``bf16-true``
-        model gets bf16 inputs) and run in its precision's forward context, without autocast."""
-        precision = trainer.precision_plugin
-        inputs = [precision.convert_input(x) for x in inputs]
-        device_type = pl_module.device.type
-        with precision.forward_context(), torch.autocast(device_type=device_type, enabled=False):
-            return capture_layer_inputs(pl_module, self.views, inputs, self.forward)
-
     def run_probe(
         self, trainer: Trainer, pl_module: LightningModule, step: int | None = None
     ) -> dict[str, GeometryReport]:
@@ -311,39 +281,12 @@ class GeometryMonitor(PublishingCallback):
         logging axis). Returns the reports; a layer whose probe failed on any rank, whose weights hold NaN/Inf or
         whose every probe token reached it with NaN/Inf inputs has none."""
         step = logging_step(trainer) if step is None else step
-        self.schedule.done.append(step)
         if not self.probe_inputs or not self.views:
+            self.schedule.done.append(step)
             return {}
-        reports: dict[str, GeometryReport] = {}
-        probe_set_finite = finite_tensors(self.probe_inputs)
-        with observation(pl_module) as changes:
-            captured, capture_error = {}, None
-            try:
-                captured = self._capture(trainer, pl_module, self.probe_inputs)
-            except Exception as caught:  # every rank still enters each layer's agreement below
-                capture_error = caught
-            drop_unverified_views(self, trainer, pl_module, captured, capture_error)
-            for view in self.views:
-                stats = self._probe_layer(trainer, pl_module, view, captured, capture_error)
-                failures = self._failures.agree(trainer, stats if isinstance(stats, BaseException) else None)
-                nonfinite, failures = split_failures(failures)
-                self._incidents.weights(view.name, step, nonfinite)
-                if failures:
-                    lost = f"no values of {view.name!r} are logged at step {step}"
-                    self._failures.report(trainer, "the probe", failures, lost)
-                if failures or nonfinite:
-                    continue
-                reduce_fn = sum_over_ranks(trainer)
-                report = finalize(stats if reduce_fn is None else stats.reduce(reduce_fn))
-                self._incidents.inputs(view.name, step, report.nonfinite_tokens, report.total_tokens, probe_set_finite)
-                if report.total_tokens:  # with no finite token every value would be NaN
-                    reports[view.name] = report
-        warn_state_changes("GeometryMonitor", changes, self._warned)
-        self.last_reports = reports
-        self.logged_steps.update(dict.fromkeys(reports, step))
-        scalars: dict[str, float] = {}
-        for name, report in reports.items():
-            scalars.update(report.scalars(f"geometry/{name}", max_experts=self.max_expert_keys))
+        self._attach(trainer, pl_module)
+        reports = self.core.probe(pl_module, step, ranks_of(trainer))
+        scalars = self.core.last_values
         self.publish(trainer, scalars)
         if trainer.is_global_zero:
             try:
@@ -351,39 +294,6 @@ class GeometryMonitor(PublishingCallback):
             except Exception as error:  # a logger that fails must not stop training either
                 warn_once(f"GeometryMonitor: could not log at step {step}: {error!r}", self._warned, rank_zero_warn)
         return reports
-
-    def _probe_layer(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        view: MoEView,
-        captured: dict[str, Tensor],
-        capture_error: BaseException | None,
-    ) -> Any:
-        """This rank's statistics of one layer, or the exception that stopped them. Each rank probes its share of
-        the tokens; under expert parallelism the ranks of an expert group probe their shares together, each with
-        its own experts. Under FSDP2 the layer's weights are gathered while it is probed (a collective every rank
-        enters, even one whose capture failed); under expert parallelism each rank's own experts, or all of them
-        where a quantity needs the whole layer on one rank."""
-        rank, world = trainer.global_rank, trainer.world_size
-        placement, all_experts = expert_layout(view, self.probe_config)
-        lend = placement.gather_all if placement is not None and all_experts else None
-        try:
-            with gathered(view.module, lend_experts=lend, root=pl_module):
-                nonfinite = nonfinite_weights(view.module)  # named as weights, not as the tokens it would drop
-                if nonfinite is not None:
-                    return nonfinite
-                if capture_error is not None:
-                    return capture_error
-                x = captured[view.name][: self.max_tokens]
-                split = placement is not None and not all_experts
-                ranks = dist.get_process_group_ranks(placement.group) if split else [rank]
-                shard = torch.cat([x.tensor_split(world)[r] for r in ranks]) if world > 1 else x
-                counts = bootstrap_columns(self.probe_config, x.reshape(-1, x.shape[-1]).shape[0], world, ranks)
-                where = {"expert_group": placement.group, "local_experts": placement.local_experts} if split else {}
-                return probe_statistics(view, shard, self.probe_config, resample_counts=counts, **where)
-        except Exception as error:  # a probe must never stop training; agreed over ranks and reported
-            return error
 
     # ------------------------------------------------------------------ logging
     def _log(self, trainer: Trainer, reports: dict[str, GeometryReport], scalars: dict[str, float], step: int) -> None:

@@ -1,4 +1,4 @@
-"""GeometryMonitor's probe set: the fixed token set every probe of a run reads, drawn once from the data, batch by
+"""The geometry probe's probe set: the fixed token set every probe of a run reads, drawn once from the data, batch by
 batch in the loader's own order, so it is the same on every rank and in every run; and the part of its bootstrap
 resamples that belongs to the tokens a rank probes."""
 
@@ -9,12 +9,33 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from moe_lightning.callbacks._observe import batch_inputs, cpu_copy
 from moe_lightning.geometry import MoEView, ProbeConfig
 from moe_lightning.geometry.bootstrap import resample_counts
+from moe_lightning.monitors.ranks import rank_zero_warn
+
+
+def batch_inputs(batch: Any, input_key: str | int = 0) -> Any:
+    """The model input of a batch: ``batch[input_key]`` of a tuple/list/dict, or the batch itself."""
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, dict):
+        return batch[input_key if isinstance(input_key, str) else "input_ids"]
+    if isinstance(batch, (list, tuple)):
+        return batch[input_key if isinstance(input_key, int) else 0]
+    raise ValueError(f"cannot take model inputs from a batch of type {type(batch).__name__}; pass input_key")
+
+
+def cpu_copy(obj: Any) -> Any:
+    """A detached CPU copy of a batch (tensors, or dicts/lists/tuples of them), for a monitor's state."""
+    if isinstance(obj, Tensor):
+        return obj.detach().cpu().clone()
+    if isinstance(obj, dict):
+        return {k: cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_copy(v) for v in obj)
+    return obj
 
 
 def probe_loader(datamodule: Any, source: str) -> Any:

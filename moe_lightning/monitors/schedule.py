@@ -1,4 +1,4 @@
-"""When a monitor measures: once at fit start, every ``n`` steps of Lightning's logging axis, every ``n`` training
+"""When a monitor measures: once at fit start, every ``n`` steps of the training loop's step axis, every ``n`` training
 epochs, and once at the end of training; never twice at one step (a resumed run keeps the steps it measured in its
 checkpoint)."""
 
@@ -6,9 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from lightning.pytorch.utilities import rank_zero_warn
-
 from moe_lightning.common.final_probe import STALE_SHARE, stale_final_probe
+from moe_lightning.monitors.ranks import rank_zero_warn
 
 
 @dataclass
