@@ -10,7 +10,6 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from moe_lightning.adapters import find_moe_layers
 from moe_lightning.callbacks._media import log_geometry_media
 from moe_lightning.callbacks._observe import (
     PublishingCallback,
@@ -22,7 +21,7 @@ from moe_lightning.callbacks._observe import (
 )
 from moe_lightning.callbacks._reports import save_geometry_reports
 from moe_lightning.common import check_choice, warn_once
-from moe_lightning.geometry import GeometryReport, MoEView, ProbeConfig, probe_statistics
+from moe_lightning.geometry import GeometryReport, MoEView, ProbeConfig
 from moe_lightning.monitors.geometry_probe import GeometryProbe
 from moe_lightning.monitors.probe_set import probe_loader
 from moe_lightning.monitors.schedule import Schedule, warn_if_stale
@@ -161,9 +160,6 @@ class GeometryMonitor(PublishingCallback):
             probe_config,
             name="GeometryMonitor",
         )
-        # Looked up in this module at each use, where a test may replace them.
-        self.core.find = lambda *args, **kwargs: find_moe_layers(*args, **kwargs)
-        self.core.statistics = lambda *args, **kwargs: probe_statistics(*args, **kwargs)
         self.source, self.log_media = source, log_media
         self.save_reports, self.report_dir = save_reports, report_dir
         self._warned: set[str] = set()

@@ -9,7 +9,6 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from moe_lightning.adapters import find_moe_layers
 from moe_lightning.callbacks._observe import (
     PublishingCallback,
     define_step_metric,
@@ -21,7 +20,6 @@ from moe_lightning.callbacks._observe import (
 from moe_lightning.common import check_positive_int, warn_once
 from moe_lightning.geometry import MoEView
 from moe_lightning.monitors.router_probe import RouterProbe
-from moe_lightning.monitors.router_probe import batch_sums as _batch_sums
 
 
 class RouterMonitor(PublishingCallback):
@@ -82,9 +80,6 @@ class RouterMonitor(PublishingCallback):
         check_positive_int("RouterMonitor: log_every_n_steps", log_every_n_steps, allow_none=True)
         # The hooks, the window, its sums over the ranks and its state live in the loop-agnostic core (monitors/).
         self.core = RouterProbe(log_every_n_steps, layers, max_expert_keys, name="RouterMonitor")
-        # Looked up in this module at each use, where a test may replace them.
-        self.core.find = lambda *args, **kwargs: find_moe_layers(*args, **kwargs)
-        self.core.batch_sums = lambda *args, **kwargs: _batch_sums(*args, **kwargs)
         self.log_every_n_steps = log_every_n_steps
         self._warned: set[str] = set()
 

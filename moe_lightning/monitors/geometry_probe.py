@@ -132,10 +132,6 @@ class GeometryProbe:
         # How the probe set reaches the model: a loop with mixed precision converts inputs and wraps the forward.
         self.convert_input: Callable[[Any], Any] = lambda inputs: inputs
         self.forward_context: Callable[[], Any] = contextlib.nullcontext
-        # What finds the layers and computes a layer's statistics: looked up at each use, so that a test may
-        # replace them (the Lightning callback routes them through its own module).
-        self.find: Callable[..., list[MoEView]] = find_moe_layers
-        self.statistics: Callable[..., Any] = probe_statistics
         self.views: list[MoEView] | None = None  # None until the layers are found
         self.views_checked = False  # each layer's views are checked at the first probe (monitors/verify.py)
         # State kept across checkpoints: the probe set, the steps already probed, each layer's last logged step.
@@ -195,7 +191,7 @@ class GeometryProbe:
         def find() -> None:
             if prepare is not None:
                 prepare()
-            self.views, self.views_checked = self.find(model, self.layers), False
+            self.views, self.views_checked = find_moe_layers(model, self.layers), False
 
         if not self._failures.run(ranks, "finding the MoE layers", find, "nothing will be probed"):
             self.views = []
@@ -343,7 +339,7 @@ class GeometryProbe:
                 shard = torch.cat([x.tensor_split(world)[r] for r in group_ranks]) if world > 1 else x
                 counts = bootstrap_columns(self.probe_config, x.reshape(-1, x.shape[-1]).shape[0], world, group_ranks)
                 where = {"expert_group": placement.group, "local_experts": placement.local_experts} if split else {}
-                return self.statistics(view, shard, self.probe_config, resample_counts=counts, **where)
+                return probe_statistics(view, shard, self.probe_config, resample_counts=counts, **where)
         except Exception as error:  # a probe must never stop training; agreed over ranks and reported
             return error
 

@@ -73,9 +73,6 @@ class RouterProbe:
             raise ValueError(f"{name}: max_expert_keys must be >= 0 or None, got {max_expert_keys!r}")
         self.every_n_steps, self.layers, self.max_expert_keys = every_n_steps, layers, max_expert_keys
         self.name, self.log = name, log
-        # What finds the layers and summarises a batch: looked up at each use, so that a test may replace them.
-        self.find: Callable[..., list[MoEView]] = find_moe_layers
-        self.batch_sums: Callable[[MoEView, MoEAux | None, Tensor], Tensor] = batch_sums
         self.views: list[MoEView] = []
         self._handles: list[Any] = []
         self._armed = False
@@ -155,7 +152,7 @@ class RouterProbe:
 
     # ------------------------------------------------------------------ hooks
     def _attach(self, model: nn.Module) -> None:
-        self.views = [v for v in self.find(model, self.layers) if v.num_experts > 1]
+        self.views = [v for v in find_moe_layers(model, self.layers) if v.num_experts > 1]
         self._captured, self.views_checked = {}, False
         self._check_inputs, self._check_error, self._router_outputs, self._unchecked_errors = {}, None, {}, {}
         # a window restored from a checkpoint is kept; the bias of a resumed run is its last logged one
@@ -195,7 +192,7 @@ class RouterProbe:
             with torch.no_grad():
                 for view in views:
                     try:
-                        self._captured[view.name] = self.batch_sums(view, aux, x)
+                        self._captured[view.name] = batch_sums(view, aux, x)
                     except Exception as error:  # a view the check refuses must not cost the others their window
                         if self.views_checked:
                             self._error = error

@@ -24,8 +24,8 @@ import torch
 import torch.distributed as dist
 from helpers import quiet_trainer
 
-import moe_lightning.callbacks.geometry_monitor as geometry_monitor
-import moe_lightning.callbacks.router_monitor as router_monitor
+import moe_lightning.monitors.geometry_probe as geometry_probe
+import moe_lightning.monitors.router_probe as router_probe
 from moe_lightning.callbacks import CurvatureMonitor, GeometryMonitor, RouterMonitor
 from moe_lightning.data import SyntheticMoEDataModule
 from moe_lightning.lightning.modules import MLPMoEModule
@@ -143,14 +143,14 @@ def legacy_cast(original):
 def ddp() -> dict:
     results = {"plain": run(mlp_fit([])), "observed": run(mlp_fit(monitors()))}
     with (
-        patched(geometry_monitor, "probe_statistics", on_rank_one("injected probe failure")),
-        patched(router_monitor, "_batch_sums", on_rank_one("injected router failure")),
+        patched(geometry_probe, "probe_statistics", on_rank_one("injected probe failure")),
+        patched(router_probe, "batch_sums", on_rank_one("injected router failure")),
     ):
         failing_loss = on_rank_one("injected curvature failure")(module_loss)
         results["probe"] = run(mlp_fit(monitors(loss_fn=failing_loss)))
     with (
-        patched(geometry_monitor, "find_moe_layers", on_rank_one("injected setup failure")),
-        patched(router_monitor, "find_moe_layers", on_rank_one("injected setup failure")),
+        patched(geometry_probe, "find_moe_layers", on_rank_one("injected setup failure")),
+        patched(router_probe, "find_moe_layers", on_rank_one("injected setup failure")),
         patched(CurvatureMonitor, "_check_setup", on_rank_one("injected setup failure")),
     ):
         results["setup"] = run(mlp_fit(monitors()))
