@@ -12,6 +12,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from moe_lightning.monitors.geometry_probe import GeometryProbe
+from moe_lightning.monitors.loop import start_geometry
 from moe_lightning.monitors.ranks import Ranks
 from moe_lightning.monitors.router_probe import RouterProbe
 
@@ -38,7 +39,8 @@ class MonitorCallback(TrainerCallback):
         trainer: the trainer whose ``log`` the values go through.
         geometry: the geometry probe, or None.
         router: the router probe, or None.
-        probe_data: an iterable of batches (a ``DataLoader``) or one batch, from which the probe set is drawn.
+        probe_data: an iterable of batches (a ``DataLoader``) or one batch (rank zero's is every rank's), from which
+            the probe set is drawn.
     """
 
     def __init__(
@@ -64,14 +66,7 @@ class MonitorCallback(TrainerCallback):
             self.load_state_dict(torch.load(saved, weights_only=False))
         values: dict[str, float] = {}
         if self.geometry is not None:
-            self.geometry.find_layers(model, ranks)
-            if isinstance(self.probe_data, (torch.Tensor, dict, list, tuple)):
-                values = self.geometry.take_probe_set(model, self.probe_data, ranks, state.global_step)
-            else:
-                self.geometry.draw_probe_set(model, self.probe_data, ranks)
-                if self.geometry.probe_inputs is not None and self.geometry.schedule.at_start(state.global_step):
-                    self.geometry.probe(model, state.global_step, ranks)
-                    values = dict(self.geometry.last_values)
+            values = start_geometry(self.geometry, model, self.probe_data, ranks, state.global_step)
         if self.router is not None:
             self.router.attach(model, ranks)
         self._log(values)

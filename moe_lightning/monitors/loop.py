@@ -1,0 +1,166 @@
+"""LoopMonitors: the geometry and router probes in a training loop of your own (plain, or Accelerate's) in a few
+lines. One object takes the probe set, hooks the router, calls each probe at its point of a step with its step,
+logs what they return and removes its hooks at the end; the two cores underneath are unchanged."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from moe_lightning.common import warn_once
+from moe_lightning.monitors.geometry_probe import GeometryProbe, Log
+from moe_lightning.monitors.ranks import Ranks, rank_zero_warn
+from moe_lightning.monitors.router_probe import RouterProbe
+
+
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside the wrappers a loop puts around it: DDP's (and DataParallel's) ``module``, and
+    ``torch.compile``'s ``_orig_mod``; the MoE layers are found, and named, in it."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(model._modules.get("_orig_mod"), nn.Module):
+            model = model._modules["_orig_mod"]
+        else:
+            return model
+
+
+def is_one_batch(probe_data: Any) -> bool:
+    """Whether ``probe_data`` is one batch (a tensor, a dict, a list or tuple of them) rather than a loader."""
+    return isinstance(probe_data, (torch.Tensor, dict, list, tuple))
+
+
+def start_geometry(geometry: GeometryProbe, model: nn.Module, probe_data: Any, ranks: Ranks, step: int) -> dict:
+    """Find the layers, take the probe set from ``probe_data`` (one batch: rank zero's for every rank; a loader:
+    drawn in its order, which must be the same on every rank) unless a restored one is there, and probe the
+    baseline at ``step`` if the schedule asks for it. Returns the values logged now. A collective."""
+    geometry.find_layers(model, ranks)
+    if is_one_batch(probe_data):
+        return geometry.take_probe_set(model, probe_data, ranks, step, broadcast=True)
+    geometry.draw_probe_set(model, probe_data, ranks)
+    if geometry.probe_inputs is not None and geometry.schedule.at_start(step):
+        geometry.probe(model, step, ranks)
+        return dict(geometry.last_values)
+    return {}
+
+
+class LoopMonitors:
+    """The geometry and router probes in a training loop of your own.
+
+    Give it the model, the data of the probe set and ``log``; then wrap each training step in :meth:`step`, or
+    call :meth:`before_batch` before its forward and :meth:`after_step` after its optimiser step; then
+    :meth:`close` (or use it as a context manager). It counts the steps: the router's window of a batch is
+    labelled with the steps that made the weights routing it, the geometry probe runs after the optimiser step
+    with the steps taken then, as in Lightning, so the values are those of ``GeometryMonitor`` and
+    ``RouterMonitor``. Values go to ``log(values, step)`` on rank zero; every rank makes every call (the sums over
+    the ranks of ``torch.distributed`` are collectives).
+
+    Args:
+        model: the model being trained; a DDP or ``torch.compile`` wrapper is looked through.
+        probe_data: one batch (rank zero's is every rank's) or a loader that is the same on every rank, from which
+            the geometry probe's fixed probe set is taken; needed with ``geometry``.
+        log: ``log(values, step)``, called on rank zero (``wandb.log``-like); give it here, not to the probes.
+        geometry: the geometry probe, or None.
+        router: the router probe, or None.
+        start_step: the optimiser steps taken before the loop starts (a resumed run's); the baseline is probed
+            here.
+
+    Example::
+
+        with LoopMonitors(model, probe_batch, log, GeometryProbe(every_n_steps=100), RouterProbe()) as monitors:
+            for batch in loader:
+                with monitors.step():
+                    train_step(model, batch)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        probe_data: Any = None,
+        log: Log | None = None,
+        geometry: GeometryProbe | None = None,
+        router: RouterProbe | None = None,
+        start_step: int = 0,
+    ) -> None:
+        if geometry is not None and probe_data is None:
+            raise ValueError("LoopMonitors: geometry needs probe_data, the batch or loader of its probe set")
+        for probe in (geometry, router):
+            if probe is not None and probe.log is not None and log is not None:
+                raise ValueError(f"LoopMonitors: {probe.name} has a log of its own; give log to LoopMonitors only")
+        self.model, self.log, self.geometry, self.router = unwrapped(model), log, geometry, router
+        self.steps, self.ranks = start_step, Ranks.current()
+        self._batch_step: int | None = None  # the steps before the open batch; None between batches
+        self._last_batch_step = start_step  # the label of the router's open window: the steps before its last batch
+        self._closed = False
+        self._warned: set[str] = set()
+        if geometry is not None:
+            self._log(start_geometry(geometry, self.model, probe_data, self.ranks, start_step), start_step)
+        if router is not None:
+            router.attach(self.model, self.ranks)
+
+    def before_batch(self, step: int | None = None) -> None:
+        """Before a training batch's forward; ``step``, the optimiser steps taken so far, sets the count (default:
+        the count kept here). Every micro-batch of an accumulated step calls it."""
+        if step is not None:
+            self.steps = step
+        self._batch_step = self._last_batch_step = self.steps
+        if self.router is not None:
+            self.router.start_batch(self.steps)
+
+    def after_step(self, stepped: bool = True) -> dict[str, float]:
+        """After a training batch: its optimiser step (``stepped=False`` for a micro-batch that only accumulated
+        gradients, such as Accelerate's ``not accelerator.sync_gradients``). Logs and returns what the probes give
+        now."""
+        if self._batch_step is None:
+            raise RuntimeError("LoopMonitors: after_step without before_batch")
+        label, self._batch_step = self._batch_step, None
+        self.steps = label + int(stepped)
+        values: dict[str, float] = {}
+        if self.router is not None:
+            values.update(self._log(self.router.end_batch(self.model, self.steps, self.ranks) or {}, label))
+        if self.geometry is not None and stepped:
+            values.update(self._log(self.geometry(self.model, self.steps, self.ranks), self.steps))
+        return values
+
+    @contextlib.contextmanager
+    def step(self, step: int | None = None, stepped: bool = True) -> Iterator[LoopMonitors]:
+        """:meth:`before_batch` on entry, :meth:`after_step` on a normal exit (an exception leaves the window
+        open and propagates)."""
+        self.before_batch(step)
+        yield self
+        self.after_step(stepped)
+
+    def close(self) -> dict[str, float]:
+        """When training ends: log the router's last window and the final geometry probe, and remove the hooks.
+        Returns the values logged now; a second call does nothing."""
+        if self._closed:
+            return {}
+        self._closed = True
+        values: dict[str, float] = {}
+        if self.router is not None:
+            values.update(self._log(self.router.end(self.ranks) or {}, self._last_batch_step))
+            self.router.detach()
+        if self.geometry is not None:
+            values.update(self._log(self.geometry.end(self.model, self.steps, self.ranks), self.steps))
+        return values
+
+    def __enter__(self) -> LoopMonitors:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if exc_info[0] is None:
+            self.close()
+        elif self.router is not None:  # training failed: no last probe (a collective other ranks may not reach)
+            self.router.detach()
+
+    def _log(self, values: dict[str, float], step: int) -> dict[str, float]:
+        if values and self.log is not None and self.ranks.is_global_zero:
+            try:
+                self.log(dict(values), step)
+            except Exception as error:  # a logger that fails must not stop training
+                warn_once(f"LoopMonitors: could not log at step {step}: {error!r}", self._warned, rank_zero_warn)
+        return values
