@@ -1,11 +1,13 @@
 """The monitors in the Hugging Face ``Trainer``: a tiny random Qwen3-MoE trained for two steps on CPU logs, through
 ``trainer.log``, the same keys and values as ``GeometryMonitor`` and ``RouterMonitor`` in Lightning on the same model,
 weights, probe set and steps, and ends in the weights it ends in without the monitors; a resumed run goes on with
-their schedule and window, without duplicates."""
+their schedule and window, without duplicates, and logs the values of the weights it resumed with (the Trainer does not
+restore fused experts from its own checkpoint)."""
 
 from __future__ import annotations
 
 import copy
+import shutil
 
 import lightning as L
 import pytest
@@ -13,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 transformers = pytest.importorskip("transformers")
+safetensors = pytest.importorskip("safetensors")
 pytest.importorskip("accelerate", reason="the Hugging Face Trainer needs accelerate: pip install -e .[hf]")
 
 from helpers import fit_logged, read_metrics, tiny_hf_model  # noqa: E402
@@ -54,7 +57,9 @@ def probe_loader() -> DataLoader:
     return DataLoader(TensorDataset(PROBE), batch_size=4)
 
 
-def hf_train(model, tmp_path, monitors: bool, max_steps: int = 2, resume: bool = False, save_steps: int = 0):
+def hf_train(
+    model, tmp_path, monitors: bool, max_steps: int = 2, resume: bool = False, save_steps: int = 0, callbacks=()
+):
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path),
         use_cpu=True,
@@ -72,7 +77,7 @@ def hf_train(model, tmp_path, monitors: bool, max_steps: int = 2, resume: bool =
         save_steps=save_steps or 500,
         seed=0,
     )
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=Rows())
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Rows(), callbacks=list(callbacks))
     if monitors:
         add_monitors(trainer, GeometryProbe(**GEOMETRY), RouterProbe(every_n_steps=1), probe_data=probe_loader())
     trainer.train(resume_from_checkpoint=resume or None)
@@ -146,20 +151,70 @@ def test_hf_trainer_logs_what_lightning_logs_and_leaves_training_as_it_was(tmp_p
             assert ours[step][key] == pytest.approx(value, rel=1e-4, abs=1e-6), (step, key)
 
 
+class WeightsAtStepBegin(transformers.TrainerCallback):
+    """The model's weights at the start of each step."""
+
+    def __init__(self) -> None:
+        self.at: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self.at[state.global_step] = copy.deepcopy(model.state_dict())
+
+
+def with_weights(state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
+    model = tiny_hf_model("qwen3_moe", **CONFIG)
+    model.load_state_dict(state_dict)
+    return model
+
+
+def reference_values(before_step_1: torch.nn.Module, after_step_2: torch.nn.Module) -> dict[int, dict[str, float]]:
+    """In one process, on the given weights: the router window of step 1's batch (rows 4-7, routed by the weights
+    after one step) and the geometry probe at step 2."""
+    router = RouterProbe(every_n_steps=1)
+    router.attach(before_step_1)
+    router.start_batch(1)
+    before_step_1.train()
+    with torch.no_grad():
+        before_step_1(input_ids=TOKENS[4:8], labels=TOKENS[4:8])
+    window = router.end_batch(before_step_1, 2)
+    router.detach()
+    geometry = GeometryProbe(**GEOMETRY)
+    geometry.take_probe_set(after_step_2, PROBE, baseline=False)
+    return {1: window, 2: geometry(after_step_2, 2)}
+
+
 def test_a_resumed_hf_run_continues_the_monitors_without_duplicates(tmp_path):
-    whole = hf_train(tiny_hf_model("qwen3_moe", **CONFIG), tmp_path / "whole", monitors=True, max_steps=2)
+    whole_weights, weights = WeightsAtStepBegin(), WeightsAtStepBegin()
+    whole = hf_train(tiny_hf_model("qwen3_moe", **CONFIG), tmp_path / "whole", True, 2, callbacks=[whole_weights])
     hf_train(tiny_hf_model("qwen3_moe", **CONFIG), tmp_path / "cut", monitors=True, max_steps=1, save_steps=1)
-    resumed = hf_train(tiny_hf_model("qwen3_moe", **CONFIG), tmp_path / "cut", True, max_steps=2, resume=True)
+    shutil.copytree(tmp_path / "cut", tmp_path / "cut_plain")
+    resumed = hf_train(tiny_hf_model("qwen3_moe", **CONFIG), tmp_path / "cut", True, 2, True, callbacks=[weights])
+    plain = hf_train(tiny_hf_model("qwen3_moe", **CONFIG), tmp_path / "cut_plain", False, 2, True)
     callback = next(c for c in resumed.callback_handler.callbacks if hasattr(c, "geometry"))
     assert callback.geometry.probed_steps == [0, 1, 2]  # step 0 and 1 from the checkpoint, not probed again
     # the history the checkpoint holds and what the resumed run added: each key once per step (hf_values checks)
     assert sorted(hf_values(resumed)) == sorted(hf_values(whole)) == [0, 1, 2]
-    for step in (0, 1, 2):
-        expected, got = hf_values(whole)[step], hf_values(resumed)[step]
-        assert sorted(got) == sorted(expected), step
-        if step == 2:  # the resumed training itself is not the uninterrupted one's, bit for bit: keys only
-            continue
-        for key, value in expected.items():
-            assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (step, key)
     whole_callback = next(c for c in whole.callback_handler.callbacks if hasattr(c, "geometry"))
     assert torch.equal(callback.geometry.probe_inputs[0][0], whole_callback.geometry.probe_inputs[0][0])
+    # The monitors leave the resumed training as it was: the same weights as the resumed run without them.
+    for (name, p), q in zip(resumed.model.named_parameters(), plain.model.parameters(), strict=True):
+        assert torch.equal(p, q), name
+    # The Trainer's own resumed training is not the uninterrupted one's. It reloads the checkpoint with a plain
+    # load_state_dict(strict=False), but save_pretrained wrote the fused experts one expert at a time
+    # (experts.<i>.gate_proj.weight ...): those keep the weights the resumed model was built with, while every
+    # other weight is the uninterrupted run's after step 1, bit for bit.
+    saved = safetensors.torch.load_file(tmp_path / "cut" / "checkpoint-1" / "model.safetensors")
+    initial = tiny_hf_model("qwen3_moe", **CONFIG).state_dict()
+    not_restored = set(initial) - set(saved)
+    assert all(".mlp.experts." in key for key in not_restored), not_restored
+    for key, value in whole_weights.at[1].items():
+        assert torch.equal(weights.at[1][key], initial[key] if key in not_restored else value), key
+    # So the values of what the resumed run trained itself are those of its own weights.
+    ours, theirs = hf_values(resumed), hf_values(whole)
+    reference = reference_values(with_weights(weights.at[1]), resumed.model)
+    # step 0 and step 1's geometry come from the checkpoint; step 1's router window and step 2 from the resumed run
+    expected = {0: theirs[0], 1: {**theirs[1], **reference[1]}, 2: reference[2]}
+    for step in (0, 1, 2):
+        assert sorted(ours[step]) == sorted(theirs[step]) == sorted(expected[step]), step
+        for key, value in expected[step].items():
+            assert ours[step][key] == pytest.approx(value, rel=1e-5, abs=1e-7), (step, key)
