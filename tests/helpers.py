@@ -99,6 +99,20 @@ def load_script(path: str | Path):
     return module
 
 
+def hf_monitor_values(log_history: list[dict]) -> dict[int, dict[str, float]]:
+    """``{step: {key: value}}`` of the monitors' keys in a Hugging Face trainer's log history, on Lightning's axis: the
+    trainer logs a router window, as its loss, once the step its batches made is done (``global_step`` one past
+    Lightning's label, the step of the weights that routed them). Fails on a key logged twice at one step."""
+    found: dict[int, dict[str, float]] = {}
+    for entry in log_history:
+        for key, value in entry.items():
+            if key.startswith(("geometry/", "router/")):
+                step = entry["step"] - key.startswith("router/")
+                assert key not in found.get(step, {}), f"{key} logged twice at step {step}"
+                found.setdefault(step, {})[key] = value
+    return found
+
+
 def numpy_health(load: np.ndarray) -> dict[str, float]:
     """Router health by hand: utilisation over the ideal load, dead experts, exp(entropy of the load) / E."""
     util = load * len(load) / load.sum()
@@ -135,10 +149,13 @@ def quiet_trainer(devices: int, strategy, max_steps: int, callbacks: list, **opt
     )
 
 
-def run_test_script(name: str, argument: str | Path, cwd: str | Path, extra: list[str] | None = None) -> None:
+def run_test_script(
+    name: str, argument: str | Path, cwd: str | Path, extra: list[str] | None = None, torchrun: int = 0
+) -> None:
     """Run ``tests/scripts/<name>`` in a fresh Python (one torch thread, W&B offline) with ``argument`` (and the
-    ``extra`` arguments); fail with its stderr when it fails. The multi-process tests launch their gloo workers this
-    way."""
+    ``extra`` arguments), or with ``torchrun`` > 0 in that many processes started by ``torchrun --standalone``
+    (``python -m torch.distributed.run``); fail with its stderr when it fails. The multi-process tests launch their
+    gloo workers this way."""
     import os
     import subprocess
     import sys
@@ -147,8 +164,11 @@ def run_test_script(name: str, argument: str | Path, cwd: str | Path, extra: lis
     # the package from this checkout, and these helpers for the scripts
     path = os.pathsep.join([str(root), str(root / "tests")])
     env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    launcher = [sys.executable]
+    if torchrun:
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(torchrun)]
     result = subprocess.run(
-        [sys.executable, str(root / "tests" / "scripts" / name), str(argument), *(extra or [])],
+        [*launcher, str(root / "tests" / "scripts" / name), str(argument), *(extra or [])],
         cwd=cwd,
         env=env,
         capture_output=True,

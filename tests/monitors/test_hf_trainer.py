@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 safetensors = pytest.importorskip("safetensors")
 pytest.importorskip("accelerate", reason="the Hugging Face Trainer needs accelerate: pip install -e .[hf]")
 
-from helpers import fit_logged, read_metrics, tiny_hf_model  # noqa: E402
+from helpers import fit_logged, hf_monitor_values, read_metrics, tiny_hf_model  # noqa: E402
 
 from moe_lightning.callbacks import GeometryMonitor, RouterMonitor  # noqa: E402
 from moe_lightning.monitors import GeometryProbe, RouterProbe  # noqa: E402
@@ -85,17 +85,7 @@ def hf_train(
 
 
 def hf_values(trainer) -> dict[int, dict[str, float]]:
-    """``{step: {key: value}}`` of the monitors' keys in the trainer's log history, on Lightning's axis: the trainer
-    logs a router window, as its loss, once the step its batches made is done (``global_step`` one past Lightning's
-    label, the step of the weights that routed them)."""
-    found: dict[int, dict[str, float]] = {}
-    for entry in trainer.state.log_history:
-        for key, value in entry.items():
-            if key.startswith(("geometry/", "router/")):
-                step = entry["step"] - key.startswith("router/")
-                assert key not in found.get(step, {}), f"{key} logged twice at step {step}"
-                found.setdefault(step, {})[key] = value
-    return found
+    return hf_monitor_values(trainer.state.log_history)
 
 
 class CausalLM(L.LightningModule):

@@ -1,0 +1,100 @@
+"""Run by tests/monitors/test_hf_ddp.py under ``torchrun --nproc_per_node 2`` (two gloo processes on CPU), as the
+Hugging Face docs launch the Trainer's DDP: a tiny random Qwen3-MoE trained for two steps with the monitors
+(``add_monitors``, a probe and a router window at every step), then again without them. Each rank writes
+``<out_dir>/rank<r>.pt``: the world size, its log history, the batch it trained on at each step, the weights at the
+start of each step and its final weights with and without the monitors."""
+
+import copy
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import transformers
+from helpers import tiny_hf_model
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from moe_lightning.monitors import GeometryProbe, RouterProbe
+from moe_lightning.monitors.hf import add_monitors
+
+CONFIG = dict(
+    vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+    num_key_value_heads=1, num_experts_per_tok=2, num_experts=4, moe_intermediate_size=8, max_position_embeddings=64,
+    pad_token_id=0, bos_token_id=1, eos_token_id=2,
+)  # fmt: skip
+TOKENS = torch.randint(3, 64, (8, 8), generator=torch.Generator().manual_seed(0))
+PROBE = torch.randint(3, 64, (4, 8), generator=torch.Generator().manual_seed(1))
+# float32: the float64 default hits the HF SwiGLU closed-form dtype bug (tests/callbacks/test_hf_models.py)
+GEOMETRY = dict(every_n_steps=1, max_tokens=32, layer_jacobian=False, subspace_rank=2, dtype="float32")
+STEPS = 2
+
+
+class Rows(Dataset):
+    def __len__(self) -> int:
+        return len(TOKENS)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": TOKENS[i], "labels": TOKENS[i]}
+
+
+class Record(transformers.TrainerCallback):
+    """The weights at the start of each step and the batch each step trained on (its forward with labels)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.weights: dict[int, dict[str, torch.Tensor]] = {}
+        self.batches: list[torch.Tensor] = []
+        model.register_forward_pre_hook(self._batch, with_kwargs=True)
+
+    def _batch(self, module, args, kwargs):
+        if kwargs.get("labels") is not None:
+            self.batches.append(kwargs["input_ids"].clone())
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self.weights[state.global_step] = copy.deepcopy(model.state_dict())
+
+
+def train(out_dir: Path, monitors: bool) -> tuple[transformers.Trainer, Record]:
+    model = tiny_hf_model("qwen3_moe", **CONFIG)
+    args = transformers.TrainingArguments(
+        output_dir=str(out_dir / ("monitored" if monitors else "plain")),
+        use_cpu=True,
+        ddp_backend="gloo",
+        max_steps=STEPS,
+        per_device_train_batch_size=2,
+        learning_rate=0.1,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        train_sampling_strategy="sequential",
+        report_to=[],
+        logging_steps=1000,
+        save_strategy="no",
+        seed=0,
+    )
+    record = Record(model)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Rows(), callbacks=[record])
+    if monitors:
+        probe_data = DataLoader(TensorDataset(PROBE), batch_size=4)  # the same on every rank
+        add_monitors(trainer, GeometryProbe(**GEOMETRY), RouterProbe(every_n_steps=1), probe_data=probe_data)
+    trainer.train()
+    return trainer, record
+
+
+def main(out_dir: str) -> None:
+    monitored, record = train(Path(out_dir), monitors=True)
+    plain, _ = train(Path(out_dir), monitors=False)
+    result = {
+        "world_size": dist.get_world_size(),
+        "log_history": monitored.state.log_history,
+        "batches": record.batches,
+        "weights": record.weights,
+        "final": monitored.model.state_dict(),
+        "final_without_monitors": plain.model.state_dict(),
+    }
+    torch.save(result, Path(out_dir) / f"rank{dist.get_rank()}.pt")
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main(sys.argv[1])
