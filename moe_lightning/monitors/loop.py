@@ -112,8 +112,8 @@ class LoopMonitors:
             self.router.start_batch(self.steps)
 
     def after_step(self, stepped: bool = True) -> dict[str, float]:
-        """After a training batch: its optimiser step (``stepped=False`` for a micro-batch that only accumulated
-        gradients, such as Accelerate's ``not accelerator.sync_gradients``). Logs and returns what the probes give
+        """After a training batch and its optimiser step; ``stepped=False`` for a micro-batch that only accumulated
+        gradients (under Accelerate, ``stepped=accelerator.sync_gradients``). Logs and returns what the probes give
         now."""
         if self._batch_step is None:
             raise RuntimeError("LoopMonitors: after_step without before_batch")
