@@ -60,7 +60,11 @@ class GeometryProbe:
         min_tokens_per_expert: draw batches until every expert's ``n_eff`` reaches this (see ``GeometryMonitor``).
         bootstrap: B, multinomial resamples of the probe tokens for the bootstrapped quantities.
         layers: layer names or glob patterns; None probes every MoE layer found.
-        jacobian, layer_jacobian, pca, alignment, subspaces: which quantities to compute.
+        jacobian: compute the expert Jacobian spectra.
+        layer_jacobian: compute the layer Jacobian spectra.
+        pca: compute the weighted PCA of the routed representations.
+        alignment: compute the cross-expert Jacobian alignment.
+        subspaces: compute the Grassmann distances between expert subspaces.
         dtype: ``"float64"`` (default) or ``"float32"``.
         memory_budget_bytes: peak memory of one Jacobian chunk.
         subspace_rank: ``r`` of the Grassmann subspaces.
