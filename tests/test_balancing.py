@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from helpers import load_script, run_test_script
@@ -266,7 +267,7 @@ def test_two_process_ddp_bias_and_router_monitor_match_one_process_on_the_union(
     model = MLPMoE(load_script(ROOT / "tests" / "scripts" / "ddp_routing.py").CONFIG)
     metrics = ranks[0]["metrics"]
     for layer in range(2):
-        gates, probs = [], []
+        gates, probs, logits = [], [], []
         for rank in ranks:
             for step in (1, 2):
                 x, state = rank["batches"][step]
@@ -274,10 +275,28 @@ def test_two_process_ddp_bias_and_router_monitor_match_one_process_on_the_union(
                 aux = model.train()(x).aux[layer]
                 gates.append(aux.router.gates.detach())
                 probs.append(aux.router.probs.detach())
+                logits.append(aux.router.logits.detach().double())
         expected = window_statistics(routing_sums(torch.cat(gates), torch.cat(probs)))
         name = f"router/blocks.{layer}.ffn"
+        # balance: per micro-batch (each rank's batch of each step), averaged; and of the loads summed over all
+        micro = np.array([numpy_maxvio_cv((g > 0).sum(0).double().numpy()) for g in gates])
+        assert metrics[f"{name}/maxvio_micro"] == pytest.approx(micro[:, 0].mean(), rel=1e-9)
+        assert metrics[f"{name}/load_cv_micro"] == pytest.approx(micro[:, 1].mean(), rel=1e-9)
+        union = numpy_maxvio_cv(sum((g > 0).sum(0) for g in gates).double().numpy())
+        assert metrics[f"{name}/maxvio_global"] == pytest.approx(union[0], rel=1e-9)
+        assert metrics[f"{name}/load_cv"] == pytest.approx(union[1], rel=1e-9)
+        lse = torch.logsumexp(torch.cat(logits), dim=-1)
+        assert metrics[f"{name}/logit_lse_mean"] == pytest.approx(float(lse.mean()), rel=1e-6)
+        assert metrics[f"{name}/logit_lse_max"] == pytest.approx(float(lse.max()), rel=1e-6)
+        assert metrics[f"{name}/logit_max"] == pytest.approx(float(torch.cat(logits).max()), rel=1e-6)
+        assert float(torch.cat(logits[:2]).max()) != float(torch.cat(logits[2:]).max())  # the ranks' maxima differ
         for e, share in enumerate(expected.pop("load").tolist()):
             assert metrics[f"{name}/load/e{e}"] == pytest.approx(share, rel=1e-6)
         for key, value in expected.items():
             assert metrics[f"{name}/{key}"] == pytest.approx(value, rel=1e-6, abs=1e-9), key
         assert metrics[f"{name}/bias_range"] > 0
+
+
+def numpy_maxvio_cv(load: np.ndarray) -> tuple[float, float]:
+    """MaxVio ``(max - mean) / mean`` and population std / mean of per-expert loads."""
+    return (load.max() - load.mean()) / load.mean(), load.std() / load.mean()

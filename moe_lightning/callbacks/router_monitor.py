@@ -57,7 +57,16 @@ class RouterMonitor(PublishingCallback):
           losses are means over the window's batches);
         - ``router/<layer>/bias_range``, ``bias_change`` (aux-free layers): ``max - min`` of the expert bias, and
           the largest change of an expert's bias since the last log (since fit start for the first);
-        - ``router/mean/<stat>``: the mean over layers of each scalar statistic.
+        - ``router/<layer>/maxvio_global`` (of the window's loads summed over micro-batches and ranks),
+          ``maxvio_micro``, ``load_cv_micro`` (each micro-batch's, averaged over the window's micro-batches and
+          ranks); ``load_cv`` is the global one;
+        - ``router/<layer>/logit_lse_mean``, ``logit_lse_max``, ``logit_max``: router-logit drift (moe-lightning
+          layers, whose records hold the logits);
+        - ``router/<layer>/coactivation_tv``, ``coactivation_max_lift``: expert co-activation against independent
+          routing (top-k > 1, at most 64 experts);
+        - ``router/mean/<stat>``: the mean over layers of each scalar statistic;
+        - ``router/layers/<stat>_p50``, ``<stat>_p90``, ``<stat>_max``: percentiles (linear interpolation) and
+          maximum over layers of each scalar statistic.
 
     Args:
         log_every_n_steps: logging interval; None uses the trainer's ``log_every_n_steps``.
