@@ -97,6 +97,10 @@ class RouterProbe:
         self._failures = Failures(name)
         self._warned: set[str] = set()
         self.last_metrics: dict[str, float] = {}
+        # The last logged window's share of every expert (past ``max_expert_keys`` too) and co-activation matrix
+        # (share of tokens routed to both experts, (E, E)) of each layer, for the loggers that take tables and images.
+        self.last_loads: dict[str, list[float]] = {}
+        self.last_coactivation: dict[str, Tensor] = {}
         # The view check at the end of the first training batch (monitors/verify.py): each checked view's layer
         # input, this rank's capture error, whether each layer hands over its router's outputs (then its statistics
         # come from them and its view is not checked), and each unchecked view's first failure, which only counts
@@ -311,6 +315,7 @@ class RouterProbe:
             return None
         metrics: dict[str, float] = {}
         per_stat: dict[str, list[float]] = {}
+        self.last_loads, self.last_coactivation = {}, {}
         for view, sums in zip(self.views, self._split_window(flat[:-1], ranks.world_size), strict=True):
             if sums[view.num_experts] <= 0:  # no token in the window on any rank
                 continue
@@ -359,6 +364,7 @@ class RouterProbe:
         )
         dropped, assignments, lb_sum, z_sum, batches = aux.tolist()
         stats = window_statistics(routing)
+        self.last_loads[view.name] = stats["load"].tolist()
         out = {
             f"load/e{i}": float(v)
             for i, v in enumerate(stats.pop("load").tolist())
@@ -379,7 +385,10 @@ class RouterProbe:
             self._bias_at_log[view.name] = bias.clone()
         out.update(logit_statistics(logits, maxima))
         if coactivation.numel():
-            out.update(coactivation_statistics(coactivation, float(routing[E])))
+            coactive = coactivation_statistics(coactivation, float(routing[E]))
+            if coactive:
+                self.last_coactivation[view.name] = (coactivation / float(routing[E])).reshape(E, E).cpu()
+            out.update(coactive)
         return out
 
 
