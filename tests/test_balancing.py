@@ -3,6 +3,7 @@ balance loss, shared experts, and the new config fields, against hand-computed a
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -300,3 +301,31 @@ def test_two_process_ddp_bias_and_router_monitor_match_one_process_on_the_union(
 def numpy_maxvio_cv(load: np.ndarray) -> tuple[float, float]:
     """MaxVio ``(max - mean) / mean`` and population std / mean of per-expert loads."""
     return (load.max() - load.mean()) / load.mean(), load.std() / load.mean()
+
+
+@pytest.mark.integration  # two gloo processes
+def test_global_aux_loss_on_two_processes_equals_the_switch_loss_of_the_union(tmp_path):
+    """Value and DDP-averaged gradient of the global-batch loss equal one process's Switch loss on the union batch,
+    with unequal batch sizes; each rank's own Switch loss differs from it."""
+    script = load_script(ROOT / "tests" / "scripts" / "ddp_global_balance.py")
+    run_test_script("ddp_global_balance.py", tmp_path, tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    torch.manual_seed(0)
+    layer = MoELayer(dataclasses.replace(script.CONFIG, load_balancing="aux_loss")).train()
+    _, aux = layer(script.union_batch())
+    aux.load_balance.backward()
+    for rank in ranks:
+        torch.testing.assert_close(rank["loss"], aux.load_balance.detach(), rtol=1e-6, atol=0)
+        assert abs(float(rank["own"]) - float(aux.load_balance)) > 1e-3  # the per-rank loss is another loss
+    average = (ranks[0]["grad"] + ranks[1]["grad"]) / 2  # DDP's gradient all-reduce
+    torch.testing.assert_close(average, layer.router.weight.grad, rtol=1e-5, atol=1e-7)
+    assert (ranks[0]["grad"] - layer.router.weight.grad).abs().max() > 1e-4
+
+
+def test_global_aux_loss_in_one_process_is_the_switch_loss():
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(0))
+    losses = []
+    for mode in ("aux_loss", "global_aux_loss"):
+        torch.manual_seed(0)
+        losses.append(MoELayer(MoEConfig(**TINY, load_balancing=mode)).train()(x)[1].load_balance)
+    assert float(losses[0]) == float(losses[1])
