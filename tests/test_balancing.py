@@ -3,10 +3,12 @@ balance loss, shared experts, and the new config fields, against hand-computed a
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from helpers import load_script, run_test_script
@@ -266,7 +268,7 @@ def test_two_process_ddp_bias_and_router_monitor_match_one_process_on_the_union(
     model = MLPMoE(load_script(ROOT / "tests" / "scripts" / "ddp_routing.py").CONFIG)
     metrics = ranks[0]["metrics"]
     for layer in range(2):
-        gates, probs = [], []
+        gates, probs, logits = [], [], []
         for rank in ranks:
             for step in (1, 2):
                 x, state = rank["batches"][step]
@@ -274,10 +276,56 @@ def test_two_process_ddp_bias_and_router_monitor_match_one_process_on_the_union(
                 aux = model.train()(x).aux[layer]
                 gates.append(aux.router.gates.detach())
                 probs.append(aux.router.probs.detach())
+                logits.append(aux.router.logits.detach().double())
         expected = window_statistics(routing_sums(torch.cat(gates), torch.cat(probs)))
         name = f"router/blocks.{layer}.ffn"
+        # balance: per micro-batch (each rank's batch of each step), averaged; and of the loads summed over all
+        micro = np.array([numpy_maxvio_cv((g > 0).sum(0).double().numpy()) for g in gates])
+        assert metrics[f"{name}/maxvio_micro"] == pytest.approx(micro[:, 0].mean(), rel=1e-9)
+        assert metrics[f"{name}/load_cv_micro"] == pytest.approx(micro[:, 1].mean(), rel=1e-9)
+        union = numpy_maxvio_cv(sum((g > 0).sum(0) for g in gates).double().numpy())
+        assert metrics[f"{name}/maxvio_global"] == pytest.approx(union[0], rel=1e-9)
+        assert metrics[f"{name}/load_cv"] == pytest.approx(union[1], rel=1e-9)
+        lse = torch.logsumexp(torch.cat(logits), dim=-1)
+        assert metrics[f"{name}/logit_lse_mean"] == pytest.approx(float(lse.mean()), rel=1e-6)
+        assert metrics[f"{name}/logit_lse_max"] == pytest.approx(float(lse.max()), rel=1e-6)
+        assert metrics[f"{name}/logit_max"] == pytest.approx(float(torch.cat(logits).max()), rel=1e-6)
+        assert float(torch.cat(logits[:2]).max()) != float(torch.cat(logits[2:]).max())  # the ranks' maxima differ
         for e, share in enumerate(expected.pop("load").tolist()):
             assert metrics[f"{name}/load/e{e}"] == pytest.approx(share, rel=1e-6)
         for key, value in expected.items():
             assert metrics[f"{name}/{key}"] == pytest.approx(value, rel=1e-6, abs=1e-9), key
         assert metrics[f"{name}/bias_range"] > 0
+
+
+def numpy_maxvio_cv(load: np.ndarray) -> tuple[float, float]:
+    """MaxVio ``(max - mean) / mean`` and population std / mean of per-expert loads."""
+    return (load.max() - load.mean()) / load.mean(), load.std() / load.mean()
+
+
+@pytest.mark.integration  # two gloo processes
+def test_global_aux_loss_on_two_processes_equals_the_switch_loss_of_the_union(tmp_path):
+    """Value and DDP-averaged gradient of the global-batch loss equal one process's Switch loss on the union batch,
+    with unequal batch sizes; each rank's own Switch loss differs from it."""
+    script = load_script(ROOT / "tests" / "scripts" / "ddp_global_balance.py")
+    run_test_script("ddp_global_balance.py", tmp_path, tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    torch.manual_seed(0)
+    layer = MoELayer(dataclasses.replace(script.CONFIG, load_balancing="aux_loss")).train()
+    _, aux = layer(script.union_batch())
+    aux.load_balance.backward()
+    for rank in ranks:
+        torch.testing.assert_close(rank["loss"], aux.load_balance.detach(), rtol=1e-6, atol=0)
+        assert abs(float(rank["own"]) - float(aux.load_balance)) > 1e-3  # the per-rank loss is another loss
+    average = (ranks[0]["grad"] + ranks[1]["grad"]) / 2  # DDP's gradient all-reduce
+    torch.testing.assert_close(average, layer.router.weight.grad, rtol=1e-5, atol=1e-7)
+    assert (ranks[0]["grad"] - layer.router.weight.grad).abs().max() > 1e-4
+
+
+def test_global_aux_loss_in_one_process_is_the_switch_loss():
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(0))
+    losses = []
+    for mode in ("aux_loss", "global_aux_loss"):
+        torch.manual_seed(0)
+        losses.append(MoELayer(MoEConfig(**TINY, load_balancing=mode)).train()(x)[1].load_balance)
+    assert float(losses[0]) == float(losses[1])

@@ -9,6 +9,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from moe_lightning.callbacks._media import heatmap_figure
 from moe_lightning.callbacks._observe import (
     PublishingCallback,
     define_step_metric,
@@ -16,6 +17,7 @@ from moe_lightning.callbacks._observe import (
     logging_step,
     observed_model,
     ranks_of,
+    wandb_loggers,
 )
 from moe_lightning.common import check_positive_int, warn_once
 from moe_lightning.geometry import MoEView
@@ -55,7 +57,18 @@ class RouterMonitor(PublishingCallback):
           losses are means over the window's batches);
         - ``router/<layer>/bias_range``, ``bias_change`` (aux-free layers): ``max - min`` of the expert bias, and
           the largest change of an expert's bias since the last log (since fit start for the first);
-        - ``router/mean/<stat>``: the mean over layers of each scalar statistic.
+        - ``router/<layer>/maxvio_global`` (of the window's loads summed over micro-batches and ranks),
+          ``maxvio_micro``, ``load_cv_micro`` (each micro-batch's, averaged over the window's micro-batches and
+          ranks); ``load_cv`` is the global one;
+        - ``router/<layer>/logit_lse_mean``, ``logit_lse_max``, ``logit_max``: router-logit drift (moe-lightning
+          layers, whose records hold the logits);
+        - ``router/<layer>/coactivation_tv``, ``coactivation_max_lift``: expert co-activation against independent
+          routing (top-k > 1, at most 64 experts);
+        - ``router/mean/<stat>``: the mean over layers of each scalar statistic;
+        - ``router/layers/<stat>_p50``, ``<stat>_p90``, ``<stat>_max``: percentiles (linear interpolation) and
+          maximum over layers of each scalar statistic;
+        - W&B only: ``router/expert_loads``, a table (step, layer, expert, load) of the loads past
+          ``max_expert_keys``, and ``router/<layer>/coactivation_heatmap``, the co-activation matrix as an image.
 
     Args:
         log_every_n_steps: logging interval; None uses the trainer's ``log_every_n_steps``.
@@ -143,8 +156,37 @@ class RouterMonitor(PublishingCallback):
         step = self.core._logged_step
         try:
             log_scalars(trainer, metrics, step)
+            if trainer.is_global_zero:
+                self._log_media(trainer, step)
         except Exception as error:  # a logger that fails must not stop training either
             warn_once(f"RouterMonitor: could not log at step {step}: {error!r}", self._warned, rank_zero_warn)
+
+    def _log_media(self, trainer: Trainer, step: int) -> None:
+        """W&B only: every expert's load past ``max_expert_keys`` in a ``router/expert_loads`` table (step, layer,
+        expert, load), and each layer's co-activation matrix as a ``router/<layer>/coactivation_heatmap`` image."""
+        wandbs = wandb_loggers(trainer)
+        if not wandbs:
+            return
+        import matplotlib.pyplot as plt
+        import wandb
+
+        cap = self.core.max_expert_keys
+        rows = [
+            [step, name, e, load]
+            for name, loads in self.core.last_loads.items()
+            for e, load in enumerate(loads)
+            if cap is not None and e >= cap
+        ]
+        for logger in wandbs:
+            payload: dict[str, Any] = {"trainer/global_step": step}
+            if rows:
+                payload["router/expert_loads"] = wandb.Table(columns=["step", "layer", "expert", "load"], data=rows)
+            for name, matrix in self.core.last_coactivation.items():
+                figure = heatmap_figure(matrix, f"{name} co-activation (step {step})")
+                payload[f"router/{name}/coactivation_heatmap"] = wandb.Image(figure)
+                plt.close(figure)
+            if len(payload) > 1:
+                logger.experiment.log(payload)
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -16,15 +16,24 @@ from moe_lightning.adapters import find_moe_layers, selection_bias
 from moe_lightning.adapters.capture import layer_input
 from moe_lightning.common import check_positive_int, observation, warn_once
 from moe_lightning.geometry import MoEView
-from moe_lightning.geometry.router import routing_sums, window_statistics
+from moe_lightning.geometry.router import window_statistics
 from moe_lightning.geometry.verify import MAX_CHECK_TOKENS
 from moe_lightning.monitors.observe import warn_state_changes
 from moe_lightning.monitors.ranks import Failures, Ranks, rank_zero_warn
+from moe_lightning.monitors.router_stats import (
+    LOGIT_MAXIMA,
+    balance_statistics,
+    batch_sums,
+    coactivation_statistics,
+    layer_percentiles,
+    logit_statistics,
+    window_parts,
+)
+from moe_lightning.monitors.router_stats import combine_windows as _combine
+from moe_lightning.monitors.router_stats import empty_window as _empty_window
+from moe_lightning.monitors.router_stats import window_width as _width
 from moe_lightning.monitors.verify import verified_views
 from moe_lightning.nn.router import MoEAux
-
-# After the routing sums of a view: dropped, assignments, sum of aux_load_balance, sum of aux_z_loss, batches.
-_AUX_FIELDS = 5
 
 
 class RouterProbe:
@@ -85,6 +94,10 @@ class RouterProbe:
         self._failures = Failures(name)
         self._warned: set[str] = set()
         self.last_metrics: dict[str, float] = {}
+        # The last logged window's share of every expert (past ``max_expert_keys`` too) and co-activation matrix
+        # (share of tokens routed to both experts, (E, E)) of each layer, for the loggers that take tables and images.
+        self.last_loads: dict[str, list[float]] = {}
+        self.last_coactivation: dict[str, Tensor] = {}
         # The view check at the end of the first training batch (monitors/verify.py): each checked view's layer
         # input, this rank's capture error, whether each layer hands over its router's outputs (then its statistics
         # come from them and its view is not checked), and each unchecked view's first failure, which only counts
@@ -134,7 +147,7 @@ class RouterProbe:
         if self.views and not self.views_checked:
             self._check_views(model, ranks)
         for name, sums in self._captured.items():
-            self._window[name] = sums if name not in self._window else self._window[name].to(sums.device) + sums
+            self._window[name] = sums if name not in self._window else _combine(self._window[name], sums)
         self._captured = {}
         stepped = step_after > self._step  # the last micro-batch of its step
         interval = self.every_n_steps
@@ -155,8 +168,11 @@ class RouterProbe:
         self.views = [v for v in find_moe_layers(model, self.layers) if v.num_experts > 1]
         self._captured, self.views_checked = {}, False
         self._check_inputs, self._check_error, self._router_outputs, self._unchecked_errors = {}, None, {}, {}
-        # a window restored from a checkpoint is kept; the bias of a resumed run is its last logged one
+        # a window restored from a checkpoint is kept (unless another version wrote it with another layout); the
+        # bias of a resumed run is its last logged one
         for view in self.views:
+            if view.name in self._window and self._window[view.name].numel() != _width(view) + LOGIT_MAXIMA:
+                self._window.pop(view.name)
             bias = _expert_bias(view)
             if bias is not None and view.name not in self._bias_at_log:
                 self._bias_at_log[view.name] = bias.detach().clone()
@@ -200,13 +216,6 @@ class RouterProbe:
                         self._unchecked_errors.setdefault(view.name, error)
 
         return hook
-
-    def _keep_for_check(self, views: list[MoEView], x: Tensor) -> None:
-        """Keep a copy of the layer's first input tokens (as many as the check uses) for the check of its views."""
-        x_ND = x.detach().reshape(-1, x.shape[-1])
-        for view in views:
-            if view.name not in self._check_inputs:  # the batch's first forward, should the layer run twice
-                self._check_inputs[view.name] = x_ND[:MAX_CHECK_TOKENS].clone()
 
     def _keep_for_check(self, views: list[MoEView], x: Tensor) -> None:
         """Keep a copy of the layer's first input tokens (as many as the check uses) for the check of its views."""
@@ -261,14 +270,25 @@ class RouterProbe:
                 warn_once(f"{self.name}: could not log at step {step}: {error!r}", self._warned, rank_zero_warn)
         return metrics
 
-    def _window_sums(self) -> Tensor:
-        """This rank's window as one flat float64 buffer, views in order; its length depends only on the views."""
+    def _window_sums(self, rank: int, world_size: int) -> Tensor:
+        """This rank's window as one flat float64 buffer whose sum over the ranks holds the window of all: the
+        views' sums in order, then a ``(world_size, views * LOGIT_MAXIMA)`` block whose row ``rank`` holds this
+        rank's maxima and the other rows 0 (a sum of one value and zeros is that value exactly, so the one
+        collective, a sum, also gathers the maxima). Its length depends only on the views and the world size."""
         device = next(iter(self._window.values())).device if self._window else torch.device("cpu")
-        parts = [
-            self._window.get(v.name, torch.zeros(_width(v), dtype=torch.float64, device=device)).to(device)
-            for v in self.views
-        ]
-        return torch.cat(parts)
+        full = [self._window.get(v.name) for v in self.views]
+        full = [_empty_window(v, device) if t is None else t.to(device) for v, t in zip(self.views, full, strict=True)]
+        maxima = torch.cat([t[_width(v) :] for v, t in zip(self.views, full, strict=True)])
+        slots = torch.zeros(world_size, maxima.numel(), dtype=torch.float64, device=device)
+        slots[rank] = maxima
+        return torch.cat([t[: _width(v)] for v, t in zip(self.views, full, strict=True)] + [slots.reshape(-1)])
+
+    def _split_window(self, flat: Tensor, world_size: int) -> list[Tensor]:
+        """Each view's window (its sums, then its maxima) from the sum over the ranks of :meth:`_window_sums`."""
+        widths = [_width(v) for v in self.views]
+        sums, slots = flat[: sum(widths)], flat[sum(widths) :].reshape(world_size, -1)
+        maxima = slots.max(dim=0).values.split(LOGIT_MAXIMA)
+        return [torch.cat([s, m]) for s, m in zip(sums.split(widths), maxima, strict=True)]
 
     def _window_metrics(self, ranks: Ranks) -> dict[str, float] | None:
         """Every layer's statistics of the window, from its sums over every rank (one collective for all), or None
@@ -277,11 +297,12 @@ class RouterProbe:
             return {}
         error = self._error
         try:
-            flat = self._window_sums()
+            flat = self._window_sums(ranks.rank, ranks.world_size)
         except Exception as caught:
             error = error or caught
         if error is not None:  # still enters the sum, with the right length, so that no rank waits for it
-            flat = torch.zeros(sum(_width(v) for v in self.views), dtype=torch.float64)
+            width = sum(_width(v) + ranks.world_size * LOGIT_MAXIMA for v in self.views)
+            flat = torch.zeros(width, dtype=torch.float64)
         # One more number, the count of failed ranks, rides on the same collective.
         flat = torch.cat([flat, flat.new_tensor([float(error is not None)])])
         flat = ranks.sum(flat)
@@ -289,10 +310,10 @@ class RouterProbe:
             failures = self._failures.agree(ranks, error)
             self._failures.report(ranks, "the router summary", failures, "its window is not logged")
             return None
-        flat = flat[:-1]
         metrics: dict[str, float] = {}
         per_stat: dict[str, list[float]] = {}
-        for view, sums in zip(self.views, flat.split([_width(v) for v in self.views]), strict=True):
+        self.last_loads, self.last_coactivation = {}, {}
+        for view, sums in zip(self.views, self._split_window(flat[:-1], ranks.world_size), strict=True):
             if sums[view.num_experts] <= 0:  # no token in the window on any rank
                 continue
             for key, value in self._view_statistics(view, sums).items():
@@ -301,6 +322,7 @@ class RouterProbe:
                     per_stat.setdefault(key, []).append(value)
         for key, values in per_stat.items():
             metrics[f"router/mean/{key}"] = sum(values) / len(values)
+        metrics.update(layer_percentiles(per_stat))
         return metrics
 
     # ------------------------------------------------------------------ checkpoints
@@ -311,10 +333,12 @@ class RouterProbe:
         callback's save."""
         window: dict[str, Tensor] = {}
         if self.views:
-            flat = self._window_sums()
-            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+            rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+            flat = self._window_sums(rank, world_size)
+            if distributed:
                 dist.all_reduce(flat)
-            parts = flat.split([_width(v) for v in self.views])
+            parts = self._split_window(flat, world_size)
             window = {v.name: t.cpu() for v, t in zip(self.views, parts, strict=True)}
         return {
             "window": window,
@@ -330,15 +354,21 @@ class RouterProbe:
         self._logged_step = state_dict.get("logged_step")
         self._step = int(state_dict.get("step", 0))
 
-    def _view_statistics(self, view: MoEView, sums: Tensor) -> dict[str, float]:
-        routing, (dropped, assignments, lb_sum, z_sum, batches) = sums[:-_AUX_FIELDS], sums[-_AUX_FIELDS:].tolist()
+    def _view_statistics(self, view: MoEView, window: Tensor) -> dict[str, float]:
+        E = view.num_experts
+        routing, aux, micro, logits, coactivation, maxima = window.split(
+            window_parts(view.num_experts) + [LOGIT_MAXIMA]
+        )
+        dropped, assignments, lb_sum, z_sum, batches = aux.tolist()
         stats = window_statistics(routing)
+        self.last_loads[view.name] = stats["load"].tolist()
         out = {
             f"load/e{i}": float(v)
             for i, v in enumerate(stats.pop("load").tolist())
             if self.max_expert_keys is None or i < self.max_expert_keys
         }
         out.update(stats)
+        out.update(balance_statistics(routing[:E], micro))
         if batches > 0:
             out["dropped_fraction"] = dropped / max(assignments, 1.0)
             out["aux_load_balance"] = lb_sum / batches
@@ -350,12 +380,13 @@ class RouterProbe:
             out["bias_range"] = float(bias.max() - bias.min())
             out["bias_change"] = float((bias - previous).abs().max())
             self._bias_at_log[view.name] = bias.clone()
+        out.update(logit_statistics(logits, maxima))
+        if coactivation.numel():
+            coactive = coactivation_statistics(coactivation, float(routing[E]))
+            if coactive:
+                self.last_coactivation[view.name] = (coactivation / float(routing[E])).reshape(E, E).cpu()
+            out.update(coactive)
         return out
-
-
-def _width(view: MoEView) -> int:
-    """The length of a view's window sums: :func:`routing_sums` (``E + 3``), then the :data:`_AUX_FIELDS`."""
-    return view.num_experts + 3 + _AUX_FIELDS
 
 
 def _expert_bias(view: MoEView) -> Tensor | None:
@@ -363,17 +394,3 @@ def _expert_bias(view: MoEView) -> Tensor | None:
     native router's or torchtitan's ``expert_bias``, a DeepSeek-V3-style gate's ``e_score_correction_bias``, ...),
     which the model's own training code updates."""
     return selection_bias(view)
-
-
-def batch_sums(view: MoEView, aux: MoEAux | None, x: Tensor) -> Tensor:
-    """One batch's additive summary for a view: :func:`routing_sums`, then the :data:`_AUX_FIELDS` of an
-    :class:`MoEAux` (zeros for other layers). No host synchronisation."""
-    if aux is not None:
-        routing = routing_sums(aux.router.gates, aux.router.probs)
-        dropped = aux.dropped.double()
-        assignments = aux.tokens_per_expert.sum().double() + dropped
-        extra = [dropped, assignments, aux.load_balance.double(), aux.z_loss.double()]
-        extra = torch.stack([t.detach().to(routing.device).reshape(()) for t in extra])
-        return torch.cat([routing, extra, torch.ones(1, dtype=torch.float64, device=routing.device)])
-    routing = routing_sums(view.gates(x.detach().reshape(-1, x.shape[-1])))
-    return torch.cat([routing, torch.zeros(_AUX_FIELDS, dtype=torch.float64, device=routing.device)])

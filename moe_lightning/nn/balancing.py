@@ -9,10 +9,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 __all__ = [
     "bias_update",
+    "global_load_balance_loss",
     "load_balance_loss",
     "router_z_loss",
     "sequence_load_balance_loss",
@@ -30,6 +32,34 @@ def load_balance_loss(probs_NE: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
     num_experts = probs_NE.shape[-1]
     fraction_E = tokens_per_expert_E.to(probs_NE.dtype) / tokens_per_expert_E.sum().clamp_min(1)
     return num_experts * (fraction_E * probs_NE.mean(dim=0)).sum()
+
+
+def global_load_balance_loss(probs_NE: Tensor, tokens_per_expert_E: Tensor, group: object = None) -> Tensor:
+    """The Switch loss of the global batch (Qiu et al. 2025, arXiv 2501.11873): ``E * sum_i f_i P_i`` with the
+    loads of every data-parallel rank of ``group`` (None: the default group), one ``all_reduce`` of ``2E + 1``
+    numbers; :func:`load_balance_loss` on one process.
+
+    With ``c_i^r`` rank r's assignments to expert i, ``N_r`` its tokens, ``N = sum_r N_r`` and ``W`` ranks:
+    ``f_i = sum_r c_i^r / sum_r sum_j c_j^r`` (no gradient, as in the Switch loss) and
+    ``P_i = sum_r sum_{x in r} p_i(x) / N``. Every rank returns the global value ``E sum_i f_i P_i``, but lets the
+    gradient through its own tokens only, scaled by W: ``E sum_i f_i (P_i + Q_i - sg(Q_i))`` with
+    ``Q_i = W sum_{x in r} p_i(x) / N``. The data-parallel average of the ranks' gradients,
+    ``(1/W) sum_r E sum_i f_i W sum_{x in r} dp_i(x) / N``, is then the gradient of the loss on the union batch,
+    also for ranks of unequal batch sizes. It assumes that the trainer averages gradients over the ranks (DDP,
+    FSDP) and that every rank runs the forward (the all_reduce is a collective).
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return load_balance_loss(probs_NE, tokens_per_expert_E)
+    num_tokens, num_experts = probs_NE.shape
+    prob_sum_E = probs_NE.sum(dim=0)
+    counts = torch.cat([tokens_per_expert_E.detach().to(prob_sum_E.dtype), prob_sum_E.detach()])
+    counts = torch.cat([counts, counts.new_tensor([float(num_tokens)])])
+    dist.all_reduce(counts, group=group)
+    load_E, global_prob_sum_E, total_tokens = counts[:num_experts], counts[num_experts:-1], counts[-1]
+    fraction_E = load_E / load_E.sum().clamp_min(1)
+    local_E = prob_sum_E * (dist.get_world_size(group) / total_tokens.clamp_min(1))
+    P_E = global_prob_sum_E / total_tokens.clamp_min(1) + local_E - local_E.detach()
+    return num_experts * (fraction_E * P_E).sum()
 
 
 def router_z_loss(logits_NE: Tensor) -> Tensor:

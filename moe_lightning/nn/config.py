@@ -22,7 +22,7 @@ ACTIVATIONS = ("gelu", "relu", "silu", "swiglu")
 CAPACITY_MATCHES = ("total", "active")
 DISPATCHES = ("auto", "loop", "sorted", "grouped", "bmm")
 SCORINGS = ("softmax", "sigmoid")
-LOAD_BALANCINGS = ("aux_loss", "sequence_aux_loss", "aux_free", "none")
+LOAD_BALANCINGS = ("aux_loss", "global_aux_loss", "sequence_aux_loss", "aux_free", "none")
 
 
 @dataclass
@@ -61,8 +61,10 @@ class MoEConfig:
     shared_expert_hidden: int | None = None
     """Hidden width of each shared expert; None uses ``expert_hidden``."""
     load_balancing: str = "aux_loss"
-    """``"aux_loss"`` (Switch loss), ``"sequence_aux_loss"`` (DeepSeek-V3's per-sequence loss), ``"aux_free"``
-    (a per-expert selection bias, updated once per optimiser step) or ``"none"``; the last three need top-k."""
+    """``"aux_loss"`` (Switch loss), ``"global_aux_loss"`` (the Switch loss of the loads summed over the
+    data-parallel ranks, one small all_reduce per layer and training forward), ``"sequence_aux_loss"``
+    (DeepSeek-V3's per-sequence loss), ``"aux_free"`` (a per-expert selection bias, updated once per optimiser
+    step) or ``"none"``; the last three need top-k."""
     bias_update_rate: float = 1e-3
     """Aux-free bias step per optimiser step (DeepSeek-V3's gamma)."""
     routed_scaling: float = 1.0

@@ -21,7 +21,12 @@ from torch import Tensor
 
 from moe_lightning.distributed.expert_parallel import summed_over
 from moe_lightning.distributed.fsdp import fsdp_output
-from moe_lightning.nn.balancing import load_balance_loss, router_z_loss, sequence_load_balance_loss
+from moe_lightning.nn.balancing import (
+    global_load_balance_loss,
+    load_balance_loss,
+    router_z_loss,
+    sequence_load_balance_loss,
+)
 from moe_lightning.nn.config import ACTIVATIONS, CAPACITY_MATCHES, DISPATCHES, LOAD_BALANCINGS, SCORINGS, MoEConfig
 from moe_lightning.nn.experts import GroupedExperts, auto_sparse_dispatch
 from moe_lightning.nn.router import MoEAux, Router, RouterOutput, topk_gates
@@ -140,8 +145,13 @@ class MoELayer(GroupedExperts):
             routed_E = route.probs.detach().sum(dim=0)
         else:  # f_i counts the router's decisions, before any capacity dropping
             routed_E = torch.bincount(route.expert_index.reshape(-1), minlength=self.num_experts)
+        if self.config.load_balancing == "global_aux_loss" and self.training:
+            # Summed over every data-parallel rank (which includes the expert-parallel group), not load_group.
+            load_balance = global_load_balance_loss(route.probs, routed_E)
+        else:
+            load_balance = self._balance_loss(route, summed_over(routed_E, self.load_group), x)
         return MoEAux(
-            load_balance=self._balance_loss(route, summed_over(routed_E, self.load_group), x),
+            load_balance=load_balance,
             z_loss=router_z_loss(route.logits),
             tokens_per_expert=tokens_E.detach(),
             dropped=dropped,
@@ -153,7 +163,7 @@ class MoELayer(GroupedExperts):
     def _balance_loss(self, route: RouterOutput, routed_E: Tensor, x: Tensor) -> Tensor:
         """The auxiliary balance loss ``config.load_balancing`` asks for; a constant 0 for aux-free and none."""
         mode = self.config.load_balancing
-        if mode == "aux_loss":
+        if mode in ("aux_loss", "global_aux_loss"):  # the latter outside training: this rank's loads
             return load_balance_loss(route.probs, routed_E)
         if mode == "sequence_aux_loss":
             # (..., T, D) inputs hold sequences of T tokens; a flat (N, D) batch is one sequence.

@@ -138,7 +138,9 @@ def test_training_ends_in_the_same_weights_with_and_without_the_monitors(setup):
     geometry, router, curvature = callbacks
     # the monitors did their work: every probe ran, under the names of the uncompiled model
     assert geometry.probed_steps == [0, 2, 4, 6] and sorted(geometry.last_reports) == ["ffn"], warned
-    assert router.last_metrics and all(k.startswith("router/ffn/") or "/mean/" in k for k in router.last_metrics)
+    assert router.last_metrics and all(
+        k.startswith(("router/ffn/", "router/mean/", "router/layers/")) for k in router.last_metrics
+    )
     assert curvature.computed_steps == [0, 3, 6]
     if not setup.endswith("16-true"):  # half-precision Hessian products may be too coarse, and it says so
         assert curvature.last and not warned, warned

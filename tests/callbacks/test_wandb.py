@@ -102,7 +102,7 @@ def tiny_fit(loggers: list, max_steps: int = 2) -> MLPMoEModule:
         logger=loggers,
         callbacks=[
             GeometryMonitor(every_n_steps=1, max_tokens=16, subspace_rank=2),
-            RouterMonitor(log_every_n_steps=1),
+            RouterMonitor(log_every_n_steps=1, max_expert_keys=2),  # experts 2 and 3 go to the W&B table
             # Each callback defines the W&B step metric of its own keys, so curvature/* needs its monitor.
             CurvatureMonitor(every_n_steps=1000, at_fit_start=False),
         ],
@@ -165,10 +165,22 @@ def test_offline_run_directory_holds_geometry_keys_and_media(tmp_path, clean_wan
                 media.setdefault(key[: -len("/_type")], []).append(value.strip('"'))
     assert media["geometry/blocks.0.ffn/jac_spectrum_hist"] == ["histogram"] * 3
     assert media["geometry/spectra"] == ["table-file"] * 3
-    heatmaps = [k for k in media if k.endswith("_heatmap")]
+    heatmaps = [k for k in media if k.startswith("geometry/") and k.endswith("_heatmap")]
     assert "geometry/blocks.0.ffn/align_mean_jacobian_heatmap" in heatmaps
     assert all(media[k] == ["image-file"] * 3 for k in heatmaps)
     assert list(tmp_path.glob("wandb/offline-run-*/files/media/images/geometry/blocks.0.ffn/*.png"))
+    # RouterMonitor (windows of steps 0 and 1): the loads past max_expert_keys in a table, which completes the
+    # logged ones to 1, and the co-activation matrix of top-2 routing
+    assert media["router/expert_loads"] == ["table-file"] * 2
+    assert media["router/blocks.0.ffn/coactivation_heatmap"] == ["image-file"] * 2
+    tables = list(tmp_path.glob("wandb/offline-run-*/files/media/table/router/expert_loads_*.table.json"))
+    table_rows = [row for path in tables for row in json.loads(path.read_text())["data"]]
+    assert sorted((step, expert) for step, _, expert, _ in table_rows) == [(s, e) for s in (0, 1) for e in (2, 3)]
+    for step in (0, 1):
+        logged = sum(geometry_csv[step, f"router/blocks.0.ffn/load/e{e}"] for e in (0, 1))
+        assert (step, "router/blocks.0.ffn/load/e2") not in geometry_csv
+        tabled = sum(load for s, layer, _, load in table_rows if s == step and layer == "blocks.0.ffn")
+        assert logged + tabled == pytest.approx(1.0, rel=1e-6)
 
     # define_metric: geometry/router/curvature charts use trainer/global_step
     step_metrics = {
