@@ -60,6 +60,8 @@ def test_hf_trainer_ddp_logs_one_process_on_the_union_and_keeps_the_ranks_in_syn
             assert sorted(logged[step]) == sorted(values), step
             assert "geometry/model.layers.1.mlp/jac_sigma_max/mean" in values
             for key, value in values.items():
+                if "_micro" in key:  # a per-micro-batch statistic is each rank's batch's by definition, not the union's
+                    continue
                 assert logged[step][key] == pytest.approx(value, rel=1e-4, abs=1e-6), (step, key)
     # the same weights on both ranks at every step and at the end, and the same as without the monitors
     for name, value in ranks[0]["final_without_monitors"].items():

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from moe_lightning.monitors import RouterProbe
+from moe_lightning.monitors import RouterProbe, router_probe
 from moe_lightning.monitors.router_stats import coactivation_statistics, micro_balance_sums
 from moe_lightning.nn.router import MoEAux, RouterOutput
 
@@ -70,12 +70,12 @@ def numpy_coactivation(routed: np.ndarray) -> dict[str, float]:
     return {"coactivation_tv": tv, "coactivation_max_lift": lift}
 
 
-def run_probe() -> tuple[dict[str, float], dict[int, list[torch.Tensor]]]:
+def run_probe(monkeypatch) -> tuple[dict[str, float], dict[int, list[torch.Tensor]]]:
     """The probe's one window over two steps of two micro-batches, and the logits of each layer's micro-batches."""
     layers = nn.ModuleList(HandRouted(TOP_K[i]) for i in range(3))
     views = [SimpleNamespace(name=f"layer{i}", module=layer, num_experts=E) for i, layer in enumerate(layers)]
     probe = RouterProbe(every_n_steps=2)
-    probe.find = lambda model, selection: views
+    monkeypatch.setattr(router_probe, "find_moe_layers", lambda model, selection: views)
     probe.attach(layers)
     logits = {i: [hand_logits(c, seed=10 * i + m) for m, c in enumerate(ROUTINGS[i])] for i in range(3)}
     metrics = None
@@ -90,8 +90,8 @@ def run_probe() -> tuple[dict[str, float], dict[int, list[torch.Tensor]]]:
     return metrics, logits
 
 
-def test_micro_and_global_balance_logit_drift_and_coactivation_match_numpy():
-    metrics, logits = run_probe()
+def test_micro_and_global_balance_logit_drift_and_coactivation_match_numpy(monkeypatch):
+    metrics, logits = run_probe(monkeypatch)
     for i in range(3):
         name = f"router/layer{i}"
         routed = [np.isin(np.arange(E), c).astype(float) for batch in ROUTINGS[i] for c in batch]
@@ -119,8 +119,8 @@ def test_micro_and_global_balance_logit_drift_and_coactivation_match_numpy():
     assert metrics["router/layer1/coactivation_tv"] > metrics["router/layer2/coactivation_tv"]
 
 
-def test_percentiles_over_layers_match_numpy_linear():
-    metrics, _ = run_probe()
+def test_percentiles_over_layers_match_numpy_linear(monkeypatch):
+    metrics, _ = run_probe(monkeypatch)
     means = {key.removeprefix("router/mean/") for key in metrics if key.startswith("router/mean/")}
     assert {"maxvio_micro", "maxvio_global", "load_cv_micro", "logit_lse_mean", "coactivation_tv"} <= means
     for stat in means:
