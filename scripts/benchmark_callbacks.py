@@ -34,9 +34,10 @@ import torch
 import yaml
 from lightning.pytorch import Callback
 
-from moe_lightning.callbacks import GeometryMonitor, RouterMonitor, router_monitor
+from moe_lightning.callbacks import GeometryMonitor, RouterMonitor
 from moe_lightning.data import WikiTextDataModule
 from moe_lightning.lightning.modules import CausalLMModule
+from moe_lightning.monitors import router_probe
 from moe_lightning.nn.models import TransformerMoEConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,13 +122,13 @@ def run_variant(
     the monitor's own call times."""
     callbacks: list[Callback] = []
     calls: list[float] = []
-    batch_sums = router_monitor._batch_sums
+    batch_sums = router_probe.batch_sums
     if name == "router":
-        # Every batch: the forward hooks' summaries (_batch_sums) and the window update in on_train_batch_end; every
+        # Every batch: the forward hooks' summaries (batch_sums) and the window update in on_train_batch_end; every
         # log_every_n_steps that call also reduces, computes and logs. All of it counts, spread over the steps.
         monitor = RouterMonitor()
         timed(monitor, "on_train_batch_end", calls)
-        timed(router_monitor, "_batch_sums", calls)
+        timed(router_probe, "batch_sums", calls)
         callbacks.append(monitor)
     elif name == "geometry":
         monitor = GeometryMonitor() if probe_tokens is None else GeometryMonitor(max_tokens=probe_tokens)
@@ -153,7 +154,7 @@ def run_variant(
     try:
         trainer.fit(module, data)
     finally:
-        router_monitor._batch_sums = batch_sums  # the wrapper of this run only
+        router_probe.batch_sums = batch_sums  # the wrapper of this run only
     return {
         "wall": timer.fit_end - timer.fit_start,
         "step": statistics.median(timer.batch_times),

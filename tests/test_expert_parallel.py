@@ -72,6 +72,8 @@ def check_probes(probes: dict) -> None:
 def check_router(router: dict) -> None:
     assert set(router["ep"]) == set(router["single"]) and "router/blocks.0.ffn/load/e3" in router["single"]
     for key, value in router["single"].items():
+        if "_micro" in key:  # a per-micro-batch statistic is each rank's batch's by definition, not the union's
+            continue
         assert router["ep"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
 
 
