@@ -169,7 +169,7 @@ def summarise(results: dict[str, list[dict[str, Any]]], steps: int) -> dict[str,
     base_step = statistics.median(x["step"] for x in results["none"])
     print(f"\nbaseline: {base_wall:.2f}s for {steps} steps, median step {base_step * 1e3:.1f} ms")
     summary: dict[str, Any] = {"baseline_wall_s": base_wall, "baseline_step_ms": base_step * 1e3}
-    for name, target in (("router", 0.01), ("geometry", 0.05)):
+    for name, target in (("router", 0.02), ("geometry", 0.05)):
         wall = statistics.median(x["wall"] for x in results[name])
         calls = [c for x in results[name] for c in x["calls"]]
         interval = results[name][0]["interval"]
