@@ -69,6 +69,16 @@ def fit_logged(module, data, log_dir: str | Path, callbacks: list, max_steps: in
     return read_metrics(log_dir)
 
 
+def fit_warned(module, data, log_dir: str | Path, callbacks: list, max_steps: int = 2) -> list[str]:
+    """:func:`fit_logged`, recording every warning the fit raises; their messages."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit_logged(module, data, log_dir, callbacks, max_steps)
+    return [str(w.message) for w in caught]
+
+
 def read_metrics(log_dir: str | Path) -> list[dict[str, str]]:
     """The rows of the one ``metrics.csv`` under ``log_dir``."""
     (path,) = list(Path(log_dir).rglob("metrics.csv"))

@@ -8,15 +8,13 @@ Shape legend: ``N`` tokens, ``E`` experts, ``D`` model dim, ``P`` parameters.
 """
 
 import copy
-import warnings
 
 import lightning as L
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import logged, read_metrics
-from lightning.pytorch.loggers import CSVLogger
+from helpers import fit_warned, logged, read_metrics
 from moe_layers import RandomSecondExpertMoE, SlotMoE
 from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
@@ -110,19 +108,7 @@ def loss(model, batch):
 def fit(tmp_path, model, callbacks):
     torch.manual_seed(1)
     data = DataLoader(TensorDataset(torch.randn(64, 8), torch.randn(64, 8)), batch_size=32)
-    trainer = L.Trainer(
-        max_steps=2,
-        logger=CSVLogger(tmp_path),
-        callbacks=callbacks,
-        log_every_n_steps=1,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        trainer.fit(model, data)
-    return [str(w.message) for w in caught], data
+    return fit_warned(model, data, tmp_path, callbacks), data
 
 
 def logged_keys(tmp_path) -> set[str]:
