@@ -50,9 +50,9 @@ def dispatch_case(routing: str, capacity_factor: float | None, activation: str):
     return layer, torch.randn(4, 24, 16), torch.randn(4, 24, 16)
 
 
-def fit_logged(module, data, log_dir: str | Path, callbacks: list, max_steps: int = 1) -> list[dict[str, str]]:
+def quiet_fit(module, data, log_dir: str | Path, callbacks: list, max_steps: int = 1) -> None:
     """A short quiet ``Trainer.fit`` of ``module`` on ``data`` with ``callbacks``, logging every step to a CSVLogger
-    in ``log_dir``; the rows it wrote."""
+    in ``log_dir``."""
     import lightning as L
     from lightning.pytorch.loggers import CSVLogger
 
@@ -66,16 +66,21 @@ def fit_logged(module, data, log_dir: str | Path, callbacks: list, max_steps: in
         enable_model_summary=False,
     )
     trainer.fit(module, data)
+
+
+def fit_logged(module, data, log_dir: str | Path, callbacks: list, max_steps: int = 1) -> list[dict[str, str]]:
+    """:func:`quiet_fit`; the rows it logged."""
+    quiet_fit(module, data, log_dir, callbacks, max_steps)
     return read_metrics(log_dir)
 
 
 def fit_warned(module, data, log_dir: str | Path, callbacks: list, max_steps: int = 2) -> list[str]:
-    """:func:`fit_logged`, recording every warning the fit raises; their messages."""
+    """:func:`quiet_fit`, recording every warning the fit raises; their messages."""
     import warnings
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        fit_logged(module, data, log_dir, callbacks, max_steps)
+        quiet_fit(module, data, log_dir, callbacks, max_steps)
     return [str(w.message) for w in caught]
 
 
