@@ -44,10 +44,8 @@ def test_sums_match_numpy_cka_and_two_halves_add_up():
 def test_chance_level_matches_a_monte_carlo():
     g = torch.Generator().manual_seed(0)
     for n, d in ((16, 4), (64, 8)):
-        draws = [
-            linear_cka(torch.randn(n, d, generator=g, dtype=torch.float64), torch.randn(n, d, generator=g, dtype=torch.float64))
-            for _ in range(200)
-        ]
+        pairs = [torch.randn(2, n, d, generator=g, dtype=torch.float64) for _ in range(200)]
+        draws = [linear_cka(x, y) for x, y in pairs]
         assert cka_chance(n, d) == pytest.approx(float(np.mean(draws)), rel=0.08)
 
 
