@@ -165,5 +165,6 @@ def test_two_process_ddp_matches_one_process(tmp_path):
         assert ddp.keys() == single.keys() and "curvature/router/hessian_trace" in ddp and len(ddp) > 20
         for key, value in single.items():
             assert ddp[key] == pytest.approx(value, rel=1e-10, abs=1e-13), key
+    assert "curvature/router/preconditioned_top_eigenvalue" in data["ddp"]
     assert data["ddp_first"] != data["ddp"]  # one training step apart
     np.testing.assert_allclose(data["ddp_density"], data["single_density"], rtol=1e-9, atol=1e-12)
