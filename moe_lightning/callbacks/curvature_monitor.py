@@ -7,6 +7,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import torch.distributed as dist
@@ -25,6 +26,7 @@ from moe_lightning.callbacks._reports import save_densities
 from moe_lightning.common import check_choice, check_nonnegative, check_positive_int, observation, warn_once
 from moe_lightning.geometry import SpectralDensity, hessian_eigenvalues, hessian_spectral_density, hessian_trace
 from moe_lightning.geometry.curvature import TRACE_METHODS
+from moe_lightning.geometry.stability import edge_of_stability
 from moe_lightning.monitors.observe import warn_state_changes
 from moe_lightning.monitors.probe_set import cpu_copy
 from moe_lightning.monitors.ranks import Failures
@@ -50,6 +52,12 @@ class CurvatureMonitor(PublishingCallback):
           ``<p>/hessian_eigenvalue_residual/<i>`` for the ``top_k`` largest, with ``both_ends`` also
           ``<p>/hessian_lambda_min`` and ``<p>/hessian_lambda_min_residual``; ``<p>/hessian_top_iterations``
           (Hessian-vector products), ``<p>/hessian_top_converged``;
+        - with ``eigenvalue``, the edge-of-stability threshold of the optimiser (moe_lightning/geometry/stability.py),
+          from its own ``param_groups`` and state at the step: for ``torch.optim.SGD``
+          ``<p>/sgd_stability_threshold`` (``(2 + 2μ)/η``, plain ``2/η``); for Adam/AdamW
+          ``<p>/preconditioned_top_eigenvalue`` (``λ₁(P⁻¹H)``), ``<p>/preconditioned_top_converged`` and
+          ``<p>/adam_stability_threshold`` (``(2 + 2β₁)/((1 − β₁)η)``). None of them for other optimisers, several
+          optimisers, differing hyperparameters across the groups or Adam before its first step (no state);
         - ``<p>/hessian_trace``, ``<p>/hessian_trace_std_error``, ``<p>/hessian_trace_samples`` (Hutch++: products
           spent; Hutchinson: samples);
         - with ``density``: ``<p>/hessian_density`` as a W&B histogram and a TensorBoard histogram (expected
@@ -255,6 +263,7 @@ class CurvatureMonitor(PublishingCallback):
         metrics: dict[str, float] = {}
         densities: dict[str, SpectralDensity] = {}
         notes: list[str] = []
+        optimizer = trainer.optimizers[0] if len(trainer.optimizers) == 1 else None
         try:
             batch = to_device(self.batch, pl_module.device)
             # Double backward needs the math attention kernel: the fused CPU/CUDA kernels have no second derivative.
@@ -263,6 +272,8 @@ class CurvatureMonitor(PublishingCallback):
                     args = (loss, params, reduce)
                     if self.eigenvalue:
                         metrics.update(self._quantity(notes, prefix, "eigenvalues", self._eigen_metrics, *args))
+                        eos = partial(self._stability_metrics, optimizer)
+                        metrics.update(self._quantity(notes, prefix, "stability", eos, *args))
                     if self.trace:
                         metrics.update(self._quantity(notes, prefix, "trace", self._trace_metrics, *args))
                     if self.density:
@@ -334,6 +345,14 @@ class CurvatureMonitor(PublishingCallback):
         out[f"{p}/hessian_top_iterations"] = float(res.iterations)
         out[f"{p}/hessian_top_converged"] = float(res.all_converged)
         return out
+
+    def _stability_metrics(
+        self, optimizer: Any, p: str, loss: Callable, params: list[Tensor], reduce: dict
+    ) -> dict[str, float]:
+        found = edge_of_stability(
+            optimizer, loss, params, max_iter=self.eigen_max_iter, tol=self.eigen_tol, seed=self.seed, **reduce
+        )
+        return {f"{p}/{key}": value for key, value in found.items()}
 
     def _trace_metrics(self, p: str, loss: Callable, params: list[Tensor], reduce: dict) -> dict[str, float]:
         tr = hessian_trace(

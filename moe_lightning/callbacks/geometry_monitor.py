@@ -52,7 +52,7 @@ class GeometryMonitor(PublishingCallback):
           ``jac_frobenius``, ``jac_stable_rank``, ``jac_effective_rank``, ``jac_decay_slope``, ``tokens``,
           ``n_eff``, ``pca_<site>_{effective_rank,participation_ratio,n90,n_eff}`` for sites input/hidden/output;
         - ``geometry/<layer>/<quantity>`` for layer-level ones: ``layer_jac_*``, ``align_*``, ``palign_*``,
-          ``subspace_*``, ``nonfinite_tokens``, ``empty_experts``;
+          ``cka_*`` (linear CKA of the experts' outputs), ``subspace_*``, ``nonfinite_tokens``, ``empty_experts``;
         - with W&B: spectra as ``wandb.Histogram`` and a ``geometry/spectra`` table (step, layer, expert, index,
           sigma), alignment and overlap matrices as heatmap images; with TensorBoard: spectra histograms.
 

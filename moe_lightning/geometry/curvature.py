@@ -117,16 +117,28 @@ def hessian_eigenvalues(
     return_vectors: bool = False,
     all_reduce: Callable[[Tensor], object] | None = None,
     world_size: int = 1,
+    preconditioner: Tensor | None = None,
 ) -> LanczosResult:
     """Extreme Hessian eigenvalues by Lanczos with full reorthogonalisation
     (:func:`~moe_lightning.geometry.lanczos.lanczos`) from a seeded Gaussian start; stops when every
     wanted Ritz pair has ``‖H y − θ y‖ ≤ tol · |θ|``.
 
+    With ``preconditioner``, the ``(P,)`` positive diagonal of a ``P``, the eigenvalues are those of ``P⁻¹H``,
+    computed on the symmetric ``P^{-1/2} H P^{-1/2}`` (same eigenvalues; its Ritz vectors, if returned, are
+    ``P^{1/2}`` times those of ``P⁻¹H``).
+
     Memory: the ``(iterations, P)`` Krylov basis plus a few ``P``-vectors and the gradient graph."""
     op = HessianOperator(loss_fn, params, all_reduce=all_reduce, world_size=world_size)
+    matvec: Callable[[Tensor], Tensor] = op
+    if preconditioner is not None:
+        scale_P = preconditioner.to(device=op.device, dtype=torch.float64).rsqrt().to(op.dtype)
+
+        def matvec(v_P: Tensor) -> Tensor:
+            return scale_P * op(scale_P * v_P)
+
     gen = torch.Generator(device=op.device).manual_seed(seed)
     v0 = torch.randn(op.dim, generator=gen, dtype=op.dtype, device=op.device)
-    return lanczos(op, v0, k=k, which=which, max_iter=max_iter, tol=tol, return_vectors=return_vectors)
+    return lanczos(matvec, v0, k=k, which=which, max_iter=max_iter, tol=tol, return_vectors=return_vectors)
 
 
 def hessian_trace(

@@ -9,8 +9,9 @@ The probe is two-phase so that DDP is exact (additive sums, as for the PCA momen
 
 1. :func:`probe_statistics` turns this rank's tokens into *additive* sufficient statistics: ``Σw``, ``Σw²``,
    token counts, ``Σw·stat``, ``Σw·stat²``, ``Σw·σ`` (mean spectrum), ``Σw·J`` (mean Jacobian ``J̄_e``),
-   ``Σw x`` and ``Σw x xᵀ`` per PCA site, and ``Σ|cos|`` with counts for pointwise alignment. Each accumulator
-   allocates its slots of the buffer, then adds every chunk of tokens into them.
+   ``Σw x`` and ``Σw x xᵀ`` per PCA site, ``Σ|cos|`` with counts for pointwise alignment, and ``Σ f_e`` with
+   ``Σ f_i f_jᵀ`` for CKA. Each accumulator allocates its slots of the buffer, then adds every chunk of tokens
+   into them.
 2. :meth:`ProbeStatistics.reduce` sums them across ranks with one ``reduce_fn`` call on the flat buffer, whose
    length depends only on the view's shapes and the config, never on the data (an expert without tokens on a rank
    contributes zeros), so every rank makes the same collective call.
@@ -38,6 +39,7 @@ from moe_lightning.geometry.accumulators import (
     Accumulator,
     Alignment,
     Chunk,
+    ExpertCKA,
     ExpertSpectra,
     LayerJacobian,
     MeanJacobian,
@@ -150,6 +152,12 @@ def _accumulators(ctx: ProbeContext) -> tuple[TokenCounts, list[Accumulator]]:
         quantities.append(SkippedForOneExpert("align"))
     elif cfg.alignment and mean_jacobian is not None:
         quantities.append(Alignment(mean_jacobian, num_experts, d))
+    if not multi:
+        quantities.append(SkippedForOneExpert("cka"))
+    elif cfg.cka:
+        # Σ f_i f_jᵀ holds E² D × D blocks; bounded as PCA bounds its one D × D moment per site.
+        too_large = num_experts * num_experts * d * d > cfg.pca_max_dim**2
+        quantities.append(ExpertCKA(num_experts, d, too_large))
     if not multi:
         quantities.append(SkippedForOneExpert("subspaces"))
     elif cfg.subspaces:

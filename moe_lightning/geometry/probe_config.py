@@ -19,7 +19,7 @@ JACOBIAN_METHODS = ("auto", "closed_form", "func")
 LAYER_JACOBIAN_METHODS = ("auto", "compose", "func")
 #: Dtypes the probe computes in (the spectra and moments need at least single precision).
 PROBE_DTYPES = (DTYPES["float64"], DTYPES["float32"])
-_FLAGS = ("jacobian", "layer_jacobian", "pca", "alignment", "subspaces", "cast_module", "eval_mode")
+_FLAGS = ("jacobian", "layer_jacobian", "pca", "alignment", "cka", "subspaces", "cast_module", "eval_mode")
 _POSITIVE_INTS = (
     "memory_budget_bytes",
     "subspace_rank",
@@ -39,6 +39,8 @@ class ProbeConfig:
         layer_jacobian: spectra of the layer Jacobian through the router (§1).
         pca: weighted PCA at the sites in ``pca_sites`` (§3).
         alignment: mean-Jacobian and pointwise alignment (§4); skipped when E = 1.
+        cka: linear CKA between the experts' outputs on every probe token (§4); skipped when E = 1, or when its
+            ``E² D²`` cross products exceed ``pca_max_dim²``.
         subspaces: functional and representational Grassmann overlaps (§5); skipped when E = 1.
         pca_sites: any of ``"input"``, ``"hidden"``, ``"output"``.
         dtype: computation dtype (``torch.float64`` or ``torch.float32``).
@@ -72,6 +74,7 @@ class ProbeConfig:
     layer_jacobian: bool = True
     pca: bool = True
     alignment: bool = True
+    cka: bool = True
     subspaces: bool = True
     pca_sites: tuple[str, ...] = PCA_SITES
     dtype: torch.dtype = torch.float64

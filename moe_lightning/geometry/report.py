@@ -31,7 +31,7 @@ class GeometryReport:
         empty: ``(E,)`` bool, experts without routed tokens (their values are NaN).
         expert: per-expert quantities, name -> ``(E,)`` (see :meth:`scalars` for the names).
         layer: layer-level scalars (layer Jacobian, alignment and subspace summaries, chance levels).
-        matrices: ``(E, E)`` matrices: ``align_mean_jacobian``, ``align_pointwise``, ``subspace_{fun,rep}_
+        matrices: ``(E, E)`` matrices: ``align_mean_jacobian``, ``align_pointwise``, ``cka``, ``subspace_{fun,rep}_
             {overlap,geodesic,projection}``.
         spectra: ``jac_mean_spectrum`` ``(E, M)`` (NaN rows for empty experts), ``layer_jac_mean_spectrum``
             ``(M,)``.

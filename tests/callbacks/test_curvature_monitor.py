@@ -103,12 +103,21 @@ def test_the_dominant_eigenvalue_is_logged_and_bad_options_are_reported(tmp_path
     make, data, H = reference
     module = make()
     monitor = CurvatureMonitor(trace_method="hutchinson", density=False, eigen_max_iter=300, eigen_tol=1e-7)
-    trainer(tmp_path, [monitor], max_steps=1).fit(module, data)
+    fitted = trainer(tmp_path, [monitor], max_steps=1)
+    fitted.fit(module, data)
     eig = np.linalg.eigvalsh(H)
     # H is the Hessian at the initial weights: the fit-start value; the end of training is computed too
     top = logged(read_metrics(tmp_path), "curvature/hessian_top_eigenvalue")
     assert sorted(top) == [0, 1] == monitor.computed_steps
     assert top[0] == pytest.approx(eig[np.abs(eig).argmax()], rel=1e-3)
+    # AdamW: no preconditioned sharpness before its first step (no state), then the value and the threshold of
+    # the optimiser as it stands after that step
+    rows = read_metrics(tmp_path)
+    assert logged(rows, "curvature/preconditioned_top_eigenvalue").keys() == {1}
+    (group,) = fitted.optimizers[0].param_groups
+    threshold = logged(rows, "curvature/adam_stability_threshold")
+    assert threshold[1] == pytest.approx((2 + 2 * group["betas"][0]) / ((1 - group["betas"][0]) * group["lr"]))
+    assert not logged(rows, "curvature/sgd_stability_threshold")
     with pytest.raises(ValueError, match="method"):
         CurvatureMonitor(method="arnoldi")
     # Lanczos is the one eigenvalue method; the error names it
@@ -156,5 +165,6 @@ def test_two_process_ddp_matches_one_process(tmp_path):
         assert ddp.keys() == single.keys() and "curvature/router/hessian_trace" in ddp and len(ddp) > 20
         for key, value in single.items():
             assert ddp[key] == pytest.approx(value, rel=1e-10, abs=1e-13), key
+    assert "curvature/router/preconditioned_top_eigenvalue" in data["ddp"]
     assert data["ddp_first"] != data["ddp"]  # one training step apart
     np.testing.assert_allclose(data["ddp_density"], data["single_density"], rtol=1e-9, atol=1e-12)

@@ -66,6 +66,7 @@ def main(out_path: str) -> None:
     one.strategy.connect(initial)
     single_first = single_monitor.compute(one, initial)
     one.strategy.connect(module)  # the trained weights, the same on every rank
+    one.optimizers = trainer.optimizers  # Adam's state, the same on every rank: the preconditioned sharpness
     single = single_monitor.compute(one, module)
     single_density = single_monitor.last_densities["curvature"].density.tolist()
     with open(out_path, "w") as f:

@@ -1,5 +1,5 @@
 """The probe's quantities, one :class:`~moe_lightning.geometry.accumulators.base.Accumulator` each (docs/geometry.md
-§1–5): token counts, expert spectra, mean Jacobians, layer Jacobian, PCA moments, alignment and subspaces."""
+§1–5): token counts, expert spectra, mean Jacobians, layer Jacobian, PCA moments, alignment, CKA and subspaces."""
 
 from moe_lightning.geometry.accumulators.alignment import Alignment
 from moe_lightning.geometry.accumulators.base import Accumulator, SkippedForOneExpert, SpectralMoments
@@ -8,6 +8,7 @@ from moe_lightning.geometry.accumulators.expert_spectra import ExpertSpectra
 from moe_lightning.geometry.accumulators.layer_jacobian import LayerJacobian
 from moe_lightning.geometry.accumulators.mean_jacobian import MeanJacobian
 from moe_lightning.geometry.accumulators.pca import PCAMoments
+from moe_lightning.geometry.accumulators.similarity import ExpertCKA
 from moe_lightning.geometry.accumulators.subspaces import Subspaces
 from moe_lightning.geometry.accumulators.tokens import TokenCounts
 
@@ -15,6 +16,7 @@ __all__ = [
     "Accumulator",
     "Alignment",
     "Chunk",
+    "ExpertCKA",
     "ExpertSpectra",
     "LayerJacobian",
     "MeanJacobian",
