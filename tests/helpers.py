@@ -50,6 +50,31 @@ def dispatch_case(routing: str, capacity_factor: float | None, activation: str):
     return layer, torch.randn(4, 24, 16), torch.randn(4, 24, 16)
 
 
+def sgd_training_arguments(output_dir: str | Path, batch_size: int, **settings):
+    """Hugging Face ``TrainingArguments`` for a short deterministic CPU run that reports to nothing: plain SGD at a
+    constant rate, no weight decay or clipping, rows in order; ``settings`` add to them or replace them."""
+    import transformers
+
+    return transformers.TrainingArguments(
+        **{
+            "output_dir": str(output_dir),
+            "use_cpu": True,
+            "per_device_train_batch_size": batch_size,
+            "learning_rate": 0.1,
+            "optim": "sgd",
+            "lr_scheduler_type": "constant",
+            "weight_decay": 0.0,
+            "max_grad_norm": 0.0,
+            "train_sampling_strategy": "sequential",
+            "report_to": [],
+            "logging_steps": 1000,
+            "save_strategy": "no",
+            "seed": 0,
+            **settings,
+        }
+    )
+
+
 def quiet_fit(module, data, log_dir: str | Path, callbacks: list, max_steps: int = 1) -> None:
     """A short quiet ``Trainer.fit`` of ``module`` on ``data`` with ``callbacks``, logging every step to a CSVLogger
     in ``log_dir``."""

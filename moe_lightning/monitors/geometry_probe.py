@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from moe_lightning.adapters import find_moe_layers
 from moe_lightning.adapters.capture import capture_layer_inputs
-from moe_lightning.common import check_positive_int, dtype_from_name, observation, warn_once
+from moe_lightning.common import check_positive_int, dtype_from_name, observation
 from moe_lightning.geometry import GeometryReport, MoEView, ProbeConfig, finalize, probe_statistics
 from moe_lightning.monitors.health import LayerIncidents, finite_tensors, nonfinite_weights, split_failures
 from moe_lightning.monitors.observe import warn_state_changes
@@ -284,11 +284,7 @@ class GeometryProbe:
         for name, report in reports.items():
             scalars.update(report.scalars(f"geometry/{name}", max_experts=self.max_expert_keys))
         self.last_values = scalars
-        if self.log is not None and ranks.is_global_zero and scalars:
-            try:
-                self.log(scalars, step)
-            except Exception as error:  # a logger that fails must not stop training either
-                warn_once(f"{self.name}: could not log at step {step}: {error!r}", self._warned, rank_zero_warn)
+        ranks.send(self.log, scalars, step, self.name, self._warned)
         return reports
 
     def _probe_layers(self, model: nn.Module, step: int, ranks: Ranks) -> dict[str, GeometryReport]:

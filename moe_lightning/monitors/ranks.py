@@ -9,10 +9,13 @@ import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from moe_lightning.common import warn_once
 
 
 def _process_rank() -> int:
@@ -75,6 +78,16 @@ class Ranks:
         tensor = tensor.clone()
         dist.all_reduce(tensor)
         return tensor
+
+    def send(self, log: Callable[[dict, int], Any] | None, values: dict, step: int, owner: str, warned: set) -> None:
+        """``log(values, step)`` on rank zero; a logger that fails becomes one warning (once per message, kept in
+        ``warned``) naming ``owner``, and training goes on."""
+        if log is None or not self.is_global_zero or not values:
+            return
+        try:
+            log(values, step)
+        except Exception as error:  # a logger that fails must not stop training either
+            warn_once(f"{owner}: could not log at step {step}: {error!r}", warned, rank_zero_warn)
 
     def sum_fn(self) -> Callable[[Tensor], Tensor] | None:
         """:meth:`sum` for a multi-process run, None for one process (a statistic then needs no reduction)."""

@@ -14,12 +14,12 @@ from torch import Tensor, nn
 
 from moe_lightning.adapters import find_moe_layers, selection_bias
 from moe_lightning.adapters.capture import layer_input
-from moe_lightning.common import check_positive_int, observation, warn_once
+from moe_lightning.common import check_positive_int, observation
 from moe_lightning.geometry import MoEView
 from moe_lightning.geometry.router import window_statistics
 from moe_lightning.geometry.verify import MAX_CHECK_TOKENS
 from moe_lightning.monitors.observe import warn_state_changes
-from moe_lightning.monitors.ranks import Failures, Ranks, rank_zero_warn
+from moe_lightning.monitors.ranks import Failures, Ranks
 from moe_lightning.monitors.router_stats import (
     LOGIT_MAXIMA,
     balance_statistics,
@@ -263,11 +263,7 @@ class RouterProbe:
         if metrics is None:
             return None
         self.last_metrics = metrics
-        if self.log is not None and ranks.is_global_zero and metrics:
-            try:
-                self.log(metrics, step)
-            except Exception as error:  # a logger that fails must not stop training either
-                warn_once(f"{self.name}: could not log at step {step}: {error!r}", self._warned, rank_zero_warn)
+        ranks.send(self.log, metrics, step, self.name, self._warned)
         return metrics
 
     def _window_sums(self, rank: int, world_size: int) -> Tensor:

@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 safetensors = pytest.importorskip("safetensors")
 pytest.importorskip("accelerate", reason="the Hugging Face Trainer needs accelerate: pip install -e .[hf]")
 
-from helpers import fit_logged, hf_monitor_values, read_metrics, tiny_hf_model  # noqa: E402
+from helpers import fit_logged, hf_monitor_values, read_metrics, sgd_training_arguments, tiny_hf_model  # noqa: E402
 
 from moe_lightning.callbacks import GeometryMonitor, RouterMonitor  # noqa: E402
 from moe_lightning.monitors import GeometryProbe, RouterProbe  # noqa: E402
@@ -60,22 +60,12 @@ def probe_loader() -> DataLoader:
 def hf_train(
     model, tmp_path, monitors: bool, max_steps: int = 2, resume: bool = False, save_steps: int = 0, callbacks=()
 ):
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path),
-        use_cpu=True,
+    args = sgd_training_arguments(
+        tmp_path,
+        batch_size=4,
         max_steps=max_steps,
-        per_device_train_batch_size=4,
-        learning_rate=0.1,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        weight_decay=0.0,
-        max_grad_norm=0.0,
-        train_sampling_strategy="sequential",
-        report_to=[],
-        logging_steps=1000,
         save_strategy="steps" if save_steps else "no",
         save_steps=save_steps or 500,
-        seed=0,
     )
     trainer = transformers.Trainer(model=model, args=args, train_dataset=Rows(), callbacks=list(callbacks))
     if monitors:

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import transformers
-from helpers import tiny_hf_model
+from helpers import sgd_training_arguments, tiny_hf_model
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from moe_lightning.monitors import GeometryProbe, RouterProbe
@@ -55,22 +55,8 @@ class Record(transformers.TrainerCallback):
 
 def train(out_dir: Path, monitors: bool) -> tuple[transformers.Trainer, Record]:
     model = tiny_hf_model("qwen3_moe", **CONFIG)
-    args = transformers.TrainingArguments(
-        output_dir=str(out_dir / ("monitored" if monitors else "plain")),
-        use_cpu=True,
-        ddp_backend="gloo",
-        max_steps=STEPS,
-        per_device_train_batch_size=2,
-        learning_rate=0.1,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        weight_decay=0.0,
-        max_grad_norm=0.0,
-        train_sampling_strategy="sequential",
-        report_to=[],
-        logging_steps=1000,
-        save_strategy="no",
-        seed=0,
+    args = sgd_training_arguments(
+        out_dir / ("monitored" if monitors else "plain"), batch_size=2, ddp_backend="gloo", max_steps=STEPS
     )
     record = Record(model)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=Rows(), callbacks=[record])
