@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,8 @@ from lightning.pytorch.loggers import CSVLogger
 from moe_lightning import commands as cli
 from moe_lightning.analysis.discover import WANDB_ID_FILE, discover_runs
 from moe_lightning.analysis.log_dirs import read_metrics_csv
+from moe_lightning.commands import run_folder
+from moe_lightning.commands.run_folder import new_run_dir
 from moe_lightning.lightning.loggers import continue_csv_log
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -86,7 +89,11 @@ def test_two_runs_get_two_folders_and_nothing_is_written_beside_them(runs):
     work, folders, outputs = runs
     assert [code for code, _, _ in outputs] == [0, 0, 0], [err[-2000:] for _, _, err in outputs]
     assert sorted(os.listdir(work)) == ["runs"]
-    assert [folder.name.endswith("-topk") for folder in folders] == [True, True]
+    # Two runs started within the same second share a time stamp; the second then takes the ``-2`` suffix.
+    names = [re.fullmatch(r"(\d{8}-\d{6})-topk(-2)?", folder.name) for folder in folders]
+    assert all(names), [folder.name for folder in folders]
+    stamps, suffixes = [name[1] for name in names], [name[2] for name in names]
+    assert suffixes == [None, "-2" if stamps[0] == stamps[1] else None]
     for folder, (_, out, _) in zip(folders, outputs[:2], strict=True):
         lines = out.strip().splitlines()
         # The folder is named when the run starts and when it ends, with the command that continues it.
@@ -156,6 +163,18 @@ def test_a_fresh_fit_into_a_folder_holding_a_run_is_refused(runs, monkeypatch):
         "last (or a checkpoint of its checkpoints/), or choose another --run_dir"
     )
     assert {path: sorted(os.listdir(path)) for path in before} == before
+
+
+def test_a_taken_folder_name_gets_the_next_free_suffix(tmp_path, monkeypatch):
+    monkeypatch.setattr(run_folder.time, "strftime", lambda _: "20260101-000000")
+    root = str(tmp_path / "runs")
+    made = [new_run_dir("topk", root) for _ in range(3)]
+    assert [os.path.basename(path) for path in made] == [
+        "20260101-000000-topk",
+        "20260101-000000-topk-2",
+        "20260101-000000-topk-3",
+    ]
+    assert all(os.listdir(path) == [] for path in made)
 
 
 def test_a_continued_csv_log_keeps_the_rows_before_the_resume(tmp_path):
