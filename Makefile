@@ -29,8 +29,13 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(BIN)/moe-lightning fit --config configs/mlp/topk.yaml --config configs/trainer/cpu.yaml
 
+# One pytest worker per core, up to 4 (pytest-xdist), each taking whole test files so that a module's fixtures run
+# once; one torch thread per worker, so that the workers do not stall each other.
+SUITE := OMP_NUM_THREADS=1 WANDB_MODE=offline
+SUITE_ARGS := -q -n auto --maxprocesses 4 --dist loadfile
+
 test: $(VENV)/.installed
-	WANDB_MODE=offline $(BIN)/python -m pytest -q
+	$(SUITE) $(BIN)/python -m pytest $(SUITE_ARGS)
 
 # The default suite less the tests marked integration (docs/testing.md). One torch thread: the tensors are tiny,
 # and on a shared CPU two threads stall each other.
@@ -78,7 +83,7 @@ test-latest:
 	test -x $(LATEST_VENV)/bin/python || $(PYTHON) -m venv $(LATEST_VENV)
 	$(LATEST_VENV)/bin/pip install -q --upgrade --upgrade-strategy eager torch==$(TORCH) -e ".[$(EXTRAS)]"
 	$(LATEST_VENV)/bin/python scripts/lock_drift.py constraints.txt
-	WANDB_MODE=offline $(LATEST_VENV)/bin/python -m pytest -q; status=$$?; \
+	$(SUITE) $(LATEST_VENV)/bin/python -m pytest $(SUITE_ARGS); status=$$?; \
 	  $(LATEST_VENV)/bin/python scripts/hf_family_coverage.py; exit $$status
 
 .PHONY: install demo test test-quick docs lint lock test-latest

@@ -44,6 +44,8 @@ def tiny_preset(tmp_path: Path, **extra) -> Path:
                 ],
             },
             "data": {"init_args": {"num_train": 256, "num_val": 64, "batch_size": 32}},
+            # No end-of-fit report per job (several seconds each): tests/test_run_summary.py covers it.
+            "summary": False,
         },
         **extra,
     }

@@ -69,6 +69,7 @@ def fit(tiny: Path, routing: str, seed: int, *logger_args: str) -> None:
             "--config",
             str(tiny),
             f"--seed_everything={seed}",
+            "--summary=false",  # these tests read the sweep report; tests/test_run_summary.py covers a run's own
             *logger_args,
         ]
     )
@@ -419,7 +420,9 @@ def test_report_draws_the_density_of_a_run_with_curvature_monitor(tmp_path, monk
             "    - class_path: moe_lightning.callbacks.RouterMonitor\n",
             "    - class_path: moe_lightning.callbacks.RouterMonitor\n"
             "    - class_path: moe_lightning.callbacks.CurvatureMonitor\n"
-            "      init_args: {every_n_steps: 10}\n",
+            # The density is what the report draws; a short Lanczos and no trace keep the three probes cheap.
+            "      init_args: {every_n_steps: 10, trace: false, eigen_max_iter: 8, density_starts: 1,"
+            " density_steps: 12}\n",
         )
     )
     args = ["fit", "--config", str(ROOT / "configs/mlp/topk.yaml"), "--config", str(ROOT / "configs/trainer/cpu.yaml")]
