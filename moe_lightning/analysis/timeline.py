@@ -206,9 +206,18 @@ def router_load(history: pd.DataFrame) -> dict[str, pd.DataFrame]:
     return found
 
 
+#: Each edge-of-stability threshold drawn in the panel of the sharpness it bounds (docs/geometry.md §7): SGD's
+#: ``(2 + 2μ)/η`` against the top Hessian eigenvalue, Adam's ``(2 + 2β₁)/((1 − β₁)η)`` against ``λ₁(P⁻¹H)``.
+STABILITY_THRESHOLDS = {
+    "sgd_stability_threshold": "hessian_top_eigenvalue",
+    "adam_stability_threshold": "preconditioned_top_eigenvalue",
+}
+
+
 def curvature_curves(history: pd.DataFrame) -> dict[str, dict[str, pd.Series]]:
     """Panel -> ``{line: series}`` of every ``curvature/...`` key: numbered keys (``hessian_eigenvalue/<i>``) share
-    one panel, one line each; every other key is a panel of its own."""
+    one panel, one line each; a stability threshold shares the panel of the sharpness it bounds
+    (:data:`STABILITY_THRESHOLDS`); every other key is a panel of its own."""
     panels: dict[str, dict[str, pd.Series]] = {}
     for column in map(str, history.columns):
         if not column.startswith("curvature/") or (series := _logged(history, column)) is None:
@@ -216,6 +225,8 @@ def curvature_curves(history: pd.DataFrame) -> dict[str, dict[str, pd.Series]]:
         base, _, last = column.rpartition("/")
         if last.isdigit():
             panels.setdefault(base, {})[f"#{int(last) + 1}"] = series
+        elif last in STABILITY_THRESHOLDS:
+            panels.setdefault(f"{base}/{STABILITY_THRESHOLDS[last]}", {})[last] = series
         else:
             panels.setdefault(column, {})[last] = series
     return panels

@@ -20,6 +20,8 @@ import wandb_workspaces.reports.v2 as wr
 import wandb_workspaces.workspaces as ws
 from wandb_workspaces import expr
 
+from moe_lightning.analysis.timeline import STABILITY_THRESHOLDS
+
 # Every callback logs at the trainer's step and defines it as the W&B step metric (callbacks/_observe.py).
 STEP = "trainer/global_step"
 # The routing of a moe-lightning model sits in the LightningModule's `config` hyperparameter.
@@ -128,6 +130,19 @@ def _line(keys: set[str], title: str, ys: Iterable[str], log_y: bool = False, gr
     return [wr.LinePlot(title=title, x=STEP, y=present, log_y=log_y or None, title_x="training step", **group)]
 
 
+def _stability_panels(keys: set[str]) -> list:
+    """For each logged edge-of-stability threshold (the whole model's and each parameter group's), one line plot of
+    the sharpness it bounds with the threshold beside it (:data:`STABILITY_THRESHOLDS`)."""
+    panels = []
+    for key in sorted(keys):
+        prefix, _, threshold = key.rpartition("/")
+        if prefix.startswith("curvature") and threshold in STABILITY_THRESHOLDS:
+            sharpness = f"{prefix}/{STABILITY_THRESHOLDS[threshold]}"
+            title = f"{prefix.removeprefix('curvature').strip('/') or 'model'}: {sharpness.rpartition('/')[2]} vs"
+            panels += _line(keys, f"{title} {threshold}", [sharpness, key]) if sharpness in keys else []
+    return panels
+
+
 def _per_layer(keys: set[str], prefix: str, layers: list[str], panels: Iterable[tuple[str, Iterable[str]]]) -> list:
     """For each layer, one line plot per ``(title, quantities)`` of ``panels``: the keys
     ``<prefix>/<layer>/<quantity>``, titled ``"<layer>: <title>"``."""
@@ -180,7 +195,8 @@ def geometry_sections(keys: Iterable[str], entity: str = "", chart_entity: str |
         ),
         PanelSection(
             "Curvature",
-            [panel for key, title in CURVATURE_QUANTITIES for panel in _line(keys, title, [key])],
+            [panel for key, title in CURVATURE_QUANTITIES for panel in _line(keys, title, [key])]
+            + _stability_panels(keys),
         ),
     ]
     if SPECTRA_TABLE in keys:

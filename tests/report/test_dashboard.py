@@ -85,6 +85,13 @@ def test_quantities_router_load_and_curvature_match_the_csv_log(logged_run):
     np.testing.assert_array_equal(
         curves["curvature/hessian_trace"]["hessian_trace"], logged(raw, "curvature/hessian_trace")
     )
+    # AdamW: its stability threshold is drawn in the panel of the preconditioned sharpness it bounds.
+    sharpness = curves["curvature/preconditioned_top_eigenvalue"]
+    assert set(sharpness) == {"preconditioned_top_eigenvalue", "adam_stability_threshold"}
+    np.testing.assert_array_equal(
+        sharpness["adam_stability_threshold"], logged(raw, "curvature/adam_stability_threshold")
+    )
+    assert "curvature/adam_stability_threshold" not in curves
 
 
 def test_spectra_and_matrices_match_the_saved_reports(logged_run):

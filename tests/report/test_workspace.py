@@ -111,6 +111,28 @@ def test_sections_follow_the_keys():
     assert [b.text for b in report.blocks if type(b).__name__ == "H2"] == [s.name for s in sections]
 
 
+def test_each_stability_threshold_is_drawn_beside_the_sharpness_it_bounds():
+    keys = {
+        "curvature/hessian_top_eigenvalue",
+        "curvature/sgd_stability_threshold",
+        "curvature/router/preconditioned_top_eigenvalue",
+        "curvature/router/adam_stability_threshold",
+        "curvature/experts/adam_stability_threshold",  # its sharpness was not logged: no panel
+    }
+    (curvature,) = geometry_sections(keys)
+    assert [(p.title, p.y) for p in curvature.panels] == [
+        ("Hessian top eigenvalue", ["curvature/hessian_top_eigenvalue"]),
+        (
+            "router: preconditioned_top_eigenvalue vs adam_stability_threshold",
+            ["curvature/router/preconditioned_top_eigenvalue", "curvature/router/adam_stability_threshold"],
+        ),
+        (
+            "model: hessian_top_eigenvalue vs sgd_stability_threshold",
+            ["curvature/hessian_top_eigenvalue", "curvature/sgd_stability_threshold"],
+        ),
+    ]
+
+
 def test_dry_run_prints_the_spec_without_network(logged_run, no_network, capsys):
     assert cli.main(["dashboard", str(logged_run.wandb), "--project", "proj", "--entity", "team", "--dry-run"]) == 0
     spec = json.loads(capsys.readouterr().out)
