@@ -28,7 +28,9 @@ class Accumulator:
     3. :meth:`finalize` turns the summed slots into entries of the :class:`GeometryReport`.
 
     :meth:`close` runs once after the last chunk, for a quantity that queues tokens across chunks.
-    An accumulator keeps no reference to the view: statistics can outlive the model.
+    An accumulator keeps no reference to the view, so statistics can outlive the model; the one exception is the
+    factored mean Jacobian (:class:`~moe_lightning.geometry.accumulators.mean_jacobian.FactoredMeanJacobian`),
+    which reads the experts' weights again when finalised rather than hold a copy as large as the layer.
     """
 
     #: Whether :meth:`add` needs every expert's Jacobian on every token of a chunk (see ``ProbeContext``).
