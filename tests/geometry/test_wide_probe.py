@@ -13,8 +13,10 @@ from moe_lightning.geometry import ProbeConfig, finalize, probe, probe_statistic
 from moe_lightning.nn.layer import MoEConfig, MoELayer
 
 DT = torch.float64
-# Quantities the wide path leaves as they were (no layer Jacobian, no CKA: their paths are not the experts').
-FAST = dict(layer_jacobian=False, cka=False, subspace_rank=3)
+# Quantities the wide path leaves as they were (no layer Jacobian, no CKA: their paths are not the experts'). One
+# chunk on both paths, so that the PCA moments they share are summed in the same order: with a few tokens an
+# expert, a representational subspace's eigen-gap is small enough to show the order's round-off.
+FAST = dict(layer_jacobian=False, cka=False, subspace_rank=3, memory_budget_bytes=2**31)
 
 
 def _layer(dim, hidden, activation, seed, num_experts=3, dtype=DT):
