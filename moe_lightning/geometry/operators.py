@@ -25,12 +25,38 @@ from torch.func import jvp, linearize, vjp, vmap
 from moe_lightning.geometry.activations import activation_derivative, silu_derivative
 
 __all__ = [
+    "JacobianFactors",
     "JacobianOperator",
     "compose_layer_operator",
     "func_jacobian_operator",
     "mlp_jacobian_operator",
     "swiglu_jacobian_operator",
 ]
+
+
+@dataclass(frozen=True)
+class JacobianFactors:
+    """The factored form ``J_n = left · Σ_g diag(scales[n, g]) · rights[g]`` of an expert's per-token Jacobians
+    (docs/geometry.md §1): MLP ``W_outᵀ diag(φ'(z_n)) W_inᵀ`` (one group), SwiGLU
+    ``W_downᵀ [diag(silu'(a_n) ⊙ b_n) W_gateᵀ + diag(silu(a_n)) W_upᵀ]`` (two groups).
+
+    Only ``scales`` depends on the token, so the Jacobians' spectra, norms and gate-weighted means are functions of
+    small per-token vectors and the weights (:mod:`moe_lightning.geometry.factored`).
+
+    Attributes:
+        left_OH: ``(D_out, H)``.
+        rights_HI: ``G`` matrices ``(H, D_in)``, one per group (views of the weights, not copies).
+        scales_NGH: ``(N, G, H)`` per-token diagonal of each group.
+    """
+
+    left_OH: Tensor
+    rights_HI: tuple[Tensor, ...]
+    scales_NGH: Tensor
+
+    @property
+    def width(self) -> int:
+        """``F = G · H``, the length of one token's flattened scales."""
+        return len(self.rights_HI) * self.left_OH.shape[1]
 
 
 @dataclass(frozen=True)
@@ -48,6 +74,7 @@ class JacobianOperator:
         gemm_tokens: how many tokens share one GEMM against a weight inside ``apply`` (None: ``num_tokens``); a
             composed layer operator runs each expert on its routed tokens only, about ``top_k / E`` of them. The
             default Krylov block is chosen so that this many tokens fill a wide GEMM.
+        factors: the factored form of the Jacobians where the builder knows it (MLP and SwiGLU experts), else None.
     """
 
     apply: Callable[[Tensor], Tensor]
@@ -58,6 +85,7 @@ class JacobianOperator:
     dtype: torch.dtype
     device: torch.device
     gemm_tokens: int | None = None
+    factors: JacobianFactors | None = None
 
 
 def _linearized_jvp(fn: Callable[[Tensor], Tensor], x_ND: Tensor) -> Callable[[Tensor], Tensor]:
@@ -171,7 +199,10 @@ def mlp_jacobian_operator(
         t_NKH = (_rows(U_NOK) @ w_out_HD.t()).view(n, -1, h) * dphi_N1H
         return _block(t_NKH.view(-1, h) @ w_in_DH.t(), n)
 
-    return JacobianOperator(apply, apply_transpose, n, d_in, w_out_HD.shape[1], x_ND.dtype, x_ND.device)
+    factors = JacobianFactors(w_out_HD.t(), (w_in_DH.t(),), dphi_N1H)
+    return JacobianOperator(
+        apply, apply_transpose, n, d_in, w_out_HD.shape[1], x_ND.dtype, x_ND.device, factors=factors
+    )
 
 
 def swiglu_jacobian_operator(x_ND: Tensor, w_gate_DH: Tensor, w_up_DH: Tensor, w_down_HD: Tensor) -> JacobianOperator:
@@ -218,7 +249,10 @@ def swiglu_jacobian_operator(x_ND: Tensor, w_gate_DH: Tensor, w_up_DH: Tensor, w
         out.addmm_((t_NKH * c_up_N1H).view(-1, h), w_up_DH.t())
         return _block(out, n)
 
-    return JacobianOperator(apply, apply_transpose, n, d_in, w_down_HD.shape[1], x_ND.dtype, x_ND.device)
+    factors = JacobianFactors(w_down_HD.t(), (w_gate_DH.t(), w_up_DH.t()), torch.cat([c_gate_N1H, c_up_N1H], 1))
+    return JacobianOperator(
+        apply, apply_transpose, n, d_in, w_down_HD.shape[1], x_ND.dtype, x_ND.device, factors=factors
+    )
 
 
 def compose_layer_operator(

@@ -41,6 +41,7 @@ from moe_lightning.geometry.accumulators import (
     Chunk,
     ExpertCKA,
     ExpertSpectra,
+    FactoredMeanJacobian,
     LayerJacobian,
     MeanJacobian,
     PCAMoments,
@@ -50,13 +51,14 @@ from moe_lightning.geometry.accumulators import (
     TokenCounts,
 )
 from moe_lightning.geometry.bootstrap import bootstrap_values, probe_resample_counts
+from moe_lightning.geometry.factored import factored_core_rank
 from moe_lightning.geometry.krylov import TopRResult, krylov_bytes_per_token, topr_singular_values
 from moe_lightning.geometry.lending import lent_modules, with_cast_copies
 from moe_lightning.geometry.operators import JacobianOperator
 from moe_lightning.geometry.probe_config import ProbeConfig
 from moe_lightning.geometry.report import GeometryReport
 from moe_lightning.geometry.statistics import BufferLayout, ProbeStatistics
-from moe_lightning.geometry.view import MoEView, TokenFn, check_view
+from moe_lightning.geometry.view import HasJacobianOperator, MoEView, TokenFn, check_view
 
 __all__ = ["finalize", "probe", "probe_statistics"]
 
@@ -80,6 +82,22 @@ def _bytes_per_token(cfg: ProbeConfig, d: int, m: int, num_experts: int, itemsiz
             3 * num_experts + 8 * k
         )
     return itemsize * (3 * (num_experts + 1) * d * d + 8 * d)
+
+
+def _factor_shapes(view: MoEView, cfg: ProbeConfig, x_ND: Tensor, experts: range) -> list[tuple[int, int]] | None:
+    """``(F, core rank)`` of each expert's Jacobian factors, read from its operator at one zero token (shapes only,
+    so every rank decides alike), or None when one of them offers none (docs/geometry.md §1, "Factored experts at
+    any width")."""
+    if cfg.jacobian_method == "func" or not isinstance(view, HasJacobianOperator):
+        return None
+    x0 = x_ND.new_zeros(1, x_ND.shape[1])
+    shapes = []
+    for e in experts:
+        op = view.expert_jacobian_operator(e, x0)
+        if op is None or op.factors is None:
+            return None
+        shapes.append((op.factors.width, factored_core_rank(op.factors)))
+    return shapes
 
 
 def _topr_solver(cfg: ProbeConfig, m: int) -> Callable[[TokenFn | JacobianOperator, Tensor], TopRResult]:
@@ -108,6 +126,11 @@ def _context(
     matrix_free = d > cfg.matrix_free_threshold
     m = min(cfg.matrix_free_rank, d) if matrix_free else d
     per_token = _bytes_per_token(cfg, d, m, num_experts, x_ND.element_size(), matrix_free)
+    here = range(num_experts) if local_experts is None else local_experts
+    shapes = _factor_shapes(view, cfg, x_ND, here) if matrix_free and cfg.jacobian else None
+    core = shapes is not None and all(rank < d for _, rank in shapes)
+    if core:  # one token's core, (rank × F) scaled factor and (rank × rank) core with its SVD workspace
+        per_token = max(per_token, x_ND.element_size() * max(k * (f + 3 * k) for f, k in shapes))
     return ProbeContext(
         view=view,
         config=cfg,
@@ -122,6 +145,9 @@ def _context(
         solve_topr=_topr_solver(cfg, m),
         expert_group=expert_group,
         local_experts=local_experts,
+        factored=shapes is not None,
+        factored_core=core,
+        factor_width=0 if shapes is None else max(f for f, _ in shapes),
     )
 
 
@@ -145,7 +171,14 @@ def _accumulators(ctx: ProbeContext) -> tuple[TokenCounts, list[Accumulator]]:
             sites.append("input")
         pca = PCAMoments(ctx, tokens, sites, reported=cfg.pca_sites if cfg.pca else ())
         quantities.append(pca)
-    mean_jacobian = MeanJacobian(num_experts, d) if exact and multi and (cfg.alignment or cfg.subspaces) else None
+    mean_jacobian: MeanJacobian | FactoredMeanJacobian | None = None
+    if multi and (cfg.alignment or cfg.subspaces):
+        if exact:
+            mean_jacobian = MeanJacobian(num_experts, d)
+        elif cfg.jacobian and ctx.factored and ctx.expert_group is None:
+            # Factored experts: exact at any D (docs/geometry.md §1). Under expert parallelism a rank holds only its
+            # experts' weights, which the cross-expert quantities need at once: those stay unreported there.
+            mean_jacobian = FactoredMeanJacobian(ctx, tokens)
     if mean_jacobian is not None:
         quantities.append(mean_jacobian)
     if not multi:

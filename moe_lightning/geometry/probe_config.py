@@ -50,8 +50,11 @@ class ProbeConfig:
         jacobian_method: ``"auto"`` (the view's closed form if offered, else torch.func), ``"closed_form"``
             (require it: ``expert_jacobian``, or ``expert_jacobian_operator`` on the matrix-free path) or ``"func"``.
         layer_jacobian_method: ``"auto"``/``"compose"`` (product rule, reusing expert Jacobians) or ``"func"``.
-        matrix_free_threshold: above this D the spectra are the matrix-free top-``matrix_free_rank`` values
-            and the quantities that need whole Jacobians (Frobenius norm, alignment, functional subspaces) are NaN.
+        matrix_free_threshold: above this D no D × D Jacobian is formed. Experts whose view offers factored
+            closed forms (MLP, SwiGLU) keep their Frobenius norms, alignment and functional subspaces exact, and
+            their whole spectra when H < D (docs/geometry.md §1, "Factored experts at any width"); otherwise the
+            spectra are the matrix-free top-``matrix_free_rank`` values and the quantities that need whole
+            Jacobians (Frobenius norm, alignment, functional subspaces) are not computed.
         matrix_free_rank: number of singular values on the matrix-free path.
         matrix_free_oversample: extra columns ``p`` of the randomized block Krylov method
             (:func:`~moe_lightning.geometry.topr_singular_values`): ``K = r + p`` sets the convergence lag and the

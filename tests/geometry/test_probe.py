@@ -464,12 +464,14 @@ def test_matrix_free_path_uses_the_views_closed_form_operator(activation, monkey
     original = NativeMoEView.expert_jacobian_operator
 
     def spy(self, e, x_ND):
-        calls.append(e)
+        if bool(x_ND.any()):  # the probe reads the factors' shapes at one zero token first
+            calls.append(e)
         return original(self, e, x_ND)
 
     monkeypatch.setattr(NativeMoEView, "expert_jacobian_operator", spy)
     kw = dict(matrix_free_threshold=4, matrix_free_rank=3, matrix_free_tol=1e-13, matrix_free_max_iter=200)
-    with_op = probe(view, x, ProbeConfig(**kw))
+    # without the cross-expert quantities, which build each expert's factors on every token of a chunk
+    with_op = probe(view, x, ProbeConfig(alignment=False, subspaces=False, **kw))
     assert sorted(calls) == [0, 1, 2]  # one build per expert: its own spectra, then reused for the layer's
     calls.clear()
     func = probe(view, x, ProbeConfig(jacobian_method="func", **kw))

@@ -6,7 +6,7 @@ from moe_lightning.geometry.accumulators.base import Accumulator, SkippedForOneE
 from moe_lightning.geometry.accumulators.context import Chunk, ProbeContext
 from moe_lightning.geometry.accumulators.expert_spectra import ExpertSpectra
 from moe_lightning.geometry.accumulators.layer_jacobian import LayerJacobian
-from moe_lightning.geometry.accumulators.mean_jacobian import MeanJacobian
+from moe_lightning.geometry.accumulators.mean_jacobian import FactoredMeanJacobian, MeanJacobian
 from moe_lightning.geometry.accumulators.pca import PCAMoments
 from moe_lightning.geometry.accumulators.similarity import ExpertCKA
 from moe_lightning.geometry.accumulators.subspaces import Subspaces
@@ -18,6 +18,7 @@ __all__ = [
     "Chunk",
     "ExpertCKA",
     "ExpertSpectra",
+    "FactoredMeanJacobian",
     "LayerJacobian",
     "MeanJacobian",
     "PCAMoments",

@@ -3,6 +3,7 @@ token, with the chance level of random matrices."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -10,13 +11,19 @@ from torch import Tensor
 
 from moe_lightning.geometry.accumulators.base import Accumulator, safe_div
 from moe_lightning.geometry.accumulators.context import Chunk
-from moe_lightning.geometry.accumulators.mean_jacobian import MeanJacobian
+from moe_lightning.geometry.accumulators.mean_jacobian import (
+    FactoredMeanJacobian,
+    MeanJacobian,
+    UnreadableWeights,
+    warn_unreadable,
+)
 from moe_lightning.geometry.alignment import (
     alignment_chance,
     jacobian_alignment,
     offdiag_summary,
     pointwise_cosine_sums,
 )
+from moe_lightning.geometry.factored import factored_inner_products
 from moe_lightning.geometry.report import GeometryReport
 from moe_lightning.geometry.statistics import BufferLayout
 
@@ -26,6 +33,11 @@ __all__ = ["Alignment"]
 class Alignment(Accumulator):
     """``|cos|`` between the experts' mean Jacobians, and its mean over tokens of the pointwise Jacobians.
 
+    With factored experts (any D) both are exact without forming a Jacobian: the mean Jacobians' inner products
+    from their factors (:class:`~moe_lightning.geometry.accumulators.mean_jacobian.FactoredMeanJacobians`), the
+    pointwise ones as ``s_iᵀ K_ij s_j`` with the weights' ``F × F`` Gram ``K_ij`` of each pair of experts
+    (:func:`~moe_lightning.geometry.factored.factored_inner_products`).
+
     Args:
         mean_jacobian: the mean Jacobians' accumulator.
         num_experts: E (at least 2).
@@ -34,14 +46,23 @@ class Alignment(Accumulator):
 
     needs_all_token_jacobians = True
 
-    def __init__(self, mean_jacobian: MeanJacobian, num_experts: int, dim: int) -> None:
+    def __init__(self, mean_jacobian: MeanJacobian | FactoredMeanJacobian, num_experts: int, dim: int) -> None:
         self.mean_jacobian, self.num_experts, self.dim = mean_jacobian, num_experts, dim
+        self.factored = isinstance(mean_jacobian, FactoredMeanJacobian)
+        if self.factored:
+            self.needs_all_token_jacobians = False
 
     def allocate(self, layout: BufferLayout) -> None:
         self.cos_sum = layout.allocate("alignment/pointwise_cos_sum", self.num_experts, self.num_experts)
         self.cos_count = layout.allocate("alignment/pointwise_count", self.num_experts, self.num_experts)
 
     def add(self, chunk: Chunk, buffer: Tensor) -> None:
+        if self.factored:  # the factored path runs without expert parallelism (all experts are here)
+            inner_NEE = factored_inner_products([chunk.all_token_factors(e) for e in range(self.num_experts)])
+            s, c = _cosine_sums_from_inner_products(inner_NEE)
+            self.cos_sum.of(buffer).add_(s)
+            self.cos_count.of(buffer).add_(c)
+            return
         # Under expert parallelism each rank forms its experts' Jacobians at every token; the cosines of a token
         # need all of them, gathered, and each rank takes its share of the tokens.
         ctx, here = chunk.ctx, chunk.ctx.experts_here
@@ -55,8 +76,16 @@ class Alignment(Accumulator):
 
     def finalize(self, buffer: Tensor, report: GeometryReport, done: dict[Accumulator, Any]) -> None:
         chance = alignment_chance(self.dim, self.dim)
-        A = jacobian_alignment(self.mean_jacobian.sum_wJ.of(buffer))
         P = safe_div(self.cos_sum.of(buffer), self.cos_count.of(buffer))
+        if self.factored:
+            try:
+                A = _cosines_from_gram(done[self.mean_jacobian].gram())
+            except UnreadableWeights as error:
+                warn_unreadable(report.name, "the mean-Jacobian alignment", error)
+                A = torch.full_like(P, math.nan)
+                report.variants["align"] = "unavailable_weights_not_readable_at_finalize"
+        else:
+            A = jacobian_alignment(self.mean_jacobian.sum_wJ.of(buffer))
         report.matrices["align_mean_jacobian"] = A
         report.matrices["align_pointwise"] = P
         for key, M in (("align", A), ("palign", P)):
@@ -66,6 +95,28 @@ class Alignment(Accumulator):
             report.layer[f"{key}_ratio"] = mean_off / chance
         report.layer["align_chance"] = chance
         v = report.variants
-        v["align"] = "mean_jacobian_abs_frobenius_cosine"
-        v["palign"] = "pointwise_abs_frobenius_cosine_all_probe_tokens"
+        suffix = "_exact_factored" if self.factored else ""
+        v.setdefault("align", f"mean_jacobian_abs_frobenius_cosine{suffix}")
+        v["palign"] = f"pointwise_abs_frobenius_cosine_all_probe_tokens{suffix}"
         v["align_chance"] = "exact_gaussian_E_abs_cos_n=d*d"
+        if v["align"].startswith("unavailable"):
+            for key in ("align_mean_offdiag", "align_max_offdiag", "align_ratio"):
+                report.layer.pop(key)
+            report.matrices.pop("align_mean_jacobian")
+
+
+def _cosines_from_gram(gram_EE: Tensor) -> Tensor:
+    """``|G_ij| / sqrt(G_ii G_jj)``, NaN where a norm is zero: :func:`~moe_lightning.geometry.jacobian_alignment`
+    from the inner products instead of the matrices."""
+    norms = gram_EE.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt()
+    denom = norms.unsqueeze(-1) * norms.unsqueeze(-2)
+    ok = denom > 0
+    cos = gram_EE.abs() / torch.where(ok, denom, torch.ones_like(denom))
+    return torch.where(ok, cos.clamp_max(1.0), torch.full_like(cos, math.nan))
+
+
+def _cosine_sums_from_inner_products(inner_NEE: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`~moe_lightning.geometry.pointwise_cosine_sums` from each token's inner products."""
+    cos_NEE = _cosines_from_gram(inner_NEE)
+    ok = torch.isfinite(cos_NEE)
+    return torch.where(ok, cos_NEE, torch.zeros_like(cos_NEE)).sum(0), ok.sum(0).to(cos_NEE.dtype)

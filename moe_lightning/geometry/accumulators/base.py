@@ -28,7 +28,9 @@ class Accumulator:
     3. :meth:`finalize` turns the summed slots into entries of the :class:`GeometryReport`.
 
     :meth:`close` runs once after the last chunk, for a quantity that queues tokens across chunks.
-    An accumulator keeps no reference to the view: statistics can outlive the model.
+    An accumulator keeps no reference to the view, so statistics can outlive the model; the one exception is the
+    factored mean Jacobian (:class:`~moe_lightning.geometry.accumulators.mean_jacobian.FactoredMeanJacobian`),
+    which reads the experts' weights again when finalised rather than hold a copy as large as the layer.
     """
 
     #: Whether :meth:`add` needs every expert's Jacobian on every token of a chunk (see ``ProbeContext``).
@@ -118,6 +120,7 @@ class SpectralMoments:
         index: int | None = None,
         ctx: ProbeContext | None = None,
         counts_BN: Tensor | None = None,
+        frobenius_N: Tensor | None = None,
     ) -> None:
         """Add the statistics of ``N`` spectra with weights ``w_N`` (at ``index`` of the leading shape, if any).
 
@@ -130,9 +133,19 @@ class SpectralMoments:
             index: position in the leading shape (an expert); None when there is none.
             ctx: the probe's context, which adds the spectra to the bootstrap replicas; None: no bootstrap.
             counts_BN: ``(B, N)`` resample counts of the ``N`` tokens; None without a bootstrap.
+            frobenius_N: ``(N,)`` Frobenius norms known otherwise (a factored expert's, exactly) for truncated
+                spectra: they give the Frobenius norm and the stable rank ``‖J‖_F² / σ_1²``, which need every
+                singular value.
         """
         stats = spectral_stats(singular_values_NM, fit_max=fit_max)
-        if truncated:  # the Frobenius norm needs every singular value
+        if truncated and frobenius_N is not None:
+            top_sq = stats["sigma_max"] ** 2
+            stats["frobenius"] = frobenius_N.to(top_sq.dtype)
+            ok = top_sq > 0
+            stats["stable_rank"] = torch.where(
+                ok, frobenius_N**2 / torch.where(ok, top_sq, torch.ones_like(top_sq)), torch.zeros_like(top_sq)
+            )
+        elif truncated:  # the Frobenius norm needs every singular value
             stats["frobenius"] = torch.full_like(stats["frobenius"], math.nan)
         values_NS = torch.stack([stats[k] for k in SPECTRAL_STAT_NAMES], dim=-1)
         ok = torch.isfinite(values_NS)

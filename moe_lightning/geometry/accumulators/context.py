@@ -14,7 +14,7 @@ from torch import Tensor
 
 from moe_lightning.geometry.jacobians import expert_jacobian
 from moe_lightning.geometry.krylov import TopRResult
-from moe_lightning.geometry.operators import JacobianOperator
+from moe_lightning.geometry.operators import JacobianFactors, JacobianOperator
 from moe_lightning.geometry.probe_config import ProbeConfig
 from moe_lightning.geometry.statistics import Slot
 from moe_lightning.geometry.view import HasJacobianOperator, MoEView, TokenFn
@@ -75,6 +75,13 @@ class ProbeContext:
         local_experts: the experts this rank probes (all ``E`` without ``expert_group``).
         failure: where :meth:`guarded` keeps this rank's first error under expert parallelism; shared by the two
             steps of the context.
+        factored: on the matrix-free path, whether every expert here offers its Jacobians' factors
+            (:class:`~moe_lightning.geometry.JacobianFactors`, through ``expert_jacobian_operator``): their Frobenius
+            norms, mean Jacobians and alignment are then exact (docs/geometry.md §1, "Factored experts at any
+            width").
+        factored_core: ``factored`` and every expert here has rank at most ``H < D``: its whole spectrum comes
+            exactly from a small core (:func:`~moe_lightning.geometry.factored.factored_singular_values`).
+        factor_width: the largest ``F = G·H`` of the experts' factors (0 when not ``factored``).
     """
 
     view: MoEView
@@ -93,6 +100,9 @@ class ProbeContext:
     all_token_jacobians: bool = False
     replicas: Mapping[Slot, Slot] = field(default_factory=dict)
     failure: ProbeFailure = field(default_factory=ProbeFailure)
+    factored: bool = False
+    factored_core: bool = False
+    factor_width: int = 0
 
     @property
     def num_experts(self) -> int:
@@ -250,6 +260,7 @@ class Chunk:
         self._jacobians: dict[int, Tensor] = {}
         self._all_token_jacobians: dict[int, Tensor] = {}
         self._operators: dict[int, JacobianOperator | None] = {}
+        self._all_token_factors: dict[int, JacobianFactors] = {}
 
     @property
     def num_tokens(self) -> int:
@@ -289,3 +300,25 @@ class Chunk:
         if e not in self._operators:
             self._operators[e] = self.ctx.expert_operator(e, self.inputs(e))
         return self._operators[e]
+
+    def factors(self, e: int) -> JacobianFactors:
+        """Expert ``e``'s Jacobian factors at its routed tokens (matrix-free path, ``ctx.factored``)."""
+        op = self.operator(e)
+        if op is None or op.factors is None:
+            raise ValueError(
+                f"view {self.ctx.view.name!r}: expert {e}'s expert_jacobian_operator gives no factors on these "
+                "tokens, though it gave them when the probe chose the factored path"
+            )
+        return op.factors
+
+    def all_token_factors(self, e: int) -> JacobianFactors:
+        """Expert ``e``'s Jacobian factors at every token of the chunk (factored pointwise alignment)."""
+        if e not in self._all_token_factors:
+            op = self.ctx.expert_operator(e, self.x)
+            if op is None or op.factors is None:
+                raise ValueError(
+                    f"view {self.ctx.view.name!r}: expert {e}'s expert_jacobian_operator gives no factors on these "
+                    "tokens, though it gave them when the probe chose the factored path"
+                )
+            self._all_token_factors[e] = op.factors
+        return self._all_token_factors[e]

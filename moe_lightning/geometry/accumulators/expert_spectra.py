@@ -1,5 +1,7 @@
-"""Singular-value spectra of each expert's Jacobian (docs/geometry.md §1–2): exact SVDs of formed Jacobians, or on
-the matrix-free path the top-``r`` values of an expert's routed tokens, queued across chunks into full batches."""
+"""Singular-value spectra of each expert's Jacobian (docs/geometry.md §1–2): exact SVDs of formed Jacobians; on the
+matrix-free path, every value exactly from the small core of a factored expert of rank ``H < D``, or else the top-``r``
+values of an expert's routed tokens, queued across chunks into full batches (with the exact Frobenius norm of a
+factored expert)."""
 
 from __future__ import annotations
 
@@ -11,9 +13,10 @@ from torch import Tensor
 from moe_lightning.geometry.accumulators.base import Accumulator, SpectralMoments, safe_div
 from moe_lightning.geometry.accumulators.context import Chunk, ProbeContext
 from moe_lightning.geometry.accumulators.tokens import TokenCounts
+from moe_lightning.geometry.factored import factored_frobenius_sq, factored_singular_values
 from moe_lightning.geometry.operators import JacobianOperator
 from moe_lightning.geometry.report import GeometryReport
-from moe_lightning.geometry.spectra import batched_svdvals
+from moe_lightning.geometry.spectra import SPECTRAL_STAT_NAMES, batched_svdvals
 from moe_lightning.geometry.statistics import BufferLayout
 
 __all__ = ["ExpertSpectra"]
@@ -31,10 +34,18 @@ class ExpertSpectra(Accumulator):
 
     def __init__(self, ctx: ProbeContext, tokens: TokenCounts, share_operators: bool) -> None:
         cfg = ctx.config
-        self.tokens, self.num_experts, self.rank = tokens, ctx.num_experts, ctx.rank
-        self.matrix_free, self.share_operators = ctx.matrix_free, share_operators
-        self.fit_max, self.top = cfg.decay_fit_max, cfg.matrix_free_rank if ctx.matrix_free else None
-        if ctx.matrix_free:
+        self.tokens, self.num_experts = tokens, ctx.num_experts
+        # A factored expert of rank H < D has its whole spectrum, zero-padded to D, exactly: the exact path's
+        # statistics, keys and spectrum length, only the variant names the path.
+        self.core, self.factored = ctx.factored_core, ctx.factored
+        self.rank = ctx.dim if self.core else ctx.rank
+        self.matrix_free = ctx.matrix_free and not self.core
+        self.share_operators = share_operators
+        self.tol = cfg.matrix_free_tol
+        self.fit_max, self.top = cfg.decay_fit_max, cfg.matrix_free_rank if self.matrix_free else None
+        if self.core:
+            self.source = "exact_factored_core"
+        elif ctx.matrix_free:
             self.source = f"matrix_free_topr(r={ctx.rank})"
         elif cfg.jacobian_method == "func":
             self.source = "torch_func"
@@ -54,14 +65,35 @@ class ExpertSpectra(Accumulator):
         self.unconverged = layout.allocate("jac/unconverged", self.num_experts) if self.matrix_free else None
 
     def _add_spectra(
-        self, ctx: ProbeContext, buffer: Tensor, e: int, sv_NM: Tensor, w_N: Tensor, c_BN: Tensor | None
+        self,
+        ctx: ProbeContext,
+        buffer: Tensor,
+        e: int,
+        sv_NM: Tensor,
+        w_N: Tensor,
+        c_BN: Tensor | None,
+        frobenius_N: Tensor | None = None,
     ) -> None:
         self.moments.add(
-            buffer, sv_NM, w_N, fit_max=self.fit_max, truncated=self.matrix_free, index=e, ctx=ctx, counts_BN=c_BN
+            buffer,
+            sv_NM,
+            w_N,
+            fit_max=self.fit_max,
+            truncated=self.matrix_free,
+            index=e,
+            ctx=ctx,
+            counts_BN=c_BN,
+            frobenius_N=frobenius_N,
         )
         self.spectrum.of(buffer)[e] += (w_N.unsqueeze(-1) * sv_NM).sum(0)
 
     def add(self, chunk: Chunk, buffer: Tensor) -> None:
+        if self.core:
+            for e in chunk.ctx.experts_here:
+                if chunk.rows[e].any():
+                    sv = factored_singular_values(chunk.factors(e), self.rank).to(chunk.ctx.dtype)
+                    self._add_spectra(chunk.ctx, buffer, e, sv, chunk.weights(e), chunk.counts_of(e))
+            return
         if self.matrix_free:
             self._queue(chunk, buffer)
             return
@@ -101,7 +133,15 @@ class ExpertSpectra(Accumulator):
             c_b = None if c_q is None else c_q[:, start : start + chunk]
             op = built if built is not None else ctx.expert_operator(e, x_b)
             res = ctx.solve_topr(op or ctx.experts[e], x_b)
-            self._add_spectra(ctx, buffer, e, res.values, w_b, c_b)
+            fro = None
+            if self.factored:  # every expert here offers factors (ctx.factored): its Frobenius norm is exact
+                if op is None or op.factors is None:
+                    raise ValueError(
+                        f"view {ctx.view.name!r}: expert {e}'s expert_jacobian_operator gives no factors on these "
+                        "tokens, though it gave them when the probe chose the factored path"
+                    )
+                fro = factored_frobenius_sq(op.factors).sqrt()
+            self._add_spectra(ctx, buffer, e, res.values, w_b, c_b, fro)
             self.unconverged.of(buffer)[e] += (~res.converged).sum()
 
     def close(self, ctx: ProbeContext, buffer: Tensor) -> None:
@@ -111,6 +151,13 @@ class ExpertSpectra(Accumulator):
 
     def finalize(self, buffer: Tensor, report: GeometryReport, done: dict[Accumulator, Any]) -> None:
         self.moments.write(buffer, report.expert, report.variants, fit_max=self.fit_max, top=self.top)
+        v = report.variants
+        if self.core:
+            for name in SPECTRAL_STAT_NAMES:
+                v[f"jac_{name}"] += "_exact_factored_core"
+        elif self.matrix_free and self.factored:
+            v["jac_frobenius"] = "sqrt_sum_sigma_sq_exact_factored"
+            v["jac_stable_rank"] = f"exact_factored_frobenius_sq_over_topr_sigma_max_sq_tol={self.tol:g}"
         sum_w = self.tokens.sum_w.of(buffer)
         report.spectra["jac_mean_spectrum"] = safe_div(self.spectrum.of(buffer), sum_w.unsqueeze(-1))
         report.variants["jac_source"] = self.source

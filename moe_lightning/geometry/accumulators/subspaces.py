@@ -10,7 +10,12 @@ import torch
 from torch import Tensor
 
 from moe_lightning.geometry.accumulators.base import Accumulator
-from moe_lightning.geometry.accumulators.mean_jacobian import MeanJacobian
+from moe_lightning.geometry.accumulators.mean_jacobian import (
+    FactoredMeanJacobian,
+    MeanJacobian,
+    UnreadableWeights,
+    warn_unreadable,
+)
 from moe_lightning.geometry.accumulators.pca import PCAMoments
 from moe_lightning.geometry.accumulators.tokens import TokenCounts
 from moe_lightning.geometry.alignment import offdiag_summary
@@ -31,8 +36,8 @@ class Subspaces(Accumulator):
 
     Args:
         tokens: the token counts.
-        mean_jacobian: the mean Jacobians (None on the matrix-free path or without Jacobians: no functional
-            subspaces).
+        mean_jacobian: the mean Jacobians, formed or factored (None on the matrix-free path of experts without
+            factors, or without Jacobians: no functional subspaces).
         pca: the PCA moments, with the ``"input"`` site.
         rank: ``r`` (capped at D).
         dim: D.
@@ -41,23 +46,38 @@ class Subspaces(Accumulator):
     resampled = False
 
     def __init__(
-        self, tokens: TokenCounts, mean_jacobian: MeanJacobian | None, pca: PCAMoments, rank: int, dim: int
+        self,
+        tokens: TokenCounts,
+        mean_jacobian: MeanJacobian | FactoredMeanJacobian | None,
+        pca: PCAMoments,
+        rank: int,
+        dim: int,
     ) -> None:
         self.tokens, self.mean_jacobian, self.pca, self.rank, self.dim = tokens, mean_jacobian, pca, rank, dim
 
-    def _functional_bases(self, buffer: Tensor, report: GeometryReport) -> list[Tensor | None]:
+    def _functional_bases(self, buffer: Tensor, report: GeometryReport, done: dict[Accumulator, Any]) -> list:
         r, sum_w = self.rank, self.tokens.sum_w.of(buffer)
         bases, gaps = [], []
-        for e, Jbar in enumerate(self.mean_jacobian.sum_wJ.of(buffer)):
-            if bool(report.empty[e]) or not bool((Jbar != 0).any()):
+        factored = isinstance(self.mean_jacobian, FactoredMeanJacobian)
+        for e in range(report.num_experts):
+            if factored:  # the exact SVD of the mean Jacobian's small core (docs/geometry.md §1)
+                found = None if bool(report.empty[e]) else done[self.mean_jacobian].singular(e)
+            else:
+                Jbar = self.mean_jacobian.sum_wJ.of(buffer)[e]
+                found = None
+                if not bool(report.empty[e]) and bool((Jbar != 0).any()):
+                    _, S, Vh = torch.linalg.svd(Jbar / sum_w[e])
+                    found = S, Vh
+            if found is None:
                 bases.append(None)
                 gaps.append(math.nan)
             else:
-                _, S, Vh = torch.linalg.svd(Jbar / sum_w[e])
+                S, Vh = found
                 bases.append(Vh[:r].T)  # top-r right singular vectors
                 gaps.append(rank_gap(S, r))
         report.expert["subspace_fun_gap"] = torch.tensor(gaps, dtype=torch.float64)
-        report.variants["subspace_fun"] = f"top{r}_right_singular_vectors_of_mean_jacobian"
+        suffix = "_exact_factored" if factored else ""
+        report.variants["subspace_fun"] = f"top{r}_right_singular_vectors_of_mean_jacobian{suffix}"
         return bases
 
     def _representational_bases(self, pca_results: dict, report: GeometryReport) -> list[Tensor | None]:
@@ -75,7 +95,11 @@ class Subspaces(Accumulator):
     def finalize(self, buffer: Tensor, report: GeometryReport, done: dict[Accumulator, Any]) -> None:
         bases: dict[str, list[Tensor | None]] = {}
         if self.mean_jacobian is not None:
-            bases["fun"] = self._functional_bases(buffer, report)
+            try:
+                bases["fun"] = self._functional_bases(buffer, report, done)
+            except UnreadableWeights as error:
+                warn_unreadable(report.name, "the functional subspaces", error)
+                report.variants["subspace_fun"] = "unavailable_weights_not_readable_at_finalize"
         bases["rep"] = self._representational_bases(done[self.pca], report)
         num_experts = report.num_experts
         for kind, basis in bases.items():

@@ -1,0 +1,164 @@
+"""Exact Jacobian quantities of factored experts at any width (docs/geometry.md §1, "Factored experts at any
+width"): per-token singular values from a small core, Frobenius norms, and the gate-weighted mean Jacobian's
+Frobenius inner products and top singular subspaces, all from :class:`~moe_lightning.geometry.JacobianFactors`.
+
+Shape legend: ``N`` tokens, ``E`` experts, ``O``/``I`` Jacobian output/input dims (both ``D`` for an expert), ``H``
+expert hidden width, ``G`` groups (1 for an MLP, 2 for a SwiGLU), ``F = G·H`` the flattened scales of one token,
+``K`` the core's sides.
+
+An expert of the form ``J_n = A · Σ_g diag(s_{n,g}) B_g`` (``A = left``, ``B_g = rights[g]``) has rank at most
+``H``. With the thin QR factorisations ``A = Q_A R_A`` and ``[B_1; …; B_G]ᵀ = Q_B R_B`` (once per expert),
+``J_n = Q_A · core_n · Q_Bᵀ`` with ``core_n = [R_A diag(s_{n,1}) … R_A diag(s_{n,G})] R_Bᵀ``, and ``Q_A``, ``Q_B``
+have orthonormal columns, so ``J_n`` and the ``min(O, H) × min(I, F)`` core have the same nonzero singular values.
+The mean Jacobian is ``J̄ = A · Σ_g diag(m_g) B_g`` with ``m = Σ_n w_n s_n / Σ_n w_n``: the probe sums ``w·s``
+(``F`` numbers per expert, additive over tokens and ranks) instead of ``w·J`` (``O·I``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from moe_lightning.geometry.operators import JacobianFactors
+from moe_lightning.geometry.spectra import batched_svdvals
+
+__all__ = [
+    "factored_core_rank",
+    "factored_frobenius_sq",
+    "factored_inner_products",
+    "factored_singular_values",
+    "mean_jacobian_gram",
+    "mean_jacobian_singular",
+    "stacked_rights",
+]
+
+
+def stacked_rights(f: JacobianFactors) -> Tensor:
+    """``(F, I)``: the groups' right factors one above the other, rows in the order of the flattened scales."""
+    return f.rights_HI[0] if len(f.rights_HI) == 1 else torch.cat(f.rights_HI)
+
+
+def factored_core_rank(f: JacobianFactors) -> int:
+    """``min(O, H, I, F)``: the largest rank a Jacobian of this form can have, and the number of singular values
+    :func:`factored_singular_values` computes."""
+    (o, h), i = f.left_OH.shape, f.rights_HI[0].shape[1]
+    return min(o, h, i, f.width)
+
+
+def _core_factors(f: JacobianFactors) -> tuple[Tensor, Tensor]:
+    """``R_A`` tiled over the groups, ``(K_A, F)``, and ``R_Bᵀ``, ``(F, K_B)``: one thin QR of each side."""
+    r_A = torch.linalg.qr(f.left_OH, mode="r")[1]  # (K_A, H)
+    r_B = torch.linalg.qr(stacked_rights(f).t(), mode="r")[1]  # (K_B, F)
+    return r_A.repeat(1, len(f.rights_HI)), r_B.t()
+
+
+def factored_singular_values(f: JacobianFactors, size: int) -> Tensor:
+    """Every singular value of each token's Jacobian, exactly, from its core (no ``O × I`` matrix is formed).
+
+    Args:
+        f: the factors of ``N`` tokens' Jacobians.
+        size: length of each returned spectrum (the Jacobian's ``min(O, I)``): the core's values, then zeros, so
+            that statistics defined on the whole spectrum (a mean spectrum, a decay fit's index) are those of the
+            formed Jacobian.
+
+    Returns:
+        ``(N, size)`` descending singular values.
+    """
+    r_A_KF, r_Bt_FK = _core_factors(f)
+    scales_NF = f.scales_NGH.reshape(f.scales_NGH.shape[0], -1)
+    core_NKK = (r_A_KF * scales_NF.unsqueeze(1)) @ r_Bt_FK  # one batched GEMM over the tokens
+    sv = batched_svdvals(core_NKK)
+    return torch.nn.functional.pad(sv, (0, size - sv.shape[-1]))
+
+
+def _scale_gram(fi: JacobianFactors, fj: JacobianFactors) -> Tensor:
+    """``(F_i, F_j)`` matrix ``K`` with ``⟨J_i, J_j⟩_F = s_iᵀ K s_j`` for any scales:
+    ``K[(g,a), (g',b)] = (A_iᵀ A_j)[a, b] · (B_{i,g} B_{j,g'}ᵀ)[a, b]``."""
+    left = fi.left_OH.t() @ fj.left_OH  # (H_i, H_j)
+    rights = stacked_rights(fi) @ stacked_rights(fj).t()  # (F_i, F_j)
+    return left.repeat(len(fi.rights_HI), len(fj.rights_HI)) * rights
+
+
+def factored_frobenius_sq(f: JacobianFactors) -> Tensor:
+    """``(N,)`` squared Frobenius norms ``‖J_n‖_F² = s_nᵀ K s_n`` (:func:`_scale_gram` of ``f`` with itself), exact
+    whatever ``H`` and ``D``."""
+    scales_NF = f.scales_NGH.reshape(f.scales_NGH.shape[0], -1)
+    return ((scales_NF @ _scale_gram(f, f)) * scales_NF).sum(-1).clamp_min(0)
+
+
+def factored_inner_products(factors: Sequence[JacobianFactors]) -> Tensor:
+    """``(N, E, E)`` Frobenius inner products ``⟨J_i(x_n), J_j(x_n)⟩_F`` of ``E`` experts' Jacobians at the same
+    ``N`` tokens (pointwise alignment), one ``F_i × F_j`` Gram of the weights per pair."""
+    scales = [f.scales_NGH.reshape(f.scales_NGH.shape[0], -1) for f in factors]
+    n, e = scales[0].shape[0], len(factors)
+    out = scales[0].new_zeros(n, e, e)
+    for i in range(e):
+        for j in range(i, e):
+            inner = ((scales[i] @ _scale_gram(factors[i], factors[j])) * scales[j]).sum(-1)
+            out[:, i, j] = inner
+            out[:, j, i] = inner
+    return out
+
+
+def _mean_right(f: JacobianFactors, mean_F: Tensor) -> Tensor:
+    """``(H, I)``: ``Σ_g diag(m_g) B_g``, so that ``J̄ = A ·`` this."""
+    h = f.left_OH.shape[1]
+    out = mean_F[:h].unsqueeze(-1) * f.rights_HI[0]
+    for g, right in enumerate(f.rights_HI[1:], start=1):
+        out.add_(mean_F[g * h : (g + 1) * h].unsqueeze(-1) * right)
+    return out
+
+
+def mean_jacobian_singular(f: JacobianFactors, mean_F: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """Singular values and right singular vectors of ``J̄ = A · Σ_g diag(m_g) B_g``, exactly, through its core
+    ``R_A · Σ_g diag(m_g) B_g`` (``min(O, H) × I``; ``J̄ = Q_A`` times it).
+
+    Args:
+        f: the expert's factors (its ``scales`` are not read).
+        mean_F: ``(F,)`` the gate-weighted mean of the expert's scales.
+        size: length of the returned spectrum (``min(O, I)``), zero-padded as in :func:`factored_singular_values`.
+
+    Returns:
+        ``(size,)`` descending singular values and ``(K, I)`` right singular vectors as rows (``K`` of them).
+    """
+    core_KI = torch.linalg.qr(f.left_OH, mode="r")[1] @ _mean_right(f, mean_F)
+    _, S, Vh = torch.linalg.svd(core_KI, full_matrices=False)
+    return torch.nn.functional.pad(S, (0, size - S.shape[0])), Vh
+
+
+def mean_jacobian_gram(
+    factors_of: Callable[[int], JacobianFactors], means_EF: Sequence[Tensor | None], memory_budget_bytes: int
+) -> Tensor:
+    """``(E, E)`` Frobenius inner products ``⟨J̄_i, J̄_j⟩_F`` of the experts' mean Jacobians, exactly.
+
+    The mean Jacobians are formed ``rows`` output rows at a time for every expert (``J̄_e[rows] = A_e[rows] ·
+    Σ_g diag(m_g) B_g``, a ``(E, rows, I)`` block within ``memory_budget_bytes``) and the block's Gram is added, so
+    no ``E × O × I`` tensor exists at once; each expert's weights are read once per block.
+
+    Args:
+        factors_of: expert ``e``'s factors (their ``scales`` are not read).
+        means_EF: ``E`` mean scales, None for an expert without tokens (its row and column are 0).
+        memory_budget_bytes: bound on one block.
+    """
+    live = [e for e, m in enumerate(means_EF) if m is not None]
+    num_experts = len(means_EF)
+    if not live:
+        return torch.zeros(num_experts, num_experts, dtype=torch.float64)
+    first = factors_of(live[0])
+    (d_out, _), d_in = first.left_OH.shape, first.rights_HI[0].shape[1]
+    ref = means_EF[live[0]]
+    itemsize = ref.element_size()
+    rows = max(1, min(d_out, memory_budget_bytes // max(1, 2 * len(live) * d_in * itemsize)))
+    gram = ref.new_zeros(len(live), len(live))
+    for start in range(0, d_out, rows):
+        block_EX = ref.new_empty(len(live), min(rows, d_out - start) * d_in)
+        for k, e in enumerate(live):
+            f = first if e == live[0] and start == 0 else factors_of(e)
+            block_EX[k] = (f.left_OH[start : start + rows] @ _mean_right(f, means_EF[e])).reshape(-1)
+        gram += block_EX @ block_EX.t()
+    out = torch.zeros(num_experts, num_experts, dtype=gram.dtype, device=gram.device)
+    idx = torch.tensor(live, device=gram.device)
+    out[idx.unsqueeze(-1), idx] = gram
+    return out
