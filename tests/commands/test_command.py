@@ -398,3 +398,116 @@ def test_default_text_is_the_bundled_wikitext_test_split(workspace, tmp_path, mo
         got = GeometryReport.from_dict(data["layers"][name])
         assert torch.equal(got.tokens, expected[name].tokens)
         assert_same(got.expert["jac_sigma_max"], expected[name].expert["jac_sigma_max"])
+
+
+def assert_same_values(got, want, where: str = "") -> None:
+    """The same keys and structure; floats equal to 1e-10 (relative) or both NaN, everything else exactly equal."""
+    assert type(got) is type(want), where
+    if isinstance(want, dict):
+        assert list(got) == list(want), where
+        for key in want:
+            assert_same_values(got[key], want[key], f"{where}/{key}")
+    elif isinstance(want, list):
+        assert len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            assert_same_values(g, w, f"{where}[{i}]")
+    elif isinstance(want, float):
+        assert (math.isnan(got) and math.isnan(want)) or math.isclose(got, want, rel_tol=1e-10, abs_tol=1e-12), where
+    else:
+        assert got == want, where
+
+
+@pytest.mark.integration  # `moe-lightning probe` end to end, twice
+def test_checkpoint_over_its_memory_cap_is_probed_layer_by_layer(workspace, tmp_path, monkeypatch) -> None:
+    """A checkpoint in several safetensors shards, probed with accelerate placing it under a CPU memory cap of a
+    third of its size (the rest on disk), gives the in-memory probe's report, with one MoE layer's weights loaded at
+    a time."""
+    import moe_lightning.commands.probe.run as probe_run
+    import moe_lightning.report
+
+    monkeypatch.setattr(moe_lightning.report, "render_probe", lambda reports, out, title: [])  # numbers only here
+    model = workspace["models"]["mixtral"]
+    checkpoint = tmp_path / "sharded"
+    model.save_pretrained(checkpoint, max_shard_size="20KB")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (checkpoint / name).write_bytes((workspace["root"] / "mixtral" / name).read_bytes())
+    assert len(list(checkpoint.glob("*.safetensors"))) > 3
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+
+    loaded, materialised = {}, {}
+    prepare = probe_run.prepare_model
+
+    def keep_model(*args, **kwargs):
+        result = prepare(*args, **kwargs)
+        loaded["model"] = result.model
+        return result
+
+    def spy_probe(view, x, config):
+        # which MoE blocks have their expert weights off the meta device while this layer is probed
+        materialised[view.name] = sorted(
+            name.removesuffix(".experts.down_proj")
+            for name, p in loaded["model"].named_parameters()
+            if name.endswith("experts.down_proj") and not p.is_meta
+        )
+        return probe(view, x, config)
+
+    argv = [str(checkpoint), "--text", str(workspace["text"]), "--max-tokens", str(MAX_TOKENS)]
+    argv += ["--seq-len", str(SEQ_LEN), "--batch-size", "2", "--device", "cpu"]
+    code, _, stderr = run_cli([*argv, "--out", str(tmp_path / "in-memory")])
+    assert code == 0, stderr
+    monkeypatch.setattr(probe_run, "prepare_model", keep_model)
+    monkeypatch.setattr(probe_run, "probe", spy_probe)
+    offload = tmp_path / "offload"
+    capped = ["--device-map", "auto", "--max-memory", f"cpu={size // 3}", "--offload-folder", str(offload)]
+    code, stdout, stderr = run_cli([*argv, *capped, "--out", str(tmp_path / "capped")])
+    assert code == 0, stderr
+
+    want = json.loads((tmp_path / "in-memory" / "probe.json").read_text())
+    got = json.loads((tmp_path / "capped" / "probe.json").read_text())
+    assert list(got["layers"]) == MIXTRAL_LAYERS
+    assert_same_values(got["layers"], want["layers"])
+    assert got["config"]["device_map"] == "auto" and got["config"]["max_memory"] == f"cpu={size // 3}"
+    # the expert weights of both layers were written to the offload folder: they were on disk, not in memory
+    assert {f"{layer}.experts.{w}.safetensors" for layer in MIXTRAL_LAYERS for w in ("gate_up_proj", "down_proj")} <= {
+        p.name for p in offload.iterdir()
+    }
+    assert materialised == {layer: [layer] for layer in MIXTRAL_LAYERS}
+    assert all(p.is_meta for name, p in loaded["model"].named_parameters() if "experts" in name)  # put back
+    for peak in (got["peak_memory"], want["peak_memory"]):
+        assert peak["bytes"] > 0 and peak["measure"].startswith("peak resident set size")
+    assert f"peak memory: {got['peak_memory']['bytes'] / 2**30:.4g} GiB" in stdout
+
+
+@pytest.mark.parametrize(
+    ("extra", "first_line"),
+    [
+        (["--device-map", "auto", "--max-memory", "cpu=lots"], "max_memory='cpu=lots' is not understood at"),
+        (["--device-map", "auto", "--max-memory", "gpu0=1GiB"], "max_memory='gpu0=1GiB' is not understood at"),
+        (["--device-map", "auto", "--max-memory", "cpu=2GiB,cpu=1GiB"], "max_memory='cpu=2GiB,cpu=1GiB' names cpu"),
+        (["--max-memory", "cpu=2GiB"], "max_memory places the checkpoint with accelerate, which needs device_map"),
+        (["--offload-folder", "off"], "offload_folder places the checkpoint with accelerate, which needs device_map"),
+        (["--device-map", "auto", "--max-memory", "0=1GiB", "--device", "cpu"], "max_memory='0=1GiB' gives memory"),
+        (["--device-map", "all"], "usage:"),  # argparse's own check of the choices
+    ],
+)
+def test_bad_memory_options_fail_before_loading(extra, first_line, tmp_path, monkeypatch) -> None:
+    (tmp_path / "mixtral").mkdir()
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", _refuse_to_load)
+    code, stdout, stderr = run_cli([str(tmp_path / "mixtral"), "--text", str(tmp_path / "text.txt"), *extra])
+    assert code == 2 and stdout == ""
+    if first_line == "usage:":
+        assert "argument --device-map: invalid choice: 'all'" in stderr
+    else:
+        assert stderr.splitlines()[0].startswith(f"moe-lightning probe: error: {first_line}")
+
+
+def test_max_memory_is_read_as_accelerate_reads_it() -> None:
+    from accelerate.utils import convert_file_size_to_int
+
+    from moe_lightning.commands.probe.options import parse_max_memory
+
+    assert parse_max_memory("0=70GiB, cpu=1.5GB") == {0: 70 * 2**30, "cpu": 1_500_000_000}
+    assert parse_max_memory({1: "20MiB", "CPU": 4096}) == {1: 20 * 2**20, "cpu": 4096}
+    for size in ("70GiB", "1GB", "512MiB", "3KB", "2.5GiB"):
+        assert parse_max_memory(f"cpu={size}") == {"cpu": convert_file_size_to_int(size)}
+    assert parse_max_memory("cpu=2TiB,0=1TB") == {"cpu": 2 * 2**40, 0: 10**12}

@@ -14,7 +14,7 @@ from moe_lightning.common import dtype_name
 from moe_lightning.geometry import GeometryReport
 
 # Options that say where the output goes or what it is called, not how the probe ran.
-_NOT_RUN_CONFIG = ("tokenizer", "out_dir", "title")
+_NOT_RUN_CONFIG = ("tokenizer", "out_dir", "title", "offload_folder")
 
 
 def default_out_dir(model: str) -> str:
@@ -43,8 +43,12 @@ def write_outputs(
     tokens: int,
     config: dict[str, Any],
     title: str,
+    peak_memory: dict[str, Any] | None = None,
 ) -> list[str]:
     """Write ``probe.json`` and the rendered report (tables, plots, index.html) into ``out_dir``.
+
+    ``peak_memory`` (:func:`~moe_lightning.commands.probe.offload.peak_memory`) is written as ``probe.json``'s
+    ``"peak_memory"``: ``{"bytes", "measure", "devices"}``.
 
     Returns:
         The written paths, ``probe.json`` first.
@@ -59,6 +63,7 @@ def write_outputs(
         "model_type": model_type,
         "tokens": tokens,
         "config": config,
+        "peak_memory": peak_memory,
         "layers": {name: report.to_dict() for name, report in reports.items()},
     }
     json_path = out / "probe.json"
