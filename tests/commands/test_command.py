@@ -9,13 +9,16 @@ Shape legend: ``N`` tokens, ``E`` experts, ``D`` model dim, ``r`` matrix-free ra
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import functools
 import io
 import json
 import math
+import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -166,6 +169,58 @@ def test_probe_json_matches_a_direct_probe(workspace, mixtral_run) -> None:
         assert f"{float(ref.expert['jac_sigma_max'].nanmean()):.4g}" in mixtral_run["stdout"]
     assert str(mixtral_run["out"] / "probe.json") in mixtral_run["stdout"]
     assert (mixtral_run["out"] / "index.html").is_file()  # written by moe_lightning.report.render_probe
+
+
+def heatmaps_of(page: str, kind: str) -> list[np.ndarray]:
+    """The matrices of the page's heatmap chart ``kind``, as plotly stores them (float64 bytes in base64)."""
+    chart = page.split(f'<div class="chart" data-kind="{kind}"', 1)[1].split('<div class="chart"', 1)[0]
+    found = re.findall(r'"z":\{"dtype":"f8","bdata":"([^"]*)","shape":"(\d+), (\d+)"\}', chart)
+    return [
+        np.frombuffer(base64.b64decode(json.loads(f'"{data}"')), dtype=np.float64).reshape(int(rows), int(cols))
+        for data, rows, cols in found
+    ]
+
+
+@pytest.mark.integration  # `moe-lightning probe` end to end
+def test_page_shows_the_alignment_and_subspaces_of_probe_json(mixtral_run) -> None:
+    """Per layer, the alignment matrix against chance and the functional and representational subspace overlaps
+    side by side: in probe.json, the layer's own report values; on the page, the same numbers."""
+    data = mixtral_run["data"]
+    outputs = data["alignment_and_subspaces"]
+    assert list(outputs) == MIXTRAL_LAYERS
+    page = (mixtral_run["out"] / "index.html").read_text()
+    section = page.split(">Alignment and subspaces</h2>", 1)[1].split("<h2", 1)[0]
+    shown = heatmaps_of(section, "subspaces")
+    assert len(shown) == 3 * len(MIXTRAL_LAYERS)
+    for index, name in enumerate(MIXTRAL_LAYERS):
+        layer, out = data["layers"][name], outputs[name]
+        alignment, subspaces = out["alignment"], out["subspace_overlap"]
+        assert out["num_experts"] == 4
+        assert_same_values(alignment["matrix"], layer["matrices"]["align_mean_jacobian"])
+        assert_same_values(subspaces["functional"]["matrix"], layer["matrices"]["subspace_fun_overlap"])
+        assert_same_values(subspaces["representational"]["matrix"], layer["matrices"]["subspace_rep_overlap"])
+        for kind, part in (("alignment", alignment), *subspaces_of(subspaces)):
+            matrix = np.array(part["matrix"])
+            offdiag = matrix[~np.eye(4, dtype=bool)]
+            assert part["mean_offdiag"] == pytest.approx(np.nanmean(offdiag), rel=1e-12), kind
+            assert part["max_offdiag"] == pytest.approx(np.nanmax(offdiag), rel=1e-12), kind
+        assert alignment["ratio"] == pytest.approx(alignment["mean_offdiag"] / alignment["chance"], rel=1e-12)
+        assert subspaces["chance"] == subspaces["rank"] / D  # r/d
+        # the page: the three matrices of the layer, bit for bit, and its row of the table
+        for position, matrix in enumerate(
+            (alignment["matrix"], subspaces["functional"]["matrix"], subspaces["representational"]["matrix"])
+        ):
+            np.testing.assert_array_equal(shown[3 * index + position], np.array(matrix))
+        row = re.search(rf"<tr>\s*<td>{re.escape(name)}</td>(.*?)</tr>", section, flags=re.DOTALL).group(1)
+        cells = re.findall(r"<td>(.*?)</td>", row)
+        values = [out["num_experts"], alignment["mean_offdiag"], alignment["chance"], alignment["ratio"]]
+        values += [subspaces["functional"]["mean_offdiag"], subspaces["representational"]["mean_offdiag"]]
+        values += [subspaces["chance"], subspaces["rank"]]
+        assert cells == [f"{float(v):.4g}" for v in values]
+
+
+def subspaces_of(subspaces: dict) -> list[tuple[str, dict]]:
+    return [(kind, subspaces[kind]) for kind in ("functional", "representational")]
 
 
 @pytest.mark.integration  # `moe-lightning probe` end to end

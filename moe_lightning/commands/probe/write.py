@@ -48,12 +48,16 @@ def write_outputs(
     """Write ``probe.json`` and the rendered report (tables, plots, index.html) into ``out_dir``.
 
     ``peak_memory`` (:func:`~moe_lightning.commands.probe.offload.peak_memory`) is written as ``probe.json``'s
-    ``"peak_memory"``: ``{"bytes", "measure", "devices"}``.
+    ``"peak_memory"``: ``{"bytes", "measure", "devices"}``. ``"alignment_and_subspaces"`` holds, for each layer of
+    more than one expert, the second paper's outputs read from its report
+    (:func:`~moe_lightning.analysis.experts.alignment_and_subspaces`): the alignment matrix against chance and the
+    functional and representational subspace overlaps side by side, the same numbers the page shows.
 
     Returns:
         The written paths, ``probe.json`` first.
     """
     # The plotting stack (pandas, matplotlib) loads only when a report is written, not for probe_pretrained alone.
+    from moe_lightning.analysis.experts import alignment_and_subspaces
     from moe_lightning.report import render_probe
 
     out = Path(out_dir)
@@ -64,6 +68,9 @@ def write_outputs(
         "tokens": tokens,
         "config": config,
         "peak_memory": peak_memory,
+        "alignment_and_subspaces": {
+            name: found for name, report in reports.items() if (found := alignment_and_subspaces(report)) is not None
+        },
         "layers": {name: report.to_dict() for name, report in reports.items()},
     }
     json_path = out / "probe.json"
