@@ -189,8 +189,10 @@ def probe_pretrained(
         **options: the fields of :class:`~moe_lightning.commands.probe.options.ProbeOptions`, by keyword, with their
             defaults there (``tokenizer``, ``max_tokens=512``, ``seq_len=256``, ``batch_size=4``, ``layers``,
             ``device="auto"``, ``dtype="float32"``, ``probe_dtype="float64"``, ``matrix_free_threshold=1024``,
-            ``matrix_free_rank=16``, ``memory_budget_mib=1024``, ``trust_remote_code=False``, ``out_dir``,
-            ``title``). With ``out_dir``, ``probe.json`` and the rendered report are written there.
+            ``matrix_free_rank=16``, ``memory_budget_mib=1024``, ``trust_remote_code=False``,
+            ``device_map="none"``, ``max_memory``, ``offload_folder``, ``out_dir``, ``title``). With ``out_dir``,
+            ``probe.json`` and the rendered report are written there. ``device_map="auto"`` loads a checkpoint
+            larger than one device with ``accelerate`` (docs/probe.md, "Checkpoints larger than one device").
 
     Returns:
         Layer name -> :class:`~moe_lightning.geometry.GeometryReport`, in model order.
