@@ -510,6 +510,9 @@ def test_checkpoint_over_its_memory_cap_is_probed_layer_by_layer(workspace, tmp_
     argv += ["--seq-len", str(SEQ_LEN), "--batch-size", "2", "--device", "cpu"]
     code, _, stderr = run_cli([*argv, "--out", str(tmp_path / "in-memory")])
     assert code == 0, stderr
+    # under the cap, without a folder for the rest
+    code, _, stderr = run_cli([*argv, "--device-map", "auto", "--max-memory", f"cpu={size // 3}"])
+    assert code == 2 and f"do not fit in max_memory={{'cpu': {size // 3}}}: give --offload-folder" in stderr
     monkeypatch.setattr(probe_run, "prepare_model", keep_model)
     monkeypatch.setattr(probe_run, "probe", spy_probe)
     offload = tmp_path / "offload"
