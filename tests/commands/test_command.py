@@ -472,8 +472,28 @@ def assert_same_values(got, want, where: str = "") -> None:
         assert got == want, where
 
 
+@pytest.fixture(scope="module")
+def sharded(workspace, tmp_path_factory) -> dict:
+    """The tiny Mixtral saved in several safetensors shards, with its tokenizer, and its size in bytes."""
+    model = workspace["models"]["mixtral"]
+    checkpoint = tmp_path_factory.mktemp("sharded") / "mixtral"
+    model.save_pretrained(checkpoint, max_shard_size="20KB")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (checkpoint / name).write_bytes((workspace["root"] / "mixtral" / name).read_bytes())
+    assert len(list(checkpoint.glob("*.safetensors"))) > 3
+    return {"checkpoint": checkpoint, "size": sum(p.numel() * p.element_size() for p in model.parameters())}
+
+
+def assert_offloaded_as_before(model: torch.nn.Module) -> None:
+    """Every expert weight back on the meta device, and every module's accelerate hook the one it had."""
+    from accelerate.hooks import AlignDevicesHook
+
+    assert all(p.is_meta for name, p in model.named_parameters() if "experts" in name)
+    assert all(type(m._hf_hook) is AlignDevicesHook for m in model.modules() if hasattr(m, "_hf_hook"))
+
+
 @pytest.mark.integration  # `moe-lightning probe` end to end, twice
-def test_checkpoint_over_its_memory_cap_is_probed_layer_by_layer(workspace, tmp_path, monkeypatch) -> None:
+def test_checkpoint_over_its_memory_cap_is_probed_layer_by_layer(workspace, sharded, tmp_path, monkeypatch) -> None:
     """A checkpoint in several safetensors shards, probed with accelerate placing it under a CPU memory cap of a
     third of its size (the rest on disk), gives the in-memory probe's report, with one MoE layer's weights loaded at
     a time."""
@@ -481,13 +501,7 @@ def test_checkpoint_over_its_memory_cap_is_probed_layer_by_layer(workspace, tmp_
     import moe_lightning.report
 
     monkeypatch.setattr(moe_lightning.report, "render_probe", lambda reports, out, title: [])  # numbers only here
-    model = workspace["models"]["mixtral"]
-    checkpoint = tmp_path / "sharded"
-    model.save_pretrained(checkpoint, max_shard_size="20KB")
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        (checkpoint / name).write_bytes((workspace["root"] / "mixtral" / name).read_bytes())
-    assert len(list(checkpoint.glob("*.safetensors"))) > 3
-    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    checkpoint, size = sharded["checkpoint"], sharded["size"]
 
     loaded, materialised = {}, {}
     prepare = probe_run.prepare_model
@@ -530,7 +544,7 @@ def test_checkpoint_over_its_memory_cap_is_probed_layer_by_layer(workspace, tmp_
         p.name for p in offload.iterdir()
     }
     assert materialised == {layer: [layer] for layer in MIXTRAL_LAYERS}
-    assert all(p.is_meta for name, p in loaded["model"].named_parameters() if "experts" in name)  # put back
+    assert_offloaded_as_before(loaded["model"])
     for peak in (got["peak_memory"], want["peak_memory"]):
         assert peak["bytes"] > 0 and peak["measure"].startswith("peak resident set size")
     assert f"peak memory: {got['peak_memory']['bytes'] / 2**30:.4g} GiB" in stdout
@@ -569,3 +583,23 @@ def test_max_memory_is_read_as_accelerate_reads_it() -> None:
     for size in ("70GiB", "1GB", "512MiB", "3KB", "2.5GiB"):
         assert parse_max_memory(f"cpu={size}") == {"cpu": convert_file_size_to_int(size)}
     assert parse_max_memory("cpu=2TiB,0=1TB") == {"cpu": 2 * 2**40, 0: 10**12}
+
+
+def test_a_model_dispatched_by_accelerate_is_probed_where_it_is(workspace, sharded, tmp_path) -> None:
+    """A model loaded with from_pretrained(device_map=...) and given to probe_pretrained: each MoE layer's weights
+    are brought from the disk for its probe, and the values are those of the same weights in memory."""
+    size = sharded["size"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        sharded["checkpoint"], device_map="auto", max_memory={"cpu": size // 3}, offload_folder=tmp_path
+    ).eval()
+    assert_offloaded_as_before(model)
+    token_ids = reference_stream(workspace["root"] / "mixtral", workspace["text"], 32)
+    options = dict(max_tokens=32, seq_len=16, layers="*.1.mlp")
+    got = probe_pretrained(model, token_ids, **options)["model.layers.1.mlp"]
+    want = probe_pretrained(workspace["models"]["mixtral"], token_ids, **options)["model.layers.1.mlp"]
+    assert_same_values(got.to_dict(), want.to_dict())
+    assert_offloaded_as_before(model)
+    with pytest.raises(ValueError, match="would move a model that accelerate dispatched"):
+        probe_pretrained(model, token_ids, device="cpu", **options)
+    with pytest.raises(ValueError, match="device_map='auto' places a checkpoint the probe loads"):
+        probe_pretrained(model, token_ids, device_map="auto", **options)
