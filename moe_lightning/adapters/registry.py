@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -58,6 +59,15 @@ class LayerScan:
     views: list[MoEView] = field(default_factory=list)
     skipped: list[SkippedLayer] = field(default_factory=list)
 
+    def matching(self, layers: str | Iterable[str]) -> LayerScan:
+        """The views and skipped modules whose name matches one of ``layers`` (names or glob patterns)."""
+        patterns = [layers] if isinstance(layers, str) else list(layers)
+
+        def matches(name: str) -> bool:
+            return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+        return LayerScan([v for v in self.views if matches(v.name)], [s for s in self.skipped if matches(s.name)])
+
 
 def register_adapter(name: str, match: Matcher, factory: Factory, *, first: bool = False) -> None:
     """Teach :func:`find_moe_layers` a new kind of MoE block.
@@ -80,13 +90,20 @@ def registered_adapters() -> list[str]:
     return [name for name, _, _ in _ADAPTERS]
 
 
-def scan_moe_layers(model: nn.Module, layers: str | Iterable[str] | None = None) -> LayerScan:
+def scan_moe_layers(
+    model: nn.Module,
+    layers: str | Iterable[str] | None = None,
+    context: Callable[[nn.Module], AbstractContextManager[object]] | None = None,
+) -> LayerScan:
     """All MoE layers of ``model`` as :class:`MoEView` objects in model order, and the MoE-looking modules skipped.
 
     Args:
         model: any ``nn.Module``.
         layers: keep only views (and skipped modules) whose name matches one of these names or glob patterns
             (``"blocks.*.ffn"``); None keeps all.
+        context: ``context(module)`` is entered around the factory of each matched module, which reads its weights
+            (the adapters' self-checks run the block): a model dispatched with ``accelerate`` keeps an offloaded
+            block's weights on the meta device until something brings them onto its execution device.
     """
     views: list[MoEView] = []
     skipped: list[SkippedLayer] = []
@@ -98,16 +115,14 @@ def scan_moe_layers(model: nn.Module, layers: str | Iterable[str] | None = None)
             if match(module):
                 name = uncompiled_name(path)
                 try:
-                    views.extend(factory(name, module))
+                    with context(module) if context is not None else nullcontext():
+                        views.extend(factory(name, module))
                 except BlockNotViewable as reason:
                     skipped.append(SkippedLayer(name, type(module).__name__, adapter, str(reason)))
                 matched_prefixes.append(path)
                 break
-    if layers is not None:
-        patterns = [layers] if isinstance(layers, str) else list(layers)
-        views = [v for v in views if any(fnmatch.fnmatchcase(v.name, p) for p in patterns)]
-        skipped = [s for s in skipped if any(fnmatch.fnmatchcase(s.name, p) for p in patterns)]
-    return LayerScan(views, skipped)
+    scan = LayerScan(views, skipped)
+    return scan if layers is None else scan.matching(layers)
 
 
 def uncompiled_name(path: str) -> str:
@@ -133,9 +148,12 @@ def find_moe_layers(model: nn.Module, layers: str | Iterable[str] | None = None)
             None keeps all.
     """
     scan = scan_moe_layers(model, layers)
-    if scan.skipped:
-        warn_once(
-            f"find_moe_layers: {len(scan.skipped)} module(s) look like MoE blocks but are not probed:\n"
-            + skipped_text(scan.skipped)
-        )
+    warn_skipped("find_moe_layers", scan.skipped)
     return scan.views
+
+
+def warn_skipped(caller: str, skipped: list[SkippedLayer]) -> None:
+    """One warning (once per message) naming each skipped module, its class and why; nothing when there is none."""
+    if skipped:
+        count = len(skipped)
+        warn_once(f"{caller}: {count} module(s) look like MoE blocks but are not probed:\n" + skipped_text(skipped))

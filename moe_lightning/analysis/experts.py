@@ -62,3 +62,50 @@ def expert_mean_pca(report: Any, site: str) -> np.ndarray | None:
         return None
     stack = np.vstack([v if v.size == length else np.full(length, math.nan) for v in vectors])
     return weighted_expert_mean(stack, report.weight_sum.double().numpy())
+
+
+def alignment_and_subspaces(report: Any) -> dict[str, Any] | None:
+    """The second paper's outputs for one layer, read from its report as the probe wrote them (docs/geometry.md §4–5):
+    the E×E alignment matrix (``|cos|`` of the Frobenius inner product of the experts' mean Jacobians) against its
+    chance level, and the E×E overlaps of the experts' functional and representational rank-``r`` subspaces (mean
+    ``cos²`` of the principal angles) against theirs, side by side.
+
+    Returns:
+        None for a layer of one expert (there is no pair) or one with neither; else ``{"num_experts", "alignment":
+        {"matrix", "mean_offdiag", "max_offdiag", "chance", "ratio"}, "subspace_overlap": {"rank", "chance",
+        "functional", "representational"}}``, each of the last two ``{"matrix", "mean_offdiag", "max_offdiag"}``.
+        A part the probe did not compute is None (the alignment and the functional subspaces need whole mean
+        Jacobians). Matrices are lists of rows, NaN where an expert saw no tokens.
+    """
+    matrices, layer = report.matrices, report.layer
+    aligned, spanned = "align_mean_jacobian" in matrices, "subspace_rep_overlap" in matrices
+    if report.num_experts < 2 or not (aligned or spanned):
+        return None
+
+    def overlap(kind: str) -> dict[str, Any] | None:
+        if f"subspace_{kind}_overlap" not in matrices:
+            return None
+        return {
+            "matrix": matrices[f"subspace_{kind}_overlap"].double().tolist(),
+            "mean_offdiag": float(layer[f"subspace_{kind}_overlap"]),
+            "max_offdiag": float(layer[f"subspace_{kind}_overlap_max"]),
+        }
+
+    alignment = None
+    if aligned:
+        alignment = {
+            "matrix": matrices["align_mean_jacobian"].double().tolist(),
+            "mean_offdiag": float(layer["align_mean_offdiag"]),
+            "max_offdiag": float(layer["align_max_offdiag"]),
+            "chance": float(layer["align_chance"]),
+            "ratio": float(layer["align_ratio"]),
+        }
+    subspaces = None
+    if spanned:
+        subspaces = {
+            "rank": int(layer["subspace_rank"]),
+            "chance": float(layer["subspace_overlap_chance"]),
+            "functional": overlap("fun"),
+            "representational": overlap("rep"),
+        }
+    return {"num_experts": int(report.num_experts), "alignment": alignment, "subspace_overlap": subspaces}

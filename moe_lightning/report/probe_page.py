@@ -8,9 +8,15 @@ import math
 import os
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
-from moe_lightning.analysis.experts import expert_mean_pca, expert_mean_spectrum, layer_metrics
+from moe_lightning.analysis.experts import (
+    alignment_and_subspaces,
+    expert_mean_pca,
+    expert_mean_spectrum,
+    layer_metrics,
+)
 from moe_lightning.analysis.steps import GEOMETRY_METRICS
 from moe_lightning.report import charts, plots
 from moe_lightning.report import html as page
@@ -36,6 +42,27 @@ PROBE_TITLES = {
         "log-log, one line per layer.",
     ),
 }
+
+
+# The columns of the page's alignment-and-subspaces table: heading -> the value's path in alignment_and_subspaces().
+PAPER_COLUMNS = {
+    "E": ("num_experts",),
+    "alignment, mean off-diag": ("alignment", "mean_offdiag"),
+    "alignment chance": ("alignment", "chance"),
+    "alignment / chance": ("alignment", "ratio"),
+    "functional overlap, mean off-diag": ("subspace_overlap", "functional", "mean_offdiag"),
+    "representational overlap, mean off-diag": ("subspace_overlap", "representational", "mean_offdiag"),
+    "overlap chance (r/d)": ("subspace_overlap", "chance"),
+    "subspace rank r": ("subspace_overlap", "rank"),
+}
+PAPER_CAPTION = (
+    "Per layer: the alignment |cos(J̄_i, J̄_j)| of the experts' mean Jacobians against its chance level (E|cos| of "
+    "Gaussian matrices), and the overlaps (mean cos² of the principal angles) of the experts' rank-r functional "
+    "subspaces (top right singular vectors of J̄_e) and representational subspaces (top eigenvectors of their "
+    "routed tokens' covariance) against theirs, r/d. The heatmaps show the E×E matrices, one row of three per "
+    "layer; n/a where the probe does not compute a value (the alignment and the functional subspaces need whole "
+    "mean Jacobians, which the matrix-free path does not form)."
+)
 
 
 def alignment_title(label: str, report: Any) -> str:
@@ -69,11 +96,54 @@ def render_probe(layers: dict[str, Any], out_dir: str, title: str) -> list[str]:
     written += [p for p in images.values() if p is not None]
     sections = [
         ("Layers", page.split_tables(display.copy(), ["layer"], per_table=6)),
+        ("Alignment and subspaces", _alignment_and_subspaces(layers)),
         ("Figures", _charts(layers, notes)),
     ]
     path = os.path.join(out_dir, "index.html")
     written.append(page.write_page(path, title, sections, head=charts.plotly_script(), contents=True))
     return written
+
+
+def _value(outputs: dict[str, Any], path: tuple[str, ...]) -> float:
+    """The value at ``path`` in :func:`alignment_and_subspaces`'s dict; NaN where a part of it is None."""
+    value: Any = outputs
+    for key in path:
+        if value is None:
+            return math.nan
+        value = value[key]
+    return math.nan if value is None else float(value)
+
+
+def _alignment_and_subspaces(layers: dict[str, Any]) -> str:
+    """The second paper's outputs of each layer: a table of the summaries against chance, then the alignment, the
+    functional and the representational overlap matrices of each layer side by side."""
+    outputs = {name: found for name, r in layers.items() if (found := alignment_and_subspaces(r)) is not None}
+    if not outputs:
+        return page.paragraph("not shown: no layer with more than one expert and an alignment or subspaces", "note")
+    table = pd.DataFrame(
+        [
+            {"layer": name, **{heading: format_number(_value(o, path)) for heading, path in PAPER_COLUMNS.items()}}
+            for name, o in outputs.items()
+        ]
+    )
+    heatmaps = []
+    for name, o in outputs.items():
+        size = o["num_experts"]
+        missing = [[math.nan] * size for _ in range(size)]
+        alignment, subspaces = o["alignment"] or {}, o["subspace_overlap"] or {}
+        chance = format_number(_value(o, ("alignment", "chance")))
+        heatmaps.append((f"{name}\nalignment |cos|, chance {chance}", alignment.get("matrix", missing)))
+        overlap_chance = format_number(_value(o, ("subspace_overlap", "chance")))
+        for kind in ("functional", "representational"):
+            matrix = (subspaces.get(kind) or {}).get("matrix", missing)
+            heatmaps.append((f"{name}\n{kind} overlap, chance {overlap_chance}", matrix))
+    chart = charts.heatmap_chart(
+        [(title, np.asarray(matrix, dtype=float)) for title, matrix in heatmaps],
+        "subspaces",
+        colorbar="|cos| or overlap",
+        columns=3,
+    )
+    return page.paragraph(PAPER_CAPTION, "caption") + page.table_html(table) + chart
 
 
 def _charts(layers: dict[str, Any], notes: dict[str, str]) -> str:

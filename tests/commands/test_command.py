@@ -9,13 +9,16 @@ Shape legend: ``N`` tokens, ``E`` experts, ``D`` model dim, ``r`` matrix-free ra
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import functools
 import io
 import json
 import math
+import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -166,6 +169,58 @@ def test_probe_json_matches_a_direct_probe(workspace, mixtral_run) -> None:
         assert f"{float(ref.expert['jac_sigma_max'].nanmean()):.4g}" in mixtral_run["stdout"]
     assert str(mixtral_run["out"] / "probe.json") in mixtral_run["stdout"]
     assert (mixtral_run["out"] / "index.html").is_file()  # written by moe_lightning.report.render_probe
+
+
+def heatmaps_of(page: str, kind: str) -> list[np.ndarray]:
+    """The matrices of the page's heatmap chart ``kind``, as plotly stores them (float64 bytes in base64)."""
+    chart = page.split(f'<div class="chart" data-kind="{kind}"', 1)[1].split('<div class="chart"', 1)[0]
+    found = re.findall(r'"z":\{"dtype":"f8","bdata":"([^"]*)","shape":"(\d+), (\d+)"\}', chart)
+    return [
+        np.frombuffer(base64.b64decode(json.loads(f'"{data}"')), dtype=np.float64).reshape(int(rows), int(cols))
+        for data, rows, cols in found
+    ]
+
+
+@pytest.mark.integration  # `moe-lightning probe` end to end
+def test_page_shows_the_alignment_and_subspaces_of_probe_json(mixtral_run) -> None:
+    """Per layer, the alignment matrix against chance and the functional and representational subspace overlaps
+    side by side: in probe.json, the layer's own report values; on the page, the same numbers."""
+    data = mixtral_run["data"]
+    outputs = data["alignment_and_subspaces"]
+    assert list(outputs) == MIXTRAL_LAYERS
+    page = (mixtral_run["out"] / "index.html").read_text()
+    section = page.split(">Alignment and subspaces</h2>", 1)[1].split("<h2", 1)[0]
+    shown = heatmaps_of(section, "subspaces")
+    assert len(shown) == 3 * len(MIXTRAL_LAYERS)
+    for index, name in enumerate(MIXTRAL_LAYERS):
+        layer, out = data["layers"][name], outputs[name]
+        alignment, subspaces = out["alignment"], out["subspace_overlap"]
+        assert out["num_experts"] == 4
+        assert_same_values(alignment["matrix"], layer["matrices"]["align_mean_jacobian"])
+        assert_same_values(subspaces["functional"]["matrix"], layer["matrices"]["subspace_fun_overlap"])
+        assert_same_values(subspaces["representational"]["matrix"], layer["matrices"]["subspace_rep_overlap"])
+        for kind, part in (("alignment", alignment), *subspaces_of(subspaces)):
+            matrix = np.array(part["matrix"])
+            offdiag = matrix[~np.eye(4, dtype=bool)]
+            assert part["mean_offdiag"] == pytest.approx(np.nanmean(offdiag), rel=1e-12), kind
+            assert part["max_offdiag"] == pytest.approx(np.nanmax(offdiag), rel=1e-12), kind
+        assert alignment["ratio"] == pytest.approx(alignment["mean_offdiag"] / alignment["chance"], rel=1e-12)
+        assert subspaces["chance"] == subspaces["rank"] / D  # r/d
+        # the page: the three matrices of the layer, bit for bit, and its row of the table
+        for position, matrix in enumerate(
+            (alignment["matrix"], subspaces["functional"]["matrix"], subspaces["representational"]["matrix"])
+        ):
+            np.testing.assert_array_equal(shown[3 * index + position], np.array(matrix))
+        row = re.search(rf"<tr>\s*<td>{re.escape(name)}</td>(.*?)</tr>", section, flags=re.DOTALL).group(1)
+        cells = re.findall(r"<td>(.*?)</td>", row)
+        values = [out["num_experts"], alignment["mean_offdiag"], alignment["chance"], alignment["ratio"]]
+        values += [subspaces["functional"]["mean_offdiag"], subspaces["representational"]["mean_offdiag"]]
+        values += [subspaces["chance"], subspaces["rank"]]
+        assert cells == [f"{float(v):.4g}" for v in values]
+
+
+def subspaces_of(subspaces: dict) -> list[tuple[str, dict]]:
+    return [(kind, subspaces[kind]) for kind in ("functional", "representational")]
 
 
 @pytest.mark.integration  # `moe-lightning probe` end to end
@@ -398,3 +453,153 @@ def test_default_text_is_the_bundled_wikitext_test_split(workspace, tmp_path, mo
         got = GeometryReport.from_dict(data["layers"][name])
         assert torch.equal(got.tokens, expected[name].tokens)
         assert_same(got.expert["jac_sigma_max"], expected[name].expert["jac_sigma_max"])
+
+
+def assert_same_values(got, want, where: str = "") -> None:
+    """The same keys and structure; floats equal to 1e-10 (relative) or both NaN, everything else exactly equal."""
+    assert type(got) is type(want), where
+    if isinstance(want, dict):
+        assert list(got) == list(want), where
+        for key in want:
+            assert_same_values(got[key], want[key], f"{where}/{key}")
+    elif isinstance(want, list):
+        assert len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            assert_same_values(g, w, f"{where}[{i}]")
+    elif isinstance(want, float):
+        assert (math.isnan(got) and math.isnan(want)) or math.isclose(got, want, rel_tol=1e-10, abs_tol=1e-12), where
+    else:
+        assert got == want, where
+
+
+@pytest.fixture(scope="module")
+def sharded(workspace, tmp_path_factory) -> dict:
+    """The tiny Mixtral saved in several safetensors shards, with its tokenizer, and its size in bytes."""
+    model = workspace["models"]["mixtral"]
+    checkpoint = tmp_path_factory.mktemp("sharded") / "mixtral"
+    model.save_pretrained(checkpoint, max_shard_size="20KB")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (checkpoint / name).write_bytes((workspace["root"] / "mixtral" / name).read_bytes())
+    assert len(list(checkpoint.glob("*.safetensors"))) > 3
+    return {"checkpoint": checkpoint, "size": sum(p.numel() * p.element_size() for p in model.parameters())}
+
+
+def assert_offloaded_as_before(model: torch.nn.Module) -> None:
+    """Every expert weight back on the meta device, and every module's accelerate hook the one it had."""
+    from accelerate.hooks import AlignDevicesHook
+
+    assert all(p.is_meta for name, p in model.named_parameters() if "experts" in name)
+    assert all(type(m._hf_hook) is AlignDevicesHook for m in model.modules() if hasattr(m, "_hf_hook"))
+
+
+@pytest.mark.integration  # `moe-lightning probe` end to end, twice
+def test_checkpoint_over_its_memory_cap_is_probed_layer_by_layer(workspace, sharded, tmp_path, monkeypatch) -> None:
+    """A checkpoint in several safetensors shards, probed with accelerate placing it under a CPU memory cap of a
+    third of its size (the rest on disk), gives the in-memory probe's report, with one MoE layer's weights loaded at
+    a time."""
+    import moe_lightning.commands.probe.run as probe_run
+    import moe_lightning.report
+
+    monkeypatch.setattr(moe_lightning.report, "render_probe", lambda reports, out, title: [])  # numbers only here
+    checkpoint, size = sharded["checkpoint"], sharded["size"]
+
+    loaded, materialised = {}, {}
+    prepare = probe_run.prepare_model
+
+    def keep_model(*args, **kwargs):
+        result = prepare(*args, **kwargs)
+        loaded["model"] = result.model
+        return result
+
+    def spy_probe(view, x, config):
+        # which MoE blocks have their expert weights off the meta device while this layer is probed
+        materialised[view.name] = sorted(
+            name.removesuffix(".experts.down_proj")
+            for name, p in loaded["model"].named_parameters()
+            if name.endswith("experts.down_proj") and not p.is_meta
+        )
+        return probe(view, x, config)
+
+    argv = [str(checkpoint), "--text", str(workspace["text"]), "--max-tokens", str(MAX_TOKENS)]
+    argv += ["--seq-len", str(SEQ_LEN), "--batch-size", "2", "--device", "cpu"]
+    code, _, stderr = run_cli([*argv, "--out", str(tmp_path / "in-memory")])
+    assert code == 0, stderr
+    # under the cap, without a folder for the rest
+    code, _, stderr = run_cli([*argv, "--device-map", "auto", "--max-memory", f"cpu={size // 3}"])
+    assert code == 2 and f"do not fit in max_memory={{'cpu': {size // 3}}}: give --offload-folder" in stderr
+    monkeypatch.setattr(probe_run, "prepare_model", keep_model)
+    monkeypatch.setattr(probe_run, "probe", spy_probe)
+    offload = tmp_path / "offload"
+    capped = ["--device-map", "auto", "--max-memory", f"cpu={size // 3}", "--offload-folder", str(offload)]
+    code, stdout, stderr = run_cli([*argv, *capped, "--out", str(tmp_path / "capped")])
+    assert code == 0, stderr
+
+    want = json.loads((tmp_path / "in-memory" / "probe.json").read_text())
+    got = json.loads((tmp_path / "capped" / "probe.json").read_text())
+    assert list(got["layers"]) == MIXTRAL_LAYERS
+    assert_same_values(got["layers"], want["layers"])
+    assert got["config"]["device_map"] == "auto" and got["config"]["max_memory"] == f"cpu={size // 3}"
+    # the expert weights of both layers were written to the offload folder: they were on disk, not in memory
+    assert {f"{layer}.experts.{w}.safetensors" for layer in MIXTRAL_LAYERS for w in ("gate_up_proj", "down_proj")} <= {
+        p.name for p in offload.iterdir()
+    }
+    assert materialised == {layer: [layer] for layer in MIXTRAL_LAYERS}
+    assert_offloaded_as_before(loaded["model"])
+    for peak in (got["peak_memory"], want["peak_memory"]):
+        assert peak["bytes"] > 0 and peak["measure"].startswith("peak resident set size")
+    assert f"peak memory: {got['peak_memory']['bytes'] / 2**30:.4g} GiB" in stdout
+
+
+@pytest.mark.parametrize(
+    ("extra", "first_line"),
+    [
+        (["--device-map", "auto", "--max-memory", "cpu=lots"], "max_memory='cpu=lots' is not understood at"),
+        (["--device-map", "auto", "--max-memory", "gpu0=1GiB"], "max_memory='gpu0=1GiB' is not understood at"),
+        (["--device-map", "auto", "--max-memory", "cpu=2GiB,cpu=1GiB"], "max_memory='cpu=2GiB,cpu=1GiB' names cpu"),
+        (["--max-memory", "cpu=2GiB"], "max_memory places the checkpoint with accelerate, which needs device_map"),
+        (["--offload-folder", "off"], "offload_folder places the checkpoint with accelerate, which needs device_map"),
+        (["--device-map", "auto", "--max-memory", "0=1GiB", "--device", "cpu"], "max_memory='0=1GiB' gives memory"),
+        (["--device-map", "all"], "usage:"),  # argparse's own check of the choices
+    ],
+)
+def test_bad_memory_options_fail_before_loading(extra, first_line, tmp_path, monkeypatch) -> None:
+    (tmp_path / "mixtral").mkdir()
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", _refuse_to_load)
+    code, stdout, stderr = run_cli([str(tmp_path / "mixtral"), "--text", str(tmp_path / "text.txt"), *extra])
+    assert code == 2 and stdout == ""
+    if first_line == "usage:":
+        assert "argument --device-map: invalid choice: 'all'" in stderr
+    else:
+        assert stderr.splitlines()[0].startswith(f"moe-lightning probe: error: {first_line}")
+
+
+def test_max_memory_is_read_as_accelerate_reads_it() -> None:
+    from accelerate.utils import convert_file_size_to_int
+
+    from moe_lightning.commands.probe.options import parse_max_memory
+
+    assert parse_max_memory("0=70GiB, cpu=1.5GB") == {0: 70 * 2**30, "cpu": 1_500_000_000}
+    assert parse_max_memory({1: "20MiB", "CPU": 4096}) == {1: 20 * 2**20, "cpu": 4096}
+    for size in ("70GiB", "1GB", "512MiB", "3KB", "2.5GiB"):
+        assert parse_max_memory(f"cpu={size}") == {"cpu": convert_file_size_to_int(size)}
+    assert parse_max_memory("cpu=2TiB,0=1TB") == {"cpu": 2 * 2**40, 0: 10**12}
+
+
+def test_a_model_dispatched_by_accelerate_is_probed_where_it_is(workspace, sharded, tmp_path) -> None:
+    """A model loaded with from_pretrained(device_map=...) and given to probe_pretrained: each MoE layer's weights
+    are brought from the disk for its probe, and the values are those of the same weights in memory."""
+    size = sharded["size"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        sharded["checkpoint"], device_map="auto", max_memory={"cpu": size // 3}, offload_folder=tmp_path
+    ).eval()
+    assert_offloaded_as_before(model)
+    token_ids = reference_stream(workspace["root"] / "mixtral", workspace["text"], 32)
+    options = dict(max_tokens=32, seq_len=16, layers="*.1.mlp")
+    got = probe_pretrained(model, token_ids, **options)["model.layers.1.mlp"]
+    want = probe_pretrained(workspace["models"]["mixtral"], token_ids, **options)["model.layers.1.mlp"]
+    assert_same_values(got.to_dict(), want.to_dict())
+    assert_offloaded_as_before(model)
+    with pytest.raises(ValueError, match="would move a model that accelerate dispatched"):
+        probe_pretrained(model, token_ids, device="cpu", **options)
+    with pytest.raises(ValueError, match="device_map='auto' places a checkpoint the probe loads"):
+        probe_pretrained(model, token_ids, device_map="auto", **options)

@@ -4,8 +4,9 @@ paper (arXiv 2605.16349): ``moe-lightning probe`` and :func:`probe_pretrained`; 
 Run the model over a text set, capture the input of every MoE layer with forward hooks, and call
 :func:`moe_lightning.geometry.probe` on each layer (Jacobian spectra, weighted PCA, cross-expert alignment,
 Grassmann subspaces; docs/geometry.md). Modules: ``options`` (:class:`ProbeOptions`, every option once), ``load``
-(the checkpoint), ``text`` (tokens and blocks), ``run`` (capture, probe, summary), ``write`` (``probe.json`` and
-the report), ``command`` (the command line).
+(the checkpoint), ``text`` (tokens and blocks), ``offload`` (a checkpoint that ``accelerate`` spreads over GPUs, CPU
+memory and disk, probed one layer's weights at a time; the peak memory), ``run`` (capture, probe, summary), ``write``
+(``probe.json`` and the report), ``command`` (the command line).
 
 Shape legend: ``B`` blocks per batch, ``T`` block length (``--seq-len``), ``N`` tokens, ``D`` model dim.
 
@@ -24,7 +25,13 @@ if TYPE_CHECKING:
     from moe_lightning.commands.probe.command import build_parser, main
     from moe_lightning.commands.probe.load import load_pretrained, resolve_model, supported_model_types
     from moe_lightning.commands.probe.options import ProbeOptions
-    from moe_lightning.commands.probe.run import capture_inputs, format_summary, probe_and_write, probe_pretrained
+    from moe_lightning.commands.probe.run import (
+        ProbeRun,
+        capture_inputs,
+        format_summary,
+        probe_and_write,
+        probe_pretrained,
+    )
     from moe_lightning.commands.probe.text import pack_blocks, read_text_file, token_stream
     from moe_lightning.commands.probe.write import default_out_dir, write_outputs
 
@@ -32,6 +39,7 @@ if TYPE_CHECKING:
 # transformers nor the probe.
 _SOURCES = {
     "ProbeOptions": "options",
+    "ProbeRun": "run",
     "build_parser": "command",
     "capture_inputs": "run",
     "default_out_dir": "write",
@@ -50,6 +58,7 @@ _SOURCES = {
 
 __all__ = [
     "ProbeOptions",
+    "ProbeRun",
     "build_parser",
     "capture_inputs",
     "default_out_dir",

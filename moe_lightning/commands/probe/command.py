@@ -52,12 +52,12 @@ def main(argv: list[str]) -> int:
     try:
         options = options_from_args(args)
         options = replace(options, out_dir=options.out_dir or default_out_dir(args.model))
-        reports, paths = probe_and_write(args.model, args.text, options)
+        run = probe_and_write(args.model, args.text, options)
     except ValueError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
-    print(format_summary(reports))
-    print(f"wrote {len(paths)} files to {options.out_dir}:")
-    for path in paths:
+    print(format_summary(run.reports, run.peak_memory))
+    print(f"wrote {len(run.paths)} files to {options.out_dir}:")
+    for path in run.paths:
         print(f"  {path}")
     return 0

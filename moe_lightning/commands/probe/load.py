@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from moe_lightning.adapters.hf_families import supported_model_types as supported_hf_model_types
-from moe_lightning.commands.probe.options import DEVICES, MODEL_DTYPES, ProbeOptions
+from moe_lightning.commands.probe.offload import is_dispatched
+from moe_lightning.commands.probe.options import DEVICE_MAPS, DEVICES, MODEL_DTYPES, ProbeOptions
 from moe_lightning.common import check_choice, dtype_from_name, hf_offline_mode, hub_reachable
 
 
@@ -156,6 +157,9 @@ def load_pretrained(
     dtype: str = "float32",
     device: str = "auto",
     trust_remote_code: bool = False,
+    device_map: str = "none",
+    max_memory: dict[int | str, int] | None = None,
+    offload_folder: str | os.PathLike | None = None,
 ) -> tuple[nn.Module, Any, str]:
     """Load a supported MoE checkpoint and its tokenizer, in eval mode; the model type is checked first.
 
@@ -166,6 +170,12 @@ def load_pretrained(
             ``grouped_mm`` has no float64 CPU kernel).
         device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
         trust_remote_code: passed to ``transformers``.
+        device_map: ``"none"`` (the whole model on ``device``) or ``"auto"``: ``accelerate`` places the layers on
+            the GPUs and the CPU within ``max_memory`` and the rest in ``offload_folder``, and moves each module's
+            weights onto the execution device during its forward (``from_pretrained(device_map="auto")``).
+        max_memory: with ``device_map="auto"``, GPU index or ``"cpu"`` -> bytes; None, the free memory of each device
+            (of the CPU alone when ``device`` is the CPU).
+        offload_folder: with ``device_map="auto"``, where the weights that fit nowhere are written (disk offload).
 
     Returns:
         ``(model, tokenizer, model_type)``.
@@ -173,16 +183,26 @@ def load_pretrained(
     from transformers import AutoModelForCausalLM
 
     torch_dtype = dtype_from_name("dtype", dtype, MODEL_DTYPES)
+    check_choice("device_map", device_map, DEVICE_MAPS)
     target = resolve_device(device)
     name, config_dict, local_files_only = resolve_model(model, trust_remote_code=trust_remote_code)
     kwargs: dict[str, Any] = {"local_files_only": local_files_only, "trust_remote_code": trust_remote_code}
     if torch_dtype == torch.float64:
         kwargs["experts_implementation"] = "eager"
+    if device_map == "auto":
+        kwargs.update(dispatch_arguments(target, max_memory, offload_folder))
     try:
         loaded = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, **kwargs)
     except OSError as error:
         raise ValueError(f"could not load the weights of {name!r}: {error}") from error
-    loaded = loaded.to(target).eval()
+    except ValueError as error:
+        if device_map == "auto" and offload_folder is None and "offload" in str(error):
+            raise ValueError(
+                f"the weights of {name!r} do not fit in max_memory={max_memory!r}: give --offload-folder (a folder "
+                f"for the rest) or more --max-memory ({str(error).splitlines()[0]})"
+            ) from error
+        raise
+    loaded = (loaded if device_map == "auto" else loaded.to(target)).eval()
     tok = load_tokenizer(
         name if tokenizer is None else tokenizer,
         local_files_only=local_files_only,
@@ -190,6 +210,37 @@ def load_pretrained(
         hint="pass --tokenizer with a directory or hub name that has one",
     )
     return loaded, tok, str(config_dict["model_type"])
+
+
+def dispatch_arguments(
+    target: torch.device, max_memory: dict[int | str, int] | None, offload_folder: str | os.PathLike | None
+) -> dict[str, Any]:
+    """The ``from_pretrained`` keywords that let ``accelerate`` place a checkpoint over ``max_memory``.
+
+    On the CPU only the ``cpu`` entry may be given (a GPU would otherwise be filled first); its default is the
+    memory the machine has free. On CUDA, without ``max_memory``, ``accelerate`` takes the free memory of every
+    device.
+    """
+    if target.type == "cpu":
+        gpus = [key for key in (max_memory or {}) if key != "cpu"]
+        if gpus:
+            raise ValueError(
+                f"max_memory gives memory to GPU {gpus[0]}, but the model runs on the CPU (device={target.type!r}, "
+                "or no CUDA device is available); give cpu alone"
+            )
+        if max_memory is None:
+            import psutil
+
+            max_memory = {"cpu": int(psutil.virtual_memory().available)}
+    elif max_memory is not None and not any(key != "cpu" for key in max_memory):
+        raise ValueError(
+            f"max_memory={max_memory!r} gives no GPU any memory, but the model runs on {target}; add an entry for "
+            "it (e.g. '0=70GiB,cpu=100GiB'), or use device='cpu'"
+        )
+    arguments: dict[str, Any] = {"device_map": "auto", "max_memory": max_memory}
+    if offload_folder is not None:
+        arguments["offload_folder"] = os.fspath(offload_folder)
+    return arguments
 
 
 @dataclass
@@ -218,7 +269,17 @@ def prepare_model(
     tokenizer = options.tokenizer
     if isinstance(model_or_path, nn.Module):
         model = model_or_path
+        if options.device_map != "none":
+            raise ValueError(
+                f"device_map={options.device_map!r} places a checkpoint the probe loads; a loaded model is probed "
+                "where it is (dispatch it with accelerate, or from_pretrained(device_map=...), before passing it)"
+            )
         if options.device != "auto":
+            if is_dispatched(model):
+                raise ValueError(
+                    f"device={options.device!r} would move a model that accelerate dispatched (it has hooks); pass "
+                    "device='auto', which probes it where it is"
+                )
             model.to(resolve_device(options.device))
         config = getattr(model, "config", None)
         model_type = str(getattr(config, "model_type", type(model).__name__))
@@ -235,6 +296,9 @@ def prepare_model(
             dtype=options.dtype,
             device=options.device,
             trust_remote_code=options.trust_remote_code,
+            device_map=options.device_map,
+            max_memory=options.memory_map,
+            offload_folder=options.offload_folder,
         )
         if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
             tokenizer = loaded_tokenizer

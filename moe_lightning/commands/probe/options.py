@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 import inspect
 import os
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
@@ -14,9 +15,49 @@ from moe_lightning.common import check_choice, check_positive_int, dtype_from_na
 from moe_lightning.geometry import ProbeConfig
 
 DEVICES = ("auto", "cpu", "cuda")
+DEVICE_MAPS = ("none", "auto")  # the whole model on one device, or placed by accelerate within max_memory
 MODEL_DTYPES = ("float32", "bfloat16", "float64")  # what a checkpoint is loaded in
 PROBE_DTYPES = ("float64", "float32")  # what the probe computes in
 DEFAULT_TEXT_FILE = "bundled:wikitext-2/test.txt"
+# Decimal and binary units, as accelerate's convert_file_size_to_int reads them.
+MEMORY_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+MEMORY_UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_MEMORY_ENTRY = re.compile(r"^\s*(cpu|\d+)\s*=\s*(\d+(?:\.\d*)?)\s*([a-z]*)\s*$", re.IGNORECASE)
+_MEMORY_FORMAT = (
+    "comma-separated DEVICE=SIZE entries, DEVICE a GPU index or cpu and SIZE a number with a unit of "
+    "B, KB, MB, GB, TB, KiB, MiB, GiB or TiB (e.g. 'cpu=2GiB' or '0=70GiB,cpu=100GiB')"
+)
+
+
+def parse_max_memory(value: str | Mapping[int | str, int | str]) -> dict[int | str, int]:
+    """The ``max_memory`` option as ``accelerate`` takes it: GPU index or ``"cpu"`` -> bytes.
+
+    Args:
+        value: ``"0=70GiB,cpu=100GiB"``, or a mapping of the same (sizes as bytes or as strings).
+
+    Raises:
+        ValueError: a malformed entry, a device other than a GPU index or ``cpu``, a unit not listed, a size of 0,
+            or a device named twice; the message names ``max_memory`` and the format.
+    """
+    entries = value.items() if isinstance(value, Mapping) else [(None, part) for part in str(value).split(",")]
+    parsed: dict[int | str, int] = {}
+    for key, size in entries:
+        text = f"{key}={size}" if key is not None else size
+        match = _MEMORY_ENTRY.match(str(text))
+        unit = match.group(3).upper() if match else ""
+        if match is None or (unit and unit not in MEMORY_UNITS) or (not unit and not match.group(2).isdigit()):
+            raise ValueError(
+                f"max_memory={value!r} is not understood at {str(text).strip()!r}; expected {_MEMORY_FORMAT}"
+            )
+        device = match.group(1).lower()
+        device_key: int | str = int(device) if device.isdigit() else device
+        size_bytes = int(float(match.group(2)) * MEMORY_UNITS[unit or "B"])
+        if size_bytes < 1:
+            raise ValueError(f"max_memory={value!r} gives {device} no memory; every size must be above 0")
+        if device_key in parsed:
+            raise ValueError(f"max_memory={value!r} names {device} twice; name each device once")
+        parsed[device_key] = size_bytes
+    return parsed
 
 
 def option(default: Any, help: str, **cli: Any) -> Any:
@@ -70,6 +111,21 @@ class ProbeOptions:
         "(at d = 4096 in float32, ~80 MiB per token)",
     )
     trust_remote_code: bool = option(False, "passed to transformers when loading")
+    device_map: str = option(
+        "none",
+        "none (the whole model on --device) or auto: accelerate places the checkpoint's layers on the GPUs and the "
+        "CPU within --max-memory and the rest in --offload-folder, and each MoE layer's weights come onto the "
+        "execution device only while the layer runs, is checked and is probed (a checkpoint larger than one device)",
+        choices=DEVICE_MAPS,
+    )
+    max_memory: str | Mapping[int | str, int | str] | None = option(
+        None,
+        f"with --device-map auto, the memory accelerate may fill on each device: {_MEMORY_FORMAT}; default: the free "
+        "memory of every device (of the CPU alone with --device cpu)",
+    )
+    offload_folder: str | os.PathLike | None = option(
+        None, "with --device-map auto, where the weights that fit in no device's --max-memory are kept (disk offload)"
+    )
     out_dir: str | os.PathLike | None = option(
         None,
         "write probe.json and the rendered report (moe_lightning.report.render_probe) here (the command's default: "
@@ -91,6 +147,21 @@ class ProbeOptions:
         check_choice("probe_dtype", self.probe_dtype, PROBE_DTYPES)
         check_choice("dtype", self.dtype, MODEL_DTYPES)
         check_choice("device", self.device, DEVICES)
+        check_choice("device_map", self.device_map, DEVICE_MAPS)
+        if self.max_memory is not None:
+            memory = parse_max_memory(self.max_memory)
+            gpus = [key for key in memory if key != "cpu"]
+            if self.device == "cpu" and gpus:
+                raise ValueError(
+                    f"max_memory={self.max_memory!r} gives memory to GPU {gpus[0]} but device='cpu'; give cpu alone, "
+                    "or use device='cuda' or 'auto'"
+                )
+        unused = [name for name in ("max_memory", "offload_folder") if getattr(self, name) is not None]
+        if unused and self.device_map != "auto":
+            raise ValueError(
+                f"{unused[0]} places the checkpoint with accelerate, which needs device_map='auto' (--device-map "
+                f"auto); got device_map={self.device_map!r}"
+            )
 
     @classmethod
     def help(cls, name: str) -> str:
@@ -101,6 +172,11 @@ class ProbeOptions:
     def layer_patterns(self) -> list[str] | None:
         """``layers`` as a list (None: every layer)."""
         return None if self.layers is None else ([self.layers] if isinstance(self.layers, str) else list(self.layers))
+
+    @property
+    def memory_map(self) -> dict[int | str, int] | None:
+        """``max_memory`` as ``accelerate`` takes it (GPU index or ``"cpu"`` -> bytes), or None."""
+        return None if self.max_memory is None else parse_max_memory(self.max_memory)
 
     def probe_config(self) -> ProbeConfig:
         """The :class:`~moe_lightning.geometry.ProbeConfig` these options ask for."""

@@ -6,17 +6,19 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from moe_lightning.adapters import find_moe_layers, scan_moe_layers
+from moe_lightning.adapters import scan_moe_layers
 from moe_lightning.adapters.capture import capture_layer_inputs
-from moe_lightning.adapters.registry import skipped_text
+from moe_lightning.adapters.registry import skipped_text, warn_skipped
 from moe_lightning.adapters.verify import check_views
 from moe_lightning.commands.probe.load import check_tokenizer_location, prepare_model, supported_text
+from moe_lightning.commands.probe.offload import LayerWeights, format_peak_memory, peak_memory, reset_peak_memory
 from moe_lightning.commands.probe.options import ProbeOptions, options_from_keywords, with_option_keywords
 from moe_lightning.commands.probe.text import check_tokens, pack_blocks, read_texts, text_tokens
 from moe_lightning.commands.probe.write import run_config, write_outputs
@@ -25,10 +27,13 @@ from moe_lightning.geometry import GeometryReport, probe
 
 
 def input_device(model: nn.Module) -> torch.device:
-    """Where the model's token ids go: the device of its input embeddings (else of its first parameter)."""
+    """Where the model's token ids go: the device its input embeddings run on (the execution device of their
+    ``accelerate`` hook where the model is dispatched, their weights' device otherwise; else the device of the
+    model's first parameter)."""
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if isinstance(embeddings, nn.Module):
-        return embeddings.weight.device
+        execution = getattr(getattr(embeddings, "_hf_hook", None), "execution_device", None)
+        return torch.device(execution) if execution is not None else embeddings.weight.device
     return next(model.parameters()).device
 
 
@@ -48,9 +53,18 @@ def capture_inputs(model: nn.Module, views: Sequence[Any], batches: Sequence[Ten
         )
 
 
-def select_views(model: nn.Module, model_name: str, layers: list[str] | None) -> list[Any]:
-    """The model's MoE layers (those matching ``layers`` when given); a ``ValueError`` when there are none."""
-    scan = scan_moe_layers(model)
+def select_views(
+    model: nn.Module,
+    model_name: str,
+    layers: list[str] | None,
+    context: Callable[[nn.Module], AbstractContextManager[None]] | None = None,
+) -> list[Any]:
+    """The model's MoE layers (those matching ``layers`` when given); a ``ValueError`` when there are none.
+
+    ``context(block)`` is entered while the adapters build a block's views (see
+    :func:`~moe_lightning.adapters.scan_moe_layers`); the model is scanned once.
+    """
+    scan = scan_moe_layers(model, context=context)
     views = scan.views
     if not views:
         skipped = (
@@ -64,7 +78,9 @@ def select_views(model: nn.Module, model_name: str, layers: list[str] | None) ->
         )
     if layers is None:
         return views
-    selected = find_moe_layers(model, layers)
+    matching = scan.matching(layers)
+    warn_skipped("probe", matching.skipped)
+    selected = matching.views
     if not selected:
         raise ValueError(
             f"no MoE layer matches layers={layers!r}; the model's MoE layers are {[v.name for v in views]}"
@@ -72,11 +88,16 @@ def select_views(model: nn.Module, model_name: str, layers: list[str] | None) ->
     return selected
 
 
-def verified(views: Sequence[Any], captured: dict[str, Tensor], dtype: torch.dtype) -> list[Any]:
+def verified(
+    views: Sequence[Any],
+    captured: dict[str, Tensor],
+    dtype: torch.dtype,
+    context: Callable[[Any], AbstractContextManager[None]] | None = None,
+) -> list[Any]:
     """The views that pass their check on the captured tokens (:func:`moe_lightning.geometry.verify_view`); one
     warning for each that fails, naming the layer, the check and the size of the miss. A ``ValueError`` when none
-    passes."""
-    checks = check_views(views, captured, dtype)
+    passes. ``context(view)`` is entered around the check of each layer."""
+    checks = check_views(views, captured, dtype, context)
     for view in views:
         if not checks[view.name].passed:
             warnings.warn(f"probe: {checks[view.name].message()}; no value of {view.name!r} is reported", stacklevel=2)
@@ -104,10 +125,10 @@ def _layer_summary(report: GeometryReport) -> dict[str, float]:
     }
 
 
-def format_summary(reports: dict[str, GeometryReport]) -> str:
+def format_summary(reports: dict[str, GeometryReport], peak: dict[str, Any] | None = None) -> str:
     """A plain-text table, one row per layer: σ_max (mean over experts), Jacobian effective rank, mean off-diagonal
     mean-Jacobian alignment and its ratio to chance, PCA effective rank of the expert hidden activations; then a
-    warning line for each layer whose matrix-free spectra did not all converge."""
+    warning line for each layer whose matrix-free spectra did not all converge, and the peak memory when given."""
     header = ("layer", "E", "tokens", "sigma_max", "jac_eff_rank", "align", "align/chance", "pca_hidden_eff_rank")
     rows = [header]
     for name, report in reports.items():
@@ -138,6 +159,8 @@ def format_summary(reports: dict[str, GeometryReport]) -> str:
                 f"warning: {name}: the matrix-free top values of {expert} expert token(s) and {layer} layer token(s) "
                 "did not converge (ProbeConfig.matrix_free_max_iter / matrix_free_tol); they are reported as they stand"
             )
+    if peak is not None:
+        lines.append(format_peak_memory(peak))
     return "\n".join(lines)
 
 
@@ -166,8 +189,10 @@ def probe_pretrained(
         **options: the fields of :class:`~moe_lightning.commands.probe.options.ProbeOptions`, by keyword, with their
             defaults there (``tokenizer``, ``max_tokens=512``, ``seq_len=256``, ``batch_size=4``, ``layers``,
             ``device="auto"``, ``dtype="float32"``, ``probe_dtype="float64"``, ``matrix_free_threshold=1024``,
-            ``matrix_free_rank=16``, ``memory_budget_mib=1024``, ``trust_remote_code=False``, ``out_dir``,
-            ``title``). With ``out_dir``, ``probe.json`` and the rendered report are written there.
+            ``matrix_free_rank=16``, ``memory_budget_mib=1024``, ``trust_remote_code=False``,
+            ``device_map="none"``, ``max_memory``, ``offload_folder``, ``out_dir``, ``title``). With ``out_dir``,
+            ``probe.json`` and the rendered report are written there. ``device_map="auto"`` loads a checkpoint
+            larger than one device with ``accelerate`` (docs/probe.md, "Checkpoints larger than one device").
 
     Returns:
         Layer name -> :class:`~moe_lightning.geometry.GeometryReport`, in model order.
@@ -177,33 +202,59 @@ def probe_pretrained(
             option values.
         TypeError: a keyword that is not an option.
     """
-    reports, _ = probe_and_write(model_or_path, texts_or_file, options_from_keywords("probe_pretrained", options))
-    return reports
+    run = probe_and_write(model_or_path, texts_or_file, options_from_keywords("probe_pretrained", options))
+    return run.reports
+
+
+class ProbeRun(NamedTuple):
+    """What :func:`probe_and_write` returns.
+
+    Attributes:
+        reports: layer name -> report, in model order.
+        paths: the files written, ``probe.json`` first (empty without ``out_dir``).
+        peak_memory: the run's peak memory (:func:`~moe_lightning.commands.probe.offload.peak_memory`).
+    """
+
+    reports: dict[str, GeometryReport]
+    paths: list[str]
+    peak_memory: dict[str, Any]
 
 
 def probe_and_write(
     model_or_path: str | os.PathLike | nn.Module,
     texts_or_file: str | os.PathLike | Sequence[str] | Tensor | None,
     options: ProbeOptions,
-) -> tuple[dict[str, GeometryReport], list[str]]:
+) -> ProbeRun:
     """:func:`probe_pretrained` with its options as one object, also returning the written paths (empty without
-    ``options.out_dir``)."""
+    ``options.out_dir``) and the peak memory of the run.
+
+    On a model that ``accelerate`` dispatched (``device_map="auto"``, or a model passed dispatched), the forward
+    passes move each module's weights onto the execution device as it runs; each MoE layer's weights are brought
+    there again while its views are built, checked and probed, one layer at a time
+    (:mod:`~moe_lightning.commands.probe.offload`).
+    """
     # Every input is checked before the model loads: the text, the tokenizer's path (the model's is checked, with
     # its model type, before any weight is read).
     texts, text_source = read_texts(texts_or_file)
     check_tokenizer_location(options.tokenizer)
+    reset_peak_memory()
     loaded = prepare_model(model_or_path, options, needs_tokenizer=not isinstance(texts, Tensor))
     model = loaded.model
-    views = select_views(model, loaded.name, options.layer_patterns)
+    weights = LayerWeights(model)
+    views = select_views(model, loaded.name, options.layer_patterns, weights.module_context)
     stream = text_tokens(texts, loaded.tokenizer, options.max_tokens)
     check_tokens(stream, model, options.seq_len)
 
     captured = capture_inputs(model, views, pack_blocks(stream, options.seq_len, options.batch_size))
     probe_config = options.probe_config()
-    views = verified(views, captured, probe_config.dtype)
-    reports = {view.name: probe(view, captured[view.name][: options.max_tokens], probe_config) for view in views}
+    views = verified(views, captured, probe_config.dtype, weights.view_context)
+    reports = {}
+    for view in views:
+        with weights.view_context(view):
+            reports[view.name] = probe(view, captured[view.name][: options.max_tokens], probe_config)
+    peak = peak_memory(input_device(model))
     if options.out_dir is None:
-        return reports, []
+        return ProbeRun(reports, [], peak)
     tokens = int(stream.numel())
     config = run_config(
         options,
@@ -220,5 +271,6 @@ def probe_and_write(
         tokens=tokens,
         config=config,
         title=options.title or f"Geometry probe: {loaded.name} ({loaded.model_type}, {tokens} tokens)",
+        peak_memory=peak,
     )
-    return reports, paths
+    return ProbeRun(reports, paths, peak)

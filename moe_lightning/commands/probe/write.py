@@ -14,7 +14,7 @@ from moe_lightning.common import dtype_name
 from moe_lightning.geometry import GeometryReport
 
 # Options that say where the output goes or what it is called, not how the probe ran.
-_NOT_RUN_CONFIG = ("tokenizer", "out_dir", "title")
+_NOT_RUN_CONFIG = ("tokenizer", "out_dir", "title", "offload_folder")
 
 
 def default_out_dir(model: str) -> str:
@@ -43,13 +43,21 @@ def write_outputs(
     tokens: int,
     config: dict[str, Any],
     title: str,
+    peak_memory: dict[str, Any] | None = None,
 ) -> list[str]:
     """Write ``probe.json`` and the rendered report (tables, plots, index.html) into ``out_dir``.
+
+    ``peak_memory`` (:func:`~moe_lightning.commands.probe.offload.peak_memory`) is written as ``probe.json``'s
+    ``"peak_memory"``: ``{"bytes", "measure", "devices"}``. ``"alignment_and_subspaces"`` holds, for each layer of
+    more than one expert, the second paper's outputs read from its report
+    (:func:`~moe_lightning.analysis.experts.alignment_and_subspaces`): the alignment matrix against chance and the
+    functional and representational subspace overlaps side by side, the same numbers the page shows.
 
     Returns:
         The written paths, ``probe.json`` first.
     """
     # The plotting stack (pandas, matplotlib) loads only when a report is written, not for probe_pretrained alone.
+    from moe_lightning.analysis.experts import alignment_and_subspaces
     from moe_lightning.report import render_probe
 
     out = Path(out_dir)
@@ -59,6 +67,10 @@ def write_outputs(
         "model_type": model_type,
         "tokens": tokens,
         "config": config,
+        "peak_memory": peak_memory,
+        "alignment_and_subspaces": {
+            name: found for name, report in reports.items() if (found := alignment_and_subspaces(report)) is not None
+        },
         "layers": {name: report.to_dict() for name, report in reports.items()},
     }
     json_path = out / "probe.json"
