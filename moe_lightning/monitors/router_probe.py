@@ -18,6 +18,7 @@ from moe_lightning.common import check_positive_int, observation
 from moe_lightning.geometry import MoEView
 from moe_lightning.geometry.router import window_statistics
 from moe_lightning.geometry.verify import MAX_CHECK_TOKENS
+from moe_lightning.geometry.view import HasPlacement
 from moe_lightning.monitors.observe import warn_state_changes
 from moe_lightning.monitors.ranks import Failures, Ranks
 from moe_lightning.monitors.router_stats import (
@@ -25,6 +26,7 @@ from moe_lightning.monitors.router_stats import (
     balance_statistics,
     batch_sums,
     coactivation_statistics,
+    ep_rank_statistics,
     layer_percentiles,
     logit_statistics,
     window_parts,
@@ -365,6 +367,9 @@ class RouterProbe:
         }
         out.update(stats)
         out.update(balance_statistics(routing[:E], micro))
+        placement = view.placement() if isinstance(view, HasPlacement) else None
+        if placement is not None and 0 < len(placement.local_experts) < E:
+            out.update(ep_rank_statistics(routing[:E], E // len(placement.local_experts), self.max_expert_keys))
         if batches > 0:
             out["dropped_fraction"] = dropped / max(assignments, 1.0)
             out["aux_load_balance"] = lb_sum / batches

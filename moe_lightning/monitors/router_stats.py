@@ -25,6 +25,7 @@ __all__ = [
     "combine_windows",
     "empty_window",
     "coactivation_statistics",
+    "ep_rank_statistics",
     "coactivation_sums",
     "layer_percentiles",
     "logit_statistics",
@@ -76,6 +77,22 @@ def balance_statistics(load_E: Tensor, micro: Tensor) -> dict[str, float]:
     if count > 0:
         out["maxvio_micro"] = maxvio_sum / count
         out["load_cv_micro"] = cv_sum / count
+    return out
+
+
+def ep_rank_statistics(load_E: Tensor, ep_size: int, max_keys: int | None = None) -> dict[str, float]:
+    """Overload of each expert-parallel rank (Megatron-LM's per-rank overload): the assignments its experts receive
+    over the mean over the ranks, ``ep_overload/r<i>`` (the first ``max_keys`` ranks), and their maximum
+    ``ep_overload_max``. Rank ``i`` holds the contiguous experts ``[i·E/P, (i+1)·E/P)``, as
+    :class:`~moe_lightning.nn.experts.Experts` splits them; ``load_E`` is summed over the window and every rank.
+    Nothing without load."""
+    per_rank = load_E.detach().double().reshape(ep_size, -1).sum(-1)
+    mean = per_rank.mean()
+    if mean <= 0:
+        return {}
+    overload = (per_rank / mean).tolist()
+    out = {f"ep_overload/r{i}": v for i, v in enumerate(overload) if max_keys is None or i < max_keys}
+    out["ep_overload_max"] = max(overload)
     return out
 
 

@@ -3,6 +3,7 @@ driven through the probe by a plain loop (two optimiser steps of two micro-batch
 
 from __future__ import annotations
 
+import contextlib
 from types import SimpleNamespace
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from moe_lightning.geometry.view import ExpertPlacement
 from moe_lightning.monitors import RouterProbe, router_probe
 from moe_lightning.monitors.router_stats import coactivation_statistics, micro_balance_sums
 from moe_lightning.nn.router import MoEAux, RouterOutput
@@ -70,10 +72,15 @@ def numpy_coactivation(routed: np.ndarray) -> dict[str, float]:
     return {"coactivation_tv": tv, "coactivation_max_lift": lift}
 
 
-def run_probe(monkeypatch) -> tuple[dict[str, float], dict[int, list[torch.Tensor]]]:
-    """The probe's one window over two steps of two micro-batches, and the logits of each layer's micro-batches."""
+def run_probe(monkeypatch, ep_size: int = 1) -> tuple[dict[str, float], dict[int, list[torch.Tensor]]]:
+    """The probe's one window over two steps of two micro-batches, and the logits of each layer's micro-batches;
+    with ``ep_size`` > 1 the views say that this rank holds the first ``E / ep_size`` experts."""
     layers = nn.ModuleList(HandRouted(TOP_K[i]) for i in range(3))
     views = [SimpleNamespace(name=f"layer{i}", module=layer, num_experts=E) for i, layer in enumerate(layers)]
+    if ep_size > 1:
+        placement = ExpertPlacement(group=None, local_experts=range(E // ep_size), gather_all=contextlib.nullcontext)
+        for view in views:
+            view.placement = lambda: placement
     probe = RouterProbe(every_n_steps=2)
     monkeypatch.setattr(router_probe, "find_moe_layers", lambda model, selection: views)
     probe.attach(layers)
@@ -117,6 +124,18 @@ def test_micro_and_global_balance_logit_drift_and_coactivation_match_numpy(monke
             assert metrics[f"{name}/{key}"] == pytest.approx(value, rel=1e-12), key
     # layer 1 routes fixed pairs ({0,1}, {2,3}) far more often than layer 2
     assert metrics["router/layer1/coactivation_tv"] > metrics["router/layer2/coactivation_tv"]
+
+
+def test_expert_parallel_rank_overload_matches_numpy(monkeypatch):
+    metrics, _ = run_probe(monkeypatch, ep_size=2)
+    for i in range(3):
+        loads = np.sum([np.isin(np.arange(E), c) for batch in ROUTINGS[i] for c in batch], axis=0).astype(float)
+        per_rank = loads.reshape(2, E // 2).sum(-1)  # rank r holds experts [2r, 2r + 2)
+        expected = per_rank / per_rank.mean()
+        assert [metrics[f"router/layer{i}/ep_overload/r{r}"] for r in range(2)] == pytest.approx(expected, rel=1e-12)
+        assert metrics[f"router/layer{i}/ep_overload_max"] == pytest.approx(expected.max(), rel=1e-12)
+    without, _ = run_probe(monkeypatch)
+    assert not any("ep_overload" in key for key in without)  # every expert on every rank: no expert parallelism
 
 
 def test_percentiles_over_layers_match_numpy_linear(monkeypatch):
