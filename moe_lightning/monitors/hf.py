@@ -83,9 +83,8 @@ class MonitorCallback(TrainerCallback):
         if self.geometry is not None:
             values = start_geometry(self.geometry, model, self.probe_data, ranks, state.global_step)
         if self.curvature is not None:
-            values.update(
-                start_curvature(self.curvature, unwrapped(model), self.curvature_data, ranks, state.global_step, optimizer)
-            )
+            step, data = state.global_step, self.curvature_data
+            values.update(start_curvature(self.curvature, unwrapped(model), data, ranks, step, optimizer))
         if self.router is not None:
             self.router.attach(model, ranks)
         self._log(values)
