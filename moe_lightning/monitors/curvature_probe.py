@@ -41,11 +41,7 @@ def model_loss(model: nn.Module, batch: Any) -> Tensor:
     if callable(loss):
         out = loss(batch)
         return out[0] if isinstance(out, tuple) else out
-    if not isinstance(batch, Mapping):
-        raise ValueError(
-            f"{type(model).__name__} has no loss(batch) method and the batch is not a dict of model inputs; "
-            "pass loss_fn=lambda model, batch: <scalar loss>"
-        )
+    check_model_loss(model, batch)
     out = model(**batch)
     found = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
     if found is None:
@@ -54,6 +50,15 @@ def model_loss(model: nn.Module, batch: Any) -> Tensor:
             "loss_fn=lambda model, batch: <scalar loss>"
         )
     return found
+
+
+def check_model_loss(model: nn.Module, batch: Any) -> None:
+    """Raise the error that says how to give a loss when :func:`model_loss` has none for ``model`` and ``batch``."""
+    if not callable(getattr(model, "loss", None)) and not isinstance(batch, Mapping):
+        raise ValueError(
+            f"{type(model).__name__} has no loss(batch) method and the batch is not a dict of model inputs; "
+            "pass loss_fn=lambda model, batch: <scalar loss>"
+        )
 
 
 def torch_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
@@ -239,11 +244,8 @@ class CurvatureProbe:
         def take() -> None:
             if batch is None:
                 raise ValueError("no batch to measure on")
-            if self.loss_fn is None and not callable(getattr(model, "loss", None)) and not isinstance(batch, Mapping):
-                raise ValueError(
-                    f"{type(model).__name__} has no loss(batch) method and the batch is not a dict of model inputs; "
-                    "pass loss_fn=lambda model, batch: <scalar loss>"
-                )
+            if self.loss_fn is None:  # said now, not at every step
+                check_model_loss(model, batch)
             kept = cpu_copy(batch)
             if broadcast and ranks.distributed:
                 holder = [kept]
