@@ -146,7 +146,7 @@ def hf_monitor_values(log_history: list[dict]) -> dict[int, dict[str, float]]:
     found: dict[int, dict[str, float]] = {}
     for entry in log_history:
         for key, value in entry.items():
-            if key.startswith(("geometry/", "router/")):
+            if key.startswith(("geometry/", "router/", "curvature/")):
                 step = entry["step"] - key.startswith("router/")
                 assert key not in found.get(step, {}), f"{key} logged twice at step {step}"
                 found.setdefault(step, {})[key] = value

@@ -1,6 +1,7 @@
-"""LoopMonitors: the geometry and router probes in a training loop of your own (plain, or Accelerate's) in a few
-lines. One object takes the probe set, hooks the router, calls each probe at its point of a step with its step,
-logs what they return and removes its hooks at the end; the two cores underneath are unchanged."""
+"""LoopMonitors: the geometry, router and curvature probes in a training loop of your own (plain, or Accelerate's) in
+a few lines. One object takes the probe set and the curvature's batch, hooks the router, calls each probe at its
+point of a step with its step, logs what they return and removes its hooks at the end; the cores underneath are
+unchanged."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import torch
 from torch import nn
 
 from moe_lightning.common import warn_once
+from moe_lightning.common.observe import preserved_rng
+from moe_lightning.monitors.curvature_probe import CurvatureProbe
 from moe_lightning.monitors.geometry_probe import GeometryProbe, Log
 from moe_lightning.monitors.ranks import Ranks, rank_zero_warn
 from moe_lightning.monitors.router_probe import RouterProbe
@@ -48,16 +51,33 @@ def start_geometry(geometry: GeometryProbe, model: nn.Module, probe_data: Any, r
     return {}
 
 
+def start_curvature(
+    curvature: CurvatureProbe, model: nn.Module, data: Any, ranks: Ranks, step: int, optimizer: Any = None
+) -> dict:
+    """Check the model, take the curvature's batch from ``data`` (one batch, or a loader's first batch; rank zero's
+    is every rank's) unless a restored one is there, and compute the baseline at ``step`` if the schedule asks for
+    it. Returns the values logged now. A collective."""
+    curvature.setup(model, ranks)
+    if curvature.batch is not None or curvature.disabled:
+        return {}
+    if is_one_batch(data):
+        batch = data
+    else:
+        with preserved_rng():  # a shuffling loader draws its order from the global RNG, which training owns
+            batch = next(iter(data), None)
+    return curvature.take_batch(model, batch, ranks, step, broadcast=True, optimizer=optimizer)
+
+
 class LoopMonitors:
-    """The geometry and router probes in a training loop of your own.
+    """The geometry, router and curvature probes in a training loop of your own.
 
     Give it the model, the data of the probe set and ``log``; then wrap each training step in :meth:`step`, or
     call :meth:`before_batch` before its forward and :meth:`after_step` after its optimiser step; then
     :meth:`close` (or use it as a context manager). It counts the steps: the router's window of a batch is
     labelled with the steps that made the weights routing it, the geometry probe runs after the optimiser step
-    with the steps taken then, as in Lightning, so the values are those of ``GeometryMonitor`` and
-    ``RouterMonitor``. Values go to ``log(values, step)`` on rank zero; every rank makes every call (the sums over
-    the ranks of ``torch.distributed`` are collectives).
+    with the steps taken then, as in Lightning, and so does the curvature probe; so the values are those of
+    ``GeometryMonitor``, ``RouterMonitor`` and ``CurvatureMonitor``. Values go to ``log(values, step)`` on rank
+    zero; every rank makes every call (the sums over the ranks of ``torch.distributed`` are collectives).
 
     Args:
         model: the model being trained; a DDP or ``torch.compile`` wrapper is looked through.
@@ -68,6 +88,12 @@ class LoopMonitors:
         router: the router probe, or None.
         start_step: the optimiser steps taken before the loop starts (a resumed run's); the baseline is probed
             here.
+        curvature: the curvature probe, or None; its batch is ``curvature_data``.
+        optimizer: the optimiser that trains the model (wrapped or not), whose edge-of-stability threshold the
+            curvature probe logs; None logs none.
+        curvature_data: one batch, or a loader whose first batch is taken, on which the curvature is measured (the
+            whole batch, targets included, as its loss takes it); default ``probe_data``. Rank zero's is every
+            rank's.
 
     Example::
 
@@ -85,13 +111,20 @@ class LoopMonitors:
         geometry: GeometryProbe | None = None,
         router: RouterProbe | None = None,
         start_step: int = 0,
+        curvature: CurvatureProbe | None = None,
+        optimizer: Any = None,
+        curvature_data: Any = None,
     ) -> None:
         if geometry is not None and probe_data is None:
             raise ValueError("LoopMonitors: geometry needs probe_data, the batch or loader of its probe set")
-        for probe in (geometry, router):
+        curvature_data = probe_data if curvature_data is None else curvature_data
+        if curvature is not None and curvature_data is None:
+            raise ValueError("LoopMonitors: curvature needs curvature_data or probe_data, the batch it measures on")
+        for probe in (geometry, router, curvature):
             if probe is not None and probe.log is not None and log is not None:
                 raise ValueError(f"LoopMonitors: {probe.name} has a log of its own; give log to LoopMonitors only")
         self.model, self.log, self.geometry, self.router = unwrapped(model), log, geometry, router
+        self.curvature, self.optimizer = curvature, optimizer
         self.steps, self.ranks = start_step, Ranks.current()
         self._batch_step: int | None = None  # the steps before the open batch; None between batches
         self._last_batch_step = start_step  # the label of the router's open window: the steps before its last batch
@@ -99,6 +132,9 @@ class LoopMonitors:
         self._warned: set[str] = set()
         if geometry is not None:
             self._log(start_geometry(geometry, self.model, probe_data, self.ranks, start_step), start_step)
+        if curvature is not None:
+            values = start_curvature(curvature, self.model, curvature_data, self.ranks, start_step, optimizer)
+            self._log(values, start_step)
         if router is not None:
             router.attach(self.model, self.ranks)
 
@@ -124,6 +160,9 @@ class LoopMonitors:
             values.update(self._log(self.router.end_batch(self.model, self.steps, self.ranks) or {}, label))
         if self.geometry is not None and stepped:
             values.update(self._log(self.geometry(self.model, self.steps, self.ranks), self.steps))
+        if self.curvature is not None and stepped:
+            found = self.curvature(self.model, self.steps, self.ranks, self.optimizer)
+            values.update(self._log(found, self.steps))
         return values
 
     @contextlib.contextmanager
@@ -135,8 +174,8 @@ class LoopMonitors:
         self.after_step(stepped)
 
     def close(self) -> dict[str, float]:
-        """When training ends: log the router's last window and the final geometry probe, and remove the hooks.
-        Returns the values logged now; a second call does nothing."""
+        """When training ends: log the router's last window, the final geometry probe and the final curvature, and
+        remove the hooks. Returns the values logged now; a second call does nothing."""
         if self._closed:
             return {}
         self._closed = True
@@ -146,6 +185,9 @@ class LoopMonitors:
             self.router.detach()
         if self.geometry is not None:
             values.update(self._log(self.geometry.end(self.model, self.steps, self.ranks), self.steps))
+        if self.curvature is not None:
+            found = self.curvature.end(self.model, self.steps, self.ranks, self.optimizer)
+            values.update(self._log(found, self.steps))
         return values
 
     def __enter__(self) -> LoopMonitors:

@@ -1,6 +1,6 @@
 """The monitors under the Hugging Face Trainer's DDP, launched with ``torchrun --nproc_per_node 2`` (two gloo processes
-on CPU): the values logged are those of one process on the union of both ranks' batches and on the whole probe set,
-and both ranks end in the weights they end in without the monitors."""
+on CPU): the values logged are those of one process on the union of both ranks' batches and on the whole probe set
+(the curvature's: on rank zero's batch), and both ranks end in the weights they end in without the monitors."""
 
 from __future__ import annotations
 
@@ -14,14 +14,15 @@ pytest.importorskip("accelerate", reason="the Hugging Face Trainer needs acceler
 
 from helpers import hf_monitor_values, load_script, run_test_script, tiny_hf_model  # noqa: E402
 
-from moe_lightning.monitors import GeometryProbe, RouterProbe  # noqa: E402
+from moe_lightning.monitors import CurvatureProbe, GeometryProbe, RouterProbe  # noqa: E402
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "hf_ddp.py"
 
 
 def one_process_values(script, run: dict, union: list[torch.Tensor]) -> dict[int, dict[str, float]]:
-    """In one process, on the weights of ``run`` at each step: the geometry probe of the whole probe set after each
-    step (0 is the baseline) and the router window of each step's batches of both ranks together (``union``)."""
+    """In one process, on the weights of ``run`` at each step: the geometry probe of the whole probe set and the
+    curvature of rank zero's batch (with an SGD of the trainer's rate) after each step (0 is the baseline), and the
+    router window of each step's batches of both ranks together (``union``)."""
     values: dict[int, dict[str, float]] = {}
     weights = {**run["weights"], script.STEPS: run["final"]}
     for step, state in sorted(weights.items()):
@@ -31,6 +32,9 @@ def one_process_values(script, run: dict, union: list[torch.Tensor]) -> dict[int
         geometry.take_probe_set(model, script.PROBE, baseline=False)
         geometry.probe(model, step)
         values[step] = dict(geometry.last_values)
+        curvature = CurvatureProbe(**script.CURVATURE)
+        curvature.take_batch(model, script.curvature_batch(0), baseline=False)
+        values[step].update(curvature.compute(model, step, optimizer=torch.optim.SGD(model.parameters(), lr=0.1)))
         if step == script.STEPS:
             continue
         router = RouterProbe(every_n_steps=1)
@@ -58,7 +62,7 @@ def test_hf_trainer_ddp_logs_one_process_on_the_union_and_keeps_the_ranks_in_syn
         assert sorted(logged) == sorted(expected) == [0, 1, 2]
         for step, values in expected.items():
             assert sorted(logged[step]) == sorted(values), step
-            assert "geometry/model.layers.1.mlp/jac_sigma_max/mean" in values
+            assert "geometry/model.layers.1.mlp/jac_sigma_max/mean" in values and "curvature/hessian_trace" in values
             for key, value in values.items():
                 if "_micro" in key:  # a per-micro-batch statistic is each rank's batch's by definition, not the union's
                     continue

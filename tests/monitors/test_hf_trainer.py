@@ -1,8 +1,8 @@
 """The monitors in the Hugging Face ``Trainer``: a tiny random Qwen3-MoE trained for two steps on CPU logs, through
-``trainer.log``, the same keys and values as ``GeometryMonitor`` and ``RouterMonitor`` in Lightning on the same model,
-weights, probe set and steps, and ends in the weights it ends in without the monitors; a resumed run goes on with
-their schedule and window, without duplicates, and logs the values of the weights it resumed with (the Trainer does not
-restore fused experts from its own checkpoint)."""
+``trainer.log``, the same keys and values as ``GeometryMonitor``, ``RouterMonitor`` and ``CurvatureMonitor`` in
+Lightning on the same model, weights, probe set, curvature batch and steps, and ends in the weights it ends in without
+the monitors; a resumed run goes on with their schedule, window and batch, without duplicates, and logs the values
+of the weights it resumed with (the Trainer does not restore fused experts from its own checkpoint)."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ pytest.importorskip("accelerate", reason="the Hugging Face Trainer needs acceler
 
 from helpers import fit_logged, hf_monitor_values, read_metrics, sgd_training_arguments, tiny_hf_model  # noqa: E402
 
-from moe_lightning.callbacks import GeometryMonitor, RouterMonitor  # noqa: E402
-from moe_lightning.monitors import GeometryProbe, RouterProbe  # noqa: E402
+from moe_lightning.callbacks import CurvatureMonitor, GeometryMonitor, RouterMonitor  # noqa: E402
+from moe_lightning.monitors import CurvatureProbe, GeometryProbe, RouterProbe  # noqa: E402
 from moe_lightning.monitors.hf import add_monitors  # noqa: E402
 
 CONFIG = dict(
@@ -43,6 +43,12 @@ TOKENS = torch.randint(3, 64, (8, 8), generator=torch.Generator().manual_seed(0)
 PROBE = torch.randint(3, 64, (4, 8), generator=torch.Generator().manual_seed(1))
 # float32: the float64 default hits the HF SwiGLU closed-form dtype bug (tests/callbacks/test_hf_models.py)
 GEOMETRY = dict(every_n_steps=1, max_tokens=32, layer_jacobian=False, subspace_rank=2, dtype="float32")
+# The curvature of the first training batch (rows 0-3) at fit start and after step 2, of the whole model and of the
+# routers; a few products each, as the values only need to be the same in both loops.
+CURVATURE = dict(
+    every_n_steps=2, eigen_max_iter=4, trace_max_samples=2, density=False, param_groups={"router": "*mlp.gate.*"}
+)
+FIRST_BATCH = {"input_ids": TOKENS[:4], "labels": TOKENS[:4]}
 
 
 class Rows(Dataset):
@@ -69,7 +75,8 @@ def hf_train(
     )
     trainer = transformers.Trainer(model=model, args=args, train_dataset=Rows(), callbacks=list(callbacks))
     if monitors:
-        add_monitors(trainer, GeometryProbe(**GEOMETRY), RouterProbe(every_n_steps=1), probe_data=probe_loader())
+        probes = GeometryProbe(**GEOMETRY), RouterProbe(every_n_steps=1), probe_loader(), CurvatureProbe(**CURVATURE)
+        add_monitors(trainer, *probes, curvature_data=FIRST_BATCH)
     trainer.train(resume_from_checkpoint=resume or None)
     return trainer
 
@@ -102,15 +109,27 @@ class Data(L.LightningDataModule):
         return probe_loader()
 
 
+def causal_lm_loss(pl_module: CausalLM, batch) -> torch.Tensor:
+    (input_ids,) = batch
+    return pl_module.model(input_ids=input_ids, labels=input_ids).loss
+
+
 def lightning_values(model, tmp_path) -> dict[int, dict[str, float]]:
-    monitors = [GeometryMonitor(**GEOMETRY, save_reports=False), RouterMonitor(log_every_n_steps=1)]
+    monitors = [
+        GeometryMonitor(**GEOMETRY, save_reports=False),
+        RouterMonitor(log_every_n_steps=1),
+        CurvatureMonitor(**CURVATURE, loss_fn=causal_lm_loss, save_reports=False),
+    ]
     fit_logged(CausalLM(model), Data(), tmp_path, monitors, max_steps=2)
     found: dict[int, dict[str, float]] = {}
     for row in read_metrics(tmp_path):
-        keys = {k: float(v) for k, v in row.items() if k.startswith(("geometry/", "router/")) and v not in ("", None)}
+        keys = {k: float(v) for k, v in row.items() if k.startswith(MONITOR_KEYS) and v not in ("", None)}
         if keys:
             found.setdefault(int(row["step"]), {}).update(keys)
     return found
+
+
+MONITOR_KEYS = ("geometry/", "router/", "curvature/")
 
 
 def test_hf_trainer_logs_what_lightning_logs_and_leaves_training_as_it_was(tmp_path):
@@ -129,6 +148,9 @@ def test_hf_trainer_logs_what_lightning_logs_and_leaves_training_as_it_was(tmp_p
         assert "geometry/model.layers.1.mlp/jac_sigma_max/mean" in ours[step]
         for key, value in theirs[step].items():
             assert ours[step][key] == pytest.approx(value, rel=1e-4, abs=1e-6), (step, key)
+    for step in (0, 2):  # fit start and every second step
+        assert {"curvature/hessian_trace", "curvature/router/hessian_top_eigenvalue"} <= ours[step].keys()
+        assert ours[step]["curvature/sgd_stability_threshold"] == pytest.approx(2 / 0.1)  # the trainer's optimiser
 
 
 class WeightsAtStepBegin(transformers.TrainerCallback):
@@ -149,7 +171,7 @@ def with_weights(state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
 
 def reference_values(before_step_1: torch.nn.Module, after_step_2: torch.nn.Module) -> dict[int, dict[str, float]]:
     """In one process, on the given weights: the router window of step 1's batch (rows 4-7, routed by the weights
-    after one step) and the geometry probe at step 2."""
+    after one step), and the geometry probe and the curvature (with an SGD of the trainer's rate) at step 2."""
     router = RouterProbe(every_n_steps=1)
     router.attach(before_step_1)
     router.start_batch(1)
@@ -160,7 +182,10 @@ def reference_values(before_step_1: torch.nn.Module, after_step_2: torch.nn.Modu
     router.detach()
     geometry = GeometryProbe(**GEOMETRY)
     geometry.take_probe_set(after_step_2, PROBE, baseline=False)
-    return {1: window, 2: geometry(after_step_2, 2)}
+    curvature = CurvatureProbe(**CURVATURE)
+    curvature.take_batch(after_step_2, FIRST_BATCH, baseline=False)
+    sgd = torch.optim.SGD(after_step_2.parameters(), lr=0.1)
+    return {1: window, 2: {**geometry(after_step_2, 2), **curvature(after_step_2, 2, optimizer=sgd)}}
 
 
 def test_a_resumed_hf_run_continues_the_monitors_without_duplicates(tmp_path):
@@ -172,6 +197,8 @@ def test_a_resumed_hf_run_continues_the_monitors_without_duplicates(tmp_path):
     plain = hf_train(tiny_hf_model("qwen3_moe", **CONFIG), tmp_path / "cut_plain", False, 2, True)
     callback = next(c for c in resumed.callback_handler.callbacks if hasattr(c, "geometry"))
     assert callback.geometry.probed_steps == [0, 1, 2]  # step 0 and 1 from the checkpoint, not probed again
+    assert callback.curvature.computed_steps == [0, 2]  # step 0 from the checkpoint, with its batch
+    assert torch.equal(callback.curvature.batch["input_ids"], FIRST_BATCH["input_ids"])
     # the history the checkpoint holds and what the resumed run added: each key once per step (hf_values checks)
     assert sorted(hf_values(resumed)) == sorted(hf_values(whole)) == [0, 1, 2]
     whole_callback = next(c for c in whole.callback_handler.callbacks if hasattr(c, "geometry"))
@@ -193,6 +220,7 @@ def test_a_resumed_hf_run_continues_the_monitors_without_duplicates(tmp_path):
     ours, theirs = hf_values(resumed), hf_values(whole)
     reference = reference_values(with_weights(weights.at[1]), resumed.model)
     # step 0 and step 1's geometry come from the checkpoint; step 1's router window and step 2 from the resumed run
+    assert "curvature/router/hessian_trace" in ours[0] and "curvature/router/hessian_trace" in reference[2]
     expected = {0: theirs[0], 1: {**theirs[1], **reference[1]}, 2: reference[2]}
     for step in (0, 1, 2):
         assert sorted(ours[step]) == sorted(theirs[step]) == sorted(expected[step]), step

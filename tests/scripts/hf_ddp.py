@@ -1,6 +1,6 @@
 """Run by tests/monitors/test_hf_ddp.py under ``torchrun --nproc_per_node 2`` (two gloo processes on CPU), as the
 Hugging Face docs launch the Trainer's DDP: a tiny random Qwen3-MoE trained for two steps with the monitors
-(``add_monitors``, a probe and a router window at every step), then again without them. Each rank writes
+(``add_monitors``, a probe, a router window and the curvature at every step), then again without them. Each rank writes
 ``<out_dir>/rank<r>.pt``: the world size, its log history, the batch it trained on at each step, the weights at the
 start of each step and its final weights with and without the monitors."""
 
@@ -14,7 +14,7 @@ import transformers
 from helpers import sgd_training_arguments, tiny_hf_model
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from moe_lightning.monitors import GeometryProbe, RouterProbe
+from moe_lightning.monitors import CurvatureProbe, GeometryProbe, RouterProbe
 from moe_lightning.monitors.hf import add_monitors
 
 CONFIG = dict(
@@ -26,7 +26,14 @@ TOKENS = torch.randint(3, 64, (8, 8), generator=torch.Generator().manual_seed(0)
 PROBE = torch.randint(3, 64, (4, 8), generator=torch.Generator().manual_seed(1))
 # float32: the float64 default hits the HF SwiGLU closed-form dtype bug (tests/callbacks/test_hf_models.py)
 GEOMETRY = dict(every_n_steps=1, max_tokens=32, layer_jacobian=False, subspace_rank=2, dtype="float32")
+CURVATURE = dict(every_n_steps=1, eigen_max_iter=4, trace_max_samples=2, density=False)
 STEPS = 2
+
+
+def curvature_batch(rank: int) -> dict[str, torch.Tensor]:
+    """Each rank's own rows: the probe measures on rank zero's, on every rank."""
+    rows = TOKENS[4 * rank : 4 * rank + 4]
+    return {"input_ids": rows, "labels": rows}
 
 
 class Rows(Dataset):
@@ -38,7 +45,7 @@ class Rows(Dataset):
 
 
 class Record(transformers.TrainerCallback):
-    """The weights at the start of each step and the batch each step trained on (its forward with labels)."""
+    """The weights at the start of each step and the batch each step trained on (its training forward with labels)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.weights: dict[int, dict[str, torch.Tensor]] = {}
@@ -46,7 +53,7 @@ class Record(transformers.TrainerCallback):
         model.register_forward_pre_hook(self._batch, with_kwargs=True)
 
     def _batch(self, module, args, kwargs):
-        if kwargs.get("labels") is not None:
+        if module.training and kwargs.get("labels") is not None:  # not the curvature's forwards, in eval mode
             self.batches.append(kwargs["input_ids"].clone())
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
@@ -62,7 +69,8 @@ def train(out_dir: Path, monitors: bool) -> tuple[transformers.Trainer, Record]:
     trainer = transformers.Trainer(model=model, args=args, train_dataset=Rows(), callbacks=[record])
     if monitors:
         probe_data = DataLoader(TensorDataset(PROBE), batch_size=4)  # the same on every rank
-        add_monitors(trainer, GeometryProbe(**GEOMETRY), RouterProbe(every_n_steps=1), probe_data=probe_data)
+        probes = GeometryProbe(**GEOMETRY), RouterProbe(every_n_steps=1), probe_data, CurvatureProbe(**CURVATURE)
+        add_monitors(trainer, *probes, curvature_data=curvature_batch(dist.get_rank()))
     trainer.train()
     return trainer, record
 
