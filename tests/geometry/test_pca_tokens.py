@@ -1,9 +1,12 @@
 """The token path of the weighted PCA (docs/geometry.md §3): from the routed tokens, with an ``n × n`` Gram matrix when
 an expert sees fewer tokens than its site is wide, equal to the moments path on the same tokens."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import run_test_script
 
 from moe_lightning.geometry import ProbeConfig, finalize, probe, probe_statistics
 from moe_lightning.geometry.bootstrap import resample_counts
@@ -187,3 +190,16 @@ def test_token_path_bootstrap_equals_moments_path():
     assert any(k.startswith("pca_hidden") for k in ref.bootstrap["values"])
     for k, values in ref.bootstrap["values"].items():
         assert got.bootstrap["values"][k] == pytest.approx(values, rel=1e-8, nan_ok=True), k
+
+
+@pytest.mark.integration  # two gloo processes
+def test_two_process_ddp_gathers_the_token_rows(tmp_path):
+    out = tmp_path / "ddp.json"
+    run_test_script("ddp_pca_tokens.py", out, tmp_path, torchrun=2)
+    data = json.loads(out.read_text())
+    assert data["gathered"] == [0.0] * 3 + [1.0] * 5 and data["token_path"]
+    assert min(data["tokens"]) >= 5  # every representational subspace is determined: every value is compared
+    ddp, single = data["ddp"], data["single"]
+    assert ddp.keys() == single.keys()
+    for k, value in single.items():
+        assert ddp[k] == pytest.approx(value, rel=1e-8, abs=1e-10, nan_ok=True), k

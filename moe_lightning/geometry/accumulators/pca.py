@@ -85,12 +85,14 @@ class PCAMoments(Accumulator):
         cfg = ctx.config
         copies = 1 + cfg.bootstrap  # the plain moments and one replica per resample
         itemsize = torch.finfo(ctx.dtype).bits // 8
-        #: the sites on the token path: their moments would exceed the memory budget.
-        self.from_tokens = {
+        #: the sites on the token path, whose moments would exceed the memory budget; a tuple in site order, never
+        #: a set: every rank must gather the row slots in the same order, and a set of strings iterates in an order
+        #: that differs between processes.
+        self.from_tokens = tuple(
             site
             for site, widths in self.widths.items()
             if copies * itemsize * sum(w * w for w in widths) > cfg.memory_budget_bytes
-        }
+        )
         self.memory_budget_bytes = cfg.memory_budget_bytes
         self.min_vectors = min(cfg.subspace_rank, ctx.dim)  # the representational subspaces' rank
         self.dtype, self.device = ctx.dtype, ctx.device
