@@ -16,6 +16,7 @@ that its peak memory is its own. Per row it prints:
 Usage:
     python scripts/benchmark_real_scale.py --rows qwen3-30b-a3b                 # one row (minutes on 2 CPU cores)
     python scripts/benchmark_real_scale.py --rows qwen3-30b-a3b --tokens 32
+    python scripts/benchmark_real_scale.py --rows qwen3-30b-a3b --quantities representational   # PCA + subspaces
     python scripts/benchmark_real_scale.py --device cuda                        # every row on one GPU
 """
 
@@ -63,7 +64,15 @@ def _rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def run_row(name: str, tokens: int, device: str) -> Result:
+#: ``--quantities``: every quantity (the probe's defaults), or the representational ones alone (weighted PCA at the
+#: three sites and the representational subspaces), which isolates the PCA's memory from the Jacobians' time.
+QUANTITIES = {
+    "all": {},
+    "representational": {"jacobian": False, "layer_jacobian": False, "alignment": False, "cka": False},
+}
+
+
+def run_row(name: str, tokens: int, device: str, quantities: str = "all") -> Result:
     """Build one row's layer, probe it and measure; in this process (called in a fresh one by :func:`main`)."""
     from moe_lightning.adapters import find_moe_layers
     from moe_lightning.geometry import ProbeConfig, probe
@@ -91,7 +100,7 @@ def run_row(name: str, tokens: int, device: str) -> Result:
     t0 = time.perf_counter()
     error, scalars = "", {}
     try:
-        report = probe(view, x, ProbeConfig())
+        report = probe(view, x, ProbeConfig(**QUANTITIES[quantities]))
         scalars = report.scalars("", max_experts=0)
     except Exception as caught:  # a failed row is reported, not hidden
         error = repr(caught)[:300]
@@ -112,16 +121,21 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), help="which models' sizes")
     parser.add_argument("--tokens", type=int, default=256, help="probe tokens")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--quantities", default="all", choices=list(QUANTITIES), help="which quantities to probe")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one row here and print its JSON
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(run_row(args.one, args.tokens, args.device).__dict__))
+        print(json.dumps(run_row(args.one, args.tokens, args.device, args.quantities).__dict__))
         return
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, {args.tokens} tokens")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, {args.tokens} tokens, "
+        f"{args.quantities} quantities"
+    )
     header = f"{'row':<18} {'build s':>8} {'probe s':>8} {'layer GiB':>9} {'peak GiB':>9} {'finite/total':>12}"
     print(header)
     for name in args.rows:
         command = [sys.executable, __file__, "--one", name, "--tokens", str(args.tokens), "--device", args.device]
+        command += ["--quantities", args.quantities]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             print(f"{name:<18} failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
