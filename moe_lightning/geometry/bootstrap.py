@@ -15,7 +15,7 @@ from torch import Tensor
 
 from moe_lightning.geometry.probe_config import PCA_SITES, ProbeConfig
 from moe_lightning.geometry.spectra import SPECTRAL_STAT_NAMES
-from moe_lightning.geometry.statistics import ProbeStatistics
+from moe_lightning.geometry.statistics import ProbeStatistics, RowSlot, Slot
 
 __all__ = ["BOOTSTRAP_QUANTITIES", "bootstrap_values", "probe_resample_counts", "resample_counts"]
 
@@ -58,11 +58,16 @@ def bootstrap_values(stats: ProbeStatistics) -> dict[str, list[float]]:
     """
     out: dict[str, list[float]] = {}
     quantities = [acc for acc in stats.quantities if acc.resampled]
-    batched = {acc: acc.batch_resamples(lambda slot: stats.replicas[slot].of(stats.buffer)) for acc in quantities}
+
+    def replica_of(slot: Slot | RowSlot) -> Tensor:
+        # per-token rows carry their tokens' resample counts: they are their own replica
+        return stats.rows[slot] if isinstance(slot, RowSlot) else stats.replicas[slot].of(stats.buffer)
+
+    batched = {acc: acc.batch_resamples(replica_of) for acc in quantities}
     for b in range(stats.config.bootstrap):
         buffer = stats.replicate(b)
         report = stats.tokens.start_report(buffer, stats.name, stats.dim)
-        done: dict = {}
+        done: dict = dict(stats.rows)
         for acc in quantities:
             done[acc] = acc.finalize_resample(buffer, report, done, batched[acc], b)
         scalars = report.scalars("", max_experts=0)

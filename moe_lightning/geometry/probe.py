@@ -292,8 +292,9 @@ def probe_statistics(
             accumulate,
         )
     name = str(view.name)
+    rows = {slot: kept for acc in quantities for slot, kept in acc.take_rows().items()}
     return ProbeStatistics(
-        name, num_experts, ctx.dim, cfg, tokens, tuple(quantities), tuple(layout.slots), buffer, layout.replicas
+        name, num_experts, ctx.dim, cfg, tokens, tuple(quantities), tuple(layout.slots), buffer, layout.replicas, rows
     )
 
 
@@ -346,7 +347,7 @@ def finalize(stats: ProbeStatistics | list[ProbeStatistics]) -> GeometryReport:
         stats = total
     buffer = stats.buffer
     report = stats.tokens.start_report(buffer, stats.name, stats.dim)
-    done: dict[Accumulator, Any] = {}
+    done: dict[Any, Any] = dict(stats.rows)  # the gathered per-token rows, by row slot
     for acc in stats.quantities:
         done[acc] = acc.finalize(buffer, report, done)
     stats.tokens.close_report(report)
@@ -362,6 +363,7 @@ def probe(
     config: ProbeConfig | None = None,
     *,
     reduce_fn: Callable[[Tensor], Tensor] | None = None,
+    gather_fn: Callable[[Tensor], Tensor] | None = None,
 ) -> GeometryReport:
     """Probe one MoE layer: Jacobian spectra, PCA, alignment and subspaces on captured inputs (docs/geometry.md §1–5).
 
@@ -374,6 +376,9 @@ def probe(
         reduce_fn: for DDP, a function that sums a tensor across ranks and returns the sum (for instance
             ``lambda t: trainer.strategy.reduce(t, reduce_op="sum")``). It is called exactly once, with a 1-D
             buffer whose length does not depend on the data.
+        gather_fn: for DDP, with ``reduce_fn``, a function that concatenates an ``(n, width)`` tensor across ranks
+            in rank order (``n`` may differ between ranks), for the per-token rows of the PCA's token path
+            (docs/geometry.md §3); required when the statistics keep such rows.
 
     Returns:
         A :class:`GeometryReport`.
@@ -392,5 +397,5 @@ def probe(
     """
     stats = probe_statistics(view, x, config)
     if reduce_fn is not None:
-        stats = stats.reduce(reduce_fn)
+        stats = stats.reduce(reduce_fn, gather_fn)
     return finalize(stats)

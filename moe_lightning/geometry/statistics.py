@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # the accumulators import this module
     from moe_lightning.geometry.accumulators.base import Accumulator
     from moe_lightning.geometry.accumulators.tokens import TokenCounts
 
-__all__ = ["BufferLayout", "ProbeStatistics", "Slot"]
+__all__ = ["BufferLayout", "ProbeStatistics", "RowSlot", "Slot"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,29 @@ class Slot:
         return buffer[self.offset : self.offset + self.numel].view(self.shape)
 
 
+@dataclass(frozen=True)
+class RowSlot:
+    """Per-token records that are gathered, not summed: ``(n, width)`` rows, one per token (and expert), which chunks,
+    shards and ranks combine by concatenation.
+
+    What no fixed-length sum can hold exactly in bounded memory goes here: the weighted PCA of an expert that sees
+    fewer tokens than its site is wide works from its tokens, not from ``D × D`` moments (docs/geometry.md §3). The
+    slot's existence and width depend only on shapes and the config, so every rank gathers the same slots; only the
+    number of rows depends on the data.
+
+    Attributes:
+        name: a label for inspection.
+        width: entries per row.
+    """
+
+    name: str
+    width: int
+
+    def empty(self, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """No rows yet."""
+        return torch.zeros(0, self.width, dtype=dtype, device=device)
+
+
 class BufferLayout:
     """Hands out the slots of one flat buffer in allocation order.
 
@@ -68,6 +91,8 @@ class BufferLayout:
         self._resampled: list[Slot] = []
         #: plain slot -> its replica, filled by :meth:`finish`.
         self.replicas: dict[Slot, Slot] = {}
+        #: the gathered per-token records, in allocation order.
+        self.row_slots: list[RowSlot] = []
 
     def allocate(self, name: str, *shape: int, resampled: bool = False) -> Slot:
         """A new slot of ``shape`` after the ones already handed out; ``resampled`` asks for a replica too."""
@@ -78,6 +103,12 @@ class BufferLayout:
         self.size += slot.numel
         if resampled and self.replicates:
             self._resampled.append(slot)
+        return slot
+
+    def allocate_rows(self, name: str, width: int) -> RowSlot:
+        """A new :class:`RowSlot` of ``width`` entries per row, gathered across ranks beside the summed buffer."""
+        slot = RowSlot(name, width)
+        self.row_slots.append(slot)
         return slot
 
     def finish(self) -> None:
@@ -109,6 +140,8 @@ class ProbeStatistics:
         slots: every slot of the buffer, in buffer order.
         buffer: the statistics, one 1-D tensor whose length depends only on the view's shapes and ``config``.
         replicas: plain slot -> its bootstrap replica (empty without a bootstrap).
+        rows: row slot -> its ``(n, width)`` per-token records, which shards and ranks concatenate (empty when no
+            quantity keeps tokens).
     """
 
     name: str
@@ -120,13 +153,14 @@ class ProbeStatistics:
     slots: Sequence[Slot]
     buffer: Tensor
     replicas: Mapping[Slot, Slot] = field(default_factory=dict)
+    rows: Mapping[RowSlot, Tensor] = field(default_factory=dict)
 
     @property
     def tensors(self) -> dict[str, Tensor]:
         """Slot name -> view of the statistic in :attr:`buffer`, for inspection."""
         return {slot.name: slot.of(self.buffer) for slot in self.slots}
 
-    def _with_buffer(self, buffer: Tensor) -> ProbeStatistics:
+    def _with_buffer(self, buffer: Tensor, rows: Mapping[RowSlot, Tensor] | None = None) -> ProbeStatistics:
         return ProbeStatistics(
             self.name,
             self.num_experts,
@@ -137,6 +171,7 @@ class ProbeStatistics:
             self.slots,
             buffer,
             self.replicas,
+            self.rows if rows is None else rows,
         )
 
     @property
@@ -154,12 +189,15 @@ class ProbeStatistics:
 
     def _check_compatible(self, other: ProbeStatistics) -> None:
         mine = [(s.name, s.shape) for s in self.slots]
-        if mine != [(s.name, s.shape) for s in other.slots]:
+        mine_rows = [(s.name, s.width) for s in self.rows]
+        if mine != [(s.name, s.shape) for s in other.slots] or mine_rows != [(s.name, s.width) for s in other.rows]:
             raise ValueError(f"ProbeStatistics of {self.name!r}: cannot combine statistics with different layouts")
 
     def __add__(self, other: ProbeStatistics) -> ProbeStatistics:
+        """The statistics of both token sets: the buffers summed, the per-token rows concatenated."""
         self._check_compatible(other)
-        return self._with_buffer(self.buffer + other.buffer)
+        rows = {slot: torch.cat([mine, other.rows[slot]]) for slot, mine in self.rows.items()}
+        return self._with_buffer(self.buffer + other.buffer, rows)
 
     def flatten(self) -> Tensor:
         """All statistics in one 1-D buffer (a copy, so an in-place all-reduce leaves these statistics alone)."""
@@ -173,6 +211,25 @@ class ProbeStatistics:
             )
         return self._with_buffer(flat.reshape(-1).to(self.buffer.dtype))
 
-    def reduce(self, reduce_fn: Callable[[Tensor], Tensor]) -> ProbeStatistics:
-        """Sum across ranks with exactly one ``reduce_fn`` call on a flat buffer of data-independent length."""
-        return self.unflatten(reduce_fn(self.flatten()))
+    def reduce(
+        self, reduce_fn: Callable[[Tensor], Tensor], gather_fn: Callable[[Tensor], Tensor] | None = None
+    ) -> ProbeStatistics:
+        """Sum across ranks with exactly one ``reduce_fn`` call on a flat buffer of data-independent length, and
+        gather the per-token rows with one ``gather_fn`` call per row slot.
+
+        Args:
+            reduce_fn: sums a tensor across ranks and returns the sum.
+            gather_fn: concatenates an ``(n, width)`` tensor across ranks, in rank order, where ``n`` may differ
+                between ranks, and returns the ``(Σn, width)`` result. Required when :attr:`rows` has slots (which
+                depends only on the shapes and the config, so every rank agrees): a sum would mix the ranks' tokens.
+        """
+        if self.rows and gather_fn is None:
+            names = ", ".join(slot.name for slot in self.rows)
+            raise ValueError(
+                f"ProbeStatistics of {self.name!r}: these statistics keep per-token rows ({names}), which ranks "
+                "combine by gathering: pass gather_fn to reduce (for instance Ranks.gather_rows)"
+            )
+        reduced = self.unflatten(reduce_fn(self.flatten()))
+        if not self.rows:
+            return reduced
+        return reduced._with_buffer(reduced.buffer, {slot: gather_fn(t) for slot, t in self.rows.items()})

@@ -308,7 +308,7 @@ class GeometryProbe:
                 if failures or nonfinite:
                     continue
                 reduce_fn = ranks.sum_fn()
-                report = finalize(stats if reduce_fn is None else stats.reduce(reduce_fn))
+                report = finalize(stats if reduce_fn is None else stats.reduce(reduce_fn, ranks.gather_rows))
                 self._incidents.inputs(view.name, step, report.nonfinite_tokens, report.total_tokens, probe_set_finite)
                 if report.total_tokens:  # with no finite token every value would be NaN
                     reports[view.name] = report

@@ -89,6 +89,22 @@ class Ranks:
         except Exception as error:  # a logger that fails must not stop training either
             warn_once(f"{owner}: could not log at step {step}: {error!r}", warned, rank_zero_warn)
 
+    def gather_rows(self, rows: Tensor) -> Tensor:
+        """``(n, width)`` rows of every rank concatenated in rank order (a collective every rank enters), where ``n``
+        may differ between ranks: the per-token statistics that a sum would mix (docs/geometry.md §3)."""
+        if not self.distributed:
+            return rows
+        local = rows if self.device is None else rows.to(self.device)
+        sizes = [torch.zeros(1, dtype=torch.int64, device=local.device) for _ in range(self.world_size)]
+        dist.all_gather(sizes, torch.tensor([local.shape[0]], dtype=torch.int64, device=local.device))
+        counts = [int(size) for size in sizes]
+        # all_gather needs one shape on every rank: pad to the longest, then cut each rank's rows out
+        padded = torch.zeros(max(counts), *local.shape[1:], dtype=local.dtype, device=local.device)
+        padded[: local.shape[0]] = local
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded)
+        return torch.cat([part[:count] for part, count in zip(parts, counts, strict=True)]).to(rows.device)
+
     def sum_fn(self) -> Callable[[Tensor], Tensor] | None:
         """:meth:`sum` for a multi-process run, None for one process (a statistic then needs no reduction)."""
         return self.sum if self.distributed else None

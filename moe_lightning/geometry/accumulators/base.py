@@ -14,7 +14,7 @@ from torch import Tensor
 from moe_lightning.geometry.accumulators.context import Chunk, ProbeContext
 from moe_lightning.geometry.report import GeometryReport
 from moe_lightning.geometry.spectra import SPECTRAL_STAT_NAMES, SPECTRAL_VARIANTS, spectral_stats
-from moe_lightning.geometry.statistics import BufferLayout, Slot
+from moe_lightning.geometry.statistics import BufferLayout, RowSlot, Slot
 
 __all__ = ["Accumulator", "SkippedForOneExpert", "SpectralMoments", "safe_div"]
 
@@ -48,13 +48,19 @@ class Accumulator:
     def close(self, ctx: ProbeContext, buffer: Tensor) -> None:
         """Add whatever is still queued after the last chunk."""
 
+    def take_rows(self) -> dict[RowSlot, Tensor]:
+        """After :meth:`close`: the per-token rows this quantity kept, by the row slots it allocated (handed to the
+        statistics, which gather them across ranks; ``finalize`` finds them in ``done`` under their slots)."""
+        return {}
+
     def finalize(self, buffer: Tensor, report: GeometryReport, done: dict[Accumulator, Any]) -> Any:
         """Write this quantity into ``report`` from the summed ``buffer``.
 
         Args:
             buffer: the statistics, summed over chunks and ranks.
             report: the report being built; earlier quantities have written theirs.
-            done: what the accumulators finalised before this one returned, by accumulator.
+            done: what the accumulators finalised before this one returned, by accumulator, and the gathered
+                per-token rows, by :class:`~moe_lightning.geometry.statistics.RowSlot`.
 
         Returns:
             What later quantities may use (for instance the PCA results), or None.

@@ -1,0 +1,155 @@
+"""Benchmark of the whole probe on one MoE layer at the sizes of real checkpoints (results:
+docs/benchmarks/real-scale.md).
+
+For each row, one :class:`~moe_lightning.nn.MoELayer` with random weights at that model's sizes (float32, SwiGLU
+experts as in all four models; DeepSeek-V3 with sigmoid scoring and one shared expert), probed with the probe's
+defaults (``ProbeConfig()``: float64, every quantity) on random tokens. Each row runs in a fresh Python process so
+that its peak memory is its own. Per row it prints:
+
+- ``build s`` and ``probe s``: wall time to build the layer and to probe it;
+- ``layer GiB``: the resident set after building the layer (the weights, plus the interpreter and torch);
+- ``peak GiB``: on CPU the process's resident-set high-water mark (``resource.getrusage(...).ru_maxrss``, which
+  counts everything, the layer included); on CUDA ``torch.cuda.max_memory_allocated`` (torch's allocations only);
+- ``finite/total``: the finite values among the report's aggregate scalars (``report.scalars(max_experts=0)``:
+  layer-level quantities and per-quantity means over experts), and the keys that are not finite.
+
+Usage:
+    python scripts/benchmark_real_scale.py --rows qwen3-30b-a3b                 # one row (minutes on 2 CPU cores)
+    python scripts/benchmark_real_scale.py --rows qwen3-30b-a3b --tokens 32
+    python scripts/benchmark_real_scale.py --rows qwen3-30b-a3b --quantities representational   # PCA + subspaces
+    python scripts/benchmark_real_scale.py --device cuda                        # every row on one GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+#: name -> (model dim, expert hidden, experts, top-k, shared experts, scoring), from the models' configs.
+ROWS: dict[str, tuple[int, int, int, int, int, str]] = {
+    "mixtral-8x7b": (4096, 14336, 8, 2, 0, "softmax"),
+    "qwen1.5-moe-a2.7b": (2048, 1408, 60, 4, 0, "softmax"),
+    "qwen3-30b-a3b": (2048, 768, 128, 8, 0, "softmax"),
+    "gpt-oss-20b": (2880, 2880, 32, 4, 0, "softmax"),
+    "deepseek-v3": (7168, 2048, 256, 8, 1, "sigmoid"),
+}
+
+
+@dataclass
+class Result:
+    row: str
+    device: str
+    tokens: int
+    build_s: float
+    probe_s: float
+    layer_gib: float
+    peak_gib: float
+    peak_kind: str
+    finite: int
+    total: int
+    not_finite: list[str]
+    error: str = ""
+
+
+def _rss_gib() -> float:
+    """This process's resident-set high-water mark so far (Linux reports ``ru_maxrss`` in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+#: ``--quantities``: every quantity (the probe's defaults), or the representational ones alone (weighted PCA at the
+#: three sites and the representational subspaces), which isolates the PCA's memory from the Jacobians' time.
+QUANTITIES = {
+    "all": {},
+    "representational": {"jacobian": False, "layer_jacobian": False, "alignment": False, "cka": False},
+}
+
+
+def run_row(name: str, tokens: int, device: str, quantities: str = "all") -> Result:
+    """Build one row's layer, probe it and measure; in this process (called in a fresh one by :func:`main`)."""
+    from moe_lightning.adapters import find_moe_layers
+    from moe_lightning.geometry import ProbeConfig, probe
+    from moe_lightning.nn import MoEConfig, MoELayer
+
+    d, h, e, k, shared, scoring = ROWS[name]
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    config = MoEConfig(
+        dim=d,
+        expert_hidden=h,
+        num_experts=e,
+        top_k=k,
+        activation="swiglu",
+        scoring=scoring,
+        num_shared_experts=shared,
+    )
+    layer = MoELayer(config).to(device)
+    build_s = time.perf_counter() - t0
+    layer_gib = _rss_gib()
+    view = find_moe_layers(layer)[0]  # the routed experts (a shared expert is a view of its own)
+    x = torch.randn(tokens, d, device=device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    error, scalars = "", {}
+    try:
+        report = probe(view, x, ProbeConfig(**QUANTITIES[quantities]))
+        scalars = report.scalars("", max_experts=0)
+    except Exception as caught:  # a failed row is reported, not hidden
+        error = repr(caught)[:300]
+    probe_s = time.perf_counter() - t0
+    if device.startswith("cuda"):
+        peak, kind = torch.cuda.max_memory_allocated() / 2**30, "cuda_max_memory_allocated"
+    else:
+        peak, kind = _rss_gib(), "rss_high_water"
+    not_finite = sorted(key.lstrip("/") for key, value in scalars.items() if not math.isfinite(value))
+    finite = len(scalars) - len(not_finite)
+    return Result(
+        name, device, tokens, build_s, probe_s, layer_gib, peak, kind, finite, len(scalars), not_finite, error
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), help="which models' sizes")
+    parser.add_argument("--tokens", type=int, default=256, help="probe tokens")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--quantities", default="all", choices=list(QUANTITIES), help="which quantities to probe")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one row here and print its JSON
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_row(args.one, args.tokens, args.device, args.quantities).__dict__))
+        return
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, {args.tokens} tokens, "
+        f"{args.quantities} quantities"
+    )
+    header = f"{'row':<18} {'build s':>8} {'probe s':>8} {'layer GiB':>9} {'peak GiB':>9} {'finite/total':>12}"
+    print(header)
+    for name in args.rows:
+        command = [sys.executable, __file__, "--one", name, "--tokens", str(args.tokens), "--device", args.device]
+        command += ["--quantities", args.quantities]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            print(f"{name:<18} failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
+            continue
+        r = Result(**json.loads(done.stdout.strip().splitlines()[-1]))
+        print(
+            f"{r.row:<18} {r.build_s:>8.1f} {r.probe_s:>8.1f} {r.layer_gib:>9.2f} {r.peak_gib:>9.2f} "
+            f"{f'{r.finite}/{r.total}':>12}  ({r.peak_kind})"
+        )
+        if r.error:
+            print(f"    error: {r.error}")
+        if r.not_finite:
+            print(f"    not finite: {', '.join(r.not_finite)}")
+
+
+if __name__ == "__main__":
+    main()
