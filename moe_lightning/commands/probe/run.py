@@ -22,6 +22,7 @@ from moe_lightning.commands.probe.text import check_tokens, pack_blocks, read_te
 from moe_lightning.commands.probe.write import run_config, write_outputs
 from moe_lightning.common import restored_modes
 from moe_lightning.geometry import GeometryReport, probe
+from moe_lightning.geometry.weight_spectra import layer_weight_spectra
 
 
 def input_device(model: nn.Module) -> torch.device:
@@ -84,6 +85,23 @@ def verified(views: Sequence[Any], captured: dict[str, Tensor], dtype: torch.dty
     if not kept:
         raise ValueError(f"probe: no MoE layer passed the view check ({len(views)} refused; see the warnings)")
     return kept
+
+
+def weight_spectra(views: Sequence[Any]) -> dict[str, dict[str, Any]]:
+    """The data-free weight spectra of each view's experts (docs/geometry.md §8) for ``probe.json``: layer name ->
+    :meth:`~moe_lightning.geometry.weight_spectra.WeightSpectra.to_dict`. A view that does not offer its weights
+    has none; one whose weights cannot be read (an offloaded checkpoint's) has none, with a warning."""
+    out: dict[str, dict[str, Any]] = {}
+    with torch.no_grad():
+        for view in views:
+            try:
+                spectra = layer_weight_spectra(view)
+            except Exception as error:  # the geometry is still written
+                warnings.warn(f"probe: the weight spectra of {view.name!r} are not written: {error!r}", stacklevel=2)
+                continue
+            if spectra is not None:
+                out[view.name] = spectra.to_dict()
+    return out
 
 
 def _layer_summary(report: GeometryReport) -> dict[str, float]:
@@ -220,5 +238,6 @@ def probe_and_write(
         tokens=tokens,
         config=config,
         title=options.title or f"Geometry probe: {loaded.name} ({loaded.model_type}, {tokens} tokens)",
+        weights=weight_spectra(views),
     )
     return reports, paths

@@ -43,8 +43,12 @@ def write_outputs(
     tokens: int,
     config: dict[str, Any],
     title: str,
+    weights: dict[str, dict[str, Any]] | None = None,
 ) -> list[str]:
     """Write ``probe.json`` and the rendered report (tables, plots, index.html) into ``out_dir``.
+
+    ``weights``, the data-free weight spectra of each layer's experts
+    (:meth:`~moe_lightning.geometry.weight_spectra.WeightSpectra.to_dict`), go under ``"weights"`` when given.
 
     Returns:
         The written paths, ``probe.json`` first.
@@ -61,6 +65,8 @@ def write_outputs(
         "config": config,
         "layers": {name: report.to_dict() for name, report in reports.items()},
     }
+    if weights is not None:
+        payload["weights"] = weights
     json_path = out / "probe.json"
     json_path.write_text(json.dumps(payload, indent=1), encoding="utf-8")
     return [str(json_path), *render_probe(reports, str(out), title)]
