@@ -133,6 +133,18 @@ class DeclaredView:
     def expert_jacobian_operator(self, e: int, x: Tensor):
         return self._closed_form(e, x, mlp_jacobian_operator, swiglu_jacobian_operator)
 
+    def expert_weights(self, e: int) -> dict[str, Tensor] | None:
+        """Stacked experts' matrices in their declared dtype: ``w_gate``, ``w_up`` (the declared ``w_in``) and
+        ``w_out`` of a gated expert, else ``w_in`` and ``w_out``; None for experts kept as a list of modules."""
+        experts = self._spec.experts
+        if not isinstance(experts, StackedExperts):
+            return None
+        dtype = attribute(self.module, experts.w_in).dtype
+        w_in, w_out, w_gate, _, _ = self._stacked(e, dtype)[0]
+        if w_gate is None:
+            return {"w_in": w_in, "w_out": w_out}
+        return {"w_gate": w_gate, "w_up": w_in, "w_out": w_out}
+
     def selection_bias(self) -> Tensor | None:
         return None if self._spec.selection_bias is None else attribute(self.module, self._spec.selection_bias)
 

@@ -53,6 +53,11 @@ class _LinearLayoutSwiglu(SwigluClosedForms):
         w_gate_HD, w_up_HD, w_down_DH, act = self._expert_weights(e)
         return (w_gate_HD.T, w_up_HD.T, w_down_DH.T) if is_silu(act) else None
 
+    def expert_weights(self, e: int) -> dict[str, Tensor]:
+        """Expert ``e``'s ``w_gate``, ``w_up`` (``(H, D)``) and ``w_out`` (``(D, H)``), views of its parameters."""
+        w_gate_HD, w_up_HD, w_down_DH, _ = self._expert_weights(e)
+        return {"w_gate": w_gate_HD, "w_up": w_up_HD, "w_out": w_down_DH}
+
 
 class HFSparseMoeView(_LinearLayoutSwiglu):
     """:class:`MoEView` of the routed experts of one Hugging Face sparse MoE block.

@@ -217,6 +217,23 @@ class ExpertsInterfaceView(SwigluClosedForms):
         check_expert_index(self.name, e, self.num_experts)
         return lambda x_ND: self._hidden(e, x_ND)
 
+    def expert_weights(self, e: int) -> dict[str, Tensor]:
+        """Expert ``e``'s matrices as the experts module holds them (views, any layout): ``w_gate`` and ``w_up``
+        (the halves of ``gate_up_proj`` that the default ``_apply_gate`` splits) and ``w_out`` (``down_proj``);
+        ``w_gate_up`` whole where the module gates another way (interleaved, clamped), ``w_in`` (``up_proj``)
+        without a gate."""
+        check_expert_index(self.name, e, self.num_experts)
+        experts = self.experts
+        down = experts.down_proj[e]
+        if not experts.has_gate:
+            return {"w_in": experts.up_proj[e], "w_out": down}
+        gate_up = experts.gate_up_proj[e]
+        if not _is_default_gate(experts):
+            return {"w_gate_up": gate_up, "w_out": down}
+        # the default _apply_gate splits the projection's output in halves, (gate, up) = chunk(2, dim=-1)
+        w_gate, w_up = gate_up.chunk(2, dim=-1 if experts.is_transposed else 0)
+        return {"w_gate": w_gate, "w_up": w_up, "w_out": down}
+
     def _swiglu_weights(self, e: int) -> tuple[Tensor, Tensor, Tensor] | None:
         check_expert_index(self.name, e, self.num_experts)
         if not self.closed_form:
@@ -274,6 +291,15 @@ class SharedExpertView(SwigluClosedForms):
             return None
         mlp = self.mlp
         return lambda x_ND: swiglu_hidden(x_ND, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.act_fn)
+
+    def expert_weights(self, e: int) -> dict[str, Tensor] | None:
+        """The shared MLP's ``gate_proj``, ``up_proj`` and ``down_proj`` weights as ``w_gate``, ``w_up`` and
+        ``w_out`` (views of the parameters), or None for an MLP of another shape; ``e`` must be 0."""
+        check_expert_index(self.name, e, 1)
+        projections = [getattr(self.mlp, p, None) for p in ("gate_proj", "up_proj", "down_proj")]
+        if not all(isinstance(p, nn.Linear) for p in projections):
+            return None
+        return dict(zip(("w_gate", "w_up", "w_out"), (p.weight for p in projections), strict=True))
 
     def _swiglu_weights(self, e: int) -> tuple[Tensor, Tensor, Tensor] | None:
         check_expert_index(self.name, e, 1)

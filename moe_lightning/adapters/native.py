@@ -57,6 +57,17 @@ class NativeMoEView:
         """Closed-form products ``J V`` / ``Jᵀ U`` of expert ``e`` at each token, for the matrix-free spectra."""
         return self._closed_form(e, x, swiglu_jacobian_operator, mlp_jacobian_operator)
 
+    def expert_weights(self, e: int) -> dict[str, Tensor]:
+        """Expert ``e``'s matrices (views of the parameters, not copies): ``w_gate`` ``(D, H)``, ``w_up`` ``(D, H)``
+        and ``w_out`` ``(H, D)`` for SwiGLU, else ``w_in`` ``(D, H)`` and ``w_out``; ``e`` one of this rank's
+        experts."""
+        ffn = self.ffn
+        (w_in, w_out), e = ffn.local_weights(), ffn.local_index(e)
+        if ffn.activation == "swiglu":
+            w_gate, w_up = w_in[e].chunk(2, dim=-1)
+            return {"w_gate": w_gate, "w_up": w_up, "w_out": w_out[e]}
+        return {"w_in": w_in[e], "w_out": w_out[e]}
+
     def placement(self) -> ExpertPlacement | None:
         """Where this view's experts live: the layer's expert group under expert parallelism, else None. A view of
         the shared experts (every rank holds them whole) has none, though its module is the layer too."""

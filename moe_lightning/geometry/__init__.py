@@ -54,7 +54,14 @@ from moe_lightning.geometry.subspaces import (
 )
 from moe_lightning.geometry.trace import TraceResult, hutchinson, hutchpp
 from moe_lightning.geometry.verify import ViewCheck, verify_view
-from moe_lightning.geometry.view import ExpertPlacement, HasJacobianOperator, HasPlacement, MoEView, check_view
+from moe_lightning.geometry.view import (
+    ExpertPlacement,
+    HasExpertWeights,
+    HasJacobianOperator,
+    HasPlacement,
+    MoEView,
+    check_view,
+)
 
 __all__ = [
     # The probe
@@ -67,6 +74,7 @@ __all__ = [
     # The view protocol
     "MoEView",
     "HasJacobianOperator",
+    "HasExpertWeights",
     "HasPlacement",
     "ExpertPlacement",
     "check_view",

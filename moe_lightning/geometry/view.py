@@ -16,7 +16,16 @@ from torch import Tensor, nn
 if TYPE_CHECKING:
     from moe_lightning.geometry.operators import JacobianOperator
 
-__all__ = ["VIEW_MEMBERS", "ExpertPlacement", "HasJacobianOperator", "HasPlacement", "MoEView", "TokenFn", "check_view"]
+__all__ = [
+    "VIEW_MEMBERS",
+    "ExpertPlacement",
+    "HasExpertWeights",
+    "HasJacobianOperator",
+    "HasPlacement",
+    "MoEView",
+    "TokenFn",
+    "check_view",
+]
 
 #: A row-wise function of tokens, ``(N, D_in) -> (N, D_out)``.
 TokenFn = Callable[[Tensor], Tensor]
@@ -54,6 +63,8 @@ class MoEView(Protocol):
 
     - :class:`HasJacobianOperator`, ``expert_jacobian_operator(e, x)``: closed-form Jacobian products for the
       matrix-free spectra;
+    - :class:`HasExpertWeights`, ``expert_weights(e)``: the expert's weight matrices, for the data-free weight
+      spectra;
     - :class:`HasPlacement`, ``placement()``: where the experts live under expert parallelism.
     """
 
@@ -89,6 +100,22 @@ class HasJacobianOperator(Protocol):
     def expert_jacobian_operator(self, e: int, x: Tensor) -> JacobianOperator | None:
         """The products ``J V`` / ``Jᵀ U`` of expert ``e`` at each token of ``x`` (N, D) without forming ``J``
         (``moe_lightning.geometry.swiglu_jacobian_operator``, ``mlp_jacobian_operator``), or None if unknown."""
+        ...
+
+
+@runtime_checkable
+class HasExpertWeights(Protocol):
+    """An :class:`MoEView` that offers its experts' weight matrices, for the data-free weight spectra
+    (:func:`moe_lightning.geometry.weight_spectra.layer_weight_spectra`, docs/geometry.md §8).
+
+    Our layers, the Hugging Face adapters and declared layers with stacked experts offer them.
+    """
+
+    def expert_weights(self, e: int) -> dict[str, Tensor] | None:
+        """Expert ``e``'s 2-D weight matrices by role: ``w_gate``, ``w_up`` and ``w_out`` for a gated (GLU) expert,
+        ``w_in`` and ``w_out`` for a plain MLP (``w_gate_up`` where a fused gate's halves are not known), as the
+        module holds them (views, not copies, in any layout: callers must not write them); None if unknown. Under
+        expert parallelism ``e`` must be one of this rank's experts."""
         ...
 
 

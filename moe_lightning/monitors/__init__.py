@@ -10,5 +10,6 @@ from moe_lightning.monitors.geometry_probe import GeometryProbe
 from moe_lightning.monitors.loop import LoopMonitors
 from moe_lightning.monitors.ranks import Ranks
 from moe_lightning.monitors.router_probe import RouterProbe
+from moe_lightning.monitors.weight_spectra import WeightSpectraProbe
 
-__all__ = ["CurvatureProbe", "GeometryProbe", "LoopMonitors", "Ranks", "RouterProbe"]
+__all__ = ["CurvatureProbe", "GeometryProbe", "LoopMonitors", "Ranks", "RouterProbe", "WeightSpectraProbe"]

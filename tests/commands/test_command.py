@@ -224,6 +224,35 @@ def subspaces_of(subspaces: dict) -> list[tuple[str, dict]]:
 
 
 @pytest.mark.integration  # `moe-lightning probe` end to end
+def test_probe_json_holds_the_experts_weight_spectra(workspace, mixtral_run) -> None:
+    from moe_lightning.geometry.weight_spectra import fit_power_law, matrix_eigenvalues
+
+    weights = mixtral_run["data"]["weights"]
+    assert list(weights) == MIXTRAL_LAYERS
+    model = workspace["models"]["mixtral"]  # the in-memory model, not the checkpoint the command read
+    for index, name in enumerate(MIXTRAL_LAYERS):
+        experts = model.model.layers[index].mlp.experts  # gate_up_proj (E, 2H, D), down_proj (E, D, H)
+        hidden = experts.down_proj.shape[-1]
+        matrices = {
+            "w_gate": experts.gate_up_proj[:, :hidden],
+            "w_up": experts.gate_up_proj[:, hidden:],
+            "w_out": experts.down_proj,
+        }
+        layer = weights[name]
+        assert layer["num_experts"] == 4 and set(layer["values"]) == set(matrices)
+        for matrix, weight_E in matrices.items():
+            for e in range(4):
+                eigenvalues = matrix_eigenvalues(weight_E[e].detach())
+                fit = fit_power_law(eigenvalues)
+                assert layer["values"][matrix]["alpha"][e] == pytest.approx(fit.alpha, rel=1e-12)
+                assert layer["values"][matrix]["spectral_norm"][e] == pytest.approx(
+                    float(eigenvalues[-1].sqrt()), rel=1e-12
+                )
+            esd = layer["esd"][matrix]
+            assert len(esd["density"]) == 4 and len(esd["log10_edges"]) == len(esd["density"][0]) + 1
+
+
+@pytest.mark.integration  # `moe-lightning probe` end to end
 def test_matrix_free_path_matches_the_exact_top_values(workspace, mixtral_run) -> None:
     layer, rank = MIXTRAL_LAYERS[1], 4
     out = workspace["root"] / "out-matrix-free"

@@ -24,6 +24,7 @@ from moe_lightning.commands.probe.text import check_tokens, pack_blocks, read_te
 from moe_lightning.commands.probe.write import run_config, write_outputs
 from moe_lightning.common import restored_modes
 from moe_lightning.geometry import GeometryReport, probe
+from moe_lightning.geometry.weight_spectra import layer_weight_spectra
 
 
 def input_device(model: nn.Module) -> torch.device:
@@ -105,6 +106,20 @@ def verified(
     if not kept:
         raise ValueError(f"probe: no MoE layer passed the view check ({len(views)} refused; see the warnings)")
     return kept
+
+
+def weight_spectra(view: Any) -> dict[str, Any] | None:
+    """The data-free weight spectra of the view's experts (docs/geometry.md §8) for ``probe.json``:
+    :meth:`~moe_lightning.geometry.weight_spectra.WeightSpectra.to_dict`, or None for a view that does not offer its
+    weights, or (with a warning) one whose weights cannot be read. Called while the layer's weights are on the
+    execution device, as its probe is."""
+    try:
+        with torch.no_grad():
+            spectra = layer_weight_spectra(view)
+    except Exception as error:  # the geometry is still written
+        warnings.warn(f"probe: the weight spectra of {view.name!r} are not written: {error!r}", stacklevel=2)
+        return None
+    return None if spectra is None else spectra.to_dict()
 
 
 def _layer_summary(report: GeometryReport) -> dict[str, float]:
@@ -248,10 +263,12 @@ def probe_and_write(
     captured = capture_inputs(model, views, pack_blocks(stream, options.seq_len, options.batch_size))
     probe_config = options.probe_config()
     views = verified(views, captured, probe_config.dtype, weights.view_context)
-    reports = {}
+    reports, spectra = {}, {}
     for view in views:
         with weights.view_context(view):
             reports[view.name] = probe(view, captured[view.name][: options.max_tokens], probe_config)
+            if options.out_dir is not None and (found := weight_spectra(view)) is not None:
+                spectra[view.name] = found
     peak = peak_memory(input_device(model))
     if options.out_dir is None:
         return ProbeRun(reports, [], peak)
@@ -272,5 +289,6 @@ def probe_and_write(
         config=config,
         title=options.title or f"Geometry probe: {loaded.name} ({loaded.model_type}, {tokens} tokens)",
         peak_memory=peak,
+        weights=spectra,
     )
     return ProbeRun(reports, paths, peak)

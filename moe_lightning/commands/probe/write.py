@@ -44,6 +44,7 @@ def write_outputs(
     config: dict[str, Any],
     title: str,
     peak_memory: dict[str, Any] | None = None,
+    weights: dict[str, dict[str, Any]] | None = None,
 ) -> list[str]:
     """Write ``probe.json`` and the rendered report (tables, plots, index.html) into ``out_dir``.
 
@@ -51,7 +52,9 @@ def write_outputs(
     ``"peak_memory"``: ``{"bytes", "measure", "devices"}``. ``"alignment_and_subspaces"`` holds, for each layer of
     more than one expert, the second paper's outputs read from its report
     (:func:`~moe_lightning.analysis.experts.alignment_and_subspaces`): the alignment matrix against chance and the
-    functional and representational subspace overlaps side by side, the same numbers the page shows.
+    functional and representational subspace overlaps side by side, the same numbers the page shows. ``weights``,
+    the data-free weight spectra of each layer's experts
+    (:meth:`~moe_lightning.geometry.weight_spectra.WeightSpectra.to_dict`), go under ``"weights"`` when given.
 
     Returns:
         The written paths, ``probe.json`` first.
@@ -73,6 +76,8 @@ def write_outputs(
         },
         "layers": {name: report.to_dict() for name, report in reports.items()},
     }
+    if weights is not None:
+        payload["weights"] = weights
     json_path = out / "probe.json"
     json_path.write_text(json.dumps(payload, indent=1), encoding="utf-8")
     return [str(json_path), *render_probe(reports, str(out), title)]
