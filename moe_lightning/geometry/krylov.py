@@ -275,6 +275,12 @@ def _block_krylov(J, Jt, omega, r, k, max_iter, tol, max_dim):
     while True:
         it += 1
         Q_new = torch.linalg.qr(Y)[0]
+        if Qs.cols:
+            # Once the basis nearly spans the space, Y is rounding left after the projections, and its QR
+            # normalises that rounding into columns far from orthogonal to the basis; one more projection and QR
+            # makes them orthonormal to it, so a basis that fills the whole space gives exact Ritz values.
+            Q = Qs.view()
+            Q_new = torch.linalg.qr(Q_new - Q @ (Q.transpose(-1, -2) @ Q_new))[0]
         Qs.append(Q_new, max_cols)
         Z_new = Jt(Q_new)
         Zs.append(Z_new, max_cols)

@@ -27,6 +27,7 @@ summation order.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -44,6 +45,7 @@ from moe_lightning.geometry.accumulators import (
     FactoredMeanJacobian,
     LayerJacobian,
     MeanJacobian,
+    NotComputed,
     PCAMoments,
     ProbeContext,
     SkippedForOneExpert,
@@ -77,9 +79,14 @@ def _bytes_per_token(cfg: ProbeConfig, d: int, m: int, num_experts: int, itemsiz
         # operator and K block columns through ~4D-wide expert activations. Tokens of a call share every GEMM
         # against the weights, and from 8 tokens on the Krylov blocks shrink to 4 columns, so per token a larger
         # call is cheaper (docs/benchmarks/geometry.md): chunks are as large as the budget allows.
+        # The estimates of the whole spectrum (geometry/estimates.py) run after the Krylov solve, on the same
+        # tokens: the Lanczos bases of the quadrature starts with their temporaries, and the Hutchinson probes
+        # with their products.
         k = min(m + cfg.matrix_free_oversample, d)
+        starts, steps = cfg.matrix_free_slq_starts, min(cfg.matrix_free_slq_steps, d)
+        estimates = starts * (steps + 6) + 3 * cfg.matrix_free_trace_probes
         return krylov_bytes_per_token(d, k, cfg.matrix_free_max_iter, itemsize) + itemsize * d * (
-            3 * num_experts + 8 * k
+            3 * num_experts + 8 * k + estimates
         )
     return itemsize * (3 * (num_experts + 1) * d * d + 8 * d)
 
@@ -181,6 +188,9 @@ def _accumulators(ctx: ProbeContext) -> tuple[TokenCounts, list[Accumulator]]:
             mean_jacobian = FactoredMeanJacobian(ctx, tokens)
     if mean_jacobian is not None:
         quantities.append(mean_jacobian)
+    if multi and (cfg.alignment or cfg.subspaces) and cfg.jacobian and ctx.matrix_free and not ctx.factored:
+        _warn_no_cross_expert_estimates(ctx)
+        quantities.append(NotComputed(("align", "subspace_fun"), "unavailable_matrix_free_without_factors"))
     if not multi:
         quantities.append(SkippedForOneExpert("align"))
     elif cfg.alignment and mean_jacobian is not None:
@@ -196,6 +206,20 @@ def _accumulators(ctx: ProbeContext) -> tuple[TokenCounts, list[Accumulator]]:
     elif cfg.subspaces:
         quantities.append(Subspaces(tokens, mean_jacobian, pca, min(cfg.subspace_rank, d), d))
     return tokens, quantities
+
+
+def _warn_no_cross_expert_estimates(ctx: ProbeContext) -> None:
+    """Say why an expert known only as a function gets no alignment and no functional subspaces above the
+    matrix-free threshold (docs/geometry.md §1, "Estimated quantities"); Python shows it once per layer."""
+    warnings.warn(
+        f"probe of {ctx.view.name!r}: D = {ctx.dim} is above ProbeConfig.matrix_free_threshold and the view gives no "
+        "factors of its experts' Jacobians (expert_jacobian_operator with JacobianFactors), so the Jacobian "
+        "alignment and the functional subspaces are not reported. Estimating them from probes cannot be trusted: "
+        "with K probes the noise of a cosine is about (2 / (K·D))^½, far above its chance level of about 0.8 / D, "
+        "so |cos| would measure the noise, and resolving it takes about D probes, the cost of forming J.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
 def _chunks(

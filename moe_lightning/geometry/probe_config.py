@@ -27,7 +27,10 @@ _POSITIVE_INTS = (
     "matrix_free_rank",
     "matrix_free_max_iter",
     "pca_max_dim",
+    "matrix_free_slq_steps",
 )
+#: Fields that set a sample size of an estimate with a standard error: at least 2 samples make a sample variance.
+_SAMPLE_SIZES = ("matrix_free_trace_probes", "matrix_free_slq_starts")
 
 
 @dataclass
@@ -61,6 +64,13 @@ class ProbeConfig:
             unit of ``matrix_free_max_iter``.
         matrix_free_max_iter: the basis holds at most ``K · matrix_free_max_iter`` columns per token.
         matrix_free_tol: relative tolerance on the values (tokens that miss it are counted in ``jac_unconverged``).
+        matrix_free_trace_probes: Rademacher probes per token of the Hutchinson estimate of ``‖J‖_F²`` on the
+            matrix-free path of experts without factors (docs/geometry.md §1, "Estimated quantities"); at least 2,
+            for the standard error.
+        matrix_free_slq_starts: random starts per token of the stochastic Lanczos quadrature that estimates the
+            effective rank over the whole spectrum on the matrix-free path (where no exact core gives every
+            singular value); at least 2, for the standard error.
+        matrix_free_slq_steps: Lanczos steps per start (each one product with ``J`` and one with ``Jᵀ``).
         pca_max_dim: a PCA site wider than this is skipped (its ``Σw x xᵀ`` would be too large).
         seed: seed of the matrix-free start blocks (a local generator; the global RNG is untouched).
         cast_module: let the view module read copies of its floating parameters and buffers cast to ``dtype`` while
@@ -91,6 +101,9 @@ class ProbeConfig:
     matrix_free_oversample: int = 8
     matrix_free_max_iter: int = 30
     matrix_free_tol: float = 1e-6
+    matrix_free_trace_probes: int = 16
+    matrix_free_slq_starts: int = 4
+    matrix_free_slq_steps: int = 30
     pca_max_dim: int = 4096
     seed: int = 0
     cast_module: bool = True
@@ -109,6 +122,12 @@ class ProbeConfig:
         check_choice("ProbeConfig.dtype", self.dtype, PROBE_DTYPES)
         for name in _POSITIVE_INTS:
             check_positive_int(f"ProbeConfig.{name}", getattr(self, name))
+        for name in _SAMPLE_SIZES:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 2:
+                raise ValueError(
+                    f"ProbeConfig.{name} must be an int >= 2 (a standard error needs 2 samples), got {value!r}"
+                )
         oversample = self.matrix_free_oversample
         if not isinstance(oversample, int) or isinstance(oversample, bool) or oversample < 0:
             raise ValueError(f"ProbeConfig.matrix_free_oversample must be an int >= 0, got {oversample!r}")

@@ -68,7 +68,9 @@ class GeometryReport:
         """Flatten to metric keys (docs/design.md "Metric keys").
 
         Per-expert values become ``f"{prefix}/{quantity}/e{i}"`` and their mean over experts with a finite value
-        ``f"{prefix}/{quantity}/mean"``; layer-level values become ``f"{prefix}/{quantity}"``.
+        ``f"{prefix}/{quantity}/mean"``; layer-level values become ``f"{prefix}/{quantity}"``. The ``/mean`` of a
+        standard error (``…_se``) is that of the mean over experts, ``(Σ_e se_e²)^½ / E``: the experts' estimates
+        draw independent probes.
 
         Args:
             prefix: key prefix, e.g. ``f"geometry/{view.name}"``.
@@ -83,7 +85,12 @@ class GeometryReport:
             for i in range(shown):
                 out[f"{prefix}/{quantity}/e{i}"] = float(vals[i])
             finite = vals[torch.isfinite(vals)]
-            out[f"{prefix}/{quantity}/mean"] = float(finite.mean()) if finite.numel() else math.nan
+            if not finite.numel():
+                out[f"{prefix}/{quantity}/mean"] = math.nan
+            elif quantity.endswith("_se"):
+                out[f"{prefix}/{quantity}/mean"] = float(finite.square().sum().sqrt() / finite.numel())
+            else:
+                out[f"{prefix}/{quantity}/mean"] = float(finite.mean())
         for quantity, value in self.layer.items():
             out[f"{prefix}/{quantity}"] = float(value)
         return out

@@ -91,7 +91,10 @@ def test_wide_factored_hidden_at_least_d_has_exact_frobenius_alignment_and_subsp
     for key in ("align_mean_offdiag", "jac_frobenius/mean", "jac_stable_rank/mean"):
         assert wide.bootstrap["values"][key] == pytest.approx(exact.bootstrap["values"][key], rel=1e-6), key
     assert wide.variants["jac_frobenius"] == "sqrt_sum_sigma_sq_exact_factored"
-    assert wide.variants["jac_effective_rank"].endswith("_on_top16")  # not the whole spectrum: named so
+    # the whole spectrum's effective rank is estimated (tests/geometry/test_wide_estimates.py); the decay slope is
+    # the top-r values' and named so
+    assert wide.variants["jac_effective_rank"] == "roy_vetterli_2007_slq_m30_s4"
+    assert wide.variants["jac_decay_slope"].startswith("loglog_lsq_positive_sigma_on_top16")
 
 
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])

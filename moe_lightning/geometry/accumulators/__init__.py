@@ -2,7 +2,12 @@
 §1–5): token counts, expert spectra, mean Jacobians, layer Jacobian, PCA moments, alignment, CKA and subspaces."""
 
 from moe_lightning.geometry.accumulators.alignment import Alignment
-from moe_lightning.geometry.accumulators.base import Accumulator, SkippedForOneExpert, SpectralMoments
+from moe_lightning.geometry.accumulators.base import (
+    Accumulator,
+    NotComputed,
+    SkippedForOneExpert,
+    SpectralMoments,
+)
 from moe_lightning.geometry.accumulators.context import Chunk, ProbeContext
 from moe_lightning.geometry.accumulators.expert_spectra import ExpertSpectra
 from moe_lightning.geometry.accumulators.layer_jacobian import LayerJacobian
@@ -21,6 +26,7 @@ __all__ = [
     "FactoredMeanJacobian",
     "LayerJacobian",
     "MeanJacobian",
+    "NotComputed",
     "PCAMoments",
     "ProbeContext",
     "SkippedForOneExpert",

@@ -16,7 +16,7 @@ from moe_lightning.geometry.report import GeometryReport
 from moe_lightning.geometry.spectra import SPECTRAL_STAT_NAMES, SPECTRAL_VARIANTS, spectral_stats
 from moe_lightning.geometry.statistics import BufferLayout, RowSlot, Slot
 
-__all__ = ["Accumulator", "SkippedForOneExpert", "SpectralMoments", "safe_div"]
+__all__ = ["Accumulator", "NotComputed", "SkippedForOneExpert", "SpectralMoments", "safe_div"]
 
 
 class Accumulator:
@@ -93,6 +93,22 @@ class SkippedForOneExpert(Accumulator):
         report.variants[self.key] = "skipped_single_expert"
 
 
+class NotComputed(Accumulator):
+    """Quantities the probe does not compute on this path: only their variants say so, and why.
+
+    Args:
+        keys: the quantities' variant keys.
+        variant: the reason, as a variant (``unavailable_<why>``).
+    """
+
+    def __init__(self, keys: tuple[str, ...], variant: str) -> None:
+        self.keys, self.variant = keys, variant
+
+    def finalize(self, buffer: Tensor, report: GeometryReport, done: dict[Accumulator, Any]) -> None:
+        for key in self.keys:
+            report.variants[key] = self.variant
+
+
 def safe_div(num: Tensor, den: Tensor) -> Tensor:
     """``num / den`` where ``den > 0``, NaN elsewhere (an expert without tokens has no mean)."""
     return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.full_like(num, math.nan))
@@ -102,18 +118,40 @@ class SpectralMoments:
     """``Σw``, ``Σw·stat`` and ``Σw·stat²`` of the spectral statistics (docs/geometry.md §2), for their weighted
     mean and population std; each statistic counts only the tokens where it is finite.
 
+    Statistics that are estimated per token (docs/geometry.md §1, "Estimated quantities") also sum ``Σw²·var``, the
+    variance of each token's estimate weighted as in the mean: the tokens' estimates are independent (each draws its
+    own probes), so ``(Σw²·var)^½ / Σw`` is the standard error of the weighted mean, ``{prefix}_{stat}_se``.
+
+    An estimate may also carry a systematic error that does not average out over tokens (the quadrature error of
+    the effective rank): its weighted mean ``Σw·err / Σw`` is ``{prefix}_{stat}_quadrature_error``.
+
     Args:
-        layout: where the three slots are allocated.
+        layout: where the slots are allocated.
         prefix: slot-name and report-key prefix (``"jac"``, ``"layer_jac"``).
         lead: leading shape (``(E,)`` per expert, ``()`` for the layer).
+        estimated: the statistics whose values are estimates with a variance (a ``_se`` key each).
+        systematic: those of them that also carry a quadrature error.
     """
 
-    def __init__(self, layout: BufferLayout, prefix: str, *lead: int) -> None:
+    def __init__(
+        self,
+        layout: BufferLayout,
+        prefix: str,
+        *lead: int,
+        estimated: tuple[str, ...] = (),
+        systematic: tuple[str, ...] = (),
+    ) -> None:
         n_stats = len(SPECTRAL_STAT_NAMES)
         self.prefix = prefix
         self.sum_w: Slot = layout.allocate(f"{prefix}/sum_w", *lead, n_stats, resampled=True)
         self.sum_w_stat: Slot = layout.allocate(f"{prefix}/sum_w_stat", *lead, n_stats, resampled=True)
         self.sum_w_stat2: Slot = layout.allocate(f"{prefix}/sum_w_stat2", *lead, n_stats, resampled=True)
+        unknown = [name for name in (*estimated, *systematic) if name not in SPECTRAL_STAT_NAMES]
+        assert not unknown, f"not spectral statistics: {unknown}"
+        self.estimated = estimated
+        self.sum_w2_var: Slot | None = layout.allocate(f"{prefix}/sum_w2_var", *lead, n_stats) if estimated else None
+        self.systematic = systematic
+        self.sum_w_err: Slot | None = layout.allocate(f"{prefix}/sum_w_err", *lead, n_stats) if systematic else None
 
     def add(
         self,
@@ -126,7 +164,7 @@ class SpectralMoments:
         index: int | None = None,
         ctx: ProbeContext | None = None,
         counts_BN: Tensor | None = None,
-        frobenius_N: Tensor | None = None,
+        known: dict[str, tuple[Tensor, ...]] | None = None,
     ) -> None:
         """Add the statistics of ``N`` spectra with weights ``w_N`` (at ``index`` of the leading shape, if any).
 
@@ -139,24 +177,42 @@ class SpectralMoments:
             index: position in the leading shape (an expert); None when there is none.
             ctx: the probe's context, which adds the spectra to the bootstrap replicas; None: no bootstrap.
             counts_BN: ``(B, N)`` resample counts of the ``N`` tokens; None without a bootstrap.
-            frobenius_N: ``(N,)`` Frobenius norms known otherwise (a factored expert's, exactly) for truncated
-                spectra: they give the Frobenius norm and the stable rank ``‖J‖_F² / σ_1²``, which need every
-                singular value.
+            known: statistics of truncated spectra known otherwise, which need every singular value (the
+                Frobenius norm, stable and effective ranks): name -> ``(N,)`` values (exact from a factored expert,
+                or estimated), ``(N,)`` variances of the estimates (None where exact; required for the
+                ``estimated`` statistics) and optionally ``(N,)`` quadrature errors.
         """
         stats = spectral_stats(singular_values_NM, fit_max=fit_max)
-        if truncated and frobenius_N is not None:
-            top_sq = stats["sigma_max"] ** 2
-            stats["frobenius"] = frobenius_N.to(top_sq.dtype)
-            ok = top_sq > 0
-            stats["stable_rank"] = torch.where(
-                ok, frobenius_N**2 / torch.where(ok, top_sq, torch.ones_like(top_sq)), torch.zeros_like(top_sq)
-            )
-        elif truncated:  # the Frobenius norm needs every singular value
+        if truncated:  # the Frobenius norm needs every singular value
             stats["frobenius"] = torch.full_like(stats["frobenius"], math.nan)
+        variances, errors = {}, {}
+        for name, (values_N, var_N, *err_N) in (known or {}).items():
+            stats[name] = values_N.to(stats[name].dtype)
+            if var_N is not None:
+                variances[name] = var_N.to(stats[name].dtype)
+            if err_N:
+                errors[name] = err_N[0].to(stats[name].dtype)
         values_NS = torch.stack([stats[k] for k in SPECTRAL_STAT_NAMES], dim=-1)
         ok = torch.isfinite(values_NS)
         v = torch.where(ok, values_NS, torch.zeros_like(values_NS))
         wo = w_N.unsqueeze(-1) * ok.to(values_NS.dtype)
+        if self.sum_w2_var is not None:
+            var_NS = torch.zeros_like(values_NS)
+            for name in self.estimated:
+                i = SPECTRAL_STAT_NAMES.index(name)
+                var_NS[:, i] = variances[name]
+            target = self.sum_w2_var.of(buffer)
+            if index is not None:
+                target = target[index]
+            target += (wo * w_N.unsqueeze(-1) * torch.where(ok, var_NS, torch.zeros_like(var_NS))).sum(0)
+        if self.sum_w_err is not None:
+            err_NS = torch.zeros_like(values_NS)
+            for name in self.systematic:
+                err_NS[:, SPECTRAL_STAT_NAMES.index(name)] = errors[name]
+            target = self.sum_w_err.of(buffer)
+            if index is not None:
+                target = target[index]
+            target += (wo * torch.where(ok, err_NS, torch.zeros_like(err_NS))).sum(0)
         for slot, value in ((self.sum_w, wo), (self.sum_w_stat, wo * v), (self.sum_w_stat2, wo * v * v)):
             target = slot.of(buffer)
             if index is not None:
@@ -181,10 +237,15 @@ class SpectralMoments:
         w = self.sum_w.of(buffer)
         mean = safe_div(self.sum_w_stat.of(buffer), w)
         std = torch.sqrt((safe_div(self.sum_w_stat2.of(buffer), w) - mean**2).clamp_min(0))
+        se = None if self.sum_w2_var is None else safe_div(self.sum_w2_var.of(buffer).clamp_min(0).sqrt(), w)
         for i, name in enumerate(SPECTRAL_STAT_NAMES):
             key = f"{self.prefix}_{name}"
             target[key] = mean[..., i]
             target[f"{key}_std"] = std[..., i]
+            if se is not None and name in self.estimated:
+                target[f"{key}_se"] = se[..., i]
+            if name in self.systematic:
+                target[f"{key}_quadrature_error"] = safe_div(self.sum_w_err.of(buffer), w)[..., i]
             variant = SPECTRAL_VARIANTS[name]
             if top is not None and name != "sigma_max":
                 variant = "unavailable_matrix_free" if name == "frobenius" else f"{variant}_on_top{top}"

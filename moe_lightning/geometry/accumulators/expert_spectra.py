@@ -1,7 +1,8 @@
 """Singular-value spectra of each expert's Jacobian (docs/geometry.md §1–2): exact SVDs of formed Jacobians; on the
 matrix-free path, every value exactly from the small core of a factored expert of rank ``H < D``, or else the top-``r``
-values of an expert's routed tokens, queued across chunks into full batches (with the exact Frobenius norm of a
-factored expert)."""
+values of an expert's routed tokens, queued across chunks into full batches, with the statistics that need the whole
+spectrum exact from a factored expert's factors (Frobenius norm) or estimated with a standard error (Hutchinson's
+Frobenius norm of an expert without factors, the effective rank by stochastic Lanczos quadrature)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from torch import Tensor
 from moe_lightning.geometry.accumulators.base import Accumulator, SpectralMoments, safe_div
 from moe_lightning.geometry.accumulators.context import Chunk, ProbeContext
 from moe_lightning.geometry.accumulators.tokens import TokenCounts
+from moe_lightning.geometry.estimates import hutchinson_frobenius_sq, slq_effective_rank, token_probes
 from moe_lightning.geometry.factored import factored_frobenius_sq, factored_singular_values
-from moe_lightning.geometry.operators import JacobianOperator
+from moe_lightning.geometry.operators import JacobianOperator, func_jacobian_operator
 from moe_lightning.geometry.report import GeometryReport
 from moe_lightning.geometry.spectra import SPECTRAL_STAT_NAMES, batched_svdvals
 from moe_lightning.geometry.statistics import BufferLayout
@@ -43,6 +45,14 @@ class ExpertSpectra(Accumulator):
         self.share_operators = share_operators
         self.tol = cfg.matrix_free_tol
         self.fit_max, self.top = cfg.decay_fit_max, cfg.matrix_free_rank if self.matrix_free else None
+        # What the top-r values cannot give (docs/geometry.md §1, "Estimated quantities"): the effective rank by
+        # stochastic Lanczos quadrature, and without factors the Frobenius norm (so the stable rank) by Hutchinson.
+        self.probes, self.starts = cfg.matrix_free_trace_probes, cfg.matrix_free_slq_starts
+        self.steps, self.seed = cfg.matrix_free_slq_steps, cfg.seed
+        self.estimated: tuple[str, ...] = ()
+        self.systematic = ("effective_rank",) if self.matrix_free else ()
+        if self.matrix_free:
+            self.estimated = ("effective_rank",) if self.factored else ("frobenius", "stable_rank", "effective_rank")
         if self.core:
             self.source = "exact_factored_core"
         elif ctx.matrix_free:
@@ -60,7 +70,9 @@ class ExpertSpectra(Accumulator):
         self._lone_op: dict[int, JacobianOperator] = {}
 
     def allocate(self, layout: BufferLayout) -> None:
-        self.moments = SpectralMoments(layout, "jac", self.num_experts)
+        self.moments = SpectralMoments(
+            layout, "jac", self.num_experts, estimated=self.estimated, systematic=self.systematic
+        )
         self.spectrum = layout.allocate("jac/sum_w_spectrum", self.num_experts, self.rank)
         self.unconverged = layout.allocate("jac/unconverged", self.num_experts) if self.matrix_free else None
 
@@ -72,7 +84,7 @@ class ExpertSpectra(Accumulator):
         sv_NM: Tensor,
         w_N: Tensor,
         c_BN: Tensor | None,
-        frobenius_N: Tensor | None = None,
+        known: dict[str, tuple[Tensor, ...]] | None = None,
     ) -> None:
         self.moments.add(
             buffer,
@@ -83,7 +95,7 @@ class ExpertSpectra(Accumulator):
             index=e,
             ctx=ctx,
             counts_BN=c_BN,
-            frobenius_N=frobenius_N,
+            known=known,
         )
         self.spectrum.of(buffer)[e] += (w_N.unsqueeze(-1) * sv_NM).sum(0)
 
@@ -132,17 +144,45 @@ class ExpertSpectra(Accumulator):
             x_b, w_b = x_q[start : start + chunk], w_q[start : start + chunk]
             c_b = None if c_q is None else c_q[:, start : start + chunk]
             op = built if built is not None else ctx.expert_operator(e, x_b)
-            res = ctx.solve_topr(op or ctx.experts[e], x_b)
-            fro = None
-            if self.factored:  # every expert here offers factors (ctx.factored): its Frobenius norm is exact
-                if op is None or op.factors is None:
-                    raise ValueError(
-                        f"view {ctx.view.name!r}: expert {e}'s expert_jacobian_operator gives no factors on these "
-                        "tokens, though it gave them when the probe chose the factored path"
-                    )
-                fro = factored_frobenius_sq(op.factors).sqrt()
-            self._add_spectra(ctx, buffer, e, res.values, w_b, c_b, fro)
+            if op is None:  # one torch.func operator for the top-r values and the estimates
+                op = func_jacobian_operator(ctx.experts[e], x_b)
+            res = ctx.solve_topr(op, x_b)
+            if self.factored and op.factors is None:
+                raise ValueError(
+                    f"view {ctx.view.name!r}: expert {e}'s expert_jacobian_operator gives no factors on these "
+                    "tokens, though it gave them when the probe chose the factored path"
+                )
+            self._add_spectra(ctx, buffer, e, res.values, w_b, c_b, self._whole_spectrum(op, x_b, e, res.values))
             self.unconverged.of(buffer)[e] += (~res.converged).sum()
+
+    def _whole_spectrum(
+        self, op: JacobianOperator, x_ND: Tensor, e: int, top_NR: Tensor
+    ) -> dict[str, tuple[Tensor, ...]]:
+        """The statistics of the whole spectrum that the top-``r`` values ``top_NR`` cannot give, with the variances
+        of those estimated (docs/geometry.md §1, "Estimated quantities"). Each token draws its own probes, seeded by
+        its values and the expert (:func:`~moe_lightning.geometry.estimates.token_probes`)."""
+        probes = token_probes(x_ND, self.probes + self.starts, self.seed, e, op.dtype)
+        known: dict[str, tuple[Tensor, ...]] = {}
+        known["effective_rank"] = slq_effective_rank(op, probes[..., self.probes :], self.steps)
+        top_sq = top_NR[:, 0].square()
+        if self.factored:  # exact
+            fro_sq, fro_sq_var = factored_frobenius_sq(op.factors).to(top_sq.dtype), None
+        else:
+            fro_sq, fro_sq_var = hutchinson_frobenius_sq(op, probes[..., : self.probes])
+            fro_sq = fro_sq.clamp_min(0)
+        fro = fro_sq.sqrt()
+        if fro_sq_var is None:
+            known["frobenius"] = (fro, None)
+        else:  # delta method: d√f = df / (2√f)
+            known["frobenius"] = (fro, torch.where(fro > 0, fro_sq_var / (4 * fro_sq), torch.zeros_like(fro)))
+        ok = top_sq > 0
+        top_sq_safe = torch.where(ok, top_sq, torch.ones_like(top_sq))
+        stable = torch.where(ok, fro_sq / top_sq_safe, torch.zeros_like(top_sq))
+        stable_var = None  # σ_max is the Krylov value, converged to matrix_free_tol: only ‖J‖_F² is random
+        if fro_sq_var is not None:
+            stable_var = torch.where(ok, fro_sq_var / top_sq_safe.square(), torch.zeros_like(top_sq))
+        known["stable_rank"] = (stable, stable_var)
+        return known
 
     def close(self, ctx: ProbeContext, buffer: Tensor) -> None:
         for e in range(self.num_experts):
@@ -155,9 +195,13 @@ class ExpertSpectra(Accumulator):
         if self.core:
             for name in SPECTRAL_STAT_NAMES:
                 v[f"jac_{name}"] += "_exact_factored_core"
-        elif self.matrix_free and self.factored:
-            v["jac_frobenius"] = "sqrt_sum_sigma_sq_exact_factored"
-            v["jac_stable_rank"] = f"exact_factored_frobenius_sq_over_topr_sigma_max_sq_tol={self.tol:g}"
+        elif self.matrix_free:
+            # the whole spectrum's statistics, exact from the factors or estimated (with a ``_se`` key)
+            v["jac_effective_rank"] = f"roy_vetterli_2007_slq_m{self.steps}_s{self.starts}"
+            fro = "exact_factored" if self.factored else f"hutchinson_r{self.probes}"
+            v["jac_frobenius"] = f"sqrt_sum_sigma_sq_{fro}"
+            v["jac_stable_rank"] = f"{fro}_frobenius_sq_over_topr_sigma_max_sq_tol={self.tol:g}"
+            v["jac_se"] = "estimator_standard_error_of_weighted_mean_sqrt_sum_w2_var_over_sum_w"
         sum_w = self.tokens.sum_w.of(buffer)
         report.spectra["jac_mean_spectrum"] = safe_div(self.spectrum.of(buffer), sum_w.unsqueeze(-1))
         report.variants["jac_source"] = self.source

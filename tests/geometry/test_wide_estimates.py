@@ -1,0 +1,234 @@
+"""The probe's estimated Jacobian quantities above ``matrix_free_threshold`` (docs/geometry.md §1, "Estimated
+quantities") against the exact path: each estimate lies within 3 of its own standard errors of the exact value, and
+the standard errors are small and calibrated. Experts known only as token functions (a view without factors) and
+factored experts of hidden width ``H ≥ D`` (no small core) take this path."""
+
+import warnings
+
+import pytest
+import torch
+
+from moe_lightning.adapters import find_moe_layers
+from moe_lightning.geometry import ProbeConfig, finalize, probe, probe_statistics
+from moe_lightning.geometry.estimates import (
+    hutchinson_frobenius_sq,
+    lanczos_quadrature,
+    slq_effective_rank,
+    token_probes,
+)
+from moe_lightning.geometry.operators import func_jacobian_operator
+from moe_lightning.geometry.spectra import effective_rank
+from moe_lightning.nn.layer import MoEConfig, MoELayer
+
+DT = torch.float64
+FAST = dict(layer_jacobian=False, cka=False, pca=False, subspace_rank=3)
+ESTIMATED = ("jac_frobenius", "jac_stable_rank", "jac_effective_rank")
+
+
+class FunctionOnlyView:
+    """A view of the same layer that knows its experts only as token functions: no ``expert_jacobian_operator``,
+    so no factors (a declared library layer, or a view wrapping arbitrary modules)."""
+
+    def __init__(self, view):
+        self.view, self.name, self.module, self.num_experts = view, view.name, view.module, view.num_experts
+
+    def gates(self, x):
+        return self.view.gates(x)
+
+    def expert(self, e):
+        return self.view.expert(e)
+
+    def expert_hidden(self, e):
+        return self.view.expert_hidden(e)
+
+    def expert_jacobian(self, e, x):  # the exact path's reference forms J from the closed form
+        return self.view.expert_jacobian(e, x)
+
+
+def _layer(dim, hidden, activation, seed, tokens, num_experts=3):
+    torch.manual_seed(seed)
+    layer = MoELayer(MoEConfig(dim=dim, expert_hidden=hidden, num_experts=num_experts, top_k=2, activation=activation))
+    (view,) = find_moe_layers(layer.to(DT))
+    return view, torch.randn(tokens, dim, dtype=DT)
+
+
+def _z_scores(view, x, keys, **kw):
+    """``(wide − exact) / se`` of each estimated key and expert, less the quadrature error where the estimate has
+    one (it is systematic: the standard error does not cover it), and the relative standard errors."""
+    exact = probe(view, x, ProbeConfig(**FAST, **kw))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # no alignment without factors: tested below
+        wide = probe(view, x, ProbeConfig(matrix_free_threshold=x.shape[1] - 1, **FAST, **kw))
+    z, rel = [], []
+    seen = ~exact.empty  # experts without tokens have no value (NaN) on either path
+    assert bool(seen.any()) and torch.equal(seen, ~wide.empty)
+    for key in keys:
+        se = wide.expert[f"{key}_se"][seen]
+        assert bool((se > 0).all()), key
+        err = (wide.expert[key] - exact.expert[key]).abs()[seen]
+        err = err - wide.expert.get(f"{key}_quadrature_error", torch.zeros(len(seen), dtype=DT))[seen]
+        z.append(err.clamp_min(0) / se)
+        rel.append(se / exact.expert[key][seen])
+    return torch.cat(z), torch.cat(rel), wide
+
+
+# One seed by default (about 4 s); the rest are slow, and the calibration test below covers the same path fast.
+SEEDS = [0, *(pytest.param(seed, marks=pytest.mark.slow) for seed in range(1, 5))]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_function_only_experts_estimates_lie_within_three_standard_errors_at_d512(seed):
+    """D = 512, experts known only as functions: Hutchinson's Frobenius norm and stable rank and the SLQ effective
+    rank over the whole spectrum, each within 3 of its standard errors of the exact path's value (formed 512 x 512
+    Jacobians), with relative standard errors under 10 %."""
+    view, x = _layer(512, 96, "gelu", seed, tokens=6)
+    z, rel, wide = _z_scores(FunctionOnlyView(view), x, ESTIMATED)
+    assert bool((z < 3).all()), z
+    assert bool((rel < 0.1).all()), rel
+    v = wide.variants
+    assert v["jac_frobenius"] == "sqrt_sum_sigma_sq_hutchinson_r16"
+    assert v["jac_effective_rank"] == "roy_vetterli_2007_slq_m30_s4"
+    assert v["jac_stable_rank"].startswith("hutchinson_r16_")
+
+
+@pytest.mark.parametrize("seed", SEEDS[:3])
+def test_factored_experts_wider_hidden_than_d_estimate_the_effective_rank_at_d512(seed):
+    """D = 512, SwiGLU with H = 640 >= D (Mixtral's shape class): no small core, so the effective rank over the whole
+    spectrum is estimated by SLQ within 3 standard errors (plus its quadrature error) of the exact path's, while
+    the Frobenius norm stays exact (no standard error)."""
+    view, x = _layer(512, 640, "swiglu", seed, tokens=4)
+    z, rel, wide = _z_scores(view, x, ("jac_effective_rank",))
+    assert bool((z < 3).all()), z
+    assert bool((rel < 0.1).all()), rel
+    assert "jac_frobenius_se" not in wide.expert and wide.variants["jac_frobenius"].endswith("_exact_factored")
+    assert wide.variants["jac_effective_rank"] == "roy_vetterli_2007_slq_m30_s4"
+
+
+def test_standard_errors_are_calibrated_over_seeds():
+    """Over 5 seeds, 3 experts and the three estimates of a function-only view (D = 96, quick), the standardised
+    errors have a root mean square near 1: the standard errors are neither too small nor absurdly large."""
+    zs = []
+    for seed in range(5):
+        view, x = _layer(96, 144, "swiglu", seed, tokens=8)
+        exact = probe(view, x, ProbeConfig(**FAST))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            wide = probe(FunctionOnlyView(view), x, ProbeConfig(matrix_free_threshold=95, **FAST))
+        for key in ("jac_frobenius", "jac_effective_rank"):
+            zs.append((wide.expert[key] - exact.expert[key]) / wide.expert[f"{key}_se"])
+    z = torch.cat(zs)
+    rms = float(z.square().mean().sqrt())
+    assert 0.4 < rms < 2.0, z
+
+
+def test_function_only_view_reports_no_alignment_and_warns_why():
+    """Without factors the alignment and functional subspaces would be estimated from probes whose noise exceeds
+    the chance level: they are not reported, the variants say so and a warning names the reason."""
+    view, x = _layer(40, 24, "gelu", 0, tokens=8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = probe(FunctionOnlyView(view), x, ProbeConfig(matrix_free_threshold=39, layer_jacobian=False))
+    assert any("alignment and the functional subspaces are not reported" in str(w.message) for w in caught)
+    assert "align_mean_offdiag" not in report.layer and "palign_mean_offdiag" not in report.layer
+    assert "subspace_fun_overlap" not in report.layer and "subspace_rep_overlap" in report.layer
+    assert report.variants["align"] == report.variants["subspace_fun"] == "unavailable_matrix_free_without_factors"
+
+
+def test_estimates_of_two_shards_sum_to_one_process():
+    """Each token draws its probes from its own values, so the estimates and their sums of variances are additive:
+    two shards' statistics summed equal one probe of the union (the top-r values to the Krylov tolerance)."""
+    view, x = _layer(40, 24, "gelu", 1, tokens=24)
+    cfg = ProbeConfig(matrix_free_threshold=39, matrix_free_tol=1e-12, matrix_free_max_iter=100, **FAST)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        shards = [probe_statistics(FunctionOnlyView(view), s, cfg) for s in (x[:10], x[10:])]
+        whole = probe(FunctionOnlyView(view), x, cfg)
+    summed = finalize(shards)
+    a, b = whole.scalars("g"), summed.scalars("g")
+    assert "g/jac_effective_rank_se/mean" in a and a.keys() == b.keys()
+    for key in a:
+        assert b[key] == pytest.approx(a[key], rel=1e-7, abs=1e-10, nan_ok=True), key
+
+
+def test_standard_error_of_the_mean_over_experts_adds_in_quadrature():
+    view, x = _layer(40, 24, "gelu", 2, tokens=12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        report = probe(FunctionOnlyView(view), x, ProbeConfig(matrix_free_threshold=39, **FAST))
+    se = report.expert["jac_frobenius_se"]
+    assert report.scalars("g")["g/jac_frobenius_se/mean"] == pytest.approx(float(se.square().sum().sqrt() / 3))
+
+
+def test_hutchinson_frobenius_against_the_formed_jacobian():
+    """Per token: unbiased within 4 standard errors of ``‖J‖_F²`` from the formed Jacobian, on 64 tokens, with a
+    standardised error of root mean square near 1."""
+    torch.manual_seed(0)
+    W1, W2 = torch.randn(48, 32, dtype=DT), torch.randn(32, 48, dtype=DT)
+
+    def fn(x):
+        return torch.tanh(x @ W1) @ W2
+
+    x = torch.randn(64, 48, dtype=DT)
+    op = func_jacobian_operator(fn, x)
+    est, var = hutchinson_frobenius_sq(op, token_probes(x, 16, 0, 0, DT))
+    J = torch.func.vmap(torch.func.jacrev(lambda v: fn(v[None])[0]))(x)
+    z = (est - J.square().sum((1, 2))) / var.sqrt()
+    assert bool((z.abs() < 4).all()) and 0.6 < float(z.square().mean().sqrt()) < 1.5
+
+
+def test_gauss_and_radau_bracket_the_square_root_trace_and_are_exact_once_the_space_is_spanned():
+    """Gauss over- and Gauss–Radau under-estimates ``qᵀ √A q`` (derivatives of constant sign); with as many steps
+    as the dimension both are exact."""
+    torch.manual_seed(1)
+    B = torch.randn(3, 60, 60, dtype=DT)
+    A = B.transpose(1, 2) @ B  # (N, D, D) PSD with a hard edge near 0
+    lam, U = torch.linalg.eigh(A)
+    starts = torch.randn(3, 60, 2, dtype=DT)
+    q = starts / starts.norm(dim=1, keepdim=True)
+    exact = ((U.transpose(1, 2) @ q).square() * lam.clamp_min(0).sqrt().unsqueeze(-1)).sum(1)  # (N, S)
+
+    def quad(theta, tau):
+        return (tau * theta.clamp_min(0).sqrt()).sum(-1)
+
+    tG, wG, tR, wR = lanczos_quadrature(lambda V: A @ V, starts, 10)
+    assert bool((quad(tG, wG) > exact).all()) and bool((quad(tR, wR) < exact).all())
+    tG, wG, tR, wR = lanczos_quadrature(lambda V: A @ V, starts, 60)
+    torch.testing.assert_close(quad(tG, wG), exact, rtol=1e-8, atol=0)
+    torch.testing.assert_close(quad(tR, wR), exact, rtol=1e-8, atol=0)
+
+
+def test_slq_effective_rank_of_a_small_matrix_is_exact_up_to_its_starts():
+    """With steps >= D the quadrature is exact, so the only error is the starts': within 3 standard errors."""
+    torch.manual_seed(2)
+    W = torch.randn(24, 24, dtype=DT) @ torch.diag(torch.logspace(0, -2, 24, dtype=DT))
+
+    def fn(x):
+        return x @ W.T
+
+    x = torch.randn(5, 24, dtype=DT)
+    rank, var, quad = slq_effective_rank(func_jacobian_operator(fn, x), token_probes(x, 8, 0, 0, DT), 24)
+    exact = effective_rank(torch.linalg.svdvals(W))
+    assert bool(((rank - exact).abs() < 3 * var.sqrt()).all())
+    assert float(quad.abs().max()) < 1e-8 * float(exact)
+
+
+def test_token_probes_depend_on_the_token_and_salt_only():
+    x = torch.randn(4, 16, dtype=DT)
+    p = token_probes(x, 3, 0, 5, DT)
+    torch.testing.assert_close(token_probes(x[2:], 3, 0, 5, DT), p[2:])  # not on the batch
+    assert not torch.equal(token_probes(x, 3, 0, 6, DT), p)  # another expert draws anew
+    assert set(p.unique().tolist()) == {-1.0, 1.0}
+
+
+def test_probe_config_needs_two_samples_for_a_standard_error():
+    for name in ("matrix_free_trace_probes", "matrix_free_slq_starts"):
+        with pytest.raises(ValueError, match=name):
+            ProbeConfig(**{name: 1})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_estimates_at_d1024(activation):
+    view, x = _layer(1024, 192, activation, 0, tokens=4)
+    z, rel, _ = _z_scores(FunctionOnlyView(view), x, ESTIMATED)
+    assert bool((z < 3).all()) and bool((rel < 0.1).all()), (z, rel)
