@@ -76,7 +76,22 @@ def check_probes(probes: dict) -> None:
 
 
 def check_router(router: dict) -> None:
-    assert set(router["ep"]) == set(router["single"]) and "router/blocks.0.ffn/load/e3" in router["single"]
+    """Expert parallelism logs what one process logs, and the overload of each of its ranks, which is the share of
+    the loads one process logs on that rank's experts over the mean share."""
+    ep = dict(router["ep"])
+    overload = {k: ep.pop(k) for k in list(ep) if "/ep_overload" in k}
+    assert set(ep) == set(router["single"]) and "router/blocks.0.ffn/load/e3" in router["single"]
+    layers = {k.rpartition("/ep_overload")[0] for k in overload if k.endswith("/ep_overload_max")}
+    assert "router/blocks.0.ffn" in layers
+    for layer in layers:
+        ranks = sum(k.startswith(f"{layer}/ep_overload/r") for k in overload)
+        experts = sum(k.startswith(f"{layer}/load/e") for k in router["single"])
+        loads = [router["single"][f"{layer}/load/e{e}"] for e in range(experts)]
+        per_rank = [sum(loads[r * len(loads) // ranks : (r + 1) * len(loads) // ranks]) for r in range(ranks)]
+        expected = [share / (sum(per_rank) / ranks) for share in per_rank]
+        got = [overload[f"{layer}/ep_overload/r{r}"] for r in range(ranks)]
+        assert ranks > 1 and got == pytest.approx(expected, rel=1e-6), layer
+        assert overload[f"{layer}/ep_overload_max"] == pytest.approx(max(expected), rel=1e-6), layer
     for key, value in router["single"].items():
         if "_micro" in key:  # a per-micro-batch statistic is each rank's batch's by definition, not the union's
             continue
