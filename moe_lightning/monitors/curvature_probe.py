@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -23,6 +23,7 @@ from moe_lightning.common import check_choice, check_nonnegative, check_positive
 from moe_lightning.geometry import SpectralDensity, hessian_eigenvalues, hessian_spectral_density, hessian_trace
 from moe_lightning.geometry.curvature import TRACE_METHODS
 from moe_lightning.geometry.stability import edge_of_stability
+from moe_lightning.monitors.curvature_inputs import check_model_loss, model_loss, torch_optimizer
 from moe_lightning.monitors.geometry_probe import Log, model_device
 from moe_lightning.monitors.observe import warn_state_changes
 from moe_lightning.monitors.probe_set import cpu_copy
@@ -31,43 +32,6 @@ from moe_lightning.monitors.schedule import Schedule, warn_if_stale
 
 EIGEN_METHODS = ("lanczos",)
 LossFn = Callable[[nn.Module, Any], Tensor]
-
-
-def model_loss(model: nn.Module, batch: Any) -> Tensor:
-    """The model's own loss on ``batch``: ``model.loss(batch)`` (the first element of a tuple) where the model has
-    such a method (moe-lightning's LightningModules), else the ``loss`` of ``model(**batch)`` for a dict batch (a
-    Hugging Face model computes it when the batch holds ``labels``)."""
-    loss = getattr(model, "loss", None)
-    if callable(loss):
-        out = loss(batch)
-        return out[0] if isinstance(out, tuple) else out
-    check_model_loss(model, batch)
-    out = model(**batch)
-    found = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
-    if found is None:
-        raise ValueError(
-            f"{type(model).__name__}(**batch) returned no loss; put labels in the batch or pass "
-            "loss_fn=lambda model, batch: <scalar loss>"
-        )
-    return found
-
-
-def check_model_loss(model: nn.Module, batch: Any) -> None:
-    """Raise the error that says how to give a loss when :func:`model_loss` has none for ``model`` and ``batch``."""
-    if not callable(getattr(model, "loss", None)) and not isinstance(batch, Mapping):
-        raise ValueError(
-            f"{type(model).__name__} has no loss(batch) method and the batch is not a dict of model inputs; "
-            "pass loss_fn=lambda model, batch: <scalar loss>"
-        )
-
-
-def torch_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
-    """The torch optimiser inside a loop's wrapper (Accelerate's ``AcceleratedOptimizer``, Lightning's
-    ``LightningOptimizer``): the thresholds read its type, its ``param_groups`` and its state."""
-    inner = getattr(optimizer, "optimizer", None)
-    while isinstance(inner, torch.optim.Optimizer):
-        optimizer, inner = inner, getattr(inner, "optimizer", None)
-    return optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
 
 
 class CurvatureProbe:

@@ -2,7 +2,6 @@
 
 import dataclasses
 import math
-import sys
 
 import numpy as np
 import pytest
@@ -336,17 +335,17 @@ def test_matrix_free_chunks_batch_tokens_without_changing_values(monkeypatch):
     """On the matrix-free path a chunk holds no D x D matrix, so the default budget batches all 12 tokens into one
     topr call per routed expert and one for the layer (shared GEMMs); one token per chunk gives the same values."""
     from moe_lightning.adapters import find_moe_layers
+    from moe_lightning.geometry import probe_plan
     from moe_lightning.nn.layer import MoEConfig, MoELayer
 
-    probe_module = sys.modules["moe_lightning.geometry.probe"]  # the package re-exports a function of that name
     sizes = []
-    original = probe_module.topr_singular_values
+    original = probe_plan.topr_singular_values
 
     def spy(fn, x, r, **kw):
         sizes.append(fn.num_tokens)  # the views' closed-form operators hold their tokens
         return original(fn, x, r, **kw)
 
-    monkeypatch.setattr(probe_module, "topr_singular_values", spy)
+    monkeypatch.setattr(probe_plan, "topr_singular_values", spy)
     torch.manual_seed(0)
     layer = MoELayer(MoEConfig(dim=12, expert_hidden=16, num_experts=3, top_k=2, activation="swiglu")).double()
     (view,) = find_moe_layers(layer)
@@ -361,7 +360,7 @@ def test_matrix_free_chunks_batch_tokens_without_changing_values(monkeypatch):
     # Chunks of 4 tokens: an expert sees 2-3 of each chunk's tokens; its queue runs as soon as it holds 4, in
     # calls of exactly 4, and the remainder after the last chunk.
     sizes.clear()
-    per_token = probe_module._bytes_per_token(ProbeConfig(**kw), 12, 3, 3, 8, True)
+    per_token = probe_plan._bytes_per_token(ProbeConfig(**kw), 12, 3, 3, 8, True)
     four = probe(view, x, ProbeConfig(memory_budget_bytes=4 * per_token, **kw))
     routed = [c for c in counts if c]
     remainders = [c % 4 for c in routed if c % 4]

@@ -1,0 +1,110 @@
+"""The plan of one probe before its accumulators are built (:class:`~moe_lightning.geometry.accumulators.ProbeContext`):
+the path each quantity takes (exact, or matrix-free above ``ProbeConfig.matrix_free_threshold``, with factored
+experts' exact quantities at any width: docs/geometry.md §1), the chunk of tokens the memory budget allows and the
+experts this rank holds.
+
+Shape legend: ``N`` tokens, ``E`` experts, ``D`` model dim, ``F`` an expert's flattened Jacobian scales.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import Tensor
+
+from moe_lightning.geometry.accumulators import ProbeContext
+from moe_lightning.geometry.factored import factored_core_rank
+from moe_lightning.geometry.krylov import TopRResult, krylov_bytes_per_token, topr_singular_values
+from moe_lightning.geometry.operators import JacobianOperator
+from moe_lightning.geometry.probe_config import ProbeConfig
+from moe_lightning.geometry.view import HasJacobianOperator, MoEView, TokenFn
+
+__all__ = ["probe_context"]
+
+
+def _bytes_per_token(cfg: ProbeConfig, d: int, m: int, num_experts: int, itemsize: int, matrix_free: bool) -> int:
+    """Peak bytes per token of one chunk of :func:`~moe_lightning.geometry.probe.probe_statistics`;
+    ``chunk = memory_budget_bytes // this``."""
+    if matrix_free:
+        # No D x D matrix: the Krylov workspace, plus the experts' outputs and gate Jacobians for the layer
+        # operator and K block columns through ~4D-wide expert activations. Tokens of a call share every GEMM
+        # against the weights, and from 8 tokens on the Krylov blocks shrink to 4 columns, so per token a larger
+        # call is cheaper (docs/benchmarks/geometry.md): chunks are as large as the budget allows.
+        # The estimates of the whole spectrum (geometry/estimates.py) run after the Krylov solve, on the same
+        # tokens: the Lanczos bases of the quadrature starts with their temporaries, and the Hutchinson probes
+        # with their products.
+        k = min(m + cfg.matrix_free_oversample, d)
+        starts, steps = cfg.matrix_free_slq_starts, min(cfg.matrix_free_slq_steps, d)
+        estimates = starts * (steps + 6) + 3 * cfg.matrix_free_trace_probes
+        return krylov_bytes_per_token(d, k, cfg.matrix_free_max_iter, itemsize) + itemsize * d * (
+            3 * num_experts + 8 * k + estimates
+        )
+    return itemsize * (3 * (num_experts + 1) * d * d + 8 * d)
+
+
+def _factor_shapes(view: MoEView, cfg: ProbeConfig, x_ND: Tensor, experts: range) -> list[tuple[int, int]] | None:
+    """``(F, core rank)`` of each expert's Jacobian factors, read from its operator at one zero token (shapes only,
+    so every rank decides alike), or None when one of them offers none (docs/geometry.md §1, "Factored experts at
+    any width")."""
+    if cfg.jacobian_method == "func" or not isinstance(view, HasJacobianOperator):
+        return None
+    x0 = x_ND.new_zeros(1, x_ND.shape[1])
+    shapes = []
+    for e in experts:
+        op = view.expert_jacobian_operator(e, x0)
+        if op is None or op.factors is None:
+            return None
+        shapes.append((op.factors.width, factored_core_rank(op.factors)))
+    return shapes
+
+
+def _topr_solver(cfg: ProbeConfig, m: int) -> Callable[[TokenFn | JacobianOperator, Tensor], TopRResult]:
+    """:func:`topr_singular_values` with ``cfg``'s settings, the same for the experts' spectra and the layer's."""
+
+    def solve(fn: TokenFn | JacobianOperator, x_ND: Tensor) -> TopRResult:
+        return topr_singular_values(
+            fn,
+            x_ND,
+            m,
+            oversample=cfg.matrix_free_oversample,
+            max_iter=cfg.matrix_free_max_iter,
+            tol=cfg.matrix_free_tol,
+            seed=cfg.seed,
+        )
+
+    return solve
+
+
+def probe_context(
+    view: MoEView, x_ND: Tensor, cfg: ProbeConfig, expert_group: Any, local_experts: range | None
+) -> ProbeContext:
+    """The probe's context before its accumulators are built: the view's functions, the path (exact or
+    matrix-free), the chunk size and the experts this rank holds."""
+    num_experts, d = int(view.num_experts), x_ND.shape[1]
+    matrix_free = d > cfg.matrix_free_threshold
+    m = min(cfg.matrix_free_rank, d) if matrix_free else d
+    per_token = _bytes_per_token(cfg, d, m, num_experts, x_ND.element_size(), matrix_free)
+    here = range(num_experts) if local_experts is None else local_experts
+    shapes = _factor_shapes(view, cfg, x_ND, here) if matrix_free and cfg.jacobian else None
+    core = shapes is not None and all(rank < d for _, rank in shapes)
+    if core:  # one token's core, (rank × F) scaled factor and (rank × rank) core with its SVD workspace
+        per_token = max(per_token, x_ND.element_size() * max(k * (f + 3 * k) for f, k in shapes))
+    return ProbeContext(
+        view=view,
+        config=cfg,
+        experts=tuple(view.expert(e) for e in range(num_experts)),
+        hidden=tuple(view.expert_hidden(e) for e in range(num_experts)),
+        dim=d,
+        dtype=cfg.dtype,
+        device=x_ND.device,
+        matrix_free=matrix_free,
+        rank=m,
+        chunk_size=max(1, cfg.memory_budget_bytes // per_token),
+        solve_topr=_topr_solver(cfg, m),
+        expert_group=expert_group,
+        local_experts=local_experts,
+        factored=shapes is not None,
+        factored_core=core,
+        factor_width=0 if shapes is None else max(f for f, _ in shapes),
+    )
