@@ -112,6 +112,22 @@ def pca_from_moments(sum_w: Tensor, sum_w2: Tensor, sum_wx: Tensor, sum_wxx: Ten
     )
 
 
+def _rank_measures(evals: Tensor, noise: Tensor, sum_w: Tensor, sum_w2: Tensor, d: int) -> dict[str, Tensor]:
+    """The rank measures of :func:`pca_ranks` from descending eigenvalues ``(..., K)`` of the weighted covariance
+    (``K ≤ D``), eigenvalues within the round-off floor ``noise`` ``(...)`` counted as 0; NaN where ``Σw = 0``."""
+    ok = sum_w > 0
+    lam = torch.where(evals.abs() <= noise.unsqueeze(-1), torch.zeros_like(evals), evals).clamp_min(0)
+    nan = torch.full_like(sum_w, float("nan"))
+    n_eff = torch.where(ok, sum_w**2 / torch.where(ok, sum_w2, torch.ones_like(sum_w2)), torch.zeros_like(sum_w))
+    return {
+        "effective_rank": torch.where(ok, effective_rank(lam), nan),
+        "participation_ratio": torch.where(ok, participation_ratio(lam), nan),
+        "n90": torch.where(ok, n_components_for_variance(lam, 0.9), nan),
+        "n_eff": n_eff,
+        "undersampled": (n_eff < d).to(sum_w.dtype),
+    }
+
+
 def pca_ranks(sum_w: Tensor, sum_w2: Tensor, sum_wx: Tensor, sum_wxx: Tensor) -> dict[str, Tensor]:
     """The rank measures of :func:`pca_from_moments` for many sets of moments at once (leading dims ``...``), from
     the eigenvalues alone (``eigvalsh``): what the bootstrap needs on each resample.
@@ -134,16 +150,7 @@ def pca_ranks(sum_w: Tensor, sum_w2: Tensor, sum_wx: Tensor, sum_wxx: Tensor) ->
     evals = torch.linalg.eigvalsh(0.5 * (cov + cov.mT)).flip(-1)
     # the same round-off floor as pca_from_moments
     noise = _noise_floor(d, cov.dtype, torch.diagonal(sum_wxx, dim1=-2, dim2=-1).abs().amax(-1), safe_w)
-    lam = torch.where(evals.abs() <= noise.unsqueeze(-1), torch.zeros_like(evals), evals).clamp_min(0)
-    nan = torch.full_like(sum_w, float("nan"))
-    n_eff = torch.where(ok, sum_w**2 / torch.where(ok, sum_w2, torch.ones_like(sum_w2)), torch.zeros_like(sum_w))
-    return {
-        "effective_rank": torch.where(ok, effective_rank(lam), nan),
-        "participation_ratio": torch.where(ok, participation_ratio(lam), nan),
-        "n90": torch.where(ok, n_components_for_variance(lam, 0.9), nan),
-        "n_eff": n_eff,
-        "undersampled": (n_eff < d).to(sum_w.dtype),
-    }
+    return _rank_measures(evals, noise, sum_w, sum_w2, d)
 
 
 def _noise_floor(d: int, dtype: torch.dtype, max_diag_sum_wxx: Tensor, sum_w: Tensor) -> Tensor:
@@ -250,16 +257,7 @@ def pca_ranks_from_tokens(z_ND: Tensor, w_BN: Tensor, memory_budget_bytes: int) 
     gram_BNN = s_BN.unsqueeze(-1) * centred_BNN * s_BN.unsqueeze(-2)
     evals = torch.linalg.eigvalsh(0.5 * (gram_BNN + gram_BNN.mT)).flip(-1)
     noise = _noise_floor(d, z_ND.dtype, (w_BN @ (z_ND * z_ND)).amax(-1), safe_w)
-    lam = torch.where(evals.abs() <= noise.unsqueeze(-1), torch.zeros_like(evals), evals).clamp_min(0)
-    nan = torch.full_like(sum_w, float("nan"))
-    n_eff = torch.where(ok, sum_w**2 / torch.where(ok, sum_w2, torch.ones_like(sum_w2)), torch.zeros_like(sum_w))
-    return {
-        "effective_rank": torch.where(ok, effective_rank(lam), nan),
-        "participation_ratio": torch.where(ok, participation_ratio(lam), nan),
-        "n90": torch.where(ok, n_components_for_variance(lam, 0.9), nan),
-        "n_eff": n_eff,
-        "undersampled": (n_eff < d).to(sum_w.dtype),
-    }
+    return _rank_measures(evals, noise, sum_w, sum_w2, d)
 
 
 def _weighted_moments(z_ND: Tensor, w_BN: Tensor) -> tuple[Tensor, Tensor]:
