@@ -23,6 +23,7 @@ from moe_lightning.analysis.overview import constant_value
 from moe_lightning.analysis.run import Run
 from moe_lightning.analysis.steps import GEOMETRY_METRICS
 from moe_lightning.analysis.timeline import (
+    STABILITY_THRESHOLDS,
     Quantity,
     SpectrumEvolution,
     curvature_curves,
@@ -314,7 +315,7 @@ def _curvature(run: Run) -> str | None:
     panels = curvature_curves(run.history)
     if not panels:
         return None
-    traces = []
+    traces, stability = [], []
     for title, lines in panels.items():
         styled = [
             _line(series, name, line={"width": 1.5, "color": EXPERT_COLORS[i % len(EXPERT_COLORS)]})
@@ -324,8 +325,14 @@ def _curvature(run: Run) -> str | None:
             trace.mode = "lines+markers"
             trace.showlegend = len(styled) > 1  # a panel's one line is named by its title
         name = title.removeprefix("curvature/")
-        traces.append((name, name, styled))
-    return small_multiples(traces, "curvature")
+        # A sharpness beside its edge-of-stability threshold: far below it early on (the threshold falls as the
+        # learning rate warms up), so on a log axis, where both stay readable.
+        (stability if set(lines) & set(STABILITY_THRESHOLDS) else traces).append((name, name, styled))
+    html_parts = [small_multiples(traces, "curvature")] if traces else []
+    if stability:
+        html_parts.append("<h3>Sharpness against the edge of stability</h3>")
+        html_parts.append(small_multiples(stability, "curvature", "stability", log_y=True))
+    return "\n".join(html_parts)
 
 
 def dashboard_sections(run: Run) -> list[tuple[str, str]]:

@@ -25,6 +25,7 @@ from moe_lightning.analysis.timeline import (
     spectrum_evolution,
 )
 from moe_lightning.report import build_report
+from moe_lightning.report.dashboard import dashboard_sections
 
 ROOT = Path(__file__).resolve().parents[2]
 LAYERS = ("blocks.0.ffn", "blocks.1.ffn")
@@ -92,6 +93,8 @@ def test_quantities_router_load_and_curvature_match_the_csv_log(logged_run):
         sharpness["adam_stability_threshold"], logged(raw, "curvature/adam_stability_threshold")
     )
     assert "curvature/adam_stability_threshold" not in curves
+    page = dict(dashboard_sections(run))["Curvature"]
+    assert page.count("Sharpness against the edge of stability") == 1  # its own grid, on a log axis
 
 
 def test_spectra_and_matrices_match_the_saved_reports(logged_run):
