@@ -4,7 +4,8 @@ The names most programs need, at the top level (each imported on first use, so t
 the command line's ``--help`` stay cheap):
 
 - the layer: :class:`MoEConfig`, :class:`MoELayer`;
-- the monitors: :class:`GeometryMonitor`, :class:`RouterMonitor`, :class:`CurvatureMonitor`;
+- the monitors: :class:`GeometryMonitor`, :class:`RouterMonitor`, :class:`CurvatureMonitor`,
+  :class:`WeightSpectraMonitor`;
 - probing a model of your own: :func:`find_moe_layers`, :func:`probe`.
 """
 
@@ -17,7 +18,7 @@ from moe_lightning.common.moved import install as _install_moved_paths
 
 if TYPE_CHECKING:
     from moe_lightning.adapters import find_moe_layers
-    from moe_lightning.callbacks import CurvatureMonitor, GeometryMonitor, RouterMonitor
+    from moe_lightning.callbacks import CurvatureMonitor, GeometryMonitor, RouterMonitor, WeightSpectraMonitor
     from moe_lightning.geometry import probe
     from moe_lightning.nn import MoEConfig, MoELayer
 
@@ -30,6 +31,7 @@ _SOURCES = {
     "MoEConfig": "nn",
     "MoELayer": "nn",
     "RouterMonitor": "callbacks",
+    "WeightSpectraMonitor": "callbacks",
     "find_moe_layers": "adapters",
     "probe": "geometry",
 }
@@ -39,6 +41,7 @@ __all__ = [
     "MoEConfig",
     "MoELayer",
     "RouterMonitor",
+    "WeightSpectraMonitor",
     "__version__",
     "find_moe_layers",
     "probe",

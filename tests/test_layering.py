@@ -150,10 +150,11 @@ def test_the_top_level_names_are_the_ones_they_stand_for():
     """The package's small top level is lazy: each name resolves to the object of its home module."""
     import moe_lightning
     from moe_lightning.adapters import find_moe_layers
-    from moe_lightning.callbacks import CurvatureMonitor, GeometryMonitor, RouterMonitor
+    from moe_lightning.callbacks import CurvatureMonitor, GeometryMonitor, RouterMonitor, WeightSpectraMonitor
     from moe_lightning.geometry import probe
     from moe_lightning.nn import MoEConfig, MoELayer
 
-    homes = [CurvatureMonitor, GeometryMonitor, MoEConfig, MoELayer, RouterMonitor, find_moe_layers, probe]
+    homes = [CurvatureMonitor, GeometryMonitor, MoEConfig, MoELayer, RouterMonitor, WeightSpectraMonitor]
+    homes += [find_moe_layers, probe]
     assert [getattr(moe_lightning, obj.__name__) for obj in homes] == homes
     assert sorted(moe_lightning.__all__) == sorted([obj.__name__ for obj in homes] + ["__version__"])
