@@ -141,7 +141,7 @@ def _failed_without_start(job: Job, preset: Preset, error: Exception) -> dict[st
     return status
 
 
-def interrupted_jobs(jobs: list[Job]) -> list[Job]:
+def _stopped_with_checkpoint(jobs: list[Job]) -> list[Job]:
     """The jobs that stopped before their end (failed, or killed while running) with a ``last.ckpt`` in their
     folder, and that no other sweep process runs now."""
     found = []
@@ -259,7 +259,7 @@ def run_sweep(
     loggers = check_loggers(loggers or [])
     devices, gpus, threads = _slots(devices)
     jobs = plan_jobs(preset, out)
-    stopped = interrupted_jobs(jobs)
+    stopped = _stopped_with_checkpoint(jobs)
     if stopped and not resume:
         files = "; ".join(str(job.dir / CHECKPOINTS / LAST_CHECKPOINT) for job in stopped)
         raise ValueError(
