@@ -13,14 +13,14 @@ class ResumableDataLoader(DataLoader):
     """A :class:`~torch.utils.data.DataLoader` whose place in its order travels in checkpoints.
 
     Why: a plain DataLoader started again after a resume shuffles as if training began anew, so the resumed fit
-    trains on other batches than the interrupted one would have. Lightning saves the ``state_dict`` of a training
-    loader that has one with every checkpoint and hands it back on resume (its "resumable dataloader" interface).
-    The state is the loader's ``generator`` state at the start of the current pass over the data and the number of
-    batches handed out in that pass. A loader given that state restores the generator, so its next pass shuffles as
-    the interrupted pass did, and skips the batches already trained on: they are read and dropped, cheap for the
-    in-memory datasets of this package. Without a resume it is the plain DataLoader: the same seed gives the same
-    batches. Lightning does not prefetch from a loader whose length it knows, so the batches handed out are the
-    batches trained on when a checkpoint is saved.
+    trains on other batches than the interrupted one would have. The loader's ``state_dict`` goes into every
+    checkpoint (Lightning's "resumable dataloader" interface, and :class:`ResumableTrainData` for a data module,
+    which hands it back on resume in the cases where Lightning would not). The state is the loader's ``generator``
+    state at the start of the current pass over the data and the number of batches handed out in that pass. A loader
+    given that state restores the generator, so its next pass shuffles as the interrupted pass did, and skips the
+    batches already trained on: they are read and dropped, cheap for the in-memory datasets of this package. Without
+    a resume it is the plain DataLoader: the same seed gives the same batches. Lightning does not prefetch from a
+    loader whose length it knows, so the batches handed out are the batches trained on when a checkpoint is saved.
 
     Only the data order is restored: a fit that draws other random numbers while training (dropout, router jitter)
     continues from the global RNG state of the resumed process, not of the interrupted one. Tested with
