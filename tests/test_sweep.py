@@ -1,9 +1,11 @@
-"""The sweep runner: routing x seeds jobs, resume, failures that do not stop the others, shipped presets."""
+"""The sweep runner: routing x seeds jobs, resume (a job killed midway and continued ends as an uninterrupted one),
+failures that do not stop the others, shipped presets."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -22,8 +24,19 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_ARMS = ["topk", "soft", "dense_active"]
 
 
-def tiny_preset(tmp_path: Path, **extra) -> Path:
-    """The MLP config cut to a few steps: 3 arms x 2 seeds, probes at steps 0, 3 and 6."""
+TINY_CALLBACKS = [
+    {
+        "class_path": "moe_lightning.callbacks.GeometryMonitor",
+        "init_args": {"every_n_steps": 3, "max_tokens": 32, "log_media": False},
+    },
+    {"class_path": "moe_lightning.callbacks.RouterMonitor"},
+    {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"every_n_train_steps": 2}},
+]
+
+
+def tiny_preset(tmp_path: Path, callbacks: tuple[dict, ...] = (), **extra) -> Path:
+    """The MLP config cut to a few steps: 3 arms x 2 seeds, 5 batches an epoch, probes at steps 0, 3 and 6,
+    ``last.ckpt`` every 2 steps; ``callbacks`` are added to the preset's."""
     preset = {
         "name": "tiny",
         "family": "mlp",
@@ -31,19 +44,8 @@ def tiny_preset(tmp_path: Path, **extra) -> Path:
         "routings": TINY_ARMS,
         "seeds": [0, 1],
         "overrides": {
-            "trainer": {
-                "max_steps": 6,
-                "limit_val_batches": 1,
-                "enable_checkpointing": False,
-                "callbacks": [
-                    {
-                        "class_path": "moe_lightning.callbacks.GeometryMonitor",
-                        "init_args": {"every_n_steps": 3, "max_tokens": 32, "log_media": False},
-                    },
-                    {"class_path": "moe_lightning.callbacks.RouterMonitor"},
-                ],
-            },
-            "data": {"init_args": {"num_train": 256, "num_val": 64, "batch_size": 32}},
+            "trainer": {"max_steps": 6, "limit_val_batches": 1, "callbacks": [*TINY_CALLBACKS, *callbacks]},
+            "data": {"init_args": {"num_train": 160, "num_val": 64, "batch_size": 32}},
             # No end-of-fit report per job (several seconds each): tests/test_run_summary.py covers it.
             "summary": False,
         },
@@ -112,10 +114,11 @@ def test_sweep_runs_every_routing_and_seed(tiny_sweep) -> None:
 def test_sweep_resumes_and_reruns_only_unfinished_jobs(tiny_sweep, capsys) -> None:
     code, root, preset = tiny_sweep
     stamps = {p.parent.name: p.stat().st_mtime_ns for p in root.glob("*/metrics.csv")}
-    # Simulate an interruption in the middle of one job.
+    # Simulate an interruption of one job before its first checkpoint: it starts again from scratch.
     status_file = root / "soft-seed1" / "run.json"
     status = json.loads(status_file.read_text())
     status_file.write_text(json.dumps({**status, "status": "running"}))
+    shutil.rmtree(root / "soft-seed1" / "checkpoints")
     capsys.readouterr()
     assert main([str(preset), "--out", str(root.parent), "--loggers", "csv", "--no-report"]) == 0
     out = capsys.readouterr().out
@@ -125,6 +128,84 @@ def test_sweep_resumes_and_reruns_only_unfinished_jobs(tiny_sweep, capsys) -> No
     changed = sorted(name for name in stamps if after[name] != stamps[name])
     assert changed == ["soft-seed1"]
     assert json.loads(status_file.read_text())["status"] == "done"
+
+
+def _tensors_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_a_job_killed_midway_and_resumed_ends_as_the_uninterrupted_one(tiny_sweep, tmp_path, monkeypatch, capsys):
+    """topk-seed0 of the tiny sweep again, SIGKILLed at the start of step 3 (after the checkpoint of step 2, in the
+    first of its two epochs), then continued with --resume: the same final weights, history and geometry reports
+    as the uninterrupted job of the tiny sweep."""
+    _, reference_root, _ = tiny_sweep
+    reference = reference_root / "topk-seed0"
+    kill = {"class_path": "interrupt.KillAtStep", "init_args": {"step": 3}}  # tests/interrupt.py
+    preset = tiny_preset(tmp_path, callbacks=(kill,), routings=["topk"], seeds=[0])
+    tests = str(ROOT / "tests")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")])))
+    # the thread count of the reference job: float sums in another order would differ in the last bits
+    monkeypatch.setenv("OMP_NUM_THREADS", json.loads((reference / "run.json").read_text())["omp_num_threads"])
+    argv = [str(preset), "--out", str(tmp_path / "out"), "--loggers", "csv", "--no-report"]
+    assert main(argv) == 1
+    job = tmp_path / "out" / "tiny" / "topk-seed0"
+    killed = json.loads((job / "run.json").read_text())
+    assert (killed["status"], killed["returncode"]) == ("failed", -9)
+    assert torch.load(job / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
+    capsys.readouterr()
+    assert main([*argv, "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "[1/1] topk-seed0: continued from its last checkpoint in" in out
+    status = json.loads((job / "run.json").read_text())
+    assert status["status"] == "done" and len(status["continued"]) == 1
+    assert status["command"][-4:] == ["--config", str(job / "config.yaml"), "--ckpt_path", "last"]
+    final = torch.load(job / "checkpoints" / "last.ckpt", weights_only=False)
+    expected = torch.load(reference / "checkpoints" / "last.ckpt", weights_only=False)
+    assert final["global_step"] == expected["global_step"] == 6
+    assert _tensors_equal(final["state_dict"], expected["state_dict"])
+    # One history: every row of the uninterrupted job's metrics.csv, in its order, none twice.
+    pd.testing.assert_frame_equal(
+        pd.read_csv(job / "metrics.csv").sort_index(axis=1), pd.read_csv(reference / "metrics.csv").sort_index(axis=1)
+    )
+    reports = sorted(path.name for path in (reference / "geometry").iterdir())
+    assert reports == sorted(path.name for path in (job / "geometry").iterdir())
+    assert len(reports) == 3 and all(
+        (job / "geometry" / name).read_bytes() == (reference / "geometry" / name).read_bytes() for name in reports
+    )
+
+
+def _stopped_job(tmp_path: Path, checkpoint: bytes) -> tuple[Path, list[str]]:
+    """A tiny sweep of one job whose folder says it was killed while running, holding ``checkpoint`` as its
+    ``last.ckpt``: ``(its folder, the sweep's argv)``."""
+    preset = tiny_preset(tmp_path, routings=["topk"], seeds=[0])
+    job = tmp_path / "out" / "tiny" / "topk-seed0"
+    (job / "checkpoints").mkdir(parents=True)
+    (job / "checkpoints" / "last.ckpt").write_bytes(checkpoint)
+    (job / "config.yaml").write_text("seed_everything: 0\n")
+    (job / "run.json").write_text(json.dumps({"status": "running", "pid": None}))
+    return job, [str(preset), "--out", str(tmp_path / "out"), "--loggers", "csv", "--no-report"]
+
+
+def test_a_stopped_job_with_a_checkpoint_is_not_thrown_away_without_resume(tmp_path, capsys):
+    job, argv = _stopped_job(tmp_path, b"a checkpoint")
+    before = sorted(str(path) for path in job.rglob("*"))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    last = job / "checkpoints" / "last.ckpt"
+    assert f"1 job(s) stopped before their end with a checkpoint: {last}; continue them with --resume" in err
+    assert sorted(str(path) for path in job.rglob("*")) == before
+
+
+def test_a_job_whose_checkpoint_is_unreadable_fails_and_names_it(tmp_path, capsys):
+    job, argv = _stopped_job(tmp_path, b"PK\x03\x04 cut short")
+    assert main([*argv, "--resume"]) == 1
+    last = job / "checkpoints" / "last.ckpt"
+    status = json.loads((job / "run.json").read_text())
+    assert status["status"] == "failed"
+    assert status["error"].startswith(f"checkpoint {str(last)!r} is unreadable: not a torch.save archive")
+    out = capsys.readouterr().out
+    assert f"[1/1] topk-seed0: failed, not continued: checkpoint {str(last)!r} is unreadable" in out
+    assert last.read_bytes() == b"PK\x03\x04 cut short"  # kept: deleting the folder starts the job again
 
 
 @pytest.mark.integration  # a sweep of fit subprocesses

@@ -30,7 +30,7 @@ from moe_lightning.commands.run_folder import (
     resolve_run_dir,
     wandb_installed,
 )
-from moe_lightning.lightning.loggers import continue_csv_log, finish_wandb_runs
+from moe_lightning.lightning.loggers import CSVHistoryMark, continue_csv_log, finish_wandb_runs
 
 DEFAULT_LOGGER = {"class_path": "moe_lightning.lightning.loggers.AutoWandbLogger", "init_args": {"save_dir": "runs"}}
 # Without wandb (an image that ships only torch and Lightning, say) a run logs to metrics.csv rather than failing.
@@ -105,8 +105,11 @@ class MoELightningCLI(LightningCLI):
             print(f"Run folder: {self.run_dir}" + (" (continued)" if self._resuming else ""), flush=True)
 
     def instantiate_trainer(self, **kwargs):
-        """The trainer, rooted in the run folder (what Lightning writes without a logger goes there too)."""
-        return super().instantiate_trainer(**{"default_root_dir": self.run_dir, **kwargs})
+        """The trainer, rooted in the run folder (what Lightning writes without a logger goes there too), its CSV
+        history kept in step with its checkpoints (:class:`CSVHistoryMark`), so a resumed run has one history."""
+        trainer = super().instantiate_trainer(**{"default_root_dir": self.run_dir, **kwargs})
+        trainer.callbacks.append(CSVHistoryMark(trainer.loggers))
+        return trainer
 
     def parse_arguments(self, parser, args) -> None:
         """Parse, then check ``--ckpt_path``, before Lightning reads the checkpoint or any logger makes a folder.

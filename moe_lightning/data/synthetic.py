@@ -26,6 +26,8 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, TensorDataset
 
+from moe_lightning.data.resumable import ResumableDataLoader, ResumableTrainData
+
 TASKS = ("regression", "classification")
 SPLITS = ("train", "val", "test")
 
@@ -164,7 +166,7 @@ def collate_pairs(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch
     return torch.stack(xs), torch.stack(ys)
 
 
-class SyntheticMoEDataModule(LightningDataModule):
+class SyntheticMoEDataModule(ResumableTrainData, LightningDataModule):
     """Gaussian-mixture inputs with a different random teacher per cluster; no download needed.
 
     Batches are ``(x, y)`` tuples: ``x`` float ``(B, input_dim)``; ``y`` float ``(B, output_dim)`` for
@@ -283,7 +285,9 @@ class SyntheticMoEDataModule(LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         self.setup()
-        return DataLoader(
+        # The shuffled split keeps its place in checkpoints, so a resumed fit draws the batches it would have drawn.
+        loader_class = ResumableDataLoader if shuffle else DataLoader
+        return loader_class(
             self.datasets[split],
             batch_size=self.batch_size,
             shuffle=shuffle,
@@ -295,7 +299,7 @@ class SyntheticMoEDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches; the order is seeded by ``seed``."""
-        return self._loader("train", shuffle=True)
+        return self.resumable_train_loader(self._loader("train", shuffle=True))
 
     def val_dataloader(self) -> DataLoader:
         """Validation batches in a fixed order."""

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from moe_lightning.common import hf_offline_mode, hub_reachable
 from moe_lightning.common.bundled import BUNDLED_PREFIX, WIKITEXT2_TRAIN, WIKITEXT2_VAL, is_bundled, resolve_text_file
+from moe_lightning.data.resumable import ResumableDataLoader, ResumableTrainData
 
 if TYPE_CHECKING:
     import datasets
@@ -183,7 +184,7 @@ def _atomic_write(path: Path, write: Any) -> None:
     os.replace(tmp, path)
 
 
-class WikiTextDataModule(LightningDataModule):
+class WikiTextDataModule(ResumableTrainData, LightningDataModule):
     """WikiText (or any text) for causal language modelling with a byte-level BPE tokenizer trained on it.
 
     Batches are ``(inputs, targets)`` tuples of long tensors, shape ``(batch_size, block_size)``, with ``targets``
@@ -377,7 +378,9 @@ class WikiTextDataModule(LightningDataModule):
         self.setup()
         if split not in self.datasets:
             return []
-        return DataLoader(
+        # The shuffled split keeps its place in checkpoints, so a resumed fit draws the batches it would have drawn.
+        loader_class = ResumableDataLoader if shuffle else DataLoader
+        return loader_class(
             self.datasets[split],
             batch_size=self.batch_size,
             shuffle=shuffle,
@@ -389,7 +392,7 @@ class WikiTextDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Training blocks, shuffled in an order seeded by ``seed``."""
-        return self._loader("train", shuffle=True)
+        return self.resumable_train_loader(self._loader("train", shuffle=True))
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation blocks in stream order (empty when there is no validation split)."""

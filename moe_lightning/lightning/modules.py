@@ -151,6 +151,8 @@ class _MoEModule(L.LightningModule):
         clip_grad_norm_(self.model.parameters(), gradient_clip_val)
 
     def on_fit_start(self) -> None:
+        if self.trainer.ckpt_path is not None:  # a resumed fit: the start it continues logged the counts at step 0
+            return
         counts = param_counts(self.model)
         for logger in self.loggers:
             logger.log_metrics({"params/total": counts["total"], "params/active": counts["active"]}, step=0)

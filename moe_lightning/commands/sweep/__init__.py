@@ -37,8 +37,12 @@ loggers (CSV always, into the job directory; W&B, offline when needed, when ``--
     <out>/<name>/<routing>-seed<k>/metrics.csv    CSVLogger history; config.yaml; geometry/step_*.json; wandb/
     <out>/<name>/report/                          tables, claims, plots, index.html
 
-Jobs whose ``run.json`` says ``done`` are skipped, so re-running the same command resumes an interrupted sweep;
-failed and interrupted jobs start again from scratch. A job that another sweep process on this host is running
+Jobs whose ``run.json`` says ``done`` are skipped, so re-running the same command goes on with a sweep. A job that
+stopped before its end (failed, or killed) with a ``checkpoints/last.ckpt`` is continued from it with ``--resume``
+(``moe-lightning fit --config <job>/config.yaml --ckpt_path last``: one run folder, one history, and the final values
+of an uninterrupted job); without ``--resume`` the sweep refuses to start, naming each such ``last.ckpt``, so that no
+checkpoint is thrown away unasked; a ``last.ckpt`` that cannot be read fails its job, naming the file. A job that
+stopped before its first checkpoint starts again from scratch. A job that another sweep process on this host is running
 (its ``run.json`` names a live pid) is skipped too, so two sweep processes can share one sweep, e.g. one per CPU
 socket or one per ``--routings`` subset. A failed job is reported and the others go on. On CPU jobs
 run one after another, or ``--devices N`` side by side with ``cores / N`` torch threads each (``OMP_NUM_THREADS``;

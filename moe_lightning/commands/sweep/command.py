@@ -43,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="jobs at once: one per GPU (default: all visible GPUs); on CPU, N jobs with cores/N threads each "
         "(default 1)",
     )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the jobs that stopped before their end (killed or failed) from their last.ckpt; without it, "
+        "the sweep refuses to start while such a job's folder holds one",
+    )
     parser.add_argument("--no-report", action="store_true", help="do not run `moe-lightning report` afterwards")
     parser.add_argument("--dry-run", action="store_true", help="print the jobs and their commands, run nothing")
     return parser
@@ -76,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             for job in plan_jobs(preset, args.out):
                 print(f"{job.name}: {' '.join(job_command(preset, job) + extra)}")
             return 0
-        results = run_sweep(preset, args.out, loggers, args.devices, args.wandb_project, extra)
+        results = run_sweep(preset, args.out, loggers, args.devices, args.wandb_project, extra, resume=args.resume)
     except ValueError as error:
         print(f"moe-lightning sweep: error: {error}", file=sys.stderr)
         return 2

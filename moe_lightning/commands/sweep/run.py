@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,11 +16,14 @@ from typing import IO, Any
 
 import yaml
 
+from moe_lightning.commands.checkpoint import CheckpointError, check_checkpoint
 from moe_lightning.commands.sweep.job import Job, check_loggers, job_command, job_config, plan_jobs
 from moe_lightning.commands.sweep.preset import Preset
 from moe_lightning.commands.sweep.progress import ProgressLines
 
 STATUS_FILE = "run.json"
+# A job's folder is its run folder (moe_lightning.commands.run_folder): the names a continued job is found by.
+CHECKPOINTS, LAST_CHECKPOINT, CONFIG_FILE = "checkpoints", "last.ckpt", "config.yaml"
 
 
 def job_status(job_dir: Path) -> dict[str, Any] | None:
@@ -58,25 +62,47 @@ class _Running:
         return self.status
 
 
-def _start(
-    preset: Preset,
-    job: Job,
-    loggers: list[str],
-    wandb_project: str,
-    gpu: int | None,
-    threads: int | None,
-    extra: list[str],
-) -> _Running:
-    if job.dir.exists():  # failed or interrupted: start again from a clean directory
+def _fresh_command(preset: Preset, job: Job, loggers: list[str], wandb_project: str) -> list[str]:
+    """A clean job folder with its ``job.yaml``, and the ``moe-lightning fit`` command that starts the job."""
+    if job.dir.exists():  # stopped before its first checkpoint (or failed at its config): nothing worth keeping
         shutil.rmtree(job.dir)
     job.dir.mkdir(parents=True)
     (job.dir / "job.yaml").write_text(yaml.safe_dump(job_config(preset, job, loggers, wandb_project)))
-    command = job_command(preset, job) + list(extra)
+    return job_command(preset, job)
+
+
+def _continue_command(job: Job) -> list[str]:
+    """The ``moe-lightning fit`` command that continues the job from its ``last.ckpt``: the config the job saved
+    when it first started (its run folder's ``config.yaml``), so the continued job is the job as it began.
+
+    Raises:
+        CheckpointError: ``last.ckpt`` is not a checkpoint that Lightning can load, or ``config.yaml`` is missing;
+            the message names the file.
+    """
+    checkpoint = job.dir / CHECKPOINTS / LAST_CHECKPOINT
+    check_checkpoint(checkpoint)
+    config = job.dir / CONFIG_FILE
+    if not config.is_file():
+        raise CheckpointError(f"{config} is missing: the job's {checkpoint} cannot be continued without its config")
+    return [sys.executable, "-m", "moe_lightning.commands", "fit", "--config", str(config), "--ckpt_path", "last"]
+
+
+def _start(
+    preset: Preset,
+    job: Job,
+    command: list[str],
+    gpu: int | None,
+    threads: int | None,
+    continued: bool,
+) -> _Running:
+    """Start ``command`` for ``job`` (appending to its ``fit.log`` when it continues the job) and write its
+    ``run.json``."""
     env = dict(os.environ)
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(gpu)
     if threads is not None and "OMP_NUM_THREADS" not in os.environ:
         env["OMP_NUM_THREADS"] = str(threads)  # CPU jobs side by side share the cores instead of oversubscribing
+    earlier = job_status(job.dir) if continued else None
     status = {
         "preset": preset.name,
         "family": preset.family,
@@ -91,13 +117,41 @@ def _start(
         "omp_num_threads": env.get("OMP_NUM_THREADS"),
         "cuda_visible_devices": env.get("CUDA_VISIBLE_DEVICES"),
         "command": command,
+        # One entry per sitting that continued the job from its last.ckpt.
+        "continued": [*((earlier or {}).get("continued") or []), time.strftime("%Y-%m-%dT%H:%M:%S")]
+        if continued
+        else [],
     }
     _write_json(job.dir / STATUS_FILE, status)
-    log = open(job.dir / "fit.log", "w")  # noqa: SIM115 - closed in _Running.finish
+    log = open(job.dir / "fit.log", "a" if continued else "w")  # noqa: SIM115 - closed in _Running.finish
+    if continued:
+        log.write(f"\n[sweep] continued from {CHECKPOINTS}/{LAST_CHECKPOINT} at {status['started']}\n")
+        log.flush()
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     status.update(pid=process.pid, host=socket.gethostname())
     _write_json(job.dir / STATUS_FILE, status)
     return _Running(job, process, log, status, time.perf_counter())
+
+
+def _failed_without_start(job: Job, preset: Preset, error: Exception) -> dict[str, Any]:
+    """The ``run.json`` of a job that could not be started (its checkpoint unreadable), which says why."""
+    status = {**(job_status(job.dir) or {}), "preset": preset.name, "routing": job.routing, "seed": job.seed}
+    status.update(status="failed", returncode=None, wall_s=0.0, error=str(error))
+    _write_json(job.dir / STATUS_FILE, status)
+    return status
+
+
+def _stopped_with_checkpoint(jobs: list[Job]) -> list[Job]:
+    """The jobs that stopped before their end (failed, or killed while running) with a ``last.ckpt`` in their
+    folder, and that no other sweep process runs now."""
+    found = []
+    for job in jobs:
+        status = job_status(job.dir)
+        if status is not None and (status.get("status") == "done" or _running_elsewhere(status)):
+            continue
+        if (job.dir / CHECKPOINTS / LAST_CHECKPOINT).exists():
+            found.append(job)
+    return found
 
 
 def _slots(devices: int | None) -> tuple[int, int, int | None]:
@@ -176,8 +230,15 @@ def run_sweep(
     wandb_project: str = "moe-lightning-sweep",
     extra_args: list[str] | None = None,
     verbose: bool = True,
+    resume: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Run every job of ``preset`` not already done; return ``{job name: run.json contents}`` for all jobs.
+
+    A job that stopped before its end (failed, or killed) with a ``checkpoints/last.ckpt`` in its folder is
+    continued from it with ``resume``, as ``moe-lightning fit --config <job>/config.yaml --ckpt_path last`` (one run
+    folder, one history); without ``resume`` the sweep refuses to start, so that no checkpoint is thrown away
+    unasked. A job whose ``last.ckpt`` cannot be read fails, with the file named in its ``run.json`` (``error``),
+    and the others go on; delete its folder to start it again. Other unfinished jobs start again from scratch.
 
     Args:
         preset: the sweep.
@@ -189,10 +250,22 @@ def run_sweep(
         extra_args: more ``moe-lightning fit`` arguments for every job (e.g. ``--trainer.max_steps=10``).
         verbose: print a line when a job starts and ends, and its step (from its ``progress.json``) at most every
             10 s while it runs.
+        resume: continue the jobs that stopped with a checkpoint, from their ``last.ckpt``.
+
+    Raises:
+        ValueError: bad ``devices`` or ``loggers``; without ``resume``, jobs that stopped with a checkpoint (the
+            message names each ``last.ckpt`` and the ``--resume`` flag).
     """
     loggers = check_loggers(loggers or [])
     devices, gpus, threads = _slots(devices)
     jobs = plan_jobs(preset, out)
+    stopped = _stopped_with_checkpoint(jobs)
+    if stopped and not resume:
+        files = "; ".join(str(job.dir / CHECKPOINTS / LAST_CHECKPOINT) for job in stopped)
+        raise ValueError(
+            f"sweep: {len(stopped)} job(s) stopped before their end with a checkpoint: {files}; continue them with "
+            "--resume, or delete their folders to start them again"
+        )
     root = jobs[0].dir.parent
     root.mkdir(parents=True, exist_ok=True)
     _write_json(root / "sweep.json", {**asdict(preset), "loggers": loggers, "extra_args": list(extra_args or [])})
@@ -209,9 +282,24 @@ def run_sweep(
                     results[job.name] = taken
                     _say(verbose, f"[sweep] {job.name}: {taken['status']} in another sweep process, skipped")
                     continue
-                _say(verbose, f"{position[job.name]} {job.name}: started in {job.dir}")
+                continued = (job.dir / CHECKPOINTS / LAST_CHECKPOINT).exists()
+                if continued and not resume:  # stopped with a checkpoint since the check above (another process)
+                    results[job.name] = job_status(job.dir) or {"status": "failed"}
+                    _say(verbose, f"[sweep] {job.name}: stopped with a checkpoint in {job.dir}; not started (--resume)")
+                    continue
+                try:
+                    if continued:
+                        command = _continue_command(job)
+                    else:
+                        command = _fresh_command(preset, job, loggers, wandb_project)
+                except CheckpointError as error:
+                    results[job.name] = _failed_without_start(job, preset, error)
+                    _say(verbose, f"{position[job.name]} {job.name}: failed, not continued: {error}")
+                    continue
+                verb = "continued from its last checkpoint" if continued else "started"
+                _say(verbose, f"{position[job.name]} {job.name}: {verb} in {job.dir}")
                 gpu = slot if gpus else None
-                running[slot] = _start(preset, job, loggers, wandb_project, gpu, threads, extra_args or [])
+                running[slot] = _start(preset, job, command + list(extra_args or []), gpu, threads, continued)
         for slot, run in list(running.items()):
             if run.process.poll() is None:
                 continue
