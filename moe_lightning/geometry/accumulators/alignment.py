@@ -36,20 +36,30 @@ class Alignment(Accumulator):
     With factored experts (any D) both are exact without forming a Jacobian: the mean Jacobians' inner products
     from their factors (:class:`~moe_lightning.geometry.accumulators.mean_jacobian.FactoredMeanJacobians`), the
     pointwise ones as ``s_iᵀ K_ij s_j`` with the weights' ``F × F`` Gram ``K_ij`` of each pair of experts
-    (:func:`~moe_lightning.geometry.factored.factored_inner_products`).
+    (:func:`~moe_lightning.geometry.factored.factored_inner_products`). On the exact path factored experts take the
+    same pointwise inner products, so that no expert's Jacobian is formed at the tokens not routed to it (``E / k``
+    times the Jacobians the spectra need, for top-``k`` routing); the mean Jacobians are the formed ones.
 
     Args:
         mean_jacobian: the mean Jacobians' accumulator.
         num_experts: E (at least 2).
         dim: D.
+        pointwise_factors: on the exact path, compute the pointwise inner products from the experts' factors.
     """
 
     needs_all_token_jacobians = True
 
-    def __init__(self, mean_jacobian: MeanJacobian | FactoredMeanJacobian, num_experts: int, dim: int) -> None:
+    def __init__(
+        self,
+        mean_jacobian: MeanJacobian | FactoredMeanJacobian,
+        num_experts: int,
+        dim: int,
+        pointwise_factors: bool = False,
+    ) -> None:
         self.mean_jacobian, self.num_experts, self.dim = mean_jacobian, num_experts, dim
         self.factored = isinstance(mean_jacobian, FactoredMeanJacobian)
-        if self.factored:
+        self.pointwise_factored = self.factored or pointwise_factors
+        if self.pointwise_factored:
             self.needs_all_token_jacobians = False
 
     def allocate(self, layout: BufferLayout) -> None:
@@ -57,7 +67,7 @@ class Alignment(Accumulator):
         self.cos_count = layout.allocate("alignment/pointwise_count", self.num_experts, self.num_experts)
 
     def add(self, chunk: Chunk, buffer: Tensor) -> None:
-        if self.factored:  # the factored path runs without expert parallelism (all experts are here)
+        if self.pointwise_factored:  # the factored path runs without expert parallelism (all experts are here)
             inner_NEE = factored_inner_products([chunk.all_token_factors(e) for e in range(self.num_experts)])
             s, c = _cosine_sums_from_inner_products(inner_NEE)
             self.cos_sum.of(buffer).add_(s)

@@ -82,6 +82,10 @@ class ProbeContext:
         factored_core: ``factored`` and every expert here has rank at most ``H < D``: its whole spectrum comes
             exactly from a small core (:func:`~moe_lightning.geometry.factored.factored_singular_values`).
         factor_width: the largest ``F = G·H`` of the experts' factors (0 when not ``factored``).
+        pointwise_factors: on the exact path, whether every expert offers its Jacobians' factors, so that the
+            pointwise alignment's inner products come from them
+            (:func:`~moe_lightning.geometry.factored.factored_inner_products`) and no expert's Jacobian is formed at
+            the tokens not routed to it.
     """
 
     view: MoEView
@@ -103,6 +107,7 @@ class ProbeContext:
     factored: bool = False
     factored_core: bool = False
     factor_width: int = 0
+    pointwise_factors: bool = False
 
     @property
     def num_experts(self) -> int:
