@@ -4,13 +4,14 @@ token, with the chance level of random matrices."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from moe_lightning.geometry.accumulators.base import Accumulator, safe_div
-from moe_lightning.geometry.accumulators.context import Chunk
+from moe_lightning.geometry.accumulators.context import Chunk, ProbeContext
 from moe_lightning.geometry.accumulators.mean_jacobian import (
     FactoredMeanJacobian,
     MeanJacobian,
@@ -24,6 +25,7 @@ from moe_lightning.geometry.alignment import (
     pointwise_cosine_sums,
 )
 from moe_lightning.geometry.factored import factored_inner_products
+from moe_lightning.geometry.operators import JacobianFactors
 from moe_lightning.geometry.report import GeometryReport
 from moe_lightning.geometry.statistics import BufferLayout
 
@@ -61,6 +63,8 @@ class Alignment(Accumulator):
         self.pointwise_factored = self.factored or pointwise_factors
         if self.pointwise_factored:
             self.needs_all_token_jacobians = False
+        self._queue: list[list[JacobianFactors]] = []  # each queued chunk's factors, one per expert
+        self._queued_bytes = 0
 
     def allocate(self, layout: BufferLayout) -> None:
         self.cos_sum = layout.allocate("alignment/pointwise_cos_sum", self.num_experts, self.num_experts)
@@ -68,10 +72,13 @@ class Alignment(Accumulator):
 
     def add(self, chunk: Chunk, buffer: Tensor) -> None:
         if self.pointwise_factored:  # the factored path runs without expert parallelism (all experts are here)
-            inner_NEE = factored_inner_products([chunk.all_token_factors(e) for e in range(self.num_experts)])
-            s, c = _cosine_sums_from_inner_products(inner_NEE)
-            self.cos_sum.of(buffer).add_(s)
-            self.cos_count.of(buffer).add_(c)
+            # The inner products' weight Grams (one F × F per pair of experts) do not depend on the tokens: chunks
+            # are queued and run together, so that they are computed once per probe rather than once per chunk.
+            factors = [chunk.all_token_factors(e) for e in range(self.num_experts)]
+            self._queue.append(factors)
+            self._queued_bytes += sum(f.scales_NGH.numel() * f.scales_NGH.element_size() for f in factors)
+            if 4 * self._queued_bytes >= chunk.ctx.config.memory_budget_bytes:
+                self._flush(buffer)
             return
         # Under expert parallelism each rank forms its experts' Jacobians at every token; the cosines of a token
         # need all of them, gathered, and each rank takes its share of the tokens.
@@ -83,6 +90,20 @@ class Alignment(Accumulator):
         s, c = pointwise_cosine_sums(J_NEOI[ctx.token_share(chunk.num_tokens)])
         self.cos_sum.of(buffer).add_(s)
         self.cos_count.of(buffer).add_(c)
+
+    def _flush(self, buffer: Tensor) -> None:
+        """Add the cosines of the queued chunks' tokens, in one call of
+        :func:`~moe_lightning.geometry.factored.factored_inner_products`."""
+        per_expert = zip(*self._queue, strict=True)
+        factors = [replace(fs[0], scales_NGH=torch.cat([f.scales_NGH for f in fs])) for fs in per_expert]
+        self._queue, self._queued_bytes = [], 0
+        s, c = _cosine_sums_from_inner_products(factored_inner_products(factors))
+        self.cos_sum.of(buffer).add_(s)
+        self.cos_count.of(buffer).add_(c)
+
+    def close(self, ctx: ProbeContext, buffer: Tensor) -> None:
+        if self._queue:
+            self._flush(buffer)
 
     def finalize(self, buffer: Tensor, report: GeometryReport, done: dict[Accumulator, Any]) -> None:
         chance = alignment_chance(self.dim, self.dim)
