@@ -60,3 +60,20 @@ def test_fast_path_equals_the_formed_jacobians_on_a_wikitext_sized_layer(wikitex
     for key, S in formed.spectra.items():
         torch.testing.assert_close(fast.spectra[key], S, rtol=1e-10, atol=1e-13, msg=key)
     assert fast.variants == formed.variants
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_factored_pointwise_alignment_over_many_chunks_equals_the_formed_jacobians(activation):
+    """A budget of a few tokens a chunk: the pointwise alignment's queued chunks run in several calls (each within the
+    budget) and still equal the cosines of the formed Jacobians, token by token, summed."""
+    torch.manual_seed(1)
+    layer = MoELayer(MoEConfig(dim=16, expert_hidden=12, num_experts=4, top_k=2, activation=activation))
+    (view,) = find_moe_layers(layer.to(DT))
+    x = torch.randn(40, 16, dtype=DT)
+    cfg = ProbeConfig(memory_budget_bytes=20_000, layer_jacobian=False, cka=False, pca=False, subspaces=False)
+    fast, formed = probe(view, x, cfg), probe(FormedOnly(view), x, cfg)
+    torch.testing.assert_close(fast.matrices["align_pointwise"], formed.matrices["align_pointwise"], rtol=1e-12, atol=0)
+    # an independent reference: every expert's Jacobian at every token, by the closed form
+    J_NEOI = torch.stack([view.expert_jacobian(e, x) for e in range(4)], 1).flatten(2)
+    cos_NEE = (J_NEOI @ J_NEOI.mT).abs() / (J_NEOI.norm(dim=-1).unsqueeze(-1) * J_NEOI.norm(dim=-1).unsqueeze(-2))
+    torch.testing.assert_close(fast.matrices["align_pointwise"], cos_NEE.mean(0), rtol=1e-12, atol=1e-15)

@@ -266,6 +266,7 @@ class Chunk:
         self._all_token_jacobians: dict[int, Tensor] = {}
         self._operators: dict[int, JacobianOperator | None] = {}
         self._all_token_factors: dict[int, JacobianFactors] = {}
+        self._all_token_outputs: dict[int, Tensor] = {}
 
     @property
     def num_tokens(self) -> int:
@@ -298,6 +299,13 @@ class Chunk:
         if e not in self._all_token_jacobians:
             self._all_token_jacobians[e] = self.ctx.expert_jacobian(e, self.x)
         return self._all_token_jacobians[e]
+
+    def all_token_output(self, e: int) -> Tensor:
+        """Expert ``e``'s outputs at every token of the chunk, ``(n, D)`` in :attr:`ProbeContext.dtype`: computed
+        once, for the CKA and the layer Jacobian's router term."""
+        if e not in self._all_token_outputs:
+            self._all_token_outputs[e] = self.ctx.experts[e](self.x).to(self.ctx.dtype)
+        return self._all_token_outputs[e]
 
     def operator(self, e: int) -> JacobianOperator | None:
         """Expert ``e``'s closed-form Jacobian products at its routed tokens (matrix-free path), if the view has
