@@ -90,6 +90,16 @@ def probe_context(
     core = shapes is not None and all(rank < d for _, rank in shapes)
     if core:  # one token's core, (rank × F) scaled factor and (rank × rank) core with its SVD workspace
         per_token = max(per_token, x_ND.element_size() * max(k * (f + 3 * k) for f, k in shapes))
+    # On the exact path the pointwise alignment needs every expert's Jacobian at every token, E times the Jacobians
+    # the spectra form; factored experts give its inner products from their scales instead (docs/geometry.md §4).
+    pointwise_factors = (
+        not matrix_free
+        and cfg.jacobian
+        and cfg.alignment
+        and num_experts > 1
+        and expert_group is None
+        and _factor_shapes(view, cfg, x_ND, here) is not None
+    )
     return ProbeContext(
         view=view,
         config=cfg,
@@ -107,4 +117,5 @@ def probe_context(
         factored=shapes is not None,
         factored_core=core,
         factor_width=0 if shapes is None else max(f for f, _ in shapes),
+        pointwise_factors=pointwise_factors,
     )

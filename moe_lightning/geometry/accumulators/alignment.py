@@ -4,13 +4,14 @@ token, with the chance level of random matrices."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from moe_lightning.geometry.accumulators.base import Accumulator, safe_div
-from moe_lightning.geometry.accumulators.context import Chunk
+from moe_lightning.geometry.accumulators.context import Chunk, ProbeContext
 from moe_lightning.geometry.accumulators.mean_jacobian import (
     FactoredMeanJacobian,
     MeanJacobian,
@@ -24,6 +25,7 @@ from moe_lightning.geometry.alignment import (
     pointwise_cosine_sums,
 )
 from moe_lightning.geometry.factored import factored_inner_products
+from moe_lightning.geometry.operators import JacobianFactors
 from moe_lightning.geometry.report import GeometryReport
 from moe_lightning.geometry.statistics import BufferLayout
 
@@ -36,32 +38,47 @@ class Alignment(Accumulator):
     With factored experts (any D) both are exact without forming a Jacobian: the mean Jacobians' inner products
     from their factors (:class:`~moe_lightning.geometry.accumulators.mean_jacobian.FactoredMeanJacobians`), the
     pointwise ones as ``s_iᵀ K_ij s_j`` with the weights' ``F × F`` Gram ``K_ij`` of each pair of experts
-    (:func:`~moe_lightning.geometry.factored.factored_inner_products`).
+    (:func:`~moe_lightning.geometry.factored.factored_inner_products`). On the exact path factored experts take the
+    same pointwise inner products, so that no expert's Jacobian is formed at the tokens not routed to it (``E / k``
+    times the Jacobians the spectra need, for top-``k`` routing); the mean Jacobians are the formed ones.
 
     Args:
         mean_jacobian: the mean Jacobians' accumulator.
         num_experts: E (at least 2).
         dim: D.
+        pointwise_factors: on the exact path, compute the pointwise inner products from the experts' factors.
     """
 
     needs_all_token_jacobians = True
 
-    def __init__(self, mean_jacobian: MeanJacobian | FactoredMeanJacobian, num_experts: int, dim: int) -> None:
+    def __init__(
+        self,
+        mean_jacobian: MeanJacobian | FactoredMeanJacobian,
+        num_experts: int,
+        dim: int,
+        pointwise_factors: bool = False,
+    ) -> None:
         self.mean_jacobian, self.num_experts, self.dim = mean_jacobian, num_experts, dim
         self.factored = isinstance(mean_jacobian, FactoredMeanJacobian)
-        if self.factored:
+        self.pointwise_factored = self.factored or pointwise_factors
+        if self.pointwise_factored:
             self.needs_all_token_jacobians = False
+        self._queue: list[list[JacobianFactors]] = []  # each queued chunk's factors, one per expert
+        self._queued_bytes = 0
 
     def allocate(self, layout: BufferLayout) -> None:
         self.cos_sum = layout.allocate("alignment/pointwise_cos_sum", self.num_experts, self.num_experts)
         self.cos_count = layout.allocate("alignment/pointwise_count", self.num_experts, self.num_experts)
 
     def add(self, chunk: Chunk, buffer: Tensor) -> None:
-        if self.factored:  # the factored path runs without expert parallelism (all experts are here)
-            inner_NEE = factored_inner_products([chunk.all_token_factors(e) for e in range(self.num_experts)])
-            s, c = _cosine_sums_from_inner_products(inner_NEE)
-            self.cos_sum.of(buffer).add_(s)
-            self.cos_count.of(buffer).add_(c)
+        if self.pointwise_factored:  # the factored path runs without expert parallelism (all experts are here)
+            # The inner products' weight Grams (one F × F per pair of experts) do not depend on the tokens: chunks
+            # are queued and run together, so that they are computed once per probe rather than once per chunk.
+            factors = [chunk.all_token_factors(e) for e in range(self.num_experts)]
+            self._queue.append(factors)
+            self._queued_bytes += sum(f.scales_NGH.numel() * f.scales_NGH.element_size() for f in factors)
+            if 4 * self._queued_bytes >= chunk.ctx.config.memory_budget_bytes:
+                self._flush(buffer)
             return
         # Under expert parallelism each rank forms its experts' Jacobians at every token; the cosines of a token
         # need all of them, gathered, and each rank takes its share of the tokens.
@@ -73,6 +90,20 @@ class Alignment(Accumulator):
         s, c = pointwise_cosine_sums(J_NEOI[ctx.token_share(chunk.num_tokens)])
         self.cos_sum.of(buffer).add_(s)
         self.cos_count.of(buffer).add_(c)
+
+    def _flush(self, buffer: Tensor) -> None:
+        """Add the cosines of the queued chunks' tokens, in one call of
+        :func:`~moe_lightning.geometry.factored.factored_inner_products`."""
+        per_expert = zip(*self._queue, strict=True)
+        factors = [replace(fs[0], scales_NGH=torch.cat([f.scales_NGH for f in fs])) for fs in per_expert]
+        self._queue, self._queued_bytes = [], 0
+        s, c = _cosine_sums_from_inner_products(factored_inner_products(factors))
+        self.cos_sum.of(buffer).add_(s)
+        self.cos_count.of(buffer).add_(c)
+
+    def close(self, ctx: ProbeContext, buffer: Tensor) -> None:
+        if self._queue:
+            self._flush(buffer)
 
     def finalize(self, buffer: Tensor, report: GeometryReport, done: dict[Accumulator, Any]) -> None:
         chance = alignment_chance(self.dim, self.dim)

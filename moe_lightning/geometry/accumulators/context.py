@@ -82,6 +82,10 @@ class ProbeContext:
         factored_core: ``factored`` and every expert here has rank at most ``H < D``: its whole spectrum comes
             exactly from a small core (:func:`~moe_lightning.geometry.factored.factored_singular_values`).
         factor_width: the largest ``F = G·H`` of the experts' factors (0 when not ``factored``).
+        pointwise_factors: on the exact path, whether every expert offers its Jacobians' factors, so that the
+            pointwise alignment's inner products come from them
+            (:func:`~moe_lightning.geometry.factored.factored_inner_products`) and no expert's Jacobian is formed at
+            the tokens not routed to it.
     """
 
     view: MoEView
@@ -103,6 +107,7 @@ class ProbeContext:
     factored: bool = False
     factored_core: bool = False
     factor_width: int = 0
+    pointwise_factors: bool = False
 
     @property
     def num_experts(self) -> int:
@@ -261,6 +266,7 @@ class Chunk:
         self._all_token_jacobians: dict[int, Tensor] = {}
         self._operators: dict[int, JacobianOperator | None] = {}
         self._all_token_factors: dict[int, JacobianFactors] = {}
+        self._all_token_outputs: dict[int, Tensor] = {}
 
     @property
     def num_tokens(self) -> int:
@@ -293,6 +299,13 @@ class Chunk:
         if e not in self._all_token_jacobians:
             self._all_token_jacobians[e] = self.ctx.expert_jacobian(e, self.x)
         return self._all_token_jacobians[e]
+
+    def all_token_output(self, e: int) -> Tensor:
+        """Expert ``e``'s outputs at every token of the chunk, ``(n, D)`` in :attr:`ProbeContext.dtype`: computed
+        once, for the CKA and the layer Jacobian's router term."""
+        if e not in self._all_token_outputs:
+            self._all_token_outputs[e] = self.ctx.experts[e](self.x).to(self.ctx.dtype)
+        return self._all_token_outputs[e]
 
     def operator(self, e: int) -> JacobianOperator | None:
         """Expert ``e``'s closed-form Jacobian products at its routed tokens (matrix-free path), if the view has

@@ -70,7 +70,7 @@ class LayerJacobian(Accumulator):
         def partial() -> Tensor:
             dg = jacobians(ctx.view.gates, x, memory_budget_bytes=cfg.memory_budget_bytes, mode="jacrev")
             here, empty = ctx.experts_here, x.new_zeros(0, ctx.dim, ctx.dim)
-            outputs = [ctx.experts[e](x) if e in here else None for e in range(ctx.num_experts)]
+            outputs = [chunk.all_token_output(e) if e in here else None for e in range(ctx.num_experts)]
             d_out = next(f.shape[-1] for f in outputs if f is not None)
             outputs = [f if f is not None else x.new_zeros(x.shape[0], d_out) for f in outputs]
             parts = [(chunk.rows[e], chunk.jacobian(e) if e in here else empty) for e in range(ctx.num_experts)]
@@ -136,7 +136,7 @@ class LayerJacobian(Accumulator):
         ctx, x, g = chunk.ctx, chunk.x, chunk.gates
         here, cfg = ctx.experts_here, ctx.config
         dg = jacobians(ctx.view.gates, x, memory_budget_bytes=cfg.memory_budget_bytes, mode="jacrev").to(g.dtype)
-        outputs = [ctx.experts[e](x).to(g.dtype) if e in here else None for e in range(ctx.num_experts)]
+        outputs = [chunk.all_token_output(e).to(g.dtype) if e in here else None for e in range(ctx.num_experts)]
         d_out = next(f.shape[-1] for f in outputs if f is not None)
         outputs = [f if f is not None else g.new_zeros(x.shape[0], d_out) for f in outputs]
         return compose_layer_operator(g, dg, outputs, parts)

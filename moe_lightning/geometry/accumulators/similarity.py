@@ -49,7 +49,7 @@ class ExpertCKA(Accumulator):
         # them, gathered, and each rank adds its share of the tokens.
         ctx, here = chunk.ctx, chunk.ctx.experts_here
         f_NED = ctx.gather_over_experts(
-            lambda: torch.stack([ctx.experts[e](chunk.x).to(ctx.dtype) for e in here], 1),
+            lambda: torch.stack([chunk.all_token_output(e) for e in here], 1),
             (chunk.num_tokens, len(here), ctx.dim),
         )[ctx.token_share(chunk.num_tokens)]
         sum_ED, cross_EEDD = linear_cka_sums(f_NED)

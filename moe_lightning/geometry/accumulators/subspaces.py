@@ -105,12 +105,12 @@ class Subspaces(Accumulator):
         for kind, basis in bases.items():
             mats = {q: torch.full((num_experts, num_experts), math.nan, dtype=torch.float64) for q in _GRASS}
             for i in range(num_experts):
-                for j in range(num_experts):
+                for j in range(i, num_experts):  # the principal angles of (i, j) are those of (j, i)
                     if basis[i] is None or basis[j] is None:
                         continue
                     dist = grassmann_distance(basis[i], basis[j], orthonormal=True)
                     for q in _GRASS:
-                        mats[q][i, j] = getattr(dist, q)
+                        mats[q][i, j] = mats[q][j, i] = getattr(dist, q)
             for q, M in mats.items():
                 report.matrices[f"subspace_{kind}_{q}"] = M
                 mean_off, max_off = offdiag_summary(M)
