@@ -46,6 +46,7 @@ def test_four_ranks_match_one_process(tmp_path):
     for run in ("ep2", "ep4"):
         assert losses[run] == pytest.approx(losses["single"], abs=1e-5), run
     check_router(losses["router"])
+    check_weight_spectra(losses["weights"])
     check_probes(json.loads((tmp_path / "geometry.json").read_text()))
     check_layer_result(json.loads((tmp_path / "layer.json").read_text()), world=4)
 
@@ -73,6 +74,17 @@ def check_probes(probes: dict) -> None:
         assert sum(k.startswith("bootstrap/") for k in probes["topk_bootstrap"]["single"]) > 100
     if "topk_matrix_free" in probes:
         assert any("layer_jac_unconverged" in k for k in probes["topk_matrix_free"]["single"])
+
+
+def check_weight_spectra(weights: dict) -> None:
+    """Each run's weight spectra of the initial weights (the same in every run) equal one process's, whichever ranks
+    hold which experts or shards."""
+    single = weights.pop("single")
+    assert any(k.endswith("/alpha/mean") for k in single) and any("/alpha/e" in k for k in single)
+    for run, values in weights.items():
+        assert values.keys() == single.keys(), run
+        for key, value in single.items():
+            assert values[key] == pytest.approx(value, rel=1e-9, abs=1e-12, nan_ok=True), (run, key)
 
 
 def check_router(router: dict) -> None:
@@ -114,6 +126,7 @@ def test_training_checkpoints_and_probes_match_one_process(tmp_path):
     # in-place op on a view (nor does FSDP2 warn about one).
     assert losses["view_warnings"] == []
     check_router(losses["router"])
+    check_weight_spectra(losses["weights"])
     probes = json.loads((tmp_path / "geometry.json").read_text())
     failing = probes.pop("failing")  # the probe fails on rank 1 only: both ranks skip it and training goes on
     assert failing["reports"] == [] and failing["steps"] == 2

@@ -230,6 +230,8 @@ class WeightSpectraProbe:
             layer = spectra.get(view.name)
             if layer is not None and view.name not in errors:
                 for m, matrix in enumerate(self._matrices[view.name]):
+                    if matrix not in layer.values:  # a rank that measures none of the layer's experts adds 0
+                        continue
                     for q, quantity in enumerate(WEIGHT_QUANTITIES):
                         values_E = layer.values[matrix][quantity]
                         measured_E = torch.zeros(E, dtype=torch.bool)

@@ -24,7 +24,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from moe_lightning.adapters import find_moe_layers, native
 from moe_lightning.adapters.capture import capture_layer_inputs
-from moe_lightning.callbacks import GeometryMonitor, RouterMonitor
+from moe_lightning.callbacks import GeometryMonitor, RouterMonitor, WeightSpectraMonitor
 from moe_lightning.common import observation
 from moe_lightning.distributed.layout import is_parallelized
 from moe_lightning.geometry import probe
@@ -106,10 +106,10 @@ def preset_strategy(name: str) -> ExpertParallelStrategy:
     return ExpertParallelStrategy(**{**spec["init_args"], "process_group_backend": "gloo"})
 
 
-def fit(strategy, devices: int, loader, ckpt_dir=None, ckpt_path=None, router=None) -> Losses:
+def fit(strategy, devices: int, loader, ckpt_dir=None, ckpt_path=None, router=None, spectra=None) -> Losses:
     """Train ``module()`` for 10 steps with gradient clipping; every rank's loss and batch of every step."""
     losses = Losses()
-    callbacks = [losses] + ([router] if router is not None else [])
+    callbacks = [losses] + [monitor for monitor in (router, spectra) if monitor is not None]
     if ckpt_dir is not None:
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, every_n_epochs=STEPS // 2, save_top_k=-1))
     trainer = quiet_trainer(
@@ -247,21 +247,31 @@ def bootstrap(report) -> list[tuple[str, float]]:
     ]
 
 
-def single_process(out: Path, result: dict, run: Losses, router: RouterMonitor) -> None:
-    """On rank 0: the 10 steps in one process, each on the batches of every rank of ``run`` together, and the
-    router statistics of the last window of both; everything into losses.json."""
-    single_router = RouterMonitor(log_every_n_steps=STEPS // 2)
+def initial_spectra() -> WeightSpectraMonitor:
+    """The weight spectra of the initial weights (the same in every run) only."""
+    return WeightSpectraMonitor(every_n_steps=10 * STEPS, at_fit_end=False)
+
+
+def single_process(
+    out: Path, result: dict, run: Losses, router: RouterMonitor, spectra: dict[str, WeightSpectraMonitor]
+) -> None:
+    """On rank 0: the 10 steps in one process, each on the batches of every rank of ``run`` together, the router
+    statistics of the last window of both, and the weight spectra of each run's initial weights; everything into
+    losses.json."""
+    single_router, single_spectra = RouterMonitor(log_every_n_steps=STEPS // 2), initial_spectra()
     union = torch.utils.data.DataLoader(run.batches, batch_size=None)
-    result["single"] = fit("auto", 1, union, router=single_router).values
+    result["single"] = fit("auto", 1, union, router=single_router, spectra=single_spectra).values
     result["router"] = {"ep": router.last_metrics, "single": single_router.last_metrics}
+    result["weights"] = {name: m.last_values for name, m in spectra.items()} | {"single": single_spectra.last_values}
     (out / "losses.json").write_text(json.dumps(result))
 
 
 def main_4(out: Path) -> None:
     """4 ranks: EP=2 with two replicas of every expert (the (2, 2) expert mesh), EP=4, and the layer checks."""
-    router = RouterMonitor(log_every_n_steps=STEPS // 2)
-    ep2 = fit(ExpertParallelStrategy(2, process_group_backend="gloo"), 4, data(BATCH, 4), router=router)
-    ep4 = fit(ExpertParallelStrategy(4, process_group_backend="gloo"), 4, data(BATCH, 4))
+    router, spectra = RouterMonitor(log_every_n_steps=STEPS // 2), {"ep2": initial_spectra(), "ep4": initial_spectra()}
+    ep2_strategy = ExpertParallelStrategy(2, process_group_backend="gloo")
+    ep2 = fit(ep2_strategy, 4, data(BATCH, 4), router=router, spectra=spectra["ep2"])
+    ep4 = fit(ExpertParallelStrategy(4, process_group_backend="gloo"), 4, data(BATCH, 4), spectra=spectra["ep4"])
     result = {"ep2": ep2.values, "ep4": ep4.values}
     probes = {"topk": geometry("topk", devices=4)}  # two expert groups of 2 ranks, each probing its tokens
     layer = check_layer(dist.get_rank(), dist.get_world_size())
@@ -269,14 +279,19 @@ def main_4(out: Path) -> None:
         return
     (out / "geometry.json").write_text(json.dumps(probes))
     (out / "layer.json").write_text(json.dumps(layer))
-    single_process(out, result, ep2, router)
+    single_process(out, result, ep2, router, spectra)
 
 
 def main(out_dir: str) -> None:
     out = Path(out_dir)
-    ep2_router = RouterMonitor(log_every_n_steps=STEPS // 2)
-    ep2 = fit(preset_strategy("ep_cpu.yaml"), 2, data(BATCH), ckpt_dir=out / "ckpt", router=ep2_router)
-    fsdp = fit(preset_strategy("fsdp.yaml"), 2, data(BATCH))
+    ep2_router, spectra = (
+        RouterMonitor(log_every_n_steps=STEPS // 2),
+        {"ep2": initial_spectra(), "fsdp": initial_spectra()},
+    )
+    ep2 = fit(
+        preset_strategy("ep_cpu.yaml"), 2, data(BATCH), ckpt_dir=out / "ckpt", router=ep2_router, spectra=spectra["ep2"]
+    )
+    fsdp = fit(preset_strategy("fsdp.yaml"), 2, data(BATCH), spectra=spectra["fsdp"])
     result = {"ep2": ep2.values, "fsdp": fsdp.values, "view_warnings": ep2.view_warnings + fsdp.view_warnings}
     (checkpoint,) = sorted((out / "ckpt").glob("*step=5*"))
     for name, size in (("resume_ep1", 1), ("resume_ep2", 2)):
@@ -289,7 +304,7 @@ def main(out_dir: str) -> None:
         return
     (out / "geometry.json").write_text(json.dumps(probes))
     (out / "layer.json").write_text(json.dumps(layer))
-    single_process(out, result, ep2, ep2_router)
+    single_process(out, result, ep2, ep2_router, spectra)
 
 
 if __name__ == "__main__":
