@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from moe_lightning.geometry.accumulators.base import Accumulator, safe_div
-from moe_lightning.geometry.accumulators.context import Chunk
+from moe_lightning.geometry.accumulators.context import Chunk, ProbeContext
 from moe_lightning.geometry.accumulators.mean_jacobian import (
     FactoredMeanJacobian,
     MeanJacobian,
@@ -23,7 +23,8 @@ from moe_lightning.geometry.alignment import (
     offdiag_summary,
     pointwise_cosine_sums,
 )
-from moe_lightning.geometry.factored import factored_inner_products
+from moe_lightning.geometry.factored import pointwise_cosine_sums_factored
+from moe_lightning.geometry.operators import JacobianFactors
 from moe_lightning.geometry.report import GeometryReport
 from moe_lightning.geometry.statistics import BufferLayout
 
@@ -36,7 +37,9 @@ class Alignment(Accumulator):
     With factored experts (any D) both are exact without forming a Jacobian: the mean Jacobians' inner products
     from their factors (:class:`~moe_lightning.geometry.accumulators.mean_jacobian.FactoredMeanJacobians`), the
     pointwise ones as ``s_iᵀ K_ij s_j`` with the weights' ``F × F`` Gram ``K_ij`` of each pair of experts
-    (:func:`~moe_lightning.geometry.factored.factored_inner_products`).
+    (:func:`~moe_lightning.geometry.factored.pointwise_cosine_sums_factored`). A Gram costs ``O(D·F²)``, far more
+    than applying it to a token's scales, so the tokens of every chunk are kept (``D`` numbers each) and each Gram
+    is formed once for all of them when the probe closes, not once per chunk.
 
     Args:
         mean_jacobian: the mean Jacobians' accumulator.
@@ -52,16 +55,20 @@ class Alignment(Accumulator):
         if self.factored:
             self.needs_all_token_jacobians = False
 
+        self._pending_x: list[Tensor] = []  # factored path: the chunks' tokens, until close
+
     def allocate(self, layout: BufferLayout) -> None:
         self.cos_sum = layout.allocate("alignment/pointwise_cos_sum", self.num_experts, self.num_experts)
         self.cos_count = layout.allocate("alignment/pointwise_count", self.num_experts, self.num_experts)
 
     def add(self, chunk: Chunk, buffer: Tensor) -> None:
         if self.factored:  # the factored path runs without expert parallelism (all experts are here)
-            inner_NEE = factored_inner_products([chunk.all_token_factors(e) for e in range(self.num_experts)])
-            s, c = _cosine_sums_from_inner_products(inner_NEE)
-            self.cos_sum.of(buffer).add_(s)
-            self.cos_count.of(buffer).add_(c)
+            self._pending_x.append(chunk.x)
+            ctx = chunk.ctx
+            # Bounded memory: the kept tokens, and the scales of a pair of experts at them in close().
+            per_token = ctx.dtype.itemsize * (ctx.dim + 2 * ctx.factor_width)
+            if sum(x.shape[0] for x in self._pending_x) * per_token >= ctx.config.memory_budget_bytes:
+                self._flush(ctx, buffer)
             return
         # Under expert parallelism each rank forms its experts' Jacobians at every token; the cosines of a token
         # need all of them, gathered, and each rank takes its share of the tokens.
@@ -71,6 +78,30 @@ class Alignment(Accumulator):
             (chunk.num_tokens, len(here), ctx.dim, ctx.dim),
         )
         s, c = pointwise_cosine_sums(J_NEOI[ctx.token_share(chunk.num_tokens)])
+        self.cos_sum.of(buffer).add_(s)
+        self.cos_count.of(buffer).add_(c)
+
+    def close(self, ctx: ProbeContext, buffer: Tensor) -> None:
+        if self._pending_x:
+            self._flush(ctx, buffer)
+
+    def _flush(self, ctx: ProbeContext, buffer: Tensor) -> None:
+        """Add the cosine sums of the kept tokens, each pair's Gram formed once for all of them."""
+        x_ND = torch.cat(self._pending_x)
+        self._pending_x.clear()
+
+        def factors(e: int, x: Tensor) -> JacobianFactors:
+            op = ctx.expert_operator(e, x)
+            if op is None or op.factors is None:
+                raise ValueError(
+                    f"view {ctx.view.name!r}: expert {e}'s expert_jacobian_operator gives no factors on these "
+                    "tokens, though it gave them when the probe chose the factored path"
+                )
+            return op.factors
+
+        s, c = pointwise_cosine_sums_factored(
+            lambda e: factors(e, x_ND), self.num_experts, x_ND.shape[0], ctx.config.memory_budget_bytes
+        )
         self.cos_sum.of(buffer).add_(s)
         self.cos_count.of(buffer).add_(c)
 
@@ -113,10 +144,3 @@ def _cosines_from_gram(gram_EE: Tensor) -> Tensor:
     ok = denom > 0
     cos = gram_EE.abs() / torch.where(ok, denom, torch.ones_like(denom))
     return torch.where(ok, cos.clamp_max(1.0), torch.full_like(cos, math.nan))
-
-
-def _cosine_sums_from_inner_products(inner_NEE: Tensor) -> tuple[Tensor, Tensor]:
-    """:func:`~moe_lightning.geometry.pointwise_cosine_sums` from each token's inner products."""
-    cos_NEE = _cosines_from_gram(inner_NEE)
-    ok = torch.isfinite(cos_NEE)
-    return torch.where(ok, cos_NEE, torch.zeros_like(cos_NEE)).sum(0), ok.sum(0).to(cos_NEE.dtype)
