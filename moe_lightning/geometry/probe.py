@@ -106,7 +106,7 @@ def _accumulators(ctx: ProbeContext) -> tuple[TokenCounts, list[Accumulator]]:
     if not multi:
         quantities.append(SkippedForOneExpert("align"))
     elif cfg.alignment and mean_jacobian is not None:
-        quantities.append(Alignment(mean_jacobian, num_experts, d))
+        quantities.append(Alignment(mean_jacobian, num_experts, d, cfg.pointwise_alignment))
     if not multi:
         quantities.append(SkippedForOneExpert("cka"))
     elif cfg.cka:

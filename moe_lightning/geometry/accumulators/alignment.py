@@ -45,15 +45,16 @@ class Alignment(Accumulator):
         mean_jacobian: the mean Jacobians' accumulator.
         num_experts: E (at least 2).
         dim: D.
+        pointwise: whether to compute the pointwise alignment too (``ProbeConfig.pointwise_alignment``).
     """
 
-    needs_all_token_jacobians = True
-
-    def __init__(self, mean_jacobian: MeanJacobian | FactoredMeanJacobian, num_experts: int, dim: int) -> None:
+    def __init__(
+        self, mean_jacobian: MeanJacobian | FactoredMeanJacobian, num_experts: int, dim: int, pointwise: bool = True
+    ) -> None:
         self.mean_jacobian, self.num_experts, self.dim = mean_jacobian, num_experts, dim
         self.factored = isinstance(mean_jacobian, FactoredMeanJacobian)
-        if self.factored:
-            self.needs_all_token_jacobians = False
+        self.pointwise = pointwise
+        self.needs_all_token_jacobians = pointwise and not self.factored
 
         self._pending_x: list[Tensor] = []  # factored path: the chunks' tokens, until close
 
@@ -62,6 +63,8 @@ class Alignment(Accumulator):
         self.cos_count = layout.allocate("alignment/pointwise_count", self.num_experts, self.num_experts)
 
     def add(self, chunk: Chunk, buffer: Tensor) -> None:
+        if not self.pointwise:
+            return
         if self.factored:  # the factored path runs without expert parallelism (all experts are here)
             self._pending_x.append(chunk.x)
             ctx = chunk.ctx
@@ -118,8 +121,11 @@ class Alignment(Accumulator):
         else:
             A = jacobian_alignment(self.mean_jacobian.sum_wJ.of(buffer))
         report.matrices["align_mean_jacobian"] = A
-        report.matrices["align_pointwise"] = P
-        for key, M in (("align", A), ("palign", P)):
+        measured = [("align", A)]
+        if self.pointwise:
+            report.matrices["align_pointwise"] = P
+            measured.append(("palign", P))
+        for key, M in measured:
             mean_off, max_off = offdiag_summary(M)
             report.layer[f"{key}_mean_offdiag"] = mean_off
             report.layer[f"{key}_max_offdiag"] = max_off
@@ -128,7 +134,8 @@ class Alignment(Accumulator):
         v = report.variants
         suffix = "_exact_factored" if self.factored else ""
         v.setdefault("align", f"mean_jacobian_abs_frobenius_cosine{suffix}")
-        v["palign"] = f"pointwise_abs_frobenius_cosine_all_probe_tokens{suffix}"
+        if self.pointwise:
+            v["palign"] = f"pointwise_abs_frobenius_cosine_all_probe_tokens{suffix}"
         v["align_chance"] = "exact_gaussian_E_abs_cos_n=d*d"
         if v["align"].startswith("unavailable"):
             for key in ("align_mean_offdiag", "align_max_offdiag", "align_ratio"):
