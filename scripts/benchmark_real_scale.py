@@ -17,6 +17,7 @@ Usage:
     python scripts/benchmark_real_scale.py --rows qwen3-30b-a3b                 # one row (minutes on 2 CPU cores)
     python scripts/benchmark_real_scale.py --rows qwen3-30b-a3b --tokens 32
     python scripts/benchmark_real_scale.py --rows qwen3-30b-a3b --quantities representational   # PCA + subspaces
+    python scripts/benchmark_real_scale.py --rows qwen3-30b-a3b --quantities all-but-pointwise-alignment
     python scripts/benchmark_real_scale.py --device cuda                        # every row on one GPU
 """
 
@@ -64,10 +65,12 @@ def _rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-#: ``--quantities``: every quantity (the probe's defaults), or the representational ones alone (weighted PCA at the
-#: three sites and the representational subspaces), which isolates the PCA's memory from the Jacobians' time.
+#: ``--quantities``: every quantity (the probe's defaults); every one but the pointwise alignment, whose pairwise
+#: Grams (``O(E² · D · F²)``) dominate at real sizes; or the representational ones alone (weighted PCA at the three
+#: sites and the representational subspaces), which isolates the PCA's memory from the Jacobians' time.
 QUANTITIES = {
     "all": {},
+    "all-but-pointwise-alignment": {"pointwise_alignment": False},
     "representational": {"jacobian": False, "layer_jacobian": False, "alignment": False, "cka": False},
 }
 

@@ -68,6 +68,11 @@ class NativeMoEView:
             return {"w_gate": w_gate, "w_up": w_up, "w_out": w_out[e]}
         return {"w_in": w_in[e], "w_out": w_out[e]}
 
+    def casts_weights_on_read(self) -> bool:
+        """True: the router (``router.gates``) and the experts (``expert_fn``, ``expert_hidden_fn`` and the closed
+        forms) cast what they read to the input's dtype, one expert's slice per call."""
+        return True
+
     def placement(self) -> ExpertPlacement | None:
         """Where this view's experts live: the layer's expert group under expert parallelism, else None. A view of
         the shared experts (every rank holds them whole) has none, though its module is the layer too."""

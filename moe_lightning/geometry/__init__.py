@@ -55,6 +55,7 @@ from moe_lightning.geometry.subspaces import (
 from moe_lightning.geometry.trace import TraceResult, hutchinson, hutchpp
 from moe_lightning.geometry.verify import ViewCheck, verify_view
 from moe_lightning.geometry.view import (
+    CastsOnRead,
     ExpertPlacement,
     HasExpertWeights,
     HasJacobianOperator,
@@ -75,6 +76,7 @@ __all__ = [
     "MoEView",
     "HasJacobianOperator",
     "HasExpertWeights",
+    "CastsOnRead",
     "HasPlacement",
     "ExpertPlacement",
     "check_view",

@@ -25,11 +25,13 @@ from moe_lightning.geometry.operators import JacobianFactors
 from moe_lightning.geometry.spectra import batched_svdvals
 
 __all__ = [
+    "core_factors",
     "factored_core_rank",
     "factored_frobenius_sq",
     "factored_inner_products",
     "factored_singular_values",
     "mean_jacobian_gram",
+    "pointwise_cosine_sums_factored",
     "mean_jacobian_singular",
     "stacked_rights",
 ]
@@ -47,14 +49,17 @@ def factored_core_rank(f: JacobianFactors) -> int:
     return min(o, h, i, f.width)
 
 
-def _core_factors(f: JacobianFactors) -> tuple[Tensor, Tensor]:
-    """``R_A`` tiled over the groups, ``(K_A, F)``, and ``R_Bᵀ``, ``(F, K_B)``: one thin QR of each side."""
+def core_factors(f: JacobianFactors) -> tuple[Tensor, Tensor]:
+    """``R_A`` tiled over the groups, ``(K_A, F)``, and ``R_Bᵀ``, ``(F, K_B)``: one thin QR of each side, which
+    depend on the weights alone (:func:`factored_singular_values` takes them to share them between calls)."""
     r_A = torch.linalg.qr(f.left_OH, mode="r")[1]  # (K_A, H)
     r_B = torch.linalg.qr(stacked_rights(f).t(), mode="r")[1]  # (K_B, F)
     return r_A.repeat(1, len(f.rights_HI)), r_B.t()
 
 
-def factored_singular_values(f: JacobianFactors, size: int) -> Tensor:
+def factored_singular_values(
+    f: JacobianFactors, size: int, core: tuple[Tensor, Tensor] | None = None, rows: slice | None = None
+) -> Tensor:
     """Every singular value of each token's Jacobian, exactly, from its core (no ``O × I`` matrix is formed).
 
     Args:
@@ -62,12 +67,15 @@ def factored_singular_values(f: JacobianFactors, size: int) -> Tensor:
         size: length of each returned spectrum (the Jacobian's ``min(O, I)``): the core's values, then zeros, so
             that statistics defined on the whole spectrum (a mean spectrum, a decay fit's index) are those of the
             formed Jacobian.
+        core: :func:`core_factors` of ``f``, if already computed.
+        rows: the tokens to compute (all ``N`` if None).
 
     Returns:
-        ``(N, size)`` descending singular values.
+        ``(N, size)`` (or ``rows``' count) descending singular values.
     """
-    r_A_KF, r_Bt_FK = _core_factors(f)
-    scales_NF = f.scales_NGH.reshape(f.scales_NGH.shape[0], -1)
+    r_A_KF, r_Bt_FK = core_factors(f) if core is None else core
+    scales_NGH = f.scales_NGH if rows is None else f.scales_NGH[rows]
+    scales_NF = scales_NGH.reshape(scales_NGH.shape[0], -1)
     core_NKK = (r_A_KF * scales_NF.unsqueeze(1)) @ r_Bt_FK  # one batched GEMM over the tokens
     sv = batched_svdvals(core_NKK)
     return torch.nn.functional.pad(sv, (0, size - sv.shape[-1]))
@@ -100,6 +108,66 @@ def factored_inner_products(factors: Sequence[JacobianFactors]) -> Tensor:
             out[:, i, j] = inner
             out[:, j, i] = inner
     return out
+
+
+def pointwise_cosine_sums_factored(
+    factors_of: Callable[[int], JacobianFactors], num_experts: int, num_tokens: int, memory_budget_bytes: int
+) -> tuple[Tensor, Tensor]:
+    """Additive statistics of the pointwise alignment (docs/geometry.md §4) of ``E`` factored experts at the same
+    ``N`` tokens: :func:`~moe_lightning.geometry.pointwise_cosine_sums` from :func:`factored_inner_products`,
+    without holding every expert at once.
+
+    Each pair's ``F × F`` Gram costs ``O(D·F²)`` against ``O(N·F²)`` to apply it, so it is formed once for all
+    ``N`` tokens. Experts are read in blocks (their factors at the ``N`` tokens, with the weights the view may cast
+    for them) small enough that two blocks fit in ``memory_budget_bytes``, so that a layer whose cast weights are
+    larger than the budget is probed within it; a block is read again for each later block it meets.
+
+    Args:
+        factors_of: expert ``e``'s factors at the ``N`` tokens.
+        num_experts: E.
+        num_tokens: N.
+        memory_budget_bytes: bound on the two blocks of experts held at once.
+
+    Returns:
+        ``(sum_cos_EE, count_EE)`` as :func:`~moe_lightning.geometry.pointwise_cosine_sums`.
+    """
+    first = factors_of(0)
+    (o, h), i = first.left_OH.shape, first.rights_HI[0].shape[1]
+    per_expert = first.scales_NGH.element_size() * (o * h + first.width * (i + num_tokens))
+    size = max(1, min(num_experts, memory_budget_bytes // max(1, 2 * per_expert)))
+    blocks = [range(start, min(start + size, num_experts)) for start in range(0, num_experts, size)]
+    # ‖J_e(x_n)‖_F², first: a pair's cosine needs both norms, and the pairs come block by block.
+    norm_sq_NE = torch.stack(
+        [factored_inner_products([first if e == 0 else factors_of(e)])[:, 0, 0] for e in range(num_experts)], 1
+    )
+    del first
+    norms_NE = norm_sq_NE.clamp_min(0).sqrt()
+    sum_cos = norm_sq_NE.new_zeros(num_experts, num_experts)
+    count = norm_sq_NE.new_zeros(num_experts, num_experts)
+    for a, block_a in enumerate(blocks):
+        held_a = {e: factors_of(e) for e in block_a}
+        for block_b in blocks[a:]:
+            held_b = held_a if block_b is block_a else {e: factors_of(e) for e in block_b}
+            for ei in block_a:
+                for ej in block_b:
+                    if ej < ei:
+                        continue
+                    fi, fj = held_a[ei], held_b[ej]
+                    if ei == ej:
+                        inner_N = norm_sq_NE[:, ei]
+                    else:
+                        s_i, s_j = (f.scales_NGH.reshape(f.scales_NGH.shape[0], -1) for f in (fi, fj))
+                        inner_N = ((s_i @ _scale_gram(fi, fj)) * s_j).sum(-1)
+                    # |cos| as :func:`~moe_lightning.geometry.alignment.pointwise_cosine_sums`: NaN (left out)
+                    # where a norm is zero
+                    denom_N = norms_NE[:, ei] * norms_NE[:, ej]
+                    ok_N = denom_N > 0
+                    cos_N = (inner_N.abs() / torch.where(ok_N, denom_N, torch.ones_like(denom_N))).clamp_max(1.0)
+                    total = torch.where(ok_N, cos_N, torch.zeros_like(cos_N)).sum()
+                    sum_cos[ei, ej] = sum_cos[ej, ei] = total
+                    count[ei, ej] = count[ej, ei] = ok_N.sum()
+            del held_b
+    return sum_cos, count
 
 
 def _mean_right(f: JacobianFactors, mean_F: Tensor) -> Tensor:

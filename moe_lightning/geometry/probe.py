@@ -58,7 +58,7 @@ from moe_lightning.geometry.probe_config import ProbeConfig
 from moe_lightning.geometry.probe_plan import probe_context
 from moe_lightning.geometry.report import GeometryReport
 from moe_lightning.geometry.statistics import BufferLayout, ProbeStatistics
-from moe_lightning.geometry.view import MoEView, check_view
+from moe_lightning.geometry.view import CastsOnRead, MoEView, check_view
 
 __all__ = ["finalize", "probe", "probe_statistics"]
 
@@ -106,7 +106,8 @@ def _accumulators(ctx: ProbeContext) -> tuple[TokenCounts, list[Accumulator]]:
     if not multi:
         quantities.append(SkippedForOneExpert("align"))
     elif cfg.alignment and mean_jacobian is not None:
-        quantities.append(Alignment(mean_jacobian, num_experts, d, pointwise_factors=ctx.pointwise_factors))
+        alignment = Alignment(mean_jacobian, num_experts, d, cfg.pointwise_alignment, ctx.pointwise_factors)
+        quantities.append(alignment)
     if not multi:
         quantities.append(SkippedForOneExpert("cka"))
     elif cfg.cka:
@@ -221,10 +222,13 @@ def probe_statistics(
         ctx.failure.raise_if_any()
         return ctx, tokens, quantities, layout, buffer
 
+    # A view that casts what it reads holds one expert's cast weights at a time; lending would hold a cast copy of
+    # the whole layer (twice a float32 layer's size in float64) for the whole probe.
+    lend = cfg.cast_module and not (isinstance(view, CastsOnRead) and view.casts_weights_on_read())
     with _observation(module, cfg):
         ctx, tokens, quantities, layout, buffer = with_cast_copies(
             lent[0] if len(lent := lent_modules(view)) == 1 else lent,
-            cfg.dtype if cfg.cast_module else None,
+            cfg.dtype if lend else None,
             accumulate,
         )
     name = str(view.name)

@@ -19,7 +19,17 @@ JACOBIAN_METHODS = ("auto", "closed_form", "func")
 LAYER_JACOBIAN_METHODS = ("auto", "compose", "func")
 #: Dtypes the probe computes in (the spectra and moments need at least single precision).
 PROBE_DTYPES = (DTYPES["float64"], DTYPES["float32"])
-_FLAGS = ("jacobian", "layer_jacobian", "pca", "alignment", "cka", "subspaces", "cast_module", "eval_mode")
+_FLAGS = (
+    "jacobian",
+    "layer_jacobian",
+    "pca",
+    "alignment",
+    "pointwise_alignment",
+    "cka",
+    "subspaces",
+    "cast_module",
+    "eval_mode",
+)
 _POSITIVE_INTS = (
     "memory_budget_bytes",
     "subspace_rank",
@@ -42,6 +52,9 @@ class ProbeConfig:
         layer_jacobian: spectra of the layer Jacobian through the router (§1).
         pca: weighted PCA at the sites in ``pca_sites`` (§3).
         alignment: mean-Jacobian and pointwise alignment (§4); skipped when E = 1.
+        pointwise_alignment: with ``alignment``, the pointwise alignment too. Above ``matrix_free_threshold`` it
+            forms one ``F × F`` Gram of the weights per pair of experts, ``O(E² · D · F²)`` in all: at real sizes
+            the probe's largest cost by far (docs/benchmarks/real-scale.md); False leaves it out of the report.
         cka: linear CKA between the experts' outputs on every probe token (§4); skipped when E = 1, or when its
             ``E² D²`` cross products exceed ``pca_max_dim²``.
         subspaces: functional and representational Grassmann overlaps (§5); skipped when E = 1.
@@ -75,7 +88,9 @@ class ProbeConfig:
         seed: seed of the matrix-free start blocks (a local generator; the global RNG is untouched).
         cast_module: let the view module read copies of its floating parameters and buffers cast to ``dtype`` while
             it is probed (:func:`torch.func.functional_call`; the module's own tensors are never changed), so that
-            the view's functions accept ``dtype`` inputs.
+            the view's functions accept ``dtype`` inputs. A view that casts what it reads, one expert at a time
+            (:class:`~moe_lightning.geometry.view.CastsOnRead`, as our layers' views do), is lent nothing: the copy
+            of the whole layer would double a float32 layer's memory in float64.
         eval_mode: run the module in eval mode (each submodule's mode is restored afterwards).
         bootstrap: B, multinomial resamples of the probe tokens on which the bootstrapped quantities are recomputed
             (:mod:`~moe_lightning.geometry.bootstrap`); 0 (default) computes none.
@@ -87,6 +102,7 @@ class ProbeConfig:
     layer_jacobian: bool = True
     pca: bool = True
     alignment: bool = True
+    pointwise_alignment: bool = True
     cka: bool = True
     subspaces: bool = True
     pca_sites: tuple[str, ...] = PCA_SITES

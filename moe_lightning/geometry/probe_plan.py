@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from moe_lightning.geometry.accumulators import ProbeContext
@@ -18,7 +19,7 @@ from moe_lightning.geometry.factored import factored_core_rank
 from moe_lightning.geometry.krylov import TopRResult, krylov_bytes_per_token, topr_singular_values
 from moe_lightning.geometry.operators import JacobianOperator
 from moe_lightning.geometry.probe_config import ProbeConfig
-from moe_lightning.geometry.view import HasJacobianOperator, MoEView, TokenFn
+from moe_lightning.geometry.view import CastsOnRead, HasJacobianOperator, MoEView, TokenFn
 
 __all__ = ["probe_context"]
 
@@ -43,10 +44,10 @@ def _bytes_per_token(cfg: ProbeConfig, d: int, m: int, num_experts: int, itemsiz
     return itemsize * (3 * (num_experts + 1) * d * d + 8 * d)
 
 
-def _factor_shapes(view: MoEView, cfg: ProbeConfig, x_ND: Tensor, experts: range) -> list[tuple[int, int]] | None:
-    """``(F, core rank)`` of each expert's Jacobian factors, read from its operator at one zero token (shapes only,
-    so every rank decides alike), or None when one of them offers none (docs/geometry.md §1, "Factored experts at
-    any width")."""
+def _factor_shapes(view: MoEView, cfg: ProbeConfig, x_ND: Tensor, experts: range) -> list[tuple[int, int, int]] | None:
+    """``(F, core rank, weights)`` of each expert's Jacobian factors (``weights``: the numbers of its left and right
+    factors), read from its operator at one zero token (shapes only, so every rank decides alike), or None when one
+    of them offers none (docs/geometry.md §1, "Factored experts at any width")."""
     if cfg.jacobian_method == "func" or not isinstance(view, HasJacobianOperator):
         return None
     x0 = x_ND.new_zeros(1, x_ND.shape[1])
@@ -55,8 +56,19 @@ def _factor_shapes(view: MoEView, cfg: ProbeConfig, x_ND: Tensor, experts: range
         op = view.expert_jacobian_operator(e, x0)
         if op is None or op.factors is None:
             return None
-        shapes.append((op.factors.width, factored_core_rank(op.factors)))
+        f = op.factors
+        shapes.append((f.width, factored_core_rank(f), f.left_OH.numel() + sum(r.numel() for r in f.rights_HI)))
     return shapes
+
+
+def _routed_per_token(view: MoEView, x_ND: Tensor, dtype: torch.dtype) -> int:
+    """The most experts one token is routed to, among the first tokens of ``x_ND`` (those with finite values)."""
+    x = x_ND[:64]
+    x = x[torch.isfinite(x).all(-1)]
+    if not x.shape[0]:
+        return int(view.num_experts)
+    g_NE = view.gates(x).to(dtype)
+    return max(1, int((g_NE.nan_to_num() != 0).sum(-1).max()))
 
 
 def _topr_solver(cfg: ProbeConfig, m: int) -> Callable[[TokenFn | JacobianOperator, Tensor], TopRResult]:
@@ -87,19 +99,27 @@ def probe_context(
     per_token = _bytes_per_token(cfg, d, m, num_experts, x_ND.element_size(), matrix_free)
     here = range(num_experts) if local_experts is None else local_experts
     shapes = _factor_shapes(view, cfg, x_ND, here) if matrix_free and cfg.jacobian else None
-    core = shapes is not None and all(rank < d for _, rank in shapes)
+    core = shapes is not None and all(rank < d for _, rank, _ in shapes)
     if core:  # one token's core, (rank × F) scaled factor and (rank × rank) core with its SVD workspace
-        per_token = max(per_token, x_ND.element_size() * max(k * (f + 3 * k) for f, k in shapes))
+        per_token = max(per_token, x_ND.element_size() * max(k * (f + 3 * k) for f, k, _ in shapes))
+    if shapes is not None and isinstance(view, CastsOnRead) and view.casts_weights_on_read():
+        # Such a view's operator holds a cast copy of its expert's weights, and a chunk's operators (the layer
+        # Jacobian composes them) live together: one per expert a token of the chunk is routed to.
+        routed = _routed_per_token(view, x_ND, cfg.dtype)
+        per_token = max(per_token, x_ND.element_size() * routed * max(w for _, _, w in shapes))
     # On the exact path the pointwise alignment needs every expert's Jacobian at every token, E times the Jacobians
     # the spectra form; factored experts give its inner products from their scales instead (docs/geometry.md §4).
-    pointwise_factors = (
-        not matrix_free
+    pointwise_shapes = (
+        _factor_shapes(view, cfg, x_ND, here)
+        if not matrix_free
         and cfg.jacobian
         and cfg.alignment
+        and cfg.pointwise_alignment
         and num_experts > 1
         and expert_group is None
-        and _factor_shapes(view, cfg, x_ND, here) is not None
+        else None
     )
+    widths = [f for f, _, _ in shapes or pointwise_shapes or []]
     return ProbeContext(
         view=view,
         config=cfg,
@@ -116,6 +136,6 @@ def probe_context(
         local_experts=local_experts,
         factored=shapes is not None,
         factored_core=core,
-        factor_width=0 if shapes is None else max(f for f, _ in shapes),
-        pointwise_factors=pointwise_factors,
+        factor_width=max(widths, default=0),
+        pointwise_factors=pointwise_shapes is not None,
     )

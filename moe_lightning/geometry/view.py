@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "VIEW_MEMBERS",
+    "CastsOnRead",
     "ExpertPlacement",
     "HasExpertWeights",
     "HasJacobianOperator",
@@ -58,14 +59,16 @@ class MoEView(Protocol):
         num_experts: number of experts ``E``; 1 for a dense FFN baseline.
 
     Every member is required (:func:`check_view` names the missing ones); ``expert_hidden`` and
-    ``expert_jacobian`` return None where the view does not know them. Two members are optional, each a protocol
-    of its own, checked with ``isinstance``:
+    ``expert_jacobian`` return None where the view does not know them. Four members are optional, each a
+    protocol of its own, checked with ``isinstance``:
 
     - :class:`HasJacobianOperator`, ``expert_jacobian_operator(e, x)``: closed-form Jacobian products for the
       matrix-free spectra;
     - :class:`HasExpertWeights`, ``expert_weights(e)``: the expert's weight matrices, for the data-free weight
       spectra;
-    - :class:`HasPlacement`, ``placement()``: where the experts live under expert parallelism.
+    - :class:`HasPlacement`, ``placement()``: where the experts live under expert parallelism;
+    - :class:`CastsOnRead`, ``casts_weights_on_read()``: the functions cast what they read to their input's dtype,
+      so a probe lends no cast copy of the layer.
     """
 
     name: str
@@ -116,6 +119,22 @@ class HasExpertWeights(Protocol):
         ``w_in`` and ``w_out`` for a plain MLP (``w_gate_up`` where a fused gate's halves are not known), as the
         module holds them (views, not copies, in any layout: callers must not write them); None if unknown. Under
         expert parallelism ``e`` must be one of this rank's experts."""
+        ...
+
+
+@runtime_checkable
+class CastsOnRead(Protocol):
+    """An :class:`MoEView` whose functions read each weight they use cast to the dtype of their input, one expert's
+    weights per call (a copy that lives for the call), so that a probe in float64 on a float32 model needs no
+    cast copy of the whole layer (``ProbeConfig.cast_module``,
+    :func:`~moe_lightning.geometry.lending.with_cast_copies`).
+
+    Our layers' views read their weights so.
+    """
+
+    def casts_weights_on_read(self) -> bool:
+        """Whether every function of the view (``gates``, ``expert``, ``expert_hidden``, ``expert_jacobian`` and
+        ``expert_jacobian_operator``) casts what it reads of the module to its input's dtype."""
         ...
 
 

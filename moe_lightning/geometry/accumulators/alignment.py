@@ -4,7 +4,6 @@ token, with the chance level of random matrices."""
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -24,7 +23,7 @@ from moe_lightning.geometry.alignment import (
     offdiag_summary,
     pointwise_cosine_sums,
 )
-from moe_lightning.geometry.factored import factored_inner_products
+from moe_lightning.geometry.factored import pointwise_cosine_sums_factored
 from moe_lightning.geometry.operators import JacobianFactors
 from moe_lightning.geometry.report import GeometryReport
 from moe_lightning.geometry.statistics import BufferLayout
@@ -38,47 +37,50 @@ class Alignment(Accumulator):
     With factored experts (any D) both are exact without forming a Jacobian: the mean Jacobians' inner products
     from their factors (:class:`~moe_lightning.geometry.accumulators.mean_jacobian.FactoredMeanJacobians`), the
     pointwise ones as ``s_iᵀ K_ij s_j`` with the weights' ``F × F`` Gram ``K_ij`` of each pair of experts
-    (:func:`~moe_lightning.geometry.factored.factored_inner_products`). On the exact path factored experts take the
-    same pointwise inner products, so that no expert's Jacobian is formed at the tokens not routed to it (``E / k``
-    times the Jacobians the spectra need, for top-``k`` routing); the mean Jacobians are the formed ones.
+    (:func:`~moe_lightning.geometry.factored.pointwise_cosine_sums_factored`). A Gram costs ``O(D·F²)``, far more
+    than applying it to a token's scales, so the tokens of every chunk are kept (``D`` numbers each) and each Gram
+    is formed once for all of them when the probe closes, not once per chunk. On the exact path factored experts take
+    the same pointwise inner products, so that no expert's Jacobian is formed at the tokens not routed to it (``E /
+    k`` times the Jacobians the spectra need, for top-``k`` routing); the mean Jacobians are the formed ones.
 
     Args:
         mean_jacobian: the mean Jacobians' accumulator.
         num_experts: E (at least 2).
         dim: D.
+        pointwise: whether to compute the pointwise alignment too (``ProbeConfig.pointwise_alignment``).
         pointwise_factors: on the exact path, compute the pointwise inner products from the experts' factors.
     """
-
-    needs_all_token_jacobians = True
 
     def __init__(
         self,
         mean_jacobian: MeanJacobian | FactoredMeanJacobian,
         num_experts: int,
         dim: int,
+        pointwise: bool = True,
         pointwise_factors: bool = False,
     ) -> None:
         self.mean_jacobian, self.num_experts, self.dim = mean_jacobian, num_experts, dim
         self.factored = isinstance(mean_jacobian, FactoredMeanJacobian)
+        self.pointwise = pointwise
         self.pointwise_factored = self.factored or pointwise_factors
-        if self.pointwise_factored:
-            self.needs_all_token_jacobians = False
-        self._queue: list[list[JacobianFactors]] = []  # each queued chunk's factors, one per expert
-        self._queued_bytes = 0
+        self.needs_all_token_jacobians = pointwise and not self.pointwise_factored
+
+        self._pending_x: list[Tensor] = []  # factored path: the chunks' tokens, until close
 
     def allocate(self, layout: BufferLayout) -> None:
         self.cos_sum = layout.allocate("alignment/pointwise_cos_sum", self.num_experts, self.num_experts)
         self.cos_count = layout.allocate("alignment/pointwise_count", self.num_experts, self.num_experts)
 
     def add(self, chunk: Chunk, buffer: Tensor) -> None:
+        if not self.pointwise:
+            return
         if self.pointwise_factored:  # the factored path runs without expert parallelism (all experts are here)
-            # The inner products' weight Grams (one F × F per pair of experts) do not depend on the tokens: chunks
-            # are queued and run together, so that they are computed once per probe rather than once per chunk.
-            factors = [chunk.all_token_factors(e) for e in range(self.num_experts)]
-            self._queue.append(factors)
-            self._queued_bytes += sum(f.scales_NGH.numel() * f.scales_NGH.element_size() for f in factors)
-            if 4 * self._queued_bytes >= chunk.ctx.config.memory_budget_bytes:
-                self._flush(buffer)
+            self._pending_x.append(chunk.x)
+            ctx = chunk.ctx
+            # Bounded memory: the kept tokens, and the scales of a pair of experts at them in close().
+            per_token = ctx.dtype.itemsize * (ctx.dim + 2 * ctx.factor_width)
+            if sum(x.shape[0] for x in self._pending_x) * per_token >= ctx.config.memory_budget_bytes:
+                self._flush(ctx, buffer)
             return
         # Under expert parallelism each rank forms its experts' Jacobians at every token; the cosines of a token
         # need all of them, gathered, and each rank takes its share of the tokens.
@@ -91,19 +93,29 @@ class Alignment(Accumulator):
         self.cos_sum.of(buffer).add_(s)
         self.cos_count.of(buffer).add_(c)
 
-    def _flush(self, buffer: Tensor) -> None:
-        """Add the cosines of the queued chunks' tokens, in one call of
-        :func:`~moe_lightning.geometry.factored.factored_inner_products`."""
-        per_expert = zip(*self._queue, strict=True)
-        factors = [replace(fs[0], scales_NGH=torch.cat([f.scales_NGH for f in fs])) for fs in per_expert]
-        self._queue, self._queued_bytes = [], 0
-        s, c = _cosine_sums_from_inner_products(factored_inner_products(factors))
+    def close(self, ctx: ProbeContext, buffer: Tensor) -> None:
+        if self._pending_x:
+            self._flush(ctx, buffer)
+
+    def _flush(self, ctx: ProbeContext, buffer: Tensor) -> None:
+        """Add the cosine sums of the kept tokens, each pair's Gram formed once for all of them."""
+        x_ND = torch.cat(self._pending_x)
+        self._pending_x.clear()
+
+        def factors(e: int, x: Tensor) -> JacobianFactors:
+            op = ctx.expert_operator(e, x)
+            if op is None or op.factors is None:
+                raise ValueError(
+                    f"view {ctx.view.name!r}: expert {e}'s expert_jacobian_operator gives no factors on these "
+                    "tokens, though it gave them when the probe chose the factored path"
+                )
+            return op.factors
+
+        s, c = pointwise_cosine_sums_factored(
+            lambda e: factors(e, x_ND), self.num_experts, x_ND.shape[0], ctx.config.memory_budget_bytes
+        )
         self.cos_sum.of(buffer).add_(s)
         self.cos_count.of(buffer).add_(c)
-
-    def close(self, ctx: ProbeContext, buffer: Tensor) -> None:
-        if self._queue:
-            self._flush(buffer)
 
     def finalize(self, buffer: Tensor, report: GeometryReport, done: dict[Accumulator, Any]) -> None:
         chance = alignment_chance(self.dim, self.dim)
@@ -118,8 +130,11 @@ class Alignment(Accumulator):
         else:
             A = jacobian_alignment(self.mean_jacobian.sum_wJ.of(buffer))
         report.matrices["align_mean_jacobian"] = A
-        report.matrices["align_pointwise"] = P
-        for key, M in (("align", A), ("palign", P)):
+        measured = [("align", A)]
+        if self.pointwise:
+            report.matrices["align_pointwise"] = P
+            measured.append(("palign", P))
+        for key, M in measured:
             mean_off, max_off = offdiag_summary(M)
             report.layer[f"{key}_mean_offdiag"] = mean_off
             report.layer[f"{key}_max_offdiag"] = max_off
@@ -128,7 +143,8 @@ class Alignment(Accumulator):
         v = report.variants
         suffix = "_exact_factored" if self.factored else ""
         v.setdefault("align", f"mean_jacobian_abs_frobenius_cosine{suffix}")
-        v["palign"] = f"pointwise_abs_frobenius_cosine_all_probe_tokens{suffix}"
+        if self.pointwise:
+            v["palign"] = f"pointwise_abs_frobenius_cosine_all_probe_tokens{suffix}"
         v["align_chance"] = "exact_gaussian_E_abs_cos_n=d*d"
         if v["align"].startswith("unavailable"):
             for key in ("align_mean_offdiag", "align_max_offdiag", "align_ratio"):
@@ -144,10 +160,3 @@ def _cosines_from_gram(gram_EE: Tensor) -> Tensor:
     ok = denom > 0
     cos = gram_EE.abs() / torch.where(ok, denom, torch.ones_like(denom))
     return torch.where(ok, cos.clamp_max(1.0), torch.full_like(cos, math.nan))
-
-
-def _cosine_sums_from_inner_products(inner_NEE: Tensor) -> tuple[Tensor, Tensor]:
-    """:func:`~moe_lightning.geometry.pointwise_cosine_sums` from each token's inner products."""
-    cos_NEE = _cosines_from_gram(inner_NEE)
-    ok = torch.isfinite(cos_NEE)
-    return torch.where(ok, cos_NEE, torch.zeros_like(cos_NEE)).sum(0), ok.sum(0).to(cos_NEE.dtype)

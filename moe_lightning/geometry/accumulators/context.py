@@ -84,8 +84,8 @@ class ProbeContext:
         factor_width: the largest ``F = G·H`` of the experts' factors (0 when not ``factored``).
         pointwise_factors: on the exact path, whether every expert offers its Jacobians' factors, so that the
             pointwise alignment's inner products come from them
-            (:func:`~moe_lightning.geometry.factored.factored_inner_products`) and no expert's Jacobian is formed at
-            the tokens not routed to it.
+            (:func:`~moe_lightning.geometry.factored.pointwise_cosine_sums_factored`) and no expert's Jacobian is
+            formed at the tokens not routed to it.
     """
 
     view: MoEView
@@ -265,7 +265,6 @@ class Chunk:
         self._jacobians: dict[int, Tensor] = {}
         self._all_token_jacobians: dict[int, Tensor] = {}
         self._operators: dict[int, JacobianOperator | None] = {}
-        self._all_token_factors: dict[int, JacobianFactors] = {}
         self._all_token_outputs: dict[int, Tensor] = {}
 
     @property
@@ -323,15 +322,3 @@ class Chunk:
                 "tokens, though it gave them when the probe chose the factored path"
             )
         return op.factors
-
-    def all_token_factors(self, e: int) -> JacobianFactors:
-        """Expert ``e``'s Jacobian factors at every token of the chunk (factored pointwise alignment)."""
-        if e not in self._all_token_factors:
-            op = self.ctx.expert_operator(e, self.x)
-            if op is None or op.factors is None:
-                raise ValueError(
-                    f"view {self.ctx.view.name!r}: expert {e}'s expert_jacobian_operator gives no factors on these "
-                    "tokens, though it gave them when the probe chose the factored path"
-                )
-            self._all_token_factors[e] = op.factors
-        return self._all_token_factors[e]

@@ -15,7 +15,7 @@ from moe_lightning.geometry.accumulators.base import Accumulator, SpectralMoment
 from moe_lightning.geometry.accumulators.context import Chunk, ProbeContext
 from moe_lightning.geometry.accumulators.tokens import TokenCounts
 from moe_lightning.geometry.estimates import hutchinson_frobenius_sq, slq_effective_rank, token_probes
-from moe_lightning.geometry.factored import factored_frobenius_sq, factored_singular_values
+from moe_lightning.geometry.factored import core_factors, factored_frobenius_sq, factored_singular_values
 from moe_lightning.geometry.operators import JacobianOperator, func_jacobian_operator
 from moe_lightning.geometry.report import GeometryReport
 from moe_lightning.geometry.spectra import SPECTRAL_STAT_NAMES, batched_svdvals
@@ -100,13 +100,7 @@ class ExpertSpectra(Accumulator):
         self.spectrum.of(buffer)[e] += (w_N.unsqueeze(-1) * sv_NM).sum(0)
 
     def add(self, chunk: Chunk, buffer: Tensor) -> None:
-        if self.core:
-            for e in chunk.ctx.experts_here:
-                if chunk.rows[e].any():
-                    sv = factored_singular_values(chunk.factors(e), self.rank).to(chunk.ctx.dtype)
-                    self._add_spectra(chunk.ctx, buffer, e, sv, chunk.weights(e), chunk.counts_of(e))
-            return
-        if self.matrix_free:
+        if self.core or self.matrix_free:
             self._queue(chunk, buffer)
             return
         for e in chunk.ctx.experts_here:
@@ -119,15 +113,41 @@ class ExpertSpectra(Accumulator):
             x_e = chunk.inputs(e)
             if not x_e.shape[0]:
                 continue
-            op = chunk.operator(e) if self.share_operators else None
+            op = chunk.operator(e) if self.share_operators and not self.core else None
             pending = self._pending[e]
             if pending or op is None:
                 self._lone_op.pop(e, None)  # several entries run as one batch: no operator to reuse
             else:
                 self._lone_op[e] = op
             pending.append((x_e, chunk.weights(e), chunk.counts_of(e)))
-            if sum(q[0].shape[0] for q in pending) >= chunk.ctx.chunk_size:
+            queued = sum(q[0].shape[0] for q in pending)
+            if self.core:
+                # The core's QRs of the weights cost O(D·F²), the cores of a token far less: the tokens wait for
+                # the probe's end, their copies bounded by one E-th of the memory budget per expert.
+                queued_bytes = queued * chunk.ctx.dim * x_e.element_size()
+                if queued_bytes * self.num_experts >= chunk.ctx.config.memory_budget_bytes:
+                    self._flush_core(chunk.ctx, buffer, e)
+            elif queued >= chunk.ctx.chunk_size:
                 self._flush(chunk.ctx, buffer, e, final=False)
+
+    def _flush_core(self, ctx: ProbeContext, buffer: Tensor, e: int) -> None:
+        """Every singular value of expert ``e``'s queued tokens from the cores of its factors, the weights' QRs once
+        for all of them and the cores ``chunk_size`` tokens at a time (docs/geometry.md §1)."""
+        xs, ws, cs = zip(*self._pending[e], strict=True)
+        self._pending[e].clear()
+        x_q, w_q = torch.cat(xs), torch.cat(ws)
+        c_q = None if cs[0] is None else torch.cat(cs, dim=1)
+        op = ctx.expert_operator(e, x_q)
+        if op is None or op.factors is None:
+            raise ValueError(
+                f"view {ctx.view.name!r}: expert {e}'s expert_jacobian_operator gives no factors on these "
+                "tokens, though it gave them when the probe chose the factored path"
+            )
+        core = core_factors(op.factors)
+        for start in range(0, x_q.shape[0], ctx.chunk_size):
+            rows = slice(start, start + ctx.chunk_size)
+            sv = factored_singular_values(op.factors, self.rank, core=core, rows=rows).to(ctx.dtype)
+            self._add_spectra(ctx, buffer, e, sv, w_q[rows], None if c_q is None else c_q[:, rows])
 
     def _flush(self, ctx: ProbeContext, buffer: Tensor, e: int, final: bool) -> None:
         """Run expert ``e``'s queued tokens in calls of ``chunk_size``; a shorter remainder waits unless ``final``."""
@@ -186,7 +206,9 @@ class ExpertSpectra(Accumulator):
 
     def close(self, ctx: ProbeContext, buffer: Tensor) -> None:
         for e in range(self.num_experts):
-            if self._pending[e]:  # what is left: fewer than ``chunk_size`` tokens an expert
+            if self._pending[e] and self.core:
+                self._flush_core(ctx, buffer, e)
+            elif self._pending[e]:  # what is left: fewer than ``chunk_size`` tokens an expert
                 self._flush(ctx, buffer, e, final=True)
 
     def finalize(self, buffer: Tensor, report: GeometryReport, done: dict[Accumulator, Any]) -> None:

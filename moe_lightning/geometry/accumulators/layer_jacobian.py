@@ -136,8 +136,13 @@ class LayerJacobian(Accumulator):
         ctx, x, g = chunk.ctx, chunk.x, chunk.gates
         here, cfg = ctx.experts_here, ctx.config
         dg = jacobians(ctx.view.gates, x, memory_budget_bytes=cfg.memory_budget_bytes, mode="jacrev").to(g.dtype)
-        outputs = [chunk.all_token_output(e).to(g.dtype) if e in here else None for e in range(ctx.num_experts)]
-        d_out = next(f.shape[-1] for f in outputs if f is not None)
+        # f_e enters only as f_e ∇g_eᵀ: an expert whose gate is constant on the chunk (top-k: not selected at any of
+        # its tokens) adds exact zeros, and is not run (with E = 128 experts and k = 8 that is most of them).
+        moves = (dg != 0).any(-1).any(0)  # (E,)
+        outputs = [
+            chunk.all_token_output(e).to(g.dtype) if e in here and moves[e] else None for e in range(ctx.num_experts)
+        ]
+        d_out = next((f.shape[-1] for f in outputs if f is not None), ctx.dim)
         outputs = [f if f is not None else g.new_zeros(x.shape[0], d_out) for f in outputs]
         return compose_layer_operator(g, dg, outputs, parts)
 

@@ -1,0 +1,114 @@
+"""The probe in bounded memory at any width: no cast copy of a layer whose view casts what it reads, the pointwise
+alignment of factored experts read a block of experts at a time, and reports that do not depend on the memory
+budget (docs/geometry.md §1, "Factored experts at any width"; docs/design.md, the MoEView contract)."""
+
+import copy
+import importlib
+
+import pytest
+import torch
+
+from moe_lightning.adapters import find_moe_layers
+from moe_lightning.geometry import (
+    CastsOnRead,
+    ProbeConfig,
+    probe,
+    swiglu_expert_jacobian,
+    swiglu_jacobian_operator,
+)
+from moe_lightning.geometry.alignment import pointwise_cosine_sums
+from moe_lightning.geometry.factored import pointwise_cosine_sums_factored
+from moe_lightning.nn.layer import MoEConfig, MoELayer
+
+DT = torch.float64
+probe_module = importlib.import_module("moe_lightning.geometry.probe")  # the package's ``probe`` is the function
+
+
+def _assert_same_report(a_report, b_report, rel=1e-10, abs_=1e-12):
+    a, b = a_report.scalars("g"), b_report.scalars("g")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert b[key] == pytest.approx(a[key], rel=rel, abs=abs_, nan_ok=True), key
+    assert a_report.matrices.keys() == b_report.matrices.keys()
+    for key, M in a_report.matrices.items():
+        torch.testing.assert_close(b_report.matrices[key], M, rtol=rel, atol=abs_, equal_nan=True, msg=key)
+
+
+@pytest.mark.parametrize("budget", [1, 2**31])
+def test_blocked_factored_pointwise_alignment_equals_formed_jacobians(budget):
+    """Blocks of one expert (budget 1 byte) or all at once: the cosine sums of formed Jacobians, an expert with zero
+    output weights (no direction, left out of the counts) among them."""
+    torch.manual_seed(0)
+    d, h, n, e = 10, 4, 7, 5
+    x = torch.randn(n, d, dtype=DT)
+    weights = [
+        [torch.randn(d, h, dtype=DT), torch.randn(d, h, dtype=DT), torch.randn(h, d, dtype=DT)] for _ in range(e)
+    ]
+    weights[3][2] = torch.zeros(h, d, dtype=DT)
+    s, c = pointwise_cosine_sums_factored(lambda i: swiglu_jacobian_operator(x, *weights[i]).factors, e, n, budget)
+    J_NEOI = torch.stack([swiglu_expert_jacobian(x, *w) for w in weights], 1)
+    s_ref, c_ref = pointwise_cosine_sums(J_NEOI)
+    torch.testing.assert_close(s, s_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(c, c_ref)
+    assert c[3].sum() == 0 and c[0, 1] == n
+
+
+def _wide_layer(seed=0, num_experts=4):
+    torch.manual_seed(seed)
+    config = MoEConfig(dim=24, expert_hidden=6, num_experts=num_experts, top_k=2, activation="swiglu")
+    return MoELayer(config), torch.randn(20, 24)
+
+
+def test_a_view_that_casts_on_read_is_lent_no_copy_and_equals_a_float64_layer(monkeypatch):
+    """Our layers' views cast what they read: the float32 layer is lent nothing, its parameters stay as they were,
+    and the report equals the probe of a float64 copy of the layer."""
+    layer, x = _wide_layer()
+    (view,) = find_moe_layers(layer)
+    assert isinstance(view, CastsOnRead) and view.casts_weights_on_read()
+    lent = []
+    lend = probe_module.with_cast_copies
+    monkeypatch.setattr(probe_module, "with_cast_copies", lambda m, dtype, fn: lent.append(dtype) or lend(m, dtype, fn))
+    before = {name: (p.dtype, p.detach().clone()) for name, p in layer.named_parameters()}
+    cfg = ProbeConfig(matrix_free_threshold=16, bootstrap=2)
+    report = probe(view, x, cfg)
+    assert lent == [None]
+    for name, p in layer.named_parameters():
+        assert p.dtype == before[name][0] and torch.equal(p, before[name][1]), name
+    (view64,) = find_moe_layers(copy.deepcopy(layer).to(DT))
+    _assert_same_report(probe(view64, x.to(DT), cfg), report)
+
+
+def test_wide_report_does_not_depend_on_the_memory_budget():
+    """A budget of one byte (one token a chunk, each expert's core tokens and the pointwise alignment's tokens flushed
+    as they come, blocks of one expert) gives the report of a budget that holds everything at once, bootstrap
+    replicas included."""
+    layer, x = _wide_layer(seed=1, num_experts=5)
+    (view,) = find_moe_layers(layer)
+    wide = dict(matrix_free_threshold=16, bootstrap=2, layer_jacobian=False, subspace_rank=3)
+    small = probe(view, x, ProbeConfig(memory_budget_bytes=1, **wide))
+    large = probe(view, x, ProbeConfig(memory_budget_bytes=2**31, **wide))
+    assert small.variants["palign"].endswith("_exact_factored")
+    assert small.variants["jac_source"] == "exact_factored_core"
+    _assert_same_report(large, small, rel=1e-9, abs_=1e-11)
+    assert small.bootstrap["values"].keys() == large.bootstrap["values"].keys()
+    for key, values in large.bootstrap["values"].items():
+        torch.testing.assert_close(small.bootstrap["values"][key], values, rtol=1e-9, atol=1e-11, msg=key)
+
+
+@pytest.mark.parametrize("threshold", [16, 1024])
+def test_pointwise_alignment_false_leaves_it_out_and_nothing_else(threshold):
+    layer, x = _wide_layer(seed=2)
+    (view,) = find_moe_layers(layer)
+    cfg = dict(matrix_free_threshold=threshold, layer_jacobian=False)
+    without = probe(view, x, ProbeConfig(pointwise_alignment=False, **cfg))
+    whole = probe(view, x, ProbeConfig(**cfg))
+    assert not any(k.startswith("palign") for k in (*without.layer, *without.variants))
+    assert "align_pointwise" not in without.matrices and "align_pointwise" in whole.matrices
+    for key, value in without.layer.items():
+        assert value == pytest.approx(whole.layer[key], rel=1e-12, nan_ok=True), key
+    assert without.layer.keys() == {k for k in whole.layer if not k.startswith("palign")}
+
+
+def test_pointwise_alignment_must_be_a_bool():
+    with pytest.raises(ValueError, match="ProbeConfig.pointwise_alignment must be True or False"):
+        ProbeConfig(pointwise_alignment="yes")
