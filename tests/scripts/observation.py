@@ -122,12 +122,13 @@ def patched(target, name: str, replacement):
 
 
 def legacy_cast(original):
-    """The probe's old cast: the module's floating tensors swapped to the probe's dtype through ``.data``."""
+    """The probe's old cast: the module's floating tensors swapped to the probe's dtype (float64) through ``.data``,
+    which it did whatever the view (today a view that casts on read is lent nothing, and ``dtype`` is None)."""
 
     def with_data_swap(module, dtype, fn):
-        saved = []
+        saved, dtype = [], dtype or torch.float64
         try:
-            if module is not None and dtype is not None:
+            if module is not None:
                 for t in itertools.chain(module.parameters(), module.buffers()):
                     if t.is_floating_point() and t.dtype != dtype:
                         saved.append((t, t.data))
