@@ -242,3 +242,39 @@ def tanh_mlp_problem(widths: tuple[int, int, int], num_points: int, input_scales
 
     full = hessian(flat_loss, torch.cat([p.detach().reshape(-1) for p in params]))
     return (lambda: loss_of(*params)), params, full
+
+
+class FunctionOnlyView:
+    """A view of the same layer that knows its experts only as token functions: no ``expert_jacobian_operator``, so
+    no factors (a declared library layer, or a view wrapping arbitrary modules), and the probe forms every Jacobian
+    it uses, or estimates above the threshold."""
+
+    def __init__(self, view):
+        self.view, self.name, self.module, self.num_experts = view, view.name, view.module, view.num_experts
+
+    def gates(self, x):
+        return self.view.gates(x)
+
+    def expert(self, e):
+        return self.view.expert(e)
+
+    def expert_hidden(self, e):
+        return self.view.expert_hidden(e)
+
+    def expert_jacobian(self, e, x):  # the exact path's reference forms J from the closed form
+        return self.view.expert_jacobian(e, x)
+
+
+def assert_same_report(actual, expected, rel: float, abs_: float, spectra: bool = True) -> None:
+    """Every scalar and matrix (and, with ``spectra``, spectrum) of two geometry reports agree, with the same keys."""
+    import pytest
+
+    a, b = expected.scalars("g"), actual.scalars("g")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert b[key] == pytest.approx(a[key], rel=rel, abs=abs_, nan_ok=True), key
+    assert expected.matrices.keys() == actual.matrices.keys()
+    for key, M in expected.matrices.items():
+        torch.testing.assert_close(actual.matrices[key], M, rtol=rel, atol=abs_, equal_nan=True, msg=key)
+    for key, S in expected.spectra.items() if spectra else ():
+        torch.testing.assert_close(actual.spectra[key], S, rtol=rel, atol=abs_, msg=key)

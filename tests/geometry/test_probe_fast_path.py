@@ -3,6 +3,7 @@
 
 import pytest
 import torch
+from helpers import FunctionOnlyView
 
 from moe_lightning.adapters import find_moe_layers
 from moe_lightning.geometry import ProbeConfig, probe, probe_statistics
@@ -10,27 +11,6 @@ from moe_lightning.geometry.accumulators import Alignment
 from moe_lightning.nn.layer import MoEConfig, MoELayer
 
 DT = torch.float64
-
-
-class FormedOnly:
-    """A view of the same layer that offers no Jacobian factors, so that the probe forms every Jacobian it uses (the
-    exact path as it was before the shortcuts)."""
-
-    def __init__(self, view):
-        self.view = view
-        self.name, self.module, self.num_experts = view.name, view.module, view.num_experts
-
-    def gates(self, x):
-        return self.view.gates(x)
-
-    def expert(self, e):
-        return self.view.expert(e)
-
-    def expert_hidden(self, e):
-        return self.view.expert_hidden(e)
-
-    def expert_jacobian(self, e, x):
-        return self.view.expert_jacobian(e, x)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +29,7 @@ def test_fast_path_equals_the_formed_jacobians_on_a_wikitext_sized_layer(wikitex
     (alignment,) = [q for q in probe_statistics(view, x[:2], ProbeConfig()).quantities if isinstance(q, Alignment)]
     assert alignment.pointwise_factored and not alignment.needs_all_token_jacobians  # the shortcut is taken
     fast = probe(view, x, ProbeConfig())
-    formed = probe(FormedOnly(view), x, ProbeConfig())
+    formed = probe(FunctionOnlyView(view), x, ProbeConfig())
     a, b = formed.scalars("g"), fast.scalars("g")
     assert a.keys() == b.keys()
     for key in a:
@@ -71,7 +51,7 @@ def test_factored_pointwise_alignment_over_many_chunks_equals_the_formed_jacobia
     (view,) = find_moe_layers(layer.to(DT))
     x = torch.randn(40, 16, dtype=DT)
     cfg = ProbeConfig(memory_budget_bytes=20_000, layer_jacobian=False, cka=False, pca=False, subspaces=False)
-    fast, formed = probe(view, x, cfg), probe(FormedOnly(view), x, cfg)
+    fast, formed = probe(view, x, cfg), probe(FunctionOnlyView(view), x, cfg)
     torch.testing.assert_close(fast.matrices["align_pointwise"], formed.matrices["align_pointwise"], rtol=1e-12, atol=0)
     # an independent reference: every expert's Jacobian at every token, by the closed form
     J_NEOI = torch.stack([view.expert_jacobian(e, x) for e in range(4)], 1).flatten(2)

@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import FunctionOnlyView
 
 from moe_lightning.adapters import find_moe_layers
 from moe_lightning.geometry import ProbeConfig, finalize, probe, probe_statistics
@@ -23,26 +24,6 @@ from moe_lightning.nn.layer import MoEConfig, MoELayer
 DT = torch.float64
 FAST = dict(layer_jacobian=False, cka=False, pca=False, subspace_rank=3)
 ESTIMATED = ("jac_frobenius", "jac_stable_rank", "jac_effective_rank")
-
-
-class FunctionOnlyView:
-    """A view of the same layer that knows its experts only as token functions: no ``expert_jacobian_operator``,
-    so no factors (a declared library layer, or a view wrapping arbitrary modules)."""
-
-    def __init__(self, view):
-        self.view, self.name, self.module, self.num_experts = view, view.name, view.module, view.num_experts
-
-    def gates(self, x):
-        return self.view.gates(x)
-
-    def expert(self, e):
-        return self.view.expert(e)
-
-    def expert_hidden(self, e):
-        return self.view.expert_hidden(e)
-
-    def expert_jacobian(self, e, x):  # the exact path's reference forms J from the closed form
-        return self.view.expert_jacobian(e, x)
 
 
 def _layer(dim, hidden, activation, seed, tokens, num_experts=3):

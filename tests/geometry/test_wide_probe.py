@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import assert_same_report
 
 from moe_lightning.adapters import find_moe_layers
 from moe_lightning.adapters.native import NativeMoEView
@@ -26,25 +27,12 @@ def _layer(dim, hidden, activation, seed, num_experts=3, dtype=DT):
     return view, torch.randn(8, dim, dtype=dtype)
 
 
-def _assert_same_report(wide, exact, rel=1e-6, abs_=1e-9):
-    """Every scalar, matrix and spectrum of ``exact`` equals ``wide``'s, with the same keys."""
-    a, b = exact.scalars("g"), wide.scalars("g")
-    assert a.keys() == b.keys()
-    for key in a:
-        assert b[key] == pytest.approx(a[key], rel=rel, abs=abs_, nan_ok=True), key
-    assert exact.matrices.keys() == wide.matrices.keys()
-    for key, M in exact.matrices.items():
-        torch.testing.assert_close(wide.matrices[key], M, rtol=rel, atol=abs_, equal_nan=True, msg=key)
-    for key, S in exact.spectra.items():
-        torch.testing.assert_close(wide.spectra[key], S, rtol=rel, atol=abs_, msg=key)
-
-
 def _check_against_exact(dim, hidden, activation, seed, tokens=6):
     view, x = _layer(dim, hidden, activation, seed)
     x = x[:tokens]
     exact = probe(view, x, ProbeConfig(**FAST))
     wide = probe(view, x, ProbeConfig(matrix_free_threshold=dim - 1, **FAST))
-    _assert_same_report(wide, exact)
+    assert_same_report(wide, exact, rel=1e-6, abs_=1e-9)
     v = wide.variants
     assert v["jac_source"] == "exact_factored_core" and v["jac_effective_rank"].endswith("_exact_factored_core")
     assert v["align"].endswith("_exact_factored") and v["subspace_fun"].endswith("_exact_factored")
