@@ -2,8 +2,8 @@
 #   make demo   trains the default MLP top-k MoE on CPU (about a minute on 2 cores), with geometry logging (W&B,
 #               offline without credentials), into a new run folder runs/<date>-<time>-topk/ (docs/training.md), and
 #               ends by writing the run's dashboard (one HTML page) there and printing its path
-#   make test   runs the whole test suite (it also runs the docs examples and builds the site)
-#   make test-quick  the unit tests of every module, for the edit-test loop (under a minute; docs/testing.md)
+#   make test   runs the whole test suite on pytest-xdist workers (it also runs the docs examples and builds the site)
+#   make test-quick  the unit tests of every module, for the edit-test loop (about a minute; docs/testing.md)
 #   make docs   builds the documentation site into site/ (MkDocs, --strict); site/index.html opens from disk
 # Every install step takes its versions from constraints.txt, a lock of today's releases (docs/testing.md):
 #   make lock         regenerates constraints.txt from the newest releases on PyPI (uv pip compile)
