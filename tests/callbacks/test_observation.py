@@ -156,8 +156,8 @@ def test_ddp_ranks_stay_in_sync_and_a_failing_rank_stops_nothing(tmp_path):
     assert runs["plain"]["weights"][1] == plain
     observed = runs["observed"]
     assert observed["weights"] == [plain, plain] and observed["warnings"] == []
-    assert observed["logged"] == {"geometry": ["blocks.0.ffn"], "router": observed["logged"]["router"]}
-    assert observed["logged"]["router"] > 0
+    assert observed["logged"] == {"geometry": ["blocks.0.ffn"], "router": observed["logged"]["router"], "weights": 2}
+    assert observed["logged"]["router"] > 0  # the weight spectra: α of both expert matrices (w_in, w_out)
     # a failure on rank 1 in every probe (or at setup) of every monitor: both ranks finish with the same weights,
     # and rank 0 gives one warning per monitor naming rank 1 and its error
     for fault, error in (("probe", "injected {} failure"), ("setup", "injected setup failure")):
@@ -196,6 +196,7 @@ def test_expert_parallel_and_fsdp2_training_end_in_the_same_weights(tmp_path):
         assert plain["weights"][0] == plain["weights"][1]
         assert observed["weights"] == plain["weights"], preset
         assert observed["logged"]["geometry"] == ["blocks.0.ffn", "blocks.1.ffn"] and observed["logged"]["router"]
+        assert observed["logged"]["weights"] > 0
         # CurvatureMonitor does not serve FSDP2: it says so once and turns itself off
         (message,) = observed["warnings"]
         assert message.startswith("CurvatureMonitor: setting up failed") and "ModelParallelStrategy" in message

@@ -26,7 +26,7 @@ from helpers import quiet_trainer
 
 import moe_lightning.monitors.geometry_probe as geometry_probe
 import moe_lightning.monitors.router_probe as router_probe
-from moe_lightning.callbacks import CurvatureMonitor, GeometryMonitor, RouterMonitor
+from moe_lightning.callbacks import CurvatureMonitor, GeometryMonitor, RouterMonitor, WeightSpectraMonitor
 from moe_lightning.data import SyntheticMoEDataModule
 from moe_lightning.lightning.modules import MLPMoEModule
 from moe_lightning.nn.models import MLPMoEConfig
@@ -46,6 +46,7 @@ def monitors(source: str = "val", loss_fn=None) -> list:
         GeometryMonitor(every_n_steps=2, max_tokens=32, source=source),
         RouterMonitor(log_every_n_steps=1),
         CurvatureMonitor(every_n_steps=3, eigen_max_iter=3, trace_max_samples=2, density=False, loss_fn=loss_fn),
+        WeightSpectraMonitor(every_n_steps=2),
     ]
 
 
@@ -73,15 +74,16 @@ def run(fit) -> dict:
     weights = flat_weights(module)
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, weights)
-    monitor_warnings = [
-        str(w.message) for w in caught if str(w.message).startswith(("GeometryMonitor", "RouterMonitor", "Curvature"))
-    ]
+    owners = ("GeometryMonitor", "RouterMonitor", "Curvature", "WeightSpectra")
+    monitor_warnings = [str(w.message) for w in caught if str(w.message).startswith(owners)]
     logged = {}
     for callback in callbacks:
         if isinstance(callback, GeometryMonitor):
             logged["geometry"] = sorted(callback.last_reports)
         if isinstance(callback, RouterMonitor):
             logged["router"] = len(callback.last_metrics)
+        if isinstance(callback, WeightSpectraMonitor):
+            logged["weights"] = sum(key.endswith("/alpha/mean") for key in callback.last_values)
     return {"weights": everyone, "warnings": monitor_warnings, "logged": logged}
 
 
