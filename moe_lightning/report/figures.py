@@ -111,7 +111,8 @@ def spectra_figure(data: FigureData) -> str | None:
 
 
 def curves_panels(data: FigureData) -> list[tuple[str, str, dict[str, list[pd.Series]]]]:
-    """σ_max and the Jacobian effective rank over training, averaged over layers, per run of each routing."""
+    """σ_max and the Jacobian effective rank over training, averaged over layers, and the validation loss, per run of
+    each routing."""
     panels = []
     for key, title, ylabel in (
         ("jac_sigma_max/mean", "σ_max (expert mean), mean over layers", "σ_max"),
@@ -126,11 +127,20 @@ def curves_panels(data: FigureData) -> list[tuple[str, str, dict[str, list[pd.Se
                     series.setdefault(label, []).append(run.history[columns].mean(axis=1, skipna=True).dropna())
         if series:
             panels.append((title, ylabel, series))
+    # The validation loss beside the geometry, so that a reader sees where training stands at each probe (a run
+    # trained to its plateau shows the flat end of this curve).
+    series = {}
+    for label, members in data.groups.items():
+        for run in members:
+            if "val/loss" in run.history.columns and not (loss := run.history["val/loss"].dropna()).empty:
+                series.setdefault(label, []).append(loss)
+    if series and panels:
+        panels.append(("Validation loss", "validation loss", series))
     return panels
 
 
 def curves_figure(data: FigureData) -> str | None:
-    """σ_max and the Jacobian effective rank over training, averaged over layers."""
+    """σ_max and the Jacobian effective rank over training, averaged over layers, and the validation loss."""
     panels = curves_panels(data)
     if not panels:
         return None

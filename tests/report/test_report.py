@@ -198,6 +198,23 @@ SWEEP_PAGE_JS = """() => ({
 })"""
 
 
+def test_curves_end_with_the_validation_loss(trained_sweep, tmp_path):
+    """The curves figure's last panel is each run's validation loss over training, as its metrics.csv logged it."""
+    from moe_lightning.report.figures import FigureData, curves_panels
+
+    runs = discover_runs([str(trained_sweep)])
+    title, _, series = curves_panels(FigureData.of(runs, str(tmp_path)))[-1]
+    assert title == "Validation loss"
+    assert {label: len(members) for label, members in series.items()} == {"dense_total": 2, "topk": 2, "soft": 2}
+    for label, members in series.items():
+        expected = []
+        for seed in SEEDS:
+            raw = pd.read_csv(trained_sweep / f"{JOB_ROUTING[label]}-seed{seed}" / "metrics.csv")
+            expected.append(sorted(zip(raw["step"][raw["val/loss"].notna()], raw["val/loss"].dropna(), strict=True)))
+        got = sorted(sorted(zip(s.index, s.to_numpy(), strict=True)) for s in members)
+        assert got == sorted(expected), label
+
+
 def test_sweep_page_in_chromium_at_1400_px(report, tmp_path):
     """The page of several runs as a reader sees it: the runs' settings, every figure an interactive chart under a
     heading that says what it shows, labelled axes, legends, and nothing wider than a 1400 px window."""
