@@ -26,6 +26,7 @@ __all__ = [
     "lanczos_quadrature",
     "slq_effective_rank",
     "token_probes",
+    "whole_spectrum_statistics",
 ]
 
 
@@ -211,3 +212,47 @@ def slq_effective_rank(op: JacobianOperator, starts_NDS: Tensor, steps: int) -> 
     rule_gap = (_entropy_rank(a_G.mean(-1), b_G.mean(-1)) - _entropy_rank(a_R.mean(-1), b_R.mean(-1))).abs() / 2
     dtype = starts_NDS.dtype
     return _entropy_rank(a, b).to(dtype), var.to(dtype), rule_gap.to(dtype)
+
+
+def whole_spectrum_statistics(
+    op: JacobianOperator,
+    x_ND: Tensor,
+    top_NR: Tensor,
+    *,
+    trace_probes: int,
+    starts: int,
+    steps: int,
+    seed: int,
+    salt: int,
+    frobenius_sq: Tensor | None = None,
+) -> dict[str, tuple[Tensor, ...]]:
+    """The statistics of each token's whole spectrum that its top-``r`` singular values ``top_NR`` cannot give:
+    the Frobenius norm, the stable rank and the effective rank, each ``(values, variances of the estimates[,
+    quadrature errors])`` (variances None where exact), for ``SpectralMoments.add(known=...)``.
+
+    The effective rank is estimated by SLQ (:func:`slq_effective_rank`); the Frobenius norm is ``frobenius_sq``'s
+    square root where it is known exactly (a factored expert's), else Hutchinson's estimate; the stable rank is
+    ``‖J‖_F² / σ_max²`` with ``σ_max`` the Krylov value, converged to the solver's tolerance, so only ``‖J‖_F²``
+    adds variance. Each token draws its own probes (:func:`token_probes` with ``seed`` and ``salt``).
+    """
+    probes = token_probes(x_ND, trace_probes + starts, seed, salt, op.dtype)
+    known: dict[str, tuple[Tensor, ...]] = {"effective_rank": slq_effective_rank(op, probes[..., trace_probes:], steps)}
+    top_sq = top_NR[:, 0].square()
+    if frobenius_sq is not None:
+        fro_sq, fro_sq_var = frobenius_sq.to(top_sq.dtype), None
+    else:
+        fro_sq, fro_sq_var = hutchinson_frobenius_sq(op, probes[..., :trace_probes])
+        fro_sq = fro_sq.clamp_min(0)
+    fro = fro_sq.sqrt()
+    if fro_sq_var is None:
+        known["frobenius"] = (fro, None)
+    else:  # delta method: d√f = df / (2√f)
+        known["frobenius"] = (fro, torch.where(fro > 0, fro_sq_var / (4 * fro_sq), torch.zeros_like(fro)))
+    ok = top_sq > 0
+    top_sq_safe = torch.where(ok, top_sq, torch.ones_like(top_sq))
+    stable = torch.where(ok, fro_sq / top_sq_safe, torch.zeros_like(top_sq))
+    stable_var = None
+    if fro_sq_var is not None:
+        stable_var = torch.where(ok, fro_sq_var / top_sq_safe.square(), torch.zeros_like(top_sq))
+    known["stable_rank"] = (stable, stable_var)
+    return known

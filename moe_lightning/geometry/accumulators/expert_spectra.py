@@ -14,7 +14,7 @@ from torch import Tensor
 from moe_lightning.geometry.accumulators.base import Accumulator, SpectralMoments, safe_div
 from moe_lightning.geometry.accumulators.context import Chunk, ProbeContext
 from moe_lightning.geometry.accumulators.tokens import TokenCounts
-from moe_lightning.geometry.estimates import hutchinson_frobenius_sq, slq_effective_rank, token_probes
+from moe_lightning.geometry.estimates import whole_spectrum_statistics
 from moe_lightning.geometry.factored import core_factors, factored_frobenius_sq, factored_singular_values
 from moe_lightning.geometry.operators import JacobianOperator, func_jacobian_operator
 from moe_lightning.geometry.report import GeometryReport
@@ -179,30 +179,19 @@ class ExpertSpectra(Accumulator):
         self, op: JacobianOperator, x_ND: Tensor, e: int, top_NR: Tensor
     ) -> dict[str, tuple[Tensor, ...]]:
         """The statistics of the whole spectrum that the top-``r`` values ``top_NR`` cannot give, with the variances
-        of those estimated (docs/geometry.md §1, "Estimated quantities"). Each token draws its own probes, seeded by
-        its values and the expert (:func:`~moe_lightning.geometry.estimates.token_probes`)."""
-        probes = token_probes(x_ND, self.probes + self.starts, self.seed, e, op.dtype)
-        known: dict[str, tuple[Tensor, ...]] = {}
-        known["effective_rank"] = slq_effective_rank(op, probes[..., self.probes :], self.steps)
-        top_sq = top_NR[:, 0].square()
-        if self.factored:  # exact
-            fro_sq, fro_sq_var = factored_frobenius_sq(op.factors).to(top_sq.dtype), None
-        else:
-            fro_sq, fro_sq_var = hutchinson_frobenius_sq(op, probes[..., : self.probes])
-            fro_sq = fro_sq.clamp_min(0)
-        fro = fro_sq.sqrt()
-        if fro_sq_var is None:
-            known["frobenius"] = (fro, None)
-        else:  # delta method: d√f = df / (2√f)
-            known["frobenius"] = (fro, torch.where(fro > 0, fro_sq_var / (4 * fro_sq), torch.zeros_like(fro)))
-        ok = top_sq > 0
-        top_sq_safe = torch.where(ok, top_sq, torch.ones_like(top_sq))
-        stable = torch.where(ok, fro_sq / top_sq_safe, torch.zeros_like(top_sq))
-        stable_var = None  # σ_max is the Krylov value, converged to matrix_free_tol: only ‖J‖_F² is random
-        if fro_sq_var is not None:
-            stable_var = torch.where(ok, fro_sq_var / top_sq_safe.square(), torch.zeros_like(top_sq))
-        known["stable_rank"] = (stable, stable_var)
-        return known
+        of those estimated (docs/geometry.md §1, "Estimated quantities"); a factored expert's Frobenius norm is
+        exact."""
+        return whole_spectrum_statistics(
+            op,
+            x_ND,
+            top_NR,
+            trace_probes=self.probes,
+            starts=self.starts,
+            steps=self.steps,
+            seed=self.seed,
+            salt=e,
+            frobenius_sq=factored_frobenius_sq(op.factors) if self.factored else None,
+        )
 
     def close(self, ctx: ProbeContext, buffer: Tensor) -> None:
         for e in range(self.num_experts):

@@ -1,5 +1,7 @@
 """Spectra of the whole layer's Jacobian through the router, ``J = Σ_e g_e J_e + Σ_e f_e ∇g_eᵀ`` (docs/geometry.md
-§1–2), with uniform token weights: formed by the product rule or torch.func, or as composed matrix-free products."""
+§1–2), with uniform token weights: formed by the product rule or torch.func, or as composed matrix-free products,
+whose top-``r`` values give σ_max and the mean spectrum's head, and whose Hutchinson and SLQ estimates give the
+statistics of the whole spectrum with their standard errors (the sum of the experts' products has no small core)."""
 
 from __future__ import annotations
 
@@ -12,8 +14,10 @@ from torch import Tensor
 from moe_lightning.geometry.accumulators.base import Accumulator, SpectralMoments, safe_div
 from moe_lightning.geometry.accumulators.context import Chunk, ProbeContext
 from moe_lightning.geometry.accumulators.tokens import TokenCounts
+from moe_lightning.geometry.estimates import whole_spectrum_statistics
 from moe_lightning.geometry.jacobians import compose_layer_jacobian, jacobians, layer_jacobian
-from moe_lightning.geometry.operators import JacobianOperator, compose_layer_operator
+from moe_lightning.geometry.operators import JacobianOperator, compose_layer_operator, func_jacobian_operator
+from moe_lightning.geometry.probe_config import ProbeConfig
 from moe_lightning.geometry.report import GeometryReport
 from moe_lightning.geometry.spectra import batched_svdvals
 from moe_lightning.geometry.statistics import BufferLayout
@@ -30,21 +34,40 @@ class LayerJacobian(Accumulator):
         matrix_free: whether the spectra are top-``M`` values of matrix-free products.
         fit_max: the decay-slope fit's largest index.
         top: ``matrix_free_rank`` on the matrix-free path (named in the variants), else None.
+        config: the probe's configuration (the estimators' sample sizes and seed on the matrix-free path).
     """
 
-    def __init__(self, tokens: TokenCounts, rank: int, matrix_free: bool, fit_max: int | None, top: int | None):
+    def __init__(
+        self,
+        tokens: TokenCounts,
+        rank: int,
+        matrix_free: bool,
+        fit_max: int | None,
+        top: int | None,
+        config: ProbeConfig,
+    ):
         self.tokens, self.rank, self.matrix_free, self.fit_max, self.top = tokens, rank, matrix_free, fit_max, top
+        self.config = config
+
+    #: What the top-``r`` values cannot give (docs/geometry.md §1, "Estimated quantities").
+    ESTIMATED = ("frobenius", "stable_rank", "effective_rank")
 
     def allocate(self, layout: BufferLayout) -> None:
-        self.moments = SpectralMoments(layout, "layer_jac")
+        estimated = self.ESTIMATED if self.matrix_free else ()
+        systematic = ("effective_rank",) if self.matrix_free else ()
+        self.moments = SpectralMoments(layout, "layer_jac", estimated=estimated, systematic=systematic)
         self.spectrum = layout.allocate("layer_jac/sum_spectrum", self.rank)
         self.unconverged = layout.allocate("layer_jac/unconverged", 1) if self.matrix_free else None
 
     def add(self, chunk: Chunk, buffer: Tensor) -> None:
         # Under expert parallelism the ranks of the expert group see the same tokens and each adds its share.
         share = chunk.ctx.token_share(chunk.num_tokens)
+        known = None
         if self.matrix_free:
-            sv, converged = self._top_singular_values(chunk)
+            sv, converged, op = self._top_singular_values(chunk)
+            # Every one of them is an estimate with a variance here: slice each to this rank's share.
+            whole = self._whole_spectrum(chunk, op, sv)
+            known = {name: tuple(t[share] for t in parts) for name, parts in whole.items()}
             sv, converged = sv[share], converged[share]
             self.unconverged.of(buffer).add_((~converged).sum())
         else:
@@ -52,7 +75,14 @@ class LayerJacobian(Accumulator):
         ones = torch.ones(sv.shape[0], dtype=chunk.ctx.dtype, device=chunk.x.device)
         counts = None if chunk.counts is None else chunk.counts[:, share]
         self.moments.add(
-            buffer, sv, ones, fit_max=self.fit_max, truncated=self.matrix_free, ctx=chunk.ctx, counts_BN=counts
+            buffer,
+            sv,
+            ones,
+            fit_max=self.fit_max,
+            truncated=self.matrix_free,
+            ctx=chunk.ctx,
+            counts_BN=counts,
+            known=known,
         )
         self.spectrum.of(buffer).add_(sv.sum(0))
 
@@ -78,7 +108,8 @@ class LayerJacobian(Accumulator):
 
         return ctx.sum_over_experts(partial, (x.shape[0], ctx.dim, ctx.dim))
 
-    def _top_singular_values(self, chunk: Chunk) -> tuple[Tensor, Tensor]:
+    def _top_singular_values(self, chunk: Chunk) -> tuple[Tensor, Tensor, JacobianOperator]:
+        """The top-``r`` singular values at the chunk's tokens, whether each converged, and the operator."""
         ctx = chunk.ctx
         view, experts = ctx.view, ctx.experts
 
@@ -90,8 +121,24 @@ class LayerJacobian(Accumulator):
             op = None if ctx.config.layer_jacobian_method == "func" else self._operator(chunk)
         else:  # this rank's share, its products summed over the group; NaN products if it cannot build it
             op = _summed_over_experts(ctx, ctx.guarded(lambda: self._local_operator(chunk), lambda: None), chunk)
-        res = ctx.solve_topr(op or layer_fn, chunk.x)
-        return res.values, res.converged
+        op = op or func_jacobian_operator(layer_fn, chunk.x)
+        res = ctx.solve_topr(op, chunk.x)
+        return res.values, res.converged, op
+
+    def _whole_spectrum(self, chunk: Chunk, op: JacobianOperator, top_NR: Tensor) -> dict[str, tuple[Tensor, ...]]:
+        """Hutchinson's Frobenius norm and stable rank and the SLQ effective rank of every token's layer Jacobian,
+        with their variances (docs/geometry.md §1, "Estimated quantities"); the probes' salt ``E`` is no expert's."""
+        cfg = self.config
+        return whole_spectrum_statistics(
+            op,
+            chunk.x,
+            top_NR,
+            trace_probes=cfg.matrix_free_trace_probes,
+            starts=cfg.matrix_free_slq_starts,
+            steps=cfg.matrix_free_slq_steps,
+            seed=cfg.seed,
+            salt=chunk.ctx.num_experts,
+        )
 
     def _local_operator(self, chunk: Chunk) -> tuple[JacobianOperator, list]:
         """Under expert parallelism: the composed products of the experts here and their parts (a ``ValueError``
@@ -153,6 +200,13 @@ class LayerJacobian(Accumulator):
         n_tok = self.tokens.total.of(buffer)
         report.spectra["layer_jac_mean_spectrum"] = safe_div(self.spectrum.of(buffer), n_tok)
         report.variants["layer_jac"] = "through_router_uniform_token_weights"
+        if self.matrix_free:  # the whole spectrum's statistics, estimated (each with a ``_se`` key)
+            cfg, v = self.config, report.variants
+            hutchinson = f"hutchinson_r{cfg.matrix_free_trace_probes}"
+            v["layer_jac_frobenius"] = f"sqrt_sum_sigma_sq_{hutchinson}"
+            v["layer_jac_stable_rank"] = f"{hutchinson}_frobenius_sq_over_topr_sigma_max_sq_tol={cfg.matrix_free_tol:g}"
+            slq = f"m{cfg.matrix_free_slq_steps}_s{cfg.matrix_free_slq_starts}"
+            v["layer_jac_effective_rank"] = f"roy_vetterli_2007_slq_{slq}"
         if self.unconverged is not None:
             report.layer["layer_jac_unconverged"] = float(self.unconverged.of(buffer))
 
