@@ -13,7 +13,14 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["alignment_chance", "jacobian_alignment", "offdiag_summary", "pointwise_cosine_sums"]
+__all__ = [
+    "alignment_chance",
+    "jacobian_alignment",
+    "offdiag_summary",
+    "pointwise_cosine_sums",
+    "sampled_pairs",
+    "sampled_pairs_summary",
+]
 
 
 def _abs_cosines(flat_BEK: Tensor) -> Tensor:
@@ -89,3 +96,31 @@ def offdiag_summary(matrix_EE: Tensor) -> tuple[float, float]:
     if off.numel() == 0:
         return math.nan, math.nan
     return float(off.mean()), float(off.max())
+
+
+def sampled_pairs(num_experts: int, pairs: int | None, seed: int) -> Tensor | None:
+    """``(E, E)`` symmetric mask of ``pairs`` pairs of experts drawn uniformly without replacement from a local
+    generator seeded by ``seed`` (the same on every rank), the diagonal set; None when ``pairs`` is None or at least
+    the ``E (E − 1) / 2`` pairs there are (every pair is computed)."""
+    total = num_experts * (num_experts - 1) // 2
+    if pairs is None or pairs >= total:
+        return None
+    i, j = torch.triu_indices(num_experts, num_experts, offset=1)
+    pick = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:pairs]
+    mask = torch.eye(num_experts, dtype=torch.bool)
+    mask[i[pick], j[pick]] = mask[j[pick], i[pick]] = True
+    return mask
+
+
+def sampled_pairs_summary(matrix_EE: Tensor, mask_EE: Tensor) -> tuple[float, float]:
+    """The mean of the finite off-diagonal entries of the sampled pairs of ``mask_EE`` and its standard error as
+    an estimate of the mean over every pair: ``(s² / m · (1 − m / P))^½`` for ``m`` sampled of ``P`` pairs (a
+    simple random sample without replacement, with the finite-population correction). NaN with fewer than 2."""
+    e = matrix_EE.shape[0]
+    upper = torch.triu(mask_EE.to(matrix_EE.device), diagonal=1)
+    values = matrix_EE[upper]
+    values = values[torch.isfinite(values)]
+    m, total = values.numel(), e * (e - 1) // 2
+    if m < 2:
+        return math.nan, math.nan
+    return float(values.mean()), float((values.var(correction=1) / m * (1 - m / total)).sqrt())

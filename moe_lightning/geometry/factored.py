@@ -111,7 +111,11 @@ def factored_inner_products(factors: Sequence[JacobianFactors]) -> Tensor:
 
 
 def pointwise_cosine_sums_factored(
-    factors_of: Callable[[int], JacobianFactors], num_experts: int, num_tokens: int, memory_budget_bytes: int
+    factors_of: Callable[[int], JacobianFactors],
+    num_experts: int,
+    num_tokens: int,
+    memory_budget_bytes: int,
+    pairs_EE: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Additive statistics of the pointwise alignment (docs/geometry.md §4) of ``E`` factored experts at the same
     ``N`` tokens: :func:`~moe_lightning.geometry.pointwise_cosine_sums` from :func:`factored_inner_products`,
@@ -127,6 +131,8 @@ def pointwise_cosine_sums_factored(
         num_experts: E.
         num_tokens: N.
         memory_budget_bytes: bound on the two blocks of experts held at once.
+        pairs_EE: ``(E, E)`` mask of the pairs to compute (their Grams only; the others' entries stay 0, count 0);
+            None computes every pair.
 
     Returns:
         ``(sum_cos_EE, count_EE)`` as :func:`~moe_lightning.geometry.pointwise_cosine_sums`.
@@ -147,10 +153,13 @@ def pointwise_cosine_sums_factored(
     for a, block_a in enumerate(blocks):
         held_a = {e: factors_of(e) for e in block_a}
         for block_b in blocks[a:]:
+            if pairs_EE is not None and block_b is not block_a:
+                if not bool(pairs_EE[block_a.start : block_a.stop, block_b.start : block_b.stop].any()):
+                    continue  # no sampled pair between these blocks: their factors are not read
             held_b = held_a if block_b is block_a else {e: factors_of(e) for e in block_b}
             for ei in block_a:
                 for ej in block_b:
-                    if ej < ei:
+                    if ej < ei or (pairs_EE is not None and not bool(pairs_EE[ei, ej])):
                         continue
                     fi, fj = held_a[ei], held_b[ej]
                     if ei == ej:

@@ -52,6 +52,7 @@ from moe_lightning.geometry.accumulators import (
     Subspaces,
     TokenCounts,
 )
+from moe_lightning.geometry.alignment import sampled_pairs
 from moe_lightning.geometry.bootstrap import bootstrap_values, probe_resample_counts
 from moe_lightning.geometry.lending import lent_modules, with_cast_copies
 from moe_lightning.geometry.probe_config import ProbeConfig
@@ -106,7 +107,8 @@ def _accumulators(ctx: ProbeContext) -> tuple[TokenCounts, list[Accumulator]]:
     if not multi:
         quantities.append(SkippedForOneExpert("align"))
     elif cfg.alignment and mean_jacobian is not None:
-        alignment = Alignment(mean_jacobian, num_experts, d, cfg.pointwise_alignment, ctx.pointwise_factors)
+        pairs = sampled_pairs(num_experts, cfg.pointwise_alignment_pairs, cfg.seed)
+        alignment = Alignment(mean_jacobian, num_experts, d, cfg.pointwise_alignment, ctx.pointwise_factors, pairs)
         quantities.append(alignment)
     if not multi:
         quantities.append(SkippedForOneExpert("cka"))

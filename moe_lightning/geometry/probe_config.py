@@ -55,6 +55,12 @@ class ProbeConfig:
         pointwise_alignment: with ``alignment``, the pointwise alignment too. Above ``matrix_free_threshold`` it
             forms one ``F × F`` Gram of the weights per pair of experts, ``O(E² · D · F²)`` in all: at real sizes
             the probe's largest cost by far (docs/benchmarks/real-scale.md); False leaves it out of the report.
+        pointwise_alignment_pairs: None (default) computes the pointwise alignment of every pair of experts. An
+            int ``m`` below the layer's ``E (E − 1) / 2`` pairs computes it exactly on ``m`` pairs drawn without
+            replacement (seeded by ``seed``, the same on every rank): its mean over pairs is then an estimate with a
+            standard error over pairs (``palign_mean_offdiag_se``), the unsampled entries of the matrix are NaN and
+            its maximum is not reported (docs/geometry.md §4). At Qwen3-30B-A3B's size a pair costs about half a
+            CPU minute; 8,128 pairs are the probe's largest cost.
         cka: linear CKA between the experts' outputs on every probe token (§4); skipped when E = 1, or when its
             ``E² D²`` cross products exceed ``pca_max_dim²``.
         subspaces: functional and representational Grassmann overlaps (§5); skipped when E = 1.
@@ -103,6 +109,7 @@ class ProbeConfig:
     pca: bool = True
     alignment: bool = True
     pointwise_alignment: bool = True
+    pointwise_alignment_pairs: int | None = None
     cka: bool = True
     subspaces: bool = True
     pca_sites: tuple[str, ...] = PCA_SITES
@@ -149,6 +156,12 @@ class ProbeConfig:
             raise ValueError(f"ProbeConfig.matrix_free_oversample must be an int >= 0, got {oversample!r}")
         if not (isinstance(self.matrix_free_tol, (int, float)) and self.matrix_free_tol >= 0):
             raise ValueError(f"ProbeConfig.matrix_free_tol must be a float >= 0, got {self.matrix_free_tol!r}")
+        pairs = self.pointwise_alignment_pairs
+        if pairs is not None and (not isinstance(pairs, int) or isinstance(pairs, bool) or pairs < 2):
+            raise ValueError(
+                f"ProbeConfig.pointwise_alignment_pairs must be None (every pair) or an int >= 2 (a standard error "
+                f"needs 2 pairs), got {pairs!r}"
+            )
         if self.decay_fit_max is not None and (not isinstance(self.decay_fit_max, int) or self.decay_fit_max < 2):
             raise ValueError(f"ProbeConfig.decay_fit_max must be None or an int >= 2, got {self.decay_fit_max!r}")
         check_choice("ProbeConfig.jacobian_method", self.jacobian_method, JACOBIAN_METHODS)

@@ -32,6 +32,7 @@ from moe_lightning.adapters.hf_families import supported_model_types, tiny_model
 from moe_lightning.commands.probe import default_out_dir, main, pack_blocks, probe_pretrained  # noqa: E402
 from moe_lightning.data import bundled_file  # noqa: E402
 from moe_lightning.geometry import GeometryReport, ProbeConfig, probe  # noqa: E402
+from moe_lightning.geometry.alignment import sampled_pairs  # noqa: E402
 
 WIKITEXT = bundled_file("wikitext-2/valid.txt").parent
 D = 32
@@ -263,11 +264,12 @@ def test_matrix_free_path_matches_the_exact_top_values(workspace, mixtral_run) -
             *("--batch-size", "2", "--layers", layer, "--out", str(out)),
             *("--matrix-free-threshold", "16", "--matrix-free-rank", str(rank)),  # D = 32 > 16
             *("--memory-budget-mib", "1"),  # chunks of ~15 of the 64 tokens instead of one: values must not move
+            *("--pointwise-alignment-pairs", "3"),  # of the 4 experts' 6 pairs
         ]
     )
     assert code == 0, stderr
     data = json.loads((out / "probe.json").read_text())
-    assert data["config"]["memory_budget_mib"] == 1
+    assert data["config"]["memory_budget_mib"] == 1 and data["config"]["pointwise_alignment_pairs"] == 3
     assert list(data["layers"]) == [layer]
     free = GeometryReport.from_dict(data["layers"][layer])
     exact = GeometryReport.from_dict(mixtral_run["data"]["layers"][layer])
@@ -291,8 +293,15 @@ def test_matrix_free_path_matches_the_exact_top_values(workspace, mixtral_run) -
         free.expert["jac_sigma_max"], exact.expert["jac_sigma_max"], rtol=1e-6, atol=0, equal_nan=True
     )
     # The experts' factors give the mean-Jacobian alignment exactly at any width (docs/geometry.md).
-    for key in ("align_mean_offdiag", "palign_mean_offdiag", "subspace_fun_overlap"):
+    for key in ("align_mean_offdiag", "subspace_fun_overlap"):
         assert free.layer[key] == pytest.approx(exact.layer[key], rel=1e-6), key
+    # the pointwise alignment of the 3 sampled pairs, each exact; the others not reported
+    pairs = sampled_pairs(4, 3, seed=0)
+    sampled, every = free.matrices["align_pointwise"], exact.matrices["align_pointwise"]
+    torch.testing.assert_close(sampled[pairs], every[pairs], rtol=1e-6, atol=0)
+    assert bool(sampled[~pairs].isnan().all()) and "palign_max_offdiag" not in free.layer
+    assert free.layer["palign_mean_offdiag"] == pytest.approx(float(every[torch.triu(pairs, 1)].mean()), rel=1e-6)
+    assert free.variants["palign"].endswith("_sampled_pairs=3_of_6")
     # every token's top values converged, and the counts survive probe.json
     assert free.expert["jac_unconverged"].tolist() == [0.0] * 4 and free.layer["layer_jac_unconverged"] == 0.0
 
@@ -457,6 +466,7 @@ def test_experts_interface_checkpoint_end_to_end(workspace, experts_checkpoints,
     [
         (["--max-tokens", "0"], "max_tokens must be a positive int, got 0"),
         (["--memory-budget-mib", "0"], "memory_budget_mib must be a positive int, got 0"),
+        (["--pointwise-alignment-pairs", "1"], "ProbeConfig.pointwise_alignment_pairs must be None (every pair) or"),
         (["--layers", "model.layers.9.*"], "no MoE layer matches"),
         (["--seq-len", "4096"], "exceeds the model's max_position_embeddings=128"),
         (["--text", "/no/such/text.txt"], "text file '/no/such/text.txt' does not exist"),

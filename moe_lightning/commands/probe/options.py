@@ -104,6 +104,14 @@ class ProbeOptions:
     )
     matrix_free_threshold: int = option(1024, "model dims above this use the matrix-free top-r spectra")
     matrix_free_rank: int = option(16, "singular values r kept on the matrix-free path")
+    pointwise_alignment_pairs: int | None = option(
+        None,
+        "compute the pointwise alignment on this many pairs of experts drawn at random, with a standard error over "
+        "pairs, when a layer has more (ProbeConfig.pointwise_alignment_pairs; each pair forms one Gram of the "
+        "weights, about half a CPU minute at Qwen3-30B-A3B's size); default: every pair, exact",
+        type=int,
+        metavar="M",
+    )
     memory_budget_mib: int = option(
         1024,
         "peak memory of one token chunk of the probe in MiB (ProbeConfig.memory_budget_bytes); on the matrix-free "
@@ -156,6 +164,8 @@ class ProbeOptions:
                     f"max_memory={self.max_memory!r} gives memory to GPU {gpus[0]} but device='cpu'; give cpu alone, "
                     "or use device='cuda' or 'auto'"
                 )
+        if self.pointwise_alignment_pairs is not None:
+            ProbeConfig(pointwise_alignment_pairs=self.pointwise_alignment_pairs)  # its error names the field
         unused = [name for name in ("max_memory", "offload_folder") if getattr(self, name) is not None]
         if unused and self.device_map != "auto":
             raise ValueError(
@@ -185,6 +195,7 @@ class ProbeOptions:
             matrix_free_threshold=self.matrix_free_threshold,
             matrix_free_rank=self.matrix_free_rank,
             memory_budget_bytes=self.memory_budget_mib * 2**20,
+            pointwise_alignment_pairs=self.pointwise_alignment_pairs,
         )
 
 
@@ -202,7 +213,7 @@ def add_option_arguments(parser: argparse.ArgumentParser) -> None:
             continue
         if f.default is not None:
             help_text += " (default: %(default)s)"
-        kind = int if isinstance(f.default, int) else str
+        kind = cli.pop("type", int if isinstance(f.default, int) else str)
         cli.setdefault("metavar", flag.removeprefix("--").replace("-", "_").upper())
         parser.add_argument(flag, dest=f.name, type=kind, default=f.default, help=help_text, **cli)
 

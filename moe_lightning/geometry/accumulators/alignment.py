@@ -22,6 +22,7 @@ from moe_lightning.geometry.alignment import (
     jacobian_alignment,
     offdiag_summary,
     pointwise_cosine_sums,
+    sampled_pairs_summary,
 )
 from moe_lightning.geometry.factored import pointwise_cosine_sums_factored
 from moe_lightning.geometry.operators import JacobianFactors
@@ -49,6 +50,8 @@ class Alignment(Accumulator):
         dim: D.
         pointwise: whether to compute the pointwise alignment too (``ProbeConfig.pointwise_alignment``).
         pointwise_factors: on the exact path, compute the pointwise inner products from the experts' factors.
+        pairs: ``(E, E)`` mask of the sampled pairs of the pointwise alignment
+            (:func:`~moe_lightning.geometry.alignment.sampled_pairs`); None: every pair.
     """
 
     def __init__(
@@ -58,8 +61,10 @@ class Alignment(Accumulator):
         dim: int,
         pointwise: bool = True,
         pointwise_factors: bool = False,
+        pairs: Tensor | None = None,
     ) -> None:
         self.mean_jacobian, self.num_experts, self.dim = mean_jacobian, num_experts, dim
+        self.pairs = pairs
         self.factored = isinstance(mean_jacobian, FactoredMeanJacobian)
         self.pointwise = pointwise
         self.pointwise_factored = self.factored or pointwise_factors
@@ -112,7 +117,7 @@ class Alignment(Accumulator):
             return op.factors
 
         s, c = pointwise_cosine_sums_factored(
-            lambda e: factors(e, x_ND), self.num_experts, x_ND.shape[0], ctx.config.memory_budget_bytes
+            lambda e: factors(e, x_ND), self.num_experts, x_ND.shape[0], ctx.config.memory_budget_bytes, self.pairs
         )
         self.cos_sum.of(buffer).add_(s)
         self.cos_count.of(buffer).add_(c)
@@ -132,12 +137,20 @@ class Alignment(Accumulator):
         report.matrices["align_mean_jacobian"] = A
         measured = [("align", A)]
         if self.pointwise:
+            if self.pairs is not None:  # the pairs not sampled have no value (the exact path computed them all)
+                P = torch.where(self.pairs.to(P.device), P, torch.full_like(P, math.nan))
             report.matrices["align_pointwise"] = P
             measured.append(("palign", P))
         for key, M in measured:
-            mean_off, max_off = offdiag_summary(M)
+            if key == "palign" and self.pairs is not None:
+                # an estimate of the mean over every pair; the maximum of a sample is not the maximum: left out
+                mean_off, se = sampled_pairs_summary(M, self.pairs)
+                report.layer["palign_mean_offdiag_se"] = se
+                report.layer["palign_ratio_se"] = se / chance
+            else:
+                mean_off, max_off = offdiag_summary(M)
+                report.layer[f"{key}_max_offdiag"] = max_off
             report.layer[f"{key}_mean_offdiag"] = mean_off
-            report.layer[f"{key}_max_offdiag"] = max_off
             report.layer[f"{key}_ratio"] = mean_off / chance
         report.layer["align_chance"] = chance
         v = report.variants
@@ -145,6 +158,10 @@ class Alignment(Accumulator):
         v.setdefault("align", f"mean_jacobian_abs_frobenius_cosine{suffix}")
         if self.pointwise:
             v["palign"] = f"pointwise_abs_frobenius_cosine_all_probe_tokens{suffix}"
+            if self.pairs is not None:
+                e = self.num_experts
+                sampled = int(torch.triu(self.pairs, diagonal=1).sum())
+                v["palign"] += f"_sampled_pairs={sampled}_of_{e * (e - 1) // 2}"
         v["align_chance"] = "exact_gaussian_E_abs_cos_n=d*d"
         if v["align"].startswith("unavailable"):
             for key in ("align_mean_offdiag", "align_max_offdiag", "align_ratio"):
