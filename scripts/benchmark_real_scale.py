@@ -19,6 +19,12 @@ Usage:
     python scripts/benchmark_real_scale.py --rows qwen3-30b-a3b --quantities representational   # PCA + subspaces
     python scripts/benchmark_real_scale.py --rows qwen3-30b-a3b --quantities all-but-pointwise-alignment
     python scripts/benchmark_real_scale.py --device cuda                        # every row on one GPU
+    python scripts/benchmark_real_scale.py --ceiling          # the exact pointwise alignment's arithmetic floor
+
+``--ceiling`` probes nothing: it measures this machine's float64 matrix-product rate (the best of 5 products of two
+2048 x 2048 matrices, every thread) and prints, per row, the flops of the exact pointwise alignment's weight Grams
+(docs/geometry.md §4: one ``F x F`` Gram per pair of experts and per expert, ``10 H² D`` flops each for SwiGLU) and
+the time they take at that rate: a lower bound on any exact computation of it by this method.
 """
 
 from __future__ import annotations
@@ -119,6 +125,40 @@ def run_row(name: str, tokens: int, device: str, quantities: str = "all") -> Res
     )
 
 
+def gemm_gflops(device: str = "cpu", n: int = 2048, repeats: int = 5) -> float:
+    """The best float64 rate of ``repeats`` products of two ``n x n`` matrices, in GFLOP/s (``2 n³`` flops each)."""
+    a = torch.randn(n, n, dtype=torch.float64, device=device)
+    b = torch.randn(n, n, dtype=torch.float64, device=device)
+    best = math.inf
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def pointwise_alignment_flops(dim: int, hidden: int, experts: int) -> float:
+    """Flops of the exact pointwise alignment's weight Grams for SwiGLU experts: a Gram per expert (its norms) and
+    per pair, each ``(A_iᵀA_j)`` (``2 H² D``) and ``B_i B_jᵀ`` over both groups (``2 (2H)² D``)."""
+    grams = experts * (experts - 1) // 2 + experts
+    return grams * 10 * hidden**2 * dim
+
+
+def print_ceiling(rows: list[str], device: str) -> None:
+    rate = gemm_gflops(device)
+    print(f"float64 matrix products on {device}, {torch.get_num_threads()} threads: {rate:.1f} GFLOP/s (best of 5)")
+    print(f"{'row':<18} {'Grams':>7} {'TFLOP':>8} {'minutes at that rate':>21}")
+    for name in rows:
+        d, h, e, *_ = ROWS[name]
+        flops = pointwise_alignment_flops(d, h, e)
+        grams = e * (e - 1) // 2 + e
+        print(f"{name:<18} {grams:>7} {flops / 1e12:>8.1f} {flops / (rate * 1e9) / 60:>21.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), help="which models' sizes")
@@ -126,7 +166,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--quantities", default="all", choices=list(QUANTITIES), help="which quantities to probe")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one row here and print its JSON
+    parser.add_argument("--ceiling", action="store_true", help="print the pointwise alignment's arithmetic floor")
     args = parser.parse_args()
+    if args.ceiling:
+        print_ceiling(args.rows, args.device)
+        return
     if args.one:
         print(json.dumps(run_row(args.one, args.tokens, args.device, args.quantities).__dict__))
         return
