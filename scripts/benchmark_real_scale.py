@@ -18,6 +18,7 @@ Usage:
     python scripts/benchmark_real_scale.py --rows qwen3-30b-a3b --tokens 32
     python scripts/benchmark_real_scale.py --rows qwen3-30b-a3b --quantities representational   # PCA + subspaces
     python scripts/benchmark_real_scale.py --rows qwen3-30b-a3b --quantities all-but-pointwise-alignment
+    python scripts/benchmark_real_scale.py --rows qwen3-30b-a3b --pairs 256   # pointwise alignment on 256 pairs
     python scripts/benchmark_real_scale.py --device cuda                        # every row on one GPU
     python scripts/benchmark_real_scale.py --ceiling          # the exact pointwise alignment's arithmetic floor
 
@@ -81,7 +82,7 @@ QUANTITIES = {
 }
 
 
-def run_row(name: str, tokens: int, device: str, quantities: str = "all") -> Result:
+def run_row(name: str, tokens: int, device: str, quantities: str = "all", pairs: int | None = None) -> Result:
     """Build one row's layer, probe it and measure; in this process (called in a fresh one by :func:`main`)."""
     from moe_lightning.adapters import find_moe_layers
     from moe_lightning.geometry import ProbeConfig, probe
@@ -109,7 +110,7 @@ def run_row(name: str, tokens: int, device: str, quantities: str = "all") -> Res
     t0 = time.perf_counter()
     error, scalars = "", {}
     try:
-        report = probe(view, x, ProbeConfig(**QUANTITIES[quantities]))
+        report = probe(view, x, ProbeConfig(**QUANTITIES[quantities], pointwise_alignment_pairs=pairs))
         scalars = report.scalars("", max_experts=0)
     except Exception as caught:  # a failed row is reported, not hidden
         error = repr(caught)[:300]
@@ -165,6 +166,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=256, help="probe tokens")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--quantities", default="all", choices=list(QUANTITIES), help="which quantities to probe")
+    parser.add_argument(
+        "--pairs", type=int, help="ProbeConfig.pointwise_alignment_pairs: the pointwise alignment on this many pairs"
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one row here and print its JSON
     parser.add_argument("--ceiling", action="store_true", help="print the pointwise alignment's arithmetic floor")
     args = parser.parse_args()
@@ -172,17 +176,17 @@ def main() -> None:
         print_ceiling(args.rows, args.device)
         return
     if args.one:
-        print(json.dumps(run_row(args.one, args.tokens, args.device, args.quantities).__dict__))
+        print(json.dumps(run_row(args.one, args.tokens, args.device, args.quantities, args.pairs).__dict__))
         return
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, {args.tokens} tokens, "
-        f"{args.quantities} quantities"
+        f"{args.quantities} quantities" + ("" if args.pairs is None else f", pointwise alignment on {args.pairs} pairs")
     )
     header = f"{'row':<18} {'build s':>8} {'probe s':>8} {'layer GiB':>9} {'peak GiB':>9} {'finite/total':>12}"
     print(header)
     for name in args.rows:
         command = [sys.executable, __file__, "--one", name, "--tokens", str(args.tokens), "--device", args.device]
-        command += ["--quantities", args.quantities]
+        command += ["--quantities", args.quantities] + ([] if args.pairs is None else ["--pairs", str(args.pairs)])
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             print(f"{name:<18} failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
