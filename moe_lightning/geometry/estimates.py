@@ -20,6 +20,7 @@ from torch import Tensor
 
 from moe_lightning.geometry.lanczos import tridiagonal
 from moe_lightning.geometry.operators import JacobianOperator
+from moe_lightning.geometry.probe_config import ProbeConfig
 
 __all__ = [
     "hutchinson_frobenius_sq",
@@ -27,6 +28,7 @@ __all__ = [
     "slq_effective_rank",
     "token_probes",
     "whole_spectrum_statistics",
+    "whole_spectrum_variants",
 ]
 
 
@@ -218,11 +220,7 @@ def whole_spectrum_statistics(
     op: JacobianOperator,
     x_ND: Tensor,
     top_NR: Tensor,
-    *,
-    trace_probes: int,
-    starts: int,
-    steps: int,
-    seed: int,
+    config: ProbeConfig,
     salt: int,
     frobenius_sq: Tensor | None = None,
 ) -> dict[str, tuple[Tensor, ...]]:
@@ -233,9 +231,12 @@ def whole_spectrum_statistics(
     The effective rank is estimated by SLQ (:func:`slq_effective_rank`); the Frobenius norm is ``frobenius_sq``'s
     square root where it is known exactly (a factored expert's), else Hutchinson's estimate; the stable rank is
     ``‖J‖_F² / σ_max²`` with ``σ_max`` the Krylov value, converged to the solver's tolerance, so only ``‖J‖_F²``
-    adds variance. Each token draws its own probes (:func:`token_probes` with ``seed`` and ``salt``).
+    adds variance. The sample sizes are ``config``'s (``matrix_free_trace_probes``, ``matrix_free_slq_starts`` and
+    ``matrix_free_slq_steps``); each token draws its own probes (:func:`token_probes` with ``config.seed`` and
+    ``salt``).
     """
-    probes = token_probes(x_ND, trace_probes + starts, seed, salt, op.dtype)
+    trace_probes, steps = config.matrix_free_trace_probes, config.matrix_free_slq_steps
+    probes = token_probes(x_ND, trace_probes + config.matrix_free_slq_starts, config.seed, salt, op.dtype)
     known: dict[str, tuple[Tensor, ...]] = {"effective_rank": slq_effective_rank(op, probes[..., trace_probes:], steps)}
     top_sq = top_NR[:, 0].square()
     if frobenius_sq is not None:
@@ -256,3 +257,15 @@ def whole_spectrum_statistics(
         stable_var = torch.where(ok, fro_sq_var / top_sq_safe.square(), torch.zeros_like(top_sq))
     known["stable_rank"] = (stable, stable_var)
     return known
+
+
+def whole_spectrum_variants(prefix: str, config: ProbeConfig, exact_frobenius: bool = False) -> dict[str, str]:
+    """The variant names of :func:`whole_spectrum_statistics`'s values for report keys ``{prefix}_{stat}``."""
+    fro = "exact_factored" if exact_frobenius else f"hutchinson_r{config.matrix_free_trace_probes}"
+    return {
+        f"{prefix}_effective_rank": f"roy_vetterli_2007_slq_m{config.matrix_free_slq_steps}_s"
+        f"{config.matrix_free_slq_starts}",
+        f"{prefix}_frobenius": f"sqrt_sum_sigma_sq_{fro}",
+        f"{prefix}_stable_rank": f"{fro}_frobenius_sq_over_topr_sigma_max_sq_tol={config.matrix_free_tol:g}",
+        f"{prefix}_se": "estimator_standard_error_of_weighted_mean_sqrt_sum_w2_var_over_sum_w",
+    }

@@ -14,7 +14,7 @@ from torch import Tensor
 from moe_lightning.geometry.accumulators.base import Accumulator, SpectralMoments, safe_div
 from moe_lightning.geometry.accumulators.context import Chunk, ProbeContext
 from moe_lightning.geometry.accumulators.tokens import TokenCounts
-from moe_lightning.geometry.estimates import whole_spectrum_statistics
+from moe_lightning.geometry.estimates import whole_spectrum_statistics, whole_spectrum_variants
 from moe_lightning.geometry.factored import core_factors, factored_frobenius_sq, factored_singular_values
 from moe_lightning.geometry.operators import JacobianOperator, func_jacobian_operator
 from moe_lightning.geometry.report import GeometryReport
@@ -35,7 +35,7 @@ class ExpertSpectra(Accumulator):
     """
 
     def __init__(self, ctx: ProbeContext, tokens: TokenCounts, share_operators: bool) -> None:
-        cfg = ctx.config
+        cfg = self.config = ctx.config
         self.tokens, self.num_experts = tokens, ctx.num_experts
         # A factored expert of rank H < D has its whole spectrum, zero-padded to D, exactly: the exact path's
         # statistics, keys and spectrum length, only the variant names the path.
@@ -43,12 +43,9 @@ class ExpertSpectra(Accumulator):
         self.rank = ctx.dim if self.core else ctx.rank
         self.matrix_free = ctx.matrix_free and not self.core
         self.share_operators = share_operators
-        self.tol = cfg.matrix_free_tol
         self.fit_max, self.top = cfg.decay_fit_max, cfg.matrix_free_rank if self.matrix_free else None
         # What the top-r values cannot give (docs/geometry.md §1, "Estimated quantities"): the effective rank by
         # stochastic Lanczos quadrature, and without factors the Frobenius norm (so the stable rank) by Hutchinson.
-        self.probes, self.starts = cfg.matrix_free_trace_probes, cfg.matrix_free_slq_starts
-        self.steps, self.seed = cfg.matrix_free_slq_steps, cfg.seed
         self.estimated: tuple[str, ...] = ()
         self.systematic = ("effective_rank",) if self.matrix_free else ()
         if self.matrix_free:
@@ -181,17 +178,8 @@ class ExpertSpectra(Accumulator):
         """The statistics of the whole spectrum that the top-``r`` values ``top_NR`` cannot give, with the variances
         of those estimated (docs/geometry.md §1, "Estimated quantities"); a factored expert's Frobenius norm is
         exact."""
-        return whole_spectrum_statistics(
-            op,
-            x_ND,
-            top_NR,
-            trace_probes=self.probes,
-            starts=self.starts,
-            steps=self.steps,
-            seed=self.seed,
-            salt=e,
-            frobenius_sq=factored_frobenius_sq(op.factors) if self.factored else None,
-        )
+        exact = factored_frobenius_sq(op.factors) if self.factored else None
+        return whole_spectrum_statistics(op, x_ND, top_NR, self.config, salt=e, frobenius_sq=exact)
 
     def close(self, ctx: ProbeContext, buffer: Tensor) -> None:
         for e in range(self.num_experts):
@@ -208,11 +196,7 @@ class ExpertSpectra(Accumulator):
                 v[f"jac_{name}"] += "_exact_factored_core"
         elif self.matrix_free:
             # the whole spectrum's statistics, exact from the factors or estimated (with a ``_se`` key)
-            v["jac_effective_rank"] = f"roy_vetterli_2007_slq_m{self.steps}_s{self.starts}"
-            fro = "exact_factored" if self.factored else f"hutchinson_r{self.probes}"
-            v["jac_frobenius"] = f"sqrt_sum_sigma_sq_{fro}"
-            v["jac_stable_rank"] = f"{fro}_frobenius_sq_over_topr_sigma_max_sq_tol={self.tol:g}"
-            v["jac_se"] = "estimator_standard_error_of_weighted_mean_sqrt_sum_w2_var_over_sum_w"
+            v.update(whole_spectrum_variants("jac", self.config, exact_frobenius=self.factored))
         sum_w = self.tokens.sum_w.of(buffer)
         report.spectra["jac_mean_spectrum"] = safe_div(self.spectrum.of(buffer), sum_w.unsqueeze(-1))
         report.variants["jac_source"] = self.source

@@ -14,7 +14,7 @@ from torch import Tensor
 from moe_lightning.geometry.accumulators.base import Accumulator, SpectralMoments, safe_div
 from moe_lightning.geometry.accumulators.context import Chunk, ProbeContext
 from moe_lightning.geometry.accumulators.tokens import TokenCounts
-from moe_lightning.geometry.estimates import whole_spectrum_statistics
+from moe_lightning.geometry.estimates import whole_spectrum_statistics, whole_spectrum_variants
 from moe_lightning.geometry.jacobians import compose_layer_jacobian, jacobians, layer_jacobian
 from moe_lightning.geometry.operators import JacobianOperator, compose_layer_operator, func_jacobian_operator
 from moe_lightning.geometry.probe_config import ProbeConfig
@@ -128,17 +128,7 @@ class LayerJacobian(Accumulator):
     def _whole_spectrum(self, chunk: Chunk, op: JacobianOperator, top_NR: Tensor) -> dict[str, tuple[Tensor, ...]]:
         """Hutchinson's Frobenius norm and stable rank and the SLQ effective rank of every token's layer Jacobian,
         with their variances (docs/geometry.md §1, "Estimated quantities"); the probes' salt ``E`` is no expert's."""
-        cfg = self.config
-        return whole_spectrum_statistics(
-            op,
-            chunk.x,
-            top_NR,
-            trace_probes=cfg.matrix_free_trace_probes,
-            starts=cfg.matrix_free_slq_starts,
-            steps=cfg.matrix_free_slq_steps,
-            seed=cfg.seed,
-            salt=chunk.ctx.num_experts,
-        )
+        return whole_spectrum_statistics(op, chunk.x, top_NR, self.config, salt=chunk.ctx.num_experts)
 
     def _local_operator(self, chunk: Chunk) -> tuple[JacobianOperator, list]:
         """Under expert parallelism: the composed products of the experts here and their parts (a ``ValueError``
@@ -201,12 +191,7 @@ class LayerJacobian(Accumulator):
         report.spectra["layer_jac_mean_spectrum"] = safe_div(self.spectrum.of(buffer), n_tok)
         report.variants["layer_jac"] = "through_router_uniform_token_weights"
         if self.matrix_free:  # the whole spectrum's statistics, estimated (each with a ``_se`` key)
-            cfg, v = self.config, report.variants
-            hutchinson = f"hutchinson_r{cfg.matrix_free_trace_probes}"
-            v["layer_jac_frobenius"] = f"sqrt_sum_sigma_sq_{hutchinson}"
-            v["layer_jac_stable_rank"] = f"{hutchinson}_frobenius_sq_over_topr_sigma_max_sq_tol={cfg.matrix_free_tol:g}"
-            slq = f"m{cfg.matrix_free_slq_steps}_s{cfg.matrix_free_slq_starts}"
-            v["layer_jac_effective_rank"] = f"roy_vetterli_2007_slq_{slq}"
+            report.variants.update(whole_spectrum_variants("layer_jac", self.config))
         if self.unconverged is not None:
             report.layer["layer_jac_unconverged"] = float(self.unconverged.of(buffer))
 
