@@ -277,4 +277,4 @@ def assert_same_report(actual, expected, rel: float, abs_: float, spectra: bool 
     for key, M in expected.matrices.items():
         torch.testing.assert_close(actual.matrices[key], M, rtol=rel, atol=abs_, equal_nan=True, msg=key)
     for key, S in expected.spectra.items() if spectra else ():
-        torch.testing.assert_close(actual.spectra[key], S, rtol=rel, atol=abs_, msg=key)
+        torch.testing.assert_close(actual.spectra[key], S, rtol=rel, atol=abs_, equal_nan=True, msg=key)

@@ -58,11 +58,27 @@ class _LinearLayoutSwiglu(SwigluClosedForms):
         w_gate_HD, w_up_HD, w_down_DH, _ = self._expert_weights(e)
         return {"w_gate": w_gate_HD, "w_up": w_up_HD, "w_out": w_down_DH}
 
+    def _expert_fn(self, e: int, x_ND: Tensor) -> Tensor:
+        w_gate_HD, w_up_HD, w_down_DH, act = self._expert_weights(e)
+        h_NH = swiglu_hidden(x_ND, w_gate_HD, w_up_HD, act)
+        return F.linear(h_NH, w_down_DH.to(h_NH.dtype))
+
+    def _hidden_fn(self, e: int, x_ND: Tensor) -> Tensor:
+        w_gate_HD, w_up_HD, _, act = self._expert_weights(e)
+        return swiglu_hidden(x_ND, w_gate_HD, w_up_HD, act)
+
+    def casts_weights_on_read(self) -> bool:
+        """True: the gate's weights (the router's, or the shared expert's gate) and one expert's weights per call are
+        cast to the input's dtype (:func:`~moe_lightning.adapters.swiglu.swiglu_hidden` lends an activation module
+        with tensors of its own cast copies), so a probe lends the block no cast copy."""
+        return True
+
 
 class HFSparseMoeView(_LinearLayoutSwiglu):
     """:class:`MoEView` of the routed experts of one Hugging Face sparse MoE block.
 
-    Weights are read from the block at every call, so the view follows training.
+    Weights are read from the block at every call, so the view follows training, and cast to the input's dtype
+    (:class:`~moe_lightning.geometry.view.CastsOnRead`).
 
     Args:
         name: module path of the block in the model.
@@ -118,7 +134,8 @@ class HFSparseMoeView(_LinearLayoutSwiglu):
         the gates equal the model's own in float64 too (and the layer map is the model's, float32 routing included).
         """
         router = self.module.gate
-        logits_NE = F.linear(x_ND, router.weight, getattr(router, "bias", None))
+        bias = getattr(router, "bias", None)
+        logits_NE = F.linear(x_ND, router.weight.to(x_ND.dtype), None if bias is None else bias.to(x_ND.dtype))
         probs_NE = logits_NE.float().softmax(dim=-1)
         top_weights_NK, top_index_NK = probs_NE.topk(self.top_k, dim=-1)
         if self.norm_topk_prob:
@@ -145,22 +162,12 @@ class HFSparseMoeView(_LinearLayoutSwiglu):
     def expert(self, e: int) -> TokenFn:
         """Expert ``e`` as a function (N, D) -> (N, D), without its gate weight."""
         check_expert_index(self.name, e, self.num_experts)
-
-        def expert_e(x_ND: Tensor) -> Tensor:
-            w_gate_HD, w_up_HD, w_down_DH, act = self._expert_weights(e)
-            return F.linear(swiglu_hidden(x_ND, w_gate_HD, w_up_HD, act), w_down_DH)
-
-        return expert_e
+        return lambda x_ND: self._expert_fn(e, x_ND)
 
     def expert_hidden(self, e: int) -> TokenFn:
         """Expert ``e``'s inner activation ``act(x W_gate^T) * (x W_up^T)``, (N, D) -> (N, H)."""
         check_expert_index(self.name, e, self.num_experts)
-
-        def hidden_e(x_ND: Tensor) -> Tensor:
-            w_gate_HD, w_up_HD, _, act = self._expert_weights(e)
-            return swiglu_hidden(x_ND, w_gate_HD, w_up_HD, act)
-
-        return hidden_e
+        return lambda x_ND: self._hidden_fn(e, x_ND)
 
 
 class HFSharedExpertView(_LinearLayoutSwiglu):
@@ -186,7 +193,8 @@ class HFSharedExpertView(_LinearLayoutSwiglu):
     def gates(self, x_ND: Tensor) -> Tensor:
         """(N, D) -> (N, 1): ``sigmoid(shared_expert_gate(x))``, as in ``Qwen2MoeSparseMoeBlock.forward``."""
         gate = self.module.shared_expert_gate
-        return torch.sigmoid(F.linear(x_ND, gate.weight, gate.bias))
+        bias = None if gate.bias is None else gate.bias.to(x_ND.dtype)
+        return torch.sigmoid(F.linear(x_ND, gate.weight.to(x_ND.dtype), bias))
 
     def _expert_weights(self, e: int) -> tuple[Tensor, Tensor, Tensor, TokenFn]:
         check_expert_index(self.name, e, 1)
@@ -196,22 +204,12 @@ class HFSharedExpertView(_LinearLayoutSwiglu):
     def expert(self, e: int) -> TokenFn:
         """The shared MLP as a function (N, D) -> (N, D); ``e`` must be 0."""
         check_expert_index(self.name, e, 1)
-
-        def shared(x_ND: Tensor) -> Tensor:
-            w_gate_HD, w_up_HD, w_down_DH, act = self._expert_weights(0)
-            return F.linear(swiglu_hidden(x_ND, w_gate_HD, w_up_HD, act), w_down_DH)
-
-        return shared
+        return lambda x_ND: self._expert_fn(0, x_ND)
 
     def expert_hidden(self, e: int) -> TokenFn:
         """The shared MLP's inner activation, (N, D) -> (N, H); ``e`` must be 0."""
         check_expert_index(self.name, e, 1)
-
-        def shared_hidden(x_ND: Tensor) -> Tensor:
-            w_gate_HD, w_up_HD, _, act = self._expert_weights(0)
-            return swiglu_hidden(x_ND, w_gate_HD, w_up_HD, act)
-
-        return shared_hidden
+        return lambda x_ND: self._hidden_fn(0, x_ND)
 
 
 def _matcher(class_name: str):

@@ -8,7 +8,7 @@ Shape legend: ``N`` tokens, ``E`` experts, ``K`` experts per token (top-k), ``D`
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from moe_lightning.adapters.registry import BlockNotViewable
 from moe_lightning.adapters.swiglu import SwigluClosedForms, check_expert_index, is_silu, swiglu_hidden
 from moe_lightning.common import restored_modes
+from moe_lightning.geometry.lending import with_cast_copies
 from moe_lightning.geometry.view import TokenFn
 
 __all__ = ["ExpertsInterfaceView", "SharedExpertView", "routing_of", "router_outputs_unrecorded"]
@@ -79,6 +80,17 @@ def _takes_expert_ids(norm: object) -> bool:
     return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in parameters) == 2
 
 
+def _tensors(module: nn.Module) -> list[Tensor]:
+    return [*module.parameters(), *module.buffers()]
+
+
+def _projections(experts: nn.Module) -> list[Tensor]:
+    """The stacked expert weights and biases of an experts module, which :func:`_linear` reads one expert's slice
+    of, cast, at a time."""
+    names = ("gate_up_proj", "up_proj", "down_proj", "gate_up_proj_bias", "up_proj_bias", "down_proj_bias")
+    return [t for t in (getattr(experts, n, None) for n in names) if isinstance(t, Tensor)]
+
+
 def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, transposed: bool) -> Tensor:
     """One expert's projection as the interface's kernels compute it: ``x @ W`` for a transposed layout
     (``W`` (in, out)), ``x @ Wᵀ`` otherwise (``W`` (out, in)), plus the bias."""
@@ -92,6 +104,11 @@ class ExpertsInterfaceView(SwigluClosedForms):
 
     Weights are read from the block at every call, so the view follows training. Build it with
     :func:`experts_interface_views`, which also runs the reconstruction self-check.
+
+    The functions cast what they read to their input's dtype (:class:`~moe_lightning.geometry.view.CastsOnRead`):
+    an expert's projections one expert's slice per call, and the block's other tensors (the router, a tensor the
+    block holds itself, a post-expert norm: small) through cast copies lent for the call, so that a probe in float64
+    needs no float64 copy of the stacked expert weights.
 
     Attributes:
         mode: ``"router"`` (gates from the block's router module) or ``"block"`` (from the block's own forward,
@@ -110,6 +127,7 @@ class ExpertsInterfaceView(SwigluClosedForms):
         self.mode = "block"
         self.output_scale = 1.0  # a constant the block multiplies its experts' output by, folded into the gates
         self._router: tuple[nn.Module, int, int] | None = None  # (router, index position, weights position)
+        self._router_in_float32 = False  # whether the router casts its input to float32 (found with the router)
         self.closed_form = bool(
             experts.has_gate
             and not experts.has_bias
@@ -153,13 +171,20 @@ class ExpertsInterfaceView(SwigluClosedForms):
         return (gates_NE * self.output_scale if self.output_scale != 1.0 else gates_NE).to(x_ND.dtype)
 
     def gates(self, x_ND: Tensor) -> Tensor:
-        """(N, D) -> (N, E): the block's own routing weights, 0 where a token is not routed (eval semantics)."""
+        """(N, D) -> (N, E): the block's own routing weights, 0 where a token is not routed (eval semantics).
+
+        The router (or, in block mode, every tensor of the block but its experts module's, which the forward stops
+        before) reads copies cast to the dtype of ``x`` lent for the call: the values a copy of the whole block
+        gives, without copying the experts."""
         with restored_modes(self.module), router_outputs_unrecorded():
             if self._router is not None:
                 router, i_index, i_weights = self._router
-                out = _router_forward(router, x_ND)
+                in_float32 = self._router_in_float32
+                out = with_cast_copies(router, x_ND.dtype, lambda: _router_forward(router, x_ND, in_float32))
                 return self._scatter(out[i_index], out[i_weights], x_ND)
-            _, index_NK, weights_NK = self._block_routing(x_ND)
+            skip = _tensors(self.experts)
+            routing = with_cast_copies(self.module, x_ND.dtype, lambda: self._block_routing(x_ND), skip=skip)
+            _, index_NK, weights_NK = routing
             return self._scatter(index_NK, weights_NK, x_ND)
 
     def _find_router(self, x_ND: Tensor, index_NK: Tensor, weights_NK: Tensor) -> None:
@@ -180,6 +205,8 @@ class ExpertsInterfaceView(SwigluClosedForms):
             i_weights = next((i for (i, _), same in zip(tensors, same_weights, strict=True) if same), None)
             if i_index is not None and i_weights is not None:
                 self._router, self.mode = (child, i_index, i_weights), "router"
+                with router_outputs_unrecorded():
+                    self._router_in_float32 = _routes_in_float32(child, x_ND)
                 return
 
     # -- experts --------------------------------------------------------------------------------------------------
@@ -207,15 +234,27 @@ class ExpertsInterfaceView(SwigluClosedForms):
             out = experts.post_expert_norm(out, torch.full(out.shape[:1], e, dtype=torch.long, device=out.device))
         return out
 
+    def _cast_call(self, x_ND: Tensor, fn: Callable[[], Tensor]) -> Tensor:
+        """``fn()`` with the experts module's tensors other than its projections (a post-expert norm's scales, an
+        activation's parameters; most experts have none) lent cast to the dtype of ``x`` for the call, as a copy of
+        the whole block would give them; the projections are cast one expert's slice at a time."""
+        experts = self.experts
+        return with_cast_copies(experts, x_ND.dtype, fn, skip=_projections(experts))
+
     def expert(self, e: int) -> TokenFn:
         """Expert ``e`` as a function (N, D) -> (N, D), without its gate weight."""
         check_expert_index(self.name, e, self.num_experts)
-        return lambda x_ND: self._down(e, self._hidden(e, x_ND))
+        return lambda x_ND: self._cast_call(x_ND, lambda: self._down(e, self._hidden(e, x_ND)))
 
     def expert_hidden(self, e: int) -> TokenFn:
         """Expert ``e``'s activation after its gate/nonlinearity, the input of its down projection, (N, D) -> (N, H)."""
         check_expert_index(self.name, e, self.num_experts)
-        return lambda x_ND: self._hidden(e, x_ND)
+        return lambda x_ND: self._cast_call(x_ND, lambda: self._hidden(e, x_ND))
+
+    def casts_weights_on_read(self) -> bool:
+        """True: every function casts what it reads to its input's dtype (the class docstring says how), so a probe
+        lends the block no cast copy."""
+        return True
 
     def expert_weights(self, e: int) -> dict[str, Tensor]:
         """Expert ``e``'s matrices as the experts module holds them (views, any layout): ``w_gate`` and ``w_up``
@@ -251,7 +290,9 @@ class SharedExpertView(SwigluClosedForms):
     """:class:`MoEView` of one always-on shared expert of a block: one expert, gate ``sigmoid(gate(x))`` when the
     block has a one-output linear gate for it, else 1.
 
-    ``module`` is the whole block, so hooks on it capture the input the shared and routed experts both read.
+    ``module`` is the whole block, so hooks on it capture the input the shared and routed experts both read. The
+    shared MLP and its gate (small modules) read copies of their tensors cast to the input's dtype, lent for each
+    call (:class:`~moe_lightning.geometry.view.CastsOnRead`).
     """
 
     num_experts = 1
@@ -277,12 +318,18 @@ class SharedExpertView(SwigluClosedForms):
         """(N, D) -> (N, 1): ``sigmoid(gate(x))``, or ones for an ungated shared expert."""
         if self._gate_name is None:
             return x_ND.new_ones(x_ND.shape[0], 1)
-        return torch.sigmoid(getattr(self.module, self._gate_name).forward(x_ND)).to(x_ND.dtype)
+        gate = getattr(self.module, self._gate_name)
+        return with_cast_copies(gate, x_ND.dtype, lambda: torch.sigmoid(gate.forward(x_ND))).to(x_ND.dtype)
 
     def expert(self, e: int) -> TokenFn:
         """The shared MLP, (N, D) -> (N, D); ``e`` must be 0."""
         check_expert_index(self.name, e, 1)
-        return lambda x_ND: self.mlp.forward(x_ND)
+
+        def shared(x_ND: Tensor) -> Tensor:
+            mlp = self.mlp
+            return with_cast_copies(mlp, x_ND.dtype, lambda: mlp.forward(x_ND))
+
+        return shared
 
     def expert_hidden(self, e: int) -> TokenFn | None:
         """The shared SwiGLU's ``act(x W_gate) * (x W_up)`` (N, H), or None for another MLP; ``e`` must be 0."""
@@ -308,15 +355,33 @@ class SharedExpertView(SwigluClosedForms):
         mlp = self.mlp
         return mlp.gate_proj.weight.T, mlp.up_proj.weight.T, mlp.down_proj.weight.T
 
+    def casts_weights_on_read(self) -> bool:
+        """True: the gate and the shared MLP read cast copies lent for the call, and the closed forms and
+        ``expert_hidden`` cast the projections they read."""
+        return True
 
-def _router_forward(router: nn.Module, x_ND: Tensor) -> Any:
-    """``router.forward(x_ND)``; a router that casts its input to float32 (routing in float32, as Inkling2's does)
-    while the probe lends it float64 weights runs on float32 copies of its weights instead, as the model runs it."""
+
+def _routes_in_float32(router: nn.Module, x_ND: Tensor) -> bool:
+    """Whether ``router`` casts its input to float32 (routes in float32, as Inkling2's does): lent float64 weights,
+    its forward on float64 tokens then mixes dtypes."""
     try:
-        return router.forward(x_ND)
+        with_cast_copies(router, torch.float64, lambda: router.forward(x_ND.double()))
     except RuntimeError as error:
-        if "same dtype" not in str(error):
-            raise
+        return "same dtype" in str(error)
+    return False
+
+
+def _router_forward(router: nn.Module, x_ND: Tensor, in_float32: bool = False) -> Any:
+    """``router.forward(x_ND)``; a router that casts its input to float32 (``in_float32``, or found by its forward
+    failing) while it is lent float64 weights runs on float32 copies of its weights instead, as the model runs it.
+    Known in advance, the forward is not tried: inside ``torch.func.linearize`` a failed op stays in the traced
+    graph, whose constant folding runs it again and fails."""
+    if not in_float32:
+        try:
+            return router.forward(x_ND)
+        except RuntimeError as error:
+            if "same dtype" not in str(error):
+                raise
     state = {**dict(router.named_parameters()), **dict(router.named_buffers())}
     state = {name: t.float() if t.is_floating_point() else t for name, t in state.items()}
     return torch.func.functional_call(router, state, (x_ND.float(),))

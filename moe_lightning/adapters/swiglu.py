@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_lightning.geometry import JacobianOperator, swiglu_expert_jacobian, swiglu_jacobian_operator
+from moe_lightning.geometry.lending import with_cast_copies
 
 __all__ = ["SwigluClosedForms", "check_expert_index", "is_silu", "swiglu_hidden"]
 
@@ -30,8 +31,15 @@ def check_expert_index(name: str, e: int, num_experts: int) -> None:
 
 def swiglu_hidden(x_ND: Tensor, w_gate_HD: Tensor, w_up_HD: Tensor, act: Callable[[Tensor], Tensor]) -> Tensor:
     """``act(x W_gate^T) * (x W_up^T)`` on ``nn.Linear``-layout weights, (N, D) -> (N, H): the input of the down
-    projection."""
-    return act(F.linear(x_ND, w_gate_HD)) * F.linear(x_ND, w_up_HD)
+    projection. The weights are cast to the dtype of the tokens, and an activation module with floating tensors of
+    its own (a learned activation) reads them cast too, lent for the call: the probe may run in float64 on a float32
+    model without a cast copy of the layer."""
+    gate_NH = F.linear(x_ND, w_gate_HD.to(x_ND.dtype))
+    if isinstance(act, nn.Module):
+        activated_NH = with_cast_copies(act, x_ND.dtype, lambda: act(gate_NH))
+    else:
+        activated_NH = act(gate_NH)
+    return activated_NH * F.linear(x_ND, w_up_HD.to(x_ND.dtype))
 
 
 class SwigluClosedForms:

@@ -4,11 +4,11 @@ float32 model without writing a parameter (docs/callbacks.md "Observation only")
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from moe_lightning.geometry.view import MoEView
 
@@ -43,10 +43,15 @@ def _contains(outer: nn.Module, inner: nn.Module) -> bool:
 
 
 def with_cast_copies(
-    module: nn.Module | Sequence[nn.Module] | None, dtype: torch.dtype | None, fn: Callable[[], Any]
+    module: nn.Module | Sequence[nn.Module] | None,
+    dtype: torch.dtype | None,
+    fn: Callable[[], Any],
+    *,
+    skip: Collection[Tensor] = (),
 ) -> Any:
     """``fn()`` while ``module`` (or each of several modules) reads detached copies of its floating parameters and
-    buffers cast to ``dtype``.
+    buffers cast to ``dtype``; the tensors in ``skip`` are not lent (``fn`` casts what it reads of them itself, as a
+    view does with one expert's slice of stacked expert weights, which a copy would hold whole).
 
     The copies are lent through :func:`torch.func.functional_call`, which swaps them into the module's parameter
     and buffer slots and puts the originals back; no parameter's ``.data``, dtype or device ever changes. Changing
@@ -58,12 +63,13 @@ def with_cast_copies(
         module = nn.ModuleList(list(module)) if len(module) > 1 else (module[0] if module else None)
     if not isinstance(module, nn.Module) or dtype is None:
         return fn()
+    skipped = {id(t) for t in skip}
     copies = {
         name: t.detach().to(dtype)
         for name, t in itertools.chain(
             module.named_parameters(remove_duplicate=False), module.named_buffers(remove_duplicate=False)
         )
-        if t.is_floating_point() and t.dtype != dtype
+        if t.is_floating_point() and t.dtype != dtype and id(t) not in skipped
     }
     if not copies:
         return fn()

@@ -95,8 +95,8 @@ class ProbeConfig:
         cast_module: let the view module read copies of its floating parameters and buffers cast to ``dtype`` while
             it is probed (:func:`torch.func.functional_call`; the module's own tensors are never changed), so that
             the view's functions accept ``dtype`` inputs. A view that casts what it reads, one expert at a time
-            (:class:`~moe_lightning.geometry.view.CastsOnRead`, as our layers' views do), is lent nothing: the copy
-            of the whole layer would double a float32 layer's memory in float64.
+            (:class:`~moe_lightning.geometry.view.CastsOnRead`, as our layers' and the Hugging Face adapters' views
+            do), is lent nothing: the copy of the whole layer would double a float32 layer's memory in float64.
         eval_mode: run the module in eval mode (each submodule's mode is restored afterwards).
         bootstrap: B, multinomial resamples of the probe tokens on which the bootstrapped quantities are recomputed
             (:mod:`~moe_lightning.geometry.bootstrap`); 0 (default) computes none.

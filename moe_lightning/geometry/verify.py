@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from moe_lightning.common import observation
 from moe_lightning.geometry.lending import lent_modules, with_cast_copies
-from moe_lightning.geometry.view import ExpertPlacement, HasPlacement, MoEView
+from moe_lightning.geometry.view import CastsOnRead, ExpertPlacement, HasPlacement, MoEView
 
 __all__ = ["CHECKS", "TOLERANCE", "ViewCheck", "layer_output", "verify_view"]
 
@@ -181,8 +181,10 @@ def _checks(views: Sequence[MoEView], x_ND: Tensor, dtype: torch.dtype | None) -
     module = views[0].module
     state: dict[str, Any] = {}
     x = x_ND if dtype is None else x_ND.to(dtype)
+    # as in the probe: views that cast what they read are lent no copy of the whole layer
+    lend = None if all(isinstance(v, CastsOnRead) and v.casts_weights_on_read() for v in views) else dtype
     try:
-        state["sum"] = with_cast_copies(lent_modules(views), dtype, lambda: _views_sum(views, x))
+        state["sum"] = with_cast_copies(lent_modules(views), lend, lambda: _views_sum(views, x))
     except Exception as error:  # reported by the reconstruction check, in its turn
         state["sum"] = error
 

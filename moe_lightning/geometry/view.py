@@ -129,7 +129,7 @@ class CastsOnRead(Protocol):
     cast copy of the whole layer (``ProbeConfig.cast_module``,
     :func:`~moe_lightning.geometry.lending.with_cast_copies`).
 
-    Our layers' views read their weights so.
+    Our layers' views and the Hugging Face adapters' views read their weights so.
     """
 
     def casts_weights_on_read(self) -> bool:

@@ -389,7 +389,12 @@ def test_transformers_4x_layout(make_block) -> None:
     with torch.no_grad():
         y_ND, logits_NE = block(x_ND[None])
         recon_ND = sum(v.gates(x_ND)[:, e : e + 1] * v.expert(e)(x_ND) for v in views for e in range(v.num_experts))
+        # the views cast what they read: float64 tokens on the float32 block, with nothing lent
+        x64 = x_ND.double()
+        recon64_ND = sum(v.gates(x64)[:, e : e + 1] * v.expert(e)(x64) for v in views for e in range(v.num_experts))
     torch.testing.assert_close(recon_ND, y_ND[0], rtol=1e-5, atol=1e-5)
+    assert all(v.casts_weights_on_read() for v in views) and recon64_ND.dtype == torch.float64
+    torch.testing.assert_close(recon64_ND, y_ND[0].double(), rtol=1e-5, atol=1e-5)
     top_NK, idx_NK = torch.softmax(logits_NE, -1).topk(2, dim=-1)  # both blocks renormalise here
     ref_NE = torch.zeros(10, 4).scatter(-1, idx_NK, top_NK / top_NK.sum(-1, keepdim=True))
     torch.testing.assert_close(views[0].gates(x_ND), ref_NE, rtol=1e-6, atol=1e-7)

@@ -4,12 +4,12 @@ weights on the execution device at a time, and the peak memory of the run.
 A dispatched model keeps each offloaded module's weights on the ``meta`` device; the ``AlignDevicesHook`` that
 ``accelerate`` wraps around the module's forward loads them onto the execution device (from CPU memory or the offload
 folder) before the forward and puts them back after it. A model forward therefore works as it is, and capturing the
-layers' inputs needs nothing more. The views and the probe, however, read a layer's weights directly (and the probe
-lends the layer float64 copies of them through ``torch.func.functional_call``), so :func:`weights_on_device` loads a
-layer's weights the way the hooks do and, while it is open, turns the layer's hooks into pass-throughs: a call of the
-block from inside a view must not reload float32 weights over the lent float64 copies, nor drop them to ``meta``
-afterwards. It restores the hooks and unloads the weights on exit; no parameter of a module without offloaded weights
-is touched.
+layers' inputs needs nothing more. The views and the probe, however, read a layer's weights directly (and lend the
+layer, or its router, float64 copies of them through ``torch.func.functional_call``), so :func:`weights_on_device`
+loads a layer's weights the way the hooks do and, while it is open, turns the layer's hooks into pass-throughs: a call
+of the block from inside a view must not reload float32 weights over the lent float64 copies, nor drop them to
+``meta`` afterwards. It restores the hooks and unloads the weights on exit; no parameter of a module without
+offloaded weights is touched.
 """
 
 from __future__ import annotations
