@@ -73,8 +73,9 @@ class Alignment(Accumulator):
         self._pending_x: list[Tensor] = []  # factored path: the chunks' tokens, until close
 
     def allocate(self, layout: BufferLayout) -> None:
-        self.cos_sum = layout.allocate("alignment/pointwise_cos_sum", self.num_experts, self.num_experts)
-        self.cos_count = layout.allocate("alignment/pointwise_count", self.num_experts, self.num_experts)
+        if self.pointwise:
+            self.cos_sum = layout.allocate("alignment/pointwise_cos_sum", self.num_experts, self.num_experts)
+            self.cos_count = layout.allocate("alignment/pointwise_count", self.num_experts, self.num_experts)
 
     def add(self, chunk: Chunk, buffer: Tensor) -> None:
         if not self.pointwise:
@@ -124,49 +125,47 @@ class Alignment(Accumulator):
 
     def finalize(self, buffer: Tensor, report: GeometryReport, done: dict[Accumulator, Any]) -> None:
         chance = alignment_chance(self.dim, self.dim)
-        P = safe_div(self.cos_sum.of(buffer), self.cos_count.of(buffer))
-        if self.factored:
-            try:
-                A = _cosines_from_gram(done[self.mean_jacobian].gram())
-            except UnreadableWeights as error:
-                warn_unreadable(report.name, "the mean-Jacobian alignment", error)
-                A = torch.full_like(P, math.nan)
-                report.variants["align"] = "unavailable_weights_not_readable_at_finalize"
-        else:
-            A = jacobian_alignment(self.mean_jacobian.sum_wJ.of(buffer))
-        report.matrices["align_mean_jacobian"] = A
-        measured = [("align", A)]
-        if self.pointwise:
-            if self.pairs is not None:  # the pairs not sampled have no value (the exact path computed them all)
-                P = torch.where(self.pairs.to(P.device), P, torch.full_like(P, math.nan))
-            report.matrices["align_pointwise"] = P
-            measured.append(("palign", P))
-        for key, M in measured:
-            if key == "palign" and self.pairs is not None:
-                # an estimate of the mean over every pair; the maximum of a sample is not the maximum: left out
-                mean_off, se = sampled_pairs_summary(M, self.pairs)
-                report.layer["palign_mean_offdiag_se"] = se
-                report.layer["palign_ratio_se"] = se / chance
-            else:
-                mean_off, max_off = offdiag_summary(M)
-                report.layer[f"{key}_max_offdiag"] = max_off
-            report.layer[f"{key}_mean_offdiag"] = mean_off
-            report.layer[f"{key}_ratio"] = mean_off / chance
-        report.layer["align_chance"] = chance
-        v = report.variants
         suffix = "_exact_factored" if self.factored else ""
-        v.setdefault("align", f"mean_jacobian_abs_frobenius_cosine{suffix}")
+        A = self._mean_jacobian_alignment(buffer, report, done)
+        if A is not None:
+            report.matrices["align_mean_jacobian"] = A
+            mean_off, max_off = offdiag_summary(A)
+            report.layer.update(align_mean_offdiag=mean_off, align_max_offdiag=max_off, align_ratio=mean_off / chance)
+            report.variants.setdefault("align", f"mean_jacobian_abs_frobenius_cosine{suffix}")
         if self.pointwise:
-            v["palign"] = f"pointwise_abs_frobenius_cosine_all_probe_tokens{suffix}"
-            if self.pairs is not None:
-                e = self.num_experts
-                sampled = int(torch.triu(self.pairs, diagonal=1).sum())
-                v["palign"] += f"_sampled_pairs={sampled}_of_{e * (e - 1) // 2}"
-        v["align_chance"] = "exact_gaussian_E_abs_cos_n=d*d"
-        if v["align"].startswith("unavailable"):
-            for key in ("align_mean_offdiag", "align_max_offdiag", "align_ratio"):
-                report.layer.pop(key)
-            report.matrices.pop("align_mean_jacobian")
+            self._pointwise_alignment(buffer, report, chance, suffix)
+        report.layer["align_chance"] = chance
+        report.variants["align_chance"] = "exact_gaussian_E_abs_cos_n=d*d"
+
+    def _mean_jacobian_alignment(self, buffer: Tensor, report: GeometryReport, done: dict) -> Tensor | None:
+        """The mean Jacobians' ``E × E`` alignment; None (with a warning and the variant saying why) when the
+        factored experts' weights cannot be read at finalize."""
+        if not self.factored:
+            return jacobian_alignment(self.mean_jacobian.sum_wJ.of(buffer))
+        try:
+            return _cosines_from_gram(done[self.mean_jacobian].gram())
+        except UnreadableWeights as error:
+            warn_unreadable(report.name, "the mean-Jacobian alignment", error)
+            report.variants["align"] = "unavailable_weights_not_readable_at_finalize"
+            return None
+
+    def _pointwise_alignment(self, buffer: Tensor, report: GeometryReport, chance: float, suffix: str) -> None:
+        """The pointwise alignment's matrix and summaries: over every pair, or over the sampled pairs (the others
+        NaN; the mean an estimate with its standard error over pairs, the maximum of a sample left out)."""
+        P = safe_div(self.cos_sum.of(buffer), self.cos_count.of(buffer))
+        variant = f"pointwise_abs_frobenius_cosine_all_probe_tokens{suffix}"
+        if self.pairs is None:
+            mean_off, max_off = offdiag_summary(P)
+            report.layer.update(palign_mean_offdiag=mean_off, palign_max_offdiag=max_off)
+        else:
+            P = torch.where(self.pairs.to(P.device), P, torch.full_like(P, math.nan))
+            mean_off, se = sampled_pairs_summary(P, self.pairs)
+            report.layer.update(palign_mean_offdiag_se=se, palign_ratio_se=se / chance, palign_mean_offdiag=mean_off)
+            e, sampled = self.num_experts, int(torch.triu(self.pairs, diagonal=1).sum())
+            variant += f"_sampled_pairs={sampled}_of_{e * (e - 1) // 2}"
+        report.matrices["align_pointwise"] = P
+        report.layer["palign_ratio"] = mean_off / chance
+        report.variants["palign"] = variant
 
 
 def _cosines_from_gram(gram_EE: Tensor) -> Tensor:

@@ -32,22 +32,14 @@ class LayerJacobian(Accumulator):
         tokens: the token counts (the mean spectrum divides by the tokens probed).
         rank: ``M``, singular values kept per token.
         matrix_free: whether the spectra are top-``M`` values of matrix-free products.
-        fit_max: the decay-slope fit's largest index.
-        top: ``matrix_free_rank`` on the matrix-free path (named in the variants), else None.
-        config: the probe's configuration (the estimators' sample sizes and seed on the matrix-free path).
+        config: the probe's configuration (the decay fit, and on the matrix-free path ``matrix_free_rank`` and the
+            estimators' sample sizes and seed).
     """
 
-    def __init__(
-        self,
-        tokens: TokenCounts,
-        rank: int,
-        matrix_free: bool,
-        fit_max: int | None,
-        top: int | None,
-        config: ProbeConfig,
-    ):
-        self.tokens, self.rank, self.matrix_free, self.fit_max, self.top = tokens, rank, matrix_free, fit_max, top
-        self.config = config
+    def __init__(self, tokens: TokenCounts, rank: int, matrix_free: bool, config: ProbeConfig):
+        self.tokens, self.rank, self.matrix_free, self.config = tokens, rank, matrix_free, config
+        self.fit_max = config.decay_fit_max
+        self.top = config.matrix_free_rank if matrix_free else None
 
     #: What the top-``r`` values cannot give (docs/geometry.md §1, "Estimated quantities").
     ESTIMATED = ("frobenius", "stable_rank", "effective_rank")
