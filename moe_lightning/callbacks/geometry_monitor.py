@@ -91,6 +91,11 @@ class GeometryMonitor(PublishingCallback):
         forward: ``forward(pl_module, inputs)`` used to run the model on the probe set; default
             ``pl_module(inputs)``.
         probe_config: extra :class:`~moe_lightning.geometry.ProbeConfig` fields (e.g. ``matrix_free_threshold``).
+        background: compute each probe beside training, in a forked copy of the process at the lowest CPU priority:
+            the step only captures the layers' inputs, and the values, which describe the weights of the step they
+            are logged at, arrive a few steps later (into ``callback_metrics`` too). Linux, a model on the CPU, and
+            not FSDP2 or expert parallelism; elsewhere the probe runs in the step, with one warning saying why. The
+            final probe runs in the step. See docs/callbacks.md, "Probing beside training".
         save_reports: also write every probe's full reports (mean spectra, matrices, PCA eigenvalues) as
             ``geometry/step_<step>.json`` (:meth:`GeometryReport.to_dict` per layer) into ``report_dir``; this is
             what ``moe-lightning report`` plots from.
@@ -130,6 +135,7 @@ class GeometryMonitor(PublishingCallback):
         input_key: str | int = 0,
         forward: Callable[[LightningModule, Any], Any] | None = None,
         probe_config: dict[str, Any] | None = None,
+        background: bool = False,
         save_reports: bool = True,
         report_dir: str | None = None,
         callback_metrics: str | list[str] | None = None,
@@ -158,6 +164,7 @@ class GeometryMonitor(PublishingCallback):
             input_key,
             forward,
             probe_config,
+            background,
             name="GeometryMonitor",
         )
         self.source, self.log_media = source, log_media
@@ -209,6 +216,7 @@ class GeometryMonitor(PublishingCallback):
         (a ``bf16-true`` model gets bf16 inputs), in its precision's forward context."""
         precision = trainer.precision_plugin
         self.core.convert_input, self.core.forward_context = precision.convert_input, precision.forward_context
+        self.core.on_delivery = lambda step, reports, scalars: self._deliver(trainer, reports, scalars, step)
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -239,6 +247,7 @@ class GeometryMonitor(PublishingCallback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        self.core.poll(ranks_of(trainer))  # a probe computed beside training that has finished
         step = logging_step(trainer, after_batch=True)
         if self.schedule.after_batch(step):
             self.run_probe(trainer, pl_module, step)
@@ -255,11 +264,21 @@ class GeometryMonitor(PublishingCallback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Every rank runs on_train_end, so the final probe's collectives meet as a scheduled probe's do.
         step = logging_step(trainer)
+        self._attach(trainer, pl_module)
+        self.core.finish(ranks_of(trainer))
         if self.probe_inputs is not None and self.views and self.schedule.at_end(step):
-            self.run_probe(trainer, pl_module, step)
+            self.run_probe(trainer, pl_module, step, wait=True)
         if self.views:
             last = {view.name: self.logged_steps.get(view.name) for view in self.views}
             warn_if_stale("GeometryMonitor", last, step, self.schedule)
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self.core.close()  # training stopped: a probe still computed beside it is not delivered
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.core.close()
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -271,25 +290,30 @@ class GeometryMonitor(PublishingCallback):
 
     # ------------------------------------------------------------------ the probe
     def run_probe(
-        self, trainer: Trainer, pl_module: LightningModule, step: int | None = None
+        self, trainer: Trainer, pl_module: LightningModule, step: int | None = None, wait: bool = False
     ) -> dict[str, GeometryReport]:
         """Probe every layer now and log the results at ``step`` (default: the current step of Lightning's
         logging axis). Returns the reports; a layer whose probe failed on any rank, whose weights hold NaN/Inf or
-        whose every probe token reached it with NaN/Inf inputs has none."""
+        whose every probe token reached it with NaN/Inf inputs has none. With ``background`` (and not ``wait``)
+        the probe is computed beside training: it returns no reports, and the values are logged at ``step`` when
+        they are ready."""
         step = logging_step(trainer) if step is None else step
         if not self.probe_inputs or not self.views:
             self.schedule.done.append(step)
             return {}
         self._attach(trainer, pl_module)
-        reports = self.core.probe(pl_module, step, ranks_of(trainer))
-        scalars = self.core.last_values
+        return self.core.probe(pl_module, step, ranks_of(trainer), wait=wait)
+
+    def _deliver(
+        self, trainer: Trainer, reports: dict[str, GeometryReport], scalars: dict[str, float], step: int
+    ) -> None:
+        """A finished probe's values into ``callback_metrics`` and, on rank zero, to the loggers."""
         self.publish(trainer, scalars)
         if trainer.is_global_zero:
             try:
                 self._log(trainer, reports, scalars, step)
             except Exception as error:  # a logger that fails must not stop training either
                 warn_once(f"GeometryMonitor: could not log at step {step}: {error!r}", self._warned, rank_zero_warn)
-        return reports
 
     # ------------------------------------------------------------------ logging
     def _log(self, trainer: Trainer, reports: dict[str, GeometryReport], scalars: dict[str, float], step: int) -> None:

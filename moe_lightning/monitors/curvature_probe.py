@@ -24,9 +24,9 @@ from moe_lightning.geometry import SpectralDensity, hessian_eigenvalues, hessian
 from moe_lightning.geometry.curvature import TRACE_METHODS
 from moe_lightning.geometry.stability import edge_of_stability
 from moe_lightning.monitors.curvature_inputs import check_model_loss, model_loss, torch_optimizer
-from moe_lightning.monitors.geometry_probe import Log, model_device
+from moe_lightning.monitors.geometry_probe import Log
 from moe_lightning.monitors.observe import warn_state_changes
-from moe_lightning.monitors.probe_set import cpu_copy
+from moe_lightning.monitors.probe_set import cpu_copy, model_device
 from moe_lightning.monitors.ranks import Failures, Ranks, rank_zero_warn
 from moe_lightning.monitors.schedule import Schedule, warn_if_stale
 

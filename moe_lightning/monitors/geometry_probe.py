@@ -16,26 +16,19 @@ from torch import Tensor, nn
 from moe_lightning.adapters import find_moe_layers
 from moe_lightning.adapters.capture import capture_layer_inputs
 from moe_lightning.common import check_positive_int, dtype_from_name, observation
-from moe_lightning.geometry import GeometryReport, MoEView, ProbeConfig, finalize, probe_statistics
-from moe_lightning.monitors.health import LayerIncidents, finite_tensors, nonfinite_weights, split_failures
+from moe_lightning.geometry import GeometryReport, MoEView, ProbeConfig, finalize
+from moe_lightning.monitors.geometry_beside import BesideTraining
+from moe_lightning.monitors.health import LayerIncidents, finite_tensors, split_failures
 from moe_lightning.monitors.observe import warn_state_changes
-from moe_lightning.monitors.probe_set import batch_inputs, bootstrap_columns, cpu_copy, draw_probe_set
+from moe_lightning.monitors.probe_set import batch_inputs, cpu_copy, draw_probe_set, model_device
 from moe_lightning.monitors.ranks import Failures, Ranks, rank_zero_warn
 from moe_lightning.monitors.schedule import Schedule, warn_if_stale
-from moe_lightning.monitors.sharded import expert_layout, gathered
+from moe_lightning.monitors.sharded import layer_statistics
 from moe_lightning.monitors.verify import drop_unverified_views
 
 _PROBE_DTYPES = ("float64", "float32")
 Log = Callable[[dict[str, float], int], Any]
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device the model runs on: its ``device`` (Lightning and Hugging Face modules have one), else its first
-    parameter's."""
-    device = getattr(model, "device", None)
-    if isinstance(device, torch.device):
-        return device
-    return next((p.device for p in model.parameters()), torch.device("cpu"))
+Deliver = Callable[[int, dict[str, GeometryReport], dict[str, float]], Any]
 
 
 class GeometryProbe:
@@ -72,6 +65,9 @@ class GeometryProbe:
         input_key: which element of a batch is the model input (index or dict key).
         forward: ``forward(model, inputs)`` that runs the model on the probe set; default ``model(inputs)``.
         probe_config: extra :class:`~moe_lightning.geometry.ProbeConfig` fields.
+        background: compute each probe beside training, in a forked child at the lowest CPU priority; the values
+            reach ``log`` at the step they describe when they are ready. Linux, a model on the CPU, no FSDP2 or expert
+            parallelism; elsewhere the probe runs in the step, with one warning why (docs/callbacks.md).
         log: ``log(values, step)``, called on rank zero with every probe's scalars (``wandb.log``-like).
         name: the name the warnings and errors begin with.
 
@@ -107,6 +103,7 @@ class GeometryProbe:
         input_key: str | int = 0,
         forward: Callable[[nn.Module, Any], Any] | None = None,
         probe_config: dict[str, Any] | None = None,
+        background: bool = False,
         log: Log | None = None,
         name: str = "GeometryProbe",
     ) -> None:
@@ -146,6 +143,10 @@ class GeometryProbe:
         self._failures = Failures(name)
         self._incidents = LayerIncidents(name)
         self._warned: set[str] = set()
+        # Beside training: the probe in flight, and how a finished probe reaches the loop (a callback's logging).
+        self.beside = BesideTraining(background)
+        self.on_delivery: Deliver | None = None
+        self._deliveries = 0
 
     @property
     def probed_steps(self) -> list[int]:
@@ -154,30 +155,56 @@ class GeometryProbe:
 
     # ------------------------------------------------------------------ the loop's calls
     def __call__(self, model: nn.Module, step: int, ranks: Ranks | None = None) -> dict[str, float]:
-        """After the optimiser step that made ``step`` steps: probe if the schedule says so. Returns the values
-        logged now, empty when there was no probe. Every rank calls it."""
+        """After the optimiser step that made ``step`` steps: probe if the schedule says so, and deliver a probe
+        computed beside training that has finished (to ``log``, at its own step). Returns the values of a probe run
+        in this step, empty when none. Every rank calls it."""
         ranks = ranks or Ranks.current()
         self._ensure_layers(model, ranks)
-        return self._values(self.probe(model, step, ranks)) if self.schedule.after_batch(step) else {}
+        before = self._deliveries
+        self.poll(ranks)
+        if self.schedule.after_batch(step):
+            self.probe(model, step, ranks)
+        return self._delivered_since(before)
 
     def end_epoch(self, model: nn.Module, epochs_done: int, step: int, ranks: Ranks | None = None) -> dict[str, float]:
         """At the end of an epoch: probe if ``every_n_epochs`` says so. Returns the values logged now."""
         ranks = ranks or Ranks.current()
-        return self._values(self.probe(model, step, ranks)) if self.schedule.after_epoch(epochs_done, step) else {}
+        before = self._deliveries
+        if self.schedule.after_epoch(epochs_done, step):
+            self.probe(model, step, ranks)
+        return self._delivered_since(before)
 
     def end(self, model: nn.Module, step: int, ranks: Ranks | None = None) -> dict[str, float]:
-        """When training ends at ``step``: the final probe (``at_end``), then a warning if a layer's last values lie
-        far from ``step``. Returns the values logged now. Every rank calls it."""
+        """When training ends at ``step``: the probe in flight, then the final probe (``at_end``, in the step), then a
+        warning if a layer's last values lie far from ``step``. Returns the values logged now. Every rank calls
+        it."""
         ranks = ranks or Ranks.current()
-        probed = self.probe_inputs is not None and self.views and self.schedule.at_end(step)
-        values = self._values(self.probe(model, step, ranks)) if probed else {}
+        before = self._deliveries
+        self.finish(ranks)
+        if self.probe_inputs is not None and self.views and self.schedule.at_end(step):
+            self.probe(model, step, ranks, wait=True)
         if self.views:
             last = {view.name: self.logged_steps.get(view.name) for view in self.views}
             warn_if_stale(self.name, last, step, self.schedule)
-        return values
+        return self._delivered_since(before)
 
-    def _values(self, reports: dict[str, GeometryReport]) -> dict[str, float]:
-        return dict(self.last_values) if reports else {}
+    def poll(self, ranks: Ranks | None = None) -> None:
+        """Deliver the probe computed beside training if it has finished (on several ranks: on every rank). A
+        collective under several ranks while a probe is in flight: every rank calls it at the same point."""
+        if self.beside.in_flight is not None and self.beside.ready(ranks := ranks or Ranks.current()):
+            self.beside.collect(self, ranks)
+
+    def finish(self, ranks: Ranks | None = None) -> None:
+        """Wait for the probe computed beside training, if one is in flight, and deliver it. A collective."""
+        if self.beside.in_flight is not None:
+            self.beside.collect(self, ranks or Ranks.current())
+
+    def close(self) -> None:
+        """Stop the probe in flight without delivering it (training stopped early)."""
+        self.beside.cancel()
+
+    def _delivered_since(self, count: int) -> dict[str, float]:
+        return dict(self.last_values) if self._deliveries != count else {}
 
     # ------------------------------------------------------------------ layers and probe set
     def find_layers(
@@ -239,7 +266,10 @@ class GeometryProbe:
         if not self._failures.run(ranks, "taking the probe set", take, "nothing will be probed"):
             self.views, self.probe_inputs = [], None
             return {}
-        return self._values(self.probe(model, step, ranks)) if baseline and self.schedule.at_start(step) else {}
+        before = self._deliveries
+        if baseline and self.schedule.at_start(step):
+            self.probe(model, step, ranks)
+        return self._delivered_since(before)
 
     def draw_probe_set(self, model: nn.Module, loader: Iterable[Any] | None, ranks: Ranks | None = None) -> None:
         """Draw the probe set from ``loader``'s batches, in its order
@@ -267,81 +297,92 @@ class GeometryProbe:
         with self.forward_context(), torch.autocast(device_type=model_device(model).type, enabled=False):
             return capture_layer_inputs(model, self.views or [], inputs, self.forward, model_device(model))
 
-    def probe(self, model: nn.Module, step: int, ranks: Ranks | None = None) -> dict[str, GeometryReport]:
+    def probe(
+        self, model: nn.Module, step: int, ranks: Ranks | None = None, wait: bool = False
+    ) -> dict[str, GeometryReport]:
         """Probe every layer now, at ``step``, whatever the schedule; hand the scalars to ``log`` (rank zero) and
         return the reports. A layer whose probe failed on any rank, whose weights hold NaN/Inf or whose every
-        probe token reached it with NaN/Inf inputs has none. A collective: every rank calls it."""
+        probe token reached it with NaN/Inf inputs has none. With ``background`` (and not ``wait``) the layers'
+        inputs are captured now and the probe is computed beside training: it returns no reports, and the values
+        reach ``log`` later, at ``step``. A collective: every rank calls it."""
         ranks = ranks or Ranks.current()
         self._ensure_layers(model, ranks)
+        self.finish(ranks)  # the probe in flight first: values are delivered in the order of their steps
         self.schedule.done.append(step)
         if not self.probe_inputs or not self.views:
             self.last_values = {}
             return {}
-        reports = self._probe_layers(model, step, ranks)
+        if not wait and self.beside.available(self, model):
+            self.beside.launch(self, model, step, ranks)
+            return {}
+        return self._deliver(self._probe_layers(model, step, ranks), step, ranks)
+
+    def _deliver(
+        self, reports: dict[str, GeometryReport], step: int, ranks: Ranks, beside: bool = False
+    ) -> dict[str, GeometryReport]:
+        """A finished probe's values to ``log`` (rank zero) and ``on_delivery``; a probe in the step's also to the
+        return value of the loop call that made it (a probe beside training describes an earlier step)."""
         self.last_reports = reports
         self.logged_steps.update(dict.fromkeys(reports, step))
         scalars: dict[str, float] = {}
         for name, report in reports.items():
             scalars.update(report.scalars(f"geometry/{name}", max_experts=self.max_expert_keys))
         self.last_values = scalars
+        self._deliveries += int(not beside)
         ranks.send(self.log, scalars, step, self.name, self._warned)
+        if self.on_delivery is not None:
+            self.on_delivery(step, reports, scalars)
         return reports
 
     def _probe_layers(self, model: nn.Module, step: int, ranks: Ranks) -> dict[str, GeometryReport]:
         reports: dict[str, GeometryReport] = {}
         probe_set_finite = finite_tensors(self.probe_inputs)
         with observation(model) as changes:
-            captured, capture_error = {}, None
-            try:
-                captured = self._capture(model, self.probe_inputs)
-            except Exception as caught:  # every rank still enters each layer's agreement below
-                capture_error = caught
-            drop_unverified_views(self, ranks, model, captured, capture_error)
+            captured, capture_error = self._capture_probe_set(model, ranks)
             for view in self.views:
                 stats = self._probe_layer(model, view, captured, capture_error, ranks)
-                failures = self._failures.agree(ranks, stats if isinstance(stats, BaseException) else None)
-                nonfinite, failures = split_failures(failures)
-                self._incidents.weights(view.name, step, nonfinite)
-                if failures:
-                    lost = f"no values of {view.name!r} are logged at step {step}"
-                    self._failures.report(ranks, "the probe", failures, lost)
-                if failures or nonfinite:
-                    continue
-                reduce_fn = ranks.sum_fn()
-                report = finalize(stats if reduce_fn is None else stats.reduce(reduce_fn, ranks.gather_rows))
-                self._incidents.inputs(view.name, step, report.nonfinite_tokens, report.total_tokens, probe_set_finite)
-                if report.total_tokens:  # with no finite token every value would be NaN
+                report = self._finish_layer(view.name, stats, step, ranks, probe_set_finite)
+                if report is not None:
                     reports[view.name] = report
         warn_state_changes(self.name, changes, self._warned)
         return reports
 
+    def _capture_probe_set(self, model: nn.Module, ranks: Ranks) -> tuple[dict[str, Tensor], Exception | None]:
+        """Each layer's inputs on the probe set, or the error that stopped the capture; the views checked at the
+        first probe. A collective."""
+        captured, capture_error = {}, None
+        try:
+            captured = self._capture(model, self.probe_inputs)
+        except Exception as caught:  # every rank still enters each layer's agreement
+            capture_error = caught
+        drop_unverified_views(self, ranks, model, captured, capture_error)
+        return captured, capture_error
+
+    def _finish_layer(
+        self, name: str, stats: Any, step: int, ranks: Ranks, probe_set_finite: bool
+    ) -> GeometryReport | None:
+        """One layer's report from this rank's statistics (or the exception that stopped them): failures agreed
+        over ranks and reported, the statistics summed over ranks and finalised; None where nothing can be logged.
+        A collective."""
+        failures = self._failures.agree(ranks, stats if isinstance(stats, BaseException) else None)
+        nonfinite, failures = split_failures(failures)
+        self._incidents.weights(name, step, nonfinite)
+        if failures:
+            self._failures.report(ranks, "the probe", failures, f"no values of {name!r} are logged at step {step}")
+        if failures or nonfinite:
+            return None
+        reduce_fn = ranks.sum_fn()
+        report = finalize(stats if reduce_fn is None else stats.reduce(reduce_fn, ranks.gather_rows))
+        self._incidents.inputs(name, step, report.nonfinite_tokens, report.total_tokens, probe_set_finite)
+        return report if report.total_tokens else None  # with no finite token every value would be NaN
+
     def _probe_layer(
         self, model: nn.Module, view: MoEView, captured: dict[str, Tensor], capture_error: BaseException | None, ranks
     ) -> Any:
-        """This rank's statistics of one layer, or the exception that stopped them. Each rank probes its share of
-        the tokens; under expert parallelism the ranks of an expert group probe their shares together, each with
-        its own experts. Under FSDP2 the layer's weights are gathered while it is probed (a collective every rank
-        enters, even one whose capture failed); under expert parallelism each rank's own experts, or all of them
-        where a quantity needs the whole layer on one rank."""
-        rank, world = ranks.rank, ranks.world_size
-        placement, all_experts = expert_layout(view, self.probe_config)
-        lend = placement.gather_all if placement is not None and all_experts else None
-        try:
-            with gathered(view.module, lend_experts=lend, root=model):
-                nonfinite = nonfinite_weights(view.module)  # named as weights, not as the tokens it would drop
-                if nonfinite is not None:
-                    return nonfinite
-                if capture_error is not None:
-                    return capture_error
-                x = captured[view.name][: self.max_tokens]
-                split = placement is not None and not all_experts
-                group_ranks = dist.get_process_group_ranks(placement.group) if split else [rank]
-                shard = torch.cat([x.tensor_split(world)[r] for r in group_ranks]) if world > 1 else x
-                counts = bootstrap_columns(self.probe_config, x.reshape(-1, x.shape[-1]).shape[0], world, group_ranks)
-                where = {"expert_group": placement.group, "local_experts": placement.local_experts} if split else {}
-                return probe_statistics(view, shard, self.probe_config, resample_counts=counts, **where)
-        except Exception as error:  # a probe must never stop training; agreed over ranks and reported
-            return error
+        """This rank's statistics of one layer, or the exception that stopped them (:func:`layer_statistics`)."""
+        x = captured.get(view.name)
+        x = None if x is None else x[: self.max_tokens]
+        return layer_statistics(model, view, x, capture_error, ranks, self.probe_config)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:

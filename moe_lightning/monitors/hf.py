@@ -63,6 +63,11 @@ class MonitorCallback(TrainerCallback):
     ) -> None:
         if geometry is not None and probe_data is None:
             raise ValueError("MonitorCallback: geometry needs probe_data, the batches its probe set is drawn from")
+        if geometry is not None and geometry.beside.enabled:
+            raise ValueError(
+                "MonitorCallback: GeometryProbe(background=True) is not supported: the Trainer logs at its current "
+                "step, and a probe computed beside training describes an earlier one; use background=False"
+            )
         curvature_data = probe_data if curvature_data is None else curvature_data
         if curvature is not None and curvature_data is None:
             raise ValueError("MonitorCallback: curvature needs curvature_data or probe_data, the batch it measures on")

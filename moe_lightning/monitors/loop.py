@@ -117,6 +117,11 @@ class LoopMonitors:
     ) -> None:
         if geometry is not None and probe_data is None:
             raise ValueError("LoopMonitors: geometry needs probe_data, the batch or loader of its probe set")
+        if geometry is not None and geometry.beside.enabled:
+            raise ValueError(
+                "LoopMonitors: GeometryProbe(background=True) is not supported here; call the probe from your loop "
+                "with its own log(values, step), which gets each value at the step it describes"
+            )
         curvature_data = probe_data if curvature_data is None else curvature_data
         if curvature is not None and curvature_data is None:
             raise ValueError("LoopMonitors: curvature needs curvature_data or probe_data, the batch it measures on")

@@ -9,11 +9,20 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from moe_lightning.geometry import MoEView, ProbeConfig
 from moe_lightning.geometry.bootstrap import resample_counts
 from moe_lightning.monitors.ranks import rank_zero_warn
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device the model runs on: its ``device`` (Lightning and Hugging Face modules have one), else its first
+    parameter's."""
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 def batch_inputs(batch: Any, input_key: str | int = 0) -> Any:

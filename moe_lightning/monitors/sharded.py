@@ -1,16 +1,23 @@
-"""Gathering one sharded MoE block for the duration of a probe: the weights FSDP2 sharded and, where the probe needs
-the whole layer on one rank, the experts that expert parallelism split over ranks."""
+"""One rank's statistics of one MoE layer, and gathering a sharded MoE block for the duration of its probe: the weights
+FSDP2 sharded and, where the probe needs the whole layer on one rank, the experts that expert parallelism split over
+ranks."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
+from typing import Any
 
-from torch import nn
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
 
 from moe_lightning.common import is_fsdp_module
-from moe_lightning.geometry import MoEView, ProbeConfig
+from moe_lightning.geometry import MoEView, ProbeConfig, probe_statistics
 from moe_lightning.geometry.view import ExpertPlacement, HasPlacement
+from moe_lightning.monitors.health import nonfinite_weights
+from moe_lightning.monitors.probe_set import bootstrap_columns
+from moe_lightning.monitors.ranks import Ranks
 
 
 def expert_layout(view: MoEView, config: ProbeConfig) -> tuple[ExpertPlacement | None, bool]:
@@ -57,3 +64,39 @@ def gathered(
     finally:
         for group in groups:
             group.reshard()
+
+
+def layer_statistics(
+    model: nn.Module,
+    view: MoEView,
+    x: Tensor | None,
+    capture_error: BaseException | None,
+    ranks: Ranks,
+    config: ProbeConfig,
+) -> Any:
+    """This rank's statistics of one layer on its captured inputs ``x`` (every rank's probe tokens), or the exception
+    that stopped them (a probe must never stop training; the monitor agrees it over ranks and reports it).
+
+    Each rank probes its share of the tokens; under expert parallelism the ranks of an expert group probe their
+    shares together, each with its own experts. Under FSDP2 the layer's weights are gathered while it is probed (a
+    collective every rank enters, even one whose capture failed); under expert parallelism each rank's own experts,
+    or all of them where a quantity needs the whole layer on one rank.
+    """
+    rank, world = ranks.rank, ranks.world_size
+    placement, all_experts = expert_layout(view, config)
+    lend = placement.gather_all if placement is not None and all_experts else None
+    try:
+        with gathered(view.module, lend_experts=lend, root=model):
+            nonfinite = nonfinite_weights(view.module)  # named as weights, not as the tokens it would drop
+            if nonfinite is not None:
+                return nonfinite
+            if capture_error is not None or x is None:
+                return capture_error or KeyError(f"no inputs captured for {view.name!r}")
+            split = placement is not None and not all_experts
+            group_ranks = dist.get_process_group_ranks(placement.group) if split else [rank]
+            shard = torch.cat([x.tensor_split(world)[r] for r in group_ranks]) if world > 1 else x
+            counts = bootstrap_columns(config, x.reshape(-1, x.shape[-1]).shape[0], world, group_ranks)
+            where = {"expert_group": placement.group, "local_experts": placement.local_experts} if split else {}
+            return probe_statistics(view, shard, config, resample_counts=counts, **where)
+    except Exception as error:
+        return error

@@ -156,7 +156,18 @@ def test_ddp_ranks_stay_in_sync_and_a_failing_rank_stops_nothing(tmp_path):
     assert runs["plain"]["weights"][1] == plain
     observed = runs["observed"]
     assert observed["weights"] == [plain, plain] and observed["warnings"] == []
+    in_step = observed["logged"].pop("geometry_values")
     assert observed["logged"] == {"geometry": ["blocks.0.ffn"], "router": observed["logged"]["router"], "weights": 2}
+    # the geometry probes computed beside training, in a child of each rank, summed over the ranks when both are
+    # done: the same weights, and the values of the probes in the step at the same steps
+    beside = runs["observed_background"]
+    assert beside["weights"] == [plain, plain] and beside["warnings"] == []
+    found = beside["logged"]["geometry_values"]
+    assert sorted(found, key=int) == sorted(in_step, key=int) == ["0", "2", "4", "6"]
+    for step, values in in_step.items():
+        assert found[step].keys() == values.keys() and len(values) > 50
+        for key, value in values.items():
+            assert found[step][key] == pytest.approx(value, rel=1e-9, abs=1e-12, nan_ok=True), (step, key)
     assert observed["logged"]["router"] > 0  # the weight spectra: α of both expert matrices (w_in, w_out)
     # a failure on rank 1 in every probe (or at setup) of every monitor: both ranks finish with the same weights,
     # and rank 0 gives one warning per monitor naming rank 1 and its error
@@ -197,9 +208,11 @@ def test_expert_parallel_and_fsdp2_training_end_in_the_same_weights(tmp_path):
         assert observed["weights"] == plain["weights"], preset
         assert observed["logged"]["geometry"] == ["blocks.0.ffn", "blocks.1.ffn"] and observed["logged"]["router"]
         assert observed["logged"]["weights"] > 0
-        # CurvatureMonitor does not serve FSDP2: it says so once and turns itself off
-        (message,) = observed["warnings"]
-        assert message.startswith("CurvatureMonitor: setting up failed") and "ModelParallelStrategy" in message
+        # CurvatureMonitor does not serve FSDP2: it says so once and turns itself off; GeometryMonitor, asked to
+        # probe beside training, says once why it probes in the step (its probe of a sharded layer is a collective)
+        curvature, geometry = sorted(observed["warnings"])
+        assert curvature.startswith("CurvatureMonitor: setting up failed") and "ModelParallelStrategy" in curvature
+        assert geometry.startswith("GeometryMonitor: background=True: the layers are sharded over ranks")
 
 
 class CountingMoE(MoELayer):

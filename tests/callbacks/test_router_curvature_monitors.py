@@ -384,12 +384,12 @@ def geometry_module() -> MLPMoEModule:
 
 
 def test_failing_probe_warns_and_training_finishes(tmp_path, monkeypatch):
-    import moe_lightning.monitors.geometry_probe as geometry_probe
+    import moe_lightning.monitors.sharded as sharded
 
     def broken(*args, **kwargs):
         raise RuntimeError("probe exploded")
 
-    monkeypatch.setattr(geometry_probe, "probe_statistics", broken)
+    monkeypatch.setattr(sharded, "probe_statistics", broken)
     module = geometry_module()
     fit = trainer(tmp_path, [GeometryMonitor(every_n_steps=2, max_tokens=16)], max_steps=4)
     with pytest.warns(UserWarning) as caught:

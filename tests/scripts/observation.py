@@ -2,9 +2,10 @@
 (a probe every 2-3 steps) ends in the same weights on every rank.
 
 ``ddp``: a 4-expert MLP MoE (router jitter on, so any use of the global RNG would show) under DDP: without the
-monitors; with them; with them and every monitor failing on rank 1 in its probes (``probe``) or at its setup
-(``setup``); and with them while the probe swaps a parameter's dtype through ``.data``, as it once did
-(``legacy_cast``, with unused parameters allowed, so that DDP goes on), which must break DDP's averaging.
+monitors; with them; with them and the geometry probes computed beside training (``observed_background``); with them
+and every monitor failing on rank 1 in its probes (``probe``) or at its setup (``setup``); and with them while the
+probe swaps a parameter's dtype through ``.data``, as it once did (``legacy_cast``, with unused parameters allowed,
+so that DDP goes on), which must break DDP's averaging.
 ``model_parallel``: the tiny transformer under the FSDP2 x EP=2 preset (ep_cpu.yaml) and FSDP2 alone (fsdp.yaml),
 without and with the monitors.
 
@@ -26,6 +27,7 @@ from helpers import quiet_trainer
 
 import moe_lightning.monitors.geometry_probe as geometry_probe
 import moe_lightning.monitors.router_probe as router_probe
+import moe_lightning.monitors.sharded as sharded
 from moe_lightning.callbacks import CurvatureMonitor, GeometryMonitor, RouterMonitor, WeightSpectraMonitor
 from moe_lightning.data import SyntheticMoEDataModule
 from moe_lightning.lightning.modules import MLPMoEModule
@@ -41,9 +43,21 @@ STEPS = 6
 probe_module = importlib.import_module("moe_lightning.geometry.probe")
 
 
-def monitors(source: str = "val", loss_fn=None) -> list:
+class RecordingGeometryMonitor(GeometryMonitor):
+    """GeometryMonitor that keeps every delivered probe's values by step (JSON keys: the step as a string)."""
+
+    def __init__(self, **options) -> None:
+        super().__init__(**options)
+        self.values_by_step: dict[str, dict[str, float]] = {}
+
+    def _deliver(self, trainer, reports, scalars, step) -> None:
+        super()._deliver(trainer, reports, scalars, step)
+        self.values_by_step[str(step)] = dict(scalars)
+
+
+def monitors(source: str = "val", loss_fn=None, background: bool = False) -> list:
     return [
-        GeometryMonitor(every_n_steps=2, max_tokens=32, source=source),
+        RecordingGeometryMonitor(every_n_steps=2, max_tokens=32, source=source, background=background),
         RouterMonitor(log_every_n_steps=1),
         CurvatureMonitor(every_n_steps=3, eigen_max_iter=3, trace_max_samples=2, density=False, loss_fn=loss_fn),
         WeightSpectraMonitor(every_n_steps=2),
@@ -80,6 +94,7 @@ def run(fit) -> dict:
     for callback in callbacks:
         if isinstance(callback, GeometryMonitor):
             logged["geometry"] = sorted(callback.last_reports)
+            logged["geometry_values"] = callback.values_by_step
         if isinstance(callback, RouterMonitor):
             logged["router"] = len(callback.last_metrics)
         if isinstance(callback, WeightSpectraMonitor):
@@ -145,8 +160,9 @@ def legacy_cast(original):
 
 def ddp() -> dict:
     results = {"plain": run(mlp_fit([])), "observed": run(mlp_fit(monitors()))}
+    results["observed_background"] = run(mlp_fit(monitors(background=True)))
     with (
-        patched(geometry_probe, "probe_statistics", on_rank_one("injected probe failure")),
+        patched(sharded, "probe_statistics", on_rank_one("injected probe failure")),
         patched(router_probe, "batch_sums", on_rank_one("injected router failure")),
     ):
         failing_loss = on_rank_one("injected curvature failure")(module_loss)
@@ -171,7 +187,8 @@ def model_parallel() -> dict:
 
             def fit(preset=preset, observed=observed):
                 module = transformer()
-                callbacks = monitors(source="train") if observed else []
+                # asked to probe beside training, GeometryMonitor says why it cannot here and probes in the step
+                callbacks = monitors(source="train", background=True) if observed else []
                 # 3 steps: probes at 0, 2 and the end of training (3), router windows at every step
                 quiet_trainer(2, preset_strategy(preset), 3, callbacks).fit(module, token_data(2))
                 return module, callbacks
