@@ -17,6 +17,7 @@ Usage:
     python scripts/benchmark_callbacks.py --quick   # 40 steps, 1 repeat: a smoke run
     python scripts/benchmark_callbacks.py --device cuda --out runs/benchmark_callbacks.json   # one GPU, bf16-mixed
     python scripts/benchmark_callbacks.py --clock cpu --threads 1 --parts   # a busy machine: CPU time, per part
+    python scripts/benchmark_callbacks.py --variants shipped --steps 600 --repeats 3   # the config's own monitor
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class StepTimer(Callback):
         self._batch_start = 0.0
         self.fit_start = 0.0
         self.fit_end = 0.0
+        self.last_batch_end = 0.0
 
     def on_train_start(self, trainer, pl_module) -> None:
         synchronize()
@@ -74,7 +76,8 @@ class StepTimer(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         synchronize()
-        self.batch_times.append(CLOCK() - self._batch_start)
+        self.last_batch_end = CLOCK()
+        self.batch_times.append(self.last_batch_end - self._batch_start)
 
     def on_train_end(self, trainer, pl_module) -> None:
         synchronize()
@@ -127,6 +130,7 @@ def run_variant(
     the monitor's own call times."""
     callbacks: list[Callback] = []
     calls: list[float] = []
+    values: dict[int, dict[str, float]] = {}  # the config's GeometryMonitor's values by step
     batch_sums = router_probe.batch_sums
     if name == "router":
         # Every batch: the forward hooks' summaries (batch_sums) and the window update in on_train_batch_end; every
@@ -138,6 +142,23 @@ def run_variant(
     elif name == "geometry":
         monitor = GeometryMonitor() if probe_tokens is None else GeometryMonitor(max_tokens=probe_tokens)
         timed(monitor, "run_probe", calls)
+        callbacks.append(monitor)
+    elif name in SHIPPED:
+        # The config's own GeometryMonitor (its cadence and tokens; beside training as the config says, or in the
+        # step), without the final probe at the end of fit: the run's loop time then holds the steady state only.
+        # Every call of its on_train_batch_end counts (the probes in the step; the captures, and the deliveries of
+        # probes computed beside training).
+        options = {**shipped_options(config), "at_fit_end": False}
+        options["background"] = name == "shipped" and options.get("background", False)
+        if probe_tokens is not None:
+            options["max_tokens"] = probe_tokens
+        monitor = GeometryMonitor(**options)
+        timed(monitor, "on_train_batch_end", calls)
+        deliver = monitor._deliver
+        monitor._deliver = lambda trainer, reports, scalars, step: (
+            values.__setitem__(step, dict(scalars)),
+            deliver(trainer, reports, scalars, step),
+        )
         callbacks.append(monitor)
     timer = StepTimer()
     trainer_args = dict(config["trainer"])
@@ -162,19 +183,33 @@ def run_variant(
         router_probe.batch_sums = batch_sums  # the wrapper of this run only
     return {
         "wall": timer.fit_end - timer.fit_start,
+        "loop": timer.last_batch_end - timer.fit_start,
         "step": statistics.median(timer.batch_times),
         "calls": calls,
-        "interval": monitor.every_n_steps if name == "geometry" else int(name == "router"),
+        "interval": monitor.every_n_steps if name in ("geometry", *SHIPPED) else int(name == "router"),
+        "probes": len(monitor.probed_steps) if name in ("geometry", *SHIPPED) else 0,
+        "values": values,
+        "children": monitor.core.beside.child_times if name == "shipped" else [],
     }
+
+
+def shipped_options(config: dict[str, Any]) -> dict[str, Any]:
+    """The init_args of the GeometryMonitor the config ships (empty if it ships none)."""
+    for callback in config["trainer"].get("callbacks") or []:
+        if callback["class_path"].endswith("GeometryMonitor"):
+            return dict(callback.get("init_args") or {})
+    return {}
 
 
 def shipped_cadence(config: dict[str, Any]) -> int | None:
     """``every_n_steps`` of the GeometryMonitor the config ships, if it has one."""
-    for callback in config["trainer"].get("callbacks") or []:
-        if callback["class_path"].endswith("GeometryMonitor"):
-            return callback.get("init_args", {}).get("every_n_steps")
-    return None
+    return shipped_options(config).get("every_n_steps")
 
+
+#: The runs a benchmark may compare.
+VARIANTS = ("none", "router", "geometry", "shipped", "shipped_in_step")
+#: The config's own GeometryMonitor: as shipped (beside training), and with its probes in the step.
+SHIPPED = ("shipped", "shipped_in_step")
 
 #: The steady-state overhead GeometryMonitor may cost at the shipped configs' cadence.
 SHIPPED_TARGET = 0.02
@@ -189,6 +224,8 @@ def summarise(results: dict[str, list[dict[str, Any]]], steps: int, shipped: int
     print(f"\nbaseline: {base_wall:.2f}s for {steps} steps, median step {base_step * 1e3:.1f} ms")
     summary: dict[str, Any] = {"baseline_wall_s": base_wall, "baseline_step_ms": base_step * 1e3}
     for name, target in (("router", 0.02), ("geometry", 0.05)):
+        if name not in results:
+            continue
         wall = statistics.median(x["wall"] for x in results[name])
         calls = [c for x in results[name] for c in x["calls"]]
         interval = results[name][0]["interval"]
@@ -219,7 +256,62 @@ def summarise(results: dict[str, list[dict[str, Any]]], steps: int, shipped: int
                 f"({verdict} the {SHIPPED_TARGET * 100:.0f}% target)"
             )
             summary[name]["shipped"] = {"every_n_steps": shipped, "steady_state": at_shipped, "target": SHIPPED_TARGET}
+    for name in SHIPPED:
+        if name in results:
+            summary[name] = summarise_shipped(results, name, steps)
+    if all(name in results for name in SHIPPED):
+        summary["shipped"]["max_relative_difference"] = compare_values(results)
     return summary
+
+
+def summarise_shipped(results: dict[str, list[dict[str, Any]]], name: str, steps: int) -> dict[str, Any]:
+    """The config's own GeometryMonitor: its overhead over the training loop (first batch to last batch end, so
+    that it holds the probes computed beside training and the steps they share the CPU with), the median of the
+    rounds, each round against the run without a monitor of the same round; and the time spent in its hook."""
+    rounds = [s["loop"] / n["loop"] - 1 for s, n in zip(results[name], results["none"], strict=True)]
+    measured = statistics.median(rounds)
+    in_hook = statistics.median(sum(x["calls"]) / x["loop"] for x in results[name])
+    first = results[name][0]
+    children = [c for x in results[name] for c in x["children"]]
+    if children:  # each forked child's CPU time over its life: the share of a core it had beside training
+        shares = statistics.median(cpu / wall for _, cpu, wall in children)
+        cpu, wall = statistics.median(c[1] for c in children), statistics.median(c[2] for c in children)
+        print(
+            f"{name}: {len(children)} probes computed beside training, each child {cpu:.2f} CPU s over {wall:.1f} s "
+            f"(median share of a core {shares * 100:.1f}%)"
+        )
+    verdict = "meets" if measured <= SHIPPED_TARGET else "MISSES"
+    print(
+        f"{name}: the config's GeometryMonitor, {first['probes']} probes in {steps} steps (every "
+        f"{first['interval']}): loop time {measured * 100:+6.2f}% (rounds: "
+        f"{', '.join(f'{r * 100:+.2f}%' for r in rounds)}), of which in its hook {in_hook * 100:5.2f}% "
+        f"({verdict} the {SHIPPED_TARGET * 100:.0f}% target)"
+    )
+    return {
+        "measured": measured,
+        "rounds": rounds,
+        "in_hook": in_hook,
+        "every_n_steps": first["interval"],
+        "probes": first["probes"],
+        "children": children,
+        "target": SHIPPED_TARGET,
+    }
+
+
+def compare_values(results: dict[str, list[dict[str, Any]]]) -> float:
+    """The largest relative difference between a value computed beside training and the same key at the same step
+    probed in the step, over every key, step and round (the runs train the same weights)."""
+    worst, count = 0.0, 0
+    for beside, in_step in zip(results["shipped"], results["shipped_in_step"], strict=True):
+        if sorted(beside["values"]) != sorted(in_step["values"]):
+            raise RuntimeError(f"probed steps differ: {sorted(beside['values'])} vs {sorted(in_step['values'])}")
+        for step, expected in in_step["values"].items():
+            for key, value in expected.items():
+                found, count = beside["values"][step][key], count + 1
+                if found != value and (value == value or found == found):  # equal, or NaN in both: agree
+                    worst = max(worst, abs(found - value) / max(abs(value), abs(found)))
+    print(f"values beside training vs in the step: {count} values, largest relative difference {worst:.2e}")
+    return worst
 
 
 #: Each part of one layer's probe, as the ProbeConfig flags of the probe with it and of the probe it adds to.
@@ -289,6 +381,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--clock", choices=("wall", "cpu"), default="wall", help="cpu: this process's CPU time (CPU only)"
     )
     parser.add_argument("--parts", action="store_true", help="also time each part of one layer's probe")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=VARIANTS,
+        default=["none", "router", "geometry"],
+        help="which runs to compare (none is always run): no monitor, RouterMonitor(), GeometryMonitor(), and "
+        "shipped, the config's own GeometryMonitor (default: all but shipped)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.repeats = 40, 1
@@ -319,7 +419,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{args.precision}; torch threads {torch.get_num_threads()}; {args.clock} clock; load average before: "
         f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
     )
-    variants = ["none", "router", "geometry"]
+    variants = ["none", *(v for v in args.variants if v != "none")]
     results: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     on = {"device": args.device, "precision": args.precision, "probe_tokens": args.probe_tokens}
     run_variant("none", config, data, min(args.steps, 10), args.seed, **on)  # warm-up: allocator, kernels, data

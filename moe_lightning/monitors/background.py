@@ -66,6 +66,7 @@ def _run_child(fn: Callable[[], Any], writer: Any, threads: int) -> None:
     try:
         os.nice(19)
         torch.set_num_threads(threads)
+        wall, cpu = time.perf_counter(), time.process_time()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
@@ -73,7 +74,8 @@ def _run_child(fn: Callable[[], Any], writer: Any, threads: int) -> None:
             except Exception as error:
                 outcome = ("error", portable(error))
         notes = [(str(w.message), w.category) for w in caught]
-        writer.send_bytes(pickle.dumps((*outcome, notes), protocol=pickle.HIGHEST_PROTOCOL))
+        times = (time.process_time() - cpu, time.perf_counter() - wall)
+        writer.send_bytes(pickle.dumps((*outcome, notes, times), protocol=pickle.HIGHEST_PROTOCOL))
         code = 0
     except BaseException:  # noqa: S110 - the parent reports a child that sent nothing (ChildLost)
         pass
@@ -107,6 +109,9 @@ class ForkedCall:
         writer.close()
         self.pid, self._reader, self._outcome = pid, reader, _PENDING
         self._warned = set() if warned is None else warned
+        #: ``(CPU seconds, wall seconds)`` of ``fn()`` in the child, once :meth:`result` has its outcome (None for a
+        #: lost child): their ratio is the share of a core the child had.
+        self.times: tuple[float, float] | None = None
 
     def ready(self) -> bool:
         """Whether :meth:`result` would return (or raise) without waiting."""
@@ -116,7 +121,7 @@ class ForkedCall:
         """The child's value, waiting for it; its exception re-raised, or :class:`ChildLost`."""
         if self._outcome is _PENDING:
             self._outcome = self._receive()
-        kind, value, notes = self._outcome
+        kind, value, notes, self.times = self._outcome
         for message, category in notes:
             if message not in self._warned:
                 self._warned.add(message)
@@ -125,7 +130,7 @@ class ForkedCall:
             raise value
         return value
 
-    def _receive(self) -> tuple[str, Any, list]:
+    def _receive(self) -> tuple[str, Any, list, tuple[float, float] | None]:
         cpu, still_since = _cpu_seconds(self.pid), time.monotonic()
         try:
             while not self._reader.poll(1.0):
@@ -134,10 +139,11 @@ class ForkedCall:
                     cpu, still_since = seen, now
                 elif now - still_since > STALL_S:
                     self.cancel()
-                    return "lost", ChildLost(f"its process (pid {self.pid}) used no CPU for {STALL_S:.0f} s"), []
+                    lost = ChildLost(f"its process (pid {self.pid}) used no CPU for {STALL_S:.0f} s")
+                    return "lost", lost, [], None
             payload = self._reader.recv_bytes()
         except EOFError:
-            return "lost", ChildLost(f"its process ended without a result ({self._reap()})"), []
+            return "lost", ChildLost(f"its process ended without a result ({self._reap()})"), [], None
         finally:
             self._reader.close()
         self._reap()
@@ -163,4 +169,4 @@ class ForkedCall:
             pass
         self._reap()
         self._reader.close()
-        self._outcome = ("lost", ChildLost("cancelled"), [])
+        self._outcome = ("lost", ChildLost("cancelled"), [], None)

@@ -48,6 +48,8 @@ class BesideTraining:
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
         self.in_flight: InFlight | None = None
+        #: ``(step, CPU seconds, wall seconds)`` of each child that delivered (the share of a core each one had).
+        self.child_times: list[tuple[int, float, float]] = []
 
     def available(self, probe: GeometryProbe, model: nn.Module) -> bool:
         """Whether ``probe``'s next probe of ``model`` can run beside training; where it was asked to and cannot,
@@ -104,6 +106,7 @@ class BesideTraining:
         if flight.job is not None:
             try:
                 results = flight.job.result()
+                self.child_times.append((flight.step, *flight.job.times))
             except Exception as caught:
                 error = caught
         lost = probe._failures.agree(ranks, error)

@@ -22,6 +22,8 @@ def test_the_child_computes_on_the_parents_memory_at_the_fork():
     product, pid, threads, niceness = job.result()
     assert torch.equal(product, torch.tensor([[5.0, 14.0], [14.0, 50.0]]))
     assert pid != os.getpid() and threads == 1 and niceness == 19
+    cpu, wall = job.times  # the child's own clocks, over fn()
+    assert 0 <= cpu and 0 <= wall
     assert job.ready() and job.result()[1] == pid  # the outcome is kept
 
 
@@ -51,8 +53,10 @@ def test_an_exception_that_does_not_pickle_arrives_as_its_repr():
 
 
 def test_a_child_that_dies_is_reported_with_how_it_ended():
+    job = ForkedCall(lambda: os._exit(3))
     with pytest.raises(ChildLost, match="ended without a result \\(exit code 3\\)"):
-        ForkedCall(lambda: os._exit(3)).result()
+        job.result()
+    assert job.times is None
     with pytest.raises(ChildLost, match="killed by signal 9"):
         ForkedCall(lambda: os.kill(os.getpid(), 9)).result()
 
