@@ -17,7 +17,8 @@ Usage:
     python scripts/benchmark_callbacks.py --quick   # 40 steps, 1 repeat: a smoke run
     python scripts/benchmark_callbacks.py --device cuda --out runs/benchmark_callbacks.json   # one GPU, bf16-mixed
     python scripts/benchmark_callbacks.py --clock cpu --threads 1 --parts   # a busy machine: CPU time, per part
-    python scripts/benchmark_callbacks.py --variants shipped --steps 600 --repeats 3   # the config's own monitor
+    python scripts/benchmark_callbacks.py --variants shipped shipped_in_step --steps 600 --repeats 3
+    python scripts/benchmark_callbacks.py --variants none --steps 80 --repeats 1 --contention   # a forked child
 """
 
 from __future__ import annotations
@@ -364,6 +365,35 @@ def time_parts(config: dict[str, Any], data: WikiTextDataModule, seed: int, toke
     return parts
 
 
+def _svds_forever() -> None:
+    """A child that keeps one core busy with the probe's kind of work: SVDs of 128 x 128 float64 matrices."""
+    matrices = torch.randn(64, 128, 128, dtype=torch.float64)
+    while True:
+        torch.linalg.svdvals(matrices)
+
+
+def contention(config: dict[str, Any], data: WikiTextDataModule, steps: int, seed: int) -> dict[str, Any]:
+    """The median training step alone, and beside a forked child that computes SVDs flat out with one thread, at
+    niceness 19 (how GeometryMonitor(background=True) runs its probe) and at the parent's priority; with the share
+    of a core each child had while training ran (its CPU time over the run's wall time)."""
+    from moe_lightning.monitors.background import ForkedCall, process_cpu_seconds
+
+    found: dict[str, Any] = {}
+    print(f"\ntraining beside a busy forked child ({steps} steps each):")
+    for label, nice in (("alone", None), ("child at niceness 19", 19), ("child at the parent's priority", 0)):
+        child = None if nice is None else ForkedCall(_svds_forever, nice=nice)
+        start = time.perf_counter()
+        step = run_variant("none", config, data, steps, seed)["step"]
+        share = None
+        if child is not None:
+            share = (process_cpu_seconds(child.pid) or 0.0) / (time.perf_counter() - start)
+            child.cancel()
+        found[label] = {"step_ms": step * 1e3, "child_share_of_a_core": share}
+        beside = "" if share is None else f"; the child had {share * 100:.1f}% of a core"
+        print(f"  {label:32s} median step {step * 1e3:6.1f} ms{beside}")
+    return found
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=200, help="training steps per variant")
@@ -381,6 +411,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--clock", choices=("wall", "cpu"), default="wall", help="cpu: this process's CPU time (CPU only)"
     )
     parser.add_argument("--parts", action="store_true", help="also time each part of one layer's probe")
+    parser.add_argument(
+        "--contention",
+        action="store_true",
+        help="also time training beside a busy forked child at niceness 19 and at the parent's priority",
+    )
     parser.add_argument(
         "--variants",
         nargs="+",
@@ -434,6 +469,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     summary = summarise(results, args.steps, shipped_cadence(config))
     if args.parts:
         summary["parts_s"] = time_parts(config, data, args.seed, args.probe_tokens or 256)
+    if args.contention:
+        summary["contention"] = contention(config, data, min(args.steps, 80), args.seed)
     load = os.getloadavg()
     print(f"load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     settings = {k: v for k, v in vars(args).items() if k != "out"}

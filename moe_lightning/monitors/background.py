@@ -4,10 +4,9 @@ comes back through a pipe while the parent trains on (docs/callbacks.md, "Probin
 A fork starts the child with the parent's memory as it is at that instant: the model's weights at the step being
 probed and the layer inputs just captured, with nothing copied or pickled (any adapter's view works as it does in
 the parent), and the parent returns to training at once. Pages the parent writes afterwards are copied for it by the
-kernel, so the child keeps seeing the snapshot. The child runs one torch thread at niceness 19: measured on the 2-core
-CPU, such a child ran in the CPU time that training leaves idle and did not slow the training steps, whereas a child
-at the parent's priority slowed them 2.7x, because training's OpenMP threads wait for each other
-(docs/benchmarks/callbacks.md).
+kernel, so the child keeps seeing the snapshot. The child runs one torch thread at niceness 19, so that it takes the
+CPU time training leaves idle rather than a core from one of training's threads: those wait for each other, and a
+child at the parent's priority slowed the training steps 2.7x on the 2-core CPU (docs/benchmarks/callbacks.md).
 """
 
 from __future__ import annotations
@@ -50,7 +49,7 @@ def portable(error: BaseException) -> BaseException:
         return RuntimeError(repr(error))
 
 
-def _cpu_seconds(pid: int) -> float | None:
+def process_cpu_seconds(pid: int) -> float | None:
     """User and system CPU time of process ``pid`` (Linux ``/proc``), or None when it cannot be read."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -59,12 +58,12 @@ def _cpu_seconds(pid: int) -> float | None:
         return None
 
 
-def _run_child(fn: Callable[[], Any], writer: Any, threads: int) -> None:
+def _run_child(fn: Callable[[], Any], writer: Any, threads: int, nice: int) -> None:
     """The child's whole life: ``fn()`` with its warnings recorded, the outcome pickled into ``writer``, then
     ``os._exit`` (no exit handler of the parent's, no flush of its buffers, no logger, runs twice)."""
     code = 1
     try:
-        os.nice(19)
+        os.nice(nice)
         torch.set_num_threads(threads)
         wall, cpu = time.perf_counter(), time.process_time()
         with warnings.catch_warnings(record=True) as caught:
@@ -86,18 +85,19 @@ def _run_child(fn: Callable[[], Any], writer: Any, threads: int) -> None:
 class ForkedCall:
     """``fn()`` in a forked child, started at construction; :meth:`result` waits for its value.
 
-    The child runs ``threads`` torch threads at niceness 19. Its warnings are re-emitted in the parent by
-    :meth:`result`, each distinct message once per ``warned`` set. Its exception is re-raised by :meth:`result`;
-    a child that dies, or whose CPU time stands still for :data:`STALL_S` seconds while the parent waits (a lock
-    held at the fork by another thread of the parent), raises :class:`ChildLost`.
+    The child runs ``threads`` torch threads, ``nice`` steps of niceness below the parent's priority. Its warnings
+    are re-emitted in the parent by :meth:`result`, each distinct message once per ``warned`` set. Its exception is
+    re-raised by :meth:`result`; a child that dies, or whose CPU time stands still for :data:`STALL_S` seconds while
+    the parent waits (a lock held at the fork by another thread of the parent), raises :class:`ChildLost`.
 
     Args:
         fn: what the child computes; its value must pickle.
         threads: the child's ``torch.set_num_threads``.
+        nice: how much lower than the parent's the child's CPU priority is (19, the default: the lowest).
         warned: the messages already re-emitted (shared between calls to warn once per run).
     """
 
-    def __init__(self, fn: Callable[[], Any], threads: int = 1, warned: set[str] | None = None) -> None:
+    def __init__(self, fn: Callable[[], Any], threads: int = 1, warned: set[str] | None = None, nice: int = 19) -> None:
         reader, writer = Pipe(duplex=False)
         with warnings.catch_warnings():
             # Python 3.12 warns on forking a process with threads; the child uses none of the parent's threads' locks
@@ -105,7 +105,7 @@ class ForkedCall:
             pid = os.fork()
         if pid == 0:  # pragma: no cover - the child's coverage is not collected; the parent checks its outcome
             reader.close()
-            _run_child(fn, writer, threads)
+            _run_child(fn, writer, threads, nice)
         writer.close()
         self.pid, self._reader, self._outcome = pid, reader, _PENDING
         self._warned = set() if warned is None else warned
@@ -131,10 +131,10 @@ class ForkedCall:
         return value
 
     def _receive(self) -> tuple[str, Any, list, tuple[float, float] | None]:
-        cpu, still_since = _cpu_seconds(self.pid), time.monotonic()
+        cpu, still_since = process_cpu_seconds(self.pid), time.monotonic()
         try:
             while not self._reader.poll(1.0):
-                now, seen = time.monotonic(), _cpu_seconds(self.pid)
+                now, seen = time.monotonic(), process_cpu_seconds(self.pid)
                 if seen != cpu:
                     cpu, still_since = seen, now
                 elif now - still_since > STALL_S:
