@@ -42,9 +42,15 @@ if hasattr(os, "register_at_fork"):
 #: Below this many elements a CPU batch is not split (thread hand-off would cost more than it saves).
 _SPLIT_MIN_ELEMENTS = 2**16
 
+#: Threads :func:`batched_svdvals` splits a batch over; None: ``torch.get_num_threads()``. A probe computed beside
+#: training runs one torch thread (its parent's OpenMP threads do not exist in a forked child) and sets this to its
+#: parent's count, so that the SVDs use the cores the parent leaves when it waits for them.
+SVD_WORKERS: int | None = None
+
 
 def batched_svdvals(A: Tensor) -> Tensor:
-    """``torch.linalg.svdvals`` of a batch of matrices, the batch split across ``torch.get_num_threads()`` threads.
+    """``torch.linalg.svdvals`` of a batch of matrices, the batch split across ``torch.get_num_threads()`` threads
+    (:data:`SVD_WORKERS` if set).
 
     On CPU torch runs a batched SVD one matrix after another on one thread; LAPACK releases the GIL, so slices of
     the batch in worker threads run side by side on the cores torch may use. Each matrix
@@ -58,7 +64,7 @@ def batched_svdvals(A: Tensor) -> Tensor:
         ``(..., min(m, n))`` singular values, descending.
     """
     global _SVD_POOL
-    workers = torch.get_num_threads()
+    workers = torch.get_num_threads() if SVD_WORKERS is None else SVD_WORKERS
     if (
         A.device.type != "cpu"
         or workers < 2

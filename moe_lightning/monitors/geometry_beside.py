@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+import moe_lightning.geometry.spectra as spectra
 from moe_lightning.common import is_fsdp_module, observation, warn_once
 from moe_lightning.geometry import GeometryReport, MoEView
 from moe_lightning.monitors.background import ForkedCall, fork_unavailable, portable
@@ -77,7 +78,10 @@ class BesideTraining:
             captured, capture_error = probe._capture_probe_set(model, ranks)
             views = list(probe.views or [])
 
+            threads = torch.get_num_threads()
+
             def statistics() -> list[Any]:
+                spectra.SVD_WORKERS = threads  # the SVDs on the parent's cores, where it leaves them idle
                 stats = [probe._probe_layer(model, view, captured, capture_error, ranks) for view in views]
                 return [portable(s) if isinstance(s, BaseException) else s for s in stats]
 

@@ -59,7 +59,16 @@ def monitor(**options) -> GeometryMonitor:
     return GeometryMonitor(every_n_steps=2, max_tokens=32, log_media=False, save_reports=False, **options)
 
 
-def test_values_beside_training_equal_those_in_the_step_at_the_same_steps(tmp_path):
+@pytest.fixture(params=[1, 2], ids=["1 thread", "2 threads"])
+def threads(request):
+    """The parent's torch threads (the child's SVDs are split over as many: spectra.SVD_WORKERS)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+def test_values_beside_training_equal_those_in_the_step_at_the_same_steps(tmp_path, threads):
     plain, _, _ = train(tmp_path, "plain", None)
     in_step, _, warned = train(tmp_path, "in_step", monitor())
     beside_monitor = monitor(background=True)
@@ -73,7 +82,7 @@ def test_values_beside_training_equal_those_in_the_step_at_the_same_steps(tmp_pa
     for step, values in expected.items():
         assert found[step].keys() == values.keys(), step
         assert len(values) > 50
-        for key, value in values.items():  # one torch thread in the child: the same arithmetic to round-off
+        for key, value in values.items():  # the same arithmetic, to round-off (the child's GEMMs on one thread)
             assert found[step][key] == pytest.approx(value, rel=1e-9, abs=1e-12, nan_ok=True), (step, key)
     assert beside_monitor.probed_steps == [0, 2, 4, 6, 7] and beside_monitor.logged_steps == {"ffn": 7}
     assert beside_monitor.core.beside.in_flight is None  # nothing left running
