@@ -226,3 +226,10 @@ def test_a_resumed_hf_run_continues_the_monitors_without_duplicates(tmp_path):
         assert sorted(ours[step]) == sorted(theirs[step]) == sorted(expected[step]), step
         for key, value in expected[step].items():
             assert ours[step][key] == pytest.approx(value, rel=1e-5, abs=1e-7), (step, key)
+
+
+def test_a_probe_beside_training_is_refused_where_the_trainer_logs_at_its_current_step():
+    from moe_lightning.monitors.hf import MonitorCallback
+
+    with pytest.raises(ValueError, match=r"MonitorCallback: GeometryProbe\(background=True\) is not supported"):
+        MonitorCallback(None, GeometryProbe(background=True), probe_data=[torch.zeros(1, 4, dtype=torch.long)])
