@@ -85,7 +85,7 @@ def history_rows(records: list) -> list[dict[str, str]]:
     return rows
 
 
-def tiny_fit(loggers: list, max_steps: int = 2) -> MLPMoEModule:
+def tiny_fit(loggers: list, max_steps: int = 2, background: bool = False) -> MLPMoEModule:
     torch.manual_seed(0)
     config = MLPMoEConfig(
         routing="topk", input_dim=4, output_dim=2, dim=8, expert_hidden=8, num_experts=4, top_k=2, num_blocks=1
@@ -101,7 +101,7 @@ def tiny_fit(loggers: list, max_steps: int = 2) -> MLPMoEModule:
         max_steps=max_steps,
         logger=loggers,
         callbacks=[
-            GeometryMonitor(every_n_steps=1, max_tokens=16, subspace_rank=2),
+            GeometryMonitor(every_n_steps=1, max_tokens=16, subspace_rank=2, background=background),
             RouterMonitor(log_every_n_steps=1, max_expert_keys=2),  # experts 2 and 3 go to the W&B table
             # Each callback defines the W&B step metric of its own keys, so curvature/* needs its monitor.
             CurvatureMonitor(every_n_steps=1000, at_fit_start=False),
@@ -117,15 +117,20 @@ def tiny_fit(loggers: list, max_steps: int = 2) -> MLPMoEModule:
 
 
 @pytest.mark.integration  # a fit logged through W&B's service process
-@pytest.mark.parametrize("auto", [False, True], ids=["WandbLogger", "AutoWandbLogger"])
-def test_offline_run_directory_holds_geometry_keys_and_media(tmp_path, clean_wandb_env, monkeypatch, auto):
+@pytest.mark.parametrize(
+    "auto, background",
+    [(False, False), (True, False), (False, True)],
+    # beside training, the probes of steps 0 and 1 are logged a step later, each at the step it describes
+    ids=["WandbLogger", "AutoWandbLogger", "WandbLogger, probes beside training"],
+)
+def test_offline_run_directory_holds_geometry_keys_and_media(tmp_path, clean_wandb_env, monkeypatch, auto, background):
     if auto:
         monkeypatch.setenv("WANDB_MODE", "offline")
         run_logger = AutoWandbLogger(save_dir=str(tmp_path), project="moe-lightning-test")
     else:
         run_logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="moe-lightning-test")
     try:
-        tiny_fit([run_logger, CSVLogger(tmp_path / "csv")])
+        tiny_fit([run_logger, CSVLogger(tmp_path / "csv")], background=background)
     finally:
         wandb.finish()
         wandb.teardown()  # finish() can return before the service has flushed the end of the .wandb file
