@@ -155,11 +155,7 @@ def run_variant(
             options["max_tokens"] = probe_tokens
         monitor = GeometryMonitor(**options)
         timed(monitor, "on_train_batch_end", calls)
-        deliver = monitor._deliver
-        monitor._deliver = lambda trainer, reports, scalars, step: (
-            values.__setitem__(step, dict(scalars)),
-            deliver(trainer, reports, scalars, step),
-        )
+        monitor.core.log = lambda scalars, step: values.__setitem__(step, dict(scalars))  # every delivered probe
         callbacks.append(monitor)
     timer = StepTimer()
     trainer_args = dict(config["trainer"])

@@ -247,7 +247,8 @@ class GeometryMonitor(PublishingCallback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self.core.poll(ranks_of(trainer))  # a probe computed beside training that has finished
+        if self.core.beside.in_flight is not None:  # a probe computed beside training may have finished
+            self.core.poll(ranks_of(trainer))
         step = logging_step(trainer, after_batch=True)
         if self.schedule.after_batch(step):
             self.run_probe(trainer, pl_module, step)

@@ -138,7 +138,7 @@ class ForkedCall:
                 if seen != cpu:
                     cpu, still_since = seen, now
                 elif now - still_since > STALL_S:
-                    self.cancel()
+                    self._stop()
                     lost = ChildLost(f"its process (pid {self.pid}) used no CPU for {STALL_S:.0f} s")
                     return "lost", lost, [], None
             payload = self._reader.recv_bytes()
@@ -159,14 +159,17 @@ class ForkedCall:
             return f"killed by signal {os.WTERMSIG(status)}"
         return f"exit code {os.waitstatus_to_exitcode(status)}"
 
-    def cancel(self) -> None:
-        """Stop the child, if it still runs, and reap it."""
-        if self._outcome is not _PENDING:
-            return
+    def _stop(self) -> None:
+        """Kill the child, reap it and close the pipe."""
         try:
             os.kill(self.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         self._reap()
         self._reader.close()
-        self._outcome = ("lost", ChildLost("cancelled"), [], None)
+
+    def cancel(self) -> None:
+        """Stop the child, if it still runs, without its result."""
+        if self._outcome is _PENDING:
+            self._stop()
+            self._outcome = ("lost", ChildLost("cancelled"), [], None)

@@ -13,11 +13,10 @@ import torch
 from torch import nn
 
 import moe_lightning.geometry.spectra as spectra
-from moe_lightning.common import is_fsdp_module, observation, warn_once
+from moe_lightning.common import is_fsdp_module, warn_once
 from moe_lightning.geometry import GeometryReport, MoEView
 from moe_lightning.monitors.background import ForkedCall, fork_unavailable, portable
 from moe_lightning.monitors.health import finite_tensors
-from moe_lightning.monitors.observe import warn_state_changes
 from moe_lightning.monitors.probe_set import model_device
 from moe_lightning.monitors.ranks import Ranks, rank_zero_warn
 from moe_lightning.monitors.sharded import expert_layout
@@ -74,11 +73,8 @@ class BesideTraining:
     def launch(self, probe: GeometryProbe, model: nn.Module, step: int, ranks: Ranks) -> None:
         """Capture the layers' inputs now (a collective) and fork the child that computes their statistics."""
         probe_set_finite = finite_tensors(probe.probe_inputs)
-        with observation(model) as changes:
-            captured, capture_error = probe._capture_probe_set(model, ranks)
-            views = list(probe.views or [])
-
-            threads = torch.get_num_threads()
+        with probe._observed_capture(model, ranks) as (captured, capture_error):
+            views, threads = list(probe.views or []), torch.get_num_threads()
 
             def statistics() -> list[Any]:
                 spectra.SVD_WORKERS = threads  # the SVDs on the parent's cores, where it leaves them idle
@@ -90,7 +86,6 @@ class BesideTraining:
                 job = ForkedCall(statistics, warned=probe._warned)
             except Exception as caught:  # no process could be started: that probe fails, and training goes on
                 error = caught
-        warn_state_changes(probe.name, changes, probe._warned)
         self.in_flight = InFlight(job, error, step, views, probe_set_finite)
 
     def ready(self, ranks: Ranks) -> bool:

@@ -6,7 +6,7 @@ Accelerate loop or a plain one (docs/without-lightning.md)."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -337,26 +337,27 @@ class GeometryProbe:
     def _probe_layers(self, model: nn.Module, step: int, ranks: Ranks) -> dict[str, GeometryReport]:
         reports: dict[str, GeometryReport] = {}
         probe_set_finite = finite_tensors(self.probe_inputs)
-        with observation(model) as changes:
-            captured, capture_error = self._capture_probe_set(model, ranks)
+        with self._observed_capture(model, ranks) as (captured, capture_error):
             for view in self.views:
                 stats = self._probe_layer(model, view, captured, capture_error, ranks)
                 report = self._finish_layer(view.name, stats, step, ranks, probe_set_finite)
                 if report is not None:
                     reports[view.name] = report
-        warn_state_changes(self.name, changes, self._warned)
         return reports
 
-    def _capture_probe_set(self, model: nn.Module, ranks: Ranks) -> tuple[dict[str, Tensor], Exception | None]:
-        """Each layer's inputs on the probe set, or the error that stopped the capture; the views checked at the
-        first probe. A collective."""
-        captured, capture_error = {}, None
-        try:
-            captured = self._capture(model, self.probe_inputs)
-        except Exception as caught:  # every rank still enters each layer's agreement
-            capture_error = caught
-        drop_unverified_views(self, ranks, model, captured, capture_error)
-        return captured, capture_error
+    @contextlib.contextmanager
+    def _observed_capture(self, model: nn.Module, ranks: Ranks) -> Iterator[tuple[dict[str, Tensor], Exception | None]]:
+        """While ``model`` is observed: each layer's inputs on the probe set, or the error that stopped the capture,
+        the views checked at the first probe; a change to the model's state is warned about on exit. A collective."""
+        with observation(model) as changes:
+            captured, capture_error = {}, None
+            try:
+                captured = self._capture(model, self.probe_inputs)
+            except Exception as caught:  # every rank still enters each layer's agreement
+                capture_error = caught
+            drop_unverified_views(self, ranks, model, captured, capture_error)
+            yield captured, capture_error
+        warn_state_changes(self.name, changes, self._warned)
 
     def _finish_layer(
         self, name: str, stats: Any, step: int, ranks: Ranks, probe_set_finite: bool
