@@ -208,8 +208,16 @@ def mean_jacobian_singular(f: JacobianFactors, mean_F: Tensor, size: int) -> tup
     Returns:
         ``(size,)`` descending singular values and ``(K, I)`` right singular vectors as rows (``K`` of them).
     """
-    core_KI = torch.linalg.qr(f.left_OH, mode="r")[1] @ _mean_right(f, mean_F)
-    _, S, Vh = torch.linalg.svd(core_KI, full_matrices=False)
+    r_A_KH, right_HI = torch.linalg.qr(f.left_OH, mode="r")[1], _mean_right(f, mean_F)
+    if right_HI.shape[1] > right_HI.shape[0]:
+        # Wide (I > H): Σ_g diag(m_g) B_g = R_mᵀ Q_mᵀ with orthonormal Q_m (a QR of its transpose), so the core's
+        # SVD is that of the H-wide R_A R_mᵀ = U S Wᵀ with right vectors Q_m W: orthogonal transformations only,
+        # and the square SVD with vectors costs a fraction of the wide one.
+        q_IH, r_HH = torch.linalg.qr(right_HI.t())
+        _, S, Wh = torch.linalg.svd(r_A_KH @ r_HH.t(), full_matrices=False)
+        Vh = Wh @ q_IH.t()
+    else:
+        _, S, Vh = torch.linalg.svd(r_A_KH @ right_HI, full_matrices=False)
     return torch.nn.functional.pad(S, (0, size - S.shape[0])), Vh
 
 

@@ -1,11 +1,12 @@
 """The factored core's singular values (docs/geometry.md §1, "Factored experts at any width") against the SVD of
-each formed Jacobian, in every shape the core takes: square, wide (reduced by a QR first) and with ``H ≥ D``."""
+each formed Jacobian, in every shape the core takes (square, wide and reduced by a QR first, ``H ≥ D``), and the
+mean Jacobian's values and top subspaces against the SVD of the formed mean."""
 
 import pytest
 import torch
 
 from moe_lightning.geometry import mlp_jacobian_operator, swiglu_jacobian_operator
-from moe_lightning.geometry.factored import factored_core_rank, factored_singular_values
+from moe_lightning.geometry.factored import factored_core_rank, factored_singular_values, mean_jacobian_singular
 
 DT = torch.float64
 
@@ -42,3 +43,24 @@ def test_core_singular_values_equal_the_formed_jacobians(kind, d, h, seed):
     assert bool((got[:, rank:] == 0).all())
     if rank < d:  # the formed Jacobian's values past the rank are round-off
         assert float(reference[:, rank:].max()) < 1e-10 * float(reference.max())
+
+
+@pytest.mark.parametrize(("kind", "d", "h"), [("swiglu", 64, 20), ("swiglu", 32, 48), ("gelu", 64, 20)])
+def test_mean_jacobian_singular_equals_the_svd_of_the_formed_mean(kind, d, h):
+    """Values and the top right singular subspaces of ``J̄ = A Σ_g diag(m_g) B_g``, reduced by a QR where the core
+    is wide, against the SVD of the formed mean Jacobian (projectors compared: vectors are defined up to sign)."""
+    torch.manual_seed(3)
+    x = torch.randn(6, d, dtype=DT)
+    if kind == "swiglu":
+        w = (torch.randn(d, h, dtype=DT) / d**0.5, torch.randn(d, h, dtype=DT) / d**0.5, torch.randn(h, d, dtype=DT))
+        op = swiglu_jacobian_operator(x, *w)
+    else:
+        op = mlp_jacobian_operator(x, torch.randn(d, h, dtype=DT) / d**0.5, None, torch.randn(h, d, dtype=DT), "gelu")
+    weights = torch.rand(6, dtype=DT)
+    mean_F = (weights[:, None] * op.factors.scales_NGH.reshape(6, -1)).sum(0) / weights.sum()
+    mean_J = (weights[:, None, None] * _formed(op, d)).sum(0) / weights.sum()
+    _, S_ref, Vh_ref = torch.linalg.svd(mean_J)
+    S, Vh = mean_jacobian_singular(op.factors, mean_F, d)
+    torch.testing.assert_close(S, S_ref, rtol=1e-10, atol=1e-12 * float(S_ref[0]))
+    for r in (1, 3, 5):
+        torch.testing.assert_close(Vh[:r].T @ Vh[:r], Vh_ref[:r].T @ Vh_ref[:r], rtol=0, atol=1e-9)

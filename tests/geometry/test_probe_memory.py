@@ -4,12 +4,15 @@ budget (docs/geometry.md §1, "Factored experts at any width"; docs/design.md, t
 
 import copy
 import importlib
+import os
+import sys
 
 import pytest
 import torch
 from helpers import assert_same_report
 
 from moe_lightning.adapters import find_moe_layers
+from moe_lightning.common.memory import release_freed_memory
 from moe_lightning.geometry import (
     CastsOnRead,
     ProbeConfig,
@@ -103,3 +106,22 @@ def test_pointwise_alignment_false_leaves_it_out_and_nothing_else(threshold):
 def test_pointwise_alignment_must_be_a_bool():
     with pytest.raises(ValueError, match="ProbeConfig.pointwise_alignment must be True or False"):
         ProbeConfig(pointwise_alignment="yes")
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim: Linux only")
+def test_release_freed_memory_returns_the_holes_glibc_keeps():
+    """Blocks freed between live ones stay in glibc's heap (once its adaptive mmap threshold has risen past their
+    size) and in the resident set; releasing them returns their pages, and nothing live is touched."""
+    torch.empty(16 * 2**20, dtype=torch.uint8).fill_(1)  # an mmapped block freed: the threshold rises to 16 MB
+    blocks = [torch.full((2**20,), float(i), dtype=torch.float32) for i in range(64)]  # 4 MB each, in the heap
+    del blocks[::2]  # 128 MB of holes between live blocks
+    before = _resident_bytes()
+    assert release_freed_memory()
+    after = _resident_bytes()
+    assert before - after > 64 * 2**20, (before, after)
+    assert all(bool((b == float(2 * i + 1)).all()) for i, b in enumerate(blocks))
