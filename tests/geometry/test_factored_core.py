@@ -11,6 +11,16 @@ from moe_lightning.geometry.factored import factored_core_rank, factored_singula
 DT = torch.float64
 
 
+def _operator(kind, d, h, tokens, seed):
+    """A SwiGLU or GELU-MLP expert's closed-form operator at random weights and tokens."""
+    torch.manual_seed(seed)
+    x = torch.randn(tokens, d, dtype=DT)
+    w_in, w_out = torch.randn(d, h, dtype=DT) / d**0.5, torch.randn(h, d, dtype=DT)
+    if kind == "swiglu":
+        return swiglu_jacobian_operator(x, w_in, torch.randn(d, h, dtype=DT) / d**0.5, w_out)
+    return mlp_jacobian_operator(x, w_in, None, w_out, "gelu")
+
+
 def _formed(op, d):
     """Every token's Jacobian formed from its products with the identity, ``(N, D, D)``."""
     eye = torch.eye(d, dtype=DT).expand(op.num_tokens, d, d)
@@ -28,13 +38,7 @@ def _formed(op, d):
 )
 @pytest.mark.parametrize("seed", [0, 1])
 def test_core_singular_values_equal_the_formed_jacobians(kind, d, h, seed):
-    torch.manual_seed(seed)
-    x = torch.randn(5, d, dtype=DT)
-    if kind == "swiglu":
-        w = (torch.randn(d, h, dtype=DT) / d**0.5, torch.randn(d, h, dtype=DT) / d**0.5, torch.randn(h, d, dtype=DT))
-        op = swiglu_jacobian_operator(x, *w)
-    else:
-        op = mlp_jacobian_operator(x, torch.randn(d, h, dtype=DT) / d**0.5, None, torch.randn(h, d, dtype=DT), "gelu")
+    op = _operator(kind, d, h, tokens=5, seed=seed)
     reference = torch.linalg.svdvals(_formed(op, d))
     got = factored_singular_values(op.factors, d)
     rank = factored_core_rank(op.factors)
@@ -49,13 +53,7 @@ def test_core_singular_values_equal_the_formed_jacobians(kind, d, h, seed):
 def test_mean_jacobian_singular_equals_the_svd_of_the_formed_mean(kind, d, h):
     """Values and the top right singular subspaces of ``J̄ = A Σ_g diag(m_g) B_g``, reduced by a QR where the core
     is wide, against the SVD of the formed mean Jacobian (projectors compared: vectors are defined up to sign)."""
-    torch.manual_seed(3)
-    x = torch.randn(6, d, dtype=DT)
-    if kind == "swiglu":
-        w = (torch.randn(d, h, dtype=DT) / d**0.5, torch.randn(d, h, dtype=DT) / d**0.5, torch.randn(h, d, dtype=DT))
-        op = swiglu_jacobian_operator(x, *w)
-    else:
-        op = mlp_jacobian_operator(x, torch.randn(d, h, dtype=DT) / d**0.5, None, torch.randn(h, d, dtype=DT), "gelu")
+    op = _operator(kind, d, h, tokens=6, seed=3)
     weights = torch.rand(6, dtype=DT)
     mean_F = (weights[:, None] * op.factors.scales_NGH.reshape(6, -1)).sum(0) / weights.sum()
     mean_J = (weights[:, None, None] * _formed(op, d)).sum(0) / weights.sum()
