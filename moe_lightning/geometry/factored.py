@@ -50,11 +50,11 @@ def factored_core_rank(f: JacobianFactors) -> int:
 
 
 def core_factors(f: JacobianFactors) -> tuple[Tensor, Tensor]:
-    """``R_A`` tiled over the groups, ``(K_A, F)``, and ``R_Bᵀ``, ``(F, K_B)``: one thin QR of each side, which
-    depend on the weights alone (:func:`factored_singular_values` takes them to share them between calls)."""
-    r_A = torch.linalg.qr(f.left_OH, mode="r")[1]  # (K_A, H)
+    """``R_A``, ``(K_A, H)``, and ``R_Bᵀ``, ``(F, K_B)``: one thin QR of each side, which depend on the weights
+    alone (:func:`factored_singular_values` takes them to share them between calls)."""
+    r_A = torch.linalg.qr(f.left_OH, mode="r")[1]
     r_B = torch.linalg.qr(stacked_rights(f).t(), mode="r")[1]  # (K_B, F)
-    return r_A.repeat(1, len(f.rights_HI)), r_B.t()
+    return r_A, r_B.t()
 
 
 def factored_singular_values(
@@ -73,7 +73,7 @@ def factored_singular_values(
     Returns:
         ``(N, size)`` (or ``rows``' count) descending singular values.
     """
-    r_A_KF, r_Bt_FK = core_factors(f) if core is None else core
+    r_A_KH, r_Bt_FK = core_factors(f) if core is None else core
     scales_NGH = f.scales_NGH if rows is None else f.scales_NGH[rows]
     h = scales_NGH.shape[-1]
     # core_n = R_A P_n with P_n = Σ_g diag(s_{n,g}) (R_Bᵀ)_g, (H, K_B): elementwise, no GEMM over F.
@@ -85,7 +85,7 @@ def factored_singular_values(
         # has the singular values of the H × H R_A R_nᵀ. Orthogonal transformations only, so the values are as
         # accurate as the wide core's, and the square SVD costs a third of the wide one's.
         p_NHK = torch.linalg.qr(p_NHK.mT, mode="r")[1].mT
-    sv = batched_svdvals(r_A_KF[:, :h] @ p_NHK)  # one batched GEMM over the tokens, then their SVDs
+    sv = batched_svdvals(r_A_KH @ p_NHK)  # one batched GEMM over the tokens, then their SVDs
     return torch.nn.functional.pad(sv, (0, size - sv.shape[-1]))
 
 
