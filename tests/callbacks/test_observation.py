@@ -115,6 +115,30 @@ def assert_same_weights(a, b):
         assert torch.equal(a[key], b[key]), key
 
 
+def test_training_with_the_probe_above_the_matrix_free_threshold_ends_in_the_same_weights():
+    """The real-width path inside training: a SwiGLU layer (H = 6 < D = 16) probed above the threshold takes the
+    factored cores reduced by a QR, the mean Jacobians' reduced SVDs and the pages handed back after each step;
+    training ends in the weights of the run without the monitors."""
+
+    def run(callbacks):
+        torch.manual_seed(0)
+        ffn = MoELayer(
+            MoEConfig(dim=16, expert_hidden=6, num_experts=4, top_k=2, activation="swiglu", jitter_noise=0.2)
+        )
+        module = PlainMoE(ffn)
+        trainer = fit(module, callbacks, data=datamodule(), limit_val_batches=0)
+        assert trainer.global_step == STEPS
+        return weights(module)
+
+    plain = run([])
+    callbacks = monitors(probe_config={"matrix_free_threshold": 8})
+    assert_same_weights(plain, run(callbacks))
+    geometry = callbacks[0]
+    assert geometry.probed_steps == [0, 2, 4, 6]
+    report = geometry.last_reports["ffn"]
+    assert report.variants["jac_source"] == "exact_factored_core" and "subspace_fun_overlap" in report.layer
+
+
 @pytest.mark.parametrize(
     "setup", ["32-true", "bf16-mixed", "bf16-true", "16-true", "compiled module", "compiled model"]
 )
@@ -160,6 +184,9 @@ def test_ddp_ranks_stay_in_sync_and_a_failing_rank_stops_nothing(tmp_path):
     assert observed["logged"] == {"geometry": ["blocks.0.ffn"], "router": observed["logged"]["router"], "weights": 2}
     # the geometry probes computed beside training, in a child of each rank, summed over the ranks when both are
     # done: the same weights, and the values of the probes in the step at the same steps
+    matrix_free = runs["observed_matrix_free"]
+    assert matrix_free["weights"] == [plain, plain] and matrix_free["warnings"] == [], matrix_free["warnings"]
+    assert sorted(matrix_free["logged"]["geometry_values"], key=int) == ["0", "2", "4", "6"]
     beside = runs["observed_background"]
     assert beside["weights"] == [plain, plain] and beside["warnings"] == []
     found = beside["logged"]["geometry_values"]

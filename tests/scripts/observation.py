@@ -2,7 +2,8 @@
 (a probe every 2-3 steps) ends in the same weights on every rank.
 
 ``ddp``: a 4-expert MLP MoE (router jitter on, so any use of the global RNG would show) under DDP: without the
-monitors; with them; with them and the geometry probes computed beside training (``observed_background``); with them
+monitors; with them; with them and the geometry probes computed beside training (``observed_background``); with
+them and the probe above the matrix-free threshold (``observed_matrix_free``); with them
 and every monitor failing on rank 1 in its probes (``probe``) or at its setup (``setup``); and with them while the
 probe swaps a parameter's dtype through ``.data``, as it once did (``legacy_cast``, with unused parameters allowed,
 so that DDP goes on), which must break DDP's averaging.
@@ -55,9 +56,11 @@ class RecordingGeometryMonitor(GeometryMonitor):
         self.values_by_step[str(step)] = dict(scalars)
 
 
-def monitors(source: str = "val", loss_fn=None, background: bool = False) -> list:
+def monitors(source: str = "val", loss_fn=None, background: bool = False, probe_config: dict | None = None) -> list:
     return [
-        RecordingGeometryMonitor(every_n_steps=2, max_tokens=32, source=source, background=background),
+        RecordingGeometryMonitor(
+            every_n_steps=2, max_tokens=32, source=source, background=background, probe_config=probe_config
+        ),
         RouterMonitor(log_every_n_steps=1),
         CurvatureMonitor(every_n_steps=3, eigen_max_iter=3, trace_max_samples=2, density=False, loss_fn=loss_fn),
         WeightSpectraMonitor(every_n_steps=2),
@@ -161,6 +164,8 @@ def legacy_cast(original):
 def ddp() -> dict:
     results = {"plain": run(mlp_fit([])), "observed": run(mlp_fit(monitors()))}
     results["observed_background"] = run(mlp_fit(monitors(background=True)))
+    # the probe above the matrix-free threshold (D = 16), which hands freed pages back after each step
+    results["observed_matrix_free"] = run(mlp_fit(monitors(probe_config={"matrix_free_threshold": 8})))
     with (
         patched(sharded, "probe_statistics", on_rank_one("injected probe failure")),
         patched(router_probe, "batch_sums", on_rank_one("injected router failure")),
