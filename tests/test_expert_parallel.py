@@ -7,6 +7,7 @@ EP=4, the probe with two expert groups and the layer."""
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -51,6 +52,10 @@ def test_four_ranks_match_one_process(tmp_path):
     check_layer_result(json.loads((tmp_path / "layer.json").read_text()), world=4)
 
 
+#: The report keys of the matrix-free estimates (docs/geometry.md §1, "Estimated quantities").
+ESTIMATED = re.compile(r"/(layer_)?jac_(frobenius|stable_rank|effective_rank)")
+
+
 def check_probes(probes: dict) -> None:
     """GeometryMonitor under EP=2 equals one process's probe of the same model on the same tokens; it probes each
     expert on its rank (no rank gathers a layer's experts) unless the layer Jacobian runs through torch.func."""
@@ -67,6 +72,11 @@ def check_probes(probes: dict) -> None:
         for key, value in one.items():
             if math.isnan(value):
                 assert math.isnan(ep[key]), (case, key)
+            elif case == "topk_matrix_free" and ESTIMATED.search(key):
+                # The estimates' products round in float32 (ProbeConfig.matrix_free_estimate_dtype), and the expert
+                # group sums them in another order than one process: equal to float32's rounding, four orders of
+                # magnitude below their standard errors.
+                assert ep[key] == pytest.approx(value, rel=1e-4, abs=1e-4), (case, key)
             else:
                 assert ep[key] == pytest.approx(value, rel=1e-6, abs=1e-9), (case, key)
         assert (result["gathers"] > 0) == (case == "topk_func"), (case, result["gathers"])

@@ -71,7 +71,7 @@ def hutchinson_frobenius_sq(op: JacobianOperator, probes_NDK: Tensor) -> tuple[T
 
 
 def lanczos_quadrature(
-    matvec: Callable[[Tensor], Tensor], starts_NDS: Tensor, steps: int
+    matvec: Callable[[Tensor], Tensor], starts_NDS: Tensor, steps: int, rounding: torch.dtype | None = None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gauss and Gauss–Radau quadrature nodes and weights of ``qᵀ f(A_n) q`` for each unit start ``q = v / ‖v‖`` of
     every token, ``A_n`` positive semi-definite.
@@ -90,6 +90,8 @@ def lanczos_quadrature(
         matvec: product with the ``N`` positive semi-definite matrices, column by column.
         starts_NDS: ``(N, D, S)`` nonzero start vectors.
         steps: ``M``.
+        rounding: the dtype ``matvec`` rounds in, where coarser than the starts' (None: theirs): a Krylov space
+            counts as invariant once what is left of a step is at its rounding.
 
     Returns:
         Gauss nodes and weights, ``(N, S, M)`` each, then Gauss–Radau nodes and weights, ``(N, S, M + 1)`` each
@@ -97,32 +99,35 @@ def lanczos_quadrature(
     """
     n, d, s = starts_NDS.shape
     m = min(steps, d)
-    q = starts_NDS / torch.linalg.vector_norm(starts_NDS, dim=1, keepdim=True)
-    basis = q.new_zeros(m, n, d, s)
+    # Each run's vectors are rows here, ``(N, S, D)``: the basis of every run is one ``(M, D)`` matrix of a batch,
+    # so its reorthogonalisation is two batched matrix products; ``matvec`` takes and gives ``(N, D, S)`` views.
+    q = starts_NDS.transpose(1, 2) / torch.linalg.vector_norm(starts_NDS, dim=1).unsqueeze(-1)
+    basis = q.new_zeros(n * s, m, d)
     alpha = torch.zeros(n, s, m, dtype=torch.float64, device=q.device)
     beta = torch.zeros(n, s, m, dtype=torch.float64, device=q.device)  # the last couples to step M + 1
     q_prev, b_prev = torch.zeros_like(q), q.new_zeros(n, s)
     live = torch.ones(n, s, dtype=torch.bool, device=q.device)
     scale = q.new_zeros(n, s)
-    floor = 64 * torch.finfo(q.dtype).eps
+    floor = 64 * max(torch.finfo(q.dtype).eps, torch.finfo(rounding or q.dtype).eps)
     for j in range(m):
-        basis[j] = q
-        w = matvec(q)
-        a = (q * w).sum(1)
-        w = w - a.unsqueeze(1) * q - b_prev.unsqueeze(1) * q_prev
-        done = basis[: j + 1]
+        basis[:, j] = q.reshape(n * s, d)
+        w = matvec(q.transpose(1, 2)).transpose(1, 2)
+        a = (q * w).sum(-1)
+        w = w - a.unsqueeze(-1) * q - b_prev.unsqueeze(-1) * q_prev
+        done = basis[:, : j + 1]
         for _ in range(2):  # "twice is enough" (Giraud et al. 2005): the basis stays orthonormal in floating point
-            w = w - torch.einsum("jnds,jns->nds", done, torch.einsum("jnds,nds->jns", done, w))
+            w_col = w.reshape(n * s, d, 1)
+            w = (w_col - done.transpose(1, 2) @ (done @ w_col)).view(n, s, d)
         alpha[..., j] = a.double()
         scale = torch.maximum(scale, a.abs())
-        b = torch.linalg.vector_norm(w, dim=1)
+        b = torch.linalg.vector_norm(w, dim=-1)
         live &= b > floor * scale  # an invariant Krylov space: what is left of w is rounding
         if j + 1 == d:  # the whole space: exact
             live &= False
         b = torch.where(live, b, torch.zeros_like(b))
         beta[..., j] = b.double()
         q_prev, b_prev = q, b
-        q = torch.where(live.unsqueeze(1), w / torch.where(live, b, torch.ones_like(b)).unsqueeze(1), 0.0)
+        q = torch.where(live.unsqueeze(-1), w / torch.where(live, b, torch.ones_like(b)).unsqueeze(-1), 0.0)
     T = tridiagonal_batch(alpha, beta[..., :-1])
     theta, vectors = torch.linalg.eigh(T)
     gauss = (theta, vectors[..., 0, :].square())
@@ -200,7 +205,9 @@ def slq_effective_rank(op: JacobianOperator, starts_NDS: Tensor, steps: int) -> 
     """
     d, s = starts_NDS.shape[1], starts_NDS.shape[2]
     eps = torch.finfo(starts_NDS.dtype).eps
-    theta_G, tau_G, theta_R, tau_R = lanczos_quadrature(lambda V: op.apply_transpose(op.apply(V)), starts_NDS, steps)
+    theta_G, tau_G, theta_R, tau_R = lanczos_quadrature(
+        lambda V: op.apply_transpose(op.apply(V)), starts_NDS, steps, rounding=op.rounding
+    )
     a_G, b_G = _traces(theta_G, tau_G, d, eps)
     a_R, b_R = _traces(theta_R, tau_R, d, eps)
     a_NS, b_NS = (a_G + a_R) / 2, (b_G + b_R) / 2
@@ -259,13 +266,18 @@ def whole_spectrum_statistics(
     return known
 
 
-def whole_spectrum_variants(prefix: str, config: ProbeConfig, exact_frobenius: bool = False) -> dict[str, str]:
-    """The variant names of :func:`whole_spectrum_statistics`'s values for report keys ``{prefix}_{stat}``."""
+def whole_spectrum_variants(
+    prefix: str, config: ProbeConfig, exact_frobenius: bool = False, products: torch.dtype | None = None
+) -> dict[str, str]:
+    """The variant names of :func:`whole_spectrum_statistics`'s values for report keys ``{prefix}_{stat}``;
+    ``products``: the dtype the estimates' products rounded in, named where it is not ``config.dtype``."""
     fro = "exact_factored" if exact_frobenius else f"hutchinson_r{config.matrix_free_trace_probes}"
+    rounded = "" if products in (None, config.dtype) else f"_products_{str(products).removeprefix('torch.')}"
     return {
         f"{prefix}_effective_rank": f"roy_vetterli_2007_slq_m{config.matrix_free_slq_steps}_s"
-        f"{config.matrix_free_slq_starts}",
-        f"{prefix}_frobenius": f"sqrt_sum_sigma_sq_{fro}",
-        f"{prefix}_stable_rank": f"{fro}_frobenius_sq_over_topr_sigma_max_sq_tol={config.matrix_free_tol:g}",
+        f"{config.matrix_free_slq_starts}{rounded}",
+        f"{prefix}_frobenius": f"sqrt_sum_sigma_sq_{fro}{'' if exact_frobenius else rounded}",
+        f"{prefix}_stable_rank": f"{fro}_frobenius_sq_over_topr_sigma_max_sq_tol={config.matrix_free_tol:g}"
+        f"{'' if exact_frobenius else rounded}",
         f"{prefix}_se": "estimator_standard_error_of_weighted_mean_sqrt_sum_w2_var_over_sum_w",
     }

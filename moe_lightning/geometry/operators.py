@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -27,9 +27,12 @@ from moe_lightning.geometry.activations import activation_derivative, silu_deriv
 __all__ = [
     "JacobianFactors",
     "JacobianOperator",
+    "casting_operator",
     "compose_layer_operator",
     "func_jacobian_operator",
     "mlp_jacobian_operator",
+    "router_term",
+    "sparse_layer_operator",
     "swiglu_jacobian_operator",
 ]
 
@@ -75,6 +78,8 @@ class JacobianOperator:
             composed layer operator runs each expert on its routed tokens only, about ``top_k / E`` of them. The
             default Krylov block is chosen so that this many tokens fill a wide GEMM.
         factors: the factored form of the Jacobians where the builder knows it (MLP and SwiGLU experts), else None.
+        rounding: the dtype the products round in where it is coarser than ``dtype``
+            (:func:`casting_operator`), else None.
     """
 
     apply: Callable[[Tensor], Tensor]
@@ -86,6 +91,7 @@ class JacobianOperator:
     device: torch.device
     gemm_tokens: int | None = None
     factors: JacobianFactors | None = None
+    rounding: torch.dtype | None = None
 
 
 def _linearized_jvp(fn: Callable[[Tensor], Tensor], x_ND: Tensor) -> Callable[[Tensor], Tensor]:
@@ -265,7 +271,9 @@ def compose_layer_operator(
 
     The matrix-free counterpart of :func:`~moe_lightning.geometry.compose_layer_jacobian`: expert ``e``'s products
     run only on the tokens routed to it (``rows``), so a top-k layer costs k experts per token instead of the E
-    that ``torch.func`` through the whole layer function pays; the router term is a rank-E product per token.
+    that ``torch.func`` through the whole layer function pays. The router term is a product of rank at most the
+    number of experts whose gate moves at the token (``∇g_e ≠ 0``: with top-k routing the k selected, as the
+    others' gates are zero around it), and only those experts' rows are kept.
 
     Args:
         gates_NE: ``(N, E)`` gate weights.
@@ -275,9 +283,19 @@ def compose_layer_operator(
             ``g_e ≠ 0`` and ``op`` expert ``e``'s :class:`JacobianOperator` on exactly those tokens (None when
             there are none).
     """
-    n, num_experts = gates_NE.shape
-    d_in = gate_jacobian_NED.shape[-1]
-    f_NEO = torch.stack(list(expert_outputs), dim=1)
+    dg_NKD, f_NKO = router_term(gate_jacobian_NED, lambda e, rows: expert_outputs[e][rows])
+    return sparse_layer_operator(gates_NE, dg_NKD, f_NKO, expert_operators)
+
+
+def sparse_layer_operator(
+    gates_NE: Tensor,
+    router_jacobian_NKD: Tensor,
+    router_outputs_NKO: Tensor,
+    expert_operators: list[tuple[Tensor, JacobianOperator | None]],
+) -> JacobianOperator:
+    """:func:`compose_layer_operator` from the router term's factors of :func:`router_term`."""
+    n, d_in = gates_NE.shape[0], router_jacobian_NKD.shape[-1]
+    dg_NKD, f_NKO = router_jacobian_NKD, router_outputs_NKO
     parts = []
     for e, (rows, op) in enumerate(expert_operators):
         idx = rows.nonzero().squeeze(-1)
@@ -287,15 +305,15 @@ def compose_layer_operator(
             parts.append((idx, gates_NE[idx, e].view(-1, 1, 1), op))
 
     def apply(V_NIK: Tensor) -> Tensor:
-        out_NOK = f_NEO.transpose(1, 2) @ (gate_jacobian_NED @ V_NIK)  # Σ_e f_e (∇g_eᵀ V)
+        out_NOK = f_NKO.transpose(1, 2) @ (dg_NKD @ V_NIK)  # Σ_e f_e (∇g_eᵀ V)
         for idx, g, op in parts:
-            out_NOK = out_NOK.index_add(0, idx, g * op.apply(V_NIK[idx]))
+            out_NOK.index_add_(0, idx, g * op.apply(V_NIK[idx]))
         return out_NOK
 
     def apply_transpose(U_NOK: Tensor) -> Tensor:
-        out_NIK = gate_jacobian_NED.transpose(1, 2) @ (f_NEO @ U_NOK)  # Σ_e ∇g_e (f_eᵀ U)
+        out_NIK = dg_NKD.transpose(1, 2) @ (f_NKO @ U_NOK)  # Σ_e ∇g_e (f_eᵀ U)
         for idx, g, op in parts:
-            out_NIK = out_NIK.index_add(0, idx, g * op.apply_transpose(U_NOK[idx]))
+            out_NIK.index_add_(0, idx, g * op.apply_transpose(U_NOK[idx]))
         return out_NIK
 
     routed = [op.gemm_tokens or op.num_tokens for _, _, op in parts]
@@ -304,8 +322,57 @@ def compose_layer_operator(
         apply_transpose,
         n,
         d_in,
-        f_NEO.shape[-1],
-        gate_jacobian_NED.dtype,
-        gate_jacobian_NED.device,
+        f_NKO.shape[-1],
+        dg_NKD.dtype,
+        dg_NKD.device,
         gemm_tokens=max(1, sum(routed) // len(routed)) if routed else None,
     )
+
+
+def casting_operator(op: JacobianOperator, dtype: torch.dtype) -> JacobianOperator:
+    """``op`` taking and giving ``dtype``: its products still round in ``op.dtype``."""
+    if op.dtype == dtype:
+        return op
+    inner = op.dtype
+    return replace(
+        op,
+        apply=lambda V: op.apply(V.to(inner)).to(dtype),
+        apply_transpose=lambda U: op.apply_transpose(U.to(inner)).to(dtype),
+        dtype=dtype,
+        factors=None,
+        rounding=inner if torch.finfo(inner).eps > torch.finfo(dtype).eps else op.rounding,
+    )
+
+
+def router_term(gate_jacobian_NED: Tensor, output_at: Callable[[int, Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+    """The router term ``Σ_e f_e ∇g_eᵀ`` of the layer Jacobian restricted to the experts whose gate moves at each
+    token: ``(N, K, D_in)`` gate Jacobians and ``(N, K, D_out)`` outputs, ``K`` the most such experts at one
+    token, zero-padded.
+
+    Dropping an expert with ``∇g_e = 0`` at a token drops an exact zero from the sum there, so the products are
+    the dense ones', at ``K / E`` of their cost and memory (``K = k`` for top-k routing).
+
+    Args:
+        gate_jacobian_NED: ``(N, E, D_in)`` gate Jacobians.
+        output_at: ``(e, rows) -> (n_e, D_out)``, expert ``e``'s outputs at the tokens of the ``(N,)`` mask
+            ``rows`` (called only for experts that move somewhere).
+    """
+    n, num_experts, d_in = gate_jacobian_NED.shape
+    moves_NE = (gate_jacobian_NED != 0).any(-1)
+    k = max(1, int(moves_NE.sum(-1).max())) if n else 1
+    # The moving experts of each token first, in expert order (a stable sort of the mask, descending).
+    idx_NK = torch.sort(moves_NE.to(torch.int8), dim=-1, descending=True, stable=True).indices[:, :k]
+    keep_NK = moves_NE.gather(1, idx_NK)
+    dg_NKD = gate_jacobian_NED.gather(1, idx_NK.unsqueeze(-1).expand(-1, -1, d_in)) * keep_NK.unsqueeze(-1)
+    f_NKO: Tensor | None = None
+    for e in range(num_experts):
+        at_NK = (idx_NK == e) & keep_NK
+        if not bool(at_NK.any()):
+            continue
+        f_nO = output_at(e, at_NK.any(-1))
+        if f_NKO is None:
+            f_NKO = dg_NKD.new_zeros(n, k, f_nO.shape[-1])
+        f_NKO[at_NK] = f_nO.to(f_NKO.dtype)
+    if f_NKO is None:  # no gate moves anywhere (one expert, or dense gates)
+        f_NKO = dg_NKD.new_zeros(n, k, output_at(0, torch.zeros(n, dtype=torch.bool, device=dg_NKD.device)).shape[-1])
+    return dg_NKD, f_NKO

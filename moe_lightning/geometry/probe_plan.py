@@ -19,7 +19,7 @@ from moe_lightning.geometry.factored import factored_core_rank
 from moe_lightning.geometry.krylov import TopRResult, krylov_bytes_per_token, topr_singular_values
 from moe_lightning.geometry.operators import JacobianOperator
 from moe_lightning.geometry.probe_config import ProbeConfig
-from moe_lightning.geometry.view import CastsOnRead, HasJacobianOperator, MoEView, TokenFn
+from moe_lightning.geometry.view import CastsOnRead, HasExpertWeights, HasJacobianOperator, MoEView, TokenFn
 
 __all__ = ["probe_context"]
 
@@ -120,6 +120,9 @@ def probe_context(
         else None
     )
     widths = [f for f, _, _ in shapes or pointwise_shapes or []]
+    estimate_dtype, estimate_batch = cfg.dtype, 1
+    if matrix_free:
+        estimate_dtype, estimate_batch = _estimate_plan(view, cfg, x_ND, here, shapes)
     return ProbeContext(
         view=view,
         config=cfg,
@@ -138,4 +141,46 @@ def probe_context(
         factored_core=core,
         factor_width=max(widths, default=0),
         pointwise_factors=pointwise_shapes is not None,
+        estimate_dtype=estimate_dtype,
+        estimate_batch=estimate_batch,
     )
+
+
+def _estimate_plan(
+    view: MoEView, cfg: ProbeConfig, x_ND: Tensor, experts: range, shapes: list[tuple[int, int, int]] | None
+) -> tuple[torch.dtype, int]:
+    """The dtype of the products behind the matrix-free estimates and how many tokens the layer Jacobian's
+    estimates run on at once (docs/probe.md, "Peak memory").
+
+    The products round in ``cfg.matrix_free_estimate_dtype`` where the view casts what it reads (another view's
+    module is lent copies in ``cfg.dtype``, which its functions then need). Per token a batch holds the
+    quadrature's Lanczos bases with their temporaries (``starts · (steps + 6)`` vectors in ``cfg.dtype``), the
+    probes, the blocks of Hutchinson's product in both dtypes and the router term's factors; and, where the
+    experts' weights are not in the products' dtype already, the cast weights of each expert a token is routed to
+    (the operators of a batch live together)."""
+    casts = isinstance(view, CastsOnRead) and view.casts_weights_on_read()
+    dtype = (cfg.matrix_free_estimate_dtype or cfg.dtype) if casts else cfg.dtype
+    d, size = x_ND.shape[1], x_ND.element_size()
+    est_size = torch.empty(0, dtype=dtype).element_size()
+    starts, steps, probes = cfg.matrix_free_slq_starts, min(cfg.matrix_free_slq_steps, d), cfg.matrix_free_trace_probes
+    routed = _routed_per_token(view, x_ND, cfg.dtype)
+    per_token = (
+        size * d * (starts * (steps + 6) + starts + probes)
+        + (size + est_size) * d * 2 * probes
+        + est_size * d * 2 * routed
+    )
+    if shapes is not None and not _weights_in(view, dtype, experts):
+        per_token += est_size * routed * max(w for _, _, w in shapes)
+    return dtype, max(1, cfg.memory_budget_bytes // per_token)
+
+
+def _weights_in(view: MoEView, dtype: torch.dtype, experts: range) -> bool:
+    """Whether the view offers the weights of ``experts`` (:class:`HasExpertWeights`) and every one is in
+    ``dtype``, so that reading them in ``dtype`` copies nothing."""
+    if not isinstance(view, HasExpertWeights):
+        return False
+    for e in experts:
+        weights = view.expert_weights(e)
+        if weights is None or any(w.dtype != dtype for w in weights.values()):
+            return False
+    return True

@@ -474,9 +474,13 @@ def test_matrix_free_path_uses_the_views_closed_form_operator(activation, monkey
 
     monkeypatch.setattr(NativeMoEView, "expert_jacobian_operator", spy)
     kw = dict(matrix_free_threshold=4, matrix_free_rank=3, matrix_free_tol=1e-13, matrix_free_max_iter=200)
-    # without the cross-expert quantities, which build each expert's factors on every token of a chunk
-    with_op = probe(view, x, ProbeConfig(alignment=False, subspaces=False, **kw))
+    # without the cross-expert quantities, which build each expert's factors on every token of a chunk, and with
+    # the estimates' products in the probe's dtype (in float32 they are built again, in float32)
+    with_op = probe(view, x, ProbeConfig(alignment=False, subspaces=False, matrix_free_estimate_dtype=None, **kw))
     assert sorted(calls) == [0, 1, 2]  # one build per expert: its own spectra, then reused for the layer's
+    calls.clear()
+    probe(view, x, ProbeConfig(alignment=False, subspaces=False, **kw))
+    assert sorted(calls) == [0, 0, 0, 1, 1, 1, 2, 2, 2]  # and the float32 products of the experts' and layer's
     calls.clear()
     func = probe(view, x, ProbeConfig(jacobian_method="func", **kw))
     assert calls == []

@@ -82,7 +82,7 @@ def test_factored_experts_wider_hidden_than_d_estimate_the_effective_rank_at_d51
     assert bool((z < 3).all()), z
     assert bool((rel < 0.1).all()), rel
     assert "jac_frobenius_se" not in wide.expert and wide.variants["jac_frobenius"].endswith("_exact_factored")
-    assert wide.variants["jac_effective_rank"] == "roy_vetterli_2007_slq_m30_s4"
+    assert wide.variants["jac_effective_rank"] == "roy_vetterli_2007_slq_m30_s4_products_float32"
 
 
 def test_standard_errors_are_calibrated_over_seeds():
@@ -125,8 +125,10 @@ def test_layer_jacobian_whole_spectrum_estimates_lie_within_three_standard_error
         assert 0 < se < 0.1 * exact.layer[key], key
         assert max(err, 0.0) / se < 3, (key, wide.layer[key], exact.layer[key], se)
     assert wide.layer["layer_jac_sigma_max"] == pytest.approx(exact.layer["layer_jac_sigma_max"], rel=1e-6)
-    assert wide.variants["layer_jac_frobenius"] == "sqrt_sum_sigma_sq_hutchinson_r16"
-    assert wide.variants["layer_jac_effective_rank"] == "roy_vetterli_2007_slq_m30_s4"
+    # a view that casts what it reads rounds the products in float32; another's module holds float64 copies
+    products = "" if function_only else "_products_float32"
+    assert wide.variants["layer_jac_frobenius"] == f"sqrt_sum_sigma_sq_hutchinson_r16{products}"
+    assert wide.variants["layer_jac_effective_rank"] == f"roy_vetterli_2007_slq_m30_s4{products}"
 
 
 def test_function_only_view_reports_no_alignment_and_warns_why():
@@ -240,3 +242,65 @@ def test_estimates_at_d1024(activation):
     view, x = _layer(1024, 192, activation, 0, tokens=4)
     z, rel, _ = _z_scores(FunctionOnlyView(view), x, ESTIMATED)
     assert bool((z < 3).all()) and bool((rel < 0.1).all()), (z, rel)
+
+
+def test_float32_products_move_the_estimates_far_less_than_their_standard_errors():
+    """The estimates' products in float32 (the default), their Lanczos recurrences and sums in float64: at D = 512
+    (SwiGLU, H = 640 >= D, so the experts' effective ranks are estimated too, and the layer's three quantities)
+    every estimate is within 1 % of its standard error of the same estimate with float64 products, from the same
+    probes; the variants name the products' dtype."""
+    view, x = _layer(512, 640, "swiglu", 0, tokens=4)
+    cfg = dict(matrix_free_threshold=511, cka=False, pca=False, alignment=False, subspaces=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        single = probe(view, x, ProbeConfig(**cfg))
+        double = probe(view, x, ProbeConfig(matrix_free_estimate_dtype=None, **cfg))
+    for key in LAYER_ESTIMATED:
+        shift = abs(single.layer[key] - double.layer[key])
+        assert 0 < shift < 0.01 * double.layer[f"{key}_se"], (key, shift, double.layer[f"{key}_se"])
+    seen = ~double.empty
+    shift = (single.expert["jac_effective_rank"] - double.expert["jac_effective_rank"]).abs()[seen]
+    assert bool((shift < 0.01 * double.expert["jac_effective_rank_se"][seen]).all()), shift
+    assert single.variants["layer_jac_effective_rank"].endswith("_products_float32")
+    assert single.variants["layer_jac_stable_rank"].endswith("_products_float32")
+    assert double.variants["layer_jac_effective_rank"] == "roy_vetterli_2007_slq_m30_s4"
+    # The exact quantities do not change with it.
+    assert single.layer["layer_jac_sigma_max"] == double.layer["layer_jac_sigma_max"]
+    assert single.expert["jac_frobenius"].equal(double.expert["jac_frobenius"])
+
+
+@pytest.mark.parametrize("estimate_dtype", [None, torch.float32])
+def test_layer_estimates_batch_tokens_of_several_chunks_without_changing_values(estimate_dtype, monkeypatch):
+    """The layer Jacobian's estimates run on the tokens of several chunks at once (``estimate_batch``, which the
+    memory budget sets apart from the chunk): with a budget that gives chunks of a few tokens and batches of more,
+    the estimates run on whole chunks queued until a batch is full, the rest at the end, and every estimate and
+    standard error equals the one-chunk probe's (each token draws its own probes)."""
+    from moe_lightning.geometry.accumulators import layer_jacobian
+    from moe_lightning.geometry.probe_plan import probe_context
+
+    sizes = []
+    original = layer_jacobian.whole_spectrum_statistics
+
+    def spy(op, x_ND, *args, **kw):
+        sizes.append(x_ND.shape[0])
+        return original(op, x_ND, *args, **kw)
+
+    monkeypatch.setattr(layer_jacobian, "whole_spectrum_statistics", spy)
+
+    view, x = _layer(40, 24, "swiglu", 0, tokens=40, num_experts=4)
+    cfg = dict(matrix_free_threshold=39, jacobian=False, cka=False, pca=False, alignment=False, subspaces=False)
+    cfg["matrix_free_estimate_dtype"] = estimate_dtype
+    whole = probe(view, x, ProbeConfig(**cfg))
+    small = ProbeConfig(memory_budget_bytes=2**20, **cfg)
+    ctx = probe_context(view, x, small, None, None)
+    assert 1 < ctx.chunk_size < ctx.estimate_batch < x.shape[0] // 2, (ctx.chunk_size, ctx.estimate_batch)
+    sizes.clear()
+    batched = probe(view, x, small)
+    chunk, batch = ctx.chunk_size, ctx.estimate_batch
+    per_batch = -(-batch // chunk) * chunk  # whole chunks until the batch is full
+    n = x.shape[0]
+    assert sizes == [per_batch] * (n // per_batch) + ([n % per_batch] if n % per_batch else []), sizes
+    rel = 1e-9 if estimate_dtype is None else 1e-5
+    for key in (*LAYER_ESTIMATED, "layer_jac_sigma_max"):
+        for suffix in ("", "_std", "_se") if key in LAYER_ESTIMATED else ("", "_std"):
+            assert batched.layer[key + suffix] == pytest.approx(whole.layer[key + suffix], rel=rel), key + suffix

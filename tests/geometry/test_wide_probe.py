@@ -81,7 +81,7 @@ def test_wide_factored_hidden_at_least_d_has_exact_frobenius_alignment_and_subsp
     assert wide.variants["jac_frobenius"] == "sqrt_sum_sigma_sq_exact_factored"
     # the whole spectrum's effective rank is estimated (tests/geometry/test_wide_estimates.py); the decay slope is
     # the top-r values' and named so
-    assert wide.variants["jac_effective_rank"] == "roy_vetterli_2007_slq_m30_s4"
+    assert wide.variants["jac_effective_rank"] == "roy_vetterli_2007_slq_m30_s4_products_float32"
     assert wide.variants["jac_decay_slope"].startswith("loglog_lsq_positive_sigma_on_top16")
 
 

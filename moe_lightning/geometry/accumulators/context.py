@@ -86,6 +86,11 @@ class ProbeContext:
             pointwise alignment's inner products come from them
             (:func:`~moe_lightning.geometry.factored.pointwise_cosine_sums_factored`) and no expert's Jacobian is
             formed at the tokens not routed to it.
+        estimate_dtype: on the matrix-free path, the dtype of the products behind the estimates of the whole
+            spectrum (``ProbeConfig.matrix_free_estimate_dtype`` where the view casts what it reads, else
+            :attr:`dtype`).
+        estimate_batch: on the matrix-free path, how many tokens the layer Jacobian's estimates run on at once, as
+            the memory budget allows: tokens of several chunks share each product with the weights.
     """
 
     view: MoEView
@@ -108,6 +113,8 @@ class ProbeContext:
     factored_core: bool = False
     factor_width: int = 0
     pointwise_factors: bool = False
+    estimate_dtype: torch.dtype | None = None
+    estimate_batch: int = 1
 
     @property
     def num_experts(self) -> int:
@@ -305,6 +312,13 @@ class Chunk:
         if e not in self._all_token_outputs:
             self._all_token_outputs[e] = self.ctx.experts[e](self.x).to(self.ctx.dtype)
         return self._all_token_outputs[e]
+
+    def outputs_at(self, e: int, rows_N: Tensor) -> Tensor:
+        """Expert ``e``'s outputs at the tokens of the ``(n,)`` mask ``rows_N``, in :attr:`ProbeContext.dtype`:
+        taken from :meth:`all_token_output` where that is computed already, else computed at those tokens only."""
+        if e in self._all_token_outputs:
+            return self._all_token_outputs[e][rows_N]
+        return self.ctx.experts[e](self.x[rows_N]).to(self.ctx.dtype)
 
     def operator(self, e: int) -> JacobianOperator | None:
         """Expert ``e``'s closed-form Jacobian products at its routed tokens (matrix-free path), if the view has

@@ -6,6 +6,7 @@ Frobenius norm of an expert without factors, the effective rank by stochastic La
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -16,7 +17,7 @@ from moe_lightning.geometry.accumulators.context import Chunk, ProbeContext
 from moe_lightning.geometry.accumulators.tokens import TokenCounts
 from moe_lightning.geometry.estimates import whole_spectrum_statistics, whole_spectrum_variants
 from moe_lightning.geometry.factored import core_factors, factored_frobenius_sq, factored_singular_values
-from moe_lightning.geometry.operators import JacobianOperator, func_jacobian_operator
+from moe_lightning.geometry.operators import JacobianOperator, casting_operator, func_jacobian_operator
 from moe_lightning.geometry.report import GeometryReport
 from moe_lightning.geometry.spectra import SPECTRAL_STAT_NAMES, batched_svdvals
 from moe_lightning.geometry.statistics import BufferLayout
@@ -43,6 +44,7 @@ class ExpertSpectra(Accumulator):
         self.rank = ctx.dim if self.core else ctx.rank
         self.matrix_free = ctx.matrix_free and not self.core
         self.share_operators = share_operators
+        self.estimate_dtype = ctx.estimate_dtype
         self.fit_max, self.top = cfg.decay_fit_max, cfg.matrix_free_rank if self.matrix_free else None
         # What the top-r values cannot give (docs/geometry.md §1, "Estimated quantities"): the effective rank by
         # stochastic Lanczos quadrature, and without factors the Frobenius norm (so the stable rank) by Hutchinson.
@@ -169,16 +171,22 @@ class ExpertSpectra(Accumulator):
                     f"view {ctx.view.name!r}: expert {e}'s expert_jacobian_operator gives no factors on these "
                     "tokens, though it gave them when the probe chose the factored path"
                 )
-            self._add_spectra(ctx, buffer, e, res.values, w_b, c_b, self._whole_spectrum(op, x_b, e, res.values))
+            whole = self._whole_spectrum(ctx, op, x_b, e, res.values)
+            self._add_spectra(ctx, buffer, e, res.values, w_b, c_b, whole)
             self.unconverged.of(buffer)[e] += (~res.converged).sum()
 
     def _whole_spectrum(
-        self, op: JacobianOperator, x_ND: Tensor, e: int, top_NR: Tensor
+        self, ctx: ProbeContext, op: JacobianOperator, x_ND: Tensor, e: int, top_NR: Tensor
     ) -> dict[str, tuple[Tensor, ...]]:
         """The statistics of the whole spectrum that the top-``r`` values ``top_NR`` cannot give, with the variances
-        of those estimated (docs/geometry.md §1, "Estimated quantities"); a factored expert's Frobenius norm is
-        exact."""
+        of those estimated (docs/geometry.md §1, "Estimated quantities"), their products in
+        ``ctx.estimate_dtype``; a factored expert's Frobenius norm is exact."""
         exact = factored_frobenius_sq(op.factors) if self.factored else None
+        dtype = ctx.estimate_dtype
+        if dtype != ctx.dtype:
+            x_e = x_ND.to(dtype)
+            products = replace(ctx, dtype=dtype).expert_operator(e, x_e) or func_jacobian_operator(ctx.experts[e], x_e)
+            op = casting_operator(products, ctx.dtype)
         return whole_spectrum_statistics(op, x_ND, top_NR, self.config, salt=e, frobenius_sq=exact)
 
     def close(self, ctx: ProbeContext, buffer: Tensor) -> None:
@@ -196,7 +204,9 @@ class ExpertSpectra(Accumulator):
                 v[f"jac_{name}"] += "_exact_factored_core"
         elif self.matrix_free:
             # the whole spectrum's statistics, exact from the factors or estimated (with a ``_se`` key)
-            v.update(whole_spectrum_variants("jac", self.config, exact_frobenius=self.factored))
+            v.update(
+                whole_spectrum_variants("jac", self.config, exact_frobenius=self.factored, products=self.estimate_dtype)
+            )
         sum_w = self.tokens.sum_w.of(buffer)
         report.spectra["jac_mean_spectrum"] = safe_div(self.spectrum.of(buffer), sum_w.unsqueeze(-1))
         report.variants["jac_source"] = self.source

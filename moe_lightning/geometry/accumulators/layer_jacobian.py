@@ -9,6 +9,7 @@ from dataclasses import replace
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from moe_lightning.geometry.accumulators.base import Accumulator, SpectralMoments, safe_div
@@ -16,7 +17,13 @@ from moe_lightning.geometry.accumulators.context import Chunk, ProbeContext
 from moe_lightning.geometry.accumulators.tokens import TokenCounts
 from moe_lightning.geometry.estimates import whole_spectrum_statistics, whole_spectrum_variants
 from moe_lightning.geometry.jacobians import compose_layer_jacobian, jacobians, layer_jacobian
-from moe_lightning.geometry.operators import JacobianOperator, compose_layer_operator, func_jacobian_operator
+from moe_lightning.geometry.operators import (
+    JacobianOperator,
+    casting_operator,
+    func_jacobian_operator,
+    router_term,
+    sparse_layer_operator,
+)
 from moe_lightning.geometry.probe_config import ProbeConfig
 from moe_lightning.geometry.report import GeometryReport
 from moe_lightning.geometry.spectra import batched_svdvals
@@ -34,12 +41,20 @@ class LayerJacobian(Accumulator):
         matrix_free: whether the spectra are top-``M`` values of matrix-free products.
         config: the probe's configuration (the decay fit, and on the matrix-free path ``matrix_free_rank`` and the
             estimators' sample sizes and seed).
+        estimate_dtype: the dtype of the estimates' products (``ProbeContext.estimate_dtype``).
     """
 
-    def __init__(self, tokens: TokenCounts, rank: int, matrix_free: bool, config: ProbeConfig):
+    def __init__(
+        self, tokens: TokenCounts, rank: int, matrix_free: bool, config: ProbeConfig, estimate_dtype: torch.dtype
+    ):
         self.tokens, self.rank, self.matrix_free, self.config = tokens, rank, matrix_free, config
+        self.estimate_dtype = estimate_dtype
         self.fit_max = config.decay_fit_max
         self.top = config.matrix_free_rank if matrix_free else None
+        # Matrix-free: each chunk's tokens, gates, top-r values, convergence and bootstrap counts, queued until
+        # ``ctx.estimate_batch`` tokens share the estimates' products.
+        self._pending: list[tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]] = []
+        self._lone_op: JacobianOperator | None = None
 
     #: What the top-``r`` values cannot give (docs/geometry.md §1, "Estimated quantities").
     ESTIMATED = ("frobenius", "stable_rank", "effective_rank")
@@ -52,27 +67,62 @@ class LayerJacobian(Accumulator):
         self.unconverged = layout.allocate("layer_jac/unconverged", 1) if self.matrix_free else None
 
     def add(self, chunk: Chunk, buffer: Tensor) -> None:
-        # Under expert parallelism the ranks of the expert group see the same tokens and each adds its share.
-        share = chunk.ctx.token_share(chunk.num_tokens)
-        known = None
-        if self.matrix_free:
-            sv, converged, op = self._top_singular_values(chunk)
-            # Every one of them is an estimate with a variance here: slice each to this rank's share.
-            whole = self._whole_spectrum(chunk, op, sv)
-            known = {name: tuple(t[share] for t in parts) for name, parts in whole.items()}
-            sv, converged = sv[share], converged[share]
-            self.unconverged.of(buffer).add_((~converged).sum())
-        else:
+        if not self.matrix_free:
+            # Under expert parallelism the ranks of the expert group see the same tokens and each adds its share.
+            share = chunk.ctx.token_share(chunk.num_tokens)
             sv = batched_svdvals(self._formed_jacobians(chunk)[share])
-        ones = torch.ones(sv.shape[0], dtype=chunk.ctx.dtype, device=chunk.x.device)
-        counts = None if chunk.counts is None else chunk.counts[:, share]
+            counts = None if chunk.counts is None else chunk.counts[:, share]
+            self._add_spectra(chunk.ctx, buffer, sv, counts)
+            return
+        sv, converged, op = self._top_singular_values(chunk)
+        ctx = chunk.ctx
+        # A chunk queued alone keeps its operator, which serves its estimates if no other chunk joins it and the
+        # products' dtype is the probe's (with the next chunk it is dropped: one chunk's operators at a time).
+        self._lone_op = op if not self._pending and ctx.estimate_dtype == ctx.dtype else None
+        self._pending.append((chunk.x, chunk.gates, sv, converged, chunk.counts))
+        if sum(p[0].shape[0] for p in self._pending) >= ctx.estimate_batch:
+            self._estimate(ctx, buffer)
+
+    def close(self, ctx: ProbeContext, buffer: Tensor) -> None:
+        if self._pending:
+            self._estimate(ctx, buffer)
+
+    def _estimate(self, ctx: ProbeContext, buffer: Tensor) -> None:
+        """The whole-spectrum estimates of the queued tokens (Hutchinson's Frobenius norm and stable rank, the SLQ
+        effective rank: docs/geometry.md §1, "Estimated quantities"), all of them at once, with products in
+        ``ctx.estimate_dtype``; then their statistics, with their top-``r`` values, into the moments."""
+        xs, gs, svs, convs, cs = zip(*self._pending, strict=True)
+        self._pending.clear()
+        x, g, sv, converged = torch.cat(xs), torch.cat(gs), torch.cat(svs), torch.cat(convs)
+        counts = None if cs[0] is None else torch.cat(cs, dim=1)
+        op, self._lone_op = self._lone_op or self._estimate_operator(ctx, x, g), None
+        # The probes' salt E is no expert's.
+        whole = whole_spectrum_statistics(op, x, sv, self.config, salt=ctx.num_experts)
+        # Every one of them is an estimate with a variance: under expert parallelism each rank adds its share.
+        share = ctx.token_share(x.shape[0])
+        known = {name: tuple(t[share] for t in parts) for name, parts in whole.items()}
+        self._add_spectra(ctx, buffer, sv[share], None if counts is None else counts[:, share], known)
+        self.unconverged.of(buffer).add_((~converged[share]).sum())
+
+    def _estimate_operator(self, ctx: ProbeContext, x_ND: Tensor, g_NE: Tensor) -> JacobianOperator:
+        """The layer Jacobians at ``x_ND`` as products in ``ctx.estimate_dtype``, taking and giving ``ctx.dtype``."""
+        dtype = ctx.estimate_dtype
+        if dtype == ctx.dtype:
+            return self._operator_of(Chunk(ctx, x_ND, g_NE))
+        op = self._operator_of(Chunk(replace(ctx, dtype=dtype), x_ND.to(dtype), g_NE.to(dtype)))
+        return casting_operator(op, ctx.dtype)
+
+    def _add_spectra(
+        self, ctx: ProbeContext, buffer: Tensor, sv: Tensor, counts: Tensor | None, known: dict | None = None
+    ) -> None:
+        ones = torch.ones(sv.shape[0], dtype=ctx.dtype, device=sv.device)
         self.moments.add(
             buffer,
             sv,
             ones,
             fit_max=self.fit_max,
             truncated=self.matrix_free,
-            ctx=chunk.ctx,
+            ctx=ctx,
             counts_BN=counts,
             known=known,
         )
@@ -102,6 +152,13 @@ class LayerJacobian(Accumulator):
 
     def _top_singular_values(self, chunk: Chunk) -> tuple[Tensor, Tensor, JacobianOperator]:
         """The top-``r`` singular values at the chunk's tokens, whether each converged, and the operator."""
+        op = self._operator_of(chunk)
+        res = chunk.ctx.solve_topr(op, chunk.x)
+        return res.values, res.converged, op
+
+    def _operator_of(self, chunk: Chunk) -> JacobianOperator:
+        """The layer Jacobians at the chunk's tokens as products in the chunk's dtype: composed from the experts'
+        where they offer products, else by torch.func through the layer function."""
         ctx = chunk.ctx
         view, experts = ctx.view, ctx.experts
 
@@ -113,14 +170,7 @@ class LayerJacobian(Accumulator):
             op = None if ctx.config.layer_jacobian_method == "func" else self._operator(chunk)
         else:  # this rank's share, its products summed over the group; NaN products if it cannot build it
             op = _summed_over_experts(ctx, ctx.guarded(lambda: self._local_operator(chunk), lambda: None), chunk)
-        op = op or func_jacobian_operator(layer_fn, chunk.x)
-        res = ctx.solve_topr(op, chunk.x)
-        return res.values, res.converged, op
-
-    def _whole_spectrum(self, chunk: Chunk, op: JacobianOperator, top_NR: Tensor) -> dict[str, tuple[Tensor, ...]]:
-        """Hutchinson's Frobenius norm and stable rank and the SLQ effective rank of every token's layer Jacobian,
-        with their variances (docs/geometry.md §1, "Estimated quantities"); the probes' salt ``E`` is no expert's."""
-        return whole_spectrum_statistics(op, chunk.x, top_NR, self.config, salt=chunk.ctx.num_experts)
+        return op or func_jacobian_operator(layer_fn, chunk.x)
 
     def _local_operator(self, chunk: Chunk) -> tuple[JacobianOperator, list]:
         """Under expert parallelism: the composed products of the experts here and their parts (a ``ValueError``
@@ -162,18 +212,7 @@ class LayerJacobian(Accumulator):
     @staticmethod
     def _compose(chunk: Chunk, parts: list) -> JacobianOperator:
         """The product rule's operator from the experts' ``parts``, the gate Jacobians and the outputs here."""
-        ctx, x, g = chunk.ctx, chunk.x, chunk.gates
-        here, cfg = ctx.experts_here, ctx.config
-        dg = jacobians(ctx.view.gates, x, memory_budget_bytes=cfg.memory_budget_bytes, mode="jacrev").to(g.dtype)
-        # f_e enters only as f_e ∇g_eᵀ: an expert whose gate is constant on the chunk (top-k: not selected at any of
-        # its tokens) adds exact zeros, and is not run (with E = 128 experts and k = 8 that is most of them).
-        moves = (dg != 0).any(-1).any(0)  # (E,)
-        outputs = [
-            chunk.all_token_output(e).to(g.dtype) if e in here and moves[e] else None for e in range(ctx.num_experts)
-        ]
-        d_out = next((f.shape[-1] for f in outputs if f is not None), ctx.dim)
-        outputs = [f if f is not None else g.new_zeros(x.shape[0], d_out) for f in outputs]
-        return compose_layer_operator(g, dg, outputs, parts)
+        return sparse_layer_operator(chunk.gates, *_router_factors(chunk), parts)
 
     def finalize(self, buffer: Tensor, report: GeometryReport, done: dict[Accumulator, Any]) -> None:
         values: dict[str, Tensor] = {}
@@ -183,9 +222,38 @@ class LayerJacobian(Accumulator):
         report.spectra["layer_jac_mean_spectrum"] = safe_div(self.spectrum.of(buffer), n_tok)
         report.variants["layer_jac"] = "through_router_uniform_token_weights"
         if self.matrix_free:  # the whole spectrum's statistics, estimated (each with a ``_se`` key)
-            report.variants.update(whole_spectrum_variants("layer_jac", self.config))
+            report.variants.update(whole_spectrum_variants("layer_jac", self.config, products=self.estimate_dtype))
         if self.unconverged is not None:
             report.layer["layer_jac_unconverged"] = float(self.unconverged.of(buffer))
+
+
+def _router_factors(chunk: Chunk) -> tuple[Tensor, Tensor]:
+    """The router term's factors at the chunk's tokens (:func:`~moe_lightning.geometry.operators.router_term`):
+    the gate Jacobians of the experts whose gate moves at each token and their outputs there (this rank's experts'
+    outputs; another rank's count as zero, as the group sums the products). The dense ``(n, E, D)`` gate Jacobians
+    are formed a quarter of the memory budget at a time."""
+    ctx, x = chunk.ctx, chunk.x
+    here, budget = ctx.experts_here, ctx.config.memory_budget_bytes
+    step = max(1, budget // (4 * ctx.num_experts * ctx.dim * x.element_size()))
+    dgs, fs = [], []
+    for start in range(0, x.shape[0], step):
+        rows = slice(start, start + step)
+        dg = jacobians(ctx.view.gates, x[rows], memory_budget_bytes=budget, mode="jacrev").to(ctx.dtype)
+
+        def output_at(e: int, at_n: Tensor, start: int = start, dg: Tensor = dg) -> Tensor:
+            if e not in here:
+                return dg.new_zeros(int(at_n.sum()), ctx.dim)
+            at_N = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+            at_N[start : start + at_n.shape[0]] = at_n
+            return chunk.outputs_at(e, at_N)
+
+        dg_nKD, f_nKO = router_term(dg, output_at)
+        dgs.append(dg_nKD)
+        fs.append(f_nKO)
+    k = max(t.shape[1] for t in dgs)
+    dg_NKD = torch.cat([F.pad(t, (0, 0, 0, k - t.shape[1])) for t in dgs])
+    f_NKO = torch.cat([F.pad(t, (0, 0, 0, k - t.shape[1])) for t in fs])
+    return dg_NKD, f_NKO
 
 
 def _summed_over_experts(
