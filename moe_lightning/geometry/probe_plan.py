@@ -150,7 +150,7 @@ def _estimate_plan(
     view: MoEView, cfg: ProbeConfig, x_ND: Tensor, experts: range, shapes: list[tuple[int, int, int]] | None
 ) -> tuple[torch.dtype, int]:
     """The dtype of the products behind the matrix-free estimates and how many tokens the layer Jacobian's
-    estimates run on at once (docs/probe.md, "Peak memory").
+    estimates run on at once (docs/geometry.md §1, "The products' precision").
 
     The products round in ``cfg.matrix_free_estimate_dtype`` where the view casts what it reads (another view's
     module is lent copies in ``cfg.dtype``, which its functions then need). Per token a batch holds the
