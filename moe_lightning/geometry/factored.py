@@ -188,8 +188,7 @@ def pointwise_cosine_sums_factored(
 
 
 def _mean_right(f: JacobianFactors, mean_F: Tensor) -> Tensor:
-    """``(H, I)``: ``Σ_g diag(m_g) B_g``, so that ``J̄ = A ·`` this, in ``mean_F``'s dtype (factors in a narrower
-    one are promoted exactly)."""
+    """``(H, I)``: ``Σ_g diag(m_g) B_g``, so that ``J̄ = A ·`` this."""
     h = f.left_OH.shape[1]
     out = mean_F[:h].unsqueeze(-1) * f.rights_HI[0]
     for g, right in enumerate(f.rights_HI[1:], start=1):
@@ -209,8 +208,7 @@ def mean_jacobian_singular(f: JacobianFactors, mean_F: Tensor, size: int) -> tup
     Returns:
         ``(size,)`` descending singular values and ``(K, I)`` right singular vectors as rows (``K`` of them).
     """
-    r_A_KH = torch.linalg.qr(f.left_OH.to(mean_F.dtype), mode="r")[1]
-    right_HI = _mean_right(f, mean_F)
+    r_A_KH, right_HI = torch.linalg.qr(f.left_OH, mode="r")[1], _mean_right(f, mean_F)
     if right_HI.shape[1] > right_HI.shape[0]:
         # Wide (I > H): Σ_g diag(m_g) B_g = R_mᵀ Q_mᵀ with orthonormal Q_m (a QR of its transpose), so the core's
         # SVD is that of the H-wide R_A R_mᵀ = U S Wᵀ with right vectors Q_m W: orthogonal transformations only,
@@ -251,8 +249,7 @@ def mean_jacobian_gram(
         block_EX = ref.new_empty(len(live), min(rows, d_out - start) * d_in)
         for k, e in enumerate(live):
             f = first if e == live[0] and start == 0 else factors_of(e)
-            left = f.left_OH[start : start + rows].to(ref.dtype)
-            block_EX[k] = (left @ _mean_right(f, means_EF[e])).reshape(-1)
+            block_EX[k] = (f.left_OH[start : start + rows] @ _mean_right(f, means_EF[e])).reshape(-1)
         gram += block_EX @ block_EX.t()
     out = torch.zeros(num_experts, num_experts, dtype=gram.dtype, device=gram.device)
     idx = torch.tensor(live, device=gram.device)

@@ -17,7 +17,6 @@ from moe_lightning.geometry.factored import mean_jacobian_gram, mean_jacobian_si
 from moe_lightning.geometry.operators import JacobianFactors
 from moe_lightning.geometry.report import GeometryReport
 from moe_lightning.geometry.statistics import BufferLayout
-from moe_lightning.geometry.view import CastsOnRead, HasExpertWeights
 
 __all__ = ["FactoredMeanJacobian", "FactoredMeanJacobians", "MeanJacobian", "UnreadableWeights", "warn_unreadable"]
 
@@ -112,11 +111,7 @@ class FactoredMeanJacobian(Accumulator):
         self.tokens = tokens
         self.num_experts, self.dim, self.width = ctx.num_experts, ctx.dim, ctx.factor_width
         self.budget = ctx.config.memory_budget_bytes
-        view, device = ctx.view, ctx.device
-        # The weights are read as they are where the view casts what it reads: the products that use them promote
-        # them to the probe's dtype exactly, and no cast copy of an expert is made at each of the many reads.
-        native = _weights_dtype(view, ctx.experts_here[0])
-        dtype = native if native is not None and native.itemsize <= ctx.dtype.itemsize else ctx.dtype
+        view, dtype, device = ctx.view, ctx.dtype, ctx.device
 
         def read_factors(e: int) -> JacobianFactors:
             try:
@@ -128,8 +123,8 @@ class FactoredMeanJacobian(Accumulator):
             if f is None or any(type(t) is not Tensor for t in tensors):  # a sharded (DTensor) weight, say
                 raise UnreadableWeights(f"expert {e}'s weights are not whole on this rank")
             # detached: finalising runs outside the probe's no_grad, on the module's own parameters
-            rights = tuple(r.detach() for r in f.rights_HI)
-            return JacobianFactors(f.left_OH.detach(), rights, f.scales_NGH.detach())
+            rights = tuple(r.detach().to(dtype) for r in f.rights_HI)
+            return JacobianFactors(f.left_OH.detach().to(dtype), rights, f.scales_NGH.detach())
 
         self.read_factors = read_factors
 
@@ -157,13 +152,3 @@ class FactoredMeanJacobian(Accumulator):
             ok = bool(sum_w[e] > 0) and bool((sum_ws[e] != 0).any())
             means.append(sum_ws[e] / sum_w[e] if ok else None)
         return FactoredMeanJacobians(means, self.read_factors, self.dim, self.budget)
-
-
-def _weights_dtype(view: Any, e: int) -> torch.dtype | None:
-    """The dtype of expert ``e``'s weights where the view casts what it reads and offers them (float32 or float64,
-    the dtypes the factors' products take as they are), else None."""
-    if not (isinstance(view, CastsOnRead) and view.casts_weights_on_read() and isinstance(view, HasExpertWeights)):
-        return None
-    weights = view.expert_weights(e)
-    dtypes = {w.dtype for w in weights.values()} if weights else set()
-    return dtypes.pop() if len(dtypes) == 1 and dtypes <= {torch.float32, torch.float64} else None
