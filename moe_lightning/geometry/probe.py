@@ -36,7 +36,6 @@ import torch
 from torch import Tensor, nn
 
 from moe_lightning.common import restored_modes
-from moe_lightning.common.memory import release_freed_memory
 from moe_lightning.geometry.accumulators import (
     Accumulator,
     Alignment,
@@ -218,7 +217,7 @@ def probe_statistics(
         # group, which waits for it otherwise; it raises its first error at the end.
         # Above the threshold each step allocates and frees many large temporaries (cast weights, Krylov bases,
         # cores); handing the freed pages back keeps the resident set at what is live (common/memory.py).
-        release = release_freed_memory if ctx.matrix_free else lambda: None
+        release = ctx.release
         for chunk in _chunks(ctx, x_ND, tokens, buffer, counts_BN):
             for acc in (tokens, *quantities):
                 ctx.guarded(lambda acc=acc, chunk=chunk: acc.add(chunk, buffer), lambda: None)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from moe_lightning.common.memory import release_freed_memory
 from moe_lightning.geometry.accumulators import ProbeContext
 from moe_lightning.geometry.factored import factored_core_rank
 from moe_lightning.geometry.krylov import TopRResult, krylov_bytes_per_token, topr_singular_values
@@ -143,6 +144,7 @@ def probe_context(
         pointwise_factors=pointwise_shapes is not None,
         estimate_dtype=estimate_dtype,
         estimate_batch=estimate_batch,
+        release=release_freed_memory if matrix_free else lambda: None,
     )
 
 

@@ -125,3 +125,28 @@ def test_release_freed_memory_returns_the_holes_glibc_keeps():
     after = _resident_bytes()
     assert before - after > 64 * 2**20, (before, after)
     assert all(bool((b == float(2 * i + 1)).all()) for i, b in enumerate(blocks))
+
+
+def test_the_probe_hands_freed_pages_back_above_the_threshold_only(monkeypatch):
+    """Above the matrix-free threshold the probe releases freed pages after each step and, in the steps that read
+    every expert's weights (the pointwise alignment's Grams, the experts' queued cores), between the experts;
+    below it, never."""
+    from moe_lightning.adapters import find_moe_layers
+    from moe_lightning.geometry import probe_plan
+    from moe_lightning.nn.layer import MoEConfig, MoELayer
+
+    calls = []
+    monkeypatch.setattr(probe_plan, "release_freed_memory", lambda: calls.append(1) or True)
+    torch.manual_seed(0)
+    layer = MoELayer(MoEConfig(dim=16, expert_hidden=6, num_experts=4, top_k=2, activation="swiglu")).double()
+    (view,) = find_moe_layers(layer)
+    x = torch.randn(6, 16, dtype=torch.float64)
+    probe(view, x, ProbeConfig(pca=False, cka=False))
+    assert calls == []
+    wide = dict(matrix_free_threshold=8, pca=False, cka=False)
+    probe(view, x, ProbeConfig(**wide))
+    every, calls[:] = len(calls), []
+    probe(view, x, ProbeConfig(alignment=False, jacobian=False, **wide))
+    # a step after each accumulator's add and close, and between the experts: the alignment reads each of the 4
+    # experts at least once (their norms), and the experts' cores close one expert at a time
+    assert len(calls) > 0 and every - len(calls) >= 2 * 4, (every, len(calls))

@@ -109,6 +109,9 @@ class Alignment(Accumulator):
         self._pending_x.clear()
 
         def factors(e: int, x: Tensor) -> JacobianFactors:
+            # Every expert's weights are read here, some several times, each with its cast copy and activations:
+            # the freed pages go back between them (a Qwen3-sized layer peaked 2 GiB higher in this step without).
+            ctx.release()
             op = ctx.expert_operator(e, x)
             if op is None or op.factors is None:
                 raise ValueError(

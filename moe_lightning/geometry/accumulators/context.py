@@ -91,6 +91,10 @@ class ProbeContext:
             :attr:`dtype`).
         estimate_batch: on the matrix-free path, how many tokens the layer Jacobian's estimates run on at once, as
             the memory budget allows: tokens of several chunks share each product with the weights.
+        release: hands the pages the probe has freed back to the operating system
+            (:func:`~moe_lightning.common.memory.release_freed_memory`) on the matrix-free path, where the probe
+            calls it after each step and a step that reads many experts' weights between its experts; a no-op
+            below the threshold.
     """
 
     view: MoEView
@@ -115,6 +119,7 @@ class ProbeContext:
     pointwise_factors: bool = False
     estimate_dtype: torch.dtype | None = None
     estimate_batch: int = 1
+    release: Callable[[], Any] = field(default=lambda: None)
 
     @property
     def num_experts(self) -> int:

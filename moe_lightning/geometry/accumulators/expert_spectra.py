@@ -191,6 +191,7 @@ class ExpertSpectra(Accumulator):
 
     def close(self, ctx: ProbeContext, buffer: Tensor) -> None:
         for e in range(self.num_experts):
+            ctx.release()  # each expert's queue runs with its own cast weights and cores
             if self._pending[e] and self.core:
                 self._flush_core(ctx, buffer, e)
             elif self._pending[e]:  # what is left: fewer than ``chunk_size`` tokens an expert
