@@ -73,7 +73,7 @@ def check_probes(probes: dict) -> None:
             if math.isnan(value):
                 assert math.isnan(ep[key]), (case, key)
             elif case == "topk_matrix_free" and ESTIMATED.search(key):
-                # The estimates' products round in float32 (ProbeConfig.matrix_free_estimate_dtype), and the expert
+                # The estimates' products round in float32 (ProbeConfig.matrix_free_products_dtype), and the expert
                 # group sums them in another order than one process: equal to float32's rounding, four orders of
                 # magnitude below their standard errors.
                 assert ep[key] == pytest.approx(value, rel=1e-4, abs=1e-4), (case, key)

@@ -25,6 +25,8 @@ from moe_lightning.geometry.probe_config import ProbeConfig
 __all__ = [
     "hutchinson_frobenius_sq",
     "lanczos_quadrature",
+    "mark_topr_products",
+    "products_suffix",
     "slq_effective_rank",
     "token_probes",
     "whole_spectrum_statistics",
@@ -266,13 +268,28 @@ def whole_spectrum_statistics(
     return known
 
 
+def products_suffix(config: ProbeConfig, products: torch.dtype | None) -> str:
+    """``_products_<dtype>``, the suffix of a variant whose matrix-free products rounded in ``products``, where that
+    is not ``config.dtype``; else empty."""
+    return "" if products in (None, config.dtype) else f"_products_{str(products).removeprefix('torch.')}"
+
+
+def mark_topr_products(
+    variants: dict[str, str], prefix: str, config: ProbeConfig, products: torch.dtype | None
+) -> None:
+    """Append :func:`products_suffix` to the variants of the statistics taken from the top-``r`` values alone
+    (``{prefix}_sigma_max``, ``{prefix}_decay_slope``), whose Krylov products rounded in ``products``."""
+    for name in ("sigma_max", "decay_slope"):
+        variants[f"{prefix}_{name}"] += products_suffix(config, products)
+
+
 def whole_spectrum_variants(
     prefix: str, config: ProbeConfig, exact_frobenius: bool = False, products: torch.dtype | None = None
 ) -> dict[str, str]:
     """The variant names of :func:`whole_spectrum_statistics`'s values for report keys ``{prefix}_{stat}``;
     ``products``: the dtype the estimates' products rounded in, named where it is not ``config.dtype``."""
     fro = "exact_factored" if exact_frobenius else f"hutchinson_r{config.matrix_free_trace_probes}"
-    rounded = "" if products in (None, config.dtype) else f"_products_{str(products).removeprefix('torch.')}"
+    rounded = products_suffix(config, products)
     return {
         f"{prefix}_effective_rank": f"roy_vetterli_2007_slq_m{config.matrix_free_slq_steps}_s"
         f"{config.matrix_free_slq_starts}{rounded}",

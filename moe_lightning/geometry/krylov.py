@@ -79,8 +79,9 @@ def topr_singular_values(
             ``K`` basis columns (one iteration at ``block_size = K``) is at most ``tol``, or (Krylov) the change
             still to come, extrapolated from its last three changes as a geometric tail, is (see
             ``_extrapolated_converged``); latched: rounding noise later cannot undo it. The run stops when every
-            token has. Floored at ``16·eps`` of the dtype (float32: 1.9e-6), below which successive Ritz values
-            differ by rounding alone and a batch would run to the end.
+            token has. Floored at ``16·eps`` of the dtype the products round in (the operator's ``rounding``, else
+            its dtype; float32: 1.9e-6), below which successive Ritz values differ by rounding alone and a batch
+            would run to the end.
         seed: seed of the random start block (a local generator; global RNG state is untouched).
         return_vectors: also return the right singular vectors.
         method: ``"krylov"`` (randomized block Krylov, default) or ``"subspace"`` (subspace iteration).
@@ -117,7 +118,9 @@ def topr_singular_values(
     n, d_in, d_out, dtype, device = op.num_tokens, op.d_in, op.d_out, op.dtype, op.device
     r = min(r, d_in, d_out)
     k = min(r + oversample, d_in, d_out)
-    tol = max(tol, 16 * torch.finfo(dtype).eps)
+    # The rounding floor is the products' (a casting operator's products round in a narrower dtype than it gives).
+    noise = 16 * torch.finfo(op.rounding or dtype).eps
+    tol = max(tol, noise)
     if n == 0:
         return _empty_result(r, dtype, device)
     J, Jt = op.apply, op.apply_transpose
@@ -125,7 +128,7 @@ def topr_singular_values(
     b = k if method == "subspace" else _krylov_block(op.gemm_tokens or n, k, block_size)
     omega = torch.randn(n, d_in, b, generator=gen, dtype=dtype, device=device)
     if method == "krylov":
-        Q, Z, it, converged = _block_krylov(J, Jt, omega, r, k, max_iter, tol, min(d_in, d_out))
+        Q, Z, it, converged = _block_krylov(J, Jt, omega, r, k, max_iter, tol, min(d_in, d_out), noise)
     else:
         Q, Z, it, converged = _subspace_iteration(J, Jt, omega, r, max_iter, tol)
     S_r, residual, V_r = _rayleigh_ritz(J, Q, Z, r)
@@ -249,7 +252,7 @@ class _Basis:
         return self.data[..., : self.cols]
 
 
-def _block_krylov(J, Jt, omega, r, k, max_iter, tol, max_dim):
+def _block_krylov(J, Jt, omega, r, k, max_iter, tol, max_dim, noise):
     """Randomized block Krylov (Musco & Musco, NeurIPS 2015): Q spans [JΩ, (JJᵀ)JΩ, (JJᵀ)²JΩ, ...].
 
     Converges far faster than subspace iteration for a slowly decaying spectrum, at the same cost per column.
@@ -295,7 +298,7 @@ def _block_krylov(J, Jt, omega, r, k, max_iter, tol, max_dim):
                 converged |= (_relative_change(sigma, history[-lag]) <= tol).all(-1)  # latched per token
             history = history[-max(lag, 3) :] + [sigma]
             if len(history) >= 4:
-                converged |= _extrapolated_converged(history[-4:], tol, 16 * torch.finfo(Y.dtype).eps)
+                converged |= _extrapolated_converged(history[-4:], tol, noise)
         if c >= max_dim:  # the basis spans the whole space: the Ritz values are exact
             converged = torch.ones_like(converged)
         if bool(converged.all()) or c >= max_cols:

@@ -82,7 +82,7 @@ def _accumulators(ctx: ProbeContext) -> tuple[TokenCounts, list[Accumulator]]:
         share = cfg.layer_jacobian and cfg.layer_jacobian_method != "func"
         quantities.append(ExpertSpectra(ctx, tokens, share_operators=share))
     if cfg.layer_jacobian:
-        quantities.append(LayerJacobian(tokens, ctx.rank, ctx.matrix_free, cfg, ctx.estimate_dtype))
+        quantities.append(LayerJacobian(tokens, ctx.rank, ctx.matrix_free, cfg, ctx.products_dtype))
     pca = None
     if cfg.pca or (cfg.subspaces and multi):
         sites = list(cfg.pca_sites) if cfg.pca else []

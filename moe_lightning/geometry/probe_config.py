@@ -90,13 +90,14 @@ class ProbeConfig:
             effective rank over the whole spectrum on the matrix-free path (where no exact core gives every
             singular value); at least 2, for the standard error.
         matrix_free_slq_steps: Lanczos steps per start (each one product with ``J`` and one with ``Jᵀ``).
-        matrix_free_estimate_dtype: dtype of the products with ``J`` and ``Jᵀ`` behind the estimates of the whole
-            spectrum (Hutchinson's and the quadrature's, matrix-free path only), or None for ``dtype``. Their
-            Lanczos recurrences, probes and sums stay in ``dtype``; only the products round in this dtype, whose
-            error on the estimates is four orders of magnitude below the estimates' own standard errors at
-            ``D = 2048`` (docs/geometry.md §1, "Estimated quantities"). It applies where the view casts what it
-            reads (:class:`~moe_lightning.geometry.view.CastsOnRead`): on a float32 model the products then read
-            the weights as they are, with no cast copy, and tokens of several chunks share each product.
+        matrix_free_products_dtype: dtype of every matrix-free product with ``J`` and ``Jᵀ`` (the top-``r`` Krylov
+            solve's, Hutchinson's and the quadrature's; matrix-free path only), or None for ``dtype``. The Krylov
+            bases, Rayleigh–Ritz steps, Lanczos recurrences, probes and sums stay in ``dtype``; only the products round
+            in this dtype. Their error on the top-``r`` values is below the solver's own tolerance, and on the
+            estimates four orders of magnitude below the estimates' standard errors at ``D = 2048``
+            (docs/geometry.md §1, "The products' precision"). It applies where the view casts what it reads
+            (:class:`~moe_lightning.geometry.view.CastsOnRead`): on a float32 model the products then read the
+            weights as they are, with no cast copy, and tokens of several chunks share each estimate's product.
         pca_max_dim: a PCA site wider than this is skipped (its ``Σw x xᵀ`` would be too large).
         seed: seed of the matrix-free start blocks (a local generator; the global RNG is untouched).
         cast_module: let the view module read copies of its floating parameters and buffers cast to ``dtype`` while
@@ -134,7 +135,7 @@ class ProbeConfig:
     matrix_free_trace_probes: int = 16
     matrix_free_slq_starts: int = 4
     matrix_free_slq_steps: int = 30
-    matrix_free_estimate_dtype: torch.dtype | None = torch.float32
+    matrix_free_products_dtype: torch.dtype | None = torch.float32
     pca_max_dim: int = 4096
     seed: int = 0
     cast_module: bool = True
@@ -151,11 +152,11 @@ class ProbeConfig:
         if bad or len(set(self.pca_sites)) != len(self.pca_sites):
             raise ValueError(f"ProbeConfig.pca_sites must be distinct values of {PCA_SITES}, got {self.pca_sites!r}")
         check_choice("ProbeConfig.dtype", self.dtype, PROBE_DTYPES)
-        estimate_dtype = self.matrix_free_estimate_dtype
-        if isinstance(estimate_dtype, str):  # a name, as a YAML config gives it
-            self.matrix_free_estimate_dtype = estimate_dtype = DTYPES.get(estimate_dtype, estimate_dtype)
-        if estimate_dtype is not None:
-            check_choice("ProbeConfig.matrix_free_estimate_dtype", estimate_dtype, PROBE_DTYPES)
+        products_dtype = self.matrix_free_products_dtype
+        if isinstance(products_dtype, str):  # a name, as a YAML config gives it
+            self.matrix_free_products_dtype = products_dtype = DTYPES.get(products_dtype, products_dtype)
+        if products_dtype is not None:
+            check_choice("ProbeConfig.matrix_free_products_dtype", products_dtype, PROBE_DTYPES)
         for name in _POSITIVE_INTS:
             check_positive_int(f"ProbeConfig.{name}", getattr(self, name))
         for name in _SAMPLE_SIZES:

@@ -121,9 +121,9 @@ def probe_context(
         else None
     )
     widths = [f for f, _, _ in shapes or pointwise_shapes or []]
-    estimate_dtype, estimate_batch = cfg.dtype, 1
+    products_dtype, estimate_batch = cfg.dtype, 1
     if matrix_free:
-        estimate_dtype, estimate_batch = _estimate_plan(view, cfg, x_ND, here, shapes)
+        products_dtype, estimate_batch = _estimate_plan(view, cfg, x_ND, here, shapes)
     return ProbeContext(
         view=view,
         config=cfg,
@@ -142,7 +142,7 @@ def probe_context(
         factored_core=core,
         factor_width=max(widths, default=0),
         pointwise_factors=pointwise_shapes is not None,
-        estimate_dtype=estimate_dtype,
+        products_dtype=products_dtype,
         estimate_batch=estimate_batch,
         release=release_freed_memory if matrix_free else lambda: None,
     )
@@ -154,14 +154,14 @@ def _estimate_plan(
     """The dtype of the products behind the matrix-free estimates and how many tokens the layer Jacobian's
     estimates run on at once (docs/geometry.md §1, "The products' precision").
 
-    The products round in ``cfg.matrix_free_estimate_dtype`` where the view casts what it reads (another view's
+    The products round in ``cfg.matrix_free_products_dtype`` where the view casts what it reads (another view's
     module is lent copies in ``cfg.dtype``, which its functions then need). Per token a batch holds the
     quadrature's Lanczos bases with their temporaries (``starts · (steps + 6)`` vectors in ``cfg.dtype``), the
     probes, the blocks of Hutchinson's product in both dtypes and the router term's factors; and, where the
     experts' weights are not in the products' dtype already, the cast weights of each expert a token is routed to
     (the operators of a batch live together)."""
     casts = isinstance(view, CastsOnRead) and view.casts_weights_on_read()
-    dtype = (cfg.matrix_free_estimate_dtype or cfg.dtype) if casts else cfg.dtype
+    dtype = (cfg.matrix_free_products_dtype or cfg.dtype) if casts else cfg.dtype
     d, size = x_ND.shape[1], x_ND.element_size()
     est_size = torch.empty(0, dtype=dtype).element_size()
     starts, steps, probes = cfg.matrix_free_slq_starts, min(cfg.matrix_free_slq_steps, d), cfg.matrix_free_trace_probes

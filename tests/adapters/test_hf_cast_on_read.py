@@ -132,7 +132,7 @@ def test_float64_probe_of_a_float32_model_copies_no_expert_weights(family: str, 
     kinds = {type(v) for v in views}
     assert ExpertsInterfaceView in kinds and (SharedExpertView in kinds) == (len(views) > 1)
     # The lending probe's module holds float64 copies, so its estimates' products are float64: so are these.
-    cfg = ProbeConfig(matrix_free_threshold=threshold, matrix_free_estimate_dtype=None)
+    cfg = ProbeConfig(matrix_free_threshold=threshold, matrix_free_products_dtype=None)
     check_cast_on_read(model, views, x_ND, cfg)
     if threshold == THRESHOLDS["matrix-free"] and family in FLOAT32_PRODUCTS:
         # With the default float32 products on this float32 model no expert weight is copied either, and the

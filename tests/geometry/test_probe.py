@@ -353,6 +353,7 @@ def test_matrix_free_chunks_batch_tokens_without_changing_values(monkeypatch):
     x = torch.randn(12, 12, dtype=DT)
     counts = (view.gates(x) > 0).sum(0).tolist()
     kw = dict(matrix_free_threshold=4, matrix_free_rank=3, matrix_free_tol=1e-13, matrix_free_max_iter=200, pca=False)
+    kw["matrix_free_products_dtype"] = None  # float64 products: the values agree to their round-off
     batched = probe(view, x, ProbeConfig(**kw))
     assert sizes == [12] + [c for c in counts if c]  # the layer's call, then each expert's queued tokens
     sizes.clear()
@@ -473,13 +474,14 @@ def test_matrix_free_path_uses_the_views_closed_form_operator(activation, monkey
         return original(self, e, x_ND)
 
     monkeypatch.setattr(NativeMoEView, "expert_jacobian_operator", spy)
+    # the products in the probe's dtype, so that the values agree with the exact path's to round-off
     kw = dict(matrix_free_threshold=4, matrix_free_rank=3, matrix_free_tol=1e-13, matrix_free_max_iter=200)
-    # without the cross-expert quantities, which build each expert's factors on every token of a chunk, and with
-    # the estimates' products in the probe's dtype (in float32 they are built again, in float32)
-    with_op = probe(view, x, ProbeConfig(alignment=False, subspaces=False, matrix_free_estimate_dtype=None, **kw))
+    kw["matrix_free_products_dtype"] = None
+    # without the cross-expert quantities, which build each expert's factors on every token of a chunk
+    with_op = probe(view, x, ProbeConfig(alignment=False, subspaces=False, **kw))
     assert sorted(calls) == [0, 1, 2]  # one build per expert: its own spectra, then reused for the layer's
     calls.clear()
-    probe(view, x, ProbeConfig(alignment=False, subspaces=False, **kw))
+    probe(view, x, ProbeConfig(alignment=False, subspaces=False, **{**kw, "matrix_free_products_dtype": "float32"}))
     assert sorted(calls) == [0, 0, 0, 1, 1, 1, 2, 2, 2]  # and the float32 products of the experts' and layer's
     calls.clear()
     func = probe(view, x, ProbeConfig(jacobian_method="func", **kw))
@@ -526,7 +528,7 @@ def test_matrix_free_layer_operator_rebuilds_experts_whose_layer_rows_differ():
         return sum(g[:, e : e + 1] * view.expert(e)(x) for e in range(3))
 
     kw = dict(matrix_free_threshold=4, matrix_free_rank=3, matrix_free_tol=1e-13, matrix_free_max_iter=200, pca=False)
-    report = probe(SignedView(), x, ProbeConfig(**kw))
+    report = probe(SignedView(), x, ProbeConfig(matrix_free_products_dtype=None, **kw))
     exact = torch.linalg.svdvals(auto_jac(layer_fn, x))[:, :3].mean(0)
     torch.testing.assert_close(report.spectra["layer_jac_mean_spectrum"], exact, rtol=1e-8, atol=1e-12)
     g1 = signed(x)[:, 1]

@@ -103,10 +103,11 @@ class ProbeOptions:
         choices=PROBE_DTYPES,
     )
     matrix_free_threshold: int = option(1024, "model dims above this use the matrix-free top-r spectra")
-    matrix_free_estimate_dtype: str = option(
+    matrix_free_products_dtype: str = option(
         "float32",
-        "dtype of the products behind the matrix-free estimates of the whole spectrum (Hutchinson, SLQ); their "
-        "recurrences and sums stay in --probe-dtype (ProbeConfig.matrix_free_estimate_dtype, docs/geometry.md §1)",
+        "dtype of the matrix-free products with J and its transpose (the top-r Krylov solve, Hutchinson, SLQ); "
+        "their bases, recurrences and sums stay in --probe-dtype (ProbeConfig.matrix_free_products_dtype, "
+        "docs/geometry.md §1)",
         choices=PROBE_DTYPES,
     )
     matrix_free_rank: int = option(16, "singular values r kept on the matrix-free path")
@@ -159,7 +160,7 @@ class ProbeOptions:
         ):
             check_positive_int(name, getattr(self, name))
         check_choice("probe_dtype", self.probe_dtype, PROBE_DTYPES)
-        check_choice("matrix_free_estimate_dtype", self.matrix_free_estimate_dtype, PROBE_DTYPES)
+        check_choice("matrix_free_products_dtype", self.matrix_free_products_dtype, PROBE_DTYPES)
         check_choice("dtype", self.dtype, MODEL_DTYPES)
         check_choice("device", self.device, DEVICES)
         check_choice("device_map", self.device_map, DEVICE_MAPS)
@@ -201,8 +202,8 @@ class ProbeOptions:
             dtype=dtype_from_name("probe_dtype", self.probe_dtype, PROBE_DTYPES),
             matrix_free_threshold=self.matrix_free_threshold,
             matrix_free_rank=self.matrix_free_rank,
-            matrix_free_estimate_dtype=dtype_from_name(
-                "matrix_free_estimate_dtype", self.matrix_free_estimate_dtype, PROBE_DTYPES
+            matrix_free_products_dtype=dtype_from_name(
+                "matrix_free_products_dtype", self.matrix_free_products_dtype, PROBE_DTYPES
             ),
             memory_budget_bytes=self.memory_budget_mib * 2**20,
             pointwise_alignment_pairs=self.pointwise_alignment_pairs,

@@ -5,7 +5,7 @@ Jacobian operators are computed once and used by every quantity."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -14,7 +14,7 @@ from torch import Tensor
 
 from moe_lightning.geometry.jacobians import expert_jacobian
 from moe_lightning.geometry.krylov import TopRResult
-from moe_lightning.geometry.operators import JacobianFactors, JacobianOperator
+from moe_lightning.geometry.operators import JacobianFactors, JacobianOperator, casting_operator
 from moe_lightning.geometry.probe_config import ProbeConfig
 from moe_lightning.geometry.statistics import Slot
 from moe_lightning.geometry.view import HasJacobianOperator, MoEView, TokenFn
@@ -86,9 +86,9 @@ class ProbeContext:
             pointwise alignment's inner products come from them
             (:func:`~moe_lightning.geometry.factored.pointwise_cosine_sums_factored`) and no expert's Jacobian is
             formed at the tokens not routed to it.
-        estimate_dtype: on the matrix-free path, the dtype of the products behind the estimates of the whole
-            spectrum (``ProbeConfig.matrix_free_estimate_dtype`` where the view casts what it reads, else
-            :attr:`dtype`).
+        products_dtype: on the matrix-free path, the dtype of the products with the Jacobians behind the top-``r``
+            values and the estimates of the whole spectrum (``ProbeConfig.matrix_free_products_dtype`` where the
+            view casts what it reads, else :attr:`dtype`): :meth:`products_operator`.
         estimate_batch: on the matrix-free path, how many tokens the layer Jacobian's estimates run on at once, as
             the memory budget allows: tokens of several chunks share each product with the weights.
         release: hands the pages the probe has freed back to the operating system
@@ -117,7 +117,7 @@ class ProbeContext:
     factored_core: bool = False
     factor_width: int = 0
     pointwise_factors: bool = False
-    estimate_dtype: torch.dtype | None = None
+    products_dtype: torch.dtype | None = None
     estimate_batch: int = 1
     release: Callable[[], Any] = field(default=lambda: None)
 
@@ -154,6 +154,16 @@ class ProbeContext:
         except Exception as error:
             self.failure.keep(error)
             return fallback()
+
+    def products_operator(
+        self, build: Callable[[ProbeContext, Tensor], JacobianOperator], x_ND: Tensor
+    ) -> JacobianOperator:
+        """``build(ctx, x)``'s Jacobian operator at ``x_ND`` with its products in :attr:`products_dtype`, taking and
+        giving :attr:`dtype`: ``build`` is called with this context and ``x_ND`` in that dtype."""
+        dtype = self.products_dtype or self.dtype
+        if dtype == self.dtype:
+            return build(self, x_ND)
+        return casting_operator(build(replace(self, dtype=dtype), x_ND.to(dtype)), self.dtype)
 
     def nan(self, *shape: int) -> Tensor:
         """A NaN tensor in the probe's dtype: what a rank that failed sends to the group."""

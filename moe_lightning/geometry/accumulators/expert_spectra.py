@@ -6,7 +6,6 @@ Frobenius norm of an expert without factors, the effective rank by stochastic La
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -15,9 +14,9 @@ from torch import Tensor
 from moe_lightning.geometry.accumulators.base import Accumulator, SpectralMoments, safe_div
 from moe_lightning.geometry.accumulators.context import Chunk, ProbeContext
 from moe_lightning.geometry.accumulators.tokens import TokenCounts
-from moe_lightning.geometry.estimates import whole_spectrum_statistics, whole_spectrum_variants
+from moe_lightning.geometry.estimates import mark_topr_products, whole_spectrum_statistics, whole_spectrum_variants
 from moe_lightning.geometry.factored import core_factors, factored_frobenius_sq, factored_singular_values
-from moe_lightning.geometry.operators import JacobianOperator, casting_operator, func_jacobian_operator
+from moe_lightning.geometry.operators import JacobianOperator, func_jacobian_operator
 from moe_lightning.geometry.report import GeometryReport
 from moe_lightning.geometry.spectra import SPECTRAL_STAT_NAMES, batched_svdvals
 from moe_lightning.geometry.statistics import BufferLayout
@@ -44,7 +43,7 @@ class ExpertSpectra(Accumulator):
         self.rank = ctx.dim if self.core else ctx.rank
         self.matrix_free = ctx.matrix_free and not self.core
         self.share_operators = share_operators
-        self.estimate_dtype = ctx.estimate_dtype
+        self.products_dtype = ctx.products_dtype
         self.fit_max, self.top = cfg.decay_fit_max, cfg.matrix_free_rank if self.matrix_free else None
         # What the top-r values cannot give (docs/geometry.md §1, "Estimated quantities"): the effective rank by
         # stochastic Lanczos quadrature, and without factors the Frobenius norm (so the stable rank) by Hutchinson.
@@ -162,32 +161,33 @@ class ExpertSpectra(Accumulator):
         for start in range(0, n_run, chunk):
             x_b, w_b = x_q[start : start + chunk], w_q[start : start + chunk]
             c_b = None if c_q is None else c_q[:, start : start + chunk]
-            op = built if built is not None else ctx.expert_operator(e, x_b)
-            if op is None:  # one torch.func operator for the top-r values and the estimates
-                op = func_jacobian_operator(ctx.experts[e], x_b)
+            exact = None
+            if self.factored:  # the exact Frobenius norm, from the factors in the probe's dtype
+                own = built or ctx.expert_operator(e, x_b)
+                factors = None if own is None else own.factors
+                if factors is None:
+                    raise ValueError(
+                        f"view {ctx.view.name!r}: expert {e}'s expert_jacobian_operator gives no factors on these "
+                        "tokens, though it gave them when the probe chose the factored path"
+                    )
+                exact = factored_frobenius_sq(factors)
+            op = self._products_operator(ctx, e, x_b, built)
             res = ctx.solve_topr(op, x_b)
-            if self.factored and op.factors is None:
-                raise ValueError(
-                    f"view {ctx.view.name!r}: expert {e}'s expert_jacobian_operator gives no factors on these "
-                    "tokens, though it gave them when the probe chose the factored path"
-                )
-            whole = self._whole_spectrum(ctx, op, x_b, e, res.values)
+            # the statistics of the whole spectrum that the top-r values cannot give (docs/geometry.md §1,
+            # "Estimated quantities"), with the variances of those estimated, from the same products
+            whole = whole_spectrum_statistics(op, x_b, res.values, self.config, salt=e, frobenius_sq=exact)
             self._add_spectra(ctx, buffer, e, res.values, w_b, c_b, whole)
             self.unconverged.of(buffer)[e] += (~res.converged).sum()
 
-    def _whole_spectrum(
-        self, ctx: ProbeContext, op: JacobianOperator, x_ND: Tensor, e: int, top_NR: Tensor
-    ) -> dict[str, tuple[Tensor, ...]]:
-        """The statistics of the whole spectrum that the top-``r`` values ``top_NR`` cannot give, with the variances
-        of those estimated (docs/geometry.md §1, "Estimated quantities"), their products in
-        ``ctx.estimate_dtype``; a factored expert's Frobenius norm is exact."""
-        exact = factored_frobenius_sq(op.factors) if self.factored else None
-        dtype = ctx.estimate_dtype
-        if dtype != ctx.dtype:
-            x_e = x_ND.to(dtype)
-            products = replace(ctx, dtype=dtype).expert_operator(e, x_e) or func_jacobian_operator(ctx.experts[e], x_e)
-            op = casting_operator(products, ctx.dtype)
-        return whole_spectrum_statistics(op, x_ND, top_NR, self.config, salt=e, frobenius_sq=exact)
+    @staticmethod
+    def _products_operator(ctx: ProbeContext, e: int, x_ND: Tensor, built: JacobianOperator | None) -> JacobianOperator:
+        """Expert ``e``'s Jacobians at ``x_ND`` as products in ``ctx.products_dtype`` (closed-form where the view
+        offers them, else by torch.func): ``built`` where it is already that, on these tokens."""
+        if built is not None and (ctx.products_dtype or ctx.dtype) == ctx.dtype:
+            return built
+        return ctx.products_operator(
+            lambda c, x: c.expert_operator(e, x) or func_jacobian_operator(c.experts[e], x), x_ND
+        )
 
     def close(self, ctx: ProbeContext, buffer: Tensor) -> None:
         for e in range(self.num_experts):
@@ -205,8 +205,9 @@ class ExpertSpectra(Accumulator):
                 v[f"jac_{name}"] += "_exact_factored_core"
         elif self.matrix_free:
             # the whole spectrum's statistics, exact from the factors or estimated (with a ``_se`` key)
+            mark_topr_products(v, "jac", self.config, self.products_dtype)
             v.update(
-                whole_spectrum_variants("jac", self.config, exact_frobenius=self.factored, products=self.estimate_dtype)
+                whole_spectrum_variants("jac", self.config, exact_frobenius=self.factored, products=self.products_dtype)
             )
         sum_w = self.tokens.sum_w.of(buffer)
         report.spectra["jac_mean_spectrum"] = safe_div(self.spectrum.of(buffer), sum_w.unsqueeze(-1))

@@ -15,11 +15,10 @@ from torch import Tensor
 from moe_lightning.geometry.accumulators.base import Accumulator, SpectralMoments, safe_div
 from moe_lightning.geometry.accumulators.context import Chunk, ProbeContext
 from moe_lightning.geometry.accumulators.tokens import TokenCounts
-from moe_lightning.geometry.estimates import whole_spectrum_statistics, whole_spectrum_variants
+from moe_lightning.geometry.estimates import mark_topr_products, whole_spectrum_statistics, whole_spectrum_variants
 from moe_lightning.geometry.jacobians import compose_layer_jacobian, jacobians, layer_jacobian
 from moe_lightning.geometry.operators import (
     JacobianOperator,
-    casting_operator,
     func_jacobian_operator,
     router_term,
     sparse_layer_operator,
@@ -41,14 +40,14 @@ class LayerJacobian(Accumulator):
         matrix_free: whether the spectra are top-``M`` values of matrix-free products.
         config: the probe's configuration (the decay fit, and on the matrix-free path ``matrix_free_rank`` and the
             estimators' sample sizes and seed).
-        estimate_dtype: the dtype of the estimates' products (``ProbeContext.estimate_dtype``).
+        products_dtype: the dtype of the matrix-free products (``ProbeContext.products_dtype``).
     """
 
     def __init__(
-        self, tokens: TokenCounts, rank: int, matrix_free: bool, config: ProbeConfig, estimate_dtype: torch.dtype
+        self, tokens: TokenCounts, rank: int, matrix_free: bool, config: ProbeConfig, products_dtype: torch.dtype
     ):
         self.tokens, self.rank, self.matrix_free, self.config = tokens, rank, matrix_free, config
-        self.estimate_dtype = estimate_dtype
+        self.products_dtype = products_dtype
         self.fit_max = config.decay_fit_max
         self.top = config.matrix_free_rank if matrix_free else None
         # Matrix-free: each chunk's tokens, gates, top-r values, convergence and bootstrap counts, queued until
@@ -75,13 +74,12 @@ class LayerJacobian(Accumulator):
             self._add_spectra(chunk.ctx, buffer, sv, counts)
             return
         sv, converged, op = self._top_singular_values(chunk)
-        ctx = chunk.ctx
-        # A chunk queued alone keeps its operator, which serves its estimates if no other chunk joins it and the
-        # products' dtype is the probe's (with the next chunk it is dropped: one chunk's operators at a time).
-        self._lone_op = op if not self._pending and ctx.estimate_dtype == ctx.dtype else None
+        # A chunk queued alone keeps its operator, which serves its estimates if no other chunk joins it (with the
+        # next chunk it is dropped: one chunk's operators at a time).
+        self._lone_op = None if self._pending else op
         self._pending.append((chunk.x, chunk.gates, sv, converged, chunk.counts))
-        if sum(p[0].shape[0] for p in self._pending) >= ctx.estimate_batch:
-            self._estimate(ctx, buffer)
+        if sum(p[0].shape[0] for p in self._pending) >= chunk.ctx.estimate_batch:
+            self._estimate(chunk.ctx, buffer)
 
     def close(self, ctx: ProbeContext, buffer: Tensor) -> None:
         if self._pending:
@@ -90,12 +88,12 @@ class LayerJacobian(Accumulator):
     def _estimate(self, ctx: ProbeContext, buffer: Tensor) -> None:
         """The whole-spectrum estimates of the queued tokens (Hutchinson's Frobenius norm and stable rank, the SLQ
         effective rank: docs/geometry.md §1, "Estimated quantities"), all of them at once, with products in
-        ``ctx.estimate_dtype``; then their statistics, with their top-``r`` values, into the moments."""
+        ``ctx.products_dtype``; then their statistics, with their top-``r`` values, into the moments."""
         xs, gs, svs, convs, cs = zip(*self._pending, strict=True)
         self._pending.clear()
         x, g, sv, converged = torch.cat(xs), torch.cat(gs), torch.cat(svs), torch.cat(convs)
         counts = None if cs[0] is None else torch.cat(cs, dim=1)
-        op, self._lone_op = self._lone_op or self._estimate_operator(ctx, x, g), None
+        op, self._lone_op = self._lone_op or self._products_operator(ctx, x, g), None
         # The probes' salt E is no expert's.
         whole = whole_spectrum_statistics(op, x, sv, self.config, salt=ctx.num_experts)
         # Every one of them is an estimate with a variance: under expert parallelism each rank adds its share.
@@ -104,13 +102,10 @@ class LayerJacobian(Accumulator):
         self._add_spectra(ctx, buffer, sv[share], None if counts is None else counts[:, share], known)
         self.unconverged.of(buffer).add_((~converged[share]).sum())
 
-    def _estimate_operator(self, ctx: ProbeContext, x_ND: Tensor, g_NE: Tensor) -> JacobianOperator:
-        """The layer Jacobians at ``x_ND`` as products in ``ctx.estimate_dtype``, taking and giving ``ctx.dtype``."""
-        dtype = ctx.estimate_dtype
-        if dtype == ctx.dtype:
-            return self._operator_of(Chunk(ctx, x_ND, g_NE))
-        op = self._operator_of(Chunk(replace(ctx, dtype=dtype), x_ND.to(dtype), g_NE.to(dtype)))
-        return casting_operator(op, ctx.dtype)
+    def _products_operator(self, ctx: ProbeContext, x_ND: Tensor, g_NE: Tensor) -> JacobianOperator:
+        """The layer Jacobians at ``x_ND`` (gates ``g_NE``) as products in ``ctx.products_dtype``, taking and giving
+        ``ctx.dtype`` (:meth:`ProbeContext.products_operator`)."""
+        return ctx.products_operator(lambda c, x: self._operator_of(Chunk(c, x, g_NE.to(c.dtype))), x_ND)
 
     def _add_spectra(
         self, ctx: ProbeContext, buffer: Tensor, sv: Tensor, counts: Tensor | None, known: dict | None = None
@@ -151,9 +146,12 @@ class LayerJacobian(Accumulator):
         return ctx.sum_over_experts(partial, (x.shape[0], ctx.dim, ctx.dim))
 
     def _top_singular_values(self, chunk: Chunk) -> tuple[Tensor, Tensor, JacobianOperator]:
-        """The top-``r`` singular values at the chunk's tokens, whether each converged, and the operator."""
-        op = self._operator_of(chunk)
-        res = chunk.ctx.solve_topr(op, chunk.x)
+        """The top-``r`` singular values at the chunk's tokens, whether each converged, and the operator (products
+        in ``ctx.products_dtype``; the chunk's own operators where that is the probe's dtype)."""
+        ctx = chunk.ctx
+        same = (ctx.products_dtype or ctx.dtype) == ctx.dtype
+        op = self._operator_of(chunk) if same else self._products_operator(ctx, chunk.x, chunk.gates)
+        res = ctx.solve_topr(op, chunk.x)
         return res.values, res.converged, op
 
     def _operator_of(self, chunk: Chunk) -> JacobianOperator:
@@ -222,7 +220,8 @@ class LayerJacobian(Accumulator):
         report.spectra["layer_jac_mean_spectrum"] = safe_div(self.spectrum.of(buffer), n_tok)
         report.variants["layer_jac"] = "through_router_uniform_token_weights"
         if self.matrix_free:  # the whole spectrum's statistics, estimated (each with a ``_se`` key)
-            report.variants.update(whole_spectrum_variants("layer_jac", self.config, products=self.estimate_dtype))
+            mark_topr_products(report.variants, "layer_jac", self.config, self.products_dtype)
+            report.variants.update(whole_spectrum_variants("layer_jac", self.config, products=self.products_dtype))
         if self.unconverged is not None:
             report.layer["layer_jac_unconverged"] = float(self.unconverged.of(buffer))
 
