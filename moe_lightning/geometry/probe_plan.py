@@ -103,10 +103,10 @@ def probe_context(
     core = shapes is not None and all(rank < d for _, rank, _ in shapes)
     if core:  # one token's core, (rank × F) scaled factor and (rank × rank) core with its SVD workspace
         per_token = max(per_token, x_ND.element_size() * max(k * (f + 3 * k) for f, k, _ in shapes))
+    routed = _routed_per_token(view, x_ND, cfg.dtype) if matrix_free else 0
     if shapes is not None and isinstance(view, CastsOnRead) and view.casts_weights_on_read():
         # Such a view's operator holds a cast copy of its expert's weights, and a chunk's operators (the layer
         # Jacobian composes them) live together: one per expert a token of the chunk is routed to.
-        routed = _routed_per_token(view, x_ND, cfg.dtype)
         per_token = max(per_token, x_ND.element_size() * routed * max(w for _, _, w in shapes))
     # On the exact path the pointwise alignment needs every expert's Jacobian at every token, E times the Jacobians
     # the spectra form; factored experts give its inner products from their scales instead (docs/geometry.md §4).
@@ -123,7 +123,7 @@ def probe_context(
     widths = [f for f, _, _ in shapes or pointwise_shapes or []]
     products_dtype, estimate_batch = cfg.dtype, 1
     if matrix_free:
-        products_dtype, estimate_batch = _estimate_plan(view, cfg, x_ND, here, shapes)
+        products_dtype, estimate_batch = _estimate_plan(view, cfg, x_ND, here, shapes, routed)
     return ProbeContext(
         view=view,
         config=cfg,
@@ -149,10 +149,15 @@ def probe_context(
 
 
 def _estimate_plan(
-    view: MoEView, cfg: ProbeConfig, x_ND: Tensor, experts: range, shapes: list[tuple[int, int, int]] | None
+    view: MoEView,
+    cfg: ProbeConfig,
+    x_ND: Tensor,
+    experts: range,
+    shapes: list[tuple[int, int, int]] | None,
+    routed: int,
 ) -> tuple[torch.dtype, int]:
-    """The dtype of the products behind the matrix-free estimates and how many tokens the layer Jacobian's
-    estimates run on at once (docs/geometry.md §1, "The products' precision").
+    """The dtype of the matrix-free products (the top-``r`` values' and the estimates') and how many tokens the layer
+    Jacobian's estimates run on at once (docs/geometry.md §1, "The products' precision").
 
     The products round in ``cfg.matrix_free_products_dtype`` where the view casts what it reads (another view's
     module is lent copies in ``cfg.dtype``, which its functions then need). Per token a batch holds the
@@ -165,7 +170,6 @@ def _estimate_plan(
     d, size = x_ND.shape[1], x_ND.element_size()
     est_size = torch.empty(0, dtype=dtype).element_size()
     starts, steps, probes = cfg.matrix_free_slq_starts, min(cfg.matrix_free_slq_steps, d), cfg.matrix_free_trace_probes
-    routed = _routed_per_token(view, x_ND, cfg.dtype)
     per_token = (
         size * d * (starts * (steps + 6) + starts + probes)
         + (size + est_size) * d * 2 * probes
