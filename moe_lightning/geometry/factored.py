@@ -132,7 +132,8 @@ def pointwise_cosine_sums_factored(
     Each pair's ``F × F`` Gram costs ``O(D·F²)`` against ``O(N·F²)`` to apply it, so it is formed once for all
     ``N`` tokens. Experts are read in blocks (their factors at the ``N`` tokens, with the weights the view may cast
     for them) small enough that two blocks fit in ``memory_budget_bytes``, so that a layer whose cast weights are
-    larger than the budget is probed within it; a block is read again for each later block it meets.
+    larger than the budget is probed within it. Only the experts of the pairs computed are read: each once for its
+    own block, and again for each earlier block with a pair that needs it (with sampled pairs, a few of a block).
 
     Args:
         factors_of: expert ``e``'s factors at the ``N`` tokens.
@@ -150,39 +151,48 @@ def pointwise_cosine_sums_factored(
     per_expert = first.scales_NGH.element_size() * (o * h + first.width * (i + num_tokens))
     size = max(1, min(num_experts, memory_budget_bytes // max(1, 2 * per_expert)))
     blocks = [range(start, min(start + size, num_experts)) for start in range(0, num_experts, size)]
-    # ‖J_e(x_n)‖_F², first: a pair's cosine needs both norms, and the pairs come block by block.
-    norm_sq_NE = torch.stack(
-        [factored_inner_products([first if e == 0 else factors_of(e)])[:, 0, 0] for e in range(num_experts)], 1
-    )
+    wanted = torch.ones(num_experts, num_experts, dtype=torch.bool).triu()  # (ei, ej), ei <= ej
+    if pairs_EE is not None:
+        wanted &= pairs_EE.to(device="cpu", dtype=torch.bool)
+    # ‖J_e(x_n)‖_F² (a pair's cosine needs both norms), once per expert, when it is first read.
+    norm_sq: dict[int, Tensor] = {}
+    sum_cos = first.scales_NGH.new_zeros(num_experts, num_experts)
+    count = sum_cos.new_zeros(num_experts, num_experts)
+    reuse = {0: first}  # expert 0's factors, read for the shapes, serve its first read
     del first
-    norms_NE = norm_sq_NE.clamp_min(0).sqrt()
-    sum_cos = norm_sq_NE.new_zeros(num_experts, num_experts)
-    count = norm_sq_NE.new_zeros(num_experts, num_experts)
+
+    def read(experts: list[int]) -> dict[int, JacobianFactors]:
+        held = {}
+        for e in experts:
+            held[e] = reuse.pop(e) if e in reuse else factors_of(e)
+            if e not in norm_sq:
+                norm_sq[e] = factored_inner_products([held[e]])[:, 0, 0]
+        return held
+
     for a, block_a in enumerate(blocks):
-        held_a = {e: factors_of(e) for e in block_a}
+        # Only the experts of a wanted pair are read: with sampled pairs most blocks meet a few of another's.
+        held_a = read([e for e in block_a if bool(wanted[e].any() or wanted[:, e].any())])
+        reuse.clear()  # expert 0 is read in the first block or not at all
         for block_b in blocks[a:]:
-            if pairs_EE is not None and block_b is not block_a:
-                if not bool(pairs_EE[block_a.start : block_a.stop, block_b.start : block_b.stop].any()):
-                    continue  # no sampled pair between these blocks: their factors are not read
-            held_b = held_a if block_b is block_a else {e: factors_of(e) for e in block_b}
-            for ei in block_a:
-                for ej in block_b:
-                    if ej < ei or (pairs_EE is not None and not bool(pairs_EE[ei, ej])):
-                        continue
-                    fi, fj = held_a[ei], held_b[ej]
-                    if ei == ej:
-                        inner_N = norm_sq_NE[:, ei]
-                    else:
-                        s_i, s_j = (f.scales_NGH.reshape(f.scales_NGH.shape[0], -1) for f in (fi, fj))
-                        inner_N = ((s_i @ _scale_gram(fi, fj)) * s_j).sum(-1)
-                    # |cos| as :func:`~moe_lightning.geometry.alignment.pointwise_cosine_sums`: NaN (left out)
-                    # where a norm is zero
-                    denom_N = norms_NE[:, ei] * norms_NE[:, ej]
-                    ok_N = denom_N > 0
-                    cos_N = (inner_N.abs() / torch.where(ok_N, denom_N, torch.ones_like(denom_N))).clamp_max(1.0)
-                    total = torch.where(ok_N, cos_N, torch.zeros_like(cos_N)).sum()
-                    sum_cos[ei, ej] = sum_cos[ej, ei] = total
-                    count[ei, ej] = count[ej, ei] = ok_N.sum()
+            pairs = [(ei, ej) for ei in held_a for ej in block_b if bool(wanted[ei, ej])]
+            if not pairs:
+                continue
+            held_b = held_a if block_b is block_a else read(sorted({ej for _, ej in pairs}))
+            for ei, ej in pairs:
+                fi, fj = held_a[ei], held_b[ej]
+                if ei == ej:
+                    inner_N = norm_sq[ei]
+                else:
+                    s_i, s_j = (f.scales_NGH.reshape(f.scales_NGH.shape[0], -1) for f in (fi, fj))
+                    inner_N = ((s_i @ _scale_gram(fi, fj)) * s_j).sum(-1)
+                # |cos| as :func:`~moe_lightning.geometry.alignment.pointwise_cosine_sums`: NaN (left out) where a
+                # norm is zero
+                denom_N = norm_sq[ei].clamp_min(0).sqrt() * norm_sq[ej].clamp_min(0).sqrt()
+                ok_N = denom_N > 0
+                cos_N = (inner_N.abs() / torch.where(ok_N, denom_N, torch.ones_like(denom_N))).clamp_max(1.0)
+                total = torch.where(ok_N, cos_N, torch.zeros_like(cos_N)).sum()
+                sum_cos[ei, ej] = sum_cos[ej, ei] = total
+                count[ei, ej] = count[ej, ei] = ok_N.sum()
             del held_b
     return sum_cos, count
 

@@ -47,6 +47,35 @@ def test_blocked_factored_pointwise_alignment_equals_formed_jacobians(budget):
     assert c[3].sum() == 0 and c[0, 1] == n
 
 
+def test_sampled_pairs_read_only_the_experts_they_need():
+    """With sampled pairs and blocks of two experts, each expert is read once for its own block (its norm, the
+    diagonal) and again only for an earlier block's sampled pair that needs it: at most E + pairs reads, not every
+    later block for every block; the sampled entries equal the formed Jacobians' and the others stay empty."""
+    from moe_lightning.geometry.alignment import sampled_pairs
+
+    torch.manual_seed(0)
+    d, h, n, e = 10, 4, 7, 8
+    x = torch.randn(n, d, dtype=DT)
+    weights = [
+        [torch.randn(d, h, dtype=DT), torch.randn(d, h, dtype=DT), torch.randn(h, d, dtype=DT)] for _ in range(e)
+    ]
+    reads = []
+
+    def factors_of(i):
+        reads.append(i)
+        return swiglu_jacobian_operator(x, *weights[i]).factors
+
+    per_expert = 8 * (d * h + 2 * h * (d + n))  # the function's own estimate of one expert's factors
+    mask = sampled_pairs(e, 3, seed=1)
+    s, c = pointwise_cosine_sums_factored(factors_of, e, n, 4 * per_expert, mask)
+    assert len(reads) <= e + 3 and sorted(set(reads)) == list(range(e)), reads
+    J_NEOI = torch.stack([swiglu_expert_jacobian(x, *w) for w in weights], 1)
+    s_ref, c_ref = pointwise_cosine_sums(J_NEOI)
+    torch.testing.assert_close(s[mask], s_ref[mask], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(c[mask], c_ref[mask])
+    assert not bool(s[~mask].any()) and not bool(c[~mask].any())
+
+
 def _wide_layer(seed=0, num_experts=4):
     torch.manual_seed(seed)
     config = MoEConfig(dim=24, expert_hidden=6, num_experts=num_experts, top_k=2, activation="swiglu")
