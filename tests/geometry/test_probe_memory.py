@@ -102,9 +102,9 @@ def test_a_view_that_casts_on_read_is_lent_no_copy_and_equals_a_float64_layer(mo
 
 
 def test_wide_report_does_not_depend_on_the_memory_budget():
-    """A budget of one byte (one token a chunk, each expert's core tokens and the pointwise alignment's tokens flushed
-    as they come, blocks of one expert) gives the report of a budget that holds everything at once, bootstrap
-    replicas included."""
+    """A budget of one byte (one token a chunk, each expert's core and mean-Jacobian tokens and the pointwise
+    alignment's tokens flushed as they come, blocks of one expert) gives the report of a budget that holds everything
+    at once, bootstrap replicas included."""
     layer, x = _wide_layer(seed=1, num_experts=5)
     (view,) = find_moe_layers(layer)
     wide = dict(matrix_free_threshold=16, bootstrap=2, layer_jacobian=False, subspace_rank=3)

@@ -112,13 +112,7 @@ class Alignment(Accumulator):
             # Every expert's weights are read here, some several times, each with its cast copy and activations:
             # the freed pages go back between them (a Qwen3-sized layer peaked 2 GiB higher in this step without).
             ctx.release()
-            op = ctx.expert_operator(e, x)
-            if op is None or op.factors is None:
-                raise ValueError(
-                    f"view {ctx.view.name!r}: expert {e}'s expert_jacobian_operator gives no factors on these "
-                    "tokens, though it gave them when the probe chose the factored path"
-                )
-            return op.factors
+            return ctx.expert_factors(e, x)
 
         s, c = pointwise_cosine_sums_factored(
             lambda e: factors(e, x_ND), self.num_experts, x_ND.shape[0], ctx.config.memory_budget_bytes, self.pairs

@@ -155,6 +155,17 @@ class ProbeContext:
             self.failure.keep(error)
             return fallback()
 
+    def expert_factors(self, e: int, x_ND: Tensor) -> JacobianFactors:
+        """Expert ``e``'s Jacobian factors at ``x_ND`` (the factored path; an error names the view if it gives
+        none)."""
+        op = self.expert_operator(e, x_ND)
+        if op is None or op.factors is None:
+            raise ValueError(
+                f"view {self.view.name!r}: expert {e}'s expert_jacobian_operator gives no factors on these "
+                "tokens, though it gave them when the probe chose the factored path"
+            )
+        return op.factors
+
     def products_operator(
         self, build: Callable[[ProbeContext, Tensor], JacobianOperator], x_ND: Tensor
     ) -> JacobianOperator:

@@ -135,16 +135,11 @@ class ExpertSpectra(Accumulator):
         self._pending[e].clear()
         x_q, w_q = torch.cat(xs), torch.cat(ws)
         c_q = None if cs[0] is None else torch.cat(cs, dim=1)
-        op = ctx.expert_operator(e, x_q)
-        if op is None or op.factors is None:
-            raise ValueError(
-                f"view {ctx.view.name!r}: expert {e}'s expert_jacobian_operator gives no factors on these "
-                "tokens, though it gave them when the probe chose the factored path"
-            )
-        core = core_factors(op.factors)
+        factors = ctx.expert_factors(e, x_q)
+        core = core_factors(factors)
         for start in range(0, x_q.shape[0], ctx.chunk_size):
             rows = slice(start, start + ctx.chunk_size)
-            sv = factored_singular_values(op.factors, self.rank, core=core, rows=rows).to(ctx.dtype)
+            sv = factored_singular_values(factors, self.rank, core=core, rows=rows).to(ctx.dtype)
             self._add_spectra(ctx, buffer, e, sv, w_q[rows], None if c_q is None else c_q[:, rows])
 
     def _flush(self, ctx: ProbeContext, buffer: Tensor, e: int, final: bool) -> None:
@@ -163,14 +158,8 @@ class ExpertSpectra(Accumulator):
             c_b = None if c_q is None else c_q[:, start : start + chunk]
             exact = None
             if self.factored:  # the exact Frobenius norm, from the factors in the probe's dtype
-                own = built or ctx.expert_operator(e, x_b)
-                factors = None if own is None else own.factors
-                if factors is None:
-                    raise ValueError(
-                        f"view {ctx.view.name!r}: expert {e}'s expert_jacobian_operator gives no factors on these "
-                        "tokens, though it gave them when the probe chose the factored path"
-                    )
-                exact = factored_frobenius_sq(factors)
+                factors = None if built is None else built.factors
+                exact = factored_frobenius_sq(factors or ctx.expert_factors(e, x_b))
             op = self._products_operator(ctx, e, x_b, built)
             res = ctx.solve_topr(op, x_b)
             # the statistics of the whole spectrum that the top-r values cannot give (docs/geometry.md §1,

@@ -127,23 +127,40 @@ class FactoredMeanJacobian(Accumulator):
             return JacobianFactors(f.left_OH.detach().to(dtype), rights, f.scales_NGH.detach())
 
         self.read_factors = read_factors
+        self._pending: dict[int, list[tuple[Tensor, Tensor, Tensor | None]]] = {}  # tokens, weights, counts
 
     def allocate(self, layout: BufferLayout) -> None:
         self.sum_ws = layout.allocate("mean_jacobian/sum_w_scales", self.num_experts, self.width, resampled=True)
 
     def add(self, chunk: Chunk, buffer: Tensor) -> None:
-        sum_ws = self.sum_ws.of(buffer)
-        for e in chunk.ctx.experts_here:
+        # The scales need each routed expert's operator, which may cast its weights: a token reaches few of many
+        # experts, so the tokens wait per expert, as the core spectra's do, and each expert is read once for all of
+        # them (its queue bounded by one E-th of the memory budget).
+        ctx = chunk.ctx
+        for e in ctx.experts_here:
             if not chunk.rows[e].any():
                 continue
-            s = chunk.factors(e).scales_NGH
-            s_NF = s.reshape(s.shape[0], -1).to(sum_ws.dtype)
-            s_NF = torch.nn.functional.pad(s_NF, (0, self.width - s_NF.shape[1]))  # experts of other widths
-            w = chunk.weights(e)
-            sum_ws[e] += w @ s_NF
-            c = chunk.counts_of(e)
-            if c is not None:
-                chunk.ctx.add_resampled(buffer, self.sum_ws, c, w.unsqueeze(-1) * s_NF, index=e)
+            queue = self._pending.setdefault(e, [])
+            queue.append((chunk.inputs(e), chunk.weights(e), chunk.counts_of(e)))
+            queued = sum(q[0].shape[0] for q in queue)
+            if queued * ctx.dim * chunk.x.element_size() * self.num_experts >= self.budget:
+                self._flush(ctx, buffer, e)
+
+    def close(self, ctx: ProbeContext, buffer: Tensor) -> None:
+        for e in sorted(self._pending):
+            ctx.release()  # each expert's read casts its own weights
+            self._flush(ctx, buffer, e)
+
+    def _flush(self, ctx: ProbeContext, buffer: Tensor, e: int) -> None:
+        xs, ws, cs = zip(*self._pending.pop(e), strict=True)
+        w = torch.cat(ws)
+        s = ctx.expert_factors(e, torch.cat(xs)).scales_NGH
+        sum_ws = self.sum_ws.of(buffer)
+        s_NF = s.reshape(s.shape[0], -1).to(sum_ws.dtype)
+        s_NF = torch.nn.functional.pad(s_NF, (0, self.width - s_NF.shape[1]))  # experts of other widths
+        sum_ws[e] += w @ s_NF
+        if cs[0] is not None:
+            ctx.add_resampled(buffer, self.sum_ws, torch.cat(cs, dim=1), w.unsqueeze(-1) * s_NF, index=e)
 
     def finalize(self, buffer: Tensor, report: GeometryReport, done: dict[Accumulator, Any]) -> FactoredMeanJacobians:
         sum_ws, sum_w = self.sum_ws.of(buffer), self.tokens.sum_w.of(buffer)
