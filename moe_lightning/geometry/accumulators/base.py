@@ -16,7 +16,7 @@ from moe_lightning.geometry.report import GeometryReport
 from moe_lightning.geometry.spectra import SPECTRAL_STAT_NAMES, SPECTRAL_VARIANTS, spectral_stats
 from moe_lightning.geometry.statistics import BufferLayout, RowSlot, Slot
 
-__all__ = ["Accumulator", "NotComputed", "SkippedForOneExpert", "SpectralMoments", "safe_div"]
+__all__ = ["Accumulator", "NotComputed", "SkippedForOneExpert", "SpectralMoments", "safe_div", "take_queued"]
 
 
 class Accumulator:
@@ -107,6 +107,14 @@ class NotComputed(Accumulator):
     def finalize(self, buffer: Tensor, report: GeometryReport, done: dict[Accumulator, Any]) -> None:
         for key in self.keys:
             report.variants[key] = self.variant
+
+
+def take_queued(queue: list[tuple[Tensor, Tensor, Tensor | None]]) -> tuple[Tensor, Tensor, Tensor | None]:
+    """An expert's queued ``(tokens, weights, (B, n) bootstrap counts or None)`` entries as one such entry (the
+    queue is emptied)."""
+    xs, ws, cs = zip(*queue, strict=True)
+    queue.clear()
+    return torch.cat(xs), torch.cat(ws), None if cs[0] is None else torch.cat(cs, dim=1)
 
 
 def safe_div(num: Tensor, den: Tensor) -> Tensor:

@@ -155,6 +155,11 @@ class ProbeContext:
             self.failure.keep(error)
             return fallback()
 
+    @property
+    def casts_products(self) -> bool:
+        """Whether the matrix-free products round in a dtype other than the probe's (:attr:`products_dtype`)."""
+        return self.products_dtype not in (None, self.dtype)
+
     def expert_factors(self, e: int, x_ND: Tensor) -> JacobianFactors:
         """Expert ``e``'s Jacobian factors at ``x_ND`` (the factored path; an error names the view if it gives
         none)."""
@@ -171,9 +176,9 @@ class ProbeContext:
     ) -> JacobianOperator:
         """``build(ctx, x)``'s Jacobian operator at ``x_ND`` with its products in :attr:`products_dtype`, taking and
         giving :attr:`dtype`: ``build`` is called with this context and ``x_ND`` in that dtype."""
-        dtype = self.products_dtype or self.dtype
-        if dtype == self.dtype:
+        if not self.casts_products:
             return build(self, x_ND)
+        dtype = self.products_dtype
         return casting_operator(build(replace(self, dtype=dtype), x_ND.to(dtype)), self.dtype)
 
     def nan(self, *shape: int) -> Tensor:

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor
 
-from moe_lightning.geometry.accumulators.base import Accumulator, SpectralMoments, safe_div
+from moe_lightning.geometry.accumulators.base import Accumulator, SpectralMoments, safe_div, take_queued
 from moe_lightning.geometry.accumulators.context import Chunk, ProbeContext
 from moe_lightning.geometry.accumulators.tokens import TokenCounts
 from moe_lightning.geometry.estimates import mark_topr_products, whole_spectrum_statistics, whole_spectrum_variants
@@ -131,10 +130,7 @@ class ExpertSpectra(Accumulator):
     def _flush_core(self, ctx: ProbeContext, buffer: Tensor, e: int) -> None:
         """Every singular value of expert ``e``'s queued tokens from the cores of its factors, the weights' QRs once
         for all of them and the cores ``chunk_size`` tokens at a time (docs/geometry.md §1)."""
-        xs, ws, cs = zip(*self._pending[e], strict=True)
-        self._pending[e].clear()
-        x_q, w_q = torch.cat(xs), torch.cat(ws)
-        c_q = None if cs[0] is None else torch.cat(cs, dim=1)
+        x_q, w_q, c_q = take_queued(self._pending[e])
         factors = ctx.expert_factors(e, x_q)
         core = core_factors(factors)
         for start in range(0, x_q.shape[0], ctx.chunk_size):
@@ -145,10 +141,7 @@ class ExpertSpectra(Accumulator):
     def _flush(self, ctx: ProbeContext, buffer: Tensor, e: int, final: bool) -> None:
         """Run expert ``e``'s queued tokens in calls of ``chunk_size``; a shorter remainder waits unless ``final``."""
         built = self._lone_op.pop(e, None)  # one entry of at most ``chunk_size`` tokens: it runs as one batch
-        xs, ws, cs = zip(*self._pending[e], strict=True)
-        x_q, w_q = torch.cat(xs), torch.cat(ws)
-        c_q = None if cs[0] is None else torch.cat(cs, dim=1)
-        self._pending[e].clear()
+        x_q, w_q, c_q = take_queued(self._pending[e])
         chunk = ctx.chunk_size
         n_run = x_q.shape[0] if final else x_q.shape[0] // chunk * chunk
         if n_run < x_q.shape[0]:
@@ -159,7 +152,7 @@ class ExpertSpectra(Accumulator):
             exact = None
             if self.factored:  # the exact Frobenius norm, from the factors in the probe's dtype
                 factors = None if built is None else built.factors
-                exact = factored_frobenius_sq(factors or ctx.expert_factors(e, x_b))
+                exact = factored_frobenius_sq(ctx.expert_factors(e, x_b) if factors is None else factors)
             op = self._products_operator(ctx, e, x_b, built)
             res = ctx.solve_topr(op, x_b)
             # the statistics of the whole spectrum that the top-r values cannot give (docs/geometry.md §1,
@@ -172,7 +165,7 @@ class ExpertSpectra(Accumulator):
     def _products_operator(ctx: ProbeContext, e: int, x_ND: Tensor, built: JacobianOperator | None) -> JacobianOperator:
         """Expert ``e``'s Jacobians at ``x_ND`` as products in ``ctx.products_dtype`` (closed-form where the view
         offers them, else by torch.func): ``built`` where it is already that, on these tokens."""
-        if built is not None and (ctx.products_dtype or ctx.dtype) == ctx.dtype:
+        if built is not None and not ctx.casts_products:
             return built
         return ctx.products_operator(
             lambda c, x: c.expert_operator(e, x) or func_jacobian_operator(c.experts[e], x), x_ND

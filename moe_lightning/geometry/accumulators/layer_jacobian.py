@@ -149,8 +149,7 @@ class LayerJacobian(Accumulator):
         """The top-``r`` singular values at the chunk's tokens, whether each converged, and the operator (products
         in ``ctx.products_dtype``; the chunk's own operators where that is the probe's dtype)."""
         ctx = chunk.ctx
-        same = (ctx.products_dtype or ctx.dtype) == ctx.dtype
-        op = self._operator_of(chunk) if same else self._products_operator(ctx, chunk.x, chunk.gates)
+        op = self._products_operator(ctx, chunk.x, chunk.gates) if ctx.casts_products else self._operator_of(chunk)
         res = ctx.solve_topr(op, chunk.x)
         return res.values, res.converged, op
 

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from moe_lightning.geometry.accumulators.base import Accumulator
+from moe_lightning.geometry.accumulators.base import Accumulator, take_queued
 from moe_lightning.geometry.accumulators.context import Chunk, ProbeContext
 from moe_lightning.geometry.accumulators.tokens import TokenCounts
 from moe_lightning.geometry.factored import mean_jacobian_gram, mean_jacobian_singular
@@ -152,15 +152,14 @@ class FactoredMeanJacobian(Accumulator):
             self._flush(ctx, buffer, e)
 
     def _flush(self, ctx: ProbeContext, buffer: Tensor, e: int) -> None:
-        xs, ws, cs = zip(*self._pending.pop(e), strict=True)
-        w = torch.cat(ws)
-        s = ctx.expert_factors(e, torch.cat(xs)).scales_NGH
+        x, w, c = take_queued(self._pending.pop(e))
+        s = ctx.expert_factors(e, x).scales_NGH
         sum_ws = self.sum_ws.of(buffer)
         s_NF = s.reshape(s.shape[0], -1).to(sum_ws.dtype)
         s_NF = torch.nn.functional.pad(s_NF, (0, self.width - s_NF.shape[1]))  # experts of other widths
         sum_ws[e] += w @ s_NF
-        if cs[0] is not None:
-            ctx.add_resampled(buffer, self.sum_ws, torch.cat(cs, dim=1), w.unsqueeze(-1) * s_NF, index=e)
+        if c is not None:
+            ctx.add_resampled(buffer, self.sum_ws, c, w.unsqueeze(-1) * s_NF, index=e)
 
     def finalize(self, buffer: Tensor, report: GeometryReport, done: dict[Accumulator, Any]) -> FactoredMeanJacobians:
         sum_ws, sum_w = self.sum_ws.of(buffer), self.tokens.sum_w.of(buffer)
