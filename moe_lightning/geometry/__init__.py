@@ -37,6 +37,7 @@ from moe_lightning.geometry.probe_config import ProbeConfig
 from moe_lightning.geometry.report import GeometryReport
 from moe_lightning.geometry.router import router_health, router_statistics
 from moe_lightning.geometry.spectra import (
+    batched_eigvalsh,
     batched_svdvals,
     decay_slope,
     effective_rank,
@@ -101,6 +102,7 @@ __all__ = [
     "participation_ratio",
     "decay_slope",
     "n_components_for_variance",
+    "batched_eigvalsh",
     "batched_svdvals",
     # Representations (weighted PCA)
     "weighted_pca",

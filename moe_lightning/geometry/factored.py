@@ -17,14 +17,17 @@ The mean Jacobian is ``J̄ = A · Σ_g diag(m_g) B_g`` with ``m = Σ_n w_n s_n /
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from moe_lightning.geometry.operators import JacobianFactors
-from moe_lightning.geometry.spectra import batched_svdvals
+from moe_lightning.geometry.spectra import batched_eigvalsh, batched_svdvals
 
 __all__ = [
+    "GRAM_MIN_RATIO",
+    "Core",
     "core_factors",
     "factored_core_rank",
     "factored_frobenius_sq",
@@ -49,16 +52,33 @@ def factored_core_rank(f: JacobianFactors) -> int:
     return min(o, h, i, f.width)
 
 
-def core_factors(f: JacobianFactors) -> tuple[Tensor, Tensor]:
-    """``R_A``, ``(K_A, H)``, and ``R_Bᵀ``, ``(F, K_B)``: one thin QR of each side, which depend on the weights
+class Core(NamedTuple):
+    """What :func:`factored_singular_values` needs of an expert's weights, computed once for all its tokens."""
+
+    r_A_KH: Tensor
+    """``R_A``, ``(K_A, H)``."""
+    r_Bt_FK: Tensor
+    """``R_Bᵀ``, ``(F, K_B)``."""
+    gram_FF: Tensor | None
+    """``R_Bᵀ R_B = B Bᵀ``, ``(F, F)``, where the core is wide (``K_B > H``), else None."""
+
+
+#: A wide core's values come from its Gram when ``σ_min ≥ GRAM_MIN_RATIO · σ_max`` (condition number at most 10⁴),
+#: from its SVD otherwise (docs/geometry.md §1, "Factored experts at any width").
+GRAM_MIN_RATIO = 1e-4
+
+
+def core_factors(f: JacobianFactors) -> Core:
+    """One thin QR of each side, and the right side's Gram where the core is wide: they depend on the weights
     alone (:func:`factored_singular_values` takes them to share them between calls)."""
     r_A = torch.linalg.qr(f.left_OH, mode="r")[1]
     r_B = torch.linalg.qr(stacked_rights(f).t(), mode="r")[1]  # (K_B, F)
-    return r_A, r_B.t()
+    wide = r_B.shape[0] > f.left_OH.shape[1]
+    return Core(r_A, r_B.t(), r_B.t() @ r_B if wide else None)
 
 
 def factored_singular_values(
-    f: JacobianFactors, size: int, core: tuple[Tensor, Tensor] | None = None, rows: slice | None = None
+    f: JacobianFactors, size: int, core: Core | None = None, rows: slice | None = None
 ) -> Tensor:
     """Every singular value of each token's Jacobian, exactly, from its core (no ``O × I`` matrix is formed).
 
@@ -73,20 +93,53 @@ def factored_singular_values(
     Returns:
         ``(N, size)`` (or ``rows``' count) descending singular values.
     """
-    r_A_KH, r_Bt_FK = core_factors(f) if core is None else core
+    core = core_factors(f) if core is None else core
     scales_NGH = f.scales_NGH if rows is None else f.scales_NGH[rows]
+    if core.gram_FF is None:
+        sv = _core_svdvals(core, scales_NGH)
+    else:
+        # A wide core (a SwiGLU's K_B = min(I, 2H) > H): core_n core_nᵀ = R_A P_n P_nᵀ R_Aᵀ, and P_n P_nᵀ is the
+        # Gram R_Bᵀ R_B scaled on both sides, elementwise: two H × H GEMMs and a symmetric eigensolve a token, against
+        # a QR of the (2H, H) P_nᵀ, a GEMM and an SVD. A value σ_i from its square is within ~ eps·σ_max²/σ_i of
+        # the SVD's, so tokens with σ_min < GRAM_MIN_RATIO · σ_max take the SVD: every value within ~ 1e-12 σ_max.
+        eig = batched_eigvalsh(core.r_A_KH @ _scaled_gram(core.gram_FF, scales_NGH) @ core.r_A_KH.t())
+        sv = eig.flip(-1).clamp_min(0).sqrt()
+        ill = eig[:, 0] < GRAM_MIN_RATIO**2 * eig[:, -1]
+        if bool(ill.any()):
+            sv[ill] = _core_svdvals(core, scales_NGH[ill])
+    return torch.nn.functional.pad(sv, (0, size - sv.shape[-1]))
+
+
+def _core_p(r_Bt_FK: Tensor, scales_NGH: Tensor) -> Tensor:
+    """``(N, H, K_B)``: ``P_n = Σ_g diag(s_{n,g}) (R_Bᵀ)_g``, so that ``core_n = R_A P_n``; elementwise, no GEMM
+    over ``F``."""
     h = scales_NGH.shape[-1]
-    # core_n = R_A P_n with P_n = Σ_g diag(s_{n,g}) (R_Bᵀ)_g, (H, K_B): elementwise, no GEMM over F.
     p_NHK = scales_NGH[:, 0, :, None] * r_Bt_FK[:h]
     for g in range(1, scales_NGH.shape[1]):
         p_NHK.addcmul_(scales_NGH[:, g, :, None], r_Bt_FK[g * h : (g + 1) * h])
-    if p_NHK.shape[-1] > h:
-        # A wide P_n (a SwiGLU's K_B = min(I, 2H) > H): P_nᵀ = Q_n R_n with orthonormal Q_n, so core_n = R_A R_nᵀ Q_nᵀ
-        # has the singular values of the H × H R_A R_nᵀ. Orthogonal transformations only, so the values are as
-        # accurate as the wide core's, and the square SVD costs a third of the wide one's.
+    return p_NHK
+
+
+def _core_svdvals(core: Core, scales_NGH: Tensor) -> Tensor:
+    """``(N, min(K_A, H))``: the cores' singular values by their SVDs."""
+    p_NHK = _core_p(core.r_Bt_FK, scales_NGH)
+    if p_NHK.shape[-1] > p_NHK.shape[1]:
+        # A wide P_n: P_nᵀ = Q_n R_n with orthonormal Q_n, so core_n = R_A R_nᵀ Q_nᵀ has the singular values of the
+        # H × H R_A R_nᵀ. Orthogonal transformations only, so the values are as accurate as the wide core's, and the
+        # square SVD costs a third of the wide one's.
         p_NHK = torch.linalg.qr(p_NHK.mT, mode="r")[1].mT
-    sv = batched_svdvals(r_A_KH @ p_NHK)  # one batched GEMM over the tokens, then their SVDs
-    return torch.nn.functional.pad(sv, (0, size - sv.shape[-1]))
+    return batched_svdvals(core.r_A_KH @ p_NHK)  # one batched GEMM over the tokens, then their SVDs
+
+
+def _scaled_gram(gram_FF: Tensor, scales_NGH: Tensor) -> Tensor:
+    """``(N, H, H)``: ``P_n P_nᵀ = Σ_{g,g'} diag(s_{n,g}) (R_Bᵀ R_B)_{g,g'} diag(s_{n,g'})``."""
+    n, groups, h = scales_NGH.shape
+    out = scales_NGH.new_zeros(n, h, h)
+    for a in range(groups):
+        for b in range(groups):
+            block = gram_FF[a * h : (a + 1) * h, b * h : (b + 1) * h]
+            out.addcmul_(scales_NGH[:, a, :, None] * block, scales_NGH[:, b, None, :])
+    return out
 
 
 def _scale_gram(fi: JacobianFactors, fj: JacobianFactors) -> Tensor:

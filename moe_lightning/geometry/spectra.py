@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -19,6 +20,7 @@ from torch import Tensor
 __all__ = [
     "SPECTRAL_STAT_NAMES",
     "SPECTRAL_VARIANTS",
+    "batched_eigvalsh",
     "batched_svdvals",
     "decay_slope",
     "effective_rank",
@@ -63,6 +65,16 @@ def batched_svdvals(A: Tensor) -> Tensor:
     Returns:
         ``(..., min(m, n))`` singular values, descending.
     """
+    return _split_over_threads(torch.linalg.svdvals, A)
+
+
+def batched_eigvalsh(A: Tensor) -> Tensor:
+    """``torch.linalg.eigvalsh`` of a batch of symmetric matrices, ascending, split over threads as
+    :func:`batched_svdvals`."""
+    return _split_over_threads(torch.linalg.eigvalsh, A)
+
+
+def _split_over_threads(fn: Callable[[Tensor], Tensor], A: Tensor) -> Tensor:
     global _SVD_POOL
     workers = torch.get_num_threads() if SVD_WORKERS is None else SVD_WORKERS
     if (
@@ -73,10 +85,10 @@ def batched_svdvals(A: Tensor) -> Tensor:
         or A.numel() < _SPLIT_MIN_ELEMENTS
         or (A.requires_grad and torch.is_grad_enabled())
     ):
-        return torch.linalg.svdvals(A)
+        return fn(A)
     if _SVD_POOL is None or _SVD_POOL[1] != workers:
         _SVD_POOL = (ThreadPoolExecutor(max_workers=workers, thread_name_prefix="moe_lightning_svd"), workers)
-    futures = [_SVD_POOL[0].submit(torch.linalg.svdvals, part) for part in A.chunk(workers)]
+    futures = [_SVD_POOL[0].submit(fn, part) for part in A.chunk(workers)]
     return torch.cat([f.result() for f in futures])
 
 

@@ -2,10 +2,12 @@
 each formed Jacobian, in every shape the core takes (square, wide and reduced by a QR first, ``H ≥ D``), and the
 mean Jacobian's values and top subspaces against the SVD of the formed mean."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
-from moe_lightning.geometry import mlp_jacobian_operator, swiglu_jacobian_operator
+from moe_lightning.geometry import factored, mlp_jacobian_operator, swiglu_jacobian_operator
 from moe_lightning.geometry.factored import factored_core_rank, factored_singular_values, mean_jacobian_singular
 
 DT = torch.float64
@@ -62,3 +64,43 @@ def test_mean_jacobian_singular_equals_the_svd_of_the_formed_mean(kind, d, h):
     torch.testing.assert_close(S, S_ref, rtol=1e-10, atol=1e-12 * float(S_ref[0]))
     for r in (1, 3, 5):
         torch.testing.assert_close(Vh[:r].T @ Vh[:r], Vh_ref[:r].T @ Vh_ref[:r], rtol=0, atol=1e-9)
+
+
+def _formed_from_factors(f):
+    """``(N, O, I)``: ``A · Σ_g diag(s_{n,g}) B_g`` formed."""
+    return torch.stack(
+        [f.left_OH @ sum(s_g.unsqueeze(-1) * r for s_g, r in zip(s, f.rights_HI, strict=True)) for s in f.scales_NGH]
+    )
+
+
+def test_ill_conditioned_tokens_of_a_wide_core_take_the_svd(monkeypatch):
+    """A wide core's values come from its Gram only where its condition number is at most 1 / GRAM_MIN_RATIO: a
+    token with hidden units switched nearly off (condition number ~1e10) takes the SVD, alone, and every token's
+    values match the formed Jacobian's to the SVD's accuracy."""
+    op = _operator("swiglu", 64, 20, tokens=4, seed=3)
+    scales = op.factors.scales_NGH.clone()
+    scales[1, :, :6] *= 1e-9
+    f = replace(op.factors, scales_NGH=scales)
+    reference = torch.linalg.svdvals(_formed_from_factors(f))
+    assert float(reference[1, 19] / reference[1, 0]) < 1e-6  # the token is ill-conditioned indeed
+    calls = []
+    through_svd = factored._core_svdvals
+    monkeypatch.setattr(factored, "_core_svdvals", lambda core, s: calls.append(s.shape[0]) or through_svd(core, s))
+    got = factored_singular_values(f, 64)
+    assert calls == [1]
+    torch.testing.assert_close(got[:, :20], reference[:, :20], rtol=1e-10, atol=1e-12 * float(reference.max()))
+
+
+def test_the_gram_alone_would_lose_an_ill_conditioned_core(monkeypatch):
+    """Two nearly collinear columns of the left factor (condition number ~1e8): the Gram's values are off by
+    ~1e-9 of the largest, the switch to the SVD keeps them within 1e-12."""
+    op = _operator("swiglu", 64, 20, tokens=4, seed=3)
+    left = op.factors.left_OH.clone()
+    left[:, 0] = left[:, 1] + 1e-7 * torch.randn(64, dtype=DT, generator=torch.Generator().manual_seed(0))
+    f = replace(op.factors, left_OH=left)
+    reference = torch.linalg.svdvals(_formed_from_factors(f))[:, :20]
+    got = factored_singular_values(f, 64)[:, :20]
+    torch.testing.assert_close(got, reference, rtol=1e-10, atol=1e-12 * float(reference.max()))
+    monkeypatch.setattr(factored, "GRAM_MIN_RATIO", 0.0)
+    gram_only = factored_singular_values(f, 64)[:, :20]
+    assert float((gram_only - reference).abs().max()) > 1e-11 * float(reference.max())
