@@ -17,7 +17,7 @@ The mean Jacobian is ``J̄ = A · Σ_g diag(m_g) B_g`` with ``m = Σ_n w_n s_n /
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -52,15 +52,25 @@ def factored_core_rank(f: JacobianFactors) -> int:
     return min(o, h, i, f.width)
 
 
-class Core(NamedTuple):
+@dataclass
+class Core:
     """What :func:`factored_singular_values` needs of an expert's weights, computed once for all its tokens."""
 
     r_A_KH: Tensor
     """``R_A``, ``(K_A, H)``."""
-    r_Bt_FK: Tensor
-    """``R_Bᵀ``, ``(F, K_B)``."""
+    rights_FI: Tensor
+    """The stacked right factors ``B``, ``(F, I)``."""
     gram_FF: Tensor | None
-    """``R_Bᵀ R_B = B Bᵀ``, ``(F, F)``, where the core is wide (``K_B > H``), else None."""
+    """``B Bᵀ``, ``(F, F)``, where the core is wide (``K_B = min(I, F) > H``), else None."""
+    _r_Bt_FK: Tensor | None = None
+
+    @property
+    def r_Bt_FK(self) -> Tensor:
+        """``R_Bᵀ``, ``(F, K_B)``: a thin QR of ``Bᵀ``, computed when first asked for (a wide core needs it only for
+        the tokens its Gram cannot give accurately)."""
+        if self._r_Bt_FK is None:
+            self._r_Bt_FK = torch.linalg.qr(self.rights_FI.t(), mode="r")[1].t()
+        return self._r_Bt_FK
 
 
 #: A wide core's values come from its Gram when ``σ_min ≥ GRAM_MIN_RATIO · σ_max`` (condition number at most 10⁴),
@@ -69,12 +79,12 @@ GRAM_MIN_RATIO = 1e-4
 
 
 def core_factors(f: JacobianFactors) -> Core:
-    """One thin QR of each side, and the right side's Gram where the core is wide: they depend on the weights
-    alone (:func:`factored_singular_values` takes them to share them between calls)."""
+    """One thin QR of the left side, and the right side's Gram where the core is wide (its QR when first needed):
+    they depend on the weights alone (:func:`factored_singular_values` takes them to share them between calls)."""
     r_A = torch.linalg.qr(f.left_OH, mode="r")[1]
-    r_B = torch.linalg.qr(stacked_rights(f).t(), mode="r")[1]  # (K_B, F)
-    wide = r_B.shape[0] > f.left_OH.shape[1]
-    return Core(r_A, r_B.t(), r_B.t() @ r_B if wide else None)
+    rights = stacked_rights(f)
+    wide = min(rights.shape) > f.left_OH.shape[1]
+    return Core(r_A, rights, rights @ rights.t() if wide else None)
 
 
 def factored_singular_values(
@@ -99,9 +109,10 @@ def factored_singular_values(
         sv = _core_svdvals(core, scales_NGH)
     else:
         # A wide core (a SwiGLU's K_B = min(I, 2H) > H): core_n core_nᵀ = R_A P_n P_nᵀ R_Aᵀ, and P_n P_nᵀ is the
-        # Gram R_Bᵀ R_B scaled on both sides, elementwise: two H × H GEMMs and a symmetric eigensolve a token, against
-        # a QR of the (2H, H) P_nᵀ, a GEMM and an SVD. A value σ_i from its square is within ~ eps·σ_max²/σ_i of
-        # the SVD's, so tokens with σ_min < GRAM_MIN_RATIO · σ_max take the SVD: every value within ~ 1e-12 σ_max.
+        # weights' Gram B Bᵀ = R_Bᵀ R_B scaled on both sides, elementwise (no QR of Bᵀ): two H × H GEMMs and a
+        # symmetric eigensolve a token, against a QR of the (2H, H) P_nᵀ, a GEMM and an SVD. A value σ_i from its
+        # square is within ~ eps·σ_max²/σ_i of the SVD's, so tokens with σ_min < GRAM_MIN_RATIO · σ_max take the
+        # SVD: every value within ~ 1e-12 σ_max.
         eig = batched_eigvalsh(core.r_A_KH @ _scaled_gram(core.gram_FF, scales_NGH) @ core.r_A_KH.t())
         sv = eig.flip(-1).clamp_min(0).sqrt()
         ill = eig[:, 0] < GRAM_MIN_RATIO**2 * eig[:, -1]
@@ -132,7 +143,7 @@ def _core_svdvals(core: Core, scales_NGH: Tensor) -> Tensor:
 
 
 def _scaled_gram(gram_FF: Tensor, scales_NGH: Tensor) -> Tensor:
-    """``(N, H, H)``: ``P_n P_nᵀ = Σ_{g,g'} diag(s_{n,g}) (R_Bᵀ R_B)_{g,g'} diag(s_{n,g'})``."""
+    """``(N, H, H)``: ``P_n P_nᵀ = Σ_{g,g'} diag(s_{n,g}) (B Bᵀ)_{g,g'} diag(s_{n,g'})``."""
     n, groups, h = scales_NGH.shape
     out = scales_NGH.new_zeros(n, h, h)
     for a in range(groups):
@@ -259,7 +270,9 @@ def _mean_right(f: JacobianFactors, mean_F: Tensor) -> Tensor:
     return out
 
 
-def mean_jacobian_singular(f: JacobianFactors, mean_F: Tensor, size: int) -> tuple[Tensor, Tensor]:
+def mean_jacobian_singular(
+    f: JacobianFactors, mean_F: Tensor, size: int, top: int | None = None
+) -> tuple[Tensor, Tensor]:
     """Singular values and right singular vectors of ``J̄ = A · Σ_g diag(m_g) B_g``, exactly, through its core
     ``R_A · Σ_g diag(m_g) B_g`` (``min(O, H) × I``; ``J̄ = Q_A`` times it).
 
@@ -267,20 +280,22 @@ def mean_jacobian_singular(f: JacobianFactors, mean_F: Tensor, size: int) -> tup
         f: the expert's factors (its ``scales`` are not read).
         mean_F: ``(F,)`` the gate-weighted mean of the expert's scales.
         size: length of the returned spectrum (``min(O, I)``), zero-padded as in :func:`factored_singular_values`.
+        top: how many right singular vectors to return, the leading ones (None: every one, ``K``).
 
     Returns:
-        ``(size,)`` descending singular values and ``(K, I)`` right singular vectors as rows (``K`` of them).
+        ``(size,)`` descending singular values and ``(top, I)`` right singular vectors as rows.
     """
     r_A_KH, right_HI = torch.linalg.qr(f.left_OH, mode="r")[1], _mean_right(f, mean_F)
     if right_HI.shape[1] > right_HI.shape[0]:
         # Wide (I > H): Σ_g diag(m_g) B_g = R_mᵀ Q_mᵀ with orthonormal Q_m (a QR of its transpose), so the core's
         # SVD is that of the H-wide R_A R_mᵀ = U S Wᵀ with right vectors Q_m W: orthogonal transformations only,
-        # and the square SVD with vectors costs a fraction of the wide one.
+        # and the square SVD with vectors costs a fraction of the wide one. Only the rows asked for are rotated back.
         q_IH, r_HH = torch.linalg.qr(right_HI.t())
         _, S, Wh = torch.linalg.svd(r_A_KH @ r_HH.t(), full_matrices=False)
-        Vh = Wh @ q_IH.t()
+        Vh = Wh[:top] @ q_IH.t()
     else:
         _, S, Vh = torch.linalg.svd(r_A_KH @ right_HI, full_matrices=False)
+        Vh = Vh[:top]
     return torch.nn.functional.pad(S, (0, size - S.shape[0])), Vh
 
 
@@ -306,7 +321,7 @@ def mean_jacobian_gram(
     (d_out, _), d_in = first.left_OH.shape, first.rights_HI[0].shape[1]
     ref = means_EF[live[0]]
     itemsize = ref.element_size()
-    rows = max(1, min(d_out, memory_budget_bytes // max(1, 2 * len(live) * d_in * itemsize)))
+    rows = max(1, min(d_out, memory_budget_bytes // max(1, len(live) * d_in * itemsize)))
     gram = ref.new_zeros(len(live), len(live))
     for start in range(0, d_out, rows):
         block_EX = ref.new_empty(len(live), min(rows, d_out - start) * d_in)

@@ -64,6 +64,10 @@ def test_mean_jacobian_singular_equals_the_svd_of_the_formed_mean(kind, d, h):
     torch.testing.assert_close(S, S_ref, rtol=1e-10, atol=1e-12 * float(S_ref[0]))
     for r in (1, 3, 5):
         torch.testing.assert_close(Vh[:r].T @ Vh[:r], Vh_ref[:r].T @ Vh_ref[:r], rtol=0, atol=1e-9)
+    S_top, Vh_top = mean_jacobian_singular(op.factors, mean_F, d, top=3)  # the leading rows alone
+    assert Vh_top.shape == (3, d)
+    torch.testing.assert_close(S_top, S, rtol=0, atol=0)
+    torch.testing.assert_close(Vh_top, Vh[:3], rtol=1e-12, atol=1e-13)
 
 
 def _formed_from_factors(f):

@@ -87,10 +87,11 @@ class FactoredMeanJacobians:
             self._gram = mean_jacobian_gram(self.read_factors, self.means, self.budget)
         return self._gram
 
-    def singular(self, e: int) -> tuple[Tensor, Tensor] | None:
-        """``(D,)`` singular values and right singular vectors (rows) of ``J̄_e``; None without a mean."""
+    def singular(self, e: int, top: int | None = None) -> tuple[Tensor, Tensor] | None:
+        """``(D,)`` singular values and the ``top`` leading right singular vectors (rows; None: all) of ``J̄_e``;
+        None without a mean."""
         mean = self.means[e]
-        return None if mean is None else mean_jacobian_singular(self.read_factors(e), mean, self.dim)
+        return None if mean is None else mean_jacobian_singular(self.read_factors(e), mean, self.dim, top)
 
 
 class FactoredMeanJacobian(Accumulator):

@@ -61,7 +61,7 @@ class Subspaces(Accumulator):
         factored = isinstance(self.mean_jacobian, FactoredMeanJacobian)
         for e in range(report.num_experts):
             if factored:  # the exact SVD of the mean Jacobian's small core (docs/geometry.md §1)
-                found = None if bool(report.empty[e]) else done[self.mean_jacobian].singular(e)
+                found = None if bool(report.empty[e]) else done[self.mean_jacobian].singular(e, r)
             else:
                 Jbar = self.mean_jacobian.sum_wJ.of(buffer)[e]
                 found = None
