@@ -17,7 +17,7 @@ The mean Jacobian is ``J̄ = A · Σ_g diag(m_g) B_g`` with ``m = Σ_n w_n s_n /
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -155,10 +155,11 @@ def _scaled_gram(gram_FF: Tensor, scales_NGH: Tensor) -> Tensor:
 
 def _scale_gram(fi: JacobianFactors, fj: JacobianFactors) -> Tensor:
     """``(F_i, F_j)`` matrix ``K`` with ``⟨J_i, J_j⟩_F = s_iᵀ K s_j`` for any scales:
-    ``K[(g,a), (g',b)] = (A_iᵀ A_j)[a, b] · (B_{i,g} B_{j,g'}ᵀ)[a, b]``."""
+    ``K[(g,a), (g',b)] = (A_iᵀ A_j)[a, b] · (B_{i,g} B_{j,g'}ᵀ)[a, b]``, its products in the weights' dtype and the
+    result in the scales'."""
     left = fi.left_OH.t() @ fj.left_OH  # (H_i, H_j)
     rights = stacked_rights(fi) @ stacked_rights(fj).t()  # (F_i, F_j)
-    return left.repeat(len(fi.rights_HI), len(fj.rights_HI)) * rights
+    return (left.repeat(len(fi.rights_HI), len(fj.rights_HI)) * rights).to(fi.scales_NGH.dtype)
 
 
 def factored_frobenius_sq(f: JacobianFactors) -> Tensor:
@@ -188,6 +189,7 @@ def pointwise_cosine_sums_factored(
     num_tokens: int,
     memory_budget_bytes: int,
     pairs_EE: Tensor | None = None,
+    gram_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Additive statistics of the pointwise alignment (docs/geometry.md §4) of ``E`` factored experts at the same
     ``N`` tokens: :func:`~moe_lightning.geometry.pointwise_cosine_sums` from :func:`factored_inner_products`,
@@ -206,6 +208,8 @@ def pointwise_cosine_sums_factored(
         memory_budget_bytes: bound on the two blocks of experts held at once.
         pairs_EE: ``(E, E)`` mask of the pairs to compute (their Grams only; the others' entries stay 0, count 0);
             None computes every pair.
+        gram_dtype: the dtype the Grams' products round in (the weights are read in it); None: the factors'. The
+            scales and every sum stay in the factors' dtype.
 
     Returns:
         ``(sum_cos_EE, count_EE)`` as :func:`~moe_lightning.geometry.pointwise_cosine_sums`.
@@ -228,7 +232,11 @@ def pointwise_cosine_sums_factored(
     def read(experts: list[int]) -> dict[int, JacobianFactors]:
         held = {}
         for e in experts:
-            held[e] = reuse.pop(e) if e in reuse else factors_of(e)
+            f = reuse.pop(e) if e in reuse else factors_of(e)
+            if gram_dtype is not None and f.left_OH.dtype != gram_dtype:
+                rights = tuple(r.to(gram_dtype) for r in f.rights_HI)
+                f = replace(f, left_OH=f.left_OH.to(gram_dtype), rights_HI=rights)
+            held[e] = f
             if e not in norm_sq:
                 norm_sq[e] = factored_inner_products([held[e]])[:, 0, 0]
         return held

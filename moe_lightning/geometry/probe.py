@@ -107,7 +107,18 @@ def _accumulators(ctx: ProbeContext) -> tuple[TokenCounts, list[Accumulator]]:
         quantities.append(SkippedForOneExpert("align"))
     elif cfg.alignment and mean_jacobian is not None:
         pairs = sampled_pairs(num_experts, cfg.pointwise_alignment_pairs, cfg.seed)
-        alignment = Alignment(mean_jacobian, num_experts, d, cfg.pointwise_alignment, ctx.pointwise_factors, pairs)
+        # On a sample of the pairs the mean is an estimate with its standard error over pairs: the Grams' products
+        # round in the matrix-free products' dtype, their error far below it (docs/geometry.md §4).
+        sampled = pairs is not None and ctx.matrix_free and ctx.products_dtype != ctx.dtype
+        alignment = Alignment(
+            mean_jacobian,
+            num_experts,
+            d,
+            cfg.pointwise_alignment,
+            ctx.pointwise_factors,
+            pairs,
+            gram_dtype=ctx.products_dtype if sampled else None,
+        )
         quantities.append(alignment)
     if not multi:
         quantities.append(SkippedForOneExpert("cka"))

@@ -95,7 +95,9 @@ class ProbeConfig:
             bases, Rayleigh–Ritz steps, Lanczos recurrences, probes and sums stay in ``dtype``; only the products round
             in this dtype. Their error on the top-``r`` values is below the solver's own tolerance, and on the
             estimates four orders of magnitude below the estimates' standard errors at ``D = 2048``
-            (docs/geometry.md §1, "The products' precision"). It applies where the view casts what it reads
+            (docs/geometry.md §1, "The products' precision"). The Grams of the pointwise alignment on a sample of
+            the pairs (an estimate with its standard error over pairs) round in it too. It applies where the view
+            casts what it reads
             (:class:`~moe_lightning.geometry.view.CastsOnRead`): on a float32 model the products then read the
             weights as they are, with no cast copy, and tokens of several chunks share each estimate's product.
         pca_max_dim: a PCA site wider than this is skipped (its ``Σw x xᵀ`` would be too large).

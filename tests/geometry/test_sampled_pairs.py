@@ -38,10 +38,10 @@ def test_sampled_entries_equal_every_pair_probe_and_the_rest_are_not_reported(th
     pairs only) each sampled entry equals the probe of every pair to 1e-12; the others are NaN, the maximum is
     left out and the variant names the sample."""
     view, x = _layer(16, 8, seed=0)
-    full = probe(view, x, ProbeConfig(matrix_free_threshold=threshold, **ONLY_ALIGNMENT))
-    sampled = probe(
-        view, x, ProbeConfig(matrix_free_threshold=threshold, pointwise_alignment_pairs=6, **ONLY_ALIGNMENT)
-    )
+    # the Grams in the probe's dtype (on the factored path a sample's round in float32 by default: the test below)
+    exact = dict(matrix_free_threshold=threshold, matrix_free_products_dtype=None, **ONLY_ALIGNMENT)
+    full = probe(view, x, ProbeConfig(**exact))
+    sampled = probe(view, x, ProbeConfig(pointwise_alignment_pairs=6, **exact))
     mask = sampled_pairs(8, 6, seed=0)
     P, Q = full.matrices["align_pointwise"], sampled.matrices["align_pointwise"]
     torch.testing.assert_close(Q[mask], P[mask], rtol=1e-12, atol=1e-14)
@@ -58,6 +58,27 @@ def test_sampled_entries_equal_every_pair_probe_and_the_rest_are_not_reported(th
     assert sampled.variants["palign"].endswith("_sampled_pairs=6_of_28")
     # the mean-Jacobian alignment is untouched
     torch.testing.assert_close(sampled.matrices["align_mean_jacobian"], full.matrices["align_mean_jacobian"])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_float32_grams_of_a_sample_lie_far_within_its_standard_error(seed):
+    """Above the threshold a sample's Grams round in the matrix-free products' dtype (float32 by default): each
+    sampled entry within 1e-5 of the float64 Grams' (relative), the mean within a thousandth of its standard error
+    over pairs, and the variant says so. Every pair keeps float64 Grams."""
+    view, x = _layer(64, 8, seed=seed)
+    wide = dict(matrix_free_threshold=32, pointwise_alignment_pairs=6, **ONLY_ALIGNMENT)
+    f64 = probe(view, x, ProbeConfig(matrix_free_products_dtype=None, **wide))
+    f32 = probe(view, x, ProbeConfig(**wide))
+    mask = sampled_pairs(8, 6, seed=0)
+    P, Q = f64.matrices["align_pointwise"][mask], f32.matrices["align_pointwise"][mask]
+    assert not torch.equal(P, Q)  # the float32 products did round
+    torch.testing.assert_close(Q, P, rtol=1e-5, atol=0)
+    diff = abs(f32.layer["palign_mean_offdiag"] - f64.layer["palign_mean_offdiag"])
+    assert diff < 1e-3 * f64.layer["palign_mean_offdiag_se"]
+    assert f32.variants["palign"].endswith("_sampled_pairs=6_of_28_grams_float32")
+    assert f64.variants["palign"].endswith("_sampled_pairs=6_of_28")
+    every = probe(view, x, ProbeConfig(matrix_free_threshold=32, **ONLY_ALIGNMENT))
+    assert "grams" not in every.variants["palign"]
 
 
 def test_standard_error_over_pairs_is_calibrated_over_samples():

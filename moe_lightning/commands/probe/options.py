@@ -105,7 +105,8 @@ class ProbeOptions:
     matrix_free_threshold: int = option(1024, "model dims above this use the matrix-free top-r spectra")
     matrix_free_products_dtype: str = option(
         "float32",
-        "dtype of the matrix-free products with J and its transpose (the top-r Krylov solve, Hutchinson, SLQ); "
+        "dtype of the matrix-free products with J and its transpose (the top-r Krylov solve, Hutchinson, SLQ) "
+        "and of the Grams of a sampled pointwise alignment; "
         "their bases, recurrences and sums stay in --probe-dtype (ProbeConfig.matrix_free_products_dtype, "
         "docs/geometry.md §1)",
         choices=PROBE_DTYPES,

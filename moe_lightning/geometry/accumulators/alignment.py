@@ -52,6 +52,9 @@ class Alignment(Accumulator):
         pointwise_factors: on the exact path, compute the pointwise inner products from the experts' factors.
         pairs: ``(E, E)`` mask of the sampled pairs of the pointwise alignment
             (:func:`~moe_lightning.geometry.alignment.sampled_pairs`); None: every pair.
+        gram_dtype: the dtype the factored pointwise Grams' products round in (None: the probe's); the probe passes
+            the matrix-free products' dtype on a sample of the pairs, whose mean is an estimate with a standard error
+            over pairs (docs/geometry.md §4, "On a sample of the pairs").
     """
 
     def __init__(
@@ -62,9 +65,10 @@ class Alignment(Accumulator):
         pointwise: bool = True,
         pointwise_factors: bool = False,
         pairs: Tensor | None = None,
+        gram_dtype: torch.dtype | None = None,
     ) -> None:
         self.mean_jacobian, self.num_experts, self.dim = mean_jacobian, num_experts, dim
-        self.pairs = pairs
+        self.pairs, self.gram_dtype = pairs, gram_dtype
         self.factored = isinstance(mean_jacobian, FactoredMeanJacobian)
         self.pointwise = pointwise
         self.pointwise_factored = self.factored or pointwise_factors
@@ -115,7 +119,12 @@ class Alignment(Accumulator):
             return ctx.expert_factors(e, x)
 
         s, c = pointwise_cosine_sums_factored(
-            lambda e: factors(e, x_ND), self.num_experts, x_ND.shape[0], ctx.config.memory_budget_bytes, self.pairs
+            lambda e: factors(e, x_ND),
+            self.num_experts,
+            x_ND.shape[0],
+            ctx.config.memory_budget_bytes,
+            self.pairs,
+            gram_dtype=self.gram_dtype,
         )
         self.cos_sum.of(buffer).add_(s)
         self.cos_count.of(buffer).add_(c)
@@ -160,6 +169,8 @@ class Alignment(Accumulator):
             report.layer.update(palign_mean_offdiag_se=se, palign_ratio_se=se / chance, palign_mean_offdiag=mean_off)
             e, sampled = self.num_experts, int(torch.triu(self.pairs, diagonal=1).sum())
             variant += f"_sampled_pairs={sampled}_of_{e * (e - 1) // 2}"
+            if self.gram_dtype is not None:
+                variant += f"_grams_{str(self.gram_dtype).removeprefix('torch.')}"
         report.matrices["align_pointwise"] = P
         report.layer["palign_ratio"] = mean_off / chance
         report.variants["palign"] = variant
