@@ -133,8 +133,14 @@ class ExpertSpectra(Accumulator):
         x_q, w_q, c_q = take_queued(self._pending[e])
         factors = ctx.expert_factors(e, x_q)
         core = core_factors(factors)
-        for start in range(0, x_q.shape[0], ctx.chunk_size):
-            rows = slice(start, start + ctx.chunk_size)
+        # The cores run in batches of their own size, not the chunk's (which also bounds what a chunk's other parts
+        # hold: one token at real sizes), so that the batched GEMMs and eigensolves split over the threads. A token
+        # holds its (H, K_B) scaled factor and four H × H matrices: the scaled Gram and its temporaries, the core.
+        h = factors.left_OH.shape[1]
+        per_token = x_q.element_size() * h * (factors.width + 4 * h)
+        batch = max(1, ctx.config.memory_budget_bytes // per_token)
+        for start in range(0, x_q.shape[0], batch):
+            rows = slice(start, start + batch)
             sv = factored_singular_values(factors, self.rank, core=core, rows=rows).to(ctx.dtype)
             self._add_spectra(ctx, buffer, e, sv, w_q[rows], None if c_q is None else c_q[:, rows])
 
