@@ -71,7 +71,9 @@ def test_a_checkpoint_written_by_0_1_loads_and_computes_what_it_did(module_class
     saved = torch.load(OLD / "outputs.pt")
     with torch.no_grad():
         output = module.model(saved[model_input]).output
-    torch.testing.assert_close(output, saved[expected], rtol=0, atol=0)
+    # float32's default tolerances: another CPU's kernels round differently (outputs 2.4e-7 apart between two x86
+    # hosts), while a wrong weight or config moves the outputs by their own size
+    torch.testing.assert_close(output, saved[expected])
 
 
 def test_a_0_1_checkpoint_also_unpickles_in_full_through_the_old_path():
