@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from moe_lightning.common import dtype_name
 from moe_lightning.geometry.lanczos import tridiagonal
 from moe_lightning.geometry.operators import JacobianOperator
 from moe_lightning.geometry.probe_config import ProbeConfig
@@ -271,7 +272,7 @@ def whole_spectrum_statistics(
 def products_suffix(config: ProbeConfig, products: torch.dtype | None) -> str:
     """``_products_<dtype>``, the suffix of a variant whose matrix-free products rounded in ``products``, where that
     is not ``config.dtype``; else empty."""
-    return "" if products in (None, config.dtype) else f"_products_{str(products).removeprefix('torch.')}"
+    return "" if products in (None, config.dtype) else f"_products_{dtype_name(products)}"
 
 
 def mark_topr_products(

@@ -109,7 +109,7 @@ def _accumulators(ctx: ProbeContext) -> tuple[TokenCounts, list[Accumulator]]:
         pairs = sampled_pairs(num_experts, cfg.pointwise_alignment_pairs, cfg.seed)
         # On a sample of the pairs the mean is an estimate with its standard error over pairs: the Grams' products
         # round in the matrix-free products' dtype, their error far below it (docs/geometry.md §4).
-        sampled = pairs is not None and ctx.matrix_free and ctx.products_dtype != ctx.dtype
+        sampled = pairs is not None and ctx.casts_products
         alignment = Alignment(
             mean_jacobian,
             num_experts,

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from moe_lightning.common import observation
+from moe_lightning.common import dtype_name, observation
 from moe_lightning.geometry.lending import lent_modules, with_cast_copies
 from moe_lightning.geometry.view import CastsOnRead, ExpertPlacement, HasPlacement, MoEView
 
@@ -202,7 +202,7 @@ def _checks(views: Sequence[MoEView], x_ND: Tensor, dtype: torch.dtype | None) -
     def reconstruction() -> tuple[Tensor, Tensor, str]:
         if isinstance(state["sum"], Exception):
             raise state["sum"]
-        return state["sum"], state["out"], f"the views' gated sum in {str(x.dtype).removeprefix('torch.')}"
+        return state["sum"], state["out"], f"the views' gated sum in {dtype_name(x.dtype)}"
 
     return [("determinism", determinism), ("per-token", per_token), ("reconstruction", reconstruction)]
 

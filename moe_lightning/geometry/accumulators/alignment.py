@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from moe_lightning.common import dtype_name
 from moe_lightning.geometry.accumulators.base import Accumulator, safe_div
 from moe_lightning.geometry.accumulators.context import Chunk, ProbeContext
 from moe_lightning.geometry.accumulators.mean_jacobian import (
@@ -170,7 +171,7 @@ class Alignment(Accumulator):
             e, sampled = self.num_experts, int(torch.triu(self.pairs, diagonal=1).sum())
             variant += f"_sampled_pairs={sampled}_of_{e * (e - 1) // 2}"
             if self.gram_dtype is not None:
-                variant += f"_grams_{str(self.gram_dtype).removeprefix('torch.')}"
+                variant += f"_grams_{dtype_name(self.gram_dtype)}"
         report.matrices["align_pointwise"] = P
         report.layer["palign_ratio"] = mean_off / chance
         report.variants["palign"] = variant

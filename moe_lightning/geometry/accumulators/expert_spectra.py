@@ -128,8 +128,9 @@ class ExpertSpectra(Accumulator):
                 self._flush(chunk.ctx, buffer, e, final=False)
 
     def _flush_core(self, ctx: ProbeContext, buffer: Tensor, e: int) -> None:
-        """Every singular value of expert ``e``'s queued tokens from the cores of its factors, the weights' QRs once
-        for all of them and the cores ``chunk_size`` tokens at a time (docs/geometry.md §1)."""
+        """Every singular value of expert ``e``'s queued tokens from the cores of its factors, what the weights give
+        (:func:`~moe_lightning.geometry.factored.core_factors`) once for all of them and the cores in batches within
+        the memory budget (docs/geometry.md §1)."""
         x_q, w_q, c_q = take_queued(self._pending[e])
         factors = ctx.expert_factors(e, x_q)
         core = core_factors(factors)
