@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from moe_lightning.geometry.operators import JacobianFactors
-from moe_lightning.geometry.spectra import batched_eigvalsh, batched_svdvals
+from moe_lightning.geometry.spectra import batched_svdvals, congruence_eigvalsh
 
 __all__ = [
     "GRAM_MIN_RATIO",
@@ -109,11 +109,12 @@ def factored_singular_values(
         sv = _core_svdvals(core, scales_NGH)
     else:
         # A wide core (a SwiGLU's K_B = min(I, 2H) > H): core_n core_nᵀ = R_A P_n P_nᵀ R_Aᵀ, and P_n P_nᵀ is the
-        # weights' Gram B Bᵀ = R_Bᵀ R_B scaled on both sides, elementwise (no QR of Bᵀ): two H × H GEMMs and a
-        # symmetric eigensolve a token, against a QR of the (2H, H) P_nᵀ, a GEMM and an SVD. A value σ_i from its
-        # square is within ~ eps·σ_max²/σ_i of the SVD's, so tokens with σ_min < GRAM_MIN_RATIO · σ_max take the
-        # SVD: every value within ~ 1e-12 σ_max.
-        eig = batched_eigvalsh(core.r_A_KH @ _scaled_gram(core.gram_FF, scales_NGH) @ core.r_A_KH.t())
+        # weights' Gram B Bᵀ = R_Bᵀ R_B scaled on both sides, elementwise (no QR of Bᵀ): the congruence by the
+        # triangular R_A (LAPACK's sygst on CPU, a quarter of two GEMMs' flops) and a symmetric eigensolve a token,
+        # against a QR of the (2H, H) P_nᵀ, a GEMM and an SVD. A value σ_i from its square is within
+        # ~ eps·σ_max²/σ_i of the SVD's, so tokens with σ_min < GRAM_MIN_RATIO · σ_max take the SVD: every value
+        # within ~ 1e-12 σ_max.
+        eig = congruence_eigvalsh(core.r_A_KH, _scaled_gram(core.gram_FF, scales_NGH))
         sv = eig.flip(-1).clamp_min(0).sqrt()
         ill = eig[:, 0] < GRAM_MIN_RATIO**2 * eig[:, -1]
         if bool(ill.any()):

@@ -22,6 +22,7 @@ __all__ = [
     "SPECTRAL_VARIANTS",
     "batched_eigvalsh",
     "batched_svdvals",
+    "congruence_eigvalsh",
     "decay_slope",
     "effective_rank",
     "n_components_for_variance",
@@ -72,6 +73,59 @@ def batched_eigvalsh(A: Tensor) -> Tensor:
     """``torch.linalg.eigvalsh`` of a batch of symmetric matrices, ascending, split over threads as
     :func:`batched_svdvals`."""
     return _split_over_threads(torch.linalg.eigvalsh, A)
+
+
+def congruence_eigvalsh(upper_KK: Tensor, sym_NKK: Tensor) -> Tensor:
+    """Ascending eigenvalues of ``U S_n Uᵀ`` for an upper-triangular ``U`` and a batch of symmetric ``S_n``.
+
+    On CPU in float32 or float64 LAPACK's ``sygst`` forms each ``U S_n Uᵀ`` from the triangles (``K³`` flops
+    against the ``4K³`` of two GEMMs) and ``syevd`` takes its eigenvalues, one token after another on the BLAS
+    threads of SciPy's LAPACK; elsewhere (another device or dtype, a ``U`` that is not square) the two GEMMs and
+    :func:`batched_eigvalsh`. Only the lower triangle of each ``S_n`` is read (``torch.linalg.eigvalsh``'s default),
+    and ``sym_NKK`` may be overwritten.
+
+    Args:
+        upper_KK: ``(K, K)`` upper-triangular ``U`` (an R factor of a QR: the diagonal may have either sign).
+        sym_NKK: ``(N, K, K)`` symmetric ``S_n``.
+
+    Returns:
+        ``(N, K)`` ascending eigenvalues.
+
+    Example:
+        >>> U = torch.triu(torch.randn(4, 4, dtype=torch.float64))
+        >>> X = torch.randn(2, 4, 6, dtype=torch.float64)
+        >>> S = X @ X.mT
+        >>> torch.allclose(congruence_eigvalsh(U, S.clone()), torch.linalg.eigvalsh(U @ S @ U.T))
+        True
+    """
+    k = upper_KK.shape[0]
+    lapack = (
+        upper_KK.device.type == "cpu"
+        and sym_NKK.device.type == "cpu"
+        and upper_KK.dtype in (torch.float32, torch.float64)
+        and sym_NKK.dtype == upper_KK.dtype
+        and upper_KK.shape == (k, k)
+        and sym_NKK.shape[1:] == (k, k)
+        and not (torch.is_grad_enabled() and (upper_KK.requires_grad or sym_NKK.requires_grad))
+    )
+    if not lapack or sym_NKK.shape[0] == 0 or k == 0:
+        return batched_eigvalsh(upper_KK @ sym_NKK @ upper_KK.mT)
+    from scipy.linalg import lapack as scipy_lapack  # scipy's import costs a second; only wide cores need it
+
+    u = upper_KK.detach().numpy(force=True).copy(order="F")
+    sygst, syevd = scipy_lapack.get_lapack_funcs(("sygst", "syevd"), (u,))
+    out = sym_NKK.new_empty(sym_NKK.shape[:2])
+    sym = sym_NKK.detach().contiguous()
+    for n in range(sym.shape[0]):
+        # The transpose of a C-ordered S_n is the Fortran-ordered S_nᵀ, whose upper triangle is S_n's lower one.
+        s_t = sym[n].numpy().T
+        c, info = sygst(s_t, u, itype=2, lower=0, overwrite_a=1)  # U S Uᵀ in c's upper triangle
+        if info != 0:  # an illegal argument: not the data's doing
+            raise RuntimeError(f"congruence_eigvalsh: LAPACK {sygst.typecode}sygst failed with info={info}")
+        w, _, info = syevd(c, compute_v=0, lower=0)
+        # Not converged (a non-finite S_n, say): torch's eigensolver on the same matrix decides, its values or its error.
+        out[n] = torch.from_numpy(w) if info == 0 else torch.linalg.eigvalsh(torch.from_numpy(c), UPLO="U")
+    return out
 
 
 def _split_over_threads(fn: Callable[[Tensor], Tensor], A: Tensor) -> Tensor:
