@@ -39,6 +39,7 @@ from moe_lightning.geometry.router import router_health, router_statistics
 from moe_lightning.geometry.spectra import (
     batched_eigvalsh,
     batched_svdvals,
+    congruence_eigvalsh,
     decay_slope,
     effective_rank,
     n_components_for_variance,
@@ -50,6 +51,7 @@ from moe_lightning.geometry.statistics import ProbeStatistics
 from moe_lightning.geometry.subspaces import (
     GrassmannDistance,
     grassmann_distance,
+    pairwise_grassmann,
     principal_angles,
     subspace_overlap_chance,
 )
@@ -103,6 +105,7 @@ __all__ = [
     "decay_slope",
     "n_components_for_variance",
     "batched_eigvalsh",
+    "congruence_eigvalsh",
     "batched_svdvals",
     # Representations (weighted PCA)
     "weighted_pca",
@@ -113,6 +116,7 @@ __all__ = [
     "alignment_chance",
     "principal_angles",
     "grassmann_distance",
+    "pairwise_grassmann",
     "GrassmannDistance",
     "subspace_overlap_chance",
     # Router statistics

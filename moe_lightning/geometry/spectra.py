@@ -123,7 +123,7 @@ def congruence_eigvalsh(upper_KK: Tensor, sym_NKK: Tensor) -> Tensor:
         if info != 0:  # an illegal argument: not the data's doing
             raise RuntimeError(f"congruence_eigvalsh: LAPACK {sygst.typecode}sygst failed with info={info}")
         w, _, info = syevd(c, compute_v=0, lower=0)
-        # Not converged (a non-finite S_n, say): torch's eigensolver on the same matrix decides, its values or its error.
+        # Not converged (a non-finite S_n, say): torch's eigensolver on that matrix decides, its values or its error.
         out[n] = torch.from_numpy(w) if info == 0 else torch.linalg.eigvalsh(torch.from_numpy(c), UPLO="U")
     return out
 

@@ -6,6 +6,7 @@ Shape legend: ``D`` ambient dim, ``P``/``Q`` numbers of basis columns (subspace 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,7 @@ __all__ = [
     "GrassmannDistance",
     "grassmann_distance",
     "orthonormal_basis",
+    "pairwise_grassmann",
     "principal_angles",
     "rank_gap",
     "subspace_overlap_chance",
@@ -111,6 +113,67 @@ def grassmann_distance(A_DP: Tensor, B_DQ: Tensor, *, orthonormal: bool = False)
         overlap=float((torch.cos(theta) ** 2).mean()),
         angles=theta,
     )
+
+
+#: Most elements of the ``(pairs, D, r)`` residuals :func:`pairwise_grassmann` holds at once (64 MiB in float64).
+_RESIDUAL_ELEMENTS = 2**23
+
+
+def pairwise_grassmann(bases: Sequence[Tensor | None]) -> dict[str, Tensor]:
+    """The :class:`GrassmannDistance` of every pair of ``E`` orthonormal bases, as ``(E, E)`` matrices.
+
+    The values of :func:`grassmann_distance` (``orthonormal=True``) on each pair, to round-off, from one product of
+    each basis with those after it and batched SVDs: the residual ``U_j − U_i U_iᵀ U_j`` is formed and decomposed
+    only for the pairs that have an angle with ``cos² θ ≥ ½``, the only ones whose angles read it.
+
+    Args:
+        bases: ``E`` orthonormal ``(D, r)`` bases, or None for an expert without one (its row and column are NaN).
+
+    Returns:
+        ``{"geodesic", "projection", "overlap"}``, each ``(E, E)`` float64 and symmetric.
+
+    Example:
+        >>> e = torch.eye(4, dtype=torch.float64)
+        >>> pairwise_grassmann([e[:, :2], e[:, 2:], None])["overlap"]
+        tensor([[1., 0., nan],
+                [0., 1., nan],
+                [nan, nan, nan]], dtype=torch.float64)
+    """
+    num = len(bases)
+    out = {q: torch.full((num, num), math.nan, dtype=torch.float64) for q in ("geodesic", "projection", "overlap")}
+    live = [e for e, b in enumerate(bases) if b is not None]
+    if not live:
+        return out
+    shapes = {tuple(bases[e].shape) for e in live}
+    if len(shapes) > 1 or any(b.dim() != 2 or b.shape[1] == 0 for b in (bases[e] for e in live)):
+        for a, i in enumerate(live):  # bases of different shapes: pair by pair
+            for j in live[a:]:
+                dist = grassmann_distance(bases[i], bases[j], orthonormal=True)
+                for q, M in out.items():
+                    M[i, j] = M[j, i] = getattr(dist, q)
+        return out
+    Q_EDR = torch.stack([bases[e] for e in live])
+    d, r = Q_EDR.shape[1:]
+    step = max(1, _RESIDUAL_ELEMENTS // (d * r))
+    for a, i in enumerate(live):
+        cross_PRR = Q_EDR[a].T @ Q_EDR[a:]  # (pairs, r, r): U_iᵀ U_j for j ≥ i
+        cos = torch.linalg.svdvals(cross_PRR).clamp(-1.0, 1.0)  # descending cosines: ascending angles
+        theta = torch.arccos(cos)
+        near = (cos**2 >= 0.5).any(-1).nonzero().squeeze(-1)
+        for start in range(0, near.numel(), step):
+            p = near[start : start + step]
+            residual = Q_EDR[a + p] - Q_EDR[a] @ cross_PRR[p]  # components of span(U_j) outside span(U_i)
+            sin = torch.linalg.svdvals(residual).flip(-1).clamp(-1.0, 1.0)  # ascending sines
+            theta[p] = torch.where(cos[p] ** 2 >= 0.5, torch.arcsin(sin), theta[p])
+        values = {
+            "geodesic": torch.linalg.vector_norm(theta, dim=-1),
+            "projection": torch.linalg.vector_norm(torch.sin(theta), dim=-1),
+            "overlap": (torch.cos(theta) ** 2).mean(-1),
+        }
+        cols = torch.tensor(live[a:])
+        for q, M in out.items():
+            M[i, cols] = M[cols, i] = values[q].to(device="cpu", dtype=torch.float64)
+    return out
 
 
 def subspace_overlap_chance(r: int, d: int) -> float:

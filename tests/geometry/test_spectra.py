@@ -10,6 +10,7 @@ import torch
 
 from moe_lightning.geometry import (
     batched_svdvals,
+    congruence_eigvalsh,
     decay_slope,
     effective_rank,
     n_components_for_variance,
@@ -132,3 +133,36 @@ def test_batched_svdvals_equals_numpy_when_split_across_threads(context):
     ref = np.linalg.svd(A.numpy(), compute_uv=False)
     assert sv.shape == (21, 50)
     np.testing.assert_allclose(sv.numpy(), ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-12), (torch.float32, 1e-4)])
+def test_congruence_eigvalsh_matches_numpy(dtype, rtol):
+    """The eigenvalues of U S_n Uᵀ (LAPACK's sygst on CPU) against numpy's of the formed product, with an R factor
+    whose diagonal has both signs and an S_n that is only symmetric to round-off (its lower triangle is read)."""
+    rng = np.random.default_rng(0)
+    u = np.linalg.qr(rng.standard_normal((30, 20)), mode="r") * np.where(np.arange(20) % 2, -1.0, 1.0)[:, None]
+    x = rng.standard_normal((4, 20, 35))
+    s = x @ x.transpose(0, 2, 1)
+    s_lower = np.tril(s) + np.tril(s, -1).transpose(0, 2, 1)
+    want = np.linalg.eigvalsh(u @ s_lower @ u.T)
+    s_off = s.copy()
+    s_off[:, np.triu_indices(20, 1)[0], np.triu_indices(20, 1)[1]] *= 1 + 1e-3  # an upper triangle it must not read
+    got = congruence_eigvalsh(torch.tensor(u, dtype=dtype), torch.tensor(s_off, dtype=dtype))
+    assert got.dtype == dtype and got.shape == (4, 20)
+    np.testing.assert_allclose(got.double().numpy(), want, rtol=rtol, atol=rtol * np.abs(want).max())
+
+
+def test_congruence_eigvalsh_of_a_non_square_factor_and_of_non_finite_input():
+    """A U that is not square takes the products (the same values), no tokens give no values, and a NaN gives
+    torch's own error, as the eigensolver it replaces."""
+    rng = np.random.default_rng(1)
+    u = torch.tensor(np.triu(rng.standard_normal((5, 8))))
+    x = torch.tensor(rng.standard_normal((3, 8, 9)))
+    s = x @ x.mT
+    want = torch.linalg.eigvalsh(u @ s @ u.T)
+    torch.testing.assert_close(congruence_eigvalsh(u, s.clone()), want, rtol=1e-12, atol=1e-12)
+    assert congruence_eigvalsh(u[:, :5], s[:0, :5, :5]).shape == (0, 5)
+    bad = s[:, :5, :5].clone()
+    bad[1, 2, 3] = bad[1, 3, 2] = float("nan")
+    with pytest.raises(torch.linalg.LinAlgError):
+        congruence_eigvalsh(u[:, :5].contiguous(), bad)

@@ -11,6 +11,7 @@ from moe_lightning.geometry import (
     alignment_chance,
     grassmann_distance,
     jacobian_alignment,
+    pairwise_grassmann,
     principal_angles,
     subspace_overlap_chance,
 )
@@ -62,6 +63,53 @@ def test_grassmann_distances_from_angles():
     assert dist.projection == pytest.approx(np.linalg.norm(QA @ QA.T - QB @ QB.T) / math.sqrt(2), abs=1e-10)
     same = grassmann_distance(torch.tensor(A), torch.tensor(A @ rng.standard_normal((3, 3))))
     assert same.overlap == pytest.approx(1.0, abs=1e-12) and same.geodesic < 1e-7
+
+
+def _scipy_distances(A, B):
+    theta = scipy_angles(A, B)
+    return {
+        "geodesic": np.linalg.norm(theta),
+        "projection": np.linalg.norm(np.sin(theta)),
+        "overlap": np.mean(np.cos(theta) ** 2),
+    }
+
+
+@pytest.mark.parametrize("d, r", [(12, 3), (40, 1), (9, 9)])
+def test_pairwise_grassmann_matches_scipy_and_the_pairwise_function(d, r):
+    """Every pair of the batched distances against scipy's angles and grassmann_distance, with an expert without a
+    basis and pairs at tiny angles (eps and 1e-9 rad), whose angles come from the residual's sines."""
+    rng = np.random.default_rng(d + r)
+    bases = [np.linalg.qr(rng.standard_normal((d, r)))[0] for _ in range(4)]
+    if 2 * r <= d:  # a copy of basis 0 turned by known tiny angles towards a complement
+        W = np.linalg.qr(np.concatenate([bases[0], rng.standard_normal((d, r))], 1))[0][:, r:]
+        bases += [bases[0] * np.cos(t) + W * np.sin(t) for t in (1e-9 * np.arange(1, r + 1), np.full(r, 1e-4))]
+    given = [torch.tensor(b) for b in bases]
+    given.insert(2, None)
+    got = pairwise_grassmann(given)
+    live = [i for i, b in enumerate(given) if b is not None]
+    for q, M in got.items():
+        torch.testing.assert_close(M, M.T, rtol=0, atol=0, equal_nan=True)
+        assert torch.isnan(M[2]).all() and torch.isnan(M[:, 2]).all()
+        for i in live:
+            for j in live:
+                ref = _scipy_distances(given[i].numpy(), given[j].numpy())[q]
+                assert float(M[i, j]) == pytest.approx(ref, rel=1e-9, abs=1e-12), (q, i, j)
+                one = getattr(grassmann_distance(given[i], given[j], orthonormal=True), q)
+                assert float(M[i, j]) == pytest.approx(one, rel=1e-12, abs=1e-15), (q, i, j)
+    if 2 * r <= d:  # the tiny angles are resolved (arccos of the cosines would give 0 or lose digits)
+        tiny = 1e-9 * np.arange(1, r + 1)
+        assert float(got["geodesic"][0, 5]) == pytest.approx(np.linalg.norm(tiny), rel=1e-6)  # after the None
+
+
+def test_pairwise_grassmann_of_bases_of_different_ranks_pairs_them_one_by_one():
+    rng = np.random.default_rng(1)
+    bases = [torch.tensor(np.linalg.qr(rng.standard_normal((10, r)))[0]) for r in (2, 3, 2)]
+    got = pairwise_grassmann(bases)
+    for i in range(3):
+        for j in range(3):
+            ref = grassmann_distance(bases[i], bases[j], orthonormal=True).overlap
+            assert float(got["overlap"][i, j]) == pytest.approx(ref, rel=1e-12)
+    assert torch.isnan(pairwise_grassmann([None, None])["geodesic"]).all()
 
 
 def test_subspace_overlap_chance_matches_monte_carlo():

@@ -20,7 +20,7 @@ from moe_lightning.geometry.accumulators.pca import PCAMoments
 from moe_lightning.geometry.accumulators.tokens import TokenCounts
 from moe_lightning.geometry.alignment import offdiag_summary
 from moe_lightning.geometry.report import GeometryReport
-from moe_lightning.geometry.subspaces import grassmann_distance, rank_gap, subspace_overlap_chance
+from moe_lightning.geometry.subspaces import pairwise_grassmann, rank_gap, subspace_overlap_chance
 
 __all__ = ["Subspaces"]
 
@@ -103,17 +103,10 @@ class Subspaces(Accumulator):
                 warn_unreadable(report.name, "the functional subspaces", error)
                 report.variants["subspace_fun"] = "unavailable_weights_not_readable_at_finalize"
         bases["rep"] = self._representational_bases(done[self.pca], report)
-        num_experts = report.num_experts
         for kind, basis in bases.items():
-            mats = {q: torch.full((num_experts, num_experts), math.nan, dtype=torch.float64) for q in _GRASS}
-            for i in range(num_experts):
-                for j in range(i, num_experts):  # the principal angles of (i, j) are those of (j, i)
-                    if basis[i] is None or basis[j] is None:
-                        continue
-                    dist = grassmann_distance(basis[i], basis[j], orthonormal=True)
-                    for q in _GRASS:
-                        mats[q][i, j] = mats[q][j, i] = getattr(dist, q)
-            for q, M in mats.items():
+            mats = pairwise_grassmann(basis)
+            for q in _GRASS:
+                M = mats[q]
                 report.matrices[f"subspace_{kind}_{q}"] = M
                 mean_off, max_off = offdiag_summary(M)
                 report.layer[f"subspace_{kind}_{q}"] = mean_off
