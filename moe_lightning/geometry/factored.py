@@ -271,7 +271,8 @@ def pointwise_cosine_sums_factored(
 
 
 def _mean_right(f: JacobianFactors, mean_F: Tensor) -> Tensor:
-    """``(H, I)``: ``Σ_g diag(m_g) B_g``, so that ``J̄ = A ·`` this."""
+    """``(H, I)``: ``Σ_g diag(m_g) B_g``, so that ``J̄ = A ·`` this, in the wider of the means' and the factors'
+    dtypes."""
     h = f.left_OH.shape[1]
     out = mean_F[:h].unsqueeze(-1) * f.rights_HI[0]
     for g, right in enumerate(f.rights_HI[1:], start=1):
@@ -315,10 +316,12 @@ def mean_jacobian_gram(
 
     The mean Jacobians are formed ``rows`` output rows at a time for every expert (``J̄_e[rows] = A_e[rows] ·
     Σ_g diag(m_g) B_g``, a ``(E, rows, I)`` block within ``memory_budget_bytes``) and the block's Gram is added, so
-    no ``E × O × I`` tensor exists at once; each expert's weights are read once per block.
+    no ``E × O × I`` tensor exists at once; each expert's weights are read once per block. Each block is computed in
+    the means' dtype: factors in a narrower dtype (the weights as stored) are cast row by row and promoted in the
+    product with the means, which gives the same numbers as factors cast first.
 
     Args:
-        factors_of: expert ``e``'s factors (their ``scales`` are not read).
+        factors_of: expert ``e``'s factors (their ``scales`` are not read), in the means' dtype or a narrower one.
         means_EF: ``E`` mean scales, None for an expert without tokens (its row and column are 0).
         memory_budget_bytes: bound on one block.
     """
@@ -338,7 +341,8 @@ def mean_jacobian_gram(
         block_EX = ref.new_empty(len(live), min(rows, d_out - start) * d_in)
         for k, e in enumerate(live):
             f = first if e == live[0] and start == 0 else factors_of(e)
-            block_EX[k] = (f.left_OH[start : start + rows] @ _mean_right(f, means_EF[e])).reshape(-1)
+            left = f.left_OH[start : start + rows].to(ref.dtype)
+            block_EX[k] = (left @ _mean_right(f, means_EF[e])).reshape(-1)
         gram += block_EX @ block_EX.t()
     out = torch.zeros(num_experts, num_experts, dtype=gram.dtype, device=gram.device)
     idx = torch.tensor(live, device=gram.device)

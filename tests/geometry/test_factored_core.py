@@ -8,7 +8,12 @@ import pytest
 import torch
 
 from moe_lightning.geometry import factored, mlp_jacobian_operator, swiglu_jacobian_operator
-from moe_lightning.geometry.factored import factored_core_rank, factored_singular_values, mean_jacobian_singular
+from moe_lightning.geometry.factored import (
+    factored_core_rank,
+    factored_singular_values,
+    mean_jacobian_gram,
+    mean_jacobian_singular,
+)
 
 DT = torch.float64
 
@@ -68,6 +73,34 @@ def test_mean_jacobian_singular_equals_the_svd_of_the_formed_mean(kind, d, h):
     assert Vh_top.shape == (3, d)
     torch.testing.assert_close(S_top, S, rtol=0, atol=0)
     torch.testing.assert_close(Vh_top, Vh[:3], rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("budget", [2**30, 3 * 8 * 64 * 2])  # one block; blocks of 1 row (3 experts, I = 64)
+def test_mean_jacobian_gram_of_stored_factors_equals_the_formed_means(budget):
+    """The Gram of three experts' mean Jacobians (one without tokens) from factors in float32, as stored, with float64
+    means: every entry equals the Gram of the formed means of the same weights cast first (the factors are cast row
+    by row and promoted in the products, exactly), and one block or many give it to round-off."""
+    ops = [_operator("swiglu", 64, 20, tokens=4, seed=s) for s in range(3)]
+    stored = [
+        replace(
+            op.factors, left_OH=op.factors.left_OH.float(), rights_HI=tuple(r.float() for r in op.factors.rights_HI)
+        )
+        for op in ops
+    ]
+    means = [op.factors.scales_NGH.reshape(4, -1).mean(0) for op in ops]
+    means[1] = None
+    got = mean_jacobian_gram(lambda e: stored[e], means, budget)
+    formed = [
+        None
+        if m is None
+        else f.left_OH.double()
+        @ sum(m_g.unsqueeze(-1) * r.double() for m_g, r in zip(m.view(2, -1), f.rights_HI, strict=True))
+        for f, m in zip(stored, means, strict=True)
+    ]
+    for i in range(3):
+        for j in range(3):
+            want = 0.0 if formed[i] is None or formed[j] is None else float((formed[i] * formed[j]).sum())
+            assert float(got[i, j]) == pytest.approx(want, rel=1e-12, abs=1e-12 * float(got.abs().max()))
 
 
 def _formed_from_factors(f):

@@ -17,6 +17,7 @@ from moe_lightning.geometry.factored import mean_jacobian_gram, mean_jacobian_si
 from moe_lightning.geometry.operators import JacobianFactors
 from moe_lightning.geometry.report import GeometryReport
 from moe_lightning.geometry.statistics import BufferLayout
+from moe_lightning.geometry.view import HasExpertWeights
 
 __all__ = ["FactoredMeanJacobian", "FactoredMeanJacobians", "MeanJacobian", "UnreadableWeights", "warn_unreadable"]
 
@@ -84,7 +85,7 @@ class FactoredMeanJacobians:
     def gram(self) -> Tensor:
         """``(E, E)`` Frobenius inner products ``⟨J̄_i, J̄_j⟩_F`` (0 in the rows of experts without a mean)."""
         if self._gram is None:
-            self._gram = mean_jacobian_gram(self.read_factors, self.means, self.budget)
+            self._gram = mean_jacobian_gram(lambda e: self.read_factors(e, stored=True), self.means, self.budget)
         return self._gram
 
     def singular(self, e: int, top: int | None = None) -> tuple[Tensor, Tensor] | None:
@@ -92,6 +93,14 @@ class FactoredMeanJacobians:
         None without a mean."""
         mean = self.means[e]
         return None if mean is None else mean_jacobian_singular(self.read_factors(e), mean, self.dim, top)
+
+
+def _stored_dtype(view: Any, e: int, default: torch.dtype) -> torch.dtype:
+    """The floating dtype expert ``e``'s weights are stored in, where the view offers them
+    (:class:`~moe_lightning.geometry.view.HasExpertWeights`) in one such dtype; ``default`` otherwise."""
+    weights = view.expert_weights(e) if isinstance(view, HasExpertWeights) else None
+    dtypes = {w.dtype for w in weights.values()} if weights else set()
+    return dtypes.pop() if len(dtypes) == 1 and next(iter(dtypes)).is_floating_point else default
 
 
 class FactoredMeanJacobian(Accumulator):
@@ -114,9 +123,12 @@ class FactoredMeanJacobian(Accumulator):
         self.budget = ctx.config.memory_budget_bytes
         view, dtype, device = ctx.view, ctx.dtype, ctx.device
 
-        def read_factors(e: int) -> JacobianFactors:
+        def read_factors(e: int, stored: bool = False) -> JacobianFactors:
+            # stored: in the dtype the weights are stored in, with no cast copy where the view offers them as they
+            # are (the mean Jacobians' Gram casts the rows it needs, and each product promotes the rest exactly).
+            read = _stored_dtype(view, e, dtype) if stored else dtype
             try:
-                op = view.expert_jacobian_operator(e, torch.zeros(1, ctx.dim, dtype=dtype, device=device))
+                op = view.expert_jacobian_operator(e, torch.zeros(1, ctx.dim, dtype=read, device=device))
             except Exception as error:  # noqa: BLE001 - whatever stops the view from reading them is the reason
                 raise UnreadableWeights(f"reading expert {e}'s weights failed: {error}") from error
             f = None if op is None else op.factors
@@ -124,8 +136,8 @@ class FactoredMeanJacobian(Accumulator):
             if f is None or any(type(t) is not Tensor for t in tensors):  # a sharded (DTensor) weight, say
                 raise UnreadableWeights(f"expert {e}'s weights are not whole on this rank")
             # detached: finalising runs outside the probe's no_grad, on the module's own parameters
-            rights = tuple(r.detach().to(dtype) for r in f.rights_HI)
-            return JacobianFactors(f.left_OH.detach().to(dtype), rights, f.scales_NGH.detach())
+            rights = tuple(r.detach().to(read) for r in f.rights_HI)
+            return JacobianFactors(f.left_OH.detach().to(read), rights, f.scales_NGH.detach())
 
         self.read_factors = read_factors
         self._pending: dict[int, list[tuple[Tensor, Tensor, Tensor | None]]] = {}  # tokens, weights, counts
