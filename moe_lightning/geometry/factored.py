@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from moe_lightning.geometry.operators import JacobianFactors
-from moe_lightning.geometry.spectra import batched_svdvals, congruence_eigvalsh
+from moe_lightning.geometry.spectra import batched_svdvals, congruence_eigh, congruence_eigvalsh
 
 __all__ = [
     "GRAM_MIN_RATIO",
@@ -280,6 +280,12 @@ def _mean_right(f: JacobianFactors, mean_F: Tensor) -> Tensor:
     return out
 
 
+#: The top right singular vectors of a wide mean Jacobian come from its core's Gram when the bound on their
+#: subspace's error there, ``eps · ‖R_A‖_F² ‖Σ_g diag(m_g) B_g‖_F² / (σ_r² − σ_{r+1}²)`` (Davis–Kahan), is at most
+#: this; from the core's SVD otherwise (docs/geometry.md §1, "Factored experts at any width").
+GRAM_SUBSPACE_TOL = 1e-10
+
+
 def mean_jacobian_singular(
     f: JacobianFactors, mean_F: Tensor, size: int, top: int | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -293,9 +299,16 @@ def mean_jacobian_singular(
         top: how many right singular vectors to return, the leading ones (None: every one, ``K``).
 
     Returns:
-        ``(size,)`` descending singular values and ``(top, I)`` right singular vectors as rows.
+        ``(size,)`` descending singular values and ``(top, I)`` right singular vectors as rows. Where ``top`` is
+        given and the core is wide and square on the left, the leading ``top + 1`` values and the vectors may come
+        from the eigenpairs of the core's ``H × H`` Gram (only where :data:`GRAM_SUBSPACE_TOL` bounds their error),
+        and the rest of the spectrum is then zero: what the rank gap at ``top`` reads.
     """
     r_A_KH, right_HI = torch.linalg.qr(f.left_OH, mode="r")[1], _mean_right(f, mean_F)
+    if top is not None and top < r_A_KH.shape[0] == r_A_KH.shape[1] < right_HI.shape[1]:
+        found = _top_from_gram(r_A_KH, right_HI, top)
+        if found is not None:
+            return torch.nn.functional.pad(found[0], (0, size - found[0].shape[0])), found[1]
     if right_HI.shape[1] > right_HI.shape[0]:
         # Wide (I > H): Σ_g diag(m_g) B_g = R_mᵀ Q_mᵀ with orthonormal Q_m (a QR of its transpose), so the core's
         # SVD is that of the H-wide R_A R_mᵀ = U S Wᵀ with right vectors Q_m W: orthogonal transformations only,
@@ -307,6 +320,19 @@ def mean_jacobian_singular(
         _, S, Vh = torch.linalg.svd(r_A_KH @ right_HI, full_matrices=False)
         Vh = Vh[:top]
     return torch.nn.functional.pad(S, (0, size - S.shape[0])), Vh
+
+
+def _top_from_gram(r_A_HH: Tensor, right_HI: Tensor, top: int) -> tuple[Tensor, Tensor] | None:
+    """The ``top + 1`` leading singular values and ``top`` right vectors (rows) of the wide core ``C = R_A · right``
+    from the eigenpairs of ``C Cᵀ = R_A (right rightᵀ) R_Aᵀ`` (``v_i = Cᵀ u_i / σ_i``): an ``H × H`` Gram, a
+    congruence and the leading eigenpairs, against a QR of the ``I × H`` rightᵀ and an SVD with every vector. None
+    where the gap at ``top`` leaves the bound of :data:`GRAM_SUBSPACE_TOL` unmet."""
+    lam, u_HT = congruence_eigh(r_A_HH, right_HI @ right_HI.t(), top + 1)
+    scale = float(torch.linalg.matrix_norm(r_A_HH) * torch.linalg.matrix_norm(right_HI)) ** 2
+    if not float(lam[top - 1] - lam[top]) * GRAM_SUBSPACE_TOL > torch.finfo(lam.dtype).eps * scale:
+        return None
+    sigma = lam.clamp_min(0).sqrt()
+    return sigma, ((right_HI.t() @ (r_A_HH.t() @ u_HT[:, :top])) / sigma[:top]).t()
 
 
 def mean_jacobian_gram(

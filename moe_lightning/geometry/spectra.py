@@ -22,6 +22,7 @@ __all__ = [
     "SPECTRAL_VARIANTS",
     "batched_eigvalsh",
     "batched_svdvals",
+    "congruence_eigh",
     "congruence_eigvalsh",
     "decay_slope",
     "effective_rank",
@@ -98,17 +99,7 @@ def congruence_eigvalsh(upper_KK: Tensor, sym_NKK: Tensor) -> Tensor:
         >>> torch.allclose(congruence_eigvalsh(U, S.clone()), torch.linalg.eigvalsh(U @ S @ U.T))
         True
     """
-    k = upper_KK.shape[0]
-    lapack = (
-        upper_KK.device.type == "cpu"
-        and sym_NKK.device.type == "cpu"
-        and upper_KK.dtype in (torch.float32, torch.float64)
-        and sym_NKK.dtype == upper_KK.dtype
-        and upper_KK.shape == (k, k)
-        and sym_NKK.shape[1:] == (k, k)
-        and not (torch.is_grad_enabled() and (upper_KK.requires_grad or sym_NKK.requires_grad))
-    )
-    if not lapack or sym_NKK.shape[0] == 0 or k == 0:
+    if not _lapack_congruence(upper_KK, sym_NKK) or sym_NKK.shape[0] == 0 or upper_KK.shape[0] == 0:
         return batched_eigvalsh(upper_KK @ sym_NKK @ upper_KK.mT)
     from scipy.linalg import lapack as scipy_lapack  # scipy's import costs a second; only wide cores need it
 
@@ -126,6 +117,62 @@ def congruence_eigvalsh(upper_KK: Tensor, sym_NKK: Tensor) -> Tensor:
         # Not converged (a non-finite S_n, say): torch's eigensolver on that matrix decides, its values or its error.
         out[n] = torch.from_numpy(w) if info == 0 else torch.linalg.eigvalsh(torch.from_numpy(c), UPLO="U")
     return out
+
+
+def congruence_eigh(upper_KK: Tensor, sym_KK: Tensor, top: int) -> tuple[Tensor, Tensor]:
+    """The ``top`` largest eigenvalues of ``U S Uᵀ`` (descending) and their eigenvectors, for an upper-triangular
+    ``U`` and a symmetric ``S``: on CPU in float32 or float64 by LAPACK's ``sygst`` and ``syevr`` (only the
+    eigenpairs asked for), elsewhere by the two GEMMs and ``torch.linalg.eigh``. Reads the lower triangle of ``S``,
+    which may be overwritten.
+
+    Args:
+        upper_KK: ``(K, K)`` upper-triangular ``U``.
+        sym_KK: ``(K, K)`` symmetric ``S``.
+        top: how many eigenpairs (at most ``K``).
+
+    Returns:
+        ``(top,)`` descending eigenvalues and ``(K, top)`` eigenvectors as columns.
+
+    Example:
+        >>> U = torch.triu(torch.randn(5, 5, dtype=torch.float64))
+        >>> X = torch.randn(5, 7, dtype=torch.float64)
+        >>> w, _ = congruence_eigh(U, X @ X.T, 2)
+        >>> torch.allclose(w, torch.linalg.eigvalsh(U @ X @ X.T @ U.T).flip(0)[:2])
+        True
+    """
+    k = upper_KK.shape[0]
+    if not 1 <= top <= k:
+        raise ValueError(f"congruence_eigh: top must be in [1, {k}], got {top!r}")
+    if not _lapack_congruence(upper_KK, sym_KK.unsqueeze(0)):
+        w, v = torch.linalg.eigh(upper_KK @ sym_KK @ upper_KK.mT)
+        return w[-top:].flip(0), v[:, -top:].flip(1)
+    from scipy.linalg import lapack as scipy_lapack
+
+    u = upper_KK.detach().numpy(force=True).copy(order="F")
+    sygst, syevr = scipy_lapack.get_lapack_funcs(("sygst", "syevr"), (u,))
+    c, info = sygst(sym_KK.detach().contiguous().numpy().T, u, itype=2, lower=0, overwrite_a=1)
+    if info != 0:
+        raise RuntimeError(f"congruence_eigh: LAPACK {sygst.typecode}sygst failed with info={info}")
+    w, z, _, _, info = syevr(c, compute_v=1, range="I", il=k - top + 1, iu=k, lower=0)
+    if info != 0:  # not converged: torch's eigensolver on that matrix decides, its values or its error
+        w_all, z_all = torch.linalg.eigh(torch.from_numpy(c), UPLO="U")
+        return w_all[-top:].flip(0), z_all[:, -top:].flip(1)
+    return torch.from_numpy(w[:top].copy()).flip(0), torch.from_numpy(z[:, :top].copy()).flip(1)
+
+
+def _lapack_congruence(upper_KK: Tensor, sym_NKK: Tensor) -> bool:
+    """Whether :func:`congruence_eigvalsh` and :func:`congruence_eigh` can hand these to SciPy's LAPACK: CPU, float32
+    or float64, a square ``U``, and nothing that autograd should follow."""
+    k = upper_KK.shape[0]
+    return (
+        upper_KK.device.type == "cpu"
+        and sym_NKK.device.type == "cpu"
+        and upper_KK.dtype in (torch.float32, torch.float64)
+        and sym_NKK.dtype == upper_KK.dtype
+        and upper_KK.shape == (k, k)
+        and sym_NKK.shape[1:] == (k, k)
+        and not (torch.is_grad_enabled() and (upper_KK.requires_grad or sym_NKK.requires_grad))
+    )
 
 
 def _split_over_threads(fn: Callable[[Tensor], Tensor], A: Tensor) -> Tensor:
