@@ -39,6 +39,7 @@ from moe_lightning.geometry.router import router_health, router_statistics
 from moe_lightning.geometry.spectra import (
     batched_eigvalsh,
     batched_svdvals,
+    congruence_eigh,
     congruence_eigvalsh,
     decay_slope,
     effective_rank,
@@ -105,6 +106,7 @@ __all__ = [
     "decay_slope",
     "n_components_for_variance",
     "batched_eigvalsh",
+    "congruence_eigh",
     "congruence_eigvalsh",
     "batched_svdvals",
     # Representations (weighted PCA)
