@@ -280,10 +280,11 @@ def _mean_right(f: JacobianFactors, mean_F: Tensor) -> Tensor:
     return out
 
 
-#: The top right singular vectors of a wide mean Jacobian come from its core's Gram when the bound on their
-#: subspace's error there, ``eps · ‖R_A‖_F² ‖Σ_g diag(m_g) B_g‖_F² / (σ_r² − σ_{r+1}²)`` (Davis–Kahan), is at most
-#: this; from the core's SVD otherwise (docs/geometry.md §1, "Factored experts at any width").
-GRAM_SUBSPACE_TOL = 1e-10
+#: The top right singular vectors of a wide mean Jacobian come from its core's Gram when the estimate of their
+#: subspace's error there, ``eps · ‖R_A‖_F² ‖Σ_g diag(m_g) B_g‖_F² / (σ_r² − σ_{r+1}²)`` (Davis–Kahan, with the
+#: Frobenius norms in place of the smaller spectral ones), is at most this; from the core's SVD otherwise
+#: (docs/geometry.md §1, "Factored experts at any width").
+GRAM_SUBSPACE_TOL = 1e-8
 
 
 def mean_jacobian_singular(
