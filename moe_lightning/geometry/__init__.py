@@ -47,6 +47,7 @@ from moe_lightning.geometry.spectra import (
     participation_ratio,
     spectral_stats,
     stable_rank,
+    symmetric_gram,
 )
 from moe_lightning.geometry.statistics import ProbeStatistics
 from moe_lightning.geometry.subspaces import (
@@ -108,6 +109,7 @@ __all__ = [
     "batched_eigvalsh",
     "congruence_eigh",
     "congruence_eigvalsh",
+    "symmetric_gram",
     "batched_svdvals",
     # Representations (weighted PCA)
     "weighted_pca",

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from moe_lightning.geometry.operators import JacobianFactors
-from moe_lightning.geometry.spectra import batched_svdvals, congruence_eigh, congruence_eigvalsh
+from moe_lightning.geometry.spectra import batched_svdvals, congruence_eigh, congruence_eigvalsh, symmetric_gram
 
 __all__ = [
     "GRAM_MIN_RATIO",
@@ -84,7 +84,7 @@ def core_factors(f: JacobianFactors) -> Core:
     r_A = torch.linalg.qr(f.left_OH, mode="r")[1]
     rights = stacked_rights(f)
     wide = min(rights.shape) > f.left_OH.shape[1]
-    return Core(r_A, rights, rights @ rights.t() if wide else None)
+    return Core(r_A, rights, symmetric_gram(rights) if wide else None)
 
 
 def factored_singular_values(
@@ -158,8 +158,11 @@ def _scale_gram(fi: JacobianFactors, fj: JacobianFactors) -> Tensor:
     """``(F_i, F_j)`` matrix ``K`` with ``⟨J_i, J_j⟩_F = s_iᵀ K s_j`` for any scales:
     ``K[(g,a), (g',b)] = (A_iᵀ A_j)[a, b] · (B_{i,g} B_{j,g'}ᵀ)[a, b]``, its products in the weights' dtype and the
     result in the scales'."""
-    left = fi.left_OH.t() @ fj.left_OH  # (H_i, H_j)
-    rights = stacked_rights(fi) @ stacked_rights(fj).t()  # (F_i, F_j)
+    if fi is fj:  # ‖J‖_F²'s Grams: symmetric products, half the flops
+        left, rights = symmetric_gram(fi.left_OH.t()), symmetric_gram(stacked_rights(fi))
+    else:
+        left = fi.left_OH.t() @ fj.left_OH  # (H_i, H_j)
+        rights = stacked_rights(fi) @ stacked_rights(fj).t()  # (F_i, F_j)
     return (left.repeat(len(fi.rights_HI), len(fj.rights_HI)) * rights).to(fi.scales_NGH.dtype)
 
 
@@ -328,7 +331,7 @@ def _top_from_gram(r_A_HH: Tensor, right_HI: Tensor, top: int) -> tuple[Tensor, 
     from the eigenpairs of ``C Cᵀ = R_A (right rightᵀ) R_Aᵀ`` (``v_i = Cᵀ u_i / σ_i``): an ``H × H`` Gram, a
     congruence and the leading eigenpairs, against a QR of the ``I × H`` rightᵀ and an SVD with every vector. None
     where the gap at ``top`` leaves the bound of :data:`GRAM_SUBSPACE_TOL` unmet."""
-    lam, u_HT = congruence_eigh(r_A_HH, right_HI @ right_HI.t(), top + 1)
+    lam, u_HT = congruence_eigh(r_A_HH, symmetric_gram(right_HI), top + 1)
     scale = float(torch.linalg.matrix_norm(r_A_HH) * torch.linalg.matrix_norm(right_HI)) ** 2
     if not float(lam[top - 1] - lam[top]) * GRAM_SUBSPACE_TOL > torch.finfo(lam.dtype).eps * scale:
         return None
@@ -370,7 +373,7 @@ def mean_jacobian_gram(
             f = first if e == live[0] and start == 0 else factors_of(e)
             left = f.left_OH[start : start + rows].to(ref.dtype)
             block_EX[k] = (left @ _mean_right(f, means_EF[e])).reshape(-1)
-        gram += block_EX @ block_EX.t()
+        gram += symmetric_gram(block_EX)
     out = torch.zeros(num_experts, num_experts, dtype=gram.dtype, device=gram.device)
     idx = torch.tensor(live, device=gram.device)
     out[idx.unsqueeze(-1), idx] = gram

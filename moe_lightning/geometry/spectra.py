@@ -30,6 +30,7 @@ __all__ = [
     "participation_ratio",
     "spectral_stats",
     "stable_rank",
+    "symmetric_gram",
 ]
 
 _SVD_POOL: tuple[ThreadPoolExecutor, int] | None = None  # (pool, its worker count)
@@ -158,6 +159,41 @@ def congruence_eigh(upper_KK: Tensor, sym_KK: Tensor, top: int) -> tuple[Tensor,
         w_all, z_all = torch.linalg.eigh(torch.from_numpy(c), UPLO="U")
         return w_all[-top:].flip(0), z_all[:, -top:].flip(1)
     return torch.from_numpy(w[:top].copy()).flip(0), torch.from_numpy(z[:, :top].copy()).flip(1)
+
+
+def symmetric_gram(X_MK: Tensor) -> Tensor:
+    """``X Xᵀ``, exactly symmetric: on CPU in float32 or float64 BLAS's ``syrk`` through SciPy (one triangle, half
+    a GEMM's flops; torch has no symmetric product), elsewhere ``X @ Xᵀ``.
+
+    Args:
+        X_MK: ``(M, K)``.
+
+    Returns:
+        ``(M, M)``.
+
+    Example:
+        >>> X = torch.randn(3, 5, dtype=torch.float64)
+        >>> torch.allclose(symmetric_gram(X), X @ X.T)
+        True
+    """
+    if (
+        X_MK.dim() != 2
+        or X_MK.device.type != "cpu"
+        or X_MK.dtype not in (torch.float32, torch.float64)
+        or (torch.is_grad_enabled() and X_MK.requires_grad)
+        or 0 in X_MK.shape
+    ):
+        return X_MK @ X_MK.mT
+    from scipy.linalg import blas as scipy_blas
+
+    X = X_MK.detach()
+    if X.mT.is_contiguous():  # a transposed C-ordered matrix is X in Fortran order: syrk's A Aᵀ
+        a, trans = X.mT.numpy().T, 0
+    else:  # Fortran-ordered Xᵀ: syrk's Aᵀ A
+        a, trans = X.contiguous().numpy().T, 1
+    (syrk,) = scipy_blas.get_blas_funcs(("syrk",), (a,))
+    upper = torch.from_numpy(syrk(1.0, a, trans=trans, lower=0)).triu()
+    return upper + upper.triu(1).mT
 
 
 def _lapack_congruence(upper_KK: Tensor, sym_NKK: Tensor) -> bool:

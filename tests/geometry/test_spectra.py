@@ -17,6 +17,7 @@ from moe_lightning.geometry import (
     participation_ratio,
     spectral_stats,
     stable_rank,
+    symmetric_gram,
 )
 
 DT = torch.float64
@@ -166,3 +167,18 @@ def test_congruence_eigvalsh_of_a_non_square_factor_and_of_non_finite_input():
     bad[1, 2, 3] = bad[1, 3, 2] = float("nan")
     with pytest.raises(torch.linalg.LinAlgError):
         congruence_eigvalsh(u[:, :5].contiguous(), bad)
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-13), (torch.float32, 1e-5)])
+def test_symmetric_gram_matches_numpy_in_either_layout(dtype, rtol):
+    """X Xᵀ (BLAS syrk on CPU) against numpy's product, for a C-ordered X and a transposed view of one (the two
+    layouts take different syrk calls), exactly symmetric; a tensor that needs its gradient takes torch's product."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((7, 30))
+    for given in (torch.tensor(x, dtype=dtype), torch.tensor(x.T.copy(), dtype=dtype).T):
+        got = symmetric_gram(given)
+        assert got.dtype == dtype and torch.equal(got, got.T)
+        np.testing.assert_allclose(got.double().numpy(), x @ x.T, rtol=rtol, atol=rtol * np.abs(x @ x.T).max())
+    leaf = torch.tensor(x, requires_grad=True)
+    symmetric_gram(leaf).sum().backward()
+    np.testing.assert_allclose(leaf.grad.numpy(), 2 * np.ones((7, 7)) @ x, rtol=1e-12)
