@@ -20,7 +20,7 @@ from moe_lightning.geometry.factored import factored_core_rank
 from moe_lightning.geometry.krylov import TopRResult, krylov_bytes_per_token, topr_singular_values
 from moe_lightning.geometry.operators import JacobianOperator
 from moe_lightning.geometry.probe_config import ProbeConfig
-from moe_lightning.geometry.view import CastsOnRead, HasExpertWeights, HasJacobianOperator, MoEView, TokenFn
+from moe_lightning.geometry.view import CastsOnRead, HasJacobianOperator, MoEView, TokenFn, stored_weights_dtype
 
 __all__ = ["probe_context"]
 
@@ -183,10 +183,4 @@ def _estimate_plan(
 def _weights_in(view: MoEView, dtype: torch.dtype, experts: range) -> bool:
     """Whether the view offers the weights of ``experts`` (:class:`HasExpertWeights`) and every one is in
     ``dtype``, so that reading them in ``dtype`` copies nothing."""
-    if not isinstance(view, HasExpertWeights):
-        return False
-    for e in experts:
-        weights = view.expert_weights(e)
-        if weights is None or any(w.dtype != dtype for w in weights.values()):
-            return False
-    return True
+    return all(stored_weights_dtype(view, e) == dtype for e in experts)

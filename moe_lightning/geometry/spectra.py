@@ -13,6 +13,7 @@ import math
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -102,18 +103,11 @@ def congruence_eigvalsh(upper_KK: Tensor, sym_NKK: Tensor) -> Tensor:
     """
     if not _lapack_congruence(upper_KK, sym_NKK) or sym_NKK.shape[0] == 0 or upper_KK.shape[0] == 0:
         return batched_eigvalsh(upper_KK @ sym_NKK @ upper_KK.mT)
-    from scipy.linalg import lapack as scipy_lapack  # scipy's import costs a second; only wide cores need it
-
-    u = upper_KK.detach().numpy(force=True).copy(order="F")
-    sygst, syevd = scipy_lapack.get_lapack_funcs(("sygst", "syevd"), (u,))
+    congruence, syevd = _lapack_congruence_of(upper_KK, "syevd")
     out = sym_NKK.new_empty(sym_NKK.shape[:2])
     sym = sym_NKK.detach().contiguous()
     for n in range(sym.shape[0]):
-        # The transpose of a C-ordered S_n is the Fortran-ordered S_nᵀ, whose upper triangle is S_n's lower one.
-        s_t = sym[n].numpy().T
-        c, info = sygst(s_t, u, itype=2, lower=0, overwrite_a=1)  # U S Uᵀ in c's upper triangle
-        if info != 0:  # an illegal argument: not the data's doing
-            raise RuntimeError(f"congruence_eigvalsh: LAPACK {sygst.typecode}sygst failed with info={info}")
+        c = congruence(sym[n])
         w, _, info = syevd(c, compute_v=0, lower=0)
         # Not converged (a non-finite S_n, say): torch's eigensolver on that matrix decides, its values or its error.
         out[n] = torch.from_numpy(w) if info == 0 else torch.linalg.eigvalsh(torch.from_numpy(c), UPLO="U")
@@ -147,13 +141,8 @@ def congruence_eigh(upper_KK: Tensor, sym_KK: Tensor, top: int) -> tuple[Tensor,
     if not _lapack_congruence(upper_KK, sym_KK.unsqueeze(0)):
         w, v = torch.linalg.eigh(upper_KK @ sym_KK @ upper_KK.mT)
         return w[-top:].flip(0), v[:, -top:].flip(1)
-    from scipy.linalg import lapack as scipy_lapack
-
-    u = upper_KK.detach().numpy(force=True).copy(order="F")
-    sygst, syevr = scipy_lapack.get_lapack_funcs(("sygst", "syevr"), (u,))
-    c, info = sygst(sym_KK.detach().contiguous().numpy().T, u, itype=2, lower=0, overwrite_a=1)
-    if info != 0:
-        raise RuntimeError(f"congruence_eigh: LAPACK {sygst.typecode}sygst failed with info={info}")
+    congruence, syevr = _lapack_congruence_of(upper_KK, "syevr")
+    c = congruence(sym_KK.detach().contiguous())
     w, z, _, _, info = syevr(c, compute_v=1, range="I", il=k - top + 1, iu=k, lower=0)
     if info != 0:  # not converged: torch's eigensolver on that matrix decides, its values or its error
         w_all, z_all = torch.linalg.eigh(torch.from_numpy(c), UPLO="U")
@@ -194,6 +183,24 @@ def symmetric_gram(X_MK: Tensor) -> Tensor:
     (syrk,) = scipy_blas.get_blas_funcs(("syrk",), (a,))
     upper = torch.from_numpy(syrk(1.0, a, trans=trans, lower=0)).triu()
     return upper + upper.triu(1).mT
+
+
+def _lapack_congruence_of(upper_KK: Tensor, eigensolver: str) -> tuple[Callable[[Tensor], Any], Callable]:
+    """``S -> U S Uᵀ`` by SciPy's LAPACK ``sygst`` (the result in the upper triangle of a Fortran-ordered array, ``S``
+    overwritten), and the LAPACK ``eigensolver`` of ``U``'s dtype."""
+    from scipy.linalg import lapack as scipy_lapack  # scipy's import costs a second; only wide cores need it
+
+    u = upper_KK.detach().numpy(force=True).copy(order="F")
+    sygst, solver = scipy_lapack.get_lapack_funcs(("sygst", eigensolver), (u,))
+
+    def congruence(sym_KK: Tensor) -> Any:
+        # The transpose of a C-ordered S is the Fortran-ordered Sᵀ, whose upper triangle is S's lower one.
+        c, info = sygst(sym_KK.numpy().T, u, itype=2, lower=0, overwrite_a=1)
+        if info != 0:  # an illegal argument: not the data's doing
+            raise RuntimeError(f"LAPACK {sygst.typecode}sygst failed with info={info}")
+        return c
+
+    return congruence, solver
 
 
 def _lapack_congruence(upper_KK: Tensor, sym_NKK: Tensor) -> bool:

@@ -11,6 +11,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+import torch
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
@@ -120,6 +121,14 @@ class HasExpertWeights(Protocol):
         module holds them (views, not copies, in any layout: callers must not write them); None if unknown. Under
         expert parallelism ``e`` must be one of this rank's experts."""
         ...
+
+
+def stored_weights_dtype(view: object, e: int) -> torch.dtype | None:
+    """The floating dtype expert ``e``'s weights are stored in, where the view offers them
+    (:class:`HasExpertWeights`) all in one such dtype; None otherwise."""
+    weights = view.expert_weights(e) if isinstance(view, HasExpertWeights) else None
+    dtypes = {w.dtype for w in weights.values()} if weights else set()
+    return dtypes.pop() if len(dtypes) == 1 and next(iter(dtypes)).is_floating_point else None
 
 
 @runtime_checkable

@@ -17,7 +17,7 @@ from moe_lightning.geometry.factored import mean_jacobian_gram, mean_jacobian_si
 from moe_lightning.geometry.operators import JacobianFactors
 from moe_lightning.geometry.report import GeometryReport
 from moe_lightning.geometry.statistics import BufferLayout
-from moe_lightning.geometry.view import HasExpertWeights
+from moe_lightning.geometry.view import stored_weights_dtype
 
 __all__ = ["FactoredMeanJacobian", "FactoredMeanJacobians", "MeanJacobian", "UnreadableWeights", "warn_unreadable"]
 
@@ -95,14 +95,6 @@ class FactoredMeanJacobians:
         return None if mean is None else mean_jacobian_singular(self.read_factors(e), mean, self.dim, top)
 
 
-def _stored_dtype(view: Any, e: int, default: torch.dtype) -> torch.dtype:
-    """The floating dtype expert ``e``'s weights are stored in, where the view offers them
-    (:class:`~moe_lightning.geometry.view.HasExpertWeights`) in one such dtype; ``default`` otherwise."""
-    weights = view.expert_weights(e) if isinstance(view, HasExpertWeights) else None
-    dtypes = {w.dtype for w in weights.values()} if weights else set()
-    return dtypes.pop() if len(dtypes) == 1 and next(iter(dtypes)).is_floating_point else default
-
-
 class FactoredMeanJacobian(Accumulator):
     """``Σ_n w_n s_e(x_n)`` over each expert's routed tokens, ``(E, F)``: the gate-weighted mean Jacobian of factored
     experts (docs/geometry.md §1, "Factored experts at any width"), exact and additive at any D.
@@ -126,7 +118,7 @@ class FactoredMeanJacobian(Accumulator):
         def read_factors(e: int, stored: bool = False) -> JacobianFactors:
             # stored: in the dtype the weights are stored in, with no cast copy where the view offers them as they
             # are (the mean Jacobians' Gram casts the rows it needs, and each product promotes the rest exactly).
-            read = _stored_dtype(view, e, dtype) if stored else dtype
+            read = (stored_weights_dtype(view, e) or dtype) if stored else dtype
             try:
                 op = view.expert_jacobian_operator(e, torch.zeros(1, ctx.dim, dtype=read, device=device))
             except Exception as error:  # noqa: BLE001 - whatever stops the view from reading them is the reason
