@@ -159,10 +159,11 @@ def _check_topr_arguments(
 def _rayleigh_ritz(J: Callable[[Tensor], Tensor], Q: Tensor, Z: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
     """The top-``r`` Ritz values of the basis ``Q`` (``Z = Jᵀ Q``), their residuals ``‖J v_i − σ_i u_i‖`` and
     right vectors ``v_i``: ``Qᵀ J = Zᵀ = U_b Σ V_bᵀ``, so ``σ_i`` with ``v_i = V_b[:, i]``, ``u_i = Q U_b[:, i]``."""
-    V_b, S, U_bT = torch.linalg.svd(Z, full_matrices=False)  # Z = V_b S U_bᵀ
-    V_r = V_b[:, :, :r]
-    U_r = Q @ U_bT.transpose(-1, -2)[:, :, :r]
-    S_r = S[:, :r]
+    # One token at a time, so that the SVD's output and workspace are one token's, not the batch's.
+    S_r, V_r, U_r = Z.new_empty(Z.shape[0], r), Z.new_empty(Z.shape[0], Z.shape[1], r), Q.new_empty(*Q.shape[:2], r)
+    for t in range(Z.shape[0]):
+        V_b, S, U_bT = torch.linalg.svd(Z[t], full_matrices=False)  # Z = V_b S U_bᵀ
+        V_r[t], S_r[t], U_r[t] = V_b[:, :r], S[:r], Q[t] @ U_bT.T[:, :r]
     residual = torch.linalg.vector_norm(J(V_r) - U_r * S_r.unsqueeze(1), dim=1)
     return S_r, residual, V_r
 
@@ -225,11 +226,22 @@ def _krylov_block(n: int, k: int, block_size: int | None) -> int:
 
 def krylov_bytes_per_token(d: int, k: int, max_iter: int, itemsize: int) -> int:
     """Peak bytes per token of :func:`_block_krylov` and the Rayleigh–Ritz step for ``d × d`` Jacobians: the
-    bases ``Q`` and ``Z = Jᵀ Q`` (at most ``min(d, k·max_iter)`` columns each), a float64 copy of ``Z`` when the
-    dtype is narrower, the Ritz SVD's output and workspace, and the ``c × c`` float64 Gram matrix (with the copy
-    that grows it)."""
+    bases ``Q`` and ``Z = Jᵀ Q`` (at most ``c = min(d, k·max_iter)`` columns each), the float64 pieces of ``Z`` that
+    the Gram's new columns are formed from, and the ``c × c`` float64 Gram matrix (with the copy that grows it and
+    its eigensolver's workspace). The Ritz SVD runs one token at a time: its output and workspace are not per
+    token."""
     cols = min(d, k * max_iter)
-    return d * cols * (4 * itemsize + (8 if itemsize < 8 else 0)) + 16 * cols * cols
+    return d * (2 * itemsize * cols + 8 * 2 * _GRAM_PIECE) + 24 * cols * cols
+
+
+_GRAM_PIECE = 32  # columns of Z cast to float64 at a time for the Gram's new columns
+
+
+def _gram_columns(Z: Tensor, Z_new: Tensor) -> Tensor:
+    """``Zᵀ Z_new`` in float64 from the products as computed, ``Z`` cast :data:`_GRAM_PIECE` columns at a time (a
+    float64 copy of the whole basis would double a float32 basis's memory)."""
+    new = Z_new.to(torch.float64)
+    return torch.cat([piece.to(torch.float64).transpose(-1, -2) @ new for piece in Z.split(_GRAM_PIECE, -1)], -2)
 
 
 class _Basis:
@@ -259,10 +271,10 @@ def _block_krylov(J, Jt, omega, r, k, max_iter, tol, max_dim, noise):
     ``Ω`` has ``b`` columns per token (the block); the basis holds at most ``k · max_iter`` columns. The
     ``Z = Jᵀ Q`` products are kept, so the Ritz values of the whole basis come at no extra product cost: each
     iteration adds the new columns' inner products to the Gram matrix ``ZᵀZ = Qᵀ J Jᵀ Q`` (in float64, from the
-    products as computed) and takes the eigenvalues ``σ²`` of that ``c × c`` matrix for the convergence check,
-    instead of an SVD of the ``D × c`` basis (which at large ``D`` costs more than the products themselves); the
-    caller's Rayleigh–Ritz SVD of ``Z`` gives the returned values. Blocks are re-orthogonalised twice against the basis
-    ("twice is enough", Giraud et al. 2005).
+    products as computed: :func:`_gram_columns`) and takes the eigenvalues ``σ²`` of that ``c × c`` matrix for the
+    convergence check, instead of an SVD of the ``D × c`` basis (which at large ``D`` costs more than the products
+    themselves); the caller's Rayleigh–Ritz SVD of ``Z`` gives the returned values. Blocks are re-orthogonalised
+    twice against the basis ("twice is enough", Giraud et al. 2005).
     """
     n, d_in, b = omega.shape
     max_cols = min(max_dim, k * max_iter)
@@ -270,7 +282,6 @@ def _block_krylov(J, Jt, omega, r, k, max_iter, tol, max_dim, noise):
     Y = J(omega)
     capacity = min(max_cols, 8 * k)
     Qs, Zs = _Basis(Y, Y.shape[1], capacity), _Basis(Y, d_in, capacity)
-    Z64 = Zs if Y.dtype == torch.float64 else _Basis(Y, d_in, capacity, torch.float64)
     G = Y.new_zeros(n, 0, 0, dtype=torch.float64)
     history: list[Tensor] = []
     converged = torch.zeros(n, dtype=torch.bool, device=Y.device)
@@ -287,10 +298,8 @@ def _block_krylov(J, Jt, omega, r, k, max_iter, tol, max_dim, noise):
         Qs.append(Q_new, max_cols)
         Z_new = Jt(Q_new)
         Zs.append(Z_new, max_cols)
-        if Z64 is not Zs:
-            Z64.append(Z_new, max_cols)
         c, c_old = Qs.cols, G.shape[1]
-        cross = Z64.view().transpose(-1, -2) @ Z64.view()[..., c_old:]  # (n, c, c - c_old): G's new columns
+        cross = _gram_columns(Zs.view(), Z_new)  # (n, c, c - c_old): G's new columns
         G = torch.cat([torch.cat([G, cross[:, :c_old]], 2), cross.transpose(-1, -2)], 1)
         if c >= r:
             sigma = torch.linalg.eigvalsh(G)[:, -r:].flip(-1).clamp_min(0).sqrt()

@@ -73,15 +73,16 @@ def _routed_per_token(view: MoEView, x_ND: Tensor, dtype: torch.dtype) -> int:
 
 
 def _topr_solver(cfg: ProbeConfig, m: int) -> Callable[[TokenFn | JacobianOperator, Tensor], TopRResult]:
-    """:func:`topr_singular_values` with ``cfg``'s settings, the same for the experts' spectra and the layer's."""
+    """:func:`topr_singular_values` with ``cfg``'s settings, the same for the experts' spectra and the layer's
+    (``max_iter`` overrides ``cfg.matrix_free_max_iter``: a batch whose full basis would not fit the budget)."""
 
-    def solve(fn: TokenFn | JacobianOperator, x_ND: Tensor) -> TopRResult:
+    def solve(fn: TokenFn | JacobianOperator, x_ND: Tensor, max_iter: int | None = None) -> TopRResult:
         return topr_singular_values(
             fn,
             x_ND,
             m,
             oversample=cfg.matrix_free_oversample,
-            max_iter=cfg.matrix_free_max_iter,
+            max_iter=cfg.matrix_free_max_iter if max_iter is None else max_iter,
             tol=cfg.matrix_free_tol,
             seed=cfg.seed,
         )

@@ -104,11 +104,14 @@ def congruence_eigvalsh(upper_KK: Tensor, sym_NKK: Tensor) -> Tensor:
     if not _lapack_congruence(upper_KK, sym_NKK) or sym_NKK.shape[0] == 0 or upper_KK.shape[0] == 0:
         return batched_eigvalsh(upper_KK @ sym_NKK @ upper_KK.mT)
     congruence, syevd = _lapack_congruence_of(upper_KK, "syevd")
+    # SciPy's default workspace is LAPACK's minimum, with which the tridiagonal reduction runs unblocked (level-2
+    # BLAS): the optimal one from LAPACK's workspace query makes the eigensolve about twice as fast at K = 768.
+    lwork, liwork = _syevd_workspace(syevd, upper_KK.shape[0])
     out = sym_NKK.new_empty(sym_NKK.shape[:2])
     sym = sym_NKK.detach().contiguous()
     for n in range(sym.shape[0]):
         c = congruence(sym[n])
-        w, _, info = syevd(c, compute_v=0, lower=0)
+        w, _, info = syevd(c, compute_v=0, lower=0, lwork=lwork, liwork=liwork)
         # Not converged (a non-finite S_n, say): torch's eigensolver on that matrix decides, its values or its error.
         out[n] = torch.from_numpy(w) if info == 0 else torch.linalg.eigvalsh(torch.from_numpy(c), UPLO="U")
     return out
@@ -201,6 +204,18 @@ def _lapack_congruence_of(upper_KK: Tensor, eigensolver: str) -> tuple[Callable[
         return c
 
     return congruence, solver
+
+
+def _syevd_workspace(syevd: Callable, k: int) -> tuple[int, int]:
+    """LAPACK's optimal ``(lwork, liwork)`` for the values-only ``syevd`` of a ``k × k`` matrix (its workspace
+    query, through SciPy's ``syevd_lwork``)."""
+    from scipy.linalg import lapack as scipy_lapack
+
+    query = getattr(scipy_lapack, f"{syevd.typecode}syevd_lwork")
+    lwork, liwork, info = query(k, compute_v=0, lower=0)
+    if info != 0:
+        raise RuntimeError(f"LAPACK {syevd.typecode}syevd workspace query failed with info={info}")
+    return int(lwork), int(liwork)
 
 
 def _lapack_congruence(upper_KK: Tensor, sym_NKK: Tensor) -> bool:

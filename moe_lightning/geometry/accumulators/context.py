@@ -63,7 +63,8 @@ class ProbeContext:
         matrix_free: whether the spectra are the matrix-free top-``rank`` values (``D > matrix_free_threshold``).
         rank: ``M``, singular values kept per Jacobian: ``D`` on the exact path, ``r`` on the matrix-free path.
         chunk_size: tokens per chunk (and per matrix-free solver call).
-        solve_topr: ``(fn or operator, x) -> TopRResult`` with the config's matrix-free settings.
+        solve_topr: ``(fn or operator, x[, max_iter]) -> TopRResult`` with the config's matrix-free settings
+            (``max_iter`` in place of ``matrix_free_max_iter``).
         all_token_jacobians: compute each expert's Jacobian on every token of a chunk, not only its routed ones
             (pointwise alignment compares experts token by token).
         replicas: plain slot -> its bootstrap replica (see :class:`~moe_lightning.geometry.statistics.BufferLayout`);
@@ -107,7 +108,7 @@ class ProbeContext:
     matrix_free: bool
     rank: int
     chunk_size: int
-    solve_topr: Callable[[TokenFn | JacobianOperator, Tensor], TopRResult]
+    solve_topr: Callable[..., TopRResult]
     expert_group: dist.ProcessGroup | None = None
     local_experts: range | None = None
     all_token_jacobians: bool = False

@@ -17,6 +17,7 @@ from moe_lightning.geometry.accumulators.context import Chunk, ProbeContext
 from moe_lightning.geometry.accumulators.tokens import TokenCounts
 from moe_lightning.geometry.estimates import mark_topr_products, whole_spectrum_statistics, whole_spectrum_variants
 from moe_lightning.geometry.jacobians import compose_layer_jacobian, jacobians, layer_jacobian
+from moe_lightning.geometry.krylov import krylov_bytes_per_token
 from moe_lightning.geometry.operators import (
     JacobianOperator,
     func_jacobian_operator,
@@ -50,10 +51,9 @@ class LayerJacobian(Accumulator):
         self.products_dtype = products_dtype
         self.fit_max = config.decay_fit_max
         self.top = config.matrix_free_rank if matrix_free else None
-        # Matrix-free: each chunk's tokens, gates, top-r values, convergence and bootstrap counts, queued until
-        # ``ctx.estimate_batch`` tokens share the estimates' products.
-        self._pending: list[tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]] = []
-        self._lone_op: JacobianOperator | None = None
+        # Matrix-free: each chunk's tokens, gates and bootstrap counts, queued until ``ctx.estimate_batch`` tokens
+        # share the products of the top-r solve and of the estimates.
+        self._pending: list[tuple[Tensor, Tensor, Tensor | None]] = []
 
     #: What the top-``r`` values cannot give (docs/geometry.md §1, "Estimated quantities").
     ESTIMATED = ("frobenius", "stable_rank", "effective_rank")
@@ -73,11 +73,7 @@ class LayerJacobian(Accumulator):
             counts = None if chunk.counts is None else chunk.counts[:, share]
             self._add_spectra(chunk.ctx, buffer, sv, counts)
             return
-        sv, converged, op = self._top_singular_values(chunk)
-        # A chunk queued alone keeps its operator, which serves its estimates if no other chunk joins it (with the
-        # next chunk it is dropped: one chunk's operators at a time).
-        self._lone_op = None if self._pending else op
-        self._pending.append((chunk.x, chunk.gates, sv, converged, chunk.counts))
+        self._pending.append((chunk.x, chunk.gates, chunk.counts))
         if sum(p[0].shape[0] for p in self._pending) >= chunk.ctx.estimate_batch:
             self._estimate(chunk.ctx, buffer)
 
@@ -86,14 +82,16 @@ class LayerJacobian(Accumulator):
             self._estimate(ctx, buffer)
 
     def _estimate(self, ctx: ProbeContext, buffer: Tensor) -> None:
-        """The whole-spectrum estimates of the queued tokens (Hutchinson's Frobenius norm and stable rank, the SLQ
-        effective rank: docs/geometry.md §1, "Estimated quantities"), all of them at once, with products in
-        ``ctx.products_dtype``; then their statistics, with their top-``r`` values, into the moments."""
-        xs, gs, svs, convs, cs = zip(*self._pending, strict=True)
+        """The queued tokens' top-``r`` values and whole-spectrum estimates (Hutchinson's Frobenius norm and stable
+        rank, the SLQ effective rank: docs/geometry.md §1, "Estimated quantities"), all on one operator whose products
+        round in ``ctx.products_dtype`` and share each GEMM against an expert's weights among the batch's tokens
+        routed to it; then their statistics into the moments."""
+        xs, gs, cs = zip(*self._pending, strict=True)
         self._pending.clear()
-        x, g, sv, converged = torch.cat(xs), torch.cat(gs), torch.cat(svs), torch.cat(convs)
+        x, g = torch.cat(xs), torch.cat(gs)
         counts = None if cs[0] is None else torch.cat(cs, dim=1)
-        op, self._lone_op = self._lone_op or self._products_operator(ctx, x, g), None
+        op = self._products_operator(ctx, x, g)
+        sv, converged = self._top_values(ctx, op, x, g)
         # The probes' salt E is no expert's.
         whole = whole_spectrum_statistics(op, x, sv, self.config, salt=ctx.num_experts)
         # Every one of them is an estimate with a variance: under expert parallelism each rank adds its share.
@@ -101,6 +99,32 @@ class LayerJacobian(Accumulator):
         known = {name: tuple(t[share] for t in parts) for name, parts in whole.items()}
         self._add_spectra(ctx, buffer, sv[share], None if counts is None else counts[:, share], known)
         self.unconverged.of(buffer).add_((~converged[share]).sum())
+
+    def _top_values(self, ctx: ProbeContext, op: JacobianOperator, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+        """The top-``r`` singular values at the batch's tokens and whether each converged. The batch runs with as
+        many Krylov columns as the memory budget holds for all its tokens (at most ``matrix_free_max_iter``
+        blocks); a token that has not converged when a smaller cap stops it is solved again with the full
+        ``matrix_free_max_iter``, ``ctx.chunk_size`` tokens at a time (a chunk's budget holds a full basis)."""
+        cfg, n = ctx.config, x.shape[0]
+        k = min(self.top + cfg.matrix_free_oversample, ctx.dim)
+        itemsize = torch.empty(0, dtype=self.products_dtype or ctx.dtype).element_size()
+        iters = cfg.matrix_free_max_iter
+        while iters and n * krylov_bytes_per_token(ctx.dim, k, iters, itemsize) > cfg.memory_budget_bytes:
+            iters -= 1
+        if iters == cfg.matrix_free_max_iter:
+            res = ctx.solve_topr(op, x)
+            return res.values, res.converged
+        if iters:
+            res = ctx.solve_topr(op, x, max_iter=iters)
+            values, converged = res.values, res.converged
+        else:  # not one block per token fits: every token is solved a chunk at a time
+            values = x.new_zeros(n, min(self.top, ctx.dim))
+            converged = torch.zeros(n, dtype=torch.bool, device=x.device)
+        # Every rank of an expert group holds the same values, so all of them solve the same tokens again.
+        for again in (~converged).nonzero().flatten().split(ctx.chunk_size):
+            res = ctx.solve_topr(self._products_operator(ctx, x[again], g[again]), x[again])
+            values[again], converged[again] = res.values.to(values.dtype), res.converged
+        return values, converged
 
     def _products_operator(self, ctx: ProbeContext, x_ND: Tensor, g_NE: Tensor) -> JacobianOperator:
         """The layer Jacobians at ``x_ND`` (gates ``g_NE``) as products in ``ctx.products_dtype``, taking and giving
@@ -144,14 +168,6 @@ class LayerJacobian(Accumulator):
             return compose_layer_jacobian(g, dg.to(g.dtype), outputs, parts)
 
         return ctx.sum_over_experts(partial, (x.shape[0], ctx.dim, ctx.dim))
-
-    def _top_singular_values(self, chunk: Chunk) -> tuple[Tensor, Tensor, JacobianOperator]:
-        """The top-``r`` singular values at the chunk's tokens, whether each converged, and the operator (products
-        in ``ctx.products_dtype``; the chunk's own operators where that is the probe's dtype)."""
-        ctx = chunk.ctx
-        op = self._products_operator(ctx, chunk.x, chunk.gates) if ctx.casts_products else self._operator_of(chunk)
-        res = ctx.solve_topr(op, chunk.x)
-        return res.values, res.converged, op
 
     def _operator_of(self, chunk: Chunk) -> JacobianOperator:
         """The layer Jacobians at the chunk's tokens as products in the chunk's dtype: composed from the experts'
