@@ -128,10 +128,11 @@ def topr_singular_values(
     b = k if method == "subspace" else _krylov_block(op.gemm_tokens or n, k, block_size)
     omega = torch.randn(n, d_in, b, generator=gen, dtype=dtype, device=device)
     if method == "krylov":
-        Q, Z, it, converged = _block_krylov(J, Jt, omega, r, k, max_iter, tol, min(d_in, d_out), noise)
+        store = op.rounding or dtype
+        Q, Z, it, converged = _block_krylov(J, Jt, omega, r, k, max_iter, tol, min(d_in, d_out), noise, store)
     else:
         Q, Z, it, converged = _subspace_iteration(J, Jt, omega, r, max_iter, tol)
-    S_r, residual, V_r = _rayleigh_ritz(J, Q, Z, r)
+    S_r, residual, V_r = _rayleigh_ritz(J, Q, Z, r, dtype)
     return TopRResult(S_r, residual, it, converged, V_r if return_vectors else None, Q.shape[-1])
 
 
@@ -156,14 +157,19 @@ def _check_topr_arguments(
         raise ValueError(f"topr_singular_values: block_size must be None or an int >= 1, got {block_size!r}")
 
 
-def _rayleigh_ritz(J: Callable[[Tensor], Tensor], Q: Tensor, Z: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
+def _rayleigh_ritz(
+    J: Callable[[Tensor], Tensor], Q: Tensor, Z: Tensor, r: int, op_dtype: torch.dtype | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """The top-``r`` Ritz values of the basis ``Q`` (``Z = Jᵀ Q``), their residuals ``‖J v_i − σ_i u_i‖`` and
     right vectors ``v_i``: ``Qᵀ J = Zᵀ = U_b Σ V_bᵀ``, so ``σ_i`` with ``v_i = V_b[:, i]``, ``u_i = Q U_b[:, i]``."""
-    # One token at a time, so that the SVD's output and workspace are one token's, not the batch's.
-    S_r, V_r, U_r = Z.new_empty(Z.shape[0], r), Z.new_empty(Z.shape[0], Z.shape[1], r), Q.new_empty(*Q.shape[:2], r)
+    # One token at a time, so that the SVD's output and workspace are one token's, not the batch's; bases kept in a
+    # narrower dtype than the operator's are cast one token at a time.
+    dtype = op_dtype or Z.dtype
+    S_r, V_r = Z.new_empty(Z.shape[0], r, dtype=dtype), Z.new_empty(*Z.shape[:2], r, dtype=dtype)
+    U_r = Q.new_empty(*Q.shape[:2], r, dtype=dtype)
     for t in range(Z.shape[0]):
-        V_b, S, U_bT = torch.linalg.svd(Z[t], full_matrices=False)  # Z = V_b S U_bᵀ
-        V_r[t], S_r[t], U_r[t] = V_b[:, :r], S[:r], Q[t] @ U_bT.T[:, :r]
+        V_b, S, U_bT = torch.linalg.svd(Z[t].to(dtype), full_matrices=False)  # Z = V_b S U_bᵀ
+        V_r[t], S_r[t], U_r[t] = V_b[:, :r], S[:r], Q[t].to(dtype) @ U_bT.T[:, :r]
     residual = torch.linalg.vector_norm(J(V_r) - U_r * S_r.unsqueeze(1), dim=1)
     return S_r, residual, V_r
 
@@ -224,17 +230,31 @@ def _krylov_block(n: int, k: int, block_size: int | None) -> int:
     return min(block_size, k)
 
 
-def krylov_bytes_per_token(d: int, k: int, max_iter: int, itemsize: int) -> int:
+def krylov_bytes_per_token(d: int, k: int, max_iter: int, itemsize: int, products_itemsize: int | None = None) -> int:
     """Peak bytes per token of :func:`_block_krylov` and the Rayleigh–Ritz step for ``d × d`` Jacobians: the
-    bases ``Q`` and ``Z = Jᵀ Q`` (at most ``c = min(d, k·max_iter)`` columns each), the float64 pieces of ``Z`` that
-    the Gram's new columns are formed from, and the ``c × c`` float64 Gram matrix (with the copy that grows it and
-    its eigensolver's workspace). The Ritz SVD runs one token at a time: its output and workspace are not per
-    token."""
+    bases ``Q`` and ``Z = Jᵀ Q`` (at most ``c = min(d, k·max_iter)`` columns each) in the dtype the products round
+    in (``products_itemsize``; default ``itemsize``, the operator's), the pieces of them cast to float64 for the
+    projections and the Gram's new columns, the blocks in flight, and the ``c × c`` float64 Gram matrix (with the
+    copy that grows it and its eigensolver's workspace). The Ritz SVD runs one token at a time: its output and
+    workspace are not per token."""
     cols = min(d, k * max_iter)
-    return d * (2 * itemsize * cols + 8 * 2 * _GRAM_PIECE) + 24 * cols * cols
+    kept = products_itemsize or itemsize
+    return d * (2 * kept * cols + 8 * (2 * _GRAM_PIECE + 4 * k)) + 24 * cols * cols
 
 
-_GRAM_PIECE = 32  # columns of Z cast to float64 at a time for the Gram's new columns
+_GRAM_PIECE = 16  # columns of Z cast to float64 at a time for the Gram's new columns
+
+
+def _project_out(Q: Tensor, Y: Tensor) -> Tensor:
+    """``Y − Q (Qᵀ Y)`` in ``Y``'s dtype (one classical Gram–Schmidt pass); a ``Q`` kept in a narrower dtype is cast
+    :data:`_GRAM_PIECE` columns at a time."""
+    if Q.dtype == Y.dtype:
+        return Y - Q @ (Q.transpose(-1, -2) @ Y)
+    pieces = Q.split(_GRAM_PIECE, -1)
+    coefficients = [piece.to(Y.dtype).transpose(-1, -2) @ Y for piece in pieces]
+    for piece, c in zip(pieces, coefficients, strict=True):
+        Y = Y - piece.to(Y.dtype) @ c
+    return Y
 
 
 def _gram_columns(Z: Tensor, Z_new: Tensor) -> Tensor:
@@ -264,24 +284,28 @@ class _Basis:
         return self.data[..., : self.cols]
 
 
-def _block_krylov(J, Jt, omega, r, k, max_iter, tol, max_dim, noise):
+def _block_krylov(J, Jt, omega, r, k, max_iter, tol, max_dim, noise, store):
     """Randomized block Krylov (Musco & Musco, NeurIPS 2015): Q spans [JΩ, (JJᵀ)JΩ, (JJᵀ)²JΩ, ...].
 
     Converges far faster than subspace iteration for a slowly decaying spectrum, at the same cost per column.
-    ``Ω`` has ``b`` columns per token (the block); the basis holds at most ``k · max_iter`` columns. The
-    ``Z = Jᵀ Q`` products are kept, so the Ritz values of the whole basis come at no extra product cost: each
-    iteration adds the new columns' inner products to the Gram matrix ``ZᵀZ = Qᵀ J Jᵀ Q`` (in float64, from the
-    products as computed: :func:`_gram_columns`) and takes the eigenvalues ``σ²`` of that ``c × c`` matrix for the
-    convergence check, instead of an SVD of the ``D × c`` basis (which at large ``D`` costs more than the products
-    themselves); the caller's Rayleigh–Ritz SVD of ``Z`` gives the returned values. Blocks are re-orthogonalised
-    twice against the basis ("twice is enough", Giraud et al. 2005).
+    ``Ω`` has ``b`` columns per token (the block); the basis holds at most ``k · max_iter`` columns, kept with
+    the ``Z = Jᵀ Q`` products in ``store`` (the dtype the products round in). As ``Z`` is kept, the Ritz values of
+    the whole basis come at no extra product cost: each iteration adds the new columns' inner products to the
+    Gram matrix ``ZᵀZ = Qᵀ J Jᵀ Q`` (in float64, from the products as computed: :func:`_gram_columns`) and takes
+    the eigenvalues ``σ²`` of that ``c × c`` matrix for the convergence check, instead of an SVD of the ``D × c``
+    basis (which at large ``D`` costs more than the products themselves); the caller's Rayleigh–Ritz SVD of ``Z``
+    gives the returned values. Blocks are re-orthogonalised twice against the basis ("twice is enough", Giraud et
+    al. 2005).
     """
     n, d_in, b = omega.shape
     max_cols = min(max_dim, k * max_iter)
     lag = -(-k // b)  # iterations per k columns: values are compared with those k columns earlier
     Y = J(omega)
     capacity = min(max_cols, 8 * k)
-    Qs, Zs = _Basis(Y, Y.shape[1], capacity), _Basis(Y, d_in, capacity)
+    # The bases are kept in the dtype the products round in (``store``): a casting operator's products are values
+    # of that dtype, and its products with Q see Q rounded to it, so the kept bases are what the products saw; in
+    # float32 they hold half the memory of float64 ones. The projections and the Gram run in the operator's dtype.
+    Qs, Zs = _Basis(Y, Y.shape[1], capacity, store), _Basis(Y, d_in, capacity, store)
     G = Y.new_zeros(n, 0, 0, dtype=torch.float64)
     history: list[Tensor] = []
     converged = torch.zeros(n, dtype=torch.bool, device=Y.device)
@@ -293,8 +317,7 @@ def _block_krylov(J, Jt, omega, r, k, max_iter, tol, max_dim, noise):
             # Once the basis nearly spans the space, Y is rounding left after the projections, and its QR
             # normalises that rounding into columns far from orthogonal to the basis; one more projection and QR
             # makes them orthonormal to it, so a basis that fills the whole space gives exact Ritz values.
-            Q = Qs.view()
-            Q_new = torch.linalg.qr(Q_new - Q @ (Q.transpose(-1, -2) @ Q_new))[0]
+            Q_new = torch.linalg.qr(_project_out(Qs.view(), Q_new))[0]
         Qs.append(Q_new, max_cols)
         Z_new = Jt(Q_new)
         Zs.append(Z_new, max_cols)
@@ -312,7 +335,6 @@ def _block_krylov(J, Jt, omega, r, k, max_iter, tol, max_dim, noise):
             converged = torch.ones_like(converged)
         if bool(converged.all()) or c >= max_cols:
             return Qs.view(), Zs.view(), it, converged
-        Q = Qs.view()
         Y = J(Z_new[..., : max_cols - c])  # (J Jᵀ) Q_last, trimmed to fill the space exactly
         for _ in range(2):
-            Y = Y - Q @ (Q.transpose(-1, -2) @ Y)
+            Y = _project_out(Qs.view(), Y)

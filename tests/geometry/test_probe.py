@@ -334,7 +334,9 @@ def test_matrix_free_reports_tokens_whose_spectra_did_not_converge():
 
 def test_matrix_free_chunks_batch_tokens_without_changing_values(monkeypatch):
     """On the matrix-free path a chunk holds no D x D matrix, so the default budget batches all 12 tokens into one
-    topr call per routed expert and one for the layer (shared GEMMs); one token per chunk gives the same values."""
+    topr call per routed expert and one for the layer (shared GEMMs); one token per chunk gives the same values.
+    The layer's calls run on its estimates' batches, each token once with the full ``matrix_free_max_iter`` or
+    converged under a smaller cap where the budget holds fewer blocks for the whole batch."""
     from moe_lightning.adapters import find_moe_layers
     from moe_lightning.geometry import probe_plan
     from moe_lightning.nn.layer import MoEConfig, MoELayer
@@ -343,33 +345,47 @@ def test_matrix_free_chunks_batch_tokens_without_changing_values(monkeypatch):
     original = probe_plan.topr_singular_values
 
     def spy(fn, x, r, **kw):
-        sizes.append(fn.num_tokens)  # the views' closed-form operators hold their tokens
-        return original(fn, x, r, **kw)
+        res = original(fn, x, r, **kw)
+        # The views' closed-form operators hold their tokens; the layer's (composed) has no factors.
+        layer_call = (kw["max_iter"], int(res.converged.sum()), fn.num_tokens)
+        (layer if fn.factors is None else sizes).append(layer_call if fn.factors is None else fn.num_tokens)
+        return res
+
+    layer = []
+
+    def layer_tokens_solved():
+        full = kw["matrix_free_max_iter"]
+        return sum(n if it == full else converged for it, converged, n in layer)
 
     monkeypatch.setattr(probe_plan, "topr_singular_values", spy)
     torch.manual_seed(0)
-    layer = MoELayer(MoEConfig(dim=12, expert_hidden=16, num_experts=3, top_k=2, activation="swiglu")).double()
-    (view,) = find_moe_layers(layer)
+    moe = MoELayer(MoEConfig(dim=12, expert_hidden=16, num_experts=3, top_k=2, activation="swiglu")).double()
+    (view,) = find_moe_layers(moe)
     x = torch.randn(12, 12, dtype=DT)
     counts = (view.gates(x) > 0).sum(0).tolist()
     kw = dict(matrix_free_threshold=4, matrix_free_rank=3, matrix_free_tol=1e-13, matrix_free_max_iter=200, pca=False)
     kw["matrix_free_products_dtype"] = None  # float64 products: the values agree to their round-off
     batched = probe(view, x, ProbeConfig(**kw))
-    assert sizes == [12] + [c for c in counts if c]  # the layer's call, then each expert's queued tokens
+    assert sizes == [c for c in counts if c]  # each expert's queued tokens
+    assert layer == [(kw["matrix_free_max_iter"], 12, 12)]  # and the layer's batch
     sizes.clear()
+    layer.clear()
     single = probe(view, x, ProbeConfig(memory_budget_bytes=1, **kw))
-    assert sizes == [1] * (2 * 12 + 12)  # top-2: two expert calls and one layer call per token
+    assert sizes == [1] * (2 * 12)  # top-2: two expert calls per token
+    assert layer == [(kw["matrix_free_max_iter"], 1, 1)] * 12  # no block of a batch fits: a layer call per token
     # Chunks of 4 tokens: an expert sees 2-3 of each chunk's tokens; its queue runs as soon as it holds 4, in
     # calls of exactly 4, and the remainder after the last chunk.
     sizes.clear()
+    layer.clear()
     per_token = probe_plan._bytes_per_token(ProbeConfig(**kw), 12, 3, 3, 8, True)
     four = probe(view, x, ProbeConfig(memory_budget_bytes=4 * per_token, **kw))
     routed = [c for c in counts if c]
     remainders = [c % 4 for c in routed if c % 4]
     assert remainders  # (this routing leaves some)
-    # three layer calls of 4, every expert's full calls of 4, then the remainders, short, at the end
-    assert sorted(sizes[: len(sizes) - len(remainders)]) == [4] * (3 + sum(c // 4 for c in routed))
+    # every expert's full calls of 4, then the remainders, short, at the end
+    assert sorted(sizes[: len(sizes) - len(remainders)]) == [4] * sum(c // 4 for c in routed)
     assert sorted(sizes[len(sizes) - len(remainders) :]) == sorted(remainders)
+    assert layer_tokens_solved() == 12, layer
     for key in ("jac_mean_spectrum", "layer_jac_mean_spectrum"):
         torch.testing.assert_close(batched.spectra[key], single.spectra[key], rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(four.spectra[key], single.spectra[key], rtol=1e-9, atol=1e-12)

@@ -316,3 +316,41 @@ def test_layer_estimates_batch_tokens_of_several_chunks_without_changing_values(
     for key in (*LAYER_ESTIMATED, "layer_jac_sigma_max"):
         for suffix in ("", "_std", "_se") if key in LAYER_ESTIMATED else ("", "_std"):
             assert batched.layer[key + suffix] == pytest.approx(whole.layer[key + suffix], rel=rel), key + suffix
+
+
+@pytest.mark.parametrize("fits", [2, 1, 0])
+def test_layer_top_values_of_a_batch_over_the_budget_are_solved_again_in_full(fits, monkeypatch):
+    """The layer Jacobian's top-``r`` values run on the estimates' token batch with as many Krylov blocks as the
+    budget holds for all its tokens: where that is fewer than ``matrix_free_max_iter`` (two blocks here, which span
+    the whole space; one; or none), the tokens not converged by then are solved again with the full
+    ``matrix_free_max_iter`` a chunk at a time, and the report equals the one whose batch holds the full basis."""
+    from moe_lightning.geometry import probe_plan
+    from moe_lightning.geometry.accumulators import layer_jacobian
+
+    view, x = _layer(40, 24, "swiglu", 1, tokens=24, num_experts=4)
+    cfg = ProbeConfig(matrix_free_threshold=39, jacobian=False, cka=False, pca=False, alignment=False, subspaces=False)
+    full = probe(view, x, cfg)
+    calls = []
+    solve = probe_plan.topr_singular_values
+
+    def spy(op, x_ND, r, **kw):
+        res = solve(op, x_ND, r, **kw)
+        calls.append((op.num_tokens, kw["max_iter"], int(res.converged.sum())))
+        return res
+
+    monkeypatch.setattr(probe_plan, "topr_singular_values", spy)
+    # The budget holds ``fits`` blocks of the batch's tokens and no more.
+    monkeypatch.setattr(layer_jacobian, "krylov_bytes_per_token", lambda d, k, it, *sizes: 0 if it <= fits else 2**60)
+    capped = probe(view, x, cfg)
+    ctx = probe_plan.probe_context(view, x, cfg, None, None)
+    assert ctx.estimate_batch >= x.shape[0]  # one batch of every token
+    first = [fits] if fits else []
+    assert [it for _, it, _ in calls] == first + [cfg.matrix_free_max_iter] * (len(calls) - len(first)), calls
+    if fits:  # every token converges in a basis that spans the space; some miss a smaller one
+        assert calls[0][0] == x.shape[0] and (calls[0][2] == x.shape[0]) == (fits == 2), calls
+    assert sum(n for n, _, _ in calls[len(first) :]) == x.shape[0] - (calls[0][2] if fits else 0), calls
+    assert all(converged == n <= ctx.chunk_size for n, _, converged in calls[len(first) :]), calls
+    assert capped.layer["layer_jac_unconverged"] == 0
+    for key in ("layer_jac_sigma_max", "layer_jac_sigma_max_std", "layer_jac_decay_slope"):
+        assert capped.layer[key] == pytest.approx(full.layer[key], rel=1e-5), key
+    torch.testing.assert_close(capped.spectra["layer_jac_mean_spectrum"], full.spectra["layer_jac_mean_spectrum"])

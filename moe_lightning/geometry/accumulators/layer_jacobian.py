@@ -54,6 +54,7 @@ class LayerJacobian(Accumulator):
         # Matrix-free: each chunk's tokens, gates and bootstrap counts, queued until ``ctx.estimate_batch`` tokens
         # share the products of the top-r solve and of the estimates.
         self._pending: list[tuple[Tensor, Tensor, Tensor | None]] = []
+        self._lone: Chunk | None = None
 
     #: What the top-``r`` values cannot give (docs/geometry.md §1, "Estimated quantities").
     ESTIMATED = ("frobenius", "stable_rank", "effective_rank")
@@ -73,6 +74,8 @@ class LayerJacobian(Accumulator):
             counts = None if chunk.counts is None else chunk.counts[:, share]
             self._add_spectra(chunk.ctx, buffer, sv, counts)
             return
+        # A chunk queued alone is kept: if no other chunk joins it, its own operators serve its batch.
+        self._lone = None if self._pending else chunk
         self._pending.append((chunk.x, chunk.gates, chunk.counts))
         if sum(p[0].shape[0] for p in self._pending) >= chunk.ctx.estimate_batch:
             self._estimate(chunk.ctx, buffer)
@@ -90,7 +93,8 @@ class LayerJacobian(Accumulator):
         self._pending.clear()
         x, g = torch.cat(xs), torch.cat(gs)
         counts = None if cs[0] is None else torch.cat(cs, dim=1)
-        op = self._products_operator(ctx, x, g)
+        lone, self._lone = self._lone if len(xs) == 1 and not ctx.casts_products else None, None
+        op = self._operator_of(lone) if lone is not None else self._products_operator(ctx, x, g)
         sv, converged = self._top_values(ctx, op, x, g)
         # The probes' salt E is no expert's.
         whole = whole_spectrum_statistics(op, x, sv, self.config, salt=ctx.num_experts)
@@ -107,9 +111,9 @@ class LayerJacobian(Accumulator):
         ``matrix_free_max_iter``, ``ctx.chunk_size`` tokens at a time (a chunk's budget holds a full basis)."""
         cfg, n = ctx.config, x.shape[0]
         k = min(self.top + cfg.matrix_free_oversample, ctx.dim)
-        itemsize = torch.empty(0, dtype=self.products_dtype or ctx.dtype).element_size()
+        sizes = x.element_size(), torch.empty(0, dtype=op.rounding or op.dtype).element_size()
         iters = cfg.matrix_free_max_iter
-        while iters and n * krylov_bytes_per_token(ctx.dim, k, iters, itemsize) > cfg.memory_budget_bytes:
+        while iters and n * krylov_bytes_per_token(ctx.dim, k, iters, *sizes) > cfg.memory_budget_bytes:
             iters -= 1
         if iters == cfg.matrix_free_max_iter:
             res = ctx.solve_topr(op, x)
@@ -121,7 +125,8 @@ class LayerJacobian(Accumulator):
             values = x.new_zeros(n, min(self.top, ctx.dim))
             converged = torch.zeros(n, dtype=torch.bool, device=x.device)
         # Every rank of an expert group holds the same values, so all of them solve the same tokens again.
-        for again in (~converged).nonzero().flatten().split(ctx.chunk_size):
+        missed = (~converged).nonzero().flatten()
+        for again in missed.split(ctx.chunk_size) if missed.numel() else ():
             res = ctx.solve_topr(self._products_operator(ctx, x[again], g[again]), x[again])
             values[again], converged[again] = res.values.to(values.dtype), res.converged
         return values, converged
