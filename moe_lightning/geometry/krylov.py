@@ -217,29 +217,31 @@ def _subspace_iteration(J, Jt, omega, r, max_iter, tol):
         Y = J(P)
 
 
-_SMALL_BLOCK = 4  # smallest default Krylov block per token (fewest columns in all to reach a given accuracy)
+SMALL_BLOCK = 4  # smallest default Krylov block per token (fewest columns in all to reach a given accuracy)
 _WIDE_GEMM = 32  # columns from which a GEMM against a (D, H) weight runs near its full rate on CPU
 
 
 def _krylov_block(n: int, k: int, block_size: int | None) -> int:
     """Columns per token and Krylov iteration: ``block_size`` (at most ``k``), or the default policy: the smallest
-    block of at least :data:`_SMALL_BLOCK` whose ``n · block`` columns fill a :data:`_WIDE_GEMM`-wide GEMM (1 token:
+    block of at least :data:`SMALL_BLOCK` whose ``n · block`` columns fill a :data:`_WIDE_GEMM`-wide GEMM (1 token:
     ``k``, 2 tokens: 16, 4 tokens: 8, 8 or more: 4)."""
     if block_size is None:
-        block_size = max(_SMALL_BLOCK, -(-_WIDE_GEMM // n))
+        block_size = max(SMALL_BLOCK, -(-_WIDE_GEMM // n))
     return min(block_size, k)
 
 
-def krylov_bytes_per_token(d: int, k: int, max_iter: int, itemsize: int, products_itemsize: int | None = None) -> int:
+def krylov_bytes_per_token(
+    d: int, k: int, max_iter: int, itemsize: int, products_itemsize: int | None = None, block: int | None = None
+) -> int:
     """Peak bytes per token of :func:`_block_krylov` and the Rayleigh–Ritz step for ``d × d`` Jacobians: the
     bases ``Q`` and ``Z = Jᵀ Q`` (at most ``c = min(d, k·max_iter)`` columns each) in the dtype the products round
     in (``products_itemsize``; default ``itemsize``, the operator's), the pieces of them cast to float64 for the
-    projections and the Gram's new columns, the blocks in flight, and the ``c × c`` float64 Gram matrix (with the
-    copy that grows it and its eigensolver's workspace). The Ritz SVD runs one token at a time: its output and
-    workspace are not per token."""
+    projections and the Gram's new columns, the blocks in flight (``block`` columns each; default ``k``, the
+    largest), and the ``c × c`` float64 Gram matrix (with the copy that grows it and its eigensolver's workspace).
+    The Ritz SVD runs one token at a time: its output and workspace are not per token."""
     cols = min(d, k * max_iter)
     kept = products_itemsize or itemsize
-    return d * (2 * kept * cols + 8 * (2 * _GRAM_PIECE + 4 * k)) + 24 * cols * cols
+    return d * (2 * kept * cols + 8 * (2 * _GRAM_PIECE + 4 * (block or k))) + 24 * cols * cols
 
 
 _GRAM_PIECE = 16  # columns of Z cast to float64 at a time for the Gram's new columns

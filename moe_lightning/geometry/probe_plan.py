@@ -74,9 +74,12 @@ def _routed_per_token(view: MoEView, x_ND: Tensor, dtype: torch.dtype) -> int:
 
 def _topr_solver(cfg: ProbeConfig, m: int) -> Callable[[TokenFn | JacobianOperator, Tensor], TopRResult]:
     """:func:`topr_singular_values` with ``cfg``'s settings, the same for the experts' spectra and the layer's
-    (``max_iter`` overrides ``cfg.matrix_free_max_iter``: a batch whose full basis would not fit the budget)."""
+    (``max_iter`` overrides ``cfg.matrix_free_max_iter`` and ``block_size`` the Krylov block: a batch whose full
+    basis would not fit the budget)."""
 
-    def solve(fn: TokenFn | JacobianOperator, x_ND: Tensor, max_iter: int | None = None) -> TopRResult:
+    def solve(
+        fn: TokenFn | JacobianOperator, x_ND: Tensor, max_iter: int | None = None, block_size: int | None = None
+    ) -> TopRResult:
         return topr_singular_values(
             fn,
             x_ND,
@@ -85,6 +88,7 @@ def _topr_solver(cfg: ProbeConfig, m: int) -> Callable[[TokenFn | JacobianOperat
             max_iter=cfg.matrix_free_max_iter if max_iter is None else max_iter,
             tol=cfg.matrix_free_tol,
             seed=cfg.seed,
+            block_size=block_size,
         )
 
     return solve

@@ -326,6 +326,7 @@ def test_layer_top_values_of_a_batch_over_the_budget_are_solved_again_in_full(fi
     ``matrix_free_max_iter`` a chunk at a time, and the report equals the one whose batch holds the full basis."""
     from moe_lightning.geometry import probe_plan
     from moe_lightning.geometry.accumulators import layer_jacobian
+    from moe_lightning.geometry.krylov import SMALL_BLOCK
 
     view, x = _layer(40, 24, "swiglu", 1, tokens=24, num_experts=4)
     cfg = ProbeConfig(matrix_free_threshold=39, jacobian=False, cka=False, pca=False, alignment=False, subspaces=False)
@@ -336,11 +337,15 @@ def test_layer_top_values_of_a_batch_over_the_budget_are_solved_again_in_full(fi
     def spy(op, x_ND, r, **kw):
         res = solve(op, x_ND, r, **kw)
         calls.append((op.num_tokens, kw["max_iter"], int(res.converged.sum())))
+        assert kw["block_size"] == (SMALL_BLOCK if kw["max_iter"] < cfg.matrix_free_max_iter else None)
         return res
 
     monkeypatch.setattr(probe_plan, "topr_singular_values", spy)
-    # The budget holds ``fits`` blocks of the batch's tokens and no more.
-    monkeypatch.setattr(layer_jacobian, "krylov_bytes_per_token", lambda d, k, it, *sizes: 0 if it <= fits else 2**60)
+
+    def fitting(d, k, iters, *sizes):  # the budget holds ``fits`` blocks of the batch's tokens and no more
+        return 0 if iters <= fits and sizes[-1] == SMALL_BLOCK else 2**60
+
+    monkeypatch.setattr(layer_jacobian, "krylov_bytes_per_token", fitting)
     capped = probe(view, x, cfg)
     ctx = probe_plan.probe_context(view, x, cfg, None, None)
     assert ctx.estimate_batch >= x.shape[0]  # one batch of every token

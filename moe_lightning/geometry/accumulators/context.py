@@ -63,8 +63,9 @@ class ProbeContext:
         matrix_free: whether the spectra are the matrix-free top-``rank`` values (``D > matrix_free_threshold``).
         rank: ``M``, singular values kept per Jacobian: ``D`` on the exact path, ``r`` on the matrix-free path.
         chunk_size: tokens per chunk (and per matrix-free solver call).
-        solve_topr: ``(fn or operator, x[, max_iter]) -> TopRResult`` with the config's matrix-free settings
-            (``max_iter`` in place of ``matrix_free_max_iter``).
+        solve_topr: ``(fn or operator, x[, max_iter, block_size]) -> TopRResult`` with the config's matrix-free
+            settings (``max_iter`` in place of ``matrix_free_max_iter``; ``block_size``:
+            :func:`~moe_lightning.geometry.topr_singular_values`'s).
         all_token_jacobians: compute each expert's Jacobian on every token of a chunk, not only its routed ones
             (pointwise alignment compares experts token by token).
         replicas: plain slot -> its bootstrap replica (see :class:`~moe_lightning.geometry.statistics.BufferLayout`);

@@ -17,7 +17,7 @@ from moe_lightning.geometry.accumulators.context import Chunk, ProbeContext
 from moe_lightning.geometry.accumulators.tokens import TokenCounts
 from moe_lightning.geometry.estimates import mark_topr_products, whole_spectrum_statistics, whole_spectrum_variants
 from moe_lightning.geometry.jacobians import compose_layer_jacobian, jacobians, layer_jacobian
-from moe_lightning.geometry.krylov import krylov_bytes_per_token
+from moe_lightning.geometry.krylov import SMALL_BLOCK, krylov_bytes_per_token
 from moe_lightning.geometry.operators import (
     JacobianOperator,
     func_jacobian_operator,
@@ -105,21 +105,27 @@ class LayerJacobian(Accumulator):
         self.unconverged.of(buffer).add_((~converged[share]).sum())
 
     def _top_values(self, ctx: ProbeContext, op: JacobianOperator, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
-        """The top-``r`` singular values at the batch's tokens and whether each converged. The batch runs with as
-        many Krylov columns as the memory budget holds for all its tokens (at most ``matrix_free_max_iter``
-        blocks); a token that has not converged when a smaller cap stops it is solved again with the full
-        ``matrix_free_max_iter``, ``ctx.chunk_size`` tokens at a time (a chunk's budget holds a full basis)."""
-        cfg, n = ctx.config, x.shape[0]
+        """The top-``r`` singular values at the batch's tokens and whether each converged. Where the memory budget
+        does not hold the batch's full bases (``matrix_free_max_iter`` blocks of ``K`` columns for every token), the
+        batch runs with Krylov blocks of :data:`~moe_lightning.geometry.krylov.SMALL_BLOCK` columns (which reach a
+        given accuracy with the fewest columns) and as many columns as the budget holds; a token that has not
+        converged when that cap stops it is solved again with the full ``matrix_free_max_iter``,
+        ``ctx.chunk_size`` tokens at a time (a chunk's budget holds a full basis)."""
+        cfg, n, full = ctx.config, x.shape[0], ctx.config.matrix_free_max_iter
         k = min(self.top + cfg.matrix_free_oversample, ctx.dim)
         sizes = x.element_size(), torch.empty(0, dtype=op.rounding or op.dtype).element_size()
-        iters = cfg.matrix_free_max_iter
-        while iters and n * krylov_bytes_per_token(ctx.dim, k, iters, *sizes) > cfg.memory_budget_bytes:
-            iters -= 1
-        if iters == cfg.matrix_free_max_iter:
+
+        def blocks(block: int | None) -> int:  # the most blocks of K columns the budget holds for the batch
+            iters = full
+            while iters and n * krylov_bytes_per_token(ctx.dim, k, iters, *sizes, block) > cfg.memory_budget_bytes:
+                iters -= 1
+            return iters
+
+        if blocks(None) == full:
             res = ctx.solve_topr(op, x)
             return res.values, res.converged
-        if iters:
-            res = ctx.solve_topr(op, x, max_iter=iters)
+        if iters := blocks(SMALL_BLOCK):
+            res = ctx.solve_topr(op, x, max_iter=iters, block_size=SMALL_BLOCK)
             values, converged = res.values, res.converged
         else:  # not one block per token fits: every token is solved a chunk at a time
             values = x.new_zeros(n, min(self.top, ctx.dim))
