@@ -19,8 +19,13 @@ Usage:
     python scripts/benchmark_real_scale.py --rows qwen3-30b-a3b --quantities representational   # PCA + subspaces
     python scripts/benchmark_real_scale.py --rows qwen3-30b-a3b --quantities all-but-pointwise-alignment
     python scripts/benchmark_real_scale.py --rows qwen3-30b-a3b --pairs 256   # pointwise alignment on 256 pairs
+    python scripts/benchmark_real_scale.py --rows qwen3-30b-a3b --pairs 256 --timings   # and where the time goes
     python scripts/benchmark_real_scale.py --device cuda                        # every row on one GPU
     python scripts/benchmark_real_scale.py --ceiling          # the exact pointwise alignment's arithmetic floor
+
+``--timings`` also prints the wall time spent in each accumulator's steps (``add``, ``close``, ``finalize``, by
+class; :func:`accumulator_timings`), and in the layer Jacobian's top-``r`` solves, which run inside its ``add`` and
+``close``.
 
 ``--ceiling`` probes nothing: it measures this machine's float64 matrix-product rate (the best of 5 products of two
 2048 x 2048 matrices, every thread) and prints, per row, the flops of the exact pointwise alignment's weight Grams
@@ -31,13 +36,15 @@ the time they take at that rate: a lower bound on any exact computation of it by
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import resource
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
 
@@ -65,6 +72,7 @@ class Result:
     total: int
     not_finite: list[str]
     error: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 def _rss_gib() -> float:
@@ -82,7 +90,50 @@ QUANTITIES = {
 }
 
 
-def run_row(name: str, tokens: int, device: str, quantities: str = "all", pairs: int | None = None) -> Result:
+@contextlib.contextmanager
+def accumulator_timings() -> Iterator[dict[str, float]]:
+    """Within the block, the wall time spent in each probe accumulator's ``add``, ``close`` and ``finalize`` (keys
+    ``Class.step``, summed over calls) and in the layer Jacobian's top-``r`` solves (``LayerJacobian top-r``, which
+    run inside its ``add`` and ``close``); the methods are restored on exit."""
+    from moe_lightning.geometry.accumulators.base import Accumulator
+    from moe_lightning.geometry.accumulators.layer_jacobian import LayerJacobian
+
+    spent: dict[str, float] = {}
+    restore = []
+
+    def wrap(cls: type, name: str, key: str) -> None:
+        method = cls.__dict__[name]
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                spent[key] = spent.get(key, 0.0) + time.perf_counter() - start
+
+        setattr(cls, name, timed)
+        restore.append((cls, name, method))
+
+    classes, stack = set(), [Accumulator]
+    while stack:
+        cls = stack.pop()
+        classes.add(cls)
+        stack.extend(cls.__subclasses__())
+    for cls in sorted(classes, key=lambda c: c.__name__):
+        for step in ("add", "close", "finalize"):
+            if step in cls.__dict__:
+                wrap(cls, step, f"{cls.__name__}.{step}")
+    wrap(LayerJacobian, "_top_values", "LayerJacobian top-r")
+    try:
+        yield spent
+    finally:
+        for cls, name, method in reversed(restore):
+            setattr(cls, name, method)
+
+
+def run_row(
+    name: str, tokens: int, device: str, quantities: str = "all", pairs: int | None = None, timings: bool = False
+) -> Result:
     """Build one row's layer, probe it and measure; in this process (called in a fresh one by :func:`main`)."""
     from moe_lightning.adapters import find_moe_layers
     from moe_lightning.geometry import ProbeConfig, probe
@@ -109,11 +160,12 @@ def run_row(name: str, tokens: int, device: str, quantities: str = "all", pairs:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     error, scalars = "", {}
-    try:
-        report = probe(view, x, ProbeConfig(**QUANTITIES[quantities], pointwise_alignment_pairs=pairs))
-        scalars = report.scalars("", max_experts=0)
-    except Exception as caught:  # a failed row is reported, not hidden
-        error = repr(caught)[:300]
+    with accumulator_timings() if timings else contextlib.nullcontext({}) as spent:
+        try:
+            report = probe(view, x, ProbeConfig(**QUANTITIES[quantities], pointwise_alignment_pairs=pairs))
+            scalars = report.scalars("", max_experts=0)
+        except Exception as caught:  # a failed row is reported, not hidden
+            error = repr(caught)[:300]
     probe_s = time.perf_counter() - t0
     if device.startswith("cuda"):
         peak, kind = torch.cuda.max_memory_allocated() / 2**30, "cuda_max_memory_allocated"
@@ -122,7 +174,7 @@ def run_row(name: str, tokens: int, device: str, quantities: str = "all", pairs:
     not_finite = sorted(key.lstrip("/") for key, value in scalars.items() if not math.isfinite(value))
     finite = len(scalars) - len(not_finite)
     return Result(
-        name, device, tokens, build_s, probe_s, layer_gib, peak, kind, finite, len(scalars), not_finite, error
+        name, device, tokens, build_s, probe_s, layer_gib, peak, kind, finite, len(scalars), not_finite, error, spent
     )
 
 
@@ -171,12 +223,14 @@ def main() -> None:
     )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one row here and print its JSON
     parser.add_argument("--ceiling", action="store_true", help="print the pointwise alignment's arithmetic floor")
+    parser.add_argument("--timings", action="store_true", help="print the time of each accumulator's steps")
     args = parser.parse_args()
     if args.ceiling:
         print_ceiling(args.rows, args.device)
         return
     if args.one:
-        print(json.dumps(run_row(args.one, args.tokens, args.device, args.quantities, args.pairs).__dict__))
+        result = run_row(args.one, args.tokens, args.device, args.quantities, args.pairs, args.timings)
+        print(json.dumps(result.__dict__))
         return
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, {args.tokens} tokens, "
@@ -187,6 +241,7 @@ def main() -> None:
     for name in args.rows:
         command = [sys.executable, __file__, "--one", name, "--tokens", str(args.tokens), "--device", args.device]
         command += ["--quantities", args.quantities] + ([] if args.pairs is None else ["--pairs", str(args.pairs)])
+        command += ["--timings"] if args.timings else []
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             print(f"{name:<18} failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
@@ -198,6 +253,8 @@ def main() -> None:
         )
         if r.error:
             print(f"    error: {r.error}")
+        for key, seconds in sorted(r.timings.items(), key=lambda item: -item[1]):
+            print(f"    {key:<32} {seconds:>8.1f} s")
         if r.not_finite:
             print(f"    not finite: {', '.join(r.not_finite)}")
 
