@@ -24,6 +24,7 @@ from moe_lightning.geometry.density import SpectralDensity, slq_density
 from moe_lightning.geometry.jacobians import jacobians, layer_jacobian, mlp_expert_jacobian, swiglu_expert_jacobian
 from moe_lightning.geometry.krylov import TopRResult, topr_singular_values
 from moe_lightning.geometry.lanczos import LanczosResult, lanczos
+from moe_lightning.geometry.lapack import congruence_eigh, congruence_eigvalsh, symmetric_gram
 from moe_lightning.geometry.operators import (
     JacobianOperator,
     compose_layer_operator,
@@ -39,15 +40,12 @@ from moe_lightning.geometry.router import router_health, router_statistics
 from moe_lightning.geometry.spectra import (
     batched_eigvalsh,
     batched_svdvals,
-    congruence_eigh,
-    congruence_eigvalsh,
     decay_slope,
     effective_rank,
     n_components_for_variance,
     participation_ratio,
     spectral_stats,
     stable_rank,
-    symmetric_gram,
 )
 from moe_lightning.geometry.statistics import ProbeStatistics
 from moe_lightning.geometry.subspaces import (

@@ -22,8 +22,9 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from moe_lightning.geometry.lapack import congruence_eigh, congruence_eigvalsh, symmetric_gram
 from moe_lightning.geometry.operators import JacobianFactors
-from moe_lightning.geometry.spectra import batched_svdvals, congruence_eigh, congruence_eigvalsh, symmetric_gram
+from moe_lightning.geometry.spectra import batched_svdvals
 
 __all__ = [
     "GRAM_MIN_RATIO",
