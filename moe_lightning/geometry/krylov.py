@@ -247,23 +247,22 @@ def krylov_bytes_per_token(
 _GRAM_PIECE = 16  # columns of Z cast to float64 at a time for the Gram's new columns
 
 
-def _project_out(Q: Tensor, Y: Tensor) -> Tensor:
-    """``Y − Q (Qᵀ Y)`` in ``Y``'s dtype (one classical Gram–Schmidt pass); a ``Q`` kept in a narrower dtype is cast
-    :data:`_GRAM_PIECE` columns at a time."""
+def _transposed_product(Q: Tensor, Y: Tensor) -> Tensor:
+    """``Qᵀ Y`` in ``Y``'s dtype, a ``Q`` kept in another dtype cast :data:`_GRAM_PIECE` columns at a time (a cast
+    copy of the whole basis would double a float32 basis's memory)."""
     if Q.dtype == Y.dtype:
-        return Y - Q @ (Q.transpose(-1, -2) @ Y)
-    pieces = Q.split(_GRAM_PIECE, -1)
-    coefficients = [piece.to(Y.dtype).transpose(-1, -2) @ Y for piece in pieces]
-    for piece, c in zip(pieces, coefficients, strict=True):
+        return Q.transpose(-1, -2) @ Y
+    return torch.cat([piece.to(Y.dtype).transpose(-1, -2) @ Y for piece in Q.split(_GRAM_PIECE, -1)], -2)
+
+
+def _project_out(Q: Tensor, Y: Tensor) -> Tensor:
+    """``Y − Q (Qᵀ Y)`` in ``Y``'s dtype (one classical Gram–Schmidt pass), a narrower ``Q`` cast a piece at a time."""
+    coefficients = _transposed_product(Q, Y)
+    if Q.dtype == Y.dtype:
+        return Y - Q @ coefficients
+    for piece, c in zip(Q.split(_GRAM_PIECE, -1), coefficients.split(_GRAM_PIECE, -2), strict=True):
         Y = Y - piece.to(Y.dtype) @ c
     return Y
-
-
-def _gram_columns(Z: Tensor, Z_new: Tensor) -> Tensor:
-    """``Zᵀ Z_new`` in float64 from the products as computed, ``Z`` cast :data:`_GRAM_PIECE` columns at a time (a
-    float64 copy of the whole basis would double a float32 basis's memory)."""
-    new = Z_new.to(torch.float64)
-    return torch.cat([piece.to(torch.float64).transpose(-1, -2) @ new for piece in Z.split(_GRAM_PIECE, -1)], -2)
 
 
 class _Basis:
@@ -293,7 +292,7 @@ def _block_krylov(J, Jt, omega, r, k, max_iter, tol, max_dim, noise, store):
     ``Ω`` has ``b`` columns per token (the block); the basis holds at most ``k · max_iter`` columns, kept with
     the ``Z = Jᵀ Q`` products in ``store`` (the dtype the products round in). As ``Z`` is kept, the Ritz values of
     the whole basis come at no extra product cost: each iteration adds the new columns' inner products to the
-    Gram matrix ``ZᵀZ = Qᵀ J Jᵀ Q`` (in float64, from the products as computed: :func:`_gram_columns`) and takes
+    Gram matrix ``ZᵀZ = Qᵀ J Jᵀ Q`` (in float64, from the products as computed) and takes
     the eigenvalues ``σ²`` of that ``c × c`` matrix for the convergence check, instead of an SVD of the ``D × c``
     basis (which at large ``D`` costs more than the products themselves); the caller's Rayleigh–Ritz SVD of ``Z``
     gives the returned values. Blocks are re-orthogonalised twice against the basis ("twice is enough", Giraud et
@@ -324,7 +323,8 @@ def _block_krylov(J, Jt, omega, r, k, max_iter, tol, max_dim, noise, store):
         Z_new = Jt(Q_new)
         Zs.append(Z_new, max_cols)
         c, c_old = Qs.cols, G.shape[1]
-        cross = _gram_columns(Zs.view(), Z_new)  # (n, c, c - c_old): G's new columns
+        # G's new columns (n, c, c - c_old), in float64 from the products as computed
+        cross = _transposed_product(Zs.view(), Z_new.to(torch.float64))
         G = torch.cat([torch.cat([G, cross[:, :c_old]], 2), cross.transpose(-1, -2)], 1)
         if c >= r:
             sigma = torch.linalg.eigvalsh(G)[:, -r:].flip(-1).clamp_min(0).sqrt()
