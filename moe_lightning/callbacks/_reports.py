@@ -39,7 +39,7 @@ def write_step_report(root: str, kind: str, step: int, payload: dict[str, Any]) 
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"step_{step:07d}.json")
     with open(path + ".tmp", "w") as handle:
-        json.dump(payload, handle)
+        handle.write(json.dumps(payload))  # the same text as json.dump, encoded in C: several times faster
     os.replace(path + ".tmp", path)
     return path
 

@@ -2,7 +2,8 @@
 forks a child (:class:`~moe_lightning.monitors.background.ForkedCall`) that computes this rank's statistics of every
 layer from them and from the weights of that step; when the child is done, the parent agrees failures over ranks,
 sums the statistics over ranks and finalises them exactly as a probe in the step does, and logs the values at the
-step they describe."""
+step they describe. A single process has nothing to sum, so its child finalises the reports too, and the step that
+delivers them only logs."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from torch import nn
 
 import moe_lightning.geometry.spectra as spectra
 from moe_lightning.common import is_fsdp_module, warn_once
-from moe_lightning.geometry import GeometryReport, MoEView
+from moe_lightning.geometry import GeometryReport, MoEView, finalize
 from moe_lightning.monitors.background import ForkedCall, fork_unavailable, portable
 from moe_lightning.monitors.health import finite_tensors
 from moe_lightning.monitors.probe_set import model_device
@@ -23,6 +24,16 @@ from moe_lightning.monitors.sharded import expert_layout
 
 if TYPE_CHECKING:
     from moe_lightning.monitors.geometry_probe import GeometryProbe
+
+
+def _finalized(stats: Any) -> Any:
+    """One layer's report from a single process's statistics, or the exception that stopped either."""
+    if isinstance(stats, BaseException):
+        return stats
+    try:
+        return finalize(stats)
+    except Exception as error:
+        return error
 
 
 @dataclass
@@ -79,6 +90,8 @@ class BesideTraining:
             def statistics() -> list[Any]:
                 spectra.SVD_WORKERS = threads  # the SVDs on the parent's cores, where it leaves them idle
                 stats = [probe._probe_layer(model, view, captured, capture_error, ranks) for view in views]
+                if not ranks.distributed:  # nothing to sum over ranks: the report is finished here, not in the step
+                    stats = [_finalized(s) for s in stats]
                 return [portable(s) if isinstance(s, BaseException) else s for s in stats]
 
             job, error = None, None

@@ -362,9 +362,9 @@ class GeometryProbe:
     def _finish_layer(
         self, name: str, stats: Any, step: int, ranks: Ranks, probe_set_finite: bool
     ) -> GeometryReport | None:
-        """One layer's report from this rank's statistics (or the exception that stopped them): failures agreed
-        over ranks and reported, the statistics summed over ranks and finalised; None where nothing can be logged.
-        A collective."""
+        """One layer's report from this rank's statistics (or the exception that stopped them, or the report a
+        single process's child finished beside training): failures agreed over ranks and reported, the statistics
+        summed over ranks and finalised; None where nothing can be logged. A collective."""
         failures = self._failures.agree(ranks, stats if isinstance(stats, BaseException) else None)
         nonfinite, failures = split_failures(failures)
         self._incidents.weights(name, step, nonfinite)
@@ -373,7 +373,10 @@ class GeometryProbe:
         if failures or nonfinite:
             return None
         reduce_fn = ranks.sum_fn()
-        report = finalize(stats if reduce_fn is None else stats.reduce(reduce_fn, ranks.gather_rows))
+        if isinstance(stats, GeometryReport):  # a single process's probe, finished beside training
+            report = stats
+        else:
+            report = finalize(stats if reduce_fn is None else stats.reduce(reduce_fn, ranks.gather_rows))
         self._incidents.inputs(name, step, report.nonfinite_tokens, report.total_tokens, probe_set_finite)
         return report if report.total_tokens else None  # with no finite token every value would be NaN
 

@@ -13,6 +13,7 @@ from lightning.pytorch.loggers import CSVLogger
 from test_observation import PlainMoE, assert_same_weights, datamodule, weights
 
 import moe_lightning.monitors.geometry_beside as geometry_beside
+import moe_lightning.monitors.geometry_probe as geometry_probe
 import moe_lightning.monitors.sharded as sharded
 from moe_lightning.callbacks import GeometryMonitor
 from moe_lightning.monitors import GeometryProbe, LoopMonitors
@@ -88,6 +89,17 @@ def test_values_beside_training_equal_those_in_the_step_at_the_same_steps(tmp_pa
     assert beside_monitor.core.beside.in_flight is None  # nothing left running
     key = "geometry/ffn/jac_sigma_max/mean"
     assert float(trainer.callback_metrics[key]) == pytest.approx(expected[7][key], rel=1e-6)  # float32 tensors
+
+
+def test_a_single_process_child_finishes_its_reports_and_the_step_only_logs_them(tmp_path, monkeypatch):
+    """One process has nothing to sum over ranks: the child finalises its layers' reports, so the step that delivers
+    a probe made beside training does not (the values are those of the step: the test above)."""
+    finalized = []
+    through = geometry_probe.finalize
+    monkeypatch.setattr(geometry_probe, "finalize", lambda stats: finalized.append(os.getpid()) or through(stats))
+    train(tmp_path, "beside", monitor(background=True))
+    assert sorted(geometry_rows(tmp_path, "beside")) == [0, 2, 4, 6, 7]
+    assert finalized == [os.getpid()]  # the final probe (in the step) only: not the four made beside training
 
 
 def test_a_lost_child_is_one_warning_and_later_probes_run_in_the_step(tmp_path, monkeypatch):
