@@ -75,7 +75,8 @@ def alignment_and_subspaces(report: Any) -> dict[str, Any] | None:
         {"matrix", "mean_offdiag", "max_offdiag", "chance", "ratio"}, "subspace_overlap": {"rank", "chance",
         "functional", "representational"}}``, each of the last two ``{"matrix", "mean_offdiag", "max_offdiag"}``.
         A part the probe did not compute is None (the alignment and the functional subspaces need whole mean
-        Jacobians). Matrices are lists of rows, NaN where an expert saw no tokens.
+        Jacobians). Matrices are lists of rows, NaN where an expert saw no tokens (for the subspaces, too few to
+        determine them: docs/geometry.md §5).
     """
     matrices, layer = report.matrices, report.layer
     aligned, spanned = "align_mean_jacobian" in matrices, "subspace_rep_overlap" in matrices

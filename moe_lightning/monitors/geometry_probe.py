@@ -359,9 +359,7 @@ class GeometryProbe:
             yield captured, capture_error
         warn_state_changes(self.name, changes, self._warned)
 
-    def _finish_layer(
-        self, name: str, stats: Any, step: int, ranks: Ranks, probe_set_finite: bool
-    ) -> GeometryReport | None:
+    def _finish_layer(self, name: str, stats: Any, step: int, ranks: Ranks, finite_set: bool) -> GeometryReport | None:
         """One layer's report from this rank's statistics (or the exception that stopped them, or the report a
         single process's child finished beside training): failures agreed over ranks and reported, the statistics
         summed over ranks and finalised; None where nothing can be logged. A collective."""
@@ -372,12 +370,10 @@ class GeometryProbe:
             self._failures.report(ranks, "the probe", failures, f"no values of {name!r} are logged at step {step}")
         if failures or nonfinite:
             return None
-        reduce_fn = ranks.sum_fn()
-        if isinstance(stats, GeometryReport):  # a single process's probe, finished beside training
-            report = stats
-        else:
+        reduce_fn, report = ranks.sum_fn(), stats  # a GeometryReport: a single process's, finished beside training
+        if not isinstance(stats, GeometryReport):
             report = finalize(stats if reduce_fn is None else stats.reduce(reduce_fn, ranks.gather_rows))
-        self._incidents.inputs(name, step, report.nonfinite_tokens, report.total_tokens, probe_set_finite)
+        self._incidents.inputs(name, step, report.nonfinite_tokens, report.total_tokens, finite_set)
         return report if report.total_tokens else None  # with no finite token every value would be NaN
 
     def _probe_layer(

@@ -106,22 +106,17 @@ def _x(n, seed):
     return 0.5 + torch.randn(n, WIDE, generator=torch.Generator().manual_seed(100 + seed), dtype=DT)
 
 
-def _assert_same_report(got, ref, rank=4):
-    """Every value equal, except the representational subspaces of an expert with fewer than ``rank + 1`` tokens:
-    their covariance has fewer than ``rank`` nonzero eigenvalues, and on either path the rest of the basis is an
-    arbitrary orthonormal completion (its gap, 0, says so)."""
-    determined = ref.tokens - 1 >= rank
+def _assert_same_report(got, ref):
+    """Every value equal. An expert with too few tokens for its representational subspace (fewer than ``rank``
+    nonzero eigenvalues of its covariance: the rest of a basis would be an arbitrary completion) has NaN distances on
+    both paths, left out of the layer's means."""
     a, b = got.scalars("g"), ref.scalars("g")
     assert a.keys() == b.keys()
     for k in b:
-        if "subspace_rep" in k and "gap" not in k and not bool(determined.all()):
-            continue
         assert a[k] == pytest.approx(b[k], rel=1e-8, abs=1e-10, nan_ok=True), k
     assert got.matrices.keys() == ref.matrices.keys()
-    pairs = determined[:, None] & determined[None, :]
     for k, M in ref.matrices.items():
-        keep = pairs if "subspace_rep" in k else torch.ones_like(pairs)
-        torch.testing.assert_close(got.matrices[k][keep], M[keep], rtol=1e-7, atol=1e-7, equal_nan=True, msg=k)
+        torch.testing.assert_close(got.matrices[k], M, rtol=1e-7, atol=1e-7, equal_nan=True, msg=k)
     assert got.variants == ref.variants
 
 
@@ -144,6 +139,10 @@ def test_token_path_subspaces_equal_moments_path_with_an_empty_expert():
     _assert_same_report(got, ref)
     assert bool((ref.tokens < 5).any())  # an expert whose subspace is not determined (its gap is 0)
     assert int((ref.tokens >= 5).sum()) >= 2  # and pairs of experts whose overlaps are compared
+    overlap, determined = ref.matrices["subspace_rep_overlap"], ref.tokens >= 5
+    assert overlap[~determined].isnan().all() and overlap[:, ~determined].isnan().all()
+    off = overlap[determined][:, determined][~torch.eye(int(determined.sum()), dtype=torch.bool)]
+    assert ref.layer["subspace_rep_overlap"] == pytest.approx(float(off.mean()), rel=1e-12)
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -243,6 +243,22 @@ def test_subspace_gap_flags_rank_deficient_inputs_and_empty_experts():
     assert with_rank_2.expert["subspace_rep_gap"][:3].eq(1.0).all()  # v_3 = 0 < v_2
 
 
+def test_undetermined_subspaces_are_not_reported_and_one_warning_names_them():
+    """Inputs spanning 2 of D dims: at rank 3 no expert's representational subspace is determined (the third
+    direction would be whatever round-off picks), so none of their distances is reported and one warning says so;
+    at rank 2 each is the inputs' plane, and every pair overlaps fully."""
+    x = inputs()
+    x[:, 2:] = 0.0
+    match = r"'blocks.0.ffn': the representational subspaces of experts \[0, 1, 2\] are not determined at rank r = 3"
+    with pytest.warns(RuntimeWarning, match=match):
+        report = probe(ToyView(dead=(3,)), x, ProbeConfig(subspace_rank=3, layer_jacobian=False))
+    assert report.matrices["subspace_rep_overlap"].isnan().all()
+    assert math.isnan(report.layer["subspace_rep_overlap"]) and math.isnan(report.layer["subspace_rep_geodesic"])
+    with_rank_2 = probe(ToyView(dead=(3,)), x, ProbeConfig(subspace_rank=2, layer_jacobian=False))
+    torch.testing.assert_close(with_rank_2.matrices["subspace_rep_overlap"][:3, :3], torch.ones(3, 3, dtype=DT))
+    assert with_rank_2.layer["subspace_rep_overlap"] == pytest.approx(1.0)
+
+
 def test_nonfinite_inputs_are_dropped_and_counted():
     x = inputs()
     bad = x.clone()

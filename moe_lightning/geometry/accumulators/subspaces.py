@@ -4,6 +4,7 @@ vectors of the mean Jacobians) and representational (top eigenvectors of the inp
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -80,7 +81,7 @@ class Subspaces(Accumulator):
         report.expert["subspace_fun_gap"] = torch.tensor(gaps, dtype=torch.float64)
         suffix = "_exact_factored" if factored else ""
         report.variants["subspace_fun"] = f"top{r}_right_singular_vectors_of_mean_jacobian{suffix}"
-        return bases
+        return _determined(bases, gaps, report.name, "functional", r)
 
     def _representational_bases(self, pca_results: dict, report: GeometryReport) -> list[Tensor | None]:
         r = self.rank
@@ -92,7 +93,7 @@ class Subspaces(Accumulator):
         report.expert["subspace_rep_gap"] = torch.tensor(gaps, dtype=torch.float64)
         report.variants["subspace_rep"] = f"top{r}_eigenvectors_of_input_covariance"
         report.variants["subspace_gap"] = "relative_gap_at_rank_r_(v_r-v_r+1)/v_r"
-        return bases
+        return _determined(bases, gaps, report.name, "representational", r)
 
     def finalize(self, buffer: Tensor, report: GeometryReport, done: dict[Accumulator, Any]) -> None:
         bases: dict[str, list[Tensor | None]] = {}
@@ -116,3 +117,18 @@ class Subspaces(Accumulator):
         report.layer["subspace_rank"] = float(self.rank)
         report.variants["subspace_overlap"] = "mean_cos_sq_principal_angles"
         report.variants["subspace_overlap_chance"] = "r_over_d"
+
+
+def _determined(bases: list[Tensor | None], gaps: list[float], layer: str, kind: str, r: int) -> list[Tensor | None]:
+    """``bases`` without those of gap 0 (``v_r = 0``: fewer than ``r`` directions, so the rest of the basis is an
+    arbitrary completion that round-off picks, and so is every distance from it), with one warning naming them."""
+    undetermined = [e for e, gap in enumerate(gaps) if gap == 0.0]
+    if undetermined:
+        warnings.warn(
+            f"probe of {layer!r}: the {kind} subspaces of experts {undetermined} are not determined at rank "
+            f"r = {r} (fewer than r directions; their gap is 0): their Grassmann distances are NaN and left out "
+            "of the layer's means",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return [None if e in undetermined else basis for e, basis in enumerate(bases)]
