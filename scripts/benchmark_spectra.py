@@ -13,9 +13,10 @@ side by side, one thread, the fastest of ``--repeats``:
 
 For each route it prints the largest error of the token means the probe reports (``sigma_max``, ``frobenius``,
 ``stable_rank``, ``effective_rank``, ``decay_slope``, and each index of the mean spectrum) in units of that mean's
-standard error over the tokens (``std / √n``, per expert and for the layer; the largest over them), against
-``gesdd float64``; and what the spectra alone would cost at the shipped cadence (every 200 steps), the route's time
-for all 3 layers' Jacobians over 200 training steps measured in the same run.
+standard error over the tokens (``std / √n``, per expert and for the layer; the largest over them; plain means over
+each expert's routed tokens, where the probe weights them by the gates), against ``gesdd float64``; and what the
+spectra alone would cost at the shipped cadence (every 200 steps), the route's time for all 3 layers' Jacobians
+over 200 training steps measured in the same run.
 
 Usage:
     python scripts/benchmark_spectra.py                      # at initialisation
