@@ -125,10 +125,11 @@ def run_variant(
     device: str = "cpu",
     precision: str = "32-true",
     probe_tokens: int | None = None,
+    module: CausalLMModule | None = None,
 ) -> dict[str, Any]:
     """Train ``steps`` steps with the named monitor on ``device`` (``"cpu"`` or ``"cuda"``, one device) in
     ``precision``, GeometryMonitor probing ``probe_tokens`` tokens (None: its default); return the fit wall time and
-    the monitor's own call times."""
+    the monitor's own call times. ``module`` is trained if given, else the config's model built from ``seed``."""
     callbacks: list[Callback] = []
     calls: list[float] = []
     values: dict[int, dict[str, float]] = {}  # the config's GeometryMonitor's values by step
@@ -173,7 +174,7 @@ def run_variant(
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    module = build(config, seed)
+    module = build(config, seed) if module is None else module
     try:
         trainer.fit(module, data)
     finally:

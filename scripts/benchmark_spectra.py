@@ -106,22 +106,6 @@ def error_in_standard_errors(groups: list[Tensor], reference: list[Tensor]) -> d
     return worst
 
 
-def train(module: torch.nn.Module, config: dict, data, steps: int) -> None:
-    """``steps`` training steps of ``module`` as the config trains it (no monitor)."""
-    trainer = bench.L.Trainer(
-        max_steps=steps,
-        gradient_clip_val=config["trainer"].get("gradient_clip_val"),
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        limit_val_batches=0,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(module, data)
-
-
 def timed(route: Callable[[Tensor], Tensor], groups: list[Tensor], repeats: int) -> tuple[float, list[Tensor]]:
     """Seconds per Jacobian (the fastest of ``repeats``) and the route's singular values of every group."""
     best, out = float("inf"), []
@@ -146,11 +130,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     data = bench.WikiTextDataModule(**config["data"]["init_args"])
     data.prepare_data()
     data.setup("fit")
-    # The training step this run measures (20 steps, one thread, CPU time), and the model to probe.
-    step = bench.run_variant("none", config, data, 20, args.seed)["step"]
+    # The model to probe, and the training step of this run (one thread, CPU time): measured on the steps that train
+    # it, or on 20 steps of another copy when it is probed at initialisation.
     module = bench.build(config, args.seed)
-    if args.train_steps:
-        train(module, config, data, args.train_steps)
+    trained = module if args.train_steps else None
+    step = bench.run_variant("none", config, data, args.train_steps or 20, args.seed, module=trained)["step"]
     batch, _ = next(iter(data.train_dataloader()))
     groups, layers = probe_jacobians(module, batch)
     count = sum(g.shape[0] for g in groups)
